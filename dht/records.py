@@ -1,0 +1,167 @@
+"""``SwarmDHT``: swarm's records on top of a running ``hivemind.DHT``.
+
+hivemind runs the DHT in a child process (with its p2pd); every call here goes through that process's
+pipe and is awaited as an ``MPFuture``, so the caller's event loop never blocks on the DHT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from pydantic import ValidationError
+
+from dht.schemas import (
+    RECORD_TTL,
+    Manifest,
+    PeerRecord,
+    PeerState,
+    manifest_key,
+    stage_key,
+)
+from dht.validators import RunSchemaValidator
+from swarm.errors import NoRoute
+
+__all__ = ["SwarmDHT", "MANIFEST_TTL"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_TTL = 600.0
+
+
+class SwarmDHT:
+    """One process's view of a run in the DHT: publish and read the manifest and peer records."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator):
+        self.dht = dht
+        self.run_id = run_id
+        self._signer = signer
+        self._last_expiration: dict[int, float] = {}
+
+    @classmethod
+    def create(
+        cls,
+        run_id: str,
+        *,
+        initial_peers: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        announce_host: str | None = None,
+        identity_path: Path | None = None,
+        client_mode: bool = False,
+    ) -> "SwarmDHT":
+        """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up."""
+        signer = RSASignatureValidator()
+        kwargs: dict = dict(
+            initial_peers=list(initial_peers),
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            client_mode=client_mode,
+            record_validators=[signer, RunSchemaValidator(run_id)],
+            start=True,
+        )
+        if announce_host:
+            kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+        if identity_path is not None:
+            kwargs["identity_path"] = str(identity_path)
+        return cls(hivemind.DHT(**kwargs), run_id, signer)
+
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def _subkey(self) -> bytes:
+        return self.peer_id.encode() + self._signer.local_public_key
+
+    async def publish_manifest(self, manifest: Manifest, ttl: float = MANIFEST_TTL) -> bool:
+        return await self.dht.store(
+            manifest_key(self.run_id),
+            manifest.model_dump(mode="json"),
+            expiration_time=get_dht_time() + ttl,
+            subkey=self._subkey(),
+            return_future=True,
+        )
+
+    async def get_manifest(self) -> Manifest | None:
+        """The newest valid manifest of the run, or None if no bootstrap has published one."""
+        found = await self.dht.get(manifest_key(self.run_id), latest=True, return_future=True)
+        newest: tuple[float, Manifest] | None = None
+        for entry in _entries(found):
+            try:
+                manifest = Manifest.model_validate(entry.value)
+            except ValidationError as e:
+                logger.warning("ignoring a malformed manifest in the DHT: %s", e.errors()[0]["msg"])
+                continue
+            if newest is None or entry.expiration_time > newest[0]:
+                newest = (entry.expiration_time, manifest)
+        return None if newest is None else newest[1]
+
+    async def wait_manifest(self, timeout: float) -> Manifest:
+        """Poll for the run's manifest with backoff, up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            manifest = await self.get_manifest()
+            if manifest is not None:
+                return manifest
+            if time.monotonic() > deadline:
+                raise NoRoute(
+                    f"no manifest for run {self.run_id!r} in the DHT after {timeout:.0f} s: "
+                    "is the bootstrap running, and is the run id right?"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def announce(self, record: PeerRecord, ttl: float = RECORD_TTL) -> bool:
+        """Store (or refresh) this peer's signed record for its stage."""
+        expiration = max(get_dht_time() + ttl, self._last_expiration.get(record.stage, 0.0) + 1e-3)
+        self._last_expiration[record.stage] = expiration
+        return await self.dht.store(
+            stage_key(self.run_id, record.stage),
+            record.model_dump(mode="json"),
+            expiration_time=expiration,
+            subkey=self._subkey(),
+            return_future=True,
+        )
+
+    async def withdraw(self, record: PeerRecord) -> bool:
+        """Mark this peer offline for its stage (a DHT record cannot be deleted, only superseded)."""
+        offline = record.model_copy(update={"state": PeerState.OFFLINE})
+        return await self.announce(offline, ttl=5.0)
+
+    async def stage_records(self, stage: int) -> list[PeerRecord]:
+        """Valid, unexpired records of peers announced for ``stage`` (any state)."""
+        found = await self.dht.get(stage_key(self.run_id, stage), latest=True, return_future=True)
+        records = []
+        for entry in _entries(found):
+            try:
+                record = PeerRecord.model_validate(entry.value)
+            except ValidationError:
+                continue  # the schema validator already refuses these; a stale node may still hold one
+            if record.stage == stage:
+                records.append(record)
+        return records
+
+    async def all_records(self, num_stages: int) -> dict[int, list[PeerRecord]]:
+        return {stage: await self.stage_records(stage) for stage in range(num_stages)}
+
+    def shutdown(self) -> None:
+        """Stop the DHT child process and its p2pd. Idempotent."""
+        if self.dht.is_alive():
+            self.dht.shutdown()
+
+
+def _entries(found) -> list:
+    """The subkey entries of a ``dht.get`` result (``ValueWithExpiration`` of a dict), or []."""
+    if found is None or not isinstance(found.value, dict):
+        return []
+    now = get_dht_time()
+    return [entry for entry in found.value.values() if entry.expiration_time > now]

@@ -1,0 +1,123 @@
+"""What swarm keeps in the DHT, and under which keys.
+
+Two kinds of record, both small (a few hundred bytes: hivemind's DHT pipe must not carry large values,
+see docs/design.md):
+
+* ``{run}_manifest``: the run's ``Manifest``, written by the bootstrap (subkey = its owner key).
+* ``{run}_stage_{i}``: one ``PeerRecord`` per peer serving stage ``i`` (subkey = the peer's owner key,
+  so only that peer can overwrite it), expiring ``RECORD_TTL`` seconds after it was written.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shards.types import LayerRange
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "RECORD_TTL",
+    "RECORD_REFRESH",
+    "MAX_STAGES",
+    "FrozenModel",
+    "OptimizerSettings",
+    "Manifest",
+    "PeerState",
+    "HardwareSummary",
+    "PeerRecord",
+    "manifest_key",
+    "stage_key",
+]
+
+PROTOCOL_VERSION = 1
+RECORD_TTL = 60.0
+RECORD_REFRESH = 20.0
+MAX_STAGES = 1024
+
+
+class FrozenModel(BaseModel):
+    """Everything that crosses a process boundary: immutable, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OptimizerSettings(FrozenModel):
+    """AdamW settings every stage (and the trainer) uses, so all parts of the model step alike."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class Manifest(FrozenModel):
+    """The run: which model, how it is cut into stages, and how it is optimised.
+
+    ``target_batch_size`` is the number of sequences whose gradients a stage accumulates before it
+    steps its optimizer: a trainer whose batch has that many rows steps in lockstep with the stages.
+    """
+
+    version: int = PROTOCOL_VERSION
+    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = Field(min_length=1)
+    config_hash: str
+    num_layers: int = Field(gt=0)
+    stages: list[LayerRange] = Field(min_length=1, max_length=MAX_STAGES)
+    target_batch_size: int = Field(8, gt=0)
+    optimizer: OptimizerSettings = OptimizerSettings()
+    dtype: str = "float32"
+
+    @field_validator("stages")
+    @classmethod
+    def _contiguous(cls, stages: list[LayerRange]) -> list[LayerRange]:
+        for before, after in zip(stages, stages[1:]):
+            if before.end != after.start:
+                raise ValueError(f"stages must be contiguous: {before} is followed by {after}")
+        if stages[0].start != 0:
+            raise ValueError(f"the first stage must start at layer 0, not {stages[0].start}")
+        return stages
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+
+class PeerState(str, Enum):
+    LOADING = "loading"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class HardwareSummary(FrozenModel):
+    """What a peer runs on, for people reading `swarm status` (GPU fields empty on CPU machines)."""
+
+    device: str = "cpu"
+    cpu_count: int = 0
+    ram_gib: float = 0.0
+    gpu_name: str | None = None
+    gpu_memory_gib: float | None = None
+    torch_threads: int = 1
+
+
+class PeerRecord(FrozenModel):
+    """A peer's announcement for one stage: where to reach it and how fast it is."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str
+    maddrs: list[str] = Field(default_factory=list, max_length=16)
+    stage: int = Field(ge=0, lt=MAX_STAGES)
+    layers: LayerRange
+    state: PeerState = PeerState.LOADING
+    throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
+    hardware: HardwareSummary = HardwareSummary()
+
+
+def manifest_key(run_id: str) -> str:
+    return f"{run_id}_manifest"
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"{run_id}_stage_{stage}"

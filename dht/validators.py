@@ -1,0 +1,51 @@
+"""Schema validation of swarm's DHT records, run alongside hivemind's RSA signature validator.
+
+hivemind's own ``SchemaValidator`` wants pydantic v1 models with fixed field names; swarm's keys carry
+the run id and a stage number, so this validator maps the hashed keys of one run to pydantic v2 models.
+A record under one of those keys that does not parse is refused on store and dropped on read, so a
+buggy or hostile peer cannot plant garbage where others look for routes.
+"""
+
+from __future__ import annotations
+
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer
+from pydantic import BaseModel, ValidationError
+
+from dht.schemas import MAX_STAGES, Manifest, PeerRecord, manifest_key, stage_key
+
+__all__ = ["RunSchemaValidator"]
+
+
+class RunSchemaValidator(RecordValidatorBase):
+    """Accept records under this run's keys only if they parse as the model for that key."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._models: dict[bytes, type[BaseModel]] = {_hashed(manifest_key(run_id)): Manifest}
+        for stage in range(MAX_STAGES):
+            self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
+
+    def validate(self, record: DHTRecord) -> bool:
+        model = self._models.get(record.key)
+        if model is None:
+            return True  # not ours: other runs and other applications may share the DHT
+        try:
+            model.model_validate(MSGPackSerializer.loads(record.value))
+        except (ValidationError, ValueError, TypeError, Exception):  # msgpack raises several types
+            return False
+        return True
+
+    @property
+    def priority(self) -> int:
+        return 0  # after the signature validator (10) has stripped the signature
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if isinstance(other, RunSchemaValidator) and other.run_id == self.run_id:
+            return True
+        return False
+
+
+def _hashed(key: str) -> bytes:
+    return DHTID.generate(source=key).to_bytes()

@@ -1,0 +1,118 @@
+"""Stubs for calling a stage on a peer, with bounded retries where a retry is safe."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from peers.protocol import (
+    BACKWARD,
+    FORWARD,
+    INFO,
+    BackwardRequest,
+    BackwardResponse,
+    ForwardRequest,
+    ForwardResponse,
+    InfoRequest,
+    InfoResponse,
+    parse_reply,
+)
+from peers.transport import Transport
+from shards.types import LayerRange
+from swarm.errors import CacheMiss, PeerUnavailable
+
+__all__ = ["StageClient", "StageInputs"]
+
+logger = logging.getLogger(__name__)
+
+StageInputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""hidden_states, attention_mask, position_ids: what a stage's forward takes."""
+
+
+class StageClient:
+    """Calls ``forward`` / ``backward`` / ``info`` of stages over a ``Transport``.
+
+    A forward is retried (``attempts`` times, with backoff) when the peer is unreachable: running it
+    twice only replaces the cached graph. A backward is never blindly retried, since it accumulates
+    gradients; only a ``CacheMiss`` is answered by resending the forward's inputs once.
+    """
+
+    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5):
+        self.transport = transport
+        self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
+
+    async def forward(
+        self,
+        peer_id: str,
+        stage: int,
+        layers: LayerRange,
+        request_id: str,
+        inputs: StageInputs,
+        *,
+        train: bool,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        hidden, mask, positions = inputs
+        request = ForwardRequest(
+            stage=stage, layers=layers, request_id=request_id, train=train, seed=seed,
+            has_attention_mask=mask is not None, has_position_ids=positions is not None,
+        )
+        tensors = [t for t in (hidden, mask, positions) if t is not None]
+        for attempt in range(1, self.attempts + 1):
+            try:
+                reply, out = await self.transport.call(
+                    peer_id, FORWARD, request.model_dump(mode="json"), tensors, timeout=self.timeout
+                )
+                parse_reply(ForwardResponse, reply)
+                return _single(out, "forward")
+            except PeerUnavailable as e:
+                if attempt == self.attempts:
+                    raise
+                logger.warning("forward to stage %d, attempt %d/%d failed: %s", stage, attempt, self.attempts, e)
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    async def backward(
+        self,
+        peer_id: str,
+        stage: int,
+        layers: LayerRange,
+        request_id: str,
+        grad_output: torch.Tensor,
+        inputs: StageInputs,
+        *,
+        num_samples: int,
+        seed: int | None = None,
+    ) -> tuple[torch.Tensor, BackwardResponse]:
+        hidden, mask, positions = inputs
+        base = dict(stage=stage, layers=layers, request_id=request_id, num_samples=num_samples, seed=seed,
+                    has_attention_mask=mask is not None, has_position_ids=positions is not None)
+        try:
+            return await self._backward(peer_id, BackwardRequest(**base), [grad_output])
+        except CacheMiss:
+            logger.debug("stage %d lost the graph of %s; resending its inputs", stage, request_id)
+        tensors = [grad_output] + [t for t in (hidden, mask, positions) if t is not None]
+        return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors)
+
+    async def _backward(
+        self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, BackwardResponse]:
+        reply, out = await self.transport.call(
+            peer_id, BACKWARD, request.model_dump(mode="json"), tensors, timeout=self.timeout
+        )
+        response = parse_reply(BackwardResponse, reply)
+        return _single(out, "backward"), response
+
+    async def info(self, peer_id: str) -> InfoResponse:
+        reply, _ = await self.transport.call(
+            peer_id, INFO, InfoRequest().model_dump(mode="json"), [], timeout=self.timeout
+        )
+        return parse_reply(InfoResponse, reply)
+
+
+def _single(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    if len(tensors) != 1:
+        raise PeerUnavailable(f"{what} reply carried {len(tensors)} tensors instead of 1")
+    return tensors[0]

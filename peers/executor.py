@@ -1,0 +1,199 @@
+"""The compute of one stage: forward, backward, gradient accumulation and the optimizer step.
+
+Runs in one worker thread per peer (see ``peers.service``), so the forward cache and the optimizer
+are only ever touched by that thread and need no locks; the event loop stays free for the network.
+
+Backward reuses the graph kept from the forward of the same ``request_id`` when it is still cached;
+otherwise it recomputes the forward from the inputs the trainer resends (the stateless fallback that
+lets any replica take a backward), with the same dropout seed so the result is identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from dht.schemas import OptimizerSettings
+from peers.protocol import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
+from shards.types import LayerRange
+from swarm.errors import BadRequest, CacheMiss, WrongStage
+
+__all__ = ["StageExecutor", "ForwardInputs"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_INDEX_DTYPES = {torch.int64, torch.int32}
+
+
+@dataclass
+class ForwardInputs:
+    """The validated tensors of a forward: hidden states plus the optional mask and positions."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+
+@dataclass
+class _Cached:
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    created: float
+
+
+class StageExecutor:
+    """Owns one stage's module and optimizer and executes validated requests against them."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        stage: int,
+        layers: LayerRange,
+        optimizer: OptimizerSettings,
+        target_batch_size: int,
+        *,
+        cache_size: int = 64,
+        cache_ttl: float = 300.0,
+        max_tokens: int = 1 << 20,
+    ):
+        self.module = module
+        self.stage = stage
+        self.layers = layers
+        self.hidden_size: int = module.hidden_size
+        self.dtype = next(module.parameters()).dtype
+        self.target_batch_size = target_batch_size
+        self.optimizer = torch.optim.AdamW(
+            module.parameters(),
+            lr=optimizer.lr,
+            betas=optimizer.betas,
+            eps=optimizer.eps,
+            weight_decay=optimizer.weight_decay,
+        )
+        self.optimizer_step = 0
+        self.accumulated_samples = 0
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache_size, self._cache_ttl, self._max_tokens = cache_size, cache_ttl, max_tokens
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def check_target(self, stage: int, layers: LayerRange) -> None:
+        if stage != self.stage:
+            raise WrongStage(f"this peer serves stage {self.stage} (layers {self.layers}), not stage {stage}")
+        if layers != self.layers:
+            raise WrongStage(f"this peer holds layers {self.layers} of stage {stage}, not {layers}")
+
+    def check_inputs(self, tensors: Sequence[torch.Tensor], has_mask: bool, has_positions: bool) -> ForwardInputs:
+        expected = 1 + int(has_mask) + int(has_positions)
+        if len(tensors) != expected:
+            raise BadRequest(f"expected {expected} tensor(s) (hidden_states{', attention_mask' * has_mask}"
+                             f"{', position_ids' * has_positions}), got {len(tensors)}")
+        hidden = self.check_hidden(tensors[0], "hidden_states")
+        batch, seq = hidden.shape[:2]
+        rest = list(tensors[1:])
+        mask = self._check_index(rest.pop(0), "attention_mask", batch, seq, allow_bool=True) if has_mask else None
+        positions = self._check_index(rest.pop(0), "position_ids", batch, seq) if has_positions else None
+        return ForwardInputs(hidden, mask, positions)
+
+    def check_hidden(self, tensor: torch.Tensor, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise BadRequest(f"{name} must be a floating tensor ({self.dtype}), got {tensor.dtype}")
+        if tensor.dtype != self.dtype:
+            raise BadRequest(f"{name} has dtype {tensor.dtype}; this stage computes in {self.dtype}")
+        if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size:
+            raise BadRequest(f"{name} must have shape [batch, seq, {self.hidden_size}], got {list(tensor.shape)}")
+        if like is not None and tensor.shape != like.shape:
+            raise BadRequest(f"{name} has shape {list(tensor.shape)}, the forward had {list(like.shape)}")
+        if tensor.shape[0] * tensor.shape[1] > self._max_tokens or tensor.numel() == 0:
+            raise BadRequest(f"{name} has {tensor.shape[0] * tensor.shape[1]} tokens; allowed 1..{self._max_tokens}")
+        return tensor
+
+    @staticmethod
+    def _check_index(tensor: torch.Tensor, name: str, batch: int, seq: int, allow_bool: bool = False) -> torch.Tensor:
+        allowed = _INDEX_DTYPES | ({torch.bool} if allow_bool else set())
+        if tensor.dtype not in allowed:
+            raise BadRequest(f"{name} must be an integer tensor, got {tensor.dtype}")
+        if list(tensor.shape) != [batch, seq]:
+            raise BadRequest(f"{name} must have shape [{batch}, {seq}], got {list(tensor.shape)}")
+        return tensor.long()
+
+    # -- compute ----------------------------------------------------------------------------------
+
+    def forward(self, request: ForwardRequest, inputs: ForwardInputs) -> tuple[ForwardResponse, torch.Tensor]:
+        started = time.perf_counter()
+        if request.train:
+            hidden = inputs.hidden_states.detach().requires_grad_(True)
+            with torch.enable_grad(), _seeded(request.seed):
+                outputs = self._run(hidden, inputs)
+            self._remember(request.request_id, hidden, outputs)
+        else:
+            with torch.no_grad(), _seeded(request.seed):
+                outputs = self._run(inputs.hidden_states, inputs)
+        reply = ForwardResponse(request_id=request.request_id, compute_ms=_ms_since(started))
+        return reply, outputs.detach()
+
+    def backward(
+        self, request: BackwardRequest, grad_output: torch.Tensor, inputs: ForwardInputs | None
+    ) -> tuple[BackwardResponse, torch.Tensor]:
+        started = time.perf_counter()
+        cached = self._cache.pop(request.request_id, None)
+        if cached is None:
+            if inputs is None:
+                raise CacheMiss(f"no forward graph for request {request.request_id}; resend with inputs")
+            hidden = inputs.hidden_states.detach().requires_grad_(True)
+            with torch.enable_grad(), _seeded(request.seed):
+                outputs = self._run(hidden, inputs)
+            cached = _Cached(hidden, outputs, time.monotonic())
+        self.check_hidden(grad_output, "grad_output", like=cached.outputs)
+        torch.autograd.backward(cached.outputs, grad_output)
+        grad_input = cached.inputs.grad
+        stepped = self._accumulate(request.num_samples)
+        reply = BackwardResponse(
+            request_id=request.request_id,
+            compute_ms=_ms_since(started),
+            optimizer_step=self.optimizer_step,
+            stepped=stepped,
+        )
+        return reply, grad_input.detach()
+
+    def _run(self, hidden: torch.Tensor, inputs: ForwardInputs) -> torch.Tensor:
+        return self.module(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)
+
+    def _accumulate(self, num_samples: int) -> bool:
+        self.accumulated_samples += num_samples
+        if self.accumulated_samples < self.target_batch_size:
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+        self.accumulated_samples = 0
+        logger.debug("stage %d stepped its optimizer: step %d", self.stage, self.optimizer_step)
+        return True
+
+    def _remember(self, request_id: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        now = time.monotonic()
+        self._cache[request_id] = _Cached(inputs, outputs, now)
+        while self._cache and (
+            len(self._cache) > self._cache_size or next(iter(self._cache.values())).created < now - self._cache_ttl
+        ):
+            self._cache.popitem(last=False)
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)

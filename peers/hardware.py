@@ -1,0 +1,56 @@
+"""What a peer runs on (CPU count, RAM, GPU via NVML when there is one) and how fast its stage is."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psutil
+import torch
+
+from dht.schemas import HardwareSummary
+
+__all__ = ["probe_hardware", "measure_throughput"]
+
+logger = logging.getLogger(__name__)
+
+
+def probe_hardware() -> HardwareSummary:
+    """CPU and RAM from psutil; the first GPU's name and memory from NVML if a driver is present."""
+    gpu_name, gpu_memory = None, None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            if pynvml.nvmlDeviceGetCount() > 0:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                name = pynvml.nvmlDeviceGetName(handle)
+                gpu_name = name.decode() if isinstance(name, bytes) else name
+                gpu_memory = round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30, 2)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # no NVIDIA driver is the normal case on CPU machines
+        logger.debug("no GPU found through NVML: %s", e)
+    return HardwareSummary(
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        cpu_count=psutil.cpu_count(logical=True) or 1,
+        ram_gib=round(psutil.virtual_memory().total / 2**30, 2),
+        gpu_name=gpu_name,
+        gpu_memory_gib=gpu_memory,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def measure_throughput(module: torch.nn.Module, hidden_size: int, *, batch: int = 4, seq: int = 64,
+                       repeats: int = 2) -> float:
+    """Tokens per second of forward + backward through ``module`` on a random batch (best of runs)."""
+    dtype = next(module.parameters()).dtype
+    hidden = torch.randn(batch, seq, hidden_size, dtype=dtype, requires_grad=True)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        module(hidden).sum().backward()
+        best = min(best, time.perf_counter() - started)
+    module.zero_grad(set_to_none=True)
+    return round(batch * seq / best, 1)

@@ -1,0 +1,137 @@
+"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.info``).
+
+A call carries one of these messages (msgpack of its JSON form) plus a list of tensors; the message
+says what the tensors are. Tensor order, fixed per message:
+
+* ForwardRequest:  hidden_states[b, s, h], then attention_mask[b, s] if ``has_attention_mask``,
+  then position_ids[b, s] if ``has_position_ids``.  Reply: hidden_states[b, s, h].
+* BackwardRequest: grad_output[b, s, h], then (only if ``with_inputs``) the forward's tensors again,
+  for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
+
+A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError class>, "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from dht.schemas import PROTOCOL_VERSION, FrozenModel
+from shards.types import LayerRange
+from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
+
+__all__ = [
+    "FORWARD",
+    "BACKWARD",
+    "INFO",
+    "ForwardRequest",
+    "ForwardResponse",
+    "BackwardRequest",
+    "BackwardResponse",
+    "InfoRequest",
+    "InfoResponse",
+    "parse_request",
+    "ok_reply",
+    "error_reply",
+    "parse_reply",
+]
+
+FORWARD = "swarm.stage.forward"
+BACKWARD = "swarm.stage.backward"
+INFO = "swarm.stage.info"
+
+
+class _Message(FrozenModel):
+    version: int = PROTOCOL_VERSION
+
+
+class ForwardRequest(_Message):
+    """Run ``layers`` of ``stage`` on the hidden states. ``train`` keeps the graph for a backward."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    request_id: str = Field(min_length=1, max_length=64)
+    train: bool = False
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    seed: int | None = Field(None, ge=0, description="RNG seed for dropout, so a recompute matches")
+
+
+class ForwardResponse(_Message):
+    request_id: str
+    compute_ms: float
+
+
+class BackwardRequest(_Message):
+    """Backpropagate ``grad_output`` through the forward ``request_id`` and accumulate parameter grads.
+
+    ``num_samples`` (rows of this microbatch) counts towards the run's target batch size; the stage
+    steps its optimizer when the count reaches it.
+    """
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    request_id: str = Field(min_length=1, max_length=64)
+    num_samples: int = Field(gt=0)
+    with_inputs: bool = False
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    seed: int | None = Field(None, ge=0)
+
+
+class BackwardResponse(_Message):
+    request_id: str
+    compute_ms: float
+    optimizer_step: int = Field(description="optimizer steps this stage has taken after this call")
+    stepped: bool = Field(description="whether this call completed a batch and stepped the optimizer")
+
+
+class InfoRequest(_Message):
+    pass
+
+
+class InfoResponse(_Message):
+    peer_id: str
+    stage: int
+    layers: LayerRange
+    optimizer_step: int
+    accumulated_samples: int
+    requests_served: int
+    errors_replied: int
+
+
+def parse_request(model: type[_Message], payload: Any) -> _Message:
+    """Validate a decoded request; anything malformed becomes a ``BadRequest`` naming the field."""
+    if not isinstance(payload, dict):
+        raise BadRequest(f"{model.__name__}: expected a map, got {type(payload).__name__}")
+    version = payload.get("version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolMismatch(f"protocol version {version!r}; this peer speaks {PROTOCOL_VERSION}")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise BadRequest(f"{model.__name__}: {where}: {first['msg']}") from None
+
+
+def ok_reply(message: _Message) -> dict:
+    return {"ok": message.model_dump(mode="json")}
+
+
+def error_reply(error: SwarmError) -> dict:
+    return {"error": {"code": type(error).__name__, "message": str(error)}}
+
+
+def parse_reply(model: type[_Message], payload: Any) -> _Message:
+    """Turn a reply into its message, or raise the error the peer reported."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        error = payload["error"]
+        raise error_from_wire(str(error.get("code")), str(error.get("message")))
+    if not isinstance(payload, dict) or "ok" not in payload:
+        raise ProtocolMismatch(f"unreadable reply to {model.__name__}: {str(payload)[:200]}")
+    try:
+        return model.model_validate(payload["ok"])
+    except ValidationError as e:
+        raise ProtocolMismatch(f"malformed {model.__name__}: {e.errors()[0]['msg']}") from None

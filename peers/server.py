@@ -1,0 +1,163 @@
+"""``Peer``: a serving peer's whole life: join the DHT, claim a stage, load it, serve, leave.
+
+    async with Peer(settings) as peer:       # joined, loaded, announced online
+        await peer.wait_closed()             # until stop() (Ctrl+C / SIGTERM in the CLI)
+
+``start`` and ``stop`` are idempotent; ``stop`` withdraws the record, removes the handlers and shuts
+the DHT process and its p2pd down, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from dht.records import SwarmDHT
+from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
+from peers.executor import StageExecutor
+from peers.hardware import measure_throughput, probe_hardware
+from peers.routing import coverage
+from peers.service import StageService
+from peers.transport import P2PTransport
+from shards.assignment import choose_stage
+from shards.source import resolve_model
+from shards.stage import load_stage
+from swarm.config import SwarmSettings
+from swarm.errors import ConfigError, ModelLoadError
+
+__all__ = ["Peer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Peer:
+    """One volunteer serving one stage of a run."""
+
+    def __init__(self, settings: SwarmSettings, *, manifest_timeout: float = 60.0):
+        self.settings = settings
+        self.manifest_timeout = manifest_timeout
+        self.dht: SwarmDHT | None = None
+        self.manifest: Manifest | None = None
+        self.record: PeerRecord | None = None
+        self.service: StageService | None = None
+        self._transport: P2PTransport | None = None
+        self._refresh_task: asyncio.Task | None = None
+        self._closed = asyncio.Event()
+        self._started = False
+
+    @property
+    def peer_id(self) -> str:
+        assert self.dht is not None, "the peer has not started"
+        return self.dht.peer_id
+
+    @property
+    def maddrs(self) -> list[str]:
+        return self.dht.visible_maddrs() if self.dht else []
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        net = self.settings.network
+        if not net.initial_peers:
+            raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
+        self.dht = await asyncio.to_thread(
+            SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
+            port=net.port, announce_host=net.announce_host,
+        )
+        self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
+        stage = await self._choose_stage(self.manifest)
+        layers = self.manifest.stages[stage]
+        logger.info("claiming stage %d, layers %s of %s", stage, layers, self.manifest.model)
+        await self._announce(PeerRecord(peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=layers,
+                                        hardware=probe_hardware()))
+        module = await asyncio.to_thread(self._load, self.manifest, stage)
+        throughput = await asyncio.to_thread(measure_throughput, module, module.hidden_size)
+        executor = StageExecutor(
+            module, stage, layers, self.manifest.optimizer, self.manifest.target_batch_size,
+            cache_size=self.settings.peer.cache_size,
+        )
+        self.service = StageService(executor, self.peer_id, threads=self.settings.peer.threads)
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        await self.service.register(self._transport)
+        await self._announce(self.record.model_copy(update={
+            "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware()}))
+        self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
+        logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, throughput)
+
+    async def _choose_stage(self, manifest: Manifest) -> int:
+        pinned = self.settings.peer.stage
+        if pinned is not None:
+            if pinned >= manifest.num_stages:
+                raise ConfigError(f"stage {pinned} does not exist: the run has {manifest.num_stages} stages")
+            return pinned
+        records = await self.dht.all_records(manifest.num_stages)
+        return choose_stage(coverage(manifest.num_stages, records), rng=random.Random())
+
+    def _load(self, manifest: Manifest, stage: int) -> torch.nn.Module:
+        if self.settings.peer.threads:
+            torch.set_num_threads(self.settings.peer.threads)
+        source = resolve_model(manifest.model)
+        if source.config_hash != manifest.config_hash:
+            raise ModelLoadError(
+                f"{manifest.model} here has config hash {source.config_hash[:12]}, the run expects "
+                f"{manifest.config_hash[:12]}: a different model or revision"
+            )
+        return load_stage(source, manifest.stages[stage], dtype=getattr(torch, manifest.dtype))
+
+    async def _announce(self, record: PeerRecord) -> None:
+        self.record = record
+        if not await self.dht.announce(record):
+            logger.warning("the DHT did not store this peer's record (will retry on the next refresh)")
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECORD_REFRESH)
+            try:
+                await self._announce(self.record)
+            except Exception as e:  # a DHT hiccup must not stop serving; the next refresh retries
+                logger.warning("refreshing the DHT record failed: %s", e)
+
+    async def stop(self) -> None:
+        """Withdraw from the DHT and release everything. Safe to call more than once."""
+        if self._closed.is_set():
+            return
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh_task
+        if self.dht is not None and self.record is not None:
+            with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
+                await asyncio.wait_for(self.dht.withdraw(self.record), 5)
+        if self._transport is not None:
+            await self._transport.shutdown()
+            with contextlib.suppress(Exception):
+                await self._transport.p2p.shutdown()
+        if self.service is not None:
+            await asyncio.to_thread(self.service.shutdown)
+        if self.dht is not None:
+            await asyncio.to_thread(self.dht.shutdown)
+        self._closed.set()
+        logger.info("peer stopped")
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> "Peer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -1,0 +1,117 @@
+"""Thin RPC handlers of a serving peer: parse, hand the compute to the worker thread, reply.
+
+Every failure of one request becomes an error reply naming what was wrong; nothing a caller sends can
+stop the peer from answering the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from peers.executor import StageExecutor
+from peers.protocol import (
+    BACKWARD,
+    FORWARD,
+    INFO,
+    BackwardRequest,
+    ForwardRequest,
+    InfoRequest,
+    InfoResponse,
+    error_reply,
+    ok_reply,
+    parse_request,
+)
+from peers.transport import Handler, Transport
+from swarm.errors import BadRequest, SwarmError
+
+__all__ = ["StageService"]
+
+logger = logging.getLogger(__name__)
+
+
+class StageService:
+    """Serves one stage's ``forward``/``backward``/``info`` over a transport."""
+
+    def __init__(self, executor: StageExecutor, peer_id: str, *, threads: int | None = None):
+        self.executor = executor
+        self.peer_id = peer_id
+        self.requests_served = 0
+        self.errors_replied = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{executor.stage}")
+        self._threads = threads
+
+    async def register(self, transport: Transport) -> None:
+        if self._threads:
+            await self._in_worker(torch.set_num_threads, self._threads)
+        for method, handler in self.handlers().items():
+            await transport.serve(method, handler)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            FORWARD: self._guarded(self.rpc_forward),
+            BACKWARD: self._guarded(self.rpc_backward),
+            INFO: self._guarded(self.rpc_info),
+        }
+
+    async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(ForwardRequest, message)
+        self.executor.check_target(request.stage, request.layers)
+        inputs = self.executor.check_inputs(tensors, request.has_attention_mask, request.has_position_ids)
+        reply, outputs = await self._in_worker(self.executor.forward, request, inputs)
+        return ok_reply(reply), [outputs]
+
+    async def rpc_backward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(BackwardRequest, message)
+        self.executor.check_target(request.stage, request.layers)
+        if not tensors:
+            raise BadRequest("backward needs grad_output as its first tensor")
+        grad_output = self.executor.check_hidden(tensors[0], "grad_output")
+        inputs = None
+        if request.with_inputs:
+            inputs = self.executor.check_inputs(tensors[1:], request.has_attention_mask, request.has_position_ids)
+        elif len(tensors) != 1:
+            raise BadRequest(f"backward without inputs takes 1 tensor, got {len(tensors)}")
+        reply, grad_input = await self._in_worker(self.executor.backward, request, grad_output, inputs)
+        return ok_reply(reply), [grad_input]
+
+    async def rpc_info(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        parse_request(InfoRequest, message)
+        executor = self.executor
+        reply = InfoResponse(
+            peer_id=self.peer_id,
+            stage=executor.stage,
+            layers=executor.layers,
+            optimizer_step=executor.optimizer_step,
+            accumulated_samples=executor.accumulated_samples,
+            requests_served=self.requests_served,
+            errors_replied=self.errors_replied,
+        )
+        return ok_reply(reply), []
+
+    def _guarded(self, rpc: Callable) -> Handler:
+        async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+            try:
+                result = await rpc(message, tensors)
+                self.requests_served += 1
+                return result
+            except SwarmError as e:
+                self.errors_replied += 1
+                logger.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
+                return error_reply(e), []
+            except Exception as e:  # a bug must cost one request, not the peer: report it and go on
+                self.errors_replied += 1
+                logger.exception("%s failed", rpc.__name__)
+                return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
+
+        return handler
+
+    async def _in_worker(self, fn: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)

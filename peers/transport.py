@@ -1,0 +1,184 @@
+"""How a call reaches a peer: a small interface, the real hivemind P2P transport, and a fake.
+
+Logic that sends work to peers (the trainer's pipeline, tests of it) takes a ``Transport``; the
+in-memory fake lets a whole pipeline run inside one event loop in a unit test, and the P2P transport
+carries the same (message, tensors) pairs over libp2p streams between processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from swarm.errors import BadRequest, PeerUnavailable, StageTimeout, SwarmError
+
+__all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Any, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.Tensor]]]]
+
+CHUNK_BYTES = 1 << 20
+MAX_REQUEST_BYTES = 1 << 30
+
+
+class Transport(Protocol):
+    """Send ``(message, tensors)`` to a peer's ``method`` and get ``(reply, tensors)`` back."""
+
+    async def call(
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float
+    ) -> tuple[Any, list[torch.Tensor]]: ...
+
+    async def serve(self, method: str, handler: Handler) -> None: ...
+
+
+class P2PTransport:
+    """Calls and handlers over hivemind's P2P (libp2p streams through the p2pd daemon).
+
+    One call is one stream: the first frame carries the msgpack message, every frame may carry a
+    chunk of a serialized tensor, so activations of any size travel without a message-size limit.
+    """
+
+    def __init__(self, p2p: P2P):
+        self.p2p = p2p
+        self._served: list[str] = []
+
+    async def serve(self, method: str, handler: Handler) -> None:
+        async def _stream_handler(
+            requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            try:
+                message, tensors = await _receive(requests, runtime_pb2.ExpertRequest)
+                reply, out = await handler(message, tensors)
+            except SwarmError as e:
+                reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
+            for frame in _frames(reply, out, runtime_pb2.ExpertResponse):
+                yield frame
+
+        await self.p2p.add_protobuf_handler(
+            method, _stream_handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        self._served.append(method)
+
+    async def call(
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float
+    ) -> tuple[Any, list[torch.Tensor]]:
+        async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
+            frames = _aiter(_frames(message, tensors, runtime_pb2.ExpertRequest))
+            responses = await self.p2p.iterate_protobuf_handler(
+                PeerID.from_base58(peer_id), method, frames, runtime_pb2.ExpertResponse
+            )
+            return await _receive(responses, runtime_pb2.ExpertResponse)
+
+        try:
+            return await asyncio.wait_for(_roundtrip(), timeout)
+        except asyncio.TimeoutError:
+            raise StageTimeout(f"{method} on {peer_id[-8:]} took longer than {timeout:.0f} s") from None
+        except SwarmError:
+            raise
+        except Exception as e:  # P2PDaemonError, P2PHandlerError, ConnectionError, ...: the peer is gone
+            raise PeerUnavailable(f"{method} on {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+
+    async def shutdown(self) -> None:
+        for method in self._served:
+            try:
+                await self.p2p.remove_protobuf_handler(method, stream_input=True, stream_output=True)
+            except Exception as e:  # the daemon may already be gone at shutdown; nothing to undo then
+                logger.debug("removing handler %s: %s", method, e)
+        self._served.clear()
+
+
+class InMemoryTransport:
+    """A fake transport for unit tests: handlers of several 'peers' called directly in one loop.
+
+    Messages go through msgpack and tensors are copied, as on the wire, so a handler cannot touch the
+    caller's autograd graph. ``fail[peer_id] = exception`` makes that peer's next calls raise it.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[tuple[str, str], Handler] = {}
+        self.fail: dict[str, Exception] = {}
+
+    def bind(self, peer_id: str) -> "_BoundInMemory":
+        return _BoundInMemory(self, peer_id)
+
+    async def call(
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float
+    ) -> tuple[Any, list[torch.Tensor]]:
+        if peer_id in self.fail:
+            raise self.fail[peer_id]
+        handler = self._handlers.get((peer_id, method))
+        if handler is None:
+            raise PeerUnavailable(f"no peer {peer_id} serving {method}")
+        decoded = msgpack.unpackb(msgpack.packb(message))
+        try:
+            reply, out = await asyncio.wait_for(handler(decoded, [t.detach().clone() for t in tensors]), timeout)
+        except SwarmError as e:
+            reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
+        return msgpack.unpackb(msgpack.packb(reply)), [t.detach().clone() for t in out]
+
+
+class _BoundInMemory:
+    """The serving side of one fake peer."""
+
+    def __init__(self, hub: InMemoryTransport, peer_id: str):
+        self._hub, self.peer_id = hub, peer_id
+
+    async def serve(self, method: str, handler: Handler) -> None:
+        self._hub._handlers[(self.peer_id, method)] = handler
+
+    async def call(self, *args, **kwargs):
+        return await self._hub.call(*args, **kwargs)
+
+
+def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> list:
+    """The message in the first frame, then every tensor as one or more serialized chunks."""
+    frames = [frame_type(metadata=msgpack.packb(message))]
+    for tensor in tensors:
+        serialized = serialize_torch_tensor(tensor.detach())
+        frames.extend(frame_type(tensors=[part]) for part in split_for_streaming(serialized, CHUNK_BYTES))
+    return frames
+
+
+async def _receive(frames: AsyncIterator, frame_type: type) -> tuple[Any, list[torch.Tensor]]:
+    """Reassemble (message, tensors) from a stream of frames; malformed input is a ``BadRequest``."""
+    metadata: bytes | None = None
+    groups: list[list[runtime_pb2.Tensor]] = []
+    received = 0
+    async for frame in frames:
+        if metadata is None:
+            metadata = frame.metadata
+        for part in frame.tensors:
+            received += len(part.buffer)
+            if received > MAX_REQUEST_BYTES:
+                raise BadRequest(f"request larger than {MAX_REQUEST_BYTES >> 20} MiB")
+            if part.dtype or not groups:  # the first chunk of a tensor names its dtype
+                groups.append([])
+            groups[-1].append(part)
+    if metadata is None:
+        raise BadRequest("empty request: no message frame")
+    try:
+        message = msgpack.unpackb(metadata)
+    except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...
+        raise BadRequest(f"the message is not valid msgpack ({type(e).__name__})") from None
+    return message, [_deserialize(group, i) for i, group in enumerate(groups)]
+
+
+def _deserialize(parts: list[runtime_pb2.Tensor], index: int) -> torch.Tensor:
+    try:
+        return deserialize_torch_tensor(combine_from_streaming(parts))
+    except Exception as e:  # a buffer that does not match its declared size or dtype
+        raise BadRequest(f"tensor #{index} cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+async def _aiter(items: list) -> AsyncIterator:
+    for item in items:
+        yield item

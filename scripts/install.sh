@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv and installs swarm into it: torch from its CPU wheel first (otherwise pip resolves
+# torch to a multi-GB CUDA build), then the project and its test extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+TORCH_VERSION=${SWARM_TORCH_VERSION:-2.13.0}
+stamp=.venv/.swarm-installed
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+echo "==> creating .venv with $($PYTHON --version)"
+"$PYTHON" -m venv .venv
+pip=(.venv/bin/python -m pip -q)
+"${pip[@]}" install --upgrade pip >/dev/null
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "==> installing torch $TORCH_VERSION (CPU build)"
+  # A CPU wheel already on disk (pip's find-links) is taken as is; otherwise the official CPU index.
+  if "${pip[@]}" download --no-index --no-deps "torch==$TORCH_VERSION" -d "$(mktemp -d)" >/dev/null 2>&1; then
+    "${pip[@]}" install "torch==$TORCH_VERSION"
+  else
+    "${pip[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+echo "==> installing swarm and its dependencies"
+"${pip[@]}" install -e ".[test]"
+touch "$stamp"
+echo "==> ready: .venv/bin/swarm"

@@ -1,0 +1,235 @@
+"""The ``swarm`` command: a thin projection of ``SwarmSettings`` onto the flags people type daily.
+
+Every failure a person can cause (bad flags, a broken config, an unreadable model, an unreachable
+bootstrap) ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+import typer
+import uvloop
+from rich.console import Console
+from rich.logging import RichHandler
+
+from swarm.config import SwarmSettings, load_settings
+from swarm.errors import SwarmError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="swarm",
+    help="Train transformer language models on volunteer machines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+logger = logging.getLogger("swarm")
+
+ConfigOpt = typer.Option(None, "--config", help="TOML config file (default: ./swarm.toml if present)")
+RunOpt = typer.Option(None, "--run", help="run id (default: swarm)")
+HostOpt = typer.Option(None, "--host", help="address to listen on (e.g. 127.0.0.1)")
+PortOpt = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)")
+StateOpt = typer.Option(None, "--state-dir", help="where identity, manifest and logs are kept")
+LogOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _settings(config: Optional[Path], **overrides: Any) -> SwarmSettings:
+    settings = load_settings(config, **overrides)
+    _setup_logging(settings.log_level)
+    return settings
+
+
+def _setup_logging(level: str) -> None:
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    for name in ("swarm", "peers", "dht", "shards", "bootstrap", "delegation"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _run_until_signal(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``start(stop_event)`` on uvloop; SIGINT/SIGTERM set the event so it can shut down cleanly."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await start(stop)
+
+    uvloop.run(main())
+
+
+@app.command()
+def bootstrap(
+    model: Optional[str] = typer.Option(None, "--model", help="HF hub id or local model directory"),
+    num_stages: Optional[int] = typer.Option(None, "--num-stages", help="how many stages to cut the layers into"),
+    target_batch_size: Optional[int] = typer.Option(None, "--target-batch-size", help="sequences per step"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
+    host: Optional[str] = HostOpt,
+    port: Optional[int] = PortOpt,
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Start a run: publish its manifest and print the line volunteers paste to join."""
+    from bootstrap.node import BootstrapNode
+
+    settings = _settings(
+        config, run_id=run, state_dir=state_dir, log_level=log_level,
+        network={"host": host, "port": port},
+        bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr},
+    )
+
+    async def serve(stop: asyncio.Event) -> None:
+        async with BootstrapNode(settings) as node:
+            manifest = node.manifest
+            (node.state_dir / "maddrs.json").write_text(json.dumps(node.maddrs))
+            console.print(f"[bold green]run {manifest.run_id!r}[/]: {manifest.model}, {manifest.num_layers} "
+                          f"layers in {manifest.num_stages} stages {[s.as_list() for s in manifest.stages]}")
+            console.print("volunteers join with:")
+            print(node.join_command(), flush=True)
+            await stop.wait()
+            console.print("stopping the bootstrap...")
+
+    _run_until_signal(serve)
+
+
+@app.command()
+def join(
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
+    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the least covered"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
+    host: Optional[str] = HostOpt,
+    port: Optional[int] = PortOpt,
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Join a run: claim the least-covered stage, load its layers, serve until Ctrl+C."""
+    from peers.server import Peer
+
+    settings = _settings(
+        config, run_id=run, log_level=log_level,
+        network={"host": host, "port": port, "initial_peers": bootstrap_addr or None},
+        peer={"stage": stage, "threads": threads},
+    )
+
+    async def serve(stop: asyncio.Event) -> None:
+        peer = Peer(settings)
+        start = asyncio.create_task(peer.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():  # Ctrl+C while still joining or loading
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
+            await peer.stop()
+            return
+        start.result()
+        console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
+                      f"as {peer.peer_id}; Ctrl+C to leave")
+        await stop.wait()
+        console.print("leaving the swarm...")
+        await peer.stop()
+
+    _run_until_signal(serve)
+
+
+@app.command()
+def status(
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of any peer of the run"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Show the run's stages, the peers serving each, and their state."""
+    from dht.records import SwarmDHT
+    from swarm.status import collect_status, render_status
+
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
+                         network={"initial_peers": bootstrap_addr or None})
+    if not settings.network.initial_peers:
+        raise SwarmError("status needs --bootstrap (the multiaddr the bootstrap printed)")
+    dht = SwarmDHT.create(settings.run_id, initial_peers=settings.network.initial_peers, host="127.0.0.1",
+                          client_mode=True)
+    try:
+        report = asyncio.run(collect_status(dht))
+    finally:
+        dht.shutdown()
+    if as_json:
+        print(json.dumps(report))
+    else:
+        Console().print(render_status(report))
+
+
+@app.command("train")
+def train_command(
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap"),
+    steps: int = typer.Option(200, "--steps", min=1, help="optimizer steps"),
+    seq_len: int = typer.Option(128, "--seq-len", min=2, help="tokens per sequence"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="default: the run's target batch"),
+    seed: int = typer.Option(0, "--seed"),
+    result_json: Optional[Path] = typer.Option(None, "--result-json", help="write losses and sample here"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
+    from swarm.train import train
+
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
+                         network={"initial_peers": bootstrap_addr or None})
+    if not settings.network.initial_peers:
+        raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
+    train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
+          batch_size=batch_size, seed=seed, timeout=settings.trainer.timeout, result_path=result_json,
+          console=Console())
+
+
+@app.command()
+def demo(
+    steps: int = typer.Option(300, "--steps", min=1, help="training steps"),
+    peers: int = typer.Option(3, "--peers", min=1, max=8, help="peer processes (one stage each)"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="keep the model and logs here"),
+) -> None:
+    """A local swarm on 127.0.0.1: bootstrap, peers and a trainer as separate processes."""
+    from swarm.demo import run_demo
+
+    _setup_logging("INFO")
+    raise typer.Exit(run_demo(steps=steps, num_peers=peers, workdir=workdir, console=Console()))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SwarmError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click's usage errors and the like: one line, not a traceback
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""One config tree for every command: defaults < ``swarm.toml`` < ``SWARM_*`` env vars < CLI flags.
+
+Env vars name nested fields with ``__``: ``SWARM_NETWORK__PORT=31337``, ``SWARM_PEER__THREADS=2``.
+The TOML file is ``--config PATH``, else ``$SWARM_CONFIG``, else ``./swarm.toml`` when it exists::
+
+    run_id = "my-run"
+    [network]
+    host = "0.0.0.0"
+    port = 31337
+    [bootstrap]
+    model = "Qwen/Qwen2-0.5B"
+    num_stages = 4
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from swarm.errors import ConfigError
+
+__all__ = [
+    "NetworkSettings",
+    "BootstrapSettings",
+    "PeerSettings",
+    "TrainerSettings",
+    "SwarmSettings",
+    "load_settings",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkSettings(_Section):
+    host: str = Field("0.0.0.0", description="address to listen on (127.0.0.1 for a local swarm)")
+    port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    announce_host: str | None = Field(None, description="public address to announce, if not the listen one")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
+
+
+class BootstrapSettings(_Section):
+    model: str | None = Field(None, description="HF hub id or local directory of the model to train")
+    num_stages: int = Field(2, ge=1)
+    target_batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+
+
+class PeerSettings(_Section):
+    threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
+    stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
+    cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+
+
+class TrainerSettings(_Section):
+    microbatch_size: int | None = Field(None, ge=1)
+    timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
+
+
+class SwarmSettings(BaseSettings):
+    """Every setting of swarm; each field is settable from TOML, env or the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="SWARM_", env_nested_delimiter="__", extra="forbid")
+
+    run_id: str = Field("swarm", pattern=r"^[A-Za-z0-9_.-]+$")
+    state_dir: Path = Field(Path("~/.swarm"), description="identity keys, manifest, logs")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    network: NetworkSettings = NetworkSettings()
+    bootstrap: BootstrapSettings = BootstrapSettings()
+    peer: PeerSettings = PeerSettings()
+    trainer: TrainerSettings = TrainerSettings()
+
+    toml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSettings:
+    """Build the settings; a broken file or value raises ``ConfigError`` naming the field."""
+    path = config_file or (Path(os.environ["SWARM_CONFIG"]) if os.environ.get("SWARM_CONFIG") else None)
+    if path is None and Path("swarm.toml").is_file():
+        path = Path("swarm.toml")
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class _Settings(SwarmSettings):
+        toml_file = path
+
+    try:
+        settings = _Settings(**_drop_none(overrides))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+    except Exception as e:  # tomllib.TOMLDecodeError and friends: the file itself is broken
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    return SwarmSettings.model_validate(settings.model_dump())
+
+
+def _drop_none(overrides: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags that were not given arrive as None and must not hide TOML/env values."""
+    cleaned: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            cleaned[key] = value
+    return cleaned

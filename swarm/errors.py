@@ -1,0 +1,136 @@
+"""One error tree for the whole project.
+
+    SwarmError                      anything swarm raises on purpose
+    ├── ConfigError                 a setting, CLI argument or config file is wrong
+    ├── ModelLoadError              a model cannot be resolved or read
+    │   └── UnsupportedArchitecture     config.json names a family swarm has no blocks for
+    ├── BadRequest                  a peer was sent something malformed (shape, dtype, stage, payload)
+    │   └── WrongStage                  the request names layers this peer does not hold
+    ├── ProtocolMismatch            the other side speaks another protocol version
+    ├── CacheMiss                   a backward asked for a forward this peer no longer holds
+    ├── PeerUnavailable             a peer did not answer or is not in the DHT
+    │   └── StageTimeout                a stage call ran past its deadline
+    ├── NoRoute                     some stage has no live peer
+    ├── AuthRejected                credentials missing or wrong
+    ├── CapacityExceeded            a peer is full
+    └── DelegationRefused           a strong peer declined a delegation session
+
+Errors cross the wire as ``(code, message)``: ``code`` is the class name, so the receiving side
+re-raises the same type (see ``error_from_wire``). What the data plane does about each type (retry,
+re-route, abort) is decided in one table, ``RETRYABLE`` below.
+
+This module imports nothing from the project so every layer (shards included) can use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SwarmError",
+    "ConfigError",
+    "ModelLoadError",
+    "UnsupportedArchitecture",
+    "BadRequest",
+    "WrongStage",
+    "ProtocolMismatch",
+    "CacheMiss",
+    "PeerUnavailable",
+    "StageTimeout",
+    "NoRoute",
+    "AuthRejected",
+    "CapacityExceeded",
+    "DelegationRefused",
+    "RETRYABLE",
+    "error_from_wire",
+    "is_retryable",
+]
+
+
+class SwarmError(Exception):
+    """Base of every error swarm raises on purpose; the message is meant for a person."""
+
+
+class ConfigError(SwarmError):
+    """A setting, CLI argument or config file is wrong."""
+
+
+class ModelLoadError(SwarmError):
+    """A model cannot be resolved (no such dir or hub id) or its files cannot be read."""
+
+
+class UnsupportedArchitecture(ModelLoadError):
+    """config.json names a model family that swarm has no block wrapper for."""
+
+
+class BadRequest(SwarmError):
+    """A peer received a malformed request; the peer keeps serving others."""
+
+
+class WrongStage(BadRequest):
+    """The request names a stage or layers that this peer does not serve."""
+
+
+class ProtocolMismatch(SwarmError):
+    """The other side speaks an incompatible protocol version."""
+
+
+class CacheMiss(SwarmError):
+    """A backward referred to a forward whose graph this peer no longer holds; resend the inputs."""
+
+
+class PeerUnavailable(SwarmError):
+    """A peer did not answer, refused the connection or has left the DHT."""
+
+
+class StageTimeout(PeerUnavailable):
+    """A call to a stage ran past its deadline."""
+
+
+class NoRoute(SwarmError):
+    """At least one stage has no live peer serving it."""
+
+
+class AuthRejected(SwarmError):
+    """Credentials are missing, expired or wrong."""
+
+
+class CapacityExceeded(SwarmError):
+    """The peer has no room for more work or sessions right now."""
+
+
+class DelegationRefused(SwarmError):
+    """A strong peer declined to start a delegation session."""
+
+
+# Decided once, here: may the caller try the same request again (on the same or another replica)?
+# Bad requests and protocol mismatches would fail the same way again; unavailability may pass.
+RETRYABLE: dict[type[SwarmError], bool] = {
+    BadRequest: False,
+    ProtocolMismatch: False,
+    AuthRejected: False,
+    PeerUnavailable: True,
+    CapacityExceeded: True,
+    CacheMiss: True,
+}
+
+_BY_NAME: dict[str, type[SwarmError]] = {
+    cls.__name__: cls
+    for cls in (
+        SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
+        ProtocolMismatch, CacheMiss, PeerUnavailable, StageTimeout, NoRoute, AuthRejected,
+        CapacityExceeded, DelegationRefused,
+    )
+}
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Look the error's type (or its nearest listed base) up in ``RETRYABLE``."""
+    for cls in type(error).__mro__:
+        if cls in RETRYABLE:
+            return RETRYABLE[cls]
+    return False
+
+
+def error_from_wire(code: str, message: str) -> SwarmError:
+    """Rebuild the error a peer reported; unknown codes become a plain ``SwarmError``."""
+    cls = _BY_NAME.get(code, SwarmError)
+    return cls(message)

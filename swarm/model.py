@@ -1,0 +1,204 @@
+"""``SwarmModelForCausalLM``: a torch ``nn.Module`` whose transformer layers live on the swarm.
+
+Embeddings, the final norm and the LM head are local parameters (so any loss and any local optimizer
+work as usual); the layers in between are computed by the peers of the route, forward and backward,
+through a custom autograd function. The stages step their own AdamW (the manifest's settings) each
+time they have accumulated ``target_batch_size`` sequences of gradients, so a trainer whose batch
+has that many rows steps in lockstep with them: ``loss.backward(); optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dht.records import SwarmDHT
+from dht.schemas import Manifest
+from peers.client import StageClient
+from peers.transport import P2PTransport
+from shards.local import LocalParts, causal_lm_loss, load_local_parts
+from shards.source import resolve_model
+from swarm._loop import LoopThread
+from swarm.errors import ConfigError
+from swarm.pipeline import RemotePipeline, Trace
+
+__all__ = ["SwarmModelForCausalLM", "CausalLMOutput"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CausalLMOutput:
+    """What ``forward`` returns, with the fields of transformers' ``CausalLMOutput`` that apply."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class _RemoteStages(torch.autograd.Function):
+    """Autograd bridge: forward runs the remote stages, backward sends gradients back through them."""
+
+    @staticmethod
+    def forward(ctx, hidden, model, mask, positions):  # type: ignore[override]
+        outputs, traces = model._run_remote(hidden, mask, positions, train=True)
+        ctx.model, ctx.traces = model, traces
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        return ctx.model._backward_remote(ctx.traces, grad_output), None, None, None
+
+
+class SwarmModelForCausalLM(nn.Module):
+    """A causal LM whose layers are served by a swarm; use it like a transformers model."""
+
+    def __init__(
+        self,
+        local: LocalParts,
+        pipeline: RemotePipeline,
+        runner: LoopThread,
+        *,
+        microbatch_size: int | None = None,
+        resources: Sequence = (),
+    ):
+        super().__init__()
+        self.local = local
+        self.pipeline = pipeline
+        self.manifest: Manifest = pipeline.manifest
+        self.microbatch_size = microbatch_size
+        self._runner = runner
+        self._resources = list(resources)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        initial_peers: Sequence[str],
+        run_id: str = "swarm",
+        microbatch_size: int | None = None,
+        timeout: float = 120.0,
+        route_wait: float = 120.0,
+        host: str = "127.0.0.1",
+    ) -> "SwarmModelForCausalLM":
+        """Join the run's DHT as a client, check ``model`` against the run's manifest, and load only
+        the local parts. ``model`` defaults to the manifest's model (a hub id or a shared path)."""
+        if not initial_peers:
+            raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
+        runner = LoopThread("swarm-trainer")
+        dht = None
+        try:
+            dht = SwarmDHT.create(run_id, initial_peers=initial_peers, host=host, client_mode=True)
+            manifest = runner.run(dht.wait_manifest(timeout))
+            source = resolve_model(model or manifest.model)
+            if source.config_hash != manifest.config_hash:
+                raise ConfigError(
+                    f"model {source.name!r} does not match run {run_id!r}: config hash "
+                    f"{source.config_hash[:12]} != {manifest.config_hash[:12]} in the manifest"
+                )
+            local = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
+            transport = runner.run(_p2p_transport(dht))
+            pipeline = RemotePipeline(
+                manifest,
+                StageClient(transport, timeout=timeout),
+                lambda: dht.all_records(manifest.num_stages),
+                route_wait=route_wait,
+            )
+        except BaseException:
+            if dht is not None:
+                dht.shutdown()
+            runner.stop()
+            raise
+        return cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht])
+
+    @property
+    def target_batch_size(self) -> int:
+        return self.manifest.target_batch_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        hidden = self.local.embed(input_ids, position_ids)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            hidden = _RemoteStages.apply(hidden, self, attention_mask, position_ids)
+        else:
+            hidden, _ = self._run_remote(hidden, attention_mask, position_ids, train=False)
+        logits = self.local.head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations token by token (temperature 0 is greedy). No KV cache yet: each new
+        token reruns the whole prefix through the swarm."""
+        max_positions = getattr(self.local.config, "n_positions", None) or getattr(
+            self.local.config, "max_position_embeddings", 1 << 30)
+        tokens = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(tokens[:, -max_positions:]).logits[:, -1, :]
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            tokens = torch.cat([tokens, nxt], dim=1)
+        return tokens
+
+    def _microbatches(self, batch: int) -> list[slice]:
+        size = self.microbatch_size or batch
+        return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+    def _run_remote(self, hidden, mask, positions, *, train: bool) -> tuple[torch.Tensor, list[Trace]]:
+        outputs, traces = [], []
+        for rows in self._microbatches(hidden.shape[0]):
+            part_mask = mask[rows] if mask is not None else None
+            out, trace = self._runner.run(
+                self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train)
+            )
+            outputs.append(out)
+            traces.append(trace)
+        return torch.cat(outputs, dim=0), traces
+
+    def _backward_remote(self, traces: list[Trace], grad_output: torch.Tensor) -> torch.Tensor:
+        grads = []
+        for rows, trace in zip(self._microbatches(grad_output.shape[0]), traces):
+            grads.append(self._runner.run(self.pipeline.backward(trace, grad_output[rows].contiguous())))
+        return torch.cat(grads, dim=0)
+
+    def close(self) -> None:
+        """Leave the swarm: stop the P2P client, the DHT process and the event loop. Idempotent."""
+        for resource in reversed(self._resources):
+            if isinstance(resource, P2PTransport):
+                try:
+                    self._runner.run(resource.p2p.shutdown(), timeout=10)
+                except Exception as e:  # already gone; nothing left to release
+                    logger.debug("p2p shutdown: %s", e)
+            elif isinstance(resource, SwarmDHT):
+                resource.shutdown()
+        self._resources.clear()
+        self._runner.stop()
+
+    def __enter__(self) -> "SwarmModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
+    return P2PTransport(await dht.dht.replicate_p2p())

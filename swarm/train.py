@@ -1,0 +1,105 @@
+"""``swarm train``: train the run's model through the swarm on the stdlib corpus, with a live bar.
+
+This is the loop a researcher would write with ``SwarmModelForCausalLM``; the demo runs it as its
+trainer process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from swarm.data import decode_bytes, random_batches, stdlib_corpus
+from swarm.model import SwarmModelForCausalLM
+
+__all__ = ["TrainResult", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    sample: str = ""
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def last_loss(self) -> float:
+        """Mean of the last few steps, so one noisy batch does not decide."""
+        tail = self.losses[-min(10, len(self.losses)) :]
+        return sum(tail) / len(tail)
+
+
+def train(
+    initial_peers: list[str],
+    *,
+    run_id: str = "swarm",
+    steps: int = 200,
+    seq_len: int = 128,
+    batch_size: int | None = None,
+    seed: int = 0,
+    sample_tokens: int = 120,
+    timeout: float = 120.0,
+    result_path: Path | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    console = console or Console()
+    torch.manual_seed(seed)
+    with console.status("joining the swarm and loading the local layers..."):
+        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout)
+    with model:
+        manifest = model.manifest
+        batch_size = batch_size or manifest.target_batch_size
+        if batch_size != manifest.target_batch_size:
+            logger.warning("batch %d != the run's target batch %d: stages step every %d sequences",
+                           batch_size, manifest.target_batch_size, manifest.target_batch_size)
+        settings = manifest.optimizer
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
+                                      eps=settings.eps, weight_decay=settings.weight_decay)
+        batches = random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed)
+        result = TrainResult(steps=steps)
+        console.print(f"training {manifest.model} ({manifest.num_layers} layers in {manifest.num_stages} "
+                      f"stages) for {steps} steps of {batch_size}x{seq_len} tokens")
+        started = time.perf_counter()
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("train", total=steps, loss="-", tps="-")
+            for step in range(steps):
+                input_ids = next(batches)
+                loss = model(input_ids, labels=input_ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(loss.item())
+                if not math.isfinite(result.losses[-1]):
+                    raise FloatingPointError(f"loss became {result.losses[-1]} at step {step}")
+                tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
+                progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}")
+        result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
+        prompt = torch.tensor([list(b"def ")])
+        generated = model.generate(prompt, sample_tokens, temperature=0.8,
+                                   generator=torch.Generator().manual_seed(seed))
+        result.sample = decode_bytes(generated[0])
+    console.print(f"first loss [bold]{result.first_loss:.3f}[/], last loss [bold]{result.last_loss:.3f}[/] "
+                  f"(mean of the last 10 steps), {result.tokens_per_second:,.0f} tokens/s")
+    console.rule("sample")
+    console.print(result.sample, markup=False, highlight=False)
+    console.rule()
+    if result_path is not None:
+        result_path.write_text(json.dumps(asdict(result) | {"first_loss": result.first_loss,
+                                                            "last_loss": result.last_loss}))
+    return result

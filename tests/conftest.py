@@ -1,0 +1,88 @@
+"""Fixtures shared by every tier: tiny models, a local swarm over real hivemind, and a reaper that
+fails any test leaving a child process (a DHT process, a p2pd daemon) behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+import torch
+
+from shards.tiny import make_tiny_model
+from tests.helpers import LocalSwarm
+
+# torch_shm_manager is torch's per-process shared-memory helper (hivemind shares tensors through it);
+# it lives as long as this process and exits with it.
+_IGNORED_CHILDREN = ("resource_tracker", "forkserver", "semaphore_tracker", "torch_shm_manager")
+
+
+def _children() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if not any(name in cmdline for name in _IGNORED_CHILDREN):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def reaper() -> Iterator[None]:
+    """After each test every child process it started must be gone (after a short grace period)."""
+    before = {p.pid for p in _children()}
+    yield
+    deadline = time.monotonic() + 10
+    leftovers = [p for p in _children() if p.pid not in before]
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    if leftovers:
+        names = []
+        for proc in leftovers:
+            try:
+                names.append(f"{proc.pid}:{' '.join(proc.cmdline())[:80]}")
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
+        pytest.fail(f"test left child processes behind: {names}")
+
+
+@pytest.fixture(autouse=True)
+def _torch_determinism() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build (once per set of arguments) a tiny HF model directory via ``save_pretrained``."""
+    cache: dict[tuple, Path] = {}
+
+    def build(family: str = "gpt2", **kwargs) -> Path:
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(f"model-{family}"), family, **kwargs)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture
+def swarm_factory(tmp_path: Path) -> Iterator[Callable[..., LocalSwarm]]:
+    """``swarm_factory(model_dir, num_stages=3, num_peers=3)``: a bootstrap and peers over real
+    hivemind DHT/P2P on 127.0.0.1, all stopped when the test ends."""
+    started: list[LocalSwarm] = []
+
+    def factory(model_dir: Path, **kwargs) -> LocalSwarm:
+        swarm = LocalSwarm(model_dir, state_dir=tmp_path / f"state{len(started)}", **kwargs)
+        started.append(swarm)
+        swarm.start()
+        return swarm
+
+    yield factory
+    for swarm in started:
+        swarm.stop()

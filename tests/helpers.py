@@ -1,0 +1,64 @@
+"""Helpers for tests: an in-process local swarm over real hivemind on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bootstrap.node import BootstrapNode
+from peers.server import Peer
+from swarm._loop import LoopThread
+from swarm.config import load_settings
+from swarm.model import SwarmModelForCausalLM
+
+__all__ = ["LocalSwarm"]
+
+
+class LocalSwarm:
+    """A bootstrap and ``num_peers`` peers in this process (each with its own DHT process and p2pd),
+    driven from a background event loop. Peers claim stages by themselves unless ``pin_stages``."""
+
+    def __init__(self, model_dir: Path, *, state_dir: Path, num_stages: int = 3, num_peers: int = 3,
+                 run_id: str = "test", pin_stages: bool = True, **bootstrap: object):
+        self.model_dir, self.state_dir = model_dir, state_dir
+        self.num_stages, self.num_peers, self.run_id = num_stages, num_peers, run_id
+        self.pin_stages = pin_stages
+        self.bootstrap_overrides = bootstrap
+        self.loop = LoopThread("test-swarm")
+        self.bootstrap: BootstrapNode | None = None
+        self.peers: list[Peer] = []
+
+    def start(self) -> None:
+        settings = load_settings(
+            run_id=self.run_id, state_dir=self.state_dir, network={"host": "127.0.0.1"},
+            bootstrap={"model": str(self.model_dir), "num_stages": self.num_stages, **self.bootstrap_overrides},
+        )
+        self.bootstrap = BootstrapNode(settings)
+        self.loop.run(self.bootstrap.start(), timeout=60)
+        for i in range(self.num_peers):
+            self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
+
+    def add_peer(self, stage: int | None = None) -> Peer:
+        settings = load_settings(
+            run_id=self.run_id, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
+            peer={"stage": stage, "threads": 1},
+        )
+        peer = Peer(settings)
+        self.peers.append(peer)
+        self.loop.run(peer.start(), timeout=120)
+        return peer
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.bootstrap.maddrs
+
+    def client(self, **kwargs) -> SwarmModelForCausalLM:
+        return SwarmModelForCausalLM.from_pretrained(
+            str(self.model_dir), initial_peers=self.initial_peers, run_id=self.run_id, **kwargs
+        )
+
+    def stop(self) -> None:
+        for peer in self.peers:
+            self.loop.run(peer.stop(), timeout=60)
+        if self.bootstrap is not None:
+            self.loop.run(self.bootstrap.stop(), timeout=60)
+        self.loop.stop()
