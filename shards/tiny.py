@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 __all__ = ["make_tiny_model", "tiny_config"]
@@ -31,6 +32,7 @@ def tiny_config(
             n_layer=num_layers, n_embd=hidden_size, n_head=num_heads, vocab_size=vocab_size,
             n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             tie_word_embeddings=True if tie_embeddings is None else tie_embeddings,
+            bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
         )
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     if family not in classes:
@@ -58,5 +60,9 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
     return path

@@ -212,23 +212,12 @@ def demo(
 
 
 def main() -> None:
+    """Entry point: click reports bad flags itself (exit 2); swarm's own errors become one line."""
     try:
-        app(standalone_mode=False)
+        app()
     except SwarmError as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click's usage errors and the like: one line, not a traceback
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

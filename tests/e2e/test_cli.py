@@ -1,0 +1,136 @@
+"""The CLI as a user runs it: separate processes, real signals, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SWARM = [sys.executable, "-m", "swarm.cli"]
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(SWARM + args, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=ENV)
+
+
+def _wait_for(log: Path, proc: subprocess.Popen, needle: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if needle in line:
+                return line
+        assert proc.poll() is None, f"exited early:\n{log.read_text()}"
+        time.sleep(0.2)
+    raise AssertionError(f"{needle!r} not seen in {log}:\n{log.read_text()}")
+
+
+def _descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _terminate(proc: subprocess.Popen, sig=signal.SIGTERM) -> tuple[int, list[psutil.Process]]:
+    """Signal a swarm process; return its exit code and any descendant still alive afterwards."""
+    descendants = _descendants(proc)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for leftover in alive:
+        leftover.kill()
+    return code, alive
+
+
+def _address(line: str) -> str:
+    return line.split("--bootstrap", 1)[1].split()[0]
+
+
+def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
+    model_dir = model_factory("gpt2", num_layers=4, hidden_size=32)
+    state = tmp_path / "state"
+    boot_args = ["bootstrap", "--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
+                 "--port", "0", "--state-dir", str(state)]
+    boot = _start(boot_args, tmp_path / "boot.log")
+    procs = [boot]
+    try:
+        address = _address(_wait_for(tmp_path / "boot.log", boot, "swarm join --bootstrap"))
+        assert address.startswith("/ip4/127.0.0.1/tcp/")
+        peers = []
+        for i in range(2):
+            peer = _start(["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1"],
+                          tmp_path / f"peer{i}.log")
+            procs.append(peer)
+            peers.append(peer)
+            _wait_for(tmp_path / f"peer{i}.log", peer, "serving stage", timeout=120)
+        status = subprocess.run(SWARM + ["status", "--bootstrap", address, "--json"], capture_output=True,
+                                text=True, timeout=120, env=ENV)
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert [s["index"] for s in report["stages"]] == [0, 1]
+        assert [s["layers"] for s in report["stages"]] == [[0, 2], [2, 4]]
+        assert all(len(s["peers"]) == 1 for s in report["stages"])
+        assert {tuple(p["stages"]) for p in report["peers"]} == {(0,), (1,)}
+        assert all(p["throughput"] > 0 and p["state"] == "online" for p in report["peers"])
+
+        table = subprocess.run(SWARM + ["status", "--bootstrap", address], capture_output=True, text=True,
+                               timeout=120, env=ENV)
+        assert table.returncode == 0 and "[0, 2)" in table.stdout and "online" in table.stdout
+
+        for sig, peer in zip((signal.SIGTERM, signal.SIGINT), peers):
+            code, leftovers = _terminate(peer, sig)
+            assert code == 0 and not leftovers, f"exit {code}, left {leftovers}"
+        code, leftovers = _terminate(boot)
+        assert code == 0 and not leftovers
+
+        # the bootstrap keeps its identity and port: same multiaddr after a restart
+        again = _start(boot_args[:-4] + ["--state-dir", str(state)], tmp_path / "boot2.log")
+        procs.append(again)
+        assert _address(_wait_for(tmp_path / "boot2.log", again, "swarm join --bootstrap")) == address
+        code, leftovers = _terminate(again)
+        assert code == 0 and not leftovers
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["join", "--port", "notaport"], "Invalid value for '--port'"),
+        (["bootstrap", "--model", "/no/such/model", "--host", "127.0.0.1"], "/no/such/model does not exist"),
+        (["bootstrap", "--num-stages", "3"], "needs --model"),
+        (["join"], "--bootstrap"),
+        (["status"], "--bootstrap"),
+        (["frobnicate"], "No such command"),
+        (["join", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x", "--config", "/no/such.toml"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(args, words, tmp_path):
+    result = subprocess.run(SWARM + args + ["--state-dir", str(tmp_path)] * (args[0] == "bootstrap"),
+                            capture_output=True, text=True, timeout=60, env=ENV, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_broken_config_file_is_named(tmp_path):
+    config = tmp_path / "swarm.toml"
+    config.write_text("[network]\nport = 'high'\n")
+    result = subprocess.run(SWARM + ["join", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], capture_output=True,
+                            text=True, timeout=60, env=ENV, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "network.port" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,110 @@
+"""The trainer's pipeline over the in-memory transport: several peers in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
+from peers.client import StageClient
+from peers.executor import StageExecutor
+from peers.service import StageService
+from peers.transport import InMemoryTransport
+from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
+from shards.local import causal_lm_loss
+from swarm.errors import PeerUnavailable
+from swarm.pipeline import RemotePipeline
+
+
+def _build(model_dir, num_stages: int, *, cache_size: int = 64, target_batch_size: int = 2):
+    source = resolve_model(str(model_dir))
+    stages = stage_boundaries(source.config.num_hidden_layers, num_stages)
+    manifest = Manifest(run_id="unit", model=str(model_dir), config_hash=source.config_hash,
+                        num_layers=source.config.num_hidden_layers, stages=stages,
+                        target_batch_size=target_batch_size, optimizer=OptimizerSettings(lr=1e-2))
+    hub = InMemoryTransport()
+    records, services = {}, []
+    for index, layers in enumerate(stages):
+        executor = StageExecutor(load_stage(source, layers), index, layers, manifest.optimizer,
+                                 manifest.target_batch_size, cache_size=cache_size)
+        service = StageService(executor, f"peer{index}")
+        asyncio.run(service.register(hub.bind(f"peer{index}")))
+        services.append(service)
+        records[index] = [PeerRecord(peer_id=f"peer{index}", stage=index, layers=layers, state=PeerState.ONLINE)]
+
+    async def source_records():
+        return records
+
+    pipeline = RemotePipeline(manifest, StageClient(hub, timeout=30), source_records)
+    return pipeline, services, load_local_parts(source), hub
+
+
+def _step(pipeline, local, ids):
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    hidden = local.embed(ids, positions)
+
+    async def run():
+        out, trace = await pipeline.forward(hidden.detach(), None, positions, train=True)
+        out.requires_grad_(True)
+        loss = causal_lm_loss(local.head(out), ids)
+        loss.backward()
+        grad_in = await pipeline.backward(trace, out.grad)
+        hidden.backward(grad_in)
+        return loss.item()
+
+    return asyncio.run(run())
+
+
+def test_training_steps_match_transformers(model_factory):
+    model_dir = model_factory("llama", num_layers=3, hidden_size=32, num_kv_heads=2)
+    pipeline, services, local, _ = _build(model_dir, 3)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(local.parameters(), lr=1e-2)
+    for step in range(3):
+        ids = torch.randint(0, 8, (2, 10), generator=torch.Generator().manual_seed(step))
+        loss = _step(pipeline, local, ids)
+        opt.step(), opt.zero_grad()
+        expected = reference(ids, labels=ids).loss
+        expected.backward()
+        ref_opt.step(), ref_opt.zero_grad()
+        assert abs(loss - expected.item()) <= 1e-4 * abs(expected.item())
+    assert [s.executor.optimizer_step for s in services] == [3, 3, 3]
+
+
+def test_a_cache_miss_is_answered_by_recomputing(model_factory):
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    pipeline, services, local, _ = _build(model_dir, 2, cache_size=64, target_batch_size=1000)
+    ids = torch.randint(0, 256, (2, 6))
+    _step(pipeline, local, ids)
+    with_cache = [p.grad.clone() for p in services[0].executor.module.parameters()]
+    for service in services:
+        service.executor.optimizer.zero_grad()
+        service.executor._cache.clear()
+    positions = torch.arange(6).unsqueeze(0).expand_as(ids)
+
+    async def forward_then_forget():
+        hidden = local.embed(ids, positions).detach()
+        out, trace = await pipeline.forward(hidden, None, positions, train=True)
+        for service in services:
+            service.executor._cache.clear()  # as if the peer had restarted between forward and backward
+        out.requires_grad_(True)
+        causal_lm_loss(local.head(out), ids).backward()
+        await pipeline.backward(trace, out.grad)
+
+    asyncio.run(forward_then_forget())
+    recomputed = [p.grad for p in services[0].executor.module.parameters()]
+    for a, b in zip(with_cache, recomputed):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_unreachable_peer_is_retried_then_reported(model_factory):
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    pipeline, _, local, hub = _build(model_dir, 2)
+    pipeline.client.backoff = 0.0
+    hub.fail["peer1"] = PeerUnavailable("peer1 is gone")
+    with pytest.raises(PeerUnavailable, match="peer1 is gone"):
+        _step(pipeline, local, torch.randint(0, 256, (2, 6)))
