@@ -3,7 +3,7 @@ tensors, and decide layer assignment. No networking and no asyncio here."""
 
 from shards.assignment import choose_stage, stage_boundaries
 from shards.families import FAMILIES, SUPPORTED_FAMILIES, Family, family_of, num_layers
-from shards.local import LocalParts, causal_lm_loss, load_local_parts
+from shards.local import LocalParts, causal_lm_loss, default_position_ids, load_local_parts
 from shards.source import ModelSource, resolve_model
 from shards.stage import StageModule, load_stage
 from shards.tiny import make_tiny_model, tiny_config
@@ -20,6 +20,7 @@ __all__ = [
     "StageModule",
     "causal_lm_loss",
     "choose_stage",
+    "default_position_ids",
     "family_of",
     "load_local_parts",
     "load_stage",

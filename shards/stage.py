@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from shards.families import Family, family_of, num_layers
@@ -14,21 +15,28 @@ from swarm.errors import ModelLoadError
 
 __all__ = ["StageModule", "load_stage"]
 
+_MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
 
 class StageModule(nn.Module):
     """Layers ``[start, end)`` of a causal LM: hidden states in, hidden states out.
 
-    The stage builds the attention mask (causal, plus padding from a 2-D ``attention_mask``) and,
-    for rotary families, the position embeddings itself, exactly as the transformers model does, so
-    a chain of stages computes what the whole model computes.
+    The stage builds the attention mask (causal, plus padding from a 2-D ``attention_mask`` where
+    1 is a token and 0 padding, plus sliding windows where the config has them) and, for rotary
+    families, the position embeddings itself, exactly as the transformers model does, so a chain
+    of stages computes what the whole model computes. ``blocks[k]`` is model layer
+    ``layers.start + k``; the rotary embedding stays in float32 whatever the blocks' dtype.
     """
 
     def __init__(self, config: PretrainedConfig, family: Family, layers: LayerRange, blocks: list[nn.Module]):
         super().__init__()
+        if len(blocks) != len(layers):
+            raise ValueError(f"stage {layers} needs {len(layers)} blocks, got {len(blocks)}")
         self.config, self.family, self.layers = config, family, layers
         self.hidden_size: int = config.hidden_size
         self.blocks = nn.ModuleList(blocks)
-        self.rotary_emb = family.rotary_embedding(config)
+        self.rotary_emb = family.build_rotary(config)
+        self._kinds = [family.attention_kind(config, index) for index in layers]
 
     def forward(
         self,
@@ -40,57 +48,70 @@ class StageModule(nn.Module):
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
         masks = self._masks(hidden_states, attention_mask, position_ids)
         rotary = self.rotary_emb(hidden_states, position_ids=position_ids) if self.rotary_emb is not None else None
-        for block in self.blocks:
-            mask = masks[getattr(block, "attention_type", "full_attention")]
-            hidden_states = self.family.call_block(block, hidden_states, mask, position_ids, rotary)
+        for block, kind in zip(self.blocks, self._kinds):
+            hidden_states = self.family.call_block(block, hidden_states, masks[kind], position_ids, rotary)
         return hidden_states
 
-    def _masks(self, hidden: torch.Tensor, attention_mask, position_ids) -> dict:
-        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                      position_ids=position_ids)
-        sliding = getattr(self.config, "sliding_window", None)
-        layer_types = getattr(self.config, "layer_types", None) or []
-        full = create_causal_mask(**kwargs)
-        if self.config.model_type == "mistral" and sliding is not None:
-            full = create_sliding_window_causal_mask(**kwargs)
-        masks = {"full_attention": full}
-        if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
+    def _masks(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        return {
+            kind: _MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                        cache=None, position_ids=position_ids)
+            for kind in set(self._kinds)
+        }
 
 
 def load_stage(source: ModelSource | str, layers: LayerRange, *, dtype: torch.dtype = torch.float32) -> StageModule:
-    """Build the blocks of ``layers`` and fill them with their tensors, read from the checkpoint alone."""
+    """Build the blocks of ``layers`` and fill them with their own tensors, read from the checkpoint alone."""
     source = resolve_model(source)
     config = source.config
     family = family_of(config)
     total = num_layers(config)
     if layers.end > total:
         raise ModelLoadError(f"layers {layers} are outside {source.name}, which has {total} layers")
-    per_layer: dict[int, dict[str, str]] = {i: {} for i in layers}
+    with torch.device("meta"):
+        blocks = [family.build_block(config, index) for index in layers]
+    names = _checkpoint_names(source, family, layers, blocks)
+    tensors = source.load(name for per_block in names for name in per_block.values())
+    for index, block, per_block in zip(layers, blocks, names):
+        state = {key: _cast(tensors[name], dtype) for key, name in per_block.items()}
+        block.load_state_dict(state, strict=True, assign=True)
+        _materialize_buffers(block, family, config, index)
+    return StageModule(config, family, layers, blocks)
+
+
+def _checkpoint_names(
+    source: ModelSource, family: Family, layers: LayerRange, blocks: list[nn.Module]
+) -> list[dict[str, str]]:
+    """For each block, ``{state_dict key: checkpoint name}``; extra checkpoint tensors are left unread."""
+    available: dict[int, dict[str, str]] = {index: {} for index in layers}
     for name in source.tensor_names():
         found = family.layer_of(name)
         if found is not None and found[0] in layers:
-            per_layer[found[0]][found[1]] = name
-    tensors = source.load(name for names in per_layer.values() for name in names.values())
-    blocks = [_build_block(family, config, i, {inner: tensors[name] for inner, name in per_layer[i].items()}, dtype)
-              for i in layers]
-    stage = StageModule(config, family, layers, blocks)
-    return stage.to(dtype)
+            available[found[0]][found[1]] = name
+    names = []
+    for index, block in zip(layers, blocks):
+        wanted = block.state_dict().keys()
+        missing = sorted(set(wanted) - set(available[index]))
+        if missing:
+            raise ModelLoadError(f"{source.name}: layer {index} lacks tensors {missing[:5]} in the checkpoint")
+        names.append({key: available[index][key] for key in wanted})
+    return names
 
 
-def _build_block(family: Family, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor],
-                 dtype: torch.dtype) -> nn.Module:
-    if not state:
-        raise ModelLoadError(f"the checkpoint has no tensors for layer {index}")
-    cls = family.block_class(config)
-    with torch.device("meta"):
-        block = cls(config, layer_idx=index)
-    missing = {name for name, _ in block.named_parameters()} - set(state)
-    if missing:
-        raise ModelLoadError(f"layer {index} is missing tensors in the checkpoint: {sorted(missing)[:5]}")
-    block.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    leftover = [name for name, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
-    if leftover:
-        raise ModelLoadError(f"layer {index}: no value for {leftover[:5]} in the checkpoint")
-    return block
+def _materialize_buffers(block: nn.Module, family: Family, config: PretrainedConfig, index: int) -> None:
+    """Non-persistent buffers (not in checkpoints) are still on meta: take them from a real, uninitialised block."""
+    pending = [name for name, buffer in block.named_buffers() if buffer.is_meta]
+    if not pending:
+        return
+    with no_init_weights():
+        reference = family.build_block(config, index)
+    real = dict(reference.named_buffers())
+    for name in pending:
+        owner, _, leaf = name.rpartition(".")
+        block.get_submodule(owner).register_buffer(leaf, real[name], persistent=False)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -75,3 +75,19 @@ def test_microbatches_give_the_same_gradients(model_factory, swarm_factory):
             grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_the_example_script_trains(model_factory, swarm_factory):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = model_factory(**FAMILIES["gpt2"])
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, lr=1e-2)
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_custom.py"
+    result = subprocess.run([sys.executable, str(example), "--bootstrap", swarm.initial_peers[0], "--steps", "6",
+                             "--run", "test"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [p.service.executor.optimizer_step for p in swarm.peers] == [6, 6]

@@ -1,0 +1,80 @@
+"""Starting and stopping ``swarm`` CLI processes, as the demo and the benchmarks do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["ProcessGroup"]
+
+_START_TIMEOUT = 120.0
+
+
+class ProcessGroup:
+    """``swarm`` subprocesses (bootstrap, peers, trainer) with a log each; ``stop_all`` ends them all,
+    SIGTERM first so they leave the DHT cleanly, SIGKILL only after ``timeout``."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], *, log: bool = True) -> subprocess.Popen:
+        out = open(self.logdir / f"{name}.log", "w") if log else None
+        proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        self.procs.append((name, proc))
+        return proc
+
+    def wait_for_line(self, name: str, proc: subprocess.Popen, needle: str) -> str:
+        path = self.logdir / f"{name}.log"
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            for line in path.read_text(errors="replace").splitlines():
+                if needle in line:
+                    return line
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {path}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} did not print {needle!r} in {_START_TIMEOUT:.0f} s; see {path}")
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def start_swarm(self, model_dir: Path, *, num_stages: int, num_peers: int, state_dir: Path,
+                    lr: float | None = None, target_batch_size: int | None = None, threads: int = 1,
+                    on_peer=None) -> str:
+        """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
+        previous one has claimed its stage, so they spread over the stages). Returns the bootstrap's
+        multiaddr; ``on_peer(i, claim_line)`` is told of each claim."""
+        args = ["bootstrap", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
+                "--port", "0", "--state-dir", str(state_dir)] + (["--lr", str(lr)] if lr else [])
+        if target_batch_size:
+            args += ["--target-batch-size", str(target_batch_size)]
+        boot = self.start("bootstrap", args)
+        address = self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
+        for i in range(num_peers):
+            name = f"peer{i + 1}"
+            peer = self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads)])
+            claim = self.wait_for_line(name, peer, "claiming stage")
+            if on_peer is not None:
+                on_peer(i, claim.split("claiming", 1)[1].strip())
+        return address
+
+    def wait_serving(self, num_peers: int) -> None:
+        """Block until every peer has loaded its layers and announced itself online."""
+        for i in range(num_peers):
+            name = f"peer{i + 1}"
+            self.wait_for_line(name, dict(self.procs)[name], "serving stage")

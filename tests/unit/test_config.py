@@ -1,0 +1,51 @@
+"""One config tree: defaults < TOML < SWARM_* env < explicit overrides; broken input is named."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.config import load_settings
+from swarm.errors import ConfigError
+
+
+def test_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "swarm.toml"
+    config.write_text('run_id = "from-toml"\n[network]\nport = 1111\nhost = "10.0.0.1"\n[peer]\nthreads = 3\n')
+    monkeypatch.setenv("SWARM_NETWORK__PORT", "2222")
+    settings = load_settings(config, network={"host": "127.0.0.1", "port": None})
+    assert settings.run_id == "from-toml"
+    assert settings.network.port == 2222  # env beats TOML
+    assert settings.network.host == "127.0.0.1"  # a given flag beats both
+    assert settings.peer.threads == 3
+    assert settings.bootstrap.lr == 1e-4  # untouched default
+
+
+def test_swarm_toml_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    (tmp_path / "swarm.toml").write_text('[bootstrap]\nnum_stages = 5\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().bootstrap.num_stages == 5
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [
+        ("[network]\nport = 'high'\n", "network.port"),
+        ("[network]\nport = 70000\n", "network.port"),
+        ("[peer]\nthreads = 0\n", "peer.threads"),
+        ("[bootstrap]\ndtype = 'float64'\n", "bootstrap.dtype"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+        ("run_id = 'has spaces'\n", "run_id"),
+        ("this is [not toml", "cannot read config"),
+    ],
+)
+def test_broken_config_is_a_config_error_naming_the_field(tmp_path, toml, words):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match="") as caught:
+        load_settings(config)
+    assert words in str(caught.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
