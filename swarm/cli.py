@@ -201,7 +201,7 @@ def train_command(
 @app.command()
 def demo(
     steps: int = typer.Option(300, "--steps", min=1, help="training steps"),
-    peers: int = typer.Option(3, "--peers", min=1, max=8, help="peer processes (one stage each)"),
+    peers: int = typer.Option(3, "--peers", min=1, max=6, help="peer processes, one stage each (the demo model has 6 layers)"),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="keep the model and logs here"),
 ) -> None:
     """A local swarm on 127.0.0.1: bootstrap, peers and a trainer as separate processes."""
