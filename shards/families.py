@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 AttentionKind = Literal["full_attention", "sliding_attention"]
+SlidingRule = Literal["never", "all_if_configured", "per_layer_types"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,9 @@ class Family:
 
     Checkpoint names are handled in *canonical* form: GPT-2 checkpoints written by ``save_pretrained``
     prefix everything but the head with ``transformer.``, while the hub's own ``gpt2`` has no prefix;
-    ``canonical`` strips ``optional_prefix`` so both read the same.
+    ``canonical`` strips ``optional_prefix`` so both read the same. ``sliding`` mirrors how the
+    transformers model picks sliding-window masks: never, on every layer once ``config.sliding_window``
+    is set (Mistral), or per ``config.layer_types`` (Qwen2).
     """
 
     name: str
@@ -48,7 +52,7 @@ class Family:
     optional_prefix: str = ""
     norm_class_name: str | None = None
     rotary_class_name: str | None = None
-    sliding: Literal["never", "all_if_configured", "per_layer_types"] = "never"
+    sliding: SlidingRule = "never"
 
     @property
     def rotary(self) -> bool:
@@ -74,17 +78,17 @@ class Family:
 
     def build_block(self, config: PretrainedConfig, index: int) -> nn.Module:
         """Block ``index`` with the transformers class; call it under ``torch.device("meta")`` to skip init."""
-        return getattr(self._module(config), self.block_class_name)(config, layer_idx=index)
+        return getattr(self._module(), self.block_class_name)(config, layer_idx=index)
 
     def build_norm(self, config: PretrainedConfig) -> nn.Module:
         if self.norm_class_name is None:
             return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        return getattr(self._module(config), self.norm_class_name)(config.hidden_size, eps=config.rms_norm_eps)
+        return getattr(self._module(), self.norm_class_name)(config.hidden_size, eps=config.rms_norm_eps)
 
     def build_rotary(self, config: PretrainedConfig) -> nn.Module | None:
         if self.rotary_class_name is None:
             return None
-        return getattr(self._module(config), self.rotary_class_name)(config=config)
+        return getattr(self._module(), self.rotary_class_name)(config=config)
 
     def build_embeddings(self, config: PretrainedConfig) -> tuple[nn.Embedding, nn.Embedding | None]:
         """Token embeddings, and learned position embeddings where the family has them (GPT-2)."""
@@ -115,15 +119,15 @@ class Family:
         out = block(hidden, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def _module(self, config: PretrainedConfig):
+    def _module(self) -> ModuleType:
         return importlib.import_module(f"transformers.models.{self.name}.modeling_{self.name}")
 
 
-def _llama_style(name: str, prefix: str, sliding: str = "never") -> Family:
+def _llama_style(name: str, prefix: str, sliding: SlidingRule = "never") -> Family:
     return Family(
         name=name, block_class_name=f"{prefix}DecoderLayer", layer_prefix="model.layers.{i}.",
         embed_name="model.embed_tokens.weight", norm_prefix="model.norm.", norm_class_name=f"{prefix}RMSNorm",
-        rotary_class_name=f"{prefix}RotaryEmbedding", sliding=sliding,  # type: ignore[arg-type]
+        rotary_class_name=f"{prefix}RotaryEmbedding", sliding=sliding,
     )
 
 

@@ -38,7 +38,7 @@ def tiny_config(
     if family == "gpt2":
         config = GPT2Config(
             n_layer=num_layers, n_embd=hidden_size, n_head=num_heads, vocab_size=vocab_size,
-            n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
             tie_word_embeddings=True if tie_embeddings is None else tie_embeddings,
             bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
         )

@@ -1,54 +1,13 @@
-"""Pure decisions, as tables: cutting layers into stages, claiming a stage, planning a route."""
+"""Routing as a pure function, with tables (layer assignment tables are in test_shards_assignment)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 
 from dht.schemas import PeerRecord, PeerState
 from peers.routing import coverage, plan_route
-from shards.assignment import choose_stage, stage_boundaries
 from shards.types import LayerRange
 from swarm.errors import NoRoute
-
-
-@pytest.mark.parametrize(
-    "layers, stages, expected",
-    [
-        (6, 3, [(0, 2), (2, 4), (4, 6)]),
-        (7, 3, [(0, 3), (3, 5), (5, 7)]),
-        (4, 1, [(0, 4)]),
-        (3, 3, [(0, 1), (1, 2), (2, 3)]),
-        (80, 6, [(0, 14), (14, 28), (28, 41), (41, 54), (54, 67), (67, 80)]),
-    ],
-)
-def test_stage_boundaries(layers, stages, expected):
-    assert [(r.start, r.end) for r in stage_boundaries(layers, stages)] == expected
-
-
-@pytest.mark.parametrize("layers, stages, message", [(3, 4, "cannot cut 3 layers into 4"), (3, 0, "at least 1")])
-def test_stage_boundaries_refuses(layers, stages, message):
-    with pytest.raises(ValueError, match=message):
-        stage_boundaries(layers, stages)
-
-
-@pytest.mark.parametrize(
-    "cover, expected",
-    [([0, 0, 0], 0), ([1, 0, 1], 1), ([2, 1, 1], 1), ([1, 1, 0], 2), ([5], 0)],
-)
-def test_choose_stage_least_covered(cover, expected):
-    assert choose_stage(cover) == expected
-
-
-def test_choose_stage_breaks_ties_at_random_among_the_least_covered():
-    picks = {choose_stage([1, 0, 3, 0], rng=random.Random(seed)) for seed in range(50)}
-    assert picks == {1, 3}
-
-
-def test_choose_stage_refuses_no_stages():
-    with pytest.raises(ValueError, match="no stages"):
-        choose_stage([])
 
 
 STAGES = [LayerRange(start=0, end=2), LayerRange(start=2, end=4)]
