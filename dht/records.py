@@ -15,6 +15,8 @@ from typing import Sequence
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from multiaddr import Multiaddr
 from pydantic import ValidationError
 
 from dht.schemas import (
@@ -26,7 +28,7 @@ from dht.schemas import (
     stage_key,
 )
 from dht.validators import RunSchemaValidator
-from swarm.errors import NoRoute
+from swarm.errors import ConfigError, NoRoute, PeerUnavailable
 
 __all__ = ["SwarmDHT", "MANIFEST_TTL"]
 
@@ -57,7 +59,9 @@ class SwarmDHT:
         client_mode: bool = False,
     ) -> "SwarmDHT":
         """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up."""
-        signer = RSASignatureValidator()
+        # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
+        # process, as in tests, cannot sign each other's records either
+        signer = RSASignatureValidator(RSAPrivateKey())
         kwargs: dict = dict(
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -69,7 +73,14 @@ class SwarmDHT:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
         if identity_path is not None:
             kwargs["identity_path"] = str(identity_path)
-        return cls(hivemind.DHT(**kwargs), run_id, signer)
+        for peer in initial_peers:
+            _check_multiaddr(peer)
+        try:
+            dht = hivemind.DHT(**kwargs)
+        except Exception as e:  # a port in use, an unreachable initial peer, a daemon that won't start
+            where = f"/ip4/{host}/tcp/{port}"
+            raise PeerUnavailable(f"cannot start the DHT on {where}: {type(e).__name__}: {e}") from None
+        return cls(dht, run_id, signer)
 
     @property
     def peer_id(self) -> str:
@@ -157,6 +168,15 @@ class SwarmDHT:
         """Stop the DHT child process and its p2pd. Idempotent."""
         if self.dht.is_alive():
             self.dht.shutdown()
+
+
+def _check_multiaddr(address: str) -> None:
+    try:
+        parsed = Multiaddr(address)
+    except Exception as e:  # multiaddr raises several types for several kinds of garbage
+        raise ConfigError(f"{address!r} is not a multiaddr ({e}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+    if "/p2p/" not in str(parsed):
+        raise ConfigError(f"{address!r} lacks the peer id: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
 
 
 def _entries(found) -> list:

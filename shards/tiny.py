@@ -7,6 +7,7 @@ their size is different.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
@@ -59,25 +60,15 @@ def make_tiny_model(
     path: str | Path,
     family: str = "gpt2",
     *,
-    num_layers: int = 4,
-    hidden_size: int = 64,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    vocab_size: int = 256,
-    max_positions: int = 256,
-    tie_embeddings: bool | None = None,
-    sliding_window: int | None = None,
     max_shard_size: str | None = None,
     seed: int = 0,
+    **config_kwargs: Any,
 ) -> Path:
     """Build a randomly initialised tiny model (deterministic in ``seed``, leaving the caller's RNG
-    alone) and ``save_pretrained`` it as safetensors to ``path``, sharded if ``max_shard_size``."""
+    alone) and ``save_pretrained`` it as safetensors to ``path``, sharded if ``max_shard_size``.
+    ``config_kwargs`` are those of ``tiny_config``."""
     path = Path(path)
-    config = tiny_config(
-        family, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        vocab_size=vocab_size, max_positions=max_positions, tie_embeddings=tie_embeddings,
-        sliding_window=sliding_window,
-    )
+    config = tiny_config(family, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

@@ -218,6 +218,9 @@ def main() -> None:
     except SwarmError as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl+C outside the serving loops (joining, training): no traceback
+        console.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
         (["join"], "--bootstrap"),
         (["status"], "--bootstrap"),
         (["frobnicate"], "No such command"),
+        (["join", "--bootstrap", "not-a-multiaddr"], "'not-a-multiaddr' is not a multiaddr"),
+        (["status", "--bootstrap", "/ip4/127.0.0.1/tcp/9"], "lacks the peer id"),
         (["join", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x", "--config", "/no/such.toml"], "does not exist"),
     ],
 )
