@@ -28,18 +28,21 @@ from swarm.model import SwarmModelForCausalLM  # noqa: E402
 from swarm.procs import ProcessGroup  # noqa: E402
 
 
-def _timed_steps(model: torch.nn.Module, batches, steps: int, warmup: int) -> float:
-    """Seconds for ``steps`` AdamW steps after ``warmup`` untimed ones."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    started = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            started = time.perf_counter()
-        ids = next(batches)
-        model(ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+class _Trainer:
+    """One model with its AdamW and its data, timed a round of steps at a time."""
+
+    def __init__(self, model: torch.nn.Module, batches):
+        self.model, self.batches = model, batches
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def steps(self, count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            ids = next(self.batches)
+            self.model(ids, labels=ids).loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
 
 
 def main() -> None:
@@ -48,7 +51,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -58,29 +62,36 @@ def main() -> None:
     model_dir = make_tiny_model(root / "model", "gpt2", num_layers=args.layers, hidden_size=args.hidden,
                                 num_heads=max(1, args.hidden // 64), max_positions=max(args.seq, 128))
     corpus = stdlib_corpus()
-    tokens = args.steps * args.batch * args.seq
     print(f"model: GPT-2, {args.layers} layers, width {args.hidden}; batch {args.batch}x{args.seq}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up; torch threads {args.threads}")
-
-    local = AutoModelForCausalLM.from_pretrained(model_dir)
-    local_s = _timed_steps(local, random_batches(corpus, args.batch, args.seq, seed=1), args.steps, args.warmup)
-    del local
+          f"{args.rounds} rounds of {args.steps} steps each side, after {args.warmup} warm-up; "
+          f"torch threads {args.threads}")
 
     procs = ProcessGroup(root)
+    local_times, swarm_times = [], []
     try:
         address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
                                     target_batch_size=args.batch, threads=args.threads)
         procs.wait_serving(2)
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as remote:
-            swarm_s = _timed_steps(remote, random_batches(corpus, args.batch, args.seq, seed=1), args.steps,
-                                   args.warmup)
+            local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir),
+                             random_batches(corpus, args.batch, args.seq, seed=1))
+            swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1))
+            local.steps(args.warmup), swarm.steps(args.warmup)
+            # interleaved rounds, so that a noisy minute on a shared machine hits both sides alike
+            for _ in range(args.rounds):
+                local_times.append(local.steps(args.steps))
+                swarm_times.append(swarm.steps(args.steps))
     finally:
         procs.stop_all()
 
-    local_tps, swarm_tps = tokens / local_s, tokens / swarm_s
-    print(f"local:  {local_tps:10,.0f} tokens/s  ({local_s / args.steps * 1000:.0f} ms/step)")
-    print(f"swarm:  {swarm_tps:10,.0f} tokens/s  ({swarm_s / args.steps * 1000:.0f} ms/step, 2 peers on loopback)")
-    print(f"ratio swarm/local: {swarm_tps / local_tps:.2f}")
+    tokens = args.steps * args.batch * args.seq
+    ratios = sorted(lt / st for lt, st in zip(local_times, swarm_times))
+    for i, (lt, st) in enumerate(zip(local_times, swarm_times)):
+        print(f"round {i + 1}: local {tokens / lt:8,.0f} tok/s   swarm {tokens / st:8,.0f} tok/s   ratio {lt / st:.2f}")
+    local_s, swarm_s = sorted(local_times)[len(local_times) // 2], sorted(swarm_times)[len(swarm_times) // 2]
+    print(f"local:  {tokens / local_s:10,.0f} tokens/s  ({local_s / args.steps * 1000:.0f} ms/step, median round)")
+    print(f"swarm:  {tokens / swarm_s:10,.0f} tokens/s  ({swarm_s / args.steps * 1000:.0f} ms/step, 2 peers on loopback)")
+    print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds)")
 
 
 if __name__ == "__main__":

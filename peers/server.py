@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ class Peer:
         self._refresh_task: asyncio.Task | None = None
         self._closed = asyncio.Event()
         self._started = False
+        # every torch call of this peer runs on this one thread (see StageService)
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @property
     def peer_id(self) -> str:
@@ -83,13 +86,13 @@ class Peer:
         logger.info("claiming stage %d, layers %s of %s", stage, layers, self.manifest.model)
         await self._announce(PeerRecord(peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=layers,
                                         hardware=probe_hardware()))
-        module = await asyncio.to_thread(self._load, self.manifest, stage)
-        throughput = await asyncio.to_thread(measure_throughput, module, module.hidden_size)
+        module = await self._in_compute(self._load, self.manifest, stage)
+        throughput = await self._in_compute(measure_throughput, module, module.hidden_size)
         executor = StageExecutor(
             module, stage, layers, self.manifest.optimizer, self.manifest.target_batch_size,
             cache_size=self.settings.peer.cache_size,
         )
-        self.service = StageService(executor, self.peer_id, threads=self.settings.peer.threads)
+        self.service = StageService(executor, self.peer_id, worker=self._compute)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await self.service.register(self._transport)
         await self._announce(self.record.model_copy(update={
@@ -146,11 +149,15 @@ class Peer:
             with contextlib.suppress(Exception):
                 await self._transport.p2p.shutdown()
         if self.service is not None:
-            await asyncio.to_thread(self.service.shutdown)
+            self.service.shutdown()
+        await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
         self._closed.set()
         logger.info("peer stopped")
+
+    async def _in_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()

@@ -37,17 +37,18 @@ logger = logging.getLogger(__name__)
 class StageService:
     """Serves one stage's ``forward``/``backward``/``info`` over a transport."""
 
-    def __init__(self, executor: StageExecutor, peer_id: str, *, threads: int | None = None):
+    def __init__(self, executor: StageExecutor, peer_id: str, *, worker: ThreadPoolExecutor | None = None):
+        """``worker`` is the peer's one compute thread (the one that loaded the stage: torch keeps an
+        OpenMP thread team per calling thread, and a second team costs speed); a service made
+        without one owns a thread of its own."""
         self.executor = executor
         self.peer_id = peer_id
         self.requests_served = 0
         self.errors_replied = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{executor.stage}")
-        self._threads = threads
+        self._owns_worker = worker is None
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{executor.stage}")
 
     async def register(self, transport: Transport) -> None:
-        if self._threads:
-            await self._in_worker(torch.set_num_threads, self._threads)
         for method, handler in self.handlers().items():
             await transport.serve(method, handler)
 
@@ -114,4 +115,5 @@ class StageService:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def shutdown(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        if self._owns_worker:
+            self._worker.shutdown(wait=True, cancel_futures=True)
