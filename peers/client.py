@@ -34,9 +34,10 @@ StageInputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 class StageClient:
     """Calls ``forward`` / ``backward`` / ``info`` of stages over a ``Transport``.
 
-    A forward is retried (``attempts`` times, with backoff) when the peer is unreachable: running it
-    twice only replaces the cached graph. A backward is never blindly retried, since it accumulates
-    gradients; only a ``CacheMiss`` is answered by resending the forward's inputs once.
+    Calls are retried (``attempts`` times, with backoff) when the peer is unreachable. That is safe
+    for both: a second forward only replaces the cached graph, and a peer answers a backward whose
+    request id it has already applied with the same reply instead of accumulating it again. A
+    ``CacheMiss`` is answered by resending the forward's inputs.
     """
 
     def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5):
@@ -60,19 +61,9 @@ class StageClient:
             has_attention_mask=mask is not None, has_position_ids=positions is not None,
         )
         tensors = [t for t in (hidden, mask, positions) if t is not None]
-        for attempt in range(1, self.attempts + 1):
-            try:
-                reply, out = await self.transport.call(
-                    peer_id, FORWARD, request.model_dump(mode="json"), tensors, timeout=self.timeout
-                )
-                parse_reply(ForwardResponse, reply)
-                return _single(out, "forward")
-            except PeerUnavailable as e:
-                if attempt == self.attempts:
-                    raise
-                logger.warning("forward to stage %d, attempt %d/%d failed: %s", stage, attempt, self.attempts, e)
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")
+        reply, out = await self._call(peer_id, FORWARD, request, tensors)
+        parse_reply(ForwardResponse, reply)
+        return _single(out, "forward")
 
     async def backward(
         self,
@@ -99,17 +90,26 @@ class StageClient:
     async def _backward(
         self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor]
     ) -> tuple[torch.Tensor, BackwardResponse]:
-        reply, out = await self.transport.call(
-            peer_id, BACKWARD, request.model_dump(mode="json"), tensors, timeout=self.timeout
-        )
+        reply, out = await self._call(peer_id, BACKWARD, request, tensors)
         response = parse_reply(BackwardResponse, reply)
         return _single(out, "backward"), response
 
     async def info(self, peer_id: str) -> InfoResponse:
-        reply, _ = await self.transport.call(
-            peer_id, INFO, InfoRequest().model_dump(mode="json"), [], timeout=self.timeout
-        )
+        reply, _ = await self._call(peer_id, INFO, InfoRequest(), [])
         return parse_reply(InfoResponse, reply)
+
+    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor]):
+        message = request.model_dump(mode="json")
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self.transport.call(peer_id, method, message, tensors, timeout=self.timeout)
+            except PeerUnavailable as e:
+                if attempt == self.attempts:
+                    raise
+                logger.warning("%s to %s, attempt %d/%d failed: %s", method, peer_id[-8:], attempt,
+                               self.attempts, e)
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _single(tensors: list[torch.Tensor], what: str) -> torch.Tensor:

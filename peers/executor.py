@@ -79,6 +79,9 @@ class StageExecutor:
         self.optimizer_step = 0
         self.accumulated_samples = 0
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        # replies of recent backwards by request id: a retried backward gets the same reply and
+        # does not accumulate its gradient twice
+        self._done: OrderedDict[str, tuple[BackwardResponse, torch.Tensor]] = OrderedDict()
         self._cache_size, self._cache_ttl, self._max_tokens = cache_size, cache_ttl, max_tokens
 
     # -- validation -------------------------------------------------------------------------------
@@ -142,6 +145,9 @@ class StageExecutor:
         self, request: BackwardRequest, grad_output: torch.Tensor, inputs: ForwardInputs | None
     ) -> tuple[BackwardResponse, torch.Tensor]:
         started = time.perf_counter()
+        if request.request_id in self._done:
+            logger.info("backward %s was already applied; replaying its reply", request.request_id)
+            return self._done[request.request_id]
         cached = self._cache.pop(request.request_id, None)
         if cached is None:
             if inputs is None:
@@ -160,6 +166,9 @@ class StageExecutor:
             optimizer_step=self.optimizer_step,
             stepped=stepped,
         )
+        self._done[request.request_id] = (reply, grad_input.detach())
+        while len(self._done) > self._cache_size:
+            self._done.popitem(last=False)
         return reply, grad_input.detach()
 
     def _run(self, hidden: torch.Tensor, inputs: ForwardInputs) -> torch.Tensor:

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 

@@ -56,7 +56,7 @@ class P2PTransport:
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             try:
-                message, tensors = await _receive(requests, runtime_pb2.ExpertRequest)
+                message, tensors = await _receive(requests, BadRequest("empty request: no message frame"))
                 reply, out = await handler(message, tensors)
             except SwarmError as e:
                 reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
@@ -76,7 +76,9 @@ class P2PTransport:
             responses = await self.p2p.iterate_protobuf_handler(
                 PeerID.from_base58(peer_id), method, frames, runtime_pb2.ExpertResponse
             )
-            return await _receive(responses, runtime_pb2.ExpertResponse)
+            # a stream that ends before any frame means the connection broke, not a bad request
+            broken = PeerUnavailable(f"{method} on {peer_id[-8:]}: the stream closed without a reply")
+            return await _receive(responses, broken)
 
         try:
             return await asyncio.wait_for(_roundtrip(), timeout)
@@ -100,12 +102,15 @@ class InMemoryTransport:
     """A fake transport for unit tests: handlers of several 'peers' called directly in one loop.
 
     Messages go through msgpack and tensors are copied, as on the wire, so a handler cannot touch the
-    caller's autograd graph. ``fail[peer_id] = exception`` makes that peer's next calls raise it.
+    caller's autograd graph. Faults: ``fail[peer_id] = exception`` makes that peer's calls raise it
+    before they reach the handler; ``lose_replies[(peer_id, method)] = n`` runs the next ``n`` such
+    calls and then loses their replies (the caller sees ``PeerUnavailable``), as a broken connection would.
     """
 
     def __init__(self) -> None:
         self._handlers: dict[tuple[str, str], Handler] = {}
         self.fail: dict[str, Exception] = {}
+        self.lose_replies: dict[tuple[str, str], int] = {}
 
     def bind(self, peer_id: str) -> "_BoundInMemory":
         return _BoundInMemory(self, peer_id)
@@ -123,6 +128,9 @@ class InMemoryTransport:
             reply, out = await asyncio.wait_for(handler(decoded, [t.detach().clone() for t in tensors]), timeout)
         except SwarmError as e:
             reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
+        if self.lose_replies.get((peer_id, method), 0) > 0:
+            self.lose_replies[(peer_id, method)] -= 1
+            raise PeerUnavailable(f"{method} on {peer_id}: the stream closed without a reply")
         return msgpack.unpackb(msgpack.packb(reply)), [t.detach().clone() for t in out]
 
 
@@ -148,8 +156,9 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
     return frames
 
 
-async def _receive(frames: AsyncIterator, frame_type: type) -> tuple[Any, list[torch.Tensor]]:
-    """Reassemble (message, tensors) from a stream of frames; malformed input is a ``BadRequest``."""
+async def _receive(frames: AsyncIterator, if_empty: SwarmError) -> tuple[Any, list[torch.Tensor]]:
+    """Reassemble (message, tensors) from a stream of frames; malformed input is a ``BadRequest``,
+    a stream without any frame raises ``if_empty``."""
     metadata: bytes | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     received = 0
@@ -164,7 +173,7 @@ async def _receive(frames: AsyncIterator, frame_type: type) -> tuple[Any, list[t
                 groups.append([])
             groups[-1].append(part)
     if metadata is None:
-        raise BadRequest("empty request: no message frame")
+        raise if_empty
     try:
         message = msgpack.unpackb(metadata)
     except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...

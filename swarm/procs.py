@@ -50,6 +50,7 @@ class ProcessGroup:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in {timeout:.0f} s after SIGTERM: killing it", file=sys.stderr)
                 proc.kill()
                 proc.wait()
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from peers.client import StageClient
 from peers.executor import StageExecutor
+from peers.protocol import BACKWARD, FORWARD
 from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
@@ -108,3 +109,22 @@ def test_an_unreachable_peer_is_retried_then_reported(model_factory):
     hub.fail["peer1"] = PeerUnavailable("peer1 is gone")
     with pytest.raises(PeerUnavailable, match="peer1 is gone"):
         _step(pipeline, local, torch.randint(0, 256, (2, 6)))
+
+
+@pytest.mark.parametrize("lost_peer", ["peer0", "peer1"])
+def test_a_lost_reply_is_retried_without_applying_a_gradient_twice(model_factory, lost_peer):
+    """The call runs on the peer but its reply is lost: the retry must not accumulate again."""
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for lose in (0, 1):
+        pipeline, services, local, hub = _build(model_dir, 2, target_batch_size=1000)
+        pipeline.client.backoff = 0.0
+        hub.lose_replies[(lost_peer, FORWARD)] = lose
+        hub.lose_replies[(lost_peer, BACKWARD)] = lose
+        loss = _step(pipeline, local, ids)
+        grads[lose] = (loss, [p.grad.clone() for s in services for p in s.executor.module.parameters()])
+        assert all(s.executor.accumulated_samples == 2 for s in services)
+    assert grads[0][0] == grads[1][0]
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.equal(a, b)
