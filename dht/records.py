@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,20 @@ __all__ = ["SwarmDHT", "MANIFEST_TTL"]
 logger = logging.getLogger(__name__)
 
 MANIFEST_TTL = 600.0
+
+
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT child process, in a process group of its own.
+
+    Ctrl+C in a terminal signals the whole foreground process group. p2pd (started by this child)
+    exits on SIGINT whatever it inherits, and a DHT child whose p2pd died first never finishes its
+    shutdown: the parent stalls and the child is left orphaned (seen with `swarm bootstrap`). In
+    their own group (p2pd inherits it), only the parent gets Ctrl+C and it stops them in order.
+    """
+
+    def run(self) -> None:
+        os.setpgid(0, 0)
+        super().run()
 
 
 class SwarmDHT:
@@ -76,7 +91,7 @@ class SwarmDHT:
         for peer in initial_peers:
             _check_multiaddr(peer)
         try:
-            dht = hivemind.DHT(**kwargs)
+            dht = _DHTProcess(**kwargs)
         except Exception as e:  # a port in use, an unreachable initial peer, a daemon that won't start
             where = f"/ip4/{host}/tcp/{port}"
             raise PeerUnavailable(f"cannot start the DHT on {where}: {type(e).__name__}: {e}") from None

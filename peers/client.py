@@ -21,7 +21,7 @@ from peers.protocol import (
 )
 from peers.transport import Transport
 from shards.types import LayerRange
-from swarm.errors import CacheMiss, PeerUnavailable
+from swarm.errors import CacheMiss, PeerUnavailable, ProtocolMismatch
 
 __all__ = ["StageClient", "StageInputs"]
 
@@ -113,6 +113,6 @@ class StageClient:
 
 
 def _single(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
-    if len(tensors) != 1:
-        raise PeerUnavailable(f"{what} reply carried {len(tensors)} tensors instead of 1")
+    if len(tensors) != 1:  # the transport already checked the reply arrived whole: the peer is wrong
+        raise ProtocolMismatch(f"{what} reply carried {len(tensors)} tensors instead of 1")
     return tensors[0]

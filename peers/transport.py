@@ -56,7 +56,7 @@ class P2PTransport:
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             try:
-                message, tensors = await _receive(requests, BadRequest("empty request: no message frame"))
+                message, tensors = await _receive(requests, BadRequest)
                 reply, out = await handler(message, tensors)
             except SwarmError as e:
                 reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
@@ -76,9 +76,8 @@ class P2PTransport:
             responses = await self.p2p.iterate_protobuf_handler(
                 PeerID.from_base58(peer_id), method, frames, runtime_pb2.ExpertResponse
             )
-            # a stream that ends before any frame means the connection broke, not a bad request
-            broken = PeerUnavailable(f"{method} on {peer_id[-8:]}: the stream closed without a reply")
-            return await _receive(responses, broken)
+            # a reply cut short means the connection broke, not that the request was bad
+            return await _receive(responses, lambda why: PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}"))
 
         try:
             return await asyncio.wait_for(_roundtrip(), timeout)
@@ -148,17 +147,19 @@ class _BoundInMemory:
 
 
 def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> list:
-    """The message in the first frame, then every tensor as one or more serialized chunks."""
-    frames = [frame_type(metadata=msgpack.packb(message))]
+    """The envelope ``[message, number of tensors]`` in the first frame, then every tensor as one
+    or more serialized chunks (the first chunk of each says how many it has)."""
+    frames = [frame_type(metadata=msgpack.packb([message, len(tensors)]))]
     for tensor in tensors:
         serialized = serialize_torch_tensor(tensor.detach())
         frames.extend(frame_type(tensors=[part]) for part in split_for_streaming(serialized, CHUNK_BYTES))
     return frames
 
 
-async def _receive(frames: AsyncIterator, if_empty: SwarmError) -> tuple[Any, list[torch.Tensor]]:
-    """Reassemble (message, tensors) from a stream of frames; malformed input is a ``BadRequest``,
-    a stream without any frame raises ``if_empty``."""
+async def _receive(frames: AsyncIterator, broken: Callable[[str], SwarmError]) -> tuple[Any, list[torch.Tensor]]:
+    """Reassemble (message, tensors) from a stream of frames. Undecodable input is a ``BadRequest``;
+    a stream that ends before everything the envelope announced has arrived raises ``broken(why)``
+    (the connection closed early: a ``PeerUnavailable`` for a caller, who may retry)."""
     metadata: bytes | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     received = 0
@@ -173,11 +174,17 @@ async def _receive(frames: AsyncIterator, if_empty: SwarmError) -> tuple[Any, li
                 groups.append([])
             groups[-1].append(part)
     if metadata is None:
-        raise if_empty
+        raise broken("the stream closed before its first frame")
     try:
-        message = msgpack.unpackb(metadata)
+        envelope = msgpack.unpackb(metadata)
     except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...
         raise BadRequest(f"the message is not valid msgpack ({type(e).__name__})") from None
+    if not (isinstance(envelope, list) and len(envelope) == 2 and isinstance(envelope[1], int)):
+        raise BadRequest("the first frame must be [message, number of tensors]")
+    message, expected = envelope
+    complete = [group for group in groups if len(group) >= max(1, group[0].chunks)]
+    if len(groups) != expected or len(complete) != expected:
+        raise broken(f"the stream closed early: {len(complete)} of {expected} tensor(s) arrived whole")
     return message, [_deserialize(group, i) for i, group in enumerate(groups)]
 
 

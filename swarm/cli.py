@@ -69,6 +69,16 @@ def _run_until_signal(start: Callable[[asyncio.Event], Awaitable[None]]) -> None
     uvloop.run(main())
 
 
+def _interrupt_on_sigterm() -> None:
+    """Synchronous commands stop on SIGTERM as on Ctrl+C: through KeyboardInterrupt, so their
+    ``with`` blocks release the DHT process and p2pd instead of dying around them."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @app.command()
 def bootstrap(
     model: Optional[str] = typer.Option(None, "--model", help="HF hub id or local model directory"),
@@ -189,6 +199,7 @@ def train_command(
     """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
     from swarm.train import train
 
+    _interrupt_on_sigterm()
     settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:

@@ -16,7 +16,7 @@ _START_TIMEOUT = 120.0
 
 class ProcessGroup:
     """``swarm`` subprocesses (bootstrap, peers, trainer) with a log each; ``stop_all`` ends them all,
-    SIGTERM first so they leave the DHT cleanly, SIGKILL only after ``timeout``."""
+    SIGINT first so they leave the DHT cleanly, SIGKILL only after ``timeout``."""
 
     def __init__(self, logdir: Path):
         self.logdir = logdir
@@ -24,8 +24,11 @@ class ProcessGroup:
 
     def start(self, name: str, args: list[str], *, log: bool = True) -> subprocess.Popen:
         out = open(self.logdir / f"{name}.log", "w") if log else None
+        # a session of its own: Ctrl+C reaches only us, and we stop the children in order (trainer,
+        # peers, bootstrap) instead of all of them dying at once mid-call
         proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                                stdin=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)
         self.procs.append((name, proc))
         return proc
 
@@ -44,13 +47,13 @@ class ProcessGroup:
     def stop_all(self, timeout: float = 30.0) -> None:
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGINT)  # every swarm command treats it as "stop cleanly"
         deadline = time.monotonic() + timeout
         for name, proc in reversed(self.procs):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"{name} did not stop in {timeout:.0f} s after SIGTERM: killing it", file=sys.stderr)
+                print(f"{name} did not stop in {timeout:.0f} s after SIGINT: killing it", file=sys.stderr)
                 proc.kill()
                 proc.wait()
 

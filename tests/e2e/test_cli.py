@@ -20,8 +20,9 @@ ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
+    # its own process group, as a command started from a shell prompt has
     return subprocess.Popen(SWARM + args, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=ENV)
+                            stdin=subprocess.DEVNULL, env=ENV, start_new_session=True)
 
 
 def _wait_for(log: Path, proc: subprocess.Popen, needle: str, timeout: float = 90) -> str:
@@ -42,10 +43,16 @@ def _descendants(proc: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
-def _terminate(proc: subprocess.Popen, sig=signal.SIGTERM) -> tuple[int, list[psutil.Process]]:
-    """Signal a swarm process; return its exit code and any descendant still alive afterwards."""
+def _terminate(proc: subprocess.Popen, how: str = "SIGTERM") -> tuple[int, list[psutil.Process]]:
+    """Stop a swarm process with ``how``: "SIGTERM" (to the process, as a service manager does) or
+    "Ctrl+C" (SIGINT to its whole process group, as a terminal does). Return its exit code and any
+    descendant (DHT process, p2pd) still alive afterwards."""
     descendants = _descendants(proc)
-    proc.send_signal(sig)
+    assert descendants, "a running swarm process has its DHT process and p2pd below it"
+    if how == "Ctrl+C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=60)
     _, alive = psutil.wait_procs(descendants, timeout=10)
     for leftover in alive:
@@ -88,11 +95,11 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
                                timeout=120, env=ENV)
         assert table.returncode == 0 and "[0, 2)" in table.stdout and "online" in table.stdout
 
-        for sig, peer in zip((signal.SIGTERM, signal.SIGINT), peers):
-            code, leftovers = _terminate(peer, sig)
-            assert code == 0 and not leftovers, f"exit {code}, left {leftovers}"
-        code, leftovers = _terminate(boot)
-        assert code == 0 and not leftovers
+        for how, peer in zip(("SIGTERM", "Ctrl+C"), peers):
+            code, leftovers = _terminate(peer, how)
+            assert code == 0 and not leftovers, f"{how}: exit {code}, left {leftovers}"
+        code, leftovers = _terminate(boot, "Ctrl+C")
+        assert code == 0 and not leftovers, f"exit {code}, left {leftovers}"
 
         # the bootstrap keeps its identity and port: same multiaddr after a restart
         again = _start(boot_args[:-4] + ["--state-dir", str(state)], tmp_path / "boot2.log")

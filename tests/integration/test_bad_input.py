@@ -37,6 +37,14 @@ BAD_REQUESTS = [
 ]
 
 
+RAW_REQUESTS_EXPECTED = [
+    ("garbage-bytes", b"\xc1\xc1 not msgpack", "not valid msgpack"),
+    ("no-envelope", msgpack.packb({"stage": 0}), "must be [message, number of tensors]"),
+    ("truncated", msgpack.packb([_forward_message(), 1]), "0 of 1 tensor(s)"),
+]
+RAW_REQUESTS = [(name, metadata) for name, metadata, _ in RAW_REQUESTS_EXPECTED]
+
+
 def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(model_factory, swarm_factory):
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4)
     swarm = swarm_factory(model_dir, num_stages=2, num_peers=1)
@@ -54,12 +62,14 @@ def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(model_factory,
                     outcomes.append((name, None))
                 except SwarmError as e:
                     outcomes.append((name, e))
-            # not msgpack at all, sent frame by frame
-            frames = [runtime_pb2.ExpertRequest(metadata=b"\xc1\xc1 not msgpack")]
-            stream = await transport.p2p.iterate_protobuf_handler(
-                PeerID.from_base58(peer.peer_id), FORWARD, _aiter(frames), runtime_pb2.ExpertResponse)
-            raw = [frame async for frame in stream]
-            outcomes.append(("garbage-bytes", msgpack.unpackb(raw[0].metadata)))
+            # raw frames: not msgpack at all, no envelope, and a truncated request
+            for name, metadata in RAW_REQUESTS:
+                frames = [runtime_pb2.ExpertRequest(metadata=metadata)]
+                stream = await transport.p2p.iterate_protobuf_handler(
+                    PeerID.from_base58(peer.peer_id), FORWARD, _aiter(frames), runtime_pb2.ExpertResponse)
+                raw = [frame async for frame in stream]
+                reply, count = msgpack.unpackb(raw[0].metadata)
+                outcomes.append((name, (reply, count)))
             # and a valid request still works
             good = await StageClient(transport).forward(
                 peer.peer_id, 0, peer.record.layers, "ok1", (hidden, None, None), train=False)
@@ -73,8 +83,10 @@ def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(model_factory,
         error = outcomes[name]
         assert isinstance(error, error_type), f"{name}: got {error!r}"
         assert words in str(error), f"{name}: {error}"
-    assert outcomes["garbage-bytes"]["error"]["code"] == "BadRequest"
-    assert "msgpack" in outcomes["garbage-bytes"]["error"]["message"]
+    for name, _, words in RAW_REQUESTS_EXPECTED:
+        reply, count = outcomes[name]
+        assert count == 0 and reply["error"]["code"] == "BadRequest", name
+        assert words in reply["error"]["message"], reply
     expected = peer.service.executor.module(hidden)
     assert torch.allclose(outcomes["valid"], expected, atol=1e-6)
     # undecodable bytes are refused by the transport before they reach the service
