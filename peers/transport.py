@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.Tensor]]]]
 
 CHUNK_BYTES = 1 << 20
+FRAME_BYTES = 4 << 20
 MAX_REQUEST_BYTES = 1 << 30
 
 
@@ -147,12 +148,19 @@ class _BoundInMemory:
 
 
 def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> list:
-    """The envelope ``[message, number of tensors]`` in the first frame, then every tensor as one
-    or more serialized chunks (the first chunk of each says how many it has)."""
+    """The envelope ``[message, number of tensors]`` in the first frame, then the tensors as
+    serialized chunks (the first chunk of each says how many it has), packed into as few frames of
+    at most ``FRAME_BYTES`` as they fit in: a typical activation travels with its envelope in one
+    frame, which leaves a stream no moment at which it holds half a reply."""
     frames = [frame_type(metadata=msgpack.packb([message, len(tensors)]))]
+    size = 0
     for tensor in tensors:
-        serialized = serialize_torch_tensor(tensor.detach())
-        frames.extend(frame_type(tensors=[part]) for part in split_for_streaming(serialized, CHUNK_BYTES))
+        for part in split_for_streaming(serialize_torch_tensor(tensor.detach()), CHUNK_BYTES):
+            if size + len(part.buffer) > FRAME_BYTES and size > 0:
+                frames.append(frame_type())
+                size = 0
+            frames[-1].tensors.append(part)
+            size += len(part.buffer)
     return frames
 
 

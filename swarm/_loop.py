@@ -4,6 +4,7 @@ to await network calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any, Coroutine, TypeVar
 
@@ -26,11 +27,26 @@ class LoopThread:
         if not self._thread.is_alive():
             coro.close()
             raise RuntimeError("the swarm event loop has been stopped")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:  # Ctrl+C or a timeout in the caller: the coroutine must not run on
+            future.cancel()
+            raise
 
     def stop(self) -> None:
+        """Cancel whatever still runs on the loop, then stop it and join the thread."""
         if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_others(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
         if not self._thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -50,8 +50,12 @@ def _settings(config: Optional[Path], **overrides: Any) -> SwarmSettings:
 
 
 def _setup_logging(level: str) -> None:
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    else:  # a log file: one unwrapped line per record, so it can be grepped
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format=fmt, force=True)
     for name in ("swarm", "peers", "dht", "shards", "bootstrap", "delegation"):
         logging.getLogger(name).setLevel(level)
 

@@ -37,7 +37,7 @@ def run_demo(*, steps: int, num_peers: int, workdir: Path | None, console: Conso
         with console.status(f"starting the bootstrap and {num_peers} peers..."):
             address = procs.start_swarm(
                 model_dir, num_stages=num_peers, num_peers=num_peers, state_dir=root / "state", lr=DEMO_LR,
-                on_peer=lambda i, claim: console.print(f"peer {i + 1}: {claim.split(' of ')[0]}"),
+                on_peer=lambda i, claim: console.print(f"peer {i + 1}: {claim}"),
             )
         console.print(f"bootstrap up: [cyan]swarm join --bootstrap {address}[/]")
         result_path = root / "result.json"

@@ -45,13 +45,13 @@ class ProcessGroup:
         raise TimeoutError(f"{name} did not print {needle!r} in {_START_TIMEOUT:.0f} s; see {path}")
 
     def stop_all(self, timeout: float = 30.0) -> None:
-        for _, proc in reversed(self.procs):
+        """Newest first (trainer, then peers, then the bootstrap), each given ``timeout`` seconds to
+        leave after SIGINT, so nobody loses a peer in the middle of a call while stopping."""
+        for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # every swarm command treats it as "stop cleanly"
-        deadline = time.monotonic() + timeout
-        for name, proc in reversed(self.procs):
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 print(f"{name} did not stop in {timeout:.0f} s after SIGINT: killing it", file=sys.stderr)
                 proc.kill()
