@@ -171,23 +171,25 @@ def test_layers_beyond_the_model_are_refused(layers, total, model_factory):
         load_stage(str(model_dir), LayerRange(start=start, end=end))
 
 
-def test_missing_layer_tensor_is_a_clear_error(model_factory, tmp_path):
+def _llama_without(tensor: str, model_factory, tmp_path) -> Path:
+    """A copy of a tiny Llama whose checkpoint lacks ``tensor``."""
     model_dir = tmp_path / "broken"
     shutil.copytree(model_factory("llama", num_layers=2, hidden_size=32), model_dir)
     tensors = load_file(model_dir / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    del tensors[tensor]
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
+
+
+def test_missing_layer_tensor_is_a_clear_error(model_factory, tmp_path):
+    model_dir = _llama_without("model.layers.1.mlp.up_proj.weight", model_factory, tmp_path)
     load_stage(str(model_dir), LayerRange(start=0, end=1))
     with pytest.raises(ModelLoadError, match=r"layer 1 lacks tensors \['mlp.up_proj.weight'\]"):
         load_stage(str(model_dir), LayerRange(start=1, end=2))
 
 
 def test_missing_head_is_a_clear_error(model_factory, tmp_path):
-    model_dir = tmp_path / "headless"
-    shutil.copytree(model_factory("llama", num_layers=2, hidden_size=32), model_dir)
-    tensors = load_file(model_dir / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    model_dir = _llama_without("lm_head.weight", model_factory, tmp_path)
     with pytest.raises(ModelLoadError, match="lm_head.weight"):
         load_local_parts(str(model_dir))
 
