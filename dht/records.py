@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -39,17 +41,37 @@ MANIFEST_TTL = 600.0
 
 
 class _DHTProcess(hivemind.DHT):
-    """hivemind's DHT child process, in a process group of its own.
+    """hivemind's DHT child process, in a process group of its own that dies with its parent.
 
     Ctrl+C in a terminal signals the whole foreground process group. p2pd (started by this child)
     exits on SIGINT whatever it inherits, and a DHT child whose p2pd died first never finishes its
     shutdown: the parent stalls and the child is left orphaned (seen with `swarm bootstrap`). In
     their own group (p2pd inherits it), only the parent gets Ctrl+C and it stops them in order.
+
+    hivemind has no parent-death handling: a parent killed with SIGKILL left this child and p2pd
+    running. A watchdog thread here notices the parent is gone (this process was re-parented) within
+    a second and takes the whole group down, p2pd included; so does SIGTERM, which is also what
+    hivemind's own hard shutdown sends. (PR_SET_PDEATHSIG would fire when the *thread* that started
+    the child exits, and swarm starts DHTs from worker threads.)
     """
 
     def run(self) -> None:
         os.setpgid(0, 0)
+        signal.signal(signal.SIGTERM, _kill_own_group)
+        watchdog = threading.Thread(target=_watch_parent, args=(self._parent_pid,), name="parent-watchdog")
+        watchdog.daemon = True
+        watchdog.start()
         super().run()
+
+
+def _kill_own_group(*_: object) -> None:
+    os.killpg(0, signal.SIGKILL)
+
+
+def _watch_parent(parent_pid: int, period: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(period)
+    _kill_own_group()
 
 
 class SwarmDHT:

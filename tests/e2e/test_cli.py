@@ -143,3 +143,24 @@ def test_broken_config_file_is_named(tmp_path):
                             text=True, timeout=60, env=ENV, cwd=tmp_path)
     assert result.returncode == 2
     assert "network.port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_killed_swarm_process_takes_its_dht_process_and_p2pd_along(model_factory, tmp_path):
+    """SIGKILL gives the process no chance to clean up; the kernel ends its children for it."""
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    boot = _start(["bootstrap", "--model", str(model_dir), "--host", "127.0.0.1", "--state-dir",
+                   str(tmp_path / "state")], tmp_path / "boot.log")
+    try:
+        _wait_for(tmp_path / "boot.log", boot, "swarm join --bootstrap")
+        descendants = [p for p in _descendants(boot) if p.name() != "torch_shm_manager"]
+        assert {p.name() for p in descendants} >= {"p2pd"}, descendants
+        boot.kill()
+        boot.wait(timeout=10)
+        _, alive = psutil.wait_procs(descendants, timeout=15)
+        for leftover in alive:
+            leftover.kill()
+        assert not alive, f"orphans after SIGKILL: {alive}"
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()
