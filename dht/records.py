@@ -119,6 +119,14 @@ class SwarmDHT:
             raise PeerUnavailable(f"cannot start the DHT on {where}: {type(e).__name__}: {e}") from None
         return cls(dht, run_id, signer)
 
+    @classmethod
+    def create_client(cls, run_id: str, initial_peers: Sequence[str], *, host: str | None = None) -> "SwarmDHT":
+        """A client-mode node (trainers, ``swarm status``). Its p2p daemon listens on loopback when
+        every initial peer is on loopback (a local swarm, tests), else on all interfaces."""
+        if host is None:
+            host = "127.0.0.1" if all(p.startswith("/ip4/127.") for p in initial_peers) else "0.0.0.0"
+        return cls.create(run_id, initial_peers=initial_peers, host=host, client_mode=True)
+
     @property
     def peer_id(self) -> str:
         return self.dht.peer_id.to_base58()

@@ -176,8 +176,7 @@ def status(
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:
         raise SwarmError("status needs --bootstrap (the multiaddr the bootstrap printed)")
-    dht = SwarmDHT.create(settings.run_id, initial_peers=settings.network.initial_peers, host="127.0.0.1",
-                          client_mode=True)
+    dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
         report = asyncio.run(collect_status(dht))
     finally:

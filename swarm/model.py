@@ -83,16 +83,18 @@ class SwarmModelForCausalLM(nn.Module):
         microbatch_size: int | None = None,
         timeout: float = 120.0,
         route_wait: float = 120.0,
-        host: str = "127.0.0.1",
+        host: str | None = None,
     ) -> "SwarmModelForCausalLM":
         """Join the run's DHT as a client, check ``model`` against the run's manifest, and load only
-        the local parts. ``model`` defaults to the manifest's model (a hub id or a shared path)."""
+        the local parts. ``model`` defaults to the manifest's model (a hub id or a shared path).
+        ``host`` is where this client's p2p daemon listens: by default loopback when every initial
+        peer is on loopback (a local swarm, tests), else all interfaces."""
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         runner = LoopThread("swarm-trainer")
         dht = None
         try:
-            dht = SwarmDHT.create(run_id, initial_peers=initial_peers, host=host, client_mode=True)
+            dht = SwarmDHT.create_client(run_id, initial_peers, host=host)
             manifest = runner.run(dht.wait_manifest(timeout))
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
