@@ -11,8 +11,10 @@ from dht.schemas import (
     OptimizerSettings,
     PeerRecord,
     PeerState,
+    StoreRecord,
     manifest_key,
     stage_key,
+    store_key,
 )
 from dht.validators import RunSchemaValidator
 
@@ -28,7 +30,9 @@ __all__ = [
     "PeerRecord",
     "PeerState",
     "RunSchemaValidator",
+    "StoreRecord",
     "SwarmDHT",
     "manifest_key",
     "stage_key",
+    "store_key",
 ]

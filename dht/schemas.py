@@ -6,6 +6,8 @@ see docs/design.md):
 * ``{run}_manifest``: the run's ``Manifest``, written by the bootstrap (subkey = its owner key).
 * ``{run}_stage_{i}``: one ``PeerRecord`` per peer serving stage ``i`` (subkey = the peer's owner key,
   so only that peer can overwrite it), expiring ``RECORD_TTL`` seconds after it was written.
+* ``{run}_checkpoint_stores``: one ``StoreRecord`` per node keeping the run's checkpoints (the
+  bootstrap), so peers and trainers find where to upload and restore from.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ __all__ = [
     "PeerState",
     "HardwareSummary",
     "PeerRecord",
+    "StoreRecord",
     "manifest_key",
     "stage_key",
+    "store_key",
 ]
 
 PROTOCOL_VERSION = 1
@@ -113,6 +117,15 @@ class PeerRecord(FrozenModel):
     state: PeerState = PeerState.LOADING
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
     hardware: HardwareSummary = HardwareSummary()
+    step: int = Field(0, ge=0, description="optimizer steps the peer's stage has applied")
+
+
+class StoreRecord(FrozenModel):
+    """A node that keeps the latest checkpoint of every stage (``swarm.checkpoint.*`` RPCs)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    maddrs: list[str] = Field(default_factory=list, max_length=16)
 
 
 def manifest_key(run_id: str) -> str:
@@ -121,3 +134,7 @@ def manifest_key(run_id: str) -> str:
 
 def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}_stage_{stage}"
+
+
+def store_key(run_id: str) -> str:
+    return f"{run_id}_checkpoint_stores"

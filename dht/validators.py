@@ -13,7 +13,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel
 
-from dht.schemas import MAX_STAGES, Manifest, PeerRecord, manifest_key, stage_key
+from dht.schemas import MAX_STAGES, Manifest, PeerRecord, StoreRecord, manifest_key, stage_key, store_key
 
 __all__ = ["RunSchemaValidator"]
 
@@ -26,6 +26,7 @@ class RunSchemaValidator(RecordValidatorBase):
         self._models: dict[bytes, type[BaseModel]] = {_hashed(manifest_key(run_id)): Manifest}
         for stage in range(MAX_STAGES):
             self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
+        self._models[_hashed(store_key(run_id))] = StoreRecord
 
     def validate(self, record: DHTRecord) -> bool:
         model = self._models.get(record.key)

@@ -1,4 +1,4 @@
-"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.info``).
+"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.info``, ``.state``).
 
 A call carries one of these messages (msgpack of its JSON form) plus a list of tensors; the message
 says what the tensors are. Tensor order, fixed per message:
@@ -7,6 +7,8 @@ says what the tensors are. Tensor order, fixed per message:
   then position_ids[b, s] if ``has_position_ids``.  Reply: hidden_states[b, s, h].
 * BackwardRequest: grad_output[b, s, h], then (only if ``with_inputs``) the forward's tensors again,
   for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
+* StateRequest: no tensors.  Reply: one tensor per name of ``StateResponse.names``, in that order
+  (the stage's parameters and optimizer state, see ``peers.state``).
 
 A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError class>, "message": ...}}``.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from dht.schemas import PROTOCOL_VERSION, FrozenModel
+from peers.state import StateMeta
 from shards.types import LayerRange
 from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
 
@@ -31,6 +34,9 @@ __all__ = [
     "BackwardResponse",
     "InfoRequest",
     "InfoResponse",
+    "STATE",
+    "StateRequest",
+    "StateResponse",
     "parse_request",
     "ok_reply",
     "error_reply",
@@ -40,6 +46,7 @@ __all__ = [
 FORWARD = "swarm.stage.forward"
 BACKWARD = "swarm.stage.backward"
 INFO = "swarm.stage.info"
+STATE = "swarm.stage.state"
 
 
 class _Message(FrozenModel):
@@ -99,6 +106,19 @@ class InfoResponse(_Message):
     accumulated_samples: int
     requests_served: int
     errors_replied: int
+
+
+class StateRequest(_Message):
+    """Send this stage's current state: parameters and, with ``with_optimizer``, the AdamW state."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    with_optimizer: bool = True
+
+
+class StateResponse(_Message):
+    meta: StateMeta
+    names: list[str] = Field(description="the name of each tensor of the reply, in order")
 
 
 def parse_request(model: type[_Message], payload: Any) -> _Message:

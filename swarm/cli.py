@@ -209,7 +209,29 @@ def train_command(
         raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=settings.trainer.timeout, result_path=result_json,
-          console=Console())
+          console=Console(), checkpoint_every=settings.trainer.checkpoint_every)
+
+
+@app.command("export")
+def export_command(
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap"),
+    out: Path = typer.Option(..., "--out", help="directory to write config.json + model.safetensors to"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Gather the swarm's current weights into a Hugging Face checkpoint (AutoModelForCausalLM loads it)."""
+    from swarm.export import export_swarm
+
+    _interrupt_on_sigterm()
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
+                         network={"initial_peers": bootstrap_addr or None})
+    if not settings.network.initial_peers:
+        raise SwarmError("export needs --bootstrap (the multiaddr the bootstrap printed)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SwarmError(f"--out {out} exists and is not an empty directory")
+    export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
+                 console=Console())
 
 
 @app.command()

@@ -57,11 +57,14 @@ class PeerSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
     stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
+    checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")
 
 
 class TrainerSettings(_Section):
     microbatch_size: int | None = Field(None, ge=1)
     timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
+    checkpoint_every: int = Field(50, ge=1, description="steps between uploads of the local parts' weights")
 
 
 class SwarmSettings(BaseSettings):

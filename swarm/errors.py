@@ -3,7 +3,8 @@
     SwarmError                      anything swarm raises on purpose
     ├── ConfigError                 a setting, CLI argument or config file is wrong
     ├── ModelLoadError              a model cannot be resolved or read
-    │   └── UnsupportedArchitecture     config.json names a family swarm has no blocks for
+    │   ├── UnsupportedArchitecture     config.json names a family swarm has no blocks for
+    │   └── StateMismatch               a stage state or checkpoint does not fit this stage / run
     ├── BadRequest                  a peer was sent something malformed (shape, dtype, stage, payload)
     │   └── WrongStage                  the request names layers this peer does not hold
     ├── ProtocolMismatch            the other side speaks another protocol version
@@ -11,6 +12,7 @@
     ├── PeerUnavailable             a peer did not answer or is not in the DHT
     │   └── StageTimeout                a stage call ran past its deadline
     ├── NoRoute                     some stage has no live peer
+    ├── CheckpointMissing           no checkpoint of the requested part is stored
     ├── AuthRejected                credentials missing or wrong
     ├── CapacityExceeded            a peer is full
     └── DelegationRefused           a strong peer declined a delegation session
@@ -29,6 +31,8 @@ __all__ = [
     "ConfigError",
     "ModelLoadError",
     "UnsupportedArchitecture",
+    "StateMismatch",
+    "CheckpointMissing",
     "BadRequest",
     "WrongStage",
     "ProtocolMismatch",
@@ -61,6 +65,10 @@ class UnsupportedArchitecture(ModelLoadError):
     """config.json names a model family that swarm has no block wrapper for."""
 
 
+class StateMismatch(ModelLoadError):
+    """A stage state (from a replica or a checkpoint) belongs to another run, stage, layout or dtype."""
+
+
 class BadRequest(SwarmError):
     """A peer received a malformed request; the peer keeps serving others."""
 
@@ -87,6 +95,10 @@ class StageTimeout(PeerUnavailable):
 
 class NoRoute(SwarmError):
     """At least one stage has no live peer serving it."""
+
+
+class CheckpointMissing(SwarmError):
+    """A checkpoint store holds no checkpoint of the requested part (a stage, or a trainer's parts)."""
 
 
 class AuthRejected(SwarmError):
@@ -117,7 +129,7 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, PeerUnavailable, StageTimeout, NoRoute, AuthRejected,
-        CapacityExceeded, DelegationRefused,
+        CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing,
     )
 }
 

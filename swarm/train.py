@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from swarm.errors import SwarmError
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
 from swarm.model import SwarmModelForCausalLM
 
@@ -55,6 +56,7 @@ def train(
     timeout: float = 120.0,
     result_path: Path | None = None,
     console: Console | None = None,
+    checkpoint_every: int = 50,
 ) -> TrainResult:
     console = console or Console()
     torch.manual_seed(seed)
@@ -89,6 +91,8 @@ def train(
                     raise FloatingPointError(f"loss became {result.losses[-1]} at step {step}")
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}")
+                if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                    _upload_local_parts(model, step + 1)
         result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
         generated = model.generate(prompt, sample_tokens, temperature=0.8,
@@ -103,3 +107,11 @@ def train(
         result_path.write_text(json.dumps(asdict(result) | {"first_loss": result.first_loss,
                                                             "last_loss": result.last_loss}))
     return result
+
+
+def _upload_local_parts(model: SwarmModelForCausalLM, step: int) -> None:
+    """The embeddings and head live only here: keep a copy in the checkpoint store for ``swarm export``."""
+    try:
+        model.upload_local_state(step)
+    except SwarmError as e:  # the store being away must not stop training; the next upload retries
+        logger.warning("uploading the local parts at step %d failed: %s", step, e)
