@@ -60,6 +60,7 @@ def build_hf_model(config: PretrainedConfig, tensors: TensorMap, *, dtype: torch
     family = family_of(config)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # skipping the init also skips tying a tied head to its embedding
     model = model.to(dtype)
     used = set()
     with torch.no_grad():
