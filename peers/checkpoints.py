@@ -58,6 +58,16 @@ class Checkpointer:
                 logger.warning("checkpoint of stage %d failed: %s: %s", self.executor.stage, type(e).__name__, e)
                 self.last_step = self.executor.optimizer_step
 
+    async def final(self, timeout: float) -> None:
+        """On leaving: checkpoint the steps taken since the last checkpoint, so that a stage whose last
+        replica leaves in order loses nothing. Bounded by ``timeout``; a failure is only logged."""
+        if self.executor.optimizer_step <= self.last_step:
+            return
+        try:
+            await asyncio.wait_for(self.checkpoint(), timeout)
+        except Exception as e:  # TimeoutError, an unreachable store, a full disk: leave anyway
+            logger.warning("final checkpoint of stage %d failed: %s: %s", self.executor.stage, type(e).__name__, e)
+
     async def checkpoint(self) -> StateMeta:
         """Save the current state locally, then upload it where no store has it yet."""
         meta, tensors = await self._compute(self._capture)

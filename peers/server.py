@@ -23,12 +23,12 @@ from peers.checkpoint_files import CheckpointDir
 from peers.checkpoints import Checkpointer
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.recovery import adopt_state
-from peers.state import StateIdentity, part_name
-from peers.store_client import StoreClient
 from peers.hardware import measure_throughput, probe_hardware
+from peers.recovery import adopt_state
 from peers.routing import coverage
 from peers.service import StageService
+from peers.state import StateIdentity, part_name
+from peers.store_client import StoreClient
 from peers.transport import P2PTransport
 from shards.assignment import choose_stage
 from shards.source import resolve_model
@@ -175,8 +175,9 @@ class Peer:
             except Exception as e:  # a DHT hiccup must not stop serving; the next refresh retries
                 logger.warning("refreshing the DHT record failed: %s", e)
 
-    async def stop(self) -> None:
-        """Withdraw from the DHT and release everything. Safe to call more than once."""
+    async def stop(self, *, final_checkpoint: bool = True) -> None:
+        """Withdraw from the DHT and release everything. Safe to call more than once. With
+        ``final_checkpoint`` the steps since the last checkpoint are saved and uploaded first (bounded)."""
         if self._closed.is_set():
             return
         for task in (self._refresh_task, self._checkpoint_task):
@@ -184,6 +185,8 @@ class Peer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if final_checkpoint and self.checkpointer is not None:
+            await self.checkpointer.final(timeout=60.0)
         if self.dht is not None and self.record is not None:
             with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                 await asyncio.wait_for(self.dht.withdraw(self.record), 5)

@@ -26,8 +26,8 @@ from peers.client import StageClient
 from peers.state import LOCAL_PART, StateMeta, part_name
 from peers.store_client import StoreClient
 from peers.transport import P2PTransport
-from shards.families import family_of
 from shards.export import local_checkpoint_names, save_hf_checkpoint, stage_checkpoint_names
+from shards.families import family_of
 from shards.local import load_local_parts
 from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread

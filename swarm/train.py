@@ -17,8 +17,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from swarm.errors import SwarmError
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
+from swarm.errors import SwarmError
 from swarm.model import SwarmModelForCausalLM
 
 __all__ = ["TrainResult", "train"]

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from dht.schemas import PeerState
+from peers.client import StageClient
 from peers.server import Peer
 from peers.state import part_name
+from peers.transport import P2PTransport
 from shards.stage import load_stage
+from shards.types import LayerRange
+from swarm.errors import WrongStage
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +65,18 @@ def test_a_new_replica_starts_from_the_current_state(model_factory, swarm_factor
         assert torch.equal(copied[name], trained[name]), name
     _assert_same_optimizer_state(first, joined)
 
+    async def bad_then_good():  # over real P2P: a bad state request is refused, the peer keeps serving
+        client = StageClient(P2PTransport(await swarm.bootstrap.dht.dht.replicate_p2p()), attempts=1)
+        try:
+            with pytest.raises(WrongStage, match="not stage 0"):
+                await client.fetch_state(joined.peer_id, 0, LayerRange(start=0, end=1))
+            return await client.fetch_state(joined.peer_id, 1, joined.record.layers, with_optimizer=False)
+        finally:
+            await client.transport.p2p.shutdown()
+
+    meta, weights = swarm.loop.run(bad_then_good(), timeout=60)
+    assert meta.step == 3 and torch.equal(weights["param/blocks.0.ln_1.weight"], trained["blocks.0.ln_1.weight"])
+
 
 def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_factory, swarm_factory, caplog):
     model_dir = model_factory(**MODEL)
@@ -80,7 +96,7 @@ def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_fa
 
     gone = swarm.peers[1]
     assert gone.service.executor.optimizer_step == 5
-    swarm.loop.run(gone.stop(), timeout=60)
+    swarm.loop.run(gone.stop(final_checkpoint=False), timeout=60)  # as a crash: no goodbye checkpoint
     with caplog.at_level(logging.WARNING, logger="peers.recovery"):
         restored = swarm.add_peer(stage=1)
 
@@ -91,3 +107,11 @@ def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_fa
         assert torch.equal(param, saved[f"param/{name}"]), name
         assert torch.equal(executor.optimizer.state[param]["exp_avg"], saved[f"exp_avg/{name}"]), name
     assert any(not torch.equal(p, _params(gone)[n]) for n, p in _params(restored).items())  # step 5 was lost
+
+    # a last replica that leaves in order checkpoints its newest step first: nothing is lost
+    with swarm.client() as remote:
+        _train(remote, 1)
+    assert restored.service.executor.optimizer_step == 5
+    swarm.loop.run(restored.stop(), timeout=90)
+    assert store.latest_step(part_name(1)) == 5
+    assert swarm.add_peer(stage=1).record.step == 5
