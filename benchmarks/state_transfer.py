@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dht.records import SwarmDHT  # noqa: E402
 from peers.checkpoint_files import CheckpointDir  # noqa: E402
 from peers.client import StageClient  # noqa: E402
 from peers.transport import P2PTransport  # noqa: E402
@@ -67,8 +68,11 @@ def _measure(swarm: LocalSwarm, tmp: Path, rounds: int) -> None:
     files = CheckpointDir(tmp / "bench-checkpoints")
     write_s = _median_s(lambda: files.save(meta, tensors), rounds)
 
+    # a node of its own, as a joining replica has (see docs/design.md on replicated p2p handles)
+    dht = SwarmDHT.create_client(swarm.run_id, swarm.initial_peers)
+
     async def fetch_rounds() -> list[float]:
-        client = StageClient(P2PTransport(await swarm.bootstrap.dht.dht.replicate_p2p()), attempts=1)
+        client = StageClient(P2PTransport(await dht.dht.replicate_p2p()), attempts=1)
         times = []
         try:
             for _ in range(rounds):
@@ -79,7 +83,10 @@ def _measure(swarm: LocalSwarm, tmp: Path, rounds: int) -> None:
             await client.transport.p2p.shutdown()
         return times
 
-    fetch_s = statistics.median(swarm.loop.run(fetch_rounds(), timeout=600))
+    try:
+        fetch_s = statistics.median(swarm.loop.run(fetch_rounds(), timeout=600))
+    finally:
+        dht.shutdown()
     print(f"median of {rounds}:")
     print(f"  state copy on the compute thread  {copy_s * 1000:8.1f} ms  ({size_mb / copy_s:8.0f} MB/s)")
     print(f"  checkpoint files (safetensors)    {write_s * 1000:8.1f} ms  ({size_mb / write_s:8.0f} MB/s)")
