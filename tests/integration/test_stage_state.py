@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from dht.records import SwarmDHT
 from dht.schemas import PeerState
 from peers.client import StageClient
 from peers.server import Peer
@@ -65,8 +66,8 @@ def test_a_new_replica_starts_from_the_current_state(model_factory, swarm_factor
         assert torch.equal(copied[name], trained[name]), name
     _assert_same_optimizer_state(first, joined)
 
-    async def bad_then_good():  # over real P2P: a bad state request is refused, the peer keeps serving
-        client = StageClient(P2PTransport(await swarm.bootstrap.dht.dht.replicate_p2p()), attempts=1)
+    async def bad_then_good(dht: SwarmDHT):  # over real P2P: a bad state request is refused, the peer keeps serving
+        client = StageClient(P2PTransport(await dht.dht.replicate_p2p()), attempts=1)
         try:
             with pytest.raises(WrongStage, match="not stage 0"):
                 await client.fetch_state(joined.peer_id, 0, LayerRange(start=0, end=1))
@@ -74,7 +75,11 @@ def test_a_new_replica_starts_from_the_current_state(model_factory, swarm_factor
         finally:
             await client.transport.p2p.shutdown()
 
-    meta, weights = swarm.loop.run(bad_then_good(), timeout=60)
+    dht = SwarmDHT.create_client("test", swarm.initial_peers)
+    try:
+        meta, weights = swarm.loop.run(bad_then_good(dht), timeout=60)
+    finally:
+        dht.shutdown()
     assert meta.step == 3 and torch.equal(weights["param/blocks.0.ln_1.weight"], trained["blocks.0.ln_1.weight"])
 
 
