@@ -12,6 +12,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from bootstrap.checkpoints import CheckpointStore
 from dht.records import MANIFEST_TTL, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings
 from shards.assignment import stage_boundaries
@@ -58,6 +59,7 @@ class BootstrapNode:
         self.manifest: Manifest | None = None
         self._task: asyncio.Task | None = None
         self._stopped = False
+        self.checkpoints: CheckpointStore | None = None
 
     async def start(self) -> None:
         try:
@@ -75,6 +77,8 @@ class BootstrapNode:
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
+        self.checkpoints = CheckpointStore(self.state_dir / "checkpoint-store", self.manifest)
+        await self.checkpoints.start(self.dht)
 
     def _load_or_build_manifest(self) -> Manifest:
         path = self.state_dir / "manifest.json"
@@ -129,6 +133,8 @@ class BootstrapNode:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.checkpoints is not None:
+            await self.checkpoints.stop()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
 

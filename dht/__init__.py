@@ -11,9 +11,11 @@ from dht.schemas import (
     OptimizerSettings,
     PeerRecord,
     PeerState,
+    StoreRecord,
     TrainerRecord,
     manifest_key,
     stage_key,
+    store_key,
     trainers_key,
 )
 from dht.validators import RunSchemaValidator
@@ -30,9 +32,11 @@ __all__ = [
     "PeerRecord",
     "PeerState",
     "RunSchemaValidator",
+    "StoreRecord",
     "SwarmDHT",
     "TrainerRecord",
     "manifest_key",
     "stage_key",
+    "store_key",
     "trainers_key",
 ]

@@ -27,9 +27,11 @@ from dht.schemas import (
     Manifest,
     PeerRecord,
     PeerState,
+    StoreRecord,
     TrainerRecord,
     manifest_key,
     stage_key,
+    store_key,
     trainers_key,
 )
 from dht.validators import RunSchemaValidator
@@ -231,6 +233,24 @@ class SwarmDHT:
 
     async def all_records(self, num_stages: int) -> dict[int, list[PeerRecord]]:
         return {stage: await self.stage_records(stage) for stage in range(num_stages)}
+
+    async def announce_store(self, record: StoreRecord, ttl: float = MANIFEST_TTL) -> bool:
+        """Store (or refresh) this node's signed record as a checkpoint store of the run."""
+        return await self.dht.store(
+            store_key(self.run_id), record.model_dump(mode="json"), expiration_time=get_dht_time() + ttl,
+            subkey=self._subkey(), return_future=True,
+        )
+
+    async def stores(self) -> list[StoreRecord]:
+        """The run's live checkpoint stores (usually the bootstrap alone)."""
+        found = await self.dht.get(store_key(self.run_id), latest=True, return_future=True)
+        records = []
+        for entry in _entries(found):
+            try:
+                records.append(StoreRecord.model_validate(entry.value))
+            except ValidationError:
+                continue  # refused by the schema validator on store; a stale node may still hold one
+        return records
 
     def shutdown(self) -> None:
         """Stop the DHT child process and its p2pd. Idempotent."""

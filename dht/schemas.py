@@ -9,6 +9,8 @@ see docs/design.md):
 * ``{run}_trainers``: one ``TrainerRecord`` per trainer (subkey = its owner key): the collaborative
   step it works on and the sequences it has contributed to it. The run's step closes when the
   trainers' contributions to it reach the manifest's ``target_batch_size``.
+* ``{run}_checkpoint_stores``: one ``StoreRecord`` per node keeping the run's checkpoints (the
+  bootstrap), so peers and trainers find where to upload and restore from.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "manifest_key",
     "stage_key",
     "trainers_key",
+    "StoreRecord",
+    "store_key",
 ]
 
 PROTOCOL_VERSION = 2
@@ -118,6 +122,15 @@ class PeerRecord(FrozenModel):
     state: PeerState = PeerState.LOADING
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
     hardware: HardwareSummary = HardwareSummary()
+    step: int = Field(0, ge=0, description="optimizer steps the peer's stage has applied")
+
+
+class StoreRecord(FrozenModel):
+    """A node that keeps the latest checkpoint of every stage (``swarm.checkpoint.*`` RPCs)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    maddrs: list[str] = Field(default_factory=list, max_length=16)
 
 
 class TrainerRecord(FrozenModel):
@@ -152,3 +165,7 @@ def stage_key(run_id: str, stage: int) -> str:
 
 def trainers_key(run_id: str) -> str:
     return f"{run_id}_trainers"
+
+
+def store_key(run_id: str) -> str:
+    return f"{run_id}_checkpoint_stores"

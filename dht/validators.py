@@ -13,7 +13,17 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel
 
-from dht.schemas import MAX_STAGES, Manifest, PeerRecord, TrainerRecord, manifest_key, stage_key, trainers_key
+from dht.schemas import (
+    MAX_STAGES,
+    Manifest,
+    PeerRecord,
+    StoreRecord,
+    TrainerRecord,
+    manifest_key,
+    stage_key,
+    store_key,
+    trainers_key,
+)
 
 __all__ = ["RunSchemaValidator"]
 
@@ -29,6 +39,7 @@ class RunSchemaValidator(RecordValidatorBase):
         }
         for stage in range(MAX_STAGES):
             self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
+        self._models[_hashed(store_key(run_id))] = StoreRecord
 
     def validate(self, record: DHTRecord) -> bool:
         model = self._models.get(record.key)

@@ -5,7 +5,9 @@ Start a run and peers first (see the README), then:
     .venv/bin/python examples/train_custom.py --bootstrap /ip4/127.0.0.1/tcp/PORT/p2p/PEER_ID
 
 The embeddings and LM head are ordinary local parameters, so any optimizer and any loss work; the
-transformer layers run on the peers, which step their own AdamW every ``target_batch_size`` sequences.
+transformer layers run on the peers, which step their AdamW when the run's batch (``target_batch_size``
+sequences) is complete. With several trainers on one run, use ``model.create_optimizer()`` instead: it
+keeps the trainers' local parameters equal.
 """
 
 from __future__ import annotations

@@ -20,8 +20,12 @@ from peers.protocol import (
     InfoResponse,
     StepRequest,
     StepResponse,
+    STATE,
+    StateRequest,
+    StateResponse,
     parse_reply,
 )
+from peers.state import StateMeta
 from peers.transport import Transport
 from shards.types import LayerRange
 from swarm.errors import CacheMiss, PeerUnavailable, ProtocolMismatch
@@ -107,11 +111,27 @@ class StageClient:
         reply, _ = await self._call(peer_id, INFO, InfoRequest(), [])
         return parse_reply(InfoResponse, reply)
 
-    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor]):
+    async def fetch_state(
+        self, peer_id: str, stage: int, layers: LayerRange, *, with_optimizer: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[StateMeta, dict[str, torch.Tensor]]:
+        """Download a stage's current parameters (and optimizer state) from a peer serving it.
+        Retried like the other calls: a state request changes nothing on the peer."""
+        request = StateRequest(stage=stage, layers=layers, with_optimizer=with_optimizer)
+        reply, tensors = await self._call(peer_id, STATE, request, [], timeout=timeout or self.timeout,
+                                          max_reply_bytes=None)
+        response = parse_reply(StateResponse, reply)
+        if len(response.names) != len(tensors) or len(set(response.names)) != len(tensors):
+            raise ProtocolMismatch(f"state reply names {len(response.names)} tensors but carried {len(tensors)}")
+        return response.meta, dict(zip(response.names, tensors))
+
+    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], *,
+                    timeout: float | None = None, **options):
         message = request.model_dump(mode="json")
         for attempt in range(1, self.attempts + 1):
             try:
-                return await self.transport.call(peer_id, method, message, tensors, timeout=self.timeout)
+                return await self.transport.call(peer_id, method, message, tensors,
+                                                 timeout=timeout or self.timeout, **options)
             except PeerUnavailable as e:
                 if attempt == self.attempts:
                     raise

@@ -1,4 +1,4 @@
-"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.step``, ``.info``).
+"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.step``, ``.info``, ``.state``).
 
 A call carries one of these messages (msgpack of its JSON form) plus a list of tensors; the message
 says what the tensors are. Tensor order, fixed per message:
@@ -9,6 +9,8 @@ says what the tensors are. Tensor order, fixed per message:
   for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
 * StepRequest: no tensors. Applies the optimizer step that closes a collaborative step, after the
   replicas named in ``members`` have averaged their accumulated gradients.  Reply: no tensors.
+* StateRequest: no tensors.  Reply: one tensor per name of ``StateResponse.names``, in that order
+  (the stage's parameters and optimizer state, see ``peers.state``).
 
 A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError class>, "message": ...}}``.
 """
@@ -20,6 +22,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from dht.schemas import PROTOCOL_VERSION, FrozenModel
+from peers.state import StateMeta
 from shards.types import LayerRange
 from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
 
@@ -36,6 +39,9 @@ __all__ = [
     "StepResponse",
     "InfoRequest",
     "InfoResponse",
+    "STATE",
+    "StateRequest",
+    "StateResponse",
     "parse_request",
     "ok_reply",
     "error_reply",
@@ -46,6 +52,7 @@ FORWARD = "swarm.stage.forward"
 BACKWARD = "swarm.stage.backward"
 INFO = "swarm.stage.info"
 STEP = "swarm.stage.step"
+STATE = "swarm.stage.state"
 
 
 class _Message(FrozenModel):
@@ -126,6 +133,19 @@ class InfoResponse(_Message):
     accumulated_samples: int
     requests_served: int
     errors_replied: int
+
+
+class StateRequest(_Message):
+    """Send this stage's current state: parameters and, with ``with_optimizer``, the AdamW state."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    with_optimizer: bool = True
+
+
+class StateResponse(_Message):
+    meta: StateMeta
+    names: list[str] = Field(description="the name of each tensor of the reply, in order")
 
 
 def parse_request(model: type[_Message], payload: Any) -> _Message:

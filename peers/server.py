@@ -20,10 +20,16 @@ import torch
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
 from peers.averaging import HivemindGradientSync
+from peers.checkpoint_files import CheckpointDir
+from peers.checkpoints import Checkpointer
+from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
+from peers.recovery import adopt_state
 from peers.routing import coverage
 from peers.service import StageService
+from peers.state import StateIdentity, part_name
+from peers.store_client import StoreClient
 from peers.transport import P2PTransport
 from shards.assignment import choose_stage
 from shards.source import resolve_model
@@ -49,6 +55,8 @@ class Peer:
         self._transport: P2PTransport | None = None
         self._refresh_task: asyncio.Task | None = None
         self._sync: HivemindGradientSync | None = None
+        self._checkpoint_task: asyncio.Task | None = None
+        self.checkpointer: Checkpointer | None = None
         self._closed = asyncio.Event()
         self._started = False
         # every torch call of this peer runs on this one thread (see StageService)
@@ -97,12 +105,16 @@ class Peer:
             module, stage, layers, self.manifest.optimizer, cache_size=self.settings.peer.cache_size,
             sync=sync, averaging_timeout=self.settings.peer.averaging_timeout,
         )
-        self.service = StageService(executor, self.peer_id, worker=self._compute)
+        identity = StateIdentity(run_id=self.settings.run_id, config_hash=self.manifest.config_hash)
+        self.service = StageService(executor, self.peer_id, worker=self._compute, identity=identity)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        await self._adopt_state(executor, identity)
         await self.service.register(self._transport)
         await self._announce(self.record.model_copy(update={
-            "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware()}))
+            "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware(),
+            "step": executor.optimizer_step}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
+        self._start_checkpoints(executor, identity)
         logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, throughput)
 
     async def _choose_stage(self, manifest: Manifest) -> int:
@@ -125,6 +137,37 @@ class Peer:
             )
         return load_stage(source, manifest.stages[stage], dtype=getattr(torch, manifest.dtype))
 
+    def _checkpoint_dir(self, stage: int) -> CheckpointDir:
+        root = self.settings.state_dir.expanduser() / self.settings.run_id / "checkpoints" / part_name(stage)
+        return CheckpointDir(root, keep=self.settings.peer.checkpoint_keep)
+
+    def _store_client(self) -> StoreClient:
+        return StoreClient(self._transport, self.dht.stores)
+
+    async def _adopt_state(self, executor: StageExecutor, identity: StateIdentity) -> None:
+        """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
+        records = await self.dht.stage_records(executor.stage)
+        replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+        source = await adopt_state(
+            executor, identity, replicas=replicas, client=StageClient(self._transport),
+            store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=self._in_compute,
+        )
+        logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
+                    executor.optimizer_step, source)
+
+    def _start_checkpoints(self, executor: StageExecutor, identity: StateIdentity) -> None:
+        self.checkpointer = Checkpointer(
+            executor, identity, local=self._checkpoint_dir(executor.stage), store=self._store_client(),
+            every=self.settings.peer.checkpoint_every, compute=self._in_compute,
+        )
+        self._checkpoint_task = asyncio.create_task(self.checkpointer.run(), name="stage-checkpoints")
+
+    def _current_record(self) -> PeerRecord:
+        """The record with the stage's current optimizer step, so trainers can tell which step it is at."""
+        if self.service is not None and self.record.step != self.service.executor.optimizer_step:
+            self.record = self.record.model_copy(update={"step": self.service.executor.optimizer_step})
+        return self.record
+
     async def _announce(self, record: PeerRecord) -> None:
         self.record = record
         if not await self.dht.announce(record):
@@ -134,18 +177,22 @@ class Peer:
         while True:
             await asyncio.sleep(RECORD_REFRESH)
             try:
-                await self._announce(self.record)
+                await self._announce(self._current_record())
             except Exception as e:  # a DHT hiccup must not stop serving; the next refresh retries
                 logger.warning("refreshing the DHT record failed: %s", e)
 
-    async def stop(self) -> None:
-        """Withdraw from the DHT and release everything. Safe to call more than once."""
+    async def stop(self, *, final_checkpoint: bool = True) -> None:
+        """Withdraw from the DHT and release everything. Safe to call more than once. With
+        ``final_checkpoint`` the steps since the last checkpoint are saved and uploaded first (bounded)."""
         if self._closed.is_set():
             return
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh_task
+        for task in (self._refresh_task, self._checkpoint_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if final_checkpoint and self.checkpointer is not None:
+            await self.checkpointer.final(timeout=60.0)
         if self.dht is not None and self.record is not None:
             with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                 await asyncio.wait_for(self.dht.withdraw(self.record), 5)

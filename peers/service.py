@@ -24,10 +24,14 @@ from peers.protocol import (
     InfoRequest,
     InfoResponse,
     StepRequest,
+    STATE,
+    StateRequest,
+    StateResponse,
     error_reply,
     ok_reply,
     parse_request,
 )
+from peers.state import StateIdentity, capture_state
 from peers.transport import Handler, Transport
 from swarm.errors import BadRequest, SwarmError
 
@@ -39,11 +43,14 @@ logger = logging.getLogger(__name__)
 class StageService:
     """Serves one stage's ``forward``/``backward``/``step``/``info`` over a transport."""
 
-    def __init__(self, executor: StageExecutor, peer_id: str, *, worker: ThreadPoolExecutor | None = None):
+    def __init__(self, executor: StageExecutor, peer_id: str, *, worker: ThreadPoolExecutor | None = None,
+                 identity: StateIdentity | None = None):
         """``worker`` is the peer's one compute thread (the one that loaded the stage: torch keeps an
         OpenMP thread team per calling thread, and a second team costs speed); a service made
-        without one owns a thread of its own."""
+        without one owns a thread of its own. ``identity`` (run and config hash) labels the state
+        this service hands out over ``swarm.stage.state``; without it the state is not shared."""
         self.executor = executor
+        self.identity = identity
         self.peer_id = peer_id
         self.requests_served = 0
         self.errors_replied = 0
@@ -60,6 +67,7 @@ class StageService:
             BACKWARD: self._guarded(self.rpc_backward),
             STEP: self._guarded(self.rpc_step),
             INFO: self._guarded(self.rpc_info),
+            STATE: self._guarded(self.rpc_state),
         }
 
     async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
@@ -104,6 +112,23 @@ class StageService:
             errors_replied=self.errors_replied,
         )
         return ok_reply(reply), []
+
+    async def rpc_state(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(StateRequest, message)
+        self.executor.check_target(request.stage, request.layers)
+        if tensors:
+            raise BadRequest(f"a state request carries no tensors, got {len(tensors)}")
+        if self.identity is None:
+            raise BadRequest("this peer does not share its stage state")
+        meta, state = await self._in_worker(self._capture_state, request.with_optimizer)
+        names = list(state)
+        return ok_reply(StateResponse(meta=meta, names=names)), [state[name] for name in names]
+
+    def _capture_state(self, with_optimizer: bool):
+        executor = self.executor
+        return capture_state(executor.module, executor.optimizer if with_optimizer else None,
+                             identity=self.identity, step=executor.optimizer_step, stage=executor.stage,
+                             layers=executor.layers)
 
     def _guarded(self, rpc: Callable) -> Handler:
         async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:

@@ -35,10 +35,11 @@ class Transport(Protocol):
     """Send ``(message, tensors)`` to a peer's ``method`` and get ``(reply, tensors)`` back."""
 
     async def call(
-        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]: ...
 
-    async def serve(self, method: str, handler: Handler) -> None: ...
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None: ...
 
 
 class P2PTransport:
@@ -52,12 +53,14 @@ class P2PTransport:
         self.p2p = p2p
         self._served: list[str] = []
 
-    async def serve(self, method: str, handler: Handler) -> None:
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None:
+        """``max_request_bytes=None`` lifts the size ceiling (a stage state or checkpoint of any size)."""
+
         async def _stream_handler(
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             try:
-                message, tensors = await _receive(requests, BadRequest)
+                message, tensors = await _receive(requests, BadRequest, max_request_bytes)
                 reply, out = await handler(message, tensors)
             except SwarmError as e:
                 reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
@@ -70,7 +73,8 @@ class P2PTransport:
         self._served.append(method)
 
     async def call(
-        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
             frames = _aiter(_frames(message, tensors, runtime_pb2.ExpertRequest))
@@ -78,7 +82,8 @@ class P2PTransport:
                 PeerID.from_base58(peer_id), method, frames, runtime_pb2.ExpertResponse
             )
             # a reply cut short means the connection broke, not that the request was bad
-            return await _receive(responses, lambda why: PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}"))
+            return await _receive(responses, lambda why: PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}"),
+                                  max_reply_bytes)
 
         try:
             return await asyncio.wait_for(_roundtrip(), timeout)
@@ -116,7 +121,8 @@ class InMemoryTransport:
         return _BoundInMemory(self, peer_id)
 
     async def call(
-        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         if peer_id in self.fail:
             raise self.fail[peer_id]
@@ -142,7 +148,7 @@ class _BoundInMemory:
     def __init__(self, hub: InMemoryTransport, peer_id: str):
         self._hub, self.peer_id = hub, peer_id
 
-    async def serve(self, method: str, handler: Handler) -> None:
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None:
         self._hub._handlers[(self.peer_id, method)] = handler
 
     async def call(self, *args, **kwargs):
@@ -166,10 +172,13 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
     return frames
 
 
-async def _receive(frames: AsyncIterator, broken: Callable[[str], SwarmError]) -> tuple[Any, list[torch.Tensor]]:
+async def _receive(
+    frames: AsyncIterator, broken: Callable[[str], SwarmError], limit: int | None = MAX_REQUEST_BYTES
+) -> tuple[Any, list[torch.Tensor]]:
     """Reassemble (message, tensors) from a stream of frames. Undecodable input is a ``BadRequest``;
     a stream that ends before everything the envelope announced has arrived raises ``broken(why)``
-    (the connection closed early: a ``PeerUnavailable`` for a caller, who may retry)."""
+    (the connection closed early: a ``PeerUnavailable`` for a caller, who may retry). More than
+    ``limit`` bytes of tensors (None: no limit) is a ``BadRequest``."""
     metadata: bytes | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     received = 0
@@ -178,8 +187,8 @@ async def _receive(frames: AsyncIterator, broken: Callable[[str], SwarmError]) -
             metadata = frame.metadata
         for part in frame.tensors:
             received += len(part.buffer)
-            if received > MAX_REQUEST_BYTES:
-                raise BadRequest(f"request larger than {MAX_REQUEST_BYTES >> 20} MiB")
+            if limit is not None and received > limit:
+                raise BadRequest(f"request larger than {limit >> 20} MiB")
             if part.dtype or not groups:  # the first chunk of a tensor names its dtype
                 groups.append([])
             groups[-1].append(part)

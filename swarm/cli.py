@@ -126,6 +126,7 @@ def join(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
+    state_dir: Optional[Path] = StateOpt,
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -134,7 +135,7 @@ def join(
     from peers.server import Peer
 
     settings = _settings(
-        config, run_id=run, log_level=log_level,
+        config, run_id=run, state_dir=state_dir, log_level=log_level,
         network={"host": host, "port": port, "initial_peers": bootstrap_addr or None},
         peer={"stage": stage, "threads": threads},
     )
@@ -213,7 +214,30 @@ def train_command(
                          step_wait=trainer.step_wait)
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
-          microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console())
+          microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),
+          checkpoint_every=trainer.checkpoint_every)
+
+
+@app.command("export")
+def export_command(
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap"),
+    out: Path = typer.Option(..., "--out", help="directory to write config.json + model.safetensors to"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Gather the swarm's current weights into a Hugging Face checkpoint (AutoModelForCausalLM loads it)."""
+    from swarm.export import export_swarm
+
+    _interrupt_on_sigterm()
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
+                         network={"initial_peers": bootstrap_addr or None})
+    if not settings.network.initial_peers:
+        raise SwarmError("export needs --bootstrap (the multiaddr the bootstrap printed)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SwarmError(f"--out {out} exists and is not an empty directory")
+    export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
+                 console=Console())
 
 
 @app.command()

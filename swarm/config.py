@@ -58,6 +58,8 @@ class PeerSettings(_Section):
     stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
     averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
+    checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")
 
 
 class TrainerSettings(_Section):
@@ -66,6 +68,7 @@ class TrainerSettings(_Section):
     ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes")
     averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")
     step_wait: float = Field(60.0, ge=0, description="seconds to wait for other trainers to finish a step")
+    checkpoint_every: int = Field(50, ge=1, description="steps between uploads of the local parts' weights")
 
 
 class SwarmSettings(BaseSettings):

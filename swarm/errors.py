@@ -3,7 +3,8 @@
     SwarmError                      anything swarm raises on purpose
     ├── ConfigError                 a setting, CLI argument or config file is wrong
     ├── ModelLoadError              a model cannot be resolved or read
-    │   └── UnsupportedArchitecture     config.json names a family swarm has no blocks for
+    │   ├── UnsupportedArchitecture     config.json names a family swarm has no blocks for
+    │   └── StateMismatch               a stage state or checkpoint does not fit this stage / run
     ├── BadRequest                  a peer was sent something malformed (shape, dtype, stage, payload)
     │   └── WrongStage                  the request names layers this peer does not hold
     ├── ProtocolMismatch            the other side speaks another protocol version
@@ -13,6 +14,7 @@
     │   ├── StageTimeout                a stage call ran past its deadline
     │   └── AveragingFailed             replicas could not average a step with the expected group
     ├── NoRoute                     some stage has no live peer
+    ├── CheckpointMissing           no checkpoint of the requested part is stored
     ├── AuthRejected                credentials missing or wrong
     ├── CapacityExceeded            a peer is full
     └── DelegationRefused           a strong peer declined a delegation session
@@ -34,6 +36,8 @@ __all__ = [
     "ConfigError",
     "ModelLoadError",
     "UnsupportedArchitecture",
+    "StateMismatch",
+    "CheckpointMissing",
     "BadRequest",
     "WrongStage",
     "ProtocolMismatch",
@@ -69,6 +73,10 @@ class ModelLoadError(SwarmError):
 
 class UnsupportedArchitecture(ModelLoadError):
     """config.json names a model family that swarm has no block wrapper for."""
+
+
+class StateMismatch(ModelLoadError):
+    """A stage state (from a replica or a checkpoint) belongs to another run, stage, layout or dtype."""
 
 
 class BadRequest(SwarmError):
@@ -109,6 +117,10 @@ class NoRoute(SwarmError):
     """At least one stage has no live peer serving it."""
 
 
+class CheckpointMissing(SwarmError):
+    """A checkpoint store holds no checkpoint of the requested part (a stage, or a trainer's parts)."""
+
+
 class AuthRejected(SwarmError):
     """Credentials are missing, expired or wrong."""
 
@@ -136,8 +148,8 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     cls.__name__: cls
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
-        ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute, AuthRejected,
-        CapacityExceeded, DelegationRefused,
+        ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
+        AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing,
     )
 }
 

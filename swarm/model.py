@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -25,6 +26,8 @@ from dht.records import SwarmDHT
 from dht.schemas import Manifest
 from peers.averaging import HivemindGradientSync
 from peers.client import StageClient
+from peers.state import StateIdentity, StateMeta, capture_state
+from peers.store_client import StoreClient
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
 from shards.source import resolve_model
@@ -226,6 +229,41 @@ class SwarmModelForCausalLM(nn.Module):
         window = self.pipeline.policy.averaging_window
         return self._trainer_sync.sum(grads, step=step, members=trainers, me=self.trainer_id,
                                       scheduled_time=get_dht_time() + window, timeout=window + 30.0)
+    def local_state(self, step: int) -> tuple[StateMeta, dict[str, torch.Tensor]]:
+        """A copy of the local parts' weights (embeddings, final norm, head) as a state of ``step``."""
+        identity = StateIdentity(run_id=self.manifest.run_id, config_hash=self.manifest.config_hash)
+        return capture_state(self.local, None, identity=identity, step=step)
+
+    def upload_local_state(self, step: int) -> int:
+        """Send the local parts' weights to the run's checkpoint stores (the bootstrap), where
+        ``swarm export`` finds them: only trainers hold these parameters. Returns how many stores
+        took the upload (0 when they already held this step)."""
+        meta, tensors = self.local_state(step)
+        return self._runner.run(self._store().put(meta, tensors))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the whole model as a standard HF checkpoint (config.json + model.safetensors):
+        every stage's current weights from an online replica, the local parts from this trainer."""
+        from swarm.export import gather_stage, weights_of, write_checkpoint
+
+        dht, store = self._resource(SwarmDHT), self._store()
+        stages = []
+        for stage in range(self.manifest.num_stages):
+            records = self._runner.run(dht.stage_records(stage))
+            weights, where = self._runner.run(gather_stage(self.manifest, stage, records, self.pipeline.client, store))
+            logger.info("stage %d weights from %s", stage, where)
+            stages.append(weights)
+        source = resolve_model(self.manifest.model)
+        return write_checkpoint(self.manifest, source, stages, weights_of(*self.local_state(0)), Path(directory))
+
+    def _store(self) -> StoreClient:
+        return StoreClient(self._resource(P2PTransport), self._resource(SwarmDHT).stores)
+
+    def _resource(self, kind: type):
+        for resource in self._resources:
+            if isinstance(resource, kind):
+                return resource
+        raise RuntimeError("the model has been closed")
 
     def close(self) -> None:
         """Leave the swarm: stop the P2P client, the DHT process and the event loop. Idempotent."""

@@ -22,12 +22,12 @@ class ProcessGroup:
         self.logdir = logdir
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, args: list[str], *, log: bool = True) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], *, log: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.logdir / f"{name}.log", "w") if log else None
         # a session of its own: Ctrl+C reaches only us, and we stop the children in order (trainer,
         # peers, bootstrap) instead of all of them dying at once mid-call
         proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                                stdin=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}),
                                 start_new_session=True)
         self.procs.append((name, proc))
         return proc
@@ -70,12 +70,17 @@ class ProcessGroup:
         boot = self.start("bootstrap", args)
         address = self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
         for i in range(num_peers):
-            name = f"peer{i + 1}"
-            peer = self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads)])
-            claim = self.wait_for_line(name, peer, "claiming stage")
+            claim = self.start_peer(f"peer{i + 1}", address, state_dir, threads=threads)
             if on_peer is not None:
                 on_peer(i, claim.split("claiming", 1)[1].strip())
         return address
+
+    def start_peer(self, name: str, address: str, state_dir: Path, *, threads: int = 1) -> str:
+        """Start ``swarm join`` (its own state dir under ``state_dir``, as on its own machine) and
+        return the line saying which stage it claimed."""
+        peer = self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads),
+                                 "--state-dir", str(state_dir / name)])
+        return self.wait_for_line(name, peer, "claiming stage")
 
     def wait_serving(self, num_peers: int) -> None:
         """Block until every peer has loaded its layers and announced itself online."""

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
+from swarm.errors import SwarmError
 from swarm.model import SwarmModelForCausalLM
 from swarm.pipeline import FaultPolicy
 
@@ -59,6 +60,7 @@ def train(
     microbatch_size: int | None = None,
     result_path: Path | None = None,
     console: Console | None = None,
+    checkpoint_every: int = 50,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
     watches the run (the demo, the churn test) sees how far it got."""
@@ -98,6 +100,8 @@ def train(
                     _write_result(result_path, result)
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
+                if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                    _upload_local_parts(model, model.step)
         result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
         generated = model.generate(prompt, sample_tokens, temperature=0.8,
@@ -118,3 +122,11 @@ def _write_result(path: Path, result: TrainResult) -> None:
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(asdict(result) | {"first_loss": result.first_loss, "last_loss": result.last_loss}))
     partial.replace(path)
+
+
+def _upload_local_parts(model: SwarmModelForCausalLM, step: int) -> None:
+    """The embeddings and head live only here: keep a copy in the checkpoint store for ``swarm export``."""
+    try:
+        model.upload_local_state(step)
+    except SwarmError as e:  # the store being away must not stop training; the next upload retries
+        logger.warning("uploading the local parts at step %d failed: %s", step, e)

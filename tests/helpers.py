@@ -18,10 +18,12 @@ class LocalSwarm:
     driven from a background event loop. Peers claim stages by themselves unless ``pin_stages``."""
 
     def __init__(self, model_dir: Path, *, state_dir: Path, num_stages: int = 3, num_peers: int = 3,
-                 run_id: str = "test", pin_stages: bool = True, **bootstrap: object):
+                 run_id: str = "test", pin_stages: bool = True, peer_settings: dict | None = None,
+                 **bootstrap: object):
         self.model_dir, self.state_dir = model_dir, state_dir
         self.num_stages, self.num_peers, self.run_id = num_stages, num_peers, run_id
         self.pin_stages = pin_stages
+        self.peer_settings = peer_settings or {}
         self.bootstrap_overrides = bootstrap
         self.loop = LoopThread("test-swarm")
         self.bootstrap: BootstrapNode | None = None
@@ -37,10 +39,12 @@ class LocalSwarm:
         for i in range(self.num_peers):
             self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
 
-    def add_peer(self, stage: int | None = None) -> Peer:
+    def add_peer(self, stage: int | None = None, **peer: object) -> Peer:
+        """Each peer has a state dir of its own (``peer<n>``), as on separate machines."""
         settings = load_settings(
             run_id=self.run_id, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
-            peer={"stage": stage, "threads": 1},
+            state_dir=self.state_dir / f"peer{len(self.peers)}",
+            peer={"stage": stage, "threads": 1, **self.peer_settings, **peer},
         )
         peer = Peer(settings)
         self.peers.append(peer)

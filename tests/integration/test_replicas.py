@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dht.schemas import PeerState
 from swarm.pipeline import FaultPolicy
 
 pytestmark = pytest.mark.slow
@@ -105,3 +106,26 @@ def test_two_trainers_train_the_same_swarm_data_parallel(model_factory, swarm_fa
         assert sorted(r.step for r in records if r.online) == [steps, steps]
     for index in (0, 1):
         assert losses[index][-1] < losses[index][0], losses[index]
+
+
+def test_a_new_replica_joins_a_running_stage_at_its_current_step(model_factory, swarm_factory):
+    """A replica that joins mid-run takes part in the next step with the state of the others."""
+    model_dir = model_factory(**MODEL)
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=4, lr=1e-2)
+    with swarm.client(policy=POLICY) as model:
+        optimizer = model.create_optimizer()
+        for step in range(2):
+            ids = _batch(step)
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        newcomer = swarm.add_peer(stage=1)
+        old = next(p for p in swarm.peers if p.record.stage == 1 and p is not newcomer)
+        assert newcomer.record.state == PeerState.ONLINE
+        assert newcomer.service.executor.optimizer_step == old.service.executor.optimizer_step == 2
+        assert _max_diff(newcomer.service.executor.module, old.service.executor.module) <= 1e-5
+        ids = _batch(7)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        assert newcomer.service.executor.optimizer_step == old.service.executor.optimizer_step == 3
+        assert _max_diff(newcomer.service.executor.module, old.service.executor.module) <= 1e-5

@@ -49,3 +49,14 @@ def test_broken_config_is_a_config_error_naming_the_field(tmp_path, toml, words)
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_checkpoint_settings_come_from_toml_and_env(tmp_path, monkeypatch):
+    config = tmp_path / "swarm.toml"
+    config.write_text("[peer]\ncheckpoint_every = 10\n[trainer]\ncheckpoint_every = 7\n")
+    monkeypatch.setenv("SWARM_PEER__CHECKPOINT_KEEP", "3")
+    settings = load_settings(config)
+    assert (settings.peer.checkpoint_every, settings.peer.checkpoint_keep, settings.trainer.checkpoint_every) == (10, 3, 7)
+    monkeypatch.setenv("SWARM_PEER__CHECKPOINT_EVERY", "0")
+    with pytest.raises(ConfigError, match="peer.checkpoint_every"):
+        load_settings(config)

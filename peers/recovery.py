@@ -1,0 +1,137 @@
+"""Where a joining peer's stage state comes from, so that it never serves stale weights.
+
+1. Another replica serves the stage: download its current parameters and AdamW state
+   (``swarm.stage.state``), trying the next replica on failure (bounded), and check with ``info``
+   that the replica has not stepped meanwhile (re-download, bounded, if it has).
+2. No replica is online: restore the newest checkpoint of the stage, from a checkpoint store (the
+   bootstrap) or from this machine's own state dir, whichever holds the newer step.
+3. No checkpoint at all: the weights read from the model files are the state (a new run).
+
+If replicas are online but none of them hands its state over, the peer refuses to start rather than
+serve the model files' weights beside replicas that have trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Literal
+
+import torch
+
+from peers.checkpoint_files import CheckpointDir
+from peers.client import StageClient
+from peers.executor import StageExecutor
+from peers.state import StateIdentity, StateMeta, apply_state, part_name
+from peers.store_client import StoreClient
+from swarm.errors import PeerUnavailable, StateMismatch, SwarmError
+
+__all__ = ["Restore", "choose_restore", "adopt_state"]
+
+logger = logging.getLogger(__name__)
+
+Compute = Callable[..., Awaitable]
+"""Runs ``fn(*args)`` on the peer's compute thread (``Peer._in_compute``)."""
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Which checkpoint to restore: from the local state dir, or from the store ``store_id``."""
+
+    source: Literal["local", "store"]
+    step: int
+    store_id: str | None = None
+
+
+def choose_restore(local: StateMeta | None, store: tuple[str, int] | None, identity: StateIdentity,
+                   stage: int) -> Restore | None:
+    """The newer of the local checkpoint (only if it is of this run, model and stage) and the
+    store's; the local one on a tie, as it needs no download. None when there is neither."""
+    usable = local is not None and local.identity == identity and local.stage == stage
+    local_step = local.step if usable else None
+    if store is not None and (local_step is None or store[1] > local_step):
+        return Restore("store", store[1], store[0])
+    return Restore("local", local_step) if local_step is not None else None
+
+
+async def adopt_state(
+    executor: StageExecutor,
+    identity: StateIdentity,
+    *,
+    replicas: list[str],
+    client: StageClient,
+    store: StoreClient | None,
+    local: CheckpointDir | None,
+    compute: Compute,
+    attempts: int = 3,
+) -> str:
+    """Bring ``executor`` to the stage's current state; returns where it came from, for the log."""
+    if replicas:
+        return await _from_replicas(executor, identity, replicas, client, compute, attempts)
+    restore = await _pick_checkpoint(executor.stage, identity, store, local)
+    if restore is None:
+        logger.info("stage %d has no replica and no checkpoint: starting from the model files", executor.stage)
+        return "model files"
+    if restore.source == "store":
+        meta, tensors = await store.get(part_name(executor.stage), restore.store_id)
+        where = f"checkpoint store {restore.store_id[-8:]}"
+    else:
+        meta, tensors = local.load(restore.step)
+        where = f"local checkpoint {local.root}"
+    await compute(_apply, executor, identity, meta, tensors)
+    logger.warning("RESTORED stage %d (layers %s) from the %s at optimizer step %d: every replica of it was "
+                   "gone", executor.stage, executor.layers, where, meta.step)
+    return f"{where}, step {meta.step}"
+
+
+async def _from_replicas(executor: StageExecutor, identity: StateIdentity, replicas: list[str],
+                         client: StageClient, compute: Compute, attempts: int) -> str:
+    order = random.sample(replicas, len(replicas))[:attempts]
+    for peer_id in order:
+        try:
+            step = await _download(executor, identity, peer_id, client, compute, attempts)
+        except SwarmError as e:
+            logger.warning("downloading stage %d's state from %s failed: %s: %s", executor.stage, peer_id[-8:],
+                           type(e).__name__, e)
+            continue
+        logger.info("stage %d: took the current state (optimizer step %d) from replica %s", executor.stage, step,
+                    peer_id[-8:])
+        return f"replica {peer_id[-8:]}, step {step}"
+    raise PeerUnavailable(f"stage {executor.stage} is served by {len(replicas)} replica(s), but none of {len(order)} "
+                          "tried handed over its state; refusing to serve stale weights")
+
+
+async def _download(executor: StageExecutor, identity: StateIdentity, peer_id: str, client: StageClient,
+                    compute: Compute, rounds: int) -> int:
+    """Fetch and load the replica's state until its step still matches afterwards (bounded)."""
+    for _ in range(rounds):
+        meta, tensors = await client.fetch_state(peer_id, executor.stage, executor.layers)
+        await compute(_apply, executor, identity, meta, tensors)
+        now = (await client.info(peer_id)).optimizer_step
+        if now == meta.step:
+            return meta.step
+        logger.info("replica %s stepped from %d to %d during the download; fetching again", peer_id[-8:],
+                    meta.step, now)
+    logger.warning("replica %s keeps stepping; serving its state of step %d", peer_id[-8:], meta.step)
+    return meta.step
+
+
+async def _pick_checkpoint(stage: int, identity: StateIdentity, store: StoreClient | None,
+                           local: CheckpointDir | None) -> Restore | None:
+    in_store = None
+    if store is not None:
+        try:
+            in_store = await store.latest(part_name(stage))
+        except SwarmError as e:  # no reachable store: the local checkpoint (if any) still counts
+            logger.warning("cannot ask the checkpoint stores about stage %d: %s", stage, e)
+    in_local = local.latest() if local is not None else None
+    return choose_restore(in_local, in_store, identity, stage)
+
+
+def _apply(executor: StageExecutor, identity: StateIdentity, meta: StateMeta, tensors: dict[str, torch.Tensor]) -> None:
+    if meta.stage != executor.stage:
+        raise StateMismatch(f"asked for stage {executor.stage}, got a state of {meta.part}")
+    apply_state(executor.module, executor.optimizer, meta, tensors, identity=identity, stage=executor.stage,
+                layers=executor.layers)
+    executor.optimizer_step = meta.step
