@@ -1,5 +1,10 @@
 """``BootstrapNode``: the run's first contact. Publishes the manifest and keeps a stable address.
 
+It also owns the run's durable state (``bootstrap.state.StateDB``, ``state.db`` in the state dir):
+it publishes the run state that ``swarm run pause|resume|stop`` set there (polled every second), and
+every ``bootstrap.metrics_interval`` seconds folds the trainers' and peers' metrics reports from the
+DHT into the metrics history, the step counter and the contribution tallies.
+
 Its libp2p identity and its port are kept in the state dir, so after a restart it has the same
 multiaddr and the peers' ``--bootstrap`` lines stay valid; the manifest is kept there too, so a
 restarted bootstrap republishes the same run rather than starting a new one.
@@ -12,6 +17,11 @@ import contextlib
 import logging
 from pathlib import Path
 
+from hivemind.utils import get_dht_time
+
+from bootstrap.metrics import summarize
+from bootstrap.state import StateDB
+from dht.control import CONTROL_TTL, RunControl, RunState, get_metrics, publish_control
 from dht.records import MANIFEST_TTL, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings
 from shards.assignment import stage_boundaries
@@ -57,13 +67,18 @@ class BootstrapNode:
         self.dht: SwarmDHT | None = None
         self.manifest: Manifest | None = None
         self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._stopped = False
+        self.db: StateDB | None = None
+        self.control: RunControl | None = None
+        self._peers_seen: set[str] = set()
 
     async def start(self) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create state dir {self.state_dir}: {e.strerror}") from None
+        self.db = StateDB(self.state_dir / "state.db")  # first: a corrupt state stops us before the DHT
         self.manifest = self._load_or_build_manifest()
         net = self.settings.network
         port = net.port or self._saved_port()
@@ -75,6 +90,12 @@ class BootstrapNode:
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
+        await self._publish_control(self.db.run_state())
+        self._tasks = [
+            asyncio.create_task(self._control_forever(), name="run-control"),
+            asyncio.create_task(self._collect_forever(), name="metrics-collect"),
+        ]
+        self.db.audit("bootstrap", "bootstrap.start", f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}")
 
     def _load_or_build_manifest(self) -> Manifest:
         path = self.state_dir / "manifest.json"
@@ -113,6 +134,55 @@ class BootstrapNode:
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
                 logger.warning("republishing the manifest failed: %s", e)
 
+    async def _publish_control(self, state: str) -> None:
+        self.control = RunControl(state=RunState(state), changed_at=get_dht_time())
+        if not await publish_control(self.dht, self.control):
+            logger.warning("the run state was not stored in the DHT; retrying in a second")
+            self.control = None
+
+    async def _control_forever(self, period: float = 1.0) -> None:
+        """Publish the run state when ``state.db`` changes it (the CLI, the dashboard), and refresh
+        it well before it expires."""
+        last_publish = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                state = await asyncio.to_thread(self.db.run_state)
+                stale = asyncio.get_running_loop().time() - last_publish > CONTROL_TTL / 4
+                if self.control is None or self.control.state.value != state or stale:
+                    if self.control is not None and self.control.state.value != state:
+                        logger.info("run state: %s", state)
+                    await self._publish_control(state)
+                    last_publish = asyncio.get_running_loop().time()
+            except Exception as e:  # the DHT or the database is briefly busy: the next second retries
+                logger.warning("publishing the run state failed: %s", e)
+
+    async def _collect_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.bootstrap.metrics_interval)
+            try:
+                await self.collect_once()
+            except Exception as e:  # a DHT hiccup loses one round of history, not the bootstrap
+                logger.warning("collecting metrics failed: %s", e)
+
+    async def collect_once(self) -> bool:
+        """One round: metrics reports from the DHT into ``state.db``; joins and leaves audited."""
+        reports = await get_metrics(self.dht)
+        peers = {r.peer_id for r in reports if r.role == "peer"}
+        for peer_id in sorted(peers - self._peers_seen):
+            await asyncio.to_thread(self.db.audit, peer_id, "peer.join", "")
+        for peer_id in sorted(self._peers_seen - peers):
+            await asyncio.to_thread(self.db.audit, peer_id, "peer.leave", "no report for a whole TTL")
+        self._peers_seen = peers
+        summary = summarize(reports)
+        if summary is None:
+            return False
+        await asyncio.to_thread(
+            self.db.record_metrics, step=summary.step, loss=summary.loss,
+            tokens_per_second=summary.tokens_per_second, peers=summary.peers, reports=summary.samples,
+        )
+        return True
+
     @property
     def maddrs(self) -> list[str]:
         return self.dht.visible_maddrs() if self.dht else []
@@ -125,12 +195,17 @@ class BootstrapNode:
         if self._stopped:
             return
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
+        if self.db is not None:
+            with contextlib.suppress(Exception):  # a final audit line is nice, not essential
+                self.db.audit("bootstrap", "bootstrap.stop", "")
+            self.db.close()
 
     async def __aenter__(self) -> "BootstrapNode":
         try:

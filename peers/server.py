@@ -17,11 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
 from peers.routing import coverage
+from peers.runcontrol import RunWatcher
 from peers.service import StageService
 from peers.transport import P2PTransport
 from shards.assignment import choose_stage
@@ -49,6 +51,8 @@ class Peer:
         self._refresh_task: asyncio.Task | None = None
         self._closed = asyncio.Event()
         self._started = False
+        self._watcher: RunWatcher | None = None
+        self._leaving: asyncio.Task | None = None
         # every torch call of this peer runs on this one thread (see StageService)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
@@ -97,6 +101,8 @@ class Peer:
         await self._announce(self.record.model_copy(update={
             "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware()}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
+        self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state)
+        self._watcher.start()
         logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, throughput)
 
     async def _choose_stage(self, manifest: Manifest) -> int:
@@ -136,6 +142,8 @@ class Peer:
         """Withdraw from the DHT and release everything. Safe to call more than once."""
         if self._closed.is_set():
             return
+        if self._watcher is not None:
+            await self._watcher.stop()
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -154,6 +162,22 @@ class Peer:
             await asyncio.to_thread(self.dht.shutdown)
         self._closed.set()
         logger.info("peer stopped")
+
+    def _metrics_report(self) -> MetricsReport | None:
+        """This peer's running total of samples (backwards) for the bootstrap's contribution tally."""
+        if self.service is None or self.record is None:
+            return None
+        executor = self.service.executor
+        samples = executor.optimizer_step * executor.target_batch_size + executor.accumulated_samples
+        return MetricsReport(peer_id=self.peer_id, role="peer", step=executor.optimizer_step,
+                             samples=samples, stage=self.record.stage)
+
+    def _on_run_state(self, state: RunState) -> None:
+        if state == RunState.STOPPED and self._leaving is None:
+            logger.warning("the run owner stopped the run: this peer leaves the swarm")
+            self._leaving = asyncio.create_task(self.stop(), name="leave-stopped-run")
+        elif state == RunState.PAUSED:
+            logger.warning("the run owner paused the run: serving stays up, trainers wait")
 
     async def _in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)

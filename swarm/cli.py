@@ -63,7 +63,149 @@ def _setup_logging(level: str) -> None:
 def _run_until_signal(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``start(stop_event)`` on uvloop; SIGINT/SIGTERM set the event so it can shut down cleanly."""
 
-    async def main() -> None:
+    async keys_app = typer.Typer(help="API keys of a run (on the bootstrap's machine: reads its state dir).",
+                       no_args_is_help=True)
+run_app = typer.Typer(help="Pause, resume or stop the run (on the bootstrap's machine).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(run_app, name="run")
+
+
+def _open_state(run: Optional[str], state_dir: Optional[Path], config: Optional[Path]):
+    """The bootstrap's ``state.db``. These commands work on the bootstrap's machine, on its state
+    dir; the bootstrap notices a change within a second (keys, run state) and acts on it."""
+    from bootstrap.state import StateDB
+
+    settings = _settings(config, run_id=run, state_dir=state_dir, log_level="WARNING")
+    path = settings.state_dir.expanduser() / settings.run_id / "state.db"
+    if not path.is_file():
+        raise SwarmError(f"no bootstrap state at {path}: run this where `swarm bootstrap` runs, with the "
+                         "same --state-dir and --run")
+    return StateDB(path)
+
+
+def _actor() -> str:
+    import getpass
+
+    with contextlib.suppress(Exception):
+        return f"cli:{getpass.getuser()}"
+    return "cli"
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="who the key is for"),
+    expires: Optional[str] = typer.Option(None, "--expires", help="lifetime like 30d, 12h (default: no expiry)"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Make a key; it is printed once (only its hash is kept)."""
+    from bootstrap.keys import parse_duration
+
+    expires_in = parse_duration(expires) if expires else None
+    db = _open_state(run, state_dir, config)
+    try:
+        made = db.create_key(name, actor=_actor(), expires_in=expires_in)
+    finally:
+        db.close()
+    console.print(f"key [bold]{made.key.id}[/] for {made.key.name}; it is shown only now, keep it:")
+    print(made.secret, flush=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """List the run's keys (ids, names, state; never the secrets)."""
+    import time
+
+    from rich.table import Table
+
+    db = _open_state(run, state_dir, config)
+    try:
+        keys = db.list_keys()
+    finally:
+        db.close()
+    now = time.time()
+    if as_json:
+        print(json.dumps([{"id": k.id, "name": k.name, "created": k.created, "expires": k.expires,
+                           "revoked": k.revoked, "state": k.state(now)} for k in keys]))
+        return
+    table = Table(title="API keys")
+    for column in ("id", "name", "created (UTC)", "expires (UTC)", "state"):
+        table.add_column(column)
+    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"  # noqa: E731
+    for k in keys:
+        table.add_row(k.id, k.name, stamp(k.created), stamp(k.expires), k.state(now))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., help="the key's id, a unique prefix of it, or the key itself"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Revoke a key: its holder is cut off within 60 s."""
+    db = _open_state(run, state_dir, config)
+    try:
+        revoked = db.revoke_key(key, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"revoked key [bold]{revoked.id}[/] of {revoked.name}")
+
+
+def _set_run_state(state: str, run: Optional[str], state_dir: Optional[Path], config: Optional[Path]) -> None:
+    db = _open_state(run, state_dir, config)
+    try:
+        changed = db.set_run_state(state, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"run is {state}" + ("" if changed else " (it already was)"))
+
+
+@run_app.command("pause")
+def run_pause(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+              config: Optional[Path] = ConfigOpt) -> None:
+    """Pause training: trainers wait (and say so) until resumed; peers keep serving."""
+    _set_run_state("paused", run, state_dir, config)
+
+
+@run_app.command("resume")
+def run_resume(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Resume a paused (or stopped) run."""
+    _set_run_state("running", run, state_dir, config)
+
+
+@run_app.command("stop")
+def run_stop(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+             config: Optional[Path] = ConfigOpt) -> None:
+    """Stop the run: trainers end their loop and peers leave."""
+    _set_run_state("stopped", run, state_dir, config)
+
+
+@run_app.command("show")
+def run_show(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+             config: Optional[Path] = ConfigOpt) -> None:
+    """Print the run state, the step counter and the contribution tallies as JSON."""
+    db = _open_state(run, state_dir, config)
+    try:
+        history = db.metrics_history(limit=1)
+        print(json.dumps({
+            "state": db.run_state(), "step": db.step(),
+            "loss": history[-1].loss if history else None,
+            "contributions": {c.peer_id: c.samples for c in db.contributions()},
+        }))
+    finally:
+        db.close()
+
+
+def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,7 +295,9 @@ def join(
         start.result()
         console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
                       f"as {peer.peer_id}; Ctrl+C to leave")
-        await stop.wait()
+        closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
+        await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
+        closed.cancel()
         console.print("leaving the swarm...")
         await peer.stop()
 
@@ -223,6 +367,148 @@ def demo(
 
     _setup_logging("INFO")
     raise typer.Exit(run_demo(steps=steps, num_peers=peers, workdir=workdir, console=Console()))
+
+
+keys_app = typer.Typer(help="API keys of a run (on the bootstrap's machine: reads its state dir).",
+                       no_args_is_help=True)
+run_app = typer.Typer(help="Pause, resume or stop the run (on the bootstrap's machine).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(run_app, name="run")
+
+
+def _open_state(run: Optional[str], state_dir: Optional[Path], config: Optional[Path]):
+    """The bootstrap's ``state.db``. These commands work on the bootstrap's machine, on its state
+    dir; the bootstrap notices a change within a second (keys, run state) and acts on it."""
+    from bootstrap.state import StateDB
+
+    settings = _settings(config, run_id=run, state_dir=state_dir, log_level="WARNING")
+    path = settings.state_dir.expanduser() / settings.run_id / "state.db"
+    if not path.is_file():
+        raise SwarmError(f"no bootstrap state at {path}: run this where `swarm bootstrap` runs, with the "
+                         "same --state-dir and --run")
+    return StateDB(path)
+
+
+def _actor() -> str:
+    import getpass
+
+    with contextlib.suppress(Exception):
+        return f"cli:{getpass.getuser()}"
+    return "cli"
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="who the key is for"),
+    expires: Optional[str] = typer.Option(None, "--expires", help="lifetime like 30d, 12h (default: no expiry)"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Make a key; it is printed once (only its hash is kept)."""
+    from bootstrap.keys import parse_duration
+
+    expires_in = parse_duration(expires) if expires else None
+    db = _open_state(run, state_dir, config)
+    try:
+        made = db.create_key(name, actor=_actor(), expires_in=expires_in)
+    finally:
+        db.close()
+    console.print(f"key [bold]{made.key.id}[/] for {made.key.name}; it is shown only now, keep it:")
+    print(made.secret, flush=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """List the run's keys (ids, names, state; never the secrets)."""
+    import time
+
+    from rich.table import Table
+
+    db = _open_state(run, state_dir, config)
+    try:
+        keys = db.list_keys()
+    finally:
+        db.close()
+    now = time.time()
+    if as_json:
+        print(json.dumps([{"id": k.id, "name": k.name, "created": k.created, "expires": k.expires,
+                           "revoked": k.revoked, "state": k.state(now)} for k in keys]))
+        return
+    table = Table(title="API keys")
+    for column in ("id", "name", "created (UTC)", "expires (UTC)", "state"):
+        table.add_column(column)
+    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"  # noqa: E731
+    for k in keys:
+        table.add_row(k.id, k.name, stamp(k.created), stamp(k.expires), k.state(now))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., help="the key's id, a unique prefix of it, or the key itself"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Revoke a key: its holder is cut off within 60 s."""
+    db = _open_state(run, state_dir, config)
+    try:
+        revoked = db.revoke_key(key, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"revoked key [bold]{revoked.id}[/] of {revoked.name}")
+
+
+def _set_run_state(state: str, run: Optional[str], state_dir: Optional[Path], config: Optional[Path]) -> None:
+    db = _open_state(run, state_dir, config)
+    try:
+        changed = db.set_run_state(state, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"run is {state}" + ("" if changed else " (it already was)"))
+
+
+@run_app.command("pause")
+def run_pause(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+              config: Optional[Path] = ConfigOpt) -> None:
+    """Pause training: trainers wait (and say so) until resumed; peers keep serving."""
+    _set_run_state("paused", run, state_dir, config)
+
+
+@run_app.command("resume")
+def run_resume(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Resume a paused (or stopped) run."""
+    _set_run_state("running", run, state_dir, config)
+
+
+@run_app.command("stop")
+def run_stop(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+             config: Optional[Path] = ConfigOpt) -> None:
+    """Stop the run: trainers end their loop and peers leave."""
+    _set_run_state("stopped", run, state_dir, config)
+
+
+@run_app.command("show")
+def run_show(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+             config: Optional[Path] = ConfigOpt) -> None:
+    """Print the run state, the step counter and the contribution tallies as JSON."""
+    db = _open_state(run, state_dir, config)
+    try:
+        history = db.metrics_history(limit=1)
+        print(json.dumps({
+            "state": db.run_state(), "step": db.step(),
+            "loss": history[-1].loss if history else None,
+            "contributions": {c.peer_id: c.samples for c in db.contributions()},
+        }))
+    finally:
+        db.close()
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ class BootstrapSettings(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
 
 
 class PeerSettings(_Section):

@@ -10,20 +10,23 @@ has that many rows steps in lockstep with them: ``loss.backward(); optimizer.ste
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import Manifest
 from peers.client import StageClient
+from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
 from shards.source import resolve_model
 from swarm._loop import LoopThread
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, RunStopped
 from swarm.pipeline import RemotePipeline, Trace
 
 __all__ = ["SwarmModelForCausalLM", "CausalLMOutput"]
@@ -72,6 +75,9 @@ class SwarmModelForCausalLM(nn.Module):
         self.microbatch_size = microbatch_size
         self._runner = runner
         self._resources = list(resources)
+        self._watcher: RunWatcher | None = None
+        self._progress: dict = {"step": 0, "loss": None, "tokens_per_second": 0.0}
+        self._samples = 0
 
     @classmethod
     def from_pretrained(
@@ -115,7 +121,48 @@ class SwarmModelForCausalLM(nn.Module):
                 dht.shutdown()
             runner.stop()
             raise
-        return cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht])
+        model = cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht])
+        runner.run(model._watch(dht))
+        return model
+
+    async def _watch(self, dht: SwarmDHT) -> None:
+        """Follow the run state (pause/stop) and publish this trainer's progress; the first read is
+        done now so that a trainer joining a paused run waits from its first step."""
+        self._watcher = RunWatcher(dht, self._metrics_report)
+        try:
+            await self._watcher.poll_once()
+        except Exception as e:  # no control record reachable yet: the run counts as running
+            logger.debug("first run-state read failed: %s", e)
+        self._watcher.start()
+
+    @property
+    def run_state(self) -> RunState:
+        return self._watcher.state if self._watcher is not None else RunState.RUNNING
+
+    def wait_while_paused(self, on_pause: Callable[[], None] | None = None, poll: float = 0.5) -> None:
+        """Block while the run owner has the run paused (say so once); ``RunStopped`` if stopped."""
+        said = False
+        while self.run_state == RunState.PAUSED:
+            if not said:
+                logger.warning("the run is paused by its owner: waiting for `swarm run resume`")
+                if on_pause is not None:
+                    on_pause()
+                said = True
+            time.sleep(poll)
+        if self.run_state == RunState.STOPPED:
+            raise RunStopped("the run owner stopped the run")
+        if said:
+            logger.warning("the run was resumed")
+
+    def report_progress(self, step: int, loss: float | None = None, tokens_per_second: float = 0.0) -> None:
+        """Tell the bootstrap (through the DHT, within a few seconds) how far this trainer is."""
+        self._progress = {"step": step, "loss": loss, "tokens_per_second": tokens_per_second}
+
+    def _metrics_report(self) -> MetricsReport | None:
+        if self._watcher is None:
+            return None
+        return MetricsReport(peer_id=self._watcher.dht.peer_id, role="trainer", samples=self._samples,
+                             **self._progress)
 
     @property
     def target_batch_size(self) -> int:
@@ -130,6 +177,9 @@ class SwarmModelForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
+        if torch.is_grad_enabled():
+            self.wait_while_paused()
+            self._samples += input_ids.shape[0]
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
         hidden = self.local.embed(input_ids, position_ids)
@@ -184,6 +234,12 @@ class SwarmModelForCausalLM(nn.Module):
 
     def close(self) -> None:
         """Leave the swarm: stop the P2P client, the DHT process and the event loop. Idempotent."""
+        if self._watcher is not None:
+            try:
+                self._runner.run(self._watcher.stop(), timeout=10)
+            except Exception as e:  # the loop is already gone
+                logger.debug("run watcher stop: %s", e)
+            self._watcher = None
         for resource in reversed(self._resources):
             if isinstance(resource, P2PTransport):
                 try:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
+from swarm.errors import RunStopped
 from swarm.model import SwarmModelForCausalLM
 
 __all__ = ["TrainResult", "train"]
@@ -79,6 +80,12 @@ def train(
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("train", total=steps, loss="-", tps="-")
             for step in range(steps):
+                try:
+                    model.wait_while_paused(on_pause=lambda: progress.update(task, tps="paused by the run owner"))
+                except RunStopped:
+                    console.print("[yellow]the run owner stopped the run[/]: training ends here")
+                    result.steps = step
+                    break
                 input_ids = next(batches)
                 loss = model(input_ids, labels=input_ids).loss
                 loss.backward()
@@ -89,7 +96,11 @@ def train(
                     raise FloatingPointError(f"loss became {result.losses[-1]} at step {step}")
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}")
-        result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
+                model.report_progress(step + 1, result.losses[-1], round(tps, 1))
+        if not result.losses:
+            console.print("no step was trained")
+            return result
+        result.tokens_per_second = round(result.steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
         generated = model.generate(prompt, sample_tokens, temperature=0.8,
                                    generator=torch.Generator().manual_seed(seed))
