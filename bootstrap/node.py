@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -23,16 +24,18 @@ from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from dht.control import CONTROL_TTL, RunControl, RunState, get_metrics, publish_control
 from dht.records import MANIFEST_TTL, SwarmDHT
-from dht.schemas import Manifest, OptimizerSettings
+from dht.schemas import Manifest, OptimizerSettings, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
 from swarm.config import SwarmSettings
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, PeerUnavailable
 
 __all__ = ["BootstrapNode", "build_manifest"]
 
 logger = logging.getLogger(__name__)
+
+_KNOWN_PEERS = 8
 
 
 def build_manifest(settings: SwarmSettings) -> Manifest:
@@ -80,12 +83,7 @@ class BootstrapNode:
             raise ConfigError(f"cannot create state dir {self.state_dir}: {e.strerror}") from None
         self.db = StateDB(self.state_dir / "state.db")  # first: a corrupt state stops us before the DHT
         self.manifest = self._load_or_build_manifest()
-        net = self.settings.network
-        port = net.port or self._saved_port()
-        self.dht = await asyncio.to_thread(
-            SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
-            port=port, announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-        )
+        self.dht = await self._start_dht()
         self._save_port()
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
@@ -96,6 +94,34 @@ class BootstrapNode:
             asyncio.create_task(self._collect_forever(), name="metrics-collect"),
         ]
         self.db.audit("bootstrap", "bootstrap.start", f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}")
+
+    async def _start_dht(self) -> SwarmDHT:
+        """Start the DHT node; after a restart, rejoin through the peers seen last time (saved in
+        state.db), since the swarm's nodes dropped this one from their tables while it was down and
+        would not call it again. If none of them answers, start alone as on the first run."""
+        net = self.settings.network
+        port = net.port or self._saved_port()
+        known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in net.initial_peers]
+
+        def create(initial: list[str]) -> SwarmDHT:
+            return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
+                                   announce_host=net.announce_host, identity_path=self.state_dir / "identity.key")
+
+        if known:
+            try:
+                return await asyncio.to_thread(create, [*net.initial_peers, *known])
+            except PeerUnavailable as e:
+                logger.info("none of the %d peers seen before the restart answered (%s); starting afresh", len(known), e)
+        return await asyncio.to_thread(create, list(net.initial_peers))
+
+    async def _remember_peers(self) -> None:
+        """Keep a few addresses of live peers in state.db, to rejoin through after a restart."""
+        records = await self.dht.all_records(self.manifest.num_stages)
+        own = set(self.maddrs)
+        addresses = [a for rs in records.values() for r in rs if r.state != PeerState.OFFLINE
+                     for a in r.maddrs if "/p2p/" in a and a not in own]
+        if addresses:
+            await asyncio.to_thread(self.db.set_meta, "known_peers", json.dumps(addresses[:_KNOWN_PEERS]))
 
     def _load_or_build_manifest(self) -> Manifest:
         path = self.state_dir / "manifest.json"
@@ -174,6 +200,7 @@ class BootstrapNode:
         for peer_id in sorted(self._peers_seen - peers):
             await asyncio.to_thread(self.db.audit, peer_id, "peer.leave", "no report for a whole TTL")
         self._peers_seen = peers
+        await self._remember_peers()
         summary = summarize(reports)
         if summary is None:
             return False
