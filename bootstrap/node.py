@@ -22,6 +22,10 @@ from hivemind.utils import get_dht_time
 
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
+from bootstrap.tokens import TokenService
+from dht.auth import TokenRecordValidator, load_or_create_private_key
+from peers.auth import TOKEN
+from peers.transport import P2PTransport
 from dht.control import CONTROL_TTL, RunControl, RunState, get_metrics, publish_control
 from dht.records import MANIFEST_TTL, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings, PeerState
@@ -75,6 +79,8 @@ class BootstrapNode:
         self.db: StateDB | None = None
         self.control: RunControl | None = None
         self._peers_seen: set[str] = set()
+        self.authority = None
+        self._transport: P2PTransport | None = None
 
     async def start(self) -> None:
         try:
@@ -83,12 +89,15 @@ class BootstrapNode:
             raise ConfigError(f"cannot create state dir {self.state_dir}: {e.strerror}") from None
         self.db = StateDB(self.state_dir / "state.db")  # first: a corrupt state stops us before the DHT
         self.manifest = self._load_or_build_manifest()
+        self.authority = await asyncio.to_thread(load_or_create_private_key, self.state_dir / "authority.key")
         self.dht = await self._start_dht()
         self._save_port()
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
-        await self._publish_control(self.db.run_state())
+        if self.keys_required:
+            await self._serve_tokens()
+        await self._publish_control(*self._wanted_control())
         self._tasks = [
             asyncio.create_task(self._control_forever(), name="run-control"),
             asyncio.create_task(self._collect_forever(), name="metrics-collect"),
@@ -105,7 +114,8 @@ class BootstrapNode:
 
         def create(initial: list[str]) -> SwarmDHT:
             return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
-                                   announce_host=net.announce_host, identity_path=self.state_dir / "identity.key")
+                                   announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
+                                   signer_key=self.authority)
 
         if known:
             try:
@@ -160,25 +170,50 @@ class BootstrapNode:
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
                 logger.warning("republishing the manifest failed: %s", e)
 
-    async def _publish_control(self, state: str) -> None:
-        self.control = RunControl(state=RunState(state), changed_at=get_dht_time())
+    @property
+    def keys_required(self) -> bool:
+        return not self.settings.bootstrap.open
+
+    @property
+    def authority_public_key(self) -> bytes:
+        return self.authority.get_public_key().to_bytes()
+
+    async def _serve_tokens(self) -> None:
+        """Exchange keys for tokens (``swarm.auth.token``), and enforce tokens on records stored here."""
+        self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
+        await self._transport.serve(TOKEN, service.rpc_token)
+
+    def _wanted_control(self) -> tuple[str, tuple[str, ...]]:
+        """What state.db says now: the run state and the revoked key ids."""
+        revoked = tuple(sorted(k.id for k in self.db.list_keys() if k.revoked is not None))
+        return self.db.run_state(), revoked
+
+    async def _publish_control(self, state: str, revoked: tuple[str, ...]) -> None:
+        if self.keys_required and (self.control is None or tuple(self.control.revoked) != revoked):
+            self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key,
+                                                              frozenset(revoked))])
+        self.control = RunControl(state=RunState(state), changed_at=get_dht_time(),
+                                  keys_required=self.keys_required, revoked=list(revoked))
         if not await publish_control(self.dht, self.control):
             logger.warning("the run state was not stored in the DHT; retrying in a second")
             self.control = None
 
     async def _control_forever(self, period: float = 1.0) -> None:
-        """Publish the run state when ``state.db`` changes it (the CLI, the dashboard), and refresh
-        it well before it expires."""
+        """Publish the run state and revocations when ``state.db`` changes them (the CLI, the
+        dashboard), and refresh the record well before it expires."""
         last_publish = asyncio.get_running_loop().time()
         while True:
             await asyncio.sleep(period)
             try:
-                state = await asyncio.to_thread(self.db.run_state)
+                state, revoked = await asyncio.to_thread(self._wanted_control)
                 stale = asyncio.get_running_loop().time() - last_publish > CONTROL_TTL / 4
-                if self.control is None or self.control.state.value != state or stale:
-                    if self.control is not None and self.control.state.value != state:
-                        logger.info("run state: %s", state)
-                    await self._publish_control(state)
+                current = None if self.control is None else (self.control.state.value, tuple(self.control.revoked))
+                if current != (state, revoked) or stale:
+                    if current is not None and current != (state, revoked):
+                        logger.info("run state: %s; revoked keys: %s", state, ", ".join(revoked) or "none")
+                    await self._publish_control(state, revoked)
                     last_publish = asyncio.get_running_loop().time()
             except Exception as e:  # the DHT or the database is briefly busy: the next second retries
                 logger.warning("publishing the run state failed: %s", e)
@@ -216,7 +251,8 @@ class BootstrapNode:
 
     def join_command(self) -> str:
         run = "" if self.settings.run_id == "swarm" else f" --run {self.settings.run_id}"
-        return f"swarm join --bootstrap {self.maddrs[0]}{run}"
+        key = " --key <your API key>" if self.keys_required else ""
+        return f"swarm join --bootstrap {self.maddrs[0]}{run}{key}"
 
     async def stop(self) -> None:
         if self._stopped:
@@ -227,6 +263,10 @@ class BootstrapNode:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._transport is not None:
+            await self._transport.shutdown()
+            with contextlib.suppress(Exception):
+                await self._transport.p2p.shutdown()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
         if self.db is not None:

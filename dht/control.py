@@ -34,6 +34,7 @@ __all__ = [
     "metrics_key",
     "publish_control",
     "get_control",
+    "find_bootstraps",
     "publish_metrics",
     "get_metrics",
 ]
@@ -58,6 +59,8 @@ class RunControl(FrozenModel):
     state: RunState = RunState.RUNNING
     changed_at: float = 0.0
     reason: str = Field("", max_length=200)
+    keys_required: bool = False
+    revoked: list[str] = Field(default_factory=list, max_length=512)
 
 
 class MetricsReport(FrozenModel):
@@ -71,6 +74,7 @@ class MetricsReport(FrozenModel):
     tokens_per_second: float = Field(0.0, ge=0)
     samples: int = Field(0, ge=0)
     stage: int | None = Field(None, ge=0)
+    access_token: str | None = Field(None, max_length=4096)
 
 
 def control_key(run_id: str) -> str:
@@ -105,6 +109,17 @@ async def get_control(dht: SwarmDHT) -> RunControl | None:
         if newest is None or control.changed_at > newest.changed_at:
             newest = control
     return newest
+
+
+async def find_bootstraps(dht: SwarmDHT) -> list[tuple[str, bytes]]:
+    """``(peer id, record public key)`` of every bootstrap publishing the run's manifest now."""
+    manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
+    found = []
+    for subkey in _subkeys(manifests):
+        owners = _OWNER_RE.findall(subkey)
+        if len(owners) == 1:
+            found.append((subkey[: subkey.index(b"[owner:")].decode(errors="replace"), owners[0]))
+    return found
 
 
 async def publish_metrics(dht: SwarmDHT, report: MetricsReport, ttl: float = METRICS_TTL) -> bool:

@@ -113,6 +113,7 @@ class PeerRecord(FrozenModel):
     state: PeerState = PeerState.LOADING
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
     hardware: HardwareSummary = HardwareSummary()
+    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
 
 
 def manifest_key(run_id: str) -> str:

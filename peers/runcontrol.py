@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Awaitable, Callable
 
-from dht.control import MetricsReport, RunState, get_control, publish_metrics
+from dht.control import MetricsReport, RunControl, RunState, get_control, publish_metrics
 from dht.records import SwarmDHT
 
 __all__ = ["RunWatcher", "CONTROL_POLL"]
@@ -34,11 +34,13 @@ class RunWatcher:
         report: Callable[[], MetricsReport | None],
         *,
         on_change: OnChange | None = None,
+        on_control: Callable[[RunControl], None] | None = None,
         poll: float = CONTROL_POLL,
     ):
         self.dht = dht
         self.report = report
         self.on_change = on_change
+        self.on_control = on_control
         self.poll = poll
         self.state = RunState.RUNNING
         self.changed = asyncio.Event()
@@ -57,6 +59,8 @@ class RunWatcher:
 
     async def poll_once(self) -> RunState:
         control = await get_control(self.dht)
+        if control is not None and self.on_control is not None:
+            self.on_control(control)
         if control is not None and control.state != self.state:
             logger.warning("the run owner set the run to %s%s", control.state.value,
                            f": {control.reason}" if control.reason else "")

@@ -22,6 +22,7 @@ from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
+from peers.auth import PRESENT, GatedTransport, RunAuth
 from peers.routing import coverage
 from peers.runcontrol import RunWatcher
 from peers.service import StageService
@@ -53,6 +54,7 @@ class Peer:
         self._started = False
         self._watcher: RunWatcher | None = None
         self._leaving: asyncio.Task | None = None
+        self._auth: RunAuth | None = None
         # every torch call of this peer runs on this one thread (see StageService)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
@@ -84,6 +86,7 @@ class Peer:
             port=net.port, announce_host=net.announce_host,
         )
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
+        self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
         stage = await self._choose_stage(self.manifest)
         layers = self.manifest.stages[stage]
         logger.info("claiming stage %d, layers %s of %s", stage, layers, self.manifest.model)
@@ -97,11 +100,17 @@ class Peer:
         )
         self.service = StageService(executor, self.peer_id, worker=self._compute)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
-        await self.service.register(self._transport)
+        if self._auth is not None:  # a keyed run: only callers that presented a token get through
+            await self._transport.serve(PRESENT, self._auth.gate.rpc_present)
+            await self.service.register(GatedTransport(self._transport, self._auth.gate))
+            self._auth.start()
+        else:
+            await self.service.register(self._transport)
         await self._announce(self.record.model_copy(update={
             "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware()}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
-        self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state)
+        self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state,
+                                   on_control=self._auth.follow if self._auth is not None else None)
         self._watcher.start()
         logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, throughput)
 
@@ -126,6 +135,8 @@ class Peer:
         return load_stage(source, manifest.stages[stage], dtype=getattr(torch, manifest.dtype))
 
     async def _announce(self, record: PeerRecord) -> None:
+        if self._auth is not None:  # the current token: it is renewed at half-life
+            record = record.model_copy(update={"access_token": self._auth.token})
         self.record = record
         if not await self.dht.announce(record):
             logger.warning("the DHT did not store this peer's record (will retry on the next refresh)")
@@ -144,6 +155,8 @@ class Peer:
             return
         if self._watcher is not None:
             await self._watcher.stop()
+        if self._auth is not None:
+            await self._auth.stop()
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -170,7 +183,13 @@ class Peer:
         executor = self.service.executor
         samples = executor.optimizer_step * executor.target_batch_size + executor.accumulated_samples
         return MetricsReport(peer_id=self.peer_id, role="peer", step=executor.optimizer_step,
-                             samples=samples, stage=self.record.stage)
+                             samples=samples, stage=self.record.stage,
+                             access_token=self._auth.token if self._auth is not None else None)
+
+    def _on_key_revoked(self) -> None:
+        if self._leaving is None:
+            logger.error("this peer's API key was revoked: it leaves the swarm")
+            self._leaving = asyncio.create_task(self.stop(), name="leave-revoked-key")
 
     def _on_run_state(self, state: RunState) -> None:
         if state == RunState.STOPPED and self._leaving is None:

@@ -89,6 +89,7 @@ def bootstrap(
     num_stages: Optional[int] = typer.Option(None, "--num-stages", help="how many stages to cut the layers into"),
     target_batch_size: Optional[int] = typer.Option(None, "--target-batch-size", help="sequences per step"),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
+    open_run: Optional[bool] = typer.Option(None, "--open", help="a public run: joining needs no API key"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     run: Optional[str] = RunOpt,
@@ -102,7 +103,8 @@ def bootstrap(
     settings = _settings(
         config, run_id=run, state_dir=state_dir, log_level=log_level,
         network={"host": host, "port": port},
-        bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr},
+        bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
+                   "open": open_run},
     )
 
     async def serve(stop: asyncio.Event) -> None:
@@ -113,6 +115,10 @@ def bootstrap(
                           f"layers in {manifest.num_stages} stages {[s.as_list() for s in manifest.stages]}")
             console.print("volunteers join with:")
             print(node.join_command(), flush=True)
+            if node.keys_required:
+                console.print("this run needs an API key to join: make one per volunteer with "
+                              f"`swarm keys create --name <who>{'' if settings.run_id == 'swarm' else ' --run ' + settings.run_id}`"
+                              " (or start with --open for a public run)")
             await stop.wait()
             console.print("stopping the bootstrap...")
 
@@ -124,6 +130,7 @@ def join(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
     stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the least covered"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
+    key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     run: Optional[str] = RunOpt,
@@ -134,7 +141,7 @@ def join(
     from peers.server import Peer
 
     settings = _settings(
-        config, run_id=run, log_level=log_level,
+        config, run_id=run, log_level=log_level, key=key,
         network={"host": host, "port": port, "initial_peers": bootstrap_addr or None},
         peer={"stage": stage, "threads": threads},
     )
@@ -197,6 +204,7 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="default: the run's target batch"),
     seed: int = typer.Option(0, "--seed"),
     result_json: Optional[Path] = typer.Option(None, "--result-json", help="write losses and sample here"),
+    key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -205,13 +213,13 @@ def train_command(
     from swarm.train import train
 
     _interrupt_on_sigterm()
-    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING", key=key,
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:
         raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=settings.trainer.timeout, result_path=result_json,
-          console=Console())
+          console=Console(), key=settings.key)
 
 
 @app.command()

@@ -10,6 +10,7 @@ has that many rows steps in lockstep with them: ``loss.backward(); optimizer.ste
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import Manifest
+from peers.auth import AuthedTransport, RunAuth
 from peers.client import StageClient
 from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
@@ -78,6 +80,7 @@ class SwarmModelForCausalLM(nn.Module):
         self._watcher: RunWatcher | None = None
         self._progress: dict = {"step": 0, "loss": None, "tokens_per_second": 0.0}
         self._samples = 0
+        self._auth: RunAuth | None = None
 
     @classmethod
     def from_pretrained(
@@ -90,18 +93,22 @@ class SwarmModelForCausalLM(nn.Module):
         timeout: float = 120.0,
         route_wait: float = 120.0,
         host: str | None = None,
+        key: str | None = None,
     ) -> "SwarmModelForCausalLM":
         """Join the run's DHT as a client, check ``model`` against the run's manifest, and load only
         the local parts. ``model`` defaults to the manifest's model (a hub id or a shared path).
         ``host`` is where this client's p2p daemon listens: by default loopback when every initial
-        peer is on loopback (a local swarm, tests), else all interfaces."""
+        peer is on loopback (a local swarm, tests), else all interfaces. ``key`` (default: the
+        ``SWARM_KEY`` environment variable) is the API key a keyed run needs."""
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         runner = LoopThread("swarm-trainer")
         dht = None
+        auth = None
         try:
             dht = SwarmDHT.create_client(run_id, initial_peers, host=host)
             manifest = runner.run(dht.wait_manifest(timeout))
+            auth = runner.run(RunAuth.join(dht, key or os.environ.get("SWARM_KEY")))
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
                 raise ConfigError(
@@ -110,25 +117,32 @@ class SwarmModelForCausalLM(nn.Module):
                 )
             local = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
             transport = runner.run(_p2p_transport(dht))
+            calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
             pipeline = RemotePipeline(
                 manifest,
-                StageClient(transport, timeout=timeout),
+                StageClient(calls, timeout=timeout),
                 lambda: dht.all_records(manifest.num_stages),
                 route_wait=route_wait,
             )
         except BaseException:
+            if auth is not None:
+                runner.run(auth.stop(), timeout=10)
             if dht is not None:
                 dht.shutdown()
             runner.stop()
             raise
         model = cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht])
+        model._auth = auth
         runner.run(model._watch(dht))
         return model
 
     async def _watch(self, dht: SwarmDHT) -> None:
         """Follow the run state (pause/stop) and publish this trainer's progress; the first read is
         done now so that a trainer joining a paused run waits from its first step."""
-        self._watcher = RunWatcher(dht, self._metrics_report)
+        self._watcher = RunWatcher(dht, self._metrics_report,
+                                   on_control=self._auth.follow if self._auth is not None else None)
+        if self._auth is not None:
+            self._auth.start()
         try:
             await self._watcher.poll_once()
         except Exception as e:  # no control record reachable yet: the run counts as running
@@ -161,8 +175,9 @@ class SwarmModelForCausalLM(nn.Module):
     def _metrics_report(self) -> MetricsReport | None:
         if self._watcher is None:
             return None
+        token = self._auth.token if self._auth is not None else None
         return MetricsReport(peer_id=self._watcher.dht.peer_id, role="trainer", samples=self._samples,
-                             **self._progress)
+                             access_token=token, **self._progress)
 
     @property
     def target_batch_size(self) -> int:
@@ -240,6 +255,12 @@ class SwarmModelForCausalLM(nn.Module):
             except Exception as e:  # the loop is already gone
                 logger.debug("run watcher stop: %s", e)
             self._watcher = None
+        if self._auth is not None:
+            try:
+                self._runner.run(self._auth.stop(), timeout=10)
+            except Exception as e:  # the loop is already gone
+                logger.debug("auth stop: %s", e)
+            self._auth = None
         for resource in reversed(self._resources):
             if isinstance(resource, P2PTransport):
                 try:

@@ -56,11 +56,13 @@ def train(
     timeout: float = 120.0,
     result_path: Path | None = None,
     console: Console | None = None,
+    key: str | None = None,
 ) -> TrainResult:
     console = console or Console()
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
-        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout)
+        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
+                                                     key=key)
     with model:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
