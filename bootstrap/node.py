@@ -16,10 +16,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
+from bootstrap.admin import AdminAuth, set_admin_password
+from bootstrap.dashboard import DashboardServer, create_app
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
@@ -80,6 +83,9 @@ class BootstrapNode:
         self.control: RunControl | None = None
         self._peers_seen: set[str] = set()
         self.authority = None
+        self.dashboard: DashboardServer | None = None
+        self.admin: AdminAuth | None = None
+        self._status_cache: tuple[float, dict] | None = None
         self._transport: P2PTransport | None = None
 
     async def start(self) -> None:
@@ -102,6 +108,8 @@ class BootstrapNode:
             asyncio.create_task(self._control_forever(), name="run-control"),
             asyncio.create_task(self._collect_forever(), name="metrics-collect"),
         ]
+        if self.settings.bootstrap.dashboard:
+            await self._start_dashboard()
         self.db.audit("bootstrap", "bootstrap.start", f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}")
 
     async def _start_dht(self) -> SwarmDHT:
@@ -169,6 +177,38 @@ class BootstrapNode:
                 await self.dht.publish_manifest(self.manifest)
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
                 logger.warning("republishing the manifest failed: %s", e)
+
+    async def _start_dashboard(self) -> None:
+        """The dashboard is for people; the run does not need it, so a taken port is a warning."""
+        password = os.environ.get("SWARM_ADMIN_PASSWORD")
+        if password:
+            user = os.environ.get("SWARM_ADMIN_USER", "admin")
+            await asyncio.to_thread(set_admin_password, self.db, user, password, actor="env:SWARM_ADMIN_PASSWORD")
+        self.admin = AdminAuth(self.db)
+        boot = self.settings.bootstrap
+        app = create_app(self.db, self.admin, run_id=self.settings.run_id, join_command=self.join_command,
+                         maddrs=lambda: self.maddrs, keys_required=self.keys_required, status=self.status_report)
+        server = DashboardServer(app, boot.dashboard_host or self.settings.network.host, boot.dashboard_port)
+        try:
+            await server.start()
+        except (OSError, SystemExit) as e:  # uvicorn exits on a bind error
+            logger.warning("the dashboard did not start on port %d (%s); the run goes on without it",
+                           boot.dashboard_port, e or "port in use?")
+            await server.stop()
+            return
+        self.dashboard = server
+        if not self.admin.configured:
+            logger.warning("no admin password yet: set SWARM_ADMIN_PASSWORD or run `swarm admin password` "
+                           "to log in to the dashboard")
+
+    async def status_report(self, max_age: float = 2.0) -> dict:
+        """``swarm status --json``'s data, from this node's DHT (cached for ``max_age`` seconds)."""
+        from swarm.status import collect_status  # swarm.status is a view over dht; imported when used
+
+        now = asyncio.get_running_loop().time()
+        if self._status_cache is None or now - self._status_cache[0] > max_age:
+            self._status_cache = (now, await collect_status(self.dht, manifest_timeout=5.0))
+        return self._status_cache[1]
 
     @property
     def keys_required(self) -> bool:
@@ -258,6 +298,8 @@ class BootstrapNode:
         if self._stopped:
             return
         self._stopped = True
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         for task in [self._task, *self._tasks]:
             if task is not None:
                 task.cancel()

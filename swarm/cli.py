@@ -90,6 +90,7 @@ def bootstrap(
     target_batch_size: Optional[int] = typer.Option(None, "--target-batch-size", help="sequences per step"),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
     open_run: Optional[bool] = typer.Option(None, "--open", help="a public run: joining needs no API key"),
+    dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="admin dashboard port (default 8002)"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     run: Optional[str] = RunOpt,
@@ -104,7 +105,7 @@ def bootstrap(
         config, run_id=run, state_dir=state_dir, log_level=log_level,
         network={"host": host, "port": port},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
-                   "open": open_run},
+                   "open": open_run, "dashboard_port": dashboard_port},
     )
 
     async def serve(stop: asyncio.Event) -> None:
@@ -115,6 +116,8 @@ def bootstrap(
                           f"layers in {manifest.num_stages} stages {[s.as_list() for s in manifest.stages]}")
             console.print("volunteers join with:")
             print(node.join_command(), flush=True)
+            if node.dashboard is not None:
+                console.print(f"dashboard: {node.dashboard.url}  (public join page: {node.dashboard.url}/join)")
             if node.keys_required:
                 console.print("this run needs an API key to join: make one per volunteer with "
                               f"`swarm keys create --name <who>{'' if settings.run_id == 'swarm' else ' --run ' + settings.run_id}`"
@@ -233,6 +236,29 @@ def demo(
 
     _setup_logging("INFO")
     raise typer.Exit(run_demo(steps=steps, num_peers=peers, workdir=workdir, console=Console()))
+
+
+admin_app = typer.Typer(help="The dashboard's admin account (on the bootstrap's machine).", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+
+
+@admin_app.command("password")
+def admin_password(
+    username: str = typer.Option("admin", "--username", help="the admin's login name"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Set the dashboard's admin password (asked twice, stored as an argon2 hash)."""
+    from bootstrap.admin import set_admin_password
+
+    password = typer.prompt("new admin password", hide_input=True, confirmation_prompt=True)
+    db = _open_state(run, state_dir, config)
+    try:
+        set_admin_password(db, username, password, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"admin password set for {username}")
 
 
 keys_app = typer.Typer(help="API keys of a run (on the bootstrap's machine: reads its state dir).",

@@ -54,6 +54,9 @@ class BootstrapSettings(_Section):
     metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
     open: bool = Field(False, description="a public run: no API key needed to join (keys are required by default)")
     token_ttl: float = Field(1800.0, ge=30, description="seconds an access token lives (renewed at half-life)")
+    dashboard_port: int = Field(8002, ge=0, le=65535, description="admin dashboard port (0: a free one)")
+    dashboard_host: str | None = Field(None, description="dashboard listen address (default: network.host)")
+    dashboard: bool = Field(True, description="serve the admin dashboard and HTTP API")
 
 
 class PeerSettings(_Section):

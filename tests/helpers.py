@@ -31,6 +31,7 @@ class LocalSwarm:
         settings = load_settings(
             run_id=self.run_id, state_dir=self.state_dir, network={"host": "127.0.0.1"},
             bootstrap={"model": str(self.model_dir), "num_stages": self.num_stages, "open": True,
+                       "dashboard_port": 0,
                        **self.bootstrap_overrides},
         )
         self.bootstrap = BootstrapNode(settings)

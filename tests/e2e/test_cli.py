@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SWARM = [sys.executable, "-m", "swarm.cli"]
-ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "SWARM_BOOTSTRAP__DASHBOARD_PORT": "0"}
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
