@@ -145,3 +145,32 @@ def test_metrics_stream_sends_new_points(dashboard: Dashboard) -> None:
         dashboard.db.record_metrics(step=2, loss=3.0, tokens_per_second=10.0, peers=1, reports={})
         second = next(line for line in lines if line.startswith("data:"))
     assert '"step": 1' in first and '"loss": 3.5' in first and '"step": 2' in second
+
+
+def test_fuzz_the_api_from_its_openapi_spec(dashboard: Dashboard) -> None:
+    """schemathesis generates requests for every operation of /openapi.json, as the admin (session
+    and CSRF token) and as nobody; no request may make the server fail (5xx). Bounded: a fixed
+    number of examples per operation. The endless SSE stream and logout are left out."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    client, csrf = dashboard.login()
+    session_cookie = client.cookies[COOKIE]
+    schema = schemathesis.openapi.from_url(f"{dashboard.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if op.path not in ("/api/metrics/stream", "/api/logout")]
+    assert len(operations) >= 10
+    failures: list[str] = []
+    for operation in operations:
+        @settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.generate], database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case) -> None:
+            for cookies, headers in (({COOKIE: session_cookie}, {"X-CSRF-Token": csrf}), ({}, {})):
+                response = case.call(base_url=dashboard.url, cookies=cookies, headers=headers)
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+
+        fuzz()
+    assert not failures, failures
+    assert dashboard.auth.session(session_cookie) is not None  # still logged in: nothing broke the session
