@@ -21,8 +21,6 @@ from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
-from bootstrap.admin import AdminAuth, set_admin_password
-from bootstrap.dashboard import DashboardServer, create_app
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
@@ -83,8 +81,8 @@ class BootstrapNode:
         self.control: RunControl | None = None
         self._peers_seen: set[str] = set()
         self.authority = None
-        self.dashboard: DashboardServer | None = None
-        self.admin: AdminAuth | None = None
+        self.dashboard = None  # a bootstrap.dashboard.DashboardServer once started
+        self.admin = None
         self._status_cache: tuple[float, dict] | None = None
         self._transport: P2PTransport | None = None
 
@@ -180,6 +178,9 @@ class BootstrapNode:
 
     async def _start_dashboard(self) -> None:
         """The dashboard is for people; the run does not need it, so a taken port is a warning."""
+        from bootstrap.admin import AdminAuth, set_admin_password  # FastAPI and argon2: only when served
+        from bootstrap.dashboard import DashboardServer, create_app
+
         password = os.environ.get("SWARM_ADMIN_PASSWORD")
         if password:
             user = os.environ.get("SWARM_ADMIN_USER", "admin")
