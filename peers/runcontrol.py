@@ -43,7 +43,6 @@ class RunWatcher:
         self.on_control = on_control
         self.poll = poll
         self.state = RunState.RUNNING
-        self.changed = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -65,8 +64,6 @@ class RunWatcher:
             logger.warning("the run owner set the run to %s%s", control.state.value,
                            f": {control.reason}" if control.reason else "")
             self.state = control.state
-            self.changed.set()
-            self.changed = asyncio.Event()
             if self.on_change is not None:
                 result = self.on_change(control.state)
                 if asyncio.iscoroutine(result):
