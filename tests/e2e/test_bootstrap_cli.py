@@ -161,6 +161,8 @@ def test_kill9_bootstrap_mid_training_and_restart(model_factory, tmp_path):
     (["run", "pause", "--run", "other"], "no bootstrap state at"),
 ])
 def test_keys_and_run_errors_are_one_line(args, words, tmp_path):
-    StateDB(tmp_path / "swarm" / "state.db").close()
+    if args[:2] != ["keys", "list"]:  # the first case has no state at all
+        (tmp_path / "swarm").mkdir()
+        StateDB(tmp_path / "swarm" / "state.db").close()
     result = _swarm(*args, state=tmp_path)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result
