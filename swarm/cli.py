@@ -181,13 +181,12 @@ def status(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Show the run's stages, the peers serving each, and their state."""
-    from dht.records import SwarmDHT
-    from swarm.status import collect_status, render_status
-
     settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
                          network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:
+    if not settings.network.initial_peers:  # before the imports of hivemind and torch (seconds)
         raise SwarmError("status needs --bootstrap (the multiaddr the bootstrap printed)")
+    from dht.records import SwarmDHT
+    from swarm.status import collect_status, render_status
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
         report = asyncio.run(collect_status(dht))
