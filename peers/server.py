@@ -20,6 +20,7 @@ import torch
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
+from peers.averaging import HivemindGradientSync
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
 from peers.auth import PRESENT, GatedTransport, RunAuth
@@ -50,6 +51,7 @@ class Peer:
         self.service: StageService | None = None
         self._transport: P2PTransport | None = None
         self._refresh_task: asyncio.Task | None = None
+        self._sync: HivemindGradientSync | None = None
         self._closed = asyncio.Event()
         self._started = False
         self._watcher: RunWatcher | None = None
@@ -94,9 +96,13 @@ class Peer:
                                         hardware=probe_hardware()))
         module = await self._in_compute(self._load, self.manifest, stage)
         throughput = await self._in_compute(measure_throughput, module, module.hidden_size)
+        # started now, before any request stream is open: a process forked later would inherit the
+        # open streams' sockets and keep them from closing (their replies would never end)
+        prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
+        self._sync = sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()))
         executor = StageExecutor(
-            module, stage, layers, self.manifest.optimizer, self.manifest.target_batch_size,
-            cache_size=self.settings.peer.cache_size,
+            module, stage, layers, self.manifest.optimizer, cache_size=self.settings.peer.cache_size,
+            sync=sync, averaging_timeout=self.settings.peer.averaging_timeout,
         )
         self.service = StageService(executor, self.peer_id, worker=self._compute)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
@@ -170,6 +176,8 @@ class Peer:
                 await self._transport.p2p.shutdown()
         if self.service is not None:
             self.service.shutdown()
+        elif self._sync is not None:  # stopped between starting the averager and serving
+            self._sync.shutdown()
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)

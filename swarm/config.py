@@ -63,11 +63,15 @@ class PeerSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
     stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
 
 
 class TrainerSettings(_Section):
     microbatch_size: int | None = Field(None, ge=1)
     timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
+    ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes")
+    averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")
+    step_wait: float = Field(60.0, ge=0, description="seconds to wait for other trainers to finish a step")
 
 
 class SwarmSettings(BaseSettings):
