@@ -30,7 +30,7 @@ from pydantic import Field
 from dht.auth import TokenRecordValidator, verify_token
 from dht.control import RunControl, find_bootstraps, get_control
 from dht.records import SwarmDHT
-from dht.schemas import FrozenModel
+from dht.schemas import PROTOCOL_VERSION, FrozenModel
 from peers.protocol import error_reply, ok_reply, parse_reply, parse_request
 from peers.transport import CALLER, Handler, P2PTransport, Transport
 from swarm.errors import AuthRejected, PeerUnavailable, SwarmError
@@ -58,26 +58,26 @@ _NOT_PRESENTED = "present an access token first"
 class TokenRequest(FrozenModel):
     """Ask a bootstrap for an access token for ``key``, to be held by ``peer_id`` (the caller)."""
 
-    version: int = 1
+    version: int = PROTOCOL_VERSION
     key: str = Field(min_length=1, max_length=200)
     peer_id: str = Field(min_length=1, max_length=128)
     public_key: str = Field(min_length=1, max_length=2048, description="base64 of the DHT record key")
 
 
 class TokenReply(FrozenModel):
-    version: int = 1
+    version: int = PROTOCOL_VERSION
     token: str
     key_id: str
     expires: float
 
 
 class PresentRequest(FrozenModel):
-    version: int = 1
+    version: int = PROTOCOL_VERSION
     token: str = Field(min_length=1, max_length=8192)
 
 
 class PresentReply(FrozenModel):
-    version: int = 1
+    version: int = PROTOCOL_VERSION
     expires: float
 
 

@@ -189,7 +189,7 @@ class Peer:
         if self.service is None or self.record is None:
             return None
         executor = self.service.executor
-        samples = executor.optimizer_step * executor.target_batch_size + executor.accumulated_samples
+        samples = executor.optimizer_step * self.manifest.target_batch_size + executor.accumulated_samples
         return MetricsReport(peer_id=self.peer_id, role="peer", step=executor.optimizer_step,
                              samples=samples, stage=self.record.stage,
                              access_token=self._auth.token if self._auth is not None else None)
