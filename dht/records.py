@@ -98,11 +98,13 @@ class SwarmDHT:
         announce_host: str | None = None,
         identity_path: Path | None = None,
         client_mode: bool = False,
+        signer_key: RSAPrivateKey | None = None,
     ) -> "SwarmDHT":
-        """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up."""
+        """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
+        ``signer_key`` signs its records (a bootstrap passes its persistent authority key)."""
         # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
         # process, as in tests, cannot sign each other's records either
-        signer = RSASignatureValidator(RSAPrivateKey())
+        signer = RSASignatureValidator(signer_key or RSAPrivateKey())
         kwargs: dict = dict(
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],

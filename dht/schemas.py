@@ -123,6 +123,7 @@ class PeerRecord(FrozenModel):
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
     hardware: HardwareSummary = HardwareSummary()
     step: int = Field(0, ge=0, description="optimizer steps the peer's stage has applied")
+    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
 
 
 class StoreRecord(FrozenModel):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
 from peers.averaging import HivemindGradientSync
@@ -25,8 +26,10 @@ from peers.checkpoints import Checkpointer
 from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
+from peers.auth import PRESENT, GatedTransport, RunAuth
 from peers.recovery import adopt_state
 from peers.routing import coverage
+from peers.runcontrol import RunWatcher
 from peers.service import StageService
 from peers.state import StateIdentity, part_name
 from peers.store_client import StoreClient
@@ -59,6 +62,9 @@ class Peer:
         self.checkpointer: Checkpointer | None = None
         self._closed = asyncio.Event()
         self._started = False
+        self._watcher: RunWatcher | None = None
+        self._leaving: asyncio.Task | None = None
+        self._auth: RunAuth | None = None
         # every torch call of this peer runs on this one thread (see StageService)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
@@ -90,6 +96,7 @@ class Peer:
             port=net.port, announce_host=net.announce_host,
         )
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
+        self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
         stage = await self._choose_stage(self.manifest)
         layers = self.manifest.stages[stage]
         logger.info("claiming stage %d, layers %s of %s", stage, layers, self.manifest.model)
@@ -109,12 +116,20 @@ class Peer:
         self.service = StageService(executor, self.peer_id, worker=self._compute, identity=identity)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await self._adopt_state(executor, identity)
-        await self.service.register(self._transport)
+        if self._auth is not None:  # a keyed run: only callers that presented a token get through
+            await self._transport.serve(PRESENT, self._auth.gate.rpc_present)
+            await self.service.register(GatedTransport(self._transport, self._auth.gate))
+            self._auth.start()
+        else:
+            await self.service.register(self._transport)
         await self._announce(self.record.model_copy(update={
             "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware(),
             "step": executor.optimizer_step}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
         self._start_checkpoints(executor, identity)
+        self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state,
+                                   on_control=self._auth.follow if self._auth is not None else None)
+        self._watcher.start()
         logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, throughput)
 
     async def _choose_stage(self, manifest: Manifest) -> int:
@@ -169,6 +184,8 @@ class Peer:
         return self.record
 
     async def _announce(self, record: PeerRecord) -> None:
+        if self._auth is not None:  # the current token: it is renewed at half-life
+            record = record.model_copy(update={"access_token": self._auth.token})
         self.record = record
         if not await self.dht.announce(record):
             logger.warning("the DHT did not store this peer's record (will retry on the next refresh)")
@@ -186,6 +203,10 @@ class Peer:
         ``final_checkpoint`` the steps since the last checkpoint are saved and uploaded first (bounded)."""
         if self._closed.is_set():
             return
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._auth is not None:
+            await self._auth.stop()
         for task in (self._refresh_task, self._checkpoint_task):
             if task is not None:
                 task.cancel()
@@ -209,6 +230,28 @@ class Peer:
             await asyncio.to_thread(self.dht.shutdown)
         self._closed.set()
         logger.info("peer stopped")
+
+    def _metrics_report(self) -> MetricsReport | None:
+        """This peer's running total of samples (backwards) for the bootstrap's contribution tally."""
+        if self.service is None or self.record is None:
+            return None
+        executor = self.service.executor
+        samples = executor.optimizer_step * self.manifest.target_batch_size + executor.accumulated_samples
+        return MetricsReport(peer_id=self.peer_id, role="peer", step=executor.optimizer_step,
+                             samples=samples, stage=self.record.stage,
+                             access_token=self._auth.token if self._auth is not None else None)
+
+    def _on_key_revoked(self) -> None:
+        if self._leaving is None:
+            logger.error("this peer's API key was revoked: it leaves the swarm")
+            self._leaving = asyncio.create_task(self.stop(), name="leave-revoked-key")
+
+    def _on_run_state(self, state: RunState) -> None:
+        if state == RunState.STOPPED and self._leaving is None:
+            logger.warning("the run owner stopped the run: this peer leaves the swarm")
+            self._leaving = asyncio.create_task(self.stop(), name="leave-stopped-run")
+        elif state == RunState.PAUSED:
+            logger.warning("the run owner paused the run: serving stays up, trainers wait")
 
     async def _in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)

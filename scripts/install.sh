@@ -6,6 +6,19 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 TORCH_VERSION=${SWARM_TORCH_VERSION:-2.13.0}
+# The dashboard's browser test drives Debian's chromium through selenium with Debian's chromedriver
+# (no browser download at test time). Checked on every run: it is cheap, and apt is not pip's stamp.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing chromium and chromedriver (for the dashboard's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "==> warning: chromium and chromedriver are missing; the dashboard's browser test needs them" \
+         "(as root: apt-get install chromium chromium-driver)" >&2
+  fi
+fi
 stamp=.venv/.swarm-installed
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0

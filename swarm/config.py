@@ -51,6 +51,12 @@ class BootstrapSettings(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
+    open: bool = Field(False, description="a public run: no API key needed to join (keys are required by default)")
+    token_ttl: float = Field(1800.0, ge=30, description="seconds an access token lives (renewed at half-life)")
+    dashboard_port: int = Field(8002, ge=0, le=65535, description="admin dashboard port (0: a free one)")
+    dashboard_host: str | None = Field(None, description="dashboard listen address (default: network.host)")
+    dashboard: bool = Field(True, description="serve the admin dashboard and HTTP API")
 
 
 class PeerSettings(_Section):
@@ -79,6 +85,7 @@ class SwarmSettings(BaseSettings):
     run_id: str = Field("swarm", pattern=r"^[A-Za-z0-9_.-]+$")
     state_dir: Path = Field(Path("~/.swarm"), description="identity keys, manifest, logs")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    key: str | None = Field(None, description="API key to join a keyed run (SWARM_KEY)")
     network: NetworkSettings = NetworkSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     peer: PeerSettings = PeerSettings()

@@ -16,6 +16,8 @@
     ├── NoRoute                     some stage has no live peer
     ├── CheckpointMissing           no checkpoint of the requested part is stored
     ├── AuthRejected                credentials missing or wrong
+    ├── StateError                  the bootstrap's saved state is corrupt or from a newer swarm
+    ├── RunStopped                  the run owner stopped the run
     ├── CapacityExceeded            a peer is full
     └── DelegationRefused           a strong peer declined a delegation session
 
@@ -48,6 +50,8 @@ __all__ = [
     "AveragingFailed",
     "NoRoute",
     "AuthRejected",
+    "StateError",
+    "RunStopped",
     "CapacityExceeded",
     "DelegationRefused",
     "RETRYABLE",
@@ -125,6 +129,15 @@ class AuthRejected(SwarmError):
     """Credentials are missing, expired or wrong."""
 
 
+class StateError(SwarmError):
+    """The bootstrap's SQLite state cannot be used: corrupt, unreadable, or written by a newer swarm.
+    Never answered by starting afresh: the keys and the audit log in it must not be lost silently."""
+
+
+class RunStopped(SwarmError):
+    """The run owner stopped the run (``swarm run stop``); trainers end and peers leave."""
+
+
 class CapacityExceeded(SwarmError):
     """The peer has no room for more work or sessions right now."""
 
@@ -149,7 +162,7 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
-        AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing,
+        AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing, StateError, RunStopped,
     )
 }
 

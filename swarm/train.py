@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
-from swarm.errors import SwarmError
+from swarm.errors import RunStopped, SwarmError
 from swarm.model import SwarmModelForCausalLM
 from swarm.pipeline import FaultPolicy
 
@@ -61,6 +61,7 @@ def train(
     result_path: Path | None = None,
     console: Console | None = None,
     checkpoint_every: int = 50,
+    key: str | None = None,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
     watches the run (the demo, the churn test) sees how far it got."""
@@ -68,7 +69,7 @@ def train(
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
-                                                      policy=policy, microbatch_size=microbatch_size)
+                                                      policy=policy, microbatch_size=microbatch_size, key=key)
     with model:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
@@ -87,6 +88,12 @@ def train(
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("train", total=steps, loss="-", tps="-", step=0)
             for step in range(steps):
+                try:
+                    model.wait_while_paused(on_pause=lambda: progress.update(task, tps="paused by the run owner"))
+                except RunStopped:
+                    console.print("[yellow]the run owner stopped the run[/]: training ends here")
+                    result.steps = step
+                    break
                 input_ids = next(batches)
                 loss = model(input_ids, labels=input_ids).loss
                 loss.backward()
@@ -100,9 +107,13 @@ def train(
                     _write_result(result_path, result)
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
+                model.report_progress(model.step, result.losses[-1], round(tps, 1))
                 if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                     _upload_local_parts(model, model.step)
-        result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
+        if not result.losses:
+            console.print("no step was trained")
+            return result
+        result.tokens_per_second = round(result.steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
         generated = model.generate(prompt, sample_tokens, temperature=0.8,
                                    generator=torch.Generator().manual_seed(seed))

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SWARM = [sys.executable, "-m", "swarm.cli"]
-ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "SWARM_BOOTSTRAP__DASHBOARD_PORT": "0"}
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -67,7 +67,7 @@ def _address(line: str) -> str:
 def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
     model_dir = model_factory("gpt2", num_layers=4, hidden_size=32)
     state = tmp_path / "state"
-    boot_args = ["bootstrap", "--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
+    boot_args = ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
                  "--port", "0", "--state-dir", str(state)]
     boot = _start(boot_args, tmp_path / "boot.log")
     procs = [boot]
@@ -148,7 +148,7 @@ def test_broken_config_file_is_named(tmp_path):
 def test_a_killed_swarm_process_takes_its_dht_process_and_p2pd_along(model_factory, tmp_path):
     """SIGKILL gives the process no chance to clean up; the kernel ends its children for it."""
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
-    boot = _start(["bootstrap", "--model", str(model_dir), "--host", "127.0.0.1", "--state-dir",
+    boot = _start(["bootstrap", "--open", "--model", str(model_dir), "--host", "127.0.0.1", "--state-dir",
                    str(tmp_path / "state")], tmp_path / "boot.log")
     try:
         _wait_for(tmp_path / "boot.log", boot, "swarm join --bootstrap")
