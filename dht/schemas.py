@@ -113,6 +113,9 @@ class PeerRecord(FrozenModel):
     state: PeerState = PeerState.LOADING
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
     hardware: HardwareSummary = HardwareSummary()
+    latency_ms: float | None = Field(None, ge=0, description="median round trip to a few peers")
+    bandwidth_mbps: float | None = Field(None, ge=0, description="measured link speed, megabits/s")
+    memory_gib: float | None = Field(None, ge=0, description="memory this peer can give to stages")
 
 
 def manifest_key(run_id: str) -> str:

@@ -13,6 +13,7 @@
     ├── NoRoute                     some stage has no live peer
     ├── AuthRejected                credentials missing or wrong
     ├── CapacityExceeded            a peer is full
+    ├── InsufficientMemory          not even one stage of the run fits in this peer's memory
     └── DelegationRefused           a strong peer declined a delegation session
 
 Errors cross the wire as ``(code, message)``: ``code`` is the class name, so the receiving side
@@ -38,6 +39,7 @@ __all__ = [
     "NoRoute",
     "AuthRejected",
     "CapacityExceeded",
+    "InsufficientMemory",
     "DelegationRefused",
     "RETRYABLE",
     "error_from_wire",
@@ -97,6 +99,10 @@ class CapacityExceeded(SwarmError):
     """The peer has no room for more work or sessions right now."""
 
 
+class InsufficientMemory(SwarmError):
+    """Not even one stage of the run (parameters, gradients, optimizer state) fits in this peer."""
+
+
 class DelegationRefused(SwarmError):
     """A strong peer declined to start a delegation session."""
 
@@ -117,7 +123,7 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, PeerUnavailable, StageTimeout, NoRoute, AuthRejected,
-        CapacityExceeded, DelegationRefused,
+        CapacityExceeded, DelegationRefused, InsufficientMemory,
     )
 }
 
