@@ -93,29 +93,39 @@ def test_move_gain_is_infinite_for_a_hole_and_relative_otherwise():
     assert Move(Span(0), Span(1), 100, 130).gain == pytest.approx(0.3)
 
 
+def _potential(loads) -> tuple[float, int]:
+    low = bottleneck(loads)
+    return round(low, 6), -int(sum(value <= low + 1e-6 for value in loads))
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_repeated_moves_settle_without_flapping(seed):
-    """Every peer re-evaluates in turn until nobody moves: it ends, and never undoes a move."""
+    """Every peer re-evaluates in turn until nobody moves: each move raises (bottleneck, -stages at it),
+    so no placement comes back and the loop ends; the result is balanced within the margin or stuck
+    only where no single move helps."""
     rng = random.Random(seed)
     num_stages, sizes = 6, [GIB] * 6
     peers = [PlacedPeer(f"p{i}", rng.choice([1, 5, 30, 100]), Span(rng.randrange(2))) for i in range(30)]
-    history, start = [], bottleneck(stage_loads(num_stages, peers))
+    start = bottleneck(stage_loads(num_stages, peers))
+    assert start == 0  # stages 2..5 start empty
+    moves = 0
     for _ in range(200):
         moved = False
         for i, peer in enumerate(peers):
-            move = should_move(stage_loads(num_stages, peers), sizes, peer, memory_bytes=GIB, margin=0.05)
+            loads = stage_loads(num_stages, peers)
+            move = should_move(loads, sizes, peer, memory_bytes=GIB, margin=0.05)
             if move is not None:
-                assert (peer.peer_id, move.new, move.old) not in history, "a peer undid its own move"
-                history.append((peer.peer_id, move.old, move.new))
                 peers[i] = PlacedPeer(peer.peer_id, peer.compute, move.new)
-                moved = True
+                assert _potential(stage_loads(num_stages, peers)) > _potential(loads)
+                moved, moves = True, moves + 1
         if not moved:
             break
     else:
         pytest.fail("placement never settled")
     loads = stage_loads(num_stages, peers)
-    assert bottleneck(loads) > start
-    assert loads.mean() <= bottleneck(loads) * 1.05 or len(history) > 0
+    assert bottleneck(loads) > 0 and moves >= 4
+    for peer in peers:  # settled: nobody wants to move any more
+        assert should_move(loads, sizes, peer, memory_bytes=GIB, margin=0.05) is None
 
 
 def test_spans_that_fit_and_contribution():
