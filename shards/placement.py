@@ -9,8 +9,9 @@ activations enter and leave a span once whatever its length).
   least-served stages the most, by ``sum(log(load))``; then the shorter span; then ``rng``), among
   the spans that fit in the peer's memory.
 * ``should_move`` lets a serving peer re-run that choice without itself and answers a ``Move`` only
-  when the swarm is imbalanced by more than ``margin`` and the move strictly raises the bottleneck (or,
-  with the bottleneck tied over several stages, serves one of them). Every move so raises the pair
+  when the swarm is out of balance (``rebalancing_needed``: past ``margin`` to start, with hysteresis)
+  and the move raises the bottleneck by at least ``margin * SETTLE`` (or, with the bottleneck tied
+  over several stages, serves one of them). Every move so raises the pair
   ``(bottleneck, -stages at the bottleneck)``, so moves cannot cycle (no flapping).
 
 Loads are numpy arrays of tokens/s per stage; nothing here knows about the network or the DHT.
@@ -38,8 +39,11 @@ __all__ = [
     "spans_that_fit",
     "choose_stages",
     "should_move",
+    "rebalancing_needed",
+    "SETTLE",
 ]
 
+SETTLE = 0.2  # fraction of the margin under which an ongoing rebalancing stops
 _TIE = 1e-9  # relative tolerance when comparing bottlenecks computed in floating point
 
 
@@ -113,11 +117,15 @@ def spans_that_fit(stage_bytes: Sequence[int], memory_bytes: int) -> int:
             f"peer has {memory_bytes / 2**30:.2f} GiB free: use a machine with more memory, or a run with "
             "more stages"
         )
-    sizes = np.asarray(stage_bytes, dtype=np.float64)
-    for count in range(len(sizes), 0, -1):
-        if sliding_window_view(sizes, count).sum(axis=1).min() <= memory_bytes:
-            return count
-    return 1  # unreachable: the smallest single stage fits
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(stage_bytes, dtype=np.float64))])
+    low, high = 1, len(stage_bytes)  # the lightest window of ``count`` stages grows with ``count``
+    while low < high:
+        mid = (low + high + 1) // 2
+        if (sums[mid:] - sums[:-mid]).min() <= memory_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def choose_stages(
@@ -150,13 +158,15 @@ def should_move(
     *,
     memory_bytes: int,
     margin: float = 0.15,
+    active: bool = False,
     max_stages: int | None = None,
 ) -> Move | None:
     """Whether ``me`` should leave its span for another, given the loads it counts in (``loads``
-    includes ``me``'s own contribution). ``None`` means stay."""
+    includes ``me``'s own contribution). ``None`` means stay. ``active`` is the caller's
+    ``rebalancing_needed`` state (hysteresis: see there)."""
     loads = np.asarray(loads, dtype=np.float64)
     before = bottleneck(loads)
-    if before > 0 and loads.mean() <= before * (1 + margin):
+    if not rebalancing_needed(loads, margin, active):
         return None  # balanced within the margin: a quiet swarm stays put
     without = loads.copy()
     span = me.span
@@ -169,16 +179,32 @@ def should_move(
     after_loads = without.copy()
     after_loads[new.start:new.start + new.count] += contribution(me.compute, new.count, me.network)
     after = bottleneck(after_loads)
-    if not _better(after_loads, after, loads, before):
+    if not _better(after_loads, after, loads, before, min_gain=margin * SETTLE):
         return None
     return Move(old=span, new=new, bottleneck_before=before, bottleneck_after=after)
 
 
-def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float) -> bool:
-    """``(bottleneck, -stages at it)`` strictly rises: the potential that rules out cycles."""
-    tolerance = _TIE * max(old_min, 1.0)
-    if new_min > old_min + tolerance:
+def rebalancing_needed(loads: Sequence[float] | np.ndarray, margin: float, active: bool = False) -> bool:
+    """Hysteresis on the swarm's imbalance, ``mean load / bottleneck`` (1 when perfectly even): it
+    starts when the imbalance passes ``1 + margin`` and goes on, once started, until it is back under
+    ``1 + margin * SETTLE``. A swarm a little out of balance stays put; one that started to move
+    finishes the job instead of stopping just under the margin. A stage nobody serves always counts."""
+    loads = np.asarray(loads, dtype=np.float64)
+    low = bottleneck(loads)
+    if low <= 0:
         return True
+    return loads.mean() > low * (1 + (margin * SETTLE if active else margin))
+
+
+def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float, *, min_gain: float) -> bool:
+    """``(bottleneck, -stages at it)`` strictly rises, the bottleneck by at least ``min_gain`` (a move
+    costs a reload; many tiny ones would keep a big swarm busy for nothing). The pair is the potential
+    that rules out cycles."""
+    tolerance = _TIE * max(old_min, 1.0)
+    if new_min > old_min * (1 + min_gain) + tolerance or (old_min <= 0 < new_min):
+        return True
+    if new_min > old_min + tolerance:
+        return False
     if new_min < old_min - tolerance:
         return False
     return int(np.sum(new <= new_min + tolerance)) < int(np.sum(old <= old_min + tolerance))
@@ -186,23 +212,43 @@ def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float) ->
 
 def _score_spans(loads: np.ndarray, sizes: np.ndarray, compute: float, network: float, memory: float,
                  longest: int) -> np.ndarray:
-    """Rows ``(new bottleneck, utility gain, count, start)``, one per span that fits."""
+    """Rows ``(new bottleneck, utility gain, count, start)``, one per span that fits (all spans scored at
+    once: a count x start grid)."""
     n = len(loads)
+    counts, starts = np.arange(1, longest + 1), np.arange(n)
+    ends = starts[None, :] + counts[:, None]  # exclusive end of each span, count x start
+    valid = ends <= n
+    ends = np.minimum(ends, n)
+    shares = np.minimum(compute / counts, network)
+    window_min = _window_minima(loads, counts, starts, ends)
     prefix = np.concatenate([[np.inf], np.minimum.accumulate(loads)])  # prefix[a] = min(loads[:a])
     suffix = np.concatenate([np.minimum.accumulate(loads[::-1])[::-1], [np.inf]])  # suffix[j] = min(loads[j:])
+    new_min = np.minimum(window_min + shares[:, None], np.minimum(prefix[starts][None, :], suffix[ends]))
     floor = max(compute, 1.0) * 1e-6  # an empty stage weighs log(floor): filling it gains a lot
-    utility = np.log(loads + floor)
-    rows = []
-    for count in range(1, longest + 1):
-        share = contribution(compute, count, network)
-        starts = np.arange(n - count + 1)
-        inside = sliding_window_view(loads, count).min(axis=1) + share
-        outside = np.minimum(prefix[starts], suffix[starts + count])
-        gain = sliding_window_view(np.log(loads + share + floor) - utility, count).sum(axis=1)
-        fits = sliding_window_view(sizes, count).sum(axis=1) <= memory
-        block = np.stack([np.minimum(inside, outside), gain, np.full(len(starts), count), starts], axis=1)
-        rows.append(block[fits])
-    return np.concatenate(rows)
+    lifted = np.log(loads[None, :] + shares[:, None] + floor) - np.log(loads + floor)[None, :]
+    lifted_sums = np.concatenate([np.zeros((longest, 1)), np.cumsum(lifted, axis=1)], axis=1)
+    rows = np.arange(longest)[:, None]
+    gain = lifted_sums[rows, ends] - lifted_sums[rows, starts[None, :]]
+    size_sums = np.concatenate([[0.0], np.cumsum(sizes)])
+    fits = valid & (size_sums[ends] - size_sums[starts][None, :] <= memory)
+    grid_counts = np.broadcast_to(counts[:, None], fits.shape)
+    grid_starts = np.broadcast_to(starts[None, :], fits.shape)
+    return np.stack([new_min[fits], gain[fits], grid_counts[fits], grid_starts[fits]], axis=1)
+
+
+def _window_minima(loads: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``min(loads[start:end])`` on the count x start grid, from a sparse table of power-of-two windows
+    (two overlapping windows cover any span): a few array operations instead of one per count."""
+    n = len(loads)
+    table = [np.concatenate([loads, np.full(n, np.inf)])]
+    while 2 ** len(table) <= counts[-1]:
+        half = 2 ** (len(table) - 1)
+        previous = table[-1]
+        table.append(np.minimum(previous, np.concatenate([previous[half:], np.full(half, np.inf)])))
+    table = np.stack(table)
+    level = np.floor(np.log2(counts)).astype(np.int64)[:, None]
+    second = np.maximum(ends - 2 ** level, 0)
+    return np.minimum(table[level, starts[None, :]], table[level, second])
 
 
 def _pick(scored: np.ndarray, rng: random.Random | None) -> Span:
