@@ -8,8 +8,9 @@ functions (``shards.placement.choose_stages`` / ``should_move``, ``peers.routing
 What is simulated (time in rebalancing periods):
 
 * Peers arrive over the first ``--arrive`` periods and leave after an exponential lifetime (mean
-  ``--lifetime`` periods); each departure is replaced by a newcomer, so the swarm stays near ``--peers``.
-  At ``--shock`` every peer holding one stage leaves at once (a region goes down): a stage left empty.
+  ``--lifetime`` periods); until the shock each departure is replaced by a newcomer. At ``--shock``
+  every peer holding one stage leaves at once (a region goes down) and nobody new arrives after it:
+  only moves can fill that stage (the hard case for rebalancing).
 * A peer's machine is drawn from a mix of GPUs and CPUs (compute tokens/s for one stage, free memory,
   link speed, each with noise). Its memory and the model's stage size (parameters + gradients + AdamW
   state, from a Llama-style config on the meta device) bound how many stages it may hold.
@@ -242,7 +243,7 @@ class Simulation:
         self._release(peer)
         peer.alive = False
         del self.peers[peer_id]
-        if self.now > self.args.arrive:  # someone new takes the place of who left
+        if self.args.arrive < self.now < self.args.shock:  # someone new takes the place of who left
             self.push(self.now + random.Random(f"{self.args.seed}:next:{peer_id}").uniform(0, 1), "arrive",
                       f"{peer_id}+")
 
@@ -388,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=10_000)
     parser.add_argument("--stages", type=int, default=80)
-    parser.add_argument("--periods", type=int, default=30, help="rebalancing periods simulated")
-    parser.add_argument("--arrive", type=float, default=10.0, help="periods over which the first peers arrive")
-    parser.add_argument("--lifetime", type=float, default=60.0, help="mean periods a peer stays")
-    parser.add_argument("--shock", type=float, default=18.5, help="period when one stage's peers all leave")
+    parser.add_argument("--periods", type=int, default=24, help="rebalancing periods simulated")
+    parser.add_argument("--arrive", type=float, default=8.0, help="periods over which the first peers arrive")
+    parser.add_argument("--lifetime", type=float, default=100.0, help="mean periods a peer stays")
+    parser.add_argument("--shock", type=float, default=14.5, help="period when one stage's peers all leave")
     parser.add_argument("--load-time", type=float, default=0.3, help="periods to load a stage")
     parser.add_argument("--margin", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)

@@ -10,8 +10,8 @@ activations enter and leave a span once whatever its length).
   the spans that fit in the peer's memory.
 * ``should_move`` lets a serving peer re-run that choice without itself and answers a ``Move`` only
   when the swarm is out of balance (``rebalancing_needed``: past ``margin`` to start, with hysteresis)
-  and the move raises the bottleneck by at least ``margin * SETTLE`` (or, with the bottleneck tied
-  over several stages, serves one of them). Every move so raises the pair
+  and the move raises the bottleneck by at least ``MIN_EFFICIENCY`` of what the mover brings (or, with
+  the bottleneck tied over several stages, serves one of them). Every move so raises the pair
   ``(bottleneck, -stages at the bottleneck)``, so moves cannot cycle (no flapping).
 
 Loads are numpy arrays of tokens/s per stage; nothing here knows about the network or the DHT.
@@ -41,9 +41,11 @@ __all__ = [
     "should_move",
     "rebalancing_needed",
     "SETTLE",
+    "MIN_EFFICIENCY",
 ]
 
 SETTLE = 0.2  # fraction of the margin under which an ongoing rebalancing stops
+MIN_EFFICIENCY = 0.5  # share of a mover's throughput that must raise the bottleneck
 _TIE = 1e-9  # relative tolerance when comparing bottlenecks computed in floating point
 
 
@@ -179,7 +181,8 @@ def should_move(
     after_loads = without.copy()
     after_loads[new.start:new.start + new.count] += contribution(me.compute, new.count, me.network)
     after = bottleneck(after_loads)
-    if not _better(after_loads, after, loads, before, min_gain=margin * SETTLE):
+    share = contribution(me.compute, new.count, me.network)
+    if not _better(after_loads, after, loads, before, min_rise=MIN_EFFICIENCY * share):
         return None
     return Move(old=span, new=new, bottleneck_before=before, bottleneck_after=after)
 
@@ -196,27 +199,25 @@ def rebalancing_needed(loads: Sequence[float] | np.ndarray, margin: float, activ
     return loads.mean() > low * (1 + (margin * SETTLE if active else margin))
 
 
-def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float, *, min_gain: float) -> bool:
-    """``(bottleneck, -stages at it)`` strictly rises, the bottleneck by at least ``min_gain`` (a move
-    costs a reload; many tiny ones would keep a big swarm busy for nothing). The pair is the potential
-    that rules out cycles."""
+def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float, *, min_rise: float) -> bool:
+    """``(bottleneck, -stages at it)`` strictly rises: the potential that rules out cycles. A rising
+    bottleneck must rise by ``min_rise`` (tokens/s): a move costs a reload, so most of what the mover
+    brings must reach the bottleneck, not pile up above it."""
     tolerance = _TIE * max(old_min, 1.0)
-    if new_min > old_min * (1 + min_gain) + tolerance or (old_min <= 0 < new_min):
-        return True
     if new_min > old_min + tolerance:
-        return False
+        return new_min - old_min >= min_rise - tolerance or old_min <= 0
     if new_min < old_min - tolerance:
         return False
     return int(np.sum(new <= new_min + tolerance)) < int(np.sum(old <= old_min + tolerance))
 
 
 def _score_spans(loads: np.ndarray, sizes: np.ndarray, compute: float, network: float, memory: float,
-                 longest: int) -> np.ndarray:
-    """Rows ``(new bottleneck, utility gain, count, start)``, one per span that fits (all spans scored at
-    once: a count x start grid)."""
+                 longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New bottleneck, utility gain and whether it fits, of every span on a count x start grid (row
+    ``k`` holds spans of ``k + 1`` stages)."""
     n = len(loads)
     counts, starts = np.arange(1, longest + 1), np.arange(n)
-    ends = starts[None, :] + counts[:, None]  # exclusive end of each span, count x start
+    ends = starts[None, :] + counts[:, None]  # exclusive end of each span
     valid = ends <= n
     ends = np.minimum(ends, n)
     shares = np.minimum(compute / counts, network)
@@ -231,9 +232,7 @@ def _score_spans(loads: np.ndarray, sizes: np.ndarray, compute: float, network: 
     gain = lifted_sums[rows, ends] - lifted_sums[rows, starts[None, :]]
     size_sums = np.concatenate([[0.0], np.cumsum(sizes)])
     fits = valid & (size_sums[ends] - size_sums[starts][None, :] <= memory)
-    grid_counts = np.broadcast_to(counts[:, None], fits.shape)
-    grid_starts = np.broadcast_to(starts[None, :], fits.shape)
-    return np.stack([new_min[fits], gain[fits], grid_counts[fits], grid_starts[fits]], axis=1)
+    return new_min, gain, fits
 
 
 def _window_minima(loads: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -251,13 +250,17 @@ def _window_minima(loads: np.ndarray, counts: np.ndarray, starts: np.ndarray, en
     return np.minimum(table[level, starts[None, :]], table[level, second])
 
 
-def _pick(scored: np.ndarray, rng: random.Random | None) -> Span:
+def _pick(scored: tuple[np.ndarray, np.ndarray, np.ndarray], rng: random.Random | None) -> Span:
     """Highest bottleneck, then highest utility gain, then the shortest span, then ``rng`` (or the
     lowest start)."""
-    for column, sign in ((0, 1.0), (1, 1.0), (2, -1.0)):
-        values = sign * scored[:, column]
-        best = values.max()
-        scored = scored[values >= best - _TIE * max(abs(best), 1.0)]
-    starts = sorted(int(s) for s in scored[:, 3])
+    new_min, gain, fits = scored
+    new_min = np.where(fits, new_min, -np.inf)
+    best = new_min.max()
+    chosen = new_min >= best - _TIE * max(abs(best), 1.0)
+    gain = np.where(chosen, gain, -np.inf)
+    best_gain = gain.max()
+    chosen &= gain >= best_gain - _TIE * max(abs(best_gain), 1.0)
+    row = int(np.argmax(chosen.any(axis=1)))
+    starts = [int(s) for s in np.flatnonzero(chosen[row])]
     start = rng.choice(starts) if rng is not None else starts[0]
-    return Span(start=start, count=int(scored[0, 2]))
+    return Span(start=start, count=row + 1)

@@ -70,6 +70,7 @@ def test_choose_stages_breaks_ties_with_rng_or_lowest_index():
         ("last peer of a stage stays", [10, 0.5], PlacedPeer("a", 10, Span(0)), 1, None),
         ("raise the bottleneck", [300, 100], PlacedPeer("a", 100, Span(0)), 1, Move(Span(0), Span(1), 100, 200)),
         ("a move that would lower it", [150, 100], PlacedPeer("a", 100, Span(0)), 1, None),
+        ("most of the mover's throughput would pile up", [400, 100, 110], PlacedPeer("a", 100, Span(0)), 1, None),
         ("tied bottleneck: serve one", [30, 10, 10], PlacedPeer("a", 10, Span(0)), 1,
          Move(Span(0), Span(1), 10, 10)),
         ("cover a whole tie when memory allows", [30, 10, 10], PlacedPeer("a", 10, Span(0)), 2,
@@ -83,9 +84,9 @@ def test_should_move(case, loads, me, memory_stages, expected):
 
 
 def test_margin_is_configurable():
-    loads, me = [128, 100], PlacedPeer("a", 20, Span(0))  # imbalance 1.14: at the default margin, stay
+    loads, me = [128, 100], PlacedPeer("a", 10, Span(0))  # imbalance 1.14: at the default margin, stay
     assert should_move(loads, [GIB] * 2, me, memory_bytes=GIB) is None
-    assert should_move(loads, [GIB] * 2, me, memory_bytes=GIB, margin=0.1) == Move(Span(0), Span(1), 100, 108)
+    assert should_move(loads, [GIB] * 2, me, memory_bytes=GIB, margin=0.1) == Move(Span(0), Span(1), 100, 110)
 
 
 def test_move_gain_is_infinite_for_a_hole_and_relative_otherwise():
