@@ -34,11 +34,13 @@ from swarm.errors import BadRequest, SwarmError
 __all__ = [
     "MEMORY_HEADROOM",
     "Measurement",
+    "Progress",
     "measure_throughput",
     "measure_stage",
     "cached_stage_throughput",
     "stage_bytes",
     "available_memory",
+    "compute_device",
     "serve_echo",
     "measure_links",
     "network_tokens_per_second",
@@ -120,6 +122,11 @@ def stage_bytes(config: Any, layers: LayerRange, dtype: torch.dtype) -> int:
     with torch.device("meta"):
         params = sum(p.numel() for index in layers for p in family.build_block(config, index).parameters())
     return params * torch.finfo(dtype).bits // 8 * 4
+
+
+def compute_device() -> str:
+    """Where this peer computes: the first CUDA device when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def available_memory(device: str, cap_bytes: int | None = None) -> int:

@@ -13,7 +13,7 @@ from dht.schemas import PeerRecord, PeerState
 from shards.types import LayerRange
 from swarm.errors import NoRoute
 
-__all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage"]
+__all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage", "record_loads"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,15 @@ def coverage(num_stages: int, records: Mapping[int, Sequence[PeerRecord]]) -> li
     """Number of live (loading or online) peers per stage: what a joining peer balances."""
     live = {PeerState.LOADING, PeerState.ONLINE}
     return [sum(r.state in live for r in records.get(i, ())) for i in range(num_stages)]
+
+
+def record_loads(num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | None = None) -> list[float]:
+    """Tokens/s claimed for each stage by live (loading or online) peers, each counted once per stage,
+    leaving out ``exclude`` (the peer doing the sums adds itself as it sees fit). Draining peers are
+    leaving and do not count: what placement balances."""
+    live = {PeerState.LOADING, PeerState.ONLINE}
+    loads = []
+    for stage in range(num_stages):
+        seen = {r.peer_id: r.throughput for r in records.get(stage, ()) if r.state in live and r.peer_id != exclude}
+        loads.append(float(sum(seen.values())))
+    return loads

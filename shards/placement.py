@@ -10,8 +10,8 @@ activations enter and leave a span once whatever its length).
   the spans that fit in the peer's memory.
 * ``should_move`` lets a serving peer re-run that choice without itself and answers a ``Move`` only
   when the swarm is out of balance (``rebalancing_needed``: past ``margin`` to start, with hysteresis)
-  and the move raises the bottleneck by at least ``MIN_EFFICIENCY`` of what the mover brings (or, with
-  the bottleneck tied over several stages, serves one of them). Every move so raises the pair
+  and the move raises the bottleneck by at least ``MIN_EFFICIENCY`` of what the mover brings and by
+  ``MIN_GAIN`` of itself (or, with the bottleneck tied over several stages, serves one of them). Every move so raises the pair
   ``(bottleneck, -stages at the bottleneck)``, so moves cannot cycle (no flapping).
 
 Loads are numpy arrays of tokens/s per stage; nothing here knows about the network or the DHT.
@@ -42,10 +42,12 @@ __all__ = [
     "rebalancing_needed",
     "SETTLE",
     "MIN_EFFICIENCY",
+    "MIN_GAIN",
 ]
 
 SETTLE = 0.2  # fraction of the margin under which an ongoing rebalancing stops
 MIN_EFFICIENCY = 0.5  # share of a mover's throughput that must raise the bottleneck
+MIN_GAIN = 0.01  # and the least relative rise of the bottleneck a move is worth
 _TIE = 1e-9  # relative tolerance when comparing bottlenecks computed in floating point
 
 
@@ -174,6 +176,8 @@ def should_move(
     span = me.span
     without[span.start:span.start + span.count] -= contribution(me.compute, span.count, me.network)
     np.maximum(without, 0.0, out=without)
+    if _cannot_gain(loads, without, before, me, stage_bytes, memory_bytes, max_stages):
+        return None
     new = choose_stages(without, stage_bytes, compute=me.compute, memory_bytes=memory_bytes, network=me.network,
                         max_stages=max_stages)
     if new == span:
@@ -182,7 +186,7 @@ def should_move(
     after_loads[new.start:new.start + new.count] += contribution(me.compute, new.count, me.network)
     after = bottleneck(after_loads)
     share = contribution(me.compute, new.count, me.network)
-    if not _better(after_loads, after, loads, before, min_rise=MIN_EFFICIENCY * share):
+    if not _better(after_loads, after, loads, before, min_rise=max(MIN_EFFICIENCY * share, MIN_GAIN * before)):
         return None
     return Move(old=span, new=new, bottleneck_before=before, bottleneck_after=after)
 
@@ -197,6 +201,20 @@ def rebalancing_needed(loads: Sequence[float] | np.ndarray, margin: float, activ
     if low <= 0:
         return True
     return loads.mean() > low * (1 + (margin * SETTLE if active else margin))
+
+
+def _cannot_gain(loads: np.ndarray, without: np.ndarray, before: float, me: PlacedPeer,
+                 stage_bytes: Sequence[int], memory_bytes: int, max_stages: int | None) -> bool:
+    """A cheap exact ``no``: a span of at most ``m`` stages leaves one of the ``m + 1`` least-served
+    stages as it is, so when that one is already within ``MIN_GAIN`` of the bottleneck and the
+    bottleneck is a single stage, no move can pass ``_better``. Most peers of a settled swarm stop here."""
+    longest = min(spans_that_fit(stage_bytes, memory_bytes), max_stages or len(loads))
+    if longest >= len(loads) or before <= 0:
+        return False
+    tolerance = _TIE * max(before, 1.0)
+    if int(np.sum(loads <= before + tolerance)) > 1:
+        return False
+    return float(np.partition(without, longest)[longest]) < before * (1 + MIN_GAIN) - tolerance
 
 
 def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float, *, min_rise: float) -> bool:

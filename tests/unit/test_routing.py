@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from dht.schemas import PeerRecord, PeerState
-from peers.routing import coverage, expected_time, plan_route, plan_routes
+from peers.routing import coverage, expected_time, plan_route, plan_routes, record_loads
 from shards.types import LayerRange
 from swarm.errors import NoRoute
 
@@ -101,3 +101,12 @@ def test_plan_routes_spread_microbatches_by_speed(throughputs, count, expected):
     assert len(routes) == count
     assert Counter(route[0].peer_id for route in routes) == expected
     assert all(route[1].peer_id == "z" for route in routes)
+
+
+def test_record_loads_sum_live_peers_once_and_leave_out_the_asker():
+    records = {
+        0: [_timed("a", 0, 10), _timed("b", 0, 5, state=PeerState.LOADING), _timed("c", 0, 7, state=PeerState.DRAINING)],
+        1: [_timed("d", 1, 3), _timed("d", 1, 3), _timed("me", 1, 100), _timed("e", 1, 1, state=PeerState.OFFLINE)],
+    }
+    assert record_loads(3, records) == [15.0, 103.0, 0.0]
+    assert record_loads(3, records, exclude="me") == [15.0, 3.0, 0.0]
