@@ -131,7 +131,7 @@ class Peer:
         await self._announce(self.record.model_copy(update={"state": PeerState.ONLINE, "hardware": probe_hardware()}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
         if self._may_rebalance:
-            self._rebalance_task = asyncio.create_task(self._rebalance_forever(), name="peer-rebalance")
+            self.start_rebalancing()
         logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, self.record.throughput)
 
     @property
@@ -230,23 +230,46 @@ class Peer:
 
     # -- rebalancing ------------------------------------------------------------------------------
 
+    def start_rebalancing(self) -> None:
+        """Re-evaluate this peer's stage every ``rebalance_period`` (started on join unless the stage is
+        pinned; a pinned peer may be let loose later). Idempotent."""
+        if self._rebalance_task is None:
+            self._rebalance_task = asyncio.create_task(self._rebalance_forever(), name="peer-rebalance")
+
     async def _rebalance_forever(self) -> None:
-        peer, rng = self.settings.peer, random.Random()
+        period, rng = self.settings.peer.rebalance_period, random.Random()
         while True:
-            await asyncio.sleep(peer.rebalance_period * rng.uniform(0.5, 1.5))
+            await asyncio.sleep(period * rng.uniform(0.5, 1.5))
             try:
                 move = await self.consider_move()
                 if move is None:
                     continue
                 # the peer that gains most goes first: the others wait longer, then see its claim
-                await asyncio.sleep(peer.rebalance_period * 0.25 * rng.random() / (1 + min(move.gain, 10.0)))
+                await asyncio.sleep(period * 0.5 * rng.random() / (1 + min(move.gain, 3.0)))
                 move = await self.consider_move()
-                if move is not None:
+                if move is not None and await self._claim(move, settle=min(2.0, period / 4)):
                     await self.move_to(move)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a failed check or move must not stop serving; the next period retries
                 logger.warning("rebalancing failed: %s: %s", type(e).__name__, e)
+
+    async def _claim(self, move: Move, *, settle: float) -> bool:
+        """Announce ``loading`` for the new stage, give other claims ``settle`` seconds to show, and keep
+        the claim only if the move still holds with every other claim counted. Two peers that claimed
+        the same hole at the same moment both back off (and draw new random times): a claim that
+        survives this check is the only one."""
+        self._pending = self.record.model_copy(update={
+            "stage": move.new.start, "layers": self.manifest.stages[move.new.start], "state": PeerState.LOADING})
+        await self.dht.announce(self._pending)
+        await asyncio.sleep(settle)
+        again = await self.consider_move()
+        if again is not None and again.new == move.new:
+            return True
+        logger.info("another peer claimed stage %d first; staying on stage %d", move.new.start, self.record.stage)
+        await self.dht.withdraw(self._pending)
+        self._pending = None
+        return False
 
     async def consider_move(self) -> Move | None:
         """``should_move`` on the current DHT records, with this peer counted as it serves now."""
@@ -266,9 +289,10 @@ class Peer:
         old, new_stage = self.record, move.new.start
         logger.info("moving from stage %d to %d: bottleneck %.0f -> %.0f tokens/s", old.stage, new_stage,
                     move.bottleneck_before, move.bottleneck_after)
-        self._pending = old.model_copy(update={"stage": new_stage, "layers": self.manifest.stages[new_stage],
-                                               "state": PeerState.LOADING})
-        await self.dht.announce(self._pending)
+        if self._pending is None or self._pending.stage != new_stage:
+            self._pending = old.model_copy(update={"stage": new_stage, "layers": self.manifest.stages[new_stage],
+                                                   "state": PeerState.LOADING})
+            await self.dht.announce(self._pending)
         await self._announce(old.model_copy(update={"state": PeerState.DRAINING}))
         await self._drain()
         await self.dht.withdraw(self.record)

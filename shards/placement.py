@@ -47,7 +47,7 @@ __all__ = [
 
 SETTLE = 0.2  # fraction of the margin under which an ongoing rebalancing stops
 MIN_EFFICIENCY = 0.5  # share of a mover's throughput that must raise the bottleneck
-MIN_GAIN = 0.01  # and the least relative rise of the bottleneck a move is worth
+MIN_GAIN = 0.002  # and the least relative rise of the bottleneck a move is worth
 _TIE = 1e-9  # relative tolerance when comparing bottlenecks computed in floating point
 
 
@@ -205,16 +205,19 @@ def rebalancing_needed(loads: Sequence[float] | np.ndarray, margin: float, activ
 
 def _cannot_gain(loads: np.ndarray, without: np.ndarray, before: float, me: PlacedPeer,
                  stage_bytes: Sequence[int], memory_bytes: int, max_stages: int | None) -> bool:
-    """A cheap exact ``no``: a span of at most ``m`` stages leaves one of the ``m + 1`` least-served
-    stages as it is, so when that one is already within ``MIN_GAIN`` of the bottleneck and the
-    bottleneck is a single stage, no move can pass ``_better``. Most peers of a settled swarm stop here."""
+    """A cheap exact ``no``. A span of at most ``m`` stages leaves one of the ``m + 1`` least-served
+    stages as it is, so the bottleneck cannot rise above that stage; a move must raise it by at least
+    ``MIN_EFFICIENCY`` of the smallest share this peer could bring and ``MIN_GAIN``; with a single
+    stage at the bottleneck there is no tie to break either. Most peers of a settled swarm stop here."""
     longest = min(spans_that_fit(stage_bytes, memory_bytes), max_stages or len(loads))
     if longest >= len(loads) or before <= 0:
         return False
     tolerance = _TIE * max(before, 1.0)
     if int(np.sum(loads <= before + tolerance)) > 1:
         return False
-    return float(np.partition(without, longest)[longest]) < before * (1 + MIN_GAIN) - tolerance
+    least_share = contribution(me.compute, longest, me.network)
+    needed = max(MIN_EFFICIENCY * least_share, MIN_GAIN * before)
+    return float(np.partition(without, longest)[longest]) < before + needed - tolerance
 
 
 def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float, *, min_rise: float) -> bool:

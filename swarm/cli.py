@@ -140,10 +140,11 @@ def join(
     )
 
     async def serve(stop: asyncio.Event) -> None:
-        peer = Peer(settings)
-        start = asyncio.create_task(peer.start())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        with _measure_progress() as progress:
+            peer = Peer(settings, progress=progress)
+            start = asyncio.create_task(peer.start())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():  # Ctrl+C while still joining or loading
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,6 +152,7 @@ def join(
             await peer.stop()
             return
         start.result()
+        _print_measurement(peer)
         console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
                       f"as {peer.peer_id}; Ctrl+C to leave")
         await stop.wait()
@@ -239,3 +241,31 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def _measure_progress():
+    """A rich progress bar per measurement of ``swarm join`` (compute, network), as ``Peer`` reports them."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    labels = {"compute": "measuring compute for one stage", "network": "measuring links to peers"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(what: str, done: float) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(labels.get(what, what), total=1.0)
+            bar.update(tasks[what], completed=done)
+
+        yield progress
+
+
+def _print_measurement(peer: Any) -> None:
+    m = peer.measurement
+    if m is None:
+        return
+    link = (f"latency {m.latency_ms:.1f} ms, bandwidth {m.bandwidth_mbps:,.0f} Mbit/s" if m.latency_ms is not None
+            else "no peer to measure links against yet")
+    console.print(f"measured [bold]{m.throughput:,.0f} tokens/s[/] for one stage, {link}, "
+                  f"{m.memory_gib:.1f} GiB for stages")

@@ -37,10 +37,11 @@ class LocalSwarm:
         for i in range(self.num_peers):
             self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
 
-    def add_peer(self, stage: int | None = None) -> Peer:
+    def add_peer(self, stage: int | None = None, **peer: object) -> Peer:
         settings = load_settings(
-            run_id=self.run_id, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
-            peer={"stage": stage, "threads": 1},
+            run_id=self.run_id, state_dir=self.state_dir / f"peer{len(self.peers)}",
+            network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
+            peer={"stage": stage, "threads": 1, **peer},
         )
         peer = Peer(settings)
         self.peers.append(peer)
