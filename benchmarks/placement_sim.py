@@ -149,10 +149,11 @@ def draw_machine(seed: int, peer_id: str) -> SimPeer:
 
 
 def petals_choose(loads: np.ndarray, sizes: list[int], peer: SimPeer) -> Span:
-    """Petals: as many blocks as memory allows, at the window whose sorted throughputs are least."""
+    """Petals: as many blocks as memory allows, at the window whose sorted throughputs are least
+    (lexicographically; ties to the lowest start)."""
     count = peer.longest
     windows = np.sort(np.lib.stride_tricks.sliding_window_view(loads, count), axis=1)
-    best = min(range(len(windows)), key=lambda i: (tuple(windows[i]), i))
+    best = int(np.lexsort(windows.T[::-1])[0])  # lexsort's last key is the primary one
     return Span(best, count)
 
 

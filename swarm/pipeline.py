@@ -20,7 +20,7 @@ import torch
 
 from dht.schemas import Manifest, PeerRecord
 from peers.client import StageClient, StageInputs
-from peers.routing import Hop, Route, plan_route
+from peers.routing import Hop, Route, plan_routes
 from swarm.errors import NoRoute
 
 __all__ = ["RemotePipeline", "Trace", "RecordSource"]
@@ -59,6 +59,7 @@ class RemotePipeline:
         route_ttl: float = 10.0,
         route_wait: float = 120.0,
         seed: int | None = None,
+        spread: int = 4,
     ):
         self.manifest = manifest
         self.client = client
@@ -67,19 +68,31 @@ class RemotePipeline:
         self._route_time = 0.0
         self._route_ttl, self._route_wait = route_ttl, route_wait
         self._rng = random.Random(seed)
+        # routing by expected time: routes for ``spread`` microbatches are planned together and handed
+        # out in turn; the round trip beyond compute is observed per peer (ms, moving average)
+        self._spread = spread
+        self._routes: list[Route] = []
+        self._turn = 0
+        self._throughput: dict[str, float] = {}
+        self._overhead_ms: dict[str, float] = {}
 
-    async def route(self) -> Route:
-        """The current route, refreshed every ``route_ttl`` s; waits (bounded) for missing stages."""
-        if self._route is not None and time.monotonic() - self._route_time < self._route_ttl:
-            return self._route
+    async def route(self, tokens: int = 1) -> Route:
+        """The route of the next microbatch (of ``tokens`` tokens): every ``route_ttl`` s the records
+        are read again and routes for ``spread`` microbatches planned by expected time (throughput,
+        queued microbatches, observed latency); waits (bounded) for missing stages."""
+        if self._routes and time.monotonic() - self._route_time < self._route_ttl:
+            return self._next_route()
         deadline = time.monotonic() + self._route_wait
         attempt = 0
         while True:
             attempt += 1
             try:
-                self._route = plan_route(self.manifest.stages, await self._records(), rng=self._rng)
-                self._route_time = time.monotonic()
-                return self._route
+                records = await self._records()
+                self._routes = plan_routes(self.manifest.stages, records, self._spread, rng=self._rng,
+                                           tokens=tokens, latency_ms=dict(self._overhead_ms))
+                self._throughput = {r.peer_id: r.throughput for found in records.values() for r in found}
+                self._route_time, self._turn = time.monotonic(), 0
+                return self._next_route()
             except NoRoute as e:
                 if time.monotonic() > deadline:
                     raise NoRoute(f"{e} (waited {self._route_wait:.0f} s)") from None
@@ -91,16 +104,32 @@ class RemotePipeline:
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, *, train: bool
     ) -> tuple[torch.Tensor, Trace]:
         trace = Trace(num_samples=hidden.shape[0])
-        for hop in await self.route():
+        tokens = hidden.shape[0] * hidden.shape[1]
+        for hop in await self.route(tokens):
             request_id = uuid.uuid4().hex
             seed = self._rng.randrange(2**31)
             inputs = (hidden, mask, positions)
+            started = time.perf_counter()
             hidden = await self.client.forward(
                 hop.peer_id, hop.stage, hop.layers, request_id, inputs, train=train, seed=seed
             )
+            self._observe(hop.peer_id, time.perf_counter() - started, tokens)
             if train:
                 trace.hops.append(_HopTrace(hop, request_id, inputs, seed))
         return hidden, trace
+
+    def _next_route(self) -> Route:
+        self._route = self._routes[self._turn % len(self._routes)]
+        self._turn += 1
+        return self._route
+
+    def _observe(self, peer_id: str, seconds: float, tokens: int) -> None:
+        """Remember how much longer than its compute a call to ``peer_id`` took (network, queues)."""
+        throughput = self._throughput.get(peer_id, 0.0)
+        compute = tokens / throughput if throughput > 0 else 0.0
+        overhead_ms = max(seconds - compute, 0.0) * 1000
+        previous = self._overhead_ms.get(peer_id)
+        self._overhead_ms[peer_id] = overhead_ms if previous is None else 0.7 * previous + 0.3 * overhead_ms
 
     async def backward(self, trace: Trace, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output
