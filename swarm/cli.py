@@ -227,22 +227,6 @@ def demo(
     raise typer.Exit(run_demo(steps=steps, num_peers=peers, workdir=workdir, console=Console()))
 
 
-def main() -> None:
-    """Entry point: click reports bad flags itself (exit 2); swarm's own errors become one line."""
-    try:
-        app()
-    except SwarmError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl+C outside the serving loops (joining, training): no traceback
-        console.print("interrupted")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
-
-
 @contextlib.contextmanager
 def _measure_progress():
     """A rich progress bar per measurement of ``swarm join`` (compute, network), as ``Peer`` reports them."""
@@ -269,3 +253,19 @@ def _print_measurement(peer: Any) -> None:
             else "no peer to measure links against yet")
     console.print(f"measured [bold]{m.throughput:,.0f} tokens/s[/] for one stage, {link}, "
                   f"{m.memory_gib:.1f} GiB for stages")
+
+
+def main() -> None:
+    """Entry point: click reports bad flags itself (exit 2); swarm's own errors become one line."""
+    try:
+        app()
+    except SwarmError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl+C outside the serving loops (joining, training): no traceback
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

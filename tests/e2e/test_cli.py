@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
             # the measurement is shown; the second peer times its link to the first
             joined = (tmp_path / f"peer{i}.log").read_text()
             assert "tokens/s[/] for one stage" not in joined and " tokens/s for one stage" in joined
-            assert ("latency" in joined) == (i == 1), joined[-1500:]
+            assert bool(re.search(r"latency [0-9.]+ ms, bandwidth [0-9,]+ Mbit/s", joined)) == (i == 1), joined[-1500:]
         status = subprocess.run(SWARM + ["status", "--bootstrap", address, "--json"], capture_output=True,
                                 text=True, timeout=120, env=ENV)
         assert status.returncode == 0, status.stderr
