@@ -122,7 +122,7 @@ def bootstrap(
 @app.command()
 def join(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
-    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the least covered"),
+    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the one placement picks"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
@@ -130,7 +130,7 @@ def join(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
-    """Join a run: claim the least-covered stage, load its layers, serve until Ctrl+C."""
+    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
     from peers.server import Peer
 
     settings = _settings(

@@ -55,7 +55,7 @@ class BootstrapSettings(_Section):
 
 class PeerSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
-    stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
+    stage: int | None = Field(None, ge=0, description="serve this stage instead of the one placement picks")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
     memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
     rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
