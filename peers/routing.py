@@ -107,7 +107,9 @@ def coverage(num_stages: int, records: Mapping[int, Sequence[PeerRecord]]) -> li
     return [sum(r.state in live for r in records.get(i, ())) for i in range(num_stages)]
 
 
-def record_loads(num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | None = None) -> list[float]:
+def record_loads(
+    num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | None = None
+) -> list[float]:
     """Tokens/s claimed for each stage by live (loading or online) peers, each counted once per stage,
     leaving out ``exclude`` (the peer doing the sums adds itself as it sees fit). Draining peers are
     leaving and do not count: what placement balances."""

@@ -11,8 +11,8 @@ activations enter and leave a span once whatever its length).
 * ``should_move`` lets a serving peer re-run that choice without itself and answers a ``Move`` only
   when the swarm is out of balance (``rebalancing_needed``: past ``margin`` to start, with hysteresis)
   and the move raises the bottleneck by at least ``MIN_EFFICIENCY`` of what the mover brings and by
-  ``MIN_GAIN`` of itself (or, with the bottleneck tied over several stages, serves one of them). Every move so raises the pair
-  ``(bottleneck, -stages at the bottleneck)``, so moves cannot cycle (no flapping).
+  ``MIN_GAIN`` of itself (or, with the bottleneck tied over several stages, serves one of them).
+  Every move so raises the pair ``(bottleneck, -stages at the bottleneck)``: moves cannot cycle.
 
 Loads are numpy arrays of tokens/s per stage; nothing here knows about the network or the DHT.
 """
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from swarm.errors import InsufficientMemory
 
