@@ -104,6 +104,7 @@ class Result:
     max_empty: float
     empty_time: float
     series: list[tuple[int, float, float]] = field(default_factory=list)  # (period, bottleneck, upper bound)
+    routing: float = 1.0  # slowest replica's time over the ideal, for microbatches spread by plan_routes
 
     @property
     def vs_upper(self) -> float:
@@ -225,7 +226,7 @@ class Simulation:
                       f"moves so far {self.moves}")
         self._close_empty()
         return Result(self.rule, series[-1][1], series[-1][2], self._offline(), self.moves, self.joins, self.refused,
-                      self.max_empty, self.empty_time, series)
+                      self.max_empty, self.empty_time, series, self.routing_spread())
 
     def _on_arrive(self, peer_id: str) -> None:
         peer = draw_machine(self.args.seed, peer_id)
@@ -352,6 +353,30 @@ class Simulation:
         total = sum(min(p.compute, p.longest * p.network) for p in self.peers.values())
         return total / self.args.stages
 
+    def routing_spread(self, num_stages: int = 4, microbatches: int = 200, tokens: int = 2048) -> float:
+        """Run ``plan_routes`` over the final swarm's records of a few stages (the bottleneck one
+        included), one stage at a time, and return the worst stage's makespan over its ideal (all its
+        replicas busy in parallel, each by its throughput): 1.0 is perfect."""
+        from dht.schemas import PeerRecord, PeerState
+        from peers.routing import plan_routes
+        from shards.types import LayerRange
+
+        loads = self._recount()
+        picked = sorted({int(np.argmin(loads))} | set(self.rng.sample(range(self.args.stages), num_stages - 1)))
+        worst = 1.0
+        for stage in picked:
+            layers = LayerRange(start=stage, end=stage + 1)
+            records = [PeerRecord(peer_id=p.peer_id, stage=0, layers=layers, state=PeerState.ONLINE,
+                                  throughput=p.share()) for p in self.peers.values() if stage in p.span.stages]
+            routes = plan_routes([layers], {0: records}, microbatches, tokens=tokens, rng=self.rng)
+            speed = {r.peer_id: r.throughput for r in records}
+            given: dict[str, int] = {}
+            for route in routes:
+                given[route[0].peer_id] = given.get(route[0].peer_id, 0) + 1
+            slowest = max(count * tokens / speed[peer] for peer, count in given.items())
+            worst = max(worst, slowest / (microbatches * tokens / sum(speed.values())))
+        return worst
+
     def _offline(self) -> float:
         """All final peers known at once: largest capacity first, each placed by ``choose_stages``. A
         feasible placement, so a lower bound on the optimum."""
@@ -386,7 +411,7 @@ def _print(result: Result, seconds: float) -> None:
     print(f"  {result.rule:7s} bottleneck {result.bottleneck:12,.0f} tok/s | offline solver {result.offline:12,.0f} | "
           f"upper bound {result.upper_bound:12,.0f} | {result.vs_upper:6.1%} of bound | moves {result.moves:6d} | "
           f"joins {result.joins} (refused {result.refused}) | longest empty stage {result.max_empty:.2f} periods, "
-          f"total {result.empty_time:.2f} | {seconds:.1f} s")
+          f"total {result.empty_time:.2f} | routing {result.routing:.2f}x ideal | {seconds:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

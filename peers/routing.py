@@ -96,7 +96,9 @@ def plan_routes(
     for _ in range(count):
         route = plan_route(stages, records, banned=banned, rng=rng, tokens=tokens, queue=queue,
                            latency_ms=latency_ms)
-        queue.update(hop.peer_id for hop in route)
+        # a peer holding several stages of the route is busy with this microbatch once: its throughput
+        # is already per stage of everything it holds
+        queue.update({hop.peer_id for hop in route})
         routes.append(route)
     return routes
 
