@@ -104,7 +104,7 @@ class Result:
     max_empty: float
     empty_time: float
     series: list[tuple[int, float, float]] = field(default_factory=list)  # (period, bottleneck, upper bound)
-    routing: float = 1.0  # slowest replica's time over the ideal, for microbatches spread by plan_routes
+    routing: float = 1.0  # bottleneck stage: makespan of microbatches spread by plan_routes over the ideal
 
     @property
     def vs_upper(self) -> float:
@@ -353,29 +353,26 @@ class Simulation:
         total = sum(min(p.compute, p.longest * p.network) for p in self.peers.values())
         return total / self.args.stages
 
-    def routing_spread(self, num_stages: int = 4, microbatches: int = 200, tokens: int = 2048) -> float:
-        """Run ``plan_routes`` over the final swarm's records of a few stages (the bottleneck one
-        included), one stage at a time, and return the worst stage's makespan over its ideal (all its
-        replicas busy in parallel, each by its throughput): 1.0 is perfect."""
+    def routing_spread(self, tokens: int = 2048) -> float:
+        """Run ``plan_routes`` over the final swarm's records of the bottleneck stage, three microbatches
+        per replica, and return the makespan over the ideal (every replica busy in parallel, each by its
+        throughput): 1.0 is perfect."""
         from dht.schemas import PeerRecord, PeerState
         from peers.routing import plan_routes
         from shards.types import LayerRange
 
-        loads = self._recount()
-        picked = sorted({int(np.argmin(loads))} | set(self.rng.sample(range(self.args.stages), num_stages - 1)))
-        worst = 1.0
-        for stage in picked:
-            layers = LayerRange(start=stage, end=stage + 1)
-            records = [PeerRecord(peer_id=p.peer_id, stage=0, layers=layers, state=PeerState.ONLINE,
-                                  throughput=p.share()) for p in self.peers.values() if stage in p.span.stages]
-            routes = plan_routes([layers], {0: records}, microbatches, tokens=tokens, rng=self.rng)
-            speed = {r.peer_id: r.throughput for r in records}
-            given: dict[str, int] = {}
-            for route in routes:
-                given[route[0].peer_id] = given.get(route[0].peer_id, 0) + 1
-            slowest = max(count * tokens / speed[peer] for peer, count in given.items())
-            worst = max(worst, slowest / (microbatches * tokens / sum(speed.values())))
-        return worst
+        stage = int(np.argmin(self._recount()))
+        layers = LayerRange(start=stage, end=stage + 1)
+        records = [PeerRecord(peer_id=p.peer_id, stage=0, layers=layers, state=PeerState.ONLINE,
+                              throughput=p.share()) for p in self.peers.values() if stage in p.span.stages]
+        microbatches = 3 * len(records)
+        routes = plan_routes([layers], {0: records}, microbatches, tokens=tokens, rng=self.rng)
+        speed = {r.peer_id: r.throughput for r in records}
+        given: dict[str, int] = {}
+        for route in routes:
+            given[route[0].peer_id] = given.get(route[0].peer_id, 0) + 1
+        slowest = max(count * tokens / speed[peer] for peer, count in given.items())
+        return slowest / (microbatches * tokens / sum(speed.values()))
 
     def _offline(self) -> float:
         """All final peers known at once: largest capacity first, each placed by ``choose_stages``. A

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 logger = logging.getLogger(__name__)
 
-FAST = dict(rebalance=False, rebalance_period=1.0, drain_seconds=1.0)
-SLOW = dict(FAST, slowdown=0.1)
+PERIOD = 3.0  # short for the test, long enough that a claim shows in the DHT before others check
+FAST = dict(rebalance=False, rebalance_period=PERIOD, drain_seconds=1.0)
+SLOW = dict(FAST, slowdown=0.5)
 
 
 def _train_tokens_per_second(swarm, steps: int = 3) -> float:
@@ -60,18 +61,26 @@ def test_a_fast_peer_moves_to_the_bottleneck_stage(model_factory, swarm_factory)
     else:
         pytest.fail(f"no fast peer moved within 90 s: {[p.record.stage for p in swarm.peers]}")
 
+    time.sleep(2 * PERIOD)  # let any follow-up move finish; then a quiet round: nobody moves any more
+    settled = sum(len(p.moves) for p in swarm.peers)
+    time.sleep(2 * PERIOD)
+    assert sum(len(p.moves) for p in swarm.peers) == settled, "peers kept moving (flapping)"
+    assert all(p.record.state == PeerState.ONLINE for p in swarm.peers)
+
     stages = {id(p): p.record.stage for p in swarm.peers}
-    assert [stages[id(p)] for p in fast].count(1) == 1, "exactly one fast peer joins the slow stage"
+    # one fast peer goes to stage 1; a second follows only if the three fast peers measured very unevenly
+    # (then it raises the bottleneck too); nobody moves twice and the slow peer stays
+    assert 1 <= [stages[id(p)] for p in fast].count(1) <= 2
     assert stages[id(slow)] == 1 and not slow.moves
+    assert all(len(p.moves) <= 1 for p in fast)
+    for peer in fast:
+        for move in peer.moves:
+            assert (move.old.start, move.new.start) == (0, 1)
+            assert move.bottleneck_after > move.bottleneck_before
     mover = next(p for p in fast if p.moves)
-    move = mover.moves[0]
-    assert (move.old.start, move.new.start) == (0, 1)
-    assert move.bottleneck_after > move.bottleneck_before
-    time.sleep(3)  # a second rebalancing round: nobody else moves (no flapping)
-    assert sum(len(p.moves) for p in swarm.peers) == 1
 
     after = _loads(swarm)
-    assert min(after) > min(before)
+    assert min(after) > 2 * min(before)
     records = swarm.loop.run(mover.dht.all_records(2), timeout=30)
     assert {r.state for r in records[0] if r.peer_id == mover.peer_id} <= {PeerState.OFFLINE}
     assert any(r.peer_id == mover.peer_id and r.state == PeerState.ONLINE for r in records[1])
