@@ -39,6 +39,7 @@ def test_small_swarm_ends_near_the_optimum_and_fills_the_wiped_stage(sim, capsys
     assert ours["bottleneck"] >= 0.8 * ours["upper"], out
     assert ours["bottleneck"] >= 1.2 * petals["bottleneck"], out
     assert ours["empty"] <= 1.0 and ours["moves"] > 0
+    assert 1.0 <= ours["routing"] <= 1.3  # plan_routes keeps the bottleneck stage's replicas evenly busy
     assert "shock" in out and "VERDICT:" in out.splitlines()[-1]
     assert code in (0, 1)
 
@@ -58,4 +59,5 @@ def _figures(out: str, rule: str) -> dict[str, float]:
     def number(after: str) -> float:
         return float(line.split(after, 1)[1].split()[0].replace(",", ""))
     return {"bottleneck": number("bottleneck"), "offline": number("offline solver"), "upper": number("upper bound"),
-            "moves": number("moves"), "empty": number("longest empty stage")}
+            "moves": number("moves"), "empty": number("longest empty stage"),
+            "routing": float(line.split("routing", 1)[1].split("x")[0])}
