@@ -11,8 +11,10 @@ from dht.schemas import (
     OptimizerSettings,
     PeerRecord,
     PeerState,
+    TrainerRecord,
     manifest_key,
     stage_key,
+    trainers_key,
 )
 from dht.validators import RunSchemaValidator
 
@@ -29,6 +31,8 @@ __all__ = [
     "PeerState",
     "RunSchemaValidator",
     "SwarmDHT",
+    "TrainerRecord",
     "manifest_key",
     "stage_key",
+    "trainers_key",
 ]

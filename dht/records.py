@@ -27,8 +27,10 @@ from dht.schemas import (
     Manifest,
     PeerRecord,
     PeerState,
+    TrainerRecord,
     manifest_key,
     stage_key,
+    trainers_key,
 )
 from dht.validators import RunSchemaValidator
 from swarm.errors import ConfigError, NoRoute, PeerUnavailable
@@ -120,12 +122,15 @@ class SwarmDHT:
         return cls(dht, run_id, signer)
 
     @classmethod
-    def create_client(cls, run_id: str, initial_peers: Sequence[str], *, host: str | None = None) -> "SwarmDHT":
-        """A client-mode node (trainers, ``swarm status``). Its p2p daemon listens on loopback when
-        every initial peer is on loopback (a local swarm, tests), else on all interfaces."""
+    def create_client(cls, run_id: str, initial_peers: Sequence[str], *, host: str | None = None,
+                      client_mode: bool = True) -> "SwarmDHT":
+        """A node that serves no stage (trainers, ``swarm status``). Its p2p daemon listens on loopback
+        when every initial peer is on loopback (a local swarm, tests), else on all interfaces.
+        Trainers pass ``client_mode=False``: averaging their local parts with other trainers needs
+        peers that accept connections (hivemind's averager will not group client-mode peers alone)."""
         if host is None:
             host = "127.0.0.1" if all(p.startswith("/ip4/127.") for p in initial_peers) else "0.0.0.0"
-        return cls.create(run_id, initial_peers=initial_peers, host=host, client_mode=True)
+        return cls.create(run_id, initial_peers=initial_peers, host=host, client_mode=client_mode)
 
     @property
     def peer_id(self) -> str:
@@ -204,6 +209,24 @@ class SwarmDHT:
                 continue  # the schema validator already refuses these; a stale node may still hold one
             if record.stage == stage:
                 records.append(record)
+        return records
+
+    async def announce_trainer(self, record: TrainerRecord, ttl: float = RECORD_TTL) -> bool:
+        """Store (or refresh) this trainer's progress record."""
+        expiration = max(get_dht_time() + ttl, self._last_expiration.get(-1, 0.0) + 1e-3)
+        self._last_expiration[-1] = expiration
+        return await self.dht.store(trainers_key(self.run_id), record.model_dump(mode="json"),
+                                    expiration_time=expiration, subkey=self._subkey(), return_future=True)
+
+    async def trainer_records(self) -> list[TrainerRecord]:
+        """Valid, unexpired records of the run's trainers (online or not)."""
+        found = await self.dht.get(trainers_key(self.run_id), latest=True, return_future=True)
+        records = []
+        for entry in _entries(found):
+            try:
+                records.append(TrainerRecord.model_validate(entry.value))
+            except ValidationError:
+                continue
         return records
 
     async def all_records(self, num_stages: int) -> dict[int, list[PeerRecord]]:

@@ -6,6 +6,9 @@ see docs/design.md):
 * ``{run}_manifest``: the run's ``Manifest``, written by the bootstrap (subkey = its owner key).
 * ``{run}_stage_{i}``: one ``PeerRecord`` per peer serving stage ``i`` (subkey = the peer's owner key,
   so only that peer can overwrite it), expiring ``RECORD_TTL`` seconds after it was written.
+* ``{run}_trainers``: one ``TrainerRecord`` per trainer (subkey = its owner key): the collaborative
+  step it works on and the sequences it has contributed to it. The run's step closes when the
+  trainers' contributions to it reach the manifest's ``target_batch_size``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ __all__ = [
     "PeerState",
     "HardwareSummary",
     "PeerRecord",
+    "TrainerRecord",
     "manifest_key",
     "stage_key",
+    "trainers_key",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 RECORD_TTL = 60.0
 RECORD_REFRESH = 20.0
 MAX_STAGES = 1024
@@ -118,9 +123,35 @@ class PeerRecord(FrozenModel):
     memory_gib: float | None = Field(None, ge=0, description="memory this peer can give to stages")
 
 
+class TrainerRecord(FrozenModel):
+    """A trainer's progress: it contributes ``samples`` sequences to collaborative step ``step``.
+
+    ``prev_step`` / ``prev_samples`` keep what it gave the step before, so a slower trainer that still
+    waits on that step can count it after this one has moved on. ``online`` False: it has left.
+    """
+
+    version: int = PROTOCOL_VERSION
+    trainer_id: str = Field(min_length=1, max_length=128)
+    step: int = Field(0, ge=0)
+    samples: int = Field(0, ge=0)
+    prev_step: int = Field(-1, ge=-1)
+    prev_samples: int = Field(0, ge=0)
+    online: bool = True
+    updated: float = 0.0
+
+    def samples_in(self, step: int) -> int:
+        if step == self.step:
+            return self.samples
+        return self.prev_samples if step == self.prev_step else 0
+
+
 def manifest_key(run_id: str) -> str:
     return f"{run_id}_manifest"
 
 
 def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}_stage_{stage}"
+
+
+def trainers_key(run_id: str) -> str:
+    return f"{run_id}_trainers"

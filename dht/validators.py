@@ -13,7 +13,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel
 
-from dht.schemas import MAX_STAGES, Manifest, PeerRecord, manifest_key, stage_key
+from dht.schemas import MAX_STAGES, Manifest, PeerRecord, TrainerRecord, manifest_key, stage_key, trainers_key
 
 __all__ = ["RunSchemaValidator"]
 
@@ -23,7 +23,10 @@ class RunSchemaValidator(RecordValidatorBase):
 
     def __init__(self, run_id: str):
         self.run_id = run_id
-        self._models: dict[bytes, type[BaseModel]] = {_hashed(manifest_key(run_id)): Manifest}
+        self._models: dict[bytes, type[BaseModel]] = {
+            _hashed(manifest_key(run_id)): Manifest,
+            _hashed(trainers_key(run_id)): TrainerRecord,
+        }
         for stage in range(MAX_STAGES):
             self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
 

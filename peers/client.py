@@ -11,12 +11,15 @@ from peers.protocol import (
     BACKWARD,
     FORWARD,
     INFO,
+    STEP,
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
     ForwardResponse,
     InfoRequest,
     InfoResponse,
+    StepRequest,
+    StepResponse,
     parse_reply,
 )
 from peers.transport import Transport
@@ -54,7 +57,7 @@ class StageClient:
         *,
         train: bool,
         seed: int | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, ForwardResponse]:
         hidden, mask, positions = inputs
         request = ForwardRequest(
             stage=stage, layers=layers, request_id=request_id, train=train, seed=seed,
@@ -62,8 +65,8 @@ class StageClient:
         )
         tensors = [t for t in (hidden, mask, positions) if t is not None]
         reply, out = await self._call(peer_id, FORWARD, request, tensors)
-        parse_reply(ForwardResponse, reply)
-        return _single(out, "forward")
+        response = parse_reply(ForwardResponse, reply)
+        return _single(out, "forward"), response
 
     async def backward(
         self,
@@ -93,6 +96,12 @@ class StageClient:
         reply, out = await self._call(peer_id, BACKWARD, request, tensors)
         response = parse_reply(BackwardResponse, reply)
         return _single(out, "backward"), response
+
+    async def step(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str],
+                   scheduled_time: float) -> StepResponse:
+        request = StepRequest(stage=stage, layers=layers, step=step, members=members, scheduled_time=scheduled_time)
+        reply, _ = await self._call(peer_id, STEP, request, [])
+        return parse_reply(StepResponse, reply)
 
     async def info(self, peer_id: str) -> InfoResponse:
         reply, _ = await self._call(peer_id, INFO, InfoRequest(), [])

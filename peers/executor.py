@@ -6,6 +6,10 @@ are only ever touched by that thread and need no locks; the event loop stays fre
 Backward reuses the graph kept from the forward of the same ``request_id`` when it is still cached;
 otherwise it recomputes the forward from the inputs the trainer resends (the stateless fallback that
 lets any replica take a backward), with the same dropout seed so the result is identical.
+
+Gradients accumulate (summed, as ``.grad`` does locally) until a ``StepRequest`` closes the
+collaborative step: then the replicas named in it sum their gradients through a ``GradientSync`` and
+each applies the same AdamW step. A lone replica steps at once, with no matchmaking.
 """
 
 from __future__ import annotations
@@ -20,9 +24,17 @@ from typing import Iterator, Sequence
 import torch
 
 from dht.schemas import OptimizerSettings
-from peers.protocol import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
+from peers.averaging import GradientSync
+from peers.protocol import (
+    BackwardRequest,
+    BackwardResponse,
+    ForwardRequest,
+    ForwardResponse,
+    StepRequest,
+    StepResponse,
+)
 from shards.types import LayerRange
-from swarm.errors import BadRequest, CacheMiss, WrongStage
+from swarm.errors import AveragingFailed, BadRequest, CacheMiss, StaleReplica, WrongStage
 
 __all__ = ["StageExecutor", "ForwardInputs"]
 
@@ -57,18 +69,19 @@ class StageExecutor:
         stage: int,
         layers: LayerRange,
         optimizer: OptimizerSettings,
-        target_batch_size: int,
         *,
         cache_size: int = 64,
         cache_ttl: float = 300.0,
         max_tokens: int = 1 << 20,
+        sync: GradientSync | None = None,
+        averaging_timeout: float = 15.0,
     ):
+        """``sync`` sums the stage's gradients with other replicas; a lone replica never uses it."""
         self.module = module
         self.stage = stage
         self.layers = layers
         self.hidden_size: int = module.hidden_size
         self.dtype = next(module.parameters()).dtype
-        self.target_batch_size = target_batch_size
         self.optimizer = torch.optim.AdamW(
             module.parameters(),
             lr=optimizer.lr,
@@ -83,6 +96,8 @@ class StageExecutor:
         # does not accumulate its gradient twice
         self._done: OrderedDict[str, tuple[BackwardResponse, torch.Tensor]] = OrderedDict()
         self._cache_size, self._cache_ttl, self._max_tokens = cache_size, cache_ttl, max_tokens
+        self.sync, self.averaging_timeout = sync, averaging_timeout
+        self._applied: OrderedDict[int, StepResponse] = OrderedDict()  # recent steps, for idempotency
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -138,7 +153,8 @@ class StageExecutor:
         else:
             with torch.no_grad(), _seeded(request.seed):
                 outputs = self._run(inputs.hidden_states, inputs)
-        reply = ForwardResponse(request_id=request.request_id, compute_ms=_ms_since(started))
+        reply = ForwardResponse(request_id=request.request_id, compute_ms=_ms_since(started),
+                                optimizer_step=self.optimizer_step)
         return reply, outputs.detach()
 
     def backward(
@@ -159,12 +175,11 @@ class StageExecutor:
         self.check_hidden(grad_output, "grad_output", like=cached.outputs)
         torch.autograd.backward(cached.outputs, grad_output)
         grad_input = cached.inputs.grad
-        stepped = self._accumulate(request.num_samples)
+        self.accumulated_samples += request.num_samples
         reply = BackwardResponse(
             request_id=request.request_id,
             compute_ms=_ms_since(started),
             optimizer_step=self.optimizer_step,
-            stepped=stepped,
         )
         self._done[request.request_id] = (reply, grad_input.detach())
         while len(self._done) > self._cache_size:
@@ -174,16 +189,46 @@ class StageExecutor:
     def _run(self, hidden: torch.Tensor, inputs: ForwardInputs) -> torch.Tensor:
         return self.module(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)
 
-    def _accumulate(self, num_samples: int) -> bool:
-        self.accumulated_samples += num_samples
-        if self.accumulated_samples < self.target_batch_size:
-            return False
+    def apply_step(self, request: StepRequest, me: str) -> StepResponse:
+        """Close collaborative step ``request.step``: sum the accumulated gradients with the other
+        members (none: a lone replica steps at once), step AdamW, and start the next step."""
+        if request.step in self._applied:
+            return self._applied[request.step]
+        if request.step < self.optimizer_step:
+            raise BadRequest(f"step {request.step} is behind this stage's step {self.optimizer_step}")
+        if me not in request.members:
+            raise BadRequest(f"this peer ({me[-8:]}) is not among the members of step {request.step}")
+        others = [m for m in request.members if m != me]
+        if request.step > self.optimizer_step:
+            if others:
+                raise StaleReplica(f"stage {self.stage} here is at step {self.optimizer_step}, the run at "
+                                   f"step {request.step}: this replica must load the current state first")
+            logger.warning("stage %d was at step %d and the run is at step %d: %d step(s) of layers %s were "
+                           "lost (restored from an older checkpoint)", self.stage, self.optimizer_step,
+                           request.step, request.step - self.optimizer_step, self.layers)
+        params = list(self.module.parameters())
+        if others:
+            if self.sync is None:
+                raise AveragingFailed(f"stage {self.stage} here cannot average: it has no averager")
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            summed = self.sync.sum(grads, step=request.step, members=request.members, me=me,
+                                   scheduled_time=request.scheduled_time, timeout=self.averaging_timeout)
+            for param, grad in zip(params, summed):
+                param.grad = grad.to(param.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_step += 1
-        self.accumulated_samples = 0
-        logger.debug("stage %d stepped its optimizer: step %d", self.stage, self.optimizer_step)
-        return True
+        reply = StepResponse(step=request.step, optimizer_step=request.step + 1,
+                             samples=self.accumulated_samples, group_size=len(request.members))
+        self.optimizer_step, self.accumulated_samples = request.step + 1, 0
+        self._applied[request.step] = reply
+        while len(self._applied) > 8:
+            self._applied.popitem(last=False)
+        logger.debug("stage %d applied step %d with %d member(s)", self.stage, request.step, len(request.members))
+        return reply
+
+    def shutdown(self) -> None:
+        if self.sync is not None:
+            self.sync.shutdown()
 
     def _remember(self, request_id: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         now = time.monotonic()

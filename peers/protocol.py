@@ -1,4 +1,4 @@
-"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.info``).
+"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.step``, ``.info``).
 
 A call carries one of these messages (msgpack of its JSON form) plus a list of tensors; the message
 says what the tensors are. Tensor order, fixed per message:
@@ -7,6 +7,8 @@ says what the tensors are. Tensor order, fixed per message:
   then position_ids[b, s] if ``has_position_ids``.  Reply: hidden_states[b, s, h].
 * BackwardRequest: grad_output[b, s, h], then (only if ``with_inputs``) the forward's tensors again,
   for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
+* StepRequest: no tensors. Applies the optimizer step that closes a collaborative step, after the
+  replicas named in ``members`` have averaged their accumulated gradients.  Reply: no tensors.
 
 A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError class>, "message": ...}}``.
 """
@@ -29,6 +31,9 @@ __all__ = [
     "ForwardResponse",
     "BackwardRequest",
     "BackwardResponse",
+    "STEP",
+    "StepRequest",
+    "StepResponse",
     "InfoRequest",
     "InfoResponse",
     "parse_request",
@@ -43,6 +48,7 @@ __all__ = [
 FORWARD = "swarm.stage.forward"
 BACKWARD = "swarm.stage.backward"
 INFO = "swarm.stage.info"
+STEP = "swarm.stage.step"
 
 
 class _Message(FrozenModel):
@@ -64,13 +70,13 @@ class ForwardRequest(_Message):
 class ForwardResponse(_Message):
     request_id: str
     compute_ms: float
+    optimizer_step: int = Field(0, description="optimizer steps this stage has taken")
 
 
 class BackwardRequest(_Message):
     """Backpropagate ``grad_output`` through the forward ``request_id`` and accumulate parameter grads.
 
-    ``num_samples`` (rows of this microbatch) counts towards the run's target batch size; the stage
-    steps its optimizer when the count reaches it.
+    ``num_samples`` (rows of this microbatch) is counted; the optimizer steps only on a ``StepRequest``.
     """
 
     stage: int = Field(ge=0)
@@ -86,8 +92,29 @@ class BackwardRequest(_Message):
 class BackwardResponse(_Message):
     request_id: str
     compute_ms: float
-    optimizer_step: int = Field(description="optimizer steps this stage has taken after this call")
-    stepped: bool = Field(description="whether this call completed a batch and stepped the optimizer")
+    optimizer_step: int = Field(description="optimizer steps this stage has taken")
+
+
+class StepRequest(_Message):
+    """Close collaborative step ``step``: average the gradients accumulated since the last step with
+    the other ``members`` (peer ids of this stage's replicas taking part, this peer included), then
+    step the optimizer. Idempotent: a replica that already applied ``step`` replies as it did then.
+
+    ``scheduled_time`` (DHT time) is when the members meet to average, the same for all of them.
+    """
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    step: int = Field(ge=0)
+    members: list[str] = Field(min_length=1, max_length=256)
+    scheduled_time: float = 0.0
+
+
+class StepResponse(_Message):
+    step: int = Field(description="the collaborative step that was applied")
+    optimizer_step: int = Field(description="optimizer steps this stage has taken after it")
+    samples: int = Field(description="sequences this replica had accumulated for that step")
+    group_size: int = Field(description="replicas whose gradients were averaged")
 
 
 class InfoRequest(_Message):

@@ -31,6 +31,7 @@ import torch
 
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
+from peers.averaging import HivemindGradientSync
 from peers.executor import StageExecutor
 from peers.hardware import probe_hardware
 from peers.measure import (
@@ -82,6 +83,7 @@ class Peer:
         self._transport: P2PTransport | None = None
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
+        self._sync: HivemindGradientSync | None = None
         self._closed = asyncio.Event()
         self._started = False
         # every torch call of this peer runs on this one thread (see StageService)
@@ -190,11 +192,17 @@ class Peer:
     # -- serving ----------------------------------------------------------------------------------
 
     async def _serve_stage(self, stage: int) -> StageService:
-        """Load ``stage`` and wrap it in a service (handlers are registered once, see ``_dispatch``)."""
+        """Load ``stage``, start its replicas' averager and wrap both in a service (handlers are
+        registered once, see ``_dispatch``)."""
         module = await self._in_compute(self._load_stage_state, self.manifest, stage)
+        # the averager forks a process: started before the stage serves (see issue 4's note: a fork
+        # inherits open request streams); on a move the old stage has drained by now
+        prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
+        self._sync = sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix,
+                                                    list(module.parameters()))
         executor = StageExecutor(
-            module, stage, self.manifest.stages[stage], self.manifest.optimizer, self.manifest.target_batch_size,
-            cache_size=self.settings.peer.cache_size,
+            module, stage, self.manifest.stages[stage], self.manifest.optimizer,
+            cache_size=self.settings.peer.cache_size, sync=sync, averaging_timeout=self.settings.peer.averaging_timeout,
         )
         return StageService(executor, self.peer_id, worker=self._compute)
 
@@ -366,6 +374,8 @@ class Peer:
                 await self._transport.p2p.shutdown()
         if self.service is not None:
             self.service.shutdown()
+        elif self._sync is not None:  # stopped between starting the averager and serving
+            self._sync.shutdown()
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)

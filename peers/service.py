@@ -18,10 +18,12 @@ from peers.protocol import (
     BACKWARD,
     FORWARD,
     INFO,
+    STEP,
     BackwardRequest,
     ForwardRequest,
     InfoRequest,
     InfoResponse,
+    StepRequest,
     error_reply,
     ok_reply,
     parse_request,
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 class StageService:
-    """Serves one stage's ``forward``/``backward``/``info`` over a transport."""
+    """Serves one stage's ``forward``/``backward``/``step``/``info`` over a transport."""
 
     def __init__(self, executor: StageExecutor, peer_id: str, *, worker: ThreadPoolExecutor | None = None):
         """``worker`` is the peer's one compute thread (the one that loaded the stage: torch keeps an
@@ -56,6 +58,7 @@ class StageService:
         return {
             FORWARD: self._guarded(self.rpc_forward),
             BACKWARD: self._guarded(self.rpc_backward),
+            STEP: self._guarded(self.rpc_step),
             INFO: self._guarded(self.rpc_info),
         }
 
@@ -79,6 +82,14 @@ class StageService:
             raise BadRequest(f"backward without inputs takes 1 tensor, got {len(tensors)}")
         reply, grad_input = await self._in_worker(self.executor.backward, request, grad_output, inputs)
         return ok_reply(reply), [grad_input]
+
+    async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(StepRequest, message)
+        self.executor.check_target(request.stage, request.layers)
+        if tensors:
+            raise BadRequest(f"step takes no tensors, got {len(tensors)}")
+        reply = await self._in_worker(self.executor.apply_step, request, self.peer_id)
+        return ok_reply(reply), []
 
     async def rpc_info(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         parse_request(InfoRequest, message)
@@ -115,5 +126,6 @@ class StageService:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def shutdown(self) -> None:
+        self.executor.shutdown()
         if self._owns_worker:
             self._worker.shutdown(wait=True, cancel_futures=True)

@@ -126,6 +126,8 @@ class InMemoryTransport:
         decoded = msgpack.unpackb(msgpack.packb(message))
         try:
             reply, out = await asyncio.wait_for(handler(decoded, [t.detach().clone() for t in tensors]), timeout)
+        except asyncio.TimeoutError:
+            raise StageTimeout(f"{method} on {peer_id} took longer than {timeout} s") from None
         except SwarmError as e:
             reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
         if self.lose_replies.get((peer_id, method), 0) > 0:

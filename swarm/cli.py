@@ -202,6 +202,7 @@ def train_command(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
+    from swarm.pipeline import FaultPolicy
     from swarm.train import train
 
     _interrupt_on_sigterm()
@@ -209,9 +210,12 @@ def train_command(
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:
         raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
+    trainer = settings.trainer
+    policy = FaultPolicy(ban_time=trainer.ban_time, averaging_window=trainer.averaging_window,
+                         step_wait=trainer.step_wait)
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
-          batch_size=batch_size, seed=seed, timeout=settings.trainer.timeout, result_path=result_json,
-          console=Console())
+          batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
+          microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console())
 
 
 @app.command()

@@ -66,11 +66,15 @@ class PeerSettings(_Section):
                                  "(trainers refresh routes every 10 s), then until idle")
     slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "
                             "(tests and demos of a slow peer)")
+    averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
 
 
 class TrainerSettings(_Section):
     microbatch_size: int | None = Field(None, ge=1)
     timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
+    ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes")
+    averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")
+    step_wait: float = Field(60.0, ge=0, description="seconds to wait for other trainers to finish a step")
 
 
 class SwarmSettings(BaseSettings):

@@ -8,8 +8,10 @@
     │   └── WrongStage                  the request names layers this peer does not hold
     ├── ProtocolMismatch            the other side speaks another protocol version
     ├── CacheMiss                   a backward asked for a forward this peer no longer holds
+    ├── StaleReplica                a replica is behind the run's step and must not be averaged with
     ├── PeerUnavailable             a peer did not answer or is not in the DHT
-    │   └── StageTimeout                a stage call ran past its deadline
+    │   ├── StageTimeout                a stage call ran past its deadline
+    │   └── AveragingFailed             replicas could not average a step with the expected group
     ├── NoRoute                     some stage has no live peer
     ├── AuthRejected                credentials missing or wrong
     ├── CapacityExceeded            a peer is full
@@ -17,13 +19,16 @@
     └── DelegationRefused           a strong peer declined a delegation session
 
 Errors cross the wire as ``(code, message)``: ``code`` is the class name, so the receiving side
-re-raises the same type (see ``error_from_wire``). What the data plane does about each type (retry,
-re-route, abort) is decided in one table, ``RETRYABLE`` below.
+re-raises the same type (see ``error_from_wire``). What the data plane does about each type is decided
+in two tables below: ``RETRYABLE`` (may the same request be tried again at all) and ``RECOVERY`` (what
+the trainer does when a stage call fails: retry the same peer, re-route to another replica, or abort).
 
 This module imports nothing from the project so every layer (shards included) can use it.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 __all__ = [
     "SwarmError",
@@ -34,8 +39,10 @@ __all__ = [
     "WrongStage",
     "ProtocolMismatch",
     "CacheMiss",
+    "StaleReplica",
     "PeerUnavailable",
     "StageTimeout",
+    "AveragingFailed",
     "NoRoute",
     "AuthRejected",
     "CapacityExceeded",
@@ -44,6 +51,9 @@ __all__ = [
     "RETRYABLE",
     "error_from_wire",
     "is_retryable",
+    "Recovery",
+    "RECOVERY",
+    "recovery_for",
 ]
 
 
@@ -79,12 +89,22 @@ class CacheMiss(SwarmError):
     """A backward referred to a forward whose graph this peer no longer holds; resend the inputs."""
 
 
+class StaleReplica(SwarmError):
+    """A replica missed collaborative steps that its peers applied; it must load the current state
+    from a live replica before it takes part again."""
+
+
 class PeerUnavailable(SwarmError):
     """A peer did not answer, refused the connection or has left the DHT."""
 
 
 class StageTimeout(PeerUnavailable):
     """A call to a stage ran past its deadline."""
+
+
+class AveragingFailed(PeerUnavailable):
+    """The replicas of a stage could not average a step's gradients with exactly the expected group
+    (a member left or missed the round). Nothing was applied; the step can be tried again."""
 
 
 class NoRoute(SwarmError):
@@ -122,7 +142,7 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     cls.__name__: cls
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
-        ProtocolMismatch, CacheMiss, PeerUnavailable, StageTimeout, NoRoute, AuthRejected,
+        ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute, AuthRejected,
         CapacityExceeded, DelegationRefused, InsufficientMemory,
     )
 }
@@ -140,3 +160,34 @@ def error_from_wire(code: str, message: str) -> SwarmError:
     """Rebuild the error a peer reported; unknown codes become a plain ``SwarmError``."""
     cls = _BY_NAME.get(code, SwarmError)
     return cls(message)
+
+
+class Recovery(str, Enum):
+    """What the trainer does when a call to a stage's peer fails."""
+
+    RETRY = "retry"  # the same peer again (every stage call is idempotent by request id)
+    REROUTE = "reroute"  # ban the peer for a while and replay its work on another replica
+    ABORT = "abort"  # the request itself is wrong: it would fail on every replica
+
+
+# Decided once, here. A peer that is gone, hangs or errs is routed around (its work replayed on
+# another replica of the stage); when it is the stage's only replica the trainer retries it, since a
+# lost reply is far more common than a dead peer. A malformed request fails everywhere: abort. A peer
+# that now serves other layers, or speaks another protocol, is routed around like a dead one.
+RECOVERY: dict[type[SwarmError], Recovery] = {
+    WrongStage: Recovery.REROUTE,
+    BadRequest: Recovery.ABORT,
+    ProtocolMismatch: Recovery.REROUTE,
+    AuthRejected: Recovery.ABORT,
+    PeerUnavailable: Recovery.REROUTE,
+    CapacityExceeded: Recovery.REROUTE,
+    SwarmError: Recovery.REROUTE,  # an internal error on that peer: another replica may do better
+}
+
+
+def recovery_for(error: BaseException) -> Recovery:
+    """Look the error's type (or its nearest listed base) up in ``RECOVERY``; non-swarm errors abort."""
+    for cls in type(error).__mro__:
+        if cls in RECOVERY:
+            return RECOVERY[cls]
+    return Recovery.ABORT

@@ -2,9 +2,12 @@
 
 Embeddings, the final norm and the LM head are local parameters (so any loss and any local optimizer
 work as usual); the layers in between are computed by the peers of the route, forward and backward,
-through a custom autograd function. The stages step their own AdamW (the manifest's settings) each
-time they have accumulated ``target_batch_size`` sequences of gradients, so a trainer whose batch
-has that many rows steps in lockstep with them: ``loss.backward(); optimizer.step()``.
+through a custom autograd function. Each backward pass commits its sequences to the run's
+collaborative step; when the trainers' commits reach ``target_batch_size`` the step closes and the
+stages apply it (their replicas averaging gradients) before ``backward`` returns. A lone trainer whose
+batch has that many rows therefore steps in lockstep with the stages: ``loss.backward();
+optimizer.step()``. Several trainers (data parallel) use ``model.create_optimizer()``, which also sums
+their local gradients with hivemind averaging, so their embeddings and head stay equal.
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from hivemind.utils import get_dht_time
+
 from dht.records import SwarmDHT
 from dht.schemas import Manifest
+from peers.averaging import HivemindGradientSync
 from peers.client import StageClient
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
 from shards.source import resolve_model
 from swarm._loop import LoopThread
-from swarm.errors import ConfigError
-from swarm.pipeline import RemotePipeline, Trace
+from swarm.errors import ConfigError, SwarmError
+from swarm.pipeline import FaultPolicy, RemotePipeline, Trace
+from swarm.steps import DHTCoordinator
 
-__all__ = ["SwarmModelForCausalLM", "CausalLMOutput"]
+__all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "SwarmOptimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ class SwarmModelForCausalLM(nn.Module):
         *,
         microbatch_size: int | None = None,
         resources: Sequence = (),
+        trainer_sync: HivemindGradientSync | None = None,
     ):
         super().__init__()
         self.local = local
@@ -72,6 +80,7 @@ class SwarmModelForCausalLM(nn.Module):
         self.microbatch_size = microbatch_size
         self._runner = runner
         self._resources = list(resources)
+        self._trainer_sync = trainer_sync
 
     @classmethod
     def from_pretrained(
@@ -84,17 +93,19 @@ class SwarmModelForCausalLM(nn.Module):
         timeout: float = 120.0,
         route_wait: float = 120.0,
         host: str | None = None,
+        policy: FaultPolicy = FaultPolicy(),
     ) -> "SwarmModelForCausalLM":
-        """Join the run's DHT as a client, check ``model`` against the run's manifest, and load only
-        the local parts. ``model`` defaults to the manifest's model (a hub id or a shared path).
-        ``host`` is where this client's p2p daemon listens: by default loopback when every initial
-        peer is on loopback (a local swarm, tests), else all interfaces."""
+        """Join the run's DHT, check ``model`` against the run's manifest, and load only the local
+        parts. ``model`` defaults to the manifest's model (a hub id or a shared path). ``host`` is
+        where this trainer's p2p daemon listens: by default loopback when every initial peer is on
+        loopback (a local swarm, tests), else all interfaces. ``timeout`` bounds one stage call (a peer
+        that hangs longer is routed around); ``policy`` sets the other fault-tolerance bounds."""
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         runner = LoopThread("swarm-trainer")
-        dht = None
+        dht = trainer_sync = None
         try:
-            dht = SwarmDHT.create_client(run_id, initial_peers, host=host)
+            dht = SwarmDHT.create_client(run_id, initial_peers, host=host, client_mode=False)
             manifest = runner.run(dht.wait_manifest(timeout))
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
@@ -104,22 +115,48 @@ class SwarmModelForCausalLM(nn.Module):
                 )
             local = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
             transport = runner.run(_p2p_transport(dht))
+            coordinator = DHTCoordinator(dht, manifest.target_batch_size, me=dht.peer_id)
+            runner.run(coordinator.start(0))
             pipeline = RemotePipeline(
                 manifest,
-                StageClient(transport, timeout=timeout),
+                StageClient(transport, timeout=timeout, attempts=1),  # the pipeline retries and fails over
                 lambda: dht.all_records(manifest.num_stages),
+                coordinator=coordinator,
+                policy=policy,
                 route_wait=route_wait,
             )
+            # started before any stream is open (see peers.server): sums local parts with other trainers
+            trainer_sync = HivemindGradientSync(dht.dht, f"{manifest.run_id}_trainers".replace(".", "_"),
+                                                [p for p in local.parameters() if p.requires_grad],
+                                                window=policy.averaging_window)
         except BaseException:
+            if trainer_sync is not None:
+                trainer_sync.shutdown()
             if dht is not None:
                 dht.shutdown()
             runner.stop()
             raise
-        return cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht])
+        return cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht],
+                   trainer_sync=trainer_sync)
 
     @property
     def target_batch_size(self) -> int:
         return self.manifest.target_batch_size
+
+    @property
+    def step(self) -> int:
+        """The run's collaborative step as this trainer knows it (steps applied so far)."""
+        return self.pipeline.step or 0
+
+    @property
+    def trainer_id(self) -> str:
+        return self.pipeline.coordinator.me
+
+    def create_optimizer(self, **overrides) -> "SwarmOptimizer":
+        """AdamW over the local parameters with the run's settings, stepping with the swarm: it steps
+        when a backward closed a collaborative step, summing local gradients with the other trainers
+        of that step first (and keeps accumulating otherwise)."""
+        return SwarmOptimizer(self, **overrides)
 
     def forward(
         self,
@@ -180,10 +217,27 @@ class SwarmModelForCausalLM(nn.Module):
         grads = []
         for rows, trace in zip(self._microbatches(grad_output.shape[0]), traces):
             grads.append(self._runner.run(self.pipeline.backward(trace, grad_output[rows].contiguous())))
+        self._runner.run(self.pipeline.commit(grad_output.shape[0]))
         return torch.cat(grads, dim=0)
+
+    def _sum_with_trainers(self, grads: list[torch.Tensor], step: int, trainers: Sequence[str]) -> list[torch.Tensor]:
+        if self._trainer_sync is None:
+            raise SwarmError("this trainer has no averager (it was not made by from_pretrained)")
+        window = self.pipeline.policy.averaging_window
+        return self._trainer_sync.sum(grads, step=step, members=trainers, me=self.trainer_id,
+                                      scheduled_time=get_dht_time() + window, timeout=window + 30.0)
 
     def close(self) -> None:
         """Leave the swarm: stop the P2P client, the DHT process and the event loop. Idempotent."""
+        if self._trainer_sync is not None:
+            self._trainer_sync.shutdown()
+            self._trainer_sync = None
+        coordinator = self.pipeline.coordinator
+        if self._resources and isinstance(coordinator, DHTCoordinator):
+            try:
+                self._runner.run(coordinator.leave(), timeout=5)
+            except Exception as e:  # leaving early is fine: the record expires anyway
+                logger.debug("trainer record withdrawal: %s", e)
         for resource in reversed(self._resources):
             if isinstance(resource, P2PTransport):
                 try:
@@ -200,6 +254,52 @@ class SwarmModelForCausalLM(nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SwarmOptimizer:
+    """The trainer's optimizer for its local parameters (embeddings, final norm, head), in step with
+    the swarm. ``step()`` after ``loss.backward()``: if that backward closed a collaborative step, the
+    local gradients are summed with those of the step's other trainers (hivemind averaging), AdamW
+    steps and ``zero_grad()`` clears them; otherwise the step is still open and both keep the
+    gradients accumulating, exactly as the stages do."""
+
+    def __init__(self, model: SwarmModelForCausalLM, **overrides):
+        settings = model.manifest.optimizer
+        kwargs = dict(lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), **(kwargs | overrides))
+        self._stepped = False
+
+    def step(self) -> bool:
+        """Returns whether it stepped (a collaborative step had closed)."""
+        status = self.model.pipeline.last_closed
+        self._stepped = status is not None
+        if status is None:
+            return False
+        others = [t for t in status.trainers if t != self.model.trainer_id]
+        if others:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            try:
+                summed = self.model._sum_with_trainers(grads, status.step, status.trainers)
+            except SwarmError as e:  # the other trainer left mid-step: our own gradients still count
+                logger.warning("step %d: could not sum local gradients with %d other trainer(s): %s",
+                               status.step, len(others), e)
+            else:
+                for param, grad in zip(params, summed):
+                    param.grad = grad
+        self.optimizer.step()
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._stepped:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:

@@ -1,9 +1,18 @@
-"""The trainer's side of the data plane: send a batch through the route, forward and backward.
+"""The trainer's side of the data plane: batches through the route, forward and backward, and the
+collaborative step that closes them, surviving peers that die, hang or err mid-step.
 
 Hops are client-mediated: the trainer calls stage 0, then stage 1 with stage 0's output, and so on,
 and in reverse for gradients. A ``Trace`` remembers, per stage, the peer and the inputs of each
 forward so the backward can go to the same peer (which still holds the graph) or, after a
-``CacheMiss``, resend the inputs.
+``CacheMiss`` or a failover, to another replica with the inputs resent.
+
+Fault tolerance: every backward a replica accumulates in the open step is kept in a ledger (its
+inputs and gradient) until the step is applied. When a call fails, ``swarm.errors.recovery_for``
+decides: abort (a malformed request), or route around the peer: it is banned for ``ban_time`` and
+everything it had accumulated in this step is replayed on another replica of its stage, so no
+microbatch is lost; a banned peer is never a member of the step, so nothing it held is applied
+twice. The only replica of a stage is retried a few times first (a lost reply is far likelier than a
+dead peer); after that the trainer waits, bounded and saying so, for a peer to take the stage over.
 """
 
 from __future__ import annotations
@@ -13,22 +22,48 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import torch
+from hivemind.utils import get_dht_time
 
-from dht.schemas import Manifest, PeerRecord
+from dht.schemas import Manifest, PeerRecord, PeerState
 from peers.client import StageClient, StageInputs
-from peers.routing import Hop, Route, plan_routes
-from swarm.errors import NoRoute
+from peers.routing import Hop, plan_route
+from swarm.errors import (
+    AveragingFailed,
+    NoRoute,
+    Recovery,
+    StageTimeout,
+    StaleReplica,
+    SwarmError,
+    recovery_for,
+)
+from swarm.steps import LocalCoordinator, StepCoordinator, StepStatus, wait_until_closed
 
-__all__ = ["RemotePipeline", "Trace", "RecordSource"]
+__all__ = ["RemotePipeline", "Trace", "RecordSource", "FaultPolicy"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 RecordSource = Callable[[], Awaitable[Mapping[int, Sequence[PeerRecord]]]]
 """Returns the current peer records per stage (the DHT in real use, a dict in unit tests)."""
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """How hard the trainer tries before it gives up on a call (all bounded)."""
+
+    attempts: int = 6  # calls of one stage for one request, over all replicas
+    lone_retries: int = 2  # retries of a stage's only replica before it is presumed dead
+    backoff: float = 0.25  # seconds before retrying the same peer (doubles each time)
+    ban_time: float = 60.0  # seconds a failed peer is left out of routes and steps
+    step_attempts: int = 4  # rounds of applying one collaborative step
+    averaging_window: float = 0.5  # seconds from a step's request to the replicas' averaging round
+    step_wait: float = 60.0  # seconds to wait for other trainers to finish a step
 
 
 @dataclass
@@ -47,6 +82,15 @@ class Trace:
     num_samples: int = 0
 
 
+@dataclass
+class _Contribution:
+    """A backward that a replica has accumulated in the open step: enough to replay it elsewhere."""
+
+    hop: _HopTrace
+    grad_output: torch.Tensor
+    num_samples: int
+
+
 class RemotePipeline:
     """Runs microbatches through the stages of a run, with routes refreshed from ``records``."""
 
@@ -56,87 +100,274 @@ class RemotePipeline:
         client: StageClient,
         records: RecordSource,
         *,
+        coordinator: StepCoordinator | None = None,
+        policy: FaultPolicy = FaultPolicy(),
         route_ttl: float = 10.0,
         route_wait: float = 120.0,
         seed: int | None = None,
-        spread: int = 4,
     ):
         self.manifest = manifest
         self.client = client
-        self._records = records
-        self._route: Route | None = None
-        self._route_time = 0.0
+        self.coordinator = coordinator or LocalCoordinator(manifest.target_batch_size)
+        self.policy = policy
+        self.step: int | None = None  # the run's collaborative step, learned from the replicas
+        self.last_closed: StepStatus | None = None  # the step the last backward pass closed, if any
+        self.failovers = 0  # calls routed around a failed peer (for logs and benchmarks)
+        self._records_source = records
+        self._records: Mapping[int, Sequence[PeerRecord]] = {}
+        self._records_time = float("-inf")
         self._route_ttl, self._route_wait = route_ttl, route_wait
         self._rng = random.Random(seed)
-        # routing by expected time: routes for ``spread`` microbatches are planned together and handed
-        # out in turn; the round trip beyond compute is observed per peer (ms, moving average)
-        self._spread = spread
-        self._routes: list[Route] = []
-        self._turn = 0
-        self._throughput: dict[str, float] = {}
-        self._overhead_ms: dict[str, float] = {}
+        self._banned: dict[str, float] = {}
+        self._queue: Counter[str] = Counter()  # microbatches routed to each peer since the records were read
+        self._overhead_ms: dict[str, float] = {}  # observed round trip beyond compute, per peer
+        self._peer_steps: dict[str, int] = {}
+        self._ledger: dict[int, dict[str, list[_Contribution]]] = defaultdict(lambda: defaultdict(list))
+        self._step_samples = 0
 
-    async def route(self, tokens: int = 1) -> Route:
-        """The route of the next microbatch (of ``tokens`` tokens): every ``route_ttl`` s the records
-        are read again and routes for ``spread`` microbatches planned by expected time (throughput,
-        queued microbatches, observed latency); waits (bounded) for missing stages."""
-        if self._routes and time.monotonic() - self._route_time < self._route_ttl:
-            return self._next_route()
+    # -- routes --------------------------------------------------------------------------------
+
+    async def _current_records(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
+        if fresh or time.monotonic() - self._records_time >= self._route_ttl:
+            self._records = await self._records_source()
+            self._records_time = time.monotonic()
+            self._queue.clear()  # microbatches spread over replicas afresh with each new view
+        return self._records
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        self._banned = {peer: until for peer, until in self._banned.items() if until > now}
+        return set(self._banned)
+
+    def _ban(self, peer_id: str, why: BaseException) -> None:
+        logger.warning("leaving peer %s out for %.0f s: %s: %s", peer_id[-8:], self.policy.ban_time,
+                       type(why).__name__, why)
+        self._banned[peer_id] = time.monotonic() + self.policy.ban_time
+
+    async def route(self, tokens: int = 1) -> tuple[Hop, ...]:
+        """A peer for every stage by expected time (throughput, microbatches already sent there since
+        the records were read, the round trip observed beyond compute), waiting (bounded, and saying
+        so) for stages nobody serves."""
         deadline = time.monotonic() + self._route_wait
         attempt = 0
         while True:
             attempt += 1
             try:
-                records = await self._records()
-                self._routes = plan_routes(self.manifest.stages, records, self._spread, rng=self._rng,
-                                           tokens=tokens, latency_ms=dict(self._overhead_ms))
-                self._throughput = {r.peer_id: r.throughput for found in records.values() for r in found}
-                self._route_time, self._turn = time.monotonic(), 0
-                return self._next_route()
+                return plan_route(self.manifest.stages, await self._current_records(fresh=attempt > 1),
+                                  banned=self.banned(), rng=self._rng, tokens=tokens, queue=self._queue,
+                                  latency_ms=self._overhead_ms)
             except NoRoute as e:
                 if time.monotonic() > deadline:
                     raise NoRoute(f"{e} (waited {self._route_wait:.0f} s)") from None
                 if attempt == 1 or attempt % 10 == 0:
-                    logger.warning("waiting for peers: %s (attempt %d)", e, attempt)
+                    logger.warning("waiting for a peer to take over: %s (attempt %d)", e, attempt)
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
+
+    def _observe(self, peer_id: str, seconds: float, tokens: int) -> None:
+        """Remember how much longer than its compute a call to ``peer_id`` took (network, queues): a
+        moving average in ms that routing adds to the peer's expected time."""
+        throughput = next((r.throughput for found in self._records.values() for r in found
+                           if r.peer_id == peer_id), 0.0)
+        compute = tokens / throughput if throughput > 0 else 0.0
+        overhead_ms = max(seconds - compute, 0.0) * 1000
+        previous = self._overhead_ms.get(peer_id)
+        self._overhead_ms[peer_id] = overhead_ms if previous is None else 0.7 * previous + 0.3 * overhead_ms
+
+    async def _pick(self, stage: int) -> str:
+        return (await self.route())[stage].peer_id
+
+    def _replicas(self, stage: int) -> list[str]:
+        layers = self.manifest.stages[stage]
+        banned = self.banned()
+        return [r.peer_id for r in self._records.get(stage, ())
+                if r.state == PeerState.ONLINE and r.layers == layers and r.peer_id not in banned]
+
+    # -- calls with failover ---------------------------------------------------------------------
+
+    async def _on_replica(self, stage: int, call: Callable[[str], Awaitable[T]], prefer: str | None = None) -> tuple[T, str]:
+        """Run ``call(peer)`` on a replica of ``stage``, routing around peers that fail (see module doc).
+
+        A peer that did not answer is tried once more (a reply lost on the way is the common case, and
+        every stage call is idempotent), the only replica of a stage a few times with backoff; a peer
+        that hung past the timeout, or fails again, is dropped and the call goes to another replica."""
+        peer = prefer if prefer is not None and prefer not in self.banned() else await self._pick(stage)
+        same_peer_tries = 0
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                return await call(peer), peer
+            except SwarmError as e:
+                if recovery_for(e) is Recovery.ABORT or attempt == self.policy.attempts:
+                    raise
+                alone = not [p for p in self._replicas(stage) if p != peer]
+                retries = self.policy.lone_retries if alone else int(not isinstance(e, (StageTimeout, StaleReplica)))
+                if same_peer_tries < retries:
+                    same_peer_tries += 1
+                    logger.warning("stage %d: peer %s failed (attempt %d/%d): %s; trying it again", stage, peer[-8:],
+                                   attempt, self.policy.attempts, e)
+                    await asyncio.sleep(self.policy.backoff * 2 ** (same_peer_tries - 1))
+                    continue
+                self.failovers += 1
+                await self._drop(peer, e)
+                peer, same_peer_tries = await self._pick(stage), 0
+                logger.warning("stage %d: going on with peer %s (attempt %d/%d)", stage, peer[-8:], attempt + 1,
+                               self.policy.attempts)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _drop(self, peer_id: str, why: BaseException) -> None:
+        """Ban ``peer_id`` and replay on other replicas every backward it holds in the open step."""
+        self._ban(peer_id, why)
+        for stage, by_peer in list(self._ledger.items()):
+            lost = by_peer.pop(peer_id, [])
+            for contribution in lost:
+                await self._backward_hop(stage, contribution.hop, contribution.grad_output, contribution.num_samples)
+            if lost:
+                logger.info("stage %d: replayed %d backward(s) that peer %s held", stage, len(lost), peer_id[-8:])
+
+    async def _backward_hop(self, stage: int, hop: _HopTrace, grad_output: torch.Tensor, num_samples: int) -> torch.Tensor:
+        layers = self.manifest.stages[stage]
+
+        async def call(peer: str):
+            return await self.client.backward(peer, stage, layers, hop.request_id, grad_output, hop.inputs,
+                                              num_samples=num_samples, seed=hop.seed)
+
+        async def checked(peer: str):
+            result = await call(peer)
+            self._saw_step(stage, peer, result[1].optimizer_step)
+            return result
+
+        (grad_input, _), peer = await self._on_replica(stage, checked, prefer=hop.hop.peer_id)
+        self._ledger[stage][peer].append(_Contribution(hop, grad_output, num_samples))
+        return grad_input
+
+    def _saw_step(self, stage: int, peer_id: str, step: int) -> None:
+        """Note a replica's optimizer step. One ahead of us means another trainer closed the step:
+        what we gave it was applied there, so our ledger of it is done. One behind the others
+        missed a step: it must not compute for us (``StaleReplica``) unless it is all the stage has."""
+        self._peer_steps[peer_id] = step
+        if self.step is None or step > self.step:
+            if self.step is not None:
+                logger.info("the run moved on to step %d (another trainer closed step %d)", step, self.step)
+                self._ledger.clear()
+                self._step_samples = 0
+            self.step = step
+        elif step < self.step and [p for p in self._replicas(stage) if p != peer_id]:
+            raise StaleReplica(f"peer {peer_id[-8:]} of stage {stage} is at step {step}, the run at {self.step}")
+
+    # -- forward and backward ---------------------------------------------------------------------
 
     async def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, *, train: bool
     ) -> tuple[torch.Tensor, Trace]:
         trace = Trace(num_samples=hidden.shape[0])
         tokens = hidden.shape[0] * hidden.shape[1]
-        for hop in await self.route(tokens):
+        route = await self.route(tokens)
+        self._queue.update({hop.peer_id for hop in route})  # the next microbatch weighs this one in
+        for hop in route:
             request_id = uuid.uuid4().hex
             seed = self._rng.randrange(2**31)
             inputs = (hidden, mask, positions)
-            started = time.perf_counter()
-            hidden = await self.client.forward(
-                hop.peer_id, hop.stage, hop.layers, request_id, inputs, train=train, seed=seed
-            )
-            self._observe(hop.peer_id, time.perf_counter() - started, tokens)
+
+            async def call(peer: str, hop=hop, request_id=request_id, inputs=inputs, seed=seed):
+                started = time.perf_counter()
+                result = await self.client.forward(peer, hop.stage, hop.layers, request_id, inputs, train=train,
+                                                   seed=seed)
+                self._observe(peer, time.perf_counter() - started, tokens)
+                self._saw_step(hop.stage, peer, result[1].optimizer_step)
+                return result
+
+            (hidden, _), peer = await self._on_replica(hop.stage, call, prefer=hop.peer_id)
             if train:
-                trace.hops.append(_HopTrace(hop, request_id, inputs, seed))
+                trace.hops.append(_HopTrace(Hop(hop.stage, hop.layers, peer), request_id, inputs, seed))
         return hidden, trace
-
-    def _next_route(self) -> Route:
-        self._route = self._routes[self._turn % len(self._routes)]
-        self._turn += 1
-        return self._route
-
-    def _observe(self, peer_id: str, seconds: float, tokens: int) -> None:
-        """Remember how much longer than its compute a call to ``peer_id`` took (network, queues)."""
-        throughput = self._throughput.get(peer_id, 0.0)
-        compute = tokens / throughput if throughput > 0 else 0.0
-        overhead_ms = max(seconds - compute, 0.0) * 1000
-        previous = self._overhead_ms.get(peer_id)
-        self._overhead_ms[peer_id] = overhead_ms if previous is None else 0.7 * previous + 0.3 * overhead_ms
 
     async def backward(self, trace: Trace, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output
-        for step in reversed(trace.hops):
-            hop = step.hop
-            grad, _ = await self.client.backward(
-                hop.peer_id, hop.stage, hop.layers, step.request_id, grad, step.inputs,
-                num_samples=trace.num_samples, seed=step.seed,
-            )
+        for hop in reversed(trace.hops):
+            grad = await self._backward_hop(hop.hop.stage, hop, grad, trace.num_samples)
         return grad
+
+    # -- the collaborative step -----------------------------------------------------------------
+
+    async def commit(self, num_samples: int) -> StepStatus:
+        """Count a finished backward pass of ``num_samples`` sequences. When the run's step is then
+        closed (by this trainer or together with others), apply it on every stage before returning."""
+        step = self.step or 0
+        self.last_closed = None
+        self._step_samples += num_samples
+        status = await self.coordinator.commit(step, self._step_samples)
+        status = await wait_until_closed(self.coordinator, status, batch=num_samples, timeout=self.policy.step_wait)
+        if status.closed:
+            await self.apply(step)
+            await self.coordinator.finished(step)
+            self.last_closed = status
+        return status
+
+    async def apply(self, step: int) -> None:
+        """Have every live replica of every stage apply ``step``: the replicas of a stage sum their
+        gradients (hivemind averaging) and step alike. A member that fails is dropped (its backwards
+        replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds."""
+        await self._current_records(fresh=True)
+        pending = set(range(self.manifest.num_stages))
+        for attempt in range(1, self.policy.step_attempts + 1):
+            plans = {stage: await self._members(stage, step) for stage in sorted(pending)}
+            await self._probe(plans, step)
+            scheduled = get_dht_time() + self.policy.averaging_window
+            calls = [(stage, peer) for stage, members in plans.items() for peer in members]
+            results = await asyncio.gather(
+                *(self.client.step(peer, stage, self.manifest.stages[stage], step, plans[stage], scheduled)
+                  for stage, peer in calls), return_exceptions=True)
+            for (stage, peer), result in zip(calls, results):
+                if isinstance(result, BaseException):
+                    await self._step_failed(stage, peer, step, result, attempt)
+                else:
+                    self._peer_steps[peer] = result.optimizer_step
+            pending = {stage for (stage, _), result in zip(calls, results) if isinstance(result, BaseException)}
+            if not pending:
+                break
+        else:
+            raise AveragingFailed(f"step {step} could not be applied on stage(s) {sorted(pending)} "
+                                  f"in {self.policy.step_attempts} rounds")
+        self.step = step + 1
+        self._ledger.clear()
+        self._step_samples = 0
+
+    async def _members(self, stage: int, step: int) -> list[str]:
+        """The replicas that take part in ``step``: every live one, minus those known to be behind
+        (unless nobody else is left: a stage restored from an old checkpoint adopts the run's step)."""
+        holding = set(self._ledger.get(stage, {}))
+        live = set(self._replicas(stage)) | holding
+        current = {p for p in live if self._peer_steps.get(p, step) >= step}
+        members = current or live
+        if not members:
+            members = {await self._pick(stage)}
+        return sorted(members)
+
+    async def _probe(self, plans: dict[int, list[str]], step: int) -> None:
+        """Ask the members that hold nothing of ours whether they are alive and current before the
+        round: a dead member would keep the others waiting for their group until they time out."""
+        holding = {p for by_peer in self._ledger.values() for p in by_peer}
+        unknown = sorted({p for members in plans.values() for p in members} - holding)
+        infos = await asyncio.gather(*(asyncio.wait_for(self.client.info(p), self.policy.averaging_window + 5)
+                                       for p in unknown), return_exceptions=True)
+        for peer, info in zip(unknown, infos):
+            if isinstance(info, BaseException):
+                await self._drop(peer, info)
+            elif info.optimizer_step < step:
+                self._peer_steps[peer] = info.optimizer_step
+            else:
+                continue
+            for stage, members in plans.items():
+                if peer in members and (len(members) > 1 or isinstance(info, BaseException)):
+                    members.remove(peer)
+            for stage, members in plans.items():
+                if not members:
+                    plans[stage] = [await self._pick(stage)]
+
+    async def _step_failed(self, stage: int, peer: str, step: int, error: BaseException, attempt: int) -> None:
+        if isinstance(error, AveragingFailed):  # another member let the group down, not this one
+            logger.warning("stage %d, step %d: averaging failed on %s (round %d): %s", stage, step, peer[-8:],
+                           attempt, error)
+            return
+        if not isinstance(error, SwarmError) or recovery_for(error) is Recovery.ABORT:
+            raise error
+        await self._drop(peer, error)

@@ -39,9 +39,12 @@ async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> di
                 "hardware": record.hardware.model_dump(mode="json"),
             })
             peer["stages"].append(index)
+    trainers = [t for t in await dht.trainer_records() if t.online]
     return {
         "version": STATUS_VERSION,
         "run_id": manifest.run_id,
+        "step": max((t.step for t in trainers), default=0),
+        "trainers": len(trainers),
         "model": manifest.model,
         "num_layers": manifest.num_layers,
         "target_batch_size": manifest.target_batch_size,
@@ -69,5 +72,6 @@ def render_status(status: dict[str, Any]) -> Panel:
         device = hw.get("gpu_name") or f"{hw.get('cpu_count')} CPUs"
         peers.add_row(peer["peer_id"][-12:], ",".join(map(str, peer["stages"])), peer["state"],
                       f"{peer['throughput']:,.0f}", f"{device}, {hw.get('ram_gib')} GiB RAM")
-    title = f"run [bold]{status['run_id']}[/]: {status['model']} ({status['num_layers']} layers)"
+    title = (f"run [bold]{status['run_id']}[/]: {status['model']} ({status['num_layers']} layers), "
+             f"step {status['step']}, {status['trainers']} trainer(s)")
     return Panel(Group(stages, peers), title=title)

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
 from swarm.model import SwarmModelForCausalLM
+from swarm.pipeline import FaultPolicy
 
 __all__ = ["TrainResult", "train"]
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
+    run_step: int = 0  # the collaborative step counter after the last batch
     tokens_per_second: float = 0.0
     sample: str = ""
 
@@ -53,31 +55,35 @@ def train(
     seed: int = 0,
     sample_tokens: int = 120,
     timeout: float = 120.0,
+    policy: FaultPolicy = FaultPolicy(),
+    microbatch_size: int | None = None,
     result_path: Path | None = None,
     console: Console | None = None,
 ) -> TrainResult:
+    """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
+    watches the run (the demo, the churn test) sees how far it got."""
     console = console or Console()
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
-        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout)
+        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
+                                                      policy=policy, microbatch_size=microbatch_size)
     with model:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
         if batch_size != manifest.target_batch_size:
-            logger.warning("batch %d != the run's target batch %d: stages step every %d sequences",
-                           batch_size, manifest.target_batch_size, manifest.target_batch_size)
-        settings = manifest.optimizer
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
-                                      eps=settings.eps, weight_decay=settings.weight_decay)
+            logger.info("batch %d != the run's target batch %d: a step closes every %d sequences, "
+                        "from this trainer and any others", batch_size, manifest.target_batch_size,
+                        manifest.target_batch_size)
+        optimizer = model.create_optimizer()
         batches = random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed)
         result = TrainResult(steps=steps)
         console.print(f"training {manifest.model} ({manifest.num_layers} layers in {manifest.num_stages} "
                       f"stages) for {steps} steps of {batch_size}x{seq_len} tokens")
         started = time.perf_counter()
-        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("step {task.fields[step]}"),
                       TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                       TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("train", total=steps, loss="-", tps="-")
+            task = progress.add_task("train", total=steps, loss="-", tps="-", step=0)
             for step in range(steps):
                 input_ids = next(batches)
                 loss = model(input_ids, labels=input_ids).loss
@@ -85,10 +91,13 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.losses.append(loss.item())
+                result.run_step = model.step
                 if not math.isfinite(result.losses[-1]):
                     raise FloatingPointError(f"loss became {result.losses[-1]} at step {step}")
+                if result_path is not None:
+                    _write_result(result_path, result)
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
-                progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}")
+                progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
         result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
         generated = model.generate(prompt, sample_tokens, temperature=0.8,
@@ -100,6 +109,12 @@ def train(
     console.print(result.sample, markup=False, highlight=False)
     console.rule()
     if result_path is not None:
-        result_path.write_text(json.dumps(asdict(result) | {"first_loss": result.first_loss,
-                                                            "last_loss": result.last_loss}))
+        _write_result(result_path, result)
     return result
+
+
+def _write_result(path: Path, result: TrainResult) -> None:
+    """Atomically (a reader never sees half a file)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(asdict(result) | {"first_loss": result.first_loss, "last_loss": result.last_loss}))
+    partial.replace(path)

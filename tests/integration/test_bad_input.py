@@ -71,7 +71,7 @@ def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(model_factory,
                 reply, count = msgpack.unpackb(raw[0].metadata)
                 outcomes.append((name, (reply, count)))
             # and a valid request still works
-            good = await StageClient(transport).forward(
+            good, _ = await StageClient(transport).forward(
                 peer.peer_id, 0, peer.record.layers, "ok1", (hidden, None, None), train=False)
             outcomes.append(("valid", good))
         finally:

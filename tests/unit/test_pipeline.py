@@ -16,7 +16,7 @@ from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss
-from swarm.errors import PeerUnavailable
+from swarm.errors import NoRoute, PeerUnavailable
 from swarm.pipeline import RemotePipeline
 
 
@@ -30,7 +30,7 @@ def _build(model_dir, num_stages: int, *, cache_size: int = 64, target_batch_siz
     records, services = {}, []
     for index, layers in enumerate(stages):
         executor = StageExecutor(load_stage(source, layers), index, layers, manifest.optimizer,
-                                 manifest.target_batch_size, cache_size=cache_size)
+                                 cache_size=cache_size)
         service = StageService(executor, f"peer{index}")
         asyncio.run(service.register(hub.bind(f"peer{index}")))
         services.append(service)
@@ -53,6 +53,7 @@ def _step(pipeline, local, ids):
         loss = causal_lm_loss(local.head(out), ids)
         loss.backward()
         grad_in = await pipeline.backward(trace, out.grad)
+        await pipeline.commit(ids.shape[0])
         hidden.backward(grad_in)
         return loss.item()
 
@@ -102,13 +103,17 @@ def test_a_cache_miss_is_answered_by_recomputing(model_factory):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_an_unreachable_peer_is_retried_then_reported(model_factory):
+def test_a_dead_lone_peer_is_retried_then_the_trainer_waits_for_a_takeover(model_factory):
+    """The stage's only peer fails every call: retried (bounded), then the trainer waits for another
+    peer to take the stage over, and gives up after ``route_wait`` with a message naming the stage."""
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
     pipeline, _, local, hub = _build(model_dir, 2)
     pipeline.client.backoff = 0.0
+    pipeline._route_wait = 1.0
     hub.fail["peer1"] = PeerUnavailable("peer1 is gone")
-    with pytest.raises(PeerUnavailable, match="peer1 is gone"):
+    with pytest.raises(NoRoute, match=r"no online peer serves stage\(s\) 1 .*waited 1 s"):
         _step(pipeline, local, torch.randint(0, 256, (2, 6)))
+    assert "peer1" in pipeline.banned()
 
 
 @pytest.mark.parametrize("lost_peer", ["peer0", "peer1"])

@@ -1,0 +1,147 @@
+"""Summing gradients across the replicas of a stage (or across trainers) for one collaborative step.
+
+``GradientSync`` is the small interface the executor and the trainer use; ``HivemindGradientSync`` does
+it with hivemind's ``DecentralizedAverager`` (matchmaking in the DHT, then butterfly all-reduce over
+libp2p: one averaging group per stage, group key prefix ``{run}_stage{i}``), and ``LocalGradientSync``
+is the in-process fake for unit tests.
+
+The result is the SUM of the members' gradients, identical on every member (each part of the
+all-reduce is reduced by one peer and sent to all), so replicas that held the same parameters and
+optimizer state before the step hold the same ones after it. The members are named by the caller:
+a round whose group is not exactly those peers at exactly that step is refused (``AveragingFailed``)
+and nothing is applied, because a replica that averaged with a different group would drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Protocol, Sequence
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+
+from swarm.errors import AveragingFailed
+
+__all__ = ["GradientSync", "HivemindGradientSync", "LocalGradientSync"]
+
+logger = logging.getLogger(__name__)
+
+
+class GradientSync(Protocol):
+    def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
+            scheduled_time: float, timeout: float) -> list[torch.Tensor]:
+        """Sum ``grads`` over ``members`` (``me`` among them) for ``step``; blocks until done."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+# One averager process is forked at a time per process: a child forked while another thread of the
+# parent is half-way through starting an averager inherits that thread's locks held, and hangs (seen
+# with several replicas in one process, as in tests, all starting their averager for the same step).
+_FORK_LOCK = threading.Lock()
+
+
+class _Averager(DecentralizedAverager):
+    """hivemind's averager child process, which also dies when its parent does (hivemind has no
+    parent-death handling: a SIGKILLed peer would otherwise leave it running).
+
+    hivemind's ``run_in_background`` sets SIGINT to "ignore" in the *parent* (and for good: Ctrl+C would
+    no longer stop a peer) and only works from the main thread; a replica starts its averager from its
+    compute thread, lazily, mid-training. Here only the child ignores SIGINT: its parent stops it."""
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        self.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def run(self) -> None:
+        # forked from a process whose OpenMP pool has run (training): a child that enters an OpenMP
+        # parallel region then waits for threads that were not forked with it. One thread never does.
+        torch.set_num_threads(1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        parent = os.getppid()
+        threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
+        super().run()
+
+
+def _exit_with_parent(parent_pid: int, period: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(period)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HivemindGradientSync:
+    """One ``DecentralizedAverager`` (a child process sharing the node's p2pd) for one set of tensors."""
+
+    def __init__(self, dht: hivemind.DHT, prefix: str, like: Sequence[torch.Tensor], *, window: float = 0.5,
+                 start_timeout: float = 60.0):
+        self.prefix = prefix
+        self._averager = _Averager(
+            [torch.zeros_like(t, device="cpu") for t in like], dht, prefix=prefix, start=False,
+            min_group_size=2, target_group_size=None, min_matchmaking_time=window,
+            request_timeout=max(window / 2, 0.1), allow_state_sharing=False,
+        )
+        with _FORK_LOCK:
+            self._averager.run_in_background(await_ready=True, timeout=start_timeout)
+
+    def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
+            scheduled_time: float, timeout: float) -> list[torch.Tensor]:
+        with self._averager.get_tensors() as tensors:
+            for slot, grad in zip(tensors, grads):
+                slot.copy_(grad)
+        started = time.perf_counter()
+        try:
+            gathered = self._averager.step(gather={"peer": me, "step": step}, scheduled_time=scheduled_time,
+                                           weight=1.0, timeout=timeout, allow_retries=True)
+        except Exception as e:  # hivemind raises several types for a round that broke off
+            raise AveragingFailed(f"{self.prefix} step {step}: averaging broke off: {type(e).__name__}: {e}") from None
+        if gathered is None:
+            raise AveragingFailed(f"{self.prefix} step {step}: no group with {len(members) - 1} other "
+                                  f"member(s) formed within {timeout:.0f} s")
+        _check_group(gathered.values(), step, members, self.prefix)
+        with self._averager.get_tensors() as tensors:
+            summed = [t.clone().mul_(len(members)) for t in tensors]
+        logger.debug("%s step %d: averaged with %d members in %.3f s", self.prefix, step, len(members),
+                     time.perf_counter() - started)
+        return summed
+
+    def shutdown(self) -> None:
+        if self._averager.is_alive():
+            self._averager.shutdown()
+
+
+def _check_group(gathered, step: int, members: Sequence[str], where: str) -> None:
+    got = sorted((str(g.get("peer")), g.get("step")) for g in gathered)
+    expected = sorted((m, step) for m in members)
+    if got != expected:
+        raise AveragingFailed(f"{where} step {step}: the group was {got}, expected {expected}; nothing applied")
+
+
+class LocalGradientSync:
+    """The fake: members of one process meet in a shared dict (one instance per group, shared)."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[tuple[int, tuple[str, ...]], dict[str, list[torch.Tensor]]] = {}
+        self._cond = threading.Condition()
+
+    def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
+            scheduled_time: float, timeout: float) -> list[torch.Tensor]:
+        key = (step, tuple(sorted(members)))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._rounds.setdefault(key, {})[me] = [g.detach().clone() for g in grads]
+            self._cond.notify_all()
+            while len(self._rounds[key]) < len(members):
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise AveragingFailed(f"step {step}: only {sorted(self._rounds[key])} of {list(members)} came")
+            contributions = [self._rounds[key][m] for m in sorted(members)]
+        return [torch.stack(parts).sum(0) for parts in zip(*contributions)]
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,107 @@
+"""Replicas and data-parallel trainers over real hivemind DHT, P2P and averaging on loopback."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm.pipeline import FaultPolicy
+
+pytestmark = pytest.mark.slow
+
+MODEL = dict(family="llama", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2)
+POLICY = FaultPolicy(averaging_window=0.3)
+
+
+def _batch(seed: int, rows: int = 4) -> torch.Tensor:
+    return torch.randint(0, 8, (rows, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _spread_over_replicas(model) -> None:
+    """Announce every replica with the same throughput, so routes pick among them at random and the
+    microbatches of one step land on different replicas of a stage."""
+    source = model.pipeline._records_source
+
+    async def equalised():
+        records = await source()
+        return {stage: [r.model_copy(update={"throughput": 1.0}) for r in rs] for stage, rs in records.items()}
+
+    model.pipeline._records_source = equalised
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_replicas_average_each_step_and_follow_local_training(model_factory, swarm_factory):
+    """Two replicas per stage, microbatches spread over them: after every step the replicas hold the
+    same parameters (<= 1e-5) and the losses follow transformers trained locally."""
+    model_dir = model_factory(**MODEL)
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=4, target_batch_size=4, lr=1e-2)
+    by_stage = {s: [p for p in swarm.peers if p.record.stage == s] for s in (0, 1)}
+    assert all(len(peers) == 2 for peers in by_stage.values())
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01)
+    with swarm.client(microbatch_size=1, policy=POLICY) as model:
+        _spread_over_replicas(model)
+        optimizer = model.create_optimizer()
+        for step in range(4):
+            ids = _batch(step)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            assert optimizer.step(), "a batch of target_batch_size rows closes the step"
+            optimizer.zero_grad()
+            expected = reference(ids, labels=ids).loss
+            expected.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            assert abs(loss.item() - expected.item()) <= 1e-3 * abs(expected.item()), f"step {step}"
+            for first, second in by_stage.values():
+                assert first.service.executor.optimizer_step == second.service.executor.optimizer_step == step + 1
+                assert _max_diff(first.service.executor.module, second.service.executor.module) <= 1e-5
+        served = [p.service.requests_served for p in swarm.peers]
+        assert all(n > 4 for n in served), f"every replica computed microbatches: {served}"
+        assert model.step == 4
+
+
+def test_two_trainers_train_the_same_swarm_data_parallel(model_factory, swarm_factory):
+    """Two trainers with different data, each half the target batch: every collaborative step has
+    both, their local parts are summed so they stay equal, and both losses fall."""
+    model_dir = model_factory(**MODEL)
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=8, lr=1e-2)
+    steps, losses, errors = 6, {0: [], 1: []}, []
+    with swarm.client(policy=POLICY) as first, swarm.client(policy=POLICY) as second:
+        trainers = (first, second)
+        barrier = threading.Barrier(2)
+
+        def run(index: int) -> None:
+            model = trainers[index]
+            try:
+                optimizer = model.create_optimizer()
+                barrier.wait(timeout=60)
+                for step in range(steps):
+                    ids = _batch(1000 * index + step % 2)  # each trainer its own (small) data set
+                    loss = model(ids, labels=ids).loss
+                    loss.backward()
+                    assert optimizer.step(), f"trainer {index}: step {step} did not close"
+                    optimizer.zero_grad()
+                    losses[index].append(loss.item())
+            except BaseException as e:  # reported below: a thread's failure must fail the test
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        assert first.step == second.step == steps
+        assert [p.service.executor.optimizer_step for p in swarm.peers] == [steps, steps]
+        assert _max_diff(first.local, second.local) <= 1e-5
+        records = swarm.loop.run(swarm.bootstrap.dht.trainer_records())
+        assert sorted(r.step for r in records if r.online) == [steps, steps]
+    for index in (0, 1):
+        assert losses[index][-1] < losses[index][0], losses[index]

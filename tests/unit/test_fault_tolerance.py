@@ -1,0 +1,205 @@
+"""Replicas and mid-step failures over the in-memory transport: two replicas per stage in one event
+loop, a fault injected into one of them mid-step. Training must follow transformers step for step
+(no microbatch lost or applied twice) and the surviving replicas must hold equal parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections import Counter
+from enum import Enum
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
+from peers.averaging import LocalGradientSync
+from peers.client import StageClient
+from peers.executor import StageExecutor
+from peers.service import StageService
+from peers.transport import InMemoryTransport
+from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
+from shards.local import causal_lm_loss
+from swarm.errors import PeerUnavailable, StageTimeout
+from swarm.pipeline import FaultPolicy, RemotePipeline
+
+LR = 1e-2
+
+
+class Fault(str, Enum):
+    NONE = "none"
+    KILL = "kill"  # every call fails as a dead peer's would
+    HANG = "hang"  # calls never answer (the client's timeout fires)
+    ERROR = "error"  # calls get an error reply (a bug or an out-of-memory on that peer)
+    SLOW = "slow"  # calls answer, late but within the timeout: no failover
+
+
+class FaultyHub(InMemoryTransport):
+    """Injects ``fault`` into every call to ``victim`` after its first ``after`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.victim, self.fault, self.after = "", Fault.NONE, 0
+        self.calls: Counter[str] = Counter()
+
+    async def call(self, peer_id, method, message, tensors, *, timeout):
+        self.calls[peer_id] += 1
+        if peer_id == self.victim and self.calls[peer_id] > self.after:
+            if self.fault is Fault.KILL:
+                raise PeerUnavailable(f"{method} on {peer_id}: connection refused")
+            if self.fault is Fault.HANG:
+                await asyncio.sleep(timeout)
+                raise StageTimeout(f"{method} on {peer_id} took longer than {timeout} s")
+            if self.fault is Fault.ERROR:
+                return {"error": {"code": "SwarmError", "message": "internal error: out of memory"}}, []
+            if self.fault is Fault.SLOW:
+                await asyncio.sleep(0.05)
+        return await super().call(peer_id, method, message, tensors, timeout=timeout)
+
+
+class ReplicatedSwarm:
+    """``replicas[i]`` peers for stage ``i``, all over one ``FaultyHub``; replicas of a stage share a
+    ``LocalGradientSync``."""
+
+    def __init__(self, model_dir, replicas: list[int], *, target_batch_size: int = 4, seed: int = 0):
+        self.source = resolve_model(str(model_dir))
+        stages = stage_boundaries(self.source.config.num_hidden_layers, len(replicas))
+        self.manifest = Manifest(run_id="unit", model=str(model_dir), config_hash=self.source.config_hash,
+                                 num_layers=self.source.config.num_hidden_layers, stages=stages,
+                                 target_batch_size=target_batch_size, optimizer=OptimizerSettings(lr=LR))
+        self.hub = FaultyHub()
+        self.records: dict[int, list[PeerRecord]] = {}
+        self.services: dict[str, StageService] = {}
+        self.syncs = {stage: LocalGradientSync() for stage in range(len(stages))}
+        for stage, count in enumerate(replicas):
+            for r in range(count):
+                asyncio.run(self.add(stage, f"s{stage}{'abcdefgh'[r]}", load_stage(self.source, stages[stage])))
+        client = StageClient(self.hub, timeout=3.0, attempts=1)
+        self.pipeline = RemotePipeline(self.manifest, client, self._records, seed=seed, route_wait=10.0,
+                                       policy=FaultPolicy(backoff=0.01, averaging_window=0.05))
+        self.local = load_local_parts(self.source)
+
+    async def add(self, stage: int, peer_id: str, module: torch.nn.Module) -> StageService:
+        executor = StageExecutor(module, stage, self.manifest.stages[stage], self.manifest.optimizer,
+                                 sync=self.syncs[stage], averaging_timeout=1.0)
+        service = StageService(executor, peer_id)
+        await service.register(self.hub.bind(peer_id))
+        self.services[peer_id] = service
+        self.records.setdefault(stage, []).append(
+            PeerRecord(peer_id=peer_id, stage=stage, layers=self.manifest.stages[stage], state=PeerState.ONLINE))
+        return service
+
+    async def _records(self):
+        return {stage: list(records) for stage, records in self.records.items()}
+
+    def close(self) -> None:
+        for service in self.services.values():
+            service.shutdown()
+
+
+async def _train_step(pipeline: RemotePipeline, local, optimizer, ids: torch.Tensor, micro: int = 1) -> float:
+    """One step as ``SwarmModelForCausalLM`` does it: microbatches forward, local loss, backward, commit."""
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    hidden = local.embed(ids, positions)
+    outputs, traces = [], []
+    for row in range(0, ids.shape[0], micro):
+        out, trace = await pipeline.forward(hidden[row:row + micro].detach(), None, positions[row:row + micro],
+                                            train=True)
+        outputs.append(out)
+        traces.append(trace)
+    out = torch.cat(outputs).requires_grad_(True)
+    loss = causal_lm_loss(local.head(out), ids)
+    loss.backward()
+    grads = [await pipeline.backward(trace, out.grad[i * micro:(i + 1) * micro].contiguous())
+             for i, trace in enumerate(traces)]
+    await pipeline.commit(ids.shape[0])
+    hidden.backward(torch.cat(grads))
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def _batches(steps: int, vocab: int):
+    return [torch.randint(0, min(vocab, 8), (4, 8), generator=torch.Generator().manual_seed(s)) for s in range(steps)]
+
+
+def _reference_losses(model_dir, batches) -> list[float]:
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
+    losses = []
+    for ids in batches:
+        loss = reference(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _params(service: StageService) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in service.executor.module.parameters()]
+
+
+def _assert_close_losses(got: list[float], expected: list[float]) -> None:
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: swarm {a} vs local {b}"
+
+
+@pytest.mark.parametrize("fault", list(Fault))
+def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault):
+    model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
+    swarm = ReplicatedSwarm(model_dir, [2, 2])
+    try:
+        swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", fault, 3
+        batches = _batches(4, swarm.source.config.vocab_size)
+        optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
+        losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids)) for ids in batches]
+        _assert_close_losses(losses, _reference_losses(model_dir, batches))
+        assert swarm.hub.calls["s1a"] > 3, "the victim must have been used (and failed) mid-step"
+        if fault in (Fault.NONE, Fault.SLOW):
+            assert swarm.pipeline.failovers == 0
+            survivors = ["s0a", "s0b", "s1a", "s1b"]
+        else:
+            assert swarm.pipeline.failovers >= 1 and "s1a" in swarm.pipeline.banned()
+            survivors = ["s0a", "s0b", "s1b"]
+        assert [swarm.services[p].executor.optimizer_step for p in survivors] == [4] * len(survivors)
+        for first, second in (("s0a", "s0b"), ("s1a", "s1b")):
+            if first in survivors and second in survivors:
+                for a, b in zip(_params(swarm.services[first]), _params(swarm.services[second])):
+                    assert (a - b).abs().max().item() <= 1e-5
+    finally:
+        swarm.close()
+
+
+def test_a_stage_left_without_replicas_waits_for_a_takeover_then_goes_on(model_factory):
+    """Stage 1's only peer dies mid-step; a new peer restored from its state takes the stage over a
+    moment later; the trainer waits for it, replays the step's backwards there, and loses nothing."""
+    model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
+    swarm = ReplicatedSwarm(model_dir, [1, 1])
+    try:
+        batches = _batches(3, swarm.source.config.vocab_size)
+        optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
+        losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, batches[0]))]
+        old = swarm.services["s1a"].executor
+        swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", Fault.KILL, swarm.hub.calls["s1a"] + 2
+
+        async def take_over_later():
+            await asyncio.sleep(0.5)
+            new = await swarm.add(1, "s1new", copy.deepcopy(old.module))
+            new.executor.module.zero_grad(set_to_none=True)
+            new.executor.optimizer.load_state_dict(old.optimizer.state_dict())
+            new.executor.optimizer_step = old.optimizer_step
+
+        async def step_with_takeover(ids):
+            takeover = asyncio.create_task(take_over_later())
+            loss = await _train_step(swarm.pipeline, swarm.local, optimizer, ids)
+            await takeover
+            return loss
+
+        losses.append(asyncio.run(step_with_takeover(batches[1])))
+        losses.append(asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, batches[2])))
+        _assert_close_losses(losses, _reference_losses(model_dir, batches))
+        assert swarm.services["s1new"].executor.optimizer_step == 3
+    finally:
+        swarm.close()
