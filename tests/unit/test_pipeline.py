@@ -143,7 +143,7 @@ def test_microbatches_are_spread_over_replicas_by_expected_time(model_factory):
     replicas = {}
     for name in speeds:
         executor = StageExecutor(load_stage(resolve_model(str(model_dir)), layers), 0, layers,
-                                 pipeline.manifest.optimizer, 1000)
+                                 pipeline.manifest.optimizer)
         replicas[name] = StageService(executor, name)
         asyncio.run(replicas[name].register(hub.bind(name)))
     records = {0: [PeerRecord(peer_id=name, stage=0, layers=layers, state=PeerState.ONLINE, throughput=speed)
@@ -152,7 +152,7 @@ def test_microbatches_are_spread_over_replicas_by_expected_time(model_factory):
     async def source_records():
         return records
 
-    pipeline._records = source_records
+    pipeline._records_source = source_records
     ids = torch.randint(0, 8, (2, 8), generator=torch.Generator().manual_seed(0))
     for _ in range(5):
         _step(pipeline, local, ids)
