@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of
-from swarm.errors import AuthRejected, ConfigError, StateError
+from swarm.errors import ConfigError, StateError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -124,6 +124,9 @@ class PeerRecord(FrozenModel):
     hardware: HardwareSummary = HardwareSummary()
     step: int = Field(0, ge=0, description="optimizer steps the peer's stage has applied")
     access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
+    latency_ms: float | None = Field(None, ge=0, description="median round trip to a few peers")
+    bandwidth_mbps: float | None = Field(None, ge=0, description="measured link speed, megabits/s")
+    memory_gib: float | None = Field(None, ge=0, description="memory this peer can give to stages")
 
 
 class StoreRecord(FrozenModel):

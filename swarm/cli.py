@@ -131,7 +131,7 @@ def bootstrap(
 @app.command()
 def join(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
-    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the least covered"),
+    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the one placement picks"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
     key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     host: Optional[str] = HostOpt,
@@ -141,7 +141,7 @@ def join(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
-    """Join a run: claim the least-covered stage, load its layers, serve until Ctrl+C."""
+    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
     from peers.server import Peer
 
     settings = _settings(
@@ -151,10 +151,11 @@ def join(
     )
 
     async def serve(stop: asyncio.Event) -> None:
-        peer = Peer(settings)
-        start = asyncio.create_task(peer.start())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        with _measure_progress() as progress:
+            peer = Peer(settings, progress=progress)
+            start = asyncio.create_task(peer.start())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():  # Ctrl+C while still joining or loading
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -162,6 +163,7 @@ def join(
             await peer.stop()
             return
         start.result()
+        _print_measurement(peer)
         console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
                       f"as {peer.peer_id}; Ctrl+C to leave")
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
@@ -263,6 +265,34 @@ def demo(
 
     _setup_logging("INFO")
     raise typer.Exit(run_demo(steps=steps, num_peers=peers, workdir=workdir, console=Console()))
+
+
+@contextlib.contextmanager
+def _measure_progress():
+    """A rich progress bar per measurement of ``swarm join`` (compute, network), as ``Peer`` reports them."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    labels = {"compute": "measuring compute for one stage", "network": "measuring links to peers"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(what: str, done: float) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(labels.get(what, what), total=1.0)
+            bar.update(tasks[what], completed=done)
+
+        yield progress
+
+
+def _print_measurement(peer: Any) -> None:
+    m = peer.measurement
+    if m is None:
+        return
+    link = (f"latency {m.latency_ms:.1f} ms, bandwidth {m.bandwidth_mbps:,.0f} Mbit/s" if m.latency_ms is not None
+            else "no peer to measure links against yet")
+    console.print(f"measured [bold]{m.throughput:,.0f} tokens/s[/] for one stage, {link}, "
+                  f"{m.memory_gib:.1f} GiB for stages")
 
 
 admin_app = typer.Typer(help="The dashboard's admin account (on the bootstrap's machine).", no_args_is_help=True)

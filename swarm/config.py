@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from swarm.errors import ConfigError
@@ -61,8 +61,17 @@ class BootstrapSettings(_Section):
 
 class PeerSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
-    stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
+    stage: int | None = Field(None, ge=0, description="serve this stage instead of the one placement picks")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
+    rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
+                                   "(default: yes, unless --stage pins this peer)")
+    rebalance_period: float = Field(60.0, gt=0, description="seconds between re-evaluations (randomised +-50%)")
+    rebalance_margin: float = Field(0.15, ge=0, description="move only when the swarm is this much out of balance")
+    drain_seconds: float = Field(12.0, ge=0, description="a moving peer keeps serving its old stage this long "
+                                 "(trainers refresh routes every 10 s), then until idle")
+    slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "
+                            "(tests and demos of a slow peer)")
     averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
     checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")

@@ -19,6 +19,7 @@
     ├── StateError                  the bootstrap's saved state is corrupt or from a newer swarm
     ├── RunStopped                  the run owner stopped the run
     ├── CapacityExceeded            a peer is full
+    ├── InsufficientMemory          not even one stage of the run fits in this peer's memory
     └── DelegationRefused           a strong peer declined a delegation session
 
 Errors cross the wire as ``(code, message)``: ``code`` is the class name, so the receiving side
@@ -53,6 +54,7 @@ __all__ = [
     "StateError",
     "RunStopped",
     "CapacityExceeded",
+    "InsufficientMemory",
     "DelegationRefused",
     "RETRYABLE",
     "error_from_wire",
@@ -142,6 +144,10 @@ class CapacityExceeded(SwarmError):
     """The peer has no room for more work or sessions right now."""
 
 
+class InsufficientMemory(SwarmError):
+    """Not even one stage of the run (parameters, gradients, optimizer state) fits in this peer."""
+
+
 class DelegationRefused(SwarmError):
     """A strong peer declined to start a delegation session."""
 
@@ -163,6 +169,7 @@ _BY_NAME: dict[str, type[SwarmError]] = {
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
         AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing, StateError, RunStopped,
+        InsufficientMemory,
     )
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,10 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
             procs.append(peer)
             peers.append(peer)
             _wait_for(tmp_path / f"peer{i}.log", peer, "serving stage", timeout=120)
+            # the measurement is shown; the second peer times its link to the first
+            joined = (tmp_path / f"peer{i}.log").read_text()
+            assert "tokens/s[/] for one stage" not in joined and " tokens/s for one stage" in joined
+            assert bool(re.search(r"latency [0-9.]+ ms, bandwidth [0-9,]+ Mbit/s", joined)) == (i == 1), joined[-1500:]
         status = subprocess.run(SWARM + ["status", "--bootstrap", address, "--json"], capture_output=True,
                                 text=True, timeout=120, env=ENV)
         assert status.returncode == 0, status.stderr

@@ -29,7 +29,7 @@ def _wait(predicate, timeout: float = 20.0, period: float = 0.2) -> bool:
 def test_pause_resume_stop_and_metrics(model_factory, swarm_factory):
     swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4), num_stages=2, num_peers=2,
                           target_batch_size=2, metrics_interval=0.5)
-    node, db = swarm.bootstrap, swarm.bootstrap.db
+    db = swarm.bootstrap.db
     batch = torch.randint(0, 64, (2, 8))
     with swarm.client() as model:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
