@@ -273,13 +273,19 @@ class DashboardServer:
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2)
         self._server = _QuietServer(config)
-        self._task = asyncio.create_task(self._server.serve(), name="dashboard")
+        self._task = asyncio.create_task(self._serve(), name="dashboard")
         while not self._server.started:
             if self._task.done():  # it could not bind: the port is taken, say so
                 self._task.result()
                 raise OSError(f"the dashboard could not listen on {self.host}:{self.port}")
             await asyncio.sleep(0.05)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as e:  # uvicorn exits when it cannot bind; raised in a task it stops the whole loop
+            raise OSError(f"the dashboard could not listen on {self.host}:{self.port} (uvicorn exit {e.code})") from None
 
     @property
     def url(self) -> str:

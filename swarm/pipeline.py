@@ -29,7 +29,7 @@ from typing import Awaitable, Callable, Mapping, Sequence, TypeVar
 import torch
 from hivemind.utils import get_dht_time
 
-from dht.schemas import Manifest, PeerRecord, PeerState
+from dht.schemas import RECORD_TTL, Manifest, PeerRecord, PeerState
 from peers.client import StageClient, StageInputs
 from peers.routing import Hop, plan_route
 from swarm.errors import (
@@ -122,6 +122,7 @@ class RemotePipeline:
         self._queue: Counter[str] = Counter()  # microbatches routed to each peer since the records were read
         self._overhead_ms: dict[str, float] = {}  # observed round trip beyond compute, per peer
         self._peer_steps: dict[str, int] = {}
+        self._seen: dict[str, tuple[float, PeerRecord]] = {}  # peer id -> (when, its last record)
         self._ledger: dict[int, dict[str, list[_Contribution]]] = defaultdict(lambda: defaultdict(list))
         self._step_samples = 0
 
@@ -129,10 +130,27 @@ class RemotePipeline:
 
     async def _current_records(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
         if fresh or time.monotonic() - self._records_time >= self._route_ttl:
-            self._records = await self._records_source()
+            self._records = self._with_recently_seen(await self._records_source())
             self._records_time = time.monotonic()
             self._queue.clear()  # microbatches spread over replicas afresh with each new view
         return self._records
+
+    def _with_recently_seen(self, records: Mapping[int, Sequence[PeerRecord]]) -> dict[int, list[PeerRecord]]:
+        """A DHT read under load can miss some of a key's entries. A replica missing from one read is
+        still a replica: left out of a step's members it would miss that step and fall behind, so
+        records seen within ``RECORD_TTL`` stay in the view (a dead one fails the pre-step probe)."""
+        now = time.monotonic()
+        merged = {stage: list(rs) for stage, rs in records.items()}
+        present = {r.peer_id for rs in merged.values() for r in rs}
+        for peer_id, (seen, record) in list(self._seen.items()):
+            if now - seen > RECORD_TTL:
+                del self._seen[peer_id]
+            elif peer_id not in present:
+                merged.setdefault(record.stage, []).append(record)
+        for rs in records.values():
+            for record in rs:
+                self._seen[record.peer_id] = (now, record)
+        return merged
 
     def banned(self) -> set[str]:
         now = time.monotonic()

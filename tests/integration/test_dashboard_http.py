@@ -174,3 +174,30 @@ def test_fuzz_the_api_from_its_openapi_spec(dashboard: Dashboard) -> None:
         fuzz()
     assert not failures, failures
     assert dashboard.auth.session(session_cookie) is not None  # still logged in: nothing broke the session
+
+
+def test_a_taken_dashboard_port_is_an_error_not_the_end_of_the_process():
+    """uvicorn exits (SystemExit) when it cannot bind; from a task that would stop the whole event loop
+    and the bootstrap with it. The server turns it into an OSError the bootstrap logs and goes on."""
+    import asyncio
+    import socket
+
+    from fastapi import FastAPI
+
+    from bootstrap.dashboard import DashboardServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def start_then_go_on() -> str:
+            server = DashboardServer(FastAPI(), "127.0.0.1", port)
+            try:
+                with pytest.raises(OSError, match=f"could not listen on 127.0.0.1:{port}"):
+                    await server.start()
+            finally:
+                await server.stop()
+            return "still running"
+
+        assert asyncio.run(start_then_go_on()) == "still running"
