@@ -194,8 +194,10 @@ class StageExecutor:
         members (none: a lone replica steps at once), step AdamW, and start the next step."""
         if request.step in self._applied:
             return self._applied[request.step]
-        if request.step < self.optimizer_step:
-            raise BadRequest(f"step {request.step} is behind this stage's step {self.optimizer_step}")
+        if request.step < self.optimizer_step:  # this replica's state (e.g. downloaded) already has that step
+            logger.info("stage %d is at step %d: step %d was applied before this replica took its state over",
+                        self.stage, self.optimizer_step, request.step)
+            return StepResponse(step=request.step, optimizer_step=self.optimizer_step, samples=0, group_size=0)
         if me not in request.members:
             raise BadRequest(f"this peer ({me[-8:]}) is not among the members of step {request.step}")
         others = [m for m in request.members if m != me]

@@ -35,6 +35,7 @@ from peers.routing import Hop, plan_route
 from swarm.errors import (
     AveragingFailed,
     NoRoute,
+    PeerUnavailable,
     Recovery,
     StageTimeout,
     StaleReplica,
@@ -382,6 +383,18 @@ class RemotePipeline:
                     plans[stage] = [await self._pick(stage)]
 
     async def _step_failed(self, stage: int, peer: str, step: int, error: BaseException, attempt: int) -> None:
+        """A member's step call failed. Its reply may merely have been lost after it applied the step:
+        it is asked (read-only) where it stands before it is dropped, lest a live replica that is
+        current be banned and the backwards it already applied be replayed elsewhere."""
+        if isinstance(error, PeerUnavailable) and not isinstance(error, (AveragingFailed, StageTimeout)):
+            try:
+                info = await asyncio.wait_for(self.client.info(peer), self.policy.averaging_window + 5)
+            except (SwarmError, asyncio.TimeoutError):
+                pass
+            else:
+                if info.optimizer_step > step:
+                    self._peer_steps[peer] = info.optimizer_step
+                    return
         if isinstance(error, AveragingFailed):  # another member let the group down, not this one
             logger.warning("stage %d, step %d: averaging failed on %s (round %d): %s", stage, step, peer[-8:],
                            attempt, error)
