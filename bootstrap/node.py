@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from bootstrap.checkpoints import CheckpointStore
+from bootstrap.telemetry import BootstrapTelemetry
 from dht.records import MANIFEST_TTL, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings
 from shards.assignment import stage_boundaries
@@ -60,6 +61,7 @@ class BootstrapNode:
         self._task: asyncio.Task | None = None
         self._stopped = False
         self.checkpoints: CheckpointStore | None = None
+        self.telemetry: BootstrapTelemetry | None = None
 
     async def start(self) -> None:
         try:
@@ -79,6 +81,8 @@ class BootstrapNode:
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoint-store", self.manifest)
         await self.checkpoints.start(self.dht)
+        self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
+        await self.telemetry.start()
 
     def _load_or_build_manifest(self) -> Manifest:
         path = self.state_dir / "manifest.json"
@@ -135,6 +139,8 @@ class BootstrapNode:
                 await self._task
         if self.checkpoints is not None:
             await self.checkpoints.stop()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
 

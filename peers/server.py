@@ -25,11 +25,13 @@ from peers.checkpoints import Checkpointer
 from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
+from peers.reachability import explain_claim
 from peers.recovery import adopt_state
 from peers.routing import coverage
 from peers.service import StageService
 from peers.state import StateIdentity, part_name
 from peers.store_client import StoreClient
+from peers.telemetry import PeerTelemetry
 from peers.transport import P2PTransport
 from shards.assignment import choose_stage
 from shards.source import resolve_model
@@ -59,6 +61,8 @@ class Peer:
         self.checkpointer: Checkpointer | None = None
         self._closed = asyncio.Event()
         self._started = False
+        self.telemetry: PeerTelemetry | None = None
+        self.claim_reason = ""
         # every torch call of this peer runs on this one thread (see StageService)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
@@ -89,6 +93,8 @@ class Peer:
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host,
         )
+        self.telemetry = PeerTelemetry(self.settings, self.dht)
+        self.telemetry.start_monitor()
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
         stage = await self._choose_stage(self.manifest)
         layers = self.manifest.stages[stage]
@@ -109,7 +115,8 @@ class Peer:
         self.service = StageService(executor, self.peer_id, worker=self._compute, identity=identity)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await self._adopt_state(executor, identity)
-        await self.service.register(self._transport)
+        await self.service.register(self.telemetry.observe(self._transport))
+        self.telemetry.start_serving([stage], lambda _: executor.optimizer_step, self._transport)
         await self._announce(self.record.model_copy(update={
             "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware(),
             "step": executor.optimizer_step}))
@@ -122,9 +129,13 @@ class Peer:
         if pinned is not None:
             if pinned >= manifest.num_stages:
                 raise ConfigError(f"stage {pinned} does not exist: the run has {manifest.num_stages} stages")
+            self.claim_reason = "pinned with --stage"
             return pinned
         records = await self.dht.all_records(manifest.num_stages)
-        return choose_stage(coverage(manifest.num_stages, records), rng=random.Random())
+        counts = coverage(manifest.num_stages, records)
+        stage = choose_stage(counts, rng=random.Random())
+        self.claim_reason = explain_claim(counts, stage)
+        return stage
 
     def _load(self, manifest: Manifest, stage: int) -> torch.nn.Module:
         if self.settings.peer.threads:
@@ -169,6 +180,8 @@ class Peer:
         return self.record
 
     async def _announce(self, record: PeerRecord) -> None:
+        if self.telemetry is not None:
+            record = self.telemetry.refresh(record)
         self.record = record
         if not await self.dht.announce(record):
             logger.warning("the DHT did not store this peer's record (will retry on the next refresh)")
@@ -193,6 +206,8 @@ class Peer:
                     await task
         if final_checkpoint and self.checkpointer is not None:
             await self.checkpointer.final(timeout=60.0)
+        if self.telemetry is not None:  # first: its last ledger window still goes out over the transport
+            await self.telemetry.stop()
         if self.dht is not None and self.record is not None:
             with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                 await asyncio.wait_for(self.dht.withdraw(self.record), 5)
