@@ -9,10 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dht.records import SwarmDHT
 from peers.ledger import LEDGER_FETCH, FetchRequest, FetchResponse, LedgerEntry, read_entries, tally, verify_entries
-from peers.protocol import parse_reply
-from peers.transport import P2PTransport
 from swarm.config import SwarmSettings
 from swarm.errors import ConfigError
 
@@ -28,6 +25,8 @@ def load_ledger(source: str, settings: SwarmSettings) -> tuple[list[LedgerEntry]
     if path.exists():
         return read_entries(path), str(path)
     if source.startswith("/") and "/p2p/" in source:
+        from dht.records import SwarmDHT  # hivemind and torch: only when the ledger is remote
+
         dht = SwarmDHT.create_client(settings.run_id, [source])
         try:
             return asyncio.run(fetch_ledger(dht, source.rsplit("/p2p/", 1)[1])), source
@@ -36,8 +35,11 @@ def load_ledger(source: str, settings: SwarmSettings) -> tuple[list[LedgerEntry]
     raise ConfigError(f"{source!r} is neither a ledger file nor a multiaddr /ip4/HOST/tcp/PORT/p2p/PEER_ID")
 
 
-async def fetch_ledger(dht: SwarmDHT, bootstrap_id: str) -> list[LedgerEntry]:
-    """Every entry the bootstrap holds, page by page (bounded)."""
+async def fetch_ledger(dht, bootstrap_id: str) -> list[LedgerEntry]:
+    """Every entry the bootstrap holds (``dht``: a ``SwarmDHT`` client), page by page (bounded)."""
+    from peers.protocol import parse_reply
+    from peers.transport import P2PTransport
+
     transport = P2PTransport(await dht.dht.replicate_p2p())
     entries: list[LedgerEntry] = []
     try:

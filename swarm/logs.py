@@ -16,7 +16,6 @@ import json
 import logging
 import logging.handlers
 import os
-import sys
 from pathlib import Path
 from typing import IO
 
@@ -44,11 +43,16 @@ class _IdentityFilter(logging.Filter):
         return True
 
 
+_LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR",
+           logging.CRITICAL: "CRITICAL"}
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: what a log shipper or ``jq`` reads."""
+    """One JSON object per line: what a log shipper or ``jq`` reads. Level names are the standard
+    ones whatever another library renamed them to (hivemind shows WARNING as WARN)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+        entry = {"ts": round(record.created, 3), "level": _LEVELS.get(record.levelno, record.levelname), "logger": record.name,
                  "peer": getattr(record, "peer", ""), "msg": record.getMessage()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -64,7 +68,7 @@ def setup_logging(level: str, *, console: Console | None = None, log_dir: Path |
         terminal: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
         terminal.setFormatter(logging.Formatter("%(peer_tag)s%(message)s"))
     else:  # a log file or a pipe: one unwrapped line per record, so it can be grepped
-        terminal = logging.StreamHandler(sys.stderr)
+        terminal = logging.StreamHandler(console.file)
         terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(peer_tag)s%(name)s: %(message)s"))
     terminal.addFilter(identity)
     handlers = [terminal]

@@ -233,13 +233,20 @@ def _grid(status: Mapping[str, Any]) -> Table:
     return grid
 
 
+def _marginal(peer: Mapping[str, Any]) -> str:
+    """What the swarm's throughput would lose without this peer: ``-400 (100%)``, or ``0``."""
+    if not peer["marginal"]:
+        return "0"
+    return f"-{_rate(peer['marginal'])} ({peer['marginal_share']:.0%})"
+
+
 def _contributions(status: Mapping[str, Any]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="contribution", title_justify="left")
     for name in ("peer", "tokens", "share", "marginal", "served", "req/s", "ledger"):
         table.add_column(name, justify="left" if name == "peer" else "right", no_wrap=True)
     for p in sorted(status["peers"], key=lambda p: -p["tokens"]):
         table.add_row(_short(p["peer_id"]), f"{p['tokens']:,}", f"{p['contribution_share']:.0%}",
-                      f"-{_rate(p['marginal'])} ({p['marginal_share']:.0%})", f"{_rate(p['tokens_per_s'])}/s",
+                      _marginal(p), f"{_rate(p['tokens_per_s'])}/s",
                       f"{p['requests_per_s']:.1f}", str(p["ledger_entries"]))
     return table
 
