@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-import click
 import typer
 import uvloop
 from rich.console import Console
@@ -45,16 +44,15 @@ LogOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
 MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on this port (0: any free)")
 
 
-def _settings(config: Optional[Path], *, log_file: bool = False, **overrides: Any) -> SwarmSettings:
-    """Load the settings and set up logging; ``log_file``: also log to the state dir (long commands)."""
+def _settings(config: Optional[Path], *, log_file: str | None = None, **overrides: Any) -> SwarmSettings:
+    """Load the settings and set up logging; ``log_file``: also log to ``<state>/<run>/logs/<log_file>.log``
+    (the long-running commands)."""
     settings = load_settings(config, **overrides)
     log_dir = None
     if log_file and settings.logs.file:
         log_dir = settings.state_dir.expanduser() / settings.run_id / "logs"
-    ctx = click.get_current_context(silent=True)
-    path = setup_logging(settings.log_level, console=console, log_dir=log_dir,
-                         command=ctx.info_name if ctx else "swarm", max_bytes=settings.logs.max_bytes,
-                         backups=settings.logs.backups)
+    path = setup_logging(settings.log_level, console=console, log_dir=log_dir, command=log_file or "swarm",
+                         max_bytes=settings.logs.max_bytes, backups=settings.logs.backups)
     if path is not None:
         logger.debug("logging to %s", path)
     return settings
@@ -105,7 +103,7 @@ def bootstrap(
     from bootstrap.node import BootstrapNode
 
     settings = _settings(
-        config, log_file=True, run_id=run, state_dir=state_dir, log_level=log_level,
+        config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr},
     )
@@ -146,7 +144,7 @@ def join(
     from swarm.join_view import introduce, live_lines
 
     settings = _settings(
-        config, log_file=True, run_id=run, log_level=log_level, state_dir=state_dir,
+        config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir,
         network={"host": host, "port": port, "initial_peers": bootstrap_addr or None,
                  "announce_host": announce_host},
         peer={"stage": stage, "threads": threads}, monitor={"metrics_port": metrics_port},
@@ -248,7 +246,7 @@ def train_command(
     from swarm.train import train
 
     _interrupt_on_sigterm()
-    settings = _settings(config, log_file=True, run_id=run, log_level=log_level or "WARNING",
+    settings = _settings(config, log_file="train", run_id=run, log_level=log_level or "WARNING",
                          state_dir=state_dir, monitor={"metrics_port": metrics_port},
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:
