@@ -217,4 +217,8 @@ class HardwareMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.close()
+
+    def close(self) -> None:
+        """Release NVML (for a monitor sampled by hand, never ``start``-ed). Idempotent."""
         self._nvml.close()

@@ -104,6 +104,7 @@ class TrainerReporter:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        self.monitor.close()
 
     def __enter__(self) -> "TrainerReporter":
         return self

@@ -224,11 +224,11 @@ def _grid(status: Mapping[str, Any]) -> Table:
         start, end = stage["layers"]
         label = f"{stage['index']}" + ("◀" if hot else "")
         if not stage["peers"]:
-            grid.add_row(label, f"{start}-{end}", "-", "none", "0", "", "", style="bold red")
+            grid.add_row(label, f"[{start}, {end})", "-", "none", "0", "", "", style="bold red")
         for n, peer_id in enumerate(stage["peers"]):
             p = peers[peer_id]
             state = "stale" if p["stale"] else p["state"]
-            grid.add_row(label if n == 0 else "", f"{start}-{end}" if n == 0 else "", _short(peer_id), state,
+            grid.add_row(label if n == 0 else "", f"[{start}, {end})" if n == 0 else "", _short(peer_id), state,
                          _rate(p["throughput"]), f"{p['load']:.0f}", _hardware(p["hardware"]), style=style)
     return grid
 
