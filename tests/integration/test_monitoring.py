@@ -71,7 +71,7 @@ def test_status_metrics_and_ledger_of_a_training_swarm(model_factory, swarm_fact
     assert status["run"]["state"] == "training" and status["run"]["trainers"] == 1
     assert status["run"]["loss_trend"] == pytest.approx(list(reporter.losses), abs=1e-4)
     assert status["stages"][0]["online"] == 2 and status["stages"][1]["online"] == 1
-    assert status["bottleneck_stage"] == (0 if status["stages"][0]["throughput"] < status["stages"][1]["throughput"]
+    assert status["bottleneck_stage"] == (0 if status["stages"][0]["throughput"] <= status["stages"][1]["throughput"]
                                           else 1)
     peers = {p["peer_id"]: p for p in status["peers"]}
     only = by_stage[1][0].peer_id
@@ -109,6 +109,6 @@ def test_status_metrics_and_ledger_of_a_training_swarm(model_factory, swarm_fact
         reachable = swarm.loop.run(probe_reachability(peer.maddrs, timeout=10))
     finally:
         dht.shutdown()
-    assert verify_entries(fetched).ok and len(fetched) == len(boot.book.entries) >= 3
+    assert verify_entries(fetched).ok and fetched == boot.book.entries and len(fetched) >= 2  # a chain per busy peer
     assert reachable.reachable and "this machine only" in reachable.text
     assert not unreachable.reachable and "NOT reachable" in unreachable.text
