@@ -18,7 +18,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field, ValidationError
@@ -47,7 +47,6 @@ __all__ = [
     "TallyRequest",
     "TallyResponse",
     "tally",
-    "entry_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -279,7 +278,3 @@ def tally(entries: Iterable[LedgerEntry]) -> dict[str, dict[str, int]]:
         row["tokens"] += entry.tokens
     return totals
 
-
-def entry_summary(entries: Sequence[LedgerEntry]) -> dict[str, Any]:
-    return {"entries": len(entries), "tokens": sum(e.tokens for e in entries),
-            "microbatches": sum(e.microbatches for e in entries)}
