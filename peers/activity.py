@@ -90,17 +90,31 @@ class Activity:
 
 
 class ObservedTransport:
-    """A ``Transport`` whose served handlers report to an ``Activity``; calls pass straight through."""
+    """A ``Transport`` whose served handlers report to ``activity``; with ``calls`` (a trainer's
+    side), the calls it makes report to that ``Activity`` too (a failed call: ``ok`` False)."""
 
-    def __init__(self, inner: Transport, activity: Activity):
+    def __init__(self, inner: Transport, activity: Activity, *, calls: Activity | None = None):
         self.inner = inner
         self.activity = activity
+        self.calls = calls
 
     async def serve(self, method: str, handler: Handler) -> None:
         await self.inner.serve(method, self._observed(method.rsplit(".", 1)[-1], handler))
 
-    async def call(self, *args, **kwargs):
-        return await self.inner.call(*args, **kwargs)
+    async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
+                   timeout: float) -> tuple[Any, list[torch.Tensor]]:
+        if self.calls is None:
+            return await self.inner.call(peer_id, method, message, tensors, timeout=timeout)
+        name = method.rsplit(".", 1)[-1]
+        stage, samples, tokens = work_of(name, message, tensors)
+        self.calls.started()
+        began, ok = time.perf_counter(), False
+        try:
+            reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout)
+            ok = isinstance(reply, dict) and "ok" in reply
+            return reply, out
+        finally:
+            self.calls.finished(RequestDone(name, time.perf_counter() - began, ok, stage, samples, tokens))
 
     def _observed(self, name: str, handler: Handler) -> Handler:
         activity = self.activity

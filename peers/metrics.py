@@ -31,7 +31,7 @@ class NodeMetrics:
     def __init__(self, role: str, peer_id: str, run_id: str):
         self.registry = r = CollectorRegistry()
         Info("swarm_node", "what this node is", registry=r).info({"role": role, "peer_id": peer_id, "run": run_id})
-        self.requests = Counter("swarm_rpc_requests", "RPC requests served, by method and outcome",
+        self.requests = Counter("swarm_rpc_requests", "RPC requests served (a trainer: made), by method and outcome",
                                 ["method", "outcome"], registry=r)
         self.latency = Histogram("swarm_rpc_latency_seconds", "time to serve one RPC request", ["method"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
@@ -60,6 +60,16 @@ class NodeMetrics:
         """Count every request ``activity`` sees; report its in-flight count as the queue depth."""
         activity.listeners.append(self.observe_request)
         self.queue_depth.set_function(lambda: activity.in_flight)
+
+    def watch_calls(self, activity: Activity) -> None:
+        """A trainer's outgoing calls: counts and latency per RPC (the tokens it trained on are
+        reported by the trainer itself, not once per stage call)."""
+        activity.listeners.append(self.observe_call)
+        self.queue_depth.set_function(lambda: activity.in_flight)
+
+    def observe_call(self, done: RequestDone) -> None:
+        self.requests.labels(done.method, "ok" if done.ok else "error").inc()
+        self.latency.labels(done.method).observe(done.seconds)
 
     def watch_hardware(self, monitor: HardwareMonitor) -> None:
         monitor.listeners.append(self.observe_hardware)

@@ -21,6 +21,7 @@ from hivemind.utils import get_dht_time
 
 from dht.records import SwarmDHT
 from dht.schemas import LOSS_TREND_LEN, MetricsRecord, MetricsRole
+from peers.activity import Activity, ObservedTransport
 from peers.metrics import MetricsServer, NodeMetrics
 from peers.monitor import HardwareMonitor
 from swarm.config import MonitorSettings
@@ -40,6 +41,8 @@ class TrainerReporter:
         self.metrics = NodeMetrics("trainer", dht.peer_id, dht.run_id)
         self.monitor = HardwareMonitor(interval=self.settings.interval, history=self.settings.history)
         self.metrics.watch_hardware(self.monitor)
+        self.calls = Activity()
+        self.metrics.watch_calls(self.calls)
         self.server: MetricsServer | None = None
         if self.settings.metrics_port is not None:
             self.server = MetricsServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port)
@@ -55,8 +58,12 @@ class TrainerReporter:
 
     @classmethod
     def for_model(cls, model: Any, settings: MonitorSettings | None = None) -> "TrainerReporter":
-        """For a ``SwarmModelForCausalLM`` (its DHT node and event loop)."""
-        return cls(model.dht, model.submit, settings)
+        """For a ``SwarmModelForCausalLM`` (its DHT node and event loop); its stage calls are counted
+        and timed per RPC from now on."""
+        reporter = cls(model.dht, model.submit, settings)
+        client = model.pipeline.client
+        client.transport = ObservedTransport(client.transport, reporter.calls, calls=reporter.calls)
+        return reporter
 
     def report(self, step: int, loss: float, tokens: int) -> None:
         """After each optimizer step: ``step`` done, its ``loss``, ``tokens`` it trained on."""
