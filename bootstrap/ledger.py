@@ -27,9 +27,10 @@ from peers.ledger import (
     read_entries,
     tally,
     verify_chain,
+    parse_ledger_request,
     verify_entries,
 )
-from peers.protocol import error_reply, ok_reply, parse_request
+from peers.protocol import error_reply, ok_reply
 from peers.transport import Handler, Transport
 from swarm.errors import BadRequest, ConfigError, SwarmError
 
@@ -96,19 +97,19 @@ class LedgerService:
                 LEDGER_TALLY: self._guarded(self.rpc_tally)}
 
     async def rpc_submit(self, message: Any) -> dict:
-        entries = list(parse_request(SubmitRequest, message).entries)
+        entries = list(parse_ledger_request(SubmitRequest, message).entries)
         response = self.book.submit(entries)
         logger.info("ledger: %d of %d entries accepted from %s", response.accepted, len(entries),
                     entries[0].peer_id[-12:])
         return ok_reply(response)
 
     async def rpc_fetch(self, message: Any) -> dict:
-        request = parse_request(FetchRequest, message)
+        request = parse_ledger_request(FetchRequest, message)
         entries = self.book.entries[request.offset : request.offset + request.limit]
         return ok_reply(FetchResponse(entries=entries, total=len(self.book.entries)))
 
     async def rpc_tally(self, message: Any) -> dict:
-        parse_request(TallyRequest, message)
+        parse_ledger_request(TallyRequest, message)
         return ok_reply(TallyResponse(peers=self.book.tally()))
 
     def _guarded(self, rpc) -> Handler:

@@ -24,7 +24,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field, ValidationError
 
 from dht.schemas import FrozenModel
-from swarm.errors import ConfigError
+from swarm.errors import BadRequest, ConfigError, ProtocolMismatch
 
 __all__ = [
     "GENESIS",
@@ -47,6 +47,7 @@ __all__ = [
     "TallyRequest",
     "TallyResponse",
     "tally",
+    "parse_ledger_request",
 ]
 
 logger = logging.getLogger(__name__)
@@ -278,3 +279,17 @@ def tally(entries: Iterable[LedgerEntry]) -> dict[str, dict[str, int]]:
         row["tokens"] += entry.tokens
     return totals
 
+
+
+def parse_ledger_request(model: type[FrozenModel], payload: object) -> FrozenModel:
+    """Validate a ledger RPC request (versioned on its own, apart from the stage protocol)."""
+    if not isinstance(payload, dict):
+        raise BadRequest(f"{model.__name__}: expected a map, got {type(payload).__name__}")
+    if payload.get("version", LEDGER_VERSION) != LEDGER_VERSION:
+        raise ProtocolMismatch(f"ledger protocol version {payload.get('version')!r}; this node speaks {LEDGER_VERSION}")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise BadRequest(f"{model.__name__}: {where}: {first['msg']}") from None

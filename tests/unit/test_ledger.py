@@ -156,3 +156,23 @@ def test_report_check_prints_the_verdict_and_verified_totals(tmp_path):
     assert report_check(_altered(entries, 2, microbatches=999), "bad.jsonl", console) == 1
     text = console.export_text()
     assert "BAD: entry #3 (line 3)" in text and "signature does not match" in text and "300" in text
+
+
+@pytest.mark.parametrize("message, code, words", [
+    ({"version": 99, "entries": []}, "ProtocolMismatch", "ledger protocol version 99"),
+    ({"entries": []}, "BadRequest", "entries"),
+    ("junk", "BadRequest", "expected a map"),
+])
+def test_bad_submits_get_a_named_error_and_the_book_keeps_serving(tmp_path, message, code, words):
+    async def scenario():
+        hub = InMemoryTransport()
+        book = LedgerBook(tmp_path / "book.jsonl")
+        await LedgerService(book).register(hub.bind("boot"))
+        reply, _ = await hub.call("boot", "swarm.ledger.submit", message, [], timeout=5)
+        good, _ = await hub.call("boot", "swarm.ledger.submit",
+                                 {"entries": [e.model_dump(mode="json") for e in _chain(tmp_path, 1)]}, [], timeout=5)
+        return reply, good
+
+    reply, good = asyncio.run(scenario())
+    assert reply["error"]["code"] == code and words in reply["error"]["message"]
+    assert good["ok"]["accepted"] == 1
