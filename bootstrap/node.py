@@ -1,5 +1,10 @@
 """``BootstrapNode``: the run's first contact. Publishes the manifest and keeps a stable address.
 
+It also owns the run's durable state (``bootstrap.state.StateDB``, ``state.db`` in the state dir):
+it publishes the run state that ``swarm run pause|resume|stop`` set there (polled every second), and
+every ``bootstrap.metrics_interval`` seconds folds the trainers' and peers' metrics reports from the
+DHT into the metrics history, the step counter and the contribution tallies.
+
 Its libp2p identity and its port are kept in the state dir, so after a restart it has the same
 multiaddr and the peers' ``--bootstrap`` lines stay valid; the manifest is kept there too, so a
 restarted bootstrap republishes the same run rather than starting a new one.
@@ -9,22 +14,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from pathlib import Path
+
+from hivemind.utils import get_dht_time
 
 from bootstrap.checkpoints import CheckpointStore
 from bootstrap.telemetry import BootstrapTelemetry
+from bootstrap.metrics import summarize
+from bootstrap.state import StateDB
+from bootstrap.tokens import TokenService
+from dht.auth import TokenRecordValidator, load_or_create_private_key
+from peers.auth import TOKEN
+from peers.transport import P2PTransport
+from dht.control import CONTROL_TTL, RunControl, RunState, get_metrics, publish_control
 from dht.records import MANIFEST_TTL, SwarmDHT
-from dht.schemas import Manifest, OptimizerSettings
+from dht.schemas import Manifest, OptimizerSettings, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
 from swarm.config import SwarmSettings
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, PeerUnavailable
 
 __all__ = ["BootstrapNode", "build_manifest"]
 
 logger = logging.getLogger(__name__)
+
+_KNOWN_PEERS = 8
 
 
 def build_manifest(settings: SwarmSettings) -> Manifest:
@@ -59,22 +77,28 @@ class BootstrapNode:
         self.dht: SwarmDHT | None = None
         self.manifest: Manifest | None = None
         self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self.checkpoints: CheckpointStore | None = None
         self.telemetry: BootstrapTelemetry | None = None
+        self.db: StateDB | None = None
+        self.control: RunControl | None = None
+        self._peers_seen: set[str] = set()
+        self.authority = None
+        self.dashboard = None  # a bootstrap.dashboard.DashboardServer once started
+        self.admin = None
+        self._status_cache: tuple[float, dict] | None = None
+        self._transport: P2PTransport | None = None
 
     async def start(self) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create state dir {self.state_dir}: {e.strerror}") from None
+        self.db = StateDB(self.state_dir / "state.db")  # first: a corrupt state stops us before the DHT
         self.manifest = self._load_or_build_manifest()
-        net = self.settings.network
-        port = net.port or self._saved_port()
-        self.dht = await asyncio.to_thread(
-            SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
-            port=port, announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-        )
+        self.authority = await asyncio.to_thread(load_or_create_private_key, self.state_dir / "authority.key")
+        self.dht = await self._start_dht()
         self._save_port()
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
@@ -83,6 +107,45 @@ class BootstrapNode:
         await self.checkpoints.start(self.dht)
         self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
         await self.telemetry.start()
+        if self.keys_required:
+            await self._serve_tokens()
+        await self._publish_control(*self._wanted_control())
+        self._tasks = [
+            asyncio.create_task(self._control_forever(), name="run-control"),
+            asyncio.create_task(self._collect_forever(), name="metrics-collect"),
+        ]
+        if self.settings.bootstrap.dashboard:
+            await self._start_dashboard()
+        self.db.audit("bootstrap", "bootstrap.start", f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}")
+
+    async def _start_dht(self) -> SwarmDHT:
+        """Start the DHT node; after a restart, rejoin through the peers seen last time (saved in
+        state.db), since the swarm's nodes dropped this one from their tables while it was down and
+        would not call it again. If none of them answers, start alone as on the first run."""
+        net = self.settings.network
+        port = net.port or self._saved_port()
+        known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in net.initial_peers]
+
+        def create(initial: list[str]) -> SwarmDHT:
+            return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
+                                   announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
+                                   signer_key=self.authority)
+
+        if known:
+            try:
+                return await asyncio.to_thread(create, [*net.initial_peers, *known])
+            except PeerUnavailable as e:
+                logger.info("none of the %d peers seen before the restart answered (%s); starting afresh", len(known), e)
+        return await asyncio.to_thread(create, list(net.initial_peers))
+
+    async def _remember_peers(self) -> None:
+        """Keep a few addresses of live peers in state.db, to rejoin through after a restart."""
+        records = await self.dht.all_records(self.manifest.num_stages)
+        own = set(self.maddrs)
+        addresses = [a for rs in records.values() for r in rs if r.state != PeerState.OFFLINE
+                     for a in r.maddrs if "/p2p/" in a and a not in own]
+        if addresses:
+            await asyncio.to_thread(self.db.set_meta, "known_peers", json.dumps(addresses[:_KNOWN_PEERS]))
 
     def _load_or_build_manifest(self) -> Manifest:
         path = self.state_dir / "manifest.json"
@@ -121,28 +184,150 @@ class BootstrapNode:
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
                 logger.warning("republishing the manifest failed: %s", e)
 
+    async def _start_dashboard(self) -> None:
+        """The dashboard is for people; the run does not need it, so a taken port is a warning."""
+        from bootstrap.admin import AdminAuth, set_admin_password  # FastAPI and argon2: only when served
+        from bootstrap.dashboard import DashboardServer, create_app
+
+        password = os.environ.get("SWARM_ADMIN_PASSWORD")
+        if password:
+            user = os.environ.get("SWARM_ADMIN_USER", "admin")
+            await asyncio.to_thread(set_admin_password, self.db, user, password, actor="env:SWARM_ADMIN_PASSWORD")
+        self.admin = AdminAuth(self.db)
+        boot = self.settings.bootstrap
+        app = create_app(self.db, self.admin, run_id=self.settings.run_id, join_command=self.join_command,
+                         maddrs=lambda: self.maddrs, keys_required=self.keys_required, status=self.status_report)
+        server = DashboardServer(app, boot.dashboard_host or self.settings.network.host, boot.dashboard_port)
+        try:
+            await server.start()
+        except (OSError, SystemExit) as e:  # uvicorn exits on a bind error
+            logger.warning("the dashboard did not start on port %d (%s); the run goes on without it",
+                           boot.dashboard_port, e or "port in use?")
+            await server.stop()
+            return
+        self.dashboard = server
+        if not self.admin.configured:
+            logger.warning("no admin password yet: set SWARM_ADMIN_PASSWORD or run `swarm admin password` "
+                           "to log in to the dashboard")
+
+    async def status_report(self, max_age: float = 2.0) -> dict:
+        """``swarm status --json``'s data, from this node's DHT (cached for ``max_age`` seconds)."""
+        from swarm.status import collect_status  # swarm.status is a view over dht; imported when used
+
+        now = asyncio.get_running_loop().time()
+        if self._status_cache is None or now - self._status_cache[0] > max_age:
+            self._status_cache = (now, await collect_status(self.dht, manifest_timeout=5.0))
+        return self._status_cache[1]
+
+    @property
+    def keys_required(self) -> bool:
+        return not self.settings.bootstrap.open
+
+    @property
+    def authority_public_key(self) -> bytes:
+        return self.authority.get_public_key().to_bytes()
+
+    async def _serve_tokens(self) -> None:
+        """Exchange keys for tokens (``swarm.auth.token``), and enforce tokens on records stored here."""
+        self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
+        await self._transport.serve(TOKEN, service.rpc_token)
+
+    def _wanted_control(self) -> tuple[str, tuple[str, ...]]:
+        """What state.db says now: the run state and the revoked key ids."""
+        revoked = tuple(sorted(k.id for k in self.db.list_keys() if k.revoked is not None))
+        return self.db.run_state(), revoked
+
+    async def _publish_control(self, state: str, revoked: tuple[str, ...]) -> None:
+        if self.keys_required and (self.control is None or tuple(self.control.revoked) != revoked):
+            self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key,
+                                                              frozenset(revoked))])
+        self.control = RunControl(state=RunState(state), changed_at=get_dht_time(),
+                                  keys_required=self.keys_required, revoked=list(revoked))
+        if not await publish_control(self.dht, self.control):
+            logger.warning("the run state was not stored in the DHT; retrying in a second")
+            self.control = None
+
+    async def _control_forever(self, period: float = 1.0) -> None:
+        """Publish the run state and revocations when ``state.db`` changes them (the CLI, the
+        dashboard), and refresh the record well before it expires."""
+        last_publish = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                state, revoked = await asyncio.to_thread(self._wanted_control)
+                stale = asyncio.get_running_loop().time() - last_publish > CONTROL_TTL / 4
+                current = None if self.control is None else (self.control.state.value, tuple(self.control.revoked))
+                if current != (state, revoked) or stale:
+                    if current is not None and current != (state, revoked):
+                        logger.info("run state: %s; revoked keys: %s", state, ", ".join(revoked) or "none")
+                    await self._publish_control(state, revoked)
+                    last_publish = asyncio.get_running_loop().time()
+            except Exception as e:  # the DHT or the database is briefly busy: the next second retries
+                logger.warning("publishing the run state failed: %s", e)
+
+    async def _collect_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.bootstrap.metrics_interval)
+            try:
+                await self.collect_once()
+            except Exception as e:  # a DHT hiccup loses one round of history, not the bootstrap
+                logger.warning("collecting metrics failed: %s", e)
+
+    async def collect_once(self) -> bool:
+        """One round: metrics reports from the DHT into ``state.db``; joins and leaves audited."""
+        reports = await get_metrics(self.dht)
+        peers = {r.peer_id for r in reports if r.role == "peer"}
+        for peer_id in sorted(peers - self._peers_seen):
+            await asyncio.to_thread(self.db.audit, peer_id, "peer.join", "")
+        for peer_id in sorted(self._peers_seen - peers):
+            await asyncio.to_thread(self.db.audit, peer_id, "peer.leave", "no report for a whole TTL")
+        self._peers_seen = peers
+        await self._remember_peers()
+        summary = summarize(reports)
+        if summary is None:
+            return False
+        await asyncio.to_thread(
+            self.db.record_metrics, step=summary.step, loss=summary.loss,
+            tokens_per_second=summary.tokens_per_second, peers=summary.peers, reports=summary.samples,
+        )
+        return True
+
     @property
     def maddrs(self) -> list[str]:
         return self.dht.visible_maddrs() if self.dht else []
 
     def join_command(self) -> str:
         run = "" if self.settings.run_id == "swarm" else f" --run {self.settings.run_id}"
-        return f"swarm join --bootstrap {self.maddrs[0]}{run}"
+        key = " --key <your API key>" if self.keys_required else ""
+        return f"swarm join --bootstrap {self.maddrs[0]}{run}{key}"
 
     async def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+        for task in [self._task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._transport is not None:
+            await self._transport.shutdown()
+            with contextlib.suppress(Exception):
+                await self._transport.p2p.shutdown()
         if self.checkpoints is not None:
             await self.checkpoints.stop()
         if self.telemetry is not None:
             await self.telemetry.stop()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
+        if self.db is not None:
+            with contextlib.suppress(Exception):  # a final audit line is nice, not essential
+                self.db.audit("bootstrap", "bootstrap.stop", "")
+            self.db.close()
 
     async def __aenter__(self) -> "BootstrapNode":
         try:

@@ -31,7 +31,7 @@ from dht.schemas import (
     StoreRecord,
     TrainerRecord,
     manifest_key,
-    metrics_key,
+    telemetry_key,
     stage_key,
     store_key,
     trainers_key,
@@ -100,11 +100,13 @@ class SwarmDHT:
         announce_host: str | None = None,
         identity_path: Path | None = None,
         client_mode: bool = False,
+        signer_key: RSAPrivateKey | None = None,
     ) -> "SwarmDHT":
-        """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up."""
+        """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
+        ``signer_key`` signs its records (a bootstrap passes its persistent authority key)."""
         # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
         # process, as in tests, cannot sign each other's records either
-        signer = RSASignatureValidator(RSAPrivateKey())
+        signer = RSASignatureValidator(signer_key or RSAPrivateKey())
         kwargs: dict = dict(
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -259,21 +261,21 @@ class SwarmDHT:
         """This node's RSA key, the one that signs its DHT records (and its contribution ledger)."""
         return self._signer._private_key
 
-    async def publish_metrics(self, record: MetricsRecord, ttl: float = RECORD_TTL) -> bool:
-        """Store (or refresh) this node's signed ``MetricsRecord`` under ``{run}_metrics``."""
+    async def publish_telemetry(self, record: MetricsRecord, ttl: float = RECORD_TTL) -> bool:
+        """Store (or refresh) this node's signed ``MetricsRecord`` under ``{run}_telemetry``."""
         expiration = max(get_dht_time() + ttl, self._last_expiration.get(-1, 0.0) + 1e-3)
         self._last_expiration[-1] = expiration
         return await self.dht.store(
-            metrics_key(self.run_id),
+            telemetry_key(self.run_id),
             record.model_dump(mode="json"),
             expiration_time=expiration,
             subkey=self._subkey(),
             return_future=True,
         )
 
-    async def metrics_records(self) -> list[MetricsRecord]:
+    async def telemetry_records(self) -> list[MetricsRecord]:
         """Valid, unexpired metrics records of the run's trainers and peers."""
-        found = await self.dht.get(metrics_key(self.run_id), latest=True, return_future=True)
+        found = await self.dht.get(telemetry_key(self.run_id), latest=True, return_future=True)
         records = []
         for entry in _entries(found):
             try:

@@ -11,7 +11,7 @@ see docs/design.md):
   trainers' contributions to it reach the manifest's ``target_batch_size``.
 * ``{run}_checkpoint_stores``: one ``StoreRecord`` per node keeping the run's checkpoints (the
   bootstrap), so peers and trainers find where to upload and restore from.
-* ``{run}_metrics``: one ``MetricsRecord`` per trainer and per peer (subkey = its owner key): what
+* ``{run}_telemetry``: one ``MetricsRecord`` per trainer and per peer (subkey = its owner key): what
   `swarm status` and the dashboard show about the run (step, loss trend, tokens/s, contribution).
 """
 
@@ -43,7 +43,7 @@ __all__ = [
     "MetricsRecord",
     "MetricsRole",
     "LOSS_TREND_LEN",
-    "metrics_key",
+    "telemetry_key",
 ]
 
 PROTOCOL_VERSION = 2
@@ -141,6 +141,10 @@ class PeerRecord(FrozenModel):
     updated: float = 0.0
     load: float = Field(0.0, ge=0, description="requests in flight or queued when the record was written")
     delegate_of: str | None = Field(None, description="peer id this peer computes for (delegation)")
+    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
+    latency_ms: float | None = Field(None, ge=0, description="median round trip to a few peers")
+    bandwidth_mbps: float | None = Field(None, ge=0, description="measured link speed, megabits/s")
+    memory_gib: float | None = Field(None, ge=0, description="memory this peer can give to stages")
 
 
 class StoreRecord(FrozenModel):
@@ -160,7 +164,7 @@ class MetricsRole(str, Enum):
 
 
 class MetricsRecord(FrozenModel):
-    """What one trainer or peer reports about its work, under ``{run}_metrics`` (a few hundred bytes).
+    """What one trainer or peer reports about its work, under ``{run}_telemetry`` (a few hundred bytes).
 
     A trainer fills ``step``, ``loss``, ``loss_trend`` (its last losses, oldest first) and
     ``tokens_per_s`` (tokens trained per second); a peer fills ``requests_per_s``, ``tokens_per_s``
@@ -221,5 +225,5 @@ def store_key(run_id: str) -> str:
     return f"{run_id}_checkpoint_stores"
 
 
-def metrics_key(run_id: str) -> str:
-    return f"{run_id}_metrics"
+def telemetry_key(run_id: str) -> str:
+    return f"{run_id}_telemetry"

@@ -21,7 +21,7 @@ from dht.schemas import (
     StoreRecord,
     TrainerRecord,
     manifest_key,
-    metrics_key,
+    telemetry_key,
     stage_key,
     store_key,
     trainers_key,
@@ -42,7 +42,11 @@ class RunSchemaValidator(RecordValidatorBase):
         for stage in range(MAX_STAGES):
             self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
         self._models[_hashed(store_key(run_id))] = StoreRecord
-        self._models[_hashed(metrics_key(run_id))] = MetricsRecord
+        self._models[_hashed(telemetry_key(run_id))] = MetricsRecord
+        from dht.control import MetricsReport, RunControl, control_key, metrics_key  # dht.control imports records
+
+        self._models[_hashed(control_key(run_id))] = RunControl
+        self._models[_hashed(metrics_key(run_id))] = MetricsReport
 
     def validate(self, record: DHTRecord) -> bool:
         model = self._models.get(record.key)

@@ -2,7 +2,7 @@
 
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.routing import Hop, Route, coverage, plan_route
+from peers.routing import Hop, Route, coverage, expected_time, plan_route, plan_routes, record_loads
 from peers.server import Peer
 from peers.service import StageService
 from peers.transport import InMemoryTransport, P2PTransport, Transport
@@ -19,4 +19,7 @@ __all__ = [
     "Transport",
     "coverage",
     "plan_route",
+    "expected_time",
+    "plan_routes",
+    "record_loads",
 ]

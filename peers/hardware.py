@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import psutil
 import torch
 
 from dht.schemas import HardwareSummary
+from peers.measure import measure_throughput  # moved to peers.measure; re-exported
 
 __all__ = ["probe_hardware", "measure_throughput"]
 
@@ -41,16 +41,3 @@ def probe_hardware() -> HardwareSummary:
         torch_threads=torch.get_num_threads(),
     )
 
-
-def measure_throughput(module: torch.nn.Module, hidden_size: int, *, batch: int = 4, seq: int = 64,
-                       repeats: int = 2) -> float:
-    """Tokens per second of forward + backward through ``module`` on a random batch (best of runs)."""
-    dtype = next(module.parameters()).dtype
-    hidden = torch.randn(batch, seq, hidden_size, dtype=dtype, requires_grad=True)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        module(hidden).sum().backward()
-        best = min(best, time.perf_counter() - started)
-    module.zero_grad(set_to_none=True)
-    return round(batch * seq / best, 1)

@@ -46,6 +46,9 @@ __all__ = [
     "ok_reply",
     "error_reply",
     "parse_reply",
+    "ECHO",
+    "EchoRequest",
+    "EchoResponse",
 ]
 
 FORWARD = "swarm.stage.forward"
@@ -182,3 +185,16 @@ def parse_reply(model: type[_Message], payload: Any) -> _Message:
         return model.model_validate(payload["ok"])
     except ValidationError as e:
         raise ProtocolMismatch(f"malformed {model.__name__}: {e.errors()[0]['msg']}") from None
+
+
+# -- link probe (placement measures latency and bandwidth with it) ------------------------------------
+
+ECHO = "swarm.probe.echo"
+
+
+class EchoRequest(_Message):
+    """Send the tensors back as they came: a joining peer times this to measure its links."""
+
+
+class EchoResponse(_Message):
+    size: int = Field(ge=0, description="bytes of tensors echoed")

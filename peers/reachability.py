@@ -17,7 +17,7 @@ from typing import Sequence
 from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
 
-__all__ = ["AddressKind", "Verdict", "address_kind", "explain_claim", "reachability_verdict", "probe_reachability"]
+__all__ = ["AddressKind", "Verdict", "address_kind", "explain_claim", "explain_placement", "reachability_verdict", "probe_reachability"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +115,17 @@ def explain_claim(coverage: Sequence[int], stage: int) -> str:
     else:
         why = f"it had the fewest peers ({least})" + ("" if ties == 1 else f", tied with {ties - 1} other(s)")
     return f"{why}; peers per stage {{{seen}}}"
+
+
+def explain_placement(loads: Sequence[float], stage: int, throughput: float) -> str:
+    """Why a joining peer took ``stage`` given the tokens/s each stage had (``loads``) and its own."""
+    before = min(loads)
+    after = min(load + throughput if i == stage else load for i, load in enumerate(loads))
+    if loads[stage] <= 0:
+        why = "nobody served it"
+    elif loads[stage] == before:
+        why = f"it was the bottleneck ({loads[stage]:.0f} tokens/s)"
+    else:
+        why = f"it gained most ({loads[stage]:.0f} tokens/s there)"
+    seen = ", ".join(f"{i}:{load:.0f}" for i, load in enumerate(loads))
+    return f"{why}; bottleneck {before:.0f} -> {after:.0f} tokens/s; tokens/s per stage {{{seen}}}"

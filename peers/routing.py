@@ -1,8 +1,11 @@
-"""Choosing which peer serves each stage of a trainer's next pass: a pure function over DHT records."""
+"""Choosing which peer serves each stage of a trainer's next pass: pure functions over DHT records,
+by expected time (throughput, work already queued there, observed latency)."""
 
 from __future__ import annotations
 
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
@@ -10,7 +13,7 @@ from dht.schemas import PeerRecord, PeerState
 from shards.types import LayerRange
 from swarm.errors import NoRoute
 
-__all__ = ["Hop", "Route", "plan_route", "coverage"]
+__all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage", "record_loads"]
 
 
 @dataclass(frozen=True)
@@ -25,15 +28,34 @@ class Hop:
 Route = tuple[Hop, ...]
 
 
+def expected_time(
+    record: PeerRecord, *, tokens: int = 1, queue: int = 0, latency_ms: float | None = None
+) -> float:
+    """Seconds until a microbatch of ``tokens`` comes back from this peer: its round trip (observed by
+    this trainer, else the latency the peer published, else 0) plus the work queued ahead of it and its
+    own, at the peer's measured throughput."""
+    if latency_ms is None:
+        latency_ms = record.latency_ms or 0.0
+    if record.throughput <= 0:
+        return math.inf
+    return latency_ms / 1000 + (queue + 1) * tokens / record.throughput
+
+
 def plan_route(
     stages: Sequence[LayerRange],
     records: Mapping[int, Sequence[PeerRecord]],
     *,
     banned: Collection[str] = (),
     rng: random.Random | None = None,
+    tokens: int = 1,
+    queue: Mapping[str, int] | None = None,
+    latency_ms: Mapping[str, float] | None = None,
 ) -> Route:
     """For every stage, the online, unbanned peer announcing exactly that stage's layers with the best
-    throughput (ties broken by ``rng``). Raises ``NoRoute`` naming every stage nobody serves."""
+    ``expected_time`` (ties broken by ``rng``, else by peer id). ``queue`` counts microbatches already
+    sent to each peer, ``latency_ms`` is what the trainer observed; without them the fastest peer wins.
+    Loading and draining peers are skipped. Raises ``NoRoute`` naming every stage nobody serves."""
+    queue, latency_ms = queue or {}, latency_ms or {}
     hops, missing = [], []
     for index, layers in enumerate(stages):
         candidates = [
@@ -43,16 +65,59 @@ def plan_route(
         if not candidates:
             missing.append(f"{index} {layers}")
             continue
-        best = max(c.throughput for c in candidates)
-        fastest = sorted((c for c in candidates if c.throughput == best), key=lambda r: r.peer_id)
-        chosen = rng.choice(fastest) if rng is not None else fastest[0]
-        hops.append(Hop(index, layers, chosen.peer_id))
+        times = {r.peer_id: expected_time(r, tokens=tokens, queue=queue.get(r.peer_id, 0),
+                                          latency_ms=latency_ms.get(r.peer_id)) for r in candidates}
+        best = min(times.values())
+        quickest = sorted(peer for peer, t in times.items() if t <= best * (1 + 1e-9) or t == best)
+        chosen = rng.choice(quickest) if rng is not None else quickest[0]
+        hops.append(Hop(index, layers, chosen))
     if missing:
         raise NoRoute(f"no online peer serves stage(s) {', '.join(missing)}")
     return tuple(hops)
+
+
+def plan_routes(
+    stages: Sequence[LayerRange],
+    records: Mapping[int, Sequence[PeerRecord]],
+    count: int,
+    *,
+    banned: Collection[str] = (),
+    rng: random.Random | None = None,
+    tokens: int = 1,
+    latency_ms: Mapping[str, float] | None = None,
+) -> list[Route]:
+    """Routes for ``count`` microbatches spread over the replicas of each stage: each microbatch goes
+    where it is expected back soonest given the ones planned before it (so two equal replicas take
+    turns, and a replica twice as fast takes about twice as many)."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    queue: Counter[str] = Counter()
+    routes = []
+    for _ in range(count):
+        route = plan_route(stages, records, banned=banned, rng=rng, tokens=tokens, queue=queue,
+                           latency_ms=latency_ms)
+        # a peer holding several stages of the route is busy with this microbatch once: its throughput
+        # is already per stage of everything it holds
+        queue.update({hop.peer_id for hop in route})
+        routes.append(route)
+    return routes
 
 
 def coverage(num_stages: int, records: Mapping[int, Sequence[PeerRecord]]) -> list[int]:
     """Number of live (loading or online) peers per stage: what a joining peer balances."""
     live = {PeerState.LOADING, PeerState.ONLINE}
     return [sum(r.state in live for r in records.get(i, ())) for i in range(num_stages)]
+
+
+def record_loads(
+    num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | None = None
+) -> list[float]:
+    """Tokens/s claimed for each stage by live (loading or online) peers, each counted once per stage,
+    leaving out ``exclude`` (the peer doing the sums adds itself as it sees fit). Draining peers are
+    leaving and do not count: what placement balances."""
+    live = {PeerState.LOADING, PeerState.ONLINE}
+    loads = []
+    for stage in range(num_stages):
+        seen = {r.peer_id: r.throughput for r in records.get(stage, ()) if r.state in live and r.peer_id != exclude}
+        loads.append(float(sum(seen.values())))
+    return loads

@@ -4,7 +4,7 @@
 * an ``Activity`` fed by the transport wrapper every handler is registered through;
 * Prometheus ``/metrics`` when ``monitor.metrics_port`` is set;
 * the signed contribution ledger (``ContributionRecorder``) in ``<state_dir>/<run>/ledger``;
-* its ``MetricsRecord`` under ``{run}_metrics`` every ``monitor.interval`` s (rates, totals).
+* its ``MetricsRecord`` under ``{run}_telemetry`` every ``monitor.interval`` s (rates, totals).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class PeerTelemetry:
 
     def start_serving(self, stages: list[int], step_of: Callable[[int], int], transport: Transport) -> None:
         """The stage is served: start the ledger and the metrics record."""
-        self._stages, self._step_of = stages, step_of
-        self.metrics.step.set_function(lambda: max((step_of(s) for s in stages), default=0))
+        self._stages, self._step_of = list(stages), step_of
+        self.metrics.step.set_function(lambda: max((step_of(s) for s in self._stages), default=0))
         path = (self.settings.state_dir.expanduser() / self.settings.run_id / "ledger" / f"{self.dht.peer_id}.jsonl")
         writer = LedgerWriter(path, key=self.dht.signing_key, run_id=self.settings.run_id, peer_id=self.dht.peer_id)
         self.recorder = ContributionRecorder(
@@ -75,6 +75,11 @@ class PeerTelemetry:
         self.activity.listeners.append(self.recorder.observe)
         self.recorder.start()
         self._task = asyncio.create_task(self._publish_forever(), name="peer-metrics-record")
+
+    def follow_stage(self, stage: int) -> None:
+        """The peer moved to ``stage``: the step gauge and the metrics record follow it (in place: the
+        step gauge reads this list)."""
+        self._stages[:] = [stage]
 
     def hardware(self) -> HardwareSummary:
         return self.monitor.summary(self._static)
@@ -98,7 +103,7 @@ class PeerTelemetry:
     async def _publish_forever(self) -> None:
         while True:
             try:
-                await self.dht.publish_metrics(self.metrics_record())
+                await self.dht.publish_telemetry(self.metrics_record())
             except Exception as e:  # a DHT hiccup: the next round publishes again
                 logger.warning("publishing the metrics record failed: %s", e)
             await asyncio.sleep(self.settings.monitor.interval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import ContextVar
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 import msgpack
@@ -20,7 +21,7 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from swarm.errors import BadRequest, PeerUnavailable, StageTimeout, SwarmError
 
-__all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES"]
+__all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ Handler = Callable[[Any, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.T
 CHUNK_BYTES = 1 << 20
 FRAME_BYTES = 4 << 20
 MAX_REQUEST_BYTES = 1 << 30
+
+# the libp2p peer id of the caller of the request being handled (authenticated by libp2p's secure
+# channel); None in the in-memory transport. Keyed runs check it against the caller's access token.
+CALLER: ContextVar[str | None] = ContextVar("swarm_caller", default=None)
 
 
 class Transport(Protocol):
@@ -60,6 +65,7 @@ class P2PTransport:
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             try:
+                CALLER.set(context.remote_id.to_base58())
                 message, tensors = await _receive(requests, BadRequest, max_request_bytes)
                 reply, out = await handler(message, tensors)
             except SwarmError as e:

@@ -16,6 +16,19 @@ if ! command -v tmux >/dev/null 2>&1; then
     echo "    not root or no apt-get: install tmux yourself to run tests/e2e/test_monitoring_cli.py" >&2
   fi
 fi
+# The dashboard's browser test drives Debian's chromium through selenium with Debian's chromedriver
+# (no browser download at test time). Checked on every run: it is cheap, and apt is not pip's stamp.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing chromium and chromedriver (for the dashboard's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "==> warning: chromium and chromedriver are missing; the dashboard's browser test needs them" \
+         "(as root: apt-get install chromium chromium-driver)" >&2
+  fi
+fi
 stamp=.venv/.swarm-installed
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0

@@ -4,6 +4,7 @@ tensors, and decide layer assignment. No networking and no asyncio here."""
 from shards.assignment import choose_stage, stage_boundaries
 from shards.families import FAMILIES, SUPPORTED_FAMILIES, Family, family_of, num_layers
 from shards.local import LocalParts, causal_lm_loss, default_position_ids, load_local_parts
+from shards.placement import Move, PlacedPeer, Span, choose_stages, should_move
 from shards.source import ModelSource, resolve_model
 from shards.stage import StageModule, load_stage
 from shards.tiny import make_tiny_model, tiny_config
@@ -29,4 +30,9 @@ __all__ = [
     "resolve_model",
     "stage_boundaries",
     "tiny_config",
+    "Move",
+    "PlacedPeer",
+    "Span",
+    "choose_stages",
+    "should_move",
 ]

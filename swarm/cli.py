@@ -91,6 +91,8 @@ def bootstrap(
     num_stages: Optional[int] = typer.Option(None, "--num-stages", help="how many stages to cut the layers into"),
     target_batch_size: Optional[int] = typer.Option(None, "--target-batch-size", help="sequences per step"),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
+    open_run: Optional[bool] = typer.Option(None, "--open", help="a public run: joining needs no API key"),
+    dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="admin dashboard port (default 8002)"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     run: Optional[str] = RunOpt,
@@ -105,7 +107,8 @@ def bootstrap(
     settings = _settings(
         config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
-        bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr},
+        bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
+                   "open": open_run, "dashboard_port": dashboard_port},
     )
 
     async def serve(stop: asyncio.Event) -> None:
@@ -119,6 +122,12 @@ def bootstrap(
                 console.print(f"Prometheus metrics at {node.telemetry.server.url}")
             console.print("volunteers join with:")
             print(node.join_command(), flush=True)
+            if node.dashboard is not None:
+                console.print(f"dashboard: {node.dashboard.url}  (public join page: {node.dashboard.url}/join)")
+            if node.keys_required:
+                console.print("this run needs an API key to join: make one per volunteer with "
+                              f"`swarm keys create --name <who>{'' if settings.run_id == 'swarm' else ' --run ' + settings.run_id}`"
+                              " (or start with --open for a public run)")
             await stop.wait()
             console.print("stopping the bootstrap...")
 
@@ -128,8 +137,9 @@ def bootstrap(
 @app.command()
 def join(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
-    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the least covered"),
+    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the one placement picks"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
+    key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     state_dir: Optional[Path] = StateOpt,
@@ -139,22 +149,23 @@ def join(
     log_level: Optional[str] = LogOpt,
     metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
-    """Join a run: claim the least-covered stage, load its layers, serve until Ctrl+C."""
+    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
     from peers.server import Peer
     from swarm.join_view import introduce, live_lines
 
     settings = _settings(
-        config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir,
+        config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir, key=key,
         network={"host": host, "port": port, "initial_peers": bootstrap_addr or None,
                  "announce_host": announce_host},
         peer={"stage": stage, "threads": threads}, monitor={"metrics_port": metrics_port},
     )
 
     async def serve(stop: asyncio.Event) -> None:
-        peer = Peer(settings)
-        start = asyncio.create_task(peer.start())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        with _measure_progress() as progress:
+            peer = Peer(settings, progress=progress)
+            start = asyncio.create_task(peer.start())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():  # Ctrl+C while still joining or loading
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -162,11 +173,18 @@ def join(
             await peer.stop()
             return
         start.result()
+        _print_measurement(peer)
         set_log_identity(peer.peer_id)
         await introduce(peer, settings, console)
         console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
                       f"as {peer.peer_id}; Ctrl+C to leave")
-        await live_lines(peer, console, stop, interval=settings.monitor.interval)
+        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval))
+        closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
+        await asyncio.wait({live, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (live, closed):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         console.print("leaving the swarm...")
         await peer.stop()
 
@@ -190,7 +208,7 @@ def status(
     _interrupt_on_sigterm()
     settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
                          network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:
+    if not settings.network.initial_peers:  # before the imports of hivemind and torch (seconds)
         raise SwarmError("status needs --bootstrap (the multiaddr the bootstrap printed)")
     out = Console()
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
@@ -235,6 +253,7 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="default: the run's target batch"),
     seed: int = typer.Option(0, "--seed"),
     result_json: Optional[Path] = typer.Option(None, "--result-json", help="write losses and sample here"),
+    key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     run: Optional[str] = RunOpt,
     state_dir: Optional[Path] = StateOpt,
     config: Optional[Path] = ConfigOpt,
@@ -246,7 +265,7 @@ def train_command(
     from swarm.train import train
 
     _interrupt_on_sigterm()
-    settings = _settings(config, log_file="train", run_id=run, log_level=log_level or "WARNING",
+    settings = _settings(config, log_file="train", run_id=run, log_level=log_level or "WARNING", key=key,
                          state_dir=state_dir, monitor={"metrics_port": metrics_port},
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:
@@ -257,7 +276,7 @@ def train_command(
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
           microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),
-          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor)
+          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key)
 
 
 @app.command("export")
@@ -312,6 +331,199 @@ def demo(
 
     _setup_logging("INFO")
     raise typer.Exit(run_demo(steps=steps, num_peers=peers, workdir=workdir, console=Console()))
+
+
+@contextlib.contextmanager
+def _measure_progress():
+    """A rich progress bar per measurement of ``swarm join`` (compute, network), as ``Peer`` reports them."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    labels = {"compute": "measuring compute for one stage", "network": "measuring links to peers"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(what: str, done: float) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(labels.get(what, what), total=1.0)
+            bar.update(tasks[what], completed=done)
+
+        yield progress
+
+
+def _print_measurement(peer: Any) -> None:
+    m = peer.measurement
+    if m is None:
+        return
+    link = (f"latency {m.latency_ms:.1f} ms, bandwidth {m.bandwidth_mbps:,.0f} Mbit/s" if m.latency_ms is not None
+            else "no peer to measure links against yet")
+    console.print(f"measured [bold]{m.throughput:,.0f} tokens/s[/] for one stage, {link}, "
+                  f"{m.memory_gib:.1f} GiB for stages")
+
+
+admin_app = typer.Typer(help="The dashboard's admin account (on the bootstrap's machine).", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+
+
+@admin_app.command("password")
+def admin_password(
+    username: str = typer.Option("admin", "--username", help="the admin's login name"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Set the dashboard's admin password (asked twice, stored as an argon2 hash)."""
+    from bootstrap.admin import set_admin_password
+
+    password = typer.prompt("new admin password", hide_input=True, confirmation_prompt=True)
+    db = _open_state(run, state_dir, config)
+    try:
+        set_admin_password(db, username, password, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"admin password set for {username}")
+
+
+keys_app = typer.Typer(help="API keys of a run (on the bootstrap's machine: reads its state dir).",
+                       no_args_is_help=True)
+run_app = typer.Typer(help="Pause, resume or stop the run (on the bootstrap's machine).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(run_app, name="run")
+
+
+def _open_state(run: Optional[str], state_dir: Optional[Path], config: Optional[Path]):
+    """The bootstrap's ``state.db``. These commands work on the bootstrap's machine, on its state
+    dir; the bootstrap notices a change within a second (keys, run state) and acts on it."""
+    from bootstrap.state import StateDB
+
+    settings = _settings(config, run_id=run, state_dir=state_dir, log_level="WARNING")
+    path = settings.state_dir.expanduser() / settings.run_id / "state.db"
+    if not path.is_file():
+        raise SwarmError(f"no bootstrap state at {path}: run this where `swarm bootstrap` runs, with the "
+                         "same --state-dir and --run")
+    return StateDB(path)
+
+
+def _actor() -> str:
+    import getpass
+
+    with contextlib.suppress(Exception):
+        return f"cli:{getpass.getuser()}"
+    return "cli"
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="who the key is for"),
+    expires: Optional[str] = typer.Option(None, "--expires", help="lifetime like 30d, 12h (default: no expiry)"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Make a key; it is printed once (only its hash is kept)."""
+    from bootstrap.keys import parse_duration
+
+    expires_in = parse_duration(expires) if expires else None
+    db = _open_state(run, state_dir, config)
+    try:
+        made = db.create_key(name, actor=_actor(), expires_in=expires_in)
+    finally:
+        db.close()
+    console.print(f"key [bold]{made.key.id}[/] for {made.key.name}; it is shown only now, keep it:")
+    print(made.secret, flush=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """List the run's keys (ids, names, state; never the secrets)."""
+    import time
+
+    from rich.table import Table
+
+    db = _open_state(run, state_dir, config)
+    try:
+        keys = db.list_keys()
+    finally:
+        db.close()
+    now = time.time()
+    if as_json:
+        print(json.dumps([{"id": k.id, "name": k.name, "created": k.created, "expires": k.expires,
+                           "revoked": k.revoked, "state": k.state(now)} for k in keys]))
+        return
+    table = Table(title="API keys")
+    for column in ("id", "name", "created (UTC)", "expires (UTC)", "state"):
+        table.add_column(column)
+    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"  # noqa: E731
+    for k in keys:
+        table.add_row(k.id, k.name, stamp(k.created), stamp(k.expires), k.state(now))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., help="the key's id, a unique prefix of it, or the key itself"),
+    run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Revoke a key: its holder is cut off within 60 s."""
+    db = _open_state(run, state_dir, config)
+    try:
+        revoked = db.revoke_key(key, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"revoked key [bold]{revoked.id}[/] of {revoked.name}")
+
+
+def _set_run_state(state: str, run: Optional[str], state_dir: Optional[Path], config: Optional[Path]) -> None:
+    db = _open_state(run, state_dir, config)
+    try:
+        changed = db.set_run_state(state, actor=_actor())
+    finally:
+        db.close()
+    console.print(f"run is {state}" + ("" if changed else " (it already was)"))
+
+
+@run_app.command("pause")
+def run_pause(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+              config: Optional[Path] = ConfigOpt) -> None:
+    """Pause training: trainers wait (and say so) until resumed; peers keep serving."""
+    _set_run_state("paused", run, state_dir, config)
+
+
+@run_app.command("resume")
+def run_resume(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Resume a paused (or stopped) run."""
+    _set_run_state("running", run, state_dir, config)
+
+
+@run_app.command("stop")
+def run_stop(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+             config: Optional[Path] = ConfigOpt) -> None:
+    """Stop the run: trainers end their loop and peers leave."""
+    _set_run_state("stopped", run, state_dir, config)
+
+
+@run_app.command("show")
+def run_show(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
+             config: Optional[Path] = ConfigOpt) -> None:
+    """Print the run state, the step counter and the contribution tallies as JSON."""
+    db = _open_state(run, state_dir, config)
+    try:
+        history = db.metrics_history(limit=1)
+        print(json.dumps({
+            "state": db.run_state(), "step": db.step(),
+            "loss": history[-1].loss if history else None,
+            "contributions": {c.peer_id: c.samples for c in db.contributions()},
+        }))
+    finally:
+        db.close()
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from swarm.errors import ConfigError
@@ -53,12 +53,27 @@ class BootstrapSettings(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
+    open: bool = Field(False, description="a public run: no API key needed to join (keys are required by default)")
+    token_ttl: float = Field(1800.0, ge=30, description="seconds an access token lives (renewed at half-life)")
+    dashboard_port: int = Field(8002, ge=0, le=65535, description="admin dashboard port (0: a free one)")
+    dashboard_host: str | None = Field(None, description="dashboard listen address (default: network.host)")
+    dashboard: bool = Field(True, description="serve the admin dashboard and HTTP API")
 
 
 class PeerSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
-    stage: int | None = Field(None, ge=0, description="serve this stage instead of the least covered one")
+    stage: int | None = Field(None, ge=0, description="serve this stage instead of the one placement picks")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
+    rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
+                                   "(default: yes, unless --stage pins this peer)")
+    rebalance_period: float = Field(60.0, gt=0, description="seconds between re-evaluations (randomised +-50%)")
+    rebalance_margin: float = Field(0.15, ge=0, description="move only when the swarm is this much out of balance")
+    drain_seconds: float = Field(12.0, ge=0, description="a moving peer keeps serving its old stage this long "
+                                 "(trainers refresh routes every 10 s), then until idle")
+    slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "
+                            "(tests and demos of a slow peer)")
     averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
     checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")
@@ -99,6 +114,7 @@ class SwarmSettings(BaseSettings):
     run_id: str = Field("swarm", pattern=r"^[A-Za-z0-9_.-]+$")
     state_dir: Path = Field(Path("~/.swarm"), description="identity keys, manifest, logs")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    key: str | None = Field(None, description="API key to join a keyed run (SWARM_KEY)")
     network: NetworkSettings = NetworkSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     peer: PeerSettings = PeerSettings()

@@ -16,7 +16,10 @@
     ├── NoRoute                     some stage has no live peer
     ├── CheckpointMissing           no checkpoint of the requested part is stored
     ├── AuthRejected                credentials missing or wrong
+    ├── StateError                  the bootstrap's saved state is corrupt or from a newer swarm
+    ├── RunStopped                  the run owner stopped the run
     ├── CapacityExceeded            a peer is full
+    ├── InsufficientMemory          not even one stage of the run fits in this peer's memory
     └── DelegationRefused           a strong peer declined a delegation session
 
 Errors cross the wire as ``(code, message)``: ``code`` is the class name, so the receiving side
@@ -48,7 +51,10 @@ __all__ = [
     "AveragingFailed",
     "NoRoute",
     "AuthRejected",
+    "StateError",
+    "RunStopped",
     "CapacityExceeded",
+    "InsufficientMemory",
     "DelegationRefused",
     "RETRYABLE",
     "error_from_wire",
@@ -125,8 +131,21 @@ class AuthRejected(SwarmError):
     """Credentials are missing, expired or wrong."""
 
 
+class StateError(SwarmError):
+    """The bootstrap's SQLite state cannot be used: corrupt, unreadable, or written by a newer swarm.
+    Never answered by starting afresh: the keys and the audit log in it must not be lost silently."""
+
+
+class RunStopped(SwarmError):
+    """The run owner stopped the run (``swarm run stop``); trainers end and peers leave."""
+
+
 class CapacityExceeded(SwarmError):
     """The peer has no room for more work or sessions right now."""
+
+
+class InsufficientMemory(SwarmError):
+    """Not even one stage of the run (parameters, gradients, optimizer state) fits in this peer."""
 
 
 class DelegationRefused(SwarmError):
@@ -149,7 +168,8 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
-        AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing,
+        AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing, StateError, RunStopped,
+        InsufficientMemory,
     )
 }
 

@@ -15,26 +15,31 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Coroutine, Sequence, TypeVar
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from hivemind.utils import get_dht_time
 
+from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import Manifest
+from peers.auth import AuthedTransport, RunAuth
 from peers.averaging import HivemindGradientSync
 from peers.client import StageClient
 from peers.state import StateIdentity, StateMeta, capture_state
 from peers.store_client import StoreClient
+from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
 from shards.source import resolve_model
 from swarm._loop import LoopThread
-from swarm.errors import ConfigError, SwarmError
+from swarm.errors import ConfigError, RunStopped, SwarmError
 from swarm.pipeline import FaultPolicy, RemotePipeline, Trace
 from swarm.steps import DHTCoordinator
 
@@ -88,6 +93,10 @@ class SwarmModelForCausalLM(nn.Module):
         self._runner = runner
         self._resources = list(resources)
         self._trainer_sync = trainer_sync
+        self._watcher: RunWatcher | None = None
+        self._progress: dict = {"step": 0, "loss": None, "tokens_per_second": 0.0}
+        self._samples = 0
+        self._auth: RunAuth | None = None
 
     @classmethod
     def from_pretrained(
@@ -101,19 +110,23 @@ class SwarmModelForCausalLM(nn.Module):
         route_wait: float = 120.0,
         host: str | None = None,
         policy: FaultPolicy = FaultPolicy(),
+        key: str | None = None,
     ) -> "SwarmModelForCausalLM":
         """Join the run's DHT, check ``model`` against the run's manifest, and load only the local
         parts. ``model`` defaults to the manifest's model (a hub id or a shared path). ``host`` is
         where this trainer's p2p daemon listens: by default loopback when every initial peer is on
         loopback (a local swarm, tests), else all interfaces. ``timeout`` bounds one stage call (a peer
-        that hangs longer is routed around); ``policy`` sets the other fault-tolerance bounds."""
+        that hangs longer is routed around); ``policy`` sets the other fault-tolerance bounds. ``key``
+        (default: the ``SWARM_KEY`` environment variable) is the API key a keyed run needs."""
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         runner = LoopThread("swarm-trainer")
         dht = trainer_sync = None
+        auth = None
         try:
             dht = SwarmDHT.create_client(run_id, initial_peers, host=host, client_mode=False)
             manifest = runner.run(dht.wait_manifest(timeout))
+            auth = runner.run(RunAuth.join(dht, key or os.environ.get("SWARM_KEY")))
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
                 raise ConfigError(
@@ -122,11 +135,12 @@ class SwarmModelForCausalLM(nn.Module):
                 )
             local = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
             transport = runner.run(_p2p_transport(dht))
+            calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
             coordinator = DHTCoordinator(dht, manifest.target_batch_size, me=dht.peer_id)
             runner.run(coordinator.start(0))
             pipeline = RemotePipeline(
                 manifest,
-                StageClient(transport, timeout=timeout, attempts=1),  # the pipeline retries and fails over
+                StageClient(calls, timeout=timeout, attempts=1),  # the pipeline retries and fails over
                 lambda: dht.all_records(manifest.num_stages),
                 coordinator=coordinator,
                 policy=policy,
@@ -139,12 +153,60 @@ class SwarmModelForCausalLM(nn.Module):
         except BaseException:
             if trainer_sync is not None:
                 trainer_sync.shutdown()
+            if auth is not None:
+                runner.run(auth.stop(), timeout=10)
             if dht is not None:
                 dht.shutdown()
             runner.stop()
             raise
-        return cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht],
-                   trainer_sync=trainer_sync)
+        model = cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht],
+                    trainer_sync=trainer_sync)
+        model._auth = auth
+        runner.run(model._watch(dht))
+        return model
+
+    async def _watch(self, dht: SwarmDHT) -> None:
+        """Follow the run state (pause/stop) and publish this trainer's progress; the first read is
+        done now so that a trainer joining a paused run waits from its first step."""
+        self._watcher = RunWatcher(dht, self._metrics_report,
+                                   on_control=self._auth.follow if self._auth is not None else None)
+        if self._auth is not None:
+            self._auth.start()
+        try:
+            await self._watcher.poll_once()
+        except Exception as e:  # no control record reachable yet: the run counts as running
+            logger.debug("first run-state read failed: %s", e)
+        self._watcher.start()
+
+    @property
+    def run_state(self) -> RunState:
+        return self._watcher.state if self._watcher is not None else RunState.RUNNING
+
+    def wait_while_paused(self, on_pause: Callable[[], None] | None = None, poll: float = 0.5) -> None:
+        """Block while the run owner has the run paused (say so once); ``RunStopped`` if stopped."""
+        said = False
+        while self.run_state == RunState.PAUSED:
+            if not said:
+                logger.warning("the run is paused by its owner: waiting for `swarm run resume`")
+                if on_pause is not None:
+                    on_pause()
+                said = True
+            time.sleep(poll)
+        if self.run_state == RunState.STOPPED:
+            raise RunStopped("the run owner stopped the run")
+        if said:
+            logger.warning("the run was resumed")
+
+    def report_progress(self, step: int, loss: float | None = None, tokens_per_second: float = 0.0) -> None:
+        """Tell the bootstrap (through the DHT, within a few seconds) how far this trainer is."""
+        self._progress = {"step": step, "loss": loss, "tokens_per_second": tokens_per_second}
+
+    def _metrics_report(self) -> MetricsReport | None:
+        if self._watcher is None:
+            return None
+        token = self._auth.token if self._auth is not None else None
+        return MetricsReport(peer_id=self._watcher.dht.peer_id, role="trainer", samples=self._samples,
+                             access_token=token, **self._progress)
 
     @property
     def target_batch_size(self) -> int:
@@ -174,6 +236,9 @@ class SwarmModelForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
+        if torch.is_grad_enabled():
+            self.wait_while_paused()
+            self._samples += input_ids.shape[0]
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
         hidden = self.local.embed(input_ids, position_ids)
@@ -271,6 +336,18 @@ class SwarmModelForCausalLM(nn.Module):
 
     def close(self) -> None:
         """Leave the swarm: stop the P2P client, the DHT process and the event loop. Idempotent."""
+        if self._watcher is not None:
+            try:
+                self._runner.run(self._watcher.stop(), timeout=10)
+            except Exception as e:  # the loop is already gone
+                logger.debug("run watcher stop: %s", e)
+            self._watcher = None
+        if self._auth is not None:
+            try:
+                self._runner.run(self._auth.stop(), timeout=10)
+            except Exception as e:  # the loop is already gone
+                logger.debug("auth stop: %s", e)
+            self._auth = None
         if self._trainer_sync is not None:
             self._trainer_sync.shutdown()
             self._trainer_sync = None

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Sequence, TypeVar
 
@@ -119,6 +119,8 @@ class RemotePipeline:
         self._route_ttl, self._route_wait = route_ttl, route_wait
         self._rng = random.Random(seed)
         self._banned: dict[str, float] = {}
+        self._queue: Counter[str] = Counter()  # microbatches routed to each peer since the records were read
+        self._overhead_ms: dict[str, float] = {}  # observed round trip beyond compute, per peer
         self._peer_steps: dict[str, int] = {}
         self._ledger: dict[int, dict[str, list[_Contribution]]] = defaultdict(lambda: defaultdict(list))
         self._step_samples = 0
@@ -129,6 +131,7 @@ class RemotePipeline:
         if fresh or time.monotonic() - self._records_time >= self._route_ttl:
             self._records = await self._records_source()
             self._records_time = time.monotonic()
+            self._queue.clear()  # microbatches spread over replicas afresh with each new view
         return self._records
 
     def banned(self) -> set[str]:
@@ -141,21 +144,34 @@ class RemotePipeline:
                        type(why).__name__, why)
         self._banned[peer_id] = time.monotonic() + self.policy.ban_time
 
-    async def route(self) -> tuple[Hop, ...]:
-        """A peer for every stage, waiting (bounded, and saying so) for stages nobody serves."""
+    async def route(self, tokens: int = 1) -> tuple[Hop, ...]:
+        """A peer for every stage by expected time (throughput, microbatches already sent there since
+        the records were read, the round trip observed beyond compute), waiting (bounded, and saying
+        so) for stages nobody serves."""
         deadline = time.monotonic() + self._route_wait
         attempt = 0
         while True:
             attempt += 1
             try:
                 return plan_route(self.manifest.stages, await self._current_records(fresh=attempt > 1),
-                                  banned=self.banned(), rng=self._rng)
+                                  banned=self.banned(), rng=self._rng, tokens=tokens, queue=self._queue,
+                                  latency_ms=self._overhead_ms)
             except NoRoute as e:
                 if time.monotonic() > deadline:
                     raise NoRoute(f"{e} (waited {self._route_wait:.0f} s)") from None
                 if attempt == 1 or attempt % 10 == 0:
                     logger.warning("waiting for a peer to take over: %s (attempt %d)", e, attempt)
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
+
+    def _observe(self, peer_id: str, seconds: float, tokens: int) -> None:
+        """Remember how much longer than its compute a call to ``peer_id`` took (network, queues): a
+        moving average in ms that routing adds to the peer's expected time."""
+        throughput = next((r.throughput for found in self._records.values() for r in found
+                           if r.peer_id == peer_id), 0.0)
+        compute = tokens / throughput if throughput > 0 else 0.0
+        overhead_ms = max(seconds - compute, 0.0) * 1000
+        previous = self._overhead_ms.get(peer_id)
+        self._overhead_ms[peer_id] = overhead_ms if previous is None else 0.7 * previous + 0.3 * overhead_ms
 
     async def _pick(self, stage: int) -> str:
         return (await self.route())[stage].peer_id
@@ -243,15 +259,19 @@ class RemotePipeline:
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, *, train: bool
     ) -> tuple[torch.Tensor, Trace]:
         trace = Trace(num_samples=hidden.shape[0])
-        route = await self.route()
+        tokens = hidden.shape[0] * hidden.shape[1]
+        route = await self.route(tokens)
+        self._queue.update({hop.peer_id for hop in route})  # the next microbatch weighs this one in
         for hop in route:
             request_id = uuid.uuid4().hex
             seed = self._rng.randrange(2**31)
             inputs = (hidden, mask, positions)
 
             async def call(peer: str, hop=hop, request_id=request_id, inputs=inputs, seed=seed):
+                started = time.perf_counter()
                 result = await self.client.forward(peer, hop.stage, hop.layers, request_id, inputs, train=train,
                                                    seed=seed)
+                self._observe(peer, time.perf_counter() - started, tokens)
                 self._saw_step(hop.stage, peer, result[1].optimizer_step)
                 return result
 

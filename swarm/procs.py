@@ -63,7 +63,7 @@ class ProcessGroup:
         """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
         previous one has claimed its stage, so they spread over the stages). Returns the bootstrap's
         multiaddr; ``on_peer(i, claim_line)`` is told of each claim."""
-        args = ["bootstrap", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
+        args = ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
                 "--port", "0", "--state-dir", str(state_dir)] + (["--lr", str(lr)] if lr else [])
         if target_batch_size:
             args += ["--target-batch-size", str(target_batch_size)]

@@ -5,7 +5,7 @@
             reporter.report(step, loss.item(), tokens=input_ids.numel())
 
 Every ``interval`` seconds (and on the first report) it writes a ``MetricsRecord`` (role trainer)
-under ``{run}_metrics`` without blocking the training loop, and it keeps the trainer's Prometheus
+under ``{run}_telemetry`` without blocking the training loop, and it keeps the trainer's Prometheus
 gauges (step, loss, tokens/s, hardware) current for ``/metrics`` when ``metrics_port`` is set.
 """
 
@@ -92,7 +92,7 @@ class TrainerReporter:
         if self._pending is not None and not self._pending.done():
             return  # the DHT is slow: skip this round rather than queue stores behind each other
         self._published_step = record.step
-        self._pending = self._submit(self.dht.publish_metrics(record))
+        self._pending = self._submit(self.dht.publish_telemetry(record))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for the last publication, so a short run's record is in the DHT."""

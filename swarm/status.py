@@ -1,6 +1,6 @@
 """``swarm status``: the run, its stages and peers, the bottleneck, contributions and warnings.
 
-``collect_status`` reads the DHT records (``{run}_manifest``, ``{run}_stage_{i}``, ``{run}_metrics``)
+``collect_status`` reads the DHT records (``{run}_manifest``, ``{run}_stage_{i}``, ``{run}_telemetry``)
 and ``build_status`` turns them into one versioned JSON-able dict (``STATUS_VERSION``); the terminal
 view (``render_status``, refreshed by ``rich.live`` in the CLI), ``--json`` and the bootstrap's
 dashboard are views of that dict. The decisions in it are pure functions with table tests:
@@ -45,7 +45,7 @@ async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> di
     """Read the run's records from the DHT and build the status dict."""
     manifest = await dht.wait_manifest(manifest_timeout)
     records = await dht.all_records(manifest.num_stages)
-    metrics = await dht.metrics_records()
+    metrics = await dht.telemetry_records()
     trainers = await dht.trainer_records()
     return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers)
 

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swarm.config import MonitorSettings
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
-from swarm.errors import SwarmError
+from swarm.errors import RunStopped, SwarmError
 from swarm.model import SwarmModelForCausalLM
 from swarm.pipeline import FaultPolicy
 from swarm.reporting import TrainerReporter
@@ -64,6 +64,7 @@ def train(
     console: Console | None = None,
     checkpoint_every: int = 50,
     monitor: MonitorSettings | None = None,
+    key: str | None = None,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
     watches the run (the demo, the churn test) sees how far it got."""
@@ -71,7 +72,7 @@ def train(
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
-                                                      policy=policy, microbatch_size=microbatch_size)
+                                                      policy=policy, microbatch_size=microbatch_size, key=key)
     with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
@@ -90,6 +91,12 @@ def train(
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("train", total=steps, loss="-", tps="-", step=0)
             for step in range(steps):
+                try:
+                    model.wait_while_paused(on_pause=lambda: progress.update(task, tps="paused by the run owner"))
+                except RunStopped:
+                    console.print("[yellow]the run owner stopped the run[/]: training ends here")
+                    result.steps = step
+                    break
                 input_ids = next(batches)
                 loss = model(input_ids, labels=input_ids).loss
                 loss.backward()
@@ -104,9 +111,13 @@ def train(
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
                 reporter.report(model.step, result.losses[-1], input_ids.numel())
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
+                model.report_progress(model.step, result.losses[-1], round(tps, 1))
                 if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                     _upload_local_parts(model, model.step)
-        result.tokens_per_second = round(steps * batch_size * seq_len / (time.perf_counter() - started), 1)
+        if not result.losses:
+            console.print("no step was trained")
+            return result
+        result.tokens_per_second = round(result.steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
         generated = model.generate(prompt, sample_tokens, temperature=0.8,
                                    generator=torch.Generator().manual_seed(seed))

@@ -32,17 +32,19 @@ class LocalSwarm:
     def start(self) -> None:
         settings = load_settings(
             run_id=self.run_id, state_dir=self.state_dir, network={"host": "127.0.0.1"},
-            bootstrap={"model": str(self.model_dir), "num_stages": self.num_stages, **self.bootstrap_overrides},
+            bootstrap={"model": str(self.model_dir), "num_stages": self.num_stages, "open": True,
+                       "dashboard_port": 0,
+                       **self.bootstrap_overrides},
         )
         self.bootstrap = BootstrapNode(settings)
         self.loop.run(self.bootstrap.start(), timeout=60)
         for i in range(self.num_peers):
             self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
 
-    def add_peer(self, stage: int | None = None, **peer: object) -> Peer:
+    def add_peer(self, stage: int | None = None, key: str | None = None, **peer: object) -> Peer:
         """Each peer has a state dir of its own (``peer<n>``), as on separate machines."""
         settings = load_settings(
-            run_id=self.run_id, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
+            run_id=self.run_id, key=key, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
             state_dir=self.state_dir / f"peer{len(self.peers)}",
             peer={"stage": stage, "threads": 1, **self.peer_settings, **peer},
         )

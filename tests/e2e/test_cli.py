@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SWARM = [sys.executable, "-m", "swarm.cli"]
-ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "SWARM_BOOTSTRAP__DASHBOARD_PORT": "0"}
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -67,7 +68,7 @@ def _address(line: str) -> str:
 def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
     model_dir = model_factory("gpt2", num_layers=4, hidden_size=32)
     state = tmp_path / "state"
-    boot_args = ["bootstrap", "--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
+    boot_args = ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
                  "--port", "0", "--state-dir", str(state)]
     boot = _start(boot_args, tmp_path / "boot.log")
     procs = [boot]
@@ -81,6 +82,10 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
             procs.append(peer)
             peers.append(peer)
             _wait_for(tmp_path / f"peer{i}.log", peer, "serving stage", timeout=120)
+            # the measurement is shown; the second peer times its link to the first
+            joined = (tmp_path / f"peer{i}.log").read_text()
+            assert "tokens/s[/] for one stage" not in joined and " tokens/s for one stage" in joined
+            assert bool(re.search(r"latency [0-9.]+ ms, bandwidth [0-9,]+ Mbit/s", joined)) == (i == 1), joined[-1500:]
         status = subprocess.run(SWARM + ["status", "--bootstrap", address, "--json"], capture_output=True,
                                 text=True, timeout=120, env=ENV)
         assert status.returncode == 0, status.stderr
@@ -148,7 +153,7 @@ def test_broken_config_file_is_named(tmp_path):
 def test_a_killed_swarm_process_takes_its_dht_process_and_p2pd_along(model_factory, tmp_path):
     """SIGKILL gives the process no chance to clean up; the kernel ends its children for it."""
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
-    boot = _start(["bootstrap", "--model", str(model_dir), "--host", "127.0.0.1", "--state-dir",
+    boot = _start(["bootstrap", "--open", "--model", str(model_dir), "--host", "127.0.0.1", "--state-dir",
                    str(tmp_path / "state")], tmp_path / "boot.log")
     try:
         _wait_for(tmp_path / "boot.log", boot, "swarm join --bootstrap")

@@ -4,7 +4,6 @@ ledger the bootstrap received and tallied, and the reachability probe are checke
 
 from __future__ import annotations
 
-import asyncio
 import time
 import urllib.request
 

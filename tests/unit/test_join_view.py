@@ -8,7 +8,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from peers.reachability import AddressKind, address_kind, best_address, explain_claim, reachability_verdict
+from peers.reachability import AddressKind, address_kind, best_address, explain_claim, explain_placement, reachability_verdict
 from swarm.join_view import format_live_line, key_fingerprint
 from swarm.logs import set_log_identity, setup_logging
 
@@ -55,6 +55,18 @@ def test_best_address_prefers_public_then_private():
 ])
 def test_explain_claim(coverage, stage, expected):
     assert explain_claim(coverage, stage) == expected
+
+
+@pytest.mark.parametrize("loads, stage, throughput, expected", [
+    ([100.0, 0.0, 80.0], 1, 50.0,
+     "nobody served it; bottleneck 0 -> 50 tokens/s; tokens/s per stage {0:100, 1:0, 2:80}"),
+    ([100.0, 40.0, 80.0], 1, 50.0,
+     "it was the bottleneck (40 tokens/s); bottleneck 40 -> 80 tokens/s; tokens/s per stage {0:100, 1:40, 2:80}"),
+    ([40.0, 40.0, 90.0], 2, 10.0,
+     "it gained most (90 tokens/s there); bottleneck 40 -> 40 tokens/s; tokens/s per stage {0:40, 1:40, 2:90}"),
+])
+def test_explain_placement(loads, stage, throughput, expected):
+    assert explain_placement(loads, stage, throughput) == expected
 
 
 def test_live_line_and_fingerprint():

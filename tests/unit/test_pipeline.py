@@ -133,3 +133,30 @@ def test_a_lost_reply_is_retried_without_applying_a_gradient_twice(model_factory
     assert grads[0][0] == grads[1][0]
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.equal(a, b)
+
+
+def test_microbatches_are_spread_over_replicas_by_expected_time(model_factory):
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    pipeline, _, local, hub = _build(model_dir, 1, target_batch_size=1000)
+    layers = pipeline.manifest.stages[0]
+    speeds = {"fast": 250.0, "slow": 100.0}
+    replicas = {}
+    for name in speeds:
+        executor = StageExecutor(load_stage(resolve_model(str(model_dir)), layers), 0, layers,
+                                 pipeline.manifest.optimizer)
+        replicas[name] = StageService(executor, name)
+        asyncio.run(replicas[name].register(hub.bind(name)))
+    records = {0: [PeerRecord(peer_id=name, stage=0, layers=layers, state=PeerState.ONLINE, throughput=speed)
+                   for name, speed in speeds.items()]}
+
+    async def source_records():
+        return records
+
+    pipeline._records_source = source_records
+    ids = torch.randint(0, 8, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        _step(pipeline, local, ids)
+    served = {name: service.requests_served for name, service in replicas.items()}
+    # 16 tokens a microbatch: expected back after 64, 128, 192 ms on "fast" and 160 ms on "slow", so
+    # of every 4 microbatches "fast" takes 3; 5 forwards (each with its backward): 4 and 1
+    assert served == {"fast": 8, "slow": 2}

@@ -1,0 +1,294 @@
+"""The bootstrap's admin dashboard and JSON API (FastAPI; OpenAPI at ``/openapi.json``).
+
+Public: ``/join`` (how to join, whether a key is needed), ``/api/join``, ``/api/status`` (the data of
+``swarm status --json``), ``/login``. Everything else needs the admin's session cookie; requests that
+change something also need the session's CSRF token in the ``X-CSRF-Token`` header (a page of
+another site can make the browser send the cookie, but cannot read the token). Without a session the
+API answers 401, with a session but a missing or wrong CSRF token 403.
+
+The pages are static HTML with a little JavaScript and uPlot (shipped in ``bootstrap/static``, no
+CDN); the loss chart follows ``/api/metrics/stream`` (server-sent events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from bootstrap.admin import AdminAuth, Session
+from bootstrap.keys import parse_duration
+from bootstrap.state import StateDB
+from swarm.errors import AuthRejected, ConfigError, SwarmError
+
+__all__ = ["DashboardServer", "create_app", "COOKIE"]
+
+logger = logging.getLogger(__name__)
+
+COOKIE = "swarm_session"
+STATIC = Path(__file__).parent / "static"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginIn(_In):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class SessionOut(BaseModel):
+    username: str
+    csrf: str
+
+
+class KeyIn(_In):
+    name: str = Field(min_length=1, max_length=100)
+    expires: str | None = Field(None, max_length=20, description="a lifetime like 30d, 12h; none: no expiry")
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    created: float
+    expires: float | None
+    revoked: float | None
+    state: str
+
+
+class NewKeyOut(BaseModel):
+    key: KeyOut
+    secret: str = Field(description="the key itself, shown this once")
+
+
+class RunIn(_In):
+    state: Literal["running", "paused", "stopped"]
+
+
+class RunOut(BaseModel):
+    state: str
+    step: int
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: float
+    actor: str
+    action: str
+    detail: str
+
+
+class MetricOut(BaseModel):
+    id: int
+    at: float
+    step: int
+    loss: float | None
+    tokens_per_second: float | None
+    peers: int
+
+
+class JoinOut(BaseModel):
+    run_id: str
+    command: str
+    keys_required: bool
+    maddrs: list[str]
+
+
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def create_app(db: StateDB, auth: AdminAuth, *, run_id: str, join_command: Callable[[], str],
+               maddrs: Callable[[], list[str]], keys_required: bool, status: StatusSource,
+               stream_period: float = 1.0) -> FastAPI:
+    app = FastAPI(title=f"swarm bootstrap: run {run_id}", version="1",
+                  description="Admin API of a swarm run's bootstrap; the dashboard's pages use it.")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def session(request: Request) -> Session:
+        found = auth.session(request.cookies.get(COOKIE))
+        if found is None:
+            raise HTTPException(401, "log in first (POST /api/login)")
+        return found
+
+    def csrf(request: Request, current: Session = Depends(session)) -> Session:
+        if request.headers.get("x-csrf-token") != current.csrf:
+            raise HTTPException(403, "missing or wrong X-CSRF-Token header")
+        return current
+
+    @app.exception_handler(SwarmError)
+    async def _swarm_error(request: Request, error: SwarmError) -> Response:
+        code = 401 if isinstance(error, AuthRejected) else 400
+        if isinstance(error, AuthRejected) and "too many" in str(error):
+            code = 429
+        return Response(json.dumps({"detail": str(error)}), status_code=code, media_type="application/json")
+
+    # -- public --------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> Response:
+        if auth.session(request.cookies.get(COOKIE)) is None:
+            return RedirectResponse("/login", status_code=303)
+        return FileResponse(STATIC / "dashboard.html")
+
+    @app.get("/login", include_in_schema=False)
+    async def login_page() -> Response:
+        return FileResponse(STATIC / "login.html")
+
+    @app.get("/join", response_class=HTMLResponse, include_in_schema=False)
+    async def join_page() -> str:
+        command = html.escape(join_command())
+        key = ("This run needs an API key: ask the run owner for one, then add <code>--key YOUR_KEY</code> "
+               "(or set <code>SWARM_KEY</code>)." if keys_required else "This run is open: no key is needed.")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>join run {html.escape(run_id)}</title>"
+                "<link rel='stylesheet' href='/static/style.css'></head><body><main>"
+                f"<h1>Join run <code>{html.escape(run_id)}</code></h1>"
+                f"<p>Install swarm, then run:</p><pre id='join-command'>{command}</pre>"
+                f"<p id='join-key'>{key}</p></main></body></html>")
+
+    @app.get("/api/join", response_model=JoinOut, tags=["public"])
+    async def api_join() -> JoinOut:
+        return JoinOut(run_id=run_id, command=join_command(), keys_required=keys_required, maddrs=maddrs())
+
+    @app.get("/api/status", tags=["public"], summary="the data of `swarm status --json`")
+    async def api_status() -> dict[str, Any]:
+        try:
+            return await status()
+        except SwarmError as e:  # the DHT has no manifest yet, or is briefly unreachable
+            raise HTTPException(503, str(e)) from None
+
+    @app.post("/api/login", response_model=SessionOut, tags=["session"],
+              responses={401: {"description": "wrong credentials"}, 429: {"description": "too many failures"}})
+    async def api_login(body: LoginIn, request: Request, response: Response) -> SessionOut:
+        client = request.client.host if request.client else "?"
+        opened = await asyncio.to_thread(auth.login, body.username, body.password, client)
+        response.set_cookie(COOKIE, opened.token, httponly=True, samesite="strict", max_age=int(auth.session_ttl))
+        return SessionOut(username=opened.username, csrf=opened.csrf)
+
+    # -- admin ---------------------------------------------------------------------------------
+    @app.get("/api/session", response_model=SessionOut, tags=["session"])
+    async def api_session(current: Session = Depends(session)) -> SessionOut:
+        return SessionOut(username=current.username, csrf=current.csrf)
+
+    @app.post("/api/logout", tags=["session"])
+    async def api_logout(request: Request, response: Response, current: Session = Depends(csrf)) -> dict:
+        auth.logout(current.token)
+        response.delete_cookie(COOKIE)
+        return {"ok": True}
+
+    @app.get("/api/keys", response_model=list[KeyOut], tags=["keys"])
+    async def api_keys(current: Session = Depends(session)) -> list[KeyOut]:
+        now = time.time()
+        return [KeyOut(state=k.state(now), id=k.id, name=k.name, created=k.created, expires=k.expires,
+                       revoked=k.revoked) for k in await asyncio.to_thread(db.list_keys)]
+
+    @app.post("/api/keys", response_model=NewKeyOut, tags=["keys"])
+    async def api_create_key(body: KeyIn, current: Session = Depends(csrf)) -> NewKeyOut:
+        expires_in = parse_duration(body.expires) if body.expires else None
+        made = await asyncio.to_thread(db.create_key, body.name, actor=f"web:{current.username}",
+                                       expires_in=expires_in)
+        k = made.key
+        return NewKeyOut(key=KeyOut(id=k.id, name=k.name, created=k.created, expires=k.expires, revoked=None,
+                                    state=k.state(time.time())), secret=made.secret)
+
+    @app.post("/api/keys/{key_id}/revoke", response_model=KeyOut, tags=["keys"])
+    async def api_revoke_key(key_id: str, current: Session = Depends(csrf)) -> KeyOut:
+        if not key_id.strip() or len(key_id) > 200:
+            raise ConfigError("name the key by its id")
+        k = await asyncio.to_thread(db.revoke_key, key_id, actor=f"web:{current.username}")
+        return KeyOut(id=k.id, name=k.name, created=k.created, expires=k.expires, revoked=k.revoked,
+                      state=k.state(time.time()))
+
+    @app.get("/api/run", response_model=RunOut, tags=["run"])
+    async def api_run(current: Session = Depends(session)) -> RunOut:
+        return RunOut(state=db.run_state(), step=db.step())
+
+    @app.post("/api/run", response_model=RunOut, tags=["run"])
+    async def api_set_run(body: RunIn, current: Session = Depends(csrf)) -> RunOut:
+        await asyncio.to_thread(db.set_run_state, body.state, f"web:{current.username}")
+        return RunOut(state=db.run_state(), step=db.step())
+
+    @app.get("/api/audit", response_model=list[AuditOut], tags=["audit"])
+    async def api_audit(limit: int = Query(200, ge=1, le=1000), current: Session = Depends(session)) -> list[AuditOut]:
+        return [AuditOut(**vars(e)) for e in await asyncio.to_thread(db.audit_log, limit)]
+
+    @app.get("/api/metrics", response_model=list[MetricOut], tags=["metrics"])
+    async def api_metrics(since: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10000),
+                          current: Session = Depends(session)) -> list[MetricOut]:
+        return [MetricOut(**vars(p)) for p in await asyncio.to_thread(db.metrics_history, since, limit)]
+
+    @app.get("/api/contributions", tags=["metrics"])
+    async def api_contributions(current: Session = Depends(session)) -> dict[str, dict[str, float]]:
+        return {c.peer_id: {"samples": c.samples, "last_seen": c.last_seen}
+                for c in await asyncio.to_thread(db.contributions)}
+
+    @app.get("/api/metrics/stream", tags=["metrics"], summary="server-sent events: one per new metrics point")
+    async def api_metrics_stream(request: Request, since: int = Query(0, ge=0, le=2**62),
+                                 current: Session = Depends(session)) -> StreamingResponse:
+        return StreamingResponse(_points(request, db, since, stream_period), media_type="text/event-stream")
+
+    return app
+
+
+async def _points(request: Request, db: StateDB, since: int, period: float) -> AsyncIterator[str]:
+    last = since
+    while not await request.is_disconnected():
+        for point in await asyncio.to_thread(db.metrics_history, last, 1000):
+            last = point.id
+            yield f"id: {point.id}\ndata: {json.dumps(vars(point))}\n\n"
+        yield ": keep-alive\n\n"
+        await asyncio.sleep(period)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn inside the bootstrap's loop: the bootstrap owns SIGINT/SIGTERM, not uvicorn."""
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # uvicorn >= 0.29 captures signals in serve(); the bootstrap handles them
+        yield
+
+
+class DashboardServer:
+    """Serve an app on ``host:port`` (port 0: a free one) in the running event loop."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        self.app, self.host, self.port = app, host, port
+        self._server: _QuietServer | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=2)
+        self._server = _QuietServer(config)
+        self._task = asyncio.create_task(self._server.serve(), name="dashboard")
+        while not self._server.started:
+            if self._task.done():  # it could not bind: the port is taken, say so
+                self._task.result()
+                raise OSError(f"the dashboard could not listen on {self.host}:{self.port}")
+            await asyncio.sleep(0.05)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 10)
+        self._task = None

@@ -1,0 +1,324 @@
+"""``StateDB``: the bootstrap's durable state in one SQLite file (``<state_dir>/<run>/state.db``).
+
+Keys (hashed), the audit log, the metrics history, the run state, the collaborative step and the
+per-peer contribution tallies. Every write is one transaction (``with self._conn``), so a kill -9 in
+the middle of one leaves the previous state, never half of a change. The schema version is SQLite's
+``user_version``: a database from a newer swarm, or a file that is not a sound SQLite database, is
+refused with ``StateError`` naming the file; it is never reset silently, since it holds the run's keys.
+
+The bootstrap and ``swarm keys`` / ``swarm run`` on the same machine open the same file (WAL mode,
+a busy timeout): the CLI writes, the bootstrap notices within a second and acts (see ``BootstrapNode``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of
+from swarm.errors import ConfigError, StateError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "RUN_STATES",
+    "AuditEntry",
+    "MetricPoint",
+    "Contribution",
+    "StateDB",
+    "contribution_delta",
+]
+
+SCHEMA_VERSION = 1
+RUN_STATES = ("running", "paused", "stopped")
+_MAX_TEXT = 500
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, expires REAL, revoked REAL
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE metrics (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, step INTEGER NOT NULL,
+    loss REAL, tokens_per_second REAL, peers INTEGER NOT NULL
+);
+CREATE TABLE contributions (
+    peer_id TEXT PRIMARY KEY, samples INTEGER NOT NULL, last_reported INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    id: int
+    at: float
+    step: int
+    loss: float | None
+    tokens_per_second: float | None
+    peers: int
+
+
+@dataclass(frozen=True)
+class Contribution:
+    peer_id: str
+    samples: int
+    first_seen: float
+    last_seen: float
+
+
+def contribution_delta(last_reported: int, reported: int) -> int:
+    """Samples to add to a tally: peers report a running total, which starts again at 0 when the
+    peer restarts, so a smaller total than last time is all new work."""
+    if reported < 0:
+        return 0
+    return reported - last_reported if reported >= last_reported else reported
+
+
+class StateDB:
+    """One SQLite connection, used from any thread (serialised by a lock)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StateError(f"cannot open the state database {self.path}: {e}") from None
+        try:
+            self._prepare()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise StateError(
+                f"{self.path} is not a usable swarm state database ({e}); it was left untouched: "
+                "restore it from a backup, or move it away to start with no keys and no history"
+            ) from None
+        except StateError:
+            self._conn.close()
+            raise
+
+    def _prepare(self) -> None:
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path} has schema version {version}, newer than this swarm's {SCHEMA_VERSION}: "
+                "it was written by a newer swarm; upgrade swarm rather than lose its keys and history"
+            )
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StateError(f"{self.path} is damaged (SQLite quick_check: {check}); it was left untouched")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        if version == 0:
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        """Create the tables in one transaction; another process doing the same at once waits and
+        then finds them made."""
+        with self._tx() as c:
+            if c.execute("PRAGMA user_version").fetchone()[0] != 0:
+                return
+            if c.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
+                raise StateError(f"{self.path} is an SQLite database of something else (no swarm schema version)")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                c.execute(statement)
+            c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _tx(self):
+        """A write transaction, begun IMMEDIATE so two writers queue instead of failing later."""
+        return _Transaction(self._conn, self._lock)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise StateError(f"reading {self.path} failed: {e}") from None
+
+    # -- meta: run state, step, anything small --------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                      (key, value))
+
+    def run_state(self) -> str:
+        return self.get_meta("run_state", "running") or "running"
+
+    def set_run_state(self, state: str, actor: str) -> bool:
+        """Set the run state and audit it in one transaction; False when it already was ``state``."""
+        if state not in RUN_STATES:
+            raise ConfigError(f"run state must be one of {', '.join(RUN_STATES)}, not {state!r}")
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'run_state'").fetchone()
+            if (row[0] if row else "running") == state:
+                return False
+            c.execute("INSERT INTO meta(key, value) VALUES('run_state', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (state,))
+            _audit(c, actor, f"run.{state}", "")
+        return True
+
+    def step(self) -> int:
+        return int(self.get_meta("step", "0") or 0)
+
+    # -- keys ------------------------------------------------------------------------------------
+    def create_key(self, name: str, *, actor: str, expires_in: float | None = None, now: float | None = None) -> NewKey:
+        name = name.strip()
+        if not name or len(name) > 100:
+            raise ConfigError("a key needs a name of 1 to 100 characters (who it is for)")
+        now = time.time() if now is None else now
+        key_id, secret = generate_key()
+        expires = now + expires_in if expires_in is not None else None
+        with self._tx() as c:
+            c.execute("INSERT INTO api_keys(id, name, hash, created, expires) VALUES(?, ?, ?, ?, ?)",
+                      (key_id, name, hash_key(secret), now, expires))
+            until = f", expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))} UTC" if expires else ""
+            _audit(c, actor, "key.create", f"{key_id} for {name}{until}")
+        return NewKey(ApiKey(key_id, name, now, expires), secret)
+
+    def list_keys(self) -> list[ApiKey]:
+        rows = self._read("SELECT id, name, created, expires, revoked FROM api_keys ORDER BY created")
+        return [ApiKey(*row) for row in rows]
+
+    def revoke_key(self, id_or_prefix: str, *, actor: str, now: float | None = None) -> ApiKey:
+        prefix = id_or_prefix.strip()
+        if prefix.startswith("swk_"):
+            prefix = key_id_of(prefix) if prefix.count("_") >= 2 else prefix[4:]
+        if not prefix:
+            raise ConfigError("name the key to revoke by its id (or a unique prefix of it)")
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            rows = c.execute("SELECT id, name, created, expires, revoked FROM api_keys WHERE id LIKE ? ESCAPE '\\'",
+                             (_like_prefix(prefix),)).fetchall()
+            if not rows:
+                raise ConfigError(f"no API key with id {prefix!r}; `swarm keys list` shows them")
+            if len(rows) > 1:
+                raise ConfigError(f"{prefix!r} matches {len(rows)} keys ({', '.join(r[0] for r in rows)}); give more of the id")
+            key = ApiKey(*rows[0])
+            if key.revoked is None:
+                c.execute("UPDATE api_keys SET revoked = ? WHERE id = ?", (now, key.id))
+                _audit(c, actor, "key.revoke", f"{key.id} of {key.name}")
+                key = ApiKey(key.id, key.name, key.created, key.expires, now)
+        return key
+
+    def verify_key(self, full_key: str, now: float | None = None) -> ApiKey:
+        """The key's record if ``full_key`` is a known, unrevoked, unexpired key; else ``AuthRejected``."""
+        key_id = key_id_of(full_key)
+        rows = self._read("SELECT id, name, created, expires, revoked, hash FROM api_keys WHERE id = ?", (key_id,))
+        stored, stored_hash = (ApiKey(*rows[0][:5]), rows[0][5]) if rows else (None, None)
+        return check_key(stored, stored_hash, full_key, time.time() if now is None else now)
+
+    def key_usable(self, key_id: str, now: float | None = None) -> bool:
+        rows = self._read("SELECT id, name, created, expires, revoked FROM api_keys WHERE id = ?", (key_id,))
+        return bool(rows) and ApiKey(*rows[0]).state(time.time() if now is None else now) == "active"
+
+    # -- audit -----------------------------------------------------------------------------------
+    def audit(self, actor: str, action: str, detail: str = "") -> None:
+        with self._tx() as c:
+            _audit(c, actor, action, detail)
+
+    def audit_log(self, limit: int = 200) -> list[AuditEntry]:
+        rows = self._read("SELECT id, at, actor, action, detail FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        return [AuditEntry(*row) for row in rows]
+
+    # -- metrics and contributions ---------------------------------------------------------------
+    def record_metrics(
+        self, *, step: int, loss: float | None, tokens_per_second: float | None, peers: int,
+        reports: dict[str, int], now: float | None = None,
+    ) -> None:
+        """One collection round: a history point, the step counter, and every peer's running total
+        of samples folded into its tally, all in one transaction."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute("INSERT INTO metrics(at, step, loss, tokens_per_second, peers) VALUES(?, ?, ?, ?, ?)",
+                      (now, step, loss, tokens_per_second, peers))
+            row = c.execute("SELECT value FROM meta WHERE key = 'step'").fetchone()
+            if step > int(row[0] if row else 0):
+                c.execute("INSERT INTO meta(key, value) VALUES('step', ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(step),))
+            for peer_id, reported in reports.items():
+                _fold_contribution(c, peer_id, reported, now)
+
+    def metrics_history(self, since_id: int = 0, limit: int = 1000) -> list[MetricPoint]:
+        rows = self._read("SELECT id, at, step, loss, tokens_per_second, peers FROM metrics WHERE id > ? "
+                          "ORDER BY id DESC LIMIT ?", (since_id, limit))
+        return [MetricPoint(*row) for row in reversed(rows)]
+
+    def contributions(self) -> list[Contribution]:
+        rows = self._read("SELECT peer_id, samples, first_seen, last_seen FROM contributions ORDER BY samples DESC")
+        return [Contribution(*row) for row in rows]
+
+
+def _fold_contribution(c: sqlite3.Connection, peer_id: str, reported: int, now: float) -> None:
+    row = c.execute("SELECT last_reported FROM contributions WHERE peer_id = ?", (peer_id,)).fetchone()
+    if row is None:
+        c.execute("INSERT INTO contributions(peer_id, samples, last_reported, first_seen, last_seen) "
+                  "VALUES(?, ?, ?, ?, ?)", (peer_id, max(reported, 0), max(reported, 0), now, now))
+        return
+    c.execute("UPDATE contributions SET samples = samples + ?, last_reported = ?, last_seen = ? WHERE peer_id = ?",
+              (contribution_delta(row[0], reported), max(reported, 0), now, peer_id))
+
+
+def _audit(c: sqlite3.Connection, actor: str, action: str, detail: str) -> None:
+    c.execute("INSERT INTO audit(at, actor, action, detail) VALUES(?, ?, ?, ?)",
+              (time.time(), actor[:_MAX_TEXT], action[:_MAX_TEXT], detail[:_MAX_TEXT]))
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class _Transaction:
+    """``with``: BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (then re-raised; SQLite errors
+    become ``StateError``)."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock):
+        self._conn, self._lock = conn, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            self._lock.release()
+            raise StateError(f"cannot write the state database: {e}") from None
+        return self._conn
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._conn.execute("COMMIT")
+            else:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            if exc_type is None:
+                raise StateError(f"cannot write the state database: {e}") from None
+        finally:
+            self._lock.release()
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(f"writing the state database failed: {exc}") from None
+        return False

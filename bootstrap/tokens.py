@@ -1,0 +1,68 @@
+"""``TokenService``: the bootstrap's ``swarm.auth.token`` handler, exchanging an API key for a
+signed access token (see ``peers.auth`` for the protocol and ``dht.auth`` for the token)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from bootstrap.state import StateDB
+from dht.auth import issue_token
+from peers.auth import TokenReply, TokenRequest
+from peers.protocol import error_reply, ok_reply, parse_request
+from peers.transport import CALLER
+from swarm.errors import AuthRejected, BadRequest, SwarmError
+
+__all__ = ["TokenService"]
+
+logger = logging.getLogger(__name__)
+
+_AUDIT_EVERY = 60.0
+
+
+class TokenService:
+    """Checks the key in ``state.db`` (so a revoked or expired key gets nothing) and signs a token
+    for the caller. The first token of each (key, peer) and refusals are audited, refusals at most
+    once a minute per caller so that a misconfigured peer cannot flood the log."""
+
+    def __init__(self, db: StateDB, authority: RSAPrivateKey, ttl: float):
+        self.db, self.authority, self.ttl = db, authority, ttl
+        self._granted: set[tuple[str, str]] = set()
+        self._last_refusal: dict[str, float] = {}
+
+    async def rpc_token(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        caller = CALLER.get()
+        try:
+            request = parse_request(TokenRequest, message)
+            if caller is not None and caller != request.peer_id:
+                raise AuthRejected(f"a token is only issued to its holder: the caller is {caller[-8:]}")
+            try:
+                public_key = base64.b64decode(request.public_key, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest("TokenRequest: public_key: not base64") from None
+            key = await asyncio.to_thread(self.db.verify_key, request.key)
+            expires = min(get_dht_time() + self.ttl, key.expires if key.expires is not None else math.inf)
+            token = issue_token(self.authority, key.id, request.peer_id, public_key, expires)
+        except SwarmError as e:
+            await self._audit_refusal(caller or "?", e)
+            return error_reply(e), []
+        if (key.id, request.peer_id) not in self._granted:
+            self._granted.add((key.id, request.peer_id))
+            await asyncio.to_thread(self.db.audit, request.peer_id, "peer.auth", f"key {key.id} ({key.name})")
+        return ok_reply(TokenReply(token=token, key_id=key.id, expires=expires)), []
+
+    async def _audit_refusal(self, caller: str, error: SwarmError) -> None:
+        logger.info("refused a token to %s: %s", caller[-8:], error)
+        now = time.monotonic()
+        if now - self._last_refusal.get(caller, -math.inf) >= _AUDIT_EVERY:
+            self._last_refusal[caller] = now
+            await asyncio.to_thread(self.db.audit, caller, "auth.rejected", str(error))

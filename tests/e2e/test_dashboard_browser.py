@@ -1,0 +1,110 @@
+"""The dashboard as its admin uses it: Debian's chromium (headless, through selenium and Debian's
+chromedriver) against a live bootstrap with two peers and a training trainer. It logs in, watches
+the peer table fill and the loss chart gain points, creates a key and revokes it, and saves a
+screenshot in the test's output directory."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from bootstrap.admin import set_admin_password
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "browser-test-password"
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "chromium and chromedriver are needed: scripts/install.sh installs them (apt)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1600"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_admin_uses_the_dashboard(model_factory, swarm_factory, tmp_path: Path):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4), num_stages=2,
+                          num_peers=2, target_batch_size=2, metrics_interval=0.3)
+    node = swarm.bootstrap
+    set_admin_password(node.db, "admin", PASSWORD, actor="test")
+    stop = threading.Event()
+    steps: list[float] = []
+
+    def train() -> None:
+        with swarm.client() as model:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            batch = torch.randint(0, 64, (2, 8))
+            while not stop.is_set() and len(steps) < 400:
+                loss = model(batch, labels=batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                steps.append(loss.item())
+                model.report_progress(len(steps), steps[-1], 1.0)
+                stop.wait(0.2)
+
+    trainer = threading.Thread(target=train, name="trainer")
+    trainer.start()
+    browser = _browser()
+    try:
+        # the page redraws its tables every few seconds: an element found just before a redraw goes
+        # stale, and the wait simply looks again
+        wait = WebDriverWait(browser, 60, poll_frequency=0.3,
+                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+        browser.get(node.dashboard.url + "/")
+        wait.until(lambda b: b.current_url.endswith("/login"))
+        browser.find_element(By.ID, "username").send_keys("admin")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD)
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda b: b.find_element(By.ID, "run-id").text == swarm.run_id)
+
+        def peer_column(b) -> set[str] | None:
+            rows = b.find_elements(By.CSS_SELECTOR, "#peers tbody tr")
+            return {row.find_elements(By.TAG_NAME, "td")[0].text for row in rows} if len(rows) == 2 else None
+
+        assert wait.until(peer_column) == {p.peer_id for p in swarm.peers}
+        assert browser.find_element(By.ID, "peer-count").text == "2"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#pipeline .stage")) == 2
+
+        points = lambda b: int(b.find_element(By.ID, "points").text)  # noqa: E731
+        wait.until(lambda b: points(b) >= 2)
+        before = points(browser)
+        wait.until(lambda b: points(b) >= before + 3)  # live: new points arrive without a reload
+        assert float(browser.find_element(By.ID, "loss").text) > 0
+
+        browser.find_element(By.ID, "key-name").send_keys("volunteer from the browser")
+        browser.find_element(By.ID, "create-key").click()
+        secret_text = wait.until(lambda b: b.find_element(By.ID, "new-secret").text or None)
+        secret = secret_text.rsplit(" ", 1)[1]
+        key = node.db.verify_key(secret)
+        assert key.name == "volunteer from the browser"
+        def revoke(b) -> bool:
+            b.find_element(By.CSS_SELECTOR, f"#keys tr[data-key-id='{key.id}'] button.revoke").click()
+            return True
+
+        wait.until(revoke)
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f"#keys tr[data-key-id='{key.id}']")
+                   .find_elements(By.TAG_NAME, "td")[3].text == "revoked")
+        assert [k.revoked is not None for k in node.db.list_keys()] == [True]
+        wait.until(lambda b: "key.revoke" in b.find_element(By.ID, "audit").text)
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
+        stop.set()
+        trainer.join(timeout=60)
+    assert len(steps) >= 3 and all(torch.isfinite(torch.tensor(steps)))

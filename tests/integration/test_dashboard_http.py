@@ -1,0 +1,176 @@
+"""The dashboard's HTTP API over real HTTP (uvicorn on 127.0.0.1, a free port) and a real SQLite
+state: 401 without a session, 403 without the CSRF token, login limits and audit, keys and run
+control. The run's status comes from a fixed report here; tests/e2e/test_dashboard_browser.py
+drives the same API against a live bootstrap with peers and a trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from bootstrap.admin import AdminAuth, LoginLimiter, set_admin_password
+from bootstrap.dashboard import COOKIE, DashboardServer, create_app
+from bootstrap.state import StateDB
+from swarm._loop import LoopThread
+
+PASSWORD = "correct horse battery"
+STATUS = {"version": 1, "run_id": "web", "model": "m", "num_layers": 2, "target_batch_size": 2,
+          "stages": [{"index": 0, "layers": [0, 2], "peers": [], "throughput": 0.0}], "peers": [],
+          "bottleneck_stage": 0}
+
+
+class Dashboard:
+    def __init__(self, tmp_path: Path, *, password: bool = True):
+        self.db = StateDB(tmp_path / "state.db")
+        if password:
+            set_admin_password(self.db, "admin", PASSWORD, actor="test")
+        self.auth = AdminAuth(self.db, limiter=LoginLimiter(attempts=3, window=60))
+
+        async def status() -> dict:
+            return STATUS
+
+        app = create_app(self.db, self.auth, run_id="web", join_command=lambda: "swarm join --bootstrap /ip4/x --key <k>",
+                         maddrs=lambda: ["/ip4/x"], keys_required=True, status=status, stream_period=0.1)
+        self.clients: list[httpx.Client] = []
+        self.loop = LoopThread("dashboard-test")
+        self.server = DashboardServer(app, "127.0.0.1", 0)
+        self.loop.run(self.server.start(), timeout=30)
+        self.url = self.server.url
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10)
+
+    def login(self) -> tuple[httpx.Client, str]:
+        client = self.client()
+        self.clients.append(client)
+        reply = client.post("/api/login", json={"username": "admin", "password": PASSWORD})
+        assert reply.status_code == 200, reply.text
+        return client, reply.json()["csrf"]
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.loop.run(self.server.stop(), timeout=30)
+        self.loop.stop()
+        self.db.close()
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
+    board = Dashboard(tmp_path)
+    yield board
+    board.stop()
+
+
+ADMIN_ONLY = [("GET", "/api/keys"), ("POST", "/api/keys"), ("POST", "/api/keys/abc/revoke"), ("GET", "/api/audit"),
+              ("GET", "/api/run"), ("POST", "/api/run"), ("GET", "/api/metrics"), ("GET", "/api/metrics/stream"),
+              ("GET", "/api/contributions"), ("GET", "/api/session"), ("POST", "/api/logout")]
+
+
+@pytest.mark.parametrize("method, path", ADMIN_ONLY)
+def test_401_without_a_session(dashboard: Dashboard, method: str, path: str) -> None:
+    with dashboard.client() as client:
+        reply = client.request(method, path, json={"name": "x"} if method == "POST" else None)
+        assert reply.status_code == 401, (path, reply.text)
+        client.cookies.set(COOKIE, "forged")
+        forged = client.request(method, path)
+        assert forged.status_code == 401
+
+
+def test_public_pages_and_status(dashboard: Dashboard) -> None:
+    with dashboard.client() as client:
+        assert client.get("/").status_code == 303 and client.get("/").headers["location"] == "/login"
+        join = client.get("/join")
+        assert join.status_code == 200 and "swarm join --bootstrap /ip4/x --key &lt;k&gt;" in join.text
+        assert "needs an API key" in join.text
+        assert client.get("/api/status").json() == STATUS
+        assert client.get("/api/join").json()["keys_required"] is True
+        assert "/api/keys" in client.get("/openapi.json").json()["paths"]
+        assert client.get("/static/uPlot.iife.min.js").status_code == 200
+
+
+def test_state_changes_need_the_csrf_token(dashboard: Dashboard) -> None:
+    client, csrf = dashboard.login()
+    assert client.post("/api/keys", json={"name": "alice"}).status_code == 403
+    assert client.post("/api/keys", json={"name": "alice"}, headers={"X-CSRF-Token": "wrong"}).status_code == 403
+    assert client.post("/api/run", json={"state": "paused"}).status_code == 403
+    made = client.post("/api/keys", json={"name": "alice", "expires": "30d"}, headers={"X-CSRF-Token": csrf})
+    assert made.status_code == 200
+    secret, key_id = made.json()["secret"], made.json()["key"]["id"]
+    assert dashboard.db.verify_key(secret).name == "alice"
+    listed = client.get("/api/keys").json()
+    assert [(k["id"], k["state"]) for k in listed] == [(key_id, "active")] and secret not in str(listed)
+    bad = client.post("/api/keys", json={"name": "bob", "expires": "soon"}, headers={"X-CSRF-Token": csrf})
+    assert bad.status_code == 400 and "not a duration" in bad.json()["detail"]
+    revoked = client.post(f"/api/keys/{key_id[:4]}/revoke", headers={"X-CSRF-Token": csrf})
+    assert revoked.json()["state"] == "revoked"
+    assert client.post("/api/run", json={"state": "paused"}, headers={"X-CSRF-Token": csrf}).json()["state"] == "paused"
+    assert dashboard.db.run_state() == "paused"
+    actions = [(e.actor, e.action) for e in dashboard.db.audit_log()]
+    assert {("web:admin", "key.create"), ("web:admin", "key.revoke"), ("web:admin", "run.paused")} <= set(actions)
+    assert client.post("/api/logout", headers={"X-CSRF-Token": csrf}).status_code == 200
+    assert client.get("/api/keys").status_code == 401
+
+
+def test_failed_logins_are_limited_and_audited(dashboard: Dashboard) -> None:
+    with dashboard.client() as client:
+        for _ in range(3):
+            reply = client.post("/api/login", json={"username": "admin", "password": "guess-guess"})
+            assert reply.status_code == 401 and reply.json()["detail"] == "wrong username or password"
+        limited = client.post("/api/login", json={"username": "admin", "password": PASSWORD})
+        assert limited.status_code == 429 and "too many failed logins" in limited.json()["detail"]
+    actions = [e.action for e in dashboard.db.audit_log()]
+    assert actions.count("login.failed") == 3 and actions.count("login.limited") == 1 and "login" not in actions
+
+
+def test_no_password_no_login(tmp_path: Path) -> None:
+    board = Dashboard(tmp_path, password=False)
+    try:
+        with board.client() as client:
+            reply = client.post("/api/login", json={"username": "admin", "password": "anything-at-all"})
+            assert reply.status_code == 401 and "SWARM_ADMIN_PASSWORD" in reply.json()["detail"]
+    finally:
+        board.stop()
+
+
+def test_metrics_stream_sends_new_points(dashboard: Dashboard) -> None:
+    dashboard.db.record_metrics(step=1, loss=3.5, tokens_per_second=10.0, peers=1, reports={})
+    client, _ = dashboard.login()
+    with client.stream("GET", "/api/metrics/stream?since=0") as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        dashboard.db.record_metrics(step=2, loss=3.0, tokens_per_second=10.0, peers=1, reports={})
+        second = next(line for line in lines if line.startswith("data:"))
+    assert '"step": 1' in first and '"loss": 3.5' in first and '"step": 2' in second
+
+
+def test_fuzz_the_api_from_its_openapi_spec(dashboard: Dashboard) -> None:
+    """schemathesis generates requests for every operation of /openapi.json, as the admin (session
+    and CSRF token) and as nobody; no request may make the server fail (5xx). Bounded: a fixed
+    number of examples per operation. The endless SSE stream and logout are left out."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    client, csrf = dashboard.login()
+    session_cookie = client.cookies[COOKIE]
+    schema = schemathesis.openapi.from_url(f"{dashboard.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if op.path not in ("/api/metrics/stream", "/api/logout")]
+    assert len(operations) >= 10
+    failures: list[str] = []
+    for operation in operations:
+        @settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.generate], database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case) -> None:
+            for cookies, headers in (({COOKIE: session_cookie}, {"X-CSRF-Token": csrf}), ({}, {})):
+                response = case.call(base_url=dashboard.url, cookies=cookies, headers=headers)
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+
+        fuzz()
+    assert not failures, failures
+    assert dashboard.auth.session(session_cookie) is not None  # still logged in: nothing broke the session

@@ -1,0 +1,79 @@
+"""Access tokens, the record validator and the login limiter as pure logic (no network)."""
+
+from __future__ import annotations
+
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.crypto import RSAPrivateKey
+
+from bootstrap.admin import LoginLimiter
+from dht.auth import TokenRecordValidator, issue_token, verify_token
+from dht.schemas import manifest_key, stage_key
+from swarm.errors import AuthRejected
+
+AUTHORITY = RSAPrivateKey()
+HOLDER = RSAPrivateKey()
+HOLDER_KEY = HOLDER.get_public_key().to_bytes()
+NOW = 1_000_000.0
+
+
+def _token(authority: RSAPrivateKey = AUTHORITY, key_id: str = "k1", expires: float = NOW + 60) -> str:
+    return issue_token(authority, key_id, "peerA", HOLDER_KEY, expires)
+
+
+@pytest.mark.parametrize("token, revoked, error", [
+    (_token(), set(), None),
+    (_token(expires=NOW - 1), set(), "expired"),
+    (_token(), {"k1"}, "revoked"),
+    (_token(authority=RSAPrivateKey()), set(), "not signed by this run's bootstrap"),
+    ("not base64!", set(), "malformed"),
+    (_token()[:-12] + "AAAAAAAAAAA=", set(), "not signed|malformed"),
+])
+def test_verify_token_table(token: str, revoked: set[str], error: str | None) -> None:
+    authority = AUTHORITY.get_public_key()
+    if error is None:
+        claims = verify_token(token, authority, now=NOW, revoked=revoked)
+        assert (claims.key_id, claims.peer_id, claims.public_key) == ("k1", "peerA", HOLDER_KEY)
+    else:
+        with pytest.raises(AuthRejected, match=error):
+            verify_token(token, authority, now=NOW, revoked=revoked)
+
+
+def _record(key: str, value: dict, owner: bytes) -> DHTRecord:
+    subkey = MSGPackSerializer.dumps(b"peerA" + RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", owner))
+    return DHTRecord(DHTID.generate(source=key).to_bytes(), subkey, MSGPackSerializer.dumps(value), 0.0)
+
+
+def test_record_validator_table() -> None:
+    validator = TokenRecordValidator("run", AUTHORITY.get_public_key().to_bytes())
+    authority_key = AUTHORITY.get_public_key().to_bytes()
+    valid = issue_token(AUTHORITY, "k1", "peerA", HOLDER_KEY, 4e9)
+    stage = stage_key("run", 3)
+    assert validator.validate(_record(stage, {"access_token": valid}, HOLDER_KEY))
+    assert not validator.validate(_record(stage, {}, HOLDER_KEY))
+    assert not validator.validate(_record(stage, {"access_token": valid}, RSAPrivateKey().get_public_key().to_bytes()))
+    assert validator.validate(_record(manifest_key("run"), {}, authority_key))
+    assert not validator.validate(_record(manifest_key("run"), {}, HOLDER_KEY))
+    assert validator.validate(_record("another_app_key", {}, HOLDER_KEY))
+    # a newer validator (a revocation) merges into the running one
+    assert validator.merge_with(TokenRecordValidator("run", authority_key, frozenset({"k1"})))
+    assert not validator.validate(_record(stage, {"access_token": valid}, HOLDER_KEY))
+    # it crosses the pipe to the DHT process small: no per-stage key sets in its pickled state
+    assert set(validator.__getstate__()) == {"run_id", "authority", "revoked"}
+
+
+@pytest.mark.parametrize("failures_at, now, wait", [
+    ([], 0.0, 0.0),
+    ([0.0, 1.0], 2.0, 0.0),
+    ([0.0, 1.0, 2.0], 3.0, 97.0),
+    ([0.0, 1.0, 2.0], 100.5, 0.0),
+])
+def test_login_limiter_table(failures_at: list[float], now: float, wait: float) -> None:
+    limiter = LoginLimiter(attempts=3, window=100.0)
+    for at in failures_at:
+        limiter.failed("1.2.3.4", now=at)
+    assert limiter.retry_after("1.2.3.4", now=now) == pytest.approx(wait)
+    assert limiter.retry_after("5.6.7.8", now=now) == 0.0

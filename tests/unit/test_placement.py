@@ -1,0 +1,138 @@
+"""Placement decisions as tables: which span a joining peer claims, and when a serving peer moves."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from shards.placement import (
+    Move,
+    PlacedPeer,
+    Span,
+    bottleneck,
+    choose_stages,
+    contribution,
+    should_move,
+    spans_that_fit,
+    stage_loads,
+)
+from swarm.errors import InsufficientMemory
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    "case, loads, compute, memory_stages, network, expected",
+    [
+        ("empty swarm, room for all", [0, 0, 0, 0], 100, 4, math.inf, Span(0, 4)),
+        ("empty swarm, room for two", [0, 0, 0, 0], 100, 2, math.inf, Span(0, 2)),
+        ("one hole", [10, 0, 10], 100, 1, math.inf, Span(1, 1)),
+        ("one hole, room for all", [50, 0, 50], 30, 3, math.inf, Span(1, 1)),
+        ("uneven peers", [30, 10, 20], 5, 1, math.inf, Span(1, 1)),
+        ("two weak neighbours", [5, 5, 100, 100], 10, 2, math.inf, Span(0, 2)),
+        ("holes at both ends", [0, 50, 0], 60, 3, math.inf, Span(0, 3)),
+        ("network-bound peer spans wider", [0, 0, 0], 300, 3, 100, Span(0, 3)),
+        ("bottleneck tied, lift the lowest", [10, 10, 40], 5, 2, math.inf, Span(0, 2)),
+    ],
+)
+def test_choose_stages(case, loads, compute, memory_stages, network, expected):
+    span = choose_stages(loads, [GIB] * len(loads), compute=compute, memory_bytes=memory_stages * GIB,
+                         network=network)
+    assert span == expected, case
+
+
+def test_choose_stages_respects_memory_of_uneven_stages():
+    # stage 0 is bigger (it took an extra layer): 2.5 GiB holds stages 1-2 but not 0-1
+    span = choose_stages([0, 0, 0], [2 * GIB, GIB, GIB], compute=10, memory_bytes=int(2.5 * GIB))
+    assert span == Span(1, 2)
+
+
+def test_choose_stages_refuses_a_peer_without_memory_for_one_stage():
+    with pytest.raises(InsufficientMemory, match=r"one stage needs 3.00 GiB .* this peer has 1.50 GiB free"):
+        choose_stages([0, 0], [3 * GIB, 3 * GIB], compute=10, memory_bytes=int(1.5 * GIB))
+
+
+def test_choose_stages_breaks_ties_with_rng_or_lowest_index():
+    loads, sizes = [10, 10, 10], [GIB] * 3
+    assert choose_stages(loads, sizes, compute=1, memory_bytes=GIB) == Span(0, 1)
+    seen = {choose_stages(loads, sizes, compute=1, memory_bytes=GIB, rng=random.Random(seed)).start
+            for seed in range(30)}
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "case, loads, me, memory_stages, expected",
+    [
+        ("balanced swarm stays", [100, 95], PlacedPeer("a", 50, Span(0)), 1, None),
+        ("fill a hole", [20, 0], PlacedPeer("a", 10, Span(0)), 1, Move(Span(0), Span(1), 0, 10)),
+        ("last peer of a stage stays", [10, 0.5], PlacedPeer("a", 10, Span(0)), 1, None),
+        ("raise the bottleneck", [300, 100], PlacedPeer("a", 100, Span(0)), 1, Move(Span(0), Span(1), 100, 200)),
+        ("a move that would lower it", [150, 100], PlacedPeer("a", 100, Span(0)), 1, None),
+        ("most of the mover's throughput would pile up", [400, 100, 110], PlacedPeer("a", 100, Span(0)), 1, None),
+        ("tied bottleneck: serve one", [30, 10, 10], PlacedPeer("a", 10, Span(0)), 1,
+         Move(Span(0), Span(1), 10, 10)),
+        ("cover a whole tie when memory allows", [30, 10, 10], PlacedPeer("a", 10, Span(0)), 2,
+         Move(Span(0), Span(1, 2), 10, 15)),
+        ("already best", [10, 30], PlacedPeer("a", 10, Span(0)), 1, None),
+    ],
+)
+def test_should_move(case, loads, me, memory_stages, expected):
+    move = should_move(loads, [GIB] * len(loads), me, memory_bytes=memory_stages * GIB)
+    assert move == expected, case
+
+
+def test_margin_is_configurable():
+    loads, me = [128, 100], PlacedPeer("a", 10, Span(0))  # imbalance 1.14: at the default margin, stay
+    assert should_move(loads, [GIB] * 2, me, memory_bytes=GIB) is None
+    assert should_move(loads, [GIB] * 2, me, memory_bytes=GIB, margin=0.1) == Move(Span(0), Span(1), 100, 110)
+
+
+def test_move_gain_is_infinite_for_a_hole_and_relative_otherwise():
+    assert Move(Span(0), Span(1), 0, 5).gain == math.inf
+    assert Move(Span(0), Span(1), 100, 130).gain == pytest.approx(0.3)
+
+
+def _potential(loads) -> tuple[float, int]:
+    low = bottleneck(loads)
+    return round(low, 6), -int(sum(value <= low + 1e-6 for value in loads))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_repeated_moves_settle_without_flapping(seed):
+    """Every peer re-evaluates in turn until nobody moves: each move raises (bottleneck, -stages at it),
+    so no placement comes back and the loop ends; the result is balanced within the margin or stuck
+    only where no single move helps."""
+    rng = random.Random(seed)
+    num_stages, sizes = 6, [GIB] * 6
+    peers = [PlacedPeer(f"p{i}", rng.choice([1, 5, 30, 100]), Span(rng.randrange(2))) for i in range(30)]
+    start = bottleneck(stage_loads(num_stages, peers))
+    assert start == 0  # stages 2..5 start empty
+    moves = 0
+    for _ in range(200):
+        moved = False
+        for i, peer in enumerate(peers):
+            loads = stage_loads(num_stages, peers)
+            move = should_move(loads, sizes, peer, memory_bytes=GIB, margin=0.05)
+            if move is not None:
+                peers[i] = PlacedPeer(peer.peer_id, peer.compute, move.new)
+                assert _potential(stage_loads(num_stages, peers)) > _potential(loads)
+                moved, moves = True, moves + 1
+        if not moved:
+            break
+    else:
+        pytest.fail("placement never settled")
+    loads = stage_loads(num_stages, peers)
+    assert bottleneck(loads) > 0 and moves >= 4
+    for peer in peers:  # settled: nobody wants to move any more
+        assert should_move(loads, sizes, peer, memory_bytes=GIB, margin=0.05) is None
+
+
+def test_spans_that_fit_and_contribution():
+    assert spans_that_fit([GIB] * 5, 3 * GIB) == 3
+    assert spans_that_fit([GIB] * 5, 100 * GIB) == 5
+    assert contribution(100, 4) == 25
+    assert contribution(100, 4, network=10) == 10
+    loads = stage_loads(3, [PlacedPeer("a", 30, Span(0, 3)), PlacedPeer("b", 5, Span(1))])
+    assert loads.tolist() == [10, 15, 10]
