@@ -459,9 +459,6 @@ class Peer:
             await self.checkpointer.final(timeout=60.0)
         if self.telemetry is not None:  # first: its last ledger window still goes out over the transport
             await self.telemetry.stop()
-        if self.dht is not None and self.record is not None:
-            with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
-                await asyncio.wait_for(self.dht.withdraw(self.record), 5)
         for record in (self.record, self._pending):
             if self.dht is not None and record is not None:
                 with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -91,7 +92,14 @@ def test_join_speaks_status_is_live_in_80_columns_ledger_verifies(model_factory,
         peer_id = text.split("identity  peer ", 1)[1].split()[0]
         assert "swarm join --bootstrap /ip4/127.0.0.1/tcp/" in text and f"/p2p/{peer_id} --run test" in text
         assert "reach     ok reachable on this machine only" in text and "fix: fine for a local swarm" in text
-        assert "stage     1 (layers [1, 2)): nobody served it; peers per stage {0:1, 1:0}" in text
+        # the claim names the placement decision: the empty stage, and the bottleneck it lifts (to this
+        # peer's measured throughput, printed before it, or stage 0's if that is lower)
+        claim = re.search(r"stage     1 \(layers \[1, 2\)\): nobody served it; bottleneck 0 -> (\d+) tokens/s; "
+                          r"tokens/s per stage \{0:(\d+), 1:0\}", text)
+        measured = re.search(r"measured ([\d,]+) tokens/s for one stage", text)
+        assert claim and measured, text
+        after, stage0, mine = int(claim.group(1)), int(claim.group(2)), int(measured.group(1).replace(",", ""))
+        assert stage0 > 0 and mine > 0 and after == min(stage0, mine)
         assert "Prometheus metrics at http://127.0.0.1:" in text or "metrics   http://127.0.0.1:" in text
 
         with swarm.client() as remote:  # one training microbatch through both stages
