@@ -17,7 +17,8 @@ from typing import Sequence
 from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
 
-__all__ = ["AddressKind", "Verdict", "address_kind", "explain_claim", "explain_placement", "reachability_verdict", "probe_reachability"]
+__all__ = ["AddressKind", "Verdict", "address_kind", "explain_claim", "explain_placement", "reachability_verdict",
+           "probe_reachability"]
 
 logger = logging.getLogger(__name__)
 

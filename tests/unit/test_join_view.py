@@ -8,7 +8,14 @@ import logging
 import pytest
 from rich.console import Console
 
-from peers.reachability import AddressKind, address_kind, best_address, explain_claim, explain_placement, reachability_verdict
+from peers.reachability import (
+    AddressKind,
+    address_kind,
+    best_address,
+    explain_claim,
+    explain_placement,
+    reachability_verdict,
+)
 from swarm.join_view import format_live_line, key_fingerprint
 from swarm.logs import set_log_identity, setup_logging
 
