@@ -26,6 +26,8 @@ from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.hardware import measure_throughput, probe_hardware
 from peers.recovery import adopt_state
+from peers.inference import InferenceSessions
+from peers.inference_service import InferenceService
 from peers.routing import coverage
 from peers.service import StageService
 from peers.state import StateIdentity, part_name
@@ -52,6 +54,7 @@ class Peer:
         self.manifest: Manifest | None = None
         self.record: PeerRecord | None = None
         self.service: StageService | None = None
+        self.inference: InferenceService | None = None
         self._transport: P2PTransport | None = None
         self._refresh_task: asyncio.Task | None = None
         self._sync: HivemindGradientSync | None = None
@@ -110,12 +113,20 @@ class Peer:
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await self._adopt_state(executor, identity)
         await self.service.register(self._transport)
+        await self._serve_inference(module, stage, layers)
         await self._announce(self.record.model_copy(update={
             "state": PeerState.ONLINE, "throughput": throughput, "hardware": probe_hardware(),
             "step": executor.optimizer_step}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
         self._start_checkpoints(executor, identity)
         logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, throughput)
+
+    async def _serve_inference(self, module: torch.nn.Module, stage: int, layers) -> None:
+        peer = self.settings.peer
+        sessions = InferenceSessions(module, stage, layers, memory_budget=int(peer.inference_memory),
+                                     idle_timeout=peer.session_timeout)
+        self.inference = InferenceService(sessions, self._compute)
+        await self.inference.register(self._transport)
 
     async def _choose_stage(self, manifest: Manifest) -> int:
         pinned = self.settings.peer.stage
@@ -196,6 +207,8 @@ class Peer:
         if self.dht is not None and self.record is not None:
             with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                 await asyncio.wait_for(self.dht.withdraw(self.record), 5)
+        if self.inference is not None:
+            await self.inference.stop()
         if self._transport is not None:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):

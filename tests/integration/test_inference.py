@@ -1,0 +1,81 @@
+"""Generation through a real swarm (hivemind DHT + P2P on loopback, 3 peers over 3 stages) equals
+``AutoModelForCausalLM.generate`` token for token, with one position per step on the peers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shards.tiny import make_tiny_model
+from tests.helpers import LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = {
+    "gpt2": dict(family="gpt2", num_layers=3, hidden_size=32, num_heads=4),
+    "llama-gqa": dict(family="llama", num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2),
+}
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def served(request, tmp_path_factory) -> Iterator[tuple[Path, LocalSwarm, object]]:
+    """A 3-peer swarm per family and one client of it, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp(f"inference-{request.param}")
+    model_dir = make_tiny_model(root / "model", **FAMILIES[request.param])
+    swarm = LocalSwarm(model_dir, state_dir=root / "state", num_stages=3, num_peers=3)
+    try:
+        swarm.start()
+        with swarm.client() as client:
+            yield model_dir, swarm, client
+    finally:
+        swarm.stop()
+
+
+def _prompts(batch: int, seq: int = 7, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 200, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):  # rows after the first are left-padded by 1, 2, ... positions
+        mask[row, :row] = 0
+    return ids, mask
+
+
+def test_greedy_equals_transformers_one_position_per_step(served):
+    model_dir, swarm, remote = served
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    steps_before = [p.inference.steps_served for p in swarm.peers]
+    for batch in (1, 3):
+        ids, mask = _prompts(batch)
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        got = remote.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+        assert got.shape == (batch, ids.shape[1] + NEW_TOKENS)
+        assert torch.equal(got, expected), f"batch {batch}: swarm {got.tolist()} != transformers {expected.tolist()}"
+        sent = [[t.shape[1] for t in stage.inputs] for stage in remote.last_session.stages]
+        assert sent == [[ids.shape[1]] + [1] * (NEW_TOKENS - 1)] * 3  # the prompt once, then one position
+    assert [p.inference.steps_served - b for p, b in zip(swarm.peers, steps_before)] == [2 * NEW_TOKENS] * 3
+    assert [len(p.inference.sessions) for p in swarm.peers] == [0, 0, 0]  # closed after generating
+
+
+def test_sampling_and_stop_tokens_equal_transformers(served):
+    model_dir, _, remote = served
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids, mask = _prompts(3, seed=2)
+    settings = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=NEW_TOKENS)
+    torch.manual_seed(7)
+    expected = reference.generate(ids, attention_mask=mask, **settings)
+    torch.manual_seed(7)
+    assert torch.equal(remote.generate(ids, attention_mask=mask, **settings), expected)
+
+    greedy = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    stop = int(greedy[0, ids.shape[1] + 4])  # row 0's fifth new token ends it there
+    stopped = dict(max_new_tokens=NEW_TOKENS, eos_token_id=stop, pad_token_id=0)
+    expected = reference.generate(ids, attention_mask=mask, do_sample=False, **stopped)
+    got = remote.generate(ids, attention_mask=mask, **stopped)
+    assert torch.equal(got, expected)
+    new = got[0, ids.shape[1]:].tolist()
+    first = new.index(stop)  # row 0 ends at its first stop token and is padded after it
+    assert first <= 4 and new[first + 1:] == [0] * (len(new) - first - 1)
