@@ -24,10 +24,11 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def served(request, tmp_path_factory) -> Iterator[tuple[Path, LocalSwarm, object]]:
-    """A 3-peer swarm per family and one client of it, shared by the tests of this module."""
+    """Per family, a swarm of 3 stages with a 4th peer as a second replica of stage 0, and one client
+    of it, shared by the tests of this module (the failover test, which stops a peer, runs last)."""
     root = tmp_path_factory.mktemp(f"inference-{request.param}")
     model_dir = make_tiny_model(root / "model", **FAMILIES[request.param])
-    swarm = LocalSwarm(model_dir, state_dir=root / "state", num_stages=3, num_peers=3)
+    swarm = LocalSwarm(model_dir, state_dir=root / "state", num_stages=3, num_peers=4)
     try:
         swarm.start()
         with swarm.client() as client:
@@ -56,8 +57,9 @@ def test_greedy_equals_transformers_one_position_per_step(served):
         assert torch.equal(got, expected), f"batch {batch}: swarm {got.tolist()} != transformers {expected.tolist()}"
         sent = [[t.shape[1] for t in stage.inputs] for stage in remote.last_session.stages]
         assert sent == [[ids.shape[1]] + [1] * (NEW_TOKENS - 1)] * 3  # the prompt once, then one position
-    assert [p.inference.steps_served - b for p, b in zip(swarm.peers, steps_before)] == [2 * NEW_TOKENS] * 3
-    assert [len(p.inference.sessions) for p in swarm.peers] == [0, 0, 0]  # closed after generating
+    served_steps = {p.peer_id: p.inference.steps_served - b for p, b in zip(swarm.peers, steps_before)}
+    assert sum(served_steps.values()) == 3 * 2 * NEW_TOKENS  # 3 stages, 2 generations of 32 steps
+    assert [len(p.inference.sessions) for p in swarm.peers] == [0] * 4  # closed after generating
 
 
 def test_sampling_and_stop_tokens_equal_transformers(served):
@@ -79,3 +81,36 @@ def test_sampling_and_stop_tokens_equal_transformers(served):
     new = got[0, ids.shape[1]:].tolist()
     first = new.index(stop)  # row 0 ends at its first stop token and is padded after it
     assert first <= 4 and new[first + 1:] == [0] * (len(new) - first - 1)
+
+
+class _StopPeerAt:
+    """A transformers-style streamer that stops the peer serving ``stage`` of the live session once
+    ``after`` new tokens have come: the peer dies in the middle of the generation."""
+
+    def __init__(self, swarm: LocalSwarm, remote, stage: int, after: int):
+        self.swarm, self.remote, self.stage, self.after = swarm, remote, stage, after
+        self.seen, self.stopped = -1, None  # the first put() is the prompt
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.seen += 1
+        if self.seen == self.after:
+            victim = self.remote.last_session.route[self.stage].peer_id
+            peer = next(p for p in self.swarm.peers if p.peer_id == victim)
+            self.swarm.loop.run(peer.stop(), timeout=60)
+            self.stopped = victim
+
+    def end(self) -> None:
+        pass
+
+
+def test_failover_mid_generation_keeps_the_output(served):
+    model_dir, swarm, remote = served
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids, mask = _prompts(2, seed=3)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    killer = _StopPeerAt(swarm, remote, stage=0, after=10)
+    got = remote.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, streamer=killer)
+    session = remote.last_session
+    assert killer.stopped is not None and session.failovers == 1
+    assert session.route[0].peer_id != killer.stopped  # stage 0 moved to its other replica
+    assert torch.equal(got, expected)
