@@ -250,8 +250,12 @@ class SwarmModelForCausalLM(nn.Module):
     @torch.no_grad()
     def final_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's hidden states after the final norm (transformers' ``hidden_states[-1]``),
-        ``[batch, seq, hidden]``: what embeddings are pooled from."""
-        positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        ``[batch, seq, hidden]``: what embeddings are pooled from. Padding (``attention_mask`` 0) is
+        left padding, as for ``generate``."""
+        if attention_mask is None:
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        else:  # a left-padded row gets the positions it would have alone, as in generation
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         hidden, _ = self._run_remote(self.local.embed(input_ids, positions), attention_mask, positions, train=False)
         return self.local.norm(hidden)
 
