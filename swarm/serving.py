@@ -97,5 +97,8 @@ def serve_api(settings: SwarmSettings, console: Console) -> None:
                                                lifespan="off"))
         console.print(f"[bold green]serving[/] model [cyan]{model_id}[/] at http://{api.host}:{api.port}/v1 "
                       f"({'API keys required' if api.api_keys else 'no API key needed'}); Ctrl+C to stop")
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled once it has shut down
+            pass
         console.print("stopping the API server...")

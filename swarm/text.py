@@ -106,12 +106,17 @@ def load_codec(root: Path | None, config: PretrainedConfig, *, repo_id: str | No
 
 
 class StreamDecoder:
-    """Turns tokens arriving one by one into text pieces, holding back an unfinished UTF-8 character."""
+    """Turns tokens arriving one by one into text pieces. A trailing replacement character is held
+    back while it may still be an unfinished UTF-8 character (at most ``_MAX_PENDING`` tokens);
+    after that it is shown as is (the bytes were not valid UTF-8)."""
+
+    _MAX_PENDING = 3
 
     def __init__(self, codec: TextCodec):
         self.codec = codec
         self.ids: list[int] = []
         self.emitted = 0
+        self._pending = 0
 
     @property
     def text(self) -> str:
@@ -121,8 +126,10 @@ class StreamDecoder:
         self.ids.append(int(token))
         text = self.text
         end = len(text)
-        while end > self.emitted and text[end - 1] == "\ufffd":
-            end -= 1
+        if self._pending < self._MAX_PENDING:
+            while end > self.emitted and text[end - 1] == "\ufffd":
+                end -= 1
+        self._pending = 0 if end == len(text) else self._pending + 1
         piece, self.emitted = text[self.emitted:end], max(self.emitted, end)
         return piece
 
