@@ -65,15 +65,18 @@ class InferenceClient:
         return out[0]
 
     async def close(self, peer_id: str, session_id: str) -> CloseResponse:
-        reply, _ = await self._call(peer_id, CLOSE, CloseRequest(session_id=session_id), [], attempts=1)
+        # one short try: a peer that is gone drops the session anyway when it idles out
+        reply, _ = await self._call(peer_id, CLOSE, CloseRequest(session_id=session_id), [], attempts=1,
+                                    timeout=min(self.timeout, 5.0))
         return parse_reply(CloseResponse, reply)
 
-    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], attempts: int | None = None):
+    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], *,
+                    attempts: int | None = None, timeout: float | None = None):
         message = request.model_dump(mode="json")
         attempts = attempts or self.attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await self.transport.call(peer_id, method, message, tensors, timeout=self.timeout)
+                return await self.transport.call(peer_id, method, message, tensors, timeout=timeout or self.timeout)
             except PeerUnavailable as e:
                 if attempt == attempts:
                     raise

@@ -226,7 +226,7 @@ class RemoteSession:
         logger.warning("stage %d on %s failed (%s: %s); re-opening the session elsewhere and replaying %d position(s)",
                        stage.hop.stage, stage.hop.peer_id[-8:], type(error).__name__, error, self.length)
         for attempt in range(1, self.max_failovers + 1):
-            hop = (await self._plan())[index]
+            hop = (await self._replacement(error))[index]
             moved = _Stage(hop, uuid.uuid4().hex, stage.inputs, fresh=True)
             try:
                 await self._open(moved)
@@ -235,27 +235,39 @@ class RemoteSession:
                                attempt, self.max_failovers, e)
                 if not isinstance(e, CacheMiss):
                     self.banned.add(hop.peer_id)
+                error = e
                 continue
             self.stages[index] = moved
             return
         raise PeerUnavailable(f"no replica of stage {stage.hop.stage} would take the session after "
                               f"{self.max_failovers} attempts")
 
+    async def _replacement(self, error: SwarmError) -> tuple[Hop, ...]:
+        """A route without the banned peers. A dead peer may come back or be replaced, so that waits
+        (bounded); a full one is answered at once, since waiting would only hold the caller."""
+        if not isinstance(error, CapacityExceeded):
+            return await self._plan()
+        try:
+            return await self._plan(wait=0.0)
+        except NoRoute:
+            raise CapacityExceeded(f"{error} (and no other replica of that stage is free)") from None
+
     async def _open(self, stage: _Stage) -> None:
         hop = stage.hop
         await self.client.open(hop.peer_id, hop.stage, hop.layers, stage.session_id,
                                batch_size=self.batch_size, max_length=self.max_length)
 
-    async def _plan(self) -> tuple[Hop, ...]:
-        deadline = time.monotonic() + self.route_wait
+    async def _plan(self, wait: float | None = None) -> tuple[Hop, ...]:
+        wait = self.route_wait if wait is None else wait
+        deadline = time.monotonic() + wait
         attempt = 0
         while True:
             attempt += 1
             try:
                 return plan_route(self.manifest.stages, await self._records(), banned=self.banned, rng=self._rng)
             except NoRoute as e:
-                if time.monotonic() > deadline:
-                    raise NoRoute(f"{e} (waited {self.route_wait:.0f} s)") from None
+                if time.monotonic() >= deadline:
+                    raise NoRoute(f"{e} (waited {wait:.0f} s)") from None
                 if attempt == 1 or attempt % 10 == 0:
                     logger.warning("waiting for peers: %s (attempt %d)", e, attempt)
                 await asyncio.sleep(min(0.25 * attempt, 2.0))

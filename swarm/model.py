@@ -238,9 +238,9 @@ class SwarmModelForCausalLM(nn.Module):
                               f"model's {max_positions(self.local.config)} positions")
         session = RemoteSession(self.manifest, self.inference_client, self.pipeline.records,
                                 batch_size=input_ids.shape[0], max_length=length)
-        self._runner.run(session.open())
         self.last_session = session
         try:
+            self._runner.run(session.open())
             with torch.no_grad():
                 yield from generate_tokens(self.local, self._runner.run, session, input_ids, attention_mask, params,
                                            generator=generator)

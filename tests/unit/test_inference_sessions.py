@@ -257,3 +257,10 @@ def test_a_full_replica_sends_the_session_to_another(llama_dir):
     # the fastest replica answered CapacityExceeded over the wire; the session went to the other
     assert session.banned == {"s0r0"} and session.route[0].peer_id == "s0r1" and session.failovers == 1
     assert torch.equal(got, expected)
+
+
+def test_a_stage_whose_only_replica_is_full_refuses_at_once(llama_dir):
+    manifest, hub, records, _, local = _swarm(llama_dir, [1, 1], budgets={"s1r0": 1})
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(CapacityExceeded, match="stage 1 refuses session .* no other replica of that stage is free"):
+        _generate(llama_dir, manifest, hub, records, local, ids)
