@@ -83,6 +83,33 @@ def test_sampling_and_stop_tokens_equal_transformers(served):
     assert first <= 4 and new[first + 1:] == [0] * (len(new) - first - 1)
 
 
+@pytest.mark.parametrize("case", ["not-a-map", "no-session", "wrong-width", "wrong-stage", "tensors-on-open"])
+def test_bad_inference_requests_are_named_and_the_peer_goes_on(served, case):
+    from peers.inference_protocol import OPEN, STEP
+
+    _, swarm, remote = served
+    peer = swarm.peers[1]
+    transport, width = remote.pipeline.client.transport, remote.local.config.hidden_size
+    stage = {"stage": 1, "layers": peer.record.layers.model_dump(), "batch_size": 1, "max_length": 8}
+    opened = {"session_id": f"bad-{case}", **stage}
+    assert "ok" in remote._runner.run(transport.call(peer.peer_id, OPEN, opened, [], timeout=30))[0]
+    step = {"session_id": f"bad-{case}", "start": 0}
+    hidden, positions = torch.zeros(1, 2, width), torch.arange(2).unsqueeze(0)
+    message, tensors, code, words = {
+        "not-a-map": (["step"], [hidden, positions], "BadRequest", "expected a map"),
+        "no-session": ({**step, "session_id": "nobody"}, [hidden, positions], "CacheMiss", "no inference session"),
+        "wrong-width": (step, [torch.zeros(1, 2, width + 1), positions], "BadRequest", f"[1, seq, {width}]"),
+        "wrong-stage": ({**opened, "stage": 0}, [], "WrongStage", "not stage 0"),
+        "tensors-on-open": (opened, [hidden], "BadRequest", "open takes no tensors"),
+    }[case]
+    method = OPEN if "stage" in message else STEP
+    reply, _ = remote._runner.run(transport.call(peer.peer_id, method, message, tensors, timeout=30))
+    assert reply["error"]["code"] == code and words in reply["error"]["message"]
+    reply, out = remote._runner.run(transport.call(peer.peer_id, STEP, step, [hidden, positions], timeout=30))
+    assert reply["ok"]["length"] == 2 and out[0].shape == (1, 2, width)  # the session still works
+    assert remote._runner.run(remote.inference_client.close(peer.peer_id, f"bad-{case}")).closed
+
+
 class _StopPeerAt:
     """A transformers-style streamer that stops the peer serving ``stage`` of the live session once
     ``after`` new tokens have come: the peer dies in the middle of the generation."""
