@@ -78,8 +78,8 @@ def main() -> None:
     local_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
     def local(clock: _Clock) -> torch.Tensor:
-        return local_model.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                    do_sample=False, streamer=clock)
+        return local_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                                    min_new_tokens=args.new_tokens, do_sample=False, streamer=clock)
 
     procs = ProcessGroup(root)
     results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
