@@ -38,23 +38,10 @@ def demo_swarm(tmp_path_factory) -> Iterator[tuple[LocalSwarm, AutoModelForCausa
         swarm.stop()
 
 
-def test_generate_streams_the_greedy_continuation(demo_swarm):
-    swarm, reference = demo_swarm
-    prompt = "def main("
+def _greedy_text(reference, prompt: str, new_tokens: int) -> str:
     ids = torch.tensor([list(prompt.encode())])
-    new = reference.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
-    expected = prompt + bytes(t for t in new if t < 256).decode("utf-8", errors="replace")
-
-    proc = subprocess.Popen(SWARM + ["generate", "--bootstrap", swarm.initial_peers[0], "--run", swarm.run_id,
-                                     "--max-new-tokens", "24", prompt],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
-    reads = []
-    while chunk := os.read(proc.stdout.fileno(), 4096):
-        reads.append(chunk)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
-    assert b"".join(reads).decode() == expected + "\n"
-    assert len(reads) > 2, "the text came in one piece instead of token by token"
-    assert "24 tokens in" in proc.stderr.read().decode()
+    new = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+    return bytes(new).decode("utf-8", errors="replace")
 
 
 def _free_port() -> int:
@@ -63,27 +50,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_api_answers_and_stops_on_ctrl_c(demo_swarm, tmp_path):
+def test_generate_streams_and_serve_api_answers_then_stops_on_ctrl_c(demo_swarm, tmp_path):
+    """Both commands at once (their start-up overlaps): ``generate`` prints the greedy continuation
+    piece by piece; ``serve-api`` answers the openai client and leaves cleanly on Ctrl+C."""
     swarm, reference = demo_swarm
-    port, log = _free_port(), tmp_path / "api.log"
-    proc = subprocess.Popen(SWARM + ["serve-api", "--bootstrap", swarm.initial_peers[0], "--run", swarm.run_id,
-                                     "--port", str(port), "--api-key", "sk-1", "--model-name", "demo"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ENV,
-                            start_new_session=True)
+    address, port, log = swarm.initial_peers[0], _free_port(), tmp_path / "api.log"
+    server = subprocess.Popen(SWARM + ["serve-api", "--bootstrap", address, "--run", swarm.run_id, "--port", str(port),
+                                       "--api-key", "sk-1", "--model-name", "demo"],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ENV,
+                              start_new_session=True)
     try:
+        prompt = "def main("
+        generate = subprocess.Popen(SWARM + ["generate", "--bootstrap", address, "--run", swarm.run_id,
+                                             "--max-new-tokens", "24", prompt],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
+        reads = []
+        while chunk := os.read(generate.stdout.fileno(), 4096):
+            reads.append(chunk)
+        assert generate.wait(timeout=120) == 0, generate.stderr.read().decode()
+        assert b"".join(reads).decode() == prompt + _greedy_text(reference, prompt, 24) + "\n"
+        assert len(reads) > 2, "the text came in one piece instead of token by token"
+        assert "24 tokens in" in generate.stderr.read().decode()
+
         deadline = time.monotonic() + 90
         while "serving" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-1", max_retries=3)
         reply = client.completions.create(model="demo", prompt="import ", max_tokens=8, temperature=0)
-        ids = torch.tensor([list(b"import ")])
-        new = reference.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-        assert reply.choices[0].text == bytes(new).decode("utf-8", errors="replace")
+        assert reply.choices[0].text == _greedy_text(reference, "import ", 8)
         with pytest.raises(openai.BadRequestError, match=r"token ids in 'input' must be in \[0, 256\)"):
             client.embeddings.create(model="demo", input=[[1, 2, 300]])
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C in its terminal
-        code = proc.wait(timeout=60)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl+C in its terminal
+        code = server.wait(timeout=60)
     assert code == 0, log.read_text()
     assert "stopping the API server" in log.read_text()
