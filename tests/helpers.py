@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from bootstrap.node import BootstrapNode
 from peers.server import Peer
 from swarm._loop import LoopThread
 from swarm.config import load_settings
 from swarm.model import SwarmModelForCausalLM
 
-__all__ = ["LocalSwarm"]
+__all__ = ["LocalSwarm", "train_steps"]
 
 
 class LocalSwarm:
@@ -68,3 +70,14 @@ class LocalSwarm:
         if self.bootstrap is not None:
             self.loop.run(self.bootstrap.stop(), timeout=60)
         self.loop.stop()
+
+
+def train_steps(model, steps: int) -> None:
+    """``steps`` AdamW steps of a swarm client with the run's settings, on small seeded batches."""
+    settings = model.manifest.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    for step in range(steps):
+        ids = torch.randint(0, 8, (4, 12), generator=torch.Generator().manual_seed(step))
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -11,6 +11,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from swarm.export import export_swarm
+from tests.helpers import train_steps
 
 pytestmark = pytest.mark.slow
 
@@ -18,16 +19,6 @@ FAMILIES = {
     "gpt2-tied": dict(family="gpt2", num_layers=3, hidden_size=32, num_heads=4),
     "llama-gqa": dict(family="llama", num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2),
 }
-
-
-def _train(remote, steps: int) -> None:
-    settings = remote.manifest.optimizer
-    optimizer = torch.optim.AdamW(remote.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    for step in range(steps):
-        ids = torch.randint(0, 8, (4, 12), generator=torch.Generator().manual_seed(step))
-        remote(ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def _max_diff(directory, ids: torch.Tensor, expected: torch.Tensor) -> float:
@@ -43,7 +34,7 @@ def test_export_gives_the_swarms_logits(name, model_factory, swarm_factory, tmp_
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(7))
     screen = io.StringIO()
     with swarm.client() as remote:
-        _train(remote, 3)
+        train_steps(remote, 3)
         assert remote.upload_local_state(3) == 1
         report = export_swarm(swarm.initial_peers, tmp_path / "export", run_id="test",
                               console=Console(file=screen, width=200))

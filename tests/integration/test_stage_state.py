@@ -18,20 +18,11 @@ from peers.transport import P2PTransport
 from shards.stage import load_stage
 from shards.types import LayerRange
 from swarm.errors import WrongStage
+from tests.helpers import train_steps
 
 pytestmark = pytest.mark.slow
 
 MODEL = dict(family="gpt2", num_layers=2, hidden_size=32, num_heads=4)
-
-
-def _train(remote, steps: int) -> None:
-    settings = remote.manifest.optimizer
-    optimizer = torch.optim.AdamW(remote.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    for step in range(steps):
-        ids = torch.randint(0, 8, (4, 12), generator=torch.Generator().manual_seed(step))
-        remote(ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def _params(peer: Peer) -> dict[str, torch.Tensor]:
@@ -51,7 +42,7 @@ def test_a_new_replica_starts_from_the_current_state(model_factory, swarm_factor
     model_dir = model_factory(**MODEL)
     swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=4, lr=1e-2)
     with swarm.client() as remote:
-        _train(remote, 3)
+        train_steps(remote, 3)
     first = swarm.peers[1]
     joined = swarm.add_peer(stage=1)
 
@@ -89,11 +80,11 @@ def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_fa
                           peer_settings={"checkpoint_every": 2})
     store = swarm.bootstrap.checkpoints
     with swarm.client() as remote:
-        _train(remote, 4)
+        train_steps(remote, 4)
         deadline = time.monotonic() + 30
         while store.latest_step(part_name(1)) != 4 and time.monotonic() < deadline:
             time.sleep(0.2)
-        _train(remote, 1)  # step 5 is not a checkpoint: losing every replica loses it
+        train_steps(remote, 1)  # step 5 is not a checkpoint: losing every replica loses it
     steps = store.directory(part_name(1)).steps()
     assert steps[-1] == 4 and 1 <= len(steps) <= 2, steps  # the newest (at most two) are kept
     meta, saved = store.directory(part_name(1)).load(4)
@@ -115,7 +106,7 @@ def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_fa
 
     # the run goes on at its own step (5 -> 6): stage 1 takes that step number and says what it lost
     with caplog.at_level(logging.WARNING, logger="peers.executor"), swarm.client() as remote:
-        _train(remote, 1)
+        train_steps(remote, 1)
     assert restored.service.executor.optimizer_step == 6
     assert any("1 step(s) of layers [1, 2) were lost" in r.getMessage() for r in caplog.records)
     # a last replica that leaves in order checkpoints its newest step first: nothing is lost
