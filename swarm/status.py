@@ -39,12 +39,12 @@ async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> di
                 "hardware": record.hardware.model_dump(mode="json"),
             })
             peer["stages"].append(index)
-    trainers = [t for t in await dht.trainer_records() if t.online]
+    trainers = await dht.trainer_records()  # a trainer that left still tells the step it reached
     return {
         "version": STATUS_VERSION,
         "run_id": manifest.run_id,
         "step": max((t.step for t in trainers), default=0),
-        "trainers": len(trainers),
+        "trainers": sum(t.online for t in trainers),
         "model": manifest.model,
         "num_layers": manifest.num_layers,
         "target_batch_size": manifest.target_batch_size,

@@ -32,6 +32,14 @@ def _children() -> list[psutil.Process]:
 
 
 @pytest.fixture(autouse=True)
+def _state_dir_of_its_own(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing a test starts (peers in process, CLI subprocesses) keeps state in ~/.swarm or shares it
+    with another test: a checkpoint left by one run would be restored by the next (seen: a stage
+    restored at step 6 in a test that expected a fresh one)."""
+    monkeypatch.setenv("SWARM_STATE_DIR", str(tmp_path_factory.mktemp("default-state-dir")))
+
+
+@pytest.fixture(autouse=True)
 def reaper() -> Iterator[None]:
     """After each test every child process it started must be gone (after a short grace period)."""
     before = {p.pid for p in _children()}

@@ -77,8 +77,8 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
         assert address.startswith("/ip4/127.0.0.1/tcp/")
         peers = []
         for i in range(2):
-            peer = _start(["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1"],
-                          tmp_path / f"peer{i}.log")
+            peer = _start(["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1",
+                           "--state-dir", str(tmp_path / f"state-peer{i}")], tmp_path / f"peer{i}.log")
             procs.append(peer)
             peers.append(peer)
             _wait_for(tmp_path / f"peer{i}.log", peer, "serving stage", timeout=120)
