@@ -14,6 +14,7 @@ and nothing is applied, because a replica that averaged with a different group w
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from typing import Protocol, Sequence
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.utils import get_dht_time
 
 from swarm.errors import AveragingFailed
 
@@ -80,12 +82,15 @@ class HivemindGradientSync:
     """One ``DecentralizedAverager`` (a child process sharing the node's p2pd) for one set of tensors."""
 
     def __init__(self, dht: hivemind.DHT, prefix: str, like: Sequence[torch.Tensor], *, window: float = 0.5,
-                 start_timeout: float = 60.0):
+                 round_timeout: float = 15.0, start_timeout: float = 60.0):
+        """``round_timeout`` bounds the all-reduce once a group has formed: hivemind's default is no
+        bound, so a member that dies mid-round (its p2p daemon may outlive it for a while) would keep
+        the others waiting forever, their compute thread with them."""
         self.prefix = prefix
         self._averager = _Averager(
             [torch.zeros_like(t, device="cpu") for t in like], dht, prefix=prefix, start=False,
             min_group_size=2, target_group_size=None, min_matchmaking_time=window,
-            request_timeout=max(window / 2, 0.1), allow_state_sharing=False,
+            request_timeout=max(window / 2, 0.1), allow_state_sharing=False, allreduce_timeout=round_timeout,
         )
         with _FORK_LOCK:
             self._averager.run_in_background(await_ready=True, timeout=start_timeout)
@@ -96,9 +101,14 @@ class HivemindGradientSync:
             for slot, grad in zip(tensors, grads):
                 slot.copy_(grad)
         started = time.perf_counter()
-        try:
-            gathered = self._averager.step(gather={"peer": me, "step": step}, scheduled_time=scheduled_time,
-                                           weight=1.0, timeout=timeout, allow_retries=True)
+        control = self._averager.step(gather={"peer": me, "step": step}, scheduled_time=scheduled_time,
+                                      weight=1.0, timeout=timeout, allow_retries=True, wait=False)
+        try:  # the whole round (matchmaking and all-reduce) within ``timeout`` of the scheduled start
+            gathered = control.result(timeout=max(scheduled_time - get_dht_time(), 0.0) + timeout)
+        except concurrent.futures.TimeoutError:
+            control.cancel()
+            raise AveragingFailed(f"{self.prefix} step {step}: the averaging round did not end within "
+                                  f"{timeout:.0f} s (a member left mid-round?); nothing applied") from None
         except Exception as e:  # hivemind raises several types for a round that broke off
             raise AveragingFailed(f"{self.prefix} step {step}: averaging broke off: {type(e).__name__}: {e}") from None
         if gathered is None:

@@ -219,7 +219,8 @@ class Peer:
         # inherits open request streams); on a move the old stage has drained by now
         prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
         self._sync = sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix,
-                                                    list(module.parameters()))
+                                                    list(module.parameters()),
+                                                    round_timeout=self.settings.peer.averaging_timeout)
         executor = StageExecutor(
             module, stage, self.manifest.stages[stage], self.manifest.optimizer,
             cache_size=self.settings.peer.cache_size, sync=sync, averaging_timeout=self.settings.peer.averaging_timeout,

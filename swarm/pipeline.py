@@ -335,12 +335,19 @@ class RemotePipeline:
             results = await asyncio.gather(
                 *(self.client.step(peer, stage, self.manifest.stages[stage], step, plans[stage], scheduled)
                   for stage, peer in calls), return_exceptions=True)
+            # a stage whose group applied the step with every member summed every member's backwards,
+            # also those of a member that failed after its part of the round: those are not replayed
+            applied = {stage for (stage, _), result in zip(calls, results)
+                       if not isinstance(result, BaseException) and result.group_size == len(plans[stage])}
             for (stage, peer), result in zip(calls, results):
-                if isinstance(result, BaseException):
-                    await self._step_failed(stage, peer, step, result, attempt)
-                else:
+                if not isinstance(result, BaseException):
                     self._peer_steps[peer] = result.optimizer_step
-            pending = {stage for (stage, _), result in zip(calls, results) if isinstance(result, BaseException)}
+                elif stage in applied:
+                    await self._left_behind(stage, peer, step, result)
+                else:
+                    await self._step_failed(stage, peer, step, result, attempt)
+            pending = {stage for (stage, _), result in zip(calls, results)
+                       if isinstance(result, BaseException) and stage not in applied}
             if not pending:
                 break
         else:
@@ -381,6 +388,21 @@ class RemotePipeline:
             for stage, members in plans.items():
                 if not members:
                     plans[stage] = [await self._pick(stage)]
+
+    async def _left_behind(self, stage: int, peer: str, step: int, error: BaseException) -> None:
+        """The other members of ``stage`` applied ``step`` with this member's gradients in the sum, but
+        its own call failed: unless it says it applied the step too, it is behind (or gone). It is left
+        out for a while; what it held is in the applied step, so nothing is replayed."""
+        try:
+            info = await asyncio.wait_for(self.client.info(peer), self.policy.averaging_window + 5)
+        except (SwarmError, asyncio.TimeoutError):
+            info = None
+        if info is not None and info.optimizer_step > step:
+            self._peer_steps[peer] = info.optimizer_step
+            return
+        self._peer_steps[peer] = info.optimizer_step if info is not None else step
+        self._ledger.get(stage, {}).pop(peer, None)
+        self._ban(peer, error)
 
     async def _step_failed(self, stage: int, peer: str, step: int, error: BaseException, attempt: int) -> None:
         """A member's step call failed. Its reply may merely have been lost after it applied the step:

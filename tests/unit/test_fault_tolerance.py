@@ -17,6 +17,7 @@ from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from peers.averaging import LocalGradientSync
 from peers.client import StageClient
 from peers.executor import StageExecutor
+from peers.protocol import STEP
 from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
@@ -33,6 +34,7 @@ class Fault(str, Enum):
     HANG = "hang"  # calls never answer (the client's timeout fires)
     ERROR = "error"  # calls get an error reply (a bug or an out-of-memory on that peer)
     SLOW = "slow"  # calls answer, late but within the timeout: no failover
+    GONE_AFTER_STEP = "gone-after-step"  # takes part in a step's averaging, then dies before it replies
 
 
 class FaultyHub(InMemoryTransport):
@@ -46,6 +48,9 @@ class FaultyHub(InMemoryTransport):
     async def call(self, peer_id, method, message, tensors, *, timeout):
         self.calls[peer_id] += 1
         if peer_id == self.victim and self.calls[peer_id] > self.after:
+            if self.fault is Fault.GONE_AFTER_STEP and method == STEP:
+                await super().call(peer_id, method, message, tensors, timeout=timeout)
+                self.fault = Fault.KILL
             if self.fault is Fault.KILL:
                 raise PeerUnavailable(f"{method} on {peer_id}: connection refused")
             if self.fault is Fault.HANG:
@@ -160,6 +165,9 @@ def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault):
         if fault in (Fault.NONE, Fault.SLOW):
             assert swarm.pipeline.failovers == 0
             survivors = ["s0a", "s0b", "s1a", "s1b"]
+        elif fault is Fault.GONE_AFTER_STEP:  # its backwards were in the applied step: none replayed
+            assert swarm.hub.fault is Fault.KILL and "s1a" in swarm.pipeline.banned()
+            survivors = ["s0a", "s0b", "s1b"]
         else:
             assert swarm.pipeline.failovers >= 1 and "s1a" in swarm.pipeline.banned()
             survivors = ["s0a", "s0b", "s1b"]
