@@ -22,6 +22,7 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 
 from bootstrap.checkpoints import CheckpointStore
+from bootstrap.telemetry import BootstrapTelemetry
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
@@ -79,6 +80,7 @@ class BootstrapNode:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self.checkpoints: CheckpointStore | None = None
+        self.telemetry: BootstrapTelemetry | None = None
         self.db: StateDB | None = None
         self.control: RunControl | None = None
         self._peers_seen: set[str] = set()
@@ -103,6 +105,8 @@ class BootstrapNode:
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoint-store", self.manifest)
         await self.checkpoints.start(self.dht)
+        self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
+        await self.telemetry.start()
         if self.keys_required:
             await self._serve_tokens()
         await self._publish_control(*self._wanted_control())
@@ -316,6 +320,8 @@ class BootstrapNode:
                 await self._transport.p2p.shutdown()
         if self.checkpoints is not None:
             await self.checkpoints.stop()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
         if self.db is not None:

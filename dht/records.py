@@ -25,11 +25,13 @@ from pydantic import ValidationError
 from dht.schemas import (
     RECORD_TTL,
     Manifest,
+    MetricsRecord,
     PeerRecord,
     PeerState,
     StoreRecord,
     TrainerRecord,
     manifest_key,
+    telemetry_key,
     stage_key,
     store_key,
     trainers_key,
@@ -252,6 +254,34 @@ class SwarmDHT:
                 records.append(StoreRecord.model_validate(entry.value))
             except ValidationError:
                 continue  # refused by the schema validator on store; a stale node may still hold one
+        return records
+
+    @property
+    def signing_key(self) -> RSAPrivateKey:
+        """This node's RSA key, the one that signs its DHT records (and its contribution ledger)."""
+        return self._signer._private_key
+
+    async def publish_telemetry(self, record: MetricsRecord, ttl: float = RECORD_TTL) -> bool:
+        """Store (or refresh) this node's signed ``MetricsRecord`` under ``{run}_telemetry``."""
+        expiration = max(get_dht_time() + ttl, self._last_expiration.get(-1, 0.0) + 1e-3)
+        self._last_expiration[-1] = expiration
+        return await self.dht.store(
+            telemetry_key(self.run_id),
+            record.model_dump(mode="json"),
+            expiration_time=expiration,
+            subkey=self._subkey(),
+            return_future=True,
+        )
+
+    async def telemetry_records(self) -> list[MetricsRecord]:
+        """Valid, unexpired metrics records of the run's trainers and peers."""
+        found = await self.dht.get(telemetry_key(self.run_id), latest=True, return_future=True)
+        records = []
+        for entry in _entries(found):
+            try:
+                records.append(MetricsRecord.model_validate(entry.value))
+            except ValidationError:
+                continue  # refused on store by the schema validator; a stale node may still hold one
         return records
 
     def shutdown(self) -> None:

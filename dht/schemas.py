@@ -1,6 +1,6 @@
 """What swarm keeps in the DHT, and under which keys.
 
-Two kinds of record, both small (a few hundred bytes: hivemind's DHT pipe must not carry large values,
+Records, all small (a few hundred bytes: hivemind's DHT pipe must not carry large values,
 see docs/design.md):
 
 * ``{run}_manifest``: the run's ``Manifest``, written by the bootstrap (subkey = its owner key).
@@ -11,6 +11,8 @@ see docs/design.md):
   trainers' contributions to it reach the manifest's ``target_batch_size``.
 * ``{run}_checkpoint_stores``: one ``StoreRecord`` per node keeping the run's checkpoints (the
   bootstrap), so peers and trainers find where to upload and restore from.
+* ``{run}_telemetry``: one ``MetricsRecord`` per trainer and per peer (subkey = its owner key): what
+  `swarm status` and the dashboard show about the run (step, loss trend, tokens/s, contribution).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ __all__ = [
     "trainers_key",
     "StoreRecord",
     "store_key",
+    "MetricsRecord",
+    "MetricsRole",
+    "LOSS_TREND_LEN",
+    "telemetry_key",
 ]
 
 PROTOCOL_VERSION = 2
@@ -109,6 +115,14 @@ class HardwareSummary(FrozenModel):
     gpu_name: str | None = None
     gpu_memory_gib: float | None = None
     torch_threads: int = 1
+    # live figures from peers.monitor (means over the last minute; GPU ones over all GPUs, None without)
+    cpu_percent: float = 0.0
+    ram_used_gib: float = 0.0
+    gpu_count: int = 0
+    gpu_util_percent: float | None = None
+    gpu_memory_used_gib: float | None = None
+    gpu_temperature_c: float | None = None
+    gpu_power_w: float | None = None
 
 
 class PeerRecord(FrozenModel):
@@ -123,6 +137,10 @@ class PeerRecord(FrozenModel):
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
     hardware: HardwareSummary = HardwareSummary()
     step: int = Field(0, ge=0, description="optimizer steps the peer's stage has applied")
+    # written by the peer itself (DHT time): readers call a record stale when this is old
+    updated: float = 0.0
+    load: float = Field(0.0, ge=0, description="requests in flight or queued when the record was written")
+    delegate_of: str | None = Field(None, description="peer id this peer computes for (delegation)")
     access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
     latency_ms: float | None = Field(None, ge=0, description="median round trip to a few peers")
     bandwidth_mbps: float | None = Field(None, ge=0, description="measured link speed, megabits/s")
@@ -135,6 +153,38 @@ class StoreRecord(FrozenModel):
     version: int = PROTOCOL_VERSION
     peer_id: str = Field(min_length=1, max_length=128)
     maddrs: list[str] = Field(default_factory=list, max_length=16)
+
+
+LOSS_TREND_LEN = 16
+
+
+class MetricsRole(str, Enum):
+    TRAINER = "trainer"
+    PEER = "peer"
+
+
+class MetricsRecord(FrozenModel):
+    """What one trainer or peer reports about its work, under ``{run}_telemetry`` (a few hundred bytes).
+
+    A trainer fills ``step``, ``loss``, ``loss_trend`` (its last losses, oldest first) and
+    ``tokens_per_s`` (tokens trained per second); a peer fills ``requests_per_s``, ``tokens_per_s``
+    (tokens it processed per second), ``tokens``/``microbatches`` (totals since it started: its
+    contribution) and ``ledger_entries`` (signed entries of its contribution ledger so far).
+    """
+
+    version: int = PROTOCOL_VERSION
+    role: MetricsRole
+    peer_id: str = Field(min_length=1, max_length=128)
+    updated: float = 0.0
+    step: int = Field(0, ge=0)
+    loss: float | None = None
+    loss_trend: list[float] = Field(default_factory=list, max_length=LOSS_TREND_LEN)
+    tokens_per_s: float = Field(0.0, ge=0)
+    requests_per_s: float = Field(0.0, ge=0)
+    tokens: int = Field(0, ge=0)
+    microbatches: int = Field(0, ge=0)
+    ledger_entries: int = Field(0, ge=0)
+    stages: list[int] = Field(default_factory=list, max_length=MAX_STAGES)
 
 
 class TrainerRecord(FrozenModel):
@@ -173,3 +223,7 @@ def trainers_key(run_id: str) -> str:
 
 def store_key(run_id: str) -> str:
     return f"{run_id}_checkpoint_stores"
+
+
+def telemetry_key(run_id: str) -> str:
+    return f"{run_id}_telemetry"

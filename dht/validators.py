@@ -16,10 +16,12 @@ from pydantic import BaseModel
 from dht.schemas import (
     MAX_STAGES,
     Manifest,
+    MetricsRecord,
     PeerRecord,
     StoreRecord,
     TrainerRecord,
     manifest_key,
+    telemetry_key,
     stage_key,
     store_key,
     trainers_key,
@@ -40,6 +42,7 @@ class RunSchemaValidator(RecordValidatorBase):
         for stage in range(MAX_STAGES):
             self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
         self._models[_hashed(store_key(run_id))] = StoreRecord
+        self._models[_hashed(telemetry_key(run_id))] = MetricsRecord
         from dht.control import MetricsReport, RunControl, control_key, metrics_key  # dht.control imports records
 
         self._models[_hashed(control_key(run_id))] = RunControl

@@ -51,6 +51,7 @@ from peers.measure import (
     stage_bytes,
 )
 from peers.protocol import BACKWARD, FORWARD
+from peers.reachability import explain_placement
 from peers.routing import record_loads
 from peers.auth import PRESENT, GatedTransport, RunAuth
 from peers.recovery import adopt_state
@@ -58,6 +59,7 @@ from peers.runcontrol import RunWatcher
 from peers.service import StageService
 from peers.state import StateIdentity, part_name
 from peers.store_client import StoreClient
+from peers.telemetry import PeerTelemetry
 from peers.transport import P2PTransport
 from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_needed, should_move
 from shards.source import resolve_model
@@ -97,6 +99,9 @@ class Peer:
         self.checkpointer: Checkpointer | None = None
         self._closed = asyncio.Event()
         self._started = False
+        self.telemetry: PeerTelemetry | None = None
+        self.claim_reason = ""
+        self._past_steps: dict[int, int] = {}
         self._watcher: RunWatcher | None = None
         self._leaving: asyncio.Task | None = None
         self._auth: RunAuth | None = None
@@ -130,6 +135,8 @@ class Peer:
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host,
         )
+        self.telemetry = PeerTelemetry(self.settings, self.dht)
+        self.telemetry.start_monitor()
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
         self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
@@ -145,6 +152,7 @@ class Peer:
         ))
         self.service = await self._serve_stage(stage)
         await self._register_handlers()
+        self.telemetry.start_serving([stage], self._step_of, self._transport)
         await self._announce(self.record.model_copy(update={
             "state": PeerState.ONLINE, "hardware": probe_hardware(), "step": self.service.executor.optimizer_step}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
@@ -202,11 +210,13 @@ class Peer:
         if pinned is not None:
             if pinned >= manifest.num_stages:
                 raise ConfigError(f"stage {pinned} does not exist: the run has {manifest.num_stages} stages")
+            self.claim_reason = "pinned with --stage"
             return pinned
         records = await self.dht.all_records(manifest.num_stages)
         loads = record_loads(manifest.num_stages, records, exclude=self.peer_id)
         span = choose_stages(loads, self._stage_bytes, compute=self.measurement.throughput,
                              memory_bytes=self._memory, max_stages=1, rng=random.Random())
+        self.claim_reason = explain_placement(loads, span.start, self.measurement.throughput)
         return span.start
 
     # -- serving ----------------------------------------------------------------------------------
@@ -231,14 +241,23 @@ class Peer:
 
     async def _register_handlers(self) -> None:
         """Once: the handlers dispatch to whichever stage this peer serves now. A keyed run lets only
-        callers that presented a token through."""
+        callers that presented a token through. Telemetry counts what passes the gate (a refused call is
+        no work): the observed transport wraps the gated one."""
         transport = self._transport
         if self._auth is not None:
             await self._transport.serve(PRESENT, self._auth.gate.rpc_present)
             transport = GatedTransport(self._transport, self._auth.gate)
             self._auth.start()
+        transport = self.telemetry.observe(transport)
         for method in self.service.handlers():
             await transport.serve(method, self._dispatch(method))
+
+    def _step_of(self, stage: int) -> int:
+        """The optimizer step of ``stage``: the served stage's now, a stage left by a move its last one."""
+        service = self.service
+        if service is not None and service.executor.stage == stage:
+            return service.executor.optimizer_step
+        return self._past_steps.get(stage, 0)
 
     def _dispatch(self, method: str) -> Callable:
         """A handler that forwards to whichever service this peer runs now (a move swaps it), counts
@@ -330,8 +349,12 @@ class Peer:
         await self._drain()
         await self.dht.withdraw(self.record)
         previous, self.service = self.service, None
+        self._past_steps[old.stage] = previous.executor.optimizer_step  # its last ledger window still ends
         previous.shutdown()
         self.service = await self._serve_stage(new_stage)
+        self.telemetry.follow_stage(new_stage)
+        self.claim_reason = (f"moved from stage {old.stage}: bottleneck {move.bottleneck_before:.0f} -> "
+                             f"{move.bottleneck_after:.0f} tokens/s")
         self._start_checkpoints(self.service.executor)
         self.record, self._pending = self._pending, None
         await self._announce(self._current_record().model_copy(update={"state": PeerState.ONLINE}))
@@ -401,6 +424,8 @@ class Peer:
         return self.record
 
     async def _announce(self, record: PeerRecord) -> None:
+        if self.telemetry is not None:
+            record = self.telemetry.refresh(record)
         if self._auth is not None:  # the current token: it is renewed at half-life
             record = record.model_copy(update={"access_token": self._auth.token})
         self.record = record
@@ -433,6 +458,8 @@ class Peer:
                     await task
         if final_checkpoint and self.checkpointer is not None:
             await self.checkpointer.final(timeout=60.0)
+        if self.telemetry is not None:  # first: its last ledger window still goes out over the transport
+            await self.telemetry.stop()
         for record in (self.record, self._pending):
             if self.dht is not None and record is not None:
                 with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway

@@ -6,6 +6,16 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 TORCH_VERSION=${SWARM_TORCH_VERSION:-2.13.0}
+if ! command -v tmux >/dev/null 2>&1; then
+  # the e2e test of `swarm status` runs it in a real terminal (tmux); best effort: root with apt only
+  echo "==> installing tmux (for the terminal test of swarm status)"
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q tmux >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tmux >/dev/null 2>&1; } \
+      || echo "    could not install tmux; install it yourself to run tests/e2e/test_monitoring_cli.py" >&2
+  else
+    echo "    not root or no apt-get: install tmux yourself to run tests/e2e/test_monitoring_cli.py" >&2
+  fi
+fi
 # The dashboard's browser test drives Debian's chromium through selenium with Debian's chromedriver
 # (no browser download at test time). Checked on every run: it is cheap, and apt is not pip's stamp.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then

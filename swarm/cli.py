@@ -18,10 +18,10 @@ from typing import Any, Awaitable, Callable, Optional
 import typer
 import uvloop
 from rich.console import Console
-from rich.logging import RichHandler
 
 from swarm.config import SwarmSettings, load_settings
 from swarm.errors import SwarmError
+from swarm.logs import set_log_identity, setup_logging
 
 __all__ = ["app", "main"]
 
@@ -41,23 +41,25 @@ HostOpt = typer.Option(None, "--host", help="address to listen on (e.g. 127.0.0.
 PortOpt = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)")
 StateOpt = typer.Option(None, "--state-dir", help="where identity, manifest and logs are kept")
 LogOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
+MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on this port (0: any free)")
 
 
-def _settings(config: Optional[Path], **overrides: Any) -> SwarmSettings:
+def _settings(config: Optional[Path], *, log_file: str | None = None, **overrides: Any) -> SwarmSettings:
+    """Load the settings and set up logging; ``log_file``: also log to ``<state>/<run>/logs/<log_file>.log``
+    (the long-running commands)."""
     settings = load_settings(config, **overrides)
-    _setup_logging(settings.log_level)
+    log_dir = None
+    if log_file and settings.logs.file:
+        log_dir = settings.state_dir.expanduser() / settings.run_id / "logs"
+    path = setup_logging(settings.log_level, console=console, log_dir=log_dir, command=log_file or "swarm",
+                         max_bytes=settings.logs.max_bytes, backups=settings.logs.backups)
+    if path is not None:
+        logger.debug("logging to %s", path)
     return settings
 
 
 def _setup_logging(level: str) -> None:
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
-        fmt = "%(message)s"
-    else:  # a log file: one unwrapped line per record, so it can be grepped
-        handler, fmt = logging.StreamHandler(sys.stderr), "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format=fmt, force=True)
-    for name in ("swarm", "peers", "dht", "shards", "bootstrap", "delegation"):
-        logging.getLogger(name).setLevel(level)
+    setup_logging(level, console=console)
 
 
 def _run_until_signal(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -97,23 +99,27 @@ def bootstrap(
     state_dir: Optional[Path] = StateOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
+    metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Start a run: publish its manifest and print the line volunteers paste to join."""
     from bootstrap.node import BootstrapNode
 
     settings = _settings(
-        config, run_id=run, state_dir=state_dir, log_level=log_level,
-        network={"host": host, "port": port},
+        config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
+        monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
                    "open": open_run, "dashboard_port": dashboard_port},
     )
 
     async def serve(stop: asyncio.Event) -> None:
         async with BootstrapNode(settings) as node:
+            set_log_identity(node.dht.peer_id)
             manifest = node.manifest
             (node.state_dir / "maddrs.json").write_text(json.dumps(node.maddrs))
             console.print(f"[bold green]run {manifest.run_id!r}[/]: {manifest.model}, {manifest.num_layers} "
                           f"layers in {manifest.num_stages} stages {[s.as_list() for s in manifest.stages]}")
+            if node.telemetry is not None and node.telemetry.server is not None:
+                console.print(f"Prometheus metrics at {node.telemetry.server.url}")
             console.print("volunteers join with:")
             print(node.join_command(), flush=True)
             if node.dashboard is not None:
@@ -137,17 +143,21 @@ def join(
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     state_dir: Optional[Path] = StateOpt,
+    announce_host: Optional[str] = typer.Option(None, "--announce-host", help="public IP or name others dial"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
+    metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
     from peers.server import Peer
+    from swarm.join_view import introduce, live_lines
 
     settings = _settings(
-        config, run_id=run, state_dir=state_dir, log_level=log_level, key=key,
-        network={"host": host, "port": port, "initial_peers": bootstrap_addr or None},
-        peer={"stage": stage, "threads": threads},
+        config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir, key=key,
+        network={"host": host, "port": port, "initial_peers": bootstrap_addr or None,
+                 "announce_host": announce_host},
+        peer={"stage": stage, "threads": threads}, monitor={"metrics_port": metrics_port},
     )
 
     async def serve(stop: asyncio.Event) -> None:
@@ -164,11 +174,17 @@ def join(
             return
         start.result()
         _print_measurement(peer)
+        set_log_identity(peer.peer_id)
+        await introduce(peer, settings, console)
         console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
                       f"as {peer.peer_id}; Ctrl+C to leave")
+        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval))
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
-        await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
-        closed.cancel()
+        await asyncio.wait({live, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (live, closed):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         console.print("leaving the swarm...")
         await peer.stop()
 
@@ -178,27 +194,55 @@ def join(
 @app.command()
 def status(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of any peer of the run"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    as_json: bool = typer.Option(False, "--json", help="print the status data as one JSON object and exit"),
+    once: bool = typer.Option(False, "--once", help="print one frame and exit (the default when not a terminal)"),
+    interval: float = typer.Option(2.0, "--interval", min=0.2, help="seconds between refreshes of the live view"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
-    """Show the run's stages, the peers serving each, and their state."""
+    """Show the run live, like top: stages x peers, bottleneck, contributions, warnings (Ctrl+C to quit)."""
+    from dht.records import SwarmDHT
+    from swarm.status import collect_status, render_status
+
+    _interrupt_on_sigterm()
     settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:  # before the imports of hivemind and torch (seconds)
         raise SwarmError("status needs --bootstrap (the multiaddr the bootstrap printed)")
-    from dht.records import SwarmDHT
-    from swarm.status import collect_status, render_status
+    out = Console()
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
-        report = asyncio.run(collect_status(dht))
+        if as_json or once or not out.is_terminal:
+            report = asyncio.run(collect_status(dht))
+            if as_json:
+                print(json.dumps(report))
+            else:
+                out.print(render_status(report))
+            return
+        asyncio.run(_status_live(dht, out, interval))
+    except KeyboardInterrupt:
+        pass
     finally:
         dht.shutdown()
-    if as_json:
-        print(json.dumps(report))
-    else:
-        Console().print(render_status(report))
+
+
+async def _status_live(dht: Any, out: Console, interval: float) -> None:
+    """Redraw the status every ``interval`` s until Ctrl+C; a failed read keeps the last frame."""
+    from rich.live import Live
+
+    from swarm.status import collect_status, render_status
+
+    report = await collect_status(dht)
+    with Live(render_status(report), console=out, auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                report = await collect_status(dht)
+            except SwarmError as e:  # the bootstrap went away for a moment: say so, keep going
+                logger.warning("status refresh failed: %s", e)
+                continue
+            live.update(render_status(report), refresh=True)
 
 
 @app.command("train")
@@ -211,15 +255,18 @@ def train_command(
     result_json: Optional[Path] = typer.Option(None, "--result-json", help="write losses and sample here"),
     key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     run: Optional[str] = RunOpt,
+    state_dir: Optional[Path] = StateOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
+    metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
     from swarm.pipeline import FaultPolicy
     from swarm.train import train
 
     _interrupt_on_sigterm()
-    settings = _settings(config, run_id=run, log_level=log_level or "WARNING", key=key,
+    settings = _settings(config, log_file="train", run_id=run, log_level=log_level or "WARNING", key=key,
+                         state_dir=state_dir, monitor={"metrics_port": metrics_port},
                          network={"initial_peers": bootstrap_addr or None})
     if not settings.network.initial_peers:
         raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
@@ -229,7 +276,7 @@ def train_command(
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
           microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),
-          checkpoint_every=trainer.checkpoint_every, key=settings.key)
+          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key)
 
 
 @app.command("export")
@@ -252,6 +299,25 @@ def export_command(
         raise SwarmError(f"--out {out} exists and is not an empty directory")
     export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
                  console=Console())
+
+
+ledger_app = typer.Typer(help="The signed contribution ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    source: str = typer.Argument(..., help="a ledger file (JSON lines) or the bootstrap's multiaddr"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Check every entry's chain link and signature, offline; name the first bad entry (exit 1)."""
+    from swarm.ledger_cli import load_ledger, report_check
+
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING")
+    entries, where = load_ledger(source, settings)
+    raise typer.Exit(report_check(entries, where, Console()))
 
 
 @app.command()

@@ -28,6 +28,8 @@ __all__ = [
     "BootstrapSettings",
     "PeerSettings",
     "TrainerSettings",
+    "MonitorSettings",
+    "LogSettings",
     "SwarmSettings",
     "load_settings",
 ]
@@ -86,6 +88,24 @@ class TrainerSettings(_Section):
     checkpoint_every: int = Field(50, ge=1, description="steps between uploads of the local parts' weights")
 
 
+class MonitorSettings(_Section):
+    """Hardware sampling, the Prometheus endpoint and the contribution ledger (peers, trainers, bootstrap)."""
+
+    interval: float = Field(5.0, gt=0, description="seconds between hardware samples and live-line updates")
+    history: int = Field(720, ge=1, description="hardware samples kept (720 x 5 s = one hour)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any free port)")
+    metrics_host: str = Field("127.0.0.1", description="address of the /metrics endpoint (0.0.0.0 for a remote scraper)")
+    ledger_window: float = Field(30.0, gt=0, description="seconds of work summed into one signed ledger entry")
+
+
+class LogSettings(_Section):
+    """Where logs go besides the terminal: a rotating file under ``state_dir/<run>/logs``."""
+
+    file: bool = Field(True, description="also write JSON-lines logs to a rotating file in the state dir")
+    max_bytes: int = Field(10 << 20, ge=1024, description="rotate the log file at this size")
+    backups: int = Field(3, ge=0, description="rotated log files kept")
+
+
 class SwarmSettings(BaseSettings):
     """Every setting of swarm; each field is settable from TOML, env or the CLI."""
 
@@ -99,6 +119,8 @@ class SwarmSettings(BaseSettings):
     bootstrap: BootstrapSettings = BootstrapSettings()
     peer: PeerSettings = PeerSettings()
     trainer: TrainerSettings = TrainerSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    logs: LogSettings = LogSettings()
 
     toml_file: ClassVar[Path | None] = None
 

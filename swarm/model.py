@@ -12,12 +12,14 @@ their local gradients with hivemind averaging, so their embeddings and head stay
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -44,6 +46,8 @@ from swarm.steps import DHTCoordinator
 __all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "SwarmOptimizer"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -369,6 +373,15 @@ class SwarmModelForCausalLM(nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def dht(self) -> SwarmDHT | None:
+        """The client DHT node routes are read from (trainers also publish their metrics with it)."""
+        return next((r for r in self._resources if isinstance(r, SwarmDHT)), None)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on this model's event loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._runner.loop)
 
 
 class SwarmOptimizer:

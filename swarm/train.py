@@ -17,10 +17,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from swarm.config import MonitorSettings
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
 from swarm.errors import RunStopped, SwarmError
 from swarm.model import SwarmModelForCausalLM
 from swarm.pipeline import FaultPolicy
+from swarm.reporting import TrainerReporter
 
 __all__ = ["TrainResult", "train"]
 
@@ -61,6 +63,7 @@ def train(
     result_path: Path | None = None,
     console: Console | None = None,
     checkpoint_every: int = 50,
+    monitor: MonitorSettings | None = None,
     key: str | None = None,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
@@ -70,7 +73,7 @@ def train(
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
                                                       policy=policy, microbatch_size=microbatch_size, key=key)
-    with model:
+    with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
         if batch_size != manifest.target_batch_size:
@@ -106,6 +109,7 @@ def train(
                 if result_path is not None:
                     _write_result(result_path, result)
                 tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
+                reporter.report(model.step, result.losses[-1], input_ids.numel())
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
                 model.report_progress(model.step, result.losses[-1], round(tps, 1))
                 if (step + 1) % checkpoint_every == 0 or step + 1 == steps:

@@ -3,6 +3,10 @@ fails any test leaving a child process (a DHT process, a p2pd daemon) behind."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,6 +17,12 @@ import torch
 
 from shards.tiny import make_tiny_model
 from tests.helpers import LocalSwarm
+
+# Commands that keep state (ledgers, logs) without an explicit --state-dir write here, never into the
+# home directory of whoever runs the tests; set before test modules build their subprocess env.
+_STATE_DIR = tempfile.mkdtemp(prefix="swarm-test-state-")
+os.environ["SWARM_STATE_DIR"] = _STATE_DIR
+atexit.register(shutil.rmtree, _STATE_DIR, True)
 
 # torch_shm_manager is torch's per-process shared-memory helper (hivemind shares tensors through it);
 # it lives as long as this process and exits with it.

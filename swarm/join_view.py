@@ -1,0 +1,76 @@
+"""What `swarm join` tells its owner once the peer serves: who it is, the line to share, whether
+others can reach it, which stage it took and why; then one live line until Ctrl+C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from peers.reachability import probe_reachability
+from peers.server import Peer
+from swarm.config import SwarmSettings
+
+__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint"]
+
+REACH_TIMEOUT = 10.0
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """A short, stable name for a signing key: ``sha256:`` and 16 hex digits."""
+    return "sha256:" + hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def format_live_line(stage: int, requests_per_s: float, tokens_per_s: float, tokens: int, microbatches: int,
+                     ledger_entries: int, queue: int) -> str:
+    """The compact live line: rates now, contribution so far."""
+    return (f"stage {stage} | {requests_per_s:.1f} req/s | {tokens_per_s:,.0f} tok/s | queue {queue} | "
+            f"contributed {tokens:,} tokens in {microbatches:,} microbatches | ledger {ledger_entries}")
+
+
+async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> None:
+    """Identity, the join line, the reachability verdict and the stage with its reason."""
+    key = peer.dht.signing_key.get_public_key().to_bytes()
+    maddrs = peer.maddrs
+    run = "" if settings.run_id == "swarm" else f" --run {settings.run_id}"
+    console.print(f"[bold]identity[/]  peer {peer.peer_id}  key {key_fingerprint(key)}")
+    if maddrs:
+        console.print("[bold]share[/]     others can join through this peer too:")
+        print(f"swarm join --bootstrap {maddrs[0]}{run}", flush=True)
+    with console.status("checking whether other peers can reach this one..."):
+        verdict = await probe_reachability(maddrs, timeout=REACH_TIMEOUT)
+    mark = "[green]ok[/]" if verdict.reachable else "[red]!![/]"
+    console.print(f"[bold]reach[/]     {mark} {verdict.text}", highlight=False)
+    if verdict.fix:
+        console.print(f"          fix: {verdict.fix}", highlight=False)
+    record = peer.record
+    console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {peer.claim_reason}", highlight=False)
+    if peer.telemetry is not None and peer.telemetry.server is not None:
+        console.print(f"[bold]metrics[/]   {peer.telemetry.server.url}")
+
+
+def _line(peer: Peer) -> str:
+    telemetry = peer.telemetry
+    requests_per_s, tokens_per_s = telemetry.activity.rates()
+    entries = len(telemetry.recorder.writer.entries) if telemetry.recorder else 0
+    return format_live_line(peer.record.stage, requests_per_s, tokens_per_s, telemetry.activity.tokens,
+                            telemetry.activity.microbatches, entries, telemetry.activity.in_flight)
+
+
+async def live_lines(peer: Peer, console: Console, stop: asyncio.Event, *, interval: float) -> None:
+    """Until ``stop``: one line rewritten in place on a terminal, else one printed line per ``interval``."""
+    if console.is_terminal:
+        with Live(Text(_line(peer)), console=console, refresh_per_second=2, transient=False) as live:
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), min(interval, 1.0))
+                live.update(Text(_line(peer)))
+        return
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        console.print(_line(peer), highlight=False)

@@ -1,0 +1,149 @@
+"""`swarm status` decisions as tables, and the rendered frame at 80 columns."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from dht.schemas import HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState
+from shards.types import LayerRange
+from swarm.status import (
+    STALE_AFTER,
+    STATUS_VERSION,
+    build_status,
+    marginal_contributions,
+    render_status,
+    run_state,
+    sparkline,
+    status_warnings,
+)
+
+
+@pytest.mark.parametrize("capacities, expected", [
+    # one peer per stage: each takes the whole swarm with it
+    ([{"a": 100.0}, {"b": 50.0}], {"a": 50.0, "b": 50.0}),
+    # replicas on the bottleneck: each removes its own share, but only down to the next bottleneck
+    ([{"a": 100.0}, {"b": 30.0, "c": 40.0}], {"a": 70.0, "b": 30.0, "c": 40.0}),
+    # a replica on a stage with slack removes nothing
+    ([{"a": 100.0, "d": 100.0}, {"b": 50.0}], {"a": 0.0, "b": 50.0, "d": 0.0}),
+    # removing a fast replica makes its stage the bottleneck: the drop is only partial
+    ([{"a": 60.0, "d": 30.0}, {"b": 50.0}], {"a": 20.0, "b": 50.0, "d": 0.0}),
+    # a peer serving two stages is removed from both
+    ([{"a": 10.0, "x": 5.0}, {"b": 10.0, "x": 5.0}], {"a": 10.0, "b": 10.0, "x": 5.0}),
+    # an uncovered stage: throughput is already 0, nobody's absence changes it
+    ([{"a": 100.0}, {}], {"a": 0.0}),
+    ([], {}),
+])
+def test_marginal_contributions(capacities, expected):
+    assert marginal_contributions(capacities) == expected
+
+
+@pytest.mark.parametrize("online, trainer_ages, expected", [
+    ([1, 1], [5.0], "training"),
+    ([1, 1], [500.0], "idle"),
+    ([1, 1], [], "idle"),
+    ([2, 0], [5.0], "blocked"),
+    ([], [], "blocked"),
+])
+def test_run_state(online, trainer_ages, expected):
+    assert run_state(online, trainer_ages) == expected
+
+
+@pytest.mark.parametrize("stages, ages, expected", [
+    ([["p1", "p2"], ["p3", "p4"]], {"p1": 1.0}, []),
+    ([["p1", "p2"], ["peer0003"]], {}, ["stage 1 has one replica (peer0003): if it leaves, training stops"]),
+    ([[], ["p1", "p2"]], {}, ["stage 0 has no online peer: training is blocked"]),
+    ([["p1", "p2"]], {"oldpeer1": STALE_AFTER + 10, "p1": 3.0},
+     [f"peer oldpeer1 is stale: its record was last refreshed {STALE_AFTER + 10:.0f} s ago"]),
+])
+def test_status_warnings(stages, ages, expected):
+    assert status_warnings(stages, ages) == expected
+
+
+def test_sparkline_spans_lowest_to_highest():
+    assert sparkline([5.0, 4.0, 3.0, 1.0]) == "█▆▅▁"
+    assert sparkline([2.0, 2.0]) == "▁▁" and sparkline([]) == ""
+
+
+NOW = 1_000_000.0
+PEER = "12D3KooW" + "A" * 38
+
+
+def _record(peer: str, stage: int, throughput: float, *, age: float = 1.0, state=PeerState.ONLINE, **extra):
+    return PeerRecord(peer_id=peer, stage=stage, layers=LayerRange(start=2 * stage, end=2 * stage + 2),
+                      state=state, throughput=throughput, updated=NOW - age,
+                      hardware=HardwareSummary(cpu_count=8, ram_gib=32, cpu_percent=40, ram_used_gib=9), **extra)
+
+
+def _scenario():
+    manifest = Manifest(run_id="demo", model="/models/tiny-gpt2", config_hash="h", num_layers=6,
+                        stages=[LayerRange(start=0, end=2), LayerRange(start=2, end=4), LayerRange(start=4, end=6)])
+    records = {
+        0: [_record(PEER[:-1] + "1", 0, 900.0), _record(PEER[:-1] + "2", 0, 600.0)],
+        1: [_record(PEER[:-1] + "3", 1, 400.0, load=3)],
+        2: [_record(PEER[:-1] + "4", 2, 800.0, age=STALE_AFTER + 20),
+            _record(PEER[:-1] + "5", 2, 700.0, delegate_of=PEER[:-1] + "9"),
+            _record(PEER[:-1] + "6", 2, 0.0, state=PeerState.OFFLINE)],
+    }
+    metrics = [
+        MetricsRecord(role=MetricsRole.TRAINER, peer_id="trainer1", updated=NOW - 2, step=42, loss=2.5,
+                      loss_trend=[4.0, 3.2, 2.9, 2.5], tokens_per_s=512.0),
+        MetricsRecord(role=MetricsRole.PEER, peer_id=PEER[:-1] + "3", updated=NOW - 1, tokens=3000,
+                      microbatches=30, requests_per_s=2.0, tokens_per_s=256.0, ledger_entries=4),
+        MetricsRecord(role=MetricsRole.PEER, peer_id=PEER[:-1] + "1", updated=NOW - 1, tokens=1000, microbatches=10),
+    ]
+    return manifest, records, metrics
+
+
+def test_build_status_from_records():
+    status = build_status(*_scenario(), now=NOW)
+    assert status["version"] == STATUS_VERSION
+    assert status["run"] == {"state": "training", "step": 42, "loss": 2.5, "loss_trend": [4.0, 3.2, 2.9, 2.5],
+                             "tokens_per_s": 512.0, "trainers": 1}
+    assert [s["throughput"] for s in status["stages"]] == [1500.0, 400.0, 1500.0]
+    assert status["bottleneck_stage"] == 1 and status["swarm_throughput"] == 400.0
+    peers = {p["peer_id"][-1]: p for p in status["peers"]}
+    assert set(peers) == {"1", "2", "3", "4", "5"}  # the offline peer is gone
+    assert peers["3"]["marginal"] == 400.0 and peers["3"]["marginal_share"] == 1.0
+    assert peers["1"]["marginal"] == 0.0
+    assert peers["3"]["contribution_share"] == 0.75 and peers["3"]["tokens"] == 3000
+    assert peers["4"]["stale"] and not peers["5"]["stale"]
+    assert status["delegations"] == [{"delegate": PEER[:-1] + "5", "delegator": PEER[:-1] + "9"}]
+    assert status["warnings"] == [
+        "stage 1 has one replica (AAAAAAA3): if it leaves, training stops",
+        f"peer AAAAAAA4 is stale: its record was last refreshed {STALE_AFTER + 20:.0f} s ago",
+    ]
+
+
+def _screen(status, width=80) -> list[str]:
+    console = Console(width=width, record=True, force_terminal=False, color_system=None)
+    console.print(render_status(status))
+    return console.export_text().splitlines()
+
+
+def test_rendered_frame_fits_80_columns_and_shows_everything():
+    lines = _screen(build_status(*_scenario(), now=NOW))
+    text = "\n".join(lines)
+    assert max(len(line) for line in lines) <= 80
+    assert "training" in text and "step 42" in text and "loss 2.500 █▄▃▁" in text
+    row = next(line for line in lines if "AAAAAAA3" in line and "1◀" in line)  # the bottleneck, marked
+    assert "400" in row and "8cpu 40% 9/32G" in row
+    assert "stale" in next(line for line in lines if "AAAAAAA4" in line)
+    assert "delegation" in text and "AAAAAAA9" in text
+    assert "! stage 1 has one replica" in text
+    assert "-400 (100%)" in text  # the marginal contribution of the bottleneck's only peer
+
+
+def test_delegation_section_only_when_there_are_links():
+    manifest, records, metrics = _scenario()
+    records[2] = records[2][:1]
+    assert "delegation" not in "\n".join(_screen(build_status(manifest, records, metrics, now=NOW)))
+
+
+def test_gpu_hardware_column():
+    manifest, records, metrics = _scenario()
+    gpu = HardwareSummary(gpu_name="NVIDIA H100", gpu_memory_gib=80, gpu_count=1, gpu_util_percent=87,
+                          gpu_memory_used_gib=61, gpu_temperature_c=71)
+    records[1] = [records[1][0].model_copy(update={"hardware": gpu})]
+    lines = _screen(build_status(manifest, records, metrics, now=NOW))
+    assert "1xGPU 87% 61/80G 71C" in next(line for line in lines if "AAAAAAA3" in line and "◀" in line)
