@@ -55,6 +55,8 @@ from peers.reachability import explain_placement
 from peers.routing import record_loads
 from peers.auth import PRESENT, GatedTransport, RunAuth
 from peers.recovery import adopt_state
+from peers.inference import InferenceSessions
+from peers.inference_service import InferenceService
 from peers.runcontrol import RunWatcher
 from peers.service import StageService
 from peers.state import StateIdentity, part_name
@@ -91,6 +93,7 @@ class Peer:
         self._rebalancing = False
         self._in_flight = 0
         self._last_request = 0.0
+        self.inference: InferenceService | None = None
         self._transport: P2PTransport | None = None
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
@@ -151,6 +154,7 @@ class Peer:
             bandwidth_mbps=self.measurement.bandwidth_mbps, memory_gib=self.measurement.memory_gib,
         ))
         self.service = await self._serve_stage(stage)
+        self.inference = self._serve_inference(self.service)
         await self._register_handlers()
         self.telemetry.start_serving([stage], self._step_of, self._transport)
         await self._announce(self.record.model_copy(update={
@@ -205,6 +209,7 @@ class Peer:
         if self._progress is not None:
             self._progress(what, done)
 
+
     async def _choose_stage(self, manifest: Manifest) -> int:
         pinned = self.settings.peer.stage
         if pinned is not None:
@@ -239,6 +244,15 @@ class Peer:
         await self._adopt_state(executor, self._identity)  # never serve stale weights, on join or on a move
         return service
 
+    def _serve_inference(self, service: StageService) -> InferenceService:
+        """Generation sessions (KV caches) on the served stage's module; they end with the stage."""
+        peer, executor = self.settings.peer, service.executor
+        sessions = InferenceSessions(executor.module, executor.stage, executor.layers,
+                                     memory_budget=int(peer.inference_memory), idle_timeout=peer.session_timeout)
+        inference = InferenceService(sessions, self._compute)
+        inference.start()
+        return inference
+
     async def _register_handlers(self) -> None:
         """Once: the handlers dispatch to whichever stage this peer serves now. A keyed run lets only
         callers that presented a token through. Telemetry counts what passes the gate (a refused call is
@@ -250,7 +264,9 @@ class Peer:
             self._auth.start()
         transport = self.telemetry.observe(transport)
         for method in self.service.handlers():
-            await transport.serve(method, self._dispatch(method))
+            await transport.serve(method, self._dispatch(method, lambda: self.service))
+        for method in self.inference.handlers():
+            await transport.serve(method, self._dispatch(method, lambda: self.inference))
 
     def _step_of(self, stage: int) -> int:
         """The optimizer step of ``stage``: the served stage's now, a stage left by a move its last one."""
@@ -259,13 +275,13 @@ class Peer:
             return service.executor.optimizer_step
         return self._past_steps.get(stage, 0)
 
-    def _dispatch(self, method: str) -> Callable:
-        """A handler that forwards to whichever service this peer runs now (a move swaps it), counts
-        requests in flight for draining, and adds the configured artificial slowdown."""
+    def _dispatch(self, method: str, current: Callable[[], StageService | InferenceService | None]) -> Callable:
+        """A handler that forwards to whichever service (``current()``) this peer runs now (a move swaps
+        it), counts requests in flight for draining, and adds the configured artificial slowdown."""
         slowdown = self.settings.peer.slowdown if method in (FORWARD, BACKWARD) else 0.0
 
         async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            service = self.service
+            service = current()
             if service is None:
                 raise PeerUnavailable(f"peer {self.peer_id[-8:]} is moving to another stage")
             self._in_flight += 1
@@ -349,9 +365,12 @@ class Peer:
         await self._drain()
         await self.dht.withdraw(self.record)
         previous, self.service = self.service, None
+        sessions, self.inference = self.inference, None
         self._past_steps[old.stage] = previous.executor.optimizer_step  # its last ledger window still ends
+        await sessions.stop()  # open generation sessions end with the stage; their clients re-open elsewhere
         previous.shutdown()
         self.service = await self._serve_stage(new_stage)
+        self.inference = self._serve_inference(self.service)
         self.telemetry.follow_stage(new_stage)
         self.claim_reason = (f"moved from stage {old.stage}: bottleneck {move.bottleneck_before:.0f} -> "
                              f"{move.bottleneck_after:.0f} tokens/s")
@@ -464,6 +483,8 @@ class Peer:
             if self.dht is not None and record is not None:
                 with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                     await asyncio.wait_for(self.dht.withdraw(record), 5)
+        if self.inference is not None:
+            await self.inference.stop()
         if self._transport is not None:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):

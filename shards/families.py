@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.cache_utils import Cache
 
 from swarm.errors import UnsupportedArchitecture
 
@@ -24,6 +25,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "family_of",
     "num_layers",
+    "kv_bytes_per_token",
     "unsupported_architecture",
 ]
 
@@ -114,9 +116,13 @@ class Family:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
+        """Run one block; with a ``cache`` (inference) the block appends its keys and values to it."""
         kwargs = {"position_embeddings": position_embeddings} if self.rotary else {}
-        out = block(hidden, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
+        if cache is not None:
+            kwargs["cache"] = cache
+        out = block(hidden, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def _module(self) -> ModuleType:
@@ -157,6 +163,14 @@ def family_of(config: PretrainedConfig) -> Family:
     if model_type not in FAMILIES:
         raise unsupported_architecture(model_type, getattr(config, "architectures", None))
     return FAMILIES[model_type]
+
+
+def kv_bytes_per_token(config: PretrainedConfig, layers: int, dtype: torch.dtype) -> int:
+    """Bytes the attention cache of ``layers`` blocks holds per token of one sequence (keys and values)."""
+    heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def num_layers(config: PretrainedConfig) -> int:

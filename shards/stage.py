@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -52,12 +53,42 @@ class StageModule(nn.Module):
             hidden_states = self.family.call_block(block, hidden_states, masks[kind], position_ids, rotary)
         return hidden_states
 
+    def new_cache(self) -> DynamicCache:
+        """An empty attention cache for ``step``: transformers' own ``DynamicCache`` for the whole model's
+        layer layout (sliding-window layers included), of which this stage fills only its own layers."""
+        return DynamicCache(config=self.config)
+
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Inference with a KV cache: the new positions' hidden states in, theirs out; ``cache`` grows.
+
+        ``attention_mask`` covers the cached and the new positions (``[batch, past + new]``), as in
+        transformers' generation; masks are sized against this stage's own first layer of each kind,
+        since the cache's other layers belong to other stages and stay empty here.
+        """
+        masks = self._masks(hidden_states, attention_mask, position_ids, cache)
+        rotary = self.rotary_emb(hidden_states, position_ids=position_ids) if self.rotary_emb is not None else None
+        for block, kind in zip(self.blocks, self._kinds):
+            hidden_states = self.family.call_block(block, hidden_states, masks[kind], position_ids, rotary, cache)
+        return hidden_states
+
     def _masks(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
     ) -> dict[str, torch.Tensor | None]:
+        first = {kind: self.layers.start + self._kinds.index(kind) for kind in set(self._kinds)}
         return {
             kind: _MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                        cache=None, position_ids=position_ids)
+                                        cache=cache, position_ids=position_ids,
+                                        **({"layer_idx": first[kind]} if cache is not None else {}))
             for kind in set(self._kinds)
         }
 

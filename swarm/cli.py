@@ -321,6 +321,68 @@ def ledger_verify(
 
 
 @app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the text to continue"),
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; > 0: sample"),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="sample among the k likeliest tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="nucleus sampling threshold"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed, for repeatable samples"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Generate text through the swarm, printing tokens as they come."""
+    from swarm.model import SwarmModelForCausalLM
+    from swarm.serving import codec_of, stream_text
+
+    _interrupt_on_sigterm()
+    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
+                         network={"initial_peers": bootstrap_addr or None})
+    if not settings.network.initial_peers:
+        raise SwarmError("generate needs --bootstrap (the multiaddr the bootstrap printed)")
+    with console.status("joining the swarm..."):
+        model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
+                                                     run_id=settings.run_id, timeout=settings.trainer.timeout)
+    with model:
+        codec = codec_of(model)
+        sys.stdout.write(prompt)
+        _, count, seconds = stream_text(model, codec, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    console.print(f"[dim]{count} tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tokens/s)[/]")
+
+
+@app.command("serve-api")
+def serve_api_command(
+    bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap"),
+    host: Optional[str] = typer.Option(None, "--host", help="address to listen on (default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default 8000)"),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="accepted bearer key (repeatable)"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="model id clients send"),
+    run_keys: bool = typer.Option(False, "--run-keys", help="also accept the run's API keys (swarm keys "
+                                  "create), checked in the bootstrap's state on this machine (--state-dir)"),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="the bootstrap's state dir, with --run-keys"),
+    run: Optional[str] = RunOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_level: Optional[str] = LogOpt,
+) -> None:
+    """Serve an OpenAI-compatible API (completions, chat, embeddings) backed by the swarm."""
+    from swarm.serving import serve_api
+
+    db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
+
+    settings = _settings(config, run_id=run, log_level=log_level,
+                         network={"initial_peers": bootstrap_addr or None},
+                         api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name})
+    if not settings.network.initial_peers:
+        raise SwarmError("serve-api needs --bootstrap (the multiaddr the bootstrap printed)")
+    serve_api(settings, console, run_keys=db)
+
+
+@app.command()
 def demo(
     steps: int = typer.Option(300, "--steps", min=1, help="training steps"),
     peers: int = typer.Option(3, "--peers", min=1, max=6, help="peer processes, one stage each (the demo model has 6 layers)"),

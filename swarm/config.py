@@ -30,6 +30,7 @@ __all__ = [
     "TrainerSettings",
     "MonitorSettings",
     "LogSettings",
+    "ApiSettings",
     "SwarmSettings",
     "load_settings",
 ]
@@ -77,6 +78,19 @@ class PeerSettings(_Section):
     averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
     checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")
+    inference_memory: ByteSize = Field(ByteSize(1 << 30), description="attention cache for inference sessions "
+                                       "(e.g. 512MiB); a full peer refuses new sessions")
+    session_timeout: float = Field(300.0, gt=0, description="seconds an idle inference session is kept")
+
+
+class ApiSettings(_Section):
+    """``swarm serve-api``: where the OpenAI-compatible server listens and who may call it."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP server listens on (0.0.0.0 for everyone)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+    api_keys: list[str] = Field(default_factory=list, description="accepted 'Authorization: Bearer' keys; "
+                                "empty: no key needed")
+    model_name: str | None = Field(None, description="the model id clients send (default: the model's name)")
 
 
 class TrainerSettings(_Section):
@@ -121,6 +135,7 @@ class SwarmSettings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     monitor: MonitorSettings = MonitorSettings()
     logs: LogSettings = LogSettings()
+    api: ApiSettings = ApiSettings()
 
     toml_file: ClassVar[Path | None] = None
 

@@ -4,7 +4,8 @@
     ├── ConfigError                 a setting, CLI argument or config file is wrong
     ├── ModelLoadError              a model cannot be resolved or read
     │   ├── UnsupportedArchitecture     config.json names a family swarm has no blocks for
-    │   └── StateMismatch               a stage state or checkpoint does not fit this stage / run
+    │   ├── StateMismatch               a stage state or checkpoint does not fit this stage / run
+    │   └── NoTokenizer                 text was given for a model with no tokenizer (nor byte vocabulary)
     ├── BadRequest                  a peer was sent something malformed (shape, dtype, stage, payload)
     │   └── WrongStage                  the request names layers this peer does not hold
     ├── ProtocolMismatch            the other side speaks another protocol version
@@ -41,6 +42,7 @@ __all__ = [
     "UnsupportedArchitecture",
     "StateMismatch",
     "CheckpointMissing",
+    "NoTokenizer",
     "BadRequest",
     "WrongStage",
     "ProtocolMismatch",
@@ -83,6 +85,10 @@ class UnsupportedArchitecture(ModelLoadError):
 
 class StateMismatch(ModelLoadError):
     """A stage state (from a replica or a checkpoint) belongs to another run, stage, layout or dtype."""
+
+
+class NoTokenizer(ModelLoadError):
+    """Text was given for a model that has no tokenizer files and no byte-level vocabulary."""
 
 
 class BadRequest(SwarmError):
@@ -166,7 +172,7 @@ RETRYABLE: dict[type[SwarmError], bool] = {
 _BY_NAME: dict[str, type[SwarmError]] = {
     cls.__name__: cls
     for cls in (
-        SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, BadRequest, WrongStage,
+        SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, NoTokenizer, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
         AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing, StateError, RunStopped,
         InsufficientMemory,

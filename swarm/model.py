@@ -19,10 +19,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, Callable, Coroutine, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
+from transformers import GenerationConfig, PretrainedConfig
 
 from hivemind.utils import get_dht_time
 
@@ -34,14 +35,16 @@ from peers.averaging import HivemindGradientSync
 from peers.client import StageClient
 from peers.state import StateIdentity, StateMeta, capture_state
 from peers.store_client import StoreClient
+from peers.inference_client import InferenceClient
 from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
-from shards.source import resolve_model
+from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
 from swarm.errors import ConfigError, RunStopped, SwarmError
 from swarm.pipeline import FaultPolicy, RemotePipeline, Trace
 from swarm.steps import DHTCoordinator
+from swarm.generation import RemoteSession, generate_tokens, max_positions, resolve_params
 
 __all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "SwarmOptimizer"]
 
@@ -90,6 +93,7 @@ class SwarmModelForCausalLM(nn.Module):
         self.pipeline = pipeline
         self.manifest: Manifest = pipeline.manifest
         self.microbatch_size = microbatch_size
+        self.source: ModelSource | None = None
         self._runner = runner
         self._resources = list(resources)
         self._trainer_sync = trainer_sync
@@ -97,6 +101,9 @@ class SwarmModelForCausalLM(nn.Module):
         self._progress: dict = {"step": 0, "loss": None, "tokens_per_second": 0.0}
         self._samples = 0
         self._auth: RunAuth | None = None
+        self.inference_client = InferenceClient(pipeline.client.transport, timeout=pipeline.client.timeout)
+        self.generation_config = generation_defaults(None, local.config)
+        self.last_session: RemoteSession | None = None
 
     @classmethod
     def from_pretrained(
@@ -162,6 +169,8 @@ class SwarmModelForCausalLM(nn.Module):
         model = cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht],
                     trainer_sync=trainer_sync)
         model._auth = auth
+        model.source = source
+        model.generation_config = generation_defaults(source.root, local.config)
         runner.run(model._watch(dht))
         return model
 
@@ -252,23 +261,71 @@ class SwarmModelForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 1.0,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
         generator: torch.Generator | None = None,
+        streamer: Any = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Sample continuations token by token (temperature 0 is greedy). No KV cache yet: each new
-        token reruns the whole prefix through the swarm."""
-        max_positions = getattr(self.local.config, "n_positions", None) or getattr(
-            self.local.config, "max_position_embeddings", 1 << 30)
-        tokens = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(tokens[:, -max_positions:]).logits[:, -1, :]
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat([tokens, nxt], dim=1)
-        return tokens
+        """transformers' ``generate`` through the swarm with a KV cache on the peers: the prompt and the
+        new tokens, ``[batch, prompt + new]``. Takes ``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``eos_token_id`` and ``pad_token_id`` (defaults from the model's
+        ``generation_config.json``, as transformers), a left-padded ``attention_mask`` for batches, a
+        ``generator`` for sampling, and a transformers streamer (``put`` / ``end``)."""
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        new = []
+        for tokens in self.iter_generate(input_ids, attention_mask, generator=generator, **kwargs):
+            new.append(tokens)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+    def iter_generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (``[batch]``) as soon as it is chosen; arguments as
+        ``generate``. The peers' sessions are closed when the iterator ends or is closed."""
+        params = resolve_params(self.generation_config, **kwargs)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ConfigError(f"input_ids must have shape [batch, seq] with seq >= 1, got {list(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+        length = input_ids.shape[1] + params.max_new_tokens
+        if length > max_positions(self.local.config):
+            raise ConfigError(f"{input_ids.shape[1]} prompt tokens + {params.max_new_tokens} new tokens exceed the "
+                              f"model's {max_positions(self.local.config)} positions")
+        session = RemoteSession(self.manifest, self.inference_client, self.pipeline.records,
+                                batch_size=input_ids.shape[0], max_length=length)
+        self.last_session = session
+        try:
+            self._runner.run(session.open())
+            with torch.no_grad():
+                yield from generate_tokens(self.local, self._runner.run, session, input_ids, attention_mask, params,
+                                           generator=generator)
+        finally:
+            self._runner.run(session.close(), timeout=30)
+
+    @torch.no_grad()
+    def final_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's hidden states after the final norm (transformers' ``hidden_states[-1]``),
+        ``[batch, seq, hidden]``: what embeddings are pooled from. Padding (``attention_mask`` 0) is
+        left padding, as for ``generate``."""
+        if attention_mask is None:
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        else:  # a left-padded row gets the positions it would have alone, as in generation
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        hidden, _ = self._run_remote(self.local.embed(input_ids, positions), attention_mask, positions, train=False)
+        return self.local.norm(hidden)
 
     def _microbatches(self, batch: int) -> list[slice]:
         size = self.microbatch_size or batch
@@ -428,6 +485,14 @@ class SwarmOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def generation_defaults(root: Path | None, config: PretrainedConfig) -> GenerationConfig:
+    """The model's ``generation_config.json`` when it has one, else what transformers derives from its
+    config: where ``generate`` takes the end-of-sequence and padding tokens from, as transformers does."""
+    if root is not None and (root / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(root)
+    return GenerationConfig.from_model_config(config)
 
 
 async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:

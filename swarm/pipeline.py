@@ -127,6 +127,11 @@ class RemotePipeline:
         self._ledger: dict[int, dict[str, list[_Contribution]]] = defaultdict(lambda: defaultdict(list))
         self._step_samples = 0
 
+    @property
+    def records(self) -> RecordSource:
+        """Where routes come from (the DHT); inference sessions plan their own routes from it."""
+        return self._records_source
+
     # -- routes --------------------------------------------------------------------------------
 
     async def _current_records(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:

@@ -119,8 +119,8 @@ def train(
             return result
         result.tokens_per_second = round(result.steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
-        generated = model.generate(prompt, sample_tokens, temperature=0.8,
-                                   generator=torch.Generator().manual_seed(seed))
+        generated = model.generate(prompt, max_new_tokens=sample_tokens, do_sample=True, temperature=0.8,
+                                   top_k=0, generator=torch.Generator().manual_seed(seed))
         result.sample = decode_bytes(generated[0])
     console.print(f"first loss [bold]{result.first_loss:.3f}[/], last loss [bold]{result.last_loss:.3f}[/] "
                   f"(mean of the last 10 steps), {result.tokens_per_second:,.0f} tokens/s")

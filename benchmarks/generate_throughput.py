@@ -1,0 +1,117 @@
+"""Generation speed: decode tokens/s and time to first token of (a) transformers' ``generate`` locally
+and (b) ``SwarmModelForCausalLM.generate`` through a 2-peer swarm on loopback (KV cache on the peers),
+side by side in one run, with their ratios.
+
+    .venv/bin/python benchmarks/generate_throughput.py          # Llama-style, width 512, 8 layers, batch 8
+    .venv/bin/python benchmarks/generate_throughput.py --batch 1 --new-tokens 128
+
+Both sides greedy-decode the same prompts for exactly ``--new-tokens`` tokens (the local side with
+``min_new_tokens``, the swarm side without an end token). Time to first token is from the call to the
+first new token (prefill included); decode tokens/s is ``batch * (new - 1)`` over the time from the
+first to the last token. Rounds alternate local and swarm so a noisy minute hits both; the medians
+are reported. Every process (local, client, each peer) uses ``--threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.tiny import make_tiny_model  # noqa: E402
+from swarm.model import SwarmModelForCausalLM  # noqa: E402
+from swarm.procs import ProcessGroup  # noqa: E402
+
+
+class _Clock:
+    """A transformers streamer that notes when each new token arrives (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _measure(generate: Callable[[_Clock], torch.Tensor], batch: int, new_tokens: int) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s) of one generation."""
+    clock = _Clock()
+    started = time.perf_counter()
+    out = generate(clock)
+    new = clock.times[1:]
+    assert len(new) == new_tokens and out.shape[0] == batch, f"generated {len(new)} tokens, not {new_tokens}"
+    return new[0] - started, batch * (new_tokens - 1) / (new[-1] - new[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    root = Path(tempfile.mkdtemp(prefix="swarm-bench-generate-"))
+    model_dir = make_tiny_model(root / "model", "llama", num_layers=args.layers, hidden_size=args.hidden,
+                                num_heads=args.hidden // 64, max_positions=args.prompt + args.new_tokens + 8)
+    prompts = torch.randint(0, 256, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    print(f"model: Llama-style, {args.layers} layers, width {args.hidden}; batch {args.batch}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens (greedy); {args.rounds} interleaved rounds after a warm-up; "
+          f"torch threads {args.threads}")
+
+    local_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def local(clock: _Clock) -> torch.Tensor:
+        return local_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                                    min_new_tokens=args.new_tokens, do_sample=False, streamer=clock)
+
+    procs = ProcessGroup(root)
+    results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
+    try:
+        address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
+                                    threads=args.threads)
+        procs.wait_serving(2)
+        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as remote:
+
+            def swarm(clock: _Clock) -> torch.Tensor:
+                return remote.generate(prompts, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=clock)
+
+            sides = {"local": local, "swarm": swarm}
+            for name, run in sides.items():  # warm-up: first calls allocate, connect and fill caches
+                _measure(run, args.batch, args.new_tokens)
+            for round_ in range(args.rounds):
+                for name, run in sides.items():
+                    results[name].append(_measure(run, args.batch, args.new_tokens))
+                (lt, ld), (st, sd) = results["local"][-1], results["swarm"][-1]
+                print(f"round {round_ + 1}: local TTFT {lt * 1000:6.0f} ms, {ld:7.1f} tok/s | swarm TTFT "
+                      f"{st * 1000:6.0f} ms, {sd:7.1f} tok/s | decode ratio {sd / ld:.2f}")
+    finally:
+        procs.stop_all()
+
+    ttft = {name: statistics.median(r[0] for r in rows) for name, rows in results.items()}
+    decode = {name: statistics.median(r[1] for r in rows) for name, rows in results.items()}
+    for name in ("local", "swarm"):
+        print(f"{name:6s} decode {decode[name]:8.1f} tokens/s, time to first token {ttft[name] * 1000:6.0f} ms "
+              f"(medians)")
+    print(f"ratio swarm/local decode tokens/s: {decode['swarm'] / decode['local']:.2f}")
+    print(f"ratio swarm/local time to first token: {ttft['swarm'] / ttft['local']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
