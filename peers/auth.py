@@ -217,22 +217,26 @@ class RunAuth:
         return self.token
 
     async def renew(self) -> None:
-        """Ask each bootstrap in turn; the last error if none gives a token."""
+        """A fresh token for this node's key (``exchange``)."""
+        got = await self.exchange(self.key)
+        self.token, self.key_id, self.expires = got.token, got.key_id, got.expires
+        logger.info("access token for key %s, valid for %.0f s", got.key_id, got.expires - get_dht_time())
+
+    async def exchange(self, key: str) -> TokenReply:
+        """Trade ``key`` for a token for this node, asking each bootstrap in turn: ``AuthRejected`` if
+        the key is unknown, revoked or expired, the last error if no bootstrap answers. (The API server
+        also uses it to check its clients' keys against the run's.)"""
         public_key = base64.b64encode(self.dht._signer.local_public_key[len(b"[owner:"):-1]).decode()
-        request = TokenRequest(key=self.key, peer_id=self.dht.peer_id, public_key=public_key).model_dump()
+        request = TokenRequest(key=key, peer_id=self.dht.peer_id, public_key=public_key).model_dump()
         error: Exception = PeerUnavailable("no bootstrap answered")
         for bootstrap in self.bootstraps:
             try:
                 reply, _ = await self.transport.call(bootstrap, TOKEN, request, [], timeout=30)
-                got = parse_reply(TokenReply, reply)
+                return parse_reply(TokenReply, reply)
             except AuthRejected:
                 raise
             except SwarmError as e:  # that bootstrap is down: try the next one
                 error = e
-                continue
-            self.token, self.key_id, self.expires = got.token, got.key_id, got.expires
-            logger.info("access token for key %s, valid for %.0f s", got.key_id, got.expires - get_dht_time())
-            return
         raise error
 
     def follow(self, control: RunControl) -> None:

@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, Protocol, Sequence
@@ -28,13 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from swarm.errors import AuthRejected, BadRequest, ConfigError, NoRoute, NoTokenizer, PeerUnavailable, SwarmError
+from bootstrap.keys import key_id_of
 from swarm.generation import max_positions
 from swarm.text import StopScanner, StreamDecoder, TextCodec
 
 if TYPE_CHECKING:
     from bootstrap.state import StateDB
+    from peers.auth import RunAuth
+    from swarm._loop import LoopThread
 
-__all__ = ["KeyCheck", "StaticKeys", "RunKeys", "AnyOf", "ApiError", "create_app", "Backend"]
+__all__ = ["KeyCheck", "StaticKeys", "RunKeys", "SwarmKeys", "AnyOf", "ApiError", "create_app", "Backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,48 @@ class RunKeys:
             self._db.verify_key(key)
         except AuthRejected:
             return False
+        return True
+
+
+class SwarmKeys:
+    """The run's API keys, for an API server anywhere in a run that enforces keys (open run: not
+    enforced). A key is checked once with a bootstrap, traded for a token as a joining peer's would be
+    (``RunAuth.exchange``), then trusted for ``recheck`` s; a key the run owner revokes is refused as
+    soon as the run-control record says so (seconds). While no bootstrap answers, a key that passed
+    before still passes and a new one gets 503."""
+
+    def __init__(self, auth: RunAuth | None, runner: LoopThread, *, recheck: float = 600.0):
+        self._auth, self._runner, self._recheck = auth, runner, recheck
+        self._passed: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def enforced(self) -> bool:
+        return self._auth is not None
+
+    def allows(self, key: str) -> bool:
+        try:
+            key_id = key_id_of(key)
+        except AuthRejected:
+            return False
+        if key_id in self._auth.gate.revoked:
+            return False
+        with self._lock:
+            passed = self._passed.get(key)
+        if passed is not None and time.monotonic() - passed < self._recheck:
+            return True
+        try:
+            self._runner.run(self._auth.exchange(key), timeout=65)
+        except AuthRejected:
+            with self._lock:
+                self._passed.pop(key, None)
+            return False
+        except (SwarmError, TimeoutError) as e:
+            if passed is not None:
+                return True
+            raise ApiError(503, f"no bootstrap of the run is reachable to check the API key: {e}",
+                           type="server_error", code="key_check_unavailable") from None
+        with self._lock:
+            self._passed[key] = time.monotonic()
         return True
 
 
@@ -285,7 +331,9 @@ class _Api:
         self.max_batch = max_batch
         self.created = int(time.time())
 
-    def check_key(self, request: Request) -> None:
+    async def check_key(self, request: Request) -> None:
+        """401 unless the request carries a key the key source allows (checked off the event loop: a
+        source may ask the run's bootstrap)."""
         if not self.keys.enforced():
             return
         header = request.headers.get("authorization", "")
@@ -293,7 +341,7 @@ class _Api:
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
-        if not self.keys.allows(key.strip()):
+        if not await run_in_threadpool(self.keys.allows, key.strip()):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def check_model(self, name: str) -> None:
@@ -381,13 +429,13 @@ def create_app(backend: Backend, codec: TextCodec | None, *, model_id: str, keys
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        api.check_key(request)
+        await api.check_key(request)
         return {"object": "list", "data": [{"id": api.model_id, "object": "model", "created": api.created,
                                             "owned_by": "swarm"}]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        api.check_key(request)
+        await api.check_key(request)
         api.check_model(body.model)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
@@ -397,7 +445,7 @@ def create_app(backend: Backend, codec: TextCodec | None, *, model_id: str, keys
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        api.check_key(request)
+        await api.check_key(request)
         api.check_model(body.model)
         if body.logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs")
@@ -410,7 +458,7 @@ def create_app(backend: Backend, codec: TextCodec | None, *, model_id: str, keys
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
-        api.check_key(request)
+        await api.check_key(request)
         api.check_model(body.model)
         if body.dimensions is not None:
             raise ApiError(400, "dimensions is not supported: embeddings have the model's hidden size",

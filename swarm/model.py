@@ -188,6 +188,16 @@ class SwarmModelForCausalLM(nn.Module):
         self._watcher.start()
 
     @property
+    def run_auth(self) -> RunAuth | None:
+        """This client's membership of a keyed run (its token, the run's revocations); None if open."""
+        return self._auth
+
+    @property
+    def loop(self) -> LoopThread:
+        """The event-loop thread this client's network calls run on."""
+        return self._runner
+
+    @property
     def run_state(self) -> RunState:
         return self._watcher.state if self._watcher is not None else RunState.RUNNING
 

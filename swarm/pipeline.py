@@ -60,7 +60,7 @@ class FaultPolicy:
 
     attempts: int = 6  # calls of one stage for one request, over all replicas
     lone_retries: int = 2  # retries of a stage's only replica before it is presumed dead
-    backoff: float = 0.25  # seconds before retrying the same peer (doubles each time)
+    backoff: float = 0.25  # seconds before retrying the only replica of a stage (doubles each time)
     ban_time: float = 60.0  # seconds a failed peer is left out of routes and steps
     step_attempts: int = 4  # rounds of applying one collaborative step
     averaging_window: float = 0.5  # seconds from a step's request to the replicas' averaging round
@@ -228,7 +228,8 @@ class RemotePipeline:
                     same_peer_tries += 1
                     logger.warning("stage %d: peer %s failed (attempt %d/%d): %s; trying it again", stage, peer[-8:],
                                    attempt, self.policy.attempts, e)
-                    await asyncio.sleep(self.policy.backoff * 2 ** (same_peer_tries - 1))
+                    if alone:  # another replica waits otherwise: a lost reply is retried at once
+                        await asyncio.sleep(self.policy.backoff * 2 ** (same_peer_tries - 1))
                     continue
                 self.failovers += 1
                 await self._drop(peer, e)

@@ -81,7 +81,7 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
     ``run_keys`` (the bootstrap's state database) the run's API keys are accepted too."""
     import uvicorn
 
-    from swarm.api import AnyOf, RunKeys, StaticKeys, create_app
+    from swarm.api import AnyOf, RunKeys, StaticKeys, SwarmKeys, create_app
     from swarm.errors import NoTokenizer
 
     with console.status("joining the swarm and loading the local layers..."):
@@ -95,7 +95,8 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
             codec = None
         api = settings.api
         model_id = api.model_name or model_id_of(model)
-        keys = AnyOf(StaticKeys(api.api_keys), *([RunKeys(run_keys)] if run_keys is not None else []))
+        keys = AnyOf(StaticKeys(api.api_keys), SwarmKeys(model.run_auth, model.loop),
+                     *([RunKeys(run_keys)] if run_keys is not None else []))
         app = create_app(model, codec, model_id=model_id, keys=keys, aliases=[model.manifest.model])
         server = uvicorn.Server(uvicorn.Config(app, host=api.host, port=api.port, log_level="warning",
                                                lifespan="off"))

@@ -16,6 +16,7 @@ from dht.records import SwarmDHT
 from dht.schemas import PeerRecord, PeerState, stage_key
 from peers.protocol import INFO, InfoRequest
 from peers.transport import P2PTransport
+from swarm.api import SwarmKeys
 from swarm.errors import AuthRejected
 
 pytestmark = pytest.mark.slow
@@ -90,5 +91,18 @@ def test_keys_tokens_forgery_and_revocation(model_factory, swarm_factory):
         actions = [(e.action, e.actor) for e in db.audit_log()]
         assert ("key.revoke", "test") in actions and sum(a == "peer.auth" for a, _ in actions) == 3
         assert any(a == "auth.rejected" for a, _ in actions)
+
+        # the OpenAI-compatible server of a keyed run checks its clients' keys against the run's
+        api_keys = SwarmKeys(model.run_auth, model.loop)
+        user = db.create_key("api-user", actor="test")
+        assert api_keys.enforced() and api_keys.allows(user.secret)
+        assert not api_keys.allows(user.secret[:-6] + "AAAAAA") and not api_keys.allows("sk-not-a-swarm-key")
+        assert not api_keys.allows(peer_key.replace(peer_key.split("_")[1], "00000000"))
+        revoked_at = time.monotonic()
+        db.revoke_key(user.key.id, actor="test")
+        while api_keys.allows(user.secret):
+            assert time.monotonic() - revoked_at < 60, "a revoked key still passed the API's check after 60 s"
+            time.sleep(0.5)
+        assert api_keys.allows(peer_key)  # another key of the run is not affected
     finally:
         model.close()
