@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from swarm.config import MonitorSettings
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
 from swarm.errors import RunStopped, SwarmError
+from swarm.generation import max_positions
 from swarm.model import SwarmModelForCausalLM
 from swarm.pipeline import FaultPolicy
 from swarm.reporting import TrainerReporter
@@ -119,9 +120,13 @@ def train(
             return result
         result.tokens_per_second = round(result.steps * batch_size * seq_len / (time.perf_counter() - started), 1)
         prompt = torch.tensor([list(b"def ")])
-        generated = model.generate(prompt, max_new_tokens=sample_tokens, do_sample=True, temperature=0.8,
-                                   top_k=0, generator=torch.Generator().manual_seed(seed))
-        result.sample = decode_bytes(generated[0])
+        room = min(sample_tokens, max_positions(model.local.config) - prompt.shape[1])
+        try:
+            generated = model.generate(prompt, max_new_tokens=room, do_sample=True, temperature=0.8,
+                                       top_k=0, generator=torch.Generator().manual_seed(seed))
+            result.sample = decode_bytes(generated[0])
+        except SwarmError as e:  # the training is done and saved; a sample is a courtesy
+            logger.warning("could not generate a sample after training: %s", e)
     console.print(f"first loss [bold]{result.first_loss:.3f}[/], last loss [bold]{result.last_loss:.3f}[/] "
                   f"(mean of the last 10 steps), {result.tokens_per_second:,.0f} tokens/s")
     console.rule("sample")
