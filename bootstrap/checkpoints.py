@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, StoreRecord
 from peers.checkpoint_files import CheckpointDir
-from peers.protocol import error_reply, ok_reply, parse_request
+from peers.protocol import guarded, ok_reply, parse_request
 from peers.state import StateMeta
 from peers.store_protocol import (
     CHECKPOINT_GET,
@@ -35,7 +35,8 @@ from peers.store_protocol import (
     PutResponse,
 )
 from peers.transport import Handler, P2PTransport, Transport
-from swarm.errors import BadRequest, CheckpointMissing, SwarmError
+from swarm._loop import cancel_and_wait
+from swarm.errors import BadRequest, CheckpointMissing
 
 __all__ = ["CheckpointStore"]
 
@@ -78,11 +79,8 @@ class CheckpointStore:
             await transport.serve(method, handler, max_request_bytes=None)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._transport is not None:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):  # the daemon may already be gone at shutdown
@@ -106,9 +104,9 @@ class CheckpointStore:
 
     def handlers(self) -> dict[str, Handler]:
         return {
-            CHECKPOINT_HAS: _guarded(self.rpc_has),
-            CHECKPOINT_PUT: _guarded(self.rpc_put),
-            CHECKPOINT_GET: _guarded(self.rpc_get),
+            CHECKPOINT_HAS: guarded(self.rpc_has, logger),
+            CHECKPOINT_PUT: guarded(self.rpc_put, logger),
+            CHECKPOINT_GET: guarded(self.rpc_get, logger),
         }
 
     async def rpc_has(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
@@ -163,17 +161,3 @@ def _check_identity(meta: StateMeta, manifest: Manifest) -> None:
             raise BadRequest(f"the run has no stage {meta.stage} with layers {meta.layers}")
 
 
-def _guarded(rpc: Callable) -> Handler:
-    """A failing request gets an error reply; the store keeps serving."""
-
-    async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        try:
-            return await rpc(message, tensors)
-        except SwarmError as e:
-            logger.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
-            return error_reply(e), []
-        except Exception as e:  # a bug (or a full disk) costs one request, not the store
-            logger.exception("%s failed", rpc.__name__)
-            return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
-
-    return handler

@@ -18,6 +18,7 @@ from peers.activity import RequestDone
 from peers.ledger import LEDGER_SUBMIT, LedgerEntry, LedgerWriter, SubmitRequest, SubmitResponse, Work
 from peers.protocol import parse_reply
 from peers.transport import Transport
+from swarm._loop import cancel_and_wait
 from swarm.errors import SwarmError
 
 __all__ = ["ContributionRecorder", "bootstrap_peer_ids"]
@@ -96,11 +97,8 @@ class ContributionRecorder:
 
     async def stop(self) -> None:
         """Close the last window and give the bootstrap one bounded chance to take it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(Exception):  # leaving: the entries are in the file either way
             self.cut()
             await asyncio.wait_for(self.submit(), self._timeout)

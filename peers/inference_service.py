@@ -16,9 +16,9 @@ import torch
 
 from peers.inference import InferenceSessions
 from peers.inference_protocol import CLOSE, OPEN, STEP, CloseRequest, CloseResponse, OpenRequest, StepRequest
-from peers.protocol import error_reply, ok_reply, parse_request
+from peers.protocol import guarded, ok_reply, parse_request
 from peers.transport import Handler, Transport
-from swarm.errors import BadRequest, SwarmError
+from swarm.errors import BadRequest
 
 __all__ = ["InferenceService"]
 
@@ -50,8 +50,8 @@ class InferenceService:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="inference-session-sweeper")
 
     def handlers(self) -> dict[str, Handler]:
-        return {OPEN: self._guarded(self.rpc_open), STEP: self._guarded(self.rpc_step),
-                CLOSE: self._guarded(self.rpc_close)}
+        return {OPEN: guarded(self.rpc_open, logger), STEP: guarded(self.rpc_step, logger),
+                CLOSE: guarded(self.rpc_close, logger)}
 
     async def rpc_open(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(OpenRequest, message)
@@ -83,19 +83,6 @@ class InferenceService:
                 await self._in_worker(self.sessions.expire)
             except RuntimeError:  # the compute thread is shutting down with the peer
                 return
-
-    def _guarded(self, rpc: Callable) -> Handler:
-        async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            try:
-                return await rpc(message, tensors)
-            except SwarmError as e:
-                logger.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
-                return error_reply(e), []
-            except Exception as e:  # a bug must cost one request, not the peer: report it and go on
-                logger.exception("%s failed", rpc.__name__)
-                return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
-
-        return handler
 
     async def _in_worker(self, fn: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)

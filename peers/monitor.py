@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import psutil
 
 from dht.schemas import HardwareSummary
+from swarm._loop import cancel_and_wait
 
 __all__ = ["GpuSample", "HardwareSample", "NvmlReader", "HardwareMonitor", "summarize"]
 
@@ -212,11 +213,8 @@ class HardwareMonitor:
                 logger.warning("hardware sample failed: %s", e)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.close()
 
     def close(self) -> None:

@@ -17,7 +17,8 @@ A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError cl
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Awaitable, Callable
 
 from pydantic import Field, ValidationError
 
@@ -27,6 +28,7 @@ from shards.types import LayerRange
 from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
 
 __all__ = [
+    "guarded",
     "FORWARD",
     "BACKWARD",
     "INFO",
@@ -172,6 +174,23 @@ def ok_reply(message: _Message) -> dict:
 
 def error_reply(error: SwarmError) -> dict:
     return {"error": {"code": type(error).__name__, "message": str(error)}}
+
+
+def guarded(rpc: Callable[[Any, list], Awaitable[tuple[dict, list]]], log: logging.Logger) -> Callable:
+    """``rpc`` as a handler whose failure costs one request, never the node: a ``SwarmError`` becomes
+    its error reply, anything else (a bug, a full disk) an internal-error reply, logged with its trace."""
+
+    async def handler(message: Any, tensors: list) -> tuple[dict, list]:
+        try:
+            return await rpc(message, tensors)
+        except SwarmError as e:
+            log.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
+            return error_reply(e), []
+        except Exception as e:
+            log.exception("%s failed", rpc.__name__)
+            return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
+
+    return handler
 
 
 def parse_reply(model: type[_Message], payload: Any) -> _Message:

@@ -9,12 +9,12 @@ swarm keeps training without its bootstrap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Awaitable, Callable
 
 from dht.control import MetricsReport, RunControl, RunState, get_control, publish_metrics
 from dht.records import SwarmDHT
+from swarm._loop import cancel_and_wait
 
 __all__ = ["RunWatcher", "CONTROL_POLL"]
 
@@ -50,11 +50,8 @@ class RunWatcher:
             self._task = asyncio.create_task(self._loop(), name="run-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def poll_once(self) -> RunState:
         control = await get_control(self.dht)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Callable
 
@@ -25,6 +24,7 @@ from peers.ledger import LedgerWriter
 from peers.metrics import MetricsServer, NodeMetrics
 from peers.monitor import HardwareMonitor
 from peers.transport import Transport
+from swarm._loop import cancel_and_wait
 from swarm.config import SwarmSettings
 
 __all__ = ["PeerTelemetry"]
@@ -109,11 +109,8 @@ class PeerTelemetry:
             await asyncio.sleep(self.settings.monitor.interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self.recorder is not None:
             await self.recorder.stop()
         await self.monitor.stop()

@@ -10,9 +10,18 @@ from typing import Any, Coroutine, TypeVar
 
 import uvloop
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "cancel_and_wait"]
 
 T = TypeVar("T")
+
+
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel a background task (None: nothing to do) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class LoopThread:
