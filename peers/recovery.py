@@ -27,7 +27,7 @@ from peers.state import StateIdentity, StateMeta, apply_state, part_name
 from peers.store_client import StoreClient
 from swarm.errors import PeerUnavailable, StateMismatch, SwarmError
 
-__all__ = ["Restore", "choose_restore", "adopt_state"]
+__all__ = ["Compute", "Restore", "choose_restore", "adopt_state", "take_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ async def _from_replicas(executor: StageExecutor, identity: StateIdentity, repli
     order = random.sample(replicas, len(replicas))[:attempts]
     for peer_id in order:
         try:
-            step = await _download(executor, identity, peer_id, client, compute, attempts)
+            step = await take_state(executor, identity, peer_id, client, compute, rounds=attempts)
         except SwarmError as e:
             logger.warning("downloading stage %d's state from %s failed: %s: %s", executor.stage, peer_id[-8:],
                            type(e).__name__, e)
@@ -102,9 +102,10 @@ async def _from_replicas(executor: StageExecutor, identity: StateIdentity, repli
                           "tried handed over its state; refusing to serve stale weights")
 
 
-async def _download(executor: StageExecutor, identity: StateIdentity, peer_id: str, client: StageClient,
-                    compute: Compute, rounds: int) -> int:
-    """Fetch and load the replica's state until its step still matches afterwards (bounded)."""
+async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: str, client: StageClient,
+                     compute: Compute, *, rounds: int = 3) -> int:
+    """Fetch and load a replica's state until its step still matches afterwards (bounded); returns the
+    step taken. Gradients accumulated here before are dropped: they belong to a step already gone."""
     for _ in range(rounds):
         meta, tensors = await client.fetch_state(peer_id, executor.stage, executor.layers)
         await compute(_apply, executor, identity, meta, tensors)
@@ -134,4 +135,5 @@ def _apply(executor: StageExecutor, identity: StateIdentity, meta: StateMeta, te
         raise StateMismatch(f"asked for stage {executor.stage}, got a state of {meta.part}")
     apply_state(executor.module, executor.optimizer, meta, tensors, identity=identity, stage=executor.stage,
                 layers=executor.layers)
-    executor.optimizer_step = meta.step
+    executor.module.zero_grad(set_to_none=True)
+    executor.optimizer_step, executor.accumulated_samples = meta.step, 0

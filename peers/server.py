@@ -55,6 +55,7 @@ from peers.reachability import explain_placement
 from peers.routing import record_loads
 from peers.auth import PRESENT, GatedTransport, RunAuth
 from peers.recovery import adopt_state
+from peers.resync import ResyncWatch
 from peers.inference import InferenceSessions
 from peers.inference_service import InferenceService
 from peers.runcontrol import RunWatcher
@@ -99,6 +100,7 @@ class Peer:
         self._rebalance_task: asyncio.Task | None = None
         self._sync: HivemindGradientSync | None = None
         self._checkpoint_task: asyncio.Task | None = None
+        self.resync: ResyncWatch | None = None
         self.checkpointer: Checkpointer | None = None
         self._closed = asyncio.Event()
         self._started = False
@@ -161,6 +163,9 @@ class Peer:
             "state": PeerState.ONLINE, "hardware": probe_hardware(), "step": self.service.executor.optimizer_step}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
         self._start_checkpoints(self.service.executor)
+        self.resync = ResyncWatch(self.dht.stage_records, self._served_executors, StageClient(self._transport),
+                                  self._in_compute, self._identity, self.peer_id)
+        self.resync.start()
         self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state,
                                    on_control=self._auth.follow if self._auth is not None else None)
         self._watcher.start()
@@ -422,6 +427,10 @@ class Peer:
         logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
                     executor.optimizer_step, source)
 
+    def _served_executors(self) -> list[StageExecutor]:
+        """The stages this peer serves now (none while it moves between stages)."""
+        return [self.service.executor] if self.service is not None else []
+
     @property
     def _identity(self) -> StateIdentity:
         return StateIdentity(run_id=self.settings.run_id, config_hash=self.manifest.config_hash)
@@ -470,6 +479,8 @@ class Peer:
             await self._watcher.stop()
         if self._auth is not None:
             await self._auth.stop()
+        if self.resync is not None:
+            await self.resync.stop()
         for task in (self._refresh_task, self._checkpoint_task, self._rebalance_task):
             if task is not None:
                 task.cancel()

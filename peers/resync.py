@@ -1,0 +1,98 @@
+"""A replica that fell behind while alive takes the current state again.
+
+A replica misses a collaborative step when the trainer leaves it out of that step's members (it was
+banned for a failure it survived, or its step reply was lost and it did not answer the ``info`` that
+followed). It is alive and serving, its DHT record tells its optimizer step, and trainers skip it from
+then on (``StaleReplica``): without help it would stay useless until restarted.
+
+``ResyncWatch`` compares, every ``period`` s, the optimizer step of each stage this peer serves with the
+steps its stage's other online replicas publish. Behind on two checks in a row without having stepped
+in between (a replica merely mid-step catches up by itself), it downloads the state of the replica
+furthest ahead (``peers.recovery.take_state``, on the compute thread, re-fetched if that replica steps
+meanwhile), and serves on from the run's step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Sequence
+
+from dht.schemas import RECORD_REFRESH, PeerRecord, PeerState
+from peers.client import StageClient
+from peers.executor import StageExecutor
+from peers.recovery import Compute, take_state
+from peers.state import StateIdentity
+from swarm._loop import cancel_and_wait
+from swarm.errors import SwarmError
+
+__all__ = ["falls_behind", "ResyncWatch"]
+
+logger = logging.getLogger(__name__)
+
+
+def falls_behind(mine: int, others: Sequence[int], behind_at: int | None) -> bool:
+    """Pure: another replica is ahead of ``mine`` now, and was already ahead at the last check, when
+    this replica was at the same step (``behind_at``: this replica's step then, None if it was not
+    behind)."""
+    return bool(others) and max(others) > mine and behind_at == mine
+
+
+class ResyncWatch:
+    """Watches the stages this peer serves (``current()``) and resyncs any that fell behind."""
+
+    def __init__(self, records: Callable[[int], Awaitable[list[PeerRecord]]],
+                 current: Callable[[], Sequence[StageExecutor]], client: StageClient, compute: Compute,
+                 identity: StateIdentity, me: str, *, period: float = RECORD_REFRESH):
+        self._records, self._current, self._client = records, current, client
+        self._compute, self._identity, self._me, self._period = compute, identity, me, period
+        self._behind_at: dict[int, int] = {}
+        self.resyncs = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._forever(), name="replica-resync")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def check_once(self) -> list[int]:
+        """One look at every served stage; returns the stages that were resynced."""
+        done = []
+        for executor in self._current():
+            try:
+                if await self._check(executor):
+                    done.append(executor.stage)
+            except SwarmError as e:  # no replica handed its state over: try again next period
+                logger.warning("stage %d is behind its replicas and resyncing failed: %s", executor.stage, e)
+        return done
+
+    async def _check(self, executor: StageExecutor) -> bool:
+        records = await self._records(executor.stage)
+        others = {r.peer_id: r.step for r in records if r.state == PeerState.ONLINE and r.peer_id != self._me
+                  and r.layers == executor.layers}
+        mine = executor.optimizer_step
+        if not falls_behind(mine, list(others.values()), self._behind_at.get(executor.stage)):
+            if others and max(others.values()) > mine:
+                self._behind_at[executor.stage] = mine
+            else:
+                self._behind_at.pop(executor.stage, None)
+            return False
+        ahead = max(others, key=others.__getitem__)
+        logger.warning("stage %d here is at step %d, replica %s at step %d: taking its state", executor.stage,
+                       mine, ahead[-8:], others[ahead])
+        step = await take_state(executor, self._identity, ahead, self._client, self._compute)
+        self._behind_at.pop(executor.stage, None)
+        self.resyncs += 1
+        logger.info("stage %d resynced to step %d from replica %s", executor.stage, step, ahead[-8:])
+        return True
+
+    async def _forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._period)
+            try:
+                await self.check_once()
+            except Exception as e:  # a DHT hiccup must not stop the watch; the next period retries
+                logger.warning("checking whether this replica fell behind failed: %s", e)
