@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import hivemind
 import torch
@@ -38,6 +38,11 @@ class GradientSync(Protocol):
     def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
             scheduled_time: float, timeout: float) -> list[torch.Tensor]:
         """Sum ``grads`` over ``members`` (``me`` among them) for ``step``; blocks until done."""
+        ...
+
+    def abort(self, step: int, members: Sequence[str]) -> bool:
+        """Give up the round of ``step`` with ``members``: a ``sum`` of it waiting now fails
+        (``AveragingFailed``) at once, one that starts later fails when it starts. True if one waited."""
         ...
 
     def shutdown(self) -> None: ...
@@ -87,6 +92,9 @@ class HivemindGradientSync:
         bound, so a member that dies mid-round (its p2p daemon may outlive it for a while) would keep
         the others waiting forever, their compute thread with them."""
         self.prefix = prefix
+        self._round: tuple[_Round, Any] | None = None  # the round running now, and its StepControl
+        self._given_up = _GivenUp()
+        self._lock = threading.Lock()
         self._averager = _Averager(
             [torch.zeros_like(t, device="cpu") for t in like], dht, prefix=prefix, start=False,
             min_group_size=2, target_group_size=None, min_matchmaking_time=window,
@@ -101,16 +109,26 @@ class HivemindGradientSync:
             for slot, grad in zip(tensors, grads):
                 slot.copy_(grad)
         started = time.perf_counter()
-        control = self._averager.step(gather={"peer": me, "step": step}, scheduled_time=scheduled_time,
-                                      weight=1.0, timeout=timeout, allow_retries=True, wait=False)
+        key = _round(step, members)
+        with self._lock:  # an abort either finds this round running or is found here
+            if key in self._given_up:
+                raise AveragingFailed(f"{self.prefix} step {step}: the round was given up before it began; nothing applied")
+            control = self._averager.step(gather={"peer": me, "step": step}, scheduled_time=scheduled_time,
+                                          weight=1.0, timeout=timeout, allow_retries=True, wait=False)
+            self._round = (key, control)
         try:  # the whole round (matchmaking and all-reduce) within ``timeout`` of the scheduled start
             gathered = control.result(timeout=max(scheduled_time - get_dht_time(), 0.0) + timeout)
+        except concurrent.futures.CancelledError:
+            raise AveragingFailed(f"{self.prefix} step {step}: the round was given up (a member is gone); "
+                                  "nothing applied") from None
         except concurrent.futures.TimeoutError:
             control.cancel()
             raise AveragingFailed(f"{self.prefix} step {step}: the averaging round did not end within "
                                   f"{timeout:.0f} s (a member left mid-round?); nothing applied") from None
         except Exception as e:  # hivemind raises several types for a round that broke off
             raise AveragingFailed(f"{self.prefix} step {step}: averaging broke off: {type(e).__name__}: {e}") from None
+        finally:
+            self._round = None
         if gathered is None:
             raise AveragingFailed(f"{self.prefix} step {step}: no group with {len(members) - 1} other "
                                   f"member(s) formed within {timeout:.0f} s")
@@ -121,9 +139,40 @@ class HivemindGradientSync:
                      time.perf_counter() - started)
         return summed
 
+    def abort(self, step: int, members: Sequence[str]) -> bool:
+        key = _round(step, members)
+        with self._lock:
+            self._given_up.add(key)
+            current = self._round
+            return current is not None and current[0] == key and current[1].cancel()
+
     def shutdown(self) -> None:
         if self._averager.is_alive():
             self._averager.shutdown()
+
+
+_Round = tuple[int, tuple[str, ...]]
+
+
+def _round(step: int, members: Sequence[str]) -> _Round:
+    return step, tuple(sorted(members))
+
+
+class _GivenUp:
+    """The last few rounds given up (a retry of a step has other members, so it is another round)."""
+
+    def __init__(self, keep: int = 16):
+        self._keys: list[_Round] = []
+        self._keep = keep
+
+    def add(self, key: _Round) -> None:
+        self._keys = [*self._keys, key][-self._keep:]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _check_group(gathered, step: int, members: Sequence[str], where: str) -> None:
@@ -138,20 +187,33 @@ class LocalGradientSync:
 
     def __init__(self) -> None:
         self._rounds: dict[tuple[int, tuple[str, ...]], dict[str, list[torch.Tensor]]] = {}
+        self.aborted = _GivenUp()
         self._cond = threading.Condition()
 
     def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
             scheduled_time: float, timeout: float) -> list[torch.Tensor]:
-        key = (step, tuple(sorted(members)))
+        key = _round(step, members)
         deadline = time.monotonic() + timeout
         with self._cond:
             self._rounds.setdefault(key, {})[me] = [g.detach().clone() for g in grads]
             self._cond.notify_all()
             while len(self._rounds[key]) < len(members):
+                if key in self.aborted:
+                    self._rounds[key].pop(me, None)
+                    raise AveragingFailed(f"step {step}: the round was given up (a member is gone)")
                 if not self._cond.wait(max(0.0, deadline - time.monotonic())):
                     raise AveragingFailed(f"step {step}: only {sorted(self._rounds[key])} of {list(members)} came")
             contributions = [self._rounds[key][m] for m in sorted(members)]
         return [torch.stack(parts).sum(0) for parts in zip(*contributions)]
+
+    def abort(self, step: int, members: Sequence[str]) -> bool:
+        """Gives the round up for every member (the fake is shared by the whole group)."""
+        key = _round(step, members)
+        with self._cond:
+            self.aborted.add(key)
+            self._cond.notify_all()
+            waiting = self._rounds.get(key, {})
+            return 0 < len(waiting) < len(key[1])
 
     def shutdown(self) -> None:
         pass

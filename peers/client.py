@@ -8,6 +8,7 @@ import logging
 import torch
 
 from peers.protocol import (
+    ABORT,
     BACKWARD,
     FORWARD,
     INFO,
@@ -21,6 +22,8 @@ from peers.protocol import (
     StepRequest,
     StepResponse,
     STATE,
+    AbortRequest,
+    AbortResponse,
     StateRequest,
     StateResponse,
     parse_reply,
@@ -106,6 +109,11 @@ class StageClient:
         request = StepRequest(stage=stage, layers=layers, step=step, members=members, scheduled_time=scheduled_time)
         reply, _ = await self._call(peer_id, STEP, request, [])
         return parse_reply(StepResponse, reply)
+
+    async def abort(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str]) -> AbortResponse:
+        request = AbortRequest(stage=stage, layers=layers, step=step, members=members)
+        reply, _ = await self._call(peer_id, ABORT, request, [])
+        return parse_reply(AbortResponse, reply)
 
     async def info(self, peer_id: str) -> InfoResponse:
         reply, _ = await self._call(peer_id, INFO, InfoRequest(), [])

@@ -228,6 +228,12 @@ class StageExecutor:
         logger.debug("stage %d applied step %d with %d member(s)", self.stage, request.step, len(request.members))
         return reply
 
+    def abort_step(self, step: int, members: Sequence[str]) -> bool:
+        """Give up the averaging round of ``step`` with ``members`` (called off the compute thread,
+        which the round holds); a round that has not started yet fails when it does. True if one was
+        waiting."""
+        return self.sync.abort(step, members) if self.sync is not None else False
+
     def shutdown(self) -> None:
         if self.sync is not None:
             self.sync.shutdown()

@@ -1,4 +1,5 @@
-"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.step``, ``.info``, ``.state``).
+"""Messages of the stage RPCs (``swarm.stage.forward``, ``.backward``, ``.step``, ``.abort``, ``.info``,
+``.state``).
 
 A call carries one of these messages (msgpack of its JSON form) plus a list of tensors; the message
 says what the tensors are. Tensor order, fixed per message:
@@ -9,6 +10,8 @@ says what the tensors are. Tensor order, fixed per message:
   for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
 * StepRequest: no tensors. Applies the optimizer step that closes a collaborative step, after the
   replicas named in ``members`` have averaged their accumulated gradients.  Reply: no tensors.
+* AbortRequest: no tensors. Gives up a step's averaging round that waits here for a dead member
+  (answered on the event loop, while the step's call still holds the compute thread).
 * StateRequest: no tensors.  Reply: one tensor per name of ``StateResponse.names``, in that order
   (the stage's parameters and optimizer state, see ``peers.state``).
 
@@ -39,6 +42,9 @@ __all__ = [
     "STEP",
     "StepRequest",
     "StepResponse",
+    "ABORT",
+    "AbortRequest",
+    "AbortResponse",
     "InfoRequest",
     "InfoResponse",
     "STATE",
@@ -58,6 +64,7 @@ BACKWARD = "swarm.stage.backward"
 INFO = "swarm.stage.info"
 STEP = "swarm.stage.step"
 STATE = "swarm.stage.state"
+ABORT = "swarm.stage.abort"
 
 
 class _Message(FrozenModel):
@@ -124,6 +131,23 @@ class StepResponse(_Message):
     optimizer_step: int = Field(description="optimizer steps this stage has taken after it")
     samples: int = Field(description="sequences this replica had accumulated for that step")
     group_size: int = Field(description="replicas whose gradients were averaged")
+
+
+class AbortRequest(_Message):
+    """Give up the averaging round of ``step`` now: another member of it is gone, so it cannot end
+    (it would wait for ``peer.averaging_timeout``). Nothing is applied; the trainer runs the round
+    again without the dead member."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    step: int = Field(ge=0)
+    members: list[str] = Field(min_length=1, max_length=256, description="the round's members, as in its StepRequest")
+
+
+class AbortResponse(_Message):
+    step: int
+    aborted: bool = Field(description="a round of that step was waiting here and was given up (one that had "
+                                      "not started yet will fail when it does)")
 
 
 class InfoRequest(_Message):

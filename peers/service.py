@@ -15,6 +15,7 @@ import torch
 
 from peers.executor import StageExecutor
 from peers.protocol import (
+    ABORT,
     BACKWARD,
     FORWARD,
     INFO,
@@ -25,6 +26,8 @@ from peers.protocol import (
     InfoResponse,
     StepRequest,
     STATE,
+    AbortRequest,
+    AbortResponse,
     StateRequest,
     StateResponse,
     error_reply,
@@ -66,6 +69,7 @@ class StageService:
             FORWARD: self._guarded(self.rpc_forward),
             BACKWARD: self._guarded(self.rpc_backward),
             STEP: self._guarded(self.rpc_step),
+            ABORT: self._guarded(self.rpc_abort),
             INFO: self._guarded(self.rpc_info),
             STATE: self._guarded(self.rpc_state),
         }
@@ -98,6 +102,18 @@ class StageService:
             raise BadRequest(f"step takes no tensors, got {len(tensors)}")
         reply = await self._in_worker(self.executor.apply_step, request, self.peer_id)
         return ok_reply(reply), []
+
+    async def rpc_abort(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        """On the event loop, not the compute thread: that one is held by the round being given up."""
+        request = parse_request(AbortRequest, message)
+        self.executor.check_target(request.stage, request.layers)
+        if tensors:
+            raise BadRequest(f"abort takes no tensors, got {len(tensors)}")
+        aborted = self.executor.abort_step(request.step, request.members)
+        if aborted:
+            logger.info("stage %d: gave up the averaging round of step %d (a member is gone)", request.stage,
+                        request.step)
+        return ok_reply(AbortResponse(step=request.step, aborted=aborted)), []
 
     async def rpc_info(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         parse_request(InfoRequest, message)

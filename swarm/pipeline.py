@@ -31,6 +31,7 @@ from hivemind.utils import get_dht_time
 
 from dht.schemas import RECORD_TTL, Manifest, PeerRecord, PeerState
 from peers.client import StageClient, StageInputs
+from peers.protocol import StepResponse
 from peers.routing import Hop, plan_route
 from swarm.errors import (
     AveragingFailed,
@@ -338,9 +339,8 @@ class RemotePipeline:
             await self._probe(plans, step)
             scheduled = get_dht_time() + self.policy.averaging_window
             calls = [(stage, peer) for stage, members in plans.items() for peer in members]
-            results = await asyncio.gather(
-                *(self.client.step(peer, stage, self.manifest.stages[stage], step, plans[stage], scheduled)
-                  for stage, peer in calls), return_exceptions=True)
+            results = await asyncio.gather(*(self._step_call(stage, peer, step, plans[stage], scheduled)
+                                             for stage, peer in calls), return_exceptions=True)
             # a stage whose group applied the step with every member summed every member's backwards,
             # also those of a member that failed after its part of the round: those are not replayed
             applied = {stage for (stage, _), result in zip(calls, results)
@@ -362,6 +362,20 @@ class RemotePipeline:
         self.step = step + 1
         self._ledger.clear()
         self._step_samples = 0
+
+    async def _step_call(self, stage: int, peer: str, step: int, members: list[str], scheduled: float) -> StepResponse:
+        """One member's step. A member found gone (its call failed, not its averaging) would keep the
+        others of its stage waiting for their group until ``peer.averaging_timeout``: they are told to
+        give the round up at once (bounded; a member that already finished ignores it)."""
+        layers = self.manifest.stages[stage]
+        try:
+            return await self.client.step(peer, stage, layers, step, members, scheduled)
+        except PeerUnavailable as e:
+            if not isinstance(e, (AveragingFailed, StageTimeout)):
+                others = [p for p in members if p != peer]
+                await asyncio.gather(*(asyncio.wait_for(self.client.abort(p, stage, layers, step, members), 5.0)
+                                       for p in others), return_exceptions=True)
+            raise
 
     async def _members(self, stage: int, step: int) -> list[str]:
         """The replicas that take part in ``step``: every live one, minus those known to be behind

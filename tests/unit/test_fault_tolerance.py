@@ -35,6 +35,7 @@ class Fault(str, Enum):
     ERROR = "error"  # calls get an error reply (a bug or an out-of-memory on that peer)
     SLOW = "slow"  # calls answer, late but within the timeout: no failover
     GONE_AFTER_STEP = "gone-after-step"  # takes part in a step's averaging, then dies before it replies
+    GONE_AT_STEP = "gone-at-step"  # did its forwards and backwards, dies before the step's averaging
 
 
 class FaultyHub(InMemoryTransport):
@@ -48,6 +49,8 @@ class FaultyHub(InMemoryTransport):
     async def call(self, peer_id, method, message, tensors, *, timeout):
         self.calls[peer_id] += 1
         if peer_id == self.victim and self.calls[peer_id] > self.after:
+            if self.fault is Fault.GONE_AT_STEP and method == STEP:
+                self.fault = Fault.KILL
             if self.fault is Fault.GONE_AFTER_STEP and method == STEP:
                 await super().call(peer_id, method, message, tensors, timeout=timeout)
                 self.fault = Fault.KILL
@@ -167,6 +170,9 @@ def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault):
             survivors = ["s0a", "s0b", "s1a", "s1b"]
         elif fault is Fault.GONE_AFTER_STEP:  # its backwards were in the applied step: none replayed
             assert swarm.hub.fault is Fault.KILL and "s1a" in swarm.pipeline.banned()
+            survivors = ["s0a", "s0b", "s1b"]
+        elif fault is Fault.GONE_AT_STEP:  # found gone by the step itself: the survivor gave the round
+            assert swarm.syncs[1].aborted and "s1a" in swarm.pipeline.banned()  # up when told, not at its timeout
             survivors = ["s0a", "s0b", "s1b"]
         else:
             assert swarm.pipeline.failovers >= 1 and "s1a" in swarm.pipeline.banned()
