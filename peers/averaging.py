@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import hivemind
 import torch
@@ -61,6 +61,17 @@ class _Averager(DecentralizedAverager):
     hivemind's ``run_in_background`` sets SIGINT to "ignore" in the *parent* (and for good: Ctrl+C would
     no longer stop a peer) and only works from the main thread; a replica starts its averager from its
     compute thread, lazily, mid-training. Here only the child ignores SIGINT: its parent stops it."""
+
+    state_provider: Callable[[], tuple[Any, list[torch.Tensor]]] | None = None
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
+        """What another member downloads with ``load_state_from_peers`` (called by hivemind in this,
+        the host, process): the provider's (metadata, tensors); nothing without a provider."""
+        provider = self.state_provider
+        if provider is None:
+            return None, [], None
+        metadata, tensors = provider()
+        return metadata, tensors, None
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         self.start()
@@ -138,6 +149,21 @@ class HivemindGradientSync:
         logger.debug("%s step %d: averaged with %d members in %.3f s", self.prefix, step, len(members),
                      time.perf_counter() - started)
         return summed
+
+    def share_state(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None:
+        """From now on, a member that joins later may download ``provider()``'s (metadata, tensors)
+        from this one (hivemind's state sharing: ``{prefix}.all_averagers`` in the DHT)."""
+        self._averager.state_provider = provider
+        self._averager.allow_state_sharing = True
+
+    def load_state(self, timeout: float) -> tuple[Any, list[torch.Tensor]] | None:
+        """The state another member shares (the one hivemind ranks first), or None if none handed it
+        over within ``timeout`` s."""
+        future = self._averager.load_state_from_peers(wait=False)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return None
 
     def abort(self, step: int, members: Sequence[str]) -> bool:
         key = _round(step, members)

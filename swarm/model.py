@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from dht.schemas import Manifest
 from peers.auth import AuthedTransport, RunAuth
 from peers.averaging import HivemindGradientSync
 from peers.client import StageClient
-from peers.state import StateIdentity, StateMeta, capture_state
+from peers.state import StateIdentity, StateMeta, apply_state, capture_state, check_state, parameters_of
 from peers.store_client import StoreClient
 from peers.inference_client import InferenceClient
 from peers.runcontrol import RunWatcher
@@ -41,7 +42,7 @@ from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
 from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
-from swarm.errors import ConfigError, RunStopped, SwarmError
+from swarm.errors import ConfigError, RunStopped, StateMismatch, SwarmError
 from swarm.pipeline import FaultPolicy, RemotePipeline, Trace
 from swarm.steps import DHTCoordinator
 from swarm.generation import RemoteSession, generate_tokens, max_positions, resolve_params
@@ -101,6 +102,9 @@ class SwarmModelForCausalLM(nn.Module):
         self._progress: dict = {"step": 0, "loss": None, "tokens_per_second": 0.0}
         self._samples = 0
         self._auth: RunAuth | None = None
+        self._optimizer: SwarmOptimizer | None = None
+        self._local_lock = threading.Lock()  # a copy of the local parts is never taken mid-update
+        self._adopted: tuple[StateMeta, dict[str, torch.Tensor]] | None = None  # local parts taken at join
         self.inference_client = InferenceClient(pipeline.client.transport, timeout=pipeline.client.timeout)
         self.generation_config = generation_defaults(None, local.config)
         self.last_session: RemoteSession | None = None
@@ -172,7 +176,55 @@ class SwarmModelForCausalLM(nn.Module):
         model.source = source
         model.generation_config = generation_defaults(source.root, local.config)
         runner.run(model._watch(dht))
+        try:
+            model._catch_up(dht)
+        except BaseException:
+            model.close()
+            raise
         return model
+
+    def _catch_up(self, dht: SwarmDHT, attempts: int = 3) -> None:
+        """A trainer joining a run that other trainers already train takes their current local parts
+        (embeddings, final norm, head, and AdamW's state of them) before its first batch: from then on
+        it sums the same gradients into the same weights. Then it shares its own with later joiners."""
+        others = [r for r in self._runner.run(dht.trainer_records()) if r.online and r.trainer_id != self.trainer_id]
+        for _ in range(attempts if others else 0):
+            got = self._trainer_sync.load_state(timeout=60.0)
+            if got is None:
+                logger.warning("no other trainer handed over the local parts: starting from the model files "
+                               "(this trainer's embeddings and head will differ from theirs)")
+                break
+            meta = self._take_local_parts(*got)
+            run_step = max((r.step for r in self._runner.run(dht.trainer_records()) if r.online), default=0)
+            logger.info("took the local parts of step %d from another trainer (the run is at step %d)",
+                        meta.step, run_step)
+            if meta.step >= run_step:
+                break
+        self._trainer_sync.share_state(self._shared_local_parts)
+
+    def _take_local_parts(self, metadata: Any, tensors: list[torch.Tensor]) -> StateMeta:
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("names"), list):
+            raise StateMismatch(f"another trainer's local parts came with unreadable metadata: {metadata!r:.200}")
+        meta = StateMeta.model_validate(metadata.get("meta"))
+        named = dict(zip(metadata["names"], tensors))
+        identity = StateIdentity(run_id=self.manifest.run_id, config_hash=self.manifest.config_hash)
+        check_state(meta, named, self.local, identity=identity, stage=None, layers=None, need_optimizer=False)
+        with torch.no_grad(), self._local_lock:
+            for name, param in parameters_of(self.local).items():
+                param.copy_(named[f"param/{name}"])
+        self._adopted = (meta, named)
+        self.pipeline.step = max(self.pipeline.step or 0, meta.step)
+        return meta
+
+    def _shared_local_parts(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a trainer joining later downloads (through hivemind's state sharing): the local parts
+        and their AdamW state, as of the step this trainer is at."""
+        identity = StateIdentity(run_id=self.manifest.run_id, config_hash=self.manifest.config_hash)
+        optimizer = self._optimizer.optimizer if self._optimizer is not None else None
+        with self._local_lock:
+            meta, tensors = capture_state(self.local, optimizer, identity=identity, step=self.pipeline.step or 0)
+        names = list(tensors)
+        return {"meta": meta.model_dump(mode="json"), "names": names}, [tensors[n] for n in names]
 
     async def _watch(self, dht: SwarmDHT) -> None:
         """Follow the run state (pause/stop) and publish this trainer's progress; the first read is
@@ -244,7 +296,14 @@ class SwarmModelForCausalLM(nn.Module):
         """AdamW over the local parameters with the run's settings, stepping with the swarm: it steps
         when a backward closed a collaborative step, summing local gradients with the other trainers
         of that step first (and keeps accumulating otherwise)."""
-        return SwarmOptimizer(self, **overrides)
+        optimizer = SwarmOptimizer(self, **overrides)
+        if self._adopted is not None and self._adopted[0].with_optimizer:
+            meta, named = self._adopted
+            identity = StateIdentity(run_id=self.manifest.run_id, config_hash=self.manifest.config_hash)
+            with self._local_lock:
+                apply_state(self.local, optimizer.optimizer, meta, named, identity=identity)
+        self._optimizer = optimizer
+        return optimizer
 
     def forward(
         self,
@@ -483,7 +542,8 @@ class SwarmOptimizer:
             else:
                 for param, grad in zip(params, summed):
                     param.grad = grad
-        self.optimizer.step()
+        with self.model._local_lock:
+            self.optimizer.step()
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:

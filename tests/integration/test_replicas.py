@@ -68,37 +68,43 @@ def test_replicas_average_each_step_and_follow_local_training(model_factory, swa
         assert model.step == 4
 
 
+def _train_together(trainers, optimizers, steps: int) -> dict[int, list[float]]:
+    """Each trainer in its own thread, half the target batch each, its own (small) data set, every
+    step closed by both; returns each trainer's losses."""
+    losses, errors = {i: [] for i in range(len(trainers))}, []
+    barrier = threading.Barrier(len(trainers))
+
+    def run(index: int) -> None:
+        model, optimizer = trainers[index], optimizers[index]
+        try:
+            barrier.wait(timeout=60)
+            for step in range(steps):
+                ids = _batch(1000 * index + step % 2)
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                assert optimizer.step(), f"trainer {index}: step {step} did not close"
+                optimizer.zero_grad()
+                losses[index].append(loss.item())
+        except BaseException as e:  # reported below: a thread's failure must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(trainers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return losses
+
+
 def test_two_trainers_train_the_same_swarm_data_parallel(model_factory, swarm_factory):
     """Two trainers with different data, each half the target batch: every collaborative step has
     both, their local parts are summed so they stay equal, and both losses fall."""
     model_dir = model_factory(**MODEL)
     swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=8, lr=1e-2)
-    steps, losses, errors = 6, {0: [], 1: []}, []
+    steps = 6
     with swarm.client(policy=POLICY) as first, swarm.client(policy=POLICY) as second:
-        trainers = (first, second)
-        barrier = threading.Barrier(2)
-
-        def run(index: int) -> None:
-            model = trainers[index]
-            try:
-                optimizer = model.create_optimizer()
-                barrier.wait(timeout=60)
-                for step in range(steps):
-                    ids = _batch(1000 * index + step % 2)  # each trainer its own (small) data set
-                    loss = model(ids, labels=ids).loss
-                    loss.backward()
-                    assert optimizer.step(), f"trainer {index}: step {step} did not close"
-                    optimizer.zero_grad()
-                    losses[index].append(loss.item())
-            except BaseException as e:  # reported below: a thread's failure must fail the test
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors, errors
+        losses = _train_together((first, second), (first.create_optimizer(), second.create_optimizer()), steps)
         assert first.step == second.step == steps
         assert [p.service.executor.optimizer_step for p in swarm.peers] == [steps, steps]
         assert _max_diff(first.local, second.local) <= 1e-5
@@ -106,6 +112,31 @@ def test_two_trainers_train_the_same_swarm_data_parallel(model_factory, swarm_fa
         assert sorted(r.step for r in records if r.online) == [steps, steps]
     for index in (0, 1):
         assert losses[index][-1] < losses[index][0], losses[index]
+
+
+def test_a_trainer_joining_mid_run_takes_the_local_parts_of_the_others(model_factory, swarm_factory):
+    """A second trainer that joins after three steps starts from the first one's embeddings, head
+    and AdamW state (hivemind state sharing), not from the model files; training together after
+    that keeps both equal."""
+    model_dir = model_factory(**MODEL)
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=8, lr=1e-2)
+    with swarm.client(policy=POLICY) as first:
+        first_optimizer = first.create_optimizer()
+        for step in range(3):
+            ids = _batch(step, rows=8)
+            first(ids, labels=ids).loss.backward()
+            assert first_optimizer.step()
+            first_optimizer.zero_grad()
+        with swarm.client(policy=POLICY) as second:
+            assert _max_diff(first.local, second.local) == 0.0
+            second_optimizer = second.create_optimizer()
+            moments = [(first_optimizer.optimizer.state[a]["exp_avg"], second_optimizer.optimizer.state[b]["exp_avg"])
+                       for a, b in zip(first.local.parameters(), second.local.parameters())]
+            assert all(torch.equal(x, y) for x, y in moments)
+            assert second.pipeline.step == first.step == 3
+            _train_together((first, second), (first_optimizer, second_optimizer), 2)
+            assert first.step == second.step == 5
+            assert _max_diff(first.local, second.local) <= 1e-5
 
 
 def test_a_new_replica_joins_a_running_stage_at_its_current_step(model_factory, swarm_factory):
