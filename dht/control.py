@@ -35,6 +35,11 @@ __all__ = [
     "publish_control",
     "get_control",
     "find_bootstraps",
+    "BOOTSTRAPS_TTL",
+    "BootstrapRecord",
+    "bootstraps_key",
+    "publish_bootstrap",
+    "get_bootstraps",
     "publish_metrics",
     "get_metrics",
 ]
@@ -43,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 CONTROL_TTL = 600.0
 METRICS_TTL = 60.0
+BOOTSTRAPS_TTL = 60.0
 _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 
 
@@ -77,6 +83,23 @@ class MetricsReport(FrozenModel):
     access_token: str | None = Field(None, max_length=4096)
 
 
+class BootstrapRecord(FrozenModel):
+    """A live bootstrap (primary or ``--mirror``) of the run, where a key can be exchanged for a
+    token. Signed by the run's authority (only a holder of that key can publish one)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    maddrs: list[str] = Field(default_factory=list, max_length=8)
+    role: Literal["primary", "mirror"] = "primary"
+    dashboard: str | None = Field(None, max_length=200)
+    updated: float = 0.0
+    serving: bool = True
+
+
+def bootstraps_key(run_id: str) -> str:
+    return f"{run_id}_bootstraps"
+
+
 def control_key(run_id: str) -> str:
     return f"{run_id}_control"
 
@@ -98,6 +121,7 @@ async def get_control(dht: SwarmDHT) -> RunControl | None:
     trusted = {owner for subkey in _subkeys(manifests) for owner in _OWNER_RE.findall(subkey)}
     found = await dht.dht.get(control_key(dht.run_id), latest=True, return_future=True)
     newest: RunControl | None = None
+    revoked: set[str] = set()
     for subkey, entry in _live_items(found):
         if not trusted.intersection(_OWNER_RE.findall(subkey)):
             logger.debug("ignoring a run control record not signed by a bootstrap")
@@ -106,19 +130,55 @@ async def get_control(dht: SwarmDHT) -> RunControl | None:
             control = RunControl.model_validate(entry.value)
         except ValidationError:
             continue
+        revoked.update(control.revoked)
         if newest is None or control.changed_at > newest.changed_at:
             newest = control
-    return newest
+    if newest is None or revoked == set(newest.revoked):
+        return newest
+    # several bootstraps (a primary and mirrors) that have not synced yet: a revocation published by
+    # any of them holds (revocation is monotonic), the run state is the newest one's
+    return newest.model_copy(update={"revoked": sorted(revoked)[:512]})
+
+
+async def publish_bootstrap(dht: SwarmDHT, record: BootstrapRecord, ttl: float = BOOTSTRAPS_TTL) -> bool:
+    return await dht.dht.store(
+        bootstraps_key(dht.run_id), record.model_dump(mode="json"), expiration_time=get_dht_time() + ttl,
+        subkey=dht._subkey(), return_future=True,
+    )
+
+
+async def get_bootstraps(dht: SwarmDHT) -> list[tuple[BootstrapRecord, bytes]]:
+    """Live, serving bootstrap records signed by a manifest publisher (the run's authority), with
+    their signer, most recently refreshed first. A record whose subkey names another peer is ignored."""
+    manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
+    trusted = {owner for subkey in _subkeys(manifests) for owner in _OWNER_RE.findall(subkey)}
+    found = await dht.dht.get(bootstraps_key(dht.run_id), latest=True, return_future=True)
+    records = []
+    for subkey, entry in _live_items(found):
+        owners = _OWNER_RE.findall(subkey)
+        if len(owners) != 1 or owners[0] not in trusted:
+            continue
+        try:
+            record = BootstrapRecord.model_validate(entry.value)
+        except ValidationError:
+            continue
+        if record.serving and subkey.startswith(record.peer_id.encode() + b"[owner:"):
+            records.append((record, owners[0]))
+    return sorted(records, key=lambda item: -item[0].updated)
 
 
 async def find_bootstraps(dht: SwarmDHT) -> list[tuple[str, bytes]]:
-    """``(peer id, record public key)`` of every bootstrap publishing the run's manifest now."""
+    """``(peer id, record public key)`` of every bootstrap (primary or mirror) of the run: those in
+    ``{run}_bootstraps`` first (newest first), then any other manifest publisher (a bootstrap of an
+    older swarm publishes only the manifest)."""
+    found = [(record.peer_id, owner) for record, owner in await get_bootstraps(dht)]
     manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
-    found = []
     for subkey in _subkeys(manifests):
         owners = _OWNER_RE.findall(subkey)
         if len(owners) == 1:
-            found.append((subkey[: subkey.index(b"[owner:")].decode(errors="replace"), owners[0]))
+            peer = subkey[: subkey.index(b"[owner:")].decode(errors="replace")
+            if all(peer != known for known, _ in found):
+                found.append((peer, owners[0]))
     return found
 
 
