@@ -150,7 +150,9 @@ class BootstrapNode:
             await self._start_dashboard()
         await self._publish_record()
         self._tasks.append(asyncio.create_task(self._sync_forever(), name="bootstrap-sync"))
-        self.db.audit("bootstrap", "bootstrap.start", f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}")
+        mirror = f", mirror of {self.mirror}" if self.mirror else ""
+        self.db.audit("bootstrap", "bootstrap.start",
+                      f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}{mirror}")
 
     async def _start_dht(self) -> SwarmDHT:
         """Start the DHT node; after a restart, rejoin through the peers seen last time (saved in

@@ -1,11 +1,13 @@
 """Run control and metrics records: how the bootstrap tells the swarm to pause, and how trainers and
 peers tell the bootstrap what they did.
 
-Two keys, both small, signed and schema-checked like the others:
+Three keys, all small, signed and schema-checked like the others:
 
 - ``{run}_control``: one ``RunControl`` (running / paused / stopped) per bootstrap, under the
   bootstrap's signed subkey. Readers trust only entries signed by the key that signed the manifest,
   so a peer cannot pause the run by publishing a control record of its own.
+- ``{run}_bootstraps``: one ``BootstrapRecord`` per live bootstrap (a primary and its mirrors),
+  signed by the authority like the control record, TTL 60 s: where a joining node asks for a token.
 - ``{run}_metrics``: one ``MetricsReport`` per trainer or peer (its own signed subkey, TTL 60 s):
   step, loss, tokens/s and the running total of samples it processed.
 """
@@ -59,7 +61,9 @@ class RunState(str, Enum):
 
 
 class RunControl(FrozenModel):
-    """What the run owner wants now. ``changed_at`` (DHT time) orders records of several bootstraps."""
+    """What the run owner wants now. ``changed_at`` is when the owner last changed the run state or
+    the keys (so bootstraps that have synced publish equal records): the newest record's state
+    holds; revocations of every trusted record hold (see ``get_control``)."""
 
     version: int = PROTOCOL_VERSION
     state: RunState = RunState.RUNNING
@@ -147,9 +151,10 @@ async def publish_bootstrap(dht: SwarmDHT, record: BootstrapRecord, ttl: float =
     )
 
 
-async def get_bootstraps(dht: SwarmDHT) -> list[tuple[BootstrapRecord, bytes]]:
-    """Live, serving bootstrap records signed by a manifest publisher (the run's authority), with
-    their signer, most recently refreshed first. A record whose subkey names another peer is ignored."""
+async def get_bootstraps(dht: SwarmDHT, *, withdrawn: bool = False) -> list[tuple[BootstrapRecord, bytes]]:
+    """Live bootstrap records signed by a manifest publisher (the run's authority), with their
+    signer, most recently refreshed first; those withdrawn at shutdown only if ``withdrawn``. A
+    record whose subkey names another peer is ignored."""
     manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
     trusted = {owner for subkey in _subkeys(manifests) for owner in _OWNER_RE.findall(subkey)}
     found = await dht.dht.get(bootstraps_key(dht.run_id), latest=True, return_future=True)
@@ -162,7 +167,7 @@ async def get_bootstraps(dht: SwarmDHT) -> list[tuple[BootstrapRecord, bytes]]:
             record = BootstrapRecord.model_validate(entry.value)
         except ValidationError:
             continue
-        if record.serving and subkey.startswith(record.peer_id.encode() + b"[owner:"):
+        if (record.serving or withdrawn) and subkey.startswith(record.peer_id.encode() + b"[owner:"):
             records.append((record, owners[0]))
     return sorted(records, key=lambda item: -item[0].updated)
 
@@ -171,13 +176,16 @@ async def find_bootstraps(dht: SwarmDHT) -> list[tuple[str, bytes]]:
     """``(peer id, record public key)`` of every bootstrap (primary or mirror) of the run: those in
     ``{run}_bootstraps`` first (newest first), then any other manifest publisher (a bootstrap of an
     older swarm publishes only the manifest)."""
-    found = [(record.peer_id, owner) for record, owner in await get_bootstraps(dht)]
+    records = await get_bootstraps(dht, withdrawn=True)
+    found = [(record.peer_id, owner) for record, owner in records if record.serving]
+    known = {record.peer_id for record, _ in records}  # a bootstrap that withdrew is not asked
     manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
     for subkey in _subkeys(manifests):
         owners = _OWNER_RE.findall(subkey)
         if len(owners) == 1:
             peer = subkey[: subkey.index(b"[owner:")].decode(errors="replace")
-            if all(peer != known for known, _ in found):
+            if peer not in known:
+                known.add(peer)
                 found.append((peer, owners[0]))
     return found
 

@@ -154,13 +154,14 @@ class AuthedTransport:
         await self.inner.serve(method, handler)
 
     async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
-                   timeout: float) -> tuple[Any, list[torch.Tensor]]:
+                   timeout: float, **options: Any) -> tuple[Any, list[torch.Tensor]]:
+        """``options`` (``max_reply_bytes``) go to the inner transport's call."""
         if self._presented.get(peer_id) != self.token():
             await self._present(peer_id, timeout)
-        reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout)
+        reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout, **options)
         if _not_presented(reply):  # the peer restarted or dropped us: present again, once
             await self._present(peer_id, timeout)
-            reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout)
+            reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout, **options)
         return reply, out
 
     async def _present(self, peer_id: str, timeout: float) -> None:

@@ -53,7 +53,7 @@ from peers.measure import (
 from peers.protocol import BACKWARD, FORWARD
 from peers.reachability import explain_placement
 from peers.routing import record_loads
-from peers.auth import PRESENT, GatedTransport, RunAuth
+from peers.auth import PRESENT, AuthedTransport, GatedTransport, RunAuth
 from peers.recovery import adopt_state
 from peers.runcontrol import RunWatcher
 from peers.service import StageService
@@ -396,11 +396,16 @@ class Peer:
         records = await self.dht.stage_records(executor.stage)
         replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
         source = await adopt_state(
-            executor, identity, replicas=replicas, client=StageClient(self._transport),
+            executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=self._in_compute,
         )
         logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
                     executor.optimizer_step, source)
+
+    def _replica_transport(self) -> AuthedTransport | P2PTransport:
+        """For calls to other peers' gated handlers (a replica's state): on a keyed run they present
+        this peer's token first, as a trainer does, else the replica refuses them."""
+        return self._transport if self._auth is None else AuthedTransport(self._transport, self._auth.token_text)
 
     @property
     def _identity(self) -> StateIdentity:
