@@ -128,12 +128,7 @@ class BootstrapNode:
         self.authority = await asyncio.to_thread(self._load_authority)
         self.dht = await self._start_dht()
         self._save_port()
-        if mirroring:
-            self.manifest = await self._mirror_manifest()
-        if self.mirror is not None:
-            await self._follow_keys_required()
-        await self._serve_rpcs()
-        await self._sync_at_start(required=mirroring)
+        await self._join_bootstraps(mirroring)
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
@@ -199,13 +194,24 @@ class BootstrapNode:
         return load_authority(self.state_dir / "authority.key", self.settings.bootstrap.authority_key,
                               mirror=self.mirror)
 
+    async def _join_bootstraps(self, mirroring: bool) -> None:
+        """Take the manifest (a new mirror) and whether keys are required (any mirror), serve the
+        sync (and tokens), and catch up with the run's other bootstraps before anyone is served."""
+        if mirroring:
+            self.manifest = await self._mirror_manifest()
+        if self.mirror is not None:
+            await self._follow_keys_required()
+        await self._serve_rpcs()
+        await self._sync_at_start(required=mirroring)
+        if mirroring:  # only now: a mirror that never synced must not start later as if it had
+            (self.state_dir / "manifest.json").write_text(self.manifest.model_dump_json(indent=2))
+
     async def _mirror_manifest(self) -> Manifest:
         """A new mirror takes the run's manifest from the DHT, once it has checked that the
-        authority key it was given is the one that signed it; then keeps it like a primary does."""
+        authority key it was given is the one that signed it (saved after the first sync)."""
         manifest = await self.dht.wait_manifest(timeout=20.0)
         signers = {owner for _, owner in await find_bootstraps(self.dht)}
         check_signer(self.authority, signers, run_id=self.settings.run_id, source=self.mirror)
-        (self.state_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2))
         logger.info("mirroring run %r (%s) of the bootstrap at %s", manifest.run_id, manifest.model, self.mirror)
         return manifest
 

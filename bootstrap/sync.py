@@ -24,7 +24,6 @@ a nonce it has seen in that window. A reply is signed the same way and names the
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 
 import msgpack
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -125,14 +124,11 @@ def sign_sync(authority: RSAPrivateKey, *, run_id: str, sender: str, target: str
     return unsigned.model_copy(update={"signature": authority.sign(_payload(unsigned)).decode()})
 
 
-@dataclass
 class NonceWindow:
     """Nonces seen in the last ``2 x MAX_SKEW`` seconds (older messages are refused by their time)."""
 
-    seen: dict[str, float]
-
     def __init__(self) -> None:
-        self.seen = {}
+        self.seen: dict[str, float] = {}
 
     def check_and_add(self, nonce: str, now: float) -> None:
         self.seen = {n: t for n, t in self.seen.items() if now - t < 2 * MAX_SKEW}
