@@ -9,25 +9,28 @@ So either side's loop alone brings both databases to the same keys and run state
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.state import StateDB
+from dht.control import BOOTSTRAPS_TTL, BootstrapRecord, get_bootstraps, publish_bootstrap
+from dht.records import SwarmDHT
 from bootstrap.sync import SYNC, NonceWindow, RunStateRow, SyncMessage, sign_sync, verify_sync
 from peers.protocol import error_reply, ok_reply, parse_reply, parse_request
 from peers.transport import CALLER, Transport
-from swarm.errors import AuthRejected, ConfigError, SwarmError
+from swarm.errors import AuthRejected, ConfigError, PeerUnavailable, SwarmError
 
-__all__ = ["SyncService", "SyncResult", "sync_with", "load_authority", "check_signer"]
+__all__ = ["BootstrapPeering", "SyncService", "SyncResult", "sync_with", "load_authority", "check_signer"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,85 @@ async def sync_with(transport: Transport, db: StateDB, authority: RSAPrivateKey,
     if changes:
         logger.info("sync from bootstrap %s: %s", peer_id[-8:], ", ".join(changes))
     return SyncResult(peer_id, len(request.keys), len(answer.keys), changes)
+
+
+class BootstrapPeering:
+    """One bootstrap's part among the run's bootstraps: serve the sync, sync with every other one
+    (the ``--mirror`` target and those in ``{run}_bootstraps``) every ``interval`` seconds, and keep
+    this bootstrap's own ``{run}_bootstraps`` record fresh (withdrawn at shutdown)."""
+
+    def __init__(self, dht: SwarmDHT, db: StateDB, authority: RSAPrivateKey, transport: Transport, *,
+                 mirror: str | None, interval: float):
+        self.dht, self.db, self.authority, self.transport = dht, db, authority, transport
+        self.mirror, self.interval = mirror, interval
+        self._failures: dict[str, int] = {}
+        self._synced: set[str] = set()
+        self._expiration = 0.0
+
+    async def serve(self) -> None:
+        service = SyncService(self.db, self.authority, run_id=self.dht.run_id, peer_id=self.dht.peer_id)
+        await self.transport.serve(SYNC, service.rpc_sync)
+
+    async def targets(self) -> list[str]:
+        found = [self.mirror.rsplit("/p2p/", 1)[-1]] if self.mirror else []
+        found += [record.peer_id for record, _ in await get_bootstraps(self.dht)]
+        return [t for t in dict.fromkeys(found) if t != self.dht.peer_id]
+
+    async def sync_once(self) -> list[SyncResult]:
+        """Exchange state with every other live bootstrap of the run, at once; failures are logged
+        (the first one per bootstrap as a warning) and retried next round."""
+        results = await asyncio.gather(*(self._sync_one(t) for t in await self.targets()))
+        return [r for r in results if r is not None]
+
+    async def _sync_one(self, peer_id: str) -> SyncResult | None:
+        try:
+            result = await sync_with(self.transport, self.db, self.authority, run_id=self.dht.run_id,
+                                     own_peer_id=self.dht.peer_id, peer_id=peer_id,
+                                     timeout=min(SYNC_TIMEOUT, max(5.0, self.interval * 2)))
+        except SwarmError as e:
+            failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+            log = logger.warning if failures == 1 or isinstance(e, AuthRejected) else logger.debug
+            log("syncing with bootstrap %s failed (attempt %d): %s", peer_id[-8:], failures, e)
+            return None
+        if self._failures.pop(peer_id, 0) or peer_id not in self._synced:
+            self._synced.add(peer_id)
+            logger.info("in sync with bootstrap %s (%d keys here, %d there)", peer_id[-8:], result.sent, result.received)
+        return result
+
+    async def catch_up(self, required: bool) -> None:
+        """Sync before serving tokens, so a restarted bootstrap does not honour a key revoked
+        elsewhere while it was down. A new mirror must reach the bootstrap it mirrors."""
+        results = await self.sync_once()
+        if required and not results:
+            raise PeerUnavailable(f"cannot sync with the bootstrap to mirror at {self.mirror}: see the log above")
+
+    async def run_forever(self, dashboard: Callable[[], str | None]) -> None:
+        await self.publish_record(dashboard())
+        last_record = time.monotonic()
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sync_once()
+                if time.monotonic() - last_record > BOOTSTRAPS_TTL / 3:
+                    await self.publish_record(dashboard())
+                    last_record = time.monotonic()
+            except Exception as e:  # a DHT hiccup skips one round; the next one catches up
+                logger.warning("syncing with the run's other bootstraps failed: %s", e)
+
+    async def publish_record(self, dashboard: str | None, serving: bool = True) -> bool:
+        record = BootstrapRecord(peer_id=self.dht.peer_id, maddrs=self.dht.visible_maddrs()[:8],
+                                 role="mirror" if self.mirror else "primary", serving=serving,
+                                 dashboard=dashboard, updated=get_dht_time())
+        ttl = BOOTSTRAPS_TTL if serving else 5.0
+        ttl = max(ttl, self._expiration + 1e-3 - get_dht_time())  # a store only replaces a later expiry
+        self._expiration = get_dht_time() + ttl
+        return await publish_bootstrap(self.dht, record, ttl=ttl)
+
+    async def withdraw(self) -> None:
+        """Rewrite the record as not serving, so joiners skip this bootstrap (it expires anyway)."""
+        if self._expiration:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.publish_record(None, serving=False), 5.0)
 
 
 def load_authority(path: Path, given: Path | None, *, mirror: str | None) -> RSAPrivateKey:

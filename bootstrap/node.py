@@ -25,13 +25,11 @@ import logging
 import os
 from pathlib import Path
 
-from hivemind.utils import get_dht_time
 
 from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.checkpoints import CheckpointStore
-from bootstrap.mirror import SyncResult, SyncService, check_signer, load_authority, sync_with
-from bootstrap.sync import SYNC
+from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
@@ -40,16 +38,13 @@ from dht.auth import TokenRecordValidator
 from peers.auth import TOKEN
 from peers.transport import P2PTransport
 from dht.control import (
-    BOOTSTRAPS_TTL,
     CONTROL_TTL,
-    BootstrapRecord,
     RunControl,
     RunState,
     find_bootstraps,
     get_bootstraps,
     get_control,
     get_metrics,
-    publish_bootstrap,
     publish_control,
 )
 from dht.records import MANIFEST_TTL, SwarmDHT
@@ -58,7 +53,7 @@ from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
 from swarm.config import SwarmSettings
-from swarm.errors import AuthRejected, ConfigError, PeerUnavailable, SwarmError
+from swarm.errors import ConfigError, PeerUnavailable
 
 __all__ = ["BootstrapNode", "build_manifest"]
 
@@ -112,9 +107,7 @@ class BootstrapNode:
         self._status_cache: tuple[float, dict] | None = None
         self._transport: P2PTransport | None = None
         self._keys_required = not settings.bootstrap.open
-        self._record_expiration = 0.0
-        self._sync_failures: dict[str, int] = {}
-        self._synced: set[str] = set()
+        self.peering: BootstrapPeering | None = None
 
     async def start(self) -> None:
         try:
@@ -143,8 +136,7 @@ class BootstrapNode:
         ]
         if self.settings.bootstrap.dashboard:
             await self._start_dashboard()
-        await self._publish_record()
-        self._tasks.append(asyncio.create_task(self._sync_forever(), name="bootstrap-sync"))
+        self._tasks.append(asyncio.create_task(self.peering.run_forever(self._dashboard_url), name="bootstrap-sync"))
         mirror = f", mirror of {self.mirror}" if self.mirror else ""
         self.db.audit("bootstrap", "bootstrap.start",
                       f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}{mirror}")
@@ -202,7 +194,7 @@ class BootstrapNode:
         if self.mirror is not None:
             await self._follow_keys_required()
         await self._serve_rpcs()
-        await self._sync_at_start(required=mirroring)
+        await self.peering.catch_up(required=mirroring)
         if mirroring:  # only now: a mirror that never synced must not start later as if it had
             (self.state_dir / "manifest.json").write_text(self.manifest.model_dump_json(indent=2))
 
@@ -266,64 +258,8 @@ class BootstrapNode:
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
                 logger.warning("republishing the manifest failed: %s", e)
 
-    # -- the run's other bootstraps: sync and the {run}_bootstraps record --------------------------
-    async def _sync_targets(self) -> list[str]:
-        targets = [self.mirror.rsplit("/p2p/", 1)[-1]] if self.mirror else []
-        targets += [record.peer_id for record, _ in await get_bootstraps(self.dht)]
-        return [t for t in dict.fromkeys(targets) if t != self.dht.peer_id]
-
-    async def sync_once(self) -> list[SyncResult]:
-        """Exchange state with every other live bootstrap of the run, at once; failures are logged
-        (the first one per bootstrap as a warning) and retried next round."""
-        targets = await self._sync_targets()
-        results = await asyncio.gather(*(self._sync_one(t) for t in targets))
-        return [r for r in results if r is not None]
-
-    async def _sync_one(self, peer_id: str) -> SyncResult | None:
-        try:
-            result = await sync_with(self._transport, self.db, self.authority, run_id=self.settings.run_id,
-                                     own_peer_id=self.dht.peer_id, peer_id=peer_id,
-                                     timeout=min(20.0, max(5.0, self.settings.bootstrap.sync_interval * 2)))
-        except SwarmError as e:
-            failures = self._sync_failures[peer_id] = self._sync_failures.get(peer_id, 0) + 1
-            (logger.warning if failures == 1 or isinstance(e, AuthRejected) else logger.debug)(
-                "syncing with bootstrap %s failed (attempt %d): %s", peer_id[-8:], failures, e)
-            return None
-        if self._sync_failures.pop(peer_id, 0) or peer_id not in self._synced:
-            self._synced.add(peer_id)
-            logger.info("in sync with bootstrap %s (%d keys here, %d there)", peer_id[-8:], result.sent, result.received)
-        return result
-
-    async def _sync_at_start(self, required: bool) -> None:
-        """Catch up before serving tokens, so a restarted bootstrap does not honour a key revoked
-        elsewhere while it was down. A new mirror must reach the bootstrap it mirrors."""
-        results = await self.sync_once()
-        if required and not results:
-            raise PeerUnavailable(f"cannot sync with the bootstrap to mirror at {self.mirror}: see the log above")
-
-    async def _sync_forever(self) -> None:
-        period = self.settings.bootstrap.sync_interval
-        last_record = asyncio.get_running_loop().time()
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.sync_once()
-                if asyncio.get_running_loop().time() - last_record > BOOTSTRAPS_TTL / 3:
-                    await self._publish_record()
-                    last_record = asyncio.get_running_loop().time()
-            except Exception as e:  # a DHT hiccup skips one round; the next one catches up
-                logger.warning("syncing with the run's other bootstraps failed: %s", e)
-
-    async def _publish_record(self, serving: bool = True) -> bool:
-        """This bootstrap in ``{run}_bootstraps`` (``serving=False`` withdraws it at shutdown)."""
-        record = BootstrapRecord(peer_id=self.dht.peer_id, maddrs=self.maddrs[:8],
-                                 role="mirror" if self.mirror else "primary", serving=serving,
-                                 dashboard=self.dashboard.url if self.dashboard is not None else None,
-                                 updated=get_dht_time())
-        ttl = BOOTSTRAPS_TTL if serving else 5.0
-        ttl = max(ttl, self._record_expiration + 1e-3 - get_dht_time())  # a store only replaces a later expiry
-        self._record_expiration = get_dht_time() + ttl
-        return await publish_bootstrap(self.dht, record, ttl=ttl)
+    def _dashboard_url(self) -> str | None:
+        return self.dashboard.url if self.dashboard is not None else None
 
     async def _start_dashboard(self) -> None:
         """The dashboard is for people; the run does not need it, so a taken port is a warning."""
@@ -377,8 +313,9 @@ class BootstrapNode:
         """Serve the sync with the run's other bootstraps; on a keyed run also exchange keys for
         tokens (``swarm.auth.token``) and enforce tokens on records stored here."""
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
-        sync = SyncService(self.db, self.authority, run_id=self.settings.run_id, peer_id=self.dht.peer_id)
-        await self._transport.serve(SYNC, sync.rpc_sync)
+        self.peering = BootstrapPeering(self.dht, self.db, self.authority, self._transport, mirror=self.mirror,
+                                        interval=self.settings.bootstrap.sync_interval)
+        await self.peering.serve()
         if self.keys_required:
             self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
             service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
@@ -467,9 +404,8 @@ class BootstrapNode:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self.dht is not None and self._record_expiration:
-            with contextlib.suppress(Exception):  # joiners then skip this bootstrap; it expires anyway
-                await asyncio.wait_for(self._publish_record(serving=False), 5.0)
+        if self.peering is not None:
+            await self.peering.withdraw()
         if self._transport is not None:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):

@@ -18,7 +18,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.node import BootstrapNode
 from dht.auth import verify_token
-from dht.control import BootstrapRecord, get_bootstraps, publish_bootstrap
+from dht.control import BootstrapRecord, RunState, get_bootstraps, get_control, publish_bootstrap
 from swarm.config import load_settings
 from swarm.errors import AuthRejected, ConfigError, PeerUnavailable
 
@@ -74,7 +74,7 @@ def test_primary_and_mirror_share_keys_and_joins(model_factory, swarm_factory, t
     swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4), num_stages=2,
                           num_peers=0, target_batch_size=2, open=False, sync_interval=SYNC)
     primary = swarm.bootstrap
-    early = primary.db.create_key("early", actor="test")
+    early = primary.db.create_key("early", actor="test", expires_in=3600)
     researcher = primary.db.create_key("researcher", actor="test")
     mirror = BootstrapNode(_mirror_settings(tmp_path / "mirror", primary.maddrs[0], primary.state_dir / "authority.key"))
     swarm.loop.run(mirror.start(), timeout=60)
@@ -106,6 +106,16 @@ def test_primary_and_mirror_share_keys_and_joins(model_factory, swarm_factory, t
         with urllib.request.urlopen(f"{mirror.dashboard.url}/api/status", timeout=30) as reply:
             status = json.loads(reply.read())
         assert status["run_id"] == "test" and {p0.peer_id, p1.peer_id} <= {p["peer_id"] for p in status["peers"]}
+
+        # pause on the mirror, resume on the primary: both reach the other side and the swarm
+        mirror.db.set_run_state("paused", actor="test")
+        _wait_for("the pause reaching the primary and the peers", lambda: primary.db.run_state() == "paused"
+                  and swarm.loop.run(get_control(p0.dht)).state == RunState.PAUSED)
+        primary.db.set_run_state("running", actor="test")
+        _wait_for("the resume reaching the mirror and the peers", lambda: mirror.db.run_state() == "running"
+                  and swarm.loop.run(get_control(p1.dht)).state == RunState.RUNNING)
+        assert _audited(primary.db, "sync.run.paused", f"sync:{mirror.dht.peer_id}")
+        assert _audited(mirror.db, "sync.run.running", f"sync:{primary.dht.peer_id}")
 
         # a key revoked on the mirror cuts its holder off, and the primary refuses it too
         model = swarm.client(key=researcher.secret)
