@@ -1,9 +1,11 @@
-"""The sync between a run's bootstraps over P2P: ``SyncService`` serves ``swarm.bootstrap.sync``,
-``sync_with`` calls it (rules and signatures in ``bootstrap.sync``).
+"""A run's several bootstraps (a primary and its ``--mirror`` s) over P2P.
 
-One call is one exchange: the caller sends its snapshot, the receiver folds it into its
-``state.db``, and replies with its own snapshot (taken after the fold), which the caller folds in.
-So either side's loop alone brings both databases to the same keys and run state.
+- ``SyncService`` serves ``swarm.bootstrap.sync``, ``sync_with`` calls it (rules and signatures in
+  ``bootstrap.sync``). One call is one exchange: the caller sends its snapshot, the receiver folds
+  it into its ``state.db`` and replies with its own snapshot (taken after the fold), which the
+  caller folds in; so either side's loop alone brings both databases to the same keys and run state.
+- ``BootstrapPeering``: one bootstrap's loop over the others, and its ``{run}_bootstraps`` record.
+- ``load_authority`` / ``check_signer``: how a mirror gets the run's authority key and checks it.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.state import StateDB
+from bootstrap.sync import SYNC, NonceWindow, RunStateRow, SyncMessage, sign_sync, verify_sync
 from dht.control import BOOTSTRAPS_TTL, BootstrapRecord, get_bootstraps, publish_bootstrap
 from dht.records import SwarmDHT
-from bootstrap.sync import SYNC, NonceWindow, RunStateRow, SyncMessage, sign_sync, verify_sync
 from peers.protocol import error_reply, ok_reply, parse_reply, parse_request
 from peers.transport import CALLER, Transport
 from swarm.errors import AuthRejected, ConfigError, PeerUnavailable, SwarmError
@@ -150,15 +152,21 @@ class BootstrapPeering:
             logger.info("in sync with bootstrap %s (%d keys here, %d there)", peer_id[-8:], result.sent, result.received)
         return result
 
-    async def catch_up(self, required: bool) -> None:
+    async def catch_up(self, required: bool, attempts: int = 3) -> None:
         """Sync before serving tokens, so a restarted bootstrap does not honour a key revoked
-        elsewhere while it was down. A new mirror must reach the bootstrap it mirrors."""
-        results = await self.sync_once()
-        if required and not results:
-            raise PeerUnavailable(f"cannot sync with the bootstrap to mirror at {self.mirror}: see the log above")
+        elsewhere while it was down. A new mirror must reach the bootstrap it mirrors: it tries
+        ``attempts`` times (a stream can break under load), 1 s then 2 s apart."""
+        for attempt in range(1, (attempts if required else 1) + 1):
+            if await self.sync_once() or not required:
+                return
+            if attempt < attempts:
+                await asyncio.sleep(float(attempt))
+        raise PeerUnavailable(f"cannot sync with the bootstrap to mirror at {self.mirror} ({attempts} attempts, "
+                              "see the log above)")
 
     async def run_forever(self, dashboard: Callable[[], str | None]) -> None:
-        await self.publish_record(dashboard())
+        """Sync every ``interval`` s and refresh the record every ``BOOTSTRAPS_TTL / 3`` s (the
+        caller published it first)."""
         last_record = time.monotonic()
         while True:
             await asyncio.sleep(self.interval)

@@ -25,7 +25,6 @@ import logging
 import os
 from pathlib import Path
 
-
 from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.checkpoints import CheckpointStore
@@ -136,6 +135,7 @@ class BootstrapNode:
         ]
         if self.settings.bootstrap.dashboard:
             await self._start_dashboard()
+        await self.peering.publish_record(self._dashboard_url())
         self._tasks.append(asyncio.create_task(self.peering.run_forever(self._dashboard_url), name="bootstrap-sync"))
         mirror = f", mirror of {self.mirror}" if self.mirror else ""
         self.db.audit("bootstrap", "bootstrap.start",
@@ -193,10 +193,12 @@ class BootstrapNode:
             self.manifest = await self._mirror_manifest()
         if self.mirror is not None:
             await self._follow_keys_required()
-        await self._serve_rpcs()
+        await self._serve_sync()
         await self.peering.catch_up(required=mirroring)
         if mirroring:  # only now: a mirror that never synced must not start later as if it had
             (self.state_dir / "manifest.json").write_text(self.manifest.model_dump_json(indent=2))
+        if self.keys_required:
+            await self._serve_tokens()
 
     async def _mirror_manifest(self) -> Manifest:
         """A new mirror takes the run's manifest from the DHT, once it has checked that the
@@ -309,17 +311,18 @@ class BootstrapNode:
     def authority_public_key(self) -> bytes:
         return self.authority.get_public_key().to_bytes()
 
-    async def _serve_rpcs(self) -> None:
-        """Serve the sync with the run's other bootstraps; on a keyed run also exchange keys for
-        tokens (``swarm.auth.token``) and enforce tokens on records stored here."""
+    async def _serve_sync(self) -> None:
+        """Serve the sync with the run's other bootstraps (``bootstrap.mirror``)."""
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         self.peering = BootstrapPeering(self.dht, self.db, self.authority, self._transport, mirror=self.mirror,
                                         interval=self.settings.bootstrap.sync_interval)
         await self.peering.serve()
-        if self.keys_required:
-            self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
-            service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
-            await self._transport.serve(TOKEN, service.rpc_token)
+
+    async def _serve_tokens(self) -> None:
+        """Exchange keys for tokens (``swarm.auth.token``), and enforce tokens on records stored here."""
+        self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
+        service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
+        await self._transport.serve(TOKEN, service.rpc_token)
 
     def _wanted_control(self) -> tuple[str, tuple[str, ...]]:
         """What state.db says now: the run state and the revoked key ids."""

@@ -224,15 +224,20 @@ class RunAuth:
         public_key = base64.b64encode(self.dht._signer.local_public_key[len(b"[owner:"):-1]).decode()
         request = TokenRequest(key=self.key, peer_id=self.dht.peer_id, public_key=public_key).model_dump()
         with contextlib.suppress(Exception):  # a DHT hiccup: ask the ones we know
-            live = [peer for peer, owner in await find_bootstraps(self.dht) if owner == self.authority]
-            self.bootstraps = _entry_first(self.dht, list(dict.fromkeys([*live, *self.bootstraps])))
+            live = _entry_first(self.dht, [peer for peer, owner in await find_bootstraps(self.dht)
+                                           if owner == self.authority])
+            self.bootstraps = [*live, *(peer for peer in self.bootstraps if peer not in live)]
         errors: list[str] = []
+        unknown: AuthRejected | None = None
         for bootstrap in self.bootstraps:
             try:
                 reply, _ = await self.transport.call(bootstrap, TOKEN, request, [], timeout=_TOKEN_TIMEOUT)
                 got = parse_reply(TokenReply, reply)
-            except AuthRejected:
-                raise
+            except AuthRejected as e:
+                if not str(e).startswith("unknown API key"):
+                    raise  # revoked, expired, malformed: the same answer everywhere
+                unknown = unknown or e  # a key made seconds ago on another bootstrap: ask that one
+                continue
             except SwarmError as e:  # that bootstrap is down: try the next one
                 errors.append(f"{bootstrap[-8:]}: {type(e).__name__}")
                 continue
@@ -240,6 +245,8 @@ class RunAuth:
             logger.info("access token for key %s from bootstrap %s, valid for %.0f s", got.key_id, bootstrap[-8:],
                         got.expires - get_dht_time())
             return
+        if unknown is not None:
+            raise unknown
         raise PeerUnavailable(_no_bootstrap(self.dht.run_id, f"tried {len(errors)}: {', '.join(errors)}"))
 
     def follow(self, control: RunControl) -> None:

@@ -16,8 +16,12 @@ import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from bootstrap.mirror import sync_with
 from bootstrap.node import BootstrapNode
+from bootstrap.state import StateDB
 from dht.auth import verify_token
+from dht.records import SwarmDHT
+from peers.transport import P2PTransport
 from dht.control import BootstrapRecord, RunState, get_bootstraps, get_control, publish_bootstrap
 from swarm.config import load_settings
 from swarm.errors import AuthRejected, ConfigError, PeerUnavailable
@@ -64,6 +68,30 @@ def test_bad_mirror_input_is_named(model_factory, swarm_factory, tmp_path: Path)
     with pytest.raises(ConfigError, match="'/ip4/127.0.0.1/tcp/9' lacks the peer id"):
         swarm.loop.run(BootstrapNode(_mirror_settings(tmp_path / "m5", "/ip4/127.0.0.1/tcp/9",
                                                       swarm.bootstrap.state_dir / "authority.key")).__aenter__())
+    # a node without the authority key cannot sync (refused and audited; nothing of its state taken in)
+    stranger, own = SwarmDHT.create("test", initial_peers=swarm.initial_peers, host="127.0.0.1"), StateDB(tmp_path / "x.db")
+    try:
+        own.create_key("intruder", actor="test")
+
+        async def try_sync(authority: RSAPrivateKey, own_peer_id: str) -> None:
+            transport = P2PTransport(await stranger.dht.replicate_p2p())
+            try:
+                await sync_with(transport, own, authority, run_id="test", own_peer_id=own_peer_id,
+                                peer_id=swarm.bootstrap.dht.peer_id)
+            finally:
+                await transport.p2p.shutdown()
+
+        with pytest.raises(AuthRejected, match="not signed by this run's authority key"):
+            swarm.loop.run(try_sync(RSAPrivateKey(), stranger.peer_id))
+        with pytest.raises(AuthRejected, match="but sent by"):  # the right key, but posing as another sender
+            swarm.loop.run(try_sync(swarm.bootstrap.authority, swarm.bootstrap.dht.peer_id))
+    finally:
+        own.close()
+        stranger.shutdown()
+    assert swarm.bootstrap.db.list_keys() == []
+    assert sum(e.action == "sync.rejected" and e.actor == stranger.peer_id
+               for e in swarm.bootstrap.db.audit_log()) == 1  # audited at most once a minute per caller
+
     dead = f"/ip4/127.0.0.1/tcp/9/p2p/{swarm.bootstrap.dht.peer_id}"  # a port nothing listens on
     with pytest.raises(PeerUnavailable, match=f"cannot reach the bootstrap to mirror at {dead}"):
         swarm.loop.run(BootstrapNode(_mirror_settings(tmp_path / "m6", dead, swarm.bootstrap.state_dir / "authority.key"))
@@ -77,7 +105,7 @@ def test_primary_and_mirror_share_keys_and_joins(model_factory, swarm_factory, t
     early = primary.db.create_key("early", actor="test", expires_in=3600)
     researcher = primary.db.create_key("researcher", actor="test")
     mirror = BootstrapNode(_mirror_settings(tmp_path / "mirror", primary.maddrs[0], primary.state_dir / "authority.key"))
-    swarm.loop.run(mirror.start(), timeout=60)
+    swarm.loop.run(mirror.__aenter__(), timeout=120)  # stops what it started if it fails
     model = None
     try:
         # caught up at start: the same key rows (hashes included), and it requires keys like the run
