@@ -8,6 +8,12 @@ DHT into the metrics history, the step counter and the contribution tallies.
 Its libp2p identity and its port are kept in the state dir, so after a restart it has the same
 multiaddr and the peers' ``--bootstrap`` lines stay valid; the manifest is kept there too, so a
 restarted bootstrap republishes the same run rather than starting a new one.
+
+A run may have several bootstraps: ``--mirror <addr>`` starts one that takes the run's manifest
+from the bootstrap at ``addr`` and signs tokens with the same *authority* key (``--authority-key``,
+a copy of the first one's ``authority.key``). Each keeps its own ``state.db`` and they sync keys and
+run state over ``swarm.bootstrap.sync`` (``bootstrap.mirror``, rules in ``bootstrap.sync``); each
+publishes a ``{run}_bootstraps`` record, where joining peers find one to ask for a token.
 """
 
 from __future__ import annotations
@@ -19,17 +25,27 @@ import logging
 import os
 from pathlib import Path
 
-from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.checkpoints import CheckpointStore
+from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
-from dht.auth import TokenRecordValidator, load_or_create_private_key
+from dht.auth import TokenRecordValidator
 from peers.auth import TOKEN
 from peers.transport import P2PTransport
-from dht.control import CONTROL_TTL, RunControl, RunState, get_metrics, publish_control
+from dht.control import (
+    CONTROL_TTL,
+    RunControl,
+    RunState,
+    find_bootstraps,
+    get_bootstraps,
+    get_control,
+    get_metrics,
+    publish_control,
+)
 from dht.records import MANIFEST_TTL, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings, PeerState
 from shards.assignment import stage_boundaries
@@ -89,6 +105,8 @@ class BootstrapNode:
         self.admin = None
         self._status_cache: tuple[float, dict] | None = None
         self._transport: P2PTransport | None = None
+        self._keys_required = not settings.bootstrap.open
+        self.peering: BootstrapPeering | None = None
 
     async def start(self) -> None:
         try:
@@ -96,10 +114,13 @@ class BootstrapNode:
         except OSError as e:
             raise ConfigError(f"cannot create state dir {self.state_dir}: {e.strerror}") from None
         self.db = StateDB(self.state_dir / "state.db")  # first: a corrupt state stops us before the DHT
-        self.manifest = self._load_or_build_manifest()
-        self.authority = await asyncio.to_thread(load_or_create_private_key, self.state_dir / "authority.key")
+        mirroring = self.mirror is not None and not (self.state_dir / "manifest.json").is_file()
+        if not mirroring:
+            self.manifest = self._load_or_build_manifest()
+        self.authority = await asyncio.to_thread(self._load_authority)
         self.dht = await self._start_dht()
         self._save_port()
+        await self._join_bootstraps(mirroring)
         if not await self.dht.publish_manifest(self.manifest):
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
@@ -107,8 +128,6 @@ class BootstrapNode:
         await self.checkpoints.start(self.dht)
         self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
         await self.telemetry.start()
-        if self.keys_required:
-            await self._serve_tokens()
         await self._publish_control(*self._wanted_control())
         self._tasks = [
             asyncio.create_task(self._control_forever(), name="run-control"),
@@ -116,7 +135,11 @@ class BootstrapNode:
         ]
         if self.settings.bootstrap.dashboard:
             await self._start_dashboard()
-        self.db.audit("bootstrap", "bootstrap.start", f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}")
+        await self.peering.publish_record(self._dashboard_url())
+        self._tasks.append(asyncio.create_task(self.peering.run_forever(self._dashboard_url), name="bootstrap-sync"))
+        mirror = f", mirror of {self.mirror}" if self.mirror else ""
+        self.db.audit("bootstrap", "bootstrap.start",
+                      f"run {self.settings.run_id} at {self.maddrs[0] if self.maddrs else '?'}{mirror}")
 
     async def _start_dht(self) -> SwarmDHT:
         """Start the DHT node; after a restart, rejoin through the peers seen last time (saved in
@@ -124,18 +147,28 @@ class BootstrapNode:
         would not call it again. If none of them answers, start alone as on the first run."""
         net = self.settings.network
         port = net.port or self._saved_port()
-        known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in net.initial_peers]
+        first = [*([self.mirror] if self.mirror else []), *net.initial_peers]
+        known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in first]
 
         def create(initial: list[str]) -> SwarmDHT:
             return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
                                    announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
                                    signer_key=self.authority)
 
-        if known:
+        if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:
-                return await asyncio.to_thread(create, [*net.initial_peers, *known])
+                return await asyncio.to_thread(create, first)
             except PeerUnavailable as e:
-                logger.info("none of the %d peers seen before the restart answered (%s); starting afresh", len(known), e)
+                raise PeerUnavailable(
+                    f"cannot reach the bootstrap to mirror at {self.mirror}: {e}. Check the address (the "
+                    "`swarm join --bootstrap` line the first bootstrap printed) and that it is running"
+                ) from None
+        if known or self.mirror is not None:
+            try:
+                return await asyncio.to_thread(create, [*first, *known])
+            except PeerUnavailable as e:
+                logger.info("none of the %d peers seen before the restart answered (%s); starting afresh",
+                            len(first) + len(known) - len(net.initial_peers), e)
         return await asyncio.to_thread(create, list(net.initial_peers))
 
     async def _remember_peers(self) -> None:
@@ -144,8 +177,51 @@ class BootstrapNode:
         own = set(self.maddrs)
         addresses = [a for rs in records.values() for r in rs if r.state != PeerState.OFFLINE
                      for a in r.maddrs if "/p2p/" in a and a not in own]
+        others = [a for record, _ in await get_bootstraps(self.dht) for a in record.maddrs[:1] if a not in own]
+        addresses = [*others, *(a for a in addresses if a not in others)]
         if addresses:
             await asyncio.to_thread(self.db.set_meta, "known_peers", json.dumps(addresses[:_KNOWN_PEERS]))
+
+    def _load_authority(self) -> RSAPrivateKey:
+        return load_authority(self.state_dir / "authority.key", self.settings.bootstrap.authority_key,
+                              mirror=self.mirror)
+
+    async def _join_bootstraps(self, mirroring: bool) -> None:
+        """Take the manifest (a new mirror) and whether keys are required (any mirror), serve the
+        sync (and tokens), and catch up with the run's other bootstraps before anyone is served."""
+        if mirroring:
+            self.manifest = await self._mirror_manifest()
+        if self.mirror is not None:
+            await self._follow_keys_required()
+        await self._serve_sync()
+        await self.peering.catch_up(required=mirroring)
+        if mirroring:  # only now: a mirror that never synced must not start later as if it had
+            (self.state_dir / "manifest.json").write_text(self.manifest.model_dump_json(indent=2))
+        if self.keys_required:
+            await self._serve_tokens()
+
+    async def _mirror_manifest(self) -> Manifest:
+        """A new mirror takes the run's manifest from the DHT, once it has checked that the
+        authority key it was given is the one that signed it (saved after the first sync)."""
+        manifest = await self.dht.wait_manifest(timeout=20.0)
+        signers = {owner for _, owner in await find_bootstraps(self.dht)}
+        check_signer(self.authority, signers, run_id=self.settings.run_id, source=self.mirror)
+        logger.info("mirroring run %r (%s) of the bootstrap at %s", manifest.run_id, manifest.model, self.mirror)
+        return manifest
+
+    async def _follow_keys_required(self, wait: float = 10.0) -> None:
+        """A mirror requires keys exactly when the run does (the primary's ``--open`` decides): read
+        from the run-control record, remembered in state.db for restarts while no one publishes it."""
+        deadline = asyncio.get_running_loop().time() + wait
+        control = await get_control(self.dht)
+        while control is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.5)
+            control = await get_control(self.dht)
+        if control is not None:
+            await asyncio.to_thread(self.db.set_meta, "keys_required", "1" if control.keys_required else "0")
+        saved = self.db.get_meta("keys_required")
+        if saved is not None:
+            self._keys_required = saved == "1"
 
     def _load_or_build_manifest(self) -> Manifest:
         path = self.state_dir / "manifest.json"
@@ -184,6 +260,9 @@ class BootstrapNode:
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
                 logger.warning("republishing the manifest failed: %s", e)
 
+    def _dashboard_url(self) -> str | None:
+        return self.dashboard.url if self.dashboard is not None else None
+
     async def _start_dashboard(self) -> None:
         """The dashboard is for people; the run does not need it, so a taken port is a warning."""
         from bootstrap.admin import AdminAuth, set_admin_password  # FastAPI and argon2: only when served
@@ -221,16 +300,27 @@ class BootstrapNode:
 
     @property
     def keys_required(self) -> bool:
-        return not self.settings.bootstrap.open
+        return self._keys_required
+
+    @property
+    def mirror(self) -> str | None:
+        """The address of the bootstrap this one mirrors (``--mirror``), or None."""
+        return self.settings.bootstrap.mirror
 
     @property
     def authority_public_key(self) -> bytes:
         return self.authority.get_public_key().to_bytes()
 
+    async def _serve_sync(self) -> None:
+        """Serve the sync with the run's other bootstraps (``bootstrap.mirror``)."""
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        self.peering = BootstrapPeering(self.dht, self.db, self.authority, self._transport, mirror=self.mirror,
+                                        interval=self.settings.bootstrap.sync_interval)
+        await self.peering.serve()
+
     async def _serve_tokens(self) -> None:
         """Exchange keys for tokens (``swarm.auth.token``), and enforce tokens on records stored here."""
         self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
-        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
         await self._transport.serve(TOKEN, service.rpc_token)
 
@@ -243,7 +333,10 @@ class BootstrapNode:
         if self.keys_required and (self.control is None or tuple(self.control.revoked) != revoked):
             self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key,
                                                               frozenset(revoked))])
-        self.control = RunControl(state=RunState(state), changed_at=get_dht_time(),
+        # changed_at is when the owner last changed something (not when this copy was published), so
+        # two bootstraps that have synced publish equal records and the newer change always wins
+        changed_at = await asyncio.to_thread(lambda: max(self.db.run_state_row()[1], self.db.keys_changed_at()))
+        self.control = RunControl(state=RunState(state), changed_at=changed_at,
                                   keys_required=self.keys_required, revoked=list(revoked))
         if not await publish_control(self.dht, self.control):
             logger.warning("the run state was not stored in the DHT; retrying in a second")
@@ -314,6 +407,8 @@ class BootstrapNode:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.peering is not None:
+            await self.peering.withdraw()
         if self._transport is not None:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):

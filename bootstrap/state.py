@@ -17,9 +17,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of
 from swarm.errors import ConfigError, StateError
+
+if TYPE_CHECKING:  # bootstrap.sync imports pydantic and hivemind; `swarm keys` opens the DB without them
+    from bootstrap.sync import KeyRow, RunStateRow
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -31,7 +35,7 @@ __all__ = [
     "contribution_delta",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUN_STATES = ("running", "paused", "stopped")
 _MAX_TEXT = 500
 
@@ -39,7 +43,7 @@ _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL, expires REAL, revoked REAL
+    created REAL NOT NULL, expires REAL, revoked REAL, updated_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
@@ -128,6 +132,8 @@ class StateDB:
         conn.execute("PRAGMA synchronous=FULL")
         if version == 0:
             self._create_schema()
+        elif version < SCHEMA_VERSION:
+            self._migrate()
 
     def _create_schema(self) -> None:
         """Create the tables in one transaction; another process doing the same at once waits and
@@ -140,6 +146,20 @@ class StateDB:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 c.execute(statement)
             c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring an older database up to ``SCHEMA_VERSION`` in one transaction (all or nothing), keeping
+        every row. 1 -> 2: ``api_keys.updated_at`` (the merge rule of ``bootstrap.sync`` needs it),
+        set to the key's last change (its revocation, else its creation)."""
+        with self._tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
+                return  # another process migrated it while we waited for the lock
+            if version < 2:
+                c.execute("ALTER TABLE api_keys ADD COLUMN updated_at REAL NOT NULL DEFAULT 0")
+                c.execute("UPDATE api_keys SET updated_at = max(created, coalesce(revoked, 0))")
+            c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            _audit(c, "state", "state.migrate", f"schema {version} -> {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -177,10 +197,13 @@ class StateDB:
             row = c.execute("SELECT value FROM meta WHERE key = 'run_state'").fetchone()
             if (row[0] if row else "running") == state:
                 return False
-            c.execute("INSERT INTO meta(key, value) VALUES('run_state', ?) "
-                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (state,))
+            _set_run_state(c, state, time.time())
             _audit(c, actor, f"run.{state}", "")
         return True
+
+    def run_state_row(self) -> tuple[str, float]:
+        """The run state and when it was last set (0 if never: the default ``running``)."""
+        return self.run_state(), float(self.get_meta("run_state_at", "0") or 0)
 
     def step(self) -> int:
         return int(self.get_meta("step", "0") or 0)
@@ -194,8 +217,8 @@ class StateDB:
         key_id, secret = generate_key()
         expires = now + expires_in if expires_in is not None else None
         with self._tx() as c:
-            c.execute("INSERT INTO api_keys(id, name, hash, created, expires) VALUES(?, ?, ?, ?, ?)",
-                      (key_id, name, hash_key(secret), now, expires))
+            c.execute("INSERT INTO api_keys(id, name, hash, created, expires, updated_at) VALUES(?, ?, ?, ?, ?, ?)",
+                      (key_id, name, hash_key(secret), now, expires, now))
             until = f", expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))} UTC" if expires else ""
             _audit(c, actor, "key.create", f"{key_id} for {name}{until}")
         return NewKey(ApiKey(key_id, name, now, expires), secret)
@@ -220,7 +243,7 @@ class StateDB:
                 raise ConfigError(f"{prefix!r} matches {len(rows)} keys ({', '.join(r[0] for r in rows)}); give more of the id")
             key = ApiKey(*rows[0])
             if key.revoked is None:
-                c.execute("UPDATE api_keys SET revoked = ? WHERE id = ?", (now, key.id))
+                c.execute("UPDATE api_keys SET revoked = ?, updated_at = ? WHERE id = ?", (now, now, key.id))
                 _audit(c, actor, "key.revoke", f"{key.id} of {key.name}")
                 key = ApiKey(key.id, key.name, key.created, key.expires, now)
         return key
@@ -235,6 +258,50 @@ class StateDB:
     def key_usable(self, key_id: str, now: float | None = None) -> bool:
         rows = self._read("SELECT id, name, created, expires, revoked FROM api_keys WHERE id = ?", (key_id,))
         return bool(rows) and ApiKey(*rows[0]).state(time.time() if now is None else now) == "active"
+
+    def keys_changed_at(self) -> float:
+        """When a key was last created, revoked or changed (0 with no keys)."""
+        return float(self._read("SELECT coalesce(max(updated_at), 0) FROM api_keys")[0][0])
+
+    # -- sync between the bootstraps of a run (rules in bootstrap.sync) ------------------------------
+    def key_rows(self) -> list["KeyRow"]:
+        from bootstrap.sync import KeyRow
+
+        rows = self._read("SELECT id, name, hash, created, expires, revoked, updated_at FROM api_keys ORDER BY created")
+        return [KeyRow(id=r[0], name=r[1], hash=r[2], created=r[3], expires=r[4], revoked=r[5], updated_at=r[6])
+                for r in rows]
+
+    def merge_sync(self, keys: list["KeyRow"], run_state: "RunStateRow", *, source: str) -> list[str]:
+        """Fold another bootstrap's snapshot in, in one transaction; every change is audited with
+        ``source`` as the actor. Returns what changed (for the log). A conflicting row (one id, two
+        secrets) is kept as it is here and audited."""
+        from bootstrap.sync import RunStateRow, merge_key, merge_run_state
+
+        changes: list[str] = []
+        with self._tx() as c:
+            for remote in keys:
+                local = _key_row(c, remote.id)
+                try:
+                    merged = merge_key(local, remote)
+                except StateError as e:
+                    _audit(c, source, "sync.conflict", str(e))
+                    changes.append(f"conflict on {remote.id}")
+                    continue
+                if merged is not None:
+                    _write_key_row(c, merged)
+                    action = _key_change(local, merged)
+                    _audit(c, source, f"sync.{action}", f"{merged.id} of {merged.name}")
+                    changes.append(f"{action} {merged.id}")
+            row = c.execute("SELECT key, value FROM meta WHERE key IN ('run_state', 'run_state_at')").fetchall()
+            meta = dict(row)
+            local_state = RunStateRow(state=meta.get("run_state", "running"), at=float(meta.get("run_state_at", 0)))
+            newer = merge_run_state(local_state, run_state)
+            if newer is not None:
+                _set_run_state(c, newer.state, newer.at)
+                if newer.state != local_state.state:
+                    _audit(c, source, f"sync.run.{newer.state}", "")
+                    changes.append(f"run {newer.state}")
+        return changes
 
     # -- audit -----------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, detail: str = "") -> None:
@@ -271,6 +338,36 @@ class StateDB:
     def contributions(self) -> list[Contribution]:
         rows = self._read("SELECT peer_id, samples, first_seen, last_seen FROM contributions ORDER BY samples DESC")
         return [Contribution(*row) for row in rows]
+
+
+def _key_row(c: sqlite3.Connection, key_id: str) -> "KeyRow | None":
+    from bootstrap.sync import KeyRow
+
+    r = c.execute("SELECT id, name, hash, created, expires, revoked, updated_at FROM api_keys WHERE id = ?",
+                  (key_id,)).fetchone()
+    return None if r is None else KeyRow(id=r[0], name=r[1], hash=r[2], created=r[3], expires=r[4], revoked=r[5],
+                                         updated_at=r[6])
+
+
+def _write_key_row(c: sqlite3.Connection, row: "KeyRow") -> None:
+    c.execute("INSERT INTO api_keys(id, name, hash, created, expires, revoked, updated_at) VALUES(?, ?, ?, ?, ?, ?, ?) "
+              "ON CONFLICT(id) DO UPDATE SET name = excluded.name, created = excluded.created, "
+              "expires = excluded.expires, revoked = excluded.revoked, updated_at = excluded.updated_at",
+              (row.id, row.name, row.hash, row.created, row.expires, row.revoked, row.updated_at))
+
+
+def _key_change(local: "KeyRow | None", merged: "KeyRow") -> str:
+    if local is None:
+        return "key.create" if merged.revoked is None else "key.create_revoked"
+    if local.revoked is None and merged.revoked is not None:
+        return "key.revoke"
+    return "key.update"
+
+
+def _set_run_state(c: sqlite3.Connection, state: str, at: float) -> None:
+    for key, value in (("run_state", state), ("run_state_at", repr(at))):
+        c.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                  (key, value))
 
 
 def _fold_contribution(c: sqlite3.Connection, peer_id: str, reported: int, now: float) -> None:

@@ -8,8 +8,8 @@ persistent RSA key, the same one that signs its manifest and run-control records
     expiration_time, signature
 
 ``TokenRecordValidator`` (in every node's DHT process) then refuses, under this run's keys:
-stage records and metrics reports that carry no valid token of their signer, and manifest or
-run-control records not signed by the authority. Revocation is a list of key ids in the run-control
+stage records and metrics reports that carry no valid token of their signer, and manifest,
+run-control or bootstraps records not signed by the authority. Revocation is a list of key ids in the run-control
 record, pushed into the validator within seconds (tokens themselves live ``token_ttl``, long enough
 that a swarm outlives a bootstrap outage).
 """
@@ -114,11 +114,12 @@ class TokenRecordValidator(RecordValidatorBase):
         return {"run_id": self.run_id, "authority": self.authority, "revoked": self.revoked}
 
     def __setstate__(self, state: dict) -> None:
-        from dht.control import control_key, metrics_key  # dht.control imports dht.records
+        from dht.control import bootstraps_key, control_key, metrics_key  # dht.control imports dht.records
 
         self.run_id, self.authority, self.revoked = state["run_id"], state["authority"], state["revoked"]
         self._authority_key = RSAPublicKey.from_bytes(self.authority)
-        self._owner_only = {_hashed(manifest_key(self.run_id)), _hashed(control_key(self.run_id))}
+        self._owner_only = {_hashed(manifest_key(self.run_id)), _hashed(control_key(self.run_id)),
+                            _hashed(bootstraps_key(self.run_id))}
         self._tokened = {_hashed(stage_key(self.run_id, s)) for s in range(MAX_STAGES)}
         self._tokened.add(_hashed(metrics_key(self.run_id)))
 

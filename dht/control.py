@@ -1,11 +1,13 @@
 """Run control and metrics records: how the bootstrap tells the swarm to pause, and how trainers and
 peers tell the bootstrap what they did.
 
-Two keys, both small, signed and schema-checked like the others:
+Three keys, all small, signed and schema-checked like the others:
 
 - ``{run}_control``: one ``RunControl`` (running / paused / stopped) per bootstrap, under the
   bootstrap's signed subkey. Readers trust only entries signed by the key that signed the manifest,
   so a peer cannot pause the run by publishing a control record of its own.
+- ``{run}_bootstraps``: one ``BootstrapRecord`` per live bootstrap (a primary and its mirrors),
+  signed by the authority like the control record, TTL 60 s: where a joining node asks for a token.
 - ``{run}_metrics``: one ``MetricsReport`` per trainer or peer (its own signed subkey, TTL 60 s):
   step, loss, tokens/s and the running total of samples it processed.
 """
@@ -35,6 +37,11 @@ __all__ = [
     "publish_control",
     "get_control",
     "find_bootstraps",
+    "BOOTSTRAPS_TTL",
+    "BootstrapRecord",
+    "bootstraps_key",
+    "publish_bootstrap",
+    "get_bootstraps",
     "publish_metrics",
     "get_metrics",
 ]
@@ -43,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 CONTROL_TTL = 600.0
 METRICS_TTL = 60.0
+BOOTSTRAPS_TTL = 60.0
 _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 
 
@@ -53,7 +61,9 @@ class RunState(str, Enum):
 
 
 class RunControl(FrozenModel):
-    """What the run owner wants now. ``changed_at`` (DHT time) orders records of several bootstraps."""
+    """What the run owner wants now. ``changed_at`` is when the owner last changed the run state or
+    the keys (so bootstraps that have synced publish equal records): the newest record's state
+    holds; revocations of every trusted record hold (see ``get_control``)."""
 
     version: int = PROTOCOL_VERSION
     state: RunState = RunState.RUNNING
@@ -77,6 +87,23 @@ class MetricsReport(FrozenModel):
     access_token: str | None = Field(None, max_length=4096)
 
 
+class BootstrapRecord(FrozenModel):
+    """A live bootstrap (primary or ``--mirror``) of the run, where a key can be exchanged for a
+    token. Signed by the run's authority (only a holder of that key can publish one)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    maddrs: list[str] = Field(default_factory=list, max_length=8)
+    role: Literal["primary", "mirror"] = "primary"
+    dashboard: str | None = Field(None, max_length=200)
+    updated: float = 0.0
+    serving: bool = True
+
+
+def bootstraps_key(run_id: str) -> str:
+    return f"{run_id}_bootstraps"
+
+
 def control_key(run_id: str) -> str:
     return f"{run_id}_control"
 
@@ -98,6 +125,7 @@ async def get_control(dht: SwarmDHT) -> RunControl | None:
     trusted = {owner for subkey in _subkeys(manifests) for owner in _OWNER_RE.findall(subkey)}
     found = await dht.dht.get(control_key(dht.run_id), latest=True, return_future=True)
     newest: RunControl | None = None
+    revoked: set[str] = set()
     for subkey, entry in _live_items(found):
         if not trusted.intersection(_OWNER_RE.findall(subkey)):
             logger.debug("ignoring a run control record not signed by a bootstrap")
@@ -106,19 +134,59 @@ async def get_control(dht: SwarmDHT) -> RunControl | None:
             control = RunControl.model_validate(entry.value)
         except ValidationError:
             continue
+        revoked.update(control.revoked)
         if newest is None or control.changed_at > newest.changed_at:
             newest = control
-    return newest
+    if newest is None or revoked == set(newest.revoked):
+        return newest
+    # several bootstraps (a primary and mirrors) that have not synced yet: a revocation published by
+    # any of them holds (revocation is monotonic), the run state is the newest one's
+    return newest.model_copy(update={"revoked": sorted(revoked)[:512]})
+
+
+async def publish_bootstrap(dht: SwarmDHT, record: BootstrapRecord, ttl: float = BOOTSTRAPS_TTL) -> bool:
+    return await dht.dht.store(
+        bootstraps_key(dht.run_id), record.model_dump(mode="json"), expiration_time=get_dht_time() + ttl,
+        subkey=dht._subkey(), return_future=True,
+    )
+
+
+async def get_bootstraps(dht: SwarmDHT, *, withdrawn: bool = False) -> list[tuple[BootstrapRecord, bytes]]:
+    """Live bootstrap records signed by a manifest publisher (the run's authority), with their
+    signer, most recently refreshed first; those withdrawn at shutdown only if ``withdrawn``. A
+    record whose subkey names another peer is ignored."""
+    manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
+    trusted = {owner for subkey in _subkeys(manifests) for owner in _OWNER_RE.findall(subkey)}
+    found = await dht.dht.get(bootstraps_key(dht.run_id), latest=True, return_future=True)
+    records = []
+    for subkey, entry in _live_items(found):
+        owners = _OWNER_RE.findall(subkey)
+        if len(owners) != 1 or owners[0] not in trusted:
+            continue
+        try:
+            record = BootstrapRecord.model_validate(entry.value)
+        except ValidationError:
+            continue
+        if (record.serving or withdrawn) and subkey.startswith(record.peer_id.encode() + b"[owner:"):
+            records.append((record, owners[0]))
+    return sorted(records, key=lambda item: -item[0].updated)
 
 
 async def find_bootstraps(dht: SwarmDHT) -> list[tuple[str, bytes]]:
-    """``(peer id, record public key)`` of every bootstrap publishing the run's manifest now."""
+    """``(peer id, record public key)`` of every bootstrap (primary or mirror) of the run: those in
+    ``{run}_bootstraps`` first (newest first), then any other manifest publisher (a bootstrap of an
+    older swarm publishes only the manifest)."""
+    records = await get_bootstraps(dht, withdrawn=True)
+    found = [(record.peer_id, owner) for record, owner in records if record.serving]
+    known = {record.peer_id for record, _ in records}  # a bootstrap that withdrew is not asked
     manifests = await dht.dht.get(manifest_key(dht.run_id), latest=True, return_future=True)
-    found = []
     for subkey in _subkeys(manifests):
         owners = _OWNER_RE.findall(subkey)
         if len(owners) == 1:
-            found.append((subkey[: subkey.index(b"[owner:")].decode(errors="replace"), owners[0]))
+            peer = subkey[: subkey.index(b"[owner:")].decode(errors="replace")
+            if peer not in known:
+                known.add(peer)
+                found.append((peer, owners[0]))
     return found
 
 

@@ -44,9 +44,11 @@ class RunSchemaValidator(RecordValidatorBase):
         self._models[_hashed(store_key(run_id))] = StoreRecord
         self._models[_hashed(telemetry_key(run_id))] = MetricsRecord
         from dht.control import MetricsReport, RunControl, control_key, metrics_key  # dht.control imports records
+        from dht.control import BootstrapRecord, bootstraps_key
 
         self._models[_hashed(control_key(run_id))] = RunControl
         self._models[_hashed(metrics_key(run_id))] = MetricsReport
+        self._models[_hashed(bootstraps_key(run_id))] = BootstrapRecord
 
     def validate(self, record: DHTRecord) -> bool:
         model = self._models.get(record.key)

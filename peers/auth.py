@@ -154,13 +154,14 @@ class AuthedTransport:
         await self.inner.serve(method, handler)
 
     async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
-                   timeout: float) -> tuple[Any, list[torch.Tensor]]:
+                   timeout: float, **options: Any) -> tuple[Any, list[torch.Tensor]]:
+        """``options`` (``max_reply_bytes``) go to the inner transport's call."""
         if self._presented.get(peer_id) != self.token():
             await self._present(peer_id, timeout)
-        reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout)
+        reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout, **options)
         if _not_presented(reply):  # the peer restarted or dropped us: present again, once
             await self._present(peer_id, timeout)
-            reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout)
+            reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout, **options)
         return reply, out
 
     async def _present(self, peer_id: str, timeout: float) -> None:
@@ -202,9 +203,10 @@ class RunAuth:
                                "(the run owner makes one with `swarm keys create`)")
         found = await find_bootstraps(dht)
         if not found:
-            raise PeerUnavailable("no bootstrap of this run is reachable to exchange the key for a token")
+            raise PeerUnavailable(_no_bootstrap(dht.run_id, "none is announced in the DHT"))
         transport = P2PTransport(await dht.dht.replicate_p2p())
-        auth = cls(dht, key, control, found[0][1], [peer for peer, _ in found], transport, on_revoked=on_revoked)
+        auth = cls(dht, key, control, found[0][1], _entry_first(dht, [peer for peer, _ in found]), transport,
+                   on_revoked=on_revoked)
         try:
             await auth.renew()
         except BaseException:
@@ -218,26 +220,38 @@ class RunAuth:
 
     async def renew(self) -> None:
         """A fresh token for this node's key (``exchange``)."""
-        got = await self.exchange(self.key)
+        got, bootstrap = await self.exchange(self.key)
         self.token, self.key_id, self.expires = got.token, got.key_id, got.expires
-        logger.info("access token for key %s, valid for %.0f s", got.key_id, got.expires - get_dht_time())
+        logger.info("access token for key %s from bootstrap %s, valid for %.0f s", got.key_id, bootstrap[-8:],
+                    got.expires - get_dht_time())
 
-    async def exchange(self, key: str) -> TokenReply:
-        """Trade ``key`` for a token for this node, asking each bootstrap in turn: ``AuthRejected`` if
-        the key is unknown, revoked or expired, the last error if no bootstrap answers. (The API server
-        also uses it to check its clients' keys against the run's.)"""
+    async def exchange(self, key: str) -> tuple[TokenReply, str]:
+        """Trade ``key`` for a token for this node, asking each bootstrap or mirror of the run in turn
+        (those announced now in the DHT, signed by the run's authority, then the ones known before);
+        returns the token and the bootstrap that gave it. ``AuthRejected`` if the key is revoked,
+        expired or unknown everywhere, ``PeerUnavailable`` if none answers. (The API server also uses
+        it to check its clients' keys against the run's.)"""
         public_key = base64.b64encode(self.dht._signer.local_public_key[len(b"[owner:"):-1]).decode()
         request = TokenRequest(key=key, peer_id=self.dht.peer_id, public_key=public_key).model_dump()
-        error: Exception = PeerUnavailable("no bootstrap answered")
+        with contextlib.suppress(Exception):  # a DHT hiccup: ask the ones we know
+            live = _entry_first(self.dht, [peer for peer, owner in await find_bootstraps(self.dht)
+                                           if owner == self.authority])
+            self.bootstraps = [*live, *(peer for peer in self.bootstraps if peer not in live)]
+        errors: list[str] = []
+        unknown: AuthRejected | None = None
         for bootstrap in self.bootstraps:
             try:
-                reply, _ = await self.transport.call(bootstrap, TOKEN, request, [], timeout=30)
-                return parse_reply(TokenReply, reply)
-            except AuthRejected:
-                raise
+                reply, _ = await self.transport.call(bootstrap, TOKEN, request, [], timeout=_TOKEN_TIMEOUT)
+                return parse_reply(TokenReply, reply), bootstrap
+            except AuthRejected as e:
+                if not str(e).startswith("unknown API key"):
+                    raise  # revoked, expired, malformed: the same answer everywhere
+                unknown = unknown or e  # a key made seconds ago on another bootstrap: ask that one
             except SwarmError as e:  # that bootstrap is down: try the next one
-                error = e
-        raise error
+                errors.append(f"{bootstrap[-8:]}: {type(e).__name__}")
+        if unknown is not None:
+            raise unknown
+        raise PeerUnavailable(_no_bootstrap(self.dht.run_id, f"tried {len(errors)}: {', '.join(errors)}"))
 
     def follow(self, control: RunControl) -> None:
         """Apply a run-control record: new revocations reach the gate and the DHT validator."""
@@ -278,6 +292,23 @@ class RunAuth:
         with contextlib.suppress(Exception):
             await self.transport.shutdown()
             await self.transport.p2p.shutdown()
+
+
+_TOKEN_TIMEOUT = 15.0
+
+
+def _no_bootstrap(run_id: str, detail: str) -> str:
+    """The honest limit of a keyed run: only a holder of the authority key can check a key."""
+    return (f"no bootstrap or mirror of run {run_id!r} is reachable to check this API key ({detail}). Only a "
+            "bootstrap holding the run's authority key can issue access tokens: the peers already in the run "
+            "keep training, but a new one can join only once the run owner's bootstrap (or a `swarm bootstrap "
+            "--mirror`) is back")
+
+
+def _entry_first(dht: SwarmDHT, bootstraps: list[str]) -> list[str]:
+    """The bootstraps this node was pointed at (``--bootstrap``) first, then the others."""
+    entry = {str(addr).rsplit("/p2p/", 1)[-1] for addr in (getattr(dht.dht, "initial_peers", None) or [])}
+    return sorted(bootstraps, key=lambda peer: peer not in entry)
 
 
 async def _wait_control(dht: SwarmDHT, wait: float) -> RunControl | None:

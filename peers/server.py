@@ -53,7 +53,7 @@ from peers.measure import (
 from peers.protocol import BACKWARD, FORWARD
 from peers.reachability import explain_placement
 from peers.routing import record_loads
-from peers.auth import PRESENT, GatedTransport, RunAuth
+from peers.auth import PRESENT, AuthedTransport, GatedTransport, RunAuth
 from peers.recovery import adopt_state
 from peers.resync import ResyncWatch
 from peers.inference import InferenceSessions
@@ -163,7 +163,7 @@ class Peer:
             "state": PeerState.ONLINE, "hardware": probe_hardware(), "step": self.service.executor.optimizer_step}))
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
         self._start_checkpoints(self.service.executor)
-        self.resync = ResyncWatch(self.dht.stage_records, self._served_executors, StageClient(self._transport),
+        self.resync = ResyncWatch(self.dht.stage_records, self._served_executors, StageClient(self._replica_transport()),
                                   self._in_compute, self._identity, self.peer_id)
         self.resync.start()
         self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state,
@@ -421,7 +421,7 @@ class Peer:
         records = await self.dht.stage_records(executor.stage)
         replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
         source = await adopt_state(
-            executor, identity, replicas=replicas, client=StageClient(self._transport),
+            executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=self._in_compute,
         )
         logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
@@ -430,6 +430,11 @@ class Peer:
     def _served_executors(self) -> list[StageExecutor]:
         """The stages this peer serves now (none while it moves between stages)."""
         return [self.service.executor] if self.service is not None else []
+
+    def _replica_transport(self) -> AuthedTransport | P2PTransport:
+        """For calls to other peers' gated handlers (a replica's state): on a keyed run they present
+        this peer's token first, as a trainer does, else the replica refuses them."""
+        return self._transport if self._auth is None else AuthedTransport(self._transport, self._auth.token_text)
 
     @property
     def _identity(self) -> StateIdentity:

@@ -93,6 +93,12 @@ def bootstrap(
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
     open_run: Optional[bool] = typer.Option(None, "--open", help="a public run: joining needs no API key"),
     dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="admin dashboard port (default 8002)"),
+    mirror: Optional[str] = typer.Option(
+        None, "--mirror", help="multiaddr of a running bootstrap of this run: start a second bootstrap that serves "
+        "joins and a dashboard too, and syncs keys and run state with it (needs --authority-key)"),
+    authority_key: Optional[Path] = typer.Option(
+        None, "--authority-key", help="the run's authority key: a copy of authority.key from the first bootstrap's "
+        "state dir (<state-dir>/<run>/authority.key); a mirror needs it to issue tokens"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
     run: Optional[str] = RunOpt,
@@ -108,7 +114,8 @@ def bootstrap(
         config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
-                   "open": open_run, "dashboard_port": dashboard_port},
+                   "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
+                   "authority_key": authority_key},
     )
 
     async def serve(stop: asyncio.Event) -> None:
@@ -116,6 +123,9 @@ def bootstrap(
             set_log_identity(node.dht.peer_id)
             manifest = node.manifest
             (node.state_dir / "maddrs.json").write_text(json.dumps(node.maddrs))
+            if node.mirror is not None:
+                console.print(f"[bold green]mirror[/] of the bootstrap at {node.mirror}: keys and run state sync "
+                              f"every {settings.bootstrap.sync_interval:g} s")
             console.print(f"[bold green]run {manifest.run_id!r}[/]: {manifest.model}, {manifest.num_layers} "
                           f"layers in {manifest.num_stages} stages {[s.as_list() for s in manifest.stages]}")
             if node.telemetry is not None and node.telemetry.server is not None:

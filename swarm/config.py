@@ -60,6 +60,10 @@ class BootstrapSettings(_Section):
     dashboard_port: int = Field(8002, ge=0, le=65535, description="admin dashboard port (0: a free one)")
     dashboard_host: str | None = Field(None, description="dashboard listen address (default: network.host)")
     dashboard: bool = Field(True, description="serve the admin dashboard and HTTP API")
+    mirror: str | None = Field(None, description="multiaddr of a running bootstrap of this run: start as its mirror")
+    authority_key: Path | None = Field(None, description="the run's authority key (authority.key of the first "
+                                       "bootstrap's state dir); a mirror needs it to issue tokens")
+    sync_interval: float = Field(5.0, gt=0, description="seconds between state syncs with the run's other bootstraps")
 
 
 class PeerSettings(_Section):

@@ -43,10 +43,13 @@ class LocalSwarm:
         for i in range(self.num_peers):
             self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
 
-    def add_peer(self, stage: int | None = None, key: str | None = None, **peer: object) -> Peer:
-        """Each peer has a state dir of its own (``peer<n>``), as on separate machines."""
+    def add_peer(self, stage: int | None = None, key: str | None = None, *, initial_peers: list[str] | None = None,
+                 **peer: object) -> Peer:
+        """Each peer has a state dir of its own (``peer<n>``), as on separate machines; it joins
+        through ``initial_peers`` (default: the bootstrap)."""
         settings = load_settings(
-            run_id=self.run_id, key=key, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
+            run_id=self.run_id, key=key,
+            network={"host": "127.0.0.1", "initial_peers": initial_peers or self.initial_peers},
             state_dir=self.state_dir / f"peer{len(self.peers)}",
             peer={"stage": stage, "threads": 1, **self.peer_settings, **peer},
         )

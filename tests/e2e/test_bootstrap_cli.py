@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.state import StateDB
 from dht.control import RunState
@@ -166,3 +167,24 @@ def test_keys_and_run_errors_are_one_line(args, words, tmp_path):
         StateDB(tmp_path / "swarm" / "state.db").close()
     result = _swarm(*args, state=tmp_path)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_bootstrap_help_documents_mirror():
+    result = subprocess.run(SWARM + ["bootstrap", "--help"], capture_output=True, text=True, timeout=60,
+                            env={**ENV, "COLUMNS": "200"})
+    assert result.returncode == 0 and "--mirror" in result.stdout and "--authority-key" in result.stdout
+    assert "authority.key" in result.stdout
+
+
+_NOWHERE = "/ip4/127.0.0.1/tcp/9/p2p/QmbQ3pZqWtWfK1hSzV6XKdPEKJpkfhgfqGfmUbJZhEXPxV"
+
+
+def test_unreachable_mirror_is_one_line(tmp_path):
+    """The other bad mirror inputs (no key, a wrong key, not a key, not an address) are tested in
+    process in tests/integration/test_mirror.py; this one checks the CLI's one-line error."""
+    key = tmp_path / "authority.key"
+    key.write_bytes(RSAPrivateKey().to_bytes())
+    result = _swarm("bootstrap", "--mirror", _NOWHERE, "--authority-key", str(key), "--host", "127.0.0.1",
+                    "--dashboard-port", "0", state=tmp_path / "state")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert f"cannot reach the bootstrap to mirror at {_NOWHERE}" in " ".join(result.stderr.split()), result.stderr
