@@ -108,7 +108,7 @@ async def _download(executor: StageExecutor, identity: StateIdentity, peer_id: s
     for _ in range(rounds):
         meta, tensors = await client.fetch_state(peer_id, executor.stage, executor.layers)
         await compute(_apply, executor, identity, meta, tensors)
-        now = (await client.info(peer_id)).optimizer_step
+        now = (await client.info(peer_id, executor.stage)).optimizer_step
         if now == meta.step:
             return meta.step
         logger.info("replica %s stepped from %d to %d during the download; fetching again", peer_id[-8:],
