@@ -72,7 +72,7 @@ from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_
 from shards.source import resolve_model
 from shards.stage import load_stage
 from swarm.config import SwarmSettings
-from swarm.errors import ConfigError, ModelLoadError, PeerUnavailable, WrongStage
+from swarm.errors import ConfigError, InsufficientMemory, ModelLoadError, PeerUnavailable, WrongStage
 
 __all__ = ["Peer", "StageSlot"]
 
@@ -82,7 +82,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StageSlot:
     """One stage this peer serves: what it announces, and (once loaded) its service, averager and
-    checkpoints. A slot without a service is loading."""
+    checkpoints. A slot without a service is loading.
+
+    Each slot has its own compute thread: a stage's requests run one at a time on it (no locks around
+    the module and optimizer), and a step that waits for its replicas to average holds up only its own
+    stage. On one shared thread, two peers serving stages 2..3 that took the two step calls in
+    opposite orders would each wait for the other's averaging until the timeout."""
 
     stage: int
     record: PeerRecord
@@ -90,16 +95,28 @@ class StageSlot:
     sync: HivemindGradientSync | None = None
     checkpointer: Checkpointer | None = None
     checkpoint_task: asyncio.Task | None = None
+    worker: ThreadPoolExecutor | None = None
 
-    def shutdown(self) -> None:
-        """Stop its checkpoints and release its executor and averager (the service owns the averager
-        once it exists)."""
+    def __post_init__(self) -> None:
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.stage}")
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on this stage's compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def close(self) -> None:
+        """Stop its checkpoints, release its executor and averager (the service owns the averager once
+        it exists) and its thread."""
         if self.checkpoint_task is not None:
             self.checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.checkpoint_task
         if self.service is not None:
             self.service.shutdown()
         elif self.sync is not None:
             self.sync.shutdown()
+        await asyncio.to_thread(self.worker.shutdown, wait=True, cancel_futures=True)
 
 
 class Peer:
@@ -132,7 +149,7 @@ class Peer:
         self._watcher: RunWatcher | None = None
         self._leaving: asyncio.Task | None = None
         self._auth: RunAuth | None = None
-        # every torch call of this peer runs on this one thread (see StageService)
+        # measuring runs here; each served stage computes on a thread of its own (see StageSlot)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @property
@@ -274,6 +291,10 @@ class Peer:
             if span.end >= manifest.num_stages:
                 raise ConfigError(f"--stage {pinned}: stage {span.end} does not exist, the run has "
                                   f"{manifest.num_stages} stages (0 to {manifest.num_stages - 1})")
+            needed = sum(self._stage_bytes[stage] for stage in span.stages)
+            if needed > self._memory:
+                raise InsufficientMemory(f"--stage {pinned} needs {needed / 2**30:.2f} GiB (parameters, gradients "
+                                         f"and AdamW state) but this peer has {self._memory / 2**30:.2f} GiB free")
             self.claim_reason = "pinned with --stage"
             return span
         records = await self.dht.all_records(manifest.num_stages)
@@ -293,7 +314,7 @@ class Peer:
         the old span has drained by now."""
         for stage in span.stages:
             slot = self.slots[stage]
-            module = await self._in_compute(self._load, self.manifest, stage)
+            module = await slot.run(self._load, self.manifest, stage)
             prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
             slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()))
             executor = StageExecutor(
@@ -301,9 +322,9 @@ class Peer:
                 cache_size=self.settings.peer.cache_size, sync=slot.sync,
                 averaging_timeout=self.settings.peer.averaging_timeout,
             )
-            slot.service = StageService(executor, self.peer_id, worker=self._compute, identity=self._identity)
+            slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
         for slot in self.slots.values():
-            await self._adopt_state(slot.service.executor, self._identity)  # never serve stale weights
+            await self._adopt_state(slot, self._identity)  # never serve stale weights
             self._start_checkpoints(slot)
 
     async def _register_handlers(self) -> None:
@@ -330,11 +351,15 @@ class Peer:
         """The service of the stage a request names. A message without a stage (``info``, or a
         malformed one) goes to the first stage's service, whose parser answers it or names the error."""
         stage = message.get("stage") if isinstance(message, dict) else None
-        slot = self.slots.get(stage) if isinstance(stage, int) else next(iter(self.slots.values()), None)
+        named = isinstance(stage, int) and not isinstance(stage, bool)
+        slot = self.slots.get(stage) if named else next(iter(self.slots.values()), None)
         if slot is not None and slot.service is not None:
             return slot.service
-        if self._moving or not self.slots or (slot is not None and slot.service is None):
+        first = next(iter(self.slots.values()), None)
+        if self._moving or first is None or first.service is None or slot is not None:
             raise PeerUnavailable(f"peer {self.peer_id[-8:]} is loading {self.span or 'its stages'}")
+        first.service.errors_replied += 1  # the peer's refusals count with its first stage's (``info``)
+        logger.info("refused a request for stage %s: this peer serves %s", stage, self.span)
         raise WrongStage(f"peer {self.peer_id[-8:]} serves {self.span}, not stage {stage}")
 
     def _dispatch(self, method: str) -> Callable:
@@ -438,7 +463,7 @@ class Peer:
                 self._past_steps[slot.stage] = slot.service.executor.optimizer_step  # its last ledger window still ends
                 if slot.stage not in move.new.stages:
                     await self.dht.withdraw(slot.record)
-                slot.shutdown()
+                await slot.close()
             self.slots = {record.stage: StageSlot(record.stage, record) for record in self._pending}
             self._pending = []
             await self._serve_span(move.new)
@@ -482,13 +507,14 @@ class Peer:
     def _store_client(self) -> StoreClient:
         return StoreClient(self._transport, self.dht.stores)
 
-    async def _adopt_state(self, executor: StageExecutor, identity: StateIdentity) -> None:
+    async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
+        executor = slot.service.executor
         records = await self.dht.stage_records(executor.stage)
         replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._transport),
-            store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=self._in_compute,
+            store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,
         )
         logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
                     executor.optimizer_step, source)
@@ -502,7 +528,7 @@ class Peer:
         executor = slot.service.executor
         slot.checkpointer = Checkpointer(
             executor, self._identity, local=self._checkpoint_dir(executor.stage), store=self._store_client(),
-            every=self.settings.peer.checkpoint_every, compute=self._in_compute,
+            every=self.settings.peer.checkpoint_every, compute=slot.run,
         )
         slot.checkpoint_task = asyncio.create_task(slot.checkpointer.run(), name=f"stage{slot.stage}-checkpoints")
 
@@ -569,8 +595,8 @@ class Peer:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):
                 await self._transport.p2p.shutdown()
-        for slot in self.slots.values():  # a slot stopped between its averager and its service has only the first
-            slot.shutdown()
+        for slot in self.slots.values():
+            await slot.close()
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)

@@ -5,8 +5,11 @@ a span takes every stage's current state and averages with it per stage."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from hivemind.utils import get_dht_time
 from transformers import AutoModelForCausalLM
 
 from dht.records import SwarmDHT
@@ -74,24 +77,6 @@ def test_two_peers_serve_four_stages_in_spans_and_train_like_local(model_factory
             assert abs(got - expected) <= 1e-4, f"step {step}: swarm {got} vs local {expected}"
         assert [slot.service.executor.optimizer_step for p in (first, second) for slot in p.slots.values()] == [3] * 4
 
-        # a request for a stage the peer does not serve is refused by name; the peer keeps serving
-        async def ask_wrong_stage(dht: SwarmDHT):
-            client = StageClient(P2PTransport(await dht.dht.replicate_p2p()), attempts=1)
-            try:
-                with pytest.raises(WrongStage, match=r"serves stages 2\.\.3, not stage 0"):
-                    await client.forward(second.peer_id, 0, records[0][0].layers, "wrong",
-                                         (torch.zeros(1, 2, 32), None, None), train=False)
-                return await client.info(second.peer_id, 3)
-            finally:
-                await client.transport.p2p.shutdown()
-
-        dht = SwarmDHT.create_client("test", swarm.initial_peers)
-        try:
-            info = swarm.loop.run(ask_wrong_stage(dht), timeout=60)
-        finally:
-            dht.shutdown()
-        assert (info.stage, info.optimizer_step) == (3, 3)
-
         # a replica joins the second peer's span mid-run: it downloads both stages' current state
         joined = swarm.add_peer(stage="2-3", rebalance=False)
         assert joined.stages == [2, 3] and all(s.record.state == PeerState.ONLINE for s in joined.slots.values())
@@ -106,3 +91,35 @@ def test_two_peers_serve_four_stages_in_spans_and_train_like_local(model_factory
             mine, theirs = joined.slots[stage].service.executor, second.slots[stage].service.executor
             assert mine.optimizer_step == theirs.optimizer_step == 4
             assert _max_diff(mine.module, theirs.module) <= 1e-5
+
+    # over real P2P from a node of its own: a request for a stage the peer does not serve is refused by
+    # name (the peer keeps serving), and two span peers given their two step calls in opposite orders
+    # both average both stages (on one compute thread per peer they waited for each other until timeout)
+    async def calls(dht: SwarmDHT):
+        client = StageClient(P2PTransport(await dht.dht.replicate_p2p()), attempts=1)
+        try:
+            with pytest.raises(WrongStage, match=r"serves stages 2\.\.3, not stage 0"):
+                await client.forward(second.peer_id, 0, records[0][0].layers, "wrong",
+                                     (torch.zeros(1, 2, 32), None, None), train=False)
+            info = await client.info(second.peer_id, 3)
+            members, when = sorted([second.peer_id, joined.peer_id]), get_dht_time() + 0.5
+            first_calls = [client.step(second.peer_id, 3, records[3][0].layers, 4, members, when),
+                           client.step(joined.peer_id, 2, records[2][0].layers, 4, members, when)]
+            started = [asyncio.ensure_future(call) for call in first_calls]
+            await asyncio.sleep(0.3)  # each peer's compute for one stage is under way before the other arrives
+            then = [client.step(second.peer_id, 2, records[2][0].layers, 4, members, when),
+                    client.step(joined.peer_id, 3, records[3][0].layers, 4, members, when)]
+            return info, await asyncio.gather(*started, *then)
+        finally:
+            await client.transport.p2p.shutdown()
+
+    dht = SwarmDHT.create_client("test", swarm.initial_peers)
+    try:
+        info, steps = swarm.loop.run(calls(dht), timeout=120)
+    finally:
+        dht.shutdown()
+    assert (info.stage, info.optimizer_step) == (3, 4)
+    assert [(r.step, r.optimizer_step, r.group_size) for r in steps] == [(4, 5, 2)] * 4
+    for stage in (2, 3):
+        mine, theirs = joined.slots[stage].service.executor, second.slots[stage].service.executor
+        assert _max_diff(mine.module, theirs.module) <= 1e-5
