@@ -242,6 +242,7 @@ class Peer:
             peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=self.manifest.stages[stage], state=state,
             hardware=probe_hardware(), throughput=m.per_stage(span.count), latency_ms=m.latency_ms,
             bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib,
+            access_token=self._auth.token if self._auth is not None else None,  # keyed runs refuse records without
         ) for stage in span.stages]
 
     # -- measuring and claiming -------------------------------------------------------------------
