@@ -139,8 +139,8 @@ def join(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
     stage: Optional[str] = typer.Option(None, "--stage", help="serve this stage, or a range like 2-3, instead of what "
                                         "placement picks"),
-    max_stages: Optional[int] = typer.Option(None, "--max-stages", min=1,
-                                             help="serve at most this many consecutive stages (default: as memory holds)"),
+    max_stages: Optional[int] = typer.Option(
+        None, "--max-stages", min=1, help="serve at most this many consecutive stages (default: as memory holds)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
     key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     host: Optional[str] = HostOpt,

@@ -63,9 +63,11 @@ async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> No
         console.print(f"          fix: {verdict.fix}", highlight=False)
     if len(peer.stages) == 1:
         record = peer.record
-        console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {peer.claim_reason}", highlight=False)
+        console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {peer.claim_reason}",
+                      highlight=False)
     else:
-        console.print(f"[bold]stages[/]    {describe_span(peer)[len('stages '):]}: {peer.claim_reason}", highlight=False)
+        console.print(f"[bold]stages[/]    {describe_span(peer)[len('stages '):]}: {peer.claim_reason}",
+                      highlight=False)
     if peer.telemetry is not None and peer.telemetry.server is not None:
         console.print(f"[bold]metrics[/]   {peer.telemetry.server.url}")
 
@@ -75,7 +77,8 @@ def _line(peer: Peer) -> str:
     requests_per_s, tokens_per_s = telemetry.activity.rates()
     entries = len(telemetry.recorder.writer.entries) if telemetry.recorder else 0
     stages = peer.stages
-    return format_live_line(stages[0] if len(stages) == 1 else f"{stages[0]}-{stages[-1]}", requests_per_s, tokens_per_s, telemetry.activity.tokens,
+    label = stages[0] if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
+    return format_live_line(label, requests_per_s, tokens_per_s, telemetry.activity.tokens,
                             telemetry.activity.microbatches, entries, telemetry.activity.in_flight)
 
 
