@@ -115,8 +115,9 @@ class StageClient:
         reply, _ = await self._call(peer_id, ABORT, request, [])
         return parse_reply(AbortResponse, reply)
 
-    async def info(self, peer_id: str) -> InfoResponse:
-        reply, _ = await self._call(peer_id, INFO, InfoRequest(), [])
+    async def info(self, peer_id: str, stage: int | None = None) -> InfoResponse:
+        """How ``stage`` stands on that peer (its first stage when ``None``)."""
+        reply, _ = await self._call(peer_id, INFO, InfoRequest(stage=stage), [])
         return parse_reply(InfoResponse, reply)
 
     async def fetch_state(

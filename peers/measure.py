@@ -27,6 +27,7 @@ import torch
 from peers.protocol import ECHO, EchoRequest, EchoResponse, ok_reply, parse_reply, parse_request
 from peers.transport import Transport
 from shards.families import family_of
+from shards.placement import contribution
 from shards.stage import StageModule
 from shards.types import LayerRange
 from swarm.errors import BadRequest, SwarmError
@@ -58,12 +59,20 @@ Progress = Callable[[str, float], None]
 
 @dataclass(frozen=True)
 class Measurement:
-    """What a peer publishes about itself (tokens/s for one stage; ms; megabits/s; GiB)."""
+    """What a peer publishes about itself (tokens/s for one stage; ms; megabits/s; GiB), and what
+    placement reads: ``compute`` (tokens/s for one stage) and ``network`` (tokens/s its link carries)."""
 
     throughput: float
     latency_ms: float | None
     bandwidth_mbps: float | None
     memory_gib: float
+    compute: float = 0.0
+    network: float = math.inf
+
+    def per_stage(self, count: int) -> float:
+        """Tokens/s this peer gives each of ``count`` stages it serves: what it announces per stage,
+        the same share placement counts (``shards.placement.contribution``)."""
+        return round(contribution(self.compute or self.throughput, count, self.network), 1)
 
 
 def measure_throughput(module: torch.nn.Module, hidden_size: int, *, batch: int = 4, seq: int = 64,

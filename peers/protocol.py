@@ -151,7 +151,9 @@ class AbortResponse(_Message):
 
 
 class InfoRequest(_Message):
-    pass
+    """How a replica stands; ``stage`` picks one of a peer serving several (default: its first)."""
+
+    stage: int | None = Field(None, ge=0)
 
 
 class InfoResponse(_Message):

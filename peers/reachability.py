@@ -118,15 +118,19 @@ def explain_claim(coverage: Sequence[int], stage: int) -> str:
     return f"{why}; peers per stage {{{seen}}}"
 
 
-def explain_placement(loads: Sequence[float], stage: int, throughput: float) -> str:
-    """Why a joining peer took ``stage`` given the tokens/s each stage had (``loads``) and its own."""
+def explain_placement(loads: Sequence[float], stage: int, throughput: float, count: int = 1) -> str:
+    """Why a joining peer took the ``count`` stages from ``stage`` given the tokens/s each stage had
+    (``loads``) and what it gives each of them (``throughput``)."""
+    span = range(stage, stage + count)
     before = min(loads)
-    after = min(load + throughput if i == stage else load for i, load in enumerate(loads))
-    if loads[stage] <= 0:
-        why = "nobody served it"
-    elif loads[stage] == before:
-        why = f"it was the bottleneck ({loads[stage]:.0f} tokens/s)"
+    after = min(load + throughput if i in span else load for i, load in enumerate(loads))
+    low = min(loads[i] for i in span)
+    it = "it" if count == 1 else "some of them"
+    if low <= 0:
+        why = f"nobody served {it}"
+    elif low == before:
+        why = f"{it} {'was' if count == 1 else 'were'} the bottleneck ({low:.0f} tokens/s)"
     else:
-        why = f"it gained most ({loads[stage]:.0f} tokens/s there)"
+        why = f"{'it' if count == 1 else 'they'} gained most ({low:.0f} tokens/s there)"
     seen = ", ".join(f"{i}:{load:.0f}" for i, load in enumerate(loads))
     return f"{why}; bottleneck {before:.0f} -> {after:.0f} tokens/s; tokens/s per stage {{{seen}}}"

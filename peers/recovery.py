@@ -109,7 +109,7 @@ async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: 
     for _ in range(rounds):
         meta, tensors = await client.fetch_state(peer_id, executor.stage, executor.layers)
         await compute(_apply, executor, identity, meta, tensors)
-        now = (await client.info(peer_id)).optimizer_step
+        now = (await client.info(peer_id, executor.stage)).optimizer_step
         if now == meta.step:
             return meta.step
         logger.info("replica %s stepped from %d to %d during the download; fetching again", peer_id[-8:],

@@ -42,10 +42,12 @@ class ResyncWatch:
     """Watches the stages this peer serves (``current()``) and resyncs any that fell behind."""
 
     def __init__(self, records: Callable[[int], Awaitable[list[PeerRecord]]],
-                 current: Callable[[], Sequence[StageExecutor]], client: StageClient, compute: Compute,
+                 current: Callable[[], Sequence[tuple[StageExecutor, Compute]]], client: StageClient,
                  identity: StateIdentity, me: str, *, period: float = RECORD_REFRESH):
+        """``current()``: each served stage's executor with the function that runs a call on that
+        stage's compute thread."""
         self._records, self._current, self._client = records, current, client
-        self._compute, self._identity, self._me, self._period = compute, identity, me, period
+        self._identity, self._me, self._period = identity, me, period
         self._behind_at: dict[int, int] = {}
         self.resyncs = 0
         self._task: asyncio.Task | None = None
@@ -61,15 +63,15 @@ class ResyncWatch:
     async def check_once(self) -> list[int]:
         """One look at every served stage; returns the stages that were resynced."""
         done = []
-        for executor in self._current():
+        for executor, compute in self._current():
             try:
-                if await self._check(executor):
+                if await self._check(executor, compute):
                     done.append(executor.stage)
             except SwarmError as e:  # no replica handed its state over: try again next period
                 logger.warning("stage %d is behind its replicas and resyncing failed: %s", executor.stage, e)
         return done
 
-    async def _check(self, executor: StageExecutor) -> bool:
+    async def _check(self, executor: StageExecutor, compute: Compute) -> bool:
         records = await self._records(executor.stage)
         others = {r.peer_id: r.step for r in records if r.state == PeerState.ONLINE and r.peer_id != self._me
                   and r.layers == executor.layers}
@@ -83,7 +85,7 @@ class ResyncWatch:
         ahead = max(others, key=others.__getitem__)
         logger.warning("stage %d here is at step %d, replica %s at step %d: taking its state", executor.stage,
                        mine, ahead[-8:], others[ahead])
-        step = await take_state(executor, self._identity, ahead, self._client, self._compute)
+        step = await take_state(executor, self._identity, ahead, self._client, compute)
         self._behind_at.pop(executor.stage, None)
         self.resyncs += 1
         logger.info("stage %d resynced to step %d from replica %s", executor.stage, step, ahead[-8:])

@@ -114,10 +114,16 @@ def record_loads(
 ) -> list[float]:
     """Tokens/s claimed for each stage by live (loading or online) peers, each counted once per stage,
     leaving out ``exclude`` (the peer doing the sums adds itself as it sees fit). Draining peers are
-    leaving and do not count: what placement balances."""
+    leaving and do not count: what placement balances. A peer that announced ``loading`` somewhere
+    while still online elsewhere has claimed a move: it counts where it goes, not also where it is (so
+    two peers that claim the same hole at once each see the other gone from its old stage and back off,
+    instead of both finding the move still worth it)."""
     live = {PeerState.LOADING, PeerState.ONLINE}
+    moving = {r.peer_id for rs in records.values() for r in rs if r.state == PeerState.LOADING}
     loads = []
     for stage in range(num_stages):
-        seen = {r.peer_id: r.throughput for r in records.get(stage, ()) if r.state in live and r.peer_id != exclude}
+        seen = {r.peer_id: r.throughput for r in records.get(stage, ())
+                if r.state in live and r.peer_id != exclude
+                and (r.state == PeerState.LOADING or r.peer_id not in moving)}
         loads.append(float(sum(seen.values())))
     return loads

@@ -1,5 +1,5 @@
-"""``Peer``: a serving peer's whole life: join the DHT, measure itself, claim a stage, load it, serve,
-move when that raises the swarm's bottleneck, leave.
+"""``Peer``: a serving peer's whole life: join the DHT, measure itself, claim a span of stages, load
+them, serve, move when that raises the swarm's bottleneck, leave.
 
     async with Peer(settings) as peer:       # joined, loaded, announced online
         await peer.wait_closed()             # until stop() (Ctrl+C / SIGTERM in the CLI)
@@ -8,13 +8,19 @@ move when that raises the swarm's bottleneck, leave.
 the DHT process and its p2pd down, so nothing is left running.
 
 Placement (``shards.placement``): on join the peer measures its throughput for one stage of the model,
-its links to up to three peers and its free memory (``peers.measure``), and claims the stage that
-raises the bottleneck most. Every ``rebalance_period`` (randomised) it asks ``should_move``; a peer
-with a move waits a delay that shrinks with its gain and asks again (so the one that gains most goes
-first and the others see its claim), then moves: it announces ``loading`` for the new stage,
-``draining`` for the old one (trainers stop routing to it), drains in-flight requests, loads the new
-stage and announces it online. A peer serves one stage at a time (the placement functions handle spans
-of several; serving several stages from one peer is not built yet).
+its links to up to three peers and its free memory (``peers.measure``), and claims the span of one or
+more consecutive stages (at most ``peer.max_stages``, as many as its memory holds) that raises the
+bottleneck most. Every ``rebalance_period`` (randomised) it asks ``should_move``; a peer with a move
+waits a delay that shrinks with its gain and asks again (so the one that gains most goes first and
+the others see its claim), then moves its whole span: it announces ``loading`` for the new stages,
+``draining`` for the old ones (trainers stop routing to them), drains in-flight requests, loads the
+new span and announces it online.
+
+Each served stage is a ``StageSlot``: its own record (``{run}_stage_{i}``, with ``throughput`` the
+peer's share per stage, ``min(compute / k, network)`` for ``k`` stages, as placement counts it), its
+executor, optimizer and averager (replicas of a stage average under ``{run}_stage{i}``), its state
+adopted from a live replica on join or move, and its checkpoints. The handlers are registered once and
+dispatch each request to the slot of the stage it names.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -54,10 +61,10 @@ from peers.protocol import BACKWARD, FORWARD
 from peers.reachability import explain_placement
 from peers.routing import record_loads
 from peers.auth import PRESENT, AuthedTransport, GatedTransport, RunAuth
-from peers.recovery import adopt_state
-from peers.resync import ResyncWatch
 from peers.inference import InferenceSessions
 from peers.inference_service import InferenceService
+from peers.recovery import adopt_state
+from peers.resync import ResyncWatch
 from peers.runcontrol import RunWatcher
 from peers.service import StageService
 from peers.state import StateIdentity, part_name
@@ -67,41 +74,77 @@ from peers.transport import P2PTransport
 from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_needed, should_move
 from shards.source import resolve_model
 from shards.stage import load_stage
+from swarm._loop import cancel_and_wait
 from swarm.config import SwarmSettings
-from swarm.errors import ConfigError, ModelLoadError, PeerUnavailable
+from swarm.errors import ConfigError, InsufficientMemory, ModelLoadError, PeerUnavailable, WrongStage
 
-__all__ = ["Peer"]
+__all__ = ["Peer", "StageSlot"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class StageSlot:
+    """One stage this peer serves: what it announces, and (once loaded) its service, averager and
+    checkpoints. A slot without a service is loading.
+
+    Each slot has its own compute thread: a stage's requests run one at a time on it (no locks around
+    the module and optimizer), and a step that waits for its replicas to average holds up only its own
+    stage. On one shared thread, two peers serving stages 2..3 that took the two step calls in
+    opposite orders would each wait for the other's averaging until the timeout."""
+
+    stage: int
+    record: PeerRecord
+    service: StageService | None = None
+    inference: InferenceService | None = None  # generation sessions (KV caches) on this stage's layers
+    sync: HivemindGradientSync | None = None
+    checkpointer: Checkpointer | None = None
+    checkpoint_task: asyncio.Task | None = None
+    worker: ThreadPoolExecutor | None = None
+
+    def __post_init__(self) -> None:
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.stage}")
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on this stage's compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def close(self) -> None:
+        """Stop its checkpoints and generation sessions, release its executor and averager (the service owns the averager once
+        it exists) and its thread."""
+        await cancel_and_wait(self.checkpoint_task)
+        if self.inference is not None:  # open sessions end with the stage; their clients re-open elsewhere
+            await self.inference.stop()
+        if self.service is not None:
+            self.service.shutdown()
+        elif self.sync is not None:
+            self.sync.shutdown()
+        await asyncio.to_thread(self.worker.shutdown, wait=True, cancel_futures=True)
+
+
 class Peer:
-    """One volunteer serving one stage of a run."""
+    """One volunteer serving a span of one or more consecutive stages of a run."""
 
     def __init__(self, settings: SwarmSettings, *, manifest_timeout: float = 60.0, progress: Progress | None = None):
         self.settings = settings
         self.manifest_timeout = manifest_timeout
         self.dht: SwarmDHT | None = None
         self.manifest: Manifest | None = None
-        self.record: PeerRecord | None = None
-        self.service: StageService | None = None
+        self.slots: dict[int, StageSlot] = {}  # by stage, in order: the span served (or loading) now
         self.measurement: Measurement | None = None
         self.moves: list[Move] = []
         self._progress = progress
-        self._pending: PeerRecord | None = None  # the stage being moved to, while the old one drains
+        self._pending: list[PeerRecord] = []  # the span being moved to, while the old one drains
+        self._moving = False
         self._stage_bytes: list[int] = []
         self._memory = 0
         self._rebalancing = False
         self._in_flight = 0
         self._last_request = 0.0
-        self.inference: InferenceService | None = None
         self._transport: P2PTransport | None = None
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
-        self._sync: HivemindGradientSync | None = None
-        self._checkpoint_task: asyncio.Task | None = None
-        self.resync: ResyncWatch | None = None
-        self.checkpointer: Checkpointer | None = None
         self._closed = asyncio.Event()
         self._started = False
         self.telemetry: PeerTelemetry | None = None
@@ -110,7 +153,8 @@ class Peer:
         self._watcher: RunWatcher | None = None
         self._leaving: asyncio.Task | None = None
         self._auth: RunAuth | None = None
-        # every torch call of this peer runs on this one thread (see StageService)
+        self.resync: ResyncWatch | None = None
+        # measuring runs here; each served stage computes on a thread of its own (see StageSlot)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @property
@@ -121,6 +165,28 @@ class Peer:
     @property
     def maddrs(self) -> list[str]:
         return self.dht.visible_maddrs() if self.dht else []
+
+    @property
+    def stages(self) -> list[int]:
+        """The stages this peer serves (or loads) now, in order."""
+        return list(self.slots)
+
+    @property
+    def span(self) -> Span | None:
+        return Span(self.stages[0], len(self.slots)) if self.slots else None
+
+    @property
+    def record(self) -> PeerRecord | None:
+        """The record of the first stage served (the only one for a one-stage peer)."""
+        return next(iter(self.slots.values())).record if self.slots else None
+
+    @property
+    def service(self) -> StageService | None:
+        """The service of the first stage served (``slots`` has every stage's)."""
+        return next(iter(self.slots.values())).service if self.slots else None
+
+    def checkpointers(self) -> list[Checkpointer]:
+        return [slot.checkpointer for slot in self.slots.values() if slot.checkpointer is not None]
 
     async def start(self) -> None:
         if self._started:
@@ -147,36 +213,45 @@ class Peer:
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await serve_echo(self._transport)  # joining peers time their links against this one
         self.measurement = await self._measure(self.manifest)
-        stage = await self._choose_stage(self.manifest)
-        layers = self.manifest.stages[stage]
-        logger.info("claiming stage %d, layers %s of %s", stage, layers, self.manifest.model)
-        await self._announce(PeerRecord(
-            peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=layers, hardware=probe_hardware(),
-            throughput=self.measurement.throughput, latency_ms=self.measurement.latency_ms,
-            bandwidth_mbps=self.measurement.bandwidth_mbps, memory_gib=self.measurement.memory_gib,
-        ))
-        self.service = await self._serve_stage(stage)
-        self.inference = self._serve_inference(self.service)
+        span = await self._choose_span(self.manifest)
+        logger.info("claiming %s, layers %s of %s", span, self._layers_of(span), self.manifest.model)
+        for record in self._span_records(span, PeerState.LOADING):
+            self.slots[record.stage] = StageSlot(record.stage, record)
+            await self._announce(record)
+        await self._serve_span(span)
         await self._register_handlers()
-        self.telemetry.start_serving([stage], self._step_of, self._transport)
-        await self._announce(self.record.model_copy(update={
-            "state": PeerState.ONLINE, "hardware": probe_hardware(), "step": self.service.executor.optimizer_step}))
+        self.telemetry.start_serving(self.stages, self._step_of, self._transport)
+        await self._announce_online()
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
-        self._start_checkpoints(self.service.executor)
         self.resync = ResyncWatch(self.dht.stage_records, self._served_executors, StageClient(self._replica_transport()),
-                                  self._in_compute, self._identity, self.peer_id)
+                                  self._identity, self.peer_id)
         self.resync.start()
         self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state,
                                    on_control=self._auth.follow if self._auth is not None else None)
         self._watcher.start()
         if self._may_rebalance:
             self.start_rebalancing()
-        logger.info("serving stage %d (layers %s) at %.0f tokens/s", stage, layers, self.record.throughput)
+        logger.info("serving %s (layers %s) at %.0f tokens/s per stage", span, self._layers_of(span),
+                    self.record.throughput)
 
     @property
     def _may_rebalance(self) -> bool:
         peer = self.settings.peer
         return peer.rebalance if peer.rebalance is not None else peer.stage is None
+
+    def _layers_of(self, span: Span) -> str:
+        stages = self.manifest.stages
+        return f"[{stages[span.start].start}, {stages[span.end].end})"
+
+    def _span_records(self, span: Span, state: PeerState) -> list[PeerRecord]:
+        """One record per stage of ``span``, each with this peer's share of its throughput."""
+        m = self.measurement
+        return [PeerRecord(
+            peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=self.manifest.stages[stage], state=state,
+            hardware=probe_hardware(), throughput=m.per_stage(span.count), latency_ms=m.latency_ms,
+            bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib,
+            access_token=self._auth.token if self._auth is not None else None,  # keyed runs refuse records without
+        ) for stage in span.stages]
 
     # -- measuring and claiming -------------------------------------------------------------------
 
@@ -192,9 +267,12 @@ class Peer:
         key = {"model": manifest.config_hash, "layers": len(largest), "dtype": manifest.dtype, "device": device,
                "threads": peer.threads or torch.get_num_threads(), "slowdown": peer.slowdown}
         self._report("compute", 0.0)
-        compute = await self._in_compute(
-            cached_stage_throughput, self.settings.state_dir.expanduser(), key,
-            lambda: measure_stage(config, largest, dtype=dtype, device=device, delay=peer.slowdown))
+        if peer.throughput is not None:  # the owner knows better (or a test needs equal peers)
+            compute = peer.throughput
+        else:
+            compute = await self._in_compute(
+                cached_stage_throughput, self.settings.state_dir.expanduser(), key,
+                lambda: measure_stage(config, largest, dtype=dtype, device=device, delay=peer.slowdown))
         self._report("compute", 1.0)
         records = await self.dht.all_records(manifest.num_stages)
         others = sorted({r.peer_id for rs in records.values() for r in rs
@@ -204,7 +282,8 @@ class Peer:
         self._report("network", 1.0)
         network = network_tokens_per_second(bandwidth, config.hidden_size, dtype)
         measurement = Measurement(throughput=round(min(compute, network), 1), latency_ms=latency,
-                                  bandwidth_mbps=bandwidth, memory_gib=round(self._memory / 2**30, 2))
+                                  bandwidth_mbps=bandwidth, memory_gib=round(self._memory / 2**30, 2),
+                                  compute=compute, network=network)
         logger.info("measured %.0f tokens/s for one stage on %s (compute %.0f), latency %s ms, bandwidth %s "
                     "Mbit/s, %.1f GiB for stages", measurement.throughput, device, compute, latency, bandwidth,
                     measurement.memory_gib)
@@ -214,47 +293,58 @@ class Peer:
         if self._progress is not None:
             self._progress(what, done)
 
-
-    async def _choose_stage(self, manifest: Manifest) -> int:
+    async def _choose_span(self, manifest: Manifest) -> Span:
         pinned = self.settings.peer.stage
         if pinned is not None:
-            if pinned >= manifest.num_stages:
-                raise ConfigError(f"stage {pinned} does not exist: the run has {manifest.num_stages} stages")
+            span = Span.parse(pinned)
+            if span.end >= manifest.num_stages:
+                raise ConfigError(f"--stage {pinned}: stage {span.end} does not exist, the run has "
+                                  f"{manifest.num_stages} stages (0 to {manifest.num_stages - 1})")
+            needed = sum(self._stage_bytes[stage] for stage in span.stages)
+            if needed > self._memory:
+                raise InsufficientMemory(f"--stage {pinned} needs {needed / 2**30:.2f} GiB (parameters, gradients "
+                                         f"and AdamW state) but this peer has {self._memory / 2**30:.2f} GiB free")
             self.claim_reason = "pinned with --stage"
-            return pinned
+            return span
         records = await self.dht.all_records(manifest.num_stages)
         loads = record_loads(manifest.num_stages, records, exclude=self.peer_id)
-        span = choose_stages(loads, self._stage_bytes, compute=self.measurement.throughput,
-                             memory_bytes=self._memory, max_stages=1, rng=random.Random())
-        self.claim_reason = explain_placement(loads, span.start, self.measurement.throughput)
-        return span.start
+        m = self.measurement
+        span = choose_stages(loads, self._stage_bytes, compute=m.compute, network=m.network,
+                             memory_bytes=self._memory, max_stages=self.settings.peer.max_stages, rng=random.Random())
+        self.claim_reason = explain_placement(loads, span.start, m.per_stage(span.count), count=span.count)
+        return span
 
     # -- serving ----------------------------------------------------------------------------------
 
-    async def _serve_stage(self, stage: int) -> StageService:
-        """Load ``stage``, start its replicas' averager and wrap both in a service (handlers are
-        registered once, see ``_dispatch``)."""
-        module = await self._in_compute(self._load, self.manifest, stage)
-        # the averager forks a process: started before the stage serves (see issue 4's note: a fork
-        # inherits open request streams); on a move the old stage has drained by now
-        prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
-        self._sync = sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix,
-                                                    list(module.parameters()),
-                                                    round_timeout=self.settings.peer.averaging_timeout)
-        executor = StageExecutor(
-            module, stage, self.manifest.stages[stage], self.manifest.optimizer,
-            cache_size=self.settings.peer.cache_size, sync=sync, averaging_timeout=self.settings.peer.averaging_timeout,
-        )
-        service = StageService(executor, self.peer_id, worker=self._compute, identity=self._identity)
-        await self._adopt_state(executor, self._identity)  # never serve stale weights, on join or on a move
-        return service
+    async def _serve_span(self, span: Span) -> None:
+        """Load every stage of ``span`` (its slot exists, announced ``loading``) with its averager, then
+        adopt each stage's current state. Every averager forks a process: all of them start before any
+        state download opens a stream (see issue 4's note: a fork inherits open streams); on a move
+        the old span has drained by now."""
+        for stage in span.stages:
+            slot = self.slots[stage]
+            module = await slot.run(self._load, self.manifest, stage)
+            prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
+            slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
+                                                round_timeout=self.settings.peer.averaging_timeout)
+            executor = StageExecutor(
+                module, stage, self.manifest.stages[stage], self.manifest.optimizer,
+                cache_size=self.settings.peer.cache_size, sync=slot.sync,
+                averaging_timeout=self.settings.peer.averaging_timeout,
+            )
+            slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
+        for slot in self.slots.values():
+            await self._adopt_state(slot, self._identity)  # never serve stale weights
+            self._start_checkpoints(slot)
+            slot.inference = self._serve_inference(slot)
 
-    def _serve_inference(self, service: StageService) -> InferenceService:
-        """Generation sessions (KV caches) on the served stage's module; they end with the stage."""
-        peer, executor = self.settings.peer, service.executor
+    def _serve_inference(self, slot: StageSlot) -> InferenceService:
+        """Generation sessions (KV caches) on a served stage's module, on its compute thread; they end
+        with the stage."""
+        peer, executor = self.settings.peer, slot.service.executor
         sessions = InferenceSessions(executor.module, executor.stage, executor.layers,
                                      memory_budget=int(peer.inference_memory), idle_timeout=peer.session_timeout)
-        inference = InferenceService(sessions, self._compute)
+        inference = InferenceService(sessions, slot.worker)
         inference.start()
         return inference
 
@@ -268,27 +358,57 @@ class Peer:
             transport = GatedTransport(self._transport, self._auth.gate)
             self._auth.start()
         transport = self.telemetry.observe(transport)
-        for method in self.service.handlers():
-            await transport.serve(method, self._dispatch(method, lambda: self.service))
-        for method in self.inference.handlers():
-            await transport.serve(method, self._dispatch(method, lambda: self.inference))
+        for method in self.service.handlers():  # the same methods for every stage
+            await transport.serve(method, self._dispatch(method, self._service_for))
+        for method in self.slots[self.stages[0]].inference.handlers():
+            await transport.serve(method, self._dispatch(method, self._inference_for))
 
     def _step_of(self, stage: int) -> int:
-        """The optimizer step of ``stage``: the served stage's now, a stage left by a move its last one."""
-        service = self.service
-        if service is not None and service.executor.stage == stage:
-            return service.executor.optimizer_step
+        """The optimizer step of ``stage``: a served stage's now, a stage left by a move its last one."""
+        slot = self.slots.get(stage)
+        if slot is not None and slot.service is not None:
+            return slot.service.executor.optimizer_step
         return self._past_steps.get(stage, 0)
 
-    def _dispatch(self, method: str, current: Callable[[], StageService | InferenceService | None]) -> Callable:
-        """A handler that forwards to whichever service (``current()``) this peer runs now (a move swaps
-        it), counts requests in flight for draining, and adds the configured artificial slowdown."""
+    def _service_for(self, message: Any) -> StageService:
+        """The service of the stage a request names. A message without a stage (``info``, or a
+        malformed one) goes to the first stage's service, whose parser answers it or names the error."""
+        stage = message.get("stage") if isinstance(message, dict) else None
+        named = isinstance(stage, int) and not isinstance(stage, bool)
+        slot = self.slots.get(stage) if named else next(iter(self.slots.values()), None)
+        if slot is not None and slot.service is not None:
+            return slot.service
+        first = next(iter(self.slots.values()), None)
+        if self._moving or first is None or first.service is None or slot is not None:
+            raise PeerUnavailable(f"peer {self.peer_id[-8:]} is loading {self.span or 'its stages'}")
+        first.service.errors_replied += 1  # the peer's refusals count with its first stage's (``info``)
+        logger.info("refused a request for stage %s: this peer serves %s", stage, self.span)
+        raise WrongStage(f"peer {self.peer_id[-8:]} serves {self.span}, not stage {stage}")
+
+    def _inference_for(self, message: Any) -> InferenceService:
+        """The generation service of the stage an ``open`` names, or of the stage holding the session a
+        ``step`` / ``close`` names; anything else goes to the first stage's, which answers or names the
+        error (an unknown session: ``CacheMiss``)."""
+        stage = message.get("stage") if isinstance(message, dict) else None
+        session = message.get("session_id") if isinstance(message, dict) else None
+        slots = [s for s in self.slots.values() if s.inference is not None]
+        if not slots or self._moving:
+            raise PeerUnavailable(f"peer {self.peer_id[-8:]} is loading {self.span or 'its stages'}")
+        if isinstance(stage, int) and not isinstance(stage, bool):
+            slot = self.slots.get(stage)
+            if slot is None or slot.inference is None:
+                raise WrongStage(f"peer {self.peer_id[-8:]} serves {self.span}, not stage {stage}")
+            return slot.inference
+        return next((s.inference for s in slots if session in s.inference.sessions), slots[0].inference)
+
+    def _dispatch(self, method: str, service_for: Callable[[Any], StageService | InferenceService]) -> Callable:
+        """A handler that forwards to the service ``service_for(message)`` picks for the request (a
+        move swaps them), counts requests in flight for draining, and adds the configured artificial
+        slowdown."""
         slowdown = self.settings.peer.slowdown if method in (FORWARD, BACKWARD) else 0.0
 
         async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            service = current()
-            if service is None:
-                raise PeerUnavailable(f"peer {self.peer_id[-8:]} is moving to another stage")
+            service = service_for(message)
             self._in_flight += 1
             self._last_request = time.monotonic()
             try:
@@ -328,65 +448,76 @@ class Peer:
                 logger.warning("rebalancing failed: %s: %s", type(e).__name__, e)
 
     async def _claim(self, move: Move, *, settle: float) -> bool:
-        """Announce ``loading`` for the new stage, give other claims ``settle`` seconds to show, and keep
+        """Announce ``loading`` for the new span, give other claims ``settle`` seconds to show, and keep
         the claim only if the move still holds with every other claim counted. Two peers that claimed
         the same hole at the same moment both back off (and draw new random times): a claim that
         survives this check is the only one."""
-        self._pending = self.record.model_copy(update={
-            "stage": move.new.start, "layers": self.manifest.stages[move.new.start], "state": PeerState.LOADING})
-        await self.dht.announce(self._pending)
+        self._pending = self._span_records(move.new, PeerState.LOADING)
+        for record in self._pending:
+            await self.dht.announce(record)
         await asyncio.sleep(settle)
         again = await self.consider_move()
         if again is not None and again.new == move.new:
             return True
-        logger.info("another peer claimed stage %d first; staying on stage %d", move.new.start, self.record.stage)
-        await self.dht.withdraw(self._pending)
-        self._pending = None
+        logger.info("another peer claimed %s first; staying on %s", move.new, self.span)
+        pending, self._pending = self._pending, []
+        for record in pending:
+            if record.stage not in self.slots:  # a served stage's record was overwritten: the refresh restores it
+                await self.dht.withdraw(record)
+        await self._announce_online()
         return False
 
     async def consider_move(self) -> Move | None:
         """``should_move`` on the current DHT records, with this peer counted as it serves now."""
-        manifest, record = self.manifest, self.record
+        manifest, span, m = self.manifest, self.span, self.measurement
         records = await self.dht.all_records(manifest.num_stages)
         loads = record_loads(manifest.num_stages, records, exclude=self.peer_id)
-        loads[record.stage] += record.throughput
+        for stage, slot in self.slots.items():
+            loads[stage] += slot.record.throughput
         peer = self.settings.peer
         self._rebalancing = rebalancing_needed(loads, peer.rebalance_margin, self._rebalancing)
-        me = PlacedPeer(self.peer_id, record.throughput, Span(record.stage))
+        me = PlacedPeer(self.peer_id, m.compute, span, m.network)
         return should_move(loads, self._stage_bytes, me, memory_bytes=self._memory, margin=peer.rebalance_margin,
-                           active=self._rebalancing, max_stages=1)
+                           active=self._rebalancing, max_stages=peer.max_stages)
 
     async def move_to(self, move: Move) -> None:
-        """Leave the old stage for ``move.new``: claim the new one (so no other peer moves for the same
-        hole), stop taking work for the old one and drain it, load the new one, announce it online."""
-        old, new_stage = self.record, move.new.start
-        logger.info("moving from stage %d to %d: bottleneck %.0f -> %.0f tokens/s", old.stage, new_stage,
+        """Leave the old span for ``move.new``: claim the new one (so no other peer moves for the same
+        hole), stop taking work for the old one and drain it, withdraw it, load the new one, announce
+        it online. Stages in both spans are reloaded too (their state comes from a replica or a
+        checkpoint like any other)."""
+        old = self.span
+        logger.info("moving from %s to %s: bottleneck %.0f -> %.0f tokens/s", old, move.new,
                     move.bottleneck_before, move.bottleneck_after)
-        if self._pending is None or self._pending.stage != new_stage:
-            self._pending = old.model_copy(update={"stage": new_stage, "layers": self.manifest.stages[new_stage],
-                                                   "state": PeerState.LOADING})
-            await self.dht.announce(self._pending)
-        await self._announce(old.model_copy(update={"state": PeerState.DRAINING}))
+        if [r.stage for r in self._pending] != list(move.new.stages):
+            self._pending = self._span_records(move.new, PeerState.LOADING)
+            for record in self._pending:
+                await self.dht.announce(record)
+        for slot in self.slots.values():
+            if slot.stage not in move.new.stages:  # a stage kept keeps the ``loading`` record just claimed
+                await self._announce(slot.record.model_copy(update={"state": PeerState.DRAINING}))
         await self._drain()
-        await self.dht.withdraw(self.record)
-        previous, self.service = self.service, None
-        sessions, self.inference = self.inference, None
-        self._past_steps[old.stage] = previous.executor.optimizer_step  # its last ledger window still ends
-        await sessions.stop()  # open generation sessions end with the stage; their clients re-open elsewhere
-        previous.shutdown()
-        self.service = await self._serve_stage(new_stage)
-        self.inference = self._serve_inference(self.service)
-        self.telemetry.follow_stage(new_stage)
-        self.claim_reason = (f"moved from stage {old.stage}: bottleneck {move.bottleneck_before:.0f} -> "
+        self._moving = True
+        try:
+            previous, self.slots = self.slots, {}  # from here the refresh announces only the new span
+            for slot in previous.values():
+                self._past_steps[slot.stage] = slot.service.executor.optimizer_step  # its last ledger window still ends
+                if slot.stage not in move.new.stages:
+                    await self.dht.withdraw(slot.record)
+                await slot.close()
+            self.slots = {record.stage: StageSlot(record.stage, record) for record in self._pending}
+            self._pending = []
+            await self._serve_span(move.new)
+        finally:
+            self._moving = False
+        self.telemetry.follow_stages(self.stages)
+        self.claim_reason = (f"moved from {old}: bottleneck {move.bottleneck_before:.0f} -> "
                              f"{move.bottleneck_after:.0f} tokens/s")
-        self._start_checkpoints(self.service.executor)
-        self.record, self._pending = self._pending, None
-        await self._announce(self._current_record().model_copy(update={"state": PeerState.ONLINE}))
+        await self._announce_online()
         self.moves.append(move)
-        logger.info("now serving stage %d (layers %s)", new_stage, self.record.layers)
+        logger.info("now serving %s (layers %s)", move.new, self._layers_of(move.new))
 
     async def _drain(self) -> None:
-        """Serve the old stage for ``drain_seconds`` (trainers refresh their routes and stop sending),
+        """Serve the old span for ``drain_seconds`` (trainers refresh their routes and stop sending),
         then until nothing is in flight and a second passed without a request; at most 30 s more."""
         peer = self.settings.peer
         await asyncio.sleep(peer.drain_seconds)
@@ -395,8 +526,8 @@ class Peer:
             if self._in_flight == 0 and time.monotonic() - self._last_request >= 1.0:
                 return
             await asyncio.sleep(0.1)
-        logger.warning("stage %d still had %d request(s) in flight after draining; leaving anyway",
-                       self.record.stage, self._in_flight)
+        logger.warning("%s still had %d request(s) in flight after draining; leaving anyway",
+                       self.span, self._in_flight)
 
     def _load(self, manifest: Manifest, stage: int) -> torch.nn.Module:
         if self.settings.peer.threads:
@@ -416,20 +547,21 @@ class Peer:
     def _store_client(self) -> StoreClient:
         return StoreClient(self._transport, self.dht.stores)
 
-    async def _adopt_state(self, executor: StageExecutor, identity: StateIdentity) -> None:
+    async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
+        executor = slot.service.executor
         records = await self.dht.stage_records(executor.stage)
         replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
-            store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=self._in_compute,
+            store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,
         )
         logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
                     executor.optimizer_step, source)
 
-    def _served_executors(self) -> list[StageExecutor]:
-        """The stages this peer serves now (none while it moves between stages)."""
-        return [self.service.executor] if self.service is not None else []
+    def _served_executors(self) -> list[tuple[StageExecutor, Callable]]:
+        """The stages this peer serves now, each with its compute thread (none while it moves)."""
+        return [(slot.service.executor, slot.run) for slot in self.slots.values() if slot.service is not None]
 
     def _replica_transport(self) -> AuthedTransport | P2PTransport:
         """For calls to other peers' gated handlers (a replica's state): on a keyed run they present
@@ -440,38 +572,48 @@ class Peer:
     def _identity(self) -> StateIdentity:
         return StateIdentity(run_id=self.settings.run_id, config_hash=self.manifest.config_hash)
 
-    def _start_checkpoints(self, executor: StageExecutor) -> None:
-        """Checkpoint the stage served now (a move replaces the task with one for the new stage)."""
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-        self.checkpointer = Checkpointer(
+    def _start_checkpoints(self, slot: StageSlot) -> None:
+        """Checkpoint a served stage (a move cancels the task with the slot)."""
+        executor = slot.service.executor
+        slot.checkpointer = Checkpointer(
             executor, self._identity, local=self._checkpoint_dir(executor.stage), store=self._store_client(),
-            every=self.settings.peer.checkpoint_every, compute=self._in_compute,
+            every=self.settings.peer.checkpoint_every, compute=slot.run,
         )
-        self._checkpoint_task = asyncio.create_task(self.checkpointer.run(), name="stage-checkpoints")
+        slot.checkpoint_task = asyncio.create_task(slot.checkpointer.run(), name=f"stage{slot.stage}-checkpoints")
 
-    def _current_record(self) -> PeerRecord:
-        """The record with the stage's current optimizer step, so trainers can tell which step it is at."""
-        if self.service is not None and self.record.step != self.service.executor.optimizer_step:
-            self.record = self.record.model_copy(update={"step": self.service.executor.optimizer_step})
-        return self.record
+    def _current_record(self, slot: StageSlot) -> PeerRecord:
+        """The slot's record with the stage's current optimizer step, so trainers can tell which step it is at."""
+        if slot.service is not None and slot.record.step != slot.service.executor.optimizer_step:
+            slot.record = slot.record.model_copy(update={"step": slot.service.executor.optimizer_step})
+        return slot.record
 
     async def _announce(self, record: PeerRecord) -> None:
+        """Publish ``record`` (current hardware, load and token added) and keep it as its slot's record;
+        a stage this peer no longer serves (a move took it away meanwhile) is not announced."""
         if self.telemetry is not None:
             record = self.telemetry.refresh(record)
         if self._auth is not None:  # the current token: it is renewed at half-life
             record = record.model_copy(update={"access_token": self._auth.token})
-        self.record = record
+        slot = self.slots.get(record.stage)
+        if slot is None:
+            return
+        slot.record = record
         if not await self.dht.announce(record):
-            logger.warning("the DHT did not store this peer's record (will retry on the next refresh)")
+            logger.warning("the DHT did not store this peer's record for stage %d (will retry on the next refresh)",
+                           record.stage)
+
+    async def _announce_online(self) -> None:
+        for slot in list(self.slots.values()):
+            await self._announce(self._current_record(slot).model_copy(update={"state": PeerState.ONLINE}))
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(RECORD_REFRESH)
             try:
-                await self._announce(self._current_record())
-                if self._pending is not None:
-                    await self.dht.announce(self._pending)
+                for slot in list(self.slots.values()):
+                    await self._announce(self._current_record(slot))
+                for record in list(self._pending):
+                    await self.dht.announce(record)
             except Exception as e:  # a DHT hiccup must not stop serving; the next refresh retries
                 logger.warning("refreshing the DHT record failed: %s", e)
 
@@ -486,29 +628,22 @@ class Peer:
             await self._auth.stop()
         if self.resync is not None:
             await self.resync.stop()
-        for task in (self._refresh_task, self._checkpoint_task, self._rebalance_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if final_checkpoint and self.checkpointer is not None:
-            await self.checkpointer.final(timeout=60.0)
+        for task in [self._refresh_task, self._rebalance_task] + [slot.checkpoint_task for slot in self.slots.values()]:
+            await cancel_and_wait(task)
+        if final_checkpoint and self.checkpointers():
+            await asyncio.gather(*(checkpointer.final(timeout=60.0) for checkpointer in self.checkpointers()))
         if self.telemetry is not None:  # first: its last ledger window still goes out over the transport
             await self.telemetry.stop()
-        for record in (self.record, self._pending):
-            if self.dht is not None and record is not None:
+        for record in [slot.record for slot in self.slots.values()] + self._pending:
+            if self.dht is not None:
                 with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                     await asyncio.wait_for(self.dht.withdraw(record), 5)
-        if self.inference is not None:
-            await self.inference.stop()
         if self._transport is not None:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):
                 await self._transport.p2p.shutdown()
-        if self.service is not None:
-            self.service.shutdown()
-        elif self._sync is not None:  # stopped between starting the averager and serving
-            self._sync.shutdown()
+        for slot in self.slots.values():
+            await slot.close()
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
@@ -516,7 +651,8 @@ class Peer:
         logger.info("peer stopped")
 
     def _metrics_report(self) -> MetricsReport | None:
-        """This peer's running total of samples (backwards) for the bootstrap's contribution tally."""
+        """This peer's running total of samples (backwards) for the bootstrap's contribution tally: the
+        first stage's (every stage of a span computes the same samples)."""
         if self.service is None or self.record is None:
             return None
         executor = self.service.executor

@@ -36,7 +36,7 @@ from peers.protocol import (
 )
 from peers.state import StateIdentity, capture_state
 from peers.transport import Handler, Transport
-from swarm.errors import BadRequest, SwarmError
+from swarm.errors import BadRequest, SwarmError, WrongStage
 
 __all__ = ["StageService"]
 
@@ -116,8 +116,10 @@ class StageService:
         return ok_reply(AbortResponse(step=request.step, aborted=aborted)), []
 
     async def rpc_info(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        parse_request(InfoRequest, message)
+        request = parse_request(InfoRequest, message)
         executor = self.executor
+        if request.stage is not None and request.stage != executor.stage:
+            raise WrongStage(f"this service serves stage {executor.stage}, not stage {request.stage}")
         reply = InfoResponse(
             peer_id=self.peer_id,
             stage=executor.stage,

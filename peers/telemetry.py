@@ -79,7 +79,11 @@ class PeerTelemetry:
     def follow_stage(self, stage: int) -> None:
         """The peer moved to ``stage``: the step gauge and the metrics record follow it (in place: the
         step gauge reads this list)."""
-        self._stages[:] = [stage]
+        self.follow_stages([stage])
+
+    def follow_stages(self, stages: list[int]) -> None:
+        """The peer moved to the span ``stages`` (see ``follow_stage``)."""
+        self._stages[:] = list(stages)
 
     def hardware(self) -> HardwareSummary:
         return self.monitor.summary(self._static)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -61,8 +62,24 @@ class Span:
     def stages(self) -> range:
         return range(self.start, self.start + self.count)
 
+    @property
+    def end(self) -> int:
+        """The last stage of the span (inclusive)."""
+        return self.start + self.count - 1
+
     def __str__(self) -> str:
-        return f"stage {self.start}" if self.count == 1 else f"stages {self.start}..{self.start + self.count - 1}"
+        return f"stage {self.start}" if self.count == 1 else f"stages {self.start}..{self.end}"
+
+    @classmethod
+    def parse(cls, text: str | int) -> "Span":
+        """``"2"`` (or ``2``) is stage 2, ``"2-3"`` stages 2 and 3 (how ``--stage`` pins a span)."""
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+        if match is None:
+            raise ValueError(f"{text!r} is not a stage or a range of stages like 2 or 2-3")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f"{text!r}: the range ends before it starts")
+        return cls(first, last - first + 1)
 
 
 @dataclass(frozen=True)

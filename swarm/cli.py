@@ -147,7 +147,10 @@ def bootstrap(
 @app.command()
 def join(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap (repeatable)"),
-    stage: Optional[int] = typer.Option(None, "--stage", help="serve this stage instead of the one placement picks"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="serve this stage, or a range like 2-3, instead of what "
+                                        "placement picks"),
+    max_stages: Optional[int] = typer.Option(
+        None, "--max-stages", min=1, help="serve at most this many consecutive stages (default: as memory holds)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
     key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     host: Optional[str] = HostOpt,
@@ -161,13 +164,13 @@ def join(
 ) -> None:
     """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
     from peers.server import Peer
-    from swarm.join_view import introduce, live_lines
+    from swarm.join_view import describe_span, introduce, live_lines
 
     settings = _settings(
         config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir, key=key,
         network={"host": host, "port": port, "initial_peers": bootstrap_addr or None,
                  "announce_host": announce_host},
-        peer={"stage": stage, "threads": threads}, monitor={"metrics_port": metrics_port},
+        peer={"stage": stage, "threads": threads, "max_stages": max_stages}, monitor={"metrics_port": metrics_port},
     )
 
     async def serve(stop: asyncio.Event) -> None:
@@ -186,8 +189,7 @@ def join(
         _print_measurement(peer)
         set_log_identity(peer.peer_id)
         await introduce(peer, settings, console)
-        console.print(f"[bold green]serving[/] stage {peer.record.stage} (layers {peer.record.layers}) "
-                      f"as {peer.peer_id}; Ctrl+C to leave")
+        console.print(f"[bold green]serving[/] {describe_span(peer)} as {peer.peer_id}; Ctrl+C to leave")
         live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval))
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
         await asyncio.wait({live, closed}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,10 +15,11 @@ The TOML file is ``--config PATH``, else ``$SWARM_CONFIG``, else ``./swarm.toml`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from swarm.errors import ConfigError
@@ -68,7 +69,12 @@ class BootstrapSettings(_Section):
 
 class PeerSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
-    stage: int | None = Field(None, ge=0, description="serve this stage instead of the one placement picks")
+    stage: str | None = Field(None, description="serve this stage, or range of stages like 2-3, instead of what "
+                              "placement picks")
+    max_stages: int | None = Field(None, ge=1, description="serve at most this many consecutive stages (default: "
+                                   "as many as memory holds and raise the bottleneck)")
+    throughput: float | None = Field(None, gt=0, description="tokens/s for one stage to announce instead of "
+                                     "measuring it (a known machine; tests that need equal peers)")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
     memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
     rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
@@ -79,12 +85,29 @@ class PeerSettings(_Section):
                                  "(trainers refresh routes every 10 s), then until idle")
     slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "
                             "(tests and demos of a slow peer)")
-    averaging_timeout: float = Field(15.0, gt=0, description="seconds to find the other replicas of a step")
+    averaging_timeout: float = Field(15.0, gt=0, description="seconds an averaging round of a step may take "
+                                     "(finding the other replicas, then the all-reduce)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
     checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")
     inference_memory: ByteSize = Field(ByteSize(1 << 30), description="attention cache for inference sessions "
                                        "(e.g. 512MiB); a full peer refuses new sessions")
     session_timeout: float = Field(300.0, gt=0, description="seconds an idle inference session is kept")
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage_or_range(cls, value: object) -> object:
+        """``2`` or ``"2"`` (one stage) or ``"2-3"`` (consecutive stages), kept as text."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected a stage or a range like 2-3, got {value!r}")
+        text = str(value).replace(" ", "")
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+        if match is None:
+            raise ValueError(f"{value!r} is not a stage or a range of stages like 2 or 2-3")
+        if match.group(2) is not None and int(match.group(2)) < int(match.group(1)):
+            raise ValueError(f"{value!r}: the range ends before it starts")
+        return text
 
 
 class ApiSettings(_Section):

@@ -15,7 +15,7 @@ from peers.reachability import probe_reachability
 from peers.server import Peer
 from swarm.config import SwarmSettings
 
-__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint"]
+__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label"]
 
 REACH_TIMEOUT = 10.0
 
@@ -25,10 +25,24 @@ def key_fingerprint(public_key: bytes) -> str:
     return "sha256:" + hashlib.sha256(public_key).hexdigest()[:16]
 
 
-def format_live_line(stage: int, requests_per_s: float, tokens_per_s: float, tokens: int, microbatches: int,
+def span_label(stages: list[int]) -> str:
+    """``stage 2`` or ``stages 2-3`` (what the peer serves, in the words of ``--stage``)."""
+    if len(stages) == 1:
+        return f"stage {stages[0]}"
+    return f"stages {stages[0]}-{stages[-1]}"
+
+
+def describe_span(peer: Peer) -> str:
+    """``stage 1 (layers [2, 4))`` or ``stages 0-1 (layers [0, 4))``."""
+    records = [slot.record for slot in peer.slots.values()]
+    return f"{span_label(peer.stages)} (layers [{records[0].layers.start}, {records[-1].layers.end}))"
+
+
+def format_live_line(stage: int | str, requests_per_s: float, tokens_per_s: float, tokens: int, microbatches: int,
                      ledger_entries: int, queue: int) -> str:
-    """The compact live line: rates now, contribution so far."""
-    return (f"stage {stage} | {requests_per_s:.1f} req/s | {tokens_per_s:,.0f} tok/s | queue {queue} | "
+    """The compact live line: rates now, contribution so far (``stage`` may be a span like ``"0-1"``)."""
+    label = f"stage {stage}" if isinstance(stage, int) else f"stages {stage}"
+    return (f"{label} | {requests_per_s:.1f} req/s | {tokens_per_s:,.0f} tok/s | queue {queue} | "
             f"contributed {tokens:,} tokens in {microbatches:,} microbatches | ledger {ledger_entries}")
 
 
@@ -47,8 +61,13 @@ async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> No
     console.print(f"[bold]reach[/]     {mark} {verdict.text}", highlight=False)
     if verdict.fix:
         console.print(f"          fix: {verdict.fix}", highlight=False)
-    record = peer.record
-    console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {peer.claim_reason}", highlight=False)
+    if len(peer.stages) == 1:
+        record = peer.record
+        console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {peer.claim_reason}",
+                      highlight=False)
+    else:
+        console.print(f"[bold]stages[/]    {describe_span(peer)[len('stages '):]}: {peer.claim_reason}",
+                      highlight=False)
     if peer.telemetry is not None and peer.telemetry.server is not None:
         console.print(f"[bold]metrics[/]   {peer.telemetry.server.url}")
 
@@ -57,7 +76,9 @@ def _line(peer: Peer) -> str:
     telemetry = peer.telemetry
     requests_per_s, tokens_per_s = telemetry.activity.rates()
     entries = len(telemetry.recorder.writer.entries) if telemetry.recorder else 0
-    return format_live_line(peer.record.stage, requests_per_s, tokens_per_s, telemetry.activity.tokens,
+    stages = peer.stages
+    label = stages[0] if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
+    return format_live_line(label, requests_per_s, tokens_per_s, telemetry.activity.tokens,
                             telemetry.activity.microbatches, entries, telemetry.activity.in_flight)
 
 

@@ -124,7 +124,7 @@ class RemotePipeline:
         self._queue: Counter[str] = Counter()  # microbatches routed to each peer since the records were read
         self._overhead_ms: dict[str, float] = {}  # observed round trip beyond compute, per peer
         self._peer_steps: dict[str, int] = {}
-        self._seen: dict[str, tuple[float, PeerRecord]] = {}  # peer id -> (when, its last record)
+        self._seen: dict[tuple[str, int], tuple[float, PeerRecord]] = {}  # (peer id, stage) -> (when, its last record)
         self._ledger: dict[int, dict[str, list[_Contribution]]] = defaultdict(lambda: defaultdict(list))
         self._step_samples = 0
 
@@ -145,18 +145,19 @@ class RemotePipeline:
     def _with_recently_seen(self, records: Mapping[int, Sequence[PeerRecord]]) -> dict[int, list[PeerRecord]]:
         """A DHT read under load can miss some of a key's entries. A replica missing from one read is
         still a replica: left out of a step's members it would miss that step and fall behind, so
-        records seen within ``RECORD_TTL`` stay in the view (a dead one fails the pre-step probe)."""
+        records seen within ``RECORD_TTL`` stay in the view (a dead one fails the pre-step probe). Kept
+        per peer and stage: a peer serving several stages has a record under each."""
         now = time.monotonic()
         merged = {stage: list(rs) for stage, rs in records.items()}
-        present = {r.peer_id for rs in merged.values() for r in rs}
-        for peer_id, (seen, record) in list(self._seen.items()):
+        present = {(r.peer_id, r.stage) for rs in merged.values() for r in rs}
+        for key, (seen, record) in list(self._seen.items()):
             if now - seen > RECORD_TTL:
-                del self._seen[peer_id]
-            elif peer_id not in present:
+                del self._seen[key]
+            elif key not in present:
                 merged.setdefault(record.stage, []).append(record)
         for rs in records.values():
             for record in rs:
-                self._seen[record.peer_id] = (now, record)
+                self._seen[(record.peer_id, record.stage)] = (now, record)
         return merged
 
     def banned(self) -> set[str]:
@@ -393,7 +394,8 @@ class RemotePipeline:
         round: a dead member would keep the others waiting for their group until they time out."""
         holding = {p for by_peer in self._ledger.values() for p in by_peer}
         unknown = sorted({p for members in plans.values() for p in members} - holding)
-        infos = await asyncio.gather(*(asyncio.wait_for(self.client.info(p), self.policy.averaging_window + 5)
+        stage_of = {p: stage for stage, members in sorted(plans.items(), reverse=True) for p in members}
+        infos = await asyncio.gather(*(asyncio.wait_for(self.client.info(p, stage_of[p]), self.policy.averaging_window + 5)
                                        for p in unknown), return_exceptions=True)
         for peer, info in zip(unknown, infos):
             if isinstance(info, BaseException):
@@ -414,7 +416,7 @@ class RemotePipeline:
         its own call failed: unless it says it applied the step too, it is behind (or gone). It is left
         out for a while; what it held is in the applied step, so nothing is replayed."""
         try:
-            info = await asyncio.wait_for(self.client.info(peer), self.policy.averaging_window + 5)
+            info = await asyncio.wait_for(self.client.info(peer, stage), self.policy.averaging_window + 5)
         except (SwarmError, asyncio.TimeoutError):
             info = None
         if info is not None and info.optimizer_step > step:
@@ -430,7 +432,7 @@ class RemotePipeline:
         current be banned and the backwards it already applied be replayed elsewhere."""
         if isinstance(error, PeerUnavailable) and not isinstance(error, (AveragingFailed, StageTimeout)):
             try:
-                info = await asyncio.wait_for(self.client.info(peer), self.policy.averaging_window + 5)
+                info = await asyncio.wait_for(self.client.info(peer, stage), self.policy.averaging_window + 5)
             except (SwarmError, asyncio.TimeoutError):
                 pass
             else:

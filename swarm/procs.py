@@ -77,9 +77,10 @@ class ProcessGroup:
 
     def start_peer(self, name: str, address: str, state_dir: Path, *, threads: int = 1) -> str:
         """Start ``swarm join`` (its own state dir under ``state_dir``, as on its own machine) and
-        return the line saying which stage it claimed."""
+        return the line saying which stage it claimed. One stage per peer: the demo and the benchmarks
+        show a pipeline (by default a peer with room for the whole tiny model would serve it all)."""
         peer = self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads),
-                                 "--state-dir", str(state_dir / name)])
+                                 "--state-dir", str(state_dir / name), "--max-stages", "1"])
         return self.wait_for_line(name, peer, "claiming stage")
 
     def wait_serving(self, num_peers: int) -> None:

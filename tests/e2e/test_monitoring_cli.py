@@ -82,7 +82,8 @@ def test_join_speaks_status_is_live_in_80_columns_ledger_verifies(model_factory,
     state = tmp_path / "joiner"
     log = tmp_path / "join.log"
     join = subprocess.Popen(SWARM + ["join", "--bootstrap", address, "--run", "test", "--host", "127.0.0.1",
-                                     "--threads", "1", "--state-dir", str(state), "--metrics-port", "0"],
+                                     "--threads", "1", "--state-dir", str(state), "--metrics-port", "0",
+                                     "--max-stages", "1"],  # the claim below is the one-stage one
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ENV,
                             start_new_session=True)
     # started at once, the live view first shows the bootstrap's one peer, then the joiner as it comes

@@ -60,3 +60,23 @@ def test_checkpoint_settings_come_from_toml_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SWARM_PEER__CHECKPOINT_EVERY", "0")
     with pytest.raises(ConfigError, match="peer.checkpoint_every"):
         load_settings(config)
+
+
+@pytest.mark.parametrize("value, expected", [(2, "2"), ("2", "2"), ("2-3", "2-3"), (" 0 - 3 ", "0-3"), (None, None)])
+def test_peer_stage_is_a_stage_or_a_range(value, expected):
+    assert load_settings(peer={"stage": value}).peer.stage == expected
+
+
+@pytest.mark.parametrize("toml, words", [
+    ("[peer]\nstage = '3-2'\n", "ends before it starts"),
+    ("[peer]\nstage = 'two'\n", "not a stage or a range"),
+    ("[peer]\nstage = -1\n", "not a stage or a range"),
+    ("[peer]\nmax_stages = 0\n", "peer.max_stages"),
+    ("[peer]\nthroughput = 0\n", "peer.throughput"),
+])
+def test_bad_span_settings_name_the_field(tmp_path, toml, words):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match="peer") as caught:
+        load_settings(config)
+    assert words in str(caught.value)

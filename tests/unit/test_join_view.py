@@ -16,7 +16,7 @@ from peers.reachability import (
     explain_placement,
     reachability_verdict,
 )
-from swarm.join_view import format_live_line, key_fingerprint
+from swarm.join_view import format_live_line, key_fingerprint, span_label
 from swarm.logs import set_log_identity, setup_logging
 
 ID = "/p2p/12D3KooWabc"
@@ -74,6 +74,28 @@ def test_explain_claim(coverage, stage, expected):
 ])
 def test_explain_placement(loads, stage, throughput, expected):
     assert explain_placement(loads, stage, throughput) == expected
+
+
+@pytest.mark.parametrize("loads, stage, count, share, expected", [
+    ([0.0, 0.0, 0.0, 0.0], 2, 2, 50.0,
+     "nobody served some of them; bottleneck 0 -> 0 tokens/s; tokens/s per stage {0:0, 1:0, 2:0, 3:0}"),
+    ([100.0, 30.0, 30.0], 1, 2, 40.0,
+     "some of them were the bottleneck (30 tokens/s); bottleneck 30 -> 70 tokens/s; tokens/s per stage "
+     "{0:100, 1:30, 2:30}"),
+    ([20.0, 60.0, 50.0], 1, 2, 5.0,
+     "they gained most (50 tokens/s there); bottleneck 20 -> 20 tokens/s; tokens/s per stage {0:20, 1:60, 2:50}"),
+])
+def test_explain_placement_of_a_span(loads, stage, count, share, expected):
+    assert explain_placement(loads, stage, share, count=count) == expected
+
+
+@pytest.mark.parametrize("stages, expected", [([1], "stage 1"), ([0, 1], "stages 0-1"), ([2, 3, 4], "stages 2-4")])
+def test_span_label(stages, expected):
+    assert span_label(stages) == expected
+
+
+def test_live_line_of_a_span():
+    assert format_live_line("2-3", 1.0, 10.0, 5, 1, 0, 0).startswith("stages 2-3 | 1.0 req/s")
 
 
 def test_live_line_and_fingerprint():

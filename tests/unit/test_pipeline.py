@@ -160,3 +160,29 @@ def test_microbatches_are_spread_over_replicas_by_expected_time(model_factory):
     # 16 tokens a microbatch: expected back after 64, 128, 192 ms on "fast" and 160 ms on "slow", so
     # of every 4 microbatches "fast" takes 3; 5 forwards (each with its backward): 4 and 1
     assert served == {"fast": 8, "slow": 2}
+
+
+def test_a_span_peer_missing_from_one_read_keeps_every_stage_it_serves():
+    """A DHT read can miss some entries: a peer serving stages 0 and 1 that is missing only from stage 1
+    in one read is still a replica of stage 1 (records are remembered per peer and stage)."""
+    layers = stage_boundaries(4, 2)
+    manifest = Manifest(run_id="unit", model="m", config_hash="h", num_layers=4, stages=layers)
+    span = [PeerRecord(peer_id="span", stage=i, layers=layers[i], state=PeerState.ONLINE) for i in (0, 1)]
+    other = PeerRecord(peer_id="other", stage=1, layers=layers[1], state=PeerState.ONLINE)
+    reads = [{0: [span[0]], 1: [span[1], other]}, {0: [span[0]], 1: [other]}]
+
+    async def source():
+        return reads.pop(0)
+
+    pipeline = RemotePipeline(manifest, StageClient(InMemoryTransport(), timeout=1), source)
+
+    async def views():
+        first = await pipeline._current_records(fresh=True)
+        second = await pipeline._current_records(fresh=True)
+        return first, second
+
+    first, second = asyncio.run(views())
+    for view in (first, second):
+        peers = {stage: sorted(r.peer_id for r in rs) for stage, rs in view.items()}
+        assert peers == {0: ["span"], 1: ["other", "span"]}
+    assert sorted(pipeline._replicas(1)) == ["other", "span"]

@@ -63,6 +63,25 @@ def test_choose_stages_breaks_ties_with_rng_or_lowest_index():
 
 
 @pytest.mark.parametrize(
+    "text, expected",
+    [("2", Span(2, 1)), (3, Span(3, 1)), ("2-3", Span(2, 2)), (" 0 - 3 ", Span(0, 4)), ("4-4", Span(4, 1))],
+)
+def test_span_parse(text, expected):
+    assert Span.parse(text) == expected
+    assert Span.parse(str(expected.start) + "-" + str(expected.end)) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("3-2", "ends before it starts"), ("x", "not a stage or a range"), ("-1", "not a stage"), ("1-2-3", "not a stage"),
+     ("", "not a stage")],
+)
+def test_span_parse_refuses(text, message):
+    with pytest.raises(ValueError, match=message):
+        Span.parse(text)
+
+
+@pytest.mark.parametrize(
     "case, loads, me, memory_stages, expected",
     [
         ("balanced swarm stays", [100, 95], PlacedPeer("a", 50, Span(0)), 1, None),

@@ -64,7 +64,7 @@ def test_a_replica_left_behind_takes_the_state_of_the_one_ahead(model_factory):
         async def compute(fn, *args):
             return fn(*args)
 
-        watch = ResyncWatch(records, lambda: [behind], StageClient(hub.bind("behind")), compute, ID, "behind")
+        watch = ResyncWatch(records, lambda: [(behind, compute)], StageClient(hub.bind("behind")), ID, "behind")
         return await watch.check_once(), await watch.check_once()
 
     first, second = asyncio.run(scenario())

@@ -110,3 +110,20 @@ def test_record_loads_sum_live_peers_once_and_leave_out_the_asker():
     }
     assert record_loads(3, records) == [15.0, 103.0, 0.0]
     assert record_loads(3, records, exclude="me") == [15.0, 3.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "records, expected",
+    [
+        # online on 0, claimed 1: counted on 1 only
+        ({0: [_timed("a", 0, 10), _timed("m", 0, 4)], 1: [_timed("m", 1, 4, state=PeerState.LOADING)]}, [10.0, 4.0]),
+        # a span peer moving from 0..1 to 1..2: its stage-1 record became the claim
+        ({0: [_timed("s", 0, 5)], 1: [_timed("s", 1, 5, state=PeerState.LOADING)],
+          2: [_record("s", 1, 5, state=PeerState.LOADING).model_copy(update={"stage": 2})]}, [0.0, 5.0, 5.0]),
+        # a joining peer loading its span counts there; draining records never count
+        ({0: [_timed("j", 0, 6, state=PeerState.LOADING), _timed("d", 0, 9, state=PeerState.DRAINING)],
+          1: [_timed("j", 1, 6, state=PeerState.LOADING)]}, [6.0, 6.0]),
+    ],
+)
+def test_record_loads_count_a_claimed_move_where_it_goes(records, expected):
+    assert record_loads(3 if 2 in records else 2, records) == expected

@@ -147,3 +147,22 @@ def test_gpu_hardware_column():
     records[1] = [records[1][0].model_copy(update={"hardware": gpu})]
     lines = _screen(build_status(manifest, records, metrics, now=NOW))
     assert "1xGPU 87% 61/80G 71C" in next(line for line in lines if "AAAAAAA3" in line and "◀" in line)
+
+
+def test_a_peer_serving_several_stages_is_one_peer_on_each_of_its_rows():
+    """A span peer has a record per stage (each with its per-stage share): status lists it once with all
+    its stages, counts it on each stage, and removing it costs every stage it holds."""
+    manifest, _, metrics = _scenario()
+    span, solo = PEER[:-1] + "7", PEER[:-1] + "8"
+    records = {0: [_record(span, 0, 300.0)], 1: [_record(span, 1, 300.0), _record(solo, 1, 200.0)],
+               2: [_record(solo, 2, 500.0)]}
+    status = build_status(manifest, records, metrics, now=NOW)
+    peers = {p["peer_id"][-1]: p for p in status["peers"]}
+    assert peers["7"]["stages"] == [0, 1] and peers["8"]["stages"] == [1, 2]
+    assert [s["peers"] for s in status["stages"]] == [[span], [span, solo], [solo]]
+    assert [s["throughput"] for s in status["stages"]] == [300.0, 500.0, 500.0]
+    assert status["bottleneck_stage"] == 0 and peers["7"]["marginal"] == 300.0 and peers["8"]["marginal"] == 300.0
+    lines = _screen(status)
+    rows = [line for line in lines if "AAAAAAA7" in line and "online" in line]
+    assert len(rows) == 2 and all("300" in row for row in rows)  # one row per stage it serves
+    assert "[0, 2)" in rows[0] and "0◀" in rows[0]
