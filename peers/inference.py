@@ -81,6 +81,7 @@ class InferenceSessions:
         self.hidden_size: int = module.hidden_size
         self.bytes_per_token = kv_bytes_per_token(module.config, len(layers), self.dtype)
         self._sessions: dict[str, _Session] = {}
+        self.steps_computed = 0  # a step repeated after a lost reply is replayed, not counted again
         self._clock = clock
 
     @property
@@ -125,6 +126,7 @@ class InferenceSessions:
             out = self.module.step(hidden, session.cache, mask, positions)
         session.length += seq
         session.last = (request.start, out)
+        self.steps_computed += 1
         return self._response(request, session, started), out
 
     def close(self, session_id: str) -> bool:

@@ -32,10 +32,14 @@ class InferenceService:
         """``worker`` is the peer's one compute thread: every torch call and every touch of the
         session table happens there."""
         self.sessions = sessions
-        self.steps_served = 0
         self._worker = worker
         self._sweep_every = sweep_every
         self._sweeper: asyncio.Task | None = None
+
+    @property
+    def steps_served(self) -> int:
+        """Steps computed for clients (a reply replayed to a client that repeated its step is not one)."""
+        return self.sessions.steps_computed
 
     async def register(self, transport: Transport) -> None:
         """Serve the handlers on ``transport`` directly and start sweeping (a peer that swaps stages
@@ -62,7 +66,6 @@ class InferenceService:
     async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(StepRequest, message)
         reply, out = await self._in_worker(self.sessions.step, request, tensors)
-        self.steps_served += 1
         return ok_reply(reply), [out]
 
     async def rpc_close(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:

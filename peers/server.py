@@ -185,6 +185,11 @@ class Peer:
         """The service of the first stage served (``slots`` has every stage's)."""
         return next(iter(self.slots.values())).service if self.slots else None
 
+    @property
+    def inference(self) -> InferenceService | None:
+        """The generation service of the first stage served (``slots`` has every stage's)."""
+        return next(iter(self.slots.values())).inference if self.slots else None
+
     def checkpointers(self) -> list[Checkpointer]:
         return [slot.checkpointer for slot in self.slots.values() if slot.checkpointer is not None]
 
