@@ -37,7 +37,7 @@ from dht.auth import TokenRecordValidator
 from peers.auth import TOKEN
 from peers.transport import P2PTransport
 from dht.control import (
-    CONTROL_TTL,
+    CONTROL_REFRESH,
     RunControl,
     RunState,
     find_bootstraps,
@@ -46,7 +46,7 @@ from dht.control import (
     get_metrics,
     publish_control,
 )
-from dht.records import MANIFEST_TTL, SwarmDHT
+from dht.records import MANIFEST_REFRESH, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
@@ -254,7 +254,7 @@ class BootstrapNode:
 
     async def _republish_forever(self) -> None:
         while True:
-            await asyncio.sleep(MANIFEST_TTL / 4)
+            await asyncio.sleep(MANIFEST_REFRESH)
             try:
                 await self.dht.publish_manifest(self.manifest)
             except Exception as e:  # the DHT may be briefly unreachable; the next round retries
@@ -350,7 +350,7 @@ class BootstrapNode:
             await asyncio.sleep(period)
             try:
                 state, revoked = await asyncio.to_thread(self._wanted_control)
-                stale = asyncio.get_running_loop().time() - last_publish > CONTROL_TTL / 4
+                stale = asyncio.get_running_loop().time() - last_publish > CONTROL_REFRESH
                 current = None if self.control is None else (self.control.state.value, tuple(self.control.revoked))
                 if current != (state, revoked) or stale:
                     if current is not None and current != (state, revoked):

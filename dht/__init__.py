@@ -1,6 +1,6 @@
 """swarm's records in the DHT: schemas, keys, validators, and ``SwarmDHT`` on top of hivemind."""
 
-from dht.records import MANIFEST_TTL, SwarmDHT
+from dht.records import MANIFEST_REFRESH, MANIFEST_TTL, SwarmDHT
 from dht.schemas import (
     MAX_STAGES,
     PROTOCOL_VERSION,
@@ -26,6 +26,7 @@ from dht.validators import RunSchemaValidator
 
 __all__ = [
     "MANIFEST_TTL",
+    "MANIFEST_REFRESH",
     "MAX_STAGES",
     "PROTOCOL_VERSION",
     "RECORD_REFRESH",

@@ -28,6 +28,7 @@ from dht.schemas import PROTOCOL_VERSION, FrozenModel, manifest_key
 
 __all__ = [
     "CONTROL_TTL",
+    "CONTROL_REFRESH",
     "METRICS_TTL",
     "RunState",
     "RunControl",
@@ -48,7 +49,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONTROL_TTL = 600.0
+CONTROL_TTL = 7 * 24 * 3600.0  # as the manifest's: a keyed run stays keyed while no bootstrap is up
+CONTROL_REFRESH = 150.0
 METRICS_TTL = 60.0
 BOOTSTRAPS_TTL = 60.0
 _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)

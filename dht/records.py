@@ -39,11 +39,16 @@ from dht.schemas import (
 from dht.validators import RunSchemaValidator
 from swarm.errors import ConfigError, NoRoute, PeerUnavailable
 
-__all__ = ["SwarmDHT", "MANIFEST_TTL"]
+__all__ = ["SwarmDHT", "MANIFEST_TTL", "MANIFEST_REFRESH"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_TTL = 600.0
+MANIFEST_TTL = 7 * 24 * 3600.0
+"""A run's manifest lives a week in the DHT: peers go on finding the run while no bootstrap is up (a
+peer cannot extend it: its signature covers the expiration). Bootstraps rewrite it every
+``MANIFEST_REFRESH`` s, so the newest copy always expires last."""
+MANIFEST_REFRESH = 150.0
+STORE_TTL = 600.0
 
 
 class _DHTProcess(hivemind.DHT):
@@ -238,7 +243,7 @@ class SwarmDHT:
     async def all_records(self, num_stages: int) -> dict[int, list[PeerRecord]]:
         return {stage: await self.stage_records(stage) for stage in range(num_stages)}
 
-    async def announce_store(self, record: StoreRecord, ttl: float = MANIFEST_TTL) -> bool:
+    async def announce_store(self, record: StoreRecord, ttl: float = STORE_TTL) -> bool:
         """Store (or refresh) this node's signed record as a checkpoint store of the run."""
         return await self.dht.store(
             store_key(self.run_id), record.model_dump(mode="json"), expiration_time=get_dht_time() + ttl,
