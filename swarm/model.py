@@ -200,6 +200,8 @@ class SwarmModelForCausalLM(nn.Module):
                         meta.step, run_step)
             if meta.step >= run_step:
                 break
+        if self._adopted is not None:  # the others wait for this trainer's batches from this step on
+            self._runner.run(self.pipeline.coordinator.start(self.pipeline.step))
         self._trainer_sync.share_state(self._shared_local_parts)
 
     def _take_local_parts(self, metadata: Any, tensors: list[torch.Tensor]) -> StateMeta:

@@ -55,7 +55,7 @@ def _run(root: Path, model_dir: Path, *, churn: bool) -> tuple[list[float], dict
             if not events["killed"] and done >= 3:
                 events["killed"].append(_kill_a_replica(procs, rng, events))
                 procs.start("peer5", ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1",
-                                      "--state-dir", str(root / "state" / "peer5")])
+                                      "--max-stages", "1", "--state-dir", str(root / "state" / "peer5")])
             elif len(events["killed"]) == 1 and (done >= 50 or (done >= 20 and _serving_stage(newcomer) is not None)):
                 events["killed"].append(_kill_a_replica(procs, rng, events))
             time.sleep(0.2)
