@@ -86,3 +86,14 @@ def test_generate_streams_and_serve_api_answers_then_stops_on_ctrl_c(demo_swarm,
         code = server.wait(timeout=60)
     assert code == 0, log.read_text()
     assert "stopping the API server" in log.read_text()
+
+
+def test_serve_api_run_keys_without_bootstrap_state_names_the_missing_file(tmp_path):
+    """``--run-keys`` where no bootstrap keeps its state: a one-line error naming the path, before
+    joining anything (the bootstrap address is never dialled)."""
+    missing = tmp_path / "no-bootstrap-here"
+    done = subprocess.run(SWARM + ["serve-api", "--bootstrap", "/ip4/127.0.0.1/tcp/9/p2p/QmNotDialled", "--run-keys",
+                                   "--state-dir", str(missing)],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode != 0
+    assert "no bootstrap state at" in done.stderr + done.stdout and str(missing) in done.stderr + done.stdout
