@@ -58,6 +58,16 @@ def _settings(config: Optional[Path], *, log_file: str | None = None, **override
     return settings
 
 
+def _client_settings(command: str, config: Optional[Path], bootstrap_addr: Optional[list[str]],
+                     **overrides: Any) -> SwarmSettings:
+    """The settings of a command that joins a run: ``--bootstrap`` (or ``network.initial_peers``) is
+    required, and its absence is said before anything slow is imported."""
+    settings = _settings(config, network={"initial_peers": bootstrap_addr or None}, **overrides)
+    if not settings.network.initial_peers:
+        raise SwarmError(f"{command} needs --bootstrap (the multiaddr the bootstrap printed)")
+    return settings
+
+
 def _setup_logging(level: str) -> None:
     setup_logging(level, console=console)
 
@@ -218,10 +228,8 @@ def status(
     from swarm.status import collect_status, render_status
 
     _interrupt_on_sigterm()
-    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
-                         network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:  # before the imports of hivemind and torch (seconds)
-        raise SwarmError("status needs --bootstrap (the multiaddr the bootstrap printed)")
+    # before the imports of hivemind and torch (seconds)
+    settings = _client_settings("status", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     out = Console()
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
@@ -303,10 +311,7 @@ def export_command(
     from swarm.export import export_swarm
 
     _interrupt_on_sigterm()
-    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
-                         network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:
-        raise SwarmError("export needs --bootstrap (the multiaddr the bootstrap printed)")
+    settings = _client_settings("export", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SwarmError(f"--out {out} exists and is not an empty directory")
     export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
@@ -350,10 +355,7 @@ def generate(
     from swarm.serving import codec_of, stream_text
 
     _interrupt_on_sigterm()
-    settings = _settings(config, run_id=run, log_level=log_level or "WARNING",
-                         network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:
-        raise SwarmError("generate needs --bootstrap (the multiaddr the bootstrap printed)")
+    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     with console.status("joining the swarm..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
                                                      run_id=settings.run_id, timeout=settings.trainer.timeout)
@@ -385,12 +387,8 @@ def serve_api_command(
     from swarm.serving import serve_api
 
     db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
-
-    settings = _settings(config, run_id=run, log_level=log_level,
-                         network={"initial_peers": bootstrap_addr or None},
-                         api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name})
-    if not settings.network.initial_peers:
-        raise SwarmError("serve-api needs --bootstrap (the multiaddr the bootstrap printed)")
+    settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, log_level=log_level,
+                                api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name})
     serve_api(settings, console, run_keys=db)
 
 
