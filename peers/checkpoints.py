@@ -71,9 +71,10 @@ class Checkpointer:
     async def checkpoint(self) -> StateMeta:
         """Save the current state locally, then upload it where no store has it yet."""
         meta, tensors = await self._compute(self._capture)
-        self.last_step = meta.step
         await asyncio.to_thread(self.local.save, meta, tensors)
         uploaded = await self.store.put(meta, tensors) if self.store is not None else 0
+        # only now: a checkpoint cancelled half-way (the peer leaving) is done again by ``final``
+        self.last_step = meta.step
         logger.info("checkpoint of stage %d at step %d saved in %s%s", meta.stage, meta.step, self.local.root,
                     f" and uploaded to {uploaded} store(s)" if uploaded else "")
         return meta

@@ -12,7 +12,7 @@ import torch
 from bootstrap.checkpoints import CheckpointStore
 from dht.schemas import Manifest, OptimizerSettings, StoreRecord
 from peers.checkpoint_files import CheckpointDir
-from peers.checkpoints import checkpoint_due
+from peers.checkpoints import Checkpointer, checkpoint_due
 from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.recovery import Restore, choose_restore
@@ -228,3 +228,38 @@ def _stores(ids):
         return [StoreRecord(peer_id=peer_id) for peer_id in ids]
 
     return stores
+
+
+def test_a_checkpoint_cancelled_mid_upload_is_taken_again_when_the_peer_leaves(make_executor, tmp_path):
+    """The periodic checkpoint is cancelled while its upload waits (the peer stops): ``final`` must
+    upload that step again, not take it as done."""
+    executor = make_executor()
+
+    class SlowStore:
+        def __init__(self) -> None:
+            self.started, self.release, self.stored = asyncio.Event(), asyncio.Event(), []
+
+        async def put(self, meta, tensors) -> int:
+            self.started.set()
+            await self.release.wait()
+            self.stored.append(meta.step)
+            return 1
+
+    async def compute(fn, *args):
+        return fn(*args)
+
+    async def scenario() -> list[int]:
+        store = SlowStore()
+        checkpointer = Checkpointer(executor, ID, local=CheckpointDir(tmp_path), store=store, every=2, compute=compute)
+        _step(executor, 0)
+        _step(executor, 1)
+        task = asyncio.create_task(checkpointer.checkpoint())
+        await store.started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.release.set()
+        await checkpointer.final(timeout=10)
+        return store.stored
+
+    assert asyncio.run(scenario()) == [2]
