@@ -24,7 +24,8 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field, ValidationError
 
 from dht.schemas import FrozenModel
-from swarm.errors import BadRequest, ConfigError, ProtocolMismatch
+from peers.protocol import parse_request
+from swarm.errors import ConfigError
 
 __all__ = [
     "GENESIS",
@@ -283,13 +284,4 @@ def tally(entries: Iterable[LedgerEntry]) -> dict[str, dict[str, int]]:
 
 def parse_ledger_request(model: type[FrozenModel], payload: object) -> FrozenModel:
     """Validate a ledger RPC request (versioned on its own, apart from the stage protocol)."""
-    if not isinstance(payload, dict):
-        raise BadRequest(f"{model.__name__}: expected a map, got {type(payload).__name__}")
-    if payload.get("version", LEDGER_VERSION) != LEDGER_VERSION:
-        raise ProtocolMismatch(f"ledger protocol version {payload.get('version')!r}; this node speaks {LEDGER_VERSION}")
-    try:
-        return model.model_validate(payload)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "message"
-        raise BadRequest(f"{model.__name__}: {where}: {first['msg']}") from None
+    return parse_request(model, payload, version=LEDGER_VERSION, protocol="ledger protocol")

@@ -179,13 +179,15 @@ class StateResponse(_Message):
     names: list[str] = Field(description="the name of each tensor of the reply, in order")
 
 
-def parse_request(model: type[_Message], payload: Any) -> _Message:
-    """Validate a decoded request; anything malformed becomes a ``BadRequest`` naming the field."""
+def parse_request(model: type[_Message], payload: Any, *, version: int = PROTOCOL_VERSION,
+                  protocol: str = "protocol") -> _Message:
+    """Validate a decoded request; anything malformed becomes a ``BadRequest`` naming the field, a
+    request of another ``version`` of ``protocol`` a ``ProtocolMismatch``."""
     if not isinstance(payload, dict):
         raise BadRequest(f"{model.__name__}: expected a map, got {type(payload).__name__}")
-    version = payload.get("version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(f"protocol version {version!r}; this peer speaks {PROTOCOL_VERSION}")
+    got = payload.get("version", version)
+    if got != version:
+        raise ProtocolMismatch(f"{protocol} version {got!r}; this node speaks {version}")
     try:
         return model.model_validate(payload)
     except ValidationError as e:
