@@ -14,6 +14,7 @@ and nothing is applied, because a replica that averaged with a different group w
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -129,8 +130,10 @@ class HivemindGradientSync:
             self._round = (key, control)
         try:  # the whole round (matchmaking and all-reduce) within ``timeout`` of the scheduled start
             gathered = control.result(timeout=max(scheduled_time - get_dht_time(), 0.0) + timeout)
-        except concurrent.futures.CancelledError:
-            raise AveragingFailed(f"{self.prefix} step {step}: the round was given up (a member is gone); "
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            # hivemind may also hand back the asyncio kind, set on the step by its averager process: it
+            # must not escape as a cancellation of the caller's task (a BaseException)
+            raise AveragingFailed(f"{self.prefix} step {step}: the round was given up or cancelled; "
                                   "nothing applied") from None
         except concurrent.futures.TimeoutError:
             control.cancel()

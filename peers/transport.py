@@ -19,6 +19,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from peers.protocol import error_reply
 from swarm.errors import BadRequest, PeerUnavailable, StageTimeout, SwarmError
 
 __all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
@@ -69,7 +70,17 @@ class P2PTransport:
                 message, tensors = await _receive(requests, BadRequest, max_request_bytes)
                 reply, out = await handler(message, tensors)
             except SwarmError as e:
-                reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
+                reply, out = error_reply(e), []
+            except asyncio.CancelledError:
+                if _cancelling():  # the stream itself is going away (the caller left, the node stops)
+                    raise
+                # something the handler waited on was cancelled under it (e.g. a future in another
+                # process): without a reply the caller would see a stream closed for no reason
+                logger.warning("%s: the work was cancelled on this peer", method, exc_info=True)
+                reply, out = error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), []
+            except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
+                logger.exception("%s failed", method)
+                reply, out = error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), []
             for frame in _frames(reply, out, runtime_pb2.ExpertResponse):
                 yield frame
 
@@ -141,7 +152,7 @@ class InMemoryTransport:
         except asyncio.TimeoutError:
             raise StageTimeout(f"{method} on {peer_id} took longer than {timeout} s") from None
         except SwarmError as e:
-            reply, out = {"error": {"code": type(e).__name__, "message": str(e)}}, []
+            reply, out = error_reply(e), []
         if self.lose_replies.get((peer_id, method), 0) > 0:
             self.lose_replies[(peer_id, method)] -= 1
             raise PeerUnavailable(f"{method} on {peer_id}: the stream closed without a reply")
@@ -176,6 +187,13 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
             frames[-1].tensors.append(part)
             size += len(part.buffer)
     return frames
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (as opposed to a CancelledError raised by
+    something it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _receive(

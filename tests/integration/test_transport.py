@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from hivemind.p2p import P2P
 
 from peers.client import StageClient
 from peers.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
@@ -31,3 +34,42 @@ def test_a_large_activation_crosses_in_several_frames(model_factory, swarm_facto
     with torch.no_grad():
         expected = peer.service.executor.module(hidden)
     assert torch.equal(got, expected)
+
+
+def test_a_handler_that_fails_or_is_cancelled_under_it_still_replies_with_a_named_error():
+    """A bug in a handler, or a future it awaits being cancelled (hivemind's averager can hand back
+    asyncio's CancelledError), costs that request a named error; the stream is not just closed."""
+
+    async def cancelled_under_it(message, tensors):
+        waiting = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, waiting.cancel)
+        await waiting
+        return {"ok": {}}, []
+
+    async def buggy(message, tensors):
+        raise RuntimeError("the disk is full")
+
+    async def echo(message, tensors):
+        return {"ok": message}, tensors
+
+    async def main():
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[
+            str(a) for a in await server.get_visible_maddrs()])
+        try:
+            serving = P2PTransport(server)
+            for method, handler in [("t.cancelled", cancelled_under_it), ("t.bug", buggy), ("t.echo", echo)]:
+                await serving.serve(method, handler)
+            caller, peer = P2PTransport(client), server.peer_id.to_base58()
+            replies = [await caller.call(peer, method, {"n": 1}, [], timeout=30)
+                       for method in ("t.cancelled", "t.bug", "t.echo")]
+            await serving.shutdown()
+            return replies
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    (cancelled, _), (bug, _), (echoed, _) = asyncio.run(asyncio.wait_for(main(), 60))
+    assert cancelled == {"error": {"code": "SwarmError", "message": "t.cancelled: the work was cancelled on this peer"}}
+    assert bug == {"error": {"code": "SwarmError", "message": "internal error in t.bug: RuntimeError: the disk is full"}}
+    assert echoed == {"ok": {"n": 1}}  # and the peer goes on serving
