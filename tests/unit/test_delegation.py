@@ -232,3 +232,20 @@ def test_receipts_digest_covers_every_field():
     assert receipts_digest(receipts) == receipts_digest(list(receipts))
     changed = [*receipts[:2], receipts[2].model_copy(update={"tokens": 9})]
     assert receipts_digest(changed) != receipts_digest(receipts)
+
+
+def test_delegation_settings_come_from_toml_env_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from swarm.config import load_settings
+    from swarm.errors import ConfigError
+
+    defaults = load_settings().delegation
+    assert (defaults.accept, defaults.max_sessions, defaults.session_ttl, defaults.poll_interval) == (False, 10, 330.0, 5.0)
+    config = tmp_path / "swarm.toml"
+    config.write_text('[delegation]\naccept = true\ntokens = ["a", "b"]\nmax_sessions = 4\nsession_ttl = 60\n')
+    monkeypatch.setenv("SWARM_DELEGATION__MAX_SESSIONS", "7")
+    settings = load_settings(config).delegation
+    assert (settings.accept, settings.tokens, settings.max_sessions, settings.session_ttl) == (True, ["a", "b"], 7, 60.0)
+    monkeypatch.delenv("SWARM_DELEGATION__MAX_SESSIONS")
+    config.write_text("[delegation]\nmax_sessions = 0\n")
+    with pytest.raises(ConfigError, match="delegation.max_sessions"):
+        load_settings(config)
