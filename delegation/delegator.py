@@ -39,7 +39,7 @@ from peers.auth import AuthedTransport, RunAuth
 from peers.contribution import ContributionRecorder, bootstrap_peer_ids
 from peers.ledger import LedgerWriter, Work
 from peers.transport import P2PTransport
-from swarm._loop import cancel_and_wait
+from swarm._loop import Lifecycle, cancel_and_wait
 from swarm.config import SwarmSettings
 from swarm.errors import (
     AuthRejected,
@@ -87,7 +87,7 @@ class _Session:
         self.record: PeerRecord | None = None
 
 
-class Delegator:
+class Delegator(Lifecycle):
     """One weak machine delegating its stage. ``start`` / ``stop`` are idempotent."""
 
     def __init__(self, settings: SwarmSettings, *, manifest_timeout: float = 60.0):
@@ -103,8 +103,6 @@ class Delegator:
         self._receipts = self._tokens = 0
         self._last_error = ""
         self._task: asyncio.Task | None = None
-        self._closed = asyncio.Event()
-        self._started = False
 
     @property
     def peer_id(self) -> str:
@@ -119,14 +117,7 @@ class Delegator:
     async def start(self) -> None:
         """Join the run and open a first session. A refusal no delegate would change (bad token,
         unsupported stage) raises; unreachable or full delegates are retried every poll interval."""
-        if self._started:
-            return
-        self._started = True
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
+        await super().start()
 
     async def _start(self) -> None:
         delegation, net = self.settings.delegation, self.settings.network
@@ -303,7 +294,7 @@ class Delegator:
                 await self._transport.p2p.shutdown()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
-        self._closed.set()
+        self._mark_closed()
         logger.info("delegator stopped")
 
     async def _stop_session(self, session: _Session) -> None:
@@ -314,16 +305,6 @@ class Delegator:
         if session.record is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.dht.withdraw(session.record), 5)
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def __aenter__(self) -> "Delegator":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
 
 def delegate_peer_id(address: str) -> str:

@@ -76,7 +76,7 @@ from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_
 from shards.source import resolve_model
 from shards.stage import load_stage
 from shards.types import LayerRange
-from swarm._loop import cancel_and_wait
+from swarm._loop import Lifecycle, cancel_and_wait
 from swarm.config import SwarmSettings
 from swarm.errors import (
     CapacityExceeded,
@@ -137,7 +137,7 @@ class StageSlot:
         await asyncio.to_thread(self.worker.shutdown, wait=True, cancel_futures=True)
 
 
-class Peer:
+class Peer(Lifecycle):
     """One volunteer serving a span of one or more consecutive stages of a run."""
 
     def __init__(self, settings: SwarmSettings, *, manifest_timeout: float = 60.0, progress: Progress | None = None):
@@ -161,8 +161,6 @@ class Peer:
         self._gated: Any = None  # the transport behind the auth gate (keyed runs), for control handlers
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
-        self._closed = asyncio.Event()
-        self._started = False
         self.telemetry: PeerTelemetry | None = None
         self.claim_reason = ""
         self._past_steps: dict[int, int] = {}
@@ -208,16 +206,6 @@ class Peer:
 
     def checkpointers(self) -> list[Checkpointer]:
         return [slot.checkpointer for slot in self.slots.values() if slot.checkpointer is not None]
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
 
     async def _start(self) -> None:
         net = self.settings.network
@@ -788,7 +776,7 @@ class Peer:
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
-        self._closed.set()
+        self._mark_closed()
         logger.info("peer stopped")
 
     def _metrics_report(self) -> MetricsReport | None:
@@ -816,13 +804,3 @@ class Peer:
 
     async def _in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def __aenter__(self) -> "Peer":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()

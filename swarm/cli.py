@@ -184,6 +184,7 @@ def join(
     """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C.
     With --delegate-to, a delegate serves this machine's stage instead and this machine signs its work."""
     from peers.server import Peer
+    from swarm._loop import start_unless_stopped
     from swarm.delegation_cli import announce_delegate, run_delegator
     from swarm.join_view import describe_span, introduce, live_lines
 
@@ -201,16 +202,8 @@ def join(
     async def serve(stop: asyncio.Event) -> None:
         with _measure_progress() as progress:
             peer = Peer(settings, progress=progress)
-            start = asyncio.create_task(peer.start())
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():  # Ctrl+C while still joining or loading
-            start.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await start
-            await peer.stop()
-            return
-        start.result()
+            if not await start_unless_stopped(peer, stop):  # Ctrl+C while still joining or loading
+                return
         _print_measurement(peer)
         set_log_identity(peer.peer_id)
         await introduce(peer, settings, console)

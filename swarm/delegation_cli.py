@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
+from swarm._loop import start_unless_stopped
 from swarm.config import SwarmSettings
 from swarm.logs import set_log_identity
 
@@ -22,16 +23,8 @@ async def run_delegator(settings: SwarmSettings, console: Console, stop: asyncio
     from delegation.delegator import Delegator
 
     delegator = Delegator(settings)
-    start = asyncio.create_task(delegator.start())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if not start.done():  # Ctrl+C while joining
-        start.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await start
-        await delegator.stop()
+    if not await start_unless_stopped(delegator, stop):  # Ctrl+C while joining
         return
-    start.result()
     set_log_identity(delegator.peer_id)
     console.print(f"[bold]identity[/]  delegator {delegator.peer_id} (its key signs its records and ledger)")
     closed = asyncio.create_task(delegator.wait_closed())

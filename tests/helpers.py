@@ -15,7 +15,7 @@ from swarm._loop import LoopThread
 from swarm.config import load_settings
 from swarm.model import SwarmModelForCausalLM
 
-__all__ = ["LocalSwarm", "train_steps"]
+__all__ = ["LocalSwarm", "train_steps", "reference_losses"]
 
 
 class LocalSwarm:
@@ -120,3 +120,20 @@ def train_steps(model, steps: int) -> None:
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def reference_losses(model_dir, batches, *, lr: float) -> list[float]:
+    """The losses of transformers' own model trained locally on ``batches`` with AdamW (``lr``,
+    torch's default weight decay 0.01): what a swarm run of the same batches must follow."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=lr)
+    losses = []
+    for ids in batches:
+        loss = reference(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

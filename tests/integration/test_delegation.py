@@ -11,7 +11,6 @@ from typing import Callable
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from delegation.client import DelegationClient
 from delegation.protocol import SessionState
@@ -22,6 +21,7 @@ from peers.transport import P2PTransport
 from swarm.errors import AuthRejected, CapacityExceeded, UnknownSession
 from swarm.pipeline import FaultPolicy
 from swarm.status import collect_status
+from tests.helpers import reference_losses
 
 pytestmark = pytest.mark.slow
 
@@ -55,20 +55,6 @@ def _train(model, steps: int, *, after_step: Callable[[int], None] = lambda step
         optimizer.zero_grad()
         losses.append(loss.item())
         after_step(step)
-    return losses
-
-
-def _reference_losses(model_dir, steps: int) -> list[float]:
-    reference = AutoModelForCausalLM.from_pretrained(model_dir)
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01)
-    losses = []
-    for step in range(steps):
-        ids = _batch(step)
-        loss = reference(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
     return losses
 
 
@@ -217,7 +203,7 @@ def test_a_delegate_killed_mid_training_costs_no_step_and_the_delegator_moves_on
     with swarm.client(policy=POLICY) as model:
         losses = _train(model, steps, after_step=kill_after)
         assert model.step == steps
-    assert losses == pytest.approx(_reference_losses(model_dir, steps), rel=1e-3)
+    assert losses == pytest.approx(reference_losses(model_dir, [_batch(s) for s in range(steps)], lr=1e-2), rel=1e-3)
     down = seen["status"]
     assert down.delegation_mode and not down.delegate_reachable and "unreachable" in down.last_error
 
