@@ -72,11 +72,11 @@ class LocalSwarm:
         self.delegate_sessions.append(sessions)
         return sessions
 
-    def add_delegator(self, delegate_to: list[Peer], token: str, *, start: bool = True, **delegation: object
-                      ) -> Delegator:
+    def add_delegator(self, delegate_to: list[Peer], token: str, *, key: str | None = None, start: bool = True,
+                      **delegation: object) -> Delegator:
         """A weak machine with a state dir of its own that has ``delegate_to`` (tried in order) serve its stage."""
         settings = load_settings(
-            run_id=self.run_id, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
+            run_id=self.run_id, key=key, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
             state_dir=self.state_dir / f"delegator{len(self.delegators)}",
             delegation={"delegate_to": [p.maddrs[0] for p in delegate_to], "token": token, **delegation},
         )

@@ -183,7 +183,8 @@ def test_a_delegate_killed_mid_training_costs_no_step_and_the_delegator_moves_on
     """Stage 0: peers A and D; stage 1: peer B, and D serving it for a weak machine whose second
     delegate is A. D's DHT and p2pd are killed after step 2: the trainer routes around it (every step
     closes, losses follow local training); the weak machine reports delegation_mode with its delegate
-    unreachable (A does not accept delegations yet), and resumes on A once A accepts them."""
+    unreachable (A does not accept delegations yet), and resumes on A once A accepts them (after step
+    3, so A loads stage 1, averager process and all, while the trainer's calls stream through it)."""
     model_dir = model_factory(**MODEL)
     steps = 6
     swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=4, lr=1e-2)
@@ -199,6 +200,8 @@ def test_a_delegate_killed_mid_training_costs_no_step_and_the_delegator_moves_on
             os.killpg(doomed.dht.dht.pid, signal.SIGKILL)
             _wait(lambda: not weak.status().delegate_reachable, timeout=30, what="the delegator to notice")
             seen["status"] = weak.status()
+        if step == 2:  # A's owner now accepts delegations: A loads stage 1 while it serves the trainer
+            seen["sessions"] = swarm.accept_delegations(first, accept=True, tokens=[TOKEN])
 
     with swarm.client(policy=POLICY) as model:
         losses = _train(model, steps, after_step=kill_after)
@@ -207,7 +210,7 @@ def test_a_delegate_killed_mid_training_costs_no_step_and_the_delegator_moves_on
     down = seen["status"]
     assert down.delegation_mode and not down.delegate_reachable and "unreachable" in down.last_error
 
-    sessions = swarm.accept_delegations(first, accept=True, tokens=[TOKEN])  # A's owner now accepts delegations
+    sessions = seen["sessions"]
     _wait(lambda: weak.status().delegate == first.peer_id and weak.status().state == SessionState.ACTIVE,
           timeout=60, what="the delegator to resume on the second delegate")
     assert weak.status().delegate_reachable and 1 in first.hosted
@@ -217,3 +220,25 @@ def test_a_delegate_killed_mid_training_costs_no_step_and_the_delegator_moves_on
     assert first.hosted[1].service.executor.optimizer_step == swarm.peers[1].service.executor.optimizer_step
     swarm.peers.remove(doomed)
     swarm.loop.run(doomed.stop(final_checkpoint=False), timeout=60)
+
+
+def test_a_keyed_run_accepts_the_delegators_signed_record_and_routes_to_the_delegate(model_factory, swarm_factory):
+    """On a keyed run the delegator needs a key of its own; its record of the delegated stage carries
+    its token and is signed by it, so the DHT's token validator accepts it and trainers route to the
+    delegate through it (no other peer serves stage 1)."""
+    model_dir = model_factory(**MODEL)
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=0, target_batch_size=4, lr=1e-2, open=False)
+    key = swarm.bootstrap.db.create_key("volunteers", actor="test").secret
+    delegate = swarm.add_peer(stage=0, key=key, delegation={"accept": True, "tokens": [TOKEN]})
+    swarm.accept_delegations(delegate)
+    with pytest.raises(AuthRejected, match="needs an API key"):
+        swarm.add_delegator([delegate], TOKEN, stage=1, **FAST)
+    swarm.delegators.clear()  # it failed and stopped itself
+    weak = swarm.add_delegator([delegate], TOKEN, key=key, stage=1, **FAST)
+    _wait(lambda: weak.status().state == SessionState.ACTIVE, what="the delegated stage to be served")
+    records = swarm.loop.run(swarm.bootstrap.dht.stage_records(1))
+    assert [(r.peer_id, r.delegate_of, bool(r.access_token)) for r in records] == [(delegate.peer_id, weak.peer_id, True)]
+    with swarm.client(policy=POLICY, key=key) as model:
+        losses = _train(model, 2)
+    assert losses == pytest.approx(reference_losses(model_dir, [_batch(s) for s in range(2)], lr=1e-2), rel=1e-3)
+    assert delegate.hosted[1].service.executor.optimizer_step == 2
