@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Collection, Protocol, Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ class StageHost(Protocol):
     @property
     def peer_id(self) -> str: ...
 
-    async def stage_to_host(self, wanted: int | None) -> int: ...
+    async def stage_to_host(self, wanted: int | None, *, taken: Collection[int] = ()) -> int: ...
 
     async def host_stage(self, stage: int, *, on_behalf_of: str, on_work: Callable) -> None: ...
 
@@ -158,6 +158,7 @@ class DelegateSessions:
         self._live: dict[str, _Session] = {}
         self._ended: OrderedDict[str, _Session] = OrderedDict()
         self._sweeper: asyncio.Task | None = None
+        self._starting = asyncio.Lock()
 
     # -- the RPCs' logic --------------------------------------------------------------------------
 
@@ -167,12 +168,14 @@ class DelegateSessions:
         if caller is not None and caller != request.delegator:
             raise AuthRejected(f"peer {caller[-12:]} asked for a session for {request.delegator[-12:]}: "
                                "a delegator opens its own sessions")
-        session = self._held_by(request.delegator, request.stage)
-        if session is None:
-            if len(self._live) >= self.max_sessions:
-                raise CapacityExceeded(f"delegate {self.host.peer_id[-8:]} is at capacity: "
-                                       f"{len(self._live)} of {self.max_sessions} sessions in use")
-            session = self._new(request, await self.host.stage_to_host(request.stage))
+        async with self._starting:  # one start at a time: two must not pick the same stage
+            session = self._held_by(request.delegator, request.stage)
+            if session is None:
+                if len(self._live) >= self.max_sessions:
+                    raise CapacityExceeded(f"delegate {self.host.peer_id[-8:]} is at capacity: "
+                                           f"{len(self._live)} of {self.max_sessions} sessions in use")
+                taken = {s.stage for s in self._live.values()}  # sessions still loading are not hosted yet
+                session = self._new(request, await self.host.stage_to_host(request.stage, taken=taken))
         return StartResponse(session_id=session.session_id, stage=session.stage,
                              layers=self.host.stage_layers(session.stage), ttl=self.ttl, gpu_count=self.host.gpu_count())
 

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 import torch
 
@@ -364,11 +364,12 @@ class Peer(Lifecycle):
 
     # -- hosting stages for delegators (delegation/ drives these) ----------------------------------
 
-    async def stage_to_host(self, wanted: int | None) -> int:
+    async def stage_to_host(self, wanted: int | None, *, taken: Collection[int] = ()) -> int:
         """The stage a new delegation session would serve: ``wanted``, else the stage with the least
-        live throughput that this peer neither serves nor hosts. ``DelegationRefused`` names why a
-        stage cannot be hosted here, ``CapacityExceeded`` when memory is short."""
-        busy = set(self.slots) | set(self.hosted) | {r.stage for r in self._pending}
+        live throughput that this peer neither serves nor hosts (nor has promised: ``taken``).
+        ``DelegationRefused`` names why a stage cannot be hosted here, ``CapacityExceeded`` when memory
+        is short."""
+        busy = set(self.slots) | set(self.hosted) | {r.stage for r in self._pending} | set(taken)
         num_stages = self.manifest.num_stages
         if wanted is None:
             records = await self.dht.all_records(num_stages)

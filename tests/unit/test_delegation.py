@@ -37,8 +37,9 @@ class FakeHost:
         self.released: list[int] = []
         self.loaded = asyncio.Event()
 
-    async def stage_to_host(self, wanted: int | None) -> int:
-        busy = {0, *self.hosted}
+    async def stage_to_host(self, wanted: int | None, *, taken=()) -> int:
+        await asyncio.sleep(0)  # the real one reads the DHT: other starts may run meanwhile
+        busy = {0, *self.hosted, *taken}
         stage = wanted if wanted is not None else min(s for s in range(12) if s not in busy)
         if stage in busy or stage >= 12:
             raise DelegationRefused(f"stage {stage} is served here already")
@@ -249,3 +250,14 @@ def test_delegation_settings_come_from_toml_env_and_defaults(tmp_path: Path, mon
     config.write_text("[delegation]\nmax_sessions = 0\n")
     with pytest.raises(ConfigError, match="delegation.max_sessions"):
         load_settings(config)
+
+
+def test_starts_at_the_same_time_get_different_stages():
+    async def scenario():
+        host, _, sessions, client = await _delegate()
+        started = await asyncio.gather(*(client.start(TOKEN, f"QmWeak{i}") for i in range(3)))
+        assert sorted(s.stage for s in started) == [1, 2, 3]
+        await sessions.stop()
+        assert sorted(host.released) == [1, 2, 3]
+
+    run(scenario())
