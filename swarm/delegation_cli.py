@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from swarm._loop import start_unless_stopped
-from swarm.config import SwarmSettings
+from swarm.config import SwarmSettings, check_multiaddr
 from swarm.logs import set_log_identity
 
 __all__ = ["run_delegator", "announce_delegate", "delegator_line", "delegate_line", "print_delegate_status"]
@@ -71,6 +71,7 @@ def delegate_line(status: dict[str, Any]) -> str:
 
 def print_delegate_status(settings: SwarmSettings, address: str, console: Console, as_json: bool) -> None:
     """``swarm status --delegate ADDR``: ask a delegate for its sessions."""
+    check_multiaddr(address)  # a typo is said before hivemind and torch are imported
     from delegation.client import DelegationClient
     from delegation.delegator import delegate_peer_id
     from dht.records import SwarmDHT

@@ -68,7 +68,7 @@ def test_delegate_and_delegator_from_the_cli(model_factory, tmp_path):
 
 
 def test_delegating_and_accepting_at_once_is_refused(tmp_path):
-    result = subprocess.run(SWARM + ["join", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x", "--accept-delegations",
-                                     "--delegate-to", "/ip4/127.0.0.1/tcp/2/p2p/y"],
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/QmPp7mVpGjGpud2UMFiQ5a9j7natSgHTHmtStNPVbCernk"
+    result = subprocess.run(SWARM + ["join", "--bootstrap", peer, "--accept-delegations", "--delegate-to", peer],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2 and "exclude each other" in result.stderr, result.stderr

@@ -250,6 +250,8 @@ def test_delegation_settings_come_from_toml_env_and_defaults(tmp_path: Path, mon
     config.write_text("[delegation]\nmax_sessions = 0\n")
     with pytest.raises(ConfigError, match="delegation.max_sessions"):
         load_settings(config)
+    with pytest.raises(ConfigError, match="delegation.delegate_to.*lacks the peer id"):
+        load_settings(delegation={"delegate_to": ["/ip4/127.0.0.1/tcp/31400"]})
 
 
 def test_starts_at_the_same_time_get_different_stages():
