@@ -190,7 +190,7 @@ def join(
         peer={"stage": stage, "threads": threads, "max_stages": max_stages}, monitor={"metrics_port": metrics_port},
     )
     settings = _with_delegation(settings, accept_delegations, delegate_to, delegation_token)
-    from swarm.delegation_cli import announce_delegate, run_delegator
+    from swarm.delegation_cli import announce_delegate, delegate_line, run_delegator
 
     if settings.delegation.delegate_to:
         _run_until_signal(lambda stop: run_delegator(settings, console, stop))
@@ -209,7 +209,8 @@ def join(
         await introduce(peer, settings, console)
         sessions = await announce_delegate(peer, settings, console) if settings.delegation.accept else None
         console.print(f"[bold green]serving[/] {describe_span(peer)} as {peer.peer_id}; Ctrl+C to leave")
-        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval))
+        extra = None if sessions is None else (lambda: delegate_line(sessions.status().model_dump(mode="json")))
+        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval, extra=extra))
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
         await asyncio.wait({live, closed}, return_when=asyncio.FIRST_COMPLETED)
         for task in (live, closed):

@@ -62,6 +62,7 @@ def test_delegate_and_delegator_from_the_cli(model_factory, tmp_path):
         weak.send_signal(2)  # Ctrl+C: the delegator stops its session and leaves
         assert weak.wait(timeout=60) == 0
         procs.wait_for_line("delegate", delegate, "stopped by its delegator")
+        assert "1 of 3 sessions active" in (tmp_path / "delegate.log").read_text()  # its live line
     finally:
         procs.stop_all()
     assert all(proc.returncode == 0 for _, proc in procs.procs), [(n, p.returncode) for n, p in procs.procs]
