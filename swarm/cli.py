@@ -172,34 +172,45 @@ def join(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
     metrics_port: Optional[int] = MetricsPortOpt,
+    accept_delegations: Optional[bool] = typer.Option(
+        None, "--accept-delegations", help="also serve weak machines' stages on their behalf (they join with "
+        "--delegate-to this peer); accepted tokens: --delegation-token, delegation.tokens or delegation.tokens_file"),
+    delegate_to: Optional[list[str]] = typer.Option(
+        None, "--delegate-to", help="multiaddr of a delegate (repeatable, tried in order): this machine keeps its "
+        "identity and signs the work, the delegate computes its stage"),
+    delegation_token: Optional[str] = typer.Option(
+        None, "--delegation-token", help="with --delegate-to: the token the delegate's owner gave you; with "
+        "--accept-delegations: a token to accept"),
 ) -> None:
-    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
+    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C.
+    With --delegate-to, a delegate serves this machine's stage instead and this machine signs its work."""
     settings = _client_settings(
         "join", config, bootstrap_addr, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir,
         key=key, network={"host": host, "port": port, "announce_host": announce_host},
         peer={"stage": stage, "threads": threads, "max_stages": max_stages}, monitor={"metrics_port": metrics_port},
     )
+    settings = _with_delegation(settings, accept_delegations, delegate_to, delegation_token)
+    from swarm.delegation_cli import announce_delegate, delegate_line, run_delegator
+
+    if settings.delegation.delegate_to:
+        _run_until_signal(lambda stop: run_delegator(settings, console, stop))
+        return
     from peers.server import Peer
+    from swarm._loop import start_unless_stopped
     from swarm.join_view import describe_span, introduce, live_lines
 
     async def serve(stop: asyncio.Event) -> None:
         with _measure_progress() as progress:
             peer = Peer(settings, progress=progress)
-            start = asyncio.create_task(peer.start())
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():  # Ctrl+C while still joining or loading
-            start.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await start
-            await peer.stop()
-            return
-        start.result()
+            if not await start_unless_stopped(peer, stop):  # Ctrl+C while still joining or loading
+                return
         _print_measurement(peer)
         set_log_identity(peer.peer_id)
         await introduce(peer, settings, console)
+        sessions = await announce_delegate(peer, settings, console) if settings.delegation.accept else None
         console.print(f"[bold green]serving[/] {describe_span(peer)} as {peer.peer_id}; Ctrl+C to leave")
-        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval))
+        extra = None if sessions is None else (lambda: delegate_line(sessions.status().model_dump(mode="json")))
+        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval, extra=extra))
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
         await asyncio.wait({live, closed}, return_when=asyncio.FIRST_COMPLETED)
         for task in (live, closed):
@@ -207,9 +218,26 @@ def join(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         console.print("leaving the swarm...")
+        if sessions is not None:
+            await sessions.stop()
         await peer.stop()
 
     _run_until_signal(serve)
+
+
+def _with_delegation(settings: SwarmSettings, accept: Optional[bool], delegate_to: Optional[list[str]],
+                     token: Optional[str]) -> SwarmSettings:
+    """``swarm join``'s delegation flags over the settings. ``--delegation-token`` is the token to
+    present as a delegator, or one more token to accept as a delegate (beside the configured ones)."""
+    delegation = settings.delegation.model_copy(update={
+        key: value for key, value in (("accept", accept), ("delegate_to", delegate_to or None)) if value is not None})
+    if delegation.accept and delegation.delegate_to:
+        raise SwarmError("--accept-delegations and --delegate-to exclude each other: a delegate serves, a "
+                         "delegator has its stage served")
+    if token is not None:
+        update = {"tokens": [*delegation.tokens, token]} if delegation.accept else {"token": token}
+        delegation = delegation.model_copy(update=update)
+    return settings.model_copy(update={"delegation": delegation})
 
 
 @app.command()
@@ -218,6 +246,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the status data as one JSON object and exit"),
     once: bool = typer.Option(False, "--once", help="print one frame and exit (the default when not a terminal)"),
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="seconds between refreshes of the live view"),
+    delegate: Optional[str] = typer.Option(None, "--delegate", help="multiaddr of a delegate: show its delegation "
+                                           "sessions (total/active/max, per session) and exit"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -230,6 +260,11 @@ def status(
     from swarm.status import collect_status, render_status
 
     out = Console()
+    if delegate is not None:
+        from swarm.delegation_cli import print_delegate_status
+
+        print_delegate_status(settings, delegate, out, as_json)
+        return
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
         if as_json or once or not out.is_terminal:

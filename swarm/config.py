@@ -32,6 +32,7 @@ __all__ = [
     "MonitorSettings",
     "LogSettings",
     "ApiSettings",
+    "DelegationSettings",
     "SwarmSettings",
     "load_settings",
     "check_multiaddr",
@@ -158,6 +159,29 @@ class LogSettings(_Section):
     backups: int = Field(3, ge=0, description="rotated log files kept")
 
 
+class DelegationSettings(_Section):
+    """Both sides of delegation (``delegation/``): a strong peer that accepts sessions, and a weak
+    machine that hands its stage to one (env: ``SWARM_DELEGATION__MAX_SESSIONS`` and so on)."""
+
+    accept: bool = Field(False, description="serve other machines' stages on their behalf (--accept-delegations)")
+    tokens: list[str] = Field(default_factory=list, description="delegation tokens this delegate accepts "
+                              "(compared in constant time); empty with accept: no session can start")
+    tokens_file: Path | None = Field(None, description="more accepted tokens, one a line; re-read every few "
+                                     "seconds, so removing a line revokes that token and ends its sessions")
+    max_sessions: int = Field(10, ge=1, description="sessions this delegate holds at once")
+    session_ttl: float = Field(330.0, gt=0, description="seconds a session lives without being polled")
+    delegate_to: list[str] = Field(default_factory=list, description="multiaddrs of delegates to hand this "
+                                   "machine's stage to, tried in order (--delegate-to)")
+    token: str | None = Field(None, description="delegation token to present to the delegate (--delegation-token)")
+    stage: int | None = Field(None, ge=0, description="stage to have served (default: the delegate picks)")
+    poll_interval: float = Field(5.0, gt=0, description="seconds between the delegator's polls for receipts")
+
+    @field_validator("delegate_to")
+    @classmethod
+    def _multiaddrs(cls, delegates: list[str]) -> list[str]:
+        return NetworkSettings._multiaddrs(delegates)
+
+
 class SwarmSettings(BaseSettings):
     """Every setting of swarm; each field is settable from TOML, env or the CLI."""
 
@@ -174,6 +198,7 @@ class SwarmSettings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     logs: LogSettings = LogSettings()
     api: ApiSettings = ApiSettings()
+    delegation: DelegationSettings = DelegationSettings()
 
     toml_file: ClassVar[Path | None] = None
 
