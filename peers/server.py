@@ -673,11 +673,26 @@ class Peer(Lifecycle):
     def _store_client(self) -> StoreClient:
         return StoreClient(self._transport, self.dht.stores)
 
+    async def _online_replicas(self, stage: int, reads: int = 4) -> list[str]:
+        """The other online replicas of ``stage``. A DHT read under load can miss a key's entries (seen:
+        a newcomer found no replica of a stage that had one and started from the model files), so
+        once the run has trained (a trainer past step 0) an empty read is repeated, bounded, before
+        the stage is taken to have no replica; a new run's first peers start at once."""
+        for attempt in range(1, reads + 1):
+            records = await self.dht.stage_records(stage)
+            replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+            if replicas or attempt == reads:
+                return replicas
+            if attempt == 1 and not any(t.step > 0 for t in await self.dht.trainer_records()):
+                return replicas
+            logger.info("stage %d: no online replica in the DHT (read %d/%d); reading again", stage, attempt, reads)
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last read returns")
+
     async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
         executor = slot.service.executor
-        records = await self.dht.stage_records(executor.stage)
-        replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+        replicas = await self._online_replicas(executor.stage)
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,
