@@ -404,6 +404,8 @@ class Peer:
             if slot is None or slot.inference is None:
                 raise WrongStage(f"peer {self.peer_id[-8:]} serves {self.span}, not stage {stage}")
             return slot.inference
+        if not isinstance(session, str):  # malformed: the first stage's parser names the error
+            return slots[0].inference
         return next((s.inference for s in slots if session in s.inference.sessions), slots[0].inference)
 
     def _dispatch(self, method: str, service_for: Callable[[Any], StageService | InferenceService]) -> Callable:
