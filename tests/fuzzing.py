@@ -25,11 +25,14 @@ from dht.schemas import PROTOCOL_VERSION
 from peers.framing import read_frames
 from swarm.errors import BadRequest, error_from_wire
 
-__all__ = ["FUZZ_SETTINGS", "messages", "tensor_lists", "raw_requests", "check_reply", "template_for", "read_reply"]
+__all__ = ["FUZZ_SETTINGS", "RAW_FUZZ_SETTINGS", "messages", "tensor_lists", "raw_requests", "check_reply", "template_for", "read_reply"]
 
 FUZZ_EXAMPLES = int(os.environ.get("SWARM_FUZZ_EXAMPLES", "25"))
-FUZZ_SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not os.environ.get("SWARM_FUZZ_EXAMPLES"),
+_LONG = bool(os.environ.get("SWARM_FUZZ_EXAMPLES"))
+FUZZ_SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not _LONG,
                          suppress_health_check=list(HealthCheck), database=None)
+# raw streams exercise the one transport every handler shares: fewer examples per handler
+RAW_FUZZ_SETTINGS = settings(FUZZ_SETTINGS, max_examples=max(FUZZ_EXAMPLES // 4, 5))
 
 _LAYERS = {"start": 0, "end": 1}
 _SESSION = "fuzz-session"

@@ -21,7 +21,7 @@ from hypothesis import given
 
 from peers.client import StageClient
 from peers.transport import P2PTransport
-from tests.fuzzing import FUZZ_SETTINGS, check_reply, messages, raw_requests, read_reply, tensor_lists
+from tests.fuzzing import FUZZ_SETTINGS, RAW_FUZZ_SETTINGS, check_reply, messages, raw_requests, read_reply, tensor_lists
 from tests.helpers import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ class _Fuzzed:
                                                         timeout=CALL_TIMEOUT), timeout=CALL_TIMEOUT + 5)
         return reply
 
-    def raw(self, method: str, data: bytes, timeout: float = 1.0):
+    def raw(self, method: str, data: bytes, timeout: float = 0.3):
         return self.swarm.loop.run(self._raw(method, data, timeout), timeout=CALL_TIMEOUT + 5)
 
     def alive(self, method: str) -> None:
@@ -108,7 +108,7 @@ def test_malformed_messages_get_named_errors(fuzzed, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_malformed_streams_are_refused(fuzzed, method):
-    @FUZZ_SETTINGS
+    @RAW_FUZZ_SETTINGS
     @given(data=raw_requests(method))
     def one(data):
         reply = fuzzed.raw(method, data)  # None: no reply yet to a request cut short
