@@ -122,6 +122,9 @@ class TokenRecordValidator(RecordValidatorBase):
                             _hashed(bootstraps_key(self.run_id))}
         self._tokened = {_hashed(stage_key(self.run_id, s)) for s in range(MAX_STAGES)}
         self._tokened.add(_hashed(metrics_key(self.run_id)))
+        from dht.bans import bans_key  # dht.bans imports dht.records
+
+        self._tokened.add(_hashed(bans_key(self.run_id)))
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key in self._owner_only:

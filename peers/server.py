@@ -331,12 +331,14 @@ class Peer:
             module = await slot.run(self._load, self.manifest, stage)
             prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
             slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
-                                                round_timeout=self.settings.peer.averaging_timeout)
+                                                round_timeout=self.settings.peer.averaging_timeout,
+                                                clip=self.settings.peer.averaging_clip)
             executor = StageExecutor(
                 module, stage, self.manifest.stages[stage], self.manifest.optimizer,
                 cache_size=self.settings.peer.cache_size, sync=slot.sync,
-                averaging_timeout=self.settings.peer.averaging_timeout,
+                averaging_timeout=self.settings.peer.averaging_timeout, max_abs=self.settings.peer.max_abs_value,
             )
+            executor.corrupt = self.settings.peer.corrupt
             slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
         for slot in self.slots.values():
             await self._adopt_state(slot, self._identity)  # never serve stale weights
