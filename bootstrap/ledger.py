@@ -49,6 +49,7 @@ class LedgerBook:
         if not check.ok:
             raise ConfigError(f"{path} fails verification at line {check.bad_index + 1}: {check.reason}")
         self._last: dict[tuple[str, str], LedgerEntry] = {}
+        self.banned: set[str] = set()  # peers reported for wrong results (``bootstrap.bans``): no more credit
         for entry in self.entries:
             self._last[(entry.peer_id, entry.public_key)] = entry
 
@@ -62,6 +63,8 @@ class LedgerBook:
         if any((e.peer_id, e.public_key) != chain for e in entries):
             raise BadRequest("one submit carries one chain (one peer id and key)")
         expected = self.next_seq(entries[0])
+        if chain[0] in self.banned:
+            return SubmitResponse(accepted=0, next_seq=expected, reason="this peer is banned from the run")
         fresh = [e for e in entries if e.seq >= expected]
         if not fresh:
             return SubmitResponse(accepted=0, next_seq=expected)
@@ -79,7 +82,8 @@ class LedgerBook:
         self._last[(entries[-1].peer_id, entries[-1].public_key)] = entries[-1]
 
     def tally(self) -> dict[str, dict[str, int]]:
-        return tally(self.entries)
+        """Verified totals per peer; a banned peer is credited nothing."""
+        return {peer: row for peer, row in tally(self.entries).items() if peer not in self.banned}
 
 
 class LedgerService:

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from dht.bans import banned_peers
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
@@ -560,7 +561,9 @@ class Peer:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
         executor = slot.service.executor
         records = await self.dht.stage_records(executor.stage)
-        replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+        banned = await banned_peers(self.dht)  # a replica caught returning wrong results is no source
+        replicas = [r.peer_id for r in records
+                    if r.state == PeerState.ONLINE and r.peer_id != self.peer_id and r.peer_id not in banned]
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,
