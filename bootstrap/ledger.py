@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from peers.ledger import (
+    append_lines,
     LEDGER_FETCH,
     LEDGER_SUBMIT,
     LEDGER_TALLY,
@@ -76,8 +77,7 @@ class LedgerBook:
     def _append(self, entries: list[LedgerEntry]) -> None:
         if not entries:
             return
-        with self.path.open("a") as f:
-            f.writelines(e.model_dump_json() + "\n" for e in entries)
+        append_lines(self.path, [e.model_dump_json() for e in entries])  # all or none: the peer resubmits
         self.entries.extend(entries)
         self._last[(entries[-1].peer_id, entries[-1].public_key)] = entries[-1]
 

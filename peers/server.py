@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from dht.bans import banned_peers
+from dht.clock import check_clock
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
@@ -215,6 +216,7 @@ class Peer:
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor()
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
+        await check_clock(self.dht)  # a clock minutes behind would make this peer silently invisible
         self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await serve_echo(self._transport)  # joining peers time their links against this one

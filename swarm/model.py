@@ -29,6 +29,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from hivemind.utils import get_dht_time
 
 from dht.bans import BanReport, banned_peers, report_ban
+from dht.clock import check_clock
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import Manifest, PeerRecord
@@ -139,6 +140,7 @@ class SwarmModelForCausalLM(nn.Module):
         try:
             dht = SwarmDHT.create_client(run_id, initial_peers, host=host, client_mode=False)
             manifest = runner.run(dht.wait_manifest(timeout))
+            runner.run(check_clock(dht))
             auth = runner.run(RunAuth.join(dht, key or os.environ.get("SWARM_KEY")))
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
