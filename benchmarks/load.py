@@ -9,7 +9,8 @@ Each trainer is a process of its own (``--worker``) that trains the run's model 
 ``--batch`` x ``--seq`` until its deadline and writes its step times and errors as JSON. The run's
 target batch is one batch of every trainer, so the 8 close each collaborative step together. RSS is
 the peer process with its children (DHT process, p2pd, averager), sampled every 10 s; warm-up is the
-first ``--warmup`` fraction of the run.
+first ``--warmup`` fraction of the run. Also counted: steps whose trainers could not sum their local
+parts with each other (a logged warning; each then steps its own).
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ def _report(root: Path, args: argparse.Namespace, samples: dict[str, list[tuple[
     if steps:
         print(f"step time: p50 {statistics.median(steps) * 1000:,.0f} ms, p99 {_percentile(steps, 0.99) * 1000:,.0f} ms")
     print(f"errors: {len(errors)} (trainers without a result: {missing})")
+    unsynced = sum(log.read_text(errors="replace").count("could not sum local gradients")
+                   for log in root.glob("trainer*.log"))
+    print(f"steps whose local parts (embeddings, head) were not summed with the other trainers "
+          f"(a warning, the step goes on): {unsynced} over all trainers")
     for error in sorted(set(errors))[:5]:
         print(f"  {error}")
     warm = args.warmup * span
