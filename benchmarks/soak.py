@@ -40,7 +40,8 @@ class _Churn(threading.Thread):
 
     def run(self) -> None:
         rng = random.Random(0)
-        while not self._stop.wait(self.every) and time.monotonic() < self.until:
+        # no kill in the last minute: the newcomer would still be joining when the run ends
+        while not self._stop.wait(self.every) and time.monotonic() < self.until - 60:
             live = [(n, p) for n, p in self.procs.procs if n.startswith("peer") and p.poll() is None]
             name, victim = rng.choice(live)
             victim.send_signal(signal.SIGKILL)

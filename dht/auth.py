@@ -8,7 +8,7 @@ persistent RSA key, the same one that signs its manifest and run-control records
     expiration_time, signature
 
 ``TokenRecordValidator`` (in every node's DHT process) then refuses, under this run's keys:
-stage records and metrics reports that carry no valid token of their signer, and manifest,
+stage records, metrics reports and ban reports that carry no valid token of their signer, and manifest,
 run-control or bootstraps records not signed by the authority. Revocation is a list of key ids in the run-control
 record, pushed into the validator within seconds (tokens themselves live ``token_ttl``, long enough
 that a swarm outlives a bootstrap outage).
