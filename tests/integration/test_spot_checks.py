@@ -1,7 +1,8 @@
 """A peer that corrupts its outputs (the test-only ``peer.corrupt`` setting) in a real swarm: three
 replicas of one stage over hivemind on loopback, a trainer spot-checking every forward. The liar is
 caught within two spot checks, its ban is a signed report in the DHT that the bootstrap applies (its
-ledger credit withheld, audited), and the loss curve follows local training step for step."""
+ledger credit withheld, audited), and the loss curve follows local training step for step. On a keyed
+run only a key holder can report, and the bootstrap revokes the reported peer's key."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dht.bans import banned_peers
+from dht.bans import BanReport, banned_peers, report_ban
+from dht.records import SwarmDHT
 from swarm.pipeline import FaultPolicy
 
 pytestmark = pytest.mark.slow
@@ -71,3 +73,36 @@ def test_a_corrupting_peer_is_caught_banned_for_everyone_and_the_loss_is_unaffec
     assert liar.peer_id not in book.tally()
     audit = swarm.bootstrap.db.audit_log()
     assert any(e.action == "peer.banned" and liar.peer_id in e.detail for e in audit)
+
+
+def test_on_a_keyed_run_a_ban_needs_a_key_and_revokes_the_liars_key(model_factory, swarm_factory):
+    """A ban report is token-gated like the stage records: a node without a run key cannot publish one.
+    A trainer's report makes the bootstrap revoke the key the reported peer joined with (and only that
+    key), which the run's gates and validators then enforce as for any revoked key."""
+    swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4), num_stages=1,
+                          num_peers=0, target_batch_size=2, open=False)
+    db = swarm.bootstrap.db
+    honest_key, liar_key = db.create_key("honest", actor="test"), db.create_key("liar", actor="test")
+    trainer_key = db.create_key("trainer", actor="test").secret
+    swarm.add_peer(stage=0, key=honest_key.secret)
+    liar = swarm.add_peer(stage=0, key=liar_key.secret)
+    report = BanReport(peer_id=liar.peer_id, stage=0, reason="test: wrong outputs", reporter="t")
+    stranger = SwarmDHT.create("test", initial_peers=swarm.initial_peers, host="127.0.0.1")
+    try:
+        assert swarm.loop.run(report_ban(stranger, report), timeout=30) is False  # no token: refused
+    finally:
+        stranger.shutdown()
+    model = swarm.client(key=trainer_key)
+    try:
+        model.loop.run(model.pipeline.spot_check._report(report), timeout=30)  # as a spot check reports it
+    finally:
+        model.close()
+
+    def applied() -> bool:
+        swarm.loop.run(swarm.bootstrap.bans.check_once(), timeout=30)
+        return liar.peer_id in swarm.bootstrap.bans.handled
+
+    assert _poll(applied)
+    keys = {k.id: k for k in db.list_keys()}
+    assert keys[liar_key.key.id].revoked is not None and keys[honest_key.key.id].revoked is None
+    assert any(e.action == "key.revoke" and e.actor == "ban:t" for e in db.audit_log())
