@@ -34,6 +34,7 @@ _HEADER = P2P.HEADER_LEN
 async def read_frames(
     reader: asyncio.StreamReader, frame_type: type, *, max_total: int | None, refused: Callable[[str], SwarmError],
     broken: Callable[[str], SwarmError], max_frame: int = MAX_FRAME_BYTES, idle: float | None = None,
+    on_end: Callable[[], object] | None = None,
 ) -> AsyncIterator:
     """Yield the frames of one direction of a stream until its end-of-stream mark or its close.
 
@@ -42,12 +43,14 @@ async def read_frames(
     the end-of-stream mark) raises ``broken(its message)``. A close, even mid-frame, just ends the
     frames: the reader of the frames checks that everything announced arrived. A header or a frame
     that takes longer than ``idle`` s to arrive raises ``refused`` (a caller that stalls half-way
-    does not hold the stream for ever)."""
+    does not hold the stream for ever). ``on_end()`` is called when the frames end normally (the
+    end-of-stream mark or a close), so a reader that stopped early can tell."""
     total = 0
     while True:
         try:
             header = await _read(reader, 1 + _HEADER, idle, refused)
         except asyncio.IncompleteReadError:
+            _ended(on_end)
             return
         marker, length = header[:1], int.from_bytes(header[1:], P2P.BYTEORDER)
         if length > max_frame:
@@ -58,15 +61,22 @@ async def read_frames(
         try:
             body = await _read(reader, length, idle, refused)
         except asyncio.IncompleteReadError:
+            _ended(on_end)
             return
         if marker == P2P.ERROR_MARKER:
             error = _parse(RPCError, body)
             if not error.message:  # hivemind's END_OF_STREAM: the other side sent everything
+                _ended(on_end)
                 return
             raise broken(f"the other side failed: {error.message[:300]}")
         if marker != P2P.MESSAGE_MARKER:
             raise BadRequest(f"invalid frame marker {marker!r}")
         yield _parse(frame_type, body)
+
+
+def _ended(on_end: Callable[[], object] | None) -> None:
+    if on_end is not None:
+        on_end()
 
 
 async def _read(reader: asyncio.StreamReader, size: int, idle: float | None,

@@ -75,10 +75,11 @@ class P2PTransport:
                 answer = await _answer(method, handler, reader, max_request_bytes)
                 if answer is None:  # the caller left before the reply
                     return
+                reply, out, unread = answer
                 try:
-                    await write_frames(writer, _frames(*answer, runtime_pb2.ExpertResponse), end=False)
-                    if not reader.at_eof():  # a refused request may still be arriving: closing now
-                        await _discard(reader)  # would reset the stream and lose the refusal
+                    await write_frames(writer, _frames(reply, out, runtime_pb2.ExpertResponse), end=False)
+                    if unread:  # a refused request may still be arriving: closing now would
+                        await _discard(reader)  # reset the stream and lose the refusal
                 except Exception as e:  # the caller closed its end: nobody is left to tell
                     logger.debug("%s: the reply could not be sent: %s", method, e)
 
@@ -193,26 +194,29 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
 
 
 async def _answer(method: str, handler: Handler, reader: asyncio.StreamReader,
-                  limit: int | None) -> tuple[dict, list[torch.Tensor]] | None:
+                  limit: int | None) -> tuple[dict, list[torch.Tensor], bool] | None:
     """Read one request (refused before it is read if it is too large), run the handler, and return
-    its reply; every failure is a named error reply. None: the caller left, its work was cancelled."""
+    its reply and whether part of the request was left unread; every failure is a named error reply.
+    None: the caller left, its work was cancelled."""
+    ended: list[bool] = []
     try:
         requests = read_frames(reader, runtime_pb2.ExpertRequest, max_total=limit, refused=BadRequest,
-                               broken=BadRequest, idle=IDLE_SECONDS)
+                               broken=BadRequest, idle=IDLE_SECONDS, on_end=lambda: ended.append(True))
         message, tensors = await _receive(requests, BadRequest, limit)
-        return await _unless_caller_leaves(handler(message, tensors), reader)
+        result = await _unless_caller_leaves(handler(message, tensors), reader)
+        return None if result is None else (*result, False)
     except SwarmError as e:
-        return error_reply(e), []
+        return error_reply(e), [], not ended
     except asyncio.CancelledError:
         if _cancelling():  # the stream itself is going away (the node stops)
             raise
         # something the handler waited on was cancelled under it (e.g. a future in another
         # process): without a reply the caller would see a stream closed for no reason
         logger.warning("%s: the work was cancelled on this peer", method, exc_info=True)
-        return error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), []
+        return error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), [], False
     except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
         logger.exception("%s failed", method)
-        return error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), []
+        return error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), [], not ended
 
 
 async def _unless_caller_leaves(work: Awaitable[T], reader: asyncio.StreamReader) -> T | None:
@@ -269,9 +273,11 @@ async def _receive(
     metadata: bytes | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     received = 0
+    announced: int | None = None  # tensors the envelope announces (read once, for ``until_whole``)
     async for frame in frames:
         if metadata is None:
             metadata = frame.metadata
+            announced = _announced(metadata) if until_whole else None
         for part in frame.tensors:
             received += len(part.buffer)
             if limit is not None and received > limit:
@@ -279,12 +285,12 @@ async def _receive(
             if part.dtype or not groups:  # the first chunk of a tensor names its dtype
                 groups.append([])
             groups[-1].append(part)
-        if until_whole and _whole(metadata, groups):
+        if announced is not None and len(groups) == announced and all(map(_arrived, groups)):
             break
     if metadata is None:
         raise broken("the stream closed before its first frame")
     message, expected = _envelope(metadata)
-    complete = [group for group in groups if len(group) >= max(1, group[0].chunks)]
+    complete = [group for group in groups if _arrived(group)]
     if len(groups) != expected or len(complete) != expected:
         raise broken(f"the stream closed early: {len(complete)} of {expected} tensor(s) arrived whole")
     return message, [_deserialize(group, i) for i, group in enumerate(groups)]
@@ -300,16 +306,18 @@ def _envelope(metadata: bytes) -> tuple[Any, int]:
     return envelope[0], envelope[1]
 
 
-def _whole(metadata: bytes | None, groups: list[list[runtime_pb2.Tensor]]) -> bool:
-    """Whether every tensor the envelope announces has all its chunks (False if it is unreadable:
-    reading on to the end then reports it)."""
-    if metadata is None:
-        return False
+def _arrived(chunks: list[runtime_pb2.Tensor]) -> bool:
+    """Whether a tensor's chunks are all there (its first chunk says how many it has)."""
+    return len(chunks) >= max(1, chunks[0].chunks)
+
+
+def _announced(metadata: bytes) -> int | None:
+    """How many tensors the envelope announces (None if it is unreadable: reading on to the end then
+    reports it)."""
     try:
-        _, expected = _envelope(metadata)
+        return _envelope(metadata)[1]
     except BadRequest:
-        return False
-    return len(groups) == expected and all(len(g) >= max(1, g[0].chunks) for g in groups)
+        return None
 
 
 def _deserialize(parts: list[runtime_pb2.Tensor], index: int) -> torch.Tensor:

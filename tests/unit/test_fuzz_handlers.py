@@ -93,8 +93,9 @@ def test_the_request_reader_refuses_raw_garbage(data):
 
     answer = asyncio.run(read())
     assert answer is not None
-    reply, _ = answer
+    reply, _, unread = answer
     check_reply("fuzz", msgpack.unpackb(msgpack.packb(reply)))
+    assert not unread or "error" in reply  # only a refused request can leave bytes unread
 
 
 def _frames_of(reader, **limits):
