@@ -61,8 +61,10 @@ def _settings(config: Optional[Path], *, log_file: str | None = None, **override
 def _client_settings(command: str, config: Optional[Path], bootstrap_addr: Optional[list[str]],
                      **overrides: Any) -> SwarmSettings:
     """The settings of a command that joins a run: ``--bootstrap`` (or ``network.initial_peers``) is
-    required, and its absence is said before anything slow is imported."""
-    settings = _settings(config, network={"initial_peers": bootstrap_addr or None}, **overrides)
+    required. Commands load their settings before they import hivemind and torch (seconds), so a
+    typo in a flag or the config is said at once."""
+    network = {**overrides.pop("network", {}), "initial_peers": bootstrap_addr or None}
+    settings = _settings(config, network=network, **overrides)
     if not settings.network.initial_peers:
         raise SwarmError(f"{command} needs --bootstrap (the multiaddr the bootstrap printed)")
     return settings
@@ -118,8 +120,6 @@ def bootstrap(
     metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Start a run: publish its manifest and print the line volunteers paste to join."""
-    from bootstrap.node import BootstrapNode
-
     settings = _settings(
         config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
@@ -127,6 +127,7 @@ def bootstrap(
                    "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
                    "authority_key": authority_key},
     )
+    from bootstrap.node import BootstrapNode
 
     async def serve(stop: asyncio.Event) -> None:
         async with BootstrapNode(settings) as node:
@@ -173,15 +174,13 @@ def join(
     metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
-    from peers.server import Peer
-    from swarm.join_view import describe_span, introduce, live_lines
-
-    settings = _settings(
-        config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir, key=key,
-        network={"host": host, "port": port, "initial_peers": bootstrap_addr or None,
-                 "announce_host": announce_host},
+    settings = _client_settings(
+        "join", config, bootstrap_addr, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir,
+        key=key, network={"host": host, "port": port, "announce_host": announce_host},
         peer={"stage": stage, "threads": threads, "max_stages": max_stages}, monitor={"metrics_port": metrics_port},
     )
+    from peers.server import Peer
+    from swarm.join_view import describe_span, introduce, live_lines
 
     async def serve(stop: asyncio.Event) -> None:
         with _measure_progress() as progress:
@@ -224,12 +223,12 @@ def status(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Show the run live, like top: stages x peers, bottleneck, contributions, warnings (Ctrl+C to quit)."""
+    _interrupt_on_sigterm()
+    # settings (and their errors) before the imports of hivemind and torch (seconds)
+    settings = _client_settings("status", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     from dht.records import SwarmDHT
     from swarm.status import collect_status, render_status
 
-    _interrupt_on_sigterm()
-    # before the imports of hivemind and torch (seconds)
-    settings = _client_settings("status", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     out = Console()
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
@@ -281,15 +280,13 @@ def train_command(
     metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
+    _interrupt_on_sigterm()
+    settings = _client_settings("train", config, bootstrap_addr, log_file="train", run_id=run, key=key,
+                                log_level=log_level or "WARNING", state_dir=state_dir,
+                                monitor={"metrics_port": metrics_port})
     from swarm.pipeline import FaultPolicy
     from swarm.train import train
 
-    _interrupt_on_sigterm()
-    settings = _settings(config, log_file="train", run_id=run, log_level=log_level or "WARNING", key=key,
-                         state_dir=state_dir, monitor={"metrics_port": metrics_port},
-                         network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:
-        raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
     trainer = settings.trainer
     policy = FaultPolicy(ban_time=trainer.ban_time, averaging_window=trainer.averaging_window,
                          step_wait=trainer.step_wait, spot_check_rate=trainer.spot_check_rate,
@@ -309,10 +306,10 @@ def export_command(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Gather the swarm's current weights into a Hugging Face checkpoint (AutoModelForCausalLM loads it)."""
-    from swarm.export import export_swarm
-
     _interrupt_on_sigterm()
     settings = _client_settings("export", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
+    from swarm.export import export_swarm
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SwarmError(f"--out {out} exists and is not an empty directory")
     export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
@@ -352,11 +349,11 @@ def generate(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Generate text through the swarm, printing tokens as they come."""
+    _interrupt_on_sigterm()
+    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     from swarm.model import SwarmModelForCausalLM
     from swarm.serving import codec_of, stream_text
 
-    _interrupt_on_sigterm()
-    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     with console.status("joining the swarm..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
                                                      run_id=settings.run_id, timeout=settings.trainer.timeout)
@@ -385,11 +382,11 @@ def serve_api_command(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Serve an OpenAI-compatible API (completions, chat, embeddings) backed by the swarm."""
-    from swarm.serving import serve_api
-
     db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
     settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, log_level=log_level,
                                 api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name})
+    from swarm.serving import serve_api
+
     serve_api(settings, console, run_keys=db)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "ApiSettings",
     "SwarmSettings",
     "load_settings",
+    "check_multiaddr",
 ]
 
 
@@ -46,6 +47,16 @@ class NetworkSettings(_Section):
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
     announce_host: str | None = Field(None, description="public address to announce, if not the listen one")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _multiaddrs(cls, peers: list[str]) -> list[str]:
+        for address in peers:
+            try:
+                check_multiaddr(address)
+            except ConfigError as e:  # pydantic reports ValueErrors with the field's name
+                raise ValueError(str(e)) from None
+        return peers
 
 
 class BootstrapSettings(_Section):
@@ -193,6 +204,19 @@ class SwarmSettings(BaseSettings):
         return tuple(sources)
 
 
+def check_multiaddr(address: str) -> None:
+    """A peer's address must be a full multiaddr with its peer id (what ``swarm bootstrap`` prints):
+    without the id, hivemind cannot tell whom it reached."""
+    from multiaddr import Multiaddr  # 12 ms; only where addresses are given
+
+    try:
+        parsed = Multiaddr(address)
+    except Exception as e:  # multiaddr raises several types for several kinds of garbage
+        raise ConfigError(f"{address!r} is not a multiaddr ({e}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+    if "/p2p/" not in str(parsed):
+        raise ConfigError(f"{address!r} lacks the peer id: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSettings:
     """Build the settings; a broken file or value raises ``ConfigError`` naming the field."""
     path = config_file or (Path(os.environ["SWARM_CONFIG"]) if os.environ.get("SWARM_CONFIG") else None)
@@ -209,7 +233,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSet
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"setting {where}: {message} (got {first.get('input')!r})") from None
     except Exception as e:  # tomllib.TOMLDecodeError and friends: the file itself is broken
         raise ConfigError(f"cannot read config {path}: {e}") from None
     return SwarmSettings.model_validate(settings.model_dump())
