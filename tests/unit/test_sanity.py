@@ -151,3 +151,29 @@ def test_spot_checks_catch_a_replica_that_corrupts_its_outputs(model_factory, ra
         assert agree(torch.ones(3), torch.ones(3) + 1e-5) and not agree(torch.ones(3), torch.ones(3) + 0.05)
     finally:
         swarm.close()
+
+
+def test_refused_inputs_are_counted_against_their_sender(model_factory):
+    from dht.schemas import OptimizerSettings
+    from peers.service import StageService
+    from peers.transport import CALLER
+    from shards import LayerRange, load_stage
+
+    layers = LayerRange(start=0, end=1)
+    module = load_stage(str(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4)), layers)
+    service = StageService(StageExecutor(module, 0, layers, OptimizerSettings(lr=1e-3)), "me")
+    message = {"stage": 0, "layers": {"start": 0, "end": 1}, "request_id": "r"}
+
+    async def forward(caller: str, hidden: torch.Tensor) -> dict:
+        CALLER.set(caller)
+        reply, _ = await service.handlers()["swarm.stage.forward"](message, [hidden])
+        return reply
+
+    try:
+        nan = torch.full((1, 4, 32), float("nan"))
+        assert "NaN" in asyncio.run(forward("bad", nan))["error"]["message"]
+        asyncio.run(forward("bad", nan))
+        assert "ok" in asyncio.run(forward("good", torch.randn(1, 4, 32)))
+        assert service.refused_by == {"bad": 2}
+    finally:
+        service.shutdown()
