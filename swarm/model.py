@@ -413,13 +413,22 @@ class SwarmModelForCausalLM(nn.Module):
 
     def _run_remote(self, hidden, mask, positions, *, train: bool) -> tuple[torch.Tensor, list[Trace]]:
         outputs, traces = [], []
-        for rows in self._microbatches(hidden.shape[0]):
+        batches = list(self._microbatches(hidden.shape[0]))
+
+        def forward(rows):
             part_mask = mask[rows] if mask is not None else None
-            out, trace = self._runner.run(
-                self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train)
-            )
+            return self._runner.run(self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train))
+
+        for rows in batches:
+            out, trace = forward(rows)
             outputs.append(out)
             traces.append(trace)
+        for _ in range(3):  # bounded: a recompute may meet (and catch) another liar
+            tainted = self.pipeline.tainted(traces)  # through a peer a spot check caught later on
+            for i in tainted:
+                outputs[i], traces[i] = forward(batches[i])
+            if not tainted:
+                break
         return torch.cat(outputs, dim=0), traces
 
     def _backward_remote(self, traces: list[Trace], grad_output: torch.Tensor) -> torch.Tensor:

@@ -337,6 +337,13 @@ class RemotePipeline:
             await self._drop(liar, InvalidOutput(verdict.reason))
         return verdict.output, verdict.peer
 
+    def tainted(self, traces: Sequence[Trace]) -> list[int]:
+        """The indices of ``traces`` whose forward went through a peer that a spot check has caught
+        since: their outputs are suspect. Nothing of them is accumulated before their backward, so
+        running their forwards again (``recompute``) leaves the step as if the liar had not been there."""
+        liars = {peer for peer, _ in self.spot_check.caught}
+        return [i for i, trace in enumerate(traces) if any(h.hop.peer_id in liars for h in trace.hops)]
+
     async def backward(self, trace: Trace, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output
         for hop in reversed(trace.hops):
