@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from peers.ledger import (
+    append_lines,
     LEDGER_FETCH,
     LEDGER_SUBMIT,
     LEDGER_TALLY,
@@ -50,6 +51,7 @@ class LedgerBook:
         if not check.ok:
             raise ConfigError(f"{path} fails verification at line {check.bad_index + 1}: {check.reason}")
         self._last: dict[tuple[str, str], LedgerEntry] = {}
+        self.banned: set[str] = set()  # peers reported for wrong results (``bootstrap.bans``): no more credit
         for entry in self.entries:
             self._last[(entry.peer_id, entry.public_key)] = entry
 
@@ -69,6 +71,8 @@ class LedgerBook:
             raise AuthRejected(f"peer {caller[-12:]} submitted entries of peer {chain[0][-12:]}: "
                                "a peer submits only its own ledger")
         expected = self.next_seq(entries[0])
+        if chain[0] in self.banned:
+            return SubmitResponse(accepted=0, next_seq=expected, reason="this peer is banned from the run")
         fresh = [e for e in entries if e.seq >= expected]
         if not fresh:
             return SubmitResponse(accepted=0, next_seq=expected)
@@ -80,13 +84,13 @@ class LedgerBook:
     def _append(self, entries: list[LedgerEntry]) -> None:
         if not entries:
             return
-        with self.path.open("a") as f:
-            f.writelines(e.model_dump_json() + "\n" for e in entries)
+        append_lines(self.path, [e.model_dump_json() for e in entries])  # all or none: the peer resubmits
         self.entries.extend(entries)
         self._last[(entries[-1].peer_id, entries[-1].public_key)] = entries[-1]
 
     def tally(self) -> dict[str, dict[str, int]]:
-        return tally(self.entries)
+        """Verified totals per peer; a banned peer is credited nothing."""
+        return {peer: row for peer, row in tally(self.entries).items() if peer not in self.banned}
 
     def delegates(self) -> dict[str, dict[str, int]]:
         """Per delegator, the tokens each delegate computed for it."""

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from hivemind.utils.crypto import RSAPrivateKey
 
+from bootstrap.bans import BanEnforcer
 from bootstrap.checkpoints import CheckpointStore
 from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
@@ -96,6 +97,7 @@ class BootstrapNode:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self.checkpoints: CheckpointStore | None = None
+        self.bans: BanEnforcer | None = None
         self.telemetry: BootstrapTelemetry | None = None
         self.db: StateDB | None = None
         self.control: RunControl | None = None
@@ -128,6 +130,8 @@ class BootstrapNode:
         await self.checkpoints.start(self.dht)
         self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
         await self.telemetry.start()
+        self.bans = BanEnforcer(self.dht, self.db, self.telemetry.book, self.manifest.num_stages,
+                                lambda: self.authority.get_public_key() if self.keys_required else None)
         await self._publish_control(*self._wanted_control())
         self._tasks = [
             asyncio.create_task(self._control_forever(), name="run-control"),
@@ -369,7 +373,9 @@ class BootstrapNode:
                 logger.warning("collecting metrics failed: %s", e)
 
     async def collect_once(self) -> bool:
-        """One round: metrics reports from the DHT into ``state.db``; joins and leaves audited."""
+        """One round: metrics reports from the DHT into ``state.db``; joins and leaves audited; new ban
+        reports applied (``bootstrap.bans``)."""
+        await self.bans.check_once()
         reports = await get_metrics(self.dht)
         peers = {r.peer_id for r in reports if r.role == "peer"}
         for peer_id in sorted(peers - self._peers_seen):

@@ -8,7 +8,7 @@ persistent RSA key, the same one that signs its manifest and run-control records
     expiration_time, signature
 
 ``TokenRecordValidator`` (in every node's DHT process) then refuses, under this run's keys:
-stage records and metrics reports that carry no valid token of their signer, and manifest,
+stage records, metrics reports and ban reports that carry no valid token of their signer, and manifest,
 run-control or bootstraps records not signed by the authority. Revocation is a list of key ids in the run-control
 record, pushed into the validator within seconds (tokens themselves live ``token_ttl``, long enough
 that a swarm outlives a bootstrap outage).
@@ -122,6 +122,9 @@ class TokenRecordValidator(RecordValidatorBase):
                             _hashed(bootstraps_key(self.run_id))}
         self._tokened = {_hashed(stage_key(self.run_id, s)) for s in range(MAX_STAGES)}
         self._tokened.add(_hashed(metrics_key(self.run_id)))
+        from dht.bans import bans_key  # dht.bans imports dht.records
+
+        self._tokened.add(_hashed(bans_key(self.run_id)))
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key in self._owner_only:

@@ -49,6 +49,9 @@ class RunSchemaValidator(RecordValidatorBase):
         self._models[_hashed(control_key(run_id))] = RunControl
         self._models[_hashed(metrics_key(run_id))] = MetricsReport
         self._models[_hashed(bootstraps_key(run_id))] = BootstrapRecord
+        from dht.bans import BanReport, bans_key  # dht.bans imports dht.records
+
+        self._models[_hashed(bans_key(run_id))] = BanReport
 
     def validate(self, record: DHTRecord) -> bool:
         model = self._models.get(record.key)

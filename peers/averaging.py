@@ -7,7 +7,9 @@ is the in-process fake for unit tests.
 
 The result is the SUM of the members' gradients, identical on every member (each part of the
 all-reduce is reduced by one peer and sent to all), so replicas that held the same parameters and
-optimizer state before the step hold the same ones after it. The members are named by the caller:
+optimizer state before the step hold the same ones after it. The sum is robust to one poisoning
+member: each part is reduced with ``peers.sanity.robust_mean`` (a non-finite contribution counts as
+zero, each one is clipped to ``clip`` x the lower median norm) instead of hivemind's plain mean. The members are named by the caller:
 a round whose group is not exactly those peers at exactly that step is refused (``AveragingFailed``)
 and nothing is applied, because a replica that averaged with a different group would drift.
 """
@@ -27,9 +29,13 @@ from typing import Any, Callable, Protocol, Sequence
 
 import hivemind
 import torch
+import hivemind.averaging.averager
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import TensorPartReducer
 from hivemind.utils import get_dht_time
 
+from peers.sanity import AVERAGING_CLIP, robust_mean
 from swarm.errors import AveragingFailed
 
 __all__ = ["GradientSync", "HivemindGradientSync", "LocalGradientSync"]
@@ -66,6 +72,7 @@ class _Averager(DecentralizedAverager):
     compute thread, lazily, mid-training. Here only the child ignores SIGINT: its parent stops it."""
 
     state_provider: Callable[[], tuple[Any, list[torch.Tensor]]] | None = None
+    clip: float = AVERAGING_CLIP
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         """What another member downloads with ``load_state_from_peers`` (called by hivemind in this,
@@ -87,6 +94,9 @@ class _Averager(DecentralizedAverager):
         torch.set_num_threads(1)
         _close_inherited_streams()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # this process runs only this averager: its all-reduce rounds reduce robustly
+        _RobustRunner.clip = self.clip
+        hivemind.averaging.averager.AllReduceRunner = _RobustRunner
         parent = os.getppid()
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
         super().run()
@@ -126,6 +136,55 @@ def _ends(sock: socket.socket) -> list[object]:
     return ends
 
 
+class _RobustAccumulator:
+    """Takes the place of hivemind's accumulator tensor of one part: keeps each sender's part (``add_``)
+    and, when hivemind divides by the total weight (``div_``), returns their robust mean."""
+
+    def __init__(self, shape: torch.Size, clip: float):
+        self.shape, self.clip = shape, clip
+        self.parts: list[torch.Tensor] = []
+        self.weights: list[float] = []
+
+    def add_(self, part: torch.Tensor, alpha: float = 1.0) -> "_RobustAccumulator":
+        self.parts.append(part)
+        self.weights.append(alpha)
+        return self
+
+    def div_(self, denominator: float) -> torch.Tensor:
+        if not self.parts or denominator <= 0:
+            return torch.zeros(self.shape)
+        mean, outliers = robust_mean(self.parts, self.weights, self.clip)
+        for outlier in outliers:
+            logger.warning("averaging: a member's contribution was %s: %s",
+                           "dropped" if outlier.scale == 0 else f"scaled by {outlier.scale:.3g}", outlier.why)
+        return mean
+
+
+class _RobustReducer(TensorPartReducer):
+    """hivemind's part reducer with a ``_RobustAccumulator`` for each part."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, clip: float):
+        self.clip = clip
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        if not self.finished.is_set():
+            self.accumulator = _RobustAccumulator(self.part_shapes[self.current_part_index], self.clip)
+
+
+class _RobustRunner(AllReduceRunner):
+    """hivemind's all-reduce with ``_RobustReducer``: installed in the averager's own process only."""
+
+    clip: float = AVERAGING_CLIP
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        plain = self.tensor_part_reducer
+        self.tensor_part_reducer = _RobustReducer(plain.part_shapes, plain.num_senders, self.clip)
+        plain.finalize()
+
+
 def _exit_with_parent(parent_pid: int, period: float = 1.0) -> None:
     while os.getppid() == parent_pid:
         time.sleep(period)
@@ -136,10 +195,10 @@ class HivemindGradientSync:
     """One ``DecentralizedAverager`` (a child process sharing the node's p2pd) for one set of tensors."""
 
     def __init__(self, dht: hivemind.DHT, prefix: str, like: Sequence[torch.Tensor], *, window: float = 0.5,
-                 round_timeout: float = 15.0, start_timeout: float = 60.0):
+                 round_timeout: float = 15.0, start_timeout: float = 60.0, clip: float = AVERAGING_CLIP):
         """``round_timeout`` bounds the all-reduce once a group has formed: hivemind's default is no
         bound, so a member that dies mid-round (its p2p daemon may outlive it for a while) would keep
-        the others waiting forever, their compute thread with them."""
+        the others waiting forever, their compute thread with them. ``clip``: see ``robust_mean``."""
         self.prefix = prefix
         self._round: tuple[_Round, Any] | None = None  # the round running now, and its StepControl
         self._given_up = _GivenUp()
@@ -149,6 +208,7 @@ class HivemindGradientSync:
             min_group_size=2, target_group_size=None, min_matchmaking_time=window,
             request_timeout=max(window / 2, 0.1), allow_state_sharing=False, allreduce_timeout=round_timeout,
         )
+        self._averager.clip = clip
         with _FORK_LOCK:
             self._averager.run_in_background(await_ready=True, timeout=start_timeout)
 
@@ -251,7 +311,8 @@ def _check_group(gathered, step: int, members: Sequence[str], where: str) -> Non
 class LocalGradientSync:
     """The fake: members of one process meet in a shared dict (one instance per group, shared)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clip: float = AVERAGING_CLIP) -> None:
+        self.clip = clip
         self._rounds: dict[tuple[int, tuple[str, ...]], dict[str, list[torch.Tensor]]] = {}
         self.aborted = _GivenUp()
         self._cond = threading.Condition()
@@ -270,7 +331,7 @@ class LocalGradientSync:
                 if not self._cond.wait(max(0.0, deadline - time.monotonic())):
                     raise AveragingFailed(f"step {step}: only {sorted(self._rounds[key])} of {list(members)} came")
             contributions = [self._rounds[key][m] for m in sorted(members)]
-        return [torch.stack(parts).sum(0) for parts in zip(*contributions)]
+        return [robust_mean(parts, clip=self.clip)[0] * len(parts) for parts in zip(*contributions)]
 
     def abort(self, step: int, members: Sequence[str]) -> bool:
         """Gives the round up for every member (the fake is shared by the whole group)."""

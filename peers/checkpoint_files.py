@@ -8,6 +8,7 @@ stray temporary file, never a half checkpoint. Only the newest ``keep`` checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peers.state import StateMeta
-from swarm.errors import StateMismatch
+from swarm.errors import CapacityExceeded, StateMismatch
 
 __all__ = ["CheckpointDir"]
 
@@ -37,14 +39,21 @@ class CheckpointDir:
 
     def save(self, meta: StateMeta, tensors: dict[str, torch.Tensor]) -> Path:
         """Write one checkpoint atomically and drop the ones beyond ``keep``; returns the JSON's path."""
-        self.root.mkdir(parents=True, exist_ok=True)
         stem = self.root / f"step-{meta.step:010d}"
-        tmp = stem.with_suffix(".safetensors.tmp")
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        _sync_and_rename(tmp, stem.with_suffix(".safetensors"))
-        tmp_meta = stem.with_suffix(".json.tmp")
-        tmp_meta.write_text(meta.model_dump_json())
-        _sync_and_rename(tmp_meta, stem.with_suffix(".json"))
+        tmp, tmp_meta = stem.with_suffix(".safetensors.tmp"), stem.with_suffix(".json.tmp")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            _sync_and_rename(tmp, stem.with_suffix(".safetensors"))
+            tmp_meta.write_text(meta.model_dump_json())
+            _sync_and_rename(tmp_meta, stem.with_suffix(".json"))
+        except (OSError, SafetensorError) as e:  # a full disk, a read-only dir: the ones there are untouched
+            for partial in (tmp, tmp_meta):
+                with contextlib.suppress(OSError):
+                    partial.unlink(missing_ok=True)
+            why = getattr(e, "strerror", None) or e
+            raise CapacityExceeded(f"cannot write checkpoint {stem.name} in {self.root}: {why}; the previous "
+                                   "checkpoints are kept") from None
         self._prune()
         return stem.with_suffix(".json")
 

@@ -28,10 +28,11 @@ from peers.protocol import (
     StateResponse,
     parse_reply,
 )
+from peers.sanity import MAX_ABS, insanity
 from peers.state import StateMeta
 from peers.transport import Transport
 from shards.types import LayerRange
-from swarm.errors import CacheMiss, PeerUnavailable, ProtocolMismatch
+from swarm.errors import CacheMiss, InvalidOutput, PeerUnavailable, ProtocolMismatch
 
 __all__ = ["StageClient", "StageInputs", "retried_call"]
 
@@ -50,9 +51,13 @@ class StageClient:
     ``CacheMiss`` is answered by resending the forward's inputs.
     """
 
-    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5):
+    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5,
+                 max_abs: float = MAX_ABS):
+        """Outputs and gradients coming back with a value over ``max_abs`` (or not finite), or with
+        another shape than the hidden states sent, raise ``InvalidOutput``."""
         self.transport = transport
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
+        self.max_abs = max_abs
 
     async def forward(
         self,
@@ -73,7 +78,7 @@ class StageClient:
         tensors = [t for t in (hidden, mask, positions) if t is not None]
         reply, out = await self._call(peer_id, FORWARD, request, tensors)
         response = parse_reply(ForwardResponse, reply)
-        return _single(out, "forward"), response
+        return self._sane(_single(out, "forward"), hidden, f"stage {stage}'s output from {peer_id[-8:]}"), response
 
     async def backward(
         self,
@@ -91,18 +96,28 @@ class StageClient:
         base = dict(stage=stage, layers=layers, request_id=request_id, num_samples=num_samples, seed=seed,
                     has_attention_mask=mask is not None, has_position_ids=positions is not None)
         try:
-            return await self._backward(peer_id, BackwardRequest(**base), [grad_output])
+            return await self._backward(peer_id, BackwardRequest(**base), [grad_output], hidden)
         except CacheMiss:
             logger.debug("stage %d lost the graph of %s; resending its inputs", stage, request_id)
         tensors = [grad_output] + [t for t in (hidden, mask, positions) if t is not None]
-        return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors)
+        return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors, hidden)
 
     async def _backward(
-        self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor]
+        self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor], hidden: torch.Tensor,
     ) -> tuple[torch.Tensor, BackwardResponse]:
         reply, out = await self._call(peer_id, BACKWARD, request, tensors)
         response = parse_reply(BackwardResponse, reply)
-        return _single(out, "backward"), response
+        what = f"stage {request.stage}'s input gradient from {peer_id[-8:]}"
+        return self._sane(_single(out, "backward"), hidden, what), response
+
+    def _sane(self, tensor: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
+        """``tensor`` if it has ``like``'s shape and sane values, else ``InvalidOutput``."""
+        if tensor.shape != like.shape:
+            raise InvalidOutput(f"{what} has shape {list(tensor.shape)}, expected {list(like.shape)}")
+        problem = insanity(tensor, self.max_abs)
+        if problem is not None:
+            raise InvalidOutput(f"{what}: {problem}")
+        return tensor
 
     async def step(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str],
                    scheduled_time: float) -> StepResponse:

@@ -19,7 +19,7 @@ from peers.ledger import LEDGER_SUBMIT, LedgerEntry, LedgerWriter, SubmitRequest
 from peers.protocol import parse_reply
 from peers.transport import Transport
 from swarm._loop import cancel_and_wait
-from swarm.errors import SwarmError
+from swarm.errors import CapacityExceeded, SwarmError
 
 __all__ = ["ContributionRecorder", "bootstrap_peer_ids"]
 
@@ -65,7 +65,15 @@ class ContributionRecorder:
         """Close the window: one signed entry per stage that saw work."""
         now, opened = self._clock(), self._opened
         work, self._open, self._opened = self._open, {}, now
-        return [self.writer.append(stage, w, self._step_of(stage), opened, now) for stage, w in sorted(work.items())]
+        entries = []
+        for stage, w in sorted(work.items()):
+            try:
+                entries.append(self.writer.append(stage, w, self._step_of(stage), opened, now))
+            except CapacityExceeded:  # a full disk: the work not written stays in the next window
+                self._open, self._opened = work, opened
+                raise
+            del work[stage]
+        return entries
 
     async def submit(self) -> int:
         """Send what the bootstrap lacks; returns how many entries it accepted (0 if unreachable)."""

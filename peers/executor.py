@@ -25,6 +25,7 @@ import torch
 
 from dht.schemas import OptimizerSettings
 from peers.averaging import GradientSync
+from peers.sanity import MAX_ABS, insanity
 from peers.protocol import (
     BackwardRequest,
     BackwardResponse,
@@ -75,8 +76,10 @@ class StageExecutor:
         max_tokens: int = 1 << 20,
         sync: GradientSync | None = None,
         averaging_timeout: float = 15.0,
+        max_abs: float = MAX_ABS,
     ):
-        """``sync`` sums the stage's gradients with other replicas; a lone replica never uses it."""
+        """``sync`` sums the stage's gradients with other replicas; a lone replica never uses it.
+        Inputs and gradients with a value over ``max_abs`` (or not finite) are refused."""
         self.module = module
         self.stage = stage
         self.layers = layers
@@ -96,6 +99,8 @@ class StageExecutor:
         # does not accumulate its gradient twice
         self._done: OrderedDict[str, tuple[BackwardResponse, torch.Tensor]] = OrderedDict()
         self._cache_size, self._cache_ttl, self._max_tokens = cache_size, cache_ttl, max_tokens
+        self._max_abs = max_abs
+        self.corrupt = 0.0  # TESTS ONLY (``peer.corrupt``): noise of this scale on everything returned
         self.sync, self.averaging_timeout = sync, averaging_timeout
         self._applied: OrderedDict[int, StepResponse] = OrderedDict()  # recent steps, for idempotency
 
@@ -130,6 +135,9 @@ class StageExecutor:
             raise BadRequest(f"{name} has shape {list(tensor.shape)}, the forward had {list(like.shape)}")
         if tensor.shape[0] * tensor.shape[1] > self._max_tokens or tensor.numel() == 0:
             raise BadRequest(f"{name} has {tensor.shape[0] * tensor.shape[1]} tokens; allowed 1..{self._max_tokens}")
+        problem = insanity(tensor, self._max_abs)
+        if problem is not None:
+            raise BadRequest(f"{name} refused: {problem}")
         return tensor
 
     @staticmethod
@@ -155,7 +163,7 @@ class StageExecutor:
                 outputs = self._run(inputs.hidden_states, inputs)
         reply = ForwardResponse(request_id=request.request_id, compute_ms=_ms_since(started),
                                 optimizer_step=self.optimizer_step)
-        return reply, outputs.detach()
+        return reply, self._returned(outputs.detach())
 
     def backward(
         self, request: BackwardRequest, grad_output: torch.Tensor, inputs: ForwardInputs | None
@@ -184,7 +192,11 @@ class StageExecutor:
         self._done[request.request_id] = (reply, grad_input.detach())
         while len(self._done) > self._cache_size:
             self._done.popitem(last=False)
-        return reply, grad_input.detach()
+        return reply, self._returned(grad_input.detach())
+
+    def _returned(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What goes back to the caller: the tensor, or (a test's faulty peer) the tensor plus noise."""
+        return tensor + self.corrupt * torch.randn_like(tensor) if self.corrupt else tensor
 
     def _run(self, hidden: torch.Tensor, inputs: ForwardInputs) -> torch.Tensor:
         return self.module(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)

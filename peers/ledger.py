@@ -12,9 +12,11 @@ the bootstrap (``swarm.ledger.submit``), which checks them the same way before i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,10 @@ from pydantic import Field, ValidationError
 
 from dht.schemas import FrozenModel
 from peers.protocol import parse_request
-from swarm.errors import ConfigError
+from swarm.errors import CapacityExceeded, ConfigError
 
 __all__ = [
+    "append_lines",
     "GENESIS",
     "LEDGER_VERSION",
     "LEDGER_SUBMIT",
@@ -241,8 +244,7 @@ class LedgerWriter:
             microbatches=work.microbatches, tokens=work.tokens, delegate_of=self.delegate_of,
             delegate=delegate, receipts=receipts,
         ), self.key)
-        with self.path.open("a") as f:
-            f.write(entry.model_dump_json() + "\n")
+        append_lines(self.path, [entry.model_dump_json()])
         self.entries.append(entry)
         return entry
 
@@ -318,3 +320,19 @@ def delegated_tally(entries: Iterable[LedgerEntry]) -> dict[str, dict[str, int]]
 def parse_ledger_request(model: type[FrozenModel], payload: object) -> FrozenModel:
     """Validate a ledger RPC request (versioned on its own, apart from the stage protocol)."""
     return parse_request(model, payload, version=LEDGER_VERSION, protocol="ledger protocol")
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append ``lines`` to a JSON-lines file, all or nothing: on a full disk or a read-only file the
+    file is cut back to what it held (never half a line, which would make the whole file unreadable)
+    and ``CapacityExceeded`` says why."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with path.open("a") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise CapacityExceeded(f"cannot append to {path}: {e.strerror or e}") from None

@@ -37,6 +37,8 @@ from typing import Any, Awaitable, Callable, Collection
 
 import torch
 
+from dht.bans import banned_peers
+from dht.clock import check_clock
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
@@ -218,6 +220,7 @@ class Peer(Lifecycle):
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor()
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
+        await check_clock(self.dht)  # a clock minutes behind would make this peer silently invisible
         self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
         await serve_echo(self._transport)  # joining peers time their links against this one
@@ -354,12 +357,14 @@ class Peer(Lifecycle):
         module = await slot.run(self._load, self.manifest, stage)
         prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
         slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
-                                            round_timeout=self.settings.peer.averaging_timeout)
+                                            round_timeout=self.settings.peer.averaging_timeout,
+                                            clip=self.settings.peer.averaging_clip)
         executor = StageExecutor(
             module, stage, self.manifest.stages[stage], self.manifest.optimizer,
             cache_size=self.settings.peer.cache_size, sync=slot.sync,
-            averaging_timeout=self.settings.peer.averaging_timeout,
+            averaging_timeout=self.settings.peer.averaging_timeout, max_abs=self.settings.peer.max_abs_value,
         )
+        executor.corrupt = self.settings.peer.corrupt
         slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
 
     # -- hosting stages for delegators (delegation/ drives these) ----------------------------------
@@ -508,6 +513,8 @@ class Peer(Lifecycle):
             if slot is None or slot.inference is None:
                 raise WrongStage(f"peer {self.peer_id[-8:]} serves {self.span}, not stage {stage}")
             return slot.inference
+        if not isinstance(session, str):  # malformed: the first stage's parser names the error
+            return slots[0].inference
         return next((s.inference for s in slots if session in s.inference.sessions), slots[0].inference)
 
     def _dispatch(self, method: str, service_for: Callable[[Any], StageService | InferenceService]) -> Callable:
@@ -692,7 +699,8 @@ class Peer(Lifecycle):
     async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
         executor = slot.service.executor
-        replicas = await self._online_replicas(executor.stage)
+        banned = await banned_peers(self.dht)  # a replica caught returning wrong results is no source
+        replicas = [p for p in await self._online_replicas(executor.stage) if p not in banned]
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -35,7 +36,7 @@ from peers.protocol import (
     parse_request,
 )
 from peers.state import StateIdentity, capture_state
-from peers.transport import Handler, Transport
+from peers.transport import CALLER, Handler, Transport
 from swarm.errors import BadRequest, SwarmError, WrongStage
 
 __all__ = ["StageService"]
@@ -57,6 +58,7 @@ class StageService:
         self.peer_id = peer_id
         self.requests_served = 0
         self.errors_replied = 0
+        self.refused_by: Counter[str] = Counter()  # malformed or insane requests per caller (peer id)
         self._owns_worker = worker is None
         self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{executor.stage}")
 
@@ -156,6 +158,8 @@ class StageService:
                 return result
             except SwarmError as e:
                 self.errors_replied += 1
+                if isinstance(e, BadRequest):  # counted against the sender: it sent something malformed
+                    self.refused_by[CALLER.get() or "?"] += 1
                 logger.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
                 return error_reply(e), []
             except Exception as e:  # a bug must cost one request, not the peer: report it and go on

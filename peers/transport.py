@@ -8,23 +8,28 @@ carries the same (message, tensors) pairs over libp2p streams between processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextvars import ContextVar
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from peers.framing import IDLE_SECONDS, read_frames, write_frames
 from peers.protocol import error_reply
 from swarm.errors import BadRequest, PeerUnavailable, StageTimeout, SwarmError
 
 __all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.Tensor]]]]
 
@@ -53,6 +58,8 @@ class P2PTransport:
 
     One call is one stream: the first frame carries the msgpack message, every frame may carry a
     chunk of a serialized tensor, so activations of any size travel without a message-size limit.
+    Frames are hivemind's protobuf stream frames, read by ``peers.framing`` so that a frame or a
+    request announcing more than its limit is refused before its bytes are read.
     """
 
     def __init__(self, p2p: P2P):
@@ -62,31 +69,21 @@ class P2PTransport:
     async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None:
         """``max_request_bytes=None`` lifts the size ceiling (a stage state or checkpoint of any size)."""
 
-        async def _stream_handler(
-            requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-            try:
-                CALLER.set(context.remote_id.to_base58())
-                message, tensors = await _receive(requests, BadRequest, max_request_bytes)
-                reply, out = await handler(message, tensors)
-            except SwarmError as e:
-                reply, out = error_reply(e), []
-            except asyncio.CancelledError:
-                if _cancelling():  # the stream itself is going away (the caller left, the node stops)
-                    raise
-                # something the handler waited on was cancelled under it (e.g. a future in another
-                # process): without a reply the caller would see a stream closed for no reason
-                logger.warning("%s: the work was cancelled on this peer", method, exc_info=True)
-                reply, out = error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), []
-            except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
-                logger.exception("%s failed", method)
-                reply, out = error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), []
-            for frame in _frames(reply, out, runtime_pb2.ExpertResponse):
-                yield frame
+        async def _stream_handler(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.closing(writer):
+                CALLER.set(info.peer_id.to_base58())
+                answer = await _answer(method, handler, reader, max_request_bytes)
+                if answer is None:  # the caller left before the reply
+                    return
+                reply, out, unread = answer
+                try:
+                    await write_frames(writer, _frames(reply, out, runtime_pb2.ExpertResponse), end=False)
+                    if unread:  # a refused request may still be arriving: closing now would
+                        await _discard(reader)  # reset the stream and lose the refusal
+                except Exception as e:  # the caller closed its end: nobody is left to tell
+                    logger.debug("%s: the reply could not be sent: %s", method, e)
 
-        await self.p2p.add_protobuf_handler(
-            method, _stream_handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
+        await self.p2p.add_binary_stream_handler(method, _stream_handler)
         self._served.append(method)
 
     async def call(
@@ -94,13 +91,20 @@ class P2PTransport:
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
-            frames = _aiter(_frames(message, tensors, runtime_pb2.ExpertRequest))
-            responses = await self.p2p.iterate_protobuf_handler(
-                PeerID.from_base58(peer_id), method, frames, runtime_pb2.ExpertResponse
-            )
-            # a reply cut short means the connection broke, not that the request was bad
-            return await _receive(responses, lambda why: PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}"),
-                                  max_reply_bytes)
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), method)
+            def broken(why: str) -> SwarmError:  # a reply cut short or refused: the peer, not the request
+                return PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}")
+
+            with contextlib.closing(writer):
+                sending = asyncio.create_task(
+                    write_frames(writer, _frames(message, tensors, runtime_pb2.ExpertRequest), end=True))
+                sending.add_done_callback(_retrieve)
+                try:
+                    replies = read_frames(reader, runtime_pb2.ExpertResponse, max_total=max_reply_bytes,
+                                          refused=broken, broken=broken)
+                    return await _receive(replies, broken, max_reply_bytes, until_whole=True)
+                finally:
+                    sending.cancel()
 
         try:
             return await asyncio.wait_for(_roundtrip(), timeout)
@@ -189,6 +193,66 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
     return frames
 
 
+async def _answer(method: str, handler: Handler, reader: asyncio.StreamReader,
+                  limit: int | None) -> tuple[dict, list[torch.Tensor], bool] | None:
+    """Read one request (refused before it is read if it is too large), run the handler, and return
+    its reply and whether part of the request was left unread; every failure is a named error reply.
+    None: the caller left, its work was cancelled."""
+    ended: list[bool] = []
+    try:
+        requests = read_frames(reader, runtime_pb2.ExpertRequest, max_total=limit, refused=BadRequest,
+                               broken=BadRequest, idle=IDLE_SECONDS, on_end=lambda: ended.append(True))
+        message, tensors = await _receive(requests, BadRequest, limit)
+        result = await _unless_caller_leaves(handler(message, tensors), reader)
+        return None if result is None else (*result, False)
+    except SwarmError as e:
+        return error_reply(e), [], not ended
+    except asyncio.CancelledError:
+        if _cancelling():  # the stream itself is going away (the node stops)
+            raise
+        # something the handler waited on was cancelled under it (e.g. a future in another
+        # process): without a reply the caller would see a stream closed for no reason
+        logger.warning("%s: the work was cancelled on this peer", method, exc_info=True)
+        return error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), [], False
+    except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
+        logger.exception("%s failed", method)
+        return error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), [], not ended
+
+
+async def _unless_caller_leaves(work: Awaitable[T], reader: asyncio.StreamReader) -> T | None:
+    """``work``'s result, or None once the caller closes its end first (the work is cancelled then):
+    after its end-of-stream mark a caller sends nothing more until it has read the reply."""
+    task = asyncio.ensure_future(work)
+    closed = asyncio.ensure_future(reader.read(1))
+    try:
+        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        closed.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
+
+
+async def _discard(reader: asyncio.StreamReader, seconds: float = 2.0, limit: int = 64 << 20) -> None:
+    """Read and drop what the caller still sends (at most ``limit`` bytes for ``seconds``) until it
+    closes its end, which it does once it has the reply."""
+    dropped = 0
+    with contextlib.suppress(asyncio.TimeoutError):
+        async with asyncio.timeout(seconds):
+            while dropped < limit and (chunk := await reader.read(1 << 16)):
+                dropped += len(chunk)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a background send's failure as seen: the reply (or its absence) tells the caller."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _cancelling() -> bool:
     """Whether the running task has been asked to stop (as opposed to a CancelledError raised by
     something it awaited)."""
@@ -197,18 +261,23 @@ def _cancelling() -> bool:
 
 
 async def _receive(
-    frames: AsyncIterator, broken: Callable[[str], SwarmError], limit: int | None = MAX_REQUEST_BYTES
+    frames: AsyncIterator, broken: Callable[[str], SwarmError], limit: int | None = MAX_REQUEST_BYTES, *,
+    until_whole: bool = False,
 ) -> tuple[Any, list[torch.Tensor]]:
     """Reassemble (message, tensors) from a stream of frames. Undecodable input is a ``BadRequest``;
     a stream that ends before everything the envelope announced has arrived raises ``broken(why)``
     (the connection closed early: a ``PeerUnavailable`` for a caller, who may retry). More than
-    ``limit`` bytes of tensors (None: no limit) is a ``BadRequest``."""
+    ``limit`` bytes of tensors (None: no limit) is a ``BadRequest``. ``until_whole`` stops reading as
+    soon as everything announced has arrived (a reply: the handler may still be draining a request it
+    refused, and only closes its end after that)."""
     metadata: bytes | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
     received = 0
+    announced: int | None = None  # tensors the envelope announces (read once, for ``until_whole``)
     async for frame in frames:
         if metadata is None:
             metadata = frame.metadata
+            announced = _announced(metadata) if until_whole else None
         for part in frame.tensors:
             received += len(part.buffer)
             if limit is not None and received > limit:
@@ -216,19 +285,39 @@ async def _receive(
             if part.dtype or not groups:  # the first chunk of a tensor names its dtype
                 groups.append([])
             groups[-1].append(part)
+        if announced is not None and len(groups) == announced and all(map(_arrived, groups)):
+            break
     if metadata is None:
         raise broken("the stream closed before its first frame")
+    message, expected = _envelope(metadata)
+    complete = [group for group in groups if _arrived(group)]
+    if len(groups) != expected or len(complete) != expected:
+        raise broken(f"the stream closed early: {len(complete)} of {expected} tensor(s) arrived whole")
+    return message, [_deserialize(group, i) for i, group in enumerate(groups)]
+
+
+def _envelope(metadata: bytes) -> tuple[Any, int]:
     try:
         envelope = msgpack.unpackb(metadata)
     except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...
         raise BadRequest(f"the message is not valid msgpack ({type(e).__name__})") from None
     if not (isinstance(envelope, list) and len(envelope) == 2 and isinstance(envelope[1], int)):
         raise BadRequest("the first frame must be [message, number of tensors]")
-    message, expected = envelope
-    complete = [group for group in groups if len(group) >= max(1, group[0].chunks)]
-    if len(groups) != expected or len(complete) != expected:
-        raise broken(f"the stream closed early: {len(complete)} of {expected} tensor(s) arrived whole")
-    return message, [_deserialize(group, i) for i, group in enumerate(groups)]
+    return envelope[0], envelope[1]
+
+
+def _arrived(chunks: list[runtime_pb2.Tensor]) -> bool:
+    """Whether a tensor's chunks are all there (its first chunk says how many it has)."""
+    return len(chunks) >= max(1, chunks[0].chunks)
+
+
+def _announced(metadata: bytes) -> int | None:
+    """How many tensors the envelope announces (None if it is unreadable: reading on to the end then
+    reports it)."""
+    try:
+        return _envelope(metadata)[1]
+    except BadRequest:
+        return None
 
 
 def _deserialize(parts: list[runtime_pb2.Tensor], index: int) -> torch.Tensor:
@@ -236,8 +325,3 @@ def _deserialize(parts: list[runtime_pb2.Tensor], index: int) -> torch.Tensor:
         return deserialize_torch_tensor(combine_from_streaming(parts))
     except Exception as e:  # a buffer that does not match its declared size or dtype
         raise BadRequest(f"tensor #{index} cannot be decoded: {type(e).__name__}: {e}") from None
-
-
-async def _aiter(items: list) -> AsyncIterator:
-    for item in items:
-        yield item

@@ -324,7 +324,8 @@ def train_command(
 
     trainer = settings.trainer
     policy = FaultPolicy(ban_time=trainer.ban_time, averaging_window=trainer.averaging_window,
-                         step_wait=trainer.step_wait)
+                         step_wait=trainer.step_wait, spot_check_rate=trainer.spot_check_rate,
+                         spot_check_tolerance=trainer.spot_check_tolerance, max_abs=trainer.max_abs_value)
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
           microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),

@@ -97,6 +97,8 @@ class PeerSettings(_Section):
                                  "(trainers refresh routes every 10 s), then until idle")
     slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "
                             "(tests and demos of a slow peer)")
+    corrupt: float = Field(0.0, ge=0, description="TESTS ONLY: add noise of this scale to every output and input "
+                           "gradient this peer returns (a peer returning wrong results, for spot checks)")
     averaging_timeout: float = Field(15.0, gt=0, description="seconds an averaging round of a step may take "
                                      "(finding the other replicas, then the all-reduce)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
@@ -104,6 +106,10 @@ class PeerSettings(_Section):
     inference_memory: ByteSize = Field(ByteSize(1 << 30), description="attention cache for inference sessions "
                                        "(e.g. 512MiB); a full peer refuses new sessions")
     session_timeout: float = Field(300.0, gt=0, description="seconds an idle inference session is kept")
+    max_abs_value: float = Field(1e6, gt=0, description="inputs and gradients with a larger value (or NaN/inf) "
+                                 "are refused as corrupt")
+    averaging_clip: float = Field(8.0, gt=1, description="a replica's gradient counts at most this many times the "
+                                  "median replica's norm when replicas average (a poisoning replica is clipped)")
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -139,6 +145,12 @@ class TrainerSettings(_Section):
     averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")
     step_wait: float = Field(60.0, ge=0, description="seconds to wait for other trainers to finish a step")
     checkpoint_every: int = Field(50, ge=1, description="steps between uploads of the local parts' weights")
+    max_abs_value: float = Field(1e6, gt=0, description="a stage output or gradient with a larger value (or "
+                                 "NaN/inf) is invalid: that peer is banned and the work replayed elsewhere")
+    spot_check_rate: float = Field(0.02, ge=0, le=1, description="fraction of training forwards recomputed on "
+                                   "another replica of the stage to catch peers that return wrong outputs")
+    spot_check_tolerance: float | None = Field(None, gt=0, description="relative and absolute tolerance of a spot "
+                                               "check (default: 1e-3 for float32, 1e-2 float16, 5e-2 bfloat16)")
 
 
 class MonitorSettings(_Section):

@@ -9,6 +9,8 @@
     ├── BadRequest                  a peer was sent something malformed (shape, dtype, stage, payload)
     │   └── WrongStage                  the request names layers this peer does not hold
     ├── ProtocolMismatch            the other side speaks another protocol version
+    ├── InvalidOutput               a peer returned a result that cannot be right (NaN, huge, wrong shape,
+    │                                   or unlike another replica's in a spot check): it is banned
     ├── CacheMiss                   a backward asked for a forward this peer no longer holds
     ├── StaleReplica                a replica is behind the run's step and must not be averaged with
     ├── PeerUnavailable             a peer did not answer or is not in the DHT
@@ -49,6 +51,7 @@ __all__ = [
     "WrongStage",
     "ProtocolMismatch",
     "CacheMiss",
+    "InvalidOutput",
     "StaleReplica",
     "PeerUnavailable",
     "StageTimeout",
@@ -104,6 +107,12 @@ class WrongStage(BadRequest):
 
 class ProtocolMismatch(SwarmError):
     """The other side speaks an incompatible protocol version."""
+
+
+class InvalidOutput(SwarmError):
+    """A peer's reply cannot be right: values that are not finite or absurdly large, a wrong shape, or
+    an output unlike what another replica of the stage computes from the same input (a spot check).
+    The peer is routed around and banned; its work is replayed on another replica."""
 
 
 class CacheMiss(SwarmError):
@@ -182,9 +191,9 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     cls.__name__: cls
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, NoTokenizer, BadRequest, WrongStage,
-        ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
-        AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession, StateMismatch, CheckpointMissing,
-        StateError, RunStopped, InsufficientMemory,
+        ProtocolMismatch, CacheMiss, InvalidOutput, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed,
+        NoRoute, AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession, StateMismatch,
+        CheckpointMissing, StateError, RunStopped, InsufficientMemory,
     )
 }
 
@@ -222,6 +231,7 @@ RECOVERY: dict[type[SwarmError], Recovery] = {
     AuthRejected: Recovery.ABORT,
     PeerUnavailable: Recovery.REROUTE,
     CapacityExceeded: Recovery.REROUTE,
+    InvalidOutput: Recovery.REROUTE,
     SwarmError: Recovery.REROUTE,  # an internal error on that peer: another replica may do better
 }
 

@@ -28,9 +28,11 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from hivemind.utils import get_dht_time
 
+from dht.bans import BanReport, banned_peers, report_ban
+from dht.clock import check_clock
 from dht.control import MetricsReport, RunState
 from dht.records import SwarmDHT
-from dht.schemas import Manifest
+from dht.schemas import Manifest, PeerRecord
 from peers.auth import AuthedTransport, RunAuth
 from peers.averaging import HivemindGradientSync
 from peers.client import StageClient
@@ -44,6 +46,7 @@ from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
 from swarm.errors import ConfigError, RunStopped, StateMismatch, SwarmError
 from swarm.pipeline import FaultPolicy, RemotePipeline, Trace
+from swarm.spotcheck import BanList, SpotChecker, without_banned
 from swarm.steps import DHTCoordinator
 from swarm.generation import RemoteSession, generate_tokens, max_positions, resolve_params
 
@@ -137,6 +140,7 @@ class SwarmModelForCausalLM(nn.Module):
         try:
             dht = SwarmDHT.create_client(run_id, initial_peers, host=host, client_mode=False)
             manifest = runner.run(dht.wait_manifest(timeout))
+            runner.run(check_clock(dht))
             auth = runner.run(RunAuth.join(dht, key or os.environ.get("SWARM_KEY")))
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
@@ -149,13 +153,18 @@ class SwarmModelForCausalLM(nn.Module):
             calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
             coordinator = DHTCoordinator(dht, manifest.target_batch_size, me=dht.peer_id)
             runner.run(coordinator.start(0))
+            client = StageClient(calls, timeout=timeout, attempts=1, max_abs=policy.max_abs)  # the pipeline retries
+            bans = BanList(lambda: banned_peers(dht))
             pipeline = RemotePipeline(
                 manifest,
-                StageClient(calls, timeout=timeout, attempts=1),  # the pipeline retries and fails over
-                lambda: dht.all_records(manifest.num_stages),
+                client,
+                lambda: _unbanned_records(dht, manifest.num_stages, bans),
                 coordinator=coordinator,
                 policy=policy,
                 route_wait=route_wait,
+                spot_check=SpotChecker(client, rate=policy.spot_check_rate, tolerance=policy.spot_check_tolerance,
+                                       report=lambda report: report_ban(dht, _with_token(report, auth)),
+                                       reporter_id=dht.peer_id),
             )
             # started before any stream is open (see peers.server): sums local parts with other trainers
             trainer_sync = HivemindGradientSync(dht.dht, f"{manifest.run_id}_trainers".replace(".", "_"),
@@ -404,13 +413,22 @@ class SwarmModelForCausalLM(nn.Module):
 
     def _run_remote(self, hidden, mask, positions, *, train: bool) -> tuple[torch.Tensor, list[Trace]]:
         outputs, traces = [], []
-        for rows in self._microbatches(hidden.shape[0]):
+        batches = list(self._microbatches(hidden.shape[0]))
+
+        def forward(rows):
             part_mask = mask[rows] if mask is not None else None
-            out, trace = self._runner.run(
-                self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train)
-            )
+            return self._runner.run(self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train))
+
+        for rows in batches:
+            out, trace = forward(rows)
             outputs.append(out)
             traces.append(trace)
+        for _ in range(3):  # bounded: a recompute may meet (and catch) another liar
+            tainted = self.pipeline.tainted(traces)  # through a peer a spot check caught later on
+            for i in tainted:
+                outputs[i], traces[i] = forward(batches[i])
+            if not tainted:
+                break
         return torch.cat(outputs, dim=0), traces
 
     def _backward_remote(self, traces: list[Trace], grad_output: torch.Tensor) -> torch.Tensor:
@@ -569,3 +587,13 @@ def generation_defaults(root: Path | None, config: PretrainedConfig) -> Generati
 
 async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
     return P2PTransport(await dht.dht.replicate_p2p())
+
+
+async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> dict[int, list[PeerRecord]]:
+    """The stage records a trainer routes over: every peer but those reported (``dht.bans``)."""
+    return await without_banned(await dht.all_records(num_stages), bans)
+
+
+def _with_token(report: BanReport, auth: RunAuth | None) -> BanReport:
+    """Keyed runs accept a ban report only with its reporter's access token (``dht.auth``)."""
+    return report if auth is None else report.model_copy(update={"access_token": auth.token_text()})

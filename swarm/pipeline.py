@@ -33,8 +33,10 @@ from dht.schemas import RECORD_TTL, Manifest, PeerRecord, PeerState
 from peers.client import StageClient, StageInputs
 from peers.protocol import StepResponse
 from peers.routing import Hop, plan_route
+from peers.sanity import MAX_ABS
 from swarm.errors import (
     AveragingFailed,
+    InvalidOutput,
     NoRoute,
     PeerUnavailable,
     Recovery,
@@ -43,6 +45,7 @@ from swarm.errors import (
     SwarmError,
     recovery_for,
 )
+from swarm.spotcheck import SpotChecker
 from swarm.steps import LocalCoordinator, StepCoordinator, StepStatus, wait_until_closed
 
 __all__ = ["RemotePipeline", "Trace", "RecordSource", "FaultPolicy"]
@@ -66,6 +69,9 @@ class FaultPolicy:
     step_attempts: int = 4  # rounds of applying one collaborative step
     averaging_window: float = 0.5  # seconds from a step's request to the replicas' averaging round
     step_wait: float = 60.0  # seconds to wait for other trainers to finish a step
+    spot_check_rate: float = 0.02  # training forwards recomputed on another replica (swarm.spotcheck)
+    spot_check_tolerance: float | None = None  # None: by dtype (swarm.spotcheck.TOLERANCE)
+    max_abs: float = MAX_ABS  # a stage output or gradient beyond this (or NaN/inf) is InvalidOutput
 
 
 @dataclass
@@ -107,7 +113,10 @@ class RemotePipeline:
         route_ttl: float = 10.0,
         route_wait: float = 120.0,
         seed: int | None = None,
+        spot_check: SpotChecker | None = None,
     ):
+        """``spot_check`` (default: one at ``policy.spot_check_rate`` that reports to nobody) recomputes
+        some forwards on another replica; a replica caught is banned like a failed one."""
         self.manifest = manifest
         self.client = client
         self.coordinator = coordinator or LocalCoordinator(manifest.target_batch_size)
@@ -115,6 +124,7 @@ class RemotePipeline:
         self.step: int | None = None  # the run's collaborative step, learned from the replicas
         self.last_closed: StepStatus | None = None  # the step the last backward pass closed, if any
         self.failovers = 0  # calls routed around a failed peer (for logs and benchmarks)
+        self.penalties: Counter[str] = Counter()  # invalid outputs per peer (each also banned it)
         self._records_source = records
         self._records: Mapping[int, Sequence[PeerRecord]] = {}
         self._records_time = float("-inf")
@@ -127,6 +137,8 @@ class RemotePipeline:
         self._seen: dict[tuple[str, int], tuple[float, PeerRecord]] = {}  # (peer id, stage) -> (when, its last record)
         self._ledger: dict[int, dict[str, list[_Contribution]]] = defaultdict(lambda: defaultdict(list))
         self._step_samples = 0
+        self.spot_check = spot_check or SpotChecker(client, rate=policy.spot_check_rate,
+                                                    tolerance=policy.spot_check_tolerance, rng=random.Random(seed))
 
     @property
     def records(self) -> RecordSource:
@@ -225,7 +237,11 @@ class RemotePipeline:
                 if recovery_for(e) is Recovery.ABORT or attempt == self.policy.attempts:
                     raise
                 alone = not [p for p in self._replicas(stage) if p != peer]
-                retries = self.policy.lone_retries if alone else int(not isinstance(e, (StageTimeout, StaleReplica)))
+                if isinstance(e, InvalidOutput):  # it would compute the same again: never retried
+                    self.penalties[peer] += 1
+                    retries = 0
+                else:
+                    retries = self.policy.lone_retries if alone else int(not isinstance(e, (StageTimeout, StaleReplica)))
                 if same_peer_tries < retries:
                     same_peer_tries += 1
                     logger.warning("stage %d: peer %s failed (attempt %d/%d): %s; trying it again", stage, peer[-8:],
@@ -303,9 +319,30 @@ class RemotePipeline:
                 return result
 
             (hidden, _), peer = await self._on_replica(hop.stage, call, prefer=hop.peer_id)
+            if train and self.spot_check.wants():
+                hidden, peer = await self._spot_check(hop, peer, inputs, seed, hidden)
             if train:
                 trace.hops.append(_HopTrace(Hop(hop.stage, hop.layers, peer), request_id, inputs, seed))
         return hidden, trace
+
+    async def _spot_check(self, hop: Hop, peer: str, inputs: StageInputs, seed: int,
+                          output: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Recompute ``peer``'s output on another replica; a replica caught lying is dropped like a
+        failed one (banned, its backwards of the open step replayed elsewhere) and the microbatch goes
+        on with the honest output (from the replica that computed it: the backward follows it there)."""
+        verdict = await self.spot_check.check(hop.stage, hop.layers, peer, self._replicas(hop.stage), inputs, seed,
+                                              output, self._peer_steps.get(peer, 0))
+        for liar in verdict.caught:
+            self.penalties[liar] += 1
+            await self._drop(liar, InvalidOutput(verdict.reason))
+        return verdict.output, verdict.peer
+
+    def tainted(self, traces: Sequence[Trace]) -> list[int]:
+        """The indices of ``traces`` whose forward went through a peer that a spot check has caught
+        since: their outputs are suspect. Nothing of them is accumulated before their backward, so
+        running their forwards again (``recompute``) leaves the step as if the liar had not been there."""
+        liars = {peer for peer, _ in self.spot_check.caught}
+        return [i for i, trace in enumerate(traces) if any(h.hop.peer_id in liars for h in trace.hops)]
 
     async def backward(self, trace: Trace, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output

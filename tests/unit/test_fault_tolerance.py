@@ -111,11 +111,16 @@ async def _train_step(pipeline: RemotePipeline, local, optimizer, ids: torch.Ten
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     hidden = local.embed(ids, positions)
     outputs, traces = [], []
-    for row in range(0, ids.shape[0], micro):
+    rows = range(0, ids.shape[0], micro)
+    for row in rows:
         out, trace = await pipeline.forward(hidden[row:row + micro].detach(), None, positions[row:row + micro],
                                             train=True)
         outputs.append(out)
         traces.append(trace)
+    for i in pipeline.tainted(traces):  # as the model does: through a peer a spot check caught since
+        row = rows[i]
+        outputs[i], traces[i] = await pipeline.forward(hidden[row:row + micro].detach(), None,
+                                                       positions[row:row + micro], train=True)
     out = torch.cat(outputs).requires_grad_(True)
     loss = causal_lm_loss(local.head(out), ids)
     loss.backward()

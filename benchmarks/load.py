@@ -1,0 +1,158 @@
+"""Load: a 3-peer swarm (3 stages, one peer each) trained by 8 concurrent trainers for ``--minutes``,
+all on loopback, every process bounded. Prints throughput, p50/p99 step time, the error count
+(target 0) and each peer's RSS growth after warm-up (target < 10%).
+
+    .venv/bin/python benchmarks/load.py                 # 10 minutes, 8 trainers
+    .venv/bin/python benchmarks/load.py --minutes 2     # a short run
+
+Each trainer is a process of its own (``--worker``) that trains the run's model with batches of
+``--batch`` x ``--seq`` until its deadline and writes its step times and errors as JSON. The run's
+target batch is one batch of every trainer, so the 8 close each collaborative step together. RSS is
+the peer process with its children (DHT process, p2pd, averager), sampled every 10 s; warm-up is the
+first ``--warmup`` fraction of the run. Also counted: steps whose trainers could not sum their local
+parts with each other (a logged warning; each then steps its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.tiny import make_tiny_model  # noqa: E402
+from swarm.procs import ProcessGroup  # noqa: E402
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One trainer: steps until the deadline, every step timed, every failure counted (and survived)."""
+    from swarm.model import SwarmModelForCausalLM
+
+    torch.set_num_threads(1)
+    deadline = time.monotonic() + args.seconds
+    result: dict = {"steps": [], "errors": [], "losses": []}
+    generator = torch.Generator().manual_seed(args.seed)
+    with SwarmModelForCausalLM.from_pretrained(initial_peers=[args.address], timeout=60.0) as model:
+        optimizer = model.create_optimizer()  # sums the local parts with the other trainers
+        while time.monotonic() < deadline:
+            ids = torch.randint(0, 64, (args.batch, args.seq), generator=generator)
+            started = time.perf_counter()
+            try:
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            except Exception as e:  # counted: the benchmark's error figure
+                result["errors"].append(f"{type(e).__name__}: {e}"[:300])
+                continue
+            result["steps"].append([time.monotonic(), time.perf_counter() - started])
+            result["losses"].append(loss.item())
+    Path(args.out).write_text(json.dumps(result))
+
+
+def _tree_rss(pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--trainers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--warmup", type=float, default=0.25, help="fraction of the run before RSS is measured")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    root = Path(tempfile.mkdtemp(prefix="swarm-load-"))
+    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=3, hidden_size=64, num_heads=2)
+    seconds = args.minutes * 60
+    print(f"3 peers x 1 stage (GPT-2 3 layers x 64), {args.trainers} trainers, batch {args.batch}x{args.seq}, "
+          f"{args.minutes:g} min, logs in {root}", flush=True)
+    procs = ProcessGroup(root)
+    trainers: list[subprocess.Popen] = []
+    samples: dict[str, list[tuple[float, int]]] = {}
+    try:
+        address = procs.start_swarm(model_dir, num_stages=3, num_peers=3, state_dir=root / "state",
+                                    target_batch_size=args.batch * args.trainers, lr=1e-4)
+        procs.wait_serving(3)
+        peers = {name: proc.pid for name, proc in procs.procs if name.startswith("peer")}
+        started = time.monotonic()
+        for i in range(args.trainers):
+            trainers.append(subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--address", address, "--seconds", str(seconds),
+                 "--seed", str(i), "--out", str(root / f"trainer{i}.json"), "--batch", str(args.batch),
+                 "--seq", str(args.seq)],
+                stdout=open(root / f"trainer{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = started + seconds + 240  # start-up of every trainer and its last step: bounded
+        while any(t.poll() is None for t in trainers) and time.monotonic() < deadline:
+            for name, pid in peers.items():
+                samples.setdefault(name, []).append((time.monotonic() - started, _tree_rss(pid)))
+            time.sleep(10)
+    finally:
+        for t in trainers:
+            if t.poll() is None:
+                t.kill()
+                t.wait()
+        procs.stop_all()
+    _report(root, args, samples)
+
+
+def _report(root: Path, args: argparse.Namespace, samples: dict[str, list[tuple[float, int]]]) -> None:
+    steps, errors, tokens, missing = [], [], 0, 0
+    for i in range(args.trainers):
+        path = root / f"trainer{i}.json"
+        if not path.is_file():
+            missing += 1
+            continue
+        result = json.loads(path.read_text())
+        steps += [duration for _, duration in result["steps"]]
+        errors += result["errors"]
+        tokens += len(result["steps"]) * args.batch * args.seq
+    span = max((t for s in samples.values() for t, _ in s), default=1.0)
+    print(f"steps: {len(steps)} ({len(steps) / span * 60:.1f}/min over {span:.0f} s), "
+          f"throughput {tokens / span:,.0f} tokens/s")
+    if steps:
+        print(f"step time: p50 {statistics.median(steps) * 1000:,.0f} ms, p99 {_percentile(steps, 0.99) * 1000:,.0f} ms")
+    print(f"errors: {len(errors)} (trainers without a result: {missing})")
+    unsynced = sum(log.read_text(errors="replace").count("could not sum local gradients")
+                   for log in root.glob("trainer*.log"))
+    print(f"steps whose local parts (embeddings, head) were not summed with the other trainers "
+          f"(a warning, the step goes on): {unsynced} over all trainers")
+    for error in sorted(set(errors))[:5]:
+        print(f"  {error}")
+    warm = args.warmup * span
+    for name, series in sorted(samples.items()):
+        after = [rss for t, rss in series if t >= warm and rss]
+        if len(after) >= 2:
+            growth = (after[-1] - after[0]) / after[0] * 100
+            print(f"{name} RSS (with its DHT, p2pd, averager): {after[0] / 2**20:,.0f} MiB after warm-up -> "
+                  f"{after[-1] / 2**20:,.0f} MiB at the end: {growth:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Spot checks: a trainer recomputes a fraction of a stage's forwards on another replica and compares.
+
+A peer may return wrong outputs (a bug, bad hardware, or on purpose) that no single check on its values
+catches. For a random ``rate`` of the training forwards (default 2%) the trainer sends the same inputs
+with the same dropout seed to another replica of the stage at the same optimizer step and compares
+the outputs within a tolerance suited to the dtype on the wire. When they disagree a third replica
+decides: the replica that disagrees with the other two is caught. It is banned by this trainer at once
+(its accumulated backwards of the open step are replayed on honest replicas, so it is no member of the
+step and nothing it computed is applied), the microbatch goes on with the honest output, and a signed
+``BanReport`` in the DHT (``dht.bans``) makes every trainer, peer and bootstrap leave it out. Two
+replicas that disagree with no third to decide are a *dispute*: logged and counted, nobody is banned
+(which one lies cannot be told, and banning both would stop the stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Mapping, Sequence
+
+import torch
+
+from dht.bans import BanReport
+from dht.schemas import PeerRecord
+from peers.client import StageClient, StageInputs
+from shards.types import LayerRange
+from swarm.errors import SwarmError
+
+__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "agree", "BanList", "without_banned"]
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+"""Relative and absolute tolerance per dtype: replicas on other hardware or kernels differ in the
+last bits; a peer that corrupts its outputs differs by far more."""
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, tolerance: float | None = None) -> bool:
+    """Whether two replicas' outputs for the same input are the same computation."""
+    if a.shape != b.shape:
+        return False
+    tol = tolerance if tolerance is not None else TOLERANCE.get(a.dtype, 1e-2)
+    return bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
+
+
+@dataclass
+class Verdict:
+    """What a spot check found: the output to go on with, the replica that computed it, and the
+    replicas caught lying (empty when they agreed or the check could not be made)."""
+
+    output: torch.Tensor
+    peer: str
+    caught: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+Reporter = Callable[[BanReport], Awaitable[object]]
+
+
+class SpotChecker:
+    """Decides which forwards to check, checks them, and reports the replicas caught."""
+
+    def __init__(self, client: StageClient, *, rate: float = 0.02, tolerance: float | None = None,
+                 rng: random.Random | None = None, report: Reporter | None = None, reporter_id: str = "trainer"):
+        self.client, self.rate, self.tolerance = client, rate, tolerance
+        self._rng = rng or random.Random()
+        self._report, self._reporter_id = report, reporter_id
+        self.checks = 0  # spot checks made (a second replica computed the same forward)
+        self.caught: list[tuple[str, int]] = []  # (peer, checks made when it was caught)
+        self.disputes = 0  # disagreements no third replica could decide
+
+    def wants(self) -> bool:
+        return self.rate > 0 and self._rng.random() < self.rate
+
+    async def check(self, stage: int, layers: LayerRange, peer: str, others: Sequence[str], inputs: StageInputs,
+                    seed: int, output: torch.Tensor, step: int) -> Verdict:
+        """Recompute ``peer``'s ``output`` on one of ``others`` (and a third to decide a disagreement)."""
+        candidates = [p for p in others if p != peer]
+        self._rng.shuffle(candidates)
+        if not candidates:
+            return Verdict(output, peer)
+        checker = candidates.pop()
+        second = await self._recompute(stage, layers, checker, inputs, seed, step)
+        if second is None:
+            return Verdict(output, peer)
+        self.checks += 1
+        if agree(output, second, self.tolerance):
+            return Verdict(output, peer)
+        gap = float((output.float() - second.float()).abs().max())
+        logger.warning("spot check of stage %d: peers %s and %s disagree (max difference %.3g)", stage, peer[-8:],
+                       checker[-8:], gap)
+        for arbiter in candidates:
+            third = await self._recompute(stage, layers, arbiter, inputs, seed, step)
+            if third is None:
+                continue
+            liar = peer if agree(second, third, self.tolerance) else checker if agree(output, third, self.tolerance) else None
+            if liar is not None:
+                honest = (second, checker) if liar == peer else (output, peer)
+                reason = f"stage {stage} output differs from two other replicas' by up to {gap:.3g}"
+                await self._caught(liar, stage, reason, inputs)
+                return Verdict(honest[0], honest[1], [liar], reason)
+        self.disputes += 1
+        logger.warning("spot check of stage %d: no third replica to decide between %s and %s", stage, peer[-8:],
+                       checker[-8:])
+        return Verdict(output, peer)
+
+    async def _recompute(self, stage: int, layers: LayerRange, peer: str, inputs: StageInputs, seed: int,
+                         step: int) -> torch.Tensor | None:
+        """``peer``'s output for the same inputs and seed, or None when it cannot be compared (it
+        failed, or stands at another optimizer step: other weights)."""
+        try:
+            output, reply = await self.client.forward(peer, stage, layers, f"check-{uuid.uuid4().hex}", inputs,
+                                                      train=False, seed=seed)
+        except SwarmError as e:
+            logger.info("spot check on %s not made: %s: %s", peer[-8:], type(e).__name__, e)
+            return None
+        return output if reply.optimizer_step == step else None
+
+    async def _caught(self, peer: str, stage: int, reason: str, inputs: StageInputs) -> None:
+        self.caught.append((peer, self.checks))
+        logger.warning("peer %s CAUGHT after %d spot check(s): %s; banned for everyone", peer[-8:], self.checks, reason)
+        if self._report is None:
+            return
+        evidence = hashlib.sha256(inputs[0].detach().contiguous().numpy().tobytes()).hexdigest()
+        report = BanReport(peer_id=peer, stage=stage, reason=reason[:300], reporter=self._reporter_id,
+                           evidence=evidence, at=time.time())
+        try:
+            await self._report(report)
+        except Exception as e:  # the ban holds here anyway; other trainers will catch the peer themselves
+            logger.warning("could not publish the ban of %s: %s", peer[-8:], e)
+
+
+class BanList:
+    """The run's reported peers, re-read at most every ``ttl`` s (a DHT read per route refresh)."""
+
+    def __init__(self, read: Callable[[], Awaitable[Mapping[str, BanReport]]], ttl: float = 10.0):
+        self._read, self._ttl = read, ttl
+        self._banned: frozenset[str] = frozenset()
+        self._when = float("-inf")
+
+    async def current(self) -> frozenset[str]:
+        if time.monotonic() - self._when >= self._ttl:
+            try:
+                self._banned = frozenset(await self._read())
+            except Exception as e:  # a DHT hiccup: keep the last list, try again next time
+                logger.debug("reading the ban list failed: %s", e)
+            self._when = time.monotonic()
+        return self._banned
+
+
+async def without_banned(records: Mapping[int, Sequence[PeerRecord]], bans: BanList) -> dict[int, list[PeerRecord]]:
+    """``records`` without the peers reported in the DHT."""
+    banned = await bans.current()
+    return {stage: [r for r in found if r.peer_id not in banned] for stage, found in records.items()}
