@@ -16,6 +16,7 @@ from peers.ledger import verify_entries
 from peers.reachability import probe_reachability
 from swarm.config import MonitorSettings
 from swarm.ledger_cli import fetch_ledger
+from swarm.pipeline import FaultPolicy
 from swarm.reporting import TrainerReporter
 from swarm.status import collect_status, render_status
 
@@ -48,7 +49,8 @@ def test_status_metrics_and_ledger_of_a_training_swarm(model_factory, swarm_fact
     by_stage = {0: [p for p in swarm.peers if p.record.stage == 0], 1: [p for p in swarm.peers if p.record.stage == 1]}
     assert len(by_stage[0]) == 2 and len(by_stage[1]) == 1
 
-    with swarm.client() as remote:
+    # no spot checks: they would add forwards to the exact call counts checked here (tested on their own)
+    with swarm.client(policy=FaultPolicy(spot_check_rate=0.0)) as remote:
         with TrainerReporter.for_model(remote, MonitorSettings(interval=0.01, metrics_port=0)) as reporter:
             ids = torch.randint(0, 8, (2, 8), generator=torch.Generator().manual_seed(0))
             for step in range(1, 5):
