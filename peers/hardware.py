@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import psutil
 import torch
@@ -10,9 +11,21 @@ import torch
 from dht.schemas import HardwareSummary
 from peers.measure import measure_throughput  # moved to peers.measure; re-exported
 
-__all__ = ["probe_hardware", "measure_throughput"]
+__all__ = ["probe_hardware", "measure_throughput", "compute_threads"]
 
 logger = logging.getLogger(__name__)
+
+
+def compute_threads(requested: int | None) -> int:
+    """Torch threads for a peer's compute: ``requested``, else the cores this process may run on
+    (its CPU affinity, which containers and ``taskset`` narrow; torch's own default counts the
+    machine's physical cores and oversubscribes a pinned process)."""
+    if requested:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def probe_hardware() -> HardwareSummary:

@@ -44,7 +44,7 @@ from peers.checkpoint_files import CheckpointDir
 from peers.checkpoints import Checkpointer
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.hardware import probe_hardware
+from peers.hardware import compute_threads, probe_hardware
 from peers.measure import (
     Measurement,
     Progress,
@@ -71,6 +71,7 @@ from peers.state import StateIdentity, part_name
 from peers.store_client import StoreClient
 from peers.telemetry import PeerTelemetry
 from peers.transport import P2PTransport
+from peers.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
 from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_needed, should_move
 from shards.source import resolve_model
 from shards.stage import load_stage
@@ -101,10 +102,11 @@ class StageSlot:
     checkpointer: Checkpointer | None = None
     checkpoint_task: asyncio.Task | None = None
     worker: ThreadPoolExecutor | None = None
+    queue_size: int = DEFAULT_QUEUE_SIZE
 
     def __post_init__(self) -> None:
         if self.worker is None:
-            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.stage}")
+            self.worker = ComputeWorker(f"stage{self.stage}", queue_size=self.queue_size)
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` on this stage's compute thread."""
@@ -205,6 +207,7 @@ class Peer:
 
     async def _start(self) -> None:
         net = self.settings.network
+        torch.set_num_threads(compute_threads(self.settings.peer.threads))
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
         self.dht = await asyncio.to_thread(
@@ -221,7 +224,7 @@ class Peer:
         span = await self._choose_span(self.manifest)
         logger.info("claiming %s, layers %s of %s", span, self._layers_of(span), self.manifest.model)
         for record in self._span_records(span, PeerState.LOADING):
-            self.slots[record.stage] = StageSlot(record.stage, record)
+            self.slots[record.stage] = StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
             await self._announce(record)
         await self._serve_span(span)
         await self._register_handlers()
@@ -509,7 +512,8 @@ class Peer:
                 if slot.stage not in move.new.stages:
                     await self.dht.withdraw(slot.record)
                 await slot.close()
-            self.slots = {record.stage: StageSlot(record.stage, record) for record in self._pending}
+            self.slots = {record.stage: StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
+                          for record in self._pending}
             self._pending = []
             await self._serve_span(move.new)
         finally:
@@ -535,8 +539,7 @@ class Peer:
                        self.span, self._in_flight)
 
     def _load(self, manifest: Manifest, stage: int) -> torch.nn.Module:
-        if self.settings.peer.threads:
-            torch.set_num_threads(self.settings.peer.threads)
+        torch.set_num_threads(compute_threads(self.settings.peer.threads))
         source = resolve_model(manifest.model)
         if source.config_hash != manifest.config_hash:
             raise ModelLoadError(

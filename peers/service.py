@@ -36,6 +36,7 @@ from peers.protocol import (
 )
 from peers.state import StateIdentity, capture_state
 from peers.transport import Handler, Transport
+from peers.worker import ComputeWorker
 from swarm.errors import BadRequest, SwarmError, WrongStage
 
 __all__ = ["StageService"]
@@ -58,7 +59,7 @@ class StageService:
         self.requests_served = 0
         self.errors_replied = 0
         self._owns_worker = worker is None
-        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{executor.stage}")
+        self._worker = worker or ComputeWorker(f"stage{executor.stage}")
 
     async def register(self, transport: Transport) -> None:
         for method, handler in self.handlers().items():
@@ -77,6 +78,7 @@ class StageService:
     async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(ForwardRequest, message)
         self.executor.check_target(request.stage, request.layers)
+        self._admit("forward")
         inputs = self.executor.check_inputs(tensors, request.has_attention_mask, request.has_position_ids)
         reply, outputs = await self._in_worker(self.executor.forward, request, inputs)
         return ok_reply(reply), [outputs]
@@ -84,6 +86,7 @@ class StageService:
     async def rpc_backward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(BackwardRequest, message)
         self.executor.check_target(request.stage, request.layers)
+        self._admit("backward")
         if not tensors:
             raise BadRequest("backward needs grad_output as its first tensor")
         grad_output = self.executor.check_hidden(tensors[0], "grad_output")
@@ -164,6 +167,10 @@ class StageService:
                 return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
 
         return handler
+
+    def _admit(self, what: str) -> None:
+        if isinstance(self._worker, ComputeWorker):
+            self._worker.admit(what)
 
     async def _in_worker(self, fn: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)

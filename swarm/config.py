@@ -76,6 +76,8 @@ class PeerSettings(_Section):
     throughput: float | None = Field(None, gt=0, description="tokens/s for one stage to announce instead of "
                                      "measuring it (a known machine; tests that need equal peers)")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    queue_size: int = Field(64, ge=1, description="forwards and backwards that may wait for a stage's compute "
+                            "thread; more are refused (CapacityExceeded) and the trainer goes elsewhere")
     memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
     rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
                                    "(default: yes, unless --stage pins this peer)")

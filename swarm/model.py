@@ -399,26 +399,23 @@ class SwarmModelForCausalLM(nn.Module):
         return self.local.norm(hidden)
 
     def _microbatches(self, batch: int) -> list[slice]:
-        size = self.microbatch_size or batch
+        """Rows of each microbatch: ``microbatch_size`` rows, or by default the batch cut into twice
+        as many microbatches as there are stages (at most one row each), so every stage has work
+        while the next one computes."""
+        size = self.microbatch_size or -(-batch // (2 * self.manifest.num_stages))
         return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
 
     def _run_remote(self, hidden, mask, positions, *, train: bool) -> tuple[torch.Tensor, list[Trace]]:
-        outputs, traces = [], []
-        for rows in self._microbatches(hidden.shape[0]):
-            part_mask = mask[rows] if mask is not None else None
-            out, trace = self._runner.run(
-                self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train)
-            )
-            outputs.append(out)
-            traces.append(trace)
-        return torch.cat(outputs, dim=0), traces
+        parts = [(hidden[rows].detach(), mask[rows] if mask is not None else None, positions[rows])
+                 for rows in self._microbatches(hidden.shape[0])]
+        done = self._runner.run(self.pipeline.forward_microbatches(parts, train=train))
+        return torch.cat([out for out, _ in done], dim=0), [trace for _, trace in done]
 
     def _backward_remote(self, traces: list[Trace], grad_output: torch.Tensor) -> torch.Tensor:
-        grads = []
-        for rows, trace in zip(self._microbatches(grad_output.shape[0]), traces):
-            grads.append(self._runner.run(self.pipeline.backward(trace, grad_output[rows].contiguous())))
+        grads = [grad_output[rows].contiguous() for rows in self._microbatches(grad_output.shape[0])]
+        grad_inputs = self._runner.run(self.pipeline.backward_microbatches(traces, grads))
         self._runner.run(self.pipeline.commit(grad_output.shape[0]))
-        return torch.cat(grads, dim=0)
+        return torch.cat(grad_inputs, dim=0)
 
     def _sum_with_trainers(self, grads: list[torch.Tensor], step: int, trainers: Sequence[str]) -> list[torch.Tensor]:
         if self._trainer_sync is None:
