@@ -30,8 +30,9 @@ from peers.protocol import (
 )
 from peers.state import StateMeta
 from peers.transport import Transport
+from peers.wire import decode, encode, width
 from shards.types import LayerRange
-from swarm.errors import CacheMiss, PeerUnavailable, ProtocolMismatch
+from swarm.errors import BadRequest, CacheMiss, PeerUnavailable, ProtocolMismatch
 
 __all__ = ["StageClient", "StageInputs"]
 
@@ -50,9 +51,12 @@ class StageClient:
     ``CacheMiss`` is answered by resending the forward's inputs.
     """
 
-    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5):
+    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5,
+                 wire: str = "float32"):
+        """``wire``: how hidden states and gradients travel (the run's ``Manifest.wire``)."""
         self.transport = transport
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
+        self.wire = wire
 
     async def forward(
         self,
@@ -68,12 +72,11 @@ class StageClient:
         hidden, mask, positions = inputs
         request = ForwardRequest(
             stage=stage, layers=layers, request_id=request_id, train=train, seed=seed,
-            has_attention_mask=mask is not None, has_position_ids=positions is not None,
+            has_attention_mask=mask is not None, has_position_ids=positions is not None, wire=self.wire,
         )
-        tensors = [t for t in (hidden, mask, positions) if t is not None]
-        reply, out = await self._call(peer_id, FORWARD, request, tensors)
+        reply, out = await self._call(peer_id, FORWARD, request, self._inputs(inputs))
         response = parse_reply(ForwardResponse, reply)
-        return _single(out, "forward"), response
+        return self._decoded(out, hidden.dtype, "forward"), response
 
     async def backward(
         self,
@@ -89,20 +92,34 @@ class StageClient:
     ) -> tuple[torch.Tensor, BackwardResponse]:
         hidden, mask, positions = inputs
         base = dict(stage=stage, layers=layers, request_id=request_id, num_samples=num_samples, seed=seed,
-                    has_attention_mask=mask is not None, has_position_ids=positions is not None)
+                    has_attention_mask=mask is not None, has_position_ids=positions is not None, wire=self.wire)
+        grad = encode(grad_output, self.wire)
         try:
-            return await self._backward(peer_id, BackwardRequest(**base), [grad_output])
+            return await self._backward(peer_id, BackwardRequest(**base), grad, grad_output.dtype)
         except CacheMiss:
             logger.debug("stage %d lost the graph of %s; resending its inputs", stage, request_id)
-        tensors = [grad_output] + [t for t in (hidden, mask, positions) if t is not None]
-        return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors)
+        tensors = grad + self._inputs(inputs)
+        return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors, grad_output.dtype)
 
     async def _backward(
-        self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor]
+        self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor], dtype: torch.dtype
     ) -> tuple[torch.Tensor, BackwardResponse]:
         reply, out = await self._call(peer_id, BACKWARD, request, tensors)
         response = parse_reply(BackwardResponse, reply)
-        return _single(out, "backward"), response
+        return self._decoded(out, dtype, "backward"), response
+
+    def _inputs(self, inputs: StageInputs) -> list[torch.Tensor]:
+        """A forward's tensors on the wire: the hidden states encoded, the mask and positions as they are."""
+        hidden, mask, positions = inputs
+        return encode(hidden, self.wire) + [t for t in (mask, positions) if t is not None]
+
+    def _decoded(self, tensors: list[torch.Tensor], dtype: torch.dtype, what: str) -> torch.Tensor:
+        if len(tensors) != width(self.wire):  # the transport checked the reply arrived whole: the peer is wrong
+            raise ProtocolMismatch(f"{what} reply carried {len(tensors)} tensors instead of {width(self.wire)}")
+        try:
+            return decode(tensors, self.wire, dtype, f"{what} reply")
+        except BadRequest as e:
+            raise ProtocolMismatch(str(e)) from None
 
     async def step(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str],
                    scheduled_time: float) -> StepResponse:
@@ -149,8 +166,3 @@ class StageClient:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-
-def _single(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
-    if len(tensors) != 1:  # the transport already checked the reply arrived whole: the peer is wrong
-        raise ProtocolMismatch(f"{what} reply carried {len(tensors)} tensors instead of 1")
-    return tensors[0]

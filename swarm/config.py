@@ -55,6 +55,9 @@ class BootstrapSettings(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
+                      description="how activations and gradients travel: float32 (exact), float16, bfloat16 or "
+                      "int8 (blockwise, 3.8x smaller)")
     metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
     open: bool = Field(False, description="a public run: no API key needed to join (keys are required by default)")
     token_ttl: float = Field(1800.0, ge=30, description="seconds an access token lives (renewed at half-life)")

@@ -151,7 +151,8 @@ class SwarmModelForCausalLM(nn.Module):
             runner.run(coordinator.start(0))
             pipeline = RemotePipeline(
                 manifest,
-                StageClient(calls, timeout=timeout, attempts=1),  # the pipeline retries and fails over
+                # the pipeline retries and fails over
+                StageClient(calls, timeout=timeout, attempts=1, wire=manifest.wire),
                 lambda: dht.all_records(manifest.num_stages),
                 coordinator=coordinator,
                 policy=policy,

@@ -249,3 +249,42 @@ def test_stages_compute_different_microbatches_at_once(model_factory):
     assert services[1].requests_served == 4
     sequential = asyncio.run(pipeline.forward(hidden, None, positions, train=False))[0]
     assert torch.allclose(torch.cat([out for out, _ in done]), sequential, atol=1e-5)
+
+
+class _CountingHub(InMemoryTransport):
+    """Counts the bytes of tensor data every forward and backward call sends and gets back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    async def call(self, peer_id, method, message, tensors, **options):
+        reply, out = await super().call(peer_id, method, message, tensors, **options)
+        if method in (FORWARD, BACKWARD):
+            self.bytes += sum(t.numel() * t.element_size() for t in (*tensors, *out) if t.is_floating_point()
+                              or t.dtype == torch.int8)
+        return reply, out
+
+
+@pytest.mark.parametrize("wire, smaller, tolerance", [("float32", 1.0, 1e-4), ("float16", 2.0, 1e-2),
+                                                     ("bfloat16", 2.0, 3e-2), ("int8", 3.5, 3e-2)])
+def test_compressed_wire_formats_train_close_to_float32_with_fewer_bytes(model_factory, wire, smaller, tolerance):
+    model_dir = model_factory("llama", num_layers=2, hidden_size=64, num_kv_heads=2)
+    ids = [torch.randint(0, 8, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runs = {}
+    for fmt in ("float32", wire):
+        pipeline, services, local, _ = _build(model_dir, 2)
+        hub = _CountingHub()
+        for service in services:
+            asyncio.run(service.register(hub.bind(service.peer_id)))
+        pipeline.client = StageClient(hub, timeout=30, wire=fmt)
+        opt = torch.optim.AdamW(local.parameters(), lr=1e-2)
+        losses = []
+        for batch in ids:
+            losses.append(_step(pipeline, local, batch))
+            opt.step(), opt.zero_grad()
+        runs[fmt] = (losses, hub.bytes)
+    (exact, exact_bytes), (lossy, lossy_bytes) = runs["float32"], runs[wire]
+    assert exact_bytes / lossy_bytes >= smaller * 0.95
+    for a, b in zip(exact, lossy):
+        assert abs(a - b) <= tolerance * abs(a)
