@@ -37,16 +37,19 @@ from swarm.procs import ProcessGroup  # noqa: E402
 MiB = 2**20
 
 
-def tree_memory(pid: int) -> tuple[int, int, int]:
-    """(PSS, RSS, number of processes) summed over ``pid`` and all its descendants."""
+def tree_memory(pid: int, parts: list[str] | None = None) -> tuple[int, int, int]:
+    """(PSS, RSS, number of processes) summed over ``pid`` and all its descendants; ``parts`` gets a
+    line per process."""
     root = psutil.Process(pid)
     pss = rss = count = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            info = proc.memory_full_info()
+            info, name = proc.memory_full_info(), " ".join(proc.cmdline()[:3])[-60:]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         pss, rss, count = pss + info.pss, rss + info.rss, count + 1
+        if parts is not None:
+            parts.append(f"    pid {proc.pid:>7}  PSS {info.pss / MiB:7.1f} MiB  RSS {info.rss / MiB:7.1f} MiB  {name}")
     return pss, rss, count
 
 
@@ -95,7 +98,8 @@ def main() -> None:
         stage0 = next(proc for name, proc in procs.procs
                       if name.startswith("peer") and "stage 0" in (root / f"{name}.log").read_text())
         time.sleep(args.idle_wait)
-        idle = tree_memory(stage0.pid)
+        parts: list[str] = []
+        idle = tree_memory(stage0.pid, parts)
         sampler = _Sampler(stage0.pid)
         sampler.start()
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as model:
@@ -116,6 +120,7 @@ def main() -> None:
           f"{4 * weights / MiB:.1f} MiB")
     print(f"idle: PSS {idle[0] / MiB:6.1f} MiB (RSS {idle[1] / MiB:6.1f} MiB) over {idle[2]} processes "
           f"(target <= 300 MiB)")
+    print("\n".join(parts))
     print(f"peak while training {args.steps} steps of {args.batch}x{args.seq}: PSS {peak[0] / MiB:6.1f} MiB "
           f"(RSS {peak[1] / MiB:6.1f} MiB) over {peak[2]} processes")
     print(f"idle PSS beyond the stage's state: {(idle[0] - 4 * weights) / MiB:.1f} MiB; peak beyond it: "

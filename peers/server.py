@@ -44,7 +44,7 @@ from peers.checkpoint_files import CheckpointDir
 from peers.checkpoints import Checkpointer
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.hardware import compute_threads, probe_hardware
+from peers.hardware import compute_threads, probe_hardware, release_free_memory
 from peers.measure import (
     Measurement,
     Progress,
@@ -328,7 +328,9 @@ class Peer:
         """Load every stage of ``span`` (its slot exists, announced ``loading``) with its averager, then
         adopt each stage's current state. Every averager forks a process: all of them start before any
         state download opens a stream (see issue 4's note: a fork inherits open streams); on a move
-        the old span has drained by now."""
+        the old span has drained by now. Free heap goes back to the system before the forks and at
+        the end (see ``release_free_memory``)."""
+        release_free_memory()
         for stage in span.stages:
             slot = self.slots[stage]
             module = await slot.run(self._load, self.manifest, stage)
@@ -345,6 +347,7 @@ class Peer:
             await self._adopt_state(slot, self._identity)  # never serve stale weights
             self._start_checkpoints(slot)
             slot.inference = self._serve_inference(slot)
+        release_free_memory()
 
     def _serve_inference(self, slot: StageSlot) -> InferenceService:
         """Generation sessions (KV caches) on a served stage's module, on its compute thread; they end
