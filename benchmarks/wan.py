@@ -155,8 +155,9 @@ def start_delay(delay_ms: float) -> subprocess.Popen:
 
 # -- the trainer process (runs in the trainer namespace) ----------------------------------------------
 
-def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int | None) -> None:
-    """Join, then on every line ``N`` from stdin train N steps and print their seconds as JSON."""
+def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int | None, depth: int) -> None:
+    """Join, then on every line ``N`` from stdin train N steps and print their seconds as JSON, with
+    the seconds spent in the remote forward, the remote backward and the collaborative step."""
     import torch
 
     from swarm.data import random_batches, stdlib_corpus
@@ -166,9 +167,15 @@ def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int |
     with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], host=host,
                                                microbatch_size=microbatch) as model:
         optimizer = model.create_optimizer()
+        model.pipeline.depth = depth
+        phases = {"forward": 0.0, "backward": 0.0, "commit": 0.0}
+        for name, method in (("forward", "forward_microbatches"), ("backward", "backward_microbatches"),
+                             ("commit", "commit")):
+            setattr(model.pipeline, method, _timed(getattr(model.pipeline, method), phases, name))
         batches = random_batches(stdlib_corpus(), batch, seq, seed=0)
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
+            phases.update(dict.fromkeys(phases, 0.0))
             started = time.perf_counter()
             losses = []
             for _ in range(int(line)):
@@ -178,7 +185,18 @@ def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int |
                 optimizer.step()
                 optimizer.zero_grad()
                 losses.append(loss.item())
-            print(json.dumps({"seconds": time.perf_counter() - started, "loss": losses[-1]}), flush=True)
+            print(json.dumps({"seconds": time.perf_counter() - started, "loss": losses[-1], **phases}), flush=True)
+
+
+def _timed(method, phases: dict[str, float], name: str):
+    async def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            phases[name] += time.perf_counter() - started
+
+    return timed
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -229,7 +247,7 @@ class Swarm:
     def trainer(self, address: str) -> subprocess.Popen:
         microbatch = [] if self.args.microbatch is None else ["--microbatch", str(self.args.microbatch)]
         proc = self.start("trainer", [__file__, "--train", address, "--batch", str(self.args.batch),
-                                      "--seq", str(self.args.seq)] + microbatch,
+                                      "--seq", str(self.args.seq), "--depth", str(self.args.depth)] + microbatch,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(proc.stdout.readline())  # ready
         return proc
@@ -250,22 +268,28 @@ def rounds(trainer: subprocess.Popen, args, delay_ready: bool) -> dict[str, list
     tokens = args.steps * args.batch * args.seq
     results: dict[str, list[float]] = {"lan": [], "wan": []}
 
-    def timed(steps: int) -> float:
+    phases: dict[str, dict[str, list[float]]] = {"lan": {}, "wan": {}}
+
+    def timed(steps: int, condition: str | None = None) -> float:
         trainer.stdin.write(f"{steps}\n")
         trainer.stdin.flush()
-        return json.loads(trainer.stdout.readline())["seconds"]
+        reply = json.loads(trainer.stdout.readline())
+        if condition is not None:
+            for name in ("forward", "backward", "commit"):
+                phases[condition].setdefault(name, []).append(reply[name] / steps * 1000)
+        return reply["seconds"]
 
     shape(False, delay_ready)
     timed(args.warmup)
     for r in range(args.rounds):
         for condition in (("lan", "wan") if r % 2 == 0 else ("wan", "lan")):
             shape(condition == "wan", delay_ready)
-            if condition == "wan":
-                timed(1)  # TCP's windows grow back after the switch before the clock runs
-            seconds = timed(args.steps)
+            timed(1)  # one untimed step after each switch: TCP windows and DHT timeouts settle
+            seconds = timed(args.steps, condition)
             results[condition].append(tokens / seconds)
-            print(f"round {r + 1} {condition}: {tokens / seconds:8,.0f} tokens/s ({seconds / args.steps * 1000:.0f} ms/step)",
-                  flush=True)
+            split = ", ".join(f"{name} {values[-1]:.0f}" for name, values in phases[condition].items())
+            print(f"round {r + 1} {condition}: {tokens / seconds:8,.0f} tokens/s ({seconds / args.steps * 1000:.0f} ms/step: "
+                  f"{split} ms)", flush=True)
     shape(False, delay_ready)
     return results
 
@@ -280,6 +304,7 @@ def main() -> None:
     parser.add_argument("--microbatch", type=int, default=None, help="rows per microbatch (0: the whole batch)")
     parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--delay-ms", type=float, default=25.0)
+    parser.add_argument("--depth", type=int, default=2, help="calls in flight per peer of a stage (RemotePipeline.depth)")
     parser.add_argument("--delay", type=float, help=argparse.SUPPRESS)  # the delay process
     parser.add_argument("--train", help=argparse.SUPPRESS)  # the trainer process: the bootstrap address
     args = parser.parse_args()
@@ -287,7 +312,7 @@ def main() -> None:
         return run_delay(args.delay)
     if args.train:
         micro = None if args.microbatch is None else (args.batch if args.microbatch == 0 else args.microbatch)
-        return run_trainer(args.train, host_ip(HOSTS.index("trainer")), args.batch, args.seq, micro)
+        return run_trainer(args.train, host_ip(HOSTS.index("trainer")), args.batch, args.seq, micro, args.depth)
     if os.geteuid() != 0:
         sys.exit("wan.py needs root: it makes network namespaces and links")
 
@@ -305,7 +330,8 @@ def main() -> None:
         address = swarm.up(model_dir)
         trainer = swarm.trainer(address)
         print(f"demo model GPT-2 {DEMO_MODEL['num_layers']} x {DEMO_MODEL['hidden_size']}, 3 stages on 3 peers, "
-              f"batch {args.batch}x{args.seq}, microbatch {args.microbatch or 'default'}, wire {args.wire}; "
+              f"batch {args.batch}x{args.seq}, microbatch {args.microbatch or 'default'}, depth {args.depth}, "
+              f"wire {args.wire}; "
               f"WAN = {args.delay_ms:.0f} ms each way + 100 Mbit/s per link; logs in {root}", flush=True)
         rtt_lan = connect_rtt()
         results = rounds(trainer, args, delay_ready=True)

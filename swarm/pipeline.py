@@ -394,19 +394,31 @@ class RemotePipeline:
         step = self.step or 0
         self.last_closed = None
         self._step_samples += num_samples
-        status = await self.coordinator.commit(step, self._step_samples)
-        status = await wait_until_closed(self.coordinator, status, batch=num_samples, timeout=self.policy.step_wait)
-        if status.closed:
-            await self.apply(step)
-            await self.coordinator.finished(step)
-            self.last_closed = status
+        # when our samples alone close the step, the replicas' records are read for it while the
+        # samples are committed (both DHT round trips, tens of ms each on a WAN)
+        closing = self._step_samples >= self.manifest.target_batch_size
+        records = asyncio.ensure_future(self._current_records(fresh=True)) if closing else None
+        try:
+            status = await self.coordinator.commit(step, self._step_samples)
+            status = await wait_until_closed(self.coordinator, status, batch=num_samples, timeout=self.policy.step_wait)
+            if status.closed:
+                if records is not None:
+                    await records
+                await self.apply(step, fresh=records is None)
+                await self.coordinator.finished(step)
+                self.last_closed = status
+        finally:
+            if records is not None:
+                await asyncio.gather(records, return_exceptions=True)
         return status
 
-    async def apply(self, step: int) -> None:
+    async def apply(self, step: int, *, fresh: bool = True) -> None:
         """Have every live replica of every stage apply ``step``: the replicas of a stage sum their
         gradients (hivemind averaging) and step alike. A member that fails is dropped (its backwards
-        replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds."""
-        await self._current_records(fresh=True)
+        replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds.
+        ``fresh=False``: the caller has just read the records."""
+        if fresh:
+            await self._current_records(fresh=True)
         pending = set(range(self.manifest.num_stages))
         for attempt in range(1, self.policy.step_attempts + 1):
             plans = {stage: await self._members(stage, step) for stage in sorted(pending)}
