@@ -16,6 +16,7 @@ import argparse
 import collections
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,13 +87,13 @@ def main() -> None:
                 for _ in range(args.steps):
                     step()
             seconds = (time.perf_counter() - started) / args.steps
-            sampler.terminate()
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl+C
             sampler.wait(timeout=30)
     finally:
         procs.stop_all()
     print(f"checkout {args.root}; batch {args.batch}x{args.seq}; {seconds * 1000:.0f} ms/step over {args.steps} steps; "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("peer (stage 0), own time by function, share of py-spy samples (idle threads included):")
+    print("peer (stage 0), own time by function, share of py-spy samples of busy threads:")
     for share, name in _own_time(root / "peer.txt", args.top):
         print(f"  {share:6.1%}  {name}")
     print("trainer (pyinstrument, main thread):")
