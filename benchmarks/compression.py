@@ -46,27 +46,13 @@ from swarm.demo import DEMO_MODEL  # noqa: E402
 from swarm.pipeline import RemotePipeline  # noqa: E402
 
 
-class _CountingHub(InMemoryTransport):
-    """The in-memory transport, counting the bytes of tensors that stage calls send and receive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    async def call(self, peer_id, method, message, tensors, **options):
-        reply, out = await super().call(peer_id, method, message, tensors, **options)
-        if method in (FORWARD, BACKWARD):
-            self.bytes += sum(t.numel() * t.element_size() for t in (*tensors, *out))
-        return reply, out
-
-
 def _swarm(model_dir: Path, wire: str, num_stages: int, batch: int, lr: float):
     source = resolve_model(str(model_dir))
     stages = stage_boundaries(source.config.num_hidden_layers, num_stages)
     manifest = Manifest(run_id="bench", model=str(model_dir), config_hash=source.config_hash,
                         num_layers=source.config.num_hidden_layers, stages=stages, target_batch_size=batch,
                         optimizer=OptimizerSettings(lr=lr), wire=wire)
-    hub, records, services = _CountingHub(), {}, []
+    hub, records, services = InMemoryTransport(), {}, []
     for index, layers in enumerate(stages):
         executor = StageExecutor(load_stage(source, layers), index, layers, manifest.optimizer)
         services.append(StageService(executor, f"peer{index}"))
@@ -112,7 +98,8 @@ def _train(model_dir: Path, wire: str, args) -> tuple[list[float], float, float]
     finally:
         for service in services:
             service.shutdown()
-    return losses, hub.bytes / args.steps, time.perf_counter() - started
+    sent = hub.tensor_bytes[FORWARD] + hub.tensor_bytes[BACKWARD]
+    return losses, sent / args.steps, time.perf_counter() - started
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from contextvars import ContextVar
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
@@ -127,12 +128,14 @@ class InMemoryTransport:
     caller's autograd graph. Faults: ``fail[peer_id] = exception`` makes that peer's calls raise it
     before they reach the handler; ``lose_replies[(peer_id, method)] = n`` runs the next ``n`` such
     calls and then loses their replies (the caller sees ``PeerUnavailable``), as a broken connection would.
+    ``tensor_bytes[method]`` counts the bytes of tensor data that calls of ``method`` sent and got back.
     """
 
     def __init__(self) -> None:
         self._handlers: dict[tuple[str, str], Handler] = {}
         self.fail: dict[str, Exception] = {}
         self.lose_replies: dict[tuple[str, str], int] = {}
+        self.tensor_bytes: Counter[str] = Counter()
 
     def bind(self, peer_id: str) -> "_BoundInMemory":
         return _BoundInMemory(self, peer_id)
@@ -156,6 +159,7 @@ class InMemoryTransport:
         if self.lose_replies.get((peer_id, method), 0) > 0:
             self.lose_replies[(peer_id, method)] -= 1
             raise PeerUnavailable(f"{method} on {peer_id}: the stream closed without a reply")
+        self.tensor_bytes[method] += sum(t.numel() * t.element_size() for t in (*tensors, *out))
         return msgpack.unpackb(msgpack.packb(reply)), [t.detach().clone() for t in out]
 
 
