@@ -24,6 +24,7 @@ from peers.ledger import (
     SubmitResponse,
     TallyRequest,
     TallyResponse,
+    delegated_tally,
     read_entries,
     tally,
     verify_chain,
@@ -31,8 +32,8 @@ from peers.ledger import (
     verify_entries,
 )
 from peers.protocol import error_reply, ok_reply
-from peers.transport import Handler, Transport
-from swarm.errors import BadRequest, ConfigError, SwarmError
+from peers.transport import CALLER, Handler, Transport
+from swarm.errors import AuthRejected, BadRequest, ConfigError, SwarmError
 
 __all__ = ["LedgerBook", "LedgerService"]
 
@@ -56,11 +57,17 @@ class LedgerBook:
         last = self._last.get((entry.peer_id, entry.public_key))
         return last.seq + 1 if last else 0
 
-    def submit(self, entries: list[LedgerEntry]) -> SubmitResponse:
-        """Accept the entries that continue their chain; skip ones already held; refuse the rest."""
+    def submit(self, entries: list[LedgerEntry], *, caller: str | None = None) -> SubmitResponse:
+        """Accept the entries that continue their chain; skip ones already held; refuse the rest.
+        ``caller`` (the libp2p-authenticated submitter, when known) must be the chain's peer: only a
+        peer itself can add work to its name, so a delegate (or anyone) cannot submit receipts
+        signed with its own key as a delegator's."""
         chain = (entries[0].peer_id, entries[0].public_key)
         if any((e.peer_id, e.public_key) != chain for e in entries):
             raise BadRequest("one submit carries one chain (one peer id and key)")
+        if caller is not None and caller != chain[0]:
+            raise AuthRejected(f"peer {caller[-12:]} submitted entries of peer {chain[0][-12:]}: "
+                               "a peer submits only its own ledger")
         expected = self.next_seq(entries[0])
         fresh = [e for e in entries if e.seq >= expected]
         if not fresh:
@@ -81,6 +88,10 @@ class LedgerBook:
     def tally(self) -> dict[str, dict[str, int]]:
         return tally(self.entries)
 
+    def delegates(self) -> dict[str, dict[str, int]]:
+        """Per delegator, the tokens each delegate computed for it."""
+        return delegated_tally(self.entries)
+
 
 class LedgerService:
     """Thin handlers of the ledger RPCs over a ``LedgerBook``."""
@@ -98,7 +109,7 @@ class LedgerService:
 
     async def rpc_submit(self, message: Any) -> dict:
         entries = list(parse_ledger_request(SubmitRequest, message).entries)
-        response = self.book.submit(entries)
+        response = self.book.submit(entries, caller=CALLER.get())
         logger.info("ledger: %d of %d entries accepted from %s", response.accepted, len(entries),
                     entries[0].peer_id[-12:])
         return ok_reply(response)
@@ -110,7 +121,7 @@ class LedgerService:
 
     async def rpc_tally(self, message: Any) -> dict:
         parse_ledger_request(TallyRequest, message)
-        return ok_reply(TallyResponse(peers=self.book.tally()))
+        return ok_reply(TallyResponse(peers=self.book.tally(), delegates=self.book.delegates()))
 
     def _guarded(self, rpc) -> Handler:
         async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:

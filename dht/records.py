@@ -19,7 +19,6 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from multiaddr import Multiaddr
 from pydantic import ValidationError
 
 from dht.schemas import (
@@ -37,7 +36,8 @@ from dht.schemas import (
     trainers_key,
 )
 from dht.validators import RunSchemaValidator
-from swarm.errors import ConfigError, NoRoute, PeerUnavailable
+from swarm.config import check_multiaddr
+from swarm.errors import NoRoute, PeerUnavailable
 
 __all__ = ["SwarmDHT", "MANIFEST_TTL", "MANIFEST_REFRESH"]
 
@@ -124,7 +124,7 @@ class SwarmDHT:
         if identity_path is not None:
             kwargs["identity_path"] = str(identity_path)
         for peer in initial_peers:
-            _check_multiaddr(peer)
+            check_multiaddr(peer)
         try:
             dht = _DHTProcess(**kwargs)
         except Exception as e:  # a port in use, an unreachable initial peer, a daemon that won't start
@@ -293,15 +293,6 @@ class SwarmDHT:
         """Stop the DHT child process and its p2pd. Idempotent."""
         if self.dht.is_alive():
             self.dht.shutdown()
-
-
-def _check_multiaddr(address: str) -> None:
-    try:
-        parsed = Multiaddr(address)
-    except Exception as e:  # multiaddr raises several types for several kinds of garbage
-        raise ConfigError(f"{address!r} is not a multiaddr ({e}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
-    if "/p2p/" not in str(parsed):
-        raise ConfigError(f"{address!r} lacks the peer id: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
 
 
 def _entries(found) -> list:

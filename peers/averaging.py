@@ -19,6 +19,8 @@ import concurrent.futures
 import logging
 import os
 import signal
+import socket
+import stat
 import threading
 import time
 from typing import Any, Callable, Protocol, Sequence
@@ -83,10 +85,45 @@ class _Averager(DecentralizedAverager):
         # forked from a process whose OpenMP pool has run (training): a child that enters an OpenMP
         # parallel region then waits for threads that were not forked with it. One thread never does.
         torch.set_num_threads(1)
+        _close_inherited_streams()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         parent = os.getppid()
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
         super().run()
+
+
+_P2P_SOCKETS = "/tmp/hivemind-p2p"  # hivemind's p2pd control socket and its clients' handler sockets
+
+
+def _close_inherited_streams() -> None:
+    """Close, in a freshly forked child, its copies of the parent's libp2p stream sockets.
+
+    Each stream a handler or a call has open is a unix socket to the node's p2pd; a copy held by a
+    child keeps it open after the parent closes it, so the other side never sees the stream end
+    (seen: replies that never finished once an averager was forked mid-request). The child's own
+    P2P opens new sockets after this; its pipes (unnamed socket pairs) are kept."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:  # the fd of the listing itself, or one closed meanwhile
+            continue
+        if sock.family == socket.AF_UNIX and any(str(addr).startswith(_P2P_SOCKETS) for addr in _ends(sock)):
+            sock.close()
+        else:
+            sock.detach()
+
+
+def _ends(sock: socket.socket) -> list[object]:
+    ends = []
+    for end in (sock.getsockname, sock.getpeername):
+        try:
+            ends.append(end())
+        except OSError:  # not connected
+            continue
+    return ends
 
 
 def _exit_with_parent(parent_pid: int, period: float = 1.0) -> None:

@@ -34,7 +34,7 @@ from peers.wire import decode, encode, width
 from shards.types import LayerRange
 from swarm.errors import BadRequest, CacheMiss, PeerUnavailable, ProtocolMismatch
 
-__all__ = ["StageClient", "StageInputs"]
+__all__ = ["StageClient", "StageInputs", "retried_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,16 +153,23 @@ class StageClient:
 
     async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], *,
                     timeout: float | None = None, **options):
-        message = request.model_dump(mode="json")
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return await self.transport.call(peer_id, method, message, tensors,
-                                                 timeout=timeout or self.timeout, **options)
-            except PeerUnavailable as e:
-                if attempt == self.attempts:
-                    raise
-                logger.warning("%s to %s, attempt %d/%d failed: %s", method, peer_id[-8:], attempt,
-                               self.attempts, e)
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        return await retried_call(self.transport, peer_id, method, request.model_dump(mode="json"), tensors,
+                                  timeout=timeout or self.timeout, attempts=self.attempts, backoff=self.backoff,
+                                  **options)
+
+
+async def retried_call(transport: Transport, peer_id: str, method: str, message: dict, tensors: list[torch.Tensor],
+                       *, timeout: float, attempts: int, backoff: float, **options):
+    """``transport.call``, tried up to ``attempts`` times while the peer is unreachable
+    (``PeerUnavailable``), backing off ``backoff x 2^(attempt-1)`` s and logging each attempt; any
+    other error, or the last attempt's, is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await transport.call(peer_id, method, message, tensors, timeout=timeout, **options)
+        except PeerUnavailable as e:
+            if attempt == attempts:
+                raise
+            logger.warning("%s to %s, attempt %d/%d failed: %s", method, peer_id[-8:], attempt, attempts, e)
+            await asyncio.sleep(backoff * 2 ** (attempt - 1))
+    raise AssertionError("unreachable: the last attempt returns or raises")
 

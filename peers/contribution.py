@@ -36,8 +36,12 @@ class ContributionRecorder:
 
     def __init__(self, writer: LedgerWriter, *, window: float, step_of: Callable[[int], int],
                  transport: Transport | None = None, bootstrap_ids: Sequence[str] = (),
-                 clock: Callable[[], float] = time.time, timeout: float = 10.0):
+                 clock: Callable[[], float] = time.time, timeout: float = 10.0,
+                 counts: Callable[[int], bool] = lambda stage: True):
+        """``counts(stage)`` says whether work on a stage is this peer's own (a stage hosted for a
+        delegator is not: the delegator signs that work into its own ledger)."""
         self.writer = writer
+        self._counts = counts
         self.window = window
         self.acked_next = 0
         self._step_of = step_of
@@ -49,7 +53,7 @@ class ContributionRecorder:
 
     def observe(self, done: RequestDone) -> None:
         """An ``Activity`` listener: add a served forward/backward to the open window."""
-        if not done.ok or done.stage is None or not done.tokens:
+        if not done.ok or done.stage is None or not done.tokens or not self._counts(done.stage):
             return
         work = self._open.get(done.stage)
         if work is None:

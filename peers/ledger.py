@@ -48,6 +48,7 @@ __all__ = [
     "TallyRequest",
     "TallyResponse",
     "tally",
+    "delegated_tally",
     "parse_ledger_request",
 ]
 
@@ -79,15 +80,31 @@ class LedgerEntry(FrozenModel):
     microbatches: int = Field(ge=0)
     tokens: int = Field(ge=0)
     delegate_of: str | None = None
+    delegate: str | None = Field(None, max_length=128, description="peer id of the delegate that computed this "
+                                 "work for the signer (delegation); the signer is credited")
+    receipts: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the delegate's receipts "
+                                 "this entry signs (``receipts_digest``)")
     signature: str = ""
 
     def signed_bytes(self) -> bytes:
         """The canonical bytes the signature covers: everything but the signature."""
-        return _canonical(self.model_dump(mode="json", exclude={"signature"}))
+        return _canonical(self._fields(exclude={"signature"}))
 
     def digest(self) -> str:
         """What the next entry's ``prev`` must be: the hash of this whole entry, signature included."""
-        return hashlib.sha256(_canonical(self.model_dump(mode="json"))).hexdigest()
+        return hashlib.sha256(_canonical(self._fields())).hexdigest()
+
+    def _fields(self, exclude: set[str] = frozenset()) -> dict:
+        """The entry as JSON; the delegation fields only when set, so entries signed before they
+        existed keep their signature and digest."""
+        data = self.model_dump(mode="json", exclude=set(exclude))
+        for name in _OPTIONAL:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+_OPTIONAL = ("delegate", "receipts")
 
 
 def _canonical(data: dict) -> bytes:
@@ -213,13 +230,16 @@ class LedgerWriter:
         if path.is_file():
             self.entries = [e for e in read_entries(path) if e.public_key == self.public_key]
 
-    def append(self, stage: int, work: Work, step_to: int, started: float, ended: float) -> LedgerEntry:
+    def append(self, stage: int, work: Work, step_to: int, started: float, ended: float, *,
+               delegate: str | None = None, receipts: str | None = None) -> LedgerEntry:
+        """Sign and keep one entry; ``delegate`` / ``receipts`` for work a delegate did for this peer."""
         last = self.entries[-1] if self.entries else None
         entry = sign_entry(LedgerEntry(
             seq=last.seq + 1 if last else 0, prev=last.digest() if last else GENESIS, run_id=self.run_id,
             peer_id=self.peer_id, public_key=self.public_key, stage=stage, step_from=work.step_from,
             step_to=max(step_to, work.step_from), started=started, ended=ended,
             microbatches=work.microbatches, tokens=work.tokens, delegate_of=self.delegate_of,
+            delegate=delegate, receipts=receipts,
         ), self.key)
         with self.path.open("a") as f:
             f.write(entry.model_dump_json() + "\n")
@@ -263,21 +283,34 @@ class TallyRequest(FrozenModel):
 
 
 class TallyResponse(FrozenModel):
-    """Verified totals per peer id: ``{peer_id: {"entries", "microbatches", "tokens"}}``."""
+    """Verified totals per peer id: ``{peer_id: {"entries", "microbatches", "tokens"}}``, and per
+    delegator the tokens each of its delegates computed: ``{delegator: {delegate: tokens}}``."""
 
     version: int = LEDGER_VERSION
     peers: dict[str, dict[str, int]]
+    delegates: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 def tally(entries: Iterable[LedgerEntry]) -> dict[str, dict[str, int]]:
-    """Totals per peer id (work done for a delegator is credited to the delegator)."""
+    """Totals per signer: an entry is credited to the peer that signed it. Work a delegate did for a
+    delegator is signed, and so credited, by the delegator (``delegate`` notes who computed it);
+    ``delegate_of``, which any signer could set, credits nobody else."""
     totals: dict[str, dict[str, int]] = {}
     for entry in entries:
-        who = entry.delegate_of or entry.peer_id
-        row = totals.setdefault(who, {"entries": 0, "microbatches": 0, "tokens": 0})
+        row = totals.setdefault(entry.peer_id, {"entries": 0, "microbatches": 0, "tokens": 0})
         row["entries"] += 1
         row["microbatches"] += entry.microbatches
         row["tokens"] += entry.tokens
+    return totals
+
+
+def delegated_tally(entries: Iterable[LedgerEntry]) -> dict[str, dict[str, int]]:
+    """Tokens per delegator and delegate, from the entries delegators signed."""
+    totals: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        if entry.delegate:
+            row = totals.setdefault(entry.peer_id, {})
+            row[entry.delegate] = row.get(entry.delegate, 0) + entry.tokens
     return totals
 
 

@@ -32,7 +32,8 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Collection
 
 import torch
 
@@ -75,13 +76,25 @@ from peers.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
 from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_needed, should_move
 from shards.source import resolve_model
 from shards.stage import load_stage
-from swarm._loop import cancel_and_wait
+from shards.types import LayerRange
+from swarm._loop import Lifecycle, cancel_and_wait
 from swarm.config import SwarmSettings
-from swarm.errors import ConfigError, InsufficientMemory, ModelLoadError, PeerUnavailable, WrongStage
+from swarm.errors import (
+    CapacityExceeded,
+    ConfigError,
+    DelegationRefused,
+    InsufficientMemory,
+    ModelLoadError,
+    PeerUnavailable,
+    WrongStage,
+)
 
-__all__ = ["Peer", "StageSlot"]
+__all__ = ["Peer", "StageSlot", "WorkHook"]
 
 logger = logging.getLogger(__name__)
+
+WorkHook = Callable[[str, Any, list[torch.Tensor], dict, list[torch.Tensor]], Awaitable[None]]
+"""``hook(method, message, tensors, reply, out)`` after a hosted stage answered a forward or backward."""
 
 
 @dataclass
@@ -102,6 +115,7 @@ class StageSlot:
     checkpointer: Checkpointer | None = None
     checkpoint_task: asyncio.Task | None = None
     worker: ThreadPoolExecutor | None = None
+    on_work: WorkHook | None = None  # a stage hosted for a delegator: told of every forward/backward done
     queue_size: int = DEFAULT_QUEUE_SIZE
 
     def __post_init__(self) -> None:
@@ -125,7 +139,7 @@ class StageSlot:
         await asyncio.to_thread(self.worker.shutdown, wait=True, cancel_futures=True)
 
 
-class Peer:
+class Peer(Lifecycle):
     """One volunteer serving a span of one or more consecutive stages of a run."""
 
     def __init__(self, settings: SwarmSettings, *, manifest_timeout: float = 60.0, progress: Progress | None = None):
@@ -134,6 +148,7 @@ class Peer:
         self.dht: SwarmDHT | None = None
         self.manifest: Manifest | None = None
         self.slots: dict[int, StageSlot] = {}  # by stage, in order: the span served (or loading) now
+        self.hosted: dict[int, StageSlot] = {}  # stages served on other machines' behalf (delegation)
         self.measurement: Measurement | None = None
         self.moves: list[Move] = []
         self._progress = progress
@@ -145,10 +160,9 @@ class Peer:
         self._in_flight = 0
         self._last_request = 0.0
         self._transport: P2PTransport | None = None
+        self._gated: Any = None  # the transport behind the auth gate (keyed runs), for control handlers
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
-        self._closed = asyncio.Event()
-        self._started = False
         self.telemetry: PeerTelemetry | None = None
         self.claim_reason = ""
         self._past_steps: dict[int, int] = {}
@@ -195,16 +209,6 @@ class Peer:
     def checkpointers(self) -> list[Checkpointer]:
         return [slot.checkpointer for slot in self.slots.values() if slot.checkpointer is not None]
 
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
-
     async def _start(self) -> None:
         net = self.settings.network
         torch.set_num_threads(compute_threads(self.settings.peer.threads))
@@ -212,7 +216,7 @@ class Peer:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
         self.dht = await asyncio.to_thread(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
-            port=net.port, announce_host=net.announce_host,
+            port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
         )
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor()
@@ -228,7 +232,8 @@ class Peer:
             await self._announce(record)
         await self._serve_span(span)
         await self._register_handlers()
-        self.telemetry.start_serving(self.stages, self._step_of, self._transport)
+        self.telemetry.start_serving(self.stages, self._step_of, self._transport,
+                                     counts=lambda stage: stage not in self.hosted)
         await self._announce_online()
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
         self.resync = ResyncWatch(self.dht.stage_records, self._served_executors, StageClient(self._replica_transport()),
@@ -241,6 +246,15 @@ class Peer:
             self.start_rebalancing()
         logger.info("serving %s (layers %s) at %.0f tokens/s per stage", span, self._layers_of(span),
                     self.record.throughput)
+
+    def _identity_path(self) -> Path | None:
+        """A delegate keeps its libp2p identity across restarts (delegators were given its address);
+        other peers take a new one each start."""
+        if not self.settings.delegation.accept:
+            return None
+        folder = self.settings.state_dir.expanduser() / self.settings.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "delegate-identity.key"
 
     @property
     def _may_rebalance(self) -> bool:
@@ -327,27 +341,114 @@ class Peer:
     async def _serve_span(self, span: Span) -> None:
         """Load every stage of ``span`` (its slot exists, announced ``loading``) with its averager, then
         adopt each stage's current state. Every averager forks a process: all of them start before any
-        state download opens a stream (see issue 4's note: a fork inherits open streams); on a move
-        the old span has drained by now. Free heap goes back to the system before the forks and at
-        the end (see ``release_free_memory``)."""
+        state download opens a stream (the child closes its copies of open streams, see
+        ``peers.averaging``, but a span's own downloads need not test that). Free heap goes back to
+        the system before the forks and at the end (see ``release_free_memory``)."""
         release_free_memory()
         for stage in span.stages:
-            slot = self.slots[stage]
-            module = await slot.run(self._load, self.manifest, stage)
-            prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
-            slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
-                                                round_timeout=self.settings.peer.averaging_timeout)
-            executor = StageExecutor(
-                module, stage, self.manifest.stages[stage], self.manifest.optimizer,
-                cache_size=self.settings.peer.cache_size, sync=slot.sync,
-                averaging_timeout=self.settings.peer.averaging_timeout,
-            )
-            slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
+            await self._load_slot(self.slots[stage])
         for slot in self.slots.values():
             await self._adopt_state(slot, self._identity)  # never serve stale weights
             self._start_checkpoints(slot)
             slot.inference = self._serve_inference(slot)
         release_free_memory()
+
+    async def _load_slot(self, slot: StageSlot) -> None:
+        """The slot's module, averager (prefix ``{run}_stage{i}``: every replica of the stage), executor
+        and service."""
+        stage = slot.stage
+        module = await slot.run(self._load, self.manifest, stage)
+        prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
+        slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
+                                            round_timeout=self.settings.peer.averaging_timeout)
+        executor = StageExecutor(
+            module, stage, self.manifest.stages[stage], self.manifest.optimizer,
+            cache_size=self.settings.peer.cache_size, sync=slot.sync,
+            averaging_timeout=self.settings.peer.averaging_timeout,
+        )
+        slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
+
+    # -- hosting stages for delegators (delegation/ drives these) ----------------------------------
+
+    async def stage_to_host(self, wanted: int | None, *, taken: Collection[int] = ()) -> int:
+        """The stage a new delegation session would serve: ``wanted``, else the stage with the least
+        live throughput that this peer neither serves nor hosts (nor has promised: ``taken``).
+        ``DelegationRefused`` names why a stage cannot be hosted here, ``CapacityExceeded`` when memory
+        is short."""
+        busy = set(self.slots) | set(self.hosted) | {r.stage for r in self._pending} | set(taken)
+        num_stages = self.manifest.num_stages
+        if wanted is None:
+            records = await self.dht.all_records(num_stages)
+            loads = record_loads(num_stages, records)
+            free = [stage for stage in range(num_stages) if stage not in busy]
+            if not free:
+                raise DelegationRefused(f"peer {self.peer_id[-8:]} already serves or hosts every stage of the run")
+            wanted = min(free, key=lambda stage: (loads[stage], stage))
+        if wanted >= num_stages:
+            raise DelegationRefused(f"stage {wanted} does not exist: the run has {num_stages} stages "
+                                    f"(0 to {num_stages - 1})")
+        if wanted in busy:
+            raise DelegationRefused(f"peer {self.peer_id[-8:]} already serves or hosts stage {wanted}")
+        used = sum(self._stage_bytes[stage] for stage in set(self.slots) | set(self.hosted))
+        if used + self._stage_bytes[wanted] > self._memory:
+            raise CapacityExceeded(f"stage {wanted} needs {self._stage_bytes[wanted] / 2**30:.2f} GiB; peer "
+                                   f"{self.peer_id[-8:]} has {(self._memory - used) / 2**30:.2f} GiB left")
+        return wanted
+
+    async def host_stage(self, stage: int, *, on_behalf_of: str, on_work: WorkHook) -> None:
+        """Load ``stage`` (its state from a live replica, else a checkpoint) and serve it for the peer
+        ``on_behalf_of``: trainers reach it through that peer's record (``hosted_record``), which this
+        peer does not announce itself, and its work goes to ``on_work``, not to this peer's ledger."""
+        await self.stage_to_host(stage)
+        slot = StageSlot(stage, self._hosted_record(stage, on_behalf_of, PeerState.LOADING), on_work=on_work,
+                         queue_size=self.settings.peer.queue_size)
+        self.hosted[stage] = slot
+        try:
+            await self._load_slot(slot)
+            await self._adopt_state(slot, self._identity)
+        except BaseException:
+            self.hosted.pop(stage, None)
+            await slot.close()
+            raise
+        self._start_checkpoints(slot)
+        slot.record = slot.record.model_copy(update={"state": PeerState.ONLINE})
+        logger.info("hosting stage %d for %s", stage, on_behalf_of[-8:])
+
+    async def release_stage(self, stage: int) -> None:
+        """Stop serving a hosted stage (its session ended). Idempotent."""
+        slot = self.hosted.pop(stage, None)
+        if slot is not None:
+            await slot.close()
+            logger.info("released stage %d hosted for %s", stage, (slot.record.delegate_of or "?")[-8:])
+
+    def hosted_record(self, stage: int) -> PeerRecord | None:
+        """The record a hosted stage's delegator announces: this peer's address, current step, load and
+        hardware (without a token: the delegator adds its own, as the signer)."""
+        slot = self.hosted.get(stage)
+        if slot is None:
+            return None
+        return self.telemetry.refresh(self._current_record(slot))
+
+    def _hosted_record(self, stage: int, delegator: str, state: PeerState) -> PeerRecord:
+        m = self.measurement
+        return PeerRecord(
+            peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=self.manifest.stages[stage], state=state,
+            hardware=probe_hardware(), throughput=m.per_stage(len(self.slots) + len(self.hosted) + 1),
+            latency_ms=m.latency_ms, bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib, delegate_of=delegator,
+        )
+
+    def stage_layers(self, stage: int) -> LayerRange:
+        return self.manifest.stages[stage]
+
+    def gpu_count(self) -> int:
+        """GPUs of this machine (NVML's count, else torch's)."""
+        counted = self.telemetry.hardware().gpu_count if self.telemetry is not None else 0
+        return max(counted, torch.cuda.device_count())
+
+    async def serve_control(self, method: str, handler: Callable) -> None:
+        """Register a handler beside the stage RPCs, behind the run's auth gate on keyed runs (the
+        delegation RPCs); it is not counted as served work."""
+        await self._gated.serve(method, handler)
 
     def _serve_inference(self, slot: StageSlot) -> InferenceService:
         """Generation sessions (KV caches) on a served stage's module, on its compute thread; they end
@@ -368,6 +469,7 @@ class Peer:
             await self._transport.serve(PRESENT, self._auth.gate.rpc_present)
             transport = GatedTransport(self._transport, self._auth.gate)
             self._auth.start()
+        self._gated = transport
         transport = self.telemetry.observe(transport)
         for method in self.service.handlers():  # the same methods for every stage
             await transport.serve(method, self._dispatch(method, self._service_for))
@@ -386,6 +488,9 @@ class Peer:
         malformed one) goes to the first stage's service, whose parser answers it or names the error."""
         stage = message.get("stage") if isinstance(message, dict) else None
         named = isinstance(stage, int) and not isinstance(stage, bool)
+        hosted = self.hosted.get(stage) if named else None
+        if hosted is not None and hosted.service is not None:
+            return hosted.service
         slot = self.slots.get(stage) if named else next(iter(self.slots.values()), None)
         if slot is not None and slot.service is not None:
             return slot.service
@@ -425,12 +530,26 @@ class Peer:
             try:
                 if slowdown:
                     await asyncio.sleep(slowdown)
-                return await service.handlers()[method](message, tensors)
+                reply, out = await service.handlers()[method](message, tensors)
             finally:
                 self._in_flight -= 1
                 self._last_request = time.monotonic()
+            await self._report_hosted_work(service, method, message, tensors, reply, out)
+            return reply, out
 
         return handler
+
+    async def _report_hosted_work(self, service: Any, method: str, message: Any, tensors: list[torch.Tensor],
+                                  reply: dict, out: list[torch.Tensor]) -> None:
+        """A hosted stage's answered forward/backward goes to its session's hook (its receipts)."""
+        if method not in (FORWARD, BACKWARD) or not isinstance(reply, dict) or "ok" not in reply:
+            return
+        slot = next((s for s in self.hosted.values() if s.service is service), None)
+        if slot is not None and slot.on_work is not None:
+            try:
+                await slot.on_work(method, message, tensors, reply, out)
+            except Exception:  # a receipt lost costs the delegator credit, never the trainer its reply
+                logger.exception("recording work on hosted stage %d failed", slot.stage)
 
     # -- rebalancing ------------------------------------------------------------------------------
 
@@ -483,13 +602,16 @@ class Peer:
         manifest, span, m = self.manifest, self.span, self.measurement
         records = await self.dht.all_records(manifest.num_stages)
         loads = record_loads(manifest.num_stages, records, exclude=self.peer_id)
-        for stage, slot in self.slots.items():
+        for stage, slot in [*self.slots.items(), *self.hosted.items()]:
             loads[stage] += slot.record.throughput
         peer = self.settings.peer
         self._rebalancing = rebalancing_needed(loads, peer.rebalance_margin, self._rebalancing)
         me = PlacedPeer(self.peer_id, m.compute, span, m.network)
-        return should_move(loads, self._stage_bytes, me, memory_bytes=self._memory, margin=peer.rebalance_margin,
+        move = should_move(loads, self._stage_bytes, me, memory_bytes=self._memory, margin=peer.rebalance_margin,
                            active=self._rebalancing, max_stages=peer.max_stages)
+        if move is not None and set(move.new.stages) & set(self.hosted):
+            return None  # one slot per stage on a peer: a stage hosted for a delegator stays with it
+        return move
 
     async def move_to(self, move: Move) -> None:
         """Leave the old span for ``move.new``: claim the new one (so no other peer moves for the same
@@ -558,11 +680,26 @@ class Peer:
     def _store_client(self) -> StoreClient:
         return StoreClient(self._transport, self.dht.stores)
 
+    async def _online_replicas(self, stage: int, reads: int = 4) -> list[str]:
+        """The other online replicas of ``stage``. A DHT read under load can miss a key's entries (seen:
+        a newcomer found no replica of a stage that had one and started from the model files), so
+        once the run has trained (a trainer past step 0) an empty read is repeated, bounded, before
+        the stage is taken to have no replica; a new run's first peers start at once."""
+        for attempt in range(1, reads + 1):
+            records = await self.dht.stage_records(stage)
+            replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+            if replicas or attempt == reads:
+                return replicas
+            if attempt == 1 and not any(t.step > 0 for t in await self.dht.trainer_records()):
+                return replicas
+            logger.info("stage %d: no online replica in the DHT (read %d/%d); reading again", stage, attempt, reads)
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last read returns")
+
     async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
         executor = slot.service.executor
-        records = await self.dht.stage_records(executor.stage)
-        replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+        replicas = await self._online_replicas(executor.stage)
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,
@@ -571,8 +708,10 @@ class Peer:
                     executor.optimizer_step, source)
 
     def _served_executors(self) -> list[tuple[StageExecutor, Callable]]:
-        """The stages this peer serves now, each with its compute thread (none while it moves)."""
-        return [(slot.service.executor, slot.run) for slot in self.slots.values() if slot.service is not None]
+        """The stages this peer serves now (hosted ones included), each with its compute thread (none
+        of its own span while it moves)."""
+        slots = [*self.slots.values(), *self.hosted.values()]
+        return [(slot.service.executor, slot.run) for slot in slots if slot.service is not None]
 
     def _replica_transport(self) -> AuthedTransport | P2PTransport:
         """For calls to other peers' gated handlers (a replica's state): on a keyed run they present
@@ -639,7 +778,8 @@ class Peer:
             await self._auth.stop()
         if self.resync is not None:
             await self.resync.stop()
-        for task in [self._refresh_task, self._rebalance_task] + [slot.checkpoint_task for slot in self.slots.values()]:
+        slots = [*self.slots.values(), *self.hosted.values()]
+        for task in [self._refresh_task, self._rebalance_task] + [slot.checkpoint_task for slot in slots]:
             await cancel_and_wait(task)
         if final_checkpoint and self.checkpointers():
             await asyncio.gather(*(checkpointer.final(timeout=60.0) for checkpointer in self.checkpointers()))
@@ -653,12 +793,13 @@ class Peer:
             await self._transport.shutdown()
             with contextlib.suppress(Exception):
                 await self._transport.p2p.shutdown()
-        for slot in self.slots.values():
+        for slot in [*self.slots.values(), *self.hosted.values()]:
             await slot.close()
+        self.hosted.clear()
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
-        self._closed.set()
+        self._mark_closed()
         logger.info("peer stopped")
 
     def _metrics_report(self) -> MetricsReport | None:
@@ -686,13 +827,3 @@ class Peer:
 
     async def _in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def __aenter__(self) -> "Peer":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()

@@ -62,15 +62,17 @@ class PeerTelemetry:
         """The transport to register handlers on, so every request is counted."""
         return ObservedTransport(transport, self.activity)
 
-    def start_serving(self, stages: list[int], step_of: Callable[[int], int], transport: Transport) -> None:
-        """The stage is served: start the ledger and the metrics record."""
+    def start_serving(self, stages: list[int], step_of: Callable[[int], int], transport: Transport, *,
+                      counts: Callable[[int], bool] = lambda stage: True) -> None:
+        """The stage is served: start the ledger (of the stages ``counts`` says are this peer's own
+        work) and the metrics record."""
         self._stages, self._step_of = list(stages), step_of
         self.metrics.step.set_function(lambda: max((step_of(s) for s in self._stages), default=0))
         path = (self.settings.state_dir.expanduser() / self.settings.run_id / "ledger" / f"{self.dht.peer_id}.jsonl")
         writer = LedgerWriter(path, key=self.dht.signing_key, run_id=self.settings.run_id, peer_id=self.dht.peer_id)
         self.recorder = ContributionRecorder(
             writer, window=self.settings.monitor.ledger_window, step_of=step_of, transport=transport,
-            bootstrap_ids=bootstrap_peer_ids(self.settings.network.initial_peers),
+            bootstrap_ids=bootstrap_peer_ids(self.settings.network.initial_peers), counts=counts,
         )
         self.activity.listeners.append(self.recorder.observe)
         self.recorder.start()

@@ -10,7 +10,7 @@ from typing import Any, Coroutine, TypeVar
 
 import uvloop
 
-__all__ = ["LoopThread", "cancel_and_wait"]
+__all__ = ["LoopThread", "cancel_and_wait", "Lifecycle", "start_unless_stopped"]
 
 T = TypeVar("T")
 
@@ -22,6 +22,64 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class Lifecycle:
+    """``start`` once (a failed start stops what it started), ``wait_closed``, ``async with``. A
+    subclass writes ``_start`` and a ``stop`` that is idempotent and calls ``_mark_closed`` last."""
+
+    _started = False
+    _closed_event: asyncio.Event | None = None
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    @property
+    def _closed(self) -> asyncio.Event:
+        if self._closed_event is None:
+            self._closed_event = asyncio.Event()
+        return self._closed_event
+
+    def _mark_closed(self) -> None:
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+async def start_unless_stopped(service: Lifecycle, stop: asyncio.Event) -> bool:
+    """Start ``service``; if ``stop`` is set first (Ctrl+C while joining), cancel the start, stop
+    the service and return False. A start that fails raises its error."""
+    start = asyncio.create_task(service.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    await cancel_and_wait(stopped)
+    if not start.done():
+        await cancel_and_wait(start)
+        await service.stop()
+        return False
+    start.result()
+    return True
 
 
 class LoopThread:

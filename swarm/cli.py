@@ -61,8 +61,10 @@ def _settings(config: Optional[Path], *, log_file: str | None = None, **override
 def _client_settings(command: str, config: Optional[Path], bootstrap_addr: Optional[list[str]],
                      **overrides: Any) -> SwarmSettings:
     """The settings of a command that joins a run: ``--bootstrap`` (or ``network.initial_peers``) is
-    required, and its absence is said before anything slow is imported."""
-    settings = _settings(config, network={"initial_peers": bootstrap_addr or None}, **overrides)
+    required. Commands load their settings before they import hivemind and torch (seconds), so a
+    typo in a flag or the config is said at once."""
+    network = {**overrides.pop("network", {}), "initial_peers": bootstrap_addr or None}
+    settings = _settings(config, network=network, **overrides)
     if not settings.network.initial_peers:
         raise SwarmError(f"{command} needs --bootstrap (the multiaddr the bootstrap printed)")
     return settings
@@ -120,8 +122,6 @@ def bootstrap(
     metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Start a run: publish its manifest and print the line volunteers paste to join."""
-    from bootstrap.node import BootstrapNode
-
     settings = _settings(
         config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
@@ -129,6 +129,7 @@ def bootstrap(
                    "wire": wire, "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
                    "authority_key": authority_key},
     )
+    from bootstrap.node import BootstrapNode
 
     async def serve(stop: asyncio.Event) -> None:
         async with BootstrapNode(settings) as node:
@@ -173,36 +174,45 @@ def join(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
     metrics_port: Optional[int] = MetricsPortOpt,
+    accept_delegations: Optional[bool] = typer.Option(
+        None, "--accept-delegations", help="also serve weak machines' stages on their behalf (they join with "
+        "--delegate-to this peer); accepted tokens: --delegation-token, delegation.tokens or delegation.tokens_file"),
+    delegate_to: Optional[list[str]] = typer.Option(
+        None, "--delegate-to", help="multiaddr of a delegate (repeatable, tried in order): this machine keeps its "
+        "identity and signs the work, the delegate computes its stage"),
+    delegation_token: Optional[str] = typer.Option(
+        None, "--delegation-token", help="with --delegate-to: the token the delegate's owner gave you; with "
+        "--accept-delegations: a token to accept"),
 ) -> None:
-    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C."""
-    from peers.server import Peer
-    from swarm.join_view import describe_span, introduce, live_lines
-
-    settings = _settings(
-        config, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir, key=key,
-        network={"host": host, "port": port, "initial_peers": bootstrap_addr or None,
-                 "announce_host": announce_host},
+    """Join a run: measure this machine, claim the stage that raises the bottleneck most, serve until Ctrl+C.
+    With --delegate-to, a delegate serves this machine's stage instead and this machine signs its work."""
+    settings = _client_settings(
+        "join", config, bootstrap_addr, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir,
+        key=key, network={"host": host, "port": port, "announce_host": announce_host},
         peer={"stage": stage, "threads": threads, "max_stages": max_stages}, monitor={"metrics_port": metrics_port},
     )
+    settings = _with_delegation(settings, accept_delegations, delegate_to, delegation_token)
+    from swarm.delegation_cli import announce_delegate, delegate_line, run_delegator
+
+    if settings.delegation.delegate_to:
+        _run_until_signal(lambda stop: run_delegator(settings, console, stop))
+        return
+    from peers.server import Peer
+    from swarm._loop import start_unless_stopped
+    from swarm.join_view import describe_span, introduce, live_lines
 
     async def serve(stop: asyncio.Event) -> None:
         with _measure_progress() as progress:
             peer = Peer(settings, progress=progress)
-            start = asyncio.create_task(peer.start())
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():  # Ctrl+C while still joining or loading
-            start.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await start
-            await peer.stop()
-            return
-        start.result()
+            if not await start_unless_stopped(peer, stop):  # Ctrl+C while still joining or loading
+                return
         _print_measurement(peer)
         set_log_identity(peer.peer_id)
         await introduce(peer, settings, console)
+        sessions = await announce_delegate(peer, settings, console) if settings.delegation.accept else None
         console.print(f"[bold green]serving[/] {describe_span(peer)} as {peer.peer_id}; Ctrl+C to leave")
-        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval))
+        extra = None if sessions is None else (lambda: delegate_line(sessions.status().model_dump(mode="json")))
+        live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval, extra=extra))
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
         await asyncio.wait({live, closed}, return_when=asyncio.FIRST_COMPLETED)
         for task in (live, closed):
@@ -210,9 +220,26 @@ def join(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         console.print("leaving the swarm...")
+        if sessions is not None:
+            await sessions.stop()
         await peer.stop()
 
     _run_until_signal(serve)
+
+
+def _with_delegation(settings: SwarmSettings, accept: Optional[bool], delegate_to: Optional[list[str]],
+                     token: Optional[str]) -> SwarmSettings:
+    """``swarm join``'s delegation flags over the settings. ``--delegation-token`` is the token to
+    present as a delegator, or one more token to accept as a delegate (beside the configured ones)."""
+    delegation = settings.delegation.model_copy(update={
+        key: value for key, value in (("accept", accept), ("delegate_to", delegate_to or None)) if value is not None})
+    if delegation.accept and delegation.delegate_to:
+        raise SwarmError("--accept-delegations and --delegate-to exclude each other: a delegate serves, a "
+                         "delegator has its stage served")
+    if token is not None:
+        update = {"tokens": [*delegation.tokens, token]} if delegation.accept else {"token": token}
+        delegation = delegation.model_copy(update=update)
+    return settings.model_copy(update={"delegation": delegation})
 
 
 @app.command()
@@ -221,18 +248,25 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the status data as one JSON object and exit"),
     once: bool = typer.Option(False, "--once", help="print one frame and exit (the default when not a terminal)"),
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="seconds between refreshes of the live view"),
+    delegate: Optional[str] = typer.Option(None, "--delegate", help="multiaddr of a delegate: show its delegation "
+                                           "sessions (total/active/max, per session) and exit"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Show the run live, like top: stages x peers, bottleneck, contributions, warnings (Ctrl+C to quit)."""
+    _interrupt_on_sigterm()
+    # settings (and their errors) before the imports of hivemind and torch (seconds)
+    settings = _client_settings("status", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     from dht.records import SwarmDHT
     from swarm.status import collect_status, render_status
 
-    _interrupt_on_sigterm()
-    # before the imports of hivemind and torch (seconds)
-    settings = _client_settings("status", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     out = Console()
+    if delegate is not None:
+        from swarm.delegation_cli import print_delegate_status
+
+        print_delegate_status(settings, delegate, out, as_json)
+        return
     dht = SwarmDHT.create_client(settings.run_id, settings.network.initial_peers)
     try:
         if as_json or once or not out.is_terminal:
@@ -283,15 +317,13 @@ def train_command(
     metrics_port: Optional[int] = MetricsPortOpt,
 ) -> None:
     """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
+    _interrupt_on_sigterm()
+    settings = _client_settings("train", config, bootstrap_addr, log_file="train", run_id=run, key=key,
+                                log_level=log_level or "WARNING", state_dir=state_dir,
+                                monitor={"metrics_port": metrics_port})
     from swarm.pipeline import FaultPolicy
     from swarm.train import train
 
-    _interrupt_on_sigterm()
-    settings = _settings(config, log_file="train", run_id=run, log_level=log_level or "WARNING", key=key,
-                         state_dir=state_dir, monitor={"metrics_port": metrics_port},
-                         network={"initial_peers": bootstrap_addr or None})
-    if not settings.network.initial_peers:
-        raise SwarmError("train needs --bootstrap (the multiaddr the bootstrap printed)")
     trainer = settings.trainer
     policy = FaultPolicy(ban_time=trainer.ban_time, averaging_window=trainer.averaging_window,
                          step_wait=trainer.step_wait)
@@ -310,10 +342,10 @@ def export_command(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Gather the swarm's current weights into a Hugging Face checkpoint (AutoModelForCausalLM loads it)."""
-    from swarm.export import export_swarm
-
     _interrupt_on_sigterm()
     settings = _client_settings("export", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
+    from swarm.export import export_swarm
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SwarmError(f"--out {out} exists and is not an empty directory")
     export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
@@ -353,11 +385,11 @@ def generate(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Generate text through the swarm, printing tokens as they come."""
+    _interrupt_on_sigterm()
+    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     from swarm.model import SwarmModelForCausalLM
     from swarm.serving import codec_of, stream_text
 
-    _interrupt_on_sigterm()
-    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
     with console.status("joining the swarm..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
                                                      run_id=settings.run_id, timeout=settings.trainer.timeout)
@@ -386,11 +418,11 @@ def serve_api_command(
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Serve an OpenAI-compatible API (completions, chat, embeddings) backed by the swarm."""
-    from swarm.serving import serve_api
-
     db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
     settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, log_level=log_level,
                                 api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name})
+    from swarm.serving import serve_api
+
     serve_api(settings, console, run_keys=db)
 
 

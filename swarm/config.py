@@ -32,8 +32,10 @@ __all__ = [
     "MonitorSettings",
     "LogSettings",
     "ApiSettings",
+    "DelegationSettings",
     "SwarmSettings",
     "load_settings",
+    "check_multiaddr",
 ]
 
 
@@ -46,6 +48,16 @@ class NetworkSettings(_Section):
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
     announce_host: str | None = Field(None, description="public address to announce, if not the listen one")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _multiaddrs(cls, peers: list[str]) -> list[str]:
+        for address in peers:
+            try:
+                check_multiaddr(address)
+            except ConfigError as e:  # pydantic reports ValueErrors with the field's name
+                raise ValueError(str(e)) from None
+        return peers
 
 
 class BootstrapSettings(_Section):
@@ -152,6 +164,29 @@ class LogSettings(_Section):
     backups: int = Field(3, ge=0, description="rotated log files kept")
 
 
+class DelegationSettings(_Section):
+    """Both sides of delegation (``delegation/``): a strong peer that accepts sessions, and a weak
+    machine that hands its stage to one (env: ``SWARM_DELEGATION__MAX_SESSIONS`` and so on)."""
+
+    accept: bool = Field(False, description="serve other machines' stages on their behalf (--accept-delegations)")
+    tokens: list[str] = Field(default_factory=list, description="delegation tokens this delegate accepts "
+                              "(compared in constant time); empty with accept: no session can start")
+    tokens_file: Path | None = Field(None, description="more accepted tokens, one a line; re-read every few "
+                                     "seconds, so removing a line revokes that token and ends its sessions")
+    max_sessions: int = Field(10, ge=1, description="sessions this delegate holds at once")
+    session_ttl: float = Field(330.0, gt=0, description="seconds a session lives without being polled")
+    delegate_to: list[str] = Field(default_factory=list, description="multiaddrs of delegates to hand this "
+                                   "machine's stage to, tried in order (--delegate-to)")
+    token: str | None = Field(None, description="delegation token to present to the delegate (--delegation-token)")
+    stage: int | None = Field(None, ge=0, description="stage to have served (default: the delegate picks)")
+    poll_interval: float = Field(5.0, gt=0, description="seconds between the delegator's polls for receipts")
+
+    @field_validator("delegate_to")
+    @classmethod
+    def _multiaddrs(cls, delegates: list[str]) -> list[str]:
+        return NetworkSettings._multiaddrs(delegates)
+
+
 class SwarmSettings(BaseSettings):
     """Every setting of swarm; each field is settable from TOML, env or the CLI."""
 
@@ -168,6 +203,7 @@ class SwarmSettings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     logs: LogSettings = LogSettings()
     api: ApiSettings = ApiSettings()
+    delegation: DelegationSettings = DelegationSettings()
 
     toml_file: ClassVar[Path | None] = None
 
@@ -186,6 +222,19 @@ class SwarmSettings(BaseSettings):
         return tuple(sources)
 
 
+def check_multiaddr(address: str) -> None:
+    """A peer's address must be a full multiaddr with its peer id (what ``swarm bootstrap`` prints):
+    without the id, hivemind cannot tell whom it reached."""
+    from multiaddr import Multiaddr  # 12 ms; only where addresses are given
+
+    try:
+        parsed = Multiaddr(address)
+    except Exception as e:  # multiaddr raises several types for several kinds of garbage
+        raise ConfigError(f"{address!r} is not a multiaddr ({e}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+    if "/p2p/" not in str(parsed):
+        raise ConfigError(f"{address!r} lacks the peer id: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSettings:
     """Build the settings; a broken file or value raises ``ConfigError`` naming the field."""
     path = config_file or (Path(os.environ["SWARM_CONFIG"]) if os.environ.get("SWARM_CONFIG") else None)
@@ -202,7 +251,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSet
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"setting {where}: {message} (got {first.get('input')!r})") from None
     except Exception as e:  # tomllib.TOMLDecodeError and friends: the file itself is broken
         raise ConfigError(f"cannot read config {path}: {e}") from None
     return SwarmSettings.model_validate(settings.model_dump())

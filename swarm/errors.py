@@ -22,6 +22,8 @@
     ├── CapacityExceeded            a peer is full
     ├── InsufficientMemory          not even one stage of the run fits in this peer's memory
     └── DelegationRefused           a strong peer declined a delegation session
+        └── UnknownSession              a delegation session id the delegate does not hold (never
+                                        issued, stopped, expired or ended by a revoked token)
 
 Errors cross the wire as ``(code, message)``: ``code`` is the class name, so the receiving side
 re-raises the same type (see ``error_from_wire``). What the data plane does about each type is decided
@@ -58,6 +60,7 @@ __all__ = [
     "CapacityExceeded",
     "InsufficientMemory",
     "DelegationRefused",
+    "UnknownSession",
     "RETRYABLE",
     "error_from_wire",
     "is_retryable",
@@ -155,7 +158,13 @@ class InsufficientMemory(SwarmError):
 
 
 class DelegationRefused(SwarmError):
-    """A strong peer declined to start a delegation session."""
+    """A strong peer declined to start a delegation session (unsupported work, a stage it cannot host)."""
+
+
+class UnknownSession(DelegationRefused):
+    """The delegate holds no session with that id: it never issued it, or the session was stopped,
+    expired (not polled for its TTL) or ended because its token was revoked. The delegator starts a
+    new one."""
 
 
 # Decided once, here: may the caller try the same request again (on the same or another replica)?
@@ -174,8 +183,8 @@ _BY_NAME: dict[str, type[SwarmError]] = {
     for cls in (
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, NoTokenizer, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed, NoRoute,
-        AuthRejected, CapacityExceeded, DelegationRefused, StateMismatch, CheckpointMissing, StateError, RunStopped,
-        InsufficientMemory,
+        AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession, StateMismatch, CheckpointMissing,
+        StateError, RunStopped, InsufficientMemory,
     )
 }
 

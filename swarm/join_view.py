@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from typing import Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -82,16 +83,22 @@ def _line(peer: Peer) -> str:
                             telemetry.activity.microbatches, entries, telemetry.activity.in_flight)
 
 
-async def live_lines(peer: Peer, console: Console, stop: asyncio.Event, *, interval: float) -> None:
-    """Until ``stop``: one line rewritten in place on a terminal, else one printed line per ``interval``."""
+async def live_lines(peer: Peer, console: Console, stop: asyncio.Event, *, interval: float,
+                     extra: Callable[[], str] | None = None) -> None:
+    """Until ``stop``: one line rewritten in place on a terminal, else one printed line per ``interval``;
+    ``extra()`` adds a second line (a delegate's sessions)."""
+
+    def text() -> str:
+        return _line(peer) + (f"\n{extra()}" if extra is not None else "")
+
     if console.is_terminal:
-        with Live(Text(_line(peer)), console=console, refresh_per_second=2, transient=False) as live:
+        with Live(Text(text()), console=console, refresh_per_second=2, transient=False) as live:
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), min(interval, 1.0))
-                live.update(Text(_line(peer)))
+                live.update(Text(text()))
         return
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-        console.print(_line(peer), highlight=False)
+        console.print(text(), highlight=False)

@@ -134,9 +134,16 @@ def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]]
         "peers": peers,
         "bottleneck_stage": bottleneck,
         "swarm_throughput": round(swarm_rate, 1),
-        "delegations": [{"delegate": p["peer_id"], "delegator": p["delegate_of"]} for p in peers if p["delegate_of"]],
+        "delegations": _delegations(records),
         "warnings": status_warnings([list(c) for c in capacities], {p["peer_id"]: p["age"] for p in peers}),
     }
+
+
+def _delegations(records: Mapping[int, Sequence[PeerRecord]]) -> list[dict[str, Any]]:
+    """One link per stage a delegate serves for a delegator (the delegator's signed record says so):
+    a delegate may serve stages of its own beside it, so links come from records, not peers."""
+    return [{"delegate": r.peer_id, "delegator": r.delegate_of, "stage": index, "gpu_count": r.hardware.gpu_count}
+            for index in sorted(records) for r in records[index] if r.delegate_of and r.state != PeerState.OFFLINE]
 
 
 def _run(capacities: list[dict[str, float]], trainers: list[MetricsRecord], collaborative_step: int,
@@ -258,8 +265,11 @@ def render_status(status: Mapping[str, Any]) -> Panel:
         links = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="delegation", title_justify="left")
         links.add_column("delegator")
         links.add_column("computed by")
+        links.add_column("stage")
+        links.add_column("GPUs")
         for link in status["delegations"]:
-            links.add_row(_short(link["delegator"]), _short(link["delegate"]))
+            links.add_row(_short(link["delegator"]), _short(link["delegate"]), str(link.get("stage", "")),
+                          str(link.get("gpu_count", "")))
         parts.append(links)
     for warning in status["warnings"]:
         parts.append(Text(f"! {warning}", style="yellow"))

@@ -7,12 +7,15 @@ from pathlib import Path
 import torch
 
 from bootstrap.node import BootstrapNode
+from delegation.delegator import Delegator
+from delegation.service import serve_delegations
+from delegation.sessions import DelegateSessions
 from peers.server import Peer
 from swarm._loop import LoopThread
 from swarm.config import load_settings
 from swarm.model import SwarmModelForCausalLM
 
-__all__ = ["LocalSwarm", "train_steps"]
+__all__ = ["LocalSwarm", "train_steps", "reference_losses"]
 
 
 class LocalSwarm:
@@ -30,6 +33,8 @@ class LocalSwarm:
         self.loop = LoopThread("test-swarm")
         self.bootstrap: BootstrapNode | None = None
         self.peers: list[Peer] = []
+        self.delegators: list[Delegator] = []
+        self.delegate_sessions: list[DelegateSessions] = []
 
     def start(self) -> None:
         settings = load_settings(
@@ -44,19 +49,42 @@ class LocalSwarm:
             self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
 
     def add_peer(self, stage: int | None = None, key: str | None = None, *, initial_peers: list[str] | None = None,
-                 **peer: object) -> Peer:
+                 delegation: dict | None = None, **peer: object) -> Peer:
         """Each peer has a state dir of its own (``peer<n>``), as on separate machines; it joins
-        through ``initial_peers`` (default: the bootstrap)."""
+        through ``initial_peers`` (default: the bootstrap). ``delegation``: its ``delegation.*`` settings
+        (with ``accept``, the test registers the delegation RPCs with ``accept_delegations``)."""
         settings = load_settings(
             run_id=self.run_id, key=key,
             network={"host": "127.0.0.1", "initial_peers": initial_peers or self.initial_peers},
             state_dir=self.state_dir / f"peer{len(self.peers)}",
-            peer={"stage": stage, "threads": 1, **self.peer_settings, **peer},
+            peer={"stage": stage, "threads": 1, **self.peer_settings, **peer}, delegation=delegation or {},
         )
         peer = Peer(settings)
         self.peers.append(peer)
         self.loop.run(peer.start(), timeout=120)
         return peer
+
+    def accept_delegations(self, peer: Peer, **delegation: object) -> DelegateSessions:
+        """Make ``peer`` a delegate with its ``delegation`` settings (``delegation`` overrides them); its
+        sessions end when the swarm stops."""
+        settings = peer.settings.delegation.model_copy(update=delegation)
+        sessions = self.loop.run(serve_delegations(peer, settings), timeout=30)
+        self.delegate_sessions.append(sessions)
+        return sessions
+
+    def add_delegator(self, delegate_to: list[Peer], token: str, *, key: str | None = None, start: bool = True,
+                      **delegation: object) -> Delegator:
+        """A weak machine with a state dir of its own that has ``delegate_to`` (tried in order) serve its stage."""
+        settings = load_settings(
+            run_id=self.run_id, key=key, network={"host": "127.0.0.1", "initial_peers": self.initial_peers},
+            state_dir=self.state_dir / f"delegator{len(self.delegators)}",
+            delegation={"delegate_to": [p.maddrs[0] for p in delegate_to], "token": token, **delegation},
+        )
+        delegator = Delegator(settings)
+        self.delegators.append(delegator)
+        if start:
+            self.loop.run(delegator.start(), timeout=60)
+        return delegator
 
     @property
     def initial_peers(self) -> list[str]:
@@ -68,11 +96,19 @@ class LocalSwarm:
         )
 
     def stop(self) -> None:
+        """Stop everything; a second call does nothing (a test may stop a swarm before it ends)."""
+        if self.loop is None:
+            return
+        for delegator in self.delegators:
+            self.loop.run(delegator.stop(), timeout=60)
+        for sessions in self.delegate_sessions:
+            self.loop.run(sessions.stop(), timeout=60)
         for peer in self.peers:
             self.loop.run(peer.stop(), timeout=60)
         if self.bootstrap is not None:
             self.loop.run(self.bootstrap.stop(), timeout=60)
         self.loop.stop()
+        self.loop = None
 
 
 def train_steps(model, steps: int) -> None:
@@ -84,3 +120,20 @@ def train_steps(model, steps: int) -> None:
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def reference_losses(model_dir, batches, *, lr: float) -> list[float]:
+    """The losses of transformers' own model trained locally on ``batches`` with AdamW (``lr``,
+    torch's default weight decay 0.01): what a swarm run of the same batches must follow."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=lr)
+    losses = []
+    for ids in batches:
+        loss = reference(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -11,7 +11,6 @@ from enum import Enum
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from peers.averaging import LocalGradientSync
@@ -24,6 +23,7 @@ from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss
 from swarm.errors import PeerUnavailable, StageTimeout
 from swarm.pipeline import FaultPolicy, RemotePipeline
+from tests.helpers import reference_losses
 
 LR = 1e-2
 
@@ -137,19 +137,6 @@ def _batches(steps: int, vocab: int):
     return [torch.randint(0, min(vocab, 8), (4, 8), generator=torch.Generator().manual_seed(s)) for s in range(steps)]
 
 
-def _reference_losses(model_dir, batches) -> list[float]:
-    reference = AutoModelForCausalLM.from_pretrained(model_dir)
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
-    losses = []
-    for ids in batches:
-        loss = reference(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def _params(service: StageService) -> list[torch.Tensor]:
     return [p.detach().clone() for p in service.executor.module.parameters()]
 
@@ -170,7 +157,7 @@ def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault, pi
         optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
         losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=pipelined))
                   for ids in batches]
-        _assert_close_losses(losses, _reference_losses(model_dir, batches))
+        _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
         assert swarm.hub.calls["s1a"] > 3, "the victim must have been used (and failed) mid-step"
         if fault in (Fault.NONE, Fault.SLOW):
             assert swarm.pipeline.failovers == 0
@@ -220,7 +207,7 @@ def test_a_stage_left_without_replicas_waits_for_a_takeover_then_goes_on(model_f
 
         losses.append(asyncio.run(step_with_takeover(batches[1])))
         losses.append(asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, batches[2])))
-        _assert_close_losses(losses, _reference_losses(model_dir, batches))
+        _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
         assert swarm.services["s1new"].executor.optimizer_step == 3
     finally:
         swarm.close()

@@ -108,7 +108,8 @@ def test_build_status_from_records():
     assert peers["1"]["marginal"] == 0.0
     assert peers["3"]["contribution_share"] == 0.75 and peers["3"]["tokens"] == 3000
     assert peers["4"]["stale"] and not peers["5"]["stale"]
-    assert status["delegations"] == [{"delegate": PEER[:-1] + "5", "delegator": PEER[:-1] + "9"}]
+    assert status["delegations"] == [{"delegate": PEER[:-1] + "5", "delegator": PEER[:-1] + "9", "stage": 2,
+                                      "gpu_count": 0}]
     assert status["warnings"] == [
         "stage 1 has one replica (AAAAAAA3): if it leaves, training stops",
         f"peer AAAAAAA4 is stale: its record was last refreshed {STALE_AFTER + 20:.0f} s ago",
