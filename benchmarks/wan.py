@@ -2,7 +2,7 @@
 namespaces, tokens/s with 25 ms each way and 100 Mbit/s links against the same swarm without them,
 in interleaved rounds of one run. Needs root (``ip netns``).
 
-    .venv/bin/python benchmarks/wan.py                    # demo model, wire int8, 3 rounds of 5 steps
+    .venv/bin/python benchmarks/wan.py                    # demo model, wire int8, microbatches of 2 rows
     .venv/bin/python benchmarks/wan.py --wire float32 --microbatch 0    # no compression, no pipelining
 
 Topology: every host (``swb-boot``, ``swb-trainer``, ``swb-peer1..3``) is a namespace with one veth
@@ -301,7 +301,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--microbatch", type=int, default=None, help="rows per microbatch (0: the whole batch)")
+    parser.add_argument("--microbatch", type=int, default=2, help="rows per microbatch (0: the whole batch)")
     parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--delay-ms", type=float, default=25.0)
     parser.add_argument("--depth", type=int, default=2, help="calls in flight per peer of a stage (RemotePipeline.depth)")
@@ -330,7 +330,7 @@ def main() -> None:
         address = swarm.up(model_dir)
         trainer = swarm.trainer(address)
         print(f"demo model GPT-2 {DEMO_MODEL['num_layers']} x {DEMO_MODEL['hidden_size']}, 3 stages on 3 peers, "
-              f"batch {args.batch}x{args.seq}, microbatch {args.microbatch or 'default'}, depth {args.depth}, "
+              f"batch {args.batch}x{args.seq}, microbatch {args.microbatch or 'whole batch'}, depth {args.depth}, "
               f"wire {args.wire}; "
               f"WAN = {args.delay_ms:.0f} ms each way + 100 Mbit/s per link; logs in {root}", flush=True)
         rtt_lan = connect_rtt()

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Phase", "Action", "gpipe_schedule", "dependency", "actions_of_stage"]
+__all__ = ["Phase", "Action", "gpipe_schedule", "dependency", "actions_of_stage", "microbatch_rows", "MIN_AUTO_ROWS"]
+
+MIN_AUTO_ROWS = 4
 
 
 class Phase(str, Enum):
@@ -66,3 +68,15 @@ def dependency(action: Action, num_stages: int) -> Action | None:
 def actions_of_stage(schedule: list[Action], stage: int) -> list[Action]:
     """The order in which ``stage`` receives its work."""
     return [action for action in schedule if action.stage == stage]
+
+
+def microbatch_rows(batch: int, num_stages: int, size: int | None = None) -> list[slice]:
+    """The rows of each microbatch of a batch: ``size`` rows each, or by default twice as many
+    microbatches as stages (every stage has work while the next one computes), but none of fewer than
+    ``MIN_AUTO_ROWS`` rows: a batch of fewer than 8 rows stays one call, since each call costs a
+    round trip and milliseconds of framing whatever its size."""
+    if batch < 1 or num_stages < 1 or (size is not None and size < 1):
+        raise ValueError(f"need a batch, stages and a microbatch size of at least 1, got {batch}, {num_stages}, {size}")
+    count = max(1, min(2 * num_stages, batch // MIN_AUTO_ROWS))
+    size = size or -(-batch // count)
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]

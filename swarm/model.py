@@ -40,6 +40,7 @@ from peers.inference_client import InferenceClient
 from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
+from shards.schedule import microbatch_rows
 from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
 from swarm.errors import ConfigError, RunStopped, StateMismatch, SwarmError
@@ -400,11 +401,7 @@ class SwarmModelForCausalLM(nn.Module):
         return self.local.norm(hidden)
 
     def _microbatches(self, batch: int) -> list[slice]:
-        """Rows of each microbatch: ``microbatch_size`` rows, or by default the batch cut into twice
-        as many microbatches as there are stages (at most one row each), so every stage has work
-        while the next one computes."""
-        size = self.microbatch_size or -(-batch // (2 * self.manifest.num_stages))
-        return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+        return microbatch_rows(batch, self.manifest.num_stages, self.microbatch_size)
 
     def _run_remote(self, hidden, mask, positions, *, train: bool) -> tuple[torch.Tensor, list[Trace]]:
         parts = [(hidden[rows].detach(), mask[rows] if mask is not None else None, positions[rows])

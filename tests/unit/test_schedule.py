@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shards.schedule import Action, Phase, actions_of_stage, dependency, gpipe_schedule
+from shards.schedule import Action, Phase, actions_of_stage, dependency, gpipe_schedule, microbatch_rows
 
 
 def _ticks(schedule: list[Action]) -> list[str]:
@@ -65,3 +65,24 @@ def test_dependency(action, expected):
 def test_an_empty_schedule_is_refused_with_a_message(microbatches, stages):
     with pytest.raises(ValueError, match="at least 1 microbatch and 1 stage"):
         gpipe_schedule(microbatches, stages)
+
+
+@pytest.mark.parametrize("batch, stages, size, expected", [
+    (4, 2, None, [4]),  # under 8 rows: one call, as before pipelining
+    (7, 3, None, [7]),
+    (8, 2, None, [4, 4]),
+    (32, 2, None, [8, 8, 8, 8]),  # 2 x stages
+    (12, 3, None, [4, 4, 4]),  # at least 4 rows each
+    (10, 2, None, [5, 5]),
+    (5, 2, 2, [2, 2, 1]),  # an explicit size wins
+    (3, 1, 8, [3]),
+])
+def test_microbatch_rows(batch, stages, size, expected):
+    rows = microbatch_rows(batch, stages, size)
+    assert [r.stop - r.start for r in rows] == expected
+    assert rows[0].start == 0 and rows[-1].stop == batch and all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+
+
+def test_microbatch_rows_refuses_nonsense():
+    with pytest.raises(ValueError, match="at least 1"):
+        microbatch_rows(0, 2)
