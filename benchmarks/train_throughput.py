@@ -1,17 +1,20 @@
 """Training throughput: the same tiny model trained (a) locally in one process and (b) through a
 2-peer swarm on loopback, side by side in one run. Prints tokens/s of both and their ratio.
 
-    .venv/bin/python benchmarks/train_throughput.py            # batch 8 x 128, GPT-2 8 layers x 256
-    .venv/bin/python benchmarks/train_throughput.py --batch 32 --hidden 512
+    .venv/bin/python benchmarks/train_throughput.py            # batch 32 x 128, GPT-2 8 layers x 256
+    .venv/bin/python benchmarks/train_throughput.py --batch 8 --microbatch 0   # one microbatch: no pipelining
 
-Thread budget: the local run uses ``--threads`` torch threads. In the swarm, the trainer and each peer
-get the same ``--threads``; the pipeline runs one stage at a time (no microbatch pipelining yet), so at
-any moment one process computes with that many threads.
+Thread budget: the local run uses ``--threads`` torch threads (default: the cores). In the swarm the
+two peers get half of them each, and compute at the same time (microbatch pipelining); the trainer
+(embeddings, head, loss) gets ``--threads`` too, since it computes while the peers wait for it (all
+forwards, then the loss, then all backwards). ``--microbatch`` rows per microbatch (default: the
+model's, twice as many microbatches as stages; 0: the whole batch at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -25,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shards.tiny import make_tiny_model  # noqa: E402
 from swarm.data import random_batches, stdlib_corpus  # noqa: E402
 from swarm.model import SwarmModelForCausalLM  # noqa: E402
+from peers.hardware import compute_threads  # noqa: E402
+from peers.wire import WIRE_FORMATS  # noqa: E402
 from swarm.procs import ProcessGroup  # noqa: E402
 
 
@@ -47,14 +52,16 @@ class _Trainer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=compute_threads(None))
+    parser.add_argument("--microbatch", type=int, default=None)
+    parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,15 +71,17 @@ def main() -> None:
     corpus = stdlib_corpus()
     print(f"model: GPT-2, {args.layers} layers, width {args.hidden}; batch {args.batch}x{args.seq}; "
           f"{args.rounds} rounds of {args.steps} steps each side, after {args.warmup} warm-up; "
-          f"torch threads {args.threads}")
+          f"torch threads: local {args.threads}, each peer {max(1, args.threads // 2)}, trainer {args.threads}; "
+          f"wire {args.wire}; load average {os.getloadavg()[0]:.1f}")
 
     procs = ProcessGroup(root)
     local_times, swarm_times = [], []
     try:
         address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
-                                    target_batch_size=args.batch, threads=args.threads)
+                                    target_batch_size=args.batch, threads=max(1, args.threads // 2), wire=args.wire)
         procs.wait_serving(2)
-        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as remote:
+        microbatch = args.batch if args.microbatch == 0 else args.microbatch
+        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], microbatch_size=microbatch) as remote:
             local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir),
                              random_batches(corpus, args.batch, args.seq, seed=1))
             swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1))
@@ -91,7 +100,8 @@ def main() -> None:
     local_s, swarm_s = sorted(local_times)[len(local_times) // 2], sorted(swarm_times)[len(swarm_times) // 2]
     print(f"local:  {tokens / local_s:10,.0f} tokens/s  ({local_s / args.steps * 1000:.0f} ms/step, median round)")
     print(f"swarm:  {tokens / swarm_s:10,.0f} tokens/s  ({swarm_s / args.steps * 1000:.0f} ms/step, 2 peers on loopback)")
-    print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds)")
+    print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds; target >= 0.90); "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

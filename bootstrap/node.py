@@ -82,6 +82,7 @@ def build_manifest(settings: SwarmSettings) -> Manifest:
         target_batch_size=boot.target_batch_size,
         optimizer=OptimizerSettings(lr=boot.lr, weight_decay=boot.weight_decay),
         dtype=boot.dtype,
+        wire=boot.wire,
     )
 
 

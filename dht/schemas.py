@@ -83,6 +83,8 @@ class Manifest(FrozenModel):
     target_batch_size: int = Field(8, gt=0)
     optimizer: OptimizerSettings = OptimizerSettings()
     dtype: str = "float32"
+    wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
+                      description="how activations and gradients travel between trainer and peers (peers.wire)")
 
     @field_validator("stages")
     @classmethod

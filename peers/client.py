@@ -31,8 +31,9 @@ from peers.protocol import (
 from peers.sanity import MAX_ABS, insanity
 from peers.state import StateMeta
 from peers.transport import Transport
+from peers.wire import decode, encode, width
 from shards.types import LayerRange
-from swarm.errors import CacheMiss, InvalidOutput, PeerUnavailable, ProtocolMismatch
+from swarm.errors import BadRequest, CacheMiss, InvalidOutput, PeerUnavailable, ProtocolMismatch
 
 __all__ = ["StageClient", "StageInputs", "retried_call"]
 
@@ -52,12 +53,13 @@ class StageClient:
     """
 
     def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 3, backoff: float = 0.5,
-                 max_abs: float = MAX_ABS):
+                 max_abs: float = MAX_ABS, wire: str = "float32"):
         """Outputs and gradients coming back with a value over ``max_abs`` (or not finite), or with
-        another shape than the hidden states sent, raise ``InvalidOutput``."""
+        another shape than the hidden states sent, raise ``InvalidOutput``. ``wire``: how hidden
+        states and gradients travel (the run's ``Manifest.wire``)."""
         self.transport = transport
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
-        self.max_abs = max_abs
+        self.max_abs, self.wire = max_abs, wire
 
     async def forward(
         self,
@@ -73,12 +75,12 @@ class StageClient:
         hidden, mask, positions = inputs
         request = ForwardRequest(
             stage=stage, layers=layers, request_id=request_id, train=train, seed=seed,
-            has_attention_mask=mask is not None, has_position_ids=positions is not None,
+            has_attention_mask=mask is not None, has_position_ids=positions is not None, wire=self.wire,
         )
-        tensors = [t for t in (hidden, mask, positions) if t is not None]
-        reply, out = await self._call(peer_id, FORWARD, request, tensors)
+        reply, out = await self._call(peer_id, FORWARD, request, self._inputs(inputs))
         response = parse_reply(ForwardResponse, reply)
-        return self._sane(_single(out, "forward"), hidden, f"stage {stage}'s output from {peer_id[-8:]}"), response
+        what = f"stage {stage}'s output from {peer_id[-8:]}"
+        return self._sane(self._decoded(out, hidden.dtype, "forward"), hidden, what), response
 
     async def backward(
         self,
@@ -94,12 +96,13 @@ class StageClient:
     ) -> tuple[torch.Tensor, BackwardResponse]:
         hidden, mask, positions = inputs
         base = dict(stage=stage, layers=layers, request_id=request_id, num_samples=num_samples, seed=seed,
-                    has_attention_mask=mask is not None, has_position_ids=positions is not None)
+                    has_attention_mask=mask is not None, has_position_ids=positions is not None, wire=self.wire)
+        grad = encode(grad_output, self.wire)
         try:
-            return await self._backward(peer_id, BackwardRequest(**base), [grad_output], hidden)
+            return await self._backward(peer_id, BackwardRequest(**base), grad, hidden)
         except CacheMiss:
             logger.debug("stage %d lost the graph of %s; resending its inputs", stage, request_id)
-        tensors = [grad_output] + [t for t in (hidden, mask, positions) if t is not None]
+        tensors = grad + self._inputs(inputs)
         return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors, hidden)
 
     async def _backward(
@@ -108,7 +111,7 @@ class StageClient:
         reply, out = await self._call(peer_id, BACKWARD, request, tensors)
         response = parse_reply(BackwardResponse, reply)
         what = f"stage {request.stage}'s input gradient from {peer_id[-8:]}"
-        return self._sane(_single(out, "backward"), hidden, what), response
+        return self._sane(self._decoded(out, hidden.dtype, "backward"), hidden, what), response
 
     def _sane(self, tensor: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` if it has ``like``'s shape and sane values, else ``InvalidOutput``."""
@@ -118,6 +121,19 @@ class StageClient:
         if problem is not None:
             raise InvalidOutput(f"{what}: {problem}")
         return tensor
+
+    def _inputs(self, inputs: StageInputs) -> list[torch.Tensor]:
+        """A forward's tensors on the wire: the hidden states encoded, the mask and positions as they are."""
+        hidden, mask, positions = inputs
+        return encode(hidden, self.wire) + [t for t in (mask, positions) if t is not None]
+
+    def _decoded(self, tensors: list[torch.Tensor], dtype: torch.dtype, what: str) -> torch.Tensor:
+        if len(tensors) != width(self.wire):  # the transport checked the reply arrived whole: the peer is wrong
+            raise ProtocolMismatch(f"{what} reply carried {len(tensors)} tensors instead of {width(self.wire)}")
+        try:
+            return decode(tensors, self.wire, dtype, f"{what} reply")
+        except BadRequest as e:
+            raise ProtocolMismatch(str(e)) from None
 
     async def step(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str],
                    scheduled_time: float) -> StepResponse:
@@ -171,8 +187,3 @@ async def retried_call(transport: Transport, peer_id: str, method: str, message:
             await asyncio.sleep(backoff * 2 ** (attempt - 1))
     raise AssertionError("unreachable: the last attempt returns or raises")
 
-
-def _single(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
-    if len(tensors) != 1:  # the transport already checked the reply arrived whole: the peer is wrong
-        raise ProtocolMismatch(f"{what} reply carried {len(tensors)} tensors instead of 1")
-    return tensors[0]

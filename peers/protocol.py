@@ -8,6 +8,9 @@ says what the tensors are. Tensor order, fixed per message:
   then position_ids[b, s] if ``has_position_ids``.  Reply: hidden_states[b, s, h].
 * BackwardRequest: grad_output[b, s, h], then (only if ``with_inputs``) the forward's tensors again,
   for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
+
+In both, every ``[b, s, h]`` tensor (request and reply) is encoded in the request's ``wire`` format
+(``peers.wire``): one tensor, or two (int8 codes, then block scales) for ``int8``.
 * StepRequest: no tensors. Applies the optimizer step that closes a collaborative step, after the
   replicas named in ``members`` have averaged their accumulated gradients.  Reply: no tensors.
 * AbortRequest: no tensors. Gives up a step's averaging round that waits here for a dead member
@@ -27,6 +30,7 @@ from pydantic import Field, ValidationError
 
 from dht.schemas import PROTOCOL_VERSION, FrozenModel
 from peers.state import StateMeta
+from peers.wire import WIRE_PATTERN
 from shards.types import LayerRange
 from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
 
@@ -81,6 +85,7 @@ class ForwardRequest(_Message):
     has_attention_mask: bool = False
     has_position_ids: bool = False
     seed: int | None = Field(None, ge=0, description="RNG seed for dropout, so a recompute matches")
+    wire: str = Field("float32", pattern=WIRE_PATTERN, description="how hidden states travel, both ways")
 
 
 class ForwardResponse(_Message):
@@ -103,6 +108,7 @@ class BackwardRequest(_Message):
     has_attention_mask: bool = False
     has_position_ids: bool = False
     seed: int | None = Field(None, ge=0)
+    wire: str = Field("float32", pattern=WIRE_PATTERN, description="how gradients and hidden states travel")
 
 
 class BackwardResponse(_Message):

@@ -47,7 +47,7 @@ from peers.checkpoint_files import CheckpointDir
 from peers.checkpoints import Checkpointer
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.hardware import probe_hardware
+from peers.hardware import compute_threads, probe_hardware, release_free_memory
 from peers.measure import (
     Measurement,
     Progress,
@@ -74,6 +74,7 @@ from peers.state import StateIdentity, part_name
 from peers.store_client import StoreClient
 from peers.telemetry import PeerTelemetry
 from peers.transport import P2PTransport
+from peers.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
 from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_needed, should_move
 from shards.source import resolve_model
 from shards.stage import load_stage
@@ -117,10 +118,11 @@ class StageSlot:
     checkpoint_task: asyncio.Task | None = None
     worker: ThreadPoolExecutor | None = None
     on_work: WorkHook | None = None  # a stage hosted for a delegator: told of every forward/backward done
+    queue_size: int = DEFAULT_QUEUE_SIZE
 
     def __post_init__(self) -> None:
         if self.worker is None:
-            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.stage}")
+            self.worker = ComputeWorker(f"stage{self.stage}", queue_size=self.queue_size)
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` on this stage's compute thread."""
@@ -211,6 +213,7 @@ class Peer(Lifecycle):
 
     async def _start(self) -> None:
         net = self.settings.network
+        torch.set_num_threads(compute_threads(self.settings.peer.threads))
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
         self.dht = await asyncio.to_thread(
@@ -228,7 +231,7 @@ class Peer(Lifecycle):
         span = await self._choose_span(self.manifest)
         logger.info("claiming %s, layers %s of %s", span, self._layers_of(span), self.manifest.model)
         for record in self._span_records(span, PeerState.LOADING):
-            self.slots[record.stage] = StageSlot(record.stage, record)
+            self.slots[record.stage] = StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
             await self._announce(record)
         await self._serve_span(span)
         await self._register_handlers()
@@ -342,13 +345,16 @@ class Peer(Lifecycle):
         """Load every stage of ``span`` (its slot exists, announced ``loading``) with its averager, then
         adopt each stage's current state. Every averager forks a process: all of them start before any
         state download opens a stream (the child closes its copies of open streams, see
-        ``peers.averaging``, but a span's own downloads need not test that)."""
+        ``peers.averaging``, but a span's own downloads need not test that). Free heap goes back to
+        the system before the forks and at the end (see ``release_free_memory``)."""
+        release_free_memory()
         for stage in span.stages:
             await self._load_slot(self.slots[stage])
         for slot in self.slots.values():
             await self._adopt_state(slot, self._identity)  # never serve stale weights
             self._start_checkpoints(slot)
             slot.inference = self._serve_inference(slot)
+        release_free_memory()
 
     async def _load_slot(self, slot: StageSlot) -> None:
         """The slot's module, averager (prefix ``{run}_stage{i}``: every replica of the stage), executor
@@ -399,7 +405,8 @@ class Peer(Lifecycle):
         ``on_behalf_of``: trainers reach it through that peer's record (``hosted_record``), which this
         peer does not announce itself, and its work goes to ``on_work``, not to this peer's ledger."""
         await self.stage_to_host(stage)
-        slot = StageSlot(stage, self._hosted_record(stage, on_behalf_of, PeerState.LOADING), on_work=on_work)
+        slot = StageSlot(stage, self._hosted_record(stage, on_behalf_of, PeerState.LOADING), on_work=on_work,
+                         queue_size=self.settings.peer.queue_size)
         self.hosted[stage] = slot
         try:
             await self._load_slot(slot)
@@ -637,7 +644,8 @@ class Peer(Lifecycle):
                 if slot.stage not in move.new.stages:
                     await self.dht.withdraw(slot.record)
                 await slot.close()
-            self.slots = {record.stage: StageSlot(record.stage, record) for record in self._pending}
+            self.slots = {record.stage: StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
+                          for record in self._pending}
             self._pending = []
             await self._serve_span(move.new)
         finally:
@@ -663,8 +671,7 @@ class Peer(Lifecycle):
                        self.span, self._in_flight)
 
     def _load(self, manifest: Manifest, stage: int) -> torch.nn.Module:
-        if self.settings.peer.threads:
-            torch.set_num_threads(self.settings.peer.threads)
+        torch.set_num_threads(compute_threads(self.settings.peer.threads))
         source = resolve_model(manifest.model)
         if source.config_hash != manifest.config_hash:
             raise ModelLoadError(

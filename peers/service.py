@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from peers.executor import StageExecutor
+from peers.executor import ForwardInputs, StageExecutor
 from peers.protocol import (
     ABORT,
     BACKWARD,
@@ -37,6 +37,8 @@ from peers.protocol import (
 )
 from peers.state import StateIdentity, capture_state
 from peers.transport import CALLER, Handler, Transport
+from peers.wire import decode, encode, width
+from peers.worker import ComputeWorker
 from swarm.errors import BadRequest, SwarmError, WrongStage
 
 __all__ = ["StageService"]
@@ -60,7 +62,7 @@ class StageService:
         self.errors_replied = 0
         self.refused_by: Counter[str] = Counter()  # malformed or insane requests per caller (peer id)
         self._owns_worker = worker is None
-        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{executor.stage}")
+        self._worker = worker or ComputeWorker(f"stage{executor.stage}")
 
     async def register(self, transport: Transport) -> None:
         for method, handler in self.handlers().items():
@@ -79,23 +81,28 @@ class StageService:
     async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(ForwardRequest, message)
         self.executor.check_target(request.stage, request.layers)
-        inputs = self.executor.check_inputs(tensors, request.has_attention_mask, request.has_position_ids)
+        self._admit("forward")
+        inputs = self._inputs(tensors, request.wire, request.has_attention_mask, request.has_position_ids)
         reply, outputs = await self._in_worker(self.executor.forward, request, inputs)
-        return ok_reply(reply), [outputs]
+        return ok_reply(reply), encode(outputs, request.wire)
 
     async def rpc_backward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(BackwardRequest, message)
         self.executor.check_target(request.stage, request.layers)
-        if not tensors:
-            raise BadRequest("backward needs grad_output as its first tensor")
-        grad_output = self.executor.check_hidden(tensors[0], "grad_output")
+        self._admit("backward")
+        taken = width(request.wire)
+        if len(tensors) < taken:
+            raise BadRequest(f"backward needs grad_output ({taken} tensor(s) in {request.wire}) first, "
+                             f"got {len(tensors)} tensor(s)")
+        grad_output = self.executor.check_hidden(
+            decode(tensors[:taken], request.wire, self.executor.dtype, "grad_output"), "grad_output")
         inputs = None
         if request.with_inputs:
-            inputs = self.executor.check_inputs(tensors[1:], request.has_attention_mask, request.has_position_ids)
-        elif len(tensors) != 1:
-            raise BadRequest(f"backward without inputs takes 1 tensor, got {len(tensors)}")
+            inputs = self._inputs(tensors[taken:], request.wire, request.has_attention_mask, request.has_position_ids)
+        elif len(tensors) != taken:
+            raise BadRequest(f"backward without inputs takes {taken} tensor(s) in {request.wire}, got {len(tensors)}")
         reply, grad_input = await self._in_worker(self.executor.backward, request, grad_output, inputs)
-        return ok_reply(reply), [grad_input]
+        return ok_reply(reply), encode(grad_input, request.wire)
 
     async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(StepRequest, message)
@@ -168,6 +175,18 @@ class StageService:
                 return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
 
         return handler
+
+    def _inputs(self, tensors: list[torch.Tensor], wire: str, has_mask: bool, has_positions: bool) -> ForwardInputs:
+        """A forward's tensors: the hidden states decoded from ``wire`` into this stage's dtype, then checked."""
+        taken = width(wire)
+        if len(tensors) < taken:
+            raise BadRequest(f"expected hidden_states ({taken} tensor(s) in {wire}) first, got {len(tensors)} tensor(s)")
+        hidden = decode(tensors[:taken], wire, self.executor.dtype, "hidden_states")
+        return self.executor.check_inputs([hidden, *tensors[taken:]], has_mask, has_positions)
+
+    def _admit(self, what: str) -> None:
+        if isinstance(self._worker, ComputeWorker):
+            self._worker.admit(what)
 
     async def _in_worker(self, fn: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from contextvars import ContextVar
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import msgpack
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import combine_from_streaming
 
 from peers.framing import IDLE_SECONDS, read_frames, write_frames
 from peers.protocol import error_reply
@@ -131,12 +132,14 @@ class InMemoryTransport:
     caller's autograd graph. Faults: ``fail[peer_id] = exception`` makes that peer's calls raise it
     before they reach the handler; ``lose_replies[(peer_id, method)] = n`` runs the next ``n`` such
     calls and then loses their replies (the caller sees ``PeerUnavailable``), as a broken connection would.
+    ``tensor_bytes[method]`` counts the bytes of tensor data that calls of ``method`` sent and got back.
     """
 
     def __init__(self) -> None:
         self._handlers: dict[tuple[str, str], Handler] = {}
         self.fail: dict[str, Exception] = {}
         self.lose_replies: dict[tuple[str, str], int] = {}
+        self.tensor_bytes: Counter[str] = Counter()
 
     def bind(self, peer_id: str) -> "_BoundInMemory":
         return _BoundInMemory(self, peer_id)
@@ -160,6 +163,7 @@ class InMemoryTransport:
         if self.lose_replies.get((peer_id, method), 0) > 0:
             self.lose_replies[(peer_id, method)] -= 1
             raise PeerUnavailable(f"{method} on {peer_id}: the stream closed without a reply")
+        self.tensor_bytes[method] += sum(t.numel() * t.element_size() for t in (*tensors, *out))
         return msgpack.unpackb(msgpack.packb(reply)), [t.detach().clone() for t in out]
 
 
@@ -180,16 +184,27 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
     """The envelope ``[message, number of tensors]`` in the first frame, then the tensors as
     serialized chunks (the first chunk of each says how many it has), packed into as few frames of
     at most ``FRAME_BYTES`` as they fit in: a typical activation travels with its envelope in one
-    frame, which leaves a stream no moment at which it holds half a reply."""
+    frame, which leaves a stream no moment at which it holds half a reply.
+
+    The chunks are hivemind's uncompressed tensor format (``runtime_pb2.Tensor``, as
+    ``serialize_torch_tensor`` + ``split_for_streaming`` make it), built straight from the tensor's
+    memory: each byte is copied once into its frame (hivemind's path copies it four times)."""
     frames = [frame_type(metadata=msgpack.packb([message, len(tensors)]))]
     size = 0
     for tensor in tensors:
-        for part in split_for_streaming(serialize_torch_tensor(tensor.detach()), CHUNK_BYTES):
-            if size + len(part.buffer) > FRAME_BYTES and size > 0:
+        data, dtype = _raw_bytes(tensor)
+        count = max(1, -(-len(data) // CHUNK_BYTES))
+        for index in range(count):
+            piece = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
+            if size + len(piece) > FRAME_BYTES and size > 0:
                 frames.append(frame_type())
                 size = 0
-            frames[-1].tensors.append(part)
-            size += len(part.buffer)
+            if index == 0:
+                frames[-1].tensors.add(buffer=piece.tobytes(), size=tensor.shape, dtype=dtype, chunks=count,
+                                       compression=runtime_pb2.CompressionType.NONE)
+            else:
+                frames[-1].tensors.add(buffer=piece.tobytes())
+            size += len(piece)
     return frames
 
 
@@ -251,6 +266,19 @@ def _retrieve(task: asyncio.Task) -> None:
     """Mark a background send's failure as seen: the reply (or its absence) tells the caller."""
     if not task.cancelled():
         task.exception()
+
+
+def _raw_bytes(tensor: torch.Tensor) -> tuple[memoryview, str]:
+    """The bytes of ``tensor`` without copying them (a contiguous CPU tensor), and its dtype name."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    name = str(tensor.dtype).replace("torch.", "")
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+    if raw.numel() == 0:
+        return memoryview(b""), name
+    return memoryview(raw.numpy()).cast("B"), name
 
 
 def _cancelling() -> bool:
@@ -322,6 +350,28 @@ def _announced(metadata: bytes) -> int | None:
 
 def _deserialize(parts: list[runtime_pb2.Tensor], index: int) -> torch.Tensor:
     try:
-        return deserialize_torch_tensor(combine_from_streaming(parts))
+        if parts[0].compression != runtime_pb2.CompressionType.NONE:  # not what _frames sends: hivemind's codecs
+            return deserialize_torch_tensor(combine_from_streaming(parts))
+        return _from_chunks(parts)
     except Exception as e:  # a buffer that does not match its declared size or dtype
         raise BadRequest(f"tensor #{index} cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def _from_chunks(parts: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    """An uncompressed tensor from its chunks, each byte copied once: into the tensor's own memory."""
+    first = parts[0]
+    dtype = getattr(torch, first.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {first.dtype!r}")
+    shape = torch.Size(first.size)
+    size = sum(len(part.buffer) for part in parts)
+    expected = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    if size != expected:
+        raise ValueError(f"{size} bytes for a {first.dtype} tensor of shape {list(shape)} ({expected} bytes)")
+    out = torch.empty(size, dtype=torch.uint8)
+    view, offset = memoryview(out.numpy()), 0
+    for part in parts:
+        view[offset:offset + len(part.buffer)] = part.buffer
+        offset += len(part.buffer)
+    return out.view(dtype).reshape(shape)
+

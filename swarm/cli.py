@@ -103,6 +103,8 @@ def bootstrap(
     num_stages: Optional[int] = typer.Option(None, "--num-stages", help="how many stages to cut the layers into"),
     target_batch_size: Optional[int] = typer.Option(None, "--target-batch-size", help="sequences per step"),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
+    wire: Optional[str] = typer.Option(None, "--wire", help="how activations and gradients travel: float32 "
+                                       "(default, exact), float16, bfloat16 or int8"),
     open_run: Optional[bool] = typer.Option(None, "--open", help="a public run: joining needs no API key"),
     dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="admin dashboard port (default 8002)"),
     mirror: Optional[str] = typer.Option(
@@ -124,7 +126,7 @@ def bootstrap(
         config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
-                   "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
+                   "wire": wire, "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
                    "authority_key": authority_key},
     )
     from bootstrap.node import BootstrapNode

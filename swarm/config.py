@@ -67,6 +67,9 @@ class BootstrapSettings(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
+                      description="how activations and gradients travel: float32 (exact), float16, bfloat16 or "
+                      "int8 (blockwise, 3.8x smaller)")
     metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
     open: bool = Field(False, description="a public run: no API key needed to join (keys are required by default)")
     token_ttl: float = Field(1800.0, ge=30, description="seconds an access token lives (renewed at half-life)")
@@ -88,6 +91,8 @@ class PeerSettings(_Section):
     throughput: float | None = Field(None, gt=0, description="tokens/s for one stage to announce instead of "
                                      "measuring it (a known machine; tests that need equal peers)")
     cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    queue_size: int = Field(64, ge=1, description="forwards and backwards that may wait for a stage's compute "
+                            "thread; more are refused (CapacityExceeded) and the trainer goes elsewhere")
     memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
     rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
                                    "(default: yes, unless --stage pins this peer)")

@@ -42,6 +42,7 @@ from peers.inference_client import InferenceClient
 from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
 from shards.local import LocalParts, causal_lm_loss, load_local_parts
+from shards.schedule import microbatch_rows
 from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
 from swarm.errors import ConfigError, RunStopped, StateMismatch, SwarmError
@@ -153,7 +154,8 @@ class SwarmModelForCausalLM(nn.Module):
             calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
             coordinator = DHTCoordinator(dht, manifest.target_batch_size, me=dht.peer_id)
             runner.run(coordinator.start(0))
-            client = StageClient(calls, timeout=timeout, attempts=1, max_abs=policy.max_abs)  # the pipeline retries
+            # the pipeline retries and fails over
+            client = StageClient(calls, timeout=timeout, attempts=1, max_abs=policy.max_abs, wire=manifest.wire)
             bans = BanList(lambda: banned_peers(dht))
             pipeline = RemotePipeline(
                 manifest,
@@ -408,35 +410,30 @@ class SwarmModelForCausalLM(nn.Module):
         return self.local.norm(hidden)
 
     def _microbatches(self, batch: int) -> list[slice]:
-        size = self.microbatch_size or batch
-        return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+        return microbatch_rows(batch, self.manifest.num_stages, self.microbatch_size)
 
     def _run_remote(self, hidden, mask, positions, *, train: bool) -> tuple[torch.Tensor, list[Trace]]:
-        outputs, traces = [], []
-        batches = list(self._microbatches(hidden.shape[0]))
+        batches = self._microbatches(hidden.shape[0])
 
-        def forward(rows):
-            part_mask = mask[rows] if mask is not None else None
-            return self._runner.run(self.pipeline.forward(hidden[rows].detach(), part_mask, positions[rows], train=train))
+        def forward(indices: list[int]) -> list[tuple[torch.Tensor, Trace]]:
+            parts = [(hidden[batches[i]].detach(), mask[batches[i]] if mask is not None else None,
+                      positions[batches[i]]) for i in indices]
+            return self._runner.run(self.pipeline.forward_microbatches(parts, train=train))
 
-        for rows in batches:
-            out, trace = forward(rows)
-            outputs.append(out)
-            traces.append(trace)
+        done = forward(list(range(len(batches))))
         for _ in range(3):  # bounded: a recompute may meet (and catch) another liar
-            tainted = self.pipeline.tainted(traces)  # through a peer a spot check caught later on
-            for i in tainted:
-                outputs[i], traces[i] = forward(batches[i])
+            tainted = self.pipeline.tainted([trace for _, trace in done])  # through a peer caught later on
             if not tainted:
                 break
-        return torch.cat(outputs, dim=0), traces
+            for i, redone in zip(tainted, forward(tainted)):
+                done[i] = redone
+        return torch.cat([out for out, _ in done], dim=0), [trace for _, trace in done]
 
     def _backward_remote(self, traces: list[Trace], grad_output: torch.Tensor) -> torch.Tensor:
-        grads = []
-        for rows, trace in zip(self._microbatches(grad_output.shape[0]), traces):
-            grads.append(self._runner.run(self.pipeline.backward(trace, grad_output[rows].contiguous())))
+        grads = [grad_output[rows].contiguous() for rows in self._microbatches(grad_output.shape[0])]
+        grad_inputs = self._runner.run(self.pipeline.backward_microbatches(traces, grads))
         self._runner.run(self.pipeline.commit(grad_output.shape[0]))
-        return torch.cat(grads, dim=0)
+        return torch.cat(grad_inputs, dim=0)
 
     def _sum_with_trainers(self, grads: list[torch.Tensor], step: int, trainers: Sequence[str]) -> list[torch.Tensor]:
         if self._trainer_sync is None:

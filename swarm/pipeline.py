@@ -34,6 +34,7 @@ from peers.client import StageClient, StageInputs
 from peers.protocol import StepResponse
 from peers.routing import Hop, plan_route
 from peers.sanity import MAX_ABS
+from shards.schedule import Action, Phase, actions_of_stage, dependency, gpipe_schedule
 from swarm.errors import (
     AveragingFailed,
     InvalidOutput,
@@ -114,13 +115,16 @@ class RemotePipeline:
         route_wait: float = 120.0,
         seed: int | None = None,
         spot_check: SpotChecker | None = None,
+        depth: int = 2,
     ):
         """``spot_check`` (default: one at ``policy.spot_check_rate`` that reports to nobody) recomputes
-        some forwards on another replica; a replica caught is banned like a failed one."""
+        some forwards on another replica; a replica caught is banned like a failed one. ``depth``:
+        calls in flight per peer of a stage while a batch's microbatches are pipelined."""
         self.manifest = manifest
         self.client = client
         self.coordinator = coordinator or LocalCoordinator(manifest.target_batch_size)
         self.policy = policy
+        self.depth = depth
         self.step: int | None = None  # the run's collaborative step, learned from the replicas
         self.last_closed: StepStatus | None = None  # the step the last backward pass closed, if any
         self.failovers = 0  # calls routed around a failed peer (for logs and benchmarks)
@@ -279,6 +283,8 @@ class RemotePipeline:
             return result
 
         (grad_input, _), peer = await self._on_replica(stage, checked, prefer=hop.hop.peer_id)
+        if peer in self.banned():  # dropped while this call was in flight: its replay did not see this one
+            return await self._backward_hop(stage, hop, grad_output, num_samples)
         self._ledger[stage][peer].append(_Contribution(hop, grad_output, num_samples))
         return grad_input
 
@@ -301,29 +307,8 @@ class RemotePipeline:
     async def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, *, train: bool
     ) -> tuple[torch.Tensor, Trace]:
-        trace = Trace(num_samples=hidden.shape[0])
-        tokens = hidden.shape[0] * hidden.shape[1]
-        route = await self.route(tokens)
-        self._queue.update({hop.peer_id for hop in route})  # the next microbatch weighs this one in
-        for hop in route:
-            request_id = uuid.uuid4().hex
-            seed = self._rng.randrange(2**31)
-            inputs = (hidden, mask, positions)
-
-            async def call(peer: str, hop=hop, request_id=request_id, inputs=inputs, seed=seed):
-                started = time.perf_counter()
-                result = await self.client.forward(peer, hop.stage, hop.layers, request_id, inputs, train=train,
-                                                   seed=seed)
-                self._observe(peer, time.perf_counter() - started, tokens)
-                self._saw_step(hop.stage, peer, result[1].optimizer_step)
-                return result
-
-            (hidden, _), peer = await self._on_replica(hop.stage, call, prefer=hop.peer_id)
-            if train and self.spot_check.wants():
-                hidden, peer = await self._spot_check(hop, peer, inputs, seed, hidden)
-            if train:
-                trace.hops.append(_HopTrace(Hop(hop.stage, hop.layers, peer), request_id, inputs, seed))
-        return hidden, trace
+        """One microbatch through every stage (see ``forward_microbatches``)."""
+        return (await self.forward_microbatches([(hidden, mask, positions)], train=train))[0]
 
     async def _spot_check(self, hop: Hop, peer: str, inputs: StageInputs, seed: int,
                           output: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -345,10 +330,98 @@ class RemotePipeline:
         return [i for i, trace in enumerate(traces) if any(h.hop.peer_id in liars for h in trace.hops)]
 
     async def backward(self, trace: Trace, grad_output: torch.Tensor) -> torch.Tensor:
-        grad = grad_output
-        for hop in reversed(trace.hops):
-            grad = await self._backward_hop(hop.hop.stage, hop, grad, trace.num_samples)
-        return grad
+        """One microbatch's gradient back through every stage (see ``backward_microbatches``)."""
+        return (await self.backward_microbatches([trace], [grad_output]))[0]
+
+    async def forward_microbatches(self, parts: Sequence[StageInputs], *, train: bool) -> list[tuple[torch.Tensor, Trace]]:
+        """Every microbatch through every stage, pipelined (``shards.schedule``): while stage 1
+        computes microbatch 0, stage 0 computes microbatch 1. Each microbatch's route is planned
+        before any is sent, each counting those planned before it, so replicas share the work."""
+        routes = []
+        for hidden, _, _ in parts:
+            routes.append(await self.route(hidden.shape[0] * hidden.shape[1]))
+            self._queue.update({hop.peer_id for hop in routes[-1]})  # the next microbatch weighs this one in
+        traces = [Trace(num_samples=hidden.shape[0]) for hidden, _, _ in parts]
+        hops: list[dict[int, _HopTrace]] = [{} for _ in parts]
+
+        async def run(action: Action, hidden: torch.Tensor) -> torch.Tensor:
+            _, mask, positions = parts[action.microbatch]
+            hidden, hop = await self._forward_hop(routes[action.microbatch][action.stage], (hidden, mask, positions),
+                                                  train=train)
+            hops[action.microbatch][action.stage] = hop
+            return hidden
+
+        schedule = gpipe_schedule(len(parts), self.manifest.num_stages, phase=Phase.FORWARD)
+        done = await self._run_schedule(schedule, run, [hidden for hidden, _, _ in parts], routes)
+        last = self.manifest.num_stages - 1
+        if train:
+            for trace, by_stage in zip(traces, hops):
+                trace.hops = [by_stage[stage] for stage in range(last + 1)]
+        return [(done[(m, last)], trace) for m, trace in enumerate(traces)]
+
+    async def backward_microbatches(self, traces: Sequence[Trace], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients of ``forward_microbatches``' outputs back through the stages, pipelined in
+        reverse; returns the gradient of each microbatch's input."""
+
+        async def run(action: Action, grad: torch.Tensor) -> torch.Tensor:
+            trace = traces[action.microbatch]
+            return await self._backward_hop(action.stage, trace.hops[action.stage], grad, trace.num_samples)
+
+        schedule = gpipe_schedule(len(traces), self.manifest.num_stages, phase=Phase.BACKWARD)
+        routes = [tuple(hop.hop for hop in trace.hops) for trace in traces]
+        done = await self._run_schedule(schedule, run, list(grads), routes)
+        return [done[(m, 0)] for m in range(len(traces))]
+
+    async def _forward_hop(self, hop: Hop, inputs: StageInputs, *, train: bool) -> tuple[torch.Tensor, _HopTrace]:
+        request_id = uuid.uuid4().hex
+        seed = self._rng.randrange(2**31)
+        tokens = inputs[0].shape[0] * inputs[0].shape[1]
+
+        async def call(peer: str):
+            started = time.perf_counter()
+            result = await self.client.forward(peer, hop.stage, hop.layers, request_id, inputs, train=train, seed=seed)
+            self._observe(peer, time.perf_counter() - started, tokens)
+            self._saw_step(hop.stage, peer, result[1].optimizer_step)
+            return result
+
+        (hidden, _), peer = await self._on_replica(hop.stage, call, prefer=hop.peer_id)
+        if train and self.spot_check.wants():
+            hidden, peer = await self._spot_check(hop, peer, inputs, seed, hidden)
+        return hidden, _HopTrace(Hop(hop.stage, hop.layers, peer), request_id, inputs, seed)
+
+    async def _run_schedule(
+        self, schedule: list[Action], run: Callable[[Action, torch.Tensor], Awaitable[torch.Tensor]],
+        inputs: Sequence[torch.Tensor], routes: Sequence[Sequence[Hop]],
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """Run ``schedule``: each stage takes its actions in the schedule's order, each action once the
+        one it depends on is done, with up to ``depth`` x (peers routed for that stage) calls in flight
+        per stage, so a peer has its next microbatch queued while it computes. The first failure
+        (after the failover in ``run``) cancels the rest and is raised as itself."""
+        num_stages = self.manifest.num_stages
+        loop = asyncio.get_running_loop()
+        done: dict[tuple[int, int], asyncio.Future] = {(a.microbatch, a.stage): loop.create_future() for a in schedule}
+
+        async def one(action: Action, value: torch.Tensor, slots: asyncio.Semaphore) -> None:
+            try:
+                done[(action.microbatch, action.stage)].set_result(await run(action, value))
+            finally:
+                slots.release()
+
+        async def feed(stage: int, group: asyncio.TaskGroup) -> None:
+            slots = asyncio.Semaphore(self.depth * len({route[stage].peer_id for route in routes}))
+            for action in actions_of_stage(schedule, stage):
+                before = dependency(action, num_stages)
+                value = inputs[action.microbatch] if before is None else await done[(before.microbatch, before.stage)]
+                await slots.acquire()
+                group.create_task(one(action, value, slots))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for stage in range(num_stages):
+                    group.create_task(feed(stage, group))
+        except BaseExceptionGroup as e:
+            raise _first_error(e) from None
+        return {key: future.result() for key, future in done.items()}
 
     # -- the collaborative step -----------------------------------------------------------------
 
@@ -358,19 +431,31 @@ class RemotePipeline:
         step = self.step or 0
         self.last_closed = None
         self._step_samples += num_samples
-        status = await self.coordinator.commit(step, self._step_samples)
-        status = await wait_until_closed(self.coordinator, status, batch=num_samples, timeout=self.policy.step_wait)
-        if status.closed:
-            await self.apply(step)
-            await self.coordinator.finished(step)
-            self.last_closed = status
+        # when our samples alone close the step, the replicas' records are read for it while the
+        # samples are committed (both DHT round trips, tens of ms each on a WAN)
+        closing = self._step_samples >= self.manifest.target_batch_size
+        records = asyncio.ensure_future(self._current_records(fresh=True)) if closing else None
+        try:
+            status = await self.coordinator.commit(step, self._step_samples)
+            status = await wait_until_closed(self.coordinator, status, batch=num_samples, timeout=self.policy.step_wait)
+            if status.closed:
+                if records is not None:
+                    await records
+                await self.apply(step, fresh=records is None)
+                await self.coordinator.finished(step)
+                self.last_closed = status
+        finally:
+            if records is not None:
+                await asyncio.gather(records, return_exceptions=True)
         return status
 
-    async def apply(self, step: int) -> None:
+    async def apply(self, step: int, *, fresh: bool = True) -> None:
         """Have every live replica of every stage apply ``step``: the replicas of a stage sum their
         gradients (hivemind averaging) and step alike. A member that fails is dropped (its backwards
-        replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds."""
-        await self._current_records(fresh=True)
+        replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds.
+        ``fresh=False``: the caller has just read the records."""
+        if fresh:
+            await self._current_records(fresh=True)
         pending = set(range(self.manifest.num_stages))
         for attempt in range(1, self.policy.step_attempts + 1):
             plans = {stage: await self._members(stage, step) for stage in sorted(pending)}
@@ -483,3 +568,16 @@ class RemotePipeline:
         if not isinstance(error, SwarmError) or recovery_for(error) is Recovery.ABORT:
             raise error
         await self._drop(peer, error)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error a failed schedule raises: the first one that is not a consequence of cancelling."""
+    leaves = []
+    stack: list[BaseException] = [group]
+    while stack:
+        error = stack.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            stack[:0] = list(error.exceptions)
+        else:
+            leaves.append(error)
+    return next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])

@@ -59,7 +59,7 @@ class ProcessGroup:
 
     def start_swarm(self, model_dir: Path, *, num_stages: int, num_peers: int, state_dir: Path,
                     lr: float | None = None, target_batch_size: int | None = None, threads: int = 1,
-                    on_peer=None) -> str:
+                    on_peer=None, wire: str | None = None) -> str:
         """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
         previous one has claimed its stage, so they spread over the stages). Returns the bootstrap's
         multiaddr; ``on_peer(i, claim_line)`` is told of each claim."""
@@ -67,6 +67,8 @@ class ProcessGroup:
                 "--port", "0", "--state-dir", str(state_dir)] + (["--lr", str(lr)] if lr else [])
         if target_batch_size:
             args += ["--target-batch-size", str(target_batch_size)]
+        if wire:
+            args += ["--wire", wire]
         boot = self.start("bootstrap", args)
         address = self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
         for i in range(num_peers):

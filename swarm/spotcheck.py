@@ -30,7 +30,7 @@ from peers.client import StageClient, StageInputs
 from shards.types import LayerRange
 from swarm.errors import SwarmError
 
-__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "agree", "BanList", "without_banned"]
+__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "BanList", "without_banned"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,21 @@ TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 1e-2,
 """Relative and absolute tolerance per dtype: replicas on other hardware or kernels differ in the
 last bits; a peer that corrupts its outputs differs by far more."""
 
+WIRE_TOLERANCE: dict[str, float] = {"float32": 0.0, "float16": 1e-2, "bfloat16": 5e-2, "int8": 2e-2}
+"""The least tolerance an output that crossed the wire in this format needs: two replicas whose float32
+results differ in the last bits can round to neighbouring float16 values, and, in int8, to neighbouring
+steps of 1/127 of their block's largest value. For int8 the figure bounds the relative norm of the
+difference (one step apart here and there), not each value."""
 
-def agree(a: torch.Tensor, b: torch.Tensor, tolerance: float | None = None) -> bool:
-    """Whether two replicas' outputs for the same input are the same computation."""
+
+def agree(a: torch.Tensor, b: torch.Tensor, tolerance: float | None = None, wire: str = "float32") -> bool:
+    """Whether two replicas' outputs for the same input, received in ``wire`` format, are the same
+    computation."""
     if a.shape != b.shape:
         return False
-    tol = tolerance if tolerance is not None else TOLERANCE.get(a.dtype, 1e-2)
+    tol = tolerance if tolerance is not None else max(TOLERANCE.get(a.dtype, 1e-2), WIRE_TOLERANCE.get(wire, 1e-2))
+    if wire == "int8":
+        return float((a.float() - b.float()).norm()) <= tol * max(float(a.float().norm()), float(b.float().norm()))
     return bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
 
 
@@ -67,6 +76,7 @@ class SpotChecker:
     def __init__(self, client: StageClient, *, rate: float = 0.02, tolerance: float | None = None,
                  rng: random.Random | None = None, report: Reporter | None = None, reporter_id: str = "trainer"):
         self.client, self.rate, self.tolerance = client, rate, tolerance
+        self.wire = getattr(client, "wire", "float32")  # outputs compared as they crossed the wire
         self._rng = rng or random.Random()
         self._report, self._reporter_id = report, reporter_id
         self.checks = 0  # spot checks made (a second replica computed the same forward)
@@ -88,7 +98,7 @@ class SpotChecker:
         if second is None:
             return Verdict(output, peer)
         self.checks += 1
-        if agree(output, second, self.tolerance):
+        if agree(output, second, self.tolerance, self.wire):
             return Verdict(output, peer)
         gap = float((output.float() - second.float()).abs().max())
         logger.warning("spot check of stage %d: peers %s and %s disagree (max difference %.3g)", stage, peer[-8:],
@@ -97,7 +107,8 @@ class SpotChecker:
             third = await self._recompute(stage, layers, arbiter, inputs, seed, step)
             if third is None:
                 continue
-            liar = peer if agree(second, third, self.tolerance) else checker if agree(output, third, self.tolerance) else None
+            same = [agree(second, third, self.tolerance, self.wire), agree(output, third, self.tolerance, self.wire)]
+            liar = peer if same[0] else checker if same[1] else None
             if liar is not None:
                 honest = (second, checker) if liar == peer else (output, peer)
                 reason = f"stage {stage} output differs from two other replicas' by up to {gap:.3g}"

@@ -81,10 +81,13 @@ class DHTCoordinator:
     def __init__(self, dht: SwarmDHT, target: int, me: str):
         self.dht, self.target, self.me = dht, target, me
         self._record = TrainerRecord(trainer_id=me)
+        self._writing: asyncio.Task | None = None  # the last record write, finished in the background
 
     async def commit(self, step: int, samples: int) -> StepStatus:
-        await self._publish(step=step, samples=samples)
-        return await self.status(step)
+        """Publish our samples and read the others' at once: the status counts our own record from
+        memory, so neither waits for the other (each is a DHT round trip, tens of ms on a WAN)."""
+        _, status = await asyncio.gather(self._publish(step=step, samples=samples), self.status(step))
+        return status
 
     async def status(self, step: int) -> StepStatus:
         records = {r.trainer_id: r for r in await self.dht.trainer_records() if r.online}
@@ -95,8 +98,11 @@ class DHTCoordinator:
         return StepStatus(step, sum(counts.values()), self.target, trainers, working)
 
     async def finished(self, step: int) -> None:
+        """Announce the next step without waiting for the DHT: the write goes on while the next batch
+        computes (the next publish waits for it, so records land in order)."""
         done = self._record.samples_in(step)
-        await self._publish(step=step + 1, samples=0, prev_step=step, prev_samples=done)
+        self._record = self._next_record(step=step + 1, samples=0, prev_step=step, prev_samples=done)
+        self._writing = asyncio.create_task(self._write(self._record, after=self._writing), name="trainer-record")
 
     async def start(self, step: int) -> None:
         """Announce this trainer (working on ``step``) before its first batch."""
@@ -109,8 +115,16 @@ class DHTCoordinator:
         await self._publish(online=False)
 
     async def _publish(self, **update) -> None:
-        self._record = self._record.model_copy(update={**update, "updated": get_dht_time()})
-        if not await self.dht.announce_trainer(self._record):
+        self._record = self._next_record(**update)
+        await self._write(self._record, after=self._writing)
+
+    def _next_record(self, **update) -> TrainerRecord:
+        return self._record.model_copy(update={**update, "updated": get_dht_time()})
+
+    async def _write(self, record: TrainerRecord, *, after: asyncio.Task | None) -> None:
+        if after is not None:
+            await asyncio.gather(after, return_exceptions=True)  # an older record must not land last
+        if not await self.dht.announce_trainer(record):
             logger.warning("the DHT did not store this trainer's progress record")
 
 

@@ -33,6 +33,8 @@ def test_swarm_toml_in_the_working_directory_is_found(tmp_path, monkeypatch):
         ("[network]\nport = 70000\n", "network.port"),
         ("[peer]\nthreads = 0\n", "peer.threads"),
         ("[bootstrap]\ndtype = 'float64'\n", "bootstrap.dtype"),
+        ("[bootstrap]\nwire = 'int4'\n", "bootstrap.wire"),
+        ("[peer]\nqueue_size = 0\n", "peer.queue_size"),
         ("[nonsense]\nx = 1\n", "nonsense"),
         ("run_id = 'has spaces'\n", "run_id"),
         ("this is [not toml", "cannot read config"),

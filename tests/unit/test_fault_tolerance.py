@@ -106,26 +106,28 @@ class ReplicatedSwarm:
             service.shutdown()
 
 
-async def _train_step(pipeline: RemotePipeline, local, optimizer, ids: torch.Tensor, micro: int = 1) -> float:
-    """One step as ``SwarmModelForCausalLM`` does it: microbatches forward, local loss, backward, commit."""
+async def _train_step(pipeline: RemotePipeline, local, optimizer, ids: torch.Tensor, micro: int = 1,
+                      pipelined: bool = False) -> float:
+    """One step as ``SwarmModelForCausalLM`` does it: microbatches forward, local loss, backward, commit;
+    ``pipelined``: all microbatches in flight together (as the model does), else one after another."""
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     hidden = local.embed(ids, positions)
-    outputs, traces = [], []
-    rows = range(0, ids.shape[0], micro)
-    for row in rows:
-        out, trace = await pipeline.forward(hidden[row:row + micro].detach(), None, positions[row:row + micro],
-                                            train=True)
-        outputs.append(out)
-        traces.append(trace)
+    parts = [(hidden[row:row + micro].detach(), None, positions[row:row + micro])
+             for row in range(0, ids.shape[0], micro)]
+    if pipelined:
+        outputs, traces = map(list, zip(*await pipeline.forward_microbatches(parts, train=True)))
+    else:
+        outputs, traces = map(list, zip(*[await pipeline.forward(*part, train=True) for part in parts]))
     for i in pipeline.tainted(traces):  # as the model does: through a peer a spot check caught since
-        row = rows[i]
-        outputs[i], traces[i] = await pipeline.forward(hidden[row:row + micro].detach(), None,
-                                                       positions[row:row + micro], train=True)
+        outputs[i], traces[i] = await pipeline.forward(*parts[i], train=True)
     out = torch.cat(outputs).requires_grad_(True)
     loss = causal_lm_loss(local.head(out), ids)
     loss.backward()
-    grads = [await pipeline.backward(trace, out.grad[i * micro:(i + 1) * micro].contiguous())
-             for i, trace in enumerate(traces)]
+    pieces = [out.grad[i * micro:(i + 1) * micro].contiguous() for i in range(len(traces))]
+    if pipelined:
+        grads = await pipeline.backward_microbatches(traces, pieces)
+    else:
+        grads = [await pipeline.backward(trace, piece) for trace, piece in zip(traces, pieces)]
     await pipeline.commit(ids.shape[0])
     hidden.backward(torch.cat(grads))
     optimizer.step()
@@ -146,15 +148,17 @@ def _assert_close_losses(got: list[float], expected: list[float]) -> None:
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: swarm {a} vs local {b}"
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
 @pytest.mark.parametrize("fault", list(Fault))
-def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault):
+def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault, pipelined):
     model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
     swarm = ReplicatedSwarm(model_dir, [2, 2])
     try:
         swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", fault, 3
         batches = _batches(4, swarm.source.config.vocab_size)
         optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
-        losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids)) for ids in batches]
+        losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=pipelined))
+                  for ids in batches]
         _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
         assert swarm.hub.calls["s1a"] > 3, "the victim must have been used (and failed) mid-step"
         if fault in (Fault.NONE, Fault.SLOW):

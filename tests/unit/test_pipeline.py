@@ -187,3 +187,90 @@ def test_a_span_peer_missing_from_one_read_keeps_every_stage_it_serves():
         peers = {stage: sorted(r.peer_id for r in rs) for stage, rs in view.items()}
         assert peers == {0: ["span"], 1: ["other", "span"]}
     assert sorted(pipeline._replicas(1)) == ["other", "span"]
+
+
+def _pipelined_grads(model_dir, ids, rows_per_microbatch: int):
+    """Stage and embedding gradients of one step whose batch goes as microbatches of that many rows."""
+    pipeline, services, local, _ = _build(model_dir, 3, target_batch_size=1000)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    hidden = local.embed(ids, positions)
+    cuts = list(range(0, ids.shape[0], rows_per_microbatch))
+
+    async def run():
+        parts = [(hidden[r:r + rows_per_microbatch].detach(), None, positions[r:r + rows_per_microbatch])
+                 for r in cuts]
+        done = await pipeline.forward_microbatches(parts, train=True)
+        out = torch.cat([o for o, _ in done]).requires_grad_(True)
+        causal_lm_loss(local.head(out), ids).backward()
+        grads = [out.grad[r:r + rows_per_microbatch].contiguous() for r in cuts]
+        return await pipeline.backward_microbatches([t for _, t in done], grads)
+
+    hidden.backward(torch.cat(asyncio.run(run())))
+    stage_grads = [p.grad.clone() for s in services for p in s.executor.module.parameters()]
+    return stage_grads + [p.grad.clone() for p in local.parameters() if p.grad is not None]
+
+
+def test_pipelined_microbatches_give_the_gradients_of_the_whole_batch(model_factory):
+    model_dir = model_factory("llama", num_layers=3, hidden_size=32, num_kv_heads=2)
+    ids = torch.randint(0, 8, (6, 10), generator=torch.Generator().manual_seed(3))
+    whole, pipelined = _pipelined_grads(model_dir, ids, 6), _pipelined_grads(model_dir, ids, 1)
+    assert len(whole) == len(pipelined) > 10
+    for a, b in zip(whole, pipelined):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert max(g.abs().max().item() for g in whole) > 1e-3  # the comparison is not between zeros
+
+
+def test_stages_compute_different_microbatches_at_once(model_factory):
+    """Stage 0's second forward waits (bounded) until stage 1 has started on microbatch 0: that only
+    ends well when microbatches are in flight on both stages together."""
+    import threading
+
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    pipeline, services, local, _ = _build(model_dir, 2, target_batch_size=1000)
+    stage1_started, overlapped, calls = threading.Event(), [], []
+    forward0, forward1 = services[0].executor.forward, services[1].executor.forward
+
+    def first_stage(request, inputs):
+        calls.append(request.request_id)
+        if len(calls) == 2:  # the second microbatch
+            overlapped.append(stage1_started.wait(timeout=10))
+        return forward0(request, inputs)
+
+    def second_stage(request, inputs):
+        stage1_started.set()
+        return forward1(request, inputs)
+
+    services[0].executor.forward, services[1].executor.forward = first_stage, second_stage
+    ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(6).unsqueeze(0).expand_as(ids)
+    hidden = local.embed(ids, positions).detach()
+    parts = [(hidden[r:r + 1], None, positions[r:r + 1]) for r in range(4)]
+    done = asyncio.run(pipeline.forward_microbatches(parts, train=False))
+    assert overlapped == [True]
+    assert services[1].requests_served == 4
+    sequential = asyncio.run(pipeline.forward(hidden, None, positions, train=False))[0]
+    assert torch.allclose(torch.cat([out for out, _ in done]), sequential, atol=1e-5)
+
+
+@pytest.mark.parametrize("wire, smaller, tolerance", [("float32", 1.0, 1e-4), ("float16", 2.0, 1e-2),
+                                                     ("bfloat16", 2.0, 3e-2), ("int8", 3.5, 3e-2)])
+def test_compressed_wire_formats_train_close_to_float32_with_fewer_bytes(model_factory, wire, smaller, tolerance):
+    model_dir = model_factory("llama", num_layers=2, hidden_size=64, num_kv_heads=2)
+    ids = [torch.randint(0, 8, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runs = {}
+    for fmt in ("float32", wire):
+        pipeline, services, local, _ = _build(model_dir, 2)
+        hub = InMemoryTransport()
+        for service in services:
+            asyncio.run(service.register(hub.bind(service.peer_id)))
+        pipeline.client = StageClient(hub, timeout=30, wire=fmt)
+        opt = torch.optim.AdamW(local.parameters(), lr=1e-2)
+        losses = []
+        for batch in ids:
+            losses.append(_step(pipeline, local, batch))
+            opt.step(), opt.zero_grad()
+        runs[fmt] = (losses, hub.tensor_bytes[FORWARD] + hub.tensor_bytes[BACKWARD])
+    (exact, exact_bytes), (lossy, lossy_bytes) = runs["float32"], runs[wire]
+    assert exact_bytes / lossy_bytes >= smaller * 0.95
+    for a, b in zip(exact, lossy):
+        assert abs(a - b) <= tolerance * abs(a)

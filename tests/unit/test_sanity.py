@@ -180,3 +180,22 @@ def test_refused_inputs_are_counted_against_their_sender(model_factory):
         assert service.refused_by == {"bad": 2}
     finally:
         service.shutdown()
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "int8"])
+def test_replicas_that_differ_in_the_last_bits_agree_after_any_wire_format(wire):
+    """Two honest replicas differ in the last float32 bits, which rounding to the wire format can
+    widen to a whole float16 step or int8 step; a corrupted output (noise of a tenth of the values'
+    scale, above every format's precision) never agrees."""
+    from peers.wire import decode, encode
+
+    torch.manual_seed(0)
+    honest = torch.randn(4, 16, 64) * 3
+    other = honest * (1 + 1e-6 * torch.randn_like(honest))  # another kernel's rounding
+    corrupted = honest + 0.3 * torch.randn_like(honest)
+
+    def crossed(t: torch.Tensor) -> torch.Tensor:
+        return decode(encode(t, wire), wire, torch.float32, "hidden")
+
+    assert agree(crossed(honest), crossed(other), wire=wire)
+    assert not agree(crossed(honest), crossed(corrupted), wire=wire)

@@ -1,0 +1,165 @@
+"""Hop latency: one stage RPC round trip of a 2 MiB activation vs a raw asyncio TCP echo of the same
+bytes, side by side in one run (interleaved rounds, medians).
+
+    .venv/bin/python benchmarks/hop_latency.py
+    .venv/bin/python benchmarks/hop_latency.py --calls 50 --wire int8
+
+A server process (like a peer on another machine) runs a hivemind P2P node (its own p2pd) serving a
+real ``StageService`` (a 1-layer GPT-2 stage of width 1024) plus the echo probe, and a raw asyncio TCP
+echo server. This process calls them in turn over loopback:
+
+* ``tcp echo``: 2 MiB out, the same 2 MiB back, length-prefixed, on one kept-open connection;
+* ``stage forward``: ``swarm.stage.forward`` of a [4, 128, 1024] float32 activation (2 MiB each way),
+  minus the compute time the stage reports (the RPC's own cost: serialization, p2pd, streams, the
+  event loop and the hop to the compute thread);
+* ``echo rpc``: ``swarm.probe.echo`` of the same tensor (the same transport, no stage at all).
+
+Target: stage forward (minus compute) <= 1.3x the TCP echo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hivemind.p2p import P2P  # noqa: E402
+
+from peers.client import StageClient  # noqa: E402
+from peers.measure import serve_echo  # noqa: E402
+from peers.protocol import ECHO, EchoRequest  # noqa: E402
+from peers.transport import P2PTransport  # noqa: E402
+from peers.wire import WIRE_FORMATS  # noqa: E402
+
+BATCH, SEQ, HIDDEN = 4, 128, 1024  # 2 MiB of float32
+
+
+async def _serve_tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            size = int.from_bytes(await reader.readexactly(8), "little")
+            writer.write(size.to_bytes(8, "little") + await reader.readexactly(size))
+            await writer.drain()
+    except asyncio.IncompleteReadError:
+        writer.close()
+
+
+async def _server(model_dir: str) -> None:
+    from dht.schemas import OptimizerSettings
+    from peers.executor import StageExecutor
+    from peers.service import StageService
+    from shards import LayerRange, load_stage, resolve_model
+
+    torch.set_num_threads(1)
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    transport = P2PTransport(p2p)
+    layers = LayerRange(start=0, end=1)
+    executor = StageExecutor(load_stage(resolve_model(model_dir), layers), 0, layers, OptimizerSettings())
+    service = StageService(executor, p2p.peer_id.to_base58())
+    await service.register(transport)
+    await serve_echo(transport)
+    tcp = await asyncio.start_server(_serve_tcp_echo, "127.0.0.1", 0)
+    maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+    print(json.dumps({"maddrs": maddrs, "peer_id": p2p.peer_id.to_base58(),
+                      "tcp_port": tcp.sockets[0].getsockname()[1]}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    tcp.close()
+    service.shutdown()
+    await p2p.shutdown()
+
+
+async def _client(info: dict, args) -> dict[str, list[float]]:
+    p2p = await P2P.create(initial_peers=info["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    transport = P2PTransport(p2p)
+    client = StageClient(transport, timeout=60, attempts=1, wire=args.wire)
+    reader, writer = await asyncio.open_connection("127.0.0.1", info["tcp_port"])
+    hidden = torch.randn(BATCH, SEQ, HIDDEN)
+    payload = hidden.numpy().tobytes()
+    from shards import LayerRange
+    layers = LayerRange(start=0, end=1)
+    times: dict[str, list[float]] = {"tcp echo": [], "stage forward": [], "compute": [], "echo rpc": []}
+
+    async def tcp_round() -> float:
+        started = time.perf_counter()
+        writer.write(len(payload).to_bytes(8, "little") + payload)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(8), "little")
+        await reader.readexactly(size)
+        return time.perf_counter() - started
+
+    async def stage_round() -> tuple[float, float]:
+        started = time.perf_counter()
+        _, reply = await client.forward(info["peer_id"], 0, layers, uuid.uuid4().hex, (hidden, None, None), train=False)
+        return time.perf_counter() - started, reply.compute_ms / 1000
+
+    async def echo_round() -> float:
+        started = time.perf_counter()
+        await transport.call(info["peer_id"], ECHO, EchoRequest().model_dump(mode="json"), [hidden], timeout=60)
+        return time.perf_counter() - started
+
+    for _ in range(3):  # warm-up: connections, the stage's first forward
+        await tcp_round(), await stage_round(), await echo_round()
+    for _ in range(args.calls):  # interleaved, so a noisy moment hits all three
+        times["tcp echo"].append(await tcp_round())
+        total, compute = await stage_round()
+        times["stage forward"].append(total - compute)
+        times["compute"].append(compute)
+        times["echo rpc"].append(await echo_round())
+    writer.close()
+    await p2p.shutdown()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process: its model dir
+    args = parser.parse_args()
+    if args.serve:
+        uvloop.run(_server(args.serve))
+        return
+    from shards.tiny import make_tiny_model
+
+    torch.set_num_threads(1)
+    model_dir = make_tiny_model(Path(tempfile.mkdtemp(prefix="swarm-bench-")) / "model", "gpt2", num_layers=1,
+                                hidden_size=HIDDEN, num_heads=HIDDEN // 64, max_positions=SEQ)
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(server.stdout.readline())
+        times = uvloop.run(_client(info, args))
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    tcp = statistics.median(times["tcp echo"])
+    print(f"activation [{BATCH}, {SEQ}, {HIDDEN}] float32 = {BATCH * SEQ * HIDDEN * 4 / 2**20:.1f} MiB each way, "
+          f"stage wire {args.wire}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratio = "" if name in ("tcp echo", "compute") else f"   {median / tcp:5.2f}x tcp echo"
+        print(f"{name:>14}: median {median * 1000:7.2f} ms  (p10 {sorted(values)[len(values) // 10] * 1000:7.2f}, "
+              f"p90 {sorted(values)[len(values) * 9 // 10] * 1000:7.2f}){ratio}")
+    print(f"stage RPC (forward minus compute) / raw TCP echo: {statistics.median(times['stage forward']) / tcp:.2f}x "
+          f"(target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()

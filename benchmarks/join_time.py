@@ -1,0 +1,84 @@
+"""Join time: from starting ``swarm join`` (a new process) to serving a stage, with the throughput
+measurement already cached (a volunteer's second and later joins), side by side with the bare
+Python start of the same imports.
+
+    .venv/bin/python benchmarks/join_time.py             # 3 timed joins
+    .venv/bin/python benchmarks/join_time.py --joins 5
+
+A bootstrap runs on 127.0.0.1 with a 1-stage run of a small GPT-2. One ``swarm join`` measures and
+caches its throughput (in its state dir), serves, and leaves. Then the same peer (same state dir)
+joins ``--joins`` times: each time the clock runs from ``Popen`` until its log shows ``serving stage``
+(polled every 20 ms), and it leaves again (Ctrl+C) before the next. For scale, the time a fresh
+interpreter takes just to import torch, transformers and hivemind is measured in between.
+Target: <= 3 s on loopback (Petals 2.2 here: 4.5-8.1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.tiny import make_tiny_model  # noqa: E402
+from swarm.procs import ProcessGroup  # noqa: E402
+
+
+def _join(procs: ProcessGroup, address: str, state_dir: Path, index: int) -> float:
+    """Seconds from Popen to 'serving stage' in the peer's log; the peer then leaves."""
+    name = f"join{index}"
+    started = time.perf_counter()
+    proc = procs.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1",
+                              "--state-dir", str(state_dir)])
+    log = procs.logdir / f"{name}.log"
+    deadline = started + 120
+    while "serving stage" not in (log.read_text(errors="replace") if log.exists() else ""):
+        if proc.poll() is not None or time.perf_counter() > deadline:
+            raise RuntimeError(f"{name} did not serve (exit {proc.returncode}); see {log}")
+        time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    return seconds
+
+
+def _bare_imports() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, hivemind"], check=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--joins", type=int, default=3)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
+    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=4, hidden_size=128, num_heads=4, vocab_size=256)
+    procs = ProcessGroup(root)
+    joins, imports = [], []
+    try:
+        boot = procs.start("bootstrap", ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "1",
+                                         "--host", "127.0.0.1", "--port", "0", "--state-dir", str(root / "boot")])
+        address = procs.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
+        first = _join(procs, address, root / "peer", 0)
+        for i in range(args.joins):
+            imports.append(_bare_imports())
+            joins.append(_join(procs, address, root / "peer", i + 1))
+    finally:
+        procs.stop_all()
+    print(f"first join (measures throughput): {first:.2f} s; load average {os.getloadavg()[0]:.1f}")
+    print(f"joins with the cached measurement: {', '.join(f'{s:.2f}' for s in joins)} s -> "
+          f"median {statistics.median(joins):.2f} s (target <= 3 s)")
+    print(f"bare `import torch, transformers, hivemind` in a new interpreter: median {statistics.median(imports):.2f} s "
+          f"({statistics.median(imports) / statistics.median(joins):.0%} of a join)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Memory of a peer: idle and peak PSS over its whole process tree (the swarm process, its DHT and
+averager children, and p2pd), serving half of a Llama-style model of width 512 and 8 layers
+(vocabulary 32000), against what its stage must hold: parameters + gradients + AdamW's two moments.
+
+    .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --steps 10 --batch 8
+
+A bootstrap and two peers (``swarm join --max-stages 1``, one thread each) run on 127.0.0.1; the one
+serving stage 0 (layers 0-3) is measured. *Idle*: a few seconds after it serves, before any request.
+*Peak*: the largest sum sampled every 100 ms while a trainer in this process trains ``--steps``
+steps of batch ``--batch`` x ``--seq`` through it. PSS (proportional set size) counts each shared
+page once over all processes that map it, so libraries shared with the other peers on this machine
+are not counted twice; RSS is printed beside it. Target: idle <= 300 MiB (Petals 2.2 here: 624 MiB
+for the same 4 layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.tiny import make_tiny_model  # noqa: E402
+from swarm.data import random_batches, stdlib_corpus  # noqa: E402
+from swarm.model import SwarmModelForCausalLM  # noqa: E402
+from swarm.procs import ProcessGroup  # noqa: E402
+
+MiB = 2**20
+
+
+def tree_memory(pid: int, parts: list[str] | None = None) -> tuple[int, int, int]:
+    """(PSS, RSS, number of processes) summed over ``pid`` and all its descendants; ``parts`` gets a
+    line per process."""
+    root = psutil.Process(pid)
+    pss = rss = count = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            info, name = proc.memory_full_info(), " ".join(proc.cmdline()[:3])[-60:]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        pss, rss, count = pss + info.pss, rss + info.rss, count + 1
+        if parts is not None:
+            parts.append(f"    pid {proc.pid:>7}  PSS {info.pss / MiB:7.1f} MiB  RSS {info.rss / MiB:7.1f} MiB  {name}")
+    return pss, rss, count
+
+
+class _Sampler(threading.Thread):
+    """Samples a process tree's PSS every ``period`` s and keeps the largest."""
+
+    def __init__(self, pid: int, period: float = 0.1):
+        super().__init__(daemon=True)
+        self.pid, self.period, self.peak = pid, period, (0, 0, 0)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, tree_memory(self.pid))
+            self._stop_event.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _stage_bytes(model_dir: Path, layers: range) -> int:
+    from shards import LayerRange, load_stage, resolve_model
+
+    module = load_stage(resolve_model(str(model_dir)), LayerRange(start=layers.start, end=layers.stop))
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--idle-wait", type=float, default=5.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
+    model_dir = make_tiny_model(root / "model", "llama", num_layers=8, hidden_size=512, num_heads=8,
+                                vocab_size=32000, max_positions=max(args.seq, 128))
+    weights = _stage_bytes(model_dir, range(0, 4))
+    procs = ProcessGroup(root)
+    try:
+        address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
+                                    target_batch_size=args.batch)
+        procs.wait_serving(2)
+        stage0 = next(proc for name, proc in procs.procs
+                      if name.startswith("peer") and "stage 0" in (root / f"{name}.log").read_text())
+        time.sleep(args.idle_wait)
+        parts: list[str] = []
+        idle = tree_memory(stage0.pid, parts)
+        sampler = _Sampler(stage0.pid)
+        sampler.start()
+        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as model:
+            optimizer = model.create_optimizer()
+            batches = random_batches(stdlib_corpus(), args.batch, args.seq, seed=0)
+            for _ in range(args.steps):
+                ids = next(batches) % 256
+                model(ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        sampler.stop()
+        peak = sampler.peak
+    finally:
+        procs.stop_all()
+    print(f"peer serving stage 0 = layers 0-3 of Llama-style 8 x 512 (vocab 32000); load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"stage state: weights {weights / MiB:.1f} MiB -> weights + gradients + AdamW moments "
+          f"{4 * weights / MiB:.1f} MiB")
+    print(f"idle: PSS {idle[0] / MiB:6.1f} MiB (RSS {idle[1] / MiB:6.1f} MiB) over {idle[2]} processes "
+          f"(target <= 300 MiB)")
+    print("\n".join(parts))
+    print(f"peak while training {args.steps} steps of {args.batch}x{args.seq}: PSS {peak[0] / MiB:6.1f} MiB "
+          f"(RSS {peak[1] / MiB:6.1f} MiB) over {peak[2]} processes")
+    print(f"idle PSS beyond the stage's state: {(idle[0] - 4 * weights) / MiB:.1f} MiB; peak beyond it: "
+          f"{(peak[0] - 4 * weights) / MiB:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
