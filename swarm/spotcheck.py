@@ -132,6 +132,8 @@ class SpotChecker:
         return output if reply.optimizer_step == step else None
 
     async def _caught(self, peer: str, stage: int, reason: str, inputs: StageInputs) -> None:
+        if any(caught == peer for caught, _ in self.caught):  # pipelined microbatches checked it at once
+            return
         self.caught.append((peer, self.checks))
         logger.warning("peer %s CAUGHT after %d spot check(s): %s; banned for everyone", peer[-8:], self.checks, reason)
         if self._report is None:

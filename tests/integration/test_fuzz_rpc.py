@@ -21,6 +21,7 @@ from hypothesis import given
 
 from peers.client import StageClient
 from peers.transport import P2PTransport
+from swarm.errors import PeerUnavailable, StageTimeout
 from tests.fuzzing import FUZZ_SETTINGS, RAW_FUZZ_SETTINGS, check_reply, messages, raw_requests, read_reply, tensor_lists
 from tests.helpers import LocalSwarm
 
@@ -48,9 +49,18 @@ class _Fuzzed:
         return P2PTransport(await self.dht.replicate_p2p())
 
     def call(self, method: str, message, tensors) -> dict:
-        reply, _ = self.swarm.loop.run(self.caller.call(self.targets[method], method, message, tensors,
-                                                        timeout=CALL_TIMEOUT), timeout=CALL_TIMEOUT + 5)
-        return reply
+        """The reply, with one retry of a stream that closed before it (as every client of the project
+        retries: loopback p2pd loses about one reply in a thousand, see docs/design.md); a handler that
+        never replies fails the second time too."""
+        for attempt in (1, 2):
+            try:
+                reply, _ = self.swarm.loop.run(self.caller.call(self.targets[method], method, message, tensors,
+                                                                timeout=CALL_TIMEOUT), timeout=CALL_TIMEOUT + 5)
+                return reply
+            except PeerUnavailable as e:
+                if attempt == 2 or isinstance(e, StageTimeout) or "closed" not in str(e):
+                    raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def raw(self, method: str, data: bytes, timeout: float = 0.3):
         return self.swarm.loop.run(self._raw(method, data, timeout), timeout=CALL_TIMEOUT + 5)
