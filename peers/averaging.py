@@ -83,6 +83,15 @@ class _Averager(DecentralizedAverager):
         metadata, tensors = provider()
         return metadata, tensors, None
 
+    async def _step(self, *, step: Any, future_for_init: Any) -> None:
+        """In the averager's process, per round: a round whose members are known (``members`` in its
+        gather data) is complete, and starts, as soon as all of them have joined, instead of when the
+        matchmaking window ends. So the window costs nothing when everyone is on time, and members
+        who learn of the round at different moments (trainers polling the step) still meet in one
+        group as long as they arrive within it. Rounds of one averager never overlap."""
+        self._matchmaking.target_group_size = _round_size(self.serializer, step.data_for_gather)
+        await super()._step(step=step, future_for_init=future_for_init)
+
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         self.start()
         if await_ready:
@@ -100,6 +109,16 @@ class _Averager(DecentralizedAverager):
         parent = os.getppid()
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
         super().run()
+
+
+def _round_size(serializer: Any, data_for_gather: bytes) -> int | None:
+    """The ``members`` a round's gather data announces (see ``HivemindGradientSync.sum``), if any."""
+    try:
+        _, _, user_data = serializer.loads(data_for_gather)
+        members = serializer.loads(user_data).get("members")
+    except Exception:  # another caller's gather data: matchmaking as hivemind does it by default
+        return None
+    return members if isinstance(members, int) and members >= 2 else None
 
 
 _P2P_SOCKETS = "/tmp/hivemind-p2p"  # hivemind's p2pd control socket and its clients' handler sockets
@@ -222,7 +241,8 @@ class HivemindGradientSync:
         with self._lock:  # an abort either finds this round running or is found here
             if key in self._given_up:
                 raise AveragingFailed(f"{self.prefix} step {step}: the round was given up before it began; nothing applied")
-            control = self._averager.step(gather={"peer": me, "step": step}, scheduled_time=scheduled_time,
+            control = self._averager.step(gather={"peer": me, "step": step, "members": len(members)},
+                                          scheduled_time=scheduled_time,
                                           weight=1.0, timeout=timeout, allow_retries=True, wait=False)
             self._round = (key, control)
         try:  # the whole round (matchmaking and all-reduce) within ``timeout`` of the scheduled start

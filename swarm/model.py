@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_TRAINERS_WINDOW = 2.0
+"""Seconds the trainers of a step have to join its round of summing their local gradients."""
+
 
 @dataclass
 class CausalLMOutput:
@@ -438,9 +441,13 @@ class SwarmModelForCausalLM(nn.Module):
     def _sum_with_trainers(self, grads: list[torch.Tensor], step: int, trainers: Sequence[str]) -> list[torch.Tensor]:
         if self._trainer_sync is None:
             raise SwarmError("this trainer has no averager (it was not made by from_pretrained)")
-        window = self.pipeline.policy.averaging_window
+        # trainers learn that a step closed at different moments (each polls the step counter), so
+        # they get a wider window to meet in than the replicas a trainer calls together; the round
+        # starts as soon as all of them are in (peers.averaging), so the window costs nothing then
+        window = max(self.pipeline.policy.averaging_window, _TRAINERS_WINDOW)
         return self._trainer_sync.sum(grads, step=step, members=trainers, me=self.trainer_id,
                                       scheduled_time=get_dht_time() + window, timeout=window + 30.0)
+
     def local_state(self, step: int) -> tuple[StateMeta, dict[str, torch.Tensor]]:
         """A copy of the local parts' weights (embeddings, final norm, head) as a state of ``step``."""
         identity = StateIdentity(run_id=self.manifest.run_id, config_hash=self.manifest.config_hash)
