@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Sequence
 
@@ -80,7 +81,9 @@ class SpotChecker:
         self._rng = rng or random.Random()
         self._report, self._reporter_id = report, reporter_id
         self.checks = 0  # spot checks made (a second replica computed the same forward)
-        self.caught: list[tuple[str, int]] = []  # (peer, checks made when it was caught)
+        self.involved: Counter[str] = Counter()  # spot checks each peer took part in (checked or checking)
+        self._first_disagreement: dict[str, int] = {}  # peer -> which of its checks first disagreed
+        self.caught: list[tuple[str, int]] = []  # (peer, which check of its work found it out)
         self.disputes = 0  # disagreements no third replica could decide
 
     def wants(self) -> bool:
@@ -98,8 +101,11 @@ class SpotChecker:
         if second is None:
             return Verdict(output, peer)
         self.checks += 1
+        self.involved.update((peer, checker))
         if agree(output, second, self.tolerance, self.wire):
             return Verdict(output, peer)
+        for p in (peer, checker):  # pipelined checks finish in any order: the earliest is the one that counts
+            self._first_disagreement.setdefault(p, self.involved[p])
         gap = float((output.float() - second.float()).abs().max())
         logger.warning("spot check of stage %d: peers %s and %s disagree (max difference %.3g)", stage, peer[-8:],
                        checker[-8:], gap)
@@ -134,8 +140,10 @@ class SpotChecker:
     async def _caught(self, peer: str, stage: int, reason: str, inputs: StageInputs) -> None:
         if any(caught == peer for caught, _ in self.caught):  # pipelined microbatches checked it at once
             return
-        self.caught.append((peer, self.checks))
-        logger.warning("peer %s CAUGHT after %d spot check(s): %s; banned for everyone", peer[-8:], self.checks, reason)
+        at = self._first_disagreement.get(peer, self.involved[peer])
+        self.caught.append((peer, at))
+        logger.warning("peer %s CAUGHT at spot check %d of its work (%d made in all): %s; banned for everyone",
+                       peer[-8:], at, self.checks, reason)
         if self._report is None:
             return
         evidence = hashlib.sha256(inputs[0].detach().contiguous().numpy().tobytes()).hexdigest()

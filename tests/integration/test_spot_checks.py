@@ -60,8 +60,8 @@ def test_a_corrupting_peer_is_caught_banned_for_everyone_and_the_loss_is_unaffec
     for step, (a, b) in enumerate(zip(losses["local"], losses["swarm"])):
         assert abs(a - b) / abs(a) <= 1e-3, f"step {step}: local {a} vs swarm {b}"
     assert [peer for peer, _ in checker.caught] == [liar.peer_id]
-    assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks"
-    print(f"caught after {checker.caught[0][1]} spot check(s) of {checker.checks}")
+    assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks of its work"
+    print(f"caught after {checker.caught[0][1]} spot check(s) of its work, {checker.checks} made in all")
     assert set(reports) == {liar.peer_id} and "differs from two other replicas" in reports[liar.peer_id].reason
     book = swarm.bootstrap.telemetry.book
 

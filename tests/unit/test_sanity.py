@@ -149,7 +149,7 @@ def test_spot_checks_catch_a_replica_that_corrupts_its_outputs(model_factory, ra
         assert recomputed == ([] if rate == 1.0 else [0])
         assert [peer for peer, _ in checker.caught] == ["s0b"] and [r.peer_id for r in reports] == ["s0b"]
         assert reports[0].stage == 0 and "differs from two other replicas" in reports[0].reason
-        assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks"
+        assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks of its work"
         assert "s0b" in swarm.pipeline.banned()
         assert agree(torch.ones(3), torch.ones(3) + 1e-5) and not agree(torch.ones(3), torch.ones(3) + 0.05)
     finally:
