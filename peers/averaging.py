@@ -31,7 +31,7 @@ import hivemind
 import torch
 import hivemind.averaging.averager
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce import AllReduceRunner, AllreduceException
 from hivemind.averaging.partition import TensorPartReducer
 from hivemind.utils import get_dht_time
 
@@ -73,6 +73,8 @@ class _Averager(DecentralizedAverager):
 
     state_provider: Callable[[], tuple[Any, list[torch.Tensor]]] | None = None
     clip: float = AVERAGING_CLIP
+    fault: str | None = None  # test-only, see _RobustRunner.fault
+    _running_step: Any = None  # the StepControl of the round running now (rounds never overlap)
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         """What another member downloads with ``load_state_from_peers`` (called by hivemind in this,
@@ -90,7 +92,36 @@ class _Averager(DecentralizedAverager):
         who learn of the round at different moments (trainers polling the step) still meet in one
         group as long as they arrive within it. Rounds of one averager never overlap."""
         self._matchmaking.target_group_size = _round_size(self.serializer, step.data_for_gather)
-        await super()._step(step=step, future_for_init=future_for_init)
+        self._running_step = step
+        try:
+            await super()._step(step=step, future_for_init=future_for_init)
+        finally:
+            self._running_step = None
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: Any,
+                                      group_id: bytes | None = None, **kwargs: Any) -> None:
+        """hivemind's all-reduce, refused when it ended with part of the result missing.
+
+        hivemind finishes a round in which a stream to or from another member broke (libp2p on
+        loopback loses about one stream in a thousand here) with what it has: the parts that did not
+        come back are this member's own values, and a part reduced without a member's contribution
+        lacks it. Only a warning says so ("Averaging: received 83.5% results"), and a replica that
+        applied such a sum drifts from the others for good (the soak benchmark caught two honest
+        replicas disagreeing in spot checks). Here such a round fails without hivemind's retry (the
+        tensors were partly overwritten): the caller applies nothing, and the trainer sorts out who
+        applied the step (``RemotePipeline.apply``)."""
+        group_id = group_info.group_id if group_id is None else group_id
+        try:
+            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        finally:
+            runner = _RobustRunner.running.pop(group_id, None)
+        missing = runner.missing() if runner is not None else None
+        if missing is not None:
+            error = AllreduceException(f"the all-reduce lost part of its result: {missing}")
+            step = self._running_step
+            if step is not None and not step.done():
+                step.set_exception(error)  # before raising: hivemind would retry on half-overwritten tensors
+            raise error
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         self.start()
@@ -104,7 +135,7 @@ class _Averager(DecentralizedAverager):
         _close_inherited_streams()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # this process runs only this averager: its all-reduce rounds reduce robustly
-        _RobustRunner.clip = self.clip
+        _RobustRunner.clip, _RobustRunner.fault = self.clip, self.fault
         hivemind.averaging.averager.AllReduceRunner = _RobustRunner
         parent = os.getppid()
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
@@ -193,15 +224,48 @@ class _RobustReducer(TensorPartReducer):
 
 
 class _RobustRunner(AllReduceRunner):
-    """hivemind's all-reduce with ``_RobustReducer``: installed in the averager's own process only."""
+    """hivemind's all-reduce with ``_RobustReducer``: installed in the averager's own process only.
+    It also tells whether the round's result is whole (``missing``)."""
 
     clip: float = AVERAGING_CLIP
+    running: dict[bytes, "_RobustRunner"] = {}  # group id -> its runner, until the averager has read it
+    fault: str | None = None  # test-only: "lose-results" drops what the first other reducer sends back
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         plain = self.tensor_part_reducer
         self.tensor_part_reducer = _RobustReducer(plain.part_shapes, plain.num_senders, self.clip)
         plain.finalize()
+        _RobustRunner.running[self.group_id] = self
+
+    def missing(self) -> str | None:
+        """What of this member's result is not the whole group's sum, or None when it all is."""
+        lost = self.tensor_part_container.failed_size
+        if lost:
+            return (f"{lost} of {self.tensor_part_container.total_size} values did not come back from the member "
+                    "that reduced them")
+        reducer = self.tensor_part_reducer
+        dropped = sum(1 for after in reducer.sender_failed_after if after < reducer.num_parts)
+        if dropped:
+            return f"{dropped} member(s) stopped sending the parts this member reduced"
+        return None
+
+    async def _communicate_with_peer(self, peer_id: Any) -> None:
+        if _RobustRunner.fault != "lose-results" or peer_id == self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        # test fault, once: the reply stream of another member's reduction breaks after it was sent
+        # (that member's round completes; here its results never arrive)
+        _RobustRunner.fault = None
+        index = self.ordered_peer_ids.index(peer_id)
+        container = self.tensor_part_container
+        keep = container.register_processed_part
+        container.register_processed_part = lambda i, part_index, part: None if i == index else keep(i, part_index, part)
+        try:
+            await super()._communicate_with_peer(peer_id)
+        finally:
+            del container.register_processed_part
+        container.register_failed_reducer(index)
+        raise AllreduceException(f"test fault: the results reduced by {peer_id} were lost")
 
 
 def _exit_with_parent(parent_pid: int, period: float = 1.0) -> None:
@@ -214,10 +278,13 @@ class HivemindGradientSync:
     """One ``DecentralizedAverager`` (a child process sharing the node's p2pd) for one set of tensors."""
 
     def __init__(self, dht: hivemind.DHT, prefix: str, like: Sequence[torch.Tensor], *, window: float = 0.5,
-                 round_timeout: float = 15.0, start_timeout: float = 60.0, clip: float = AVERAGING_CLIP):
+                 round_timeout: float = 15.0, start_timeout: float = 60.0, clip: float = AVERAGING_CLIP,
+                 fault: str | None = None):
         """``round_timeout`` bounds the all-reduce once a group has formed: hivemind's default is no
         bound, so a member that dies mid-round (its p2p daemon may outlive it for a while) would keep
-        the others waiting forever, their compute thread with them. ``clip``: see ``robust_mean``."""
+        the others waiting forever, their compute thread with them. ``clip``: see ``robust_mean``.
+        ``fault`` (tests only): ``"lose-results"`` loses the results of the first round's first other
+        reducer, as a broken stream does."""
         self.prefix = prefix
         self._round: tuple[_Round, Any] | None = None  # the round running now, and its StepControl
         self._given_up = _GivenUp()
@@ -227,7 +294,7 @@ class HivemindGradientSync:
             min_group_size=2, target_group_size=None, min_matchmaking_time=window,
             request_timeout=max(window / 2, 0.1), allow_state_sharing=False, allreduce_timeout=round_timeout,
         )
-        self._averager.clip = clip
+        self._averager.clip, self._averager.fault = clip, fault
         with _FORK_LOCK:
             self._averager.run_in_background(await_ready=True, timeout=start_timeout)
 
