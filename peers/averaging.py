@@ -111,11 +111,9 @@ class _Averager(DecentralizedAverager):
         tensors were partly overwritten): the caller applies nothing, and the trainer sorts out who
         applied the step (``RemotePipeline.apply``)."""
         group_id = group_info.group_id if group_id is None else group_id
-        try:
-            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-        finally:
-            runner = _RobustRunner.running.pop(group_id, None)
-        missing = runner.missing() if runner is not None else None
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        runner: _RobustRunner = self._running_groups[group_id].result()  # hivemind registered it there
+        missing = runner.missing()
         if missing is not None:
             error = AllreduceException(f"the all-reduce lost part of its result: {missing}")
             step = self._running_step
@@ -228,7 +226,6 @@ class _RobustRunner(AllReduceRunner):
     It also tells whether the round's result is whole (``missing``)."""
 
     clip: float = AVERAGING_CLIP
-    running: dict[bytes, "_RobustRunner"] = {}  # group id -> its runner, until the averager has read it
     fault: str | None = None  # test-only: "lose-results" drops what the first other reducer sends back
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -236,7 +233,6 @@ class _RobustRunner(AllReduceRunner):
         plain = self.tensor_part_reducer
         self.tensor_part_reducer = _RobustReducer(plain.part_shapes, plain.num_senders, self.clip)
         plain.finalize()
-        _RobustRunner.running[self.group_id] = self
 
     def missing(self) -> str | None:
         """What of this member's result is not the whole group's sum, or None when it all is."""

@@ -140,7 +140,7 @@ class SpotChecker:
     async def _caught(self, peer: str, stage: int, reason: str, inputs: StageInputs) -> None:
         if any(caught == peer for caught, _ in self.caught):  # pipelined microbatches checked it at once
             return
-        at = self._first_disagreement.get(peer, self.involved[peer])
+        at = self._first_disagreement[peer]  # a peer is caught only after a check of its work disagreed
         self.caught.append((peer, at))
         logger.warning("peer %s CAUGHT at spot check %d of its work (%d made in all): %s; banned for everyone",
                        peer[-8:], at, self.checks, reason)
