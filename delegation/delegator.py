@@ -39,7 +39,7 @@ from peers.auth import AuthedTransport, RunAuth
 from peers.contribution import ContributionRecorder, bootstrap_peer_ids
 from peers.ledger import LedgerWriter, Work
 from peers.transport import P2PTransport
-from swarm._loop import Lifecycle, cancel_and_wait
+from swarm._loop import Lifecycle, bounded, cancel_and_wait
 from swarm.config import SwarmSettings
 from swarm.errors import (
     AuthRejected,
@@ -215,7 +215,7 @@ class Delegator(Lifecycle):
         self._session, self._reachable, self._last_error = None, False, why
         if session.record is not None:
             with contextlib.suppress(Exception):  # the record expires anyway
-                await self.dht.withdraw(session.record)
+                await asyncio.wait_for(self.dht.withdraw(session.record), 5)
 
     async def _announce(self, session: _Session, response: PollResponse) -> None:
         """The delegate's replica under this delegator's signed record, once it is served."""
@@ -279,21 +279,20 @@ class Delegator(Lifecycle):
         """Stop the session (its last receipts signed and submitted), withdraw the record, leave."""
         if self._closed.is_set():
             return
-        await cancel_and_wait(self._task)
+        await bounded(cancel_and_wait(self._task), 5, "the delegation poll")
         self._task = None
         session, self._session = self._session, None
         if session is not None:
-            await self._stop_session(session)
+            await bounded(self._stop_session(session), 20, "closing the delegation session")
         if self.recorder is not None:
-            await self.recorder.stop()
+            await bounded(self.recorder.stop(), 10, "the ledger's last submission")
         if self._auth is not None:
-            await self._auth.stop()
+            await bounded(self._auth.stop(), 5, "the access token's renewal")
         if self._transport is not None:
-            await self._transport.shutdown()
-            with contextlib.suppress(Exception):
-                await self._transport.p2p.shutdown()
+            await bounded(self._transport.shutdown(), 3, "removing the RPC handlers")
+            await bounded(self._transport.p2p.shutdown(), 3, "the P2P connection")
         if self.dht is not None:
-            await asyncio.to_thread(self.dht.shutdown)
+            await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT process")
         self._mark_closed()
         logger.info("delegator stopped")
 

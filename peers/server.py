@@ -79,7 +79,7 @@ from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_
 from shards.source import resolve_model
 from shards.stage import load_stage
 from shards.types import LayerRange
-from swarm._loop import Lifecycle, cancel_and_wait
+from swarm._loop import Lifecycle, bounded, cancel_and_wait
 from swarm.config import SwarmSettings
 from swarm.errors import (
     CapacityExceeded,
@@ -798,15 +798,14 @@ class Peer(Lifecycle):
                 with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                     await asyncio.wait_for(self.dht.withdraw(record), 5)
         if self._transport is not None:
-            await self._transport.shutdown()
-            with contextlib.suppress(Exception):
-                await self._transport.p2p.shutdown()
+            await bounded(self._transport.shutdown(), 3, "removing the RPC handlers")
+            await bounded(self._transport.p2p.shutdown(), 3, "the P2P connection")
         for slot in [*self.slots.values(), *self.hosted.values()]:
             await slot.close()
         self.hosted.clear()
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
         if self.dht is not None:
-            await asyncio.to_thread(self.dht.shutdown)
+            await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT process")
         self._mark_closed()
         logger.info("peer stopped")
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Awaitable, Coroutine, TypeVar
 
 import uvloop
 
-__all__ = ["LoopThread", "cancel_and_wait", "Lifecycle", "start_unless_stopped"]
+__all__ = ["LoopThread", "cancel_and_wait", "bounded", "Lifecycle", "start_unless_stopped"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -22,6 +25,17 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def bounded(step: Awaitable[Any], seconds: float, what: str) -> None:
+    """One step of a shutdown: waited for at most ``seconds``; a step that hangs or fails is logged
+    (naming ``what``) and left behind, so that ``stop()`` always returns and the steps after it run."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except asyncio.TimeoutError:
+        logger.warning("stopping: %s did not finish within %.0f s; going on without it", what, seconds)
+    except Exception as e:  # a daemon already gone, a closed pipe: nothing left to undo
+        logger.debug("stopping: %s: %s: %s", what, type(e).__name__, e)
 
 
 class Lifecycle:
