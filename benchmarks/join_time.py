@@ -9,7 +9,9 @@ A bootstrap runs on 127.0.0.1 with a 1-stage run of a small GPT-2. One ``swarm j
 caches its throughput (in its state dir), serves, and leaves. Then the same peer (same state dir)
 joins ``--joins`` times: each time the clock runs from ``Popen`` until its log shows ``serving stage``
 (polled every 20 ms), and it leaves again (Ctrl+C) before the next. For scale, the time a fresh
-interpreter takes just to import torch, transformers and hivemind is measured in between.
+interpreter takes just to import torch, transformers and hivemind is measured in between, and the
+same with the model family's code (what any peer on this stack must import before it can serve): the
+difference between a join and that floor is the swarm's own work.
 Target: <= 3 s on loopback (Petals 2.2 here: 4.5-8.1 s).
 """
 
@@ -49,9 +51,12 @@ def _join(procs: ProcessGroup, address: str, state_dir: Path, index: int) -> flo
     return seconds
 
 
-def _bare_imports() -> float:
+FLOOR_IMPORTS = "import torch, transformers, hivemind, transformers.models.gpt2.modeling_gpt2"
+
+
+def _bare_imports(statement: str = "import torch, transformers, hivemind") -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, transformers, hivemind"], check=True)
+    subprocess.run([sys.executable, "-c", statement], check=True)
     return time.perf_counter() - started
 
 
@@ -62,7 +67,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     model_dir = make_tiny_model(root / "model", "gpt2", num_layers=4, hidden_size=128, num_heads=4, vocab_size=256)
     procs = ProcessGroup(root)
-    joins, imports = [], []
+    joins, imports, floors = [], [], []
     try:
         boot = procs.start("bootstrap", ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "1",
                                          "--host", "127.0.0.1", "--port", "0", "--state-dir", str(root / "boot")])
@@ -70,6 +75,7 @@ def main() -> None:
         first = _join(procs, address, root / "peer", 0)
         for i in range(args.joins):
             imports.append(_bare_imports())
+            floors.append(_bare_imports(FLOOR_IMPORTS))
             joins.append(_join(procs, address, root / "peer", i + 1))
     finally:
         procs.stop_all()
@@ -78,6 +84,10 @@ def main() -> None:
           f"median {statistics.median(joins):.2f} s (target <= 3 s)")
     print(f"bare `import torch, transformers, hivemind` in a new interpreter: median {statistics.median(imports):.2f} s "
           f"({statistics.median(imports) / statistics.median(joins):.0%} of a join)")
+    floor = statistics.median(floors)
+    print(f"the same plus the model's code (`{FLOOR_IMPORTS}`; it pulls in torch._dynamo through "
+          f"transformers.masking_utils): median {floor:.2f} s = {floor / statistics.median(joins):.0%} of a join; "
+          f"a join beyond these imports (DHT, manifest, claim, load, serve): {statistics.median(joins) - floor:.2f} s")
 
 
 if __name__ == "__main__":

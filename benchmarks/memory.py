@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,6 +72,25 @@ class _Sampler(threading.Thread):
         self.join()
 
 
+FLOOR_IMPORTS = "import torch, transformers, hivemind, transformers.models.llama.modeling_llama"
+
+
+def interpreter_floor() -> int:
+    """PSS of an idle interpreter that has imported only what any peer on this stack must (torch,
+    transformers, hivemind and the model's code), measured beside the running swarm so that shared
+    library pages are split the same way."""
+    code = f"{FLOOR_IMPORTS}; import sys, time; print('ready', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the floor interpreter did not start")
+        time.sleep(1.0)
+        return psutil.Process(proc.pid).memory_full_info().pss
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _stage_bytes(model_dir: Path, layers: range) -> int:
     from shards import LayerRange, load_stage, resolve_model
 
@@ -100,6 +120,9 @@ def main() -> None:
         time.sleep(args.idle_wait)
         parts: list[str] = []
         idle = tree_memory(stage0.pid, parts)
+        p2pd = sum(proc.memory_full_info().pss for proc in psutil.Process(stage0.pid).children(recursive=True)
+                   if proc.name() == "p2pd")
+        floor = interpreter_floor()
         sampler = _Sampler(stage0.pid)
         sampler.start()
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as model:
@@ -125,6 +148,9 @@ def main() -> None:
           f"(RSS {peak[1] / MiB:6.1f} MiB) over {peak[2]} processes")
     print(f"idle PSS beyond the stage's state: {(idle[0] - 4 * weights) / MiB:.1f} MiB; peak beyond it: "
           f"{(peak[0] - 4 * weights) / MiB:.1f} MiB")
+    print(f"floor of any peer on this stack: an idle interpreter after `{FLOOR_IMPORTS}` {floor / MiB:.1f} MiB "
+          f"+ p2pd {p2pd / MiB:.1f} MiB + the stage's weights {weights / MiB:.1f} MiB = "
+          f"{(floor + p2pd + weights) / MiB:.1f} MiB; this peer idles at {idle[0] / (floor + p2pd + weights):.2f}x it")
 
 
 if __name__ == "__main__":
