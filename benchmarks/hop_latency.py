@@ -12,7 +12,10 @@ echo server. This process calls them in turn over loopback:
 * ``stage forward``: ``swarm.stage.forward`` of a [4, 128, 1024] float32 activation (2 MiB each way),
   minus the compute time the stage reports (the RPC's own cost: serialization, p2pd, streams, the
   event loop and the hop to the compute thread);
-* ``echo rpc``: ``swarm.probe.echo`` of the same tensor (the same transport, no stage at all).
+* ``echo rpc``: ``swarm.probe.echo`` of the same tensor (the same transport, no stage at all);
+* ``p2pd stream``: the same bytes as the TCP echo through a bare libp2p stream of the same two p2pd
+  daemons (hivemind's ``call_binary_stream_handler``, no framing, no protobuf, no tensors): what any
+  call through p2pd costs before swarm's code runs.
 
 Target: stage forward (minus compute) <= 1.3x the TCP echo.
 """
@@ -36,7 +39,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hivemind.p2p import P2P  # noqa: E402
+from hivemind.p2p import P2P, PeerID  # noqa: E402
 
 from peers.client import StageClient  # noqa: E402
 from peers.measure import serve_echo  # noqa: E402
@@ -57,6 +60,18 @@ async def _serve_tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         writer.close()
 
 
+RAW_ECHO = "bench.raw_echo"
+
+
+async def _serve_raw_echo(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        size = int.from_bytes(await reader.readexactly(8), "little")
+        writer.write(size.to_bytes(8, "little") + await reader.readexactly(size))
+        await writer.drain()
+    finally:
+        writer.close()
+
+
 async def _server(model_dir: str) -> None:
     from dht.schemas import OptimizerSettings
     from peers.executor import StageExecutor
@@ -71,6 +86,7 @@ async def _server(model_dir: str) -> None:
     service = StageService(executor, p2p.peer_id.to_base58())
     await service.register(transport)
     await serve_echo(transport)
+    await p2p.add_binary_stream_handler(RAW_ECHO, _serve_raw_echo)
     tcp = await asyncio.start_server(_serve_tcp_echo, "127.0.0.1", 0)
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
     print(json.dumps({"maddrs": maddrs, "peer_id": p2p.peer_id.to_base58(),
@@ -90,7 +106,9 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
     payload = hidden.numpy().tobytes()
     from shards import LayerRange
     layers = LayerRange(start=0, end=1)
-    times: dict[str, list[float]] = {"tcp echo": [], "stage forward": [], "compute": [], "echo rpc": []}
+    times: dict[str, list[float]] = {"tcp echo": [], "stage forward": [], "compute": [], "echo rpc": [],
+                                     "p2pd stream": []}
+    server_id = PeerID.from_base58(info["peer_id"])
 
     async def tcp_round() -> float:
         started = time.perf_counter()
@@ -110,14 +128,26 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
         await transport.call(info["peer_id"], ECHO, EchoRequest().model_dump(mode="json"), [hidden], timeout=60)
         return time.perf_counter() - started
 
+    async def raw_round() -> float:
+        started = time.perf_counter()
+        _, raw_reader, raw_writer = await p2p.call_binary_stream_handler(server_id, RAW_ECHO)
+        try:
+            raw_writer.write(len(payload).to_bytes(8, "little") + payload)
+            await raw_writer.drain()
+            await raw_reader.readexactly(int.from_bytes(await raw_reader.readexactly(8), "little"))
+        finally:
+            raw_writer.close()
+        return time.perf_counter() - started
+
     for _ in range(3):  # warm-up: connections, the stage's first forward
-        await tcp_round(), await stage_round(), await echo_round()
+        await tcp_round(), await stage_round(), await echo_round(), await raw_round()
     for _ in range(args.calls):  # interleaved, so a noisy moment hits all three
         times["tcp echo"].append(await tcp_round())
         total, compute = await stage_round()
         times["stage forward"].append(total - compute)
         times["compute"].append(compute)
         times["echo rpc"].append(await echo_round())
+        times["p2pd stream"].append(await raw_round())
     writer.close()
     await p2p.shutdown()
     return times
@@ -158,7 +188,9 @@ def main() -> None:
         print(f"{name:>14}: median {median * 1000:7.2f} ms  (p10 {sorted(values)[len(values) // 10] * 1000:7.2f}, "
               f"p90 {sorted(values)[len(values) * 9 // 10] * 1000:7.2f}){ratio}")
     print(f"stage RPC (forward minus compute) / raw TCP echo: {statistics.median(times['stage forward']) / tcp:.2f}x "
-          f"(target <= 1.3x)")
+          f"(target <= 1.3x); a bare p2pd stream alone: {statistics.median(times['p2pd stream']) / tcp:.2f}x, so "
+          f"swarm's own code adds {(statistics.median(times['stage forward']) - statistics.median(times['p2pd stream'])) * 1000:.1f} ms "
+          f"to what p2pd costs")
 
 
 if __name__ == "__main__":
