@@ -54,11 +54,6 @@ class GradientSync(Protocol):
         (``AveragingFailed``) at once, one that starts later fails when it starts. True if one waited."""
         ...
 
-    def prepare(self) -> None:
-        """Get ready for rounds with other members (start whatever they need); a no-op once ready.
-        ``sum`` does it too, but a caller that sees another member coming does it ahead of time."""
-        ...
-
     def shutdown(self) -> None: ...
 
 
@@ -281,49 +276,27 @@ class HivemindGradientSync:
 
     def __init__(self, dht: hivemind.DHT, prefix: str, like: Sequence[torch.Tensor], *, window: float = 0.5,
                  round_timeout: float = 15.0, start_timeout: float = 60.0, clip: float = AVERAGING_CLIP,
-                 fault: str | None = None, lazy: bool = False):
+                 fault: str | None = None):
         """``round_timeout`` bounds the all-reduce once a group has formed: hivemind's default is no
         bound, so a member that dies mid-round (its p2p daemon may outlive it for a while) would keep
         the others waiting forever, their compute thread with them. ``clip``: see ``robust_mean``.
-        ``lazy``: the averager process (a forked child and a shared copy of every tensor: about a
-        hundred MiB for a stage of 40 MiB) starts only on ``prepare()`` or the first ``sum``, so a
-        stage with no other replica never pays for it. ``fault`` (tests only): ``"lose-results"``
-        loses the results of the first round's first other reducer, as a broken stream does."""
+        ``fault`` (tests only): ``"lose-results"`` loses the results of the first round's first other
+        reducer, as a broken stream does."""
         self.prefix = prefix
         self._round: tuple[_Round, Any] | None = None  # the round running now, and its StepControl
         self._given_up = _GivenUp()
         self._lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        self._averager: _Averager | None = None
-        self._dht, self._shapes = dht, [(tuple(t.shape), t.dtype) for t in like]
-        self._options = dict(min_matchmaking_time=window, request_timeout=max(window / 2, 0.1),
-                             allreduce_timeout=round_timeout)
-        self._start_timeout, self._clip, self._fault = start_timeout, clip, fault
-        if not lazy:
-            self.prepare()
-
-    @property
-    def started(self) -> bool:
-        return self._averager is not None
-
-    def prepare(self) -> None:
-        """Start the averager process (at most once; blocks until it serves)."""
-        with self._start_lock:
-            if self._averager is not None:
-                return
-            averager = _Averager(
-                [torch.zeros(shape, dtype=dtype) for shape, dtype in self._shapes], self._dht, prefix=self.prefix,
-                start=False, min_group_size=2, target_group_size=None, allow_state_sharing=False, **self._options,
-            )
-            averager.clip, averager.fault = self._clip, self._fault
-            with _FORK_LOCK:
-                averager.run_in_background(await_ready=True, timeout=self._start_timeout)
-            self._averager = averager
-            logger.debug("%s: averager process started", self.prefix)
+        self._averager = _Averager(
+            [torch.zeros_like(t, device="cpu") for t in like], dht, prefix=prefix, start=False,
+            min_group_size=2, target_group_size=None, min_matchmaking_time=window,
+            request_timeout=max(window / 2, 0.1), allow_state_sharing=False, allreduce_timeout=round_timeout,
+        )
+        self._averager.clip, self._averager.fault = clip, fault
+        with _FORK_LOCK:
+            self._averager.run_in_background(await_ready=True, timeout=start_timeout)
 
     def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
             scheduled_time: float, timeout: float) -> list[torch.Tensor]:
-        self.prepare()
         with self._averager.get_tensors() as tensors:
             for slot, grad in zip(tensors, grads):
                 slot.copy_(grad)
@@ -364,14 +337,12 @@ class HivemindGradientSync:
     def share_state(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None:
         """From now on, a member that joins later may download ``provider()``'s (metadata, tensors)
         from this one (hivemind's state sharing: ``{prefix}.all_averagers`` in the DHT)."""
-        self.prepare()
         self._averager.state_provider = provider
         self._averager.allow_state_sharing = True
 
     def load_state(self, timeout: float) -> tuple[Any, list[torch.Tensor]] | None:
         """The state another member shares (the one hivemind ranks first), or None if none handed it
         over within ``timeout`` s."""
-        self.prepare()
         future = self._averager.load_state_from_peers(wait=False)
         try:
             return future.result(timeout=timeout)
@@ -386,9 +357,8 @@ class HivemindGradientSync:
             return current is not None and current[0] == key and current[1].cancel()
 
     def shutdown(self) -> None:
-        with self._start_lock:  # not while one starts: it would outlive its owner
-            if self._averager is not None and self._averager.is_alive():
-                self._averager.shutdown()
+        if self._averager.is_alive():
+            self._averager.shutdown()
 
 
 _Round = tuple[int, tuple[str, ...]]
@@ -446,9 +416,6 @@ class LocalGradientSync:
                     raise AveragingFailed(f"step {step}: only {sorted(self._rounds[key])} of {list(members)} came")
             contributions = [self._rounds[key][m] for m in sorted(members)]
         return [robust_mean(parts, clip=self.clip)[0] * len(parts) for parts in zip(*contributions)]
-
-    def prepare(self) -> None:
-        pass
 
     def abort(self, step: int, members: Sequence[str]) -> bool:
         """Gives the round up for every member (the fake is shared by the whole group)."""

@@ -75,8 +75,6 @@ class ResyncWatch:
         records = await self._records(executor.stage)
         others = {r.peer_id: r.step for r in records if r.state == PeerState.ONLINE and r.peer_id != self._me
                   and r.layers == executor.layers}
-        if others and executor.sync is not None:  # a replica came: be ready to average with it
-            await asyncio.to_thread(executor.sync.prepare)
         mine = executor.optimizer_step
         if not falls_behind(mine, list(others.values()), self._behind_at.get(executor.stage)):
             if others and max(others.values()) > mine:

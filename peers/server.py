@@ -343,11 +343,10 @@ class Peer(Lifecycle):
 
     async def _serve_span(self, span: Span) -> None:
         """Load every stage of ``span`` (its slot exists, announced ``loading``) with its averager, then
-        adopt each stage's current state. An averager forks its process only once its stage has
-        another replica: here, before that stage's state download opens a stream (the child closes
-        its copies of open streams, see ``peers.averaging``); later, when ``ResyncWatch`` or a step
-        with other members finds one. Free heap goes back to the system before the forks and at the
-        end (see ``release_free_memory``)."""
+        adopt each stage's current state. Every averager forks a process: all of them start before any
+        state download opens a stream (the child closes its copies of open streams, see
+        ``peers.averaging``, but a span's own downloads need not test that). Free heap goes back to
+        the system before the forks and at the end (see ``release_free_memory``)."""
         release_free_memory()
         for stage in span.stages:
             await self._load_slot(self.slots[stage])
@@ -365,7 +364,7 @@ class Peer(Lifecycle):
         prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
         slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
                                             round_timeout=self.settings.peer.averaging_timeout,
-                                            clip=self.settings.peer.averaging_clip, lazy=True)
+                                            clip=self.settings.peer.averaging_clip)
         executor = StageExecutor(
             module, stage, self.manifest.stages[stage], self.manifest.optimizer,
             cache_size=self.settings.peer.cache_size, sync=slot.sync,
@@ -709,8 +708,6 @@ class Peer(Lifecycle):
         executor = slot.service.executor
         banned = await banned_peers(self.dht)  # a replica caught returning wrong results is no source
         replicas = [p for p in await self._online_replicas(executor.stage) if p not in banned]
-        if replicas and slot.sync is not None:  # it averages with them from its first step
-            await asyncio.to_thread(slot.sync.prepare)
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,

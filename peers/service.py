@@ -147,10 +147,6 @@ class StageService:
             raise BadRequest(f"a state request carries no tensors, got {len(tensors)}")
         if self.identity is None:
             raise BadRequest("this peer does not share its stage state")
-        if request.with_optimizer and self.executor.sync is not None:
-            # a replica is joining (or resyncing): this stage averages with it from its next step on,
-            # so its averager starts now rather than inside that step's round
-            await asyncio.to_thread(self.executor.sync.prepare)
         meta, state = await self._in_worker(self._capture_state, request.with_optimizer)
         names = list(state)
         return ok_reply(StateResponse(meta=meta, names=names)), [state[name] for name in names]
