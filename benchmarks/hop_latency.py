@@ -53,24 +53,35 @@ BATCH, SEQ, HIDDEN = 4, 128, 1024  # 2 MiB of float32
 T = TypeVar("T")
 
 
+RAW_ECHO = "bench.raw_echo"
+
+
+async def _echo_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read one length-prefixed message and send it back."""
+    size = int.from_bytes(await reader.readexactly(8), "little")
+    writer.write(size.to_bytes(8, "little") + await reader.readexactly(size))
+    await writer.drain()
+
+
+async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> None:
+    """Send ``payload`` length-prefixed and read its echo."""
+    writer.write(len(payload).to_bytes(8, "little") + payload)
+    await writer.drain()
+    await reader.readexactly(int.from_bytes(await reader.readexactly(8), "little"))
+
+
 async def _serve_tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
-            size = int.from_bytes(await reader.readexactly(8), "little")
-            writer.write(size.to_bytes(8, "little") + await reader.readexactly(size))
-            await writer.drain()
+            await _echo_one(reader, writer)
     except asyncio.IncompleteReadError:
         writer.close()
 
 
-RAW_ECHO = "bench.raw_echo"
-
-
 async def _serve_raw_echo(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The same echo on a libp2p stream (one message per stream, as swarm's calls open one each)."""
     try:
-        size = int.from_bytes(await reader.readexactly(8), "little")
-        writer.write(size.to_bytes(8, "little") + await reader.readexactly(size))
-        await writer.drain()
+        await _echo_one(reader, writer)
     finally:
         writer.close()
 
@@ -115,10 +126,7 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
 
     async def tcp_round() -> float:
         started = time.perf_counter()
-        writer.write(len(payload).to_bytes(8, "little") + payload)
-        await writer.drain()
-        size = int.from_bytes(await reader.readexactly(8), "little")
-        await reader.readexactly(size)
+        await _roundtrip(reader, writer, payload)
         return time.perf_counter() - started
 
     async def stage_round() -> tuple[float, float]:
@@ -135,9 +143,7 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
         started = time.perf_counter()
         _, raw_reader, raw_writer = await p2p.call_binary_stream_handler(server_id, RAW_ECHO)
         try:
-            raw_writer.write(len(payload).to_bytes(8, "little") + payload)
-            await raw_writer.drain()
-            await raw_reader.readexactly(int.from_bytes(await raw_reader.readexactly(8), "little"))
+            await _roundtrip(raw_reader, raw_writer, payload)
         finally:
             raw_writer.close()
         return time.perf_counter() - started

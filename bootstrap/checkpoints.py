@@ -11,7 +11,6 @@ restart of the bootstrap. The store announces itself under ``{run}_checkpoint_st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,9 +81,7 @@ class CheckpointStore:
         await cancel_and_wait(self._task)
         self._task = None
         if self._transport is not None:
-            await self._transport.shutdown()
-            with contextlib.suppress(Exception):  # the daemon may already be gone at shutdown
-                await self._transport.p2p.shutdown()
+            await self._transport.close()
             self._transport = None
 
     async def _announce(self) -> None:

@@ -417,9 +417,7 @@ class BootstrapNode:
         if self.peering is not None:
             await self.peering.withdraw()
         if self._transport is not None:
-            await self._transport.shutdown()
-            with contextlib.suppress(Exception):
-                await self._transport.p2p.shutdown()
+            await self._transport.close()
         if self.checkpoints is not None:
             await self.checkpoints.stop()
         if self.telemetry is not None:

@@ -7,7 +7,6 @@ contribution beside the RPC counts and hardware gauges every node has.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -72,7 +71,5 @@ class BootstrapTelemetry:
             self.server = None
         await self.monitor.stop()
         if self._transport is not None:
-            await self._transport.shutdown()
-            with contextlib.suppress(Exception):  # the daemon may already be gone
-                await self._transport.p2p.shutdown()
+            await self._transport.close()
             self._transport = None

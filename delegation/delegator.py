@@ -289,8 +289,7 @@ class Delegator(Lifecycle):
         if self._auth is not None:
             await bounded(self._auth.stop(), 5, "the access token's renewal")
         if self._transport is not None:
-            await bounded(self._transport.shutdown(), 3, "removing the RPC handlers")
-            await bounded(self._transport.p2p.shutdown(), 3, "the P2P connection")
+            await self._transport.close()
         if self.dht is not None:
             await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT process")
         self._mark_closed()

@@ -33,6 +33,7 @@ from dht.records import SwarmDHT
 from dht.schemas import PROTOCOL_VERSION, FrozenModel
 from peers.protocol import error_reply, ok_reply, parse_reply, parse_request
 from peers.transport import CALLER, Handler, P2PTransport, Transport
+from swarm._loop import cancel_and_wait
 from swarm.errors import AuthRejected, PeerUnavailable, SwarmError
 
 __all__ = [
@@ -182,7 +183,7 @@ class RunAuth:
     handlers, and the run's validator in its DHT process, all following the run-control record."""
 
     def __init__(self, dht: SwarmDHT, key: str, control: RunControl, authority: bytes,
-                 bootstraps: list[str], transport: Transport, *, on_revoked: Callable[[], None] | None = None):
+                 bootstraps: list[str], transport: P2PTransport, *, on_revoked: Callable[[], None] | None = None):
         self.dht, self.key, self.authority = dht, key, authority
         self.bootstraps, self.transport, self.on_revoked = bootstraps, transport, on_revoked
         self.gate = AuthGate(authority, frozenset(control.revoked))
@@ -284,14 +285,9 @@ class RunAuth:
                 logger.warning("renewing the access token failed (attempt %d): %s", failures, e)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        with contextlib.suppress(Exception):
-            await self.transport.shutdown()
-            await self.transport.p2p.shutdown()
+        await cancel_and_wait(self._task)
+        self._task = None
+        await self.transport.close()
 
 
 _TOKEN_TIMEOUT = 15.0

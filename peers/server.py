@@ -798,8 +798,7 @@ class Peer(Lifecycle):
                 with contextlib.suppress(Exception):  # leaving early is fine: the record expires anyway
                     await asyncio.wait_for(self.dht.withdraw(record), 5)
         if self._transport is not None:
-            await bounded(self._transport.shutdown(), 3, "removing the RPC handlers")
-            await bounded(self._transport.p2p.shutdown(), 3, "the P2P connection")
+            await self._transport.close()
         for slot in [*self.slots.values(), *self.hosted.values()]:
             await slot.close()
         self.hosted.clear()

@@ -24,6 +24,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from peers.framing import IDLE_SECONDS, read_frames, write_frames
 from peers.protocol import error_reply
+from swarm._loop import bounded
 from swarm.errors import BadRequest, PeerUnavailable, StageTimeout, SwarmError
 
 __all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
@@ -115,6 +116,12 @@ class P2PTransport:
             raise
         except Exception as e:  # P2PDaemonError, P2PHandlerError, ConnectionError, ...: the peer is gone
             raise PeerUnavailable(f"{method} on {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+
+    async def close(self) -> None:
+        """Stop serving and close this transport's P2P connection, each bounded (``bounded``): a
+        daemon already gone, or one that hangs, never holds up the stop of whatever owns this."""
+        await bounded(self.shutdown(), 3, "removing the RPC handlers")
+        await bounded(self.p2p.shutdown(), 3, "the P2P connection")
 
     async def shutdown(self) -> None:
         for method in self._served:
