@@ -58,7 +58,10 @@ def test_a_new_replica_starts_from_the_current_state(model_factory, swarm_factor
     _assert_same_optimizer_state(first, joined)
 
     async def bad_then_good(dht: SwarmDHT):  # over real P2P: a bad state request is refused, the peer keeps serving
-        client = StageClient(P2PTransport(await dht.dht.replicate_p2p()), attempts=1)
+        # retried like every real client: libp2p on loopback loses about one stream in a few hundred
+        # ("the stream closed before its first frame"; this test once failed on it); a refusal is
+        # an error reply, never retried
+        client = StageClient(P2PTransport(await dht.dht.replicate_p2p()))
         try:
             with pytest.raises(WrongStage, match="not stage 0"):
                 await client.fetch_state(joined.peer_id, 0, LayerRange(start=0, end=1))
