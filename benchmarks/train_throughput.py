@@ -1,5 +1,7 @@
 """Training throughput: the same tiny model trained (a) locally in one process and (b) through a
-2-peer swarm on loopback, side by side in one run. Prints tokens/s of both and their ratio.
+2-peer swarm on loopback, side by side in one run. Prints tokens/s of both and their ratio. The
+swarm runs its rounds twice, interleaved: with activations pushed peer to peer (the default) and
+relayed through the trainer (the same trainer with ``pipeline.push`` off), and prints that ratio too.
 
     .venv/bin/python benchmarks/train_throughput.py            # batch 32 x 128, GPT-2 8 layers x 256
     .venv/bin/python benchmarks/train_throughput.py --batch 8 --microbatch 0   # one microbatch: no pipelining
@@ -75,7 +77,7 @@ def main() -> None:
           f"wire {args.wire}; load average {os.getloadavg()[0]:.1f}")
 
     procs = ProcessGroup(root)
-    local_times, swarm_times = [], []
+    local_times, swarm_times, relay_times = [], [], []
     try:
         address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
                                     target_batch_size=args.batch, threads=max(1, args.threads // 2), wire=args.wire)
@@ -89,17 +91,25 @@ def main() -> None:
             # interleaved rounds, so that a noisy minute on a shared machine hits both sides alike
             for _ in range(args.rounds):
                 local_times.append(local.steps(args.steps))
+                remote.pipeline.push = True
                 swarm_times.append(swarm.steps(args.steps))
+                remote.pipeline.push = False
+                relay_times.append(swarm.steps(args.steps))
+            fallbacks = remote.pipeline.push_fallbacks
     finally:
         procs.stop_all()
 
     tokens = args.steps * args.batch * args.seq
     ratios = sorted(lt / st for lt, st in zip(local_times, swarm_times))
-    for i, (lt, st) in enumerate(zip(local_times, swarm_times)):
-        print(f"round {i + 1}: local {tokens / lt:8,.0f} tok/s   swarm {tokens / st:8,.0f} tok/s   ratio {lt / st:.2f}")
+    for i, (lt, st, rt) in enumerate(zip(local_times, swarm_times, relay_times)):
+        print(f"round {i + 1}: local {tokens / lt:8,.0f} tok/s   swarm {tokens / st:8,.0f} tok/s   ratio {lt / st:.2f}"
+              f"   (relayed {tokens / rt:8,.0f} tok/s)")
     local_s, swarm_s = sorted(local_times)[len(local_times) // 2], sorted(swarm_times)[len(swarm_times) // 2]
+    relay_s = sorted(relay_times)[len(relay_times) // 2]
     print(f"local:  {tokens / local_s:10,.0f} tokens/s  ({local_s / args.steps * 1000:.0f} ms/step, median round)")
     print(f"swarm:  {tokens / swarm_s:10,.0f} tokens/s  ({swarm_s / args.steps * 1000:.0f} ms/step, 2 peers on loopback)")
+    print(f"relayed: {tokens / relay_s:9,.0f} tokens/s  (the same swarm, the trainer relaying every hop)")
+    print(f"pushed/relayed: {relay_s / swarm_s:.2f}; pushes that broke and went through the trainer: {fallbacks}")
     print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds; target >= 0.90); "
           f"load average {os.getloadavg()[0]:.1f}")
 

@@ -99,7 +99,12 @@ class ObservedTransport:
         self.calls = calls
 
     async def serve(self, method: str, handler: Handler) -> None:
-        await self.inner.serve(method, self._observed(method.rsplit(".", 1)[-1], handler))
+        await self.inner.serve(method, self.wrap(method, handler))
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """``handler`` counted as a request of ``method`` (also when called from within this peer: a
+        push computes its hop through its own forward or backward handler)."""
+        return self._observed(method.rsplit(".", 1)[-1], handler)
 
     async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
                    timeout: float) -> tuple[Any, list[torch.Tensor]]:

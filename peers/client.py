@@ -10,15 +10,25 @@ import torch
 from peers.protocol import (
     ABORT,
     BACKWARD,
+    COLLECT,
     FORWARD,
+    PUSH,
     INFO,
+    KEPT,
     STEP,
     BackwardRequest,
     BackwardResponse,
+    CollectRequest,
+    CollectResponse,
     ForwardRequest,
     ForwardResponse,
     InfoRequest,
     InfoResponse,
+    KeptRequest,
+    KeptResponse,
+    PushHop,
+    PushRequest,
+    PushResponse,
     StepRequest,
     StepResponse,
     STATE,
@@ -93,10 +103,12 @@ class StageClient:
         *,
         num_samples: int,
         seed: int | None = None,
+        accumulate: bool = True,
     ) -> tuple[torch.Tensor, BackwardResponse]:
         hidden, mask, positions = inputs
         base = dict(stage=stage, layers=layers, request_id=request_id, num_samples=num_samples, seed=seed,
-                    has_attention_mask=mask is not None, has_position_ids=positions is not None, wire=self.wire)
+                    has_attention_mask=mask is not None, has_position_ids=positions is not None, wire=self.wire,
+                    accumulate=accumulate)
         grad = encode(grad_output, self.wire)
         try:
             return await self._backward(peer_id, BackwardRequest(**base), grad, hidden)
@@ -112,6 +124,36 @@ class StageClient:
         response = parse_reply(BackwardResponse, reply)
         what = f"stage {request.stage}'s input gradient from {peer_id[-8:]}"
         return self._sane(self._decoded(out, hidden.dtype, "backward"), hidden, what), response
+
+    async def push(self, hops: list[PushHop], mailbox: str, tensor: torch.Tensor, *, mask: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None, num_samples: int = 1,
+                   backward: bool = False) -> PushResponse:
+        """Send ``tensor`` (hidden states, or with ``backward`` the gradient of the last hop's output)
+        along ``hops`` peer to peer (``peers.push``); the last hop's result waits under ``mailbox``
+        on its peer (``collect``). Returns which hops were done and which one failed, if any."""
+        request = PushRequest(backward=backward, hops=hops, mailbox=mailbox, num_samples=num_samples,
+                              has_attention_mask=mask is not None, has_position_ids=positions is not None,
+                              wire=self.wire)
+        tensors = encode(tensor, self.wire) + [t for t in (mask, positions) if t is not None]
+        reply, _ = await self._call(hops[0].peer_id, PUSH, request, tensors, timeout=self.timeout * len(hops))
+        return parse_reply(PushResponse, reply)
+
+    async def collect(self, peer_id: str, mailbox: str, like: torch.Tensor, *, timeout: float) -> torch.Tensor:
+        """What a push left under ``mailbox`` on ``peer_id`` (waiting for it up to ``timeout`` s),
+        checked like a stage's reply: the shape of ``like``, sane values."""
+        request = CollectRequest(mailbox=mailbox, timeout=timeout)
+        reply, out = await self._call(peer_id, COLLECT, request, [], timeout=timeout + 10.0)
+        parse_reply(CollectResponse, reply)
+        return self._sane(self._decoded(out, like.dtype, "collect"), like, f"the pushed result from {peer_id[-8:]}")
+
+    async def kept(self, peer_id: str, stage: int, layers: LayerRange, request_id: str, like: torch.Tensor, *,
+                   grad: bool = False) -> torch.Tensor:
+        """The output of a training forward (``grad``: its backward's input gradient) that ``peer_id``
+        still keeps (``CacheMiss`` if it does not), checked like a stage's reply."""
+        request = KeptRequest(stage=stage, layers=layers, request_id=request_id, grad=grad, wire=self.wire)
+        reply, out = await self._call(peer_id, KEPT, request, [])
+        parse_reply(KeptResponse, reply)
+        return self._sane(self._decoded(out, like.dtype, "kept"), like, f"stage {stage}'s kept tensor from {peer_id[-8:]}")
 
     def _sane(self, tensor: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` if it has ``like``'s shape and sane values, else ``InvalidOutput``."""

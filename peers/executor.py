@@ -7,6 +7,9 @@ Backward reuses the graph kept from the forward of the same ``request_id`` when 
 otherwise it recomputes the forward from the inputs the trainer resends (the stateless fallback that
 lets any replica take a backward), with the same dropout seed so the result is identical.
 
+A backward with ``accumulate`` false only returns the input gradient (a trainer rebuilding a
+pushed microbatch through stages that already counted it, see ``swarm.pipeline``).
+
 Gradients accumulate (summed, as ``.grad`` does locally) until a ``StepRequest`` closes the
 collaborative step: then the replicas named in it sum their gradients through a ``GradientSync`` and
 each applies the same AdamW step. A lone replica steps at once, with no matchmaking.
@@ -96,8 +99,9 @@ class StageExecutor:
         self.accumulated_samples = 0
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         # replies of recent backwards by request id: a retried backward gets the same reply and
-        # does not accumulate its gradient twice
+        # does not accumulate its gradient twice; with them the forward's output (``kept``)
         self._done: OrderedDict[str, tuple[BackwardResponse, torch.Tensor]] = OrderedDict()
+        self._outputs: dict[str, torch.Tensor] = {}
         self._cache_size, self._cache_ttl, self._max_tokens = cache_size, cache_ttl, max_tokens
         self._max_abs = max_abs
         self.corrupt = 0.0  # TESTS ONLY (``peer.corrupt``): noise of this scale on everything returned
@@ -181,18 +185,33 @@ class StageExecutor:
                 outputs = self._run(hidden, inputs)
             cached = _Cached(hidden, outputs, time.monotonic())
         self.check_hidden(grad_output, "grad_output", like=cached.outputs)
+        reply = BackwardResponse(request_id=request.request_id, compute_ms=0.0, optimizer_step=self.optimizer_step)
+        if not request.accumulate:  # the input gradient only: nothing counted, nothing recorded as done
+            (grad_input,) = torch.autograd.grad(cached.outputs, cached.inputs, grad_output)
+            reply = reply.model_copy(update={"compute_ms": _ms_since(started)})
+            return reply, self._returned(grad_input.detach())
         torch.autograd.backward(cached.outputs, grad_output)
         grad_input = cached.inputs.grad
         self.accumulated_samples += request.num_samples
-        reply = BackwardResponse(
-            request_id=request.request_id,
-            compute_ms=_ms_since(started),
-            optimizer_step=self.optimizer_step,
-        )
+        reply = reply.model_copy(update={"compute_ms": _ms_since(started)})
         self._done[request.request_id] = (reply, grad_input.detach())
+        self._outputs[request.request_id] = cached.outputs.detach()
         while len(self._done) > self._cache_size:
-            self._done.popitem(last=False)
+            self._outputs.pop(self._done.popitem(last=False)[0], None)
         return reply, self._returned(grad_input.detach())
+
+    def kept(self, request_id: str, grad: bool) -> torch.Tensor:
+        """The output of the training forward ``request_id`` (``grad``: the input gradient its backward
+        returned), while this stage keeps it: the graph until the backward, then as long as the
+        backward's reply is kept. Outputs are from the parameters of that forward, also after a step."""
+        if grad:
+            if request_id in self._done:
+                return self._returned(self._done[request_id][1])
+        elif request_id in self._outputs:
+            return self._returned(self._outputs[request_id])
+        elif request_id in self._cache:
+            return self._returned(self._cache[request_id].outputs.detach())
+        raise CacheMiss(f"stage {self.stage} keeps no {'input gradient' if grad else 'output'} of request {request_id}")
 
     def _returned(self, tensor: torch.Tensor) -> torch.Tensor:
         """What goes back to the caller: the tensor, or (a test's faulty peer) the tensor plus noise."""

@@ -11,6 +11,12 @@ says what the tensors are. Tensor order, fixed per message:
 
 In both, every ``[b, s, h]`` tensor (request and reply) is encoded in the request's ``wire`` format
 (``peers.wire``): one tensor, or two (int8 codes, then block scales) for ``int8``.
+* PushRequest: as ForwardRequest (``backward`` false) or as BackwardRequest without inputs (``backward``
+  true), for the first of its ``hops``; each hop's peer sends its output on to the next hop's peer
+  (the mask and positions travel along), the last leaves it for ``CollectRequest``.  Reply: no tensors.
+* CollectRequest: no tensors.  Reply: the tensors a push left under ``mailbox`` (encoded as sent).
+* KeptRequest: no tensors.  Reply: the output of the forward ``request_id`` (or with ``grad`` the input
+  gradient of its backward) that this peer still keeps, encoded in ``wire``.
 * StepRequest: no tensors. Applies the optimizer step that closes a collaborative step, after the
   replicas named in ``members`` have averaged their accumulated gradients.  Reply: no tensors.
 * AbortRequest: no tensors. Gives up a step's averaging round that waits here for a dead member
@@ -61,6 +67,18 @@ __all__ = [
     "ECHO",
     "EchoRequest",
     "EchoResponse",
+    "PUSH",
+    "COLLECT",
+    "KEPT",
+    "KeptRequest",
+    "KeptResponse",
+    "PushHop",
+    "PushRequest",
+    "HopDone",
+    "HopFailed",
+    "PushResponse",
+    "CollectRequest",
+    "CollectResponse",
 ]
 
 FORWARD = "swarm.stage.forward"
@@ -69,6 +87,9 @@ INFO = "swarm.stage.info"
 STEP = "swarm.stage.step"
 STATE = "swarm.stage.state"
 ABORT = "swarm.stage.abort"
+PUSH = "swarm.stage.push"
+KEPT = "swarm.stage.kept"
+COLLECT = "swarm.stage.collect"
 
 
 class _Message(FrozenModel):
@@ -105,6 +126,8 @@ class BackwardRequest(_Message):
     request_id: str = Field(min_length=1, max_length=64)
     num_samples: int = Field(gt=0)
     with_inputs: bool = False
+    accumulate: bool = Field(True, description="false: only the input gradient is wanted (a trainer rebuilding "
+                                               "a microbatch through stages that already counted it)")
     has_attention_mask: bool = False
     has_position_ids: bool = False
     seed: int | None = Field(None, ge=0)
@@ -115,6 +138,80 @@ class BackwardResponse(_Message):
     request_id: str
     compute_ms: float
     optimizer_step: int = Field(description="optimizer steps this stage has taken")
+
+
+class PushHop(FrozenModel):
+    """One stage of a pushed microbatch: who computes it, under which request id and dropout seed."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    peer_id: str = Field(min_length=1, max_length=128)
+    request_id: str = Field(min_length=1, max_length=64)
+    seed: int | None = Field(None, ge=0)
+
+
+class PushRequest(_Message):
+    """Activations (or gradients) peer to peer: compute ``hops[0]`` here (a training forward, or with
+    ``backward`` the backward of the forward kept under its request id), then send the result to
+    ``hops[1]``'s peer with ``hops[1:]``, and so on; the last hop's peer keeps its result under
+    ``mailbox`` until the trainer collects it. Idempotent like the calls it is made of: a forward
+    pushed again replaces the kept graph, a backward pushed again is answered from the hop's record."""
+
+    backward: bool = False
+    hops: list[PushHop] = Field(min_length=1, max_length=64)
+    mailbox: str = Field(min_length=1, max_length=64)
+    num_samples: int = Field(1, gt=0)
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    wire: str = Field("float32", pattern=WIRE_PATTERN)
+
+
+class HopDone(FrozenModel):
+    stage: int
+    peer_id: str
+    compute_ms: float
+    optimizer_step: int
+
+
+class HopFailed(FrozenModel):
+    """The hop a push could not hand its result to, and why (the error its caller got)."""
+
+    stage: int
+    peer_id: str
+    code: str
+    message: str
+
+
+class PushResponse(_Message):
+    done: list[HopDone] = Field(description="the hops computed, from the first one on")
+    failed: HopFailed | None = Field(None, description="the hop after the last one done, if it failed")
+
+
+class CollectRequest(_Message):
+    """Wait (up to ``timeout`` s) for what a push leaves under ``mailbox`` here, and take it."""
+
+    mailbox: str = Field(min_length=1, max_length=64)
+    timeout: float = Field(gt=0, le=3600)
+
+
+class CollectResponse(_Message):
+    mailbox: str
+
+
+class KeptRequest(_Message):
+    """The output of the training forward ``request_id`` (``grad``: the input gradient of its backward)
+    if this stage still keeps it: what a trainer that had the microbatch pushed replays another
+    stage's lost backward from (``swarm.pipeline``)."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    request_id: str = Field(min_length=1, max_length=64)
+    grad: bool = False
+    wire: str = Field("float32", pattern=WIRE_PATTERN)
+
+
+class KeptResponse(_Message):
+    request_id: str
 
 
 class StepRequest(_Message):

@@ -61,6 +61,7 @@ from peers.measure import (
     stage_bytes,
 )
 from peers.protocol import BACKWARD, FORWARD
+from peers.push import PushService
 from peers.reachability import explain_placement
 from peers.routing import record_loads
 from peers.auth import PRESENT, AuthedTransport, GatedTransport, RunAuth
@@ -163,6 +164,7 @@ class Peer(Lifecycle):
         self._last_request = 0.0
         self._transport: P2PTransport | None = None
         self._gated: Any = None  # the transport behind the auth gate (keyed runs), for control handlers
+        self.push: PushService | None = None  # activations peer to peer (``peers.push``)
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
         self.telemetry: PeerTelemetry | None = None
@@ -478,6 +480,11 @@ class Peer(Lifecycle):
         transport = self.telemetry.observe(transport)
         for method in self.service.handlers():  # the same methods for every stage
             await transport.serve(method, self._dispatch(method, self._service_for))
+        # activations peer to peer: a pushed hop goes through the same (counted) forward or backward
+        hop = {method: transport.wrap(method, self._dispatch(method, self._service_for)) for method in (FORWARD, BACKWARD)}
+        self.push = PushService(self.peer_id, lambda method, message, tensors: hop[method](message, tensors),
+                                self._replica_transport())
+        await self.push.register(self._gated)  # not counted itself: its hop is
         for method in self.slots[self.stages[0]].inference.handlers():
             await transport.serve(method, self._dispatch(method, self._inference_for))
 

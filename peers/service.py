@@ -20,11 +20,14 @@ from peers.protocol import (
     BACKWARD,
     FORWARD,
     INFO,
+    KEPT,
     STEP,
     BackwardRequest,
     ForwardRequest,
     InfoRequest,
     InfoResponse,
+    KeptRequest,
+    KeptResponse,
     StepRequest,
     STATE,
     AbortRequest,
@@ -76,6 +79,7 @@ class StageService:
             ABORT: self._guarded(self.rpc_abort),
             INFO: self._guarded(self.rpc_info),
             STATE: self._guarded(self.rpc_state),
+            KEPT: self._guarded(self.rpc_kept),
         }
 
     async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
@@ -103,6 +107,14 @@ class StageService:
             raise BadRequest(f"backward without inputs takes {taken} tensor(s) in {request.wire}, got {len(tensors)}")
         reply, grad_input = await self._in_worker(self.executor.backward, request, grad_output, inputs)
         return ok_reply(reply), encode(grad_input, request.wire)
+
+    async def rpc_kept(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(KeptRequest, message)
+        self.executor.check_target(request.stage, request.layers)
+        if tensors:
+            raise BadRequest(f"kept takes no tensors, got {len(tensors)}")
+        tensor = await self._in_worker(self.executor.kept, request.request_id, request.grad)
+        return ok_reply(KeptResponse(request_id=request.request_id)), encode(tensor, request.wire)
 
     async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(StepRequest, message)

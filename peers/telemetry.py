@@ -58,7 +58,7 @@ class PeerTelemetry:
                                         self.settings.monitor.metrics_port)
             self.server.start()
 
-    def observe(self, transport: Transport) -> Transport:
+    def observe(self, transport: Transport) -> ObservedTransport:
         """The transport to register handlers on, so every request is counted."""
         return ObservedTransport(transport, self.activity)
 

@@ -145,6 +145,8 @@ class ApiSettings(_Section):
 
 class TrainerSettings(_Section):
     microbatch_size: int | None = Field(None, ge=1)
+    push: bool = Field(True, description="training activations go peer to peer along the route (false: the "
+                       "trainer relays every hop)")
     timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
     ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes")
     averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")

@@ -129,13 +129,15 @@ class SwarmModelForCausalLM(nn.Module):
         host: str | None = None,
         policy: FaultPolicy = FaultPolicy(),
         key: str | None = None,
+        push: bool = True,
     ) -> "SwarmModelForCausalLM":
         """Join the run's DHT, check ``model`` against the run's manifest, and load only the local
         parts. ``model`` defaults to the manifest's model (a hub id or a shared path). ``host`` is
         where this trainer's p2p daemon listens: by default loopback when every initial peer is on
         loopback (a local swarm, tests), else all interfaces. ``timeout`` bounds one stage call (a peer
         that hangs longer is routed around); ``policy`` sets the other fault-tolerance bounds. ``key``
-        (default: the ``SWARM_KEY`` environment variable) is the API key a keyed run needs."""
+        (default: the ``SWARM_KEY`` environment variable) is the API key a keyed run needs. ``push``:
+        training activations go peer to peer along the route (false: this trainer relays every hop)."""
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         runner = LoopThread("swarm-trainer")
@@ -167,6 +169,7 @@ class SwarmModelForCausalLM(nn.Module):
                 coordinator=coordinator,
                 policy=policy,
                 route_wait=route_wait,
+                push=push,
                 spot_check=SpotChecker(client, rate=policy.spot_check_rate, tolerance=policy.spot_check_tolerance,
                                        report=lambda report: report_ban(dht, _with_token(report, auth)),
                                        reporter_id=dht.peer_id),

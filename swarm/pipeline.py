@@ -1,10 +1,20 @@
 """The trainer's side of the data plane: batches through the route, forward and backward, and the
 collaborative step that closes them, surviving peers that die, hang or err mid-step.
 
-Hops are client-mediated: the trainer calls stage 0, then stage 1 with stage 0's output, and so on,
-and in reverse for gradients. A ``Trace`` remembers, per stage, the peer and the inputs of each
-forward so the backward can go to the same peer (which still holds the graph) or, after a
-``CacheMiss`` or a failover, to another replica with the inputs resent.
+Two ways through the stages:
+
+* relayed: the trainer calls stage 0, then stage 1 with stage 0's output, and so on, and in reverse
+  for gradients. A ``Trace`` remembers, per stage, the peer and the inputs of each forward so the
+  backward can go to the same peer (which still holds the graph) or, after a ``CacheMiss`` or a
+  failover, to another replica with the inputs resent.
+* pushed (``push=True``, training only): the trainer sends a microbatch to stage 0's peer with its
+  route, each peer sends its output straight to the next (``peers.push``) and the trainer collects
+  the last one's; gradients go the same way in reverse. The trainer then holds only the ends of each
+  microbatch (its input, the gradient of its output, and every hop's request id and dropout seed),
+  which is enough to rebuild any hop exactly: a push that breaks, and every backward a dropped peer
+  held, are redone through the relayed path (``_rebuild``: the forward recomputed without keeping
+  graphs, then the backward through every later stage without counting it again, and through the
+  stages that lost it counted).
 
 Fault tolerance: every backward a replica accumulates in the open step is kept in a ledger (its
 inputs and gradient) until the step is applied. When a call fails, ``swarm.errors.recovery_for``
@@ -31,7 +41,7 @@ from hivemind.utils import get_dht_time
 
 from dht.schemas import RECORD_TTL, Manifest, PeerRecord, PeerState
 from peers.client import StageClient, StageInputs
-from peers.protocol import StepResponse
+from peers.protocol import HopDone, PushHop, StepResponse
 from peers.routing import Hop, plan_route
 from peers.sanity import MAX_ABS
 from shards.schedule import Action, Phase, actions_of_stage, dependency, gpipe_schedule
@@ -79,7 +89,7 @@ class FaultPolicy:
 class _HopTrace:
     hop: Hop
     request_id: str
-    inputs: StageInputs
+    inputs: StageInputs | None  # None: pushed there peer to peer (``RemotePipeline._rebuild`` recomputes it)
     seed: int
 
 
@@ -89,15 +99,32 @@ class Trace:
 
     hops: list[_HopTrace] = field(default_factory=list)
     num_samples: int = 0
+    grad: torch.Tensor | None = None  # of the last stage's output, once the backward has started
+
+    @property
+    def pushed(self) -> bool:
+        """Some hop's input went peer to peer: the trainer does not hold it."""
+        return any(hop.inputs is None for hop in self.hops)
 
 
 @dataclass
 class _Contribution:
-    """A backward that a replica has accumulated in the open step: enough to replay it elsewhere."""
+    """A backward that a replica has accumulated in the open step: enough to replay it elsewhere
+    (``grad_output`` None: a pushed one, rebuilt from its ``trace``)."""
 
     hop: _HopTrace
-    grad_output: torch.Tensor
+    grad_output: torch.Tensor | None
     num_samples: int
+    trace: Trace | None = None
+
+
+class _PushBroken(Exception):
+    """A push did not bring its result back. ``done``: the hops it computed (None: not known, the
+    reply was lost); ``blame``: a peer that returned an invalid result, if that was the cause."""
+
+    def __init__(self, why: str, done: list[HopDone] | None, blame: str | None = None):
+        super().__init__(why)
+        self.done, self.blame = done, blame
 
 
 class RemotePipeline:
@@ -116,11 +143,16 @@ class RemotePipeline:
         seed: int | None = None,
         spot_check: SpotChecker | None = None,
         depth: int = 2,
+        push: bool = False,
     ):
         """``spot_check`` (default: one at ``policy.spot_check_rate`` that reports to nobody) recomputes
         some forwards on another replica; a replica caught is banned like a failed one. ``depth``:
-        calls in flight per peer of a stage while a batch's microbatches are pipelined."""
+        calls in flight per peer of a stage while a batch's microbatches are pipelined (pushed:
+        microbatches in flight per stage). ``push``: training microbatches go peer to peer (see the
+        module doc)."""
         self.manifest = manifest
+        self.push = push
+        self.push_fallbacks = 0  # pushes that broke and were rebuilt through the trainer
         self.client = client
         self.coordinator = coordinator or LocalCoordinator(manifest.target_batch_size)
         self.policy = policy
@@ -266,23 +298,32 @@ class RemotePipeline:
         for stage, by_peer in list(self._ledger.items()):
             lost = by_peer.pop(peer_id, [])
             for contribution in lost:
-                await self._backward_hop(stage, contribution.hop, contribution.grad_output, contribution.num_samples)
+                if contribution.grad_output is None:  # pushed: this trainer never held its input nor gradient
+                    await self._replay_pushed(stage, contribution)
+                else:
+                    await self._backward_hop(stage, contribution.hop, contribution.grad_output,
+                                             contribution.num_samples)
             if lost:
                 logger.info("stage %d: replayed %d backward(s) that peer %s held", stage, len(lost), peer_id[-8:])
 
-    async def _backward_hop(self, stage: int, hop: _HopTrace, grad_output: torch.Tensor, num_samples: int) -> torch.Tensor:
+    async def _backward_hop(self, stage: int, hop: _HopTrace, grad_output: torch.Tensor, num_samples: int, *,
+                            accumulate: bool = True) -> torch.Tensor:
+        """``accumulate=False``: only the input gradient, nothing counted on the stage nor in the ledger."""
         layers = self.manifest.stages[stage]
 
         async def call(peer: str):
             return await self.client.backward(peer, stage, layers, hop.request_id, grad_output, hop.inputs,
-                                              num_samples=num_samples, seed=hop.seed)
+                                              num_samples=num_samples, seed=hop.seed, accumulate=accumulate)
 
         async def checked(peer: str):
             result = await call(peer)
-            self._saw_step(stage, peer, result[1].optimizer_step)
+            if accumulate:  # a rebuild's other hops may run while the step is being applied: no news of the run
+                self._saw_step(stage, peer, result[1].optimizer_step)
             return result
 
         (grad_input, _), peer = await self._on_replica(stage, checked, prefer=hop.hop.peer_id)
+        if not accumulate:
+            return grad_input
         if peer in self.banned():  # dropped while this call was in flight: its replay did not see this one
             return await self._backward_hop(stage, hop, grad_output, num_samples)
         self._ledger[stage][peer].append(_Contribution(hop, grad_output, num_samples))
@@ -341,6 +382,8 @@ class RemotePipeline:
         for hidden, _, _ in parts:
             routes.append(await self.route(hidden.shape[0] * hidden.shape[1]))
             self._queue.update({hop.peer_id for hop in routes[-1]})  # the next microbatch weighs this one in
+        if train and self.push:
+            return await self._each(len(parts), lambda m: self._push_forward(parts[m], routes[m]))
         traces = [Trace(num_samples=hidden.shape[0]) for hidden, _, _ in parts]
         hops: list[dict[int, _HopTrace]] = [{} for _ in parts]
 
@@ -361,7 +404,9 @@ class RemotePipeline:
 
     async def backward_microbatches(self, traces: Sequence[Trace], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The gradients of ``forward_microbatches``' outputs back through the stages, pipelined in
-        reverse; returns the gradient of each microbatch's input."""
+        reverse; returns the gradient of each microbatch's input. Pushed forwards go back pushed."""
+        if any(trace.pushed for trace in traces):
+            return await self._each(len(traces), lambda m: self._push_backward(traces[m], grads[m]))
 
         async def run(action: Action, grad: torch.Tensor) -> torch.Tensor:
             trace = traces[action.microbatch]
@@ -372,7 +417,10 @@ class RemotePipeline:
         done = await self._run_schedule(schedule, run, list(grads), routes)
         return [done[(m, 0)] for m in range(len(traces))]
 
-    async def _forward_hop(self, hop: Hop, inputs: StageInputs, *, train: bool) -> tuple[torch.Tensor, _HopTrace]:
+    async def _forward_hop(self, hop: Hop, inputs: StageInputs, *, train: bool,
+                           spot_check: bool | None = None) -> tuple[torch.Tensor, _HopTrace]:
+        """One stage's forward with failover; ``spot_check`` (None: drawn at the policy's rate) compares
+        a training forward with another replica's."""
         request_id = uuid.uuid4().hex
         seed = self._rng.randrange(2**31)
         tokens = inputs[0].shape[0] * inputs[0].shape[1]
@@ -385,9 +433,199 @@ class RemotePipeline:
             return result
 
         (hidden, _), peer = await self._on_replica(hop.stage, call, prefer=hop.peer_id)
-        if train and self.spot_check.wants():
+        if train and (self.spot_check.wants() if spot_check is None else spot_check):
             hidden, peer = await self._spot_check(hop, peer, inputs, seed, hidden)
         return hidden, _HopTrace(Hop(hop.stage, hop.layers, peer), request_id, inputs, seed)
+
+    # -- pushed: activations peer to peer ------------------------------------------------------------
+
+    async def _each(self, count: int, run: Callable[[int], Awaitable[T]]) -> list[T]:
+        """``run(m)`` for every microbatch, ``depth`` x stages of them in flight (each stage's peer
+        queues its share, so stages compute different microbatches at once); the first failure
+        cancels the rest and is raised as itself."""
+        slots = asyncio.Semaphore(self.depth * self.manifest.num_stages)
+
+        async def one(m: int) -> T:
+            async with slots:
+                return await run(m)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(m)) for m in range(count)]
+        except BaseExceptionGroup as e:
+            raise _first_error(e) from None
+        return [task.result() for task in tasks]
+
+    async def _relay_forward(self, inputs: StageInputs, route: Sequence[Hop],
+                             checks: Sequence[bool] | None = None) -> tuple[torch.Tensor, Trace]:
+        """One training microbatch through every stage, relayed by the trainer."""
+        hidden, mask, positions = inputs
+        trace = Trace(num_samples=hidden.shape[0])
+        for stage, hop in enumerate(route):
+            hidden, done = await self._forward_hop(hop, (hidden, mask, positions), train=True,
+                                                   spot_check=None if checks is None else checks[stage])
+            trace.hops.append(done)
+        return hidden, trace
+
+    async def _push_forward(self, inputs: StageInputs, route: Sequence[Hop]) -> tuple[torch.Tensor, Trace]:
+        """One training microbatch pushed along ``route``; relayed instead when a spot check is drawn
+        for one of its hops (the check needs that hop's input) or when the push breaks."""
+        checks = [self.spot_check.wants() for _ in route]
+        if any(checks):
+            return await self._relay_forward(inputs, route, checks)
+        hidden, mask, positions = inputs
+        hops = [_HopTrace(hop, uuid.uuid4().hex, inputs if hop.stage == 0 else None, self._rng.randrange(2**31))
+                for hop in route]
+        try:
+            output, done = await self._pushed(hops, hidden, like=hidden, mask=mask, positions=positions)
+            for hop in done:
+                await self._saw_pushed(hop)
+        except _PushBroken as e:
+            await self._broken(e, "forward")
+            return await self._relay_forward(inputs, route)
+        return output, Trace(hops=hops, num_samples=hidden.shape[0])
+
+    async def _push_backward(self, trace: Trace, grad_output: torch.Tensor) -> torch.Tensor:
+        """The gradient of one microbatch's output pushed back along its forward's hops; the hops
+        that did not count it (the push broke, or their peer was dropped meanwhile) are rebuilt."""
+        trace.grad = grad_output
+        if not trace.pushed:  # relayed forward (a spot check, or a push that broke)
+            grad = grad_output
+            for stage in reversed(range(len(trace.hops))):
+                grad = await self._backward_hop(stage, trace.hops[stage], grad, trace.num_samples)
+            return grad
+        stages = set(range(len(trace.hops)))
+        try:
+            grad_input, done = await self._pushed(list(reversed(trace.hops)), grad_output,
+                                                  like=trace.hops[0].inputs[0], num_samples=trace.num_samples,
+                                                  backward=True)
+        except _PushBroken as e:
+            counted = await self._count_pushed(trace, e.done or [], blamed=e.blame)
+            await self._broken(e, "backward")
+            return await self._rebuild(trace, stages - counted, down_to=0)
+        missing = stages - await self._count_pushed(trace, done)
+        return grad_input if not missing else await self._rebuild(trace, missing, down_to=0)
+
+    async def _pushed(self, hops: Sequence[_HopTrace], tensor: torch.Tensor, *, like: torch.Tensor,
+                      mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                      num_samples: int = 1, backward: bool = False) -> tuple[torch.Tensor, list[HopDone]]:
+        """Push ``tensor`` along ``hops`` and collect the last hop's result (collected while the
+        push's reply comes back up the chain). Raises ``_PushBroken`` if it does not come back."""
+        mailbox = uuid.uuid4().hex
+        last = hops[-1].hop.peer_id
+        timeout = self.client.timeout * len(hops)
+        collecting = asyncio.ensure_future(self.client.collect(last, mailbox, like, timeout=timeout))
+        try:
+            try:
+                response = await self.client.push(
+                    [PushHop(stage=h.hop.stage, layers=h.hop.layers, peer_id=h.hop.peer_id, request_id=h.request_id,
+                             seed=h.seed) for h in hops],
+                    mailbox, tensor, mask=mask, positions=positions, num_samples=num_samples, backward=backward)
+            except SwarmError as e:
+                raise _PushBroken(f"the push to {hops[0].hop.peer_id[-8:]} failed: {type(e).__name__}: {e}", None)
+            if response.failed is not None:
+                failed = response.failed
+                raise _PushBroken(f"stage {failed.stage}'s peer {failed.peer_id[-8:]}: {failed.code}: "
+                                  f"{failed.message}", response.done)
+            try:
+                return await collecting, response.done
+            except InvalidOutput as e:
+                raise _PushBroken(str(e), response.done[:-1], blame=last)
+            except SwarmError as e:
+                raise _PushBroken(f"collecting from {last[-8:]} failed: {type(e).__name__}: {e}", response.done)
+        finally:
+            if not collecting.done():
+                collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+
+    async def _saw_pushed(self, hop: HopDone) -> None:
+        """``_saw_step`` for a pushed hop; a stale replica is dropped and the push counts as broken."""
+        try:
+            self._saw_step(hop.stage, hop.peer_id, hop.optimizer_step)
+        except StaleReplica as e:
+            await self._drop(hop.peer_id, e)
+            raise _PushBroken(str(e), None) from None
+
+    async def _count_pushed(self, trace: Trace, done: Sequence[HopDone], *, blamed: str | None = None) -> set[int]:
+        """Put the pushed backwards that ``done`` reports into the ledger; returns their stages. One
+        whose peer is banned by now (dropped while the push was under way, or stale) does not count:
+        it is rebuilt on another replica."""
+        counted = set()
+        for hop in done:
+            try:
+                self._saw_step(hop.stage, hop.peer_id, hop.optimizer_step)
+            except StaleReplica as e:
+                await self._drop(hop.peer_id, e)
+            if hop.peer_id in self.banned() or hop.peer_id == blamed:
+                continue
+            self._ledger[hop.stage][hop.peer_id].append(
+                _Contribution(trace.hops[hop.stage], None, trace.num_samples, trace))
+            counted.add(hop.stage)
+        return counted
+
+    async def _broken(self, error: _PushBroken, what: str) -> None:
+        """A push that broke: counted and logged; a peer that returned an invalid result is dropped
+        (as on the relayed path). Anything else is judged by the relayed path that redoes the work."""
+        self.push_fallbacks += 1
+        logger.warning("a pushed %s broke (%s); going through the trainer for it", what, error)
+        if error.blame is not None:
+            self.penalties[error.blame] += 1
+            await self._drop(error.blame, InvalidOutput(str(error)))
+
+    async def _rebuild(self, trace: Trace, stages: set[int], *, down_to: int) -> torch.Tensor:
+        """Redo a pushed microbatch through the trainer so that ``stages`` count its backward (once:
+        by request id, on the peer that had it if it is still there), and return the gradient of
+        stage ``down_to``'s input. The inputs the trainer never held are recomputed first (forwards
+        that keep no graph, with each hop's own dropout seed, so they equal what was pushed); the
+        later stages run their backward without counting it again."""
+        _, mask, positions = trace.hops[0].inputs
+        for stage in range(len(trace.hops) - 1):
+            if trace.hops[stage + 1].inputs is None:
+                hidden = await self._recompute(stage, trace.hops[stage])
+                trace.hops[stage + 1].inputs = (hidden, mask, positions)
+        grad = trace.grad
+        for stage in reversed(range(down_to, len(trace.hops))):
+            grad = await self._backward_hop(stage, trace.hops[stage], grad, trace.num_samples,
+                                            accumulate=stage in stages)
+        if stages:
+            logger.info("rebuilt a pushed microbatch through the trainer for stage(s) %s", sorted(stages))
+        return grad
+
+    async def _replay_pushed(self, stage: int, contribution: _Contribution) -> None:
+        """A pushed backward that a dropped peer had counted, redone on another replica of ``stage``.
+        Its input and output gradient come from the peers of the hops before and after it, which keep
+        them (``peers.executor``: computed before any step applied since, which a recompute at step
+        time would not be); only a neighbour that lost them makes it a rebuild by recomputing."""
+        trace, hop = contribution.trace, contribution.hop
+        first = trace.hops[0].inputs
+        try:
+            if hop.inputs is None:
+                before = trace.hops[stage - 1]
+                hidden = await self.client.kept(before.hop.peer_id, stage - 1, before.hop.layers, before.request_id,
+                                                first[0])
+                hop.inputs = (hidden, *first[1:])
+            grad = trace.grad
+            if stage < len(trace.hops) - 1:
+                after = trace.hops[stage + 1]
+                grad = await self.client.kept(after.hop.peer_id, stage + 1, after.hop.layers, after.request_id,
+                                              trace.grad, grad=True)
+        except SwarmError as e:
+            logger.warning("stage %d: a neighbouring hop no longer keeps what a pushed backward needs (%s: %s); "
+                           "recomputing it", stage, type(e).__name__, e)
+            await self._rebuild(trace, {stage}, down_to=stage)
+            return
+        await self._backward_hop(stage, hop, grad, contribution.num_samples)
+
+    async def _recompute(self, stage: int, hop: _HopTrace) -> torch.Tensor:
+        """``hop``'s output again (no graph kept), on its peer or another replica."""
+
+        async def call(peer: str) -> torch.Tensor:
+            hidden, _ = await self.client.forward(peer, stage, hop.hop.layers, uuid.uuid4().hex, hop.inputs,
+                                                  train=False, seed=hop.seed)
+            return hidden
+
+        hidden, _ = await self._on_replica(stage, call, prefer=hop.hop.peer_id)
+        return hidden
 
     async def _run_schedule(
         self, schedule: list[Action], run: Callable[[Action, torch.Tensor], Awaitable[torch.Tensor]],

@@ -66,6 +66,7 @@ def train(
     checkpoint_every: int = 50,
     monitor: MonitorSettings | None = None,
     key: str | None = None,
+    push: bool = True,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
     watches the run (the demo, the churn test) sees how far it got."""
@@ -73,7 +74,8 @@ def train(
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
-                                                      policy=policy, microbatch_size=microbatch_size, key=key)
+                                                      policy=policy, microbatch_size=microbatch_size, key=key,
+                                                      push=push)
     with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size

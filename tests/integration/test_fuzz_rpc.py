@@ -96,7 +96,8 @@ def fuzzed(model_factory, tmp_path_factory):
 
 
 METHODS = ["swarm.stage.forward", "swarm.stage.backward", "swarm.stage.step", "swarm.stage.abort",
-           "swarm.stage.info", "swarm.stage.state", "swarm.probe.echo", "swarm.inference.open",
+           "swarm.stage.info", "swarm.stage.state", "swarm.stage.push", "swarm.stage.collect", "swarm.stage.kept",
+           "swarm.probe.echo", "swarm.inference.open",
            "swarm.inference.step", "swarm.inference.close", "swarm.ledger.submit", "swarm.ledger.fetch",
            "swarm.ledger.tally", "swarm.checkpoint.has", "swarm.checkpoint.put", "swarm.checkpoint.get",
            "swarm.bootstrap.sync", "swarm.delegation.start", "swarm.delegation.poll", "swarm.delegation.stop",

@@ -61,9 +61,10 @@ def test_status_metrics_and_ledger_of_a_training_swarm(model_factory, swarm_fact
         assert trainer_metrics[("swarm_step", ())] == 4
         assert trainer_metrics[("swarm_loss", ())] == pytest.approx(reporter.losses[-1])
         assert trainer_metrics[("swarm_tokens_processed_total", (("stage", ""),))] == 4 * 16
-        # its calls, per RPC: 4 steps x 2 stages, forward and backward
-        assert trainer_metrics[("swarm_rpc_requests_total", (("method", "forward"), ("outcome", "ok")))] == 8
-        assert trainer_metrics[("swarm_rpc_latency_seconds_count", (("method", "backward"),))] == 8
+        # its calls, per RPC: 4 steps, a push and a collect each way (the peers pass the hops on)
+        assert trainer_metrics[("swarm_rpc_requests_total", (("method", "push"), ("outcome", "ok")))] == 8
+        assert trainer_metrics[("swarm_rpc_latency_seconds_count", (("method", "collect"),))] == 8
+        assert ("swarm_rpc_requests_total", (("method", "forward"), ("outcome", "ok"))) not in trainer_metrics
 
         def fresh_status():
             status = swarm.loop.run(collect_status(remote.dht))

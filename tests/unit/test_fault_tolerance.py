@@ -17,6 +17,7 @@ from peers.averaging import LocalGradientSync
 from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.protocol import STEP
+from peers.push import PushService
 from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
@@ -70,7 +71,8 @@ class ReplicatedSwarm:
     """``replicas[i]`` peers for stage ``i``, all over one ``FaultyHub``; replicas of a stage share a
     ``LocalGradientSync``."""
 
-    def __init__(self, model_dir, replicas: list[int], *, target_batch_size: int = 4, seed: int = 0):
+    def __init__(self, model_dir, replicas: list[int], *, target_batch_size: int = 4, seed: int = 0,
+                 push: bool = False):
         self.source = resolve_model(str(model_dir))
         stages = stage_boundaries(self.source.config.num_hidden_layers, len(replicas))
         self.manifest = Manifest(run_id="unit", model=str(model_dir), config_hash=self.source.config_hash,
@@ -85,7 +87,7 @@ class ReplicatedSwarm:
                 asyncio.run(self.add(stage, f"s{stage}{'abcdefgh'[r]}", load_stage(self.source, stages[stage])))
         client = StageClient(self.hub, timeout=3.0, attempts=1)
         self.pipeline = RemotePipeline(self.manifest, client, self._records, seed=seed, route_wait=10.0,
-                                       policy=FaultPolicy(backoff=0.01, averaging_window=0.05))
+                                       policy=FaultPolicy(backoff=0.01, averaging_window=0.05), push=push)
         self.local = load_local_parts(self.source)
 
     async def add(self, stage: int, peer_id: str, module: torch.nn.Module) -> StageService:
@@ -93,6 +95,10 @@ class ReplicatedSwarm:
                                  sync=self.syncs[stage], averaging_timeout=1.0)
         service = StageService(executor, peer_id)
         await service.register(self.hub.bind(peer_id))
+        handlers = service.handlers()
+        push = PushService(peer_id, lambda method, message, tensors: handlers[method](message, tensors), self.hub,
+                           timeout=3.0, attempts=1)
+        await push.register(self.hub.bind(peer_id))
         self.services[peer_id] = service
         self.records.setdefault(stage, []).append(
             PeerRecord(peer_id=peer_id, stage=stage, layers=self.manifest.stages[stage], state=PeerState.ONLINE))
@@ -148,11 +154,14 @@ def _assert_close_losses(got: list[float], expected: list[float]) -> None:
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: swarm {a} vs local {b}"
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+@pytest.mark.parametrize("mode", ["sequential", "pipelined", "pushed"])
 @pytest.mark.parametrize("fault", list(Fault))
-def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault, pipelined):
+def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault, mode):
+    """``pushed``: activations peer to peer; the victim fails under pushes from the other stage's
+    peers too, and what it held is rebuilt through the trainer."""
     model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
-    swarm = ReplicatedSwarm(model_dir, [2, 2])
+    swarm = ReplicatedSwarm(model_dir, [2, 2], push=mode == "pushed")
+    pipelined = mode != "sequential"
     try:
         swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", fault, 3
         batches = _batches(4, swarm.source.config.vocab_size)
