@@ -104,6 +104,16 @@ class ReplicatedSwarm:
             PeerRecord(peer_id=peer_id, stage=stage, layers=self.manifest.stages[stage], state=PeerState.ONLINE))
         return service
 
+    async def take_over(self, old: str, new: str, delay: float = 0.5) -> None:
+        """After ``delay`` s, peer ``new`` serves ``old``'s stage from ``old``'s state (as a newcomer
+        that downloaded it from a replica would, before ``old`` died)."""
+        await asyncio.sleep(delay)
+        before = self.services[old].executor
+        service = await self.add(before.stage, new, copy.deepcopy(before.module))
+        service.executor.module.zero_grad(set_to_none=True)
+        service.executor.optimizer.load_state_dict(before.optimizer.state_dict())
+        service.executor.optimizer_step = before.optimizer_step
+
     async def _records(self):
         return {stage: list(records) for stage, records in self.records.items()}
 
@@ -200,18 +210,10 @@ def test_a_stage_left_without_replicas_waits_for_a_takeover_then_goes_on(model_f
         batches = _batches(3, swarm.source.config.vocab_size)
         optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
         losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, batches[0]))]
-        old = swarm.services["s1a"].executor
         swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", Fault.KILL, swarm.hub.calls["s1a"] + 2
 
-        async def take_over_later():
-            await asyncio.sleep(0.5)
-            new = await swarm.add(1, "s1new", copy.deepcopy(old.module))
-            new.executor.module.zero_grad(set_to_none=True)
-            new.executor.optimizer.load_state_dict(old.optimizer.state_dict())
-            new.executor.optimizer_step = old.optimizer_step
-
         async def step_with_takeover(ids):
-            takeover = asyncio.create_task(take_over_later())
+            takeover = asyncio.create_task(swarm.take_over("s1a", "s1new"))
             loss = await _train_step(swarm.pipeline, swarm.local, optimizer, ids)
             await takeover
             return loss
