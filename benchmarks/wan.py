@@ -4,6 +4,7 @@ in interleaved rounds of one run. Needs root (``ip netns``).
 
     .venv/bin/python benchmarks/wan.py                    # demo model, wire int8, microbatches of 2 rows
     .venv/bin/python benchmarks/wan.py --wire float32 --microbatch 0    # no compression, no pipelining
+    .venv/bin/python benchmarks/wan.py --relay            # the trainer relays every hop (no push)
 
 Topology: every host (``swb-boot``, ``swb-trainer``, ``swb-peer1..3``) is a namespace with one veth
 link ``10.77.<i>.2/24`` to a router namespace (``swb-router``, ``10.77.<i>.1``), which forwards between
@@ -96,9 +97,13 @@ def shape(on: bool, delay_ready: bool) -> None:
             if on:
                 in_ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "256kb",
                       "latency", "200ms")
-        if delay_ready:
-            action = "add" if on else "del"
-            in_ns(ROUTER, "ip", "rule", action, "iif", f"swbr{i}", "lookup", str(DELAY_TABLE), check=on)
+        if delay_ready:  # every copy of the rule goes first: switching on twice in a row (rounds run wan, lan
+            # then wan, lan alternately) added it twice, and one ``del`` left a "lan" round delayed
+            rule = ["ip", "rule", "del", "iif", f"swbr{i}", "lookup", str(DELAY_TABLE)]
+            while in_ns(ROUTER, *rule, check=False).returncode == 0:
+                pass
+            if on:
+                in_ns(ROUTER, "ip", "rule", "add", *rule[3:])
 
 
 def cleanup() -> None:
@@ -155,7 +160,8 @@ def start_delay(delay_ms: float) -> subprocess.Popen:
 
 # -- the trainer process (runs in the trainer namespace) ----------------------------------------------
 
-def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int | None, depth: int) -> None:
+def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int | None, depth: int,
+                push: bool = True) -> None:
     """Join, then on every line ``N`` from stdin train N steps and print their seconds as JSON, with
     the seconds spent in the remote forward, the remote backward and the collaborative step."""
     import torch
@@ -165,7 +171,7 @@ def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int |
 
     torch.set_num_threads(1)
     with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], host=host,
-                                               microbatch_size=microbatch) as model:
+                                               microbatch_size=microbatch, push=push) as model:
         optimizer = model.create_optimizer()
         model.pipeline.depth = depth
         phases = {"forward": 0.0, "backward": 0.0, "commit": 0.0}
@@ -247,7 +253,8 @@ class Swarm:
     def trainer(self, address: str) -> subprocess.Popen:
         microbatch = [] if self.args.microbatch is None else ["--microbatch", str(self.args.microbatch)]
         proc = self.start("trainer", [__file__, "--train", address, "--batch", str(self.args.batch),
-                                      "--seq", str(self.args.seq), "--depth", str(self.args.depth)] + microbatch,
+                                      "--seq", str(self.args.seq), "--depth", str(self.args.depth)] + microbatch
+                          + ["--relay"] * self.args.relay,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(proc.stdout.readline())  # ready
         return proc
@@ -305,6 +312,8 @@ def main() -> None:
     parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--delay-ms", type=float, default=25.0)
     parser.add_argument("--depth", type=int, default=2, help="calls in flight per peer of a stage (RemotePipeline.depth)")
+    parser.add_argument("--relay", action="store_true", help="the trainer relays every hop (default: activations "
+                        "go peer to peer)")
     parser.add_argument("--delay", type=float, help=argparse.SUPPRESS)  # the delay process
     parser.add_argument("--train", help=argparse.SUPPRESS)  # the trainer process: the bootstrap address
     args = parser.parse_args()
@@ -312,7 +321,8 @@ def main() -> None:
         return run_delay(args.delay)
     if args.train:
         micro = None if args.microbatch is None else (args.batch if args.microbatch == 0 else args.microbatch)
-        return run_trainer(args.train, host_ip(HOSTS.index("trainer")), args.batch, args.seq, micro, args.depth)
+        return run_trainer(args.train, host_ip(HOSTS.index("trainer")), args.batch, args.seq, micro, args.depth,
+                           push=not args.relay)
     if os.geteuid() != 0:
         sys.exit("wan.py needs root: it makes network namespaces and links")
 
@@ -331,7 +341,7 @@ def main() -> None:
         trainer = swarm.trainer(address)
         print(f"demo model GPT-2 {DEMO_MODEL['num_layers']} x {DEMO_MODEL['hidden_size']}, 3 stages on 3 peers, "
               f"batch {args.batch}x{args.seq}, microbatch {args.microbatch or 'whole batch'}, depth {args.depth}, "
-              f"wire {args.wire}; "
+              f"wire {args.wire}, {'relayed by the trainer' if args.relay else 'pushed peer to peer'}; "
               f"WAN = {args.delay_ms:.0f} ms each way + 100 Mbit/s per link; logs in {root}", flush=True)
         rtt_lan = connect_rtt()
         results = rounds(trainer, args, delay_ready=True)

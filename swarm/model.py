@@ -507,6 +507,10 @@ class SwarmModelForCausalLM(nn.Module):
         coordinator = self.pipeline.coordinator
         if self._resources and isinstance(coordinator, DHTCoordinator):
             try:
+                self._runner.run(self.pipeline.settle(timeout=10), timeout=15)  # the last commit lands before the leave
+            except Exception as e:  # the loop is already gone
+                logger.debug("last commit: %s", e)
+            try:
                 self._runner.run(coordinator.leave(), timeout=5)
             except Exception as e:  # leaving early is fine: the record expires anyway
                 logger.debug("trainer record withdrawal: %s", e)

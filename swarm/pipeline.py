@@ -159,6 +159,9 @@ class RemotePipeline:
         self.depth = depth
         self.step: int | None = None  # the run's collaborative step, learned from the replicas
         self.last_closed: StepStatus | None = None  # the step the last backward pass closed, if any
+        self._alone = False  # the last read of the trainers' records saw no other trainer
+        self._announcing: asyncio.Task | None = None  # a lone trainer's commit, published after the step
+        self._step_records: asyncio.Future | None = None  # the replicas' records, read during the closing backward
         self.failovers = 0  # calls routed around a failed peer (for logs and benchmarks)
         self.penalties: Counter[str] = Counter()  # invalid outputs per peer (each also banned it)
         self._records_source = records
@@ -404,7 +407,11 @@ class RemotePipeline:
 
     async def backward_microbatches(self, traces: Sequence[Trace], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The gradients of ``forward_microbatches``' outputs back through the stages, pipelined in
-        reverse; returns the gradient of each microbatch's input. Pushed forwards go back pushed."""
+        reverse; returns the gradient of each microbatch's input. Pushed forwards go back pushed.
+        When these samples will close the step, the replicas' records for it are read meanwhile."""
+        closing = self._step_samples + sum(trace.num_samples for trace in traces) >= self.manifest.target_batch_size
+        if closing and self._step_records is None:
+            self._step_records = asyncio.ensure_future(self._current_records(fresh=True))
         if any(trace.pushed for trace in traces):
             return await self._each(len(traces), lambda m: self._push_backward(traces[m], grads[m]))
 
@@ -665,14 +672,26 @@ class RemotePipeline:
 
     async def commit(self, num_samples: int) -> StepStatus:
         """Count a finished backward pass of ``num_samples`` sequences. When the run's step is then
-        closed (by this trainer or together with others), apply it on every stage before returning."""
+        closed (by this trainer or together with others), apply it on every stage before returning.
+
+        A trainer alone in the run (its last read of the trainers' records saw no other) whose samples
+        close the step applies it at once and publishes its commit afterwards, while its next batch
+        computes: the DHT round trips of a commit (tens of ms each on a WAN) leave the step's critical
+        path. A trainer that appears meanwhile is seen by that read, and the next step goes the
+        common way."""
+        await self.settle()
         step = self.step or 0
         self.last_closed = None
         self._step_samples += num_samples
         # when our samples alone close the step, the replicas' records are read for it while the
-        # samples are committed (both DHT round trips, tens of ms each on a WAN)
+        # samples are committed (both DHT round trips, tens of ms each on a WAN), if the backward
+        # has not already read them
         closing = self._step_samples >= self.manifest.target_batch_size
-        records = asyncio.ensure_future(self._current_records(fresh=True)) if closing else None
+        records, self._step_records = self._step_records, None
+        if closing and records is None:
+            records = asyncio.ensure_future(self._current_records(fresh=True))
+        if closing and self._alone and self.coordinator.defer_commits:
+            return await self._commit_alone(step, records)
         try:
             status = await self.coordinator.commit(step, self._step_samples)
             status = await wait_until_closed(self.coordinator, status, batch=num_samples, timeout=self.policy.step_wait)
@@ -682,10 +701,46 @@ class RemotePipeline:
                 await self.apply(step, fresh=records is None)
                 await self.coordinator.finished(step)
                 self.last_closed = status
+            self._alone = status.alone
         finally:
             if records is not None:
                 await asyncio.gather(records, return_exceptions=True)
         return status
+
+    async def _commit_alone(self, step: int, records: asyncio.Future) -> StepStatus:
+        samples, me = self._step_samples, self.coordinator.me
+        try:
+            await records
+        except BaseException:
+            await asyncio.gather(records, return_exceptions=True)
+            raise
+        await self.apply(step, fresh=False)
+        self.last_closed = StepStatus(step, samples, self.manifest.target_batch_size, (me,), 0)
+        self._announcing = asyncio.create_task(self._announce(step, samples), name="trainer-commit")
+        return self.last_closed
+
+    async def _announce(self, step: int, samples: int) -> None:
+        """Publish a step applied alone, and look again whether this trainer is still alone."""
+        try:
+            status = await self.coordinator.commit(step, samples)
+            await self.coordinator.finished(step)
+            self._alone = status.alone
+            if not status.alone:
+                logger.info("another trainer is in the run: steps are committed before they are applied again")
+        except Exception as e:  # a DHT hiccup: the next step commits the common way, which retries
+            self._alone = False
+            logger.warning("publishing step %d's commit failed: %s: %s", step, type(e).__name__, e)
+
+    async def settle(self, timeout: float = 60.0) -> None:
+        """Wait (bounded) for a commit still being published (``commit``; before leaving the run)."""
+        task, self._announcing = self._announcing, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except asyncio.TimeoutError:
+                task.cancel()
+                self._alone = False
+                logger.warning("publishing the last step's commit took over %.0f s; given up", timeout)
 
     async def apply(self, step: int, *, fresh: bool = True) -> None:
         """Have every live replica of every stage apply ``step``: the replicas of a stage sum their

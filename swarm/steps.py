@@ -36,6 +36,12 @@ class StepStatus:
     target: int
     trainers: tuple[str, ...]  # the trainers with sequences in this step
     others_working: int  # other live trainers still on this step (they may commit more)
+    others_online: int = 0  # other live trainers, on any step
+
+    @property
+    def alone(self) -> bool:
+        """No other trainer is in the run (as far as this read saw)."""
+        return self.others_online == 0 and self.others_working == 0 and len(self.trainers) <= 1
 
     @property
     def closed(self) -> bool:
@@ -44,6 +50,7 @@ class StepStatus:
 
 class StepCoordinator(Protocol):
     me: str
+    defer_commits: bool  # a lone trainer publishes its commits after applying the step (they are slow)
 
     async def commit(self, step: int, samples: int) -> StepStatus:
         """Record that this trainer has contributed ``samples`` sequences to ``step`` in all."""
@@ -58,6 +65,8 @@ class StepCoordinator(Protocol):
 
 class LocalCoordinator:
     """A lone trainer: the step closes when its own sequences reach the target."""
+
+    defer_commits = False  # in memory: nothing to gain
 
     def __init__(self, target: int, me: str = "trainer"):
         self.target, self.me = target, me
@@ -78,6 +87,8 @@ class LocalCoordinator:
 class DHTCoordinator:
     """Trainers that meet in the DHT: each one's ``TrainerRecord`` says what it gave which step."""
 
+    defer_commits = True  # each commit is DHT round trips (``RemotePipeline.commit``)
+
     def __init__(self, dht: SwarmDHT, target: int, me: str):
         self.dht, self.target, self.me = dht, target, me
         self._record = TrainerRecord(trainer_id=me)
@@ -95,7 +106,7 @@ class DHTCoordinator:
         counts = {tid: r.samples_in(step) for tid, r in records.items()}
         working = sum(1 for tid, r in records.items() if tid != self.me and r.step == step)
         trainers = tuple(sorted(tid for tid, n in counts.items() if n > 0))
-        return StepStatus(step, sum(counts.values()), self.target, trainers, working)
+        return StepStatus(step, sum(counts.values()), self.target, trainers, working, len(records) - 1)
 
     async def finished(self, step: int) -> None:
         """Announce the next step without waiting for the DHT: the write goes on while the next batch
