@@ -9,7 +9,9 @@ relayed through the trainer (the same trainer with ``pipeline.push`` off), and p
 Thread budget: the local run uses ``--threads`` torch threads (default: the cores). In the swarm the
 two peers get half of them each, and compute at the same time (microbatch pipelining); the trainer
 (embeddings, head, loss) gets ``--threads`` too, since it computes while the peers wait for it (all
-forwards, then the loss, then all backwards). ``--microbatch`` rows per microbatch (default: the
+forwards, then the loss, then all backwards; pushed, the swarm trains with ``train_step`` as ``swarm
+train`` does, each microbatch's loss between its forward and backward). ``--microbatch`` rows per
+microbatch (default: the
 model's, twice as many microbatches as stages; 0: the whole batch at once).
 """
 
@@ -40,13 +42,17 @@ class _Trainer:
 
     def __init__(self, model: torch.nn.Module, batches):
         self.model, self.batches = model, batches
+        self.train_step = getattr(model, "train_step", None)  # the swarm's: what swarm train calls
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def steps(self, count: int) -> float:
         started = time.perf_counter()
         for _ in range(count):
             ids = next(self.batches)
-            self.model(ids, labels=ids).loss.backward()
+            if self.train_step is not None:
+                self.train_step(ids)
+            else:
+                self.model(ids, labels=ids).loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started

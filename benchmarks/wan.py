@@ -5,6 +5,8 @@ in interleaved rounds of one run. Needs root (``ip netns``).
     .venv/bin/python benchmarks/wan.py                    # demo model, wire int8, microbatches of 2 rows
     .venv/bin/python benchmarks/wan.py --wire float32 --microbatch 0    # no compression, no pipelining
     .venv/bin/python benchmarks/wan.py --relay            # the trainer relays every hop (no push)
+    .venv/bin/python benchmarks/wan.py --phased           # loss.backward() after the whole forward
+    .venv/bin/python benchmarks/wan.py --ab               # both, side by side in every round
 
 Topology: every host (``swb-boot``, ``swb-trainer``, ``swb-peer1..3``) is a namespace with one veth
 link ``10.77.<i>.2/24`` to a router namespace (``swb-router``, ``10.77.<i>.1``), which forwards between
@@ -161,9 +163,10 @@ def start_delay(delay_ms: float) -> subprocess.Popen:
 # -- the trainer process (runs in the trainer namespace) ----------------------------------------------
 
 def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int | None, depth: int,
-                push: bool = True) -> None:
+                push: bool = True, phased: bool = False) -> None:
     """Join, then on every line ``N`` from stdin train N steps and print their seconds as JSON, with
-    the seconds spent in the remote forward, the remote backward and the collaborative step."""
+    the seconds spent in the remote forward, the remote backward (or both, overlapped: ``train_step``)
+    and the collaborative step. ``phased``: ``loss.backward()`` after the whole batch's forward."""
     import torch
 
     from swarm.data import random_batches, stdlib_corpus
@@ -174,20 +177,24 @@ def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int |
                                                microbatch_size=microbatch, push=push) as model:
         optimizer = model.create_optimizer()
         model.pipeline.depth = depth
-        phases = {"forward": 0.0, "backward": 0.0, "commit": 0.0}
+        phases = {"forward": 0.0, "backward": 0.0, "forward+backward": 0.0, "commit": 0.0}
         for name, method in (("forward", "forward_microbatches"), ("backward", "backward_microbatches"),
-                             ("commit", "commit")):
+                             ("forward+backward", "train_microbatches"), ("commit", "commit")):
             setattr(model.pipeline, method, _timed(getattr(model.pipeline, method), phases, name))
         batches = random_batches(stdlib_corpus(), batch, seq, seed=0)
         print(json.dumps({"ready": True}), flush=True)
-        for line in sys.stdin:
+        for line in sys.stdin:  # "N", or "N phased" for one round of loss.backward()
+            count, *mode = line.split()
             phases.update(dict.fromkeys(phases, 0.0))
             started = time.perf_counter()
             losses = []
-            for _ in range(int(line)):
+            for _ in range(int(count)):
                 ids = next(batches)
-                loss = model(ids, labels=ids).loss
-                loss.backward()
+                if phased or mode == ["phased"]:
+                    loss = model(ids, labels=ids).loss
+                    loss.backward()
+                else:
+                    loss = model.train_step(ids)  # what swarm train does
                 optimizer.step()
                 optimizer.zero_grad()
                 losses.append(loss.item())
@@ -254,7 +261,7 @@ class Swarm:
         microbatch = [] if self.args.microbatch is None else ["--microbatch", str(self.args.microbatch)]
         proc = self.start("trainer", [__file__, "--train", address, "--batch", str(self.args.batch),
                                       "--seq", str(self.args.seq), "--depth", str(self.args.depth)] + microbatch
-                          + ["--relay"] * self.args.relay,
+                          + ["--relay"] * self.args.relay + ["--phased"] * self.args.phased,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(proc.stdout.readline())  # ready
         return proc
@@ -271,19 +278,28 @@ class Swarm:
                 proc.wait()
 
 
-def rounds(trainer: subprocess.Popen, args, delay_ready: bool) -> dict[str, list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -> dict[str, list[float]]:
+    """Interleaved rounds; a WAN round also prints the CPU time the delay process took per step: on
+    this 2-core machine it is taken from the peers, which a real WAN (or a kernel netem) would not."""
     tokens = args.steps * args.batch * args.seq
     results: dict[str, list[float]] = {"lan": [], "wan": []}
 
     phases: dict[str, dict[str, list[float]]] = {"lan": {}, "wan": {}}
 
-    def timed(steps: int, condition: str | None = None) -> float:
-        trainer.stdin.write(f"{steps}\n")
+    def timed(steps: int, condition: str | None = None, mode: str = "") -> float:
+        trainer.stdin.write(f"{steps} {mode}\n")
         trainer.stdin.flush()
         reply = json.loads(trainer.stdout.readline())
         if condition is not None:
-            for name in ("forward", "backward", "commit"):
-                phases[condition].setdefault(name, []).append(reply[name] / steps * 1000)
+            for name in ("forward", "backward", "forward+backward", "commit"):
+                if reply[name] > 0:
+                    phases[condition].setdefault(name, []).append(reply[name] / steps * 1000)
         return reply["seconds"]
 
     shape(False, delay_ready)
@@ -292,11 +308,18 @@ def rounds(trainer: subprocess.Popen, args, delay_ready: bool) -> dict[str, list
         for condition in (("lan", "wan") if r % 2 == 0 else ("wan", "lan")):
             shape(condition == "wan", delay_ready)
             timed(1)  # one untimed step after each switch: TCP windows and DHT timeouts settle
+            relay_cpu = cpu_seconds(delay_pid)
             seconds = timed(args.steps, condition)
+            relay_cpu = cpu_seconds(delay_pid) - relay_cpu
             results[condition].append(tokens / seconds)
             split = ", ".join(f"{name} {values[-1]:.0f}" for name, values in phases[condition].items())
+            relay = f"; delay process CPU {relay_cpu / args.steps * 1000:.0f} ms/step" if condition == "wan" else ""
             print(f"round {r + 1} {condition}: {tokens / seconds:8,.0f} tokens/s ({seconds / args.steps * 1000:.0f} ms/step: "
-                  f"{split} ms)", flush=True)
+                  f"{split} ms{relay})", flush=True)
+            if args.ab:  # the same condition, phased (loss.backward() after the whole forward)
+                seconds = timed(args.steps, mode="phased")
+                results.setdefault(f"{condition} phased", []).append(tokens / seconds)
+                print(f"round {r + 1} {condition}, phased: {tokens / seconds:8,.0f} tokens/s", flush=True)
     shape(False, delay_ready)
     return results
 
@@ -314,6 +337,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help="calls in flight per peer of a stage (RemotePipeline.depth)")
     parser.add_argument("--relay", action="store_true", help="the trainer relays every hop (default: activations "
                         "go peer to peer)")
+    parser.add_argument("--phased", action="store_true", help="loss.backward() after the whole batch's forward "
+                        "(default: model.train_step, each microbatch's backward started as soon as its loss is known)")
+    parser.add_argument("--ab", action="store_true", help="after every round, the same condition phased: "
+                        "overlapped against phased side by side")
     parser.add_argument("--delay", type=float, help=argparse.SUPPRESS)  # the delay process
     parser.add_argument("--train", help=argparse.SUPPRESS)  # the trainer process: the bootstrap address
     args = parser.parse_args()
@@ -322,7 +349,7 @@ def main() -> None:
     if args.train:
         micro = None if args.microbatch is None else (args.batch if args.microbatch == 0 else args.microbatch)
         return run_trainer(args.train, host_ip(HOSTS.index("trainer")), args.batch, args.seq, micro, args.depth,
-                           push=not args.relay)
+                           push=not args.relay, phased=args.phased)
     if os.geteuid() != 0:
         sys.exit("wan.py needs root: it makes network namespaces and links")
 
@@ -341,10 +368,11 @@ def main() -> None:
         trainer = swarm.trainer(address)
         print(f"demo model GPT-2 {DEMO_MODEL['num_layers']} x {DEMO_MODEL['hidden_size']}, 3 stages on 3 peers, "
               f"batch {args.batch}x{args.seq}, microbatch {args.microbatch or 'whole batch'}, depth {args.depth}, "
-              f"wire {args.wire}, {'relayed by the trainer' if args.relay else 'pushed peer to peer'}; "
+              f"wire {args.wire}, {'relayed by the trainer' if args.relay else 'pushed peer to peer'}, "
+              f"{'phased' if args.phased or args.relay else 'backwards overlapping forwards'}; "
               f"WAN = {args.delay_ms:.0f} ms each way + 100 Mbit/s per link; logs in {root}", flush=True)
         rtt_lan = connect_rtt()
-        results = rounds(trainer, args, delay_ready=True)
+        results = rounds(trainer, args, delay_ready=True, delay_pid=delay.pid)
         shape(True, True)
         rtt_wan = connect_rtt()
         shape(False, True)
@@ -358,6 +386,11 @@ def main() -> None:
     print(f"TCP connect round trip trainer -> bootstrap without / with the WAN: {rtt_lan:.1f} / {rtt_wan:.1f} ms")
     print(f"no WAN: {lan:8,.0f} tokens/s   WAN: {wan:8,.0f} tokens/s   ratio {wan / lan:.2f} "
           f"(median of {args.rounds} interleaved rounds; target >= 0.7); load average {os.getloadavg()[0]:.1f}")
+    if args.ab:
+        for condition in ("lan", "wan"):
+            phased = statistics.median(results[f"{condition} phased"])
+            print(f"{condition}: backwards overlapping forwards {statistics.median(results[condition]):8,.0f}, "
+                  f"phased {phased:8,.0f} tokens/s: {statistics.median(results[condition]) / phased:.2f}x")
 
 
 def connect_rtt(port: int = BOOT_PORT) -> float:

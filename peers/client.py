@@ -22,6 +22,7 @@ from peers.protocol import (
     CollectResponse,
     ForwardRequest,
     ForwardResponse,
+    HopDone,
     InfoRequest,
     InfoResponse,
     KeptRequest,
@@ -138,13 +139,16 @@ class StageClient:
         reply, _ = await self._call(hops[0].peer_id, PUSH, request, tensors, timeout=self.timeout * len(hops))
         return parse_reply(PushResponse, reply)
 
-    async def collect(self, peer_id: str, mailbox: str, like: torch.Tensor, *, timeout: float) -> torch.Tensor:
+    async def collect(self, peer_id: str, mailbox: str, like: torch.Tensor, *,
+                      timeout: float) -> tuple[torch.Tensor, list[HopDone]]:
         """What a push left under ``mailbox`` on ``peer_id`` (waiting for it up to ``timeout`` s),
-        checked like a stage's reply: the shape of ``like``, sane values."""
+        checked like a stage's reply (the shape of ``like``, sane values), and the hops that the
+        push's peers say computed it."""
         request = CollectRequest(mailbox=mailbox, timeout=timeout)
         reply, out = await self._call(peer_id, COLLECT, request, [], timeout=timeout + 10.0)
-        parse_reply(CollectResponse, reply)
-        return self._sane(self._decoded(out, like.dtype, "collect"), like, f"the pushed result from {peer_id[-8:]}")
+        done = parse_reply(CollectResponse, reply).done
+        return self._sane(self._decoded(out, like.dtype, "collect"), like,
+                          f"the pushed result from {peer_id[-8:]}"), done
 
     async def kept(self, peer_id: str, stage: int, layers: LayerRange, request_id: str, like: torch.Tensor, *,
                    grad: bool = False) -> torch.Tensor:

@@ -150,6 +150,13 @@ class PushHop(FrozenModel):
     seed: int | None = Field(None, ge=0)
 
 
+class HopDone(FrozenModel):
+    stage: int
+    peer_id: str = Field(max_length=128)
+    compute_ms: float
+    optimizer_step: int
+
+
 class PushRequest(_Message):
     """Activations (or gradients) peer to peer: compute ``hops[0]`` here (a training forward, or with
     ``backward`` the backward of the forward kept under its request id), then send the result to
@@ -164,13 +171,8 @@ class PushRequest(_Message):
     has_attention_mask: bool = False
     has_position_ids: bool = False
     wire: str = Field("float32", pattern=WIRE_PATTERN)
-
-
-class HopDone(FrozenModel):
-    stage: int
-    peer_id: str
-    compute_ms: float
-    optimizer_step: int
+    done: list[HopDone] = Field(default_factory=list, max_length=64,
+                                description="the hops before this one, as their peers computed them")
 
 
 class HopFailed(FrozenModel):
@@ -196,6 +198,8 @@ class CollectRequest(_Message):
 
 class CollectResponse(_Message):
     mailbox: str
+    done: list[HopDone] = Field(default_factory=list, max_length=64,
+                                description="every hop of the push that left it, from the first one on")
 
 
 class KeptRequest(_Message):

@@ -8,8 +8,11 @@ collects it (a call the trainer makes to that peer, so no peer ever has to dial 
 sit behind a NAT). Gradients go the same way in reverse. The trainer's link carries a microbatch
 twice instead of twice per stage.
 
-The reply travels back along the chain and says which hops were computed and, if the chain broke,
-which hop could not be reached and why: the trainer rebuilds what is missing through its own
+Each hop hands on, with its result, what the hops so far reported (``PushRequest.done``), and the
+last one leaves that list in the mailbox beside its result: a collected result says by itself which
+peers computed it, so the trainer goes on as soon as it has it. The reply travels back along the
+chain (three one-way trips on a WAN that the trainer no longer waits for) and says, if the chain
+broke, which hop could not be reached and why: the trainer rebuilds what is missing through its own
 fault-tolerant path (``swarm.pipeline``). A hop's own failure is its caller's to report, so every
 failure is named by the peer that saw it.
 """
@@ -57,6 +60,7 @@ LocalCall = Callable[[str, dict, list[torch.Tensor]], Awaitable[tuple[dict, list
 
 class Mailbox:
     """Results of pushes waiting for their trainer, by mailbox name; bounded in count and age.
+    A result is whatever the service puts (``PushService``: the hops done and the tensors).
 
     ``put`` and ``take`` may come in either order. An entry nobody takes is dropped after ``ttl`` s
     (its trainer gave up and rebuilt the microbatch); past ``size`` entries the oldest goes."""
@@ -68,14 +72,14 @@ class Mailbox:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, name: str, tensors: list[torch.Tensor]) -> None:
+    def put(self, name: str, result: Any) -> None:
         future = self._entry(name)
         if future.done():  # a push repeated (a retried call): the same result again, taken once
-            self._entries[name] = (time.monotonic(), _resolved(tensors))
+            self._entries[name] = (time.monotonic(), _resolved(result))
         else:
-            future.set_result(tensors)
+            future.set_result(result)
 
-    async def take(self, name: str, timeout: float) -> list[torch.Tensor]:
+    async def take(self, name: str, timeout: float) -> Any:
         future = self._entry(name)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
@@ -101,9 +105,9 @@ class Mailbox:
         return entry[1]
 
 
-def _resolved(tensors: list[torch.Tensor]) -> asyncio.Future:
+def _resolved(result: Any) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
-    future.set_result(tensors)
+    future.set_result(result)
     return future
 
 
@@ -141,11 +145,13 @@ class PushService:
         done = HopDone(stage=hop.stage, peer_id=self.peer_id, compute_ms=float(answer.get("compute_ms", 0.0)),
                        optimizer_step=int(answer.get("optimizer_step", 0)))
         self.pushed += 1
+        so_far = [*request.done, done]
         if not rest:
-            self.mailbox.put(request.mailbox, out)
+            self.mailbox.put(request.mailbox, (so_far, out))
             return ok_reply(PushResponse(done=[done])), []
         extra = [] if request.backward else tensors[width(request.wire):]  # the mask and positions go along
-        onward, tensors = request.model_copy(update={"hops": rest}).model_dump(mode="json"), [*out, *extra]
+        onward = request.model_copy(update={"hops": rest, "done": so_far}).model_dump(mode="json")
+        tensors = [*out, *extra]
         if rest[0].peer_id == self.peer_id:  # the next stage is served here too (a span): no call to itself
             call = self.rpc_push(onward, tensors)
         else:
@@ -165,8 +171,8 @@ class PushService:
         request = parse_request(CollectRequest, message)
         if tensors:
             raise BadRequest(f"collect carries no tensors, got {len(tensors)}")
-        out = await self.mailbox.take(request.mailbox, request.timeout)
-        return ok_reply(CollectResponse(mailbox=request.mailbox)), out
+        done, out = await self.mailbox.take(request.mailbox, request.timeout)
+        return ok_reply(CollectResponse(mailbox=request.mailbox, done=done)), out
 
     @staticmethod
     def _hop_call(request: PushRequest) -> tuple[str, dict]:

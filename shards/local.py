@@ -82,6 +82,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """The tokens ``causal_lm_loss`` averages over: labels after the shift by one, -100 excepted."""
+    return int((labels[..., 1:] != -100).sum())
+
+
+def causal_lm_loss_part(logits: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """``causal_lm_loss`` of some rows of a batch as a part of the whole batch's: their summed token
+    losses over ``count``, the whole batch's ``labelled_tokens``. A batch's parts add up to its loss."""
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=count)
+
+
 def default_position_ids(like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
     """Positions transformers uses when none are given: ``0..seq-1`` on every row, padding or not.
 

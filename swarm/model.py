@@ -41,7 +41,7 @@ from peers.store_client import StoreClient
 from peers.inference_client import InferenceClient
 from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
-from shards.local import LocalParts, causal_lm_loss, load_local_parts
+from shards.local import LocalParts, causal_lm_loss, causal_lm_loss_part, labelled_tokens, load_local_parts
 from shards.schedule import microbatch_rows
 from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
@@ -115,6 +115,7 @@ class SwarmModelForCausalLM(nn.Module):
         self.inference_client = InferenceClient(pipeline.client.transport, timeout=pipeline.client.timeout)
         self.generation_config = generation_defaults(None, local.config)
         self.last_session: RemoteSession | None = None
+        self._head_thread: concurrent.futures.ThreadPoolExecutor | None = None  # train_step's local loss
 
     @classmethod
     def from_pretrained(
@@ -347,6 +348,66 @@ class SwarmModelForCausalLM(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def train_step(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``loss = model(input_ids, ...).loss; loss.backward()`` in one call: the same gradients (to
+        float rounding) in the local parameters and on the stages, the same commit of the batch to the
+        run's step; returns the loss, detached. ``labels`` default to ``input_ids``.
+
+        Faster when activations go peer to peer (the default): each microbatch's loss is computed as
+        soon as its output arrives and its backward starts at once, while later microbatches are still
+        going forward (``RemotePipeline.train_microbatches``), where ``loss.backward()`` can only start
+        once the whole batch's loss exists. ``swarm train`` trains with it."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
+        labels = input_ids if labels is None else labels
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {list(labels.shape)}, input_ids {list(input_ids.shape)}")
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_step needs gradients: it was called under torch.no_grad()")
+        if not self.pipeline.push:
+            loss = self(input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids).loss
+            loss.backward()
+            return loss.detach()
+        self.wait_while_paused()
+        self._samples += input_ids.shape[0]
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        hidden = self.local.embed(input_ids, position_ids)
+        rows = self._microbatches(input_ids.shape[0])
+        count = labelled_tokens(labels)
+        parts = [(hidden[r].detach(), attention_mask[r] if attention_mask is not None else None, position_ids[r])
+                 for r in rows]
+        losses: list[torch.Tensor] = [torch.zeros(())] * len(rows)
+
+        def head(m: int, output: torch.Tensor) -> torch.Tensor:
+            output = output.detach().requires_grad_()
+            part = causal_lm_loss_part(self.local.head(output), labels[rows[m]], count)
+            part.backward()
+            losses[m] = part.detach()
+            return output.grad
+
+        if self._head_thread is None:  # one thread: the head's gradients accumulate one part at a time
+            self._head_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-head")
+        thread = self._head_thread
+
+        async def loss(m: int, output: torch.Tensor) -> torch.Tensor:
+            return await asyncio.get_running_loop().run_in_executor(thread, head, m, output)
+
+        grads = self._runner.run(self.pipeline.train_microbatches(parts, loss))
+        grad_hidden = torch.empty_like(hidden)
+        for r, grad in zip(rows, grads):
+            grad_hidden[r] = grad
+        if hidden.requires_grad:
+            hidden.backward(grad_hidden)
+        self._runner.run(self.pipeline.commit(input_ids.shape[0]))
+        return torch.stack(losses).sum()
+
     @torch.no_grad()
     def generate(
         self,
@@ -524,6 +585,9 @@ class SwarmModelForCausalLM(nn.Module):
                 resource.shutdown()
         self._resources.clear()
         self._runner.stop()
+        if self._head_thread is not None:
+            self._head_thread.shutdown(wait=True)
+            self._head_thread = None
 
     def __enter__(self) -> "SwarmModelForCausalLM":
         return self

@@ -161,6 +161,7 @@ class RemotePipeline:
         self.last_closed: StepStatus | None = None  # the step the last backward pass closed, if any
         self._alone = False  # the last read of the trainers' records saw no other trainer
         self._announcing: asyncio.Task | None = None  # a lone trainer's commit, published after the step
+        self._replies: set[asyncio.Future] = set()  # replies of pushes already collected (``_pushed``)
         self._step_records: asyncio.Future | None = None  # the replicas' records, read during the closing backward
         self.failovers = 0  # calls routed around a failed peer (for logs and benchmarks)
         self.penalties: Counter[str] = Counter()  # invalid outputs per peer (each also banned it)
@@ -424,6 +425,63 @@ class RemotePipeline:
         done = await self._run_schedule(schedule, run, list(grads), routes)
         return [done[(m, 0)] for m in range(len(traces))]
 
+    async def train_microbatches(self, parts: Sequence[StageInputs],
+                                 loss: Callable[[int, torch.Tensor], Awaitable[torch.Tensor]]) -> list[torch.Tensor]:
+        """Forward and backward of every training microbatch, pushed (``push`` only), each one's
+        backward started as soon as ``loss(m, output)`` has turned its output into that output's
+        gradient, while later microbatches are still going forward: the trainer's loss, a barrier
+        between the two phases of ``forward_microbatches`` and ``backward_microbatches``, is per
+        microbatch here, so the stages do not drain between the phases and the links' latency of one
+        microbatch's turn overlaps the others' compute. Returns each microbatch's input gradient.
+
+        Spot checks are drawn for every microbatch first, and no backward starts until the drawn ones
+        are done: a liar they catch has then had no backward counted anywhere, and the microbatches
+        it touched are redone (as ``tainted`` lets the two-phase path redo them)."""
+        if not self.push:
+            raise ValueError("train_microbatches overlaps pushed microbatches; a relaying pipeline runs "
+                             "forward_microbatches, then backward_microbatches")
+        routes = []
+        for hidden, _, _ in parts:
+            routes.append(await self.route(hidden.shape[0] * hidden.shape[1]))
+            self._queue.update({hop.peer_id for hop in routes[-1]})
+        checks = [[self.spot_check.wants() for _ in route] for route in routes]
+        unchecked = sum(any(drawn) for drawn in checks)
+        checked = asyncio.Event()
+        if not unchecked:
+            checked.set()
+        closing = self._step_samples + sum(p[0].shape[0] for p in parts) >= self.manifest.target_batch_size
+        slots = asyncio.Semaphore(self.depth * self.manifest.num_stages)
+
+        async def one(m: int) -> torch.Tensor:
+            nonlocal unchecked
+            async with slots:
+                output, trace = await self._push_forward(parts[m], routes[m], checks[m])
+            if any(checks[m]):
+                unchecked -= 1
+                if not unchecked:
+                    checked.set()
+            await checked.wait()
+            for _ in range(3):  # bounded, as in SwarmModelForCausalLM: a redo may meet another liar
+                if not self.tainted([trace]):
+                    break
+                hidden = parts[m][0]
+                route = await self.route(hidden.shape[0] * hidden.shape[1])
+                async with slots:
+                    output, trace = await self._push_forward(parts[m], route, [False] * len(route))
+            grad = await loss(m, output)
+            if closing and self._step_records is None:  # read while the closing backwards run
+                self._step_records = asyncio.ensure_future(self._current_records(fresh=True))
+            async with slots:
+                return await self._push_backward(trace, grad)
+
+        order = sorted(range(len(parts)), key=lambda m: not any(checks[m]))  # the checked ones first
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = {m: group.create_task(one(m)) for m in order}
+        except BaseExceptionGroup as e:
+            raise _first_error(e) from None
+        return [tasks[m].result() for m in range(len(parts))]
+
     async def _forward_hop(self, hop: Hop, inputs: StageInputs, *, train: bool,
                            spot_check: bool | None = None) -> tuple[torch.Tensor, _HopTrace]:
         """One stage's forward with failover; ``spot_check`` (None: drawn at the policy's rate) compares
@@ -474,10 +532,12 @@ class RemotePipeline:
             trace.hops.append(done)
         return hidden, trace
 
-    async def _push_forward(self, inputs: StageInputs, route: Sequence[Hop]) -> tuple[torch.Tensor, Trace]:
+    async def _push_forward(self, inputs: StageInputs, route: Sequence[Hop],
+                            checks: Sequence[bool] | None = None) -> tuple[torch.Tensor, Trace]:
         """One training microbatch pushed along ``route``; relayed instead when a spot check is drawn
-        for one of its hops (the check needs that hop's input) or when the push breaks."""
-        checks = [self.spot_check.wants() for _ in route]
+        for one of its hops (``checks``, default: drawn here; the check needs that hop's input) or
+        when the push breaks."""
+        checks = [self.spot_check.wants() for _ in route] if checks is None else checks
         if any(checks):
             return await self._relay_forward(inputs, route, checks)
         hidden, mask, positions = inputs
@@ -516,18 +576,27 @@ class RemotePipeline:
     async def _pushed(self, hops: Sequence[_HopTrace], tensor: torch.Tensor, *, like: torch.Tensor,
                       mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                       num_samples: int = 1, backward: bool = False) -> tuple[torch.Tensor, list[HopDone]]:
-        """Push ``tensor`` along ``hops`` and collect the last hop's result (collected while the
-        push's reply comes back up the chain). Raises ``_PushBroken`` if it does not come back."""
+        """Push ``tensor`` along ``hops`` and collect the last hop's result. A result collected with
+        every hop reported done is returned at once: the push's reply, still coming back up the
+        chain, would only repeat it. Otherwise the reply says where the chain broke. Raises
+        ``_PushBroken`` if the result does not come back."""
         mailbox = uuid.uuid4().hex
         last = hops[-1].hop.peer_id
         timeout = self.client.timeout * len(hops)
         collecting = asyncio.ensure_future(self.client.collect(last, mailbox, like, timeout=timeout))
+        pushing = asyncio.ensure_future(self.client.push(
+            [PushHop(stage=h.hop.stage, layers=h.hop.layers, peer_id=h.hop.peer_id, request_id=h.request_id,
+                     seed=h.seed) for h in hops],
+            mailbox, tensor, mask=mask, positions=positions, num_samples=num_samples, backward=backward))
         try:
+            await asyncio.wait((collecting, pushing), return_when=asyncio.FIRST_COMPLETED)
+            if collecting.done() and not collecting.cancelled() and collecting.exception() is None:
+                output, done = collecting.result()
+                if [(d.stage, d.peer_id) for d in done] == [(h.hop.stage, h.hop.peer_id) for h in hops]:
+                    self._let_reply_come(pushing)
+                    return output, done
             try:
-                response = await self.client.push(
-                    [PushHop(stage=h.hop.stage, layers=h.hop.layers, peer_id=h.hop.peer_id, request_id=h.request_id,
-                             seed=h.seed) for h in hops],
-                    mailbox, tensor, mask=mask, positions=positions, num_samples=num_samples, backward=backward)
+                response = await pushing
             except SwarmError as e:
                 raise _PushBroken(f"the push to {hops[0].hop.peer_id[-8:]} failed: {type(e).__name__}: {e}", None)
             if response.failed is not None:
@@ -535,15 +604,30 @@ class RemotePipeline:
                 raise _PushBroken(f"stage {failed.stage}'s peer {failed.peer_id[-8:]}: {failed.code}: "
                                   f"{failed.message}", response.done)
             try:
-                return await collecting, response.done
+                return (await collecting)[0], response.done
             except InvalidOutput as e:
                 raise _PushBroken(str(e), response.done[:-1], blame=last)
             except SwarmError as e:
                 raise _PushBroken(f"collecting from {last[-8:]} failed: {type(e).__name__}: {e}", response.done)
         finally:
-            if not collecting.done():
-                collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
+            pending = [f for f in (collecting, pushing) if not f.done() and f not in self._replies]
+            for future in pending:
+                future.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _let_reply_come(self, pushing: asyncio.Future) -> None:
+        """Keep a push whose result is already collected until its reply arrives (it is not cancelled:
+        the peers up the chain are still answering it); its errors are only logged."""
+        if pushing.done():
+            self._reply_came(pushing)
+            return
+        self._replies.add(pushing)
+        pushing.add_done_callback(self._reply_came)
+
+    def _reply_came(self, pushing: asyncio.Future) -> None:
+        self._replies.discard(pushing)
+        if not pushing.cancelled() and pushing.exception() is not None:
+            logger.debug("the reply of a push already collected: %s", pushing.exception())
 
     async def _saw_pushed(self, hop: HopDone) -> None:
         """``_saw_step`` for a pushed hop; a stale replica is dropped and the push counts as broken."""

@@ -101,8 +101,7 @@ def train(
                     result.steps = step
                     break
                 input_ids = next(batches)
-                loss = model(input_ids, labels=input_ids).loss
-                loss.backward()
+                loss = model.train_step(input_ids)  # = model(...).loss.backward(), backwards overlapping forwards
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.losses.append(loss.item())

@@ -21,7 +21,7 @@ from peers.push import PushService
 from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
-from shards.local import causal_lm_loss
+from shards.local import causal_lm_loss, causal_lm_loss_part, labelled_tokens
 from swarm.errors import PeerUnavailable, StageTimeout
 from swarm.pipeline import FaultPolicy, RemotePipeline
 from tests.helpers import reference_losses
@@ -123,13 +123,31 @@ class ReplicatedSwarm:
 
 
 async def _train_step(pipeline: RemotePipeline, local, optimizer, ids: torch.Tensor, micro: int = 1,
-                      pipelined: bool = False) -> float:
+                      pipelined: bool = False, overlapped: bool = False) -> float:
     """One step as ``SwarmModelForCausalLM`` does it: microbatches forward, local loss, backward, commit;
-    ``pipelined``: all microbatches in flight together (as the model does), else one after another."""
+    ``pipelined``: all microbatches in flight together (as the model does), else one after another;
+    ``overlapped``: each microbatch's loss and backward as soon as its forward is back, as
+    ``SwarmModelForCausalLM.train_step`` does (``train_microbatches``, pushed)."""
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     hidden = local.embed(ids, positions)
     parts = [(hidden[row:row + micro].detach(), None, positions[row:row + micro])
              for row in range(0, ids.shape[0], micro)]
+    if overlapped:
+        count, losses = labelled_tokens(ids), []
+
+        async def loss_of(m: int, output: torch.Tensor) -> torch.Tensor:
+            output = output.detach().requires_grad_(True)
+            part = causal_lm_loss_part(local.head(output), ids[m * micro:(m + 1) * micro], count)
+            part.backward()
+            losses.append(part.item())
+            return output.grad
+
+        grads = await pipeline.train_microbatches(parts, loss_of)
+        await pipeline.commit(ids.shape[0])
+        hidden.backward(torch.cat(grads))
+        optimizer.step()
+        optimizer.zero_grad()
+        return sum(losses)
     if pipelined:
         outputs, traces = map(list, zip(*await pipeline.forward_microbatches(parts, train=True)))
     else:
@@ -164,20 +182,21 @@ def _assert_close_losses(got: list[float], expected: list[float]) -> None:
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: swarm {a} vs local {b}"
 
 
-@pytest.mark.parametrize("mode", ["sequential", "pipelined", "pushed"])
+@pytest.mark.parametrize("mode", ["sequential", "pipelined", "pushed", "overlapped"])
 @pytest.mark.parametrize("fault", list(Fault))
 def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault, mode):
     """``pushed``: activations peer to peer; the victim fails under pushes from the other stage's
-    peers too, and what it held is rebuilt through the trainer."""
+    peers too, and what it held is rebuilt through the trainer. ``overlapped``: pushed, with each
+    microbatch's backward under way while others still go forward."""
     model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
-    swarm = ReplicatedSwarm(model_dir, [2, 2], push=mode == "pushed")
+    swarm = ReplicatedSwarm(model_dir, [2, 2], push=mode in ("pushed", "overlapped"))
     pipelined = mode != "sequential"
     try:
         swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", fault, 3
         batches = _batches(4, swarm.source.config.vocab_size)
         optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
-        losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=pipelined))
-                  for ids in batches]
+        losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=pipelined,
+                                          overlapped=mode == "overlapped")) for ids in batches]
         _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
         assert swarm.hub.calls["s1a"] > 3, "the victim must have been used (and failed) mid-step"
         if fault in (Fault.NONE, Fault.SLOW):

@@ -66,6 +66,47 @@ def test_pushed_training_equals_relayed_training_with_a_third_of_the_trainers_tr
         pushed.close()
 
 
+class _HeldReplies:
+    """The trainer's side of the hub, where the replies of its pushes are held until ``release``: a
+    trainer that waited for them (three one-way trips up the chain on a WAN) would never go on."""
+
+    def __init__(self, inner):
+        self.inner, self.release, self.held = inner, asyncio.Event(), 0
+
+    async def call(self, peer_id, method, message, tensors, *, timeout, **options):
+        reply = await self.inner.call(peer_id, method, message, tensors, timeout=timeout, **options)
+        if method == PUSH:
+            self.held += 1
+            await self.release.wait()
+        return reply
+
+
+def test_a_collected_result_goes_on_without_waiting_for_the_pushs_reply(model_factory):
+    model_dir = model_factory("llama", num_layers=6, hidden_size=32, num_kv_heads=2)
+    swarm = ReplicatedSwarm(model_dir, [1, 1, 1], push=True)
+    try:
+        batches = _batches(2, swarm.source.config.vocab_size)
+        optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
+
+        async def train():
+            held = _HeldReplies(swarm.hub)
+            swarm.pipeline.client = StageClient(held, timeout=3.0, attempts=1)
+            losses = [await asyncio.wait_for(_train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=True),
+                                             20.0) for ids in batches]
+            waiting = len(swarm.pipeline._replies)
+            held.release.set()
+            await asyncio.sleep(0.1)
+            return losses, held.held, waiting
+
+        losses, held, waiting = asyncio.run(train())
+        _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
+        assert held >= 2 * 2 and waiting == held, "every push's reply was still held when the steps ended"
+        assert swarm.pipeline.push_fallbacks == 0
+        assert not swarm.pipeline._replies, "a reply that came is let go"
+    finally:
+        swarm.close()
+
+
 @pytest.mark.parametrize("fault", [Fault.KILL, Fault.HANG, Fault.ERROR, Fault.GONE_AT_STEP])
 def test_a_middle_stage_failing_under_pushes_costs_no_microbatch(model_factory, fault, caplog):
     """The middle stage's replica ``s1a`` fails mid-step, reached only by pushes from stage 0's peers
@@ -139,8 +180,10 @@ def test_a_push_naming_another_peer_or_malformed_is_refused_and_the_peer_serves_
         async def push_and_collect():
             return await client.push(route, "box", hidden), await client.collect("s1a", "box", hidden, timeout=2.0)
 
-        response, out = asyncio.run(push_and_collect())
+        response, (out, collected) = asyncio.run(push_and_collect())
         assert [d.stage for d in response.done] == [0, 1] and response.failed is None
+        assert [(d.stage, d.peer_id) for d in collected] == [(0, "s0a"), (1, "s1a")], \
+            "the mailbox says which peers computed what it holds"
         relayed = asyncio.run(client.forward("s0a", 0, layers, "x0", (hidden, None, None), train=False, seed=0))[0]
         relayed = asyncio.run(client.forward("s1a", 1, swarm.manifest.stages[1], "x1", (relayed, None, None),
                                              train=False, seed=1))[0]
@@ -201,3 +244,40 @@ def test_a_backward_that_does_not_accumulate_returns_the_same_gradient_and_count
         assert torch.allclose(executor.kept("f", grad=False), output, atol=1e-6)
     finally:
         swarm.close()
+
+
+def test_train_step_gives_the_gradients_and_losses_of_loss_backward(model_factory):
+    """``SwarmModelForCausalLM.train_step`` (each microbatch's backward under way while others still go
+    forward) against ``model(ids, labels=ids).loss.backward()`` on a twin swarm: the same losses, local
+    gradients and stage parameters after three steps, padding labels (-100) included."""
+    from swarm._loop import LoopThread
+    from swarm.model import SwarmModelForCausalLM
+
+    model_dir = model_factory("llama", num_layers=6, hidden_size=32, num_kv_heads=2)
+    twins = [ReplicatedSwarm(model_dir, [1, 1, 1], push=True) for _ in range(2)]
+    models = [SwarmModelForCausalLM(swarm.local, swarm.pipeline, LoopThread(), microbatch_size=1) for swarm in twins]
+    try:
+        batches = _batches(3, twins[0].source.config.vocab_size)
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=LR) for model in models]
+        for ids in batches:
+            labels = ids.clone()
+            labels[0, :3] = -100
+            overlapped = models[0].train_step(ids, labels=labels)
+            phased = models[1](ids, labels=labels).loss
+            phased.backward()
+            assert overlapped.item() == pytest.approx(phased.item(), rel=1e-6)
+            for a, b in zip(models[0].parameters(), models[1].parameters()):
+                assert (a.grad - b.grad).abs().max().item() <= 1e-6
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+        for peer in ("s0a", "s1a", "s2a"):
+            assert twins[0].services[peer].executor.optimizer_step == 3
+            for a, b in zip(_params(twins[0].services[peer]), _params(twins[1].services[peer])):
+                assert (a - b).abs().max().item() <= 1e-5
+        with pytest.raises(ValueError, match="labels have shape"):
+            models[0].train_step(batches[0], labels=batches[0][:, :3])
+    finally:
+        for model, swarm in zip(models, twins):
+            model.close()
+            swarm.close()

@@ -102,12 +102,13 @@ def test_invalid_outputs_reroute_without_retrying_the_same_peer():
     assert recovery_for(InvalidOutput("x")) is Recovery.REROUTE
 
 
-def _train(swarm: ReplicatedSwarm, model_dir, steps: int = 4) -> list[float]:
+def _train(swarm: ReplicatedSwarm, model_dir, steps: int = 4, overlapped: bool = False) -> list[float]:
     """``steps`` steps of 4 sequences in microbatches of 1, whose losses must follow transformers
     trained locally on the same batches."""
     batches = _batches(steps, swarm.source.config.vocab_size)
     optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
-    losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids)) for ids in batches]
+    losses = [asyncio.run(_train_step(swarm.pipeline, swarm.local, optimizer, ids, overlapped=overlapped))
+              for ids in batches]
     _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
     return losses
 
@@ -152,6 +153,26 @@ def test_spot_checks_catch_a_replica_that_corrupts_its_outputs(model_factory, ra
         assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks of its work"
         assert "s0b" in swarm.pipeline.banned()
         assert agree(torch.ones(3), torch.ones(3) + 1e-5) and not agree(torch.ones(3), torch.ones(3) + 0.05)
+    finally:
+        swarm.close()
+
+
+def test_a_liar_caught_while_backwards_overlap_forwards_has_nothing_counted(model_factory):
+    """Overlapped pushes (``train_microbatches``): no backward starts before the step's drawn spot
+    checks are done, so the liar's unchecked microbatches are redone before anything of them is
+    counted, and the loss curve is local training's (noise of 0.05 would move it far beyond 1e-4)."""
+    model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
+    swarm = ReplicatedSwarm(model_dir, [3, 1], push=True)
+    try:
+        checker = swarm.pipeline.spot_check
+        checker.rate = 0.6  # seeded: the liar computes microbatch 0 unchecked and is caught in step 0
+        swarm.services["s0b"].executor.corrupt = 0.05
+        redone = []
+        tainted = swarm.pipeline.tainted
+        swarm.pipeline.tainted = lambda traces: redone.extend(tainted(traces)) or tainted(traces)
+        _train(swarm, model_dir, steps=4, overlapped=True)
+        assert [peer for peer, _ in checker.caught] == ["s0b"] and "s0b" in swarm.pipeline.banned()
+        assert redone, "a microbatch the liar computed unchecked must have been redone"
     finally:
         swarm.close()
 
