@@ -59,10 +59,11 @@ class ProcessGroup:
 
     def start_swarm(self, model_dir: Path, *, num_stages: int, num_peers: int, state_dir: Path,
                     lr: float | None = None, target_batch_size: int | None = None, threads: int = 1,
-                    on_peer=None, wire: str | None = None) -> str:
+                    on_peer=None, wire: str | None = None, peer_env: dict[str, str] | None = None) -> str:
         """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
         previous one has claimed its stage, so they spread over the stages). Returns the bootstrap's
-        multiaddr; ``on_peer(i, claim_line)`` is told of each claim."""
+        multiaddr; ``on_peer(i, claim_line)`` is told of each claim; ``peer_env``: the peers' extra
+        environment (``SWARM_*`` settings)."""
         args = ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
                 "--port", "0", "--state-dir", str(state_dir)] + (["--lr", str(lr)] if lr else [])
         if target_batch_size:
@@ -72,17 +73,18 @@ class ProcessGroup:
         boot = self.start("bootstrap", args)
         address = self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
         for i in range(num_peers):
-            claim = self.start_peer(f"peer{i + 1}", address, state_dir, threads=threads)
+            claim = self.start_peer(f"peer{i + 1}", address, state_dir, threads=threads, env=peer_env)
             if on_peer is not None:
                 on_peer(i, claim.split("claiming", 1)[1].strip())
         return address
 
-    def start_peer(self, name: str, address: str, state_dir: Path, *, threads: int = 1) -> str:
+    def start_peer(self, name: str, address: str, state_dir: Path, *, threads: int = 1,
+                   env: dict[str, str] | None = None) -> str:
         """Start ``swarm join`` (its own state dir under ``state_dir``, as on its own machine) and
         return the line saying which stage it claimed. One stage per peer: the demo and the benchmarks
         show a pipeline (by default a peer with room for the whole tiny model would serve it all)."""
         peer = self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads),
-                                 "--state-dir", str(state_dir / name), "--max-stages", "1"])
+                                 "--state-dir", str(state_dir / name), "--max-stages", "1"], env=env)
         return self.wait_for_line(name, peer, "claiming stage")
 
     def wait_serving(self, num_peers: int) -> None:

@@ -31,6 +31,10 @@ STEPS = 60
 LR = 3e-3
 MODEL = dict(family="gpt2", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, max_positions=64)
 TRAINER_ENV = {"SWARM_TRAINER__AVERAGING_WINDOW": "0.2", "SWARM_TRAINER__TIMEOUT": "20"}
+# the peers' forwards and backwards take 0.1 s longer, so the run lasts about a minute: the newcomer
+# (imports, measuring itself, the state download: 15 s or more) joins mid-run however fast training
+# is (unpaced, the 60 steps once ended in 16 s, before it served)
+PEER_ENV = {"SWARM_PEER__SLOWDOWN": "0.1"}
 
 
 def _progress(path: Path) -> dict:
@@ -46,7 +50,7 @@ def _run(root: Path, model_dir: Path) -> tuple[list[float], dict]:
     events: dict = {"killed": [], "below": []}
     try:
         address = procs.start_swarm(model_dir, num_stages=2, num_peers=4, state_dir=root / "state", lr=LR,
-                                    target_batch_size=8)
+                                    target_batch_size=8, peer_env=PEER_ENV)
         procs.wait_serving(4)
         result = root / "result.json"
         trainer = procs.start("trainer", ["train", "--bootstrap", address, "--steps", str(STEPS), "--seq-len", "64",
@@ -61,7 +65,8 @@ def _run(root: Path, model_dir: Path) -> tuple[list[float], dict]:
             if not events["killed"] and done >= 3:
                 events["killed"].append(_kill_a_replica(procs, rng, events))
                 procs.start("peer5", ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1",
-                                      "--max-stages", "1", "--state-dir", str(root / "state" / "peer5")])
+                                      "--max-stages", "1", "--state-dir", str(root / "state" / "peer5")],
+                            env=PEER_ENV)
             elif len(events["killed"]) == 1 and (done >= 50 or (done >= 20 and _serving_stage(newcomer) is not None)):
                 events["killed"].append(_kill_a_replica(procs, rng, events))
             time.sleep(0.2)
