@@ -36,7 +36,7 @@ from transformers.generation.logits_process import (
 from dht.schemas import Manifest
 from peers.inference_client import InferenceClient
 from peers.routing import Hop, plan_route
-from shards.local import LocalParts
+from shards.local import LocalParts, default_position_ids
 from swarm.errors import CacheMiss, CapacityExceeded, ConfigError, NoRoute, PeerUnavailable, SwarmError
 from swarm.pipeline import RecordSource
 
@@ -292,7 +292,7 @@ def generate_tokens(
     if attention_mask is not None:
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     else:
-        positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        positions = default_position_ids(input_ids)
     tokens = input_ids
     warpers = params.warpers()
     eos = torch.tensor(params.eos_token_id, dtype=torch.long)

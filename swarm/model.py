@@ -41,7 +41,8 @@ from peers.store_client import StoreClient
 from peers.inference_client import InferenceClient
 from peers.runcontrol import RunWatcher
 from peers.transport import P2PTransport
-from shards.local import LocalParts, causal_lm_loss, causal_lm_loss_part, labelled_tokens, load_local_parts
+from shards.local import (LocalParts, causal_lm_loss, causal_lm_loss_part, default_position_ids, labelled_tokens,
+                          load_local_parts)
 from shards.schedule import microbatch_rows
 from shards.source import ModelSource, resolve_model
 from swarm._loop import LoopThread
@@ -338,7 +339,7 @@ class SwarmModelForCausalLM(nn.Module):
             self.wait_while_paused()
             self._samples += input_ids.shape[0]
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+            position_ids = default_position_ids(input_ids)
         hidden = self.local.embed(input_ids, position_ids)
         if torch.is_grad_enabled() and hidden.requires_grad:
             hidden = _RemoteStages.apply(hidden, self, attention_mask, position_ids)
@@ -377,7 +378,7 @@ class SwarmModelForCausalLM(nn.Module):
         self.wait_while_paused()
         self._samples += input_ids.shape[0]
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+            position_ids = default_position_ids(input_ids)
         hidden = self.local.embed(input_ids, position_ids)
         rows = self._microbatches(input_ids.shape[0])
         count = labelled_tokens(labels)
@@ -470,7 +471,7 @@ class SwarmModelForCausalLM(nn.Module):
         ``[batch, seq, hidden]``: what embeddings are pooled from. Padding (``attention_mask`` 0) is
         left padding, as for ``generate``."""
         if attention_mask is None:
-            positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+            positions = default_position_ids(input_ids)
         else:  # a left-padded row gets the positions it would have alone, as in generation
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         hidden, _ = self._run_remote(self.local.embed(input_ids, positions), attention_mask, positions, train=False)

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from hivemind.utils import get_dht_time
@@ -382,10 +382,7 @@ class RemotePipeline:
         """Every microbatch through every stage, pipelined (``shards.schedule``): while stage 1
         computes microbatch 0, stage 0 computes microbatch 1. Each microbatch's route is planned
         before any is sent, each counting those planned before it, so replicas share the work."""
-        routes = []
-        for hidden, _, _ in parts:
-            routes.append(await self.route(hidden.shape[0] * hidden.shape[1]))
-            self._queue.update({hop.peer_id for hop in routes[-1]})  # the next microbatch weighs this one in
+        routes = await self._plan_routes(parts)
         if train and self.push:
             return await self._each(len(parts), lambda m: self._push_forward(parts[m], routes[m]))
         traces = [Trace(num_samples=hidden.shape[0]) for hidden, _, _ in parts]
@@ -410,9 +407,7 @@ class RemotePipeline:
         """The gradients of ``forward_microbatches``' outputs back through the stages, pipelined in
         reverse; returns the gradient of each microbatch's input. Pushed forwards go back pushed.
         When these samples will close the step, the replicas' records for it are read meanwhile."""
-        closing = self._step_samples + sum(trace.num_samples for trace in traces) >= self.manifest.target_batch_size
-        if closing and self._step_records is None:
-            self._step_records = asyncio.ensure_future(self._current_records(fresh=True))
+        self._read_records_if_closing(sum(trace.num_samples for trace in traces))
         if any(trace.pushed for trace in traces):
             return await self._each(len(traces), lambda m: self._push_backward(traces[m], grads[m]))
 
@@ -440,16 +435,13 @@ class RemotePipeline:
         if not self.push:
             raise ValueError("train_microbatches overlaps pushed microbatches; a relaying pipeline runs "
                              "forward_microbatches, then backward_microbatches")
-        routes = []
-        for hidden, _, _ in parts:
-            routes.append(await self.route(hidden.shape[0] * hidden.shape[1]))
-            self._queue.update({hop.peer_id for hop in routes[-1]})
+        routes = await self._plan_routes(parts)
         checks = [[self.spot_check.wants() for _ in route] for route in routes]
         unchecked = sum(any(drawn) for drawn in checks)
         checked = asyncio.Event()
         if not unchecked:
             checked.set()
-        closing = self._step_samples + sum(p[0].shape[0] for p in parts) >= self.manifest.target_batch_size
+        samples = sum(hidden.shape[0] for hidden, _, _ in parts)
         slots = asyncio.Semaphore(self.depth * self.manifest.num_stages)
 
         async def one(m: int) -> torch.Tensor:
@@ -469,18 +461,28 @@ class RemotePipeline:
                 async with slots:
                     output, trace = await self._push_forward(parts[m], route, [False] * len(route))
             grad = await loss(m, output)
-            if closing and self._step_records is None:  # read while the closing backwards run
-                self._step_records = asyncio.ensure_future(self._current_records(fresh=True))
+            self._read_records_if_closing(samples)
             async with slots:
                 return await self._push_backward(trace, grad)
 
         order = sorted(range(len(parts)), key=lambda m: not any(checks[m]))  # the checked ones first
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = {m: group.create_task(one(m)) for m in order}
-        except BaseExceptionGroup as e:
-            raise _first_error(e) from None
-        return [tasks[m].result() for m in range(len(parts))]
+        grads = dict(zip(order, await _all(one(m) for m in order)))
+        return [grads[m] for m in range(len(parts))]
+
+    async def _plan_routes(self, parts: Sequence[StageInputs]) -> list[tuple[Hop, ...]]:
+        """Each microbatch's route, planned before any is sent, each counting those planned before it
+        (so replicas share the work)."""
+        routes = []
+        for hidden, _, _ in parts:
+            routes.append(await self.route(hidden.shape[0] * hidden.shape[1]))
+            self._queue.update({hop.peer_id for hop in routes[-1]})  # the next microbatch weighs this one in
+        return routes
+
+    def _read_records_if_closing(self, samples: int) -> None:
+        """When ``samples`` more will close the step, start reading the replicas' records for it now,
+        while the closing backwards run (``commit`` uses them), unless that read is under way."""
+        if self._step_samples + samples >= self.manifest.target_batch_size and self._step_records is None:
+            self._step_records = asyncio.ensure_future(self._current_records(fresh=True))
 
     async def _forward_hop(self, hop: Hop, inputs: StageInputs, *, train: bool,
                            spot_check: bool | None = None) -> tuple[torch.Tensor, _HopTrace]:
@@ -514,12 +516,7 @@ class RemotePipeline:
             async with slots:
                 return await run(m)
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(m)) for m in range(count)]
-        except BaseExceptionGroup as e:
-            raise _first_error(e) from None
-        return [task.result() for task in tasks]
+        return await _all(one(m) for m in range(count))
 
     async def _relay_forward(self, inputs: StageInputs, route: Sequence[Hop],
                              checks: Sequence[bool] | None = None) -> tuple[torch.Tensor, Trace]:
@@ -945,6 +942,17 @@ class RemotePipeline:
         if not isinstance(error, SwarmError) or recovery_for(error) is Recovery.ABORT:
             raise error
         await self._drop(peer, error)
+
+
+async def _all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Run ``coros`` together and return their results in order; the first failure cancels the rest
+    and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coro) for coro in coros]
+    except BaseExceptionGroup as e:
+        raise _first_error(e) from None
+    return [task.result() for task in tasks]
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
