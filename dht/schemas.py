@@ -147,6 +147,9 @@ class PeerRecord(FrozenModel):
     latency_ms: float | None = Field(None, ge=0, description="median round trip to a few peers")
     bandwidth_mbps: float | None = Field(None, ge=0, description="measured link speed, megabits/s")
     memory_gib: float | None = Field(None, ge=0, description="memory this peer can give to stages")
+    compute: float | None = Field(None, ge=0, description="tokens/s of this peer for one stage (placement of "
+                                  "peers joining together)")
+    network: float | None = Field(None, ge=0, description="tokens/s this peer's link carries")
 
 
 class StoreRecord(FrozenModel):

@@ -96,6 +96,7 @@ class StageExecutor:
             weight_decay=optimizer.weight_decay,
         )
         self.optimizer_step = 0
+        self.behind = False  # set while this replica takes the state of replicas that applied a step it missed
         self.accumulated_samples = 0
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         # replies of recent backwards by request id: a retried backward gets the same reply and

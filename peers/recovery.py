@@ -14,7 +14,6 @@ serve the model files' weights beside replicas that have trained.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal
 
@@ -87,7 +86,7 @@ async def adopt_state(
 
 async def _from_replicas(executor: StageExecutor, identity: StateIdentity, replicas: list[str],
                          client: StageClient, compute: Compute, attempts: int) -> str:
-    order = random.sample(replicas, len(replicas))[:attempts]
+    order = replicas[:attempts]  # the caller's order: replicas at the run's newest step first
     for peer_id in order:
         try:
             step = await take_state(executor, identity, peer_id, client, compute, rounds=attempts)

@@ -10,6 +10,13 @@ steps its stage's other online replicas publish. Behind on two checks in a row w
 in between (a replica merely mid-step catches up by itself), it downloads the state of the replica
 furthest ahead (``peers.recovery.take_state``, on the compute thread, re-fetched if that replica steps
 meanwhile), and serves on from the run's step.
+
+A replica whose averaging round of a step failed (``AveragingFailed``: a lost part, a timeout) does
+not wait for that: the others may have applied the step. ``nudge(stage)`` asks the stage's other
+online replicas their step at once (``info``, not their records, which are up to ``RECORD_REFRESH``
+s old), a few times over a few seconds while the others finish the round; if one is ahead, this
+replica marks itself ``behind`` (it refuses forwards, backwards and state downloads with
+``StaleReplica``, so trainers, newcomers and export go elsewhere) and takes its state.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class ResyncWatch:
         self._behind_at: dict[int, int] = {}
         self.resyncs = 0
         self._task: asyncio.Task | None = None
+        self._nudged: dict[int, asyncio.Task] = {}
 
     def start(self) -> None:
         if self._task is None:
@@ -59,6 +67,60 @@ class ResyncWatch:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        for task in list(self._nudged.values()):
+            await cancel_and_wait(task)
+        self._nudged.clear()
+
+    def nudge(self, stage: int) -> None:
+        """``stage``'s step round failed here: check now whether the other replicas applied it (one check
+        per stage at a time)."""
+        task = self._nudged.get(stage)
+        if task is None or task.done():
+            self._nudged[stage] = asyncio.create_task(self._catch_up(stage), name=f"resync-stage{stage}")
+
+    async def _catch_up(self, stage: int, looks: int = 5) -> bool:
+        """Up to ``looks`` times, 0.5 s more apart each time: is another replica ahead of this one? If so,
+        take its state (marked ``behind`` meanwhile). False when none got ahead (the round failed for
+        every member, and the trainer runs it again)."""
+        for look in range(1, looks + 1):
+            await asyncio.sleep(0.5 * look)
+            served = [(e, c) for e, c in self._current() if e.stage == stage]
+            if not served:
+                return False
+            executor, compute = served[0]
+            steps = await self._steps_now(executor)
+            mine = executor.optimizer_step
+            if not steps or max(steps.values()) <= mine:
+                continue
+            ahead = max(steps, key=steps.__getitem__)
+            logger.warning("stage %d: its averaging round failed here and replica %s applied the step (at %d, "
+                           "this one at %d): taking its state now", stage, ahead[-8:], steps[ahead], mine)
+            executor.behind = True
+            try:
+                step = await take_state(executor, self._identity, ahead, self._client, compute)
+            except SwarmError as e:
+                logger.warning("stage %d: taking replica %s's state failed (%s); the periodic check retries",
+                               stage, ahead[-8:], e)
+                return False
+            finally:
+                executor.behind = False
+            self.resyncs += 1
+            logger.info("stage %d resynced to step %d from replica %s", stage, step, ahead[-8:])
+            return True
+        return False
+
+    async def _steps_now(self, executor: StageExecutor) -> dict[str, int]:
+        """What each other online replica of the stage answers as its optimizer step now."""
+        records = await self._records(executor.stage)
+        steps = {}
+        for record in records:
+            if record.state != PeerState.ONLINE or record.peer_id == self._me or record.layers != executor.layers:
+                continue
+            try:
+                steps[record.peer_id] = (await self._client.info(record.peer_id, executor.stage)).optimizer_step
+            except SwarmError:
+                continue  # gone or busy: the others decide
+        return steps
 
     async def check_once(self) -> list[int]:
         """One look at every served stage; returns the stages that were resynced."""
@@ -85,7 +147,11 @@ class ResyncWatch:
         ahead = max(others, key=others.__getitem__)
         logger.warning("stage %d here is at step %d, replica %s at step %d: taking its state", executor.stage,
                        mine, ahead[-8:], others[ahead])
-        step = await take_state(executor, self._identity, ahead, self._client, compute)
+        executor.behind = True
+        try:
+            step = await take_state(executor, self._identity, ahead, self._client, compute)
+        finally:
+            executor.behind = False
         self._behind_at.pop(executor.stage, None)
         self.resyncs += 1
         logger.info("stage %d resynced to step %d from replica %s", executor.stage, step, ahead[-8:])

@@ -13,7 +13,7 @@ from dht.schemas import PeerRecord, PeerState
 from shards.types import LayerRange
 from swarm.errors import NoRoute
 
-__all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage", "record_loads"]
+__all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage", "record_loads", "record_replicas"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def coverage(num_stages: int, records: Mapping[int, Sequence[PeerRecord]]) -> li
 
 
 def record_loads(
-    num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | None = None
+    num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | Collection[str] | None = None
 ) -> list[float]:
     """Tokens/s claimed for each stage by live (loading or online) peers, each counted once per stage,
     leaving out ``exclude`` (the peer doing the sums adds itself as it sees fit). Draining peers are
@@ -118,12 +118,22 @@ def record_loads(
     while still online elsewhere has claimed a move: it counts where it goes, not also where it is (so
     two peers that claim the same hole at once each see the other gone from its old stage and back off,
     instead of both finding the move still worth it)."""
+    return [float(sum(seen.values())) for seen in _live_claims(num_stages, records, exclude)]
+
+
+def record_replicas(
+    num_stages: int, records: Mapping[int, Sequence[PeerRecord]], *, exclude: str | Collection[str] | None = None
+) -> list[int]:
+    """How many peers ``record_loads`` counts on each stage: the replicas that average its steps."""
+    return [len(seen) for seen in _live_claims(num_stages, records, exclude)]
+
+
+def _live_claims(num_stages: int, records: Mapping[int, Sequence[PeerRecord]],
+                 exclude: str | Collection[str] | None) -> list[dict[str, float]]:
+    excluded = {exclude} if isinstance(exclude, str) else set(exclude or ())
     live = {PeerState.LOADING, PeerState.ONLINE}
     moving = {r.peer_id for rs in records.values() for r in rs if r.state == PeerState.LOADING}
-    loads = []
-    for stage in range(num_stages):
-        seen = {r.peer_id: r.throughput for r in records.get(stage, ())
-                if r.state in live and r.peer_id != exclude
-                and (r.state == PeerState.LOADING or r.peer_id not in moving)}
-        loads.append(float(sum(seen.values())))
-    return loads
+    return [{r.peer_id: r.throughput for r in records.get(stage, ())
+             if r.state in live and r.peer_id not in excluded
+             and (r.state == PeerState.LOADING or r.peer_id not in moving)}
+            for stage in range(num_stages)]

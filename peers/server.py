@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ from peers.measure import (
 from peers.protocol import BACKWARD, FORWARD
 from peers.push import PushService
 from peers.reachability import explain_placement
-from peers.routing import record_loads
+from peers.claims import joiners_in, loads_without, replica_cost
+from peers.routing import record_loads, record_replicas
 from peers.auth import PRESENT, AuthedTransport, GatedTransport, RunAuth
 from peers.inference import InferenceSessions
 from peers.inference_service import InferenceService
@@ -76,7 +78,18 @@ from peers.store_client import StoreClient
 from peers.telemetry import PeerTelemetry
 from peers.transport import P2PTransport
 from peers.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
-from shards.placement import Move, PlacedPeer, Span, choose_stages, rebalancing_needed, should_move
+from shards.placement import (
+    Joiner,
+    Move,
+    PlacedPeer,
+    ReplicaCost,
+    Span,
+    choose_stages,
+    effective_loads,
+    plan_joiners,
+    rebalancing_needed,
+    should_move,
+)
 from shards.source import resolve_model
 from shards.stage import load_stage
 from shards.types import LayerRange
@@ -160,8 +173,8 @@ class Peer(Lifecycle):
         self._stage_bytes: list[int] = []
         self._memory = 0
         self._rebalancing = False
-        self._in_flight = 0
-        self._last_request = 0.0
+        self._in_flight_by_stage: Counter[int | None] = Counter()  # requests being served, per stage (draining)
+        self._last_request_by_stage: dict[int | None, float] = {}
         self._transport: P2PTransport | None = None
         self._gated: Any = None  # the transport behind the auth gate (keyed runs), for control handlers
         self.push: PushService | None = None  # activations peer to peer (``peers.push``)
@@ -232,9 +245,9 @@ class Peer(Lifecycle):
         self.measurement = await self._measure(self.manifest)
         span = await self._choose_span(self.manifest)
         logger.info("claiming %s, layers %s of %s", span, self._layers_of(span), self.manifest.model)
-        for record in self._span_records(span, PeerState.LOADING):
-            self.slots[record.stage] = StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
-            await self._announce(record)
+        await self._claim_stages(span)
+        if self.settings.peer.stage is None:
+            span = await self._settle_claim(span)
         await self._serve_span(span)
         await self._register_handlers()
         self.telemetry.start_serving(self.stages, self._step_of, self._transport,
@@ -276,7 +289,8 @@ class Peer(Lifecycle):
         return [PeerRecord(
             peer_id=self.peer_id, maddrs=self.maddrs, stage=stage, layers=self.manifest.stages[stage], state=state,
             hardware=probe_hardware(), throughput=m.per_stage(span.count), latency_ms=m.latency_ms,
-            bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib,
+            bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib, compute=m.compute or m.throughput,
+            network=m.network if m.network is not None and m.network != float("inf") else None,
             access_token=self._auth.token if self._auth is not None else None,  # keyed runs refuse records without
         ) for stage in span.stages]
 
@@ -334,25 +348,69 @@ class Peer(Lifecycle):
             self.claim_reason = "pinned with --stage"
             return span
         records = await self.dht.all_records(manifest.num_stages)
-        loads = record_loads(manifest.num_stages, records, exclude=self.peer_id)
+        loads, replicas = loads_without(manifest.num_stages, records, {self.peer_id})
         m = self.measurement
         span = choose_stages(loads, self._stage_bytes, compute=m.compute, network=m.network,
-                             memory_bytes=self._memory, max_stages=self.settings.peer.max_stages, rng=random.Random())
+                             memory_bytes=self._memory, max_stages=self.settings.peer.max_stages, rng=random.Random(),
+                             replicas=replicas, cost=self._cost)
         self.claim_reason = explain_placement(loads, span.start, m.per_stage(span.count), count=span.count)
+        return span
+
+    @property
+    def _cost(self) -> ReplicaCost:
+        return replica_cost(self.manifest, self._stage_bytes, self.settings.peer, self.measurement.bandwidth_mbps)
+
+    async def _claim_stages(self, span: Span) -> None:
+        """Announce ``loading`` for every stage of ``span`` (a slot each, nothing loaded yet) and
+        withdraw the claim on stages of an earlier claim that ``span`` leaves out."""
+        for stage in [stage for stage in self.slots if stage not in span.stages]:
+            await self.dht.withdraw(self.slots.pop(stage).record)
+        for record in self._span_records(span, PeerState.LOADING):
+            self.slots[record.stage] = StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
+            await self._announce(record)
+        self.slots = dict(sorted(self.slots.items()))
+
+    async def _settle_claim(self, span: Span, rounds: int = 3) -> Span:
+        """Claim, then verify: wait ``peer.claim_settle`` s for the claims of peers joining at the same
+        moment, then take this peer's span in ``plan_joiners`` of that group (every member computes the
+        same plan from the same records, so they split the stages instead of each claiming the whole
+        model). A changed claim is announced and verified again (bounded)."""
+        settle = self.settings.peer.claim_settle
+        for _ in range(rounds if settle > 0 else 0):
+            await asyncio.sleep(settle)
+            records = await self.dht.all_records(self.manifest.num_stages)
+            m = self.measurement
+            me = Joiner(self.peer_id, m.compute or m.throughput, self._memory, m.network or float("inf"))
+            group = joiners_in(records, me)
+            if len(group) < 2:
+                return span
+            loads, replicas = loads_without(self.manifest.num_stages, records, {j.peer_id for j in group})
+            planned = plan_joiners(loads, replicas, group, self._stage_bytes, cost=self._cost,
+                                   max_stages=self.settings.peer.max_stages).get(self.peer_id, span)
+            if planned == span:
+                logger.info("%d peers are joining together; this one keeps %s", len(group), span)
+                return span
+            logger.info("%d peers are joining together: this one takes %s instead of %s", len(group), planned, span)
+            self.claim_reason = f"split with {len(group) - 1} peer(s) joining at the same time"
+            await self._claim_stages(planned)
+            span = planned
         return span
 
     # -- serving ----------------------------------------------------------------------------------
 
-    async def _serve_span(self, span: Span) -> None:
-        """Load every stage of ``span`` (its slot exists, announced ``loading``) with its averager, then
-        adopt each stage's current state. Every averager forks a process: all of them start before any
-        state download opens a stream (the child closes its copies of open streams, see
-        ``peers.averaging``, but a span's own downloads need not test that). Free heap goes back to
-        the system before the forks and at the end (see ``release_free_memory``)."""
+    async def _serve_span(self, span: Span, stages: Collection[int] | None = None) -> None:
+        """Load every stage of ``span`` (or only ``stages`` of it: a move keeps the others as they are;
+        each slot exists, announced ``loading``) with its averager, then adopt each stage's current
+        state. Every averager forks a process: all of them start before any state download opens a
+        stream (the child closes its copies of open streams, see ``peers.averaging``, but a span's
+        own downloads need not test that). Free heap goes back to the system before the forks and at
+        the end (see ``release_free_memory``)."""
+        stages = list(span.stages) if stages is None else sorted(stages)
         release_free_memory()
-        for stage in span.stages:
+        for stage in stages:
             await self._load_slot(self.slots[stage])
-        for slot in self.slots.values():
+        for stage in stages:
+            slot = self.slots[stage]
             await self._adopt_state(slot, self._identity)  # never serve stale weights
             self._start_checkpoints(slot)
             slot.inference = self._serve_inference(slot)
@@ -374,6 +432,7 @@ class Peer(Lifecycle):
         )
         executor.corrupt = self.settings.peer.corrupt
         slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self._identity)
+        slot.service.on_step_failed = self._on_step_failed
 
     # -- hosting stages for delegators (delegation/ drives these) ----------------------------------
 
@@ -539,15 +598,16 @@ class Peer(Lifecycle):
 
         async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
             service = service_for(message)
-            self._in_flight += 1
-            self._last_request = time.monotonic()
+            stage = getattr(getattr(service, "executor", None), "stage", None)
+            self._in_flight_by_stage[stage] += 1
+            self._last_request_by_stage[stage] = time.monotonic()
             try:
                 if slowdown:
                     await asyncio.sleep(slowdown)
                 reply, out = await service.handlers()[method](message, tensors)
             finally:
-                self._in_flight -= 1
-                self._last_request = time.monotonic()
+                self._in_flight_by_stage[stage] -= 1
+                self._last_request_by_stage[stage] = time.monotonic()
             await self._report_hosted_work(service, method, message, tensors, reply, out)
             return reply, out
 
@@ -574,87 +634,121 @@ class Peer(Lifecycle):
             self._rebalance_task = asyncio.create_task(self._rebalance_forever(), name="peer-rebalance")
 
     async def _rebalance_forever(self) -> None:
-        period, rng = self.settings.peer.rebalance_period, random.Random()
+        """Every ``watch_period`` s a quick look: a move that fills an empty stage or drops part of this
+        peer's own span (nothing to load) is made at once; any other move is considered once per
+        ``rebalance_period`` (randomised), the peer that gains most going first."""
+        peer, rng = self.settings.peer, random.Random()
+        next_full = time.monotonic() + peer.rebalance_period * rng.uniform(0.5, 1.5)
         while True:
-            await asyncio.sleep(period * rng.uniform(0.5, 1.5))
+            await asyncio.sleep(peer.watch_period * rng.uniform(0.8, 1.2))
             try:
                 move = await self.consider_move()
                 if move is None:
                     continue
-                # the peer that gains most goes first: the others wait longer, then see its claim
-                await asyncio.sleep(period * 0.5 * rng.random() / (1 + min(move.gain, 3.0)))
+                if _urgent(move):  # others may have seen the same: a random pause, then the claim decides
+                    await asyncio.sleep(peer.watch_period * rng.random())
+                elif time.monotonic() < next_full:
+                    continue
+                else:
+                    next_full = time.monotonic() + peer.rebalance_period * rng.uniform(0.5, 1.5)
+                    await asyncio.sleep(peer.rebalance_period * 0.5 * rng.random() / (1 + min(move.gain, 3.0)))
                 move = await self.consider_move()
-                if move is not None and await self._claim(move, settle=min(2.0, period / 4)):
+                if move is not None and await self._claim(move, settle=min(2.0, peer.rebalance_period / 4)):
                     await self.move_to(move)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # a failed check or move must not stop serving; the next period retries
+            except Exception as e:  # a failed check or move must not stop serving; the next look retries
                 logger.warning("rebalancing failed: %s: %s", type(e).__name__, e)
 
     async def _claim(self, move: Move, *, settle: float) -> bool:
-        """Announce ``loading`` for the new span, give other claims ``settle`` seconds to show, and keep
-        the claim only if the move still holds with every other claim counted. Two peers that claimed
-        the same hole at the same moment both back off (and draw new random times): a claim that
-        survives this check is the only one."""
-        self._pending = self._span_records(move.new, PeerState.LOADING)
+        """Announce the move (``loading`` on the stages it adds, ``draining`` on the ones it drops), give
+        other claims ``settle`` seconds to show, and keep the claim only if the move still holds with
+        every other claim counted. Two peers that claimed the same hole, or that both drop the same
+        stage, at the same moment both back off (and draw new random times): a claim that survives
+        this check is the only one."""
+        added = [s for s in move.new.stages if s not in self.slots]
+        self._pending = [r for r in self._span_records(move.new, PeerState.LOADING) if r.stage in added]
         for record in self._pending:
             await self.dht.announce(record)
+        for slot in self.slots.values():
+            if slot.stage not in move.new.stages:
+                await self._announce(self._current_record(slot).model_copy(update={"state": PeerState.DRAINING}))
         await asyncio.sleep(settle)
         again = await self.consider_move()
         if again is not None and again.new == move.new:
             return True
-        logger.info("another peer claimed %s first; staying on %s", move.new, self.span)
+        logger.info("another peer claimed the same change first; staying on %s", self.span)
         pending, self._pending = self._pending, []
         for record in pending:
-            if record.stage not in self.slots:  # a served stage's record was overwritten: the refresh restores it
-                await self.dht.withdraw(record)
+            await self.dht.withdraw(record)
         await self._announce_online()
         return False
 
     async def consider_move(self) -> Move | None:
-        """``should_move`` on the current DHT records, with this peer counted as it serves now."""
+        """``should_move`` on the current DHT records (with each stage's replicas and what they cost in
+        averaging), this peer counted as it serves now."""
         manifest, span, m = self.manifest, self.span, self.measurement
         records = await self.dht.all_records(manifest.num_stages)
-        loads = record_loads(manifest.num_stages, records, exclude=self.peer_id)
+        loads, replicas = loads_without(manifest.num_stages, records, {self.peer_id})
         for stage, slot in [*self.slots.items(), *self.hosted.items()]:
             loads[stage] += slot.record.throughput
-        peer = self.settings.peer
-        self._rebalancing = rebalancing_needed(loads, peer.rebalance_margin, self._rebalancing)
+            replicas[stage] += 1
+        peer, cost = self.settings.peer, self._cost
+        self._rebalancing = rebalancing_needed(effective_loads(loads, replicas, cost), peer.rebalance_margin,
+                                               self._rebalancing)
         me = PlacedPeer(self.peer_id, m.compute, span, m.network)
         move = should_move(loads, self._stage_bytes, me, memory_bytes=self._memory, margin=peer.rebalance_margin,
-                           active=self._rebalancing, max_stages=peer.max_stages)
+                           active=self._rebalancing, max_stages=peer.max_stages, replicas=replicas, cost=cost)
         if move is not None and set(move.new.stages) & set(self.hosted):
             return None  # one slot per stage on a peer: a stage hosted for a delegator stays with it
         return move
 
     async def move_to(self, move: Move) -> None:
-        """Leave the old span for ``move.new``: claim the new one (so no other peer moves for the same
-        hole), stop taking work for the old one and drain it, withdraw it, load the new one, announce
-        it online. Stages in both spans are reloaded too (their state comes from a replica or a
-        checkpoint like any other)."""
+        """Leave the old span for ``move.new``. Stages in both spans stay as they are: their module,
+        optimizer state and step are kept in memory and serve on. Stages only in the new span are
+        claimed (``loading``) and loaded, each from a live replica. Stages only in the old span are
+        announced ``draining``, served until trainers have moved on, then withdrawn; a stage no other
+        online replica serves is never dropped (the move is called off instead)."""
         old = self.span
-        logger.info("moving from %s to %s: bottleneck %.0f -> %.0f tokens/s", old, move.new,
-                    move.bottleneck_before, move.bottleneck_after)
-        if [r.stage for r in self._pending] != list(move.new.stages):
-            self._pending = self._span_records(move.new, PeerState.LOADING)
+        added = [s for s in move.new.stages if s not in self.slots]
+        dropped = [s for s in self.slots if s not in move.new.stages]
+        logger.info("moving from %s to %s: bottleneck %.0f -> %.0f tokens/s (keeping %s)", old, move.new,
+                    move.bottleneck_before, move.bottleneck_after,
+                    ", ".join(str(s) for s in self.slots if s in move.new.stages) or "nothing")
+        if sorted(r.stage for r in self._pending) != added:
+            self._pending = [r for r in self._span_records(move.new, PeerState.LOADING) if r.stage in added]
             for record in self._pending:
                 await self.dht.announce(record)
-        for slot in self.slots.values():
-            if slot.stage not in move.new.stages:  # a stage kept keeps the ``loading`` record just claimed
-                await self._announce(slot.record.model_copy(update={"state": PeerState.DRAINING}))
-        await self._drain()
+        for stage in dropped:
+            slot = self.slots[stage]
+            await self._announce(self._current_record(slot).model_copy(update={"state": PeerState.DRAINING}))
+        await self._drain(dropped)
+        alone = [stage for stage in dropped if not await self._online_replicas(stage, reads=2)]
+        if alone:
+            logger.warning("not moving to %s: no other online peer serves stage(s) %s", move.new,
+                           ", ".join(map(str, alone)))
+            for record in self._pending:
+                await self.dht.withdraw(record)
+            self._pending = []
+            await self._announce_online()
+            return
         self._moving = True
         try:
-            previous, self.slots = self.slots, {}  # from here the refresh announces only the new span
-            for slot in previous.values():
-                self._past_steps[slot.stage] = slot.service.executor.optimizer_step  # its last ledger window still ends
-                if slot.stage not in move.new.stages:
-                    await self.dht.withdraw(slot.record)
+            for stage in dropped:
+                slot = self.slots.pop(stage)
+                self._past_steps[stage] = slot.service.executor.optimizer_step  # its last ledger window still ends
+                await self.dht.withdraw(slot.record)
                 await slot.close()
-            self.slots = {record.stage: StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
-                          for record in self._pending}
+            shares = self._span_records(move.new, PeerState.ONLINE)
+            for record in shares:  # a kept stage's share of this peer changes with the span's length
+                if record.stage in self.slots:
+                    slot = self.slots[record.stage]
+                    slot.record = slot.record.model_copy(update={"throughput": record.throughput})
+            for record in self._pending:
+                self.slots[record.stage] = StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
+            self.slots = dict(sorted(self.slots.items()))
             self._pending = []
-            await self._serve_span(move.new)
+            await self._serve_span(move.new, added)
         finally:
             self._moving = False
         self.telemetry.follow_stages(self.stages)
@@ -664,18 +758,22 @@ class Peer(Lifecycle):
         self.moves.append(move)
         logger.info("now serving %s (layers %s)", move.new, self._layers_of(move.new))
 
-    async def _drain(self) -> None:
-        """Serve the old span for ``drain_seconds`` (trainers refresh their routes and stop sending),
-        then until nothing is in flight and a second passed without a request; at most 30 s more."""
-        peer = self.settings.peer
-        await asyncio.sleep(peer.drain_seconds)
+    async def _drain(self, stages: Collection[int]) -> None:
+        """Serve the ``stages`` being left for ``drain_seconds`` (trainers refresh their routes and stop
+        sending), then until none of their requests is in flight and a second passed without one; at
+        most 30 s more. Nothing to wait for when no stage is left."""
+        if not stages:
+            return
+        await asyncio.sleep(self.settings.peer.drain_seconds)
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline:
-            if self._in_flight == 0 and time.monotonic() - self._last_request >= 1.0:
+            busy = sum(self._in_flight_by_stage[s] for s in stages)
+            idle = min(time.monotonic() - self._last_request_by_stage.get(s, 0.0) for s in stages)
+            if busy == 0 and idle >= 1.0:
                 return
             await asyncio.sleep(0.1)
-        logger.warning("%s still had %d request(s) in flight after draining; leaving anyway",
-                       self.span, self._in_flight)
+        logger.warning("stage(s) %s still had requests in flight after draining; leaving anyway",
+                       ", ".join(map(str, stages)))
 
     def _load(self, manifest: Manifest, stage: int) -> torch.nn.Module:
         torch.set_num_threads(compute_threads(self.settings.peer.threads))
@@ -695,13 +793,15 @@ class Peer(Lifecycle):
         return StoreClient(self._transport, self.dht.stores)
 
     async def _online_replicas(self, stage: int, reads: int = 4) -> list[str]:
-        """The other online replicas of ``stage``. A DHT read under load can miss a key's entries (seen:
+        """The other online replicas of ``stage``, those at the newest step first. A DHT read under load can miss a key's entries (seen:
         a newcomer found no replica of a stage that had one and started from the model files), so
         once the run has trained (a trainer past step 0) an empty read is repeated, bounded, before
         the stage is taken to have no replica; a new run's first peers start at once."""
         for attempt in range(1, reads + 1):
-            records = await self.dht.stage_records(stage)
-            replicas = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+            records = [r for r in await self.dht.stage_records(stage)
+                       if r.state == PeerState.ONLINE and r.peer_id != self.peer_id]
+            random.shuffle(records)  # replicas at the same step share the downloads
+            replicas = [r.peer_id for r in sorted(records, key=lambda r: -r.step)]  # the current step first
             if replicas or attempt == reads:
                 return replicas
             if attempt == 1 and not any(t.step > 0 for t in await self.dht.trainer_records()):
@@ -826,6 +926,10 @@ class Peer(Lifecycle):
                              samples=samples, stage=self.record.stage,
                              access_token=self._auth.token if self._auth is not None else None)
 
+    def _on_step_failed(self, stage: int) -> None:
+        if self.resync is not None:
+            self.resync.nudge(stage)
+
     def _on_key_revoked(self) -> None:
         if self._leaving is None:
             logger.error("this peer's API key was revoked: it leaves the swarm")
@@ -840,3 +944,10 @@ class Peer(Lifecycle):
 
     async def _in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+
+
+def _urgent(move: Move) -> bool:
+    """A move made at once, not once per rebalancing period: it fills a stage nobody serves, or it only
+    drops stages of the peer's own span (nothing to load, the rest kept)."""
+    shrink = move.old.start <= move.new.start and move.new.end <= move.old.end
+    return move.bottleneck_before <= 0 or shrink

@@ -42,7 +42,7 @@ from peers.state import StateIdentity, capture_state
 from peers.transport import CALLER, Handler, Transport
 from peers.wire import decode, encode, width
 from peers.worker import ComputeWorker
-from swarm.errors import BadRequest, SwarmError, WrongStage
+from swarm.errors import AveragingFailed, BadRequest, StaleReplica, SwarmError, WrongStage
 
 __all__ = ["StageService"]
 
@@ -64,6 +64,7 @@ class StageService:
         self.requests_served = 0
         self.errors_replied = 0
         self.refused_by: Counter[str] = Counter()  # malformed or insane requests per caller (peer id)
+        self.on_step_failed: Callable[[int], None] | None = None  # called with the stage when a step's round fails
         self._owns_worker = worker is None
         self._worker = worker or ComputeWorker(f"stage{executor.stage}")
 
@@ -85,6 +86,7 @@ class StageService:
     async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(ForwardRequest, message)
         self.executor.check_target(request.stage, request.layers)
+        self._refuse_if_behind()
         self._admit("forward")
         inputs = self._inputs(tensors, request.wire, request.has_attention_mask, request.has_position_ids)
         reply, outputs = await self._in_worker(self.executor.forward, request, inputs)
@@ -93,6 +95,7 @@ class StageService:
     async def rpc_backward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(BackwardRequest, message)
         self.executor.check_target(request.stage, request.layers)
+        self._refuse_if_behind()
         self._admit("backward")
         taken = width(request.wire)
         if len(tensors) < taken:
@@ -121,7 +124,12 @@ class StageService:
         self.executor.check_target(request.stage, request.layers)
         if tensors:
             raise BadRequest(f"step takes no tensors, got {len(tensors)}")
-        reply = await self._in_worker(self.executor.apply_step, request, self.peer_id)
+        try:
+            reply = await self._in_worker(self.executor.apply_step, request, self.peer_id)
+        except AveragingFailed:
+            if self.on_step_failed is not None:  # the other members may have applied it: find out at once
+                self.on_step_failed(self.executor.stage)
+            raise
         return ok_reply(reply), []
 
     async def rpc_abort(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
@@ -155,6 +163,7 @@ class StageService:
     async def rpc_state(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(StateRequest, message)
         self.executor.check_target(request.stage, request.layers)
+        self._refuse_if_behind()
         if tensors:
             raise BadRequest(f"a state request carries no tensors, got {len(tensors)}")
         if self.identity is None:
@@ -195,6 +204,13 @@ class StageService:
             raise BadRequest(f"expected hidden_states ({taken} tensor(s) in {wire}) first, got {len(tensors)} tensor(s)")
         hidden = decode(tensors[:taken], wire, self.executor.dtype, "hidden_states")
         return self.executor.check_inputs([hidden, *tensors[taken:]], has_mask, has_positions)
+
+    def _refuse_if_behind(self) -> None:
+        """A replica that knows it missed a step the others applied computes nothing and hands out no
+        state until it has taken theirs (``peers.resync``): callers go to another replica."""
+        if self.executor.behind:
+            raise StaleReplica(f"stage {self.executor.stage} here is at step {self.executor.optimizer_step}, behind "
+                               "its replicas; it is taking their state")
 
     def _admit(self, what: str) -> None:
         if isinstance(self._worker, ComputeWorker):

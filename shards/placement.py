@@ -14,6 +14,15 @@ activations enter and leave a span once whatever its length).
   ``MIN_GAIN`` of itself (or, with the bottleneck tied over several stages, serves one of them).
   Every move so raises the pair ``(bottleneck, -stages at the bottleneck)``: moves cannot cycle.
 
+* A replica is not free in training: every step, the replicas of a stage sum their gradients in one
+  averaging round (``ReplicaCost``). With a cost, placement compares *effective* loads (tokens a step
+  trains over the step's compute plus that round), so two peers split a two-stage pipeline instead of
+  both holding the whole model, and among plans within ``REDUNDANCY_SLACK`` of the best it keeps more
+  stages with a second replica (a stage with one replica loses its steps since the last checkpoint
+  with that peer). ``plan_joiners`` places peers that join at the same moment as one group (claim,
+  then verify: each runs the same pure function on what it sees), and ``should_move`` also offers a
+  *shrink* (dropping stages of its own span, nothing to load) whenever it raises the bottleneck.
+
 Loads are numpy arrays of tokens/s per stage; nothing here knows about the network or the DHT.
 """
 
@@ -33,7 +42,11 @@ __all__ = [
     "Span",
     "PlacedPeer",
     "Move",
+    "ReplicaCost",
+    "Joiner",
     "contribution",
+    "effective_loads",
+    "plan_joiners",
     "stage_loads",
     "bottleneck",
     "spans_that_fit",
@@ -43,11 +56,13 @@ __all__ = [
     "SETTLE",
     "MIN_EFFICIENCY",
     "MIN_GAIN",
+    "REDUNDANCY_SLACK",
 ]
 
 SETTLE = 0.2  # fraction of the margin under which an ongoing rebalancing stops
 MIN_EFFICIENCY = 0.5  # share of a mover's throughput that must raise the bottleneck
 MIN_GAIN = 0.002  # and the least relative rise of the bottleneck a move is worth
+REDUNDANCY_SLACK = 0.1  # a plan this much slower than the best still wins if more stages keep a spare replica
 _TIE = 1e-9  # relative tolerance when comparing bottlenecks computed in floating point
 
 
@@ -109,6 +124,48 @@ class Move:
         return self.bottleneck_after / self.bottleneck_before - 1
 
 
+@dataclass(frozen=True)
+class ReplicaCost:
+    """What a replica costs its stage in training. Each step the ``r > 1`` replicas of a stage sum their
+    gradients in one averaging round: ``round_seconds`` for every other member (a member opens a stream
+    to each other member and reduces its part of their tensors, and matchmaking waits for all of
+    them) plus ``2 (r - 1) / r`` of the stage's ``param_bytes`` each way over the slowest link
+    (``bandwidth``, bytes/s; an all-reduce's traffic per member). A step trains ``step_tokens``
+    tokens, so a stage with load ``L`` over ``r`` replicas trains
+    ``step_tokens / (step_tokens / L + averaging)`` tokens/s."""
+
+    step_tokens: float
+    round_seconds: float
+    param_bytes: tuple[float, ...]
+    bandwidth: float = math.inf
+
+    def averaging_seconds(self, replicas: np.ndarray) -> np.ndarray:
+        replicas = np.asarray(replicas, dtype=np.float64)
+        traffic = 2 * (replicas - 1) / np.maximum(replicas, 1) * np.asarray(self.param_bytes) / self.bandwidth
+        return np.where(replicas > 1, self.round_seconds * (replicas - 1) + traffic, 0.0)
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """A peer placed by ``plan_joiners``: its speeds (tokens/s for one stage; what its link carries)
+    and the memory it can give to stages."""
+
+    peer_id: str
+    compute: float
+    memory_bytes: int
+    network: float = math.inf
+
+
+def effective_loads(loads: Sequence[float] | np.ndarray, replicas: Sequence[int] | np.ndarray | None,
+                    cost: ReplicaCost | None) -> np.ndarray:
+    """Tokens/s each stage trains once its replicas' averaging is paid (``loads`` itself without a cost)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    if cost is None or replicas is None:
+        return loads
+    seconds = cost.step_tokens / np.maximum(loads, 1e-300) + cost.averaging_seconds(np.asarray(replicas))
+    return np.where(loads > 0, cost.step_tokens / seconds, 0.0)
+
+
 def contribution(compute: float, count: int, network: float = math.inf) -> float:
     """Tokens/s a peer gives each of the ``count`` stages it holds."""
     return min(compute / count, network)
@@ -157,17 +214,22 @@ def choose_stages(
     network: float = math.inf,
     max_stages: int | None = None,
     rng: random.Random | None = None,
+    replicas: Sequence[int] | np.ndarray | None = None,
+    cost: ReplicaCost | None = None,
 ) -> Span:
     """The span (one or more consecutive stages, fitting in ``memory_bytes``) whose new load raises
-    the bottleneck the most. Raises ``InsufficientMemory`` when not even one stage fits."""
+    the bottleneck the most. With ``cost`` (and each stage's ``replicas``), the bottleneck is of the
+    effective loads, and a span within ``REDUNDANCY_SLACK`` of the best that leaves fewer stages with a
+    single replica wins. Raises ``InsufficientMemory`` when not even one stage fits."""
     loads = np.asarray(loads, dtype=np.float64)
     if len(loads) == 0 or len(loads) != len(stage_bytes):
         raise ValueError(f"need one load and one size per stage, got {len(loads)} and {len(stage_bytes)}")
     if compute <= 0:
         raise ValueError(f"a peer's throughput must be positive, got {compute}")
+    replicas = _replicas(loads, replicas)
     longest = min(spans_that_fit(stage_bytes, memory_bytes), max_stages or len(loads))
-    candidates = _score_spans(loads, np.asarray(stage_bytes, dtype=np.float64), compute, network, memory_bytes,
-                              longest)
+    candidates = _score_spans(loads, replicas, cost, np.asarray(stage_bytes, dtype=np.float64), compute, network,
+                              memory_bytes, longest)
     return _pick(candidates, rng)
 
 
@@ -180,31 +242,73 @@ def should_move(
     margin: float = 0.15,
     active: bool = False,
     max_stages: int | None = None,
+    replicas: Sequence[int] | np.ndarray | None = None,
+    cost: ReplicaCost | None = None,
 ) -> Move | None:
-    """Whether ``me`` should leave its span for another, given the loads it counts in (``loads``
-    includes ``me``'s own contribution). ``None`` means stay. ``active`` is the caller's
-    ``rebalancing_needed`` state (hysteresis: see there)."""
+    """Whether ``me`` should leave its span for another, given the loads (and replica counts) it counts
+    in, ``me`` included. ``None`` means stay. ``active`` is the caller's ``rebalancing_needed`` state
+    (hysteresis: see there). A *shrink* (a part of ``me``'s own span: nothing to load, the state kept)
+    is taken whenever it raises the bottleneck, balanced swarm or not; a move that loads stages needs
+    the swarm out of balance and a rise worth the reload."""
     loads = np.asarray(loads, dtype=np.float64)
-    before = bottleneck(loads)
-    if not rebalancing_needed(loads, margin, active):
-        return None  # balanced within the margin: a quiet swarm stays put
-    without = loads.copy()
+    replicas = _replicas(loads, replicas)
+    effective = effective_loads(loads, replicas, cost)
+    before = bottleneck(effective)
+    without, fewer = loads.copy(), replicas.copy()
     span = me.span
     without[span.start:span.start + span.count] -= contribution(me.compute, span.count, me.network)
+    fewer[span.start:span.start + span.count] -= 1
     np.maximum(without, 0.0, out=without)
-    if _cannot_gain(loads, without, before, me, stage_bytes, memory_bytes, max_stages):
+    np.maximum(fewer, 0, out=fewer)
+    shrink = _best_shrink(without, fewer, cost, me, effective, before)
+    if shrink is not None:
+        return shrink
+    if not rebalancing_needed(effective, margin, active):
+        return None  # balanced within the margin: a quiet swarm stays put
+    if _cannot_gain(effective, effective_loads(without, fewer, cost), before, me, stage_bytes, memory_bytes,
+                    max_stages):
         return None
     new = choose_stages(without, stage_bytes, compute=me.compute, memory_bytes=memory_bytes, network=me.network,
-                        max_stages=max_stages)
+                        max_stages=max_stages, replicas=fewer, cost=cost)
     if new == span:
         return None
-    after_loads = without.copy()
-    after_loads[new.start:new.start + new.count] += contribution(me.compute, new.count, me.network)
+    after_loads = _placed(without, fewer, cost, new, contribution(me.compute, new.count, me.network))
     after = bottleneck(after_loads)
     share = contribution(me.compute, new.count, me.network)
-    if not _better(after_loads, after, loads, before, min_rise=max(MIN_EFFICIENCY * share, MIN_GAIN * before)):
+    if not _better(after_loads, after, effective, before, min_rise=max(MIN_EFFICIENCY * share, MIN_GAIN * before)):
         return None
     return Move(old=span, new=new, bottleneck_before=before, bottleneck_after=after)
+
+
+def plan_joiners(
+    loads: Sequence[float] | np.ndarray,
+    replicas: Sequence[int] | np.ndarray,
+    joiners: Sequence[Joiner],
+    stage_bytes: Sequence[int],
+    *,
+    cost: ReplicaCost | None = None,
+    max_stages: int | None = None,
+) -> dict[str, Span]:
+    """Where each of ``joiners`` (peers that claimed at about the same moment) goes, on top of the
+    stages' current ``loads`` and ``replicas``. Every joiner runs this on what it sees and takes its own
+    span, so it depends on nothing but its arguments (ties: by peer id). Two plans are built, each peer
+    in turn choosing on what the ones before it chose: *greedy* (any span) and *spread* (each takes the
+    fewest stages that still let the rest of the group cover every empty stage, so the group splits
+    the pipeline instead of each holding the whole model); then each plan is improved by letting every
+    joiner re-choose with the others fixed while that helps, and the better plan wins (``_plan_key``).
+    A joiner without memory for one stage gets no span (it is left out of the result)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    base = _replicas(loads, replicas)
+    order = sorted(joiners, key=lambda j: (-j.compute, j.peer_id))
+    order = [j for j in order if min(stage_bytes) <= j.memory_bytes]
+    plans = [_plan_in_turn(loads, base, order, stage_bytes, cost, max_stages, spread=spread)
+             for spread in (False, True)]
+    plans = [_improve(loads, base, order, plan, stage_bytes, cost, max_stages) for plan in plans]
+    best = plans[0]
+    for plan in plans[1:]:
+        if _plan_key(loads, base, order, plan, cost) > _plan_key(loads, base, order, best, cost):
+            best = plan
+    return {joiner.peer_id: span for joiner, span in zip(order, best)}
 
 
 def rebalancing_needed(loads: Sequence[float] | np.ndarray, margin: float, active: bool = False) -> bool:
@@ -219,12 +323,113 @@ def rebalancing_needed(loads: Sequence[float] | np.ndarray, margin: float, activ
     return loads.mean() > low * (1 + (margin * SETTLE if active else margin))
 
 
+def _replicas(loads: np.ndarray, replicas: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    """Replica counts as an int array (without counts: one wherever a stage has load)."""
+    if replicas is None:
+        return (loads > 0).astype(np.int64)
+    replicas = np.asarray(replicas, dtype=np.int64)
+    if replicas.shape != loads.shape:
+        raise ValueError(f"need one replica count per stage, got {len(replicas)} for {len(loads)} stages")
+    return replicas
+
+
+def _placed(loads: np.ndarray, replicas: np.ndarray, cost: ReplicaCost | None, span: Span,
+            share: float) -> np.ndarray:
+    """Effective loads once a peer giving ``share`` to each stage of ``span`` is added."""
+    loads, replicas = loads.copy(), replicas.copy()
+    loads[span.start:span.start + span.count] += share
+    replicas[span.start:span.start + span.count] += 1
+    return effective_loads(loads, replicas, cost)
+
+
+def _best_shrink(without: np.ndarray, fewer: np.ndarray, cost: ReplicaCost | None, me: PlacedPeer,
+                 effective: np.ndarray, before: float) -> Move | None:
+    """The part of ``me``'s span that, kept alone, raises ``(bottleneck, -stages at it)`` the most (by
+    at least ``MIN_GAIN``); None if no part does. Dropping a stage only ``me`` serves leaves it empty,
+    so a shrink never abandons a stage."""
+    best: tuple[float, Move] | None = None
+    for count in range(1, me.span.count):
+        for start in range(me.span.start, me.span.end - count + 2):
+            part = Span(start, count)
+            after_loads = _placed(without, fewer, cost, part, contribution(me.compute, count, me.network))
+            after = bottleneck(after_loads)
+            if _better(after_loads, after, effective, before, min_rise=MIN_GAIN * before) and \
+                    (best is None or after > best[0] * (1 + _TIE)):
+                best = (after, Move(old=me.span, new=part, bottleneck_before=before, bottleneck_after=after))
+    return best[1] if best is not None else None
+
+
+def _plan_in_turn(loads: np.ndarray, replicas: np.ndarray, order: Sequence[Joiner], stage_bytes: Sequence[int],
+                  cost: ReplicaCost | None, max_stages: int | None, *, spread: bool) -> list[Span]:
+    """Each joiner in ``order`` chooses on what the ones before it chose. ``spread``: at most the
+    stages it must take so that the joiners after it, one stage each, can fill every empty stage."""
+    loads, replicas, spans = loads.copy(), replicas.copy(), []
+    for index, joiner in enumerate(order):
+        limit = max_stages
+        if spread:
+            empty = int(np.sum(loads <= 0))
+            limit = max(1, math.ceil(empty / (len(order) - index)))
+            limit = min(limit, max_stages or limit)
+        span = choose_stages(loads, stage_bytes, compute=joiner.compute, memory_bytes=joiner.memory_bytes,
+                             network=joiner.network, max_stages=limit, replicas=replicas, cost=cost)
+        loads[span.start:span.start + span.count] += contribution(joiner.compute, span.count, joiner.network)
+        replicas[span.start:span.start + span.count] += 1
+        spans.append(span)
+    return spans
+
+
+def _improve(loads: np.ndarray, replicas: np.ndarray, order: Sequence[Joiner], plan: list[Span],
+             stage_bytes: Sequence[int], cost: ReplicaCost | None, max_stages: int | None,
+             passes: int = 3) -> list[Span]:
+    """Let each joiner in turn re-choose with every other joiner where the plan puts it; keep a change
+    only when the whole plan gets better, until a pass changes nothing (bounded)."""
+    plan = list(plan)
+    for _ in range(passes):
+        changed = False
+        for index, joiner in enumerate(order):
+            others_loads, others_replicas = _with_plan(loads, replicas, order, plan, skip=index)
+            span = choose_stages(others_loads, stage_bytes, compute=joiner.compute,
+                                 memory_bytes=joiner.memory_bytes, network=joiner.network, max_stages=max_stages,
+                                 replicas=others_replicas, cost=cost)
+            if span == plan[index]:
+                continue
+            trial = plan[:index] + [span] + plan[index + 1:]
+            if _plan_key(loads, replicas, order, trial, cost) > _plan_key(loads, replicas, order, plan, cost):
+                plan, changed = trial, True
+        if not changed:
+            break
+    return plan
+
+
+def _with_plan(loads: np.ndarray, replicas: np.ndarray, order: Sequence[Joiner], plan: Sequence[Span],
+               skip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    loads, replicas = loads.copy(), replicas.copy()
+    for index, (joiner, span) in enumerate(zip(order, plan)):
+        if index != skip:
+            loads[span.start:span.start + span.count] += contribution(joiner.compute, span.count, joiner.network)
+            replicas[span.start:span.start + span.count] += 1
+    return loads, replicas
+
+
+def _plan_key(loads: np.ndarray, replicas: np.ndarray, order: Sequence[Joiner], plan: Sequence[Span],
+              cost: ReplicaCost | None) -> tuple:
+    """How good a plan is, as a sortable key: its effective bottleneck rounded to ``REDUNDANCY_SLACK``
+    steps (a plan a step slower still loses), then fewer stages with a single replica, then the exact
+    bottleneck, then fewer replicas in all (less averaging and memory)."""
+    final_loads, final_replicas = _with_plan(loads, replicas, order, plan)
+    effective = effective_loads(final_loads, final_replicas, cost)
+    low = bottleneck(effective)
+    band = math.floor(math.log(low) / math.log1p(REDUNDANCY_SLACK)) if low > 0 else -math.inf
+    return band, -int(np.sum(final_replicas < 2)), low, -int(final_replicas.sum())
+
+
 def _cannot_gain(loads: np.ndarray, without: np.ndarray, before: float, me: PlacedPeer,
                  stage_bytes: Sequence[int], memory_bytes: int, max_stages: int | None) -> bool:
     """A cheap exact ``no``. A span of at most ``m`` stages leaves one of the ``m + 1`` least-served
     stages as it is, so the bottleneck cannot rise above that stage; a move must raise it by at least
     ``MIN_EFFICIENCY`` of the smallest share this peer could bring and ``MIN_GAIN``; with a single
-    stage at the bottleneck there is no tie to break either. Most peers of a settled swarm stop here."""
+    stage at the bottleneck there is no tie to break either. Most peers of a settled swarm stop here.
+    (``loads`` and ``without`` are effective loads, with and without this peer.)"""
     longest = min(spans_that_fit(stage_bytes, memory_bytes), max_stages or len(loads))
     if longest >= len(loads) or before <= 0:
         return False
@@ -248,51 +453,67 @@ def _better(new: np.ndarray, new_min: float, old: np.ndarray, old_min: float, *,
     return int(np.sum(new <= new_min + tolerance)) < int(np.sum(old <= old_min + tolerance))
 
 
-def _score_spans(loads: np.ndarray, sizes: np.ndarray, compute: float, network: float, memory: float,
-                 longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """New bottleneck, utility gain and whether it fits, of every span on a count x start grid (row
-    ``k`` holds spans of ``k + 1`` stages)."""
+def _score_spans(loads: np.ndarray, replicas: np.ndarray, cost: ReplicaCost | None, sizes: np.ndarray,
+                 compute: float, network: float, memory: float, longest: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """New bottleneck, utility gain, stages left with a single replica, and whether it fits, of every
+    span on a count x start grid (row ``k`` holds spans of ``k + 1`` stages)."""
     n = len(loads)
     counts, starts = np.arange(1, longest + 1), np.arange(n)
     ends = starts[None, :] + counts[:, None]  # exclusive end of each span
     valid = ends <= n
     ends = np.minimum(ends, n)
     shares = np.minimum(compute / counts, network)
-    window_min = _window_minima(loads, counts, starts, ends)
-    prefix = np.concatenate([[np.inf], np.minimum.accumulate(loads)])  # prefix[a] = min(loads[:a])
-    suffix = np.concatenate([np.minimum.accumulate(loads[::-1])[::-1], [np.inf]])  # suffix[j] = min(loads[j:])
-    new_min = np.minimum(window_min + shares[:, None], np.minimum(prefix[starts][None, :], suffix[ends]))
+    current = effective_loads(loads, replicas, cost)
+    joined = np.stack([effective_loads(loads + share, replicas + 1, cost) for share in shares])  # (counts, n)
+    window_min = _window_minima(joined, counts, starts, ends)
+    prefix = np.concatenate([[np.inf], np.minimum.accumulate(current)])  # prefix[a] = min(current[:a])
+    suffix = np.concatenate([np.minimum.accumulate(current[::-1])[::-1], [np.inf]])  # suffix[j] = min(current[j:])
+    new_min = np.minimum(window_min, np.minimum(prefix[starts][None, :], suffix[ends]))
     floor = max(compute, 1.0) * 1e-6  # an empty stage weighs log(floor): filling it gains a lot
-    lifted = np.log(loads[None, :] + shares[:, None] + floor) - np.log(loads + floor)[None, :]
+    lifted = np.log(joined + floor) - np.log(current + floor)[None, :]
     lifted_sums = np.concatenate([np.zeros((longest, 1)), np.cumsum(lifted, axis=1)], axis=1)
     rows = np.arange(longest)[:, None]
     gain = lifted_sums[rows, ends] - lifted_sums[rows, starts[None, :]]
+    single = (replicas < 2).astype(np.float64)  # stages with at most one replica, and how many a span lifts
+    lone_sums = np.concatenate([[0.0], np.cumsum(replicas == 1)])
+    lone_left = float(single.sum()) - (lone_sums[ends] - lone_sums[starts][None, :])
+    if cost is None:
+        lone_left = np.zeros_like(new_min)  # without a replica cost, redundancy plays no part
     size_sums = np.concatenate([[0.0], np.cumsum(sizes)])
     fits = valid & (size_sums[ends] - size_sums[starts][None, :] <= memory)
-    return new_min, gain, fits
+    return new_min, gain, lone_left, fits
 
 
-def _window_minima(loads: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``min(loads[start:end])`` on the count x start grid, from a sparse table of power-of-two windows
-    (two overlapping windows cover any span): a few array operations instead of one per count."""
-    n = len(loads)
-    table = [np.concatenate([loads, np.full(n, np.inf)])]
+def _window_minima(values: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``min(values[k, start:end])`` on the count x start grid (row ``k`` for spans of ``counts[k]``
+    stages), from sparse tables of power-of-two windows (two overlapping windows cover any span): a few
+    array operations instead of one per count."""
+    rows, n = values.shape
+    table = [np.concatenate([values, np.full((rows, n), np.inf)], axis=1)]
     while 2 ** len(table) <= counts[-1]:
         half = 2 ** (len(table) - 1)
         previous = table[-1]
-        table.append(np.minimum(previous, np.concatenate([previous[half:], np.full(half, np.inf)])))
-    table = np.stack(table)
+        table.append(np.minimum(previous, np.concatenate([previous[:, half:], np.full((rows, half), np.inf)], axis=1)))
+    table = np.stack(table)  # (levels, rows, 2n)
     level = np.floor(np.log2(counts)).astype(np.int64)[:, None]
     second = np.maximum(ends - 2 ** level, 0)
-    return np.minimum(table[level, starts[None, :]], table[level, second])
+    row = np.arange(rows)[:, None]
+    return np.minimum(table[level, row, starts[None, :]], table[level, row, second])
 
 
-def _pick(scored: tuple[np.ndarray, np.ndarray, np.ndarray], rng: random.Random | None) -> Span:
-    """Highest bottleneck, then highest utility gain, then the shortest span, then ``rng`` (or the
-    lowest start)."""
-    new_min, gain, fits = scored
+def _pick(scored: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], rng: random.Random | None) -> Span:
+    """Among the spans within ``REDUNDANCY_SLACK`` of the highest bottleneck, the fewest stages left
+    with a single replica (all zero without a replica cost); then the highest bottleneck, then the
+    highest utility gain, then the shortest span, then ``rng`` (or the lowest start)."""
+    new_min, gain, lone_left, fits = scored
     new_min = np.where(fits, new_min, -np.inf)
     best = new_min.max()
+    if best > 0:
+        near = new_min >= best / (1 + REDUNDANCY_SLACK)
+        near &= lone_left <= np.where(near, lone_left, np.inf).min() + 0.5
+        best = np.where(near, new_min, -np.inf).max()
+        new_min = np.where(near, new_min, -np.inf)
     chosen = new_min >= best - _TIE * max(abs(best), 1.0)
     gain = np.where(chosen, gain, -np.inf)
     best_gain = gain.max()

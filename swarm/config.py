@@ -98,6 +98,15 @@ class PeerSettings(_Section):
                                    "(default: yes, unless --stage pins this peer)")
     rebalance_period: float = Field(60.0, gt=0, description="seconds between re-evaluations (randomised +-50%)")
     rebalance_margin: float = Field(0.15, ge=0, description="move only when the swarm is this much out of balance")
+    watch_period: float = Field(3.0, gt=0, description="seconds between quick looks for an empty stage to fill "
+                                "or a stage of this peer's own span to drop (nothing to load: done at once)")
+    claim_settle: float = Field(2.0, ge=0, description="seconds a joining peer waits after its claim to see the "
+                                "claims of peers joining with it, before they split the stages between them")
+    averaging_cost: float = Field(0.5, ge=0, description="seconds placement counts for one averaging round of "
+                                  "a stage with several replicas, beyond its traffic (measured on loopback: "
+                                  "benchmarks/recovery.py)")
+    step_tokens: int | None = Field(None, gt=0, description="tokens a training step holds, for placement's "
+                                    "averaging cost (default: the run's target batch size x 128)")
     drain_seconds: float = Field(12.0, ge=0, description="a moving peer keeps serving its old stage this long "
                                  "(trainers refresh routes every 10 s), then until idle")
     slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "

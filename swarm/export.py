@@ -59,14 +59,23 @@ async def gather_stage(
     from the newest stored checkpoint; ``(weights, where they came from)``."""
     layers = manifest.stages[stage]
     online = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.stage == stage and r.layers == layers]
-    for peer_id in random.sample(online, len(online))[:attempts]:
+    steps = await _replica_steps(client, random.sample(online, len(online)), stage)
+    newest = max(steps.values(), default=0)
+    for peer_id in [p for p in steps if steps[p] == newest][:attempts]:  # never a replica behind the others
         try:
             meta, tensors = await client.fetch_state(peer_id, stage, layers, with_optimizer=False)
         except SwarmError as e:
             logger.warning("stage %d: replica %s did not send its weights: %s", stage, peer_id[-8:], e)
             continue
         _check_part(meta, manifest, stage)
+        if meta.step < newest:
+            logger.warning("stage %d: replica %s sent step %d, behind step %d; asking another", stage,
+                           peer_id[-8:], meta.step, newest)
+            continue
         return weights_of(meta, tensors), f"replica {peer_id[-8:]} (step {meta.step})"
+    if steps:
+        raise NoRoute(f"stage {stage}: no replica at its newest step {newest} handed its weights over; "
+                      "export again in a moment")
     try:
         meta, tensors = await store.get(part_name(stage))
     except CheckpointMissing:
@@ -74,6 +83,18 @@ async def gather_stage(
     _check_part(meta, manifest, stage)
     logger.warning("stage %d has no online replica: exporting its checkpoint of step %d", stage, meta.step)
     return weights_of(meta, tensors), f"checkpoint (step {meta.step}), no replica online"
+
+
+async def _replica_steps(client: StageClient, peers: Sequence[str], stage: int) -> dict[str, int]:
+    """The optimizer step each of ``peers`` reports for ``stage`` now (a replica that does not answer
+    is left out): export reads only replicas at the newest step, never one that fell behind."""
+    steps = {}
+    for peer_id in peers:
+        try:
+            steps[peer_id] = (await client.info(peer_id, stage)).optimizer_step
+        except SwarmError as e:
+            logger.warning("stage %d: replica %s did not answer: %s", stage, peer_id[-8:], e)
+    return steps
 
 
 def _check_part(meta: StateMeta, manifest: Manifest, stage: int | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,34 @@ class ProcessGroup:
         peer = self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads),
                                  "--state-dir", str(state_dir / name), "--max-stages", "1"], env=env)
         return self.wait_for_line(name, peer, "claiming stage")
+
+    def start_peers_at_once(self, names: list[str], address: str, state_dir: Path, *, threads: int = 1,
+                            env: dict[str, str] | None = None) -> dict[str, str]:
+        """Start ``swarm join`` for every name at the same moment, as volunteers pasting the line do:
+        no ``--stage``, no ``--max-stages``, placement decides. Returns each peer's peer id once it
+        serves."""
+        for name in names:
+            self.join_unpinned(name, address, state_dir, threads=threads, env=env)
+        return {name: self.wait_joined(name) for name in names}
+
+    def join_unpinned(self, name: str, address: str, state_dir: Path, *, threads: int = 1,
+                      env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``swarm join`` as a volunteer pastes it (its own state dir under ``state_dir``)."""
+        return self.start(name, ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", str(threads),
+                                 "--state-dir", str(state_dir / name)], env=env)
+
+    def wait_joined(self, name: str) -> str:
+        """Block until peer ``name`` serves; its peer id."""
+        self.wait_for_line(name, dict(self.procs)[name], "Ctrl+C to leave")
+        return self.peer_id(name)
+
+    def peer_id(self, name: str) -> str:
+        """The peer id ``swarm join`` printed when it began serving (the line may be wrapped)."""
+        text = (self.logdir / f"{name}.log").read_text(errors="replace")
+        match = re.search(r"serving .*? as\s+(\S+?);", text, flags=re.DOTALL)
+        if match is None:
+            raise RuntimeError(f"{name} has not printed its peer id; see {self.logdir / f'{name}.log'}")
+        return match.group(1)
 
     def wait_serving(self, num_peers: int) -> None:
         """Block until every peer has loaded its layers and announced itself online."""

@@ -118,7 +118,8 @@ def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]]
     for index, layers in enumerate(manifest.stages):
         live = [r.peer_id for r in records.get(index, ()) if r.state != PeerState.OFFLINE]
         stages.append({"index": index, "layers": layers.as_list(), "peers": live,
-                       "online": len(capacities[index]), "throughput": round(sum(capacities[index].values()), 1)})
+                       "online": len(capacities[index]), "online_peers": sorted(capacities[index]),
+                       "throughput": round(sum(capacities[index].values()), 1)})
     bottleneck = min(stages, key=lambda s: s["throughput"])["index"] if stages else None
     return {
         "version": STATUS_VERSION,

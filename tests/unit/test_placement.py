@@ -155,3 +155,90 @@ def test_spans_that_fit_and_contribution():
     assert contribution(100, 4, network=10) == 10
     loads = stage_loads(3, [PlacedPeer("a", 30, Span(0, 3)), PlacedPeer("b", 5, Span(1))])
     assert loads.tolist() == [10, 15, 10]
+
+
+# -- replicas cost an averaging round every step (issue 21) ---------------------------------------
+
+from shards.placement import Joiner, ReplicaCost, effective_loads, plan_joiners  # noqa: E402
+
+# the tiny model of the issue: 2 stages of ~1.3 MB of parameters, batch 8 x 128, loopback links
+LOOPBACK = ReplicaCost(step_tokens=1024, round_seconds=0.5, param_bytes=(1.3e6, 1.3e6), bandwidth=2e8)
+FOUR = ReplicaCost(step_tokens=1024, round_seconds=0.5, param_bytes=(1e6,) * 4, bandwidth=2e8)
+
+
+def _joiners(*computes: float, memory_stages: int = 8) -> list[Joiner]:
+    return [Joiner(f"peer{i}", c, memory_stages * GIB) for i, c in enumerate(computes)]
+
+
+def test_effective_loads_pay_the_round_only_with_replicas():
+    cost = ReplicaCost(step_tokens=1024, round_seconds=0.5, param_bytes=(1.3e6,) * 3, bandwidth=2e8)
+    eff = effective_loads([10_000, 10_000, 0], [1, 2, 0], cost)
+    assert eff[0] == 10_000  # one replica: nothing to average
+    step = 1024 / 10_000 + 0.5 + 2 * 0.5 * 1.3e6 / 2e8
+    assert eff[1] == pytest.approx(1024 / step)
+    assert eff[2] == 0
+    assert list(effective_loads([5, 6], [3, 3], None)) == [5, 6]  # no cost: the loads as they are
+
+
+@pytest.mark.parametrize(
+    "case, loads, replicas, computes, memory_stages, cost, expected",
+    [
+        ("two peers at once split the pipeline", [0, 0], [0, 0], [10_000, 10_000], 8, LOOPBACK,
+         [Span(0, 1), Span(1, 1)]),
+        ("four peers at once: two replicas per stage", [0, 0], [0, 0], [10_000] * 4, 8, LOOPBACK,
+         [Span(0, 1), Span(1, 1), Span(0, 1), Span(1, 1)]),
+        ("two peers, four stages: two stages each", [0] * 4, [0] * 4, [10_000, 10_000], 8, FOUR,
+         [Span(2, 2), Span(0, 2)]),
+        ("memory for half the model: each takes the half it can", [0, 0], [0, 0], [10_000, 10_000], 1, LOOPBACK,
+         [Span(0, 1), Span(1, 1)]),
+        ("without a replica cost the first takes all (the old rule)", [0, 0], [0, 0], [10_000, 10_000], 8, None,
+         [Span(0, 2), Span(0, 2)]),
+        ("a fast and a slow peer: the fast one is placed first", [0, 0], [0, 0], [20_000, 5_000], 8, LOOPBACK,
+         [Span(0, 1), Span(1, 1)]),
+    ],
+)
+def test_plan_joiners(case, loads, replicas, computes, memory_stages, cost, expected):
+    joiners = _joiners(*computes, memory_stages=memory_stages)
+    plan = plan_joiners(loads, replicas, joiners, [GIB] * len(loads), cost=cost)
+    assert [plan[j.peer_id] for j in joiners] == expected, case
+
+
+def test_plan_joiners_is_the_same_whatever_order_the_group_is_seen_in():
+    joiners = _joiners(10_000, 10_000, 8_000, 12_000)
+    plans = {tuple(sorted(plan_joiners([0, 0], [0, 0], order, [GIB, GIB], cost=LOOPBACK).items()))
+             for order in (joiners, joiners[::-1], joiners[1:] + joiners[:1])}
+    assert len(plans) == 1
+
+
+def test_plan_joiners_leaves_out_a_peer_without_memory_for_one_stage():
+    joiners = [Joiner("big", 10_000, 8 * GIB), Joiner("tiny", 10_000, GIB // 2)]
+    assert plan_joiners([0, 0], [0, 0], joiners, [GIB, GIB], cost=LOOPBACK) == {"big": Span(0, 2)}
+
+
+@pytest.mark.parametrize(
+    "case, loads, replicas, me, expected",
+    [
+        ("both hold the whole model: dropping a stage is free and ends the averaging of it",
+         [10_000, 10_000], [2, 2], PlacedPeer("a", 10_000, Span(0, 2)), Span(0, 1)),
+        ("the other peer took stage 1 alone: keep stage 0 only", [5_000, 15_000], [1, 2],
+         PlacedPeer("a", 10_000, Span(0, 2)), Span(0, 1)),
+        ("the only replica of stage 1 never drops it", [15_000, 5_000], [2, 1],
+         PlacedPeer("a", 10_000, Span(0, 2)), Span(1, 1)),
+        ("split already: stay", [10_000, 10_000], [1, 1], PlacedPeer("a", 10_000, Span(0, 1)), None),
+    ],
+)
+def test_should_move_drops_stages_of_its_own_span_when_that_trains_faster(case, loads, replicas, me, expected):
+    move = should_move(loads, [GIB, GIB], me, memory_bytes=8 * GIB, replicas=replicas, cost=LOOPBACK)
+    assert (move.new if move is not None else None) == expected, case
+
+
+def test_should_move_fills_an_empty_stage_from_an_over_replicated_one():
+    move = should_move([30_000, 0], [GIB, GIB], PlacedPeer("a", 10_000, Span(0, 1)), memory_bytes=GIB,
+                       replicas=[3, 0], cost=LOOPBACK)
+    assert move is not None and move.new == Span(1, 1) and move.bottleneck_before == 0
+
+
+def test_plan_joiners_covers_the_empty_stage_of_a_running_swarm():
+    joiners = _joiners(10_000, 10_000)
+    plan = plan_joiners([10_000, 0], [1, 0], joiners, [GIB, GIB], cost=LOOPBACK)
+    assert any(1 in span.stages for span in plan.values())

@@ -47,7 +47,7 @@ def test_small_swarm_ends_near_the_optimum_and_fills_the_wiped_stage(sim, capsys
 def test_no_moves_in_a_quiet_swarm(sim):
     args = sim.main.__globals__["argparse"].Namespace(
         peers=150, stages=8, periods=8, arrive=3.0, lifetime=1e9, shock=1e9, load_time=0.3, margin=0.15,
-        seed=3, verbose=False)
+        seed=3, verbose=False, averaging=0.0, step_tokens=262_144)
     result = sim.simulate(args, "swarm")
     assert result.max_empty == 0.0
     assert result.bottleneck >= 0.85 * result.upper_bound
@@ -61,3 +61,9 @@ def _figures(out: str, rule: str) -> dict[str, float]:
     return {"bottleneck": number("bottleneck"), "offline": number("offline solver"), "upper": number("upper bound"),
             "moves": number("moves"), "empty": number("longest empty stage"),
             "routing": float(line.split("routing", 1)[1].split("x")[0])}
+
+
+def test_with_averaging_paid_swarm_trains_at_least_as_fast_as_petals(sim, capsys):
+    code = sim.main(_args(sim) + ["--averaging", "0.5"])
+    out = capsys.readouterr().out
+    assert "effective (averaging paid)" in out and code == 0, out
