@@ -173,6 +173,7 @@ class Peer(Lifecycle):
         self._stage_bytes: list[int] = []
         self._memory = 0
         self._rebalancing = False
+        self._found_empty = False  # a stage had no peer when this one chose: peers joining with it are planned as a group
         self._in_flight_by_stage: Counter[int | None] = Counter()  # requests being served, per stage (draining)
         self._last_request_by_stage: dict[int | None, float] = {}
         self._transport: P2PTransport | None = None
@@ -246,7 +247,7 @@ class Peer(Lifecycle):
         span = await self._choose_span(self.manifest)
         logger.info("claiming %s, layers %s of %s", span, self._layers_of(span), self.manifest.model)
         await self._claim_stages(span)
-        if self.settings.peer.stage is None:
+        if self.settings.peer.stage is None and self._found_empty:  # a new run (or a hole): others may join now too
             span = await self._settle_claim(span)
         await self._serve_span(span)
         await self._register_handlers()
@@ -349,6 +350,8 @@ class Peer(Lifecycle):
             return span
         records = await self.dht.all_records(manifest.num_stages)
         loads, replicas = loads_without(manifest.num_stages, records, {self.peer_id})
+        served = {r.stage for rs in records.values() for r in rs if r.state == PeerState.ONLINE}
+        self._found_empty = len(served) < manifest.num_stages  # claims (``loading``) are no service yet
         m = self.measurement
         span = choose_stages(loads, self._stage_bytes, compute=m.compute, network=m.network,
                              memory_bytes=self._memory, max_stages=self.settings.peer.max_stages, rng=random.Random(),
@@ -371,7 +374,8 @@ class Peer(Lifecycle):
         self.slots = dict(sorted(self.slots.items()))
 
     async def _settle_claim(self, span: Span, rounds: int = 3) -> Span:
-        """Claim, then verify: wait ``peer.claim_settle`` s for the claims of peers joining at the same
+        """Claim, then verify (when this peer found a stage nobody serves: a new run, or a hole that
+        several peers may rush to): wait ``peer.claim_settle`` s for the claims of peers joining at the same
         moment, then take this peer's span in ``plan_joiners`` of that group (every member computes the
         same plan from the same records, so they split the stages instead of each claiming the whole
         model). A changed claim is announced and verified again (bounded)."""
