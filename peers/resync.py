@@ -5,8 +5,9 @@ banned for a failure it survived, or its step reply was lost and it did not answ
 followed). It is alive and serving, its DHT record tells its optimizer step, and trainers skip it from
 then on (``StaleReplica``): without help it would stay useless until restarted.
 
-``ResyncWatch`` compares, every ``period`` s, the optimizer step of each stage this peer serves with the
-steps its stage's other online replicas publish. Behind on two checks in a row without having stepped
+``ResyncWatch`` compares, every ``period`` s (``RESYNC_PERIOD``), the optimizer step of each stage this
+peer serves with the steps its stage's other online replicas answer (``info``; their records' steps
+are up to ``RECORD_REFRESH`` s old). Behind on two checks in a row without having stepped
 in between (a replica merely mid-step catches up by itself), it downloads the state of the replica
 furthest ahead (``peers.recovery.take_state``, on the compute thread, re-fetched if that replica steps
 meanwhile), and serves on from the run's step.
@@ -33,7 +34,9 @@ from peers.state import StateIdentity
 from swarm._loop import cancel_and_wait
 from swarm.errors import SwarmError
 
-__all__ = ["falls_behind", "ResyncWatch"]
+__all__ = ["falls_behind", "ResyncWatch", "RESYNC_PERIOD"]
+
+RESYNC_PERIOD = 5.0  # seconds between looks: a replica that missed steps is found within two
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class ResyncWatch:
 
     def __init__(self, records: Callable[[int], Awaitable[list[PeerRecord]]],
                  current: Callable[[], Sequence[tuple[StageExecutor, Compute]]], client: StageClient,
-                 identity: StateIdentity, me: str, *, period: float = RECORD_REFRESH):
+                 identity: StateIdentity, me: str, *, period: float = RESYNC_PERIOD):
         """``current()``: each served stage's executor with the function that runs a call on that
         stage's compute thread."""
         self._records, self._current, self._client = records, current, client
@@ -134,9 +137,7 @@ class ResyncWatch:
         return done
 
     async def _check(self, executor: StageExecutor, compute: Compute) -> bool:
-        records = await self._records(executor.stage)
-        others = {r.peer_id: r.step for r in records if r.state == PeerState.ONLINE and r.peer_id != self._me
-                  and r.layers == executor.layers}
+        others = await self._steps_now(executor)  # asked, not read from records up to RECORD_REFRESH s old
         mine = executor.optimizer_step
         if not falls_behind(mine, list(others.values()), self._behind_at.get(executor.stage)):
             if others and max(others.values()) > mine:

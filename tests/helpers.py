@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
@@ -48,11 +49,28 @@ class LocalSwarm:
         for i in range(self.num_peers):
             self.add_peer(stage=i % self.num_stages if self.pin_stages else None)
 
+    def add_peers_at_once(self, count: int, **peer: object) -> list[Peer]:
+        """``count`` unpinned peers whose starts run at the same moment (volunteers pasting the line
+        together): placement decides where each goes."""
+        peers = [self._new_peer(None, None, None, None, **peer) for _ in range(count)]
+
+        async def start_all() -> None:
+            await asyncio.gather(*(p.start() for p in peers))
+
+        self.loop.run(start_all(), timeout=180)
+        return peers
+
     def add_peer(self, stage: int | None = None, key: str | None = None, *, initial_peers: list[str] | None = None,
                  delegation: dict | None = None, **peer: object) -> Peer:
         """Each peer has a state dir of its own (``peer<n>``), as on separate machines; it joins
         through ``initial_peers`` (default: the bootstrap). ``delegation``: its ``delegation.*`` settings
         (with ``accept``, the test registers the delegation RPCs with ``accept_delegations``)."""
+        peer = self._new_peer(stage, key, initial_peers, delegation, **peer)
+        self.loop.run(peer.start(), timeout=120)
+        return peer
+
+    def _new_peer(self, stage: int | None, key: str | None, initial_peers: list[str] | None,
+                  delegation: dict | None, **peer: object) -> Peer:
         settings = load_settings(
             run_id=self.run_id, key=key,
             network={"host": "127.0.0.1", "initial_peers": initial_peers or self.initial_peers},
@@ -61,7 +79,6 @@ class LocalSwarm:
         )
         peer = Peer(settings)
         self.peers.append(peer)
-        self.loop.run(peer.start(), timeout=120)
         return peer
 
     def accept_delegations(self, peer: Peer, **delegation: object) -> DelegateSessions:
