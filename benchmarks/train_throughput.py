@@ -5,6 +5,14 @@ relayed through the trainer (the same trainer with ``pipeline.push`` off), and p
 
     .venv/bin/python benchmarks/train_throughput.py            # batch 32 x 128, GPT-2 8 layers x 256
     .venv/bin/python benchmarks/train_throughput.py --batch 8 --microbatch 0   # one microbatch: no pipelining
+    .venv/bin/python benchmarks/train_throughput.py --free     # peers joined at once, no pins: placement decides
+    .venv/bin/python benchmarks/train_throughput.py --free --layers 6 --hidden 96 --batch 8   # the tiny model
+
+``--free`` starts the peers as volunteers do (``swarm join`` at the same moment, no ``--max-stages``)
+and trains with the README's plain loop (``loss.backward(); optimizer.step()``) instead of
+``train_step``. Every run prints what a swarm step costs beyond the local one, split into DHT reads,
+averaging (the step calls: the replicas' all-reduce and AdamW), commit (the rest of closing a step)
+and hops (the remainder: transport and waiting along the pipeline).
 
 Thread budget: the local run uses ``--threads`` torch threads (default: the cores). In the swarm the
 two peers get half of them each, and compute at the same time (microbatch pipelining); the trainer
@@ -18,6 +26,7 @@ model's, twice as many microbatches as stages; 0: the whole batch at once).
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import os
 import sys
 import tempfile
@@ -40,9 +49,11 @@ from swarm.procs import ProcessGroup  # noqa: E402
 class _Trainer:
     """One model with its AdamW and its data, timed a round of steps at a time."""
 
-    def __init__(self, model: torch.nn.Module, batches):
+    def __init__(self, model: torch.nn.Module, batches, *, plain: bool = False):
         self.model, self.batches = model, batches
         self.train_step = getattr(model, "train_step", None)  # the swarm's: what swarm train calls
+        if plain:
+            self.train_step = None  # the README's loop
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def steps(self, count: int) -> float:
@@ -70,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=compute_threads(None))
     parser.add_argument("--microbatch", type=int, default=None)
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
+    parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--free", action="store_true", help="peers join at once with no pins; the plain loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,20 +98,26 @@ def main() -> None:
     procs = ProcessGroup(root)
     local_times, swarm_times, relay_times = [], [], []
     try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
-                                    target_batch_size=args.batch, threads=max(1, args.threads // 2), wire=args.wire)
-        procs.wait_serving(2)
+        address = procs.start_swarm(model_dir, num_stages=2, num_peers=args.peers, state_dir=root / "state",
+                                    target_batch_size=args.batch, threads=max(1, args.threads // args.peers),
+                                    wire=args.wire, free=args.free)
+        procs.wait_serving(args.peers)
+        placed = _placement(address)
+        print(f"placement: {placed}")
         microbatch = args.batch if args.microbatch == 0 else args.microbatch
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], microbatch_size=microbatch) as remote:
             local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir),
                              random_batches(corpus, args.batch, args.seq, seed=1))
-            swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1))
+            swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1), plain=args.free)
             local.steps(args.warmup), swarm.steps(args.warmup)
+            costs: Counter[str] = Counter()
             # interleaved rounds, so that a noisy minute on a shared machine hits both sides alike
             for _ in range(args.rounds):
                 local_times.append(local.steps(args.steps))
                 remote.pipeline.push = True
+                before = Counter(remote.pipeline.timings)
                 swarm_times.append(swarm.steps(args.steps))
+                costs.update(Counter(remote.pipeline.timings) - before)
                 remote.pipeline.push = False
                 relay_times.append(swarm.steps(args.steps))
             fallbacks = remote.pipeline.push_fallbacks
@@ -116,8 +135,26 @@ def main() -> None:
     print(f"swarm:  {tokens / swarm_s:10,.0f} tokens/s  ({swarm_s / args.steps * 1000:.0f} ms/step, 2 peers on loopback)")
     print(f"relayed: {tokens / relay_s:9,.0f} tokens/s  (the same swarm, the trainer relaying every hop)")
     print(f"pushed/relayed: {relay_s / swarm_s:.2f}; pushes that broke and went through the trainer: {fallbacks}")
-    print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds; target >= 0.90); "
+    steps = args.steps * args.rounds
+    beyond = (sum(swarm_times) - sum(local_times)) / steps * 1000
+    named = {name: costs[name] / steps * 1000 for name in ("dht", "averaging", "commit")}
+    print(f"a swarm step beyond a local one: {beyond:.0f} ms = DHT reads {named['dht']:.0f} + averaging "
+          f"{named['averaging']:.0f} + commit {named['commit']:.0f} + hops {beyond - sum(named.values()):.0f} "
+          "(ms per step, pushed rounds)")
+    target = "0.85 at the default model, 0.6 at 6 x 96" if args.free else "0.90"
+    print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds; target >= {target}); "
           f"load average {os.getloadavg()[0]:.1f}")
+
+
+def _placement(address: str) -> str:
+    """Who serves which stage, from the live status."""
+    import json
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--bootstrap", address, "--json"],
+                            capture_output=True, text=True, timeout=120)
+    stages = json.loads(result.stdout)["stages"]
+    return ", ".join(f"stage {s['index']}: {len(s['online_peers'])} replica(s)" for s in stages)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,9 @@ class RemotePipeline:
         self.manifest = manifest
         self.push = push
         self.push_fallbacks = 0  # pushes that broke and were rebuilt through the trainer
+        # wall seconds spent reading the DHT's records, applying steps (the replicas' averaging) and
+        # committing them (everything else of ``commit``), for benchmarks/train_throughput.py
+        self.timings: Counter[str] = Counter()
         self.client = client
         self.coordinator = coordinator or LocalCoordinator(manifest.target_batch_size)
         self.policy = policy
@@ -189,7 +192,9 @@ class RemotePipeline:
 
     async def _current_records(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
         if fresh or time.monotonic() - self._records_time >= self._route_ttl:
+            started = time.perf_counter()
             self._records = self._with_recently_seen(await self._records_source())
+            self.timings["dht"] += time.perf_counter() - started
             self._records_time = time.monotonic()
             self._queue.clear()  # microbatches spread over replicas afresh with each new view
         return self._records
@@ -760,6 +765,13 @@ class RemotePipeline:
         computes: the DHT round trips of a commit (tens of ms each on a WAN) leave the step's critical
         path. A trainer that appears meanwhile is seen by that read, and the next step goes the
         common way."""
+        started, applying = time.perf_counter(), self.timings["averaging"]
+        try:
+            return await self._commit(num_samples)
+        finally:
+            self.timings["commit"] += time.perf_counter() - started - (self.timings["averaging"] - applying)
+
+    async def _commit(self, num_samples: int) -> StepStatus:
         await self.settle()
         step = self.step or 0
         self.last_closed = None
@@ -828,6 +840,13 @@ class RemotePipeline:
         gradients (hivemind averaging) and step alike. A member that fails is dropped (its backwards
         replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds.
         ``fresh=False``: the caller has just read the records."""
+        started = time.perf_counter()
+        try:
+            await self._apply(step, fresh=fresh)
+        finally:
+            self.timings["averaging"] += time.perf_counter() - started
+
+    async def _apply(self, step: int, *, fresh: bool) -> None:
         if fresh:
             await self._current_records(fresh=True)
         pending = set(range(self.manifest.num_stages))

@@ -60,9 +60,11 @@ class ProcessGroup:
 
     def start_swarm(self, model_dir: Path, *, num_stages: int, num_peers: int, state_dir: Path,
                     lr: float | None = None, target_batch_size: int | None = None, threads: int = 1,
-                    on_peer=None, wire: str | None = None, peer_env: dict[str, str] | None = None) -> str:
+                    on_peer=None, wire: str | None = None, peer_env: dict[str, str] | None = None,
+                    free: bool = False) -> str:
         """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
-        previous one has claimed its stage, so they spread over the stages). Returns the bootstrap's
+        previous one has claimed its stage, so they spread over the stages; ``free``: all at once, no
+        ``--max-stages``, each serving when this returns). Returns the bootstrap's
         multiaddr; ``on_peer(i, claim_line)`` is told of each claim; ``peer_env``: the peers' extra
         environment (``SWARM_*`` settings)."""
         args = ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
@@ -73,6 +75,10 @@ class ProcessGroup:
             args += ["--wire", wire]
         boot = self.start("bootstrap", args)
         address = self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
+        if free:  # as volunteers do: all at once, no pins, placement decides
+            self.start_peers_at_once([f"peer{i + 1}" for i in range(num_peers)], address, state_dir, threads=threads,
+                                     env=peer_env)
+            return address
         for i in range(num_peers):
             claim = self.start_peer(f"peer{i + 1}", address, state_dir, threads=threads, env=peer_env)
             if on_peer is not None:
