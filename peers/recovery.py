@@ -67,7 +67,10 @@ async def adopt_state(
 ) -> str:
     """Bring ``executor`` to the stage's current state; returns where it came from, for the log."""
     if replicas:
-        return await _from_replicas(executor, identity, replicas, client, compute, attempts)
+        try:
+            return await _from_replicas(executor, identity, replicas, client, compute, attempts)
+        except _AllUnreachable as e:  # records of peers killed outright outlive them (up to RECORD_TTL)
+            logger.warning("stage %d: %s; taking them for gone", executor.stage, e)
     restore = await _pick_checkpoint(executor.stage, identity, store, local)
     if restore is None:
         logger.info("stage %d has no replica and no checkpoint: starting from the model files", executor.stage)
@@ -87,18 +90,33 @@ async def adopt_state(
 async def _from_replicas(executor: StageExecutor, identity: StateIdentity, replicas: list[str],
                          client: StageClient, compute: Compute, attempts: int) -> str:
     order = replicas[:attempts]  # the caller's order: replicas at the run's newest step first
+    errors = []
     for peer_id in order:
         try:
             step = await take_state(executor, identity, peer_id, client, compute, rounds=attempts)
         except SwarmError as e:
             logger.warning("downloading stage %d's state from %s failed: %s: %s", executor.stage, peer_id[-8:],
                            type(e).__name__, e)
+            errors.append(e)
             continue
         logger.info("stage %d: took the current state (optimizer step %d) from replica %s", executor.stage, step,
                     peer_id[-8:])
         return f"replica {peer_id[-8:]}, step {step}"
+    if len(order) == len(replicas) and all(_unreachable(e) for e in errors):
+        raise _AllUnreachable(f"none of the {len(replicas)} replica(s) its records name could be reached")
     raise PeerUnavailable(f"stage {executor.stage} is served by {len(replicas)} replica(s), but none of {len(order)} "
                           "tried handed over its state; refusing to serve stale weights")
+
+
+class _AllUnreachable(PeerUnavailable):
+    """Every replica the records name failed to connect: they are gone, whatever their records say."""
+
+
+def _unreachable(error: SwarmError) -> bool:
+    """A failure to reach the peer at all (a dial that failed), not one of a peer that answered."""
+    text = str(error).lower()
+    return isinstance(error, PeerUnavailable) and ("dial" in text or "connection refused" in text
+                                                   or "connect failed" in text)
 
 
 async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: str, client: StageClient,

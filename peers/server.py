@@ -34,7 +34,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Collection
+from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -102,6 +102,7 @@ from swarm.errors import (
     InsufficientMemory,
     ModelLoadError,
     PeerUnavailable,
+    SwarmError,
     WrongStage,
 )
 
@@ -173,6 +174,7 @@ class Peer(Lifecycle):
         self._stage_bytes: list[int] = []
         self._memory = 0
         self._rebalancing = False
+        self._unanswered: Counter[str] = Counter()  # lone replicas of other stages that did not answer a probe
         self._found_empty = False  # a stage had no peer when this one chose: peers joining with it are planned as a group
         self._in_flight_by_stage: Counter[int | None] = Counter()  # requests being served, per stage (draining)
         self._last_request_by_stage: dict[int | None, float] = {}
@@ -693,7 +695,9 @@ class Peer(Lifecycle):
         averaging), this peer counted as it serves now."""
         manifest, span, m = self.manifest, self.span, self.measurement
         records = await self.dht.all_records(manifest.num_stages)
-        loads, replicas = loads_without(manifest.num_stages, records, {self.peer_id})
+        await self._probe_lone_replicas(records)
+        gone = {peer for peer, missed in self._unanswered.items() if missed >= 2}
+        loads, replicas = loads_without(manifest.num_stages, records, {self.peer_id} | gone)
         for stage, slot in [*self.slots.items(), *self.hosted.items()]:
             loads[stage] += slot.record.throughput
             replicas[stage] += 1
@@ -706,6 +710,25 @@ class Peer(Lifecycle):
         if move is not None and set(move.new.stages) & set(self.hosted):
             return None  # one slot per stage on a peer: a stage hosted for a delegator stays with it
         return move
+
+    async def _probe_lone_replicas(self, records: Mapping[int, Sequence[PeerRecord]]) -> None:
+        """Ask the only other replica of each stage this peer does not serve whether it is there
+        (``info``, 2 s). A peer killed outright leaves its records in the DHT until they expire (up to
+        ``RECORD_TTL``); one that did not answer twice in a row counts as gone, so its stage shows as
+        empty and is refilled now rather than a minute later."""
+        client = StageClient(self._replica_transport(), attempts=1)
+        for stage, stage_records in records.items():
+            online = {r.peer_id for r in stage_records if r.state == PeerState.ONLINE and r.peer_id != self.peer_id}
+            if stage in self.slots or len(online) != 1:
+                continue
+            (peer,) = online
+            try:
+                await asyncio.wait_for(client.info(peer, stage), 2.0)
+                self._unanswered.pop(peer, None)
+            except (SwarmError, asyncio.TimeoutError) as e:
+                self._unanswered[peer] += 1
+                logger.info("stage %d's only replica %s did not answer (%d time(s)): %s", stage, peer[-8:],
+                            self._unanswered[peer], e)
 
     async def move_to(self, move: Move) -> None:
         """Leave the old span for ``move.new``. Stages in both spans stay as they are: their module,
@@ -818,7 +841,8 @@ class Peer(Lifecycle):
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
         executor = slot.service.executor
         banned = await banned_peers(self.dht)  # a replica caught returning wrong results is no source
-        replicas = [p for p in await self._online_replicas(executor.stage) if p not in banned]
+        gone = {peer for peer, missed in self._unanswered.items() if missed >= 2}  # killed: records outlive them
+        replicas = [p for p in await self._online_replicas(executor.stage) if p not in banned and p not in gone]
         source = await adopt_state(
             executor, identity, replicas=replicas, client=StageClient(self._replica_transport()),
             store=self._store_client(), local=self._checkpoint_dir(executor.stage), compute=slot.run,

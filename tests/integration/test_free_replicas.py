@@ -9,6 +9,7 @@ Measured here: 0 to a few 1e-9 after 12 steps; asserted <= 1e-5 (as test_replica
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -92,3 +93,40 @@ def test_replicas_stay_equal_across_joins_and_moves_under_free_placement(model_f
     assert all(value <= 1e-5 for spread in spreads for value in spread.values()), spreads
     assert max(sum(stage in p.slots for p in swarm.peers) for stage in (0, 1)) >= 2, "no stage had replicas"
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_whose_last_replica_dies_is_refilled_from_an_over_replicated_one(model_factory, swarm_factory):
+    """Stage 1's only peer is killed outright (its records stay in the DHT until they expire): a peer of
+    stage 0, which has two, finds the only replica of stage 1 gone (it does not answer twice), moves there
+    within seconds, and the trainer's next step goes through it."""
+    model_dir = model_factory(**MODEL)
+    swarm = swarm_factory(model_dir, num_stages=2, num_peers=0, target_batch_size=4, lr=LR, peer_settings=QUICK)
+    movers = [swarm.add_peer(stage=0, rebalance=True) for _ in range(2)]
+    victim = swarm.add_peer(stage=1)
+    with swarm.client(microbatch_size=1, policy=FaultPolicy(averaging_window=0.3)) as model:
+        optimizer = model.create_optimizer()
+        for step in range(2):
+            model(_batch(step), labels=_batch(step)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert all(p.span == Span(0, 1) for p in movers), "a quiet swarm does not move"
+
+        async def crash() -> None:  # no withdrawal, no goodbye: the peer's p2p and DHT just vanish
+            for task in (victim._refresh_task, victim._rebalance_task):
+                if task is not None:
+                    task.cancel()
+            await victim._transport.close()
+            await asyncio.to_thread(victim.dht.shutdown)
+
+        swarm.loop.run(crash(), timeout=60)
+        started = time.monotonic()
+        while time.monotonic() - started < 60 and not any(1 in p.stages for p in movers):
+            time.sleep(0.2)
+        refilled = time.monotonic() - started
+        assert any(1 in p.stages for p in movers), "nobody took over the empty stage in 60 s"
+        assert refilled < 30, f"the empty stage was refilled after {refilled:.0f} s"
+        loss = model(_batch(5), labels=_batch(5)).loss
+        loss.backward()
+        assert optimizer.step(), "the step after the refill closes"
+    assert sum(p.span == Span(0, 1) for p in movers) == 1
