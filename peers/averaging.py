@@ -18,22 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import stat
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import hivemind
 import torch
 import hivemind.averaging.averager
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AllreduceException
-from hivemind.averaging.partition import TensorPartReducer
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, TensorPartReducer
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import attach_event_on_finished, enter_asynchronously
 
 from peers.sanity import AVERAGING_CLIP, robust_mean
 from swarm.errors import AveragingFailed
@@ -76,6 +82,13 @@ class _Averager(DecentralizedAverager):
     fault: str | None = None  # test-only, see _RobustRunner.fault
     _running_step: Any = None  # the StepControl of the round running now (rounds never overlap)
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # the round whose whole result the averaged tensors hold now (``_key``), 0 for none; shared
+        # with the parent, which clears it when it puts the next gradients in
+        self.held = multiprocessing.RawValue("q", 0)
+        self._partial: list[int] = []  # the last rounds that came back partial here (child only)
+
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         """What another member downloads with ``load_state_from_peers`` (called by hivemind in this,
         the host, process): the provider's (metadata, tensors); nothing without a provider."""
@@ -115,11 +128,64 @@ class _Averager(DecentralizedAverager):
         runner: _RobustRunner = self._running_groups[group_id].result()  # hivemind registered it there
         missing = runner.missing()
         if missing is not None:
+            self._partial = [*self._partial, _key(group_id)][-8:]
+            others = [p for p in group_info.peer_ids if p != self.peer_id]
+            donor = await self._fetch_whole(tensors, group_id, others)
+            if donor is not None:
+                logger.warning("averaging: this member's result was partial (%s); took the whole one from %s",
+                               missing, donor)
+                missing = None
+        if missing is None:
+            self.held.value = _key(group_id)
+        else:
+            logger.warning("averaging: the all-reduce lost part of this member's result and no member had it "
+                           "whole: %s", missing)
             error = AllreduceException(f"the all-reduce lost part of its result: {missing}")
             step = self._running_step
             if step is not None and not step.done():
                 step.set_exception(error)  # before raising: hivemind would retry on half-overwritten tensors
             raise error
+
+    async def _fetch_whole(self, tensors: Sequence[torch.Tensor], group_id: bytes, others: Sequence[Any]) -> Any:
+        """Overwrite ``tensors`` with the whole result of round ``group_id`` that another member holds;
+        that member, or None when none had it whole (bounded: ``_FETCH_WAIT`` per member)."""
+        total = sum(t.numel() for t in tensors)
+        for peer in others:
+            try:
+                replies = await self.get_stub(self._p2p, peer, namespace=self.prefix).rpc_fetch_result(
+                    averaging_pb2.AveragingData(group_id=group_id))
+                try:
+                    got = await asyncio.wait_for(_receive_into(replies, tensors, total), _FETCH_WAIT + 10)
+                finally:
+                    await replies.aclose()
+            except Exception as e:  # that member is gone or broke off: the next one may have it
+                logger.debug("fetching the result of a round from %s failed: %r", peer, e)
+                continue
+            if got:
+                return peer
+        return None
+
+    async def rpc_fetch_result(self, request: averaging_pb2.AveragingData,
+                               context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """This member's whole result of round ``request.group_id`` (the averaged tensors, in parts of
+        hivemind's part size), for a member of that round whose own result came back partial; a
+        ``BAD_GROUP_ID`` when it has none (its own was partial too, or it moved on). Waits (bounded) for
+        this member's own round to end first."""
+        key = _key(request.group_id)
+        deadline = time.monotonic() + _FETCH_WAIT
+        while self.held.value != key and key not in self._partial and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        sent = False
+        if self.held.value == key:  # (never wait for the tensors otherwise: a partial member holds them
+            async with enter_asynchronously(self.get_tensors()) as tensors:  # while it fetches elsewhere)
+                if self.held.value == key:
+                    for part in _parts(tensors):
+                        yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                          tensor_part=serialize_torch_tensor(part))
+                    sent = True
+        if not sent:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+        await _linger()  # the caller closes first (see _RobustRunner.rpc_aggregate_part)
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         self.start()
@@ -138,6 +204,36 @@ class _Averager(DecentralizedAverager):
         parent = os.getppid()
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
         super().run()
+
+
+_FETCH_WAIT = 5.0  # s a member waits for its own round to end before it answers a fetch of its result
+
+
+def _key(group_id: bytes) -> int:
+    return int.from_bytes(group_id[:8], "little", signed=True) or 1
+
+
+def _parts(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    size = DEFAULT_PART_SIZE_BYTES // 4
+    return [part for t in tensors for part in t.detach().reshape(-1).split(size)]
+
+
+async def _receive_into(replies: AsyncIterator[averaging_pb2.AveragingData], tensors: Sequence[torch.Tensor],
+                        total: int) -> bool:
+    """Copy the parts ``rpc_fetch_result`` sends into ``tensors``; whether they were all there."""
+    flat = iter(_parts(tensors))
+    received = 0
+    while received < total:
+        message = await anext(replies, None)
+        if message is None or message.code != averaging_pb2.AVERAGED_PART:
+            return False
+        part = deserialize_torch_tensor(message.tensor_part)
+        target = next(flat, None)
+        if target is None or target.shape != part.shape:
+            return False
+        target.copy_(part)
+        received += part.numel()
+    return True
 
 
 def _round_size(serializer: Any, data_for_gather: bytes) -> int | None:
@@ -209,10 +305,12 @@ class _RobustAccumulator:
 
 
 class _RobustReducer(TensorPartReducer):
-    """hivemind's part reducer with a ``_RobustAccumulator`` for each part."""
+    """hivemind's part reducer with a ``_RobustAccumulator`` for each part. It also notes the parts it
+    reduced without every sender (one stopped sending mid-round): ``short_parts``."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, clip: float):
         self.clip = clip
+        self.short_parts: set[int] = set()
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -220,10 +318,25 @@ class _RobustReducer(TensorPartReducer):
         if not self.finished.is_set():
             self.accumulator = _RobustAccumulator(self.part_shapes[self.current_part_index], self.clip)
 
+    def check_current_part_finished(self) -> None:
+        if self.current_part_accumulated_from == self.num_current_senders < self.num_senders:
+            self.short_parts.add(self.current_part_index)
+        super().check_current_part_finished()
+
+
+# How long the end of a stream that sent its last message stays open for the caller to close it first
+# (see _RobustRunner.rpc_aggregate_part); the caller's close ends the wait at once.
+_LINGER = 5.0
+
+
+async def _linger() -> None:
+    await asyncio.sleep(_LINGER)
+
 
 class _RobustRunner(AllReduceRunner):
     """hivemind's all-reduce with ``_RobustReducer``: installed in the averager's own process only.
-    It also tells whether the round's result is whole (``missing``)."""
+    It also tells whether the round's result is whole (``missing``), and its streams end so that no
+    reply is lost on the way (``rpc_aggregate_part``, ``_communicate_with_peer``)."""
 
     clip: float = AVERAGING_CLIP
     fault: str | None = None  # test-only: "lose-results" drops what the first other reducer sends back
@@ -247,22 +360,66 @@ class _RobustRunner(AllReduceRunner):
             return f"{dropped} member(s) stopped sending the parts this member reduced"
         return None
 
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's reducer side of one sender's stream, with two changes.
+
+        Its end stays open after the last reply until the sender closes the stream (bounded by
+        ``_LINGER``). p2pd resets a stream whose handler side closes while the caller's side is open,
+        and the reset drops the replies the caller's daemon has not yet read: the last part of a
+        reply stream went missing in about one round in a hundred on loopback (more under load),
+        with no error anywhere ("sent 2 parts, but we expected 3"). The sender closes as soon as it
+        has all its parts (``_communicate_with_peer``), which cancels this wait.
+
+        A part reduced without every sender (one stopped sending mid-round) is not sent back as if it
+        were the group's sum: the stream ends with ``INTERNAL_ERROR`` instead, and the sender refuses
+        the round (``missing``)."""
+        sent = 0
+        async with contextlib.aclosing(super().rpc_aggregate_part(stream, context)) as replies:
+            async for message in replies:
+                if message.code == averaging_pb2.AVERAGED_PART:
+                    if sent in self.tensor_part_reducer.short_parts:
+                        yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
+                        break
+                    sent += 1
+                yield message
+        await _linger()
+
     async def _communicate_with_peer(self, peer_id: Any) -> None:
-        if _RobustRunner.fault != "lose-results" or peer_id == self.peer_id:
+        """hivemind's sender side (send this member's parts to the member that reduces them, take the
+        results back), except that it closes the stream itself as soon as the last expected part has
+        come (see ``rpc_aggregate_part``) instead of reading on until the reducer closes it."""
+        if peer_id == self.peer_id:
             return await super()._communicate_with_peer(peer_id)
-        # test fault, once: the reply stream of another member's reduction breaks after it was sent
-        # (that member's round completes; here its results never arrive)
-        _RobustRunner.fault = None
         index = self.ordered_peer_ids.index(peer_id)
         container = self.tensor_part_container
-        keep = container.register_processed_part
-        container.register_processed_part = lambda i, part_index, part: None if i == index else keep(i, part_index, part)
+        expected = container.num_parts_by_peer[index]
+        lose = _RobustRunner.fault == "lose-results"  # test fault, once: this reducer's results are lost
+        _RobustRunner.fault = None if lose else _RobustRunner.fault
+        received = 0
         try:
-            await super()._communicate_with_peer(peer_id)
-        finally:
-            del container.register_processed_part
-        container.register_failed_reducer(index)
-        raise AllreduceException(f"test fault: the results reduced by {peer_id} were lost")
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(index), done_sending)
+            replies = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            try:
+                if self.should_delay_results(self.peer_id):
+                    await done_sending.wait()
+                while received < expected:
+                    message = await asyncio.wait_for(anext(replies), self.reducer_timeout)
+                    if message.code != averaging_pb2.AVERAGED_PART:
+                        raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
+                    if not lose:
+                        container.register_processed_part(index, received, deserialize_torch_tensor(message.tensor_part))
+                    received += 1
+            finally:
+                await replies.aclose()
+            if lose:
+                raise AllreduceException(f"test fault: the results reduced by {peer_id} were lost")
+        except BaseException as e:
+            container.register_failed_reducer(index)
+            if isinstance(e, StopAsyncIteration):
+                raise AllreduceException(f"{peer_id} sent {received} parts, but we expected {expected}") from None
+            raise
 
 
 def _exit_with_parent(parent_pid: int, period: float = 1.0) -> None:
@@ -300,6 +457,7 @@ class HivemindGradientSync:
         with self._averager.get_tensors() as tensors:
             for slot, grad in zip(tensors, grads):
                 slot.copy_(grad)
+            self._averager.held.value = 0  # another member may no longer fetch the last round's result here
         started = time.perf_counter()
         key = _round(step, members)
         with self._lock:  # an abort either finds this round running or is found here
