@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from swarm.config import MonitorSettings
@@ -86,7 +87,7 @@ def train(
         optimizer = model.create_optimizer()
         batches = random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed)
         result = TrainResult(steps=steps)
-        console.print(f"training {manifest.model} ({manifest.num_layers} layers in {manifest.num_stages} "
+        console.print(f"training {escape(manifest.model)} ({manifest.num_layers} layers in {manifest.num_stages} "
                       f"stages) for {steps} steps of {batch_size}x{seq_len} tokens")
         started = time.perf_counter()
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("step {task.fields[step]}"),
