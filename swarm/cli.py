@@ -336,7 +336,8 @@ def train_command(
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
           microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),
-          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key, push=trainer.push)
+          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key, push=trainer.push,
+          route_wait=trainer.route_wait)
 
 
 @app.command("export")

@@ -68,15 +68,17 @@ def train(
     monitor: MonitorSettings | None = None,
     key: str | None = None,
     push: bool = True,
+    route_wait: float = 120.0,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
-    watches the run (the demo, the churn test) sees how far it got."""
+    watches the run (the demo, the churn test) sees how far it got. ``route_wait``: seconds to wait
+    for a stage nobody serves to be taken over (``TrainerSettings``)."""
     console = console or Console()
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
                                                       policy=policy, microbatch_size=microbatch_size, key=key,
-                                                      push=push)
+                                                      push=push, route_wait=route_wait)
     with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
