@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Awaitable, Callable, Collection, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from hivemind.utils import get_dht_time
@@ -67,6 +67,8 @@ __all__ = ["RemotePipeline", "Trace", "RecordSource", "FaultPolicy"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_EARLY_PROBE = 5.0  # seconds between probes of a banned replica whose stage nobody else serves
 
 RecordSource = Callable[[], Awaitable[Mapping[int, Sequence[PeerRecord]]]]
 """Returns the current peer records per stage (the DHT in real use, a dict in unit tests)."""
@@ -175,7 +177,8 @@ class RemotePipeline:
         self._route_ttl, self._route_wait = route_ttl, route_wait
         self._rng = random.Random(seed)
         self._banned: dict[str, float] = {}  # peer -> when its ban ends
-        self._dropped: dict[str, str] = {}  # banned peers -> why, until one answers a probe after its ban
+        self._dropped: dict[str, BaseException] = {}  # banned peers -> why, until one answers a probe after its ban
+        self._probed: dict[str, tuple[float, float]] = {}  # dropped peer -> (last early probe, seconds to the next)
         self._queue: Counter[str] = Counter()  # microbatches routed to each peer since the records were read
         self._overhead_ms: dict[str, float] = {}  # observed round trip beyond compute, per peer
         self._peer_steps: dict[str, int] = {}
@@ -233,19 +236,34 @@ class RemotePipeline:
         logger.warning("leaving peer %s out for %.0f s, and until it answers: %s: %s", peer_id[-8:],
                        self.policy.ban_time, type(why).__name__, why)
         self._banned[peer_id] = time.monotonic() + self.policy.ban_time
-        self._dropped[peer_id] = f"{type(why).__name__}: {why}"
+        self._dropped[peer_id] = why
 
-    async def _readmit(self) -> None:
+    async def _readmit(self, unserved: Collection[int] = ()) -> None:
         """Probe (``info``, bounded by ``policy.probe_timeout``) the dropped peers whose ban has ended
         and whose record is still in view: one that answers is back in routes, one that does not is
         banned again. A dead peer's record outlives it in the DHT (up to ``RECORD_TTL`` after its last
         refresh): without this, a ban shorter than that sent real work to it again, and the calls it
-        failed counted against the microbatch that was waiting for its stage to be taken over."""
+        failed counted against the microbatch that was waiting for its stage to be taken over.
+
+        A banned replica of a stage in ``unserved`` (nobody else serves it) is probed before its ban
+        ends (``_EARLY_PROBE`` s apart, doubling while it does not answer), unless a spot check or a sanity check caught it: with
+        no other replica to route to, the ban protects nothing and waiting it out cost a minute of
+        training (churn test: the last live replica of stage 0 was banned for a failed averaging
+        round). If it is behind, it adopts the run's step as a stage's only replica does."""
         now = time.monotonic()
         self.banned()
-        due = sorted(peer for peer in self._dropped if self._banned.get(peer, now) <= now)
+        urgent = {r.peer_id for stage in unserved for r in self._records.get(stage, ())
+                  if r.state == PeerState.ONLINE and r.layers == self.manifest.stages[stage]}
+        early = sorted(peer for peer, why in self._dropped.items()
+                       if peer in urgent and self._banned.get(peer, now) > now and not isinstance(why, InvalidOutput)
+                       and now - sum(self._probed.get(peer, (float("-inf"), 0.0))) >= 0)
+        due = sorted(set(early) | {peer for peer in self._dropped if self._banned.get(peer, now) <= now})
         if not due:
             return
+        for peer in early:
+            logger.warning("peer %s is the only replica left of its stage: asking whether it answers before its "
+                           "ban ends", peer[-8:])
+            self._probed[peer] = (now, 2 * self._probed[peer][1] if peer in self._probed else _EARLY_PROBE)
         for peer in due:  # being probed: another route planned meanwhile neither probes nor uses it
             self._banned[peer] = now + self.policy.probe_timeout
         stage_of = {r.peer_id: r.stage for rs in self._records.values() for r in rs}
@@ -260,6 +278,7 @@ class RemotePipeline:
             else:
                 self._banned.pop(peer, None)
                 self._dropped.pop(peer, None)
+                self._probed.pop(peer, None)
                 self._peer_steps[peer] = answer.optimizer_step
                 logger.info("peer %s answers again (at step %d): back in routes", peer[-8:], answer.optimizer_step)
 
@@ -272,7 +291,7 @@ class RemotePipeline:
         while True:
             attempt += 1
             records = await self._current_records(fresh=attempt > 1)  # waiting: the DHT read afresh each time
-            await self._readmit()
+            await self._readmit(self._unserved(records) if attempt > 1 else ())
             try:
                 route = plan_route(self.manifest.stages, records, banned=self.banned(), rng=self._rng, tokens=tokens,
                                    queue=self._queue, latency_ms=self._overhead_ms)
@@ -291,13 +310,20 @@ class RemotePipeline:
                                ", ".join(f"stage {hop.stage} by {hop.peer_id[-8:]}" for hop in route))
             return route
 
+    def _unserved(self, records: Mapping[int, Sequence[PeerRecord]]) -> list[int]:
+        """The stages no online, unbanned peer serves in ``records``."""
+        banned = self.banned()
+        return [stage for stage, layers in enumerate(self.manifest.stages)
+                if not any(r.state == PeerState.ONLINE and r.layers == layers and r.peer_id not in banned
+                           for r in records.get(stage, ()))]
+
     def _left_out(self) -> str:
         """The dropped peers and why, for the logs of a trainer waiting for a stage."""
         banned = self.banned()
         if not banned:
             return "no peer is left out"
-        return "left out: " + "; ".join(f"{peer[-8:]} ({self._dropped.get(peer, 'banned')})"
-                                        for peer in sorted(banned))
+        why = {peer: f"{type(e).__name__}: {e}" for peer, e in self._dropped.items()}
+        return "left out: " + "; ".join(f"{peer[-8:]} ({why.get(peer, 'banned')})" for peer in sorted(banned))
 
     def _observe(self, peer_id: str, seconds: float, tokens: int) -> None:
         """Remember how much longer than its compute a call to ``peer_id`` took (network, queues): a

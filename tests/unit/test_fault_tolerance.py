@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import time
 from collections import Counter
 from enum import Enum
 
@@ -23,7 +24,7 @@ from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss, causal_lm_loss_part, labelled_tokens
-from swarm.errors import PeerUnavailable, StageTimeout
+from swarm.errors import AveragingFailed, InvalidOutput, NoRoute, PeerUnavailable, StageTimeout
 from swarm.pipeline import FaultPolicy, RemotePipeline
 from tests.helpers import reference_losses
 
@@ -266,6 +267,37 @@ def test_a_dead_peer_whose_record_stays_is_not_dialed_while_the_trainer_waits_fo
         assert 1 <= dialed["before ban"] <= 4 * 5, dialed
         assert dialed["after ban"] == 0, dialed
         assert dialed[INFO] <= 6, dialed
+    finally:
+        swarm.close()
+
+
+@pytest.mark.parametrize("why, back", [(AveragingFailed("a round lost part of its result"), True),
+                                        (PeerUnavailable("the stream closed without a reply"), True),
+                                        (InvalidOutput("unlike another replica's output"), False)])
+def test_a_banned_replica_that_answers_is_taken_back_when_its_stage_has_no_other(model_factory, why, back):
+    """The last live replica of a stage was banned (churn test: for a failed averaging round): with no
+    other replica the ban protects nothing, so a trainer waiting for the stage asks it and takes it
+    back if it answers, instead of waiting the ban out. One a check caught returning wrong outputs
+    stays out for its whole ban."""
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    swarm = ReplicatedSwarm(model_dir, [1, 1])
+    pipeline = swarm.pipeline
+    pipeline._route_wait = 1.5
+
+    async def route_after_ban():
+        await pipeline.route()  # the records in view
+        pipeline._ban("s1a", why)
+        return await pipeline.route()
+
+    try:
+        started = time.monotonic()
+        if back:
+            assert [hop.peer_id for hop in asyncio.run(route_after_ban())] == ["s0a", "s1a"]
+            assert time.monotonic() - started < 1.5 and "s1a" not in pipeline.banned()
+        else:
+            with pytest.raises(NoRoute, match=r"stage\(s\) 1 .*s1a \(InvalidOutput"):
+                asyncio.run(route_after_ban())
+            assert "s1a" in pipeline.banned()
     finally:
         swarm.close()
 
