@@ -152,8 +152,9 @@ def bootstrap(
                 console.print(f"dashboard: {node.dashboard.url}  (public join page: {node.dashboard.url}/join)",
                               markup=False)
             if node.keys_required:
+                run_flag = "" if settings.run_id == "swarm" else f" --run {escape(settings.run_id)}"
                 console.print("this run needs an API key to join: make one per volunteer with "
-                              f"`swarm keys create --name <who>{'' if settings.run_id == 'swarm' else ' --run ' + escape(settings.run_id)}`"
+                              f"`swarm keys create --name <who>{run_flag}`"
                               " (or start with --open for a public run)")
             await stop.wait()
             console.print("stopping the bootstrap...")

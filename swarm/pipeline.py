@@ -227,6 +227,7 @@ class RemotePipeline:
         self._banned = {peer: until for peer, until in self._banned.items() if until > now}
         in_view = self._in_view()
         self._dropped = {peer: why for peer, why in self._dropped.items() if peer in self._banned or peer in in_view}
+        self._probed = {peer: when for peer, when in self._probed.items() if peer in self._dropped}
         return set(self._banned) | set(self._dropped)
 
     def _in_view(self) -> set[str]:
@@ -246,10 +247,10 @@ class RemotePipeline:
         failed counted against the microbatch that was waiting for its stage to be taken over.
 
         A banned replica of a stage in ``unserved`` (nobody else serves it) is probed before its ban
-        ends (``_EARLY_PROBE`` s apart, doubling while it does not answer), unless a spot check or a sanity check caught it: with
-        no other replica to route to, the ban protects nothing and waiting it out cost a minute of
-        training (churn test: the last live replica of stage 0 was banned for a failed averaging
-        round). If it is behind, it adopts the run's step as a stage's only replica does."""
+        ends (``_EARLY_PROBE`` s apart, doubling while it does not answer), unless a spot check or a
+        sanity check caught it: with no other replica to route to, the ban protects nothing, and
+        waiting it out cost 42 s of training in a churn run (the last live replica of stage 0 had been
+        banned for a failed averaging round). Behind, it adopts the run's step as a lone replica does."""
         now = time.monotonic()
         self.banned()
         urgent = {r.peer_id for stage in unserved for r in self._records.get(stage, ())

@@ -2,8 +2,8 @@
 process. During 60 steps a random peer is killed with SIGKILL twice and a new peer joins once. The
 victims come from the live ``swarm status``: a peer whose stage keeps another online replica (a
 peer's first log line is no guide: a move may have left it the last replica of another stage, and
-killing that stopped training, issue 21). Every step completes, the run's step counter reads 60, and the loss curve (5-step moving mean) stays within
-5% of an undisturbed run of the same data and seed: the same model trained in this process by
+killing that stopped training, issue 21). Every step completes, the run's step counter reads 60,
+and the loss curve (5-step moving mean) stays within 5% of an undisturbed run of the same data and seed: the same model trained in this process by
 transformers on the trainer's batches (a swarm follows local training step for step: tests/integration/
 test_swarm_training.py; an undisturbed swarm run here took two more minutes of CI and was no better
 a yardstick)."""
