@@ -3,10 +3,10 @@ process. During 60 steps a random peer is killed with SIGKILL twice and a new pe
 victims come from the live ``swarm status``: a peer whose stage keeps another online replica (a
 peer's first log line is no guide: a move may have left it the last replica of another stage, and
 killing that stopped training, issue 21). Every step completes, the run's step counter reads 60,
-and the loss curve (5-step moving mean) stays within 5% of an undisturbed run of the same data and seed: the same model trained in this process by
-transformers on the trainer's batches (a swarm follows local training step for step: tests/integration/
-test_swarm_training.py; an undisturbed swarm run here took two more minutes of CI and was no better
-a yardstick)."""
+and the loss curve (5-step moving mean) stays within 5% of an undisturbed run of the same data and
+seed: the same model trained in this process by transformers on the trainer's batches (a swarm
+follows local training step for step: tests/integration/test_swarm_training.py; an undisturbed swarm
+run here took two more minutes of CI and was no better a yardstick)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def _run(root: Path, model_dir: Path) -> tuple[list[float], dict]:
         trainer = procs.start("trainer", ["train", "--bootstrap", address, "--steps", str(STEPS), "--seq-len", "64",
                                           "--result-json", str(result)], env=TRAINER_ENV)
         # a newcomer takes long to start (imports, measuring itself, the state download): it is launched
-        # right after the first kill; the second kill waits until it serves (or late in the run)
+        # as the first kill is chosen (reading `swarm status` takes seconds too: launched after the kill,
+        # it once served only after the 60 steps); the second kill waits until it serves (or late in the run)
         newcomer = root / "peer5.log"
         rng = random.Random(7)
         deadline = time.monotonic() + 900
@@ -68,10 +69,10 @@ def _run(root: Path, model_dir: Path) -> tuple[list[float], dict]:
         while trainer.poll() is None and time.monotonic() < deadline:
             done = len(_progress(result)["losses"])
             if not events["killed"] and done >= 3:
-                events["killed"].append(_kill_a_replica(procs, address, rng, events))
                 procs.start("peer5", ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1",
                                       "--max-stages", "1", "--state-dir", str(root / "state" / "peer5")],
-                            env=PEER_ENV)
+                            env=PEER_ENV)  # not a victim now: it has no id in its log before it serves
+                events["killed"].append(_kill_a_replica(procs, address, rng, events))
             elif len(events["killed"]) == 1 and done >= 20 and time.monotonic() - looked > STATUS_EVERY:
                 looked = time.monotonic()
                 if done >= 50 or _serves(address, _peer_id(newcomer)):
