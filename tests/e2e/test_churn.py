@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ TRAINER_ENV = {"SWARM_TRAINER__AVERAGING_WINDOW": "0.2", "SWARM_TRAINER__TIMEOUT
 # (imports, measuring itself, the state download: 15 s or more) joins mid-run however fast training
 # is (unpaced, the 60 steps once ended in 16 s, before it served)
 PEER_ENV = {"SWARM_PEER__SLOWDOWN": "0.1", "COLUMNS": "200"}  # wide: a peer id is never cut in the log
-STATUS_EVERY = 5.0  # seconds between `swarm status` reads while waiting for the newcomer (each is a process)
+STATUS_PAUSE = 2.0  # seconds between two `swarm status` reads (each a process that joins the DHT)
 
 
 def _progress(path: Path) -> dict:
@@ -52,31 +53,31 @@ def _run(root: Path, model_dir: Path) -> tuple[list[float], dict]:
     root.mkdir()
     procs = ProcessGroup(root)
     events: dict = {"killed": [], "below": []}
+    status = None
     try:
         address = procs.start_swarm(model_dir, num_stages=2, num_peers=4, state_dir=root / "state", lr=LR,
                                     target_batch_size=8, peer_env=PEER_ENV)
         procs.wait_serving(4)
+        status = _LiveStatus(address)
         result = root / "result.json"
         trainer = procs.start("trainer", ["train", "--bootstrap", address, "--steps", str(STEPS), "--seq-len", "64",
                                           "--result-json", str(result)], env=TRAINER_ENV)
         # a newcomer takes long to start (imports, measuring itself, the state download): it is launched
-        # as the first kill is chosen (reading `swarm status` takes seconds too: launched after the kill,
-        # it once served only after the 60 steps); the second kill waits until it serves (or late in the run)
+        # as the first victim is chosen; the second kill waits until it serves (or late in the run).
+        # Victims come from the newest status read, which runs on (one read took 25 s in a loaded run:
+        # read only when a kill was due, the newcomer served after the 60 steps)
         newcomer = root / "peer5.log"
         rng = random.Random(7)
         deadline = time.monotonic() + 900
-        looked = float("-inf")
         while trainer.poll() is None and time.monotonic() < deadline:
             done = len(_progress(result)["losses"])
             if not events["killed"] and done >= 3:
                 procs.start("peer5", ["join", "--bootstrap", address, "--host", "127.0.0.1", "--threads", "1",
                                       "--max-stages", "1", "--state-dir", str(root / "state" / "peer5")],
                             env=PEER_ENV)  # not a victim now: it has no id in its log before it serves
-                events["killed"].append(_kill_a_replica(procs, address, rng, events))
-            elif len(events["killed"]) == 1 and done >= 20 and time.monotonic() - looked > STATUS_EVERY:
-                looked = time.monotonic()
-                if done >= 50 or _serves(address, _peer_id(newcomer)):
-                    events["killed"].append(_kill_a_replica(procs, address, rng, events))
+                events["killed"].append(_kill_a_replica(procs, status, rng, events))
+            elif len(events["killed"]) == 1 and (done >= 50 or (done >= 20 and _serves(status, _peer_id(newcomer)))):
+                events["killed"].append(_kill_a_replica(procs, status, rng, events))
             time.sleep(0.2)
         assert trainer.wait(timeout=max(5.0, deadline - time.monotonic())) == 0, \
             (root / "trainer.log").read_text()[-3000:]
@@ -86,28 +87,31 @@ def _run(root: Path, model_dir: Path) -> tuple[list[float], dict]:
         events["status"] = _status(address)
         return _progress(result)["losses"], events
     finally:
+        if status is not None:
+            status.stop()
         for proc in events["below"]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
         procs.stop_all()
 
 
-def _kill_a_replica(procs: ProcessGroup, address: str, rng: random.Random, events: dict) -> str:
-    """SIGKILL a random live peer whose every stage keeps another online replica in the live status
-    (waiting, bounded, for one while a newcomer loads or a peer moves). Its DHT process, p2pd and
-    averager must die with it: they are no longer our descendants then, so note them first."""
+def _kill_a_replica(procs: ProcessGroup, status: "_LiveStatus", rng: random.Random, events: dict) -> str:
+    """SIGKILL a random live peer whose every stage keeps another online replica in the newest status
+    (waiting, bounded, for a newer read while none does: a newcomer loads, a peer moves). Its DHT
+    process, p2pd and averager must die with it: they are no longer our descendants then, so note
+    them first."""
+    read = status.newest()
     for attempt in range(1, 13):
         live = {_peer_id(procs.logdir / f"{name}.log"): name for name, proc in procs.procs
                 if name.startswith("peer") and proc.poll() is None}
-        status = _status(address)
-        candidates = _victims(status, {peer for peer in live if peer is not None})
+        candidates = _victims(read, {peer for peer in live if peer is not None})
         if candidates:
             break
         print(f"no peer can be killed without emptying a stage (attempt {attempt}/12): "
-              f"{[(p['peer_id'][-8:], p['state'], p['stages']) for p in status['peers']]}", file=sys.stderr)
-        time.sleep(5)
+              f"{[(p['peer_id'][-8:], p['state'], p['stages']) for p in read['peers']]}", file=sys.stderr)
+        read = status.newest(after=time.monotonic())
     else:
-        raise AssertionError(f"no stage had two online replicas for a minute: {status['stages']}")
+        raise AssertionError(f"no stage had two online replicas in 12 status reads: {read['stages']}")
     name = live[rng.choice(candidates)]
     proc = dict(procs.procs)[name]
     events["below"] += psutil.Process(proc.pid).children(recursive=True)
@@ -126,10 +130,47 @@ def _victims(status: dict, alive: set[str]) -> list[str]:
     return sorted(p["peer_id"] for p in settled if replicas.count(p["stages"][0]) > 1)
 
 
-def _serves(address: str, peer_id: str | None) -> bool:
-    """``peer_id`` serves a stage, online, in the live status."""
-    return peer_id is not None and any(p["peer_id"] == peer_id and p["state"] == "online"
-                                       for p in _status(address)["peers"])
+def _serves(status: "_LiveStatus", peer_id: str | None) -> bool:
+    """``peer_id`` serves a stage, online, in the newest status read (False before the first)."""
+    read = status.latest
+    return peer_id is not None and read is not None and any(p["peer_id"] == peer_id and p["state"] == "online"
+                                                            for p in read[1]["peers"])
+
+
+class _LiveStatus:
+    """`swarm status --json` read over and over by a thread, one read at a time: each is a process that
+    joins the DHT and takes seconds (25 s once, on this loaded machine), too long to start one only
+    when a decision is due. ``latest``: (when that read started, the status)."""
+
+    def __init__(self, address: str):
+        self.address, self.latest, self.error = address, None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="swarm-status", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.latest = (started, _status(self.address))
+            except Exception as e:  # _status gave up (or broke): ``newest`` raises it to whoever waits
+                self.error = e
+                return
+            self._stop.wait(STATUS_PAUSE)
+
+    def newest(self, after: float = float("-inf"), timeout: float = 180.0) -> dict:
+        """The newest read that started at or after ``after`` (waiting for it, bounded)."""
+        deadline = time.monotonic() + timeout
+        while self.latest is None or self.latest[0] < after:
+            if self.error is not None:
+                raise AssertionError(f"swarm status stopped working: {self.error}")
+            assert time.monotonic() < deadline, f"no swarm status read in {timeout:.0f} s"
+            time.sleep(0.2)
+        return self.latest[1]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=150)  # a read under way ends within its own timeout (120 s)
 
 
 def _status(address: str) -> dict:
