@@ -18,6 +18,8 @@ from typing import Any, Awaitable, Callable, Optional
 import typer
 import uvloop
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from swarm.config import SwarmSettings, load_settings
 from swarm.errors import SwarmError
@@ -137,19 +139,22 @@ def bootstrap(
             manifest = node.manifest
             (node.state_dir / "maddrs.json").write_text(json.dumps(node.maddrs))
             if node.mirror is not None:
-                console.print(f"[bold green]mirror[/] of the bootstrap at {node.mirror}: keys and run state sync "
-                              f"every {settings.bootstrap.sync_interval:g} s")
-            console.print(f"[bold green]run {manifest.run_id!r}[/]: {manifest.model}, {manifest.num_layers} "
-                          f"layers in {manifest.num_stages} stages {[s.as_list() for s in manifest.stages]}")
+                console.print(f"[bold green]mirror[/] of the bootstrap at {escape(str(node.mirror))}: keys and run "
+                              f"state sync every {settings.bootstrap.sync_interval:g} s")
+            console.print(f"[bold green]run {escape(repr(manifest.run_id))}[/]: {escape(manifest.model)}, "
+                          f"{manifest.num_layers} layers in {manifest.num_stages} stages "
+                          f"{escape(str([s.as_list() for s in manifest.stages]))}")
             if node.telemetry is not None and node.telemetry.server is not None:
-                console.print(f"Prometheus metrics at {node.telemetry.server.url}")
+                console.print(f"Prometheus metrics at {node.telemetry.server.url}", markup=False)
             console.print("volunteers join with:")
             print(node.join_command(), flush=True)
             if node.dashboard is not None:
-                console.print(f"dashboard: {node.dashboard.url}  (public join page: {node.dashboard.url}/join)")
+                console.print(f"dashboard: {node.dashboard.url}  (public join page: {node.dashboard.url}/join)",
+                              markup=False)
             if node.keys_required:
+                run_flag = "" if settings.run_id == "swarm" else f" --run {escape(settings.run_id)}"
                 console.print("this run needs an API key to join: make one per volunteer with "
-                              f"`swarm keys create --name <who>{'' if settings.run_id == 'swarm' else ' --run ' + settings.run_id}`"
+                              f"`swarm keys create --name <who>{run_flag}`"
                               " (or start with --open for a public run)")
             await stop.wait()
             console.print("stopping the bootstrap...")
@@ -210,7 +215,8 @@ def join(
         set_log_identity(peer.peer_id)
         await introduce(peer, settings, console)
         sessions = await announce_delegate(peer, settings, console) if settings.delegation.accept else None
-        console.print(f"[bold green]serving[/] {describe_span(peer)} as {peer.peer_id}; Ctrl+C to leave")
+        console.print(f"[bold green]serving[/] {escape(describe_span(peer))} as {escape(peer.peer_id)}; "
+                      "Ctrl+C to leave")
         extra = None if sessions is None else (lambda: delegate_line(sessions.status().model_dump(mode="json")))
         live = asyncio.create_task(live_lines(peer, console, stop, interval=settings.monitor.interval, extra=extra))
         closed = asyncio.create_task(peer.wait_closed())  # the run owner may stop the run
@@ -331,7 +337,8 @@ def train_command(
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
           microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),
-          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key, push=trainer.push)
+          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key, push=trainer.push,
+          route_wait=trainer.route_wait)
 
 
 @app.command("export")
@@ -536,7 +543,8 @@ def keys_create(
         made = db.create_key(name, actor=_actor(), expires_in=expires_in)
     finally:
         db.close()
-    console.print(f"key [bold]{made.key.id}[/] for {made.key.name}; it is shown only now, keep it:")
+    console.print(f"key [bold]{escape(made.key.id)}[/] for {escape(made.key.name)}; "
+                  "it is shown only now, keep it:")
     print(made.secret, flush=True)
 
 
@@ -567,7 +575,7 @@ def keys_list(
         table.add_column(column)
     stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"  # noqa: E731
     for k in keys:
-        table.add_row(k.id, k.name, stamp(k.created), stamp(k.expires), k.state(now))
+        table.add_row(Text(k.id), Text(k.name), stamp(k.created), stamp(k.expires), k.state(now))
     Console().print(table)
 
 
@@ -584,7 +592,7 @@ def keys_revoke(
         revoked = db.revoke_key(key, actor=_actor())
     finally:
         db.close()
-    console.print(f"revoked key [bold]{revoked.id}[/] of {revoked.name}")
+    console.print(f"revoked key [bold]{escape(revoked.id)}[/] of {escape(revoked.name)}")
 
 
 def _set_run_state(state: str, run: Optional[str], state_dir: Optional[Path], config: Optional[Path]) -> None:
@@ -633,12 +641,19 @@ def run_show(run: Optional[str] = RunOpt, state_dir: Optional[Path] = StateOpt,
         db.close()
 
 
+def _print_error(out: Console, error: BaseException) -> None:
+    """``error: <message>`` on one line, the message as plain text: it carries what others wrote
+    (multiaddrs like ``[/ip4/127.0.0.1/tcp/1]``, peer ids, model names, remote errors), which rich
+    would read as markup, and a closing tag that opens nothing made printing the error crash."""
+    out.print(Text.assemble(("error:", "red"), " ", str(error)), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: click reports bad flags itself (exit 2); swarm's own errors become one line."""
     try:
         app()
     except SwarmError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        _print_error(console, e)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl+C outside the serving loops (joining, training): no traceback
         console.print("interrupted")

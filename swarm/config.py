@@ -153,11 +153,25 @@ class ApiSettings(_Section):
 
 
 class TrainerSettings(_Section):
+    """How a trainer calls the stages and how long it waits when they fail.
+
+    The wait budget must outlast the swarm's repair of an empty stage: when a stage's last replica
+    dies, a peer notices the hole (placement checks every few seconds), claims it (up to 2 s), drains
+    the stage it leaves (``peer.drain_seconds``, 12 s, and up to 30 s more while requests are in
+    flight) and loads the stage's state: tens of seconds. ``route_wait`` (120 s) bounds the trainer's
+    wait for that, re-reading the DHT every 2 s at most; training fails (``NoRoute``) only past it.
+    ``ban_time`` (60 s) is how long a failed peer is left out before it is probed; it comes back only
+    if it answers, so a dead peer whose record lingers in the DHT (up to 60 s after its last refresh)
+    is never dialed for work again, whatever ``ban_time`` is."""
+
     microbatch_size: int | None = Field(None, ge=1)
     push: bool = Field(True, description="training activations go peer to peer along the route (false: the "
                        "trainer relays every hop)")
     timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
-    ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes")
+    ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes (then it must "
+                            "answer a probe to come back)")
+    route_wait: float = Field(120.0, gt=0, description="seconds to wait for a peer to take over a stage nobody "
+                              "serves before training fails; more than the swarm takes to refill a stage")
     averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")
     step_wait: float = Field(60.0, ge=0, description="seconds to wait for other trainers to finish a step")
     checkpoint_every: int = Field(50, ge=1, description="steps between uploads of the local parts' weights")

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from swarm._loop import start_unless_stopped
 from swarm.config import SwarmSettings, check_multiaddr
@@ -26,10 +27,10 @@ async def run_delegator(settings: SwarmSettings, console: Console, stop: asyncio
     if not await start_unless_stopped(delegator, stop):  # Ctrl+C while joining
         return
     set_log_identity(delegator.peer_id)
-    console.print(f"[bold]identity[/]  delegator {delegator.peer_id} (its key signs its records and ledger)")
+    console.print(f"[bold]identity[/]  delegator {escape(delegator.peer_id)} (its key signs its records and ledger)")
     closed = asyncio.create_task(delegator.wait_closed())
     while not stop.is_set() and not closed.done():
-        console.print(delegator_line(delegator.status().model_dump(mode="json")), highlight=False)
+        console.print(delegator_line(delegator.status().model_dump(mode="json")), highlight=False, markup=False)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(stop.wait()), settings.monitor.interval)
     closed.cancel()
@@ -92,4 +93,4 @@ def print_delegate_status(settings: SwarmSettings, address: str, console: Consol
     if as_json:
         print(json.dumps(status))
     else:
-        console.print(delegate_line(status), highlight=False)
+        console.print(delegate_line(status), highlight=False, markup=False)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from shards.tiny import make_tiny_model
 from swarm.procs import ProcessGroup
@@ -30,25 +31,25 @@ def run_demo(*, steps: int, num_peers: int, workdir: Path | None, console: Conso
     console.rule("[bold]swarm demo")
     with console.status("building a tiny GPT-2 from a config..."):
         model_dir = make_tiny_model(root / "model", **DEMO_MODEL)
-    console.print(f"model: {model_dir} ({DEMO_MODEL['num_layers']} layers, width {DEMO_MODEL['hidden_size']}, "
-                  f"byte-level vocabulary); logs in {root}")
+    console.print(f"model: {escape(str(model_dir))} ({DEMO_MODEL['num_layers']} layers, width {DEMO_MODEL['hidden_size']}, "
+                  f"byte-level vocabulary); logs in {escape(str(root))}")
     procs = ProcessGroup(root)
     try:
         with console.status(f"starting the bootstrap and {num_peers} peers..."):
             address = procs.start_swarm(
                 model_dir, num_stages=num_peers, num_peers=num_peers, state_dir=root / "state", lr=DEMO_LR,
-                on_peer=lambda i, claim: console.print(f"peer {i + 1}: {claim}"),
+                on_peer=lambda i, claim: console.print(f"peer {i + 1}: {claim}", markup=False),
             )
-        console.print(f"bootstrap up: [cyan]swarm join --bootstrap {address}[/]")
+        console.print(f"bootstrap up: [cyan]swarm join --bootstrap {escape(address)}[/]")
         result_path = root / "result.json"
         trainer = procs.start("trainer", ["train", "--bootstrap", address, "--steps", str(steps),
                                           "--result-json", str(result_path)], log=False)
         if trainer.wait() != 0:
-            console.print(f"[red]the trainer failed (exit {trainer.returncode}); logs in {root}")
+            console.print(f"[red]the trainer failed (exit {trainer.returncode}); logs in {escape(str(root))}")
             return 1
         result = json.loads(result_path.read_text())
     except (RuntimeError, TimeoutError) as e:
-        console.print(f"[red]demo failed:[/] {e}")
+        console.print(f"[red]demo failed:[/] {escape(str(e))}")
         return 1
     except KeyboardInterrupt:
         console.print("interrupted: stopping every process...")

@@ -9,6 +9,7 @@ import hashlib
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.live import Live
 from rich.text import Text
 
@@ -52,25 +53,25 @@ async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> No
     key = peer.dht.signing_key.get_public_key().to_bytes()
     maddrs = peer.maddrs
     run = "" if settings.run_id == "swarm" else f" --run {settings.run_id}"
-    console.print(f"[bold]identity[/]  peer {peer.peer_id}  key {key_fingerprint(key)}")
+    console.print(f"[bold]identity[/]  peer {escape(peer.peer_id)}  key {escape(key_fingerprint(key))}")
     if maddrs:
         console.print("[bold]share[/]     others can join through this peer too:")
         print(f"swarm join --bootstrap {maddrs[0]}{run}", flush=True)
     with console.status("checking whether other peers can reach this one..."):
         verdict = await probe_reachability(maddrs, timeout=REACH_TIMEOUT)
     mark = "[green]ok[/]" if verdict.reachable else "[red]!![/]"
-    console.print(f"[bold]reach[/]     {mark} {verdict.text}", highlight=False)
+    console.print(f"[bold]reach[/]     {mark} {escape(verdict.text)}", highlight=False)
     if verdict.fix:
-        console.print(f"          fix: {verdict.fix}", highlight=False)
+        console.print(f"          fix: {verdict.fix}", highlight=False, markup=False)
     if len(peer.stages) == 1:
         record = peer.record
-        console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {peer.claim_reason}",
+        console.print(f"[bold]stage[/]     {record.stage} (layers {record.layers}): {escape(peer.claim_reason)}",
                       highlight=False)
     else:
-        console.print(f"[bold]stages[/]    {describe_span(peer)[len('stages '):]}: {peer.claim_reason}",
+        console.print(f"[bold]stages[/]    {escape(describe_span(peer)[len('stages '):])}: {escape(peer.claim_reason)}",
                       highlight=False)
     if peer.telemetry is not None and peer.telemetry.server is not None:
-        console.print(f"[bold]metrics[/]   {peer.telemetry.server.url}")
+        console.print(f"[bold]metrics[/]   {escape(peer.telemetry.server.url)}")
 
 
 def _line(peer: Peer) -> str:

@@ -7,7 +7,9 @@ import asyncio
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from peers.ledger import LEDGER_FETCH, FetchRequest, FetchResponse, LedgerEntry, read_entries, tally, verify_entries
 from swarm.config import SwarmSettings
@@ -63,12 +65,12 @@ def report_check(entries: list[LedgerEntry], where: str, console: Console) -> in
     for column in ("peer", "entries", "microbatches", "tokens"):
         table.add_column(column, justify="left" if column == "peer" else "right")
     for peer, row in sorted(tally(good).items(), key=lambda kv: -kv[1]["tokens"]):
-        table.add_row(peer, f"{row['entries']:,}", f"{row['microbatches']:,}", f"{row['tokens']:,}")
+        table.add_row(Text(peer), f"{row['entries']:,}", f"{row['microbatches']:,}", f"{row['tokens']:,}")
     console.print(table)
     if check.ok:
         console.print(f"[green]OK[/]: {len(entries)} entries in {check.chains} chain(s); every link and "
                       "signature checks out", highlight=False)
         return 0
-    console.print(f"[red]BAD[/]: entry #{check.bad_index + 1} (line {check.bad_index + 1}) fails: {check.reason}; "
+    console.print(f"[red]BAD[/]: entry #{check.bad_index + 1} (line {check.bad_index + 1}) fails: {escape(check.reason)}; "
                   f"the {check.bad_index} entries before it check out", highlight=False)
     return 1

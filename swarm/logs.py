@@ -65,7 +65,10 @@ def setup_logging(level: str, *, console: Console | None = None, log_dir: Path |
     console = console or Console(stderr=True)
     identity = _IdentityFilter()
     if console.is_terminal:
-        terminal: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        # markup=False (rich's default, said here because it matters): messages carry multiaddrs, peer ids
+        # and remote errors, and "[/ip4/...]" read as markup is a closing tag that crashes the handler
+        terminal: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False,
+                                                markup=False)
         terminal.setFormatter(logging.Formatter("%(peer_tag)s%(message)s"))
     else:  # a log file or a pipe: one unwrapped line per record, so it can be grepped
         terminal = logging.StreamHandler(console.file)

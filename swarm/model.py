@@ -137,7 +137,8 @@ class SwarmModelForCausalLM(nn.Module):
         parts. ``model`` defaults to the manifest's model (a hub id or a shared path). ``host`` is
         where this trainer's p2p daemon listens: by default loopback when every initial peer is on
         loopback (a local swarm, tests), else all interfaces. ``timeout`` bounds one stage call (a peer
-        that hangs longer is routed around); ``policy`` sets the other fault-tolerance bounds. ``key``
+        that hangs longer is routed around); ``route_wait`` bounds the wait for a peer to take over a
+        stage nobody serves (see ``TrainerSettings``); ``policy`` sets the other fault-tolerance bounds. ``key``
         (default: the ``SWARM_KEY`` environment variable) is the API key a keyed run needs. ``push``:
         training activations go peer to peer along the route (false: this trainer relays every hop)."""
         if not initial_peers:

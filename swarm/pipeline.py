@@ -23,6 +23,9 @@ everything it had accumulated in this step is replayed on another replica of its
 microbatch is lost; a banned peer is never a member of the step, so nothing it held is applied
 twice. The only replica of a stage is retried a few times first (a lost reply is far likelier than a
 dead peer); after that the trainer waits, bounded and saying so, for a peer to take the stage over.
+A dropped peer comes back into routes only once it answers (``info``) after its ban: a dead peer's
+record stays in the DHT up to ``RECORD_TTL`` after its last refresh, which may outlast the ban, and
+dialing it again spent the calls of the very microbatch that waited for its stage (issue 21).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Awaitable, Callable, Collection, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from hivemind.utils import get_dht_time
@@ -65,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_EARLY_PROBE = 5.0  # seconds between probes of a banned replica whose stage nobody else serves
+
 RecordSource = Callable[[], Awaitable[Mapping[int, Sequence[PeerRecord]]]]
 """Returns the current peer records per stage (the DHT in real use, a dict in unit tests)."""
 
@@ -76,7 +81,8 @@ class FaultPolicy:
     attempts: int = 6  # calls of one stage for one request, over all replicas
     lone_retries: int = 2  # retries of a stage's only replica before it is presumed dead
     backoff: float = 0.25  # seconds before retrying the only replica of a stage (doubles each time)
-    ban_time: float = 60.0  # seconds a failed peer is left out of routes and steps
+    ban_time: float = 60.0  # seconds a failed peer is left out of routes and steps; then it must answer a probe
+    probe_timeout: float = 5.0  # seconds a dropped peer whose ban ended has to answer ``info`` to come back
     step_attempts: int = 4  # rounds of applying one collaborative step
     averaging_window: float = 0.5  # seconds from a step's request to the replicas' averaging round
     step_wait: float = 60.0  # seconds to wait for other trainers to finish a step
@@ -173,7 +179,9 @@ class RemotePipeline:
         self._records_time = float("-inf")
         self._route_ttl, self._route_wait = route_ttl, route_wait
         self._rng = random.Random(seed)
-        self._banned: dict[str, float] = {}
+        self._banned: dict[str, float] = {}  # peer -> when its ban ends
+        self._dropped: dict[str, BaseException] = {}  # banned peers -> why, until one answers a probe after its ban
+        self._probed: dict[str, tuple[float, float]] = {}  # dropped peer -> (last early probe, seconds to the next)
         self._queue: Counter[str] = Counter()  # microbatches routed to each peer since the records were read
         self._overhead_ms: dict[str, float] = {}  # observed round trip beyond compute, per peer
         self._peer_steps: dict[str, int] = {}
@@ -208,7 +216,7 @@ class RemotePipeline:
         merged = {stage: list(rs) for stage, rs in records.items()}
         present = {(r.peer_id, r.stage) for rs in merged.values() for r in rs}
         for key, (seen, record) in list(self._seen.items()):
-            if now - seen > RECORD_TTL:
+            if now - seen > RECORD_TTL or key[0] in self._dropped:  # a dropped peer's record: only while the DHT has it
                 del self._seen[key]
             elif key not in present:
                 merged.setdefault(record.stage, []).append(record)
@@ -218,33 +226,110 @@ class RemotePipeline:
         return merged
 
     def banned(self) -> set[str]:
+        """Peers left out of routes and steps: those banned, and those whose ban ended that have not
+        answered a probe since (``_readmit``) while a record of theirs is still in view."""
         now = time.monotonic()
         self._banned = {peer: until for peer, until in self._banned.items() if until > now}
-        return set(self._banned)
+        in_view = self._in_view()
+        self._dropped = {peer: why for peer, why in self._dropped.items() if peer in self._banned or peer in in_view}
+        self._probed = {peer: when for peer, when in self._probed.items() if peer in self._dropped}
+        return set(self._banned) | set(self._dropped)
+
+    def _in_view(self) -> set[str]:
+        return {r.peer_id for rs in self._records.values() for r in rs}
 
     def _ban(self, peer_id: str, why: BaseException) -> None:
-        logger.warning("leaving peer %s out for %.0f s: %s: %s", peer_id[-8:], self.policy.ban_time,
-                       type(why).__name__, why)
+        logger.warning("leaving peer %s out for %.0f s, and until it answers: %s: %s", peer_id[-8:],
+                       self.policy.ban_time, type(why).__name__, why)
         self._banned[peer_id] = time.monotonic() + self.policy.ban_time
+        self._dropped[peer_id] = why
+
+    async def _readmit(self, unserved: Collection[int] = ()) -> None:
+        """Probe (``info``, bounded by ``policy.probe_timeout``) the dropped peers whose ban has ended
+        and whose record is still in view: one that answers is back in routes, one that does not is
+        banned again. A dead peer's record outlives it in the DHT (up to ``RECORD_TTL`` after its last
+        refresh): without this, a ban shorter than that sent real work to it again, and the calls it
+        failed counted against the microbatch that was waiting for its stage to be taken over.
+
+        A banned replica of a stage in ``unserved`` (nobody else serves it) is probed before its ban
+        ends (``_EARLY_PROBE`` s apart, doubling while it does not answer), unless a spot check or a
+        sanity check caught it: with no other replica to route to, the ban protects nothing, and
+        waiting it out cost 42 s of training in a churn run (the last live replica of stage 0 had been
+        banned for a failed averaging round). Behind, it adopts the run's step as a lone replica does."""
+        now = time.monotonic()
+        self.banned()
+        urgent = {r.peer_id for stage in unserved for r in self._records.get(stage, ())
+                  if r.state == PeerState.ONLINE and r.layers == self.manifest.stages[stage]}
+        early = sorted(peer for peer, why in self._dropped.items()
+                       if peer in urgent and self._banned.get(peer, now) > now and not isinstance(why, InvalidOutput)
+                       and now - sum(self._probed.get(peer, (float("-inf"), 0.0))) >= 0)
+        due = sorted(set(early) | {peer for peer in self._dropped if self._banned.get(peer, now) <= now})
+        if not due:
+            return
+        for peer in early:
+            logger.warning("peer %s is the only replica left of its stage: asking whether it answers before its "
+                           "ban ends", peer[-8:])
+            self._probed[peer] = (now, 2 * self._probed[peer][1] if peer in self._probed else _EARLY_PROBE)
+        for peer in due:  # being probed: another route planned meanwhile neither probes nor uses it
+            self._banned[peer] = now + self.policy.probe_timeout
+        stage_of = {r.peer_id: r.stage for rs in self._records.values() for r in rs}
+        answers = await asyncio.gather(*(asyncio.wait_for(self.client.info(peer, stage_of.get(peer)),
+                                                          self.policy.probe_timeout) for peer in due),
+                                       return_exceptions=True)
+        for peer, answer in zip(due, answers):
+            if isinstance(answer, BaseException):
+                self._banned[peer] = time.monotonic() + self.policy.ban_time
+                logger.warning("peer %s still does not answer (%s); its record is still in the DHT: left out "
+                               "another %.0f s", peer[-8:], type(answer).__name__, self.policy.ban_time)
+            else:
+                self._banned.pop(peer, None)
+                self._dropped.pop(peer, None)
+                self._probed.pop(peer, None)
+                self._peer_steps[peer] = answer.optimizer_step
+                logger.info("peer %s answers again (at step %d): back in routes", peer[-8:], answer.optimizer_step)
 
     async def route(self, tokens: int = 1) -> tuple[Hop, ...]:
         """A peer for every stage by expected time (throughput, microbatches already sent there since
         the records were read, the round trip observed beyond compute), waiting (bounded, and saying
         so) for stages nobody serves."""
-        deadline = time.monotonic() + self._route_wait
+        started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
+            records = await self._current_records(fresh=attempt > 1)  # waiting: the DHT read afresh each time
+            await self._readmit(self._unserved(records) if attempt > 1 else ())
             try:
-                return plan_route(self.manifest.stages, await self._current_records(fresh=attempt > 1),
-                                  banned=self.banned(), rng=self._rng, tokens=tokens, queue=self._queue,
-                                  latency_ms=self._overhead_ms)
+                route = plan_route(self.manifest.stages, records, banned=self.banned(), rng=self._rng, tokens=tokens,
+                                   queue=self._queue, latency_ms=self._overhead_ms)
             except NoRoute as e:
-                if time.monotonic() > deadline:
-                    raise NoRoute(f"{e} (waited {self._route_wait:.0f} s)") from None
+                waited = time.monotonic() - started
+                if waited > self._route_wait:
+                    raise NoRoute(f"{e} (waited {self._route_wait:.0f} s; {self._left_out()})") from None
                 if attempt == 1 or attempt % 10 == 0:
-                    logger.warning("waiting for a peer to take over: %s (attempt %d)", e, attempt)
+                    logger.warning("waiting for a peer to take over: %s; %s (attempt %d, %.0f of %.0f s)", e,
+                                   self._left_out(), attempt, waited, self._route_wait)
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
+                continue
+            if attempt > 1:
+                logger.warning("every stage is served again after %.1f s (attempt %d): %s",
+                               time.monotonic() - started, attempt,
+                               ", ".join(f"stage {hop.stage} by {hop.peer_id[-8:]}" for hop in route))
+            return route
+
+    def _unserved(self, records: Mapping[int, Sequence[PeerRecord]]) -> list[int]:
+        """The stages no online, unbanned peer serves in ``records``."""
+        banned = self.banned()
+        return [stage for stage, layers in enumerate(self.manifest.stages)
+                if not any(r.state == PeerState.ONLINE and r.layers == layers and r.peer_id not in banned
+                           for r in records.get(stage, ()))]
+
+    def _left_out(self) -> str:
+        """The dropped peers and why, for the logs of a trainer waiting for a stage."""
+        banned = self.banned()
+        if not banned:
+            return "no peer is left out"
+        why = {peer: f"{type(e).__name__}: {e}" for peer, e in self._dropped.items()}
+        return "left out: " + "; ".join(f"{peer[-8:]} ({why.get(peer, 'banned')})" for peer in sorted(banned))
 
     def _observe(self, peer_id: str, seconds: float, tokens: int) -> None:
         """Remember how much longer than its compute a call to ``peer_id`` took (network, queues): a
@@ -276,6 +361,10 @@ class RemotePipeline:
         peer = prefer if prefer is not None and prefer not in self.banned() else await self._pick(stage)
         same_peer_tries = 0
         for attempt in range(1, self.policy.attempts + 1):
+            if attempt > 1 and peer in self.banned():  # another call in flight found it failing and dropped it
+                peer, same_peer_tries = await self._pick(stage), 0
+                logger.warning("stage %d: going on with peer %s (attempt %d/%d)", stage, peer[-8:], attempt,
+                               self.policy.attempts)
             try:
                 return await call(peer), peer
             except SwarmError as e:
@@ -287,6 +376,8 @@ class RemotePipeline:
                     retries = 0
                 else:
                     retries = self.policy.lone_retries if alone else int(not isinstance(e, (StageTimeout, StaleReplica)))
+                if peer in self.banned():  # another call found it failing meanwhile and dropped it
+                    continue
                 if same_peer_tries < retries:
                     same_peer_tries += 1
                     logger.warning("stage %d: peer %s failed (attempt %d/%d): %s; trying it again", stage, peer[-8:],
@@ -849,6 +940,7 @@ class RemotePipeline:
     async def _apply(self, step: int, *, fresh: bool) -> None:
         if fresh:
             await self._current_records(fresh=True)
+        await self._readmit()  # a replica whose ban just ended and that answers is a member, lest it fall behind
         pending = set(range(self.manifest.num_stages))
         for attempt in range(1, self.policy.step_attempts + 1):
             plans = {stage: await self._members(stage, step) for stage in sorted(pending)}

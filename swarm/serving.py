@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from swarm.config import SwarmSettings
 from swarm.errors import ConfigError
@@ -91,7 +92,7 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
         try:
             codec: TextCodec | None = codec_of(model)
         except NoTokenizer as e:
-            console.print(f"[yellow]no text:[/] {e}; completions will be refused, embeddings take token ids")
+            console.print(f"[yellow]no text:[/] {escape(str(e))}; completions will be refused, embeddings take token ids")
             codec = None
         api = settings.api
         model_id = api.model_name or model_id_of(model)
@@ -100,7 +101,7 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
         app = create_app(model, codec, model_id=model_id, keys=keys, aliases=[model.manifest.model])
         server = uvicorn.Server(uvicorn.Config(app, host=api.host, port=api.port, log_level="warning",
                                                lifespan="off"))
-        console.print(f"[bold green]serving[/] model [cyan]{model_id}[/] at http://{api.host}:{api.port}/v1 "
+        console.print(f"[bold green]serving[/] model [cyan]{escape(model_id)}[/] at http://{api.host}:{api.port}/v1 "
                       f"({'API keys required' if keys.enforced() else 'no API key needed'}); Ctrl+C to stop")
         try:
             server.run()

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from hivemind.utils import get_dht_time
 from rich import box
 from rich.console import Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -236,7 +237,7 @@ def _grid(status: Mapping[str, Any]) -> Table:
         for n, peer_id in enumerate(stage["peers"]):
             p = peers[peer_id]
             state = "stale" if p["stale"] else p["state"]
-            grid.add_row(label if n == 0 else "", f"[{start}, {end})" if n == 0 else "", _short(peer_id), state,
+            grid.add_row(label if n == 0 else "", f"[{start}, {end})" if n == 0 else "", Text(_short(peer_id)), Text(state),
                          _rate(p["throughput"]), f"{p['load']:.0f}", _hardware(p["hardware"]), style=style)
     return grid
 
@@ -253,7 +254,7 @@ def _contributions(status: Mapping[str, Any]) -> Table:
     for name in ("peer", "tokens", "share", "marginal", "served", "req/s", "ledger"):
         table.add_column(name, justify="left" if name == "peer" else "right", no_wrap=True)
     for p in sorted(status["peers"], key=lambda p: -p["tokens"]):
-        table.add_row(_short(p["peer_id"]), f"{p['tokens']:,}", f"{p['contribution_share']:.0%}",
+        table.add_row(Text(_short(p["peer_id"])), f"{p['tokens']:,}", f"{p['contribution_share']:.0%}",
                       _marginal(p), f"{_rate(p['tokens_per_s'])}/s",
                       f"{p['requests_per_s']:.1f}", str(p["ledger_entries"]))
     return table
@@ -269,11 +270,11 @@ def render_status(status: Mapping[str, Any]) -> Panel:
         links.add_column("stage")
         links.add_column("GPUs")
         for link in status["delegations"]:
-            links.add_row(_short(link["delegator"]), _short(link["delegate"]), str(link.get("stage", "")),
+            links.add_row(Text(_short(link["delegator"])), Text(_short(link["delegate"])), str(link.get("stage", "")),
                           str(link.get("gpu_count", "")))
         parts.append(links)
     for warning in status["warnings"]:
         parts.append(Text(f"! {warning}", style="yellow"))
     model = status["model"] if len(status["model"]) <= 40 else "…" + status["model"][-39:]
-    title = f"[bold]{status['run_id']}[/]: {model} ({status['num_layers']} layers)"
+    title = f"[bold]{escape(status['run_id'])}[/]: {escape(model)} ({status['num_layers']} layers)"
     return Panel(Group(*parts), title=title, title_align="left", width=80)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from swarm.config import MonitorSettings
@@ -67,15 +68,17 @@ def train(
     monitor: MonitorSettings | None = None,
     key: str | None = None,
     push: bool = True,
+    route_wait: float = 120.0,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
-    watches the run (the demo, the churn test) sees how far it got."""
+    watches the run (the demo, the churn test) sees how far it got. ``route_wait``: seconds to wait
+    for a stage nobody serves to be taken over (``TrainerSettings``)."""
     console = console or Console()
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
                                                       policy=policy, microbatch_size=microbatch_size, key=key,
-                                                      push=push)
+                                                      push=push, route_wait=route_wait)
     with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
@@ -86,7 +89,7 @@ def train(
         optimizer = model.create_optimizer()
         batches = random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed)
         result = TrainResult(steps=steps)
-        console.print(f"training {manifest.model} ({manifest.num_layers} layers in {manifest.num_stages} "
+        console.print(f"training {escape(manifest.model)} ({manifest.num_layers} layers in {manifest.num_stages} "
                       f"stages) for {steps} steps of {batch_size}x{seq_len} tokens")
         started = time.perf_counter()
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("step {task.fields[step]}"),

@@ -131,6 +131,8 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
         (["frobnicate"], "No such command"),
         (["join", "--bootstrap", "not-a-multiaddr"], "'not-a-multiaddr' is not a multiaddr"),
         (["status", "--bootstrap", "/ip4/127.0.0.1/tcp/9"], "lacks the peer id"),
+        # rich read the bracketed address as a closing tag: a MarkupError traceback instead of this line
+        (["train", "--bootstrap", "[/ip4/127.0.0.1/tcp/1]"], "'[/ip4/127.0.0.1/tcp/1]' is not a multiaddr"),
         (["join", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x", "--config", "/no/such.toml"], "does not exist"),
     ],
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import time
 from collections import Counter
 from enum import Enum
 
@@ -16,13 +18,13 @@ from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from peers.averaging import LocalGradientSync
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.protocol import STEP
+from peers.protocol import INFO, STEP
 from peers.push import PushService
 from peers.service import StageService
 from peers.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss, causal_lm_loss_part, labelled_tokens
-from swarm.errors import PeerUnavailable, StageTimeout
+from swarm.errors import AveragingFailed, InvalidOutput, NoRoute, PeerUnavailable, StageTimeout
 from swarm.pipeline import FaultPolicy, RemotePipeline
 from tests.helpers import reference_losses
 
@@ -216,6 +218,86 @@ def test_a_replica_failing_mid_step_costs_no_microbatch(model_factory, fault, mo
             if first in survivors and second in survivors:
                 for a, b in zip(_params(swarm.services[first]), _params(swarm.services[second])):
                     assert (a - b).abs().max().item() <= 1e-5
+    finally:
+        swarm.close()
+
+
+@pytest.mark.parametrize("mode", ["sequential", "overlapped"])
+def test_a_dead_peer_whose_record_stays_is_not_dialed_while_the_trainer_waits_for_a_takeover(model_factory, mode):
+    """Issue 21: stage 1's only peer dies and its record stays in the DHT view (records outlive their
+    peer by up to RECORD_TTL); the ban is shorter than the wait for the newcomer that takes the stage
+    over. The trainer must not send work to the dead peer again when its ban ends (before: it did,
+    and those failed calls used up the microbatch's attempts, which ended training with the dead
+    peer's error), must pick up the newcomer from a fresh read, and must lose nothing."""
+    model_dir = model_factory("llama", num_layers=4, hidden_size=32, num_kv_heads=2)
+    swarm = ReplicatedSwarm(model_dir, [1, 1], push=mode == "overlapped")
+    swarm.pipeline.policy = dataclasses.replace(swarm.pipeline.policy, ban_time=0.4, probe_timeout=0.5)
+    dialed: Counter[str] = Counter()  # calls to the dead peer: before it was first banned, and after
+    call = swarm.hub.call
+
+    async def counted(peer_id, method, message, tensors, *, timeout):
+        if peer_id == "s1a" and swarm.hub.fault is Fault.KILL:
+            was_banned = dialed["banned"] > 0 or "s1a" in swarm.pipeline._banned
+            dialed["banned"] += was_banned
+            dialed[method if method == INFO else "after ban" if was_banned else "before ban"] += 1
+        return await call(peer_id, method, message, tensors, timeout=timeout)
+
+    swarm.hub.call = counted
+    try:
+        batches = _batches(3, swarm.source.config.vocab_size)
+        optimizer = torch.optim.AdamW(swarm.local.parameters(), lr=LR)
+        step = lambda ids: _train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=True,  # noqa: E731
+                                       overlapped=mode == "overlapped")
+        losses = [asyncio.run(step(batches[0]))]
+        swarm.hub.victim, swarm.hub.fault, swarm.hub.after = "s1a", Fault.KILL, swarm.hub.calls["s1a"] + 2
+
+        async def step_with_takeover(ids):
+            takeover = asyncio.create_task(swarm.take_over("s1a", "s1new", delay=2.0))  # 5 bans long
+            loss = await step(ids)
+            await takeover
+            return loss
+
+        losses.append(asyncio.run(step_with_takeover(batches[1])))
+        losses.append(asyncio.run(step(batches[2])))
+        _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
+        assert [swarm.services[p].executor.optimizer_step for p in ("s0a", "s1new")] == [3, 3]
+        assert "s1a" in swarm.pipeline.banned() and swarm.records[1][0].peer_id == "s1a"
+        # before the first ban, each of the 4 microbatches in flight may meet it: a push and a collect,
+        # then the relayed call and its two retries; after it, only probes, at most one per ban
+        assert 1 <= dialed["before ban"] <= 4 * 5, dialed
+        assert dialed["after ban"] == 0, dialed
+        assert dialed[INFO] <= 6, dialed
+    finally:
+        swarm.close()
+
+
+@pytest.mark.parametrize("why, back", [(AveragingFailed("a round lost part of its result"), True),
+                                        (PeerUnavailable("the stream closed without a reply"), True),
+                                        (InvalidOutput("unlike another replica's output"), False)])
+def test_a_banned_replica_that_answers_is_taken_back_when_its_stage_has_no_other(model_factory, why, back):
+    """The last live replica of a stage was banned (churn test: for a failed averaging round): with no
+    other replica the ban protects nothing, so a trainer waiting for the stage asks it and takes it
+    back if it answers, instead of waiting the ban out. One a check caught returning wrong outputs
+    stays out for its whole ban."""
+    model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
+    swarm = ReplicatedSwarm(model_dir, [1, 1])
+    pipeline = swarm.pipeline
+    pipeline._route_wait = 1.5
+
+    async def route_after_ban():
+        await pipeline.route()  # the records in view
+        pipeline._ban("s1a", why)
+        return await pipeline.route()
+
+    try:
+        started = time.monotonic()
+        if back:
+            assert [hop.peer_id for hop in asyncio.run(route_after_ban())] == ["s0a", "s1a"]
+            assert time.monotonic() - started < 1.5 and "s1a" not in pipeline.banned()
+        else:
+            with pytest.raises(NoRoute, match=r"stage\(s\) 1 .*s1a \(InvalidOutput"):
+                asyncio.run(route_after_ban())
+            assert "s1a" in pipeline.banned()
     finally:
         swarm.close()
 
