@@ -150,6 +150,8 @@ class PeerRecord(FrozenModel):
     compute: float | None = Field(None, ge=0, description="tokens/s of this peer for one stage (placement of "
                                   "peers joining together)")
     network: float | None = Field(None, ge=0, description="tokens/s this peer's link carries")
+    claimed: float | None = Field(None, ge=0, description="DHT time a joining peer claimed this stage: peers "
+                                  "joining together plan as a group; an older claim is settled")
 
 
 class StoreRecord(FrozenModel):

@@ -29,15 +29,20 @@ def replica_cost(manifest: Manifest, stage_bytes: Sequence[int], settings: PeerS
                        param_bytes=tuple(size / 4 for size in stage_bytes), bandwidth=bandwidth)
 
 
-def joiners_in(records: Mapping[int, Sequence[PeerRecord]], me: Joiner) -> list[Joiner]:
-    """``me`` and every other peer that has claimed stages (``loading``) without serving any yet: the
-    group that joins together. A peer loading a move while it serves elsewhere is not joining, and a
+def joiners_in(records: Mapping[int, Sequence[PeerRecord]], me: Joiner, *, now: float,
+               settled_after: float) -> list[Joiner]:
+    """``me`` and every other peer that has claimed stages (``loading``) without serving any yet, within
+    the last ``settled_after`` s: the group that joins together. An older claim has been verified
+    already (its peer is loading what it claimed: a big model takes minutes) and stays where it is,
+    counted in the loads. A peer loading a move while it serves elsewhere is not joining, and a
     record without its speeds or memory (an older peer) cannot be planned for."""
     serving = {r.peer_id for rs in records.values() for r in rs if r.state in (PeerState.ONLINE, PeerState.DRAINING)}
     found = {me.peer_id: me}
     for rs in records.values():
         for r in rs:
             if r.state != PeerState.LOADING or r.peer_id in serving or r.peer_id in found:
+                continue
+            if r.claimed is None or now - r.claimed > settled_after:
                 continue
             if r.compute and r.memory_gib is not None and r.delegate_of is None:
                 found[r.peer_id] = Joiner(r.peer_id, r.compute, int(r.memory_gib * _GIB), r.network or math.inf)

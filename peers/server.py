@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence
 
 import torch
+from hivemind.utils import get_dht_time
 
 from dht.bans import banned_peers
 from dht.clock import check_clock
@@ -370,7 +371,9 @@ class Peer(Lifecycle):
         withdraw the claim on stages of an earlier claim that ``span`` leaves out."""
         for stage in [stage for stage in self.slots if stage not in span.stages]:
             await self.dht.withdraw(self.slots.pop(stage).record)
+        claimed = get_dht_time()
         for record in self._span_records(span, PeerState.LOADING):
+            record = record.model_copy(update={"claimed": claimed})
             self.slots[record.stage] = StageSlot(record.stage, record, queue_size=self.settings.peer.queue_size)
             await self._announce(record)
         self.slots = dict(sorted(self.slots.items()))
@@ -387,7 +390,7 @@ class Peer(Lifecycle):
             records = await self.dht.all_records(self.manifest.num_stages)
             m = self.measurement
             me = Joiner(self.peer_id, m.compute or m.throughput, self._memory, m.network or float("inf"))
-            group = joiners_in(records, me)
+            group = joiners_in(records, me, now=get_dht_time(), settled_after=2 * settle)
             if len(group) < 2:
                 return span
             loads, replicas = loads_without(self.manifest.num_stages, records, {j.peer_id for j in group})

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dht.records import SwarmDHT
@@ -162,8 +163,8 @@ def _export(runner: LoopThread, dht: SwarmDHT, transport: P2PTransport, manifest
         progress.advance(task)
     for part, where in report.sources.items():
         style = "yellow" if "no replica" in where or "model files" in where else "green"
-        console.print(f"  {part}: [{style}]{where}[/]")
-    console.print(f"[bold green]exported[/] {manifest.model} ({manifest.num_layers} layers) to {out}")
+        console.print(f"  {escape(part)}: [{style}]{escape(where)}[/]")
+    console.print(f"[bold green]exported[/] {escape(manifest.model)} ({manifest.num_layers} layers) to {escape(str(out))}")
     return report
 
 
