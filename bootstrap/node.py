@@ -34,8 +34,11 @@ from bootstrap.telemetry import BootstrapTelemetry
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
-from dht.auth import TokenRecordValidator
-from peers.auth import TOKEN
+from hivemind.utils import get_dht_time
+
+from dht.auth import TokenRecordValidator, issue_token
+from peers.admission import PUBLIC_REQUEST_BYTES, CallerLimits
+from peers.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
 from peers.transport import P2PTransport
 from dht.control import (
     CONTROL_REFRESH,
@@ -110,6 +113,9 @@ class BootstrapNode:
         self._transport: P2PTransport | None = None
         self._keys_required = not settings.bootstrap.open
         self.peering: BootstrapPeering | None = None
+        self.gate: AuthGate | None = None  # a keyed run: every handler but present/token checks callers
+        self.limits = CallerLimits()  # per caller, over all of this node's handlers
+        self._own_token: tuple[str, float] | None = None
 
     async def start(self) -> None:
         try:
@@ -128,9 +134,9 @@ class BootstrapNode:
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoint-store", self.manifest)
-        await self.checkpoints.start(self.dht)
+        await self.checkpoints.start(self.dht, gate=self.gate, limits=self.limits)
         self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
-        await self.telemetry.start()
+        await self.telemetry.start(gate=self.gate, limits=self.limits)
         self.bans = BanEnforcer(self.dht, self.db, self.telemetry.book, self.manifest.num_stages,
                                 lambda: self.authority.get_public_key() if self.keys_required else None)
         await self._publish_control(*self._wanted_control())
@@ -317,17 +323,37 @@ class BootstrapNode:
         return self.authority.get_public_key().to_bytes()
 
     async def _serve_sync(self) -> None:
-        """Serve the sync with the run's other bootstraps (``bootstrap.mirror``)."""
-        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
-        self.peering = BootstrapPeering(self.dht, self.db, self.authority, self._transport, mirror=self.mirror,
+        """Serve the sync with the run's other bootstraps (``bootstrap.mirror``). On a keyed run it is
+        gated like every other handler: a bootstrap presents a token it signs itself (it holds the
+        authority key), so the sync's own signature is a second check, not the only one."""
+        if self.keys_required:
+            revoked = frozenset(k.id for k in self.db.list_keys() if k.revoked is not None)
+            self.gate = AuthGate(self.authority_public_key, revoked)
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p(), gate=self.gate, limits=self.limits)
+        calls = self._transport
+        if self.gate is not None:
+            await self._transport.serve(PRESENT, self.gate.rpc_present, public=True,
+                                        max_request_bytes=PUBLIC_REQUEST_BYTES)
+            calls = AuthedTransport(self._transport, self.own_token)
+        self.peering = BootstrapPeering(self.dht, self.db, self.authority, calls, mirror=self.mirror,
                                         interval=self.settings.bootstrap.sync_interval)
         await self.peering.serve()
+
+    def own_token(self) -> str:
+        """An access token for this bootstrap itself (it holds the authority key), renewed at half-life:
+        what it presents to the run's other bootstraps and peers."""
+        now, ttl = get_dht_time(), self.settings.bootstrap.token_ttl
+        if self._own_token is None or self._own_token[1] - now < ttl / 2:
+            public_key = self.dht._signer.local_public_key[len(b"[owner:"):-1]
+            self._own_token = (issue_token(self.authority, "bootstrap", self.dht.peer_id, public_key, now + ttl),
+                               now + ttl)
+        return self._own_token[0]
 
     async def _serve_tokens(self) -> None:
         """Exchange keys for tokens (``swarm.auth.token``), and enforce tokens on records stored here."""
         self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
         service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
-        await self._transport.serve(TOKEN, service.rpc_token)
+        await self._transport.serve(TOKEN, service.rpc_token, public=True, max_request_bytes=PUBLIC_REQUEST_BYTES)
 
     def _wanted_control(self) -> tuple[str, tuple[str, ...]]:
         """What state.db says now: the run state and the revoked key ids."""
@@ -338,6 +364,8 @@ class BootstrapNode:
         if self.keys_required and (self.control is None or tuple(self.control.revoked) != revoked):
             self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key,
                                                               frozenset(revoked))])
+            if self.gate is not None:
+                self.gate.update(self.authority_public_key, frozenset(revoked))
         # changed_at is when the owner last changed something (not when this copy was published), so
         # two bootstraps that have synced publish equal records and the newer change always wins
         changed_at = await asyncio.to_thread(lambda: max(self.db.run_state_row()[1], self.db.keys_changed_at()))

@@ -14,6 +14,7 @@ from prometheus_client import Gauge
 
 from bootstrap.ledger import LedgerBook, LedgerService
 from dht.records import SwarmDHT
+from peers.admission import CallerLimits, Gate
 from peers.activity import Activity, ObservedTransport, RequestDone
 from peers.metrics import MetricsServer, NodeMetrics
 from peers.monitor import HardwareMonitor
@@ -45,10 +46,11 @@ class BootstrapTelemetry:
         self._transport: P2PTransport | None = None
         self.server: MetricsServer | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, gate: Gate | None = None, limits: CallerLimits | None = None) -> None:
+        """Serve the ledger (behind the run's ``gate`` on a keyed run) and start the monitor."""
         self.monitor.start()
         self._update_ledger_gauges()
-        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p(), gate=gate, limits=limits)
         await LedgerService(self.book).register(ObservedTransport(self._transport, self.activity))
         if self.settings.monitor.metrics_port is not None:
             self.server = MetricsServer(self.metrics, self.settings.monitor.metrics_host,

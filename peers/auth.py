@@ -44,7 +44,6 @@ __all__ = [
     "PresentRequest",
     "PresentReply",
     "AuthGate",
-    "GatedTransport",
     "AuthedTransport",
     "RunAuth",
 ]
@@ -83,7 +82,9 @@ class PresentReply(FrozenModel):
 
 
 class AuthGate:
-    """A peer's list of callers that presented a valid token (and until when)."""
+    """A node's list of callers that presented a valid token (and until when). A ``P2PTransport``
+    built with it as its ``gate`` checks every stream's caller against it before reading the
+    request (``peers.admission``); ``rpc_present`` is served ``public`` beside."""
 
     def __init__(self, authority: bytes, revoked: frozenset[str] = frozenset()):
         self.update(authority, revoked)
@@ -120,29 +121,6 @@ class AuthGate:
             del self._allowed[caller]
             raise AuthRejected(f"the access token has expired: {_NOT_PRESENTED} ({PRESENT})")
 
-    def guard(self, handler: Handler) -> Handler:
-        async def guarded(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            try:
-                self.check(CALLER.get())
-            except AuthRejected as e:
-                return error_reply(e), []
-            return await handler(message, tensors)
-
-        return guarded
-
-
-class GatedTransport:
-    """Serve through ``inner``, but only to callers the gate lets through (``PRESENT`` is open)."""
-
-    def __init__(self, inner: Transport, gate: AuthGate):
-        self.inner, self.gate = inner, gate
-
-    async def serve(self, method: str, handler: Handler) -> None:
-        await self.inner.serve(method, self.gate.guard(handler))
-
-    async def call(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.inner.call(*args, **kwargs)
-
 
 class AuthedTransport:
     """A client transport that presents its token to each peer before its first call."""
@@ -151,8 +129,8 @@ class AuthedTransport:
         self.inner, self.token = inner, token
         self._presented: dict[str, str] = {}
 
-    async def serve(self, method: str, handler: Handler) -> None:
-        await self.inner.serve(method, handler)
+    async def serve(self, method: str, handler: Handler, **options: Any) -> None:
+        await self.inner.serve(method, handler, **options)
 
     async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
                    timeout: float, **options: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -214,6 +192,7 @@ class RunAuth:
             await auth.stop()
             raise
         dht.dht.add_validators([TokenRecordValidator(dht.run_id, auth.authority, frozenset(control.revoked))])
+        dht.access_token = auth.token_text
         return auth
 
     def token_text(self) -> str:
