@@ -22,6 +22,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from bootstrap.node import BootstrapNode
+from dht.records import SwarmDHT
+from dht.schemas import MetricsRecord, StoreRecord, TrainerRecord
 from peers.ledger import LEDGER_SUBMIT
 from peers.measure import ECHO
 from peers.protocol import FORWARD, INFO, InfoRequest
@@ -239,3 +241,32 @@ def _capture(executor, identity):
     return capture_state(executor.module, executor.optimizer, identity=identity, step=executor.optimizer_step,
                          stage=executor.stage, layers=executor.layers)
 
+
+def test_records_without_a_key_or_naming_another_peer_are_refused(run):
+    """Issue 22's rows: a key holder announced a stage record with another peer's ``peer_id`` (stored
+    beside the real one); anyone stored trainer, telemetry and checkpoint-store records without a key."""
+    victim, holder = run.swarm.peers
+    forged = holder.record.model_copy(update={"peer_id": victim.peer_id, "stage": 1})
+    stranger = SwarmDHT.create("test", initial_peers=run.swarm.initial_peers, host="127.0.0.1")
+    try:
+        async def stores() -> tuple:
+            impersonation = await holder.dht.announce(forged)
+            trainer = await stranger.announce_trainer(TrainerRecord(trainer_id=stranger.peer_id, step=10**6))
+            telemetry = await stranger.publish_telemetry(MetricsRecord(role="peer", peer_id=stranger.peer_id,
+                                                                       tokens=10**12))
+            store = await stranger.announce_store(StoreRecord(peer_id=stranger.peer_id))
+            seen = (await victim.dht.stage_records(1), await victim.dht.trainer_records(),
+                    await victim.dht.telemetry_records(), await victim.dht.stores())
+            return (impersonation, trainer, telemetry, store), seen
+
+        stored, (stage1, trainers, telemetry, store_records) = run.swarm.loop.run(stores(), timeout=60)
+    finally:
+        stranger.shutdown()
+    # a store may report True: the stranger's own node (no validator of the run) may be among the
+    # key's nearest and keep it. What counts is that the run's nodes neither keep nor serve it back:
+    # every lookup validates what it finds.
+    assert len(stored) == 4
+    assert [r.peer_id for r in stage1] == [holder.peer_id]
+    assert stranger.peer_id not in {t.trainer_id for t in trainers}
+    assert stranger.peer_id not in {t.peer_id for t in telemetry}
+    assert stranger.peer_id not in {s.peer_id for s in store_records}
