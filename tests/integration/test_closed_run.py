@@ -22,6 +22,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from bootstrap.node import BootstrapNode
+from dht.bans import BanReport, report_ban
 from dht.records import SwarmDHT
 from dht.schemas import MetricsRecord, StoreRecord, TrainerRecord
 from peers.ledger import LEDGER_SUBMIT
@@ -270,3 +271,24 @@ def test_records_without_a_key_or_naming_another_peer_are_refused(run):
     assert stranger.peer_id not in {t.trainer_id for t in trainers}
     assert stranger.peer_id not in {t.peer_id for t in telemetry}
     assert stranger.peer_id not in {s.peer_id for s in store_records}
+
+
+def test_a_ban_report_naming_another_reporter_is_refused(run):
+    """Issue 22's critical row: a key holder published a ``BanReport`` against an honest peer naming
+    another honest peer as reporter; the bootstrap revoked the victim's key within 1.5 s and the
+    audit blamed the named peer. The report must name its signer."""
+    victim, holder = run.swarm.peers
+    framed = run.mirror.dht.peer_id
+    report = BanReport(peer_id=victim.peer_id, stage=0, reason="forged", reporter=framed,
+                       access_token=holder._auth.token)
+    bootstrap = run.swarm.bootstrap
+
+    async def forge() -> list[str]:
+        await report_ban(holder.dht, report)
+        await asyncio.sleep(1.5)
+        return await bootstrap.bans.check_once()
+
+    assert victim.peer_id not in run.swarm.loop.run(forge(), timeout=60)
+    assert victim.peer_id not in bootstrap.bans.handled and victim.peer_id not in bootstrap.telemetry.book.banned
+    assert all(k.revoked is None for k in bootstrap.db.list_keys())
+    assert not any(e.actor == f"ban:{framed}" for e in bootstrap.db.audit_log(1000))
