@@ -292,3 +292,15 @@ def test_a_ban_report_naming_another_reporter_is_refused(run):
     assert victim.peer_id not in bootstrap.bans.handled and victim.peer_id not in bootstrap.telemetry.book.banned
     assert all(k.revoked is None for k in bootstrap.db.list_keys())
     assert not any(e.actor == f"ban:{framed}" for e in bootstrap.db.audit_log(1000))
+
+
+def test_a_trainer_of_the_run_uploads_its_local_parts_through_the_gate(run):
+    """The store is gated now: a trainer's upload presents its token, and is kept (it trains)."""
+    batch = torch.randint(0, 64, (2, 8))
+    model = run.swarm.client(key=run.key)
+    try:
+        model(batch, labels=batch).loss.backward()
+        assert model.upload_local_state(1) == 2  # the bootstrap and its mirror both keep checkpoints
+    finally:
+        model.close()
+    assert run.swarm.bootstrap.checkpoints.latest_step("local") == 1
