@@ -46,6 +46,7 @@ __all__ = [
     "AuthGate",
     "AuthedTransport",
     "RunAuth",
+    "ClientCalls",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,36 @@ class RunAuth:
 
 
 _TOKEN_TIMEOUT = 15.0
+
+
+class ClientCalls:
+    """The transport of a command that calls a run's nodes and serves nothing (``swarm export``,
+    ``swarm ledger verify <bootstrap>``, ``swarm status --delegate``). On a keyed run it holds a token
+    for ``key`` and presents it to each node before the first call (every handler but the two
+    ``public`` ones refuses a caller that has not); on an open run it is a plain ``P2PTransport``.
+    Without a key on a keyed run, ``open`` fails with ``RunAuth.join``'s ``AuthRejected`` naming
+    ``--key`` / ``SWARM_KEY``, before any call."""
+
+    def __init__(self, transport: P2PTransport, auth: RunAuth | None):
+        self.transport, self.auth = transport, auth
+        self.calls: Transport = transport if auth is None else AuthedTransport(transport, auth.token_text)
+
+    @classmethod
+    async def open(cls, dht: SwarmDHT, key: str | None) -> "ClientCalls":
+        auth = await RunAuth.join(dht, key)
+        if auth is not None:
+            auth.start()  # an export of a large model may outlive a token
+        try:
+            return cls(P2PTransport(await dht.dht.replicate_p2p()), auth)
+        except BaseException:
+            if auth is not None:
+                await auth.stop()
+            raise
+
+    async def close(self) -> None:
+        await self.transport.close()
+        if self.auth is not None:
+            await self.auth.stop()
 
 
 def _no_bootstrap(run_id: str, detail: str) -> str:
