@@ -29,6 +29,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.bans import BanEnforcer
 from bootstrap.checkpoints import CheckpointStore
+from bootstrap.credit import DEFAULT_MAX_POSITIONS, credit_cap, max_positions, round_step, step_advance, tokens_per_step
 from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
 from bootstrap.metrics import summarize
@@ -51,7 +52,7 @@ from dht.control import (
     publish_control,
 )
 from dht.records import MANIFEST_REFRESH, SwarmDHT
-from dht.schemas import Manifest, OptimizerSettings, PeerState
+from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
@@ -63,6 +64,13 @@ __all__ = ["BootstrapNode", "build_manifest"]
 logger = logging.getLogger(__name__)
 
 _KNOWN_PEERS = 8
+
+
+def _online_in(records: dict[int, list[PeerRecord]]) -> set[str]:
+    """Peers an online stage record names: its server, and the delegator it serves for (whose ledger
+    holds that work)."""
+    return {peer for found in records.values() for r in found if r.state == PeerState.ONLINE
+            for peer in (r.peer_id, r.delegate_of) if peer}
 
 
 def build_manifest(settings: SwarmSettings) -> Manifest:
@@ -116,6 +124,8 @@ class BootstrapNode:
         self.gate: AuthGate | None = None  # a keyed run: every handler but present/token checks callers
         self.limits = CallerLimits()  # per caller, over all of this node's handlers
         self._own_token: tuple[str, float] | None = None
+        self._round_step: int | None = None  # the run's step at the last metrics round (bootstrap.credit)
+        self._max_positions = DEFAULT_MAX_POSITIONS
 
     async def start(self) -> None:
         try:
@@ -135,7 +145,9 @@ class BootstrapNode:
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoint-store", self.manifest)
         await self.checkpoints.start(self.dht, gate=self.gate, limits=self.limits)
-        self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
+        self._max_positions = await asyncio.to_thread(self._read_max_positions)
+        self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir, cap=self.credit_cap,
+                                            audit=self.db.audit)
         await self.telemetry.start(gate=self.gate, limits=self.limits)
         self.bans = BanEnforcer(self.dht, self.db, self.telemetry.book, self.manifest.num_stages,
                                 lambda: self.authority.get_public_key() if self.keys_required else None)
@@ -182,9 +194,31 @@ class BootstrapNode:
                             len(first) + len(known) - len(net.initial_peers), e)
         return await asyncio.to_thread(create, list(net.initial_peers))
 
-    async def _remember_peers(self) -> None:
+    async def _count_online_steps(self, reports: list, online: set[str]) -> None:
+        """Credit each peer online this round with the run's step advance since the last round (the
+        ledger's cap, ``bootstrap.credit``)."""
+        step = round_step([r.step for r in reports])
+        advance = step_advance(self._round_step, step)
+        if step is not None:
+            self._round_step = max(step, self._round_step or 0)
+        if advance and online:
+            await asyncio.to_thread(self.db.add_online_steps, sorted(online), advance)
+
+    def credit_cap(self, peer_id: str) -> int:
+        """The most ledger tokens ``peer_id`` can hold (``bootstrap.credit``)."""
+        per_step = tokens_per_step(self.manifest.target_batch_size, self._max_positions)
+        return credit_cap(per_step, self.db.online_steps().get(peer_id, 0))
+
+    def _read_max_positions(self) -> int:
+        try:
+            return max_positions(resolve_model(self.manifest.model).config)
+        except Exception as e:  # a mirror without the model files: the stated default bounds the cap
+            logger.warning("cannot read the model config of %s (%s): the ledger cap assumes %d positions",
+                           self.manifest.model, e, DEFAULT_MAX_POSITIONS)
+            return DEFAULT_MAX_POSITIONS
+
+    async def _remember_peers(self, records: dict[int, list[PeerRecord]]) -> None:
         """Keep a few addresses of live peers in state.db, to rejoin through after a restart."""
-        records = await self.dht.all_records(self.manifest.num_stages)
         own = set(self.maddrs)
         addresses = [a for rs in records.values() for r in rs if r.state != PeerState.OFFLINE
                      for a in r.maddrs if "/p2p/" in a and a not in own]
@@ -412,7 +446,9 @@ class BootstrapNode:
         for peer_id in sorted(self._peers_seen - peers):
             await asyncio.to_thread(self.db.audit, peer_id, "peer.leave", "no report for a whole TTL")
         self._peers_seen = peers
-        await self._remember_peers()
+        records = await self.dht.all_records(self.manifest.num_stages)
+        await self._count_online_steps(reports, peers | _online_in(records))
+        await self._remember_peers(records)
         summary = summarize(reports)
         if summary is None:
             return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 from prometheus_client import Gauge
 
@@ -29,9 +30,11 @@ logger = logging.getLogger(__name__)
 class BootstrapTelemetry:
     """Start after the DHT is up; ``stop()`` is idempotent."""
 
-    def __init__(self, settings: SwarmSettings, dht: SwarmDHT, state_dir: Path):
+    def __init__(self, settings: SwarmSettings, dht: SwarmDHT, state_dir: Path, *,
+                 cap: Callable[[str], int] | None = None, audit: Callable[[str, str, str], None] | None = None):
+        """``cap`` and ``audit``: the ledger book's credit cap and audit log (``LedgerBook``)."""
         self.settings, self.dht = settings, dht
-        self.book = LedgerBook(state_dir / "ledger.jsonl")
+        self.book = LedgerBook(state_dir / "ledger.jsonl", cap=cap, audit=audit)
         self.activity = Activity()
         self.metrics = NodeMetrics("bootstrap", dht.peer_id, settings.run_id)
         self.metrics.watch_activity(self.activity)
