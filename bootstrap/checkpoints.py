@@ -3,7 +3,11 @@ local parts), so a stage survives the loss of every peer that served it.
 
 Peers upload a stage's state every ``peer.checkpoint_every`` optimizer steps (``swarm.checkpoint.put``,
 after a ``has`` shows the store lacks that step); a peer that claims a stage no one serves restores
-from here (``get``). Checkpoints live under ``<state dir>/<run>/checkpoint-store/<part>/`` as
+from here (``get``). On a keyed run every RPC needs a token (the transport's gate). A put is kept
+only from a peer that announces the stage itself (a trainer, for the ``local`` part), only if it is
+not ahead of the run's step, and only if its tensors are exactly the part's and sane
+(``peers.checkpoint_check``); the transport refuses an upload larger than the largest part from
+its frame headers. Checkpoints live under ``<state dir>/<run>/checkpoint-store/<part>/`` as
 ``peers.checkpoint_files`` writes them (atomic, the newest ``keep`` kept), so they survive a
 restart of the bootstrap. The store announces itself under ``{run}_checkpoint_stores`` in the DHT.
 """
@@ -12,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import torch
+from transformers import PretrainedConfig
 
 from dht.records import SwarmDHT
-from dht.schemas import RECORD_REFRESH, Manifest, StoreRecord
+from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, StoreRecord, TrainerRecord
+from peers.admission import CallerLimits, Gate
+from peers.checkpoint_check import check_checkpoint, part_bytes, part_module
 from peers.checkpoint_files import CheckpointDir
 from peers.protocol import guarded, ok_reply, parse_request
-from peers.state import StateMeta
+from peers.state import LOCAL_PART, StateIdentity, StateMeta, part_name
 from peers.store_protocol import (
     CHECKPOINT_GET,
     CHECKPOINT_HAS,
@@ -33,23 +41,59 @@ from peers.store_protocol import (
     PutRequest,
     PutResponse,
 )
-from peers.transport import Handler, P2PTransport, Transport
+from peers.transport import CALLER, Handler, P2PTransport, Transport
+from shards.source import resolve_model
 from swarm._loop import cancel_and_wait
-from swarm.errors import BadRequest, CheckpointMissing
+from swarm.errors import AuthRejected, BadRequest, CheckpointMissing, ModelLoadError, SwarmError
 
-__all__ = ["CheckpointStore"]
+__all__ = ["CheckpointStore", "RunView", "RunSource"]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("param", "exp_avg", "exp_avg_sq", "step")
 _STORE_TTL = 4 * RECORD_REFRESH
 
 
-class CheckpointStore:
-    """Stores and serves the newest checkpoints of ``manifest``'s run under ``root``."""
+@dataclass(frozen=True)
+class RunView:
+    """What the store checks an upload against: the run's stage records and trainer records."""
 
-    def __init__(self, root: Path, manifest: Manifest, *, keep: int = 2):
+    records: dict[int, list[PeerRecord]]
+    trainers: list[TrainerRecord]
+
+    def uploader_refusal(self, caller: str | None, stage: int | None) -> str | None:
+        """Why ``caller`` may not upload a checkpoint of ``stage`` (None: it may). A stage's
+        checkpoint comes from a peer announcing that stage, the local parts from a trainer."""
+        if caller is None:
+            return "the uploader is not known"
+        if stage is None:
+            if any(t.trainer_id == caller for t in self.trainers):
+                return None
+            return f"{caller[-8:]} is no trainer of this run"
+        if any(r.peer_id == caller for r in self.records.get(stage, [])):
+            return None
+        return f"{caller[-8:]} does not serve stage {stage}"
+
+    def step(self, stage: int | None) -> int:
+        """The newest step the run's records show for ``stage`` (the local parts: the trainers')."""
+        trainers = max((t.step for t in self.trainers), default=0)
+        if stage is None:
+            return trainers
+        return max([trainers, *(r.step for r in self.records.get(stage, []))])
+
+
+RunSource = Callable[[], Awaitable[RunView]]
+
+
+class CheckpointStore:
+    """Stores and serves the newest checkpoints of ``manifest``'s run under ``root``. ``run``
+    returns what uploads are checked against (default: read from the DHT the store serves on)."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, keep: int = 2, run: RunSource | None = None,
+                 config: PretrainedConfig | None = None):
         self.root, self.manifest, self.keep = Path(root), manifest, keep
+        self._run = run
+        self._config = config
+        self._modules: dict[str, torch.nn.Module] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._transport: P2PTransport | None = None
         self._dht: SwarmDHT | None = None
@@ -64,10 +108,11 @@ class CheckpointStore:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def start(self, dht: SwarmDHT) -> None:
-        """Serve the RPCs on ``dht``'s p2p daemon and announce this store in the DHT."""
+    async def start(self, dht: SwarmDHT, *, gate: Gate | None = None, limits: CallerLimits | None = None) -> None:
+        """Serve the RPCs on ``dht``'s p2p daemon (behind the run's ``gate`` on a keyed run) and
+        announce this store in the DHT."""
         self._dht = dht
-        self._transport = P2PTransport(await dht.dht.replicate_p2p())
+        self._transport = P2PTransport(await dht.dht.replicate_p2p(), gate=gate, limits=limits)
         await self.register(self._transport)
         await self._announce()
         self._task = asyncio.create_task(self._announce_forever(), name="checkpoint-store-announce")
@@ -75,7 +120,37 @@ class CheckpointStore:
 
     async def register(self, transport: Transport) -> None:
         for method, handler in self.handlers().items():
-            await transport.serve(method, handler, max_request_bytes=None)
+            await transport.serve(method, handler, max_request_bytes=self.max_upload_bytes())
+
+    def max_upload_bytes(self) -> int | None:
+        """The largest part's full state: no honest upload is larger (None: the model's config is
+        unreadable here, and every put is refused anyway)."""
+        try:
+            parts = [None, *range(self.manifest.num_stages)]
+            return max(part_bytes(self._module(part_name(stage))) for stage in parts)
+        except SwarmError as e:
+            logger.warning("checkpoints cannot be checked on this store: %s", e)
+            return None
+
+    def _module(self, part: str) -> torch.nn.Module:
+        """The part on the meta device (``peers.checkpoint_check.part_module``), built once."""
+        if part not in self._modules:
+            if self._config is None:
+                try:
+                    self._config = resolve_model(self.manifest.model).config
+                except Exception as e:  # no such dir here (a mirror on another machine), no hub access
+                    raise ModelLoadError(f"this store cannot read the model config of {self.manifest.model}: "
+                                         f"{type(e).__name__}: {e}") from None
+            stage = None if part == LOCAL_PART else int(part.removeprefix("stage-"))
+            layers = None if stage is None else self.manifest.stages[stage]
+            self._modules[part] = part_module(self._config, self.manifest.dtype, layers)
+        return self._modules[part]
+
+    async def _view(self) -> RunView:
+        if self._run is not None:
+            return await self._run()
+        records = await self._dht.all_records(self.manifest.num_stages)
+        return RunView(records, await self._dht.trainer_records())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -113,7 +188,7 @@ class CheckpointStore:
 
     async def rpc_put(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(PutRequest, message)
-        self._check_put(request, tensors)
+        await self._check_put(request, tensors, CALLER.get())
         meta = request.meta
         async with self._lock(meta.part):
             held = await asyncio.to_thread(self.latest_step, meta.part)
@@ -133,17 +208,21 @@ class CheckpointStore:
         names = list(state)
         return ok_reply(GetResponse(meta=meta, names=names)), [state[name] for name in names]
 
-    def _check_put(self, request: PutRequest, tensors: list[torch.Tensor]) -> None:
+    async def _check_put(self, request: PutRequest, tensors: list[torch.Tensor], caller: str | None) -> None:
+        """Refuse (``AuthRejected``, ``BadRequest``) an upload from anyone but the part's own peer,
+        ahead of the run, or not exactly the part's sane tensors (``peers.checkpoint_check``)."""
         meta, manifest = request.meta, self.manifest
         _check_identity(meta, manifest)
         if len(request.names) != len(tensors) or len(set(request.names)) != len(tensors):
             raise BadRequest(f"put names {len(request.names)} distinct tensors but carries {len(tensors)}")
-        for name, tensor in zip(request.names, tensors):
-            kind, _, rest = name.partition("/")
-            if kind not in _KINDS or not rest:
-                raise BadRequest(f"tensor name {name!r} is not <{'|'.join(_KINDS)}>/<parameter>")
-            if kind == "param" and str(tensor.dtype).removeprefix("torch.") != meta.dtype:
-                raise BadRequest(f"{name} is {tensor.dtype}, the checkpoint says {meta.dtype}")
+        module = self._module(meta.part)
+        view = await self._view()
+        why = view.uploader_refusal(caller, meta.stage)
+        if why is not None:
+            raise AuthRejected(f"checkpoint of {meta.part} refused: {why}")
+        identity = StateIdentity(run_id=manifest.run_id, config_hash=manifest.config_hash)
+        state = dict(zip(request.names, tensors))
+        await asyncio.to_thread(check_checkpoint, meta, state, module, identity, run_step=view.step(meta.stage))
 
     def _lock(self, part: str) -> asyncio.Lock:
         return self._locks.setdefault(part, asyncio.Lock())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,6 +32,7 @@ from peers.ledger import (
     parse_ledger_request,
     verify_entries,
 )
+from bootstrap.credit import admit
 from peers.protocol import error_reply, ok_reply
 from peers.transport import CALLER, Handler, Transport
 from swarm.errors import AuthRejected, BadRequest, ConfigError, SwarmError
@@ -42,18 +43,26 @@ logger = logging.getLogger(__name__)
 
 
 class LedgerBook:
-    """Every verified entry the bootstrap accepted, per chain, persisted as JSON lines."""
+    """Every verified entry the bootstrap accepted, per chain, persisted as JSON lines.
 
-    def __init__(self, path: Path):
-        self.path = path
+    ``cap(peer_id)``: the most tokens the peer's chains may hold together (``bootstrap.credit``;
+    None: no cap). Entries past it are refused and ``audit(actor, action, detail)``-ed under the
+    submitting peer's name (``ledger.refused``), once per refused entry."""
+
+    def __init__(self, path: Path, *, cap: Callable[[str], int] | None = None,
+                 audit: Callable[[str, str, str], None] | None = None):
+        self.path, self.cap, self.audit = path, cap, audit
+        self._refused: dict[tuple[str, str], int] = {}  # chain -> seq of the refused entry last audited
         self.entries: list[LedgerEntry] = read_entries(path) if path.is_file() else []
         check = verify_entries(self.entries)
         if not check.ok:
             raise ConfigError(f"{path} fails verification at line {check.bad_index + 1}: {check.reason}")
         self._last: dict[tuple[str, str], LedgerEntry] = {}
         self.banned: set[str] = set()  # peers reported for wrong results (``bootstrap.bans``): no more credit
+        self._credited: dict[str, int] = {}  # peer id -> tokens its accepted entries claim
         for entry in self.entries:
             self._last[(entry.peer_id, entry.public_key)] = entry
+            self._credited[entry.peer_id] = self._credited.get(entry.peer_id, 0) + entry.tokens
 
     def next_seq(self, entry: LedgerEntry) -> int:
         last = self._last.get((entry.peer_id, entry.public_key))
@@ -78,14 +87,30 @@ class LedgerBook:
             return SubmitResponse(accepted=0, next_seq=expected)
         check = verify_chain(fresh, start=self._last.get(chain))
         good = fresh[: check.bad_index] if not check.ok else fresh
+        good, over = self._within_cap(chain, good)
         self._append(good)
-        return SubmitResponse(accepted=len(good), next_seq=self.next_seq(entries[0]), reason=check.reason)
+        return SubmitResponse(accepted=len(good), next_seq=self.next_seq(entries[0]), reason=over or check.reason)
+
+    def _within_cap(self, chain: tuple[str, str], entries: list[LedgerEntry]) -> tuple[list[LedgerEntry], str]:
+        """The entries that fit the peer's credit cap, and why the first one that does not is refused."""
+        if self.cap is None or not entries:
+            return entries, ""
+        fits, reason = admit([e.tokens for e in entries], self._credited.get(chain[0], 0), self.cap(chain[0]))
+        if fits < len(entries) and self._refused.get(chain) != entries[fits].seq:
+            self._refused[chain] = entries[fits].seq  # a chain resubmits every window: audit it once
+            logger.warning("ledger: refused entry %d of %s: %s", entries[fits].seq, chain[0][-12:], reason)
+            if self.audit is not None:
+                self.audit(chain[0], "ledger.refused", f"entry {entries[fits].seq} ({entries[fits].tokens:,} tokens, "
+                           f"stage {entries[fits].stage}): {reason}")
+        return entries[:fits], reason
 
     def _append(self, entries: list[LedgerEntry]) -> None:
         if not entries:
             return
         append_lines(self.path, [e.model_dump_json() for e in entries])  # all or none: the peer resubmits
         self.entries.extend(entries)
+        for entry in entries:
+            self._credited[entry.peer_id] = self._credited.get(entry.peer_id, 0) + entry.tokens
         self._last[(entries[-1].peer_id, entries[-1].public_key)] = entries[-1]
 
     def tally(self) -> dict[str, dict[str, int]]:

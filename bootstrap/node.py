@@ -29,13 +29,17 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.bans import BanEnforcer
 from bootstrap.checkpoints import CheckpointStore
+from bootstrap.credit import DEFAULT_MAX_POSITIONS, credit_cap, max_positions, round_step, step_advance, tokens_per_step
 from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
 from bootstrap.metrics import summarize
 from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
-from dht.auth import TokenRecordValidator
-from peers.auth import TOKEN
+from hivemind.utils import get_dht_time
+
+from dht.auth import TokenRecordValidator, issue_token
+from peers.admission import PUBLIC_REQUEST_BYTES, CallerLimits
+from peers.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
 from peers.transport import P2PTransport
 from dht.control import (
     CONTROL_REFRESH,
@@ -48,7 +52,7 @@ from dht.control import (
     publish_control,
 )
 from dht.records import MANIFEST_REFRESH, SwarmDHT
-from dht.schemas import Manifest, OptimizerSettings, PeerState
+from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
@@ -60,6 +64,13 @@ __all__ = ["BootstrapNode", "build_manifest"]
 logger = logging.getLogger(__name__)
 
 _KNOWN_PEERS = 8
+
+
+def _online_in(records: dict[int, list[PeerRecord]]) -> set[str]:
+    """Peers an online stage record names: its server, and the delegator it serves for (whose ledger
+    holds that work)."""
+    return {peer for found in records.values() for r in found if r.state == PeerState.ONLINE
+            for peer in (r.peer_id, r.delegate_of) if peer}
 
 
 def build_manifest(settings: SwarmSettings) -> Manifest:
@@ -110,6 +121,11 @@ class BootstrapNode:
         self._transport: P2PTransport | None = None
         self._keys_required = not settings.bootstrap.open
         self.peering: BootstrapPeering | None = None
+        self.gate: AuthGate | None = None  # a keyed run: every handler but present/token checks callers
+        self.limits = CallerLimits()  # per caller, over all of this node's handlers
+        self._own_token: tuple[str, float] | None = None
+        self._round_step: int | None = None  # the run's step at the last metrics round (bootstrap.credit)
+        self._max_positions = DEFAULT_MAX_POSITIONS
 
     async def start(self) -> None:
         try:
@@ -128,9 +144,11 @@ class BootstrapNode:
             logger.warning("the manifest was not stored in the DHT; retrying in the background")
         self._task = asyncio.create_task(self._republish_forever(), name="manifest-republish")
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoint-store", self.manifest)
-        await self.checkpoints.start(self.dht)
-        self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir)
-        await self.telemetry.start()
+        await self.checkpoints.start(self.dht, gate=self.gate, limits=self.limits)
+        self._max_positions = await asyncio.to_thread(self._read_max_positions)
+        self.telemetry = BootstrapTelemetry(self.settings, self.dht, self.state_dir, cap=self.credit_cap,
+                                            audit=self.db.audit)
+        await self.telemetry.start(gate=self.gate, limits=self.limits)
         self.bans = BanEnforcer(self.dht, self.db, self.telemetry.book, self.manifest.num_stages,
                                 lambda: self.authority.get_public_key() if self.keys_required else None)
         await self._publish_control(*self._wanted_control())
@@ -176,9 +194,31 @@ class BootstrapNode:
                             len(first) + len(known) - len(net.initial_peers), e)
         return await asyncio.to_thread(create, list(net.initial_peers))
 
-    async def _remember_peers(self) -> None:
+    async def _count_online_steps(self, reports: list, online: set[str]) -> None:
+        """Credit each peer online this round with the run's step advance since the last round (the
+        ledger's cap, ``bootstrap.credit``)."""
+        step = round_step([r.step for r in reports])
+        advance = step_advance(self._round_step, step)
+        if step is not None:
+            self._round_step = max(step, self._round_step or 0)
+        if advance and online:
+            await asyncio.to_thread(self.db.add_online_steps, sorted(online), advance)
+
+    def credit_cap(self, peer_id: str) -> int:
+        """The most ledger tokens ``peer_id`` can hold (``bootstrap.credit``)."""
+        per_step = tokens_per_step(self.manifest.target_batch_size, self._max_positions)
+        return credit_cap(per_step, self.db.online_steps().get(peer_id, 0))
+
+    def _read_max_positions(self) -> int:
+        try:
+            return max_positions(resolve_model(self.manifest.model).config)
+        except Exception as e:  # a mirror without the model files: the stated default bounds the cap
+            logger.warning("cannot read the model config of %s (%s): the ledger cap assumes %d positions",
+                           self.manifest.model, e, DEFAULT_MAX_POSITIONS)
+            return DEFAULT_MAX_POSITIONS
+
+    async def _remember_peers(self, records: dict[int, list[PeerRecord]]) -> None:
         """Keep a few addresses of live peers in state.db, to rejoin through after a restart."""
-        records = await self.dht.all_records(self.manifest.num_stages)
         own = set(self.maddrs)
         addresses = [a for rs in records.values() for r in rs if r.state != PeerState.OFFLINE
                      for a in r.maddrs if "/p2p/" in a and a not in own]
@@ -317,17 +357,37 @@ class BootstrapNode:
         return self.authority.get_public_key().to_bytes()
 
     async def _serve_sync(self) -> None:
-        """Serve the sync with the run's other bootstraps (``bootstrap.mirror``)."""
-        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
-        self.peering = BootstrapPeering(self.dht, self.db, self.authority, self._transport, mirror=self.mirror,
+        """Serve the sync with the run's other bootstraps (``bootstrap.mirror``). On a keyed run it is
+        gated like every other handler: a bootstrap presents a token it signs itself (it holds the
+        authority key), so the sync's own signature is a second check, not the only one."""
+        if self.keys_required:
+            revoked = frozenset(k.id for k in self.db.list_keys() if k.revoked is not None)
+            self.gate = AuthGate(self.authority_public_key, revoked)
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p(), gate=self.gate, limits=self.limits)
+        calls = self._transport
+        if self.gate is not None:
+            await self._transport.serve(PRESENT, self.gate.rpc_present, public=True,
+                                        max_request_bytes=PUBLIC_REQUEST_BYTES)
+            calls = AuthedTransport(self._transport, self.own_token)
+        self.peering = BootstrapPeering(self.dht, self.db, self.authority, calls, mirror=self.mirror,
                                         interval=self.settings.bootstrap.sync_interval)
         await self.peering.serve()
+
+    def own_token(self) -> str:
+        """An access token for this bootstrap itself (it holds the authority key), renewed at half-life:
+        what it presents to the run's other bootstraps and peers."""
+        now, ttl = get_dht_time(), self.settings.bootstrap.token_ttl
+        if self._own_token is None or self._own_token[1] - now < ttl / 2:
+            public_key = self.dht._signer.local_public_key[len(b"[owner:"):-1]
+            self._own_token = (issue_token(self.authority, "bootstrap", self.dht.peer_id, public_key, now + ttl),
+                               now + ttl)
+        return self._own_token[0]
 
     async def _serve_tokens(self) -> None:
         """Exchange keys for tokens (``swarm.auth.token``), and enforce tokens on records stored here."""
         self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key)])
         service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
-        await self._transport.serve(TOKEN, service.rpc_token)
+        await self._transport.serve(TOKEN, service.rpc_token, public=True, max_request_bytes=PUBLIC_REQUEST_BYTES)
 
     def _wanted_control(self) -> tuple[str, tuple[str, ...]]:
         """What state.db says now: the run state and the revoked key ids."""
@@ -338,6 +398,8 @@ class BootstrapNode:
         if self.keys_required and (self.control is None or tuple(self.control.revoked) != revoked):
             self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key,
                                                               frozenset(revoked))])
+            if self.gate is not None:
+                self.gate.update(self.authority_public_key, frozenset(revoked))
         # changed_at is when the owner last changed something (not when this copy was published), so
         # two bootstraps that have synced publish equal records and the newer change always wins
         changed_at = await asyncio.to_thread(lambda: max(self.db.run_state_row()[1], self.db.keys_changed_at()))
@@ -384,7 +446,9 @@ class BootstrapNode:
         for peer_id in sorted(self._peers_seen - peers):
             await asyncio.to_thread(self.db.audit, peer_id, "peer.leave", "no report for a whole TTL")
         self._peers_seen = peers
-        await self._remember_peers()
+        records = await self.dht.all_records(self.manifest.num_stages)
+        await self._count_online_steps(reports, peers | _online_in(records))
+        await self._remember_peers(records)
         summary = summarize(reports)
         if summary is None:
             return False

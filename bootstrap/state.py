@@ -12,6 +12,7 @@ a busy timeout): the CLI writes, the bootstrap notices within a second and acts 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -329,6 +330,21 @@ class StateDB:
                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(step),))
             for peer_id, reported in reports.items():
                 _fold_contribution(c, peer_id, reported, now)
+
+    def add_online_steps(self, peers: list[str], steps: int) -> None:
+        """``steps`` more steps of the run during which each of ``peers`` was seen online (the
+        ledger's credit cap, ``bootstrap.credit``). Kept as one JSON object in ``meta`` (a few
+        hundred peers), so no schema change is needed."""
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'online_steps'").fetchone()
+            online = json.loads(row[0]) if row else {}
+            for peer in peers:
+                online[peer] = int(online.get(peer, 0)) + steps
+            c.execute("INSERT INTO meta(key, value) VALUES('online_steps', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (json.dumps(online),))
+
+    def online_steps(self) -> dict[str, int]:
+        return {peer: int(steps) for peer, steps in json.loads(self.get_meta("online_steps") or "{}").items()}
 
     def metrics_history(self, since_id: int = 0, limit: int = 1000) -> list[MetricPoint]:
         rows = self._read("SELECT id, at, step, loss, tokens_per_second, peers FROM metrics WHERE id > ? "

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 from prometheus_client import Gauge
 
 from bootstrap.ledger import LedgerBook, LedgerService
 from dht.records import SwarmDHT
+from peers.admission import CallerLimits, Gate
 from peers.activity import Activity, ObservedTransport, RequestDone
 from peers.metrics import MetricsServer, NodeMetrics
 from peers.monitor import HardwareMonitor
@@ -28,9 +30,11 @@ logger = logging.getLogger(__name__)
 class BootstrapTelemetry:
     """Start after the DHT is up; ``stop()`` is idempotent."""
 
-    def __init__(self, settings: SwarmSettings, dht: SwarmDHT, state_dir: Path):
+    def __init__(self, settings: SwarmSettings, dht: SwarmDHT, state_dir: Path, *,
+                 cap: Callable[[str], int] | None = None, audit: Callable[[str, str, str], None] | None = None):
+        """``cap`` and ``audit``: the ledger book's credit cap and audit log (``LedgerBook``)."""
         self.settings, self.dht = settings, dht
-        self.book = LedgerBook(state_dir / "ledger.jsonl")
+        self.book = LedgerBook(state_dir / "ledger.jsonl", cap=cap, audit=audit)
         self.activity = Activity()
         self.metrics = NodeMetrics("bootstrap", dht.peer_id, settings.run_id)
         self.metrics.watch_activity(self.activity)
@@ -45,10 +49,11 @@ class BootstrapTelemetry:
         self._transport: P2PTransport | None = None
         self.server: MetricsServer | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, gate: Gate | None = None, limits: CallerLimits | None = None) -> None:
+        """Serve the ledger (behind the run's ``gate`` on a keyed run) and start the monitor."""
         self.monitor.start()
         self._update_ledger_gauges()
-        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p(), gate=gate, limits=limits)
         await LedgerService(self.book).register(ObservedTransport(self._transport, self.activity))
         if self.settings.monitor.metrics_port is not None:
             self.server = MetricsServer(self.metrics, self.settings.monitor.metrics_host,

@@ -144,12 +144,15 @@ class Delegator(Lifecycle):
         writer = LedgerWriter(folder / f"{self.peer_id}.jsonl", key=self.dht.signing_key,
                               run_id=self.settings.run_id, peer_id=self.peer_id)
         return ContributionRecorder(writer, window=self.settings.delegation.poll_interval,
-                                    step_of=lambda stage: 0, transport=self._transport,
+                                    step_of=lambda stage: 0, transport=self._calls(),
                                     bootstrap_ids=bootstrap_peer_ids(self.settings.network.initial_peers))
 
+    def _calls(self) -> AuthedTransport | P2PTransport:
+        """The transport for calls to the run's gated handlers: a keyed run presents the token first."""
+        return self._transport if self._auth is None else AuthedTransport(self._transport, self._auth.token_text)
+
     def _client(self, delegate: str) -> DelegationClient:
-        transport = self._transport if self._auth is None else AuthedTransport(self._transport, self._auth.token_text)
-        return DelegationClient(transport, delegate)
+        return DelegationClient(self._calls(), delegate)
 
     # -- sessions ---------------------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ persistent RSA key, the same one that signs its manifest and run-control records
     public_key  = the holder's DHT record key        (the ``[owner:...]`` of its signed subkeys)
     expiration_time, signature
 
-``TokenRecordValidator`` (in every node's DHT process) then refuses, under this run's keys:
-stage records, metrics reports and ban reports that carry no valid token of their signer, and manifest,
-run-control or bootstraps records not signed by the authority. Revocation is a list of key ids in the run-control
+``TokenRecordValidator`` (in every node's DHT process, on store and on every record a lookup
+returns) then refuses, under this run's keys: stage records, trainer records, metrics reports,
+telemetry records and ban reports that carry no valid token of their signer, or that name another
+peer than the token's holder (``holds``); and manifest, run-control, bootstraps and checkpoint-store
+records not signed by the authority. Revocation is a list of key ids in the run-control
 record, pushed into the validator within seconds (tokens themselves live ``token_ttl``, long enough
 that a swarm outlives a bootstrap outage).
 """
@@ -28,7 +30,7 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from dht.schemas import MAX_STAGES, manifest_key, stage_key
+from dht.schemas import MAX_STAGES, manifest_key, stage_key, store_key, telemetry_key, trainers_key
 from swarm.errors import AuthRejected
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "issue_token",
     "verify_token",
     "owner_of",
+    "holds",
     "TokenRecordValidator",
     "load_or_create_private_key",
 ]
@@ -118,13 +121,15 @@ class TokenRecordValidator(RecordValidatorBase):
 
         self.run_id, self.authority, self.revoked = state["run_id"], state["authority"], state["revoked"]
         self._authority_key = RSAPublicKey.from_bytes(self.authority)
-        self._owner_only = {_hashed(manifest_key(self.run_id)), _hashed(control_key(self.run_id)),
-                            _hashed(bootstraps_key(self.run_id))}
-        self._tokened = {_hashed(stage_key(self.run_id, s)) for s in range(MAX_STAGES)}
-        self._tokened.add(_hashed(metrics_key(self.run_id)))
         from dht.bans import bans_key  # dht.bans imports dht.records
 
-        self._tokened.add(_hashed(bans_key(self.run_id)))
+        run = self.run_id
+        self._owner_only = {_hashed(manifest_key(run)), _hashed(control_key(run)), _hashed(bootstraps_key(run)),
+                            _hashed(store_key(run))}
+        # key -> the fields of its value that may name the token's holder (the record is bound to its signer)
+        self._tokened: dict[bytes, tuple[str, ...]] = {_hashed(stage_key(run, s)): _STAGE_HOLDER for s in range(MAX_STAGES)}
+        self._tokened |= {_hashed(metrics_key(run)): ("peer_id",), _hashed(telemetry_key(run)): ("peer_id",),
+                          _hashed(trainers_key(run)): ("trainer_id",), _hashed(bans_key(run)): ("reporter",)}
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key in self._owner_only:
@@ -139,7 +144,8 @@ class TokenRecordValidator(RecordValidatorBase):
             claims = verify_token(value.get("access_token") or "", self._authority_key, revoked=self.revoked)
         except Exception:  # AuthRejected, or a value that is not even a dict: refused either way
             return False
-        return owner is not None and claims.public_key == owner
+        return owner is not None and claims.public_key == owner and holds(value, claims.peer_id,
+                                                                          self._tokened[record.key])
 
     @property
     def priority(self) -> int:
@@ -151,6 +157,19 @@ class TokenRecordValidator(RecordValidatorBase):
             self._authority_key = other._authority_key
             return True
         return False
+
+
+_STAGE_HOLDER = ("peer_id", "delegate_of")
+
+
+def holds(value: dict, peer_id: str, fields: tuple[str, ...]) -> bool:
+    """Whether a record names the token's holder ``peer_id`` where it names who it is about: its
+    first field in ``fields`` must be ``peer_id``, or (a stage record a delegator announces for its
+    delegate) a later one may be, when set. A record naming another peer than its signer is refused."""
+    first, *others = fields
+    if value.get(first) == peer_id:
+        return True
+    return any(value.get(field) is not None and value.get(field) == peer_id for field in others)
 
 
 def _hashed(key: str) -> bytes:

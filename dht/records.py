@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -48,6 +48,7 @@ MANIFEST_TTL = 7 * 24 * 3600.0
 peer cannot extend it: its signature covers the expiration). Bootstraps rewrite it every
 ``MANIFEST_REFRESH`` s, so the newest copy always expires last."""
 MANIFEST_REFRESH = 150.0
+T = TypeVar("T", TrainerRecord, MetricsRecord)
 STORE_TTL = 600.0
 
 
@@ -93,6 +94,9 @@ class SwarmDHT:
         self.run_id = run_id
         self._signer = signer
         self._last_expiration: dict[int, float] = {}
+        # a keyed run's member (``peers.auth.RunAuth``): this node's access token, put into the trainer
+        # and telemetry records it writes, which the run's validator refuses without one
+        self.access_token: Callable[[], str] | None = None
 
     @classmethod
     def create(
@@ -226,6 +230,7 @@ class SwarmDHT:
         """Store (or refresh) this trainer's progress record."""
         expiration = max(get_dht_time() + ttl, self._last_expiration.get(-1, 0.0) + 1e-3)
         self._last_expiration[-1] = expiration
+        record = self._with_token(record)
         return await self.dht.store(trainers_key(self.run_id), record.model_dump(mode="json"),
                                     expiration_time=expiration, subkey=self._subkey(), return_future=True)
 
@@ -270,6 +275,7 @@ class SwarmDHT:
         """Store (or refresh) this node's signed ``MetricsRecord`` under ``{run}_telemetry``."""
         expiration = max(get_dht_time() + ttl, self._last_expiration.get(-1, 0.0) + 1e-3)
         self._last_expiration[-1] = expiration
+        record = self._with_token(record)
         return await self.dht.store(
             telemetry_key(self.run_id),
             record.model_dump(mode="json"),
@@ -277,6 +283,11 @@ class SwarmDHT:
             subkey=self._subkey(),
             return_future=True,
         )
+
+    def _with_token(self, record: T) -> T:
+        if self.access_token is None or record.access_token is not None:
+            return record
+        return record.model_copy(update={"access_token": self.access_token()})
 
     async def telemetry_records(self) -> list[MetricsRecord]:
         """Valid, unexpired metrics records of the run's trainers and peers."""

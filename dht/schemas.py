@@ -192,6 +192,7 @@ class MetricsRecord(FrozenModel):
     microbatches: int = Field(0, ge=0)
     ledger_entries: int = Field(0, ge=0)
     stages: list[int] = Field(default_factory=list, max_length=MAX_STAGES)
+    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
 
 
 class TrainerRecord(FrozenModel):
@@ -209,6 +210,7 @@ class TrainerRecord(FrozenModel):
     prev_samples: int = Field(0, ge=0)
     online: bool = True
     updated: float = 0.0
+    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
 
     def samples_in(self, step: int) -> int:
         if step == self.step:

@@ -98,8 +98,8 @@ class ObservedTransport:
         self.activity = activity
         self.calls = calls
 
-    async def serve(self, method: str, handler: Handler) -> None:
-        await self.inner.serve(method, self.wrap(method, handler))
+    async def serve(self, method: str, handler: Handler, **options: Any) -> None:
+        await self.inner.serve(method, self.wrap(method, handler), **options)
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """``handler`` counted as a request of ``method`` (also when called from within this peer: a

@@ -44,9 +44,9 @@ __all__ = [
     "PresentRequest",
     "PresentReply",
     "AuthGate",
-    "GatedTransport",
     "AuthedTransport",
     "RunAuth",
+    "ClientCalls",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class PresentReply(FrozenModel):
 
 
 class AuthGate:
-    """A peer's list of callers that presented a valid token (and until when)."""
+    """A node's list of callers that presented a valid token (and until when). A ``P2PTransport``
+    built with it as its ``gate`` checks every stream's caller against it before reading the
+    request (``peers.admission``); ``rpc_present`` is served ``public`` beside."""
 
     def __init__(self, authority: bytes, revoked: frozenset[str] = frozenset()):
         self.update(authority, revoked)
@@ -120,29 +122,6 @@ class AuthGate:
             del self._allowed[caller]
             raise AuthRejected(f"the access token has expired: {_NOT_PRESENTED} ({PRESENT})")
 
-    def guard(self, handler: Handler) -> Handler:
-        async def guarded(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            try:
-                self.check(CALLER.get())
-            except AuthRejected as e:
-                return error_reply(e), []
-            return await handler(message, tensors)
-
-        return guarded
-
-
-class GatedTransport:
-    """Serve through ``inner``, but only to callers the gate lets through (``PRESENT`` is open)."""
-
-    def __init__(self, inner: Transport, gate: AuthGate):
-        self.inner, self.gate = inner, gate
-
-    async def serve(self, method: str, handler: Handler) -> None:
-        await self.inner.serve(method, self.gate.guard(handler))
-
-    async def call(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.inner.call(*args, **kwargs)
-
 
 class AuthedTransport:
     """A client transport that presents its token to each peer before its first call."""
@@ -151,8 +130,8 @@ class AuthedTransport:
         self.inner, self.token = inner, token
         self._presented: dict[str, str] = {}
 
-    async def serve(self, method: str, handler: Handler) -> None:
-        await self.inner.serve(method, handler)
+    async def serve(self, method: str, handler: Handler, **options: Any) -> None:
+        await self.inner.serve(method, handler, **options)
 
     async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
                    timeout: float, **options: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -214,6 +193,7 @@ class RunAuth:
             await auth.stop()
             raise
         dht.dht.add_validators([TokenRecordValidator(dht.run_id, auth.authority, frozenset(control.revoked))])
+        dht.access_token = auth.token_text
         return auth
 
     def token_text(self) -> str:
@@ -291,6 +271,36 @@ class RunAuth:
 
 
 _TOKEN_TIMEOUT = 15.0
+
+
+class ClientCalls:
+    """The transport of a command that calls a run's nodes and serves nothing (``swarm export``,
+    ``swarm ledger verify <bootstrap>``, ``swarm status --delegate``). On a keyed run it holds a token
+    for ``key`` and presents it to each node before the first call (every handler but the two
+    ``public`` ones refuses a caller that has not); on an open run it is a plain ``P2PTransport``.
+    Without a key on a keyed run, ``open`` fails with ``RunAuth.join``'s ``AuthRejected`` naming
+    ``--key`` / ``SWARM_KEY``, before any call."""
+
+    def __init__(self, transport: P2PTransport, auth: RunAuth | None):
+        self.transport, self.auth = transport, auth
+        self.calls: Transport = transport if auth is None else AuthedTransport(transport, auth.token_text)
+
+    @classmethod
+    async def open(cls, dht: SwarmDHT, key: str | None) -> "ClientCalls":
+        auth = await RunAuth.join(dht, key)
+        if auth is not None:
+            auth.start()  # an export of a large model may outlive a token
+        try:
+            return cls(P2PTransport(await dht.dht.replicate_p2p()), auth)
+        except BaseException:
+            if auth is not None:
+                await auth.stop()
+            raise
+
+    async def close(self) -> None:
+        await self.transport.close()
+        if self.auth is not None:
+            await self.auth.stop()
 
 
 def _no_bootstrap(run_id: str, detail: str) -> str:

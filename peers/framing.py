@@ -34,7 +34,7 @@ _HEADER = P2P.HEADER_LEN
 async def read_frames(
     reader: asyncio.StreamReader, frame_type: type, *, max_total: int | None, refused: Callable[[str], SwarmError],
     broken: Callable[[str], SwarmError], max_frame: int = MAX_FRAME_BYTES, idle: float | None = None,
-    on_end: Callable[[], object] | None = None,
+    on_end: Callable[[], object] | None = None, reserve: Callable[[int], None] | None = None,
 ) -> AsyncIterator:
     """Yield the frames of one direction of a stream until its end-of-stream mark or its close.
 
@@ -44,7 +44,9 @@ async def read_frames(
     frames: the reader of the frames checks that everything announced arrived. A header or a frame
     that takes longer than ``idle`` s to arrive raises ``refused`` (a caller that stalls half-way
     does not hold the stream for ever). ``on_end()`` is called when the frames end normally (the
-    end-of-stream mark or a close), so a reader that stopped early can tell."""
+    end-of-stream mark or a close), so a reader that stopped early can tell. ``reserve(length)`` is
+    called with each frame's announced length before its body is read, and may raise to refuse it
+    (the caller's byte budget, ``peers.admission``)."""
     total = 0
     while True:
         try:
@@ -58,6 +60,8 @@ async def read_frames(
         total += length
         if max_total is not None and total > max_total:
             raise refused(f"request larger than {max_total >> 20} MiB")
+        if reserve is not None:
+            reserve(length)
         try:
             body = await _read(reader, length, idle, refused)
         except asyncio.IncompleteReadError:

@@ -158,7 +158,7 @@ def serve_echo(transport: Transport) -> Any:
             raise BadRequest(f"an echo carries at most {_ECHO_LIMIT} bytes, got {size}")
         return ok_reply(EchoResponse(size=size)), tensors
 
-    return transport.serve(ECHO, echo)
+    return transport.serve(ECHO, echo, max_request_bytes=2 * _ECHO_LIMIT)
 
 
 async def measure_links(transport: Transport, peer_ids: Sequence[str], *, timeout: float = 2.0,
@@ -170,6 +170,7 @@ async def measure_links(transport: Transport, peer_ids: Sequence[str], *, timeou
     payload = torch.zeros(_PROBE_BYTES // 4, dtype=torch.float32)
     for done, peer_id in enumerate(targets):
         try:
+            await _timed_echo(transport, peer_id, [], timeout)  # untimed: a keyed run presents a token first
             small = await _timed_echo(transport, peer_id, [], timeout)
             big = await _timed_echo(transport, peer_id, [payload], timeout)
         except (SwarmError, asyncio.TimeoutError) as e:  # a peer that cannot answer is simply not counted

@@ -3,8 +3,10 @@
 1. Another replica serves the stage: download its current parameters and AdamW state
    (``swarm.stage.state``), trying the next replica on failure (bounded), and check with ``info``
    that the replica has not stepped meanwhile (re-download, bounded, if it has).
-2. No replica is online: restore the newest checkpoint of the stage, from a checkpoint store (the
-   bootstrap) or from this machine's own state dir, whichever holds the newer step.
+2. No replica is online: restore the newest checkpoint of the stage that passes the checks (the
+   stage's names, shapes and dtypes, sane values: ``peers.checkpoint_check``), from a checkpoint
+   store (the bootstrap) or from this machine's own state dir; one that fails is skipped for the
+   next newest.
 3. No checkpoint at all: the weights read from the model files are the state (a new run).
 
 If replicas are online but none of them hands its state over, the peer refuses to start rather than
@@ -19,6 +21,7 @@ from typing import Awaitable, Callable, Literal
 
 import torch
 
+from peers.checkpoint_check import value_problem
 from peers.checkpoint_files import CheckpointDir
 from peers.client import StageClient
 from peers.executor import StageExecutor
@@ -26,7 +29,7 @@ from peers.state import StateIdentity, StateMeta, apply_state, part_name
 from peers.store_client import StoreClient
 from swarm.errors import PeerUnavailable, StateMismatch, SwarmError
 
-__all__ = ["Compute", "Restore", "choose_restore", "adopt_state", "take_state"]
+__all__ = ["Compute", "Restore", "choose_restore", "restore_order", "adopt_state", "take_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +74,31 @@ async def adopt_state(
             return await _from_replicas(executor, identity, replicas, client, compute, attempts)
         except _AllUnreachable as e:  # records of peers killed outright outlive them (up to RECORD_TTL)
             logger.warning("stage %d: %s; taking them for gone", executor.stage, e)
-    restore = await _pick_checkpoint(executor.stage, identity, store, local)
-    if restore is None:
-        logger.info("stage %d has no replica and no checkpoint: starting from the model files", executor.stage)
-        return "model files"
+    for restore in await _pick_checkpoints(executor.stage, identity, store, local):
+        try:
+            meta, tensors, where = await _load(restore, executor.stage, store, local)
+            why = value_problem(tensors, meta.step)
+            if why is not None:
+                raise StateMismatch(why)
+            await compute(_apply, executor, identity, meta, tensors)
+        except SwarmError as e:  # a checkpoint that fails the checks: the next newest one
+            logger.warning("not restoring stage %d from the %s checkpoint of step %d: %s: %s", executor.stage,
+                           restore.source, restore.step, type(e).__name__, e)
+            continue
+        logger.warning("RESTORED stage %d (layers %s) from the %s at optimizer step %d: every replica of it was "
+                       "gone", executor.stage, executor.layers, where, meta.step)
+        return f"{where}, step {meta.step}"
+    logger.info("stage %d has no replica and no usable checkpoint: starting from the model files", executor.stage)
+    return "model files"
+
+
+async def _load(restore: Restore, stage: int, store: StoreClient | None,
+                local: CheckpointDir | None) -> tuple[StateMeta, dict[str, torch.Tensor], str]:
     if restore.source == "store":
-        meta, tensors = await store.get(part_name(executor.stage), restore.store_id)
-        where = f"checkpoint store {restore.store_id[-8:]}"
-    else:
-        meta, tensors = local.load(restore.step)
-        where = f"local checkpoint {local.root}"
-    await compute(_apply, executor, identity, meta, tensors)
-    logger.warning("RESTORED stage %d (layers %s) from the %s at optimizer step %d: every replica of it was "
-                   "gone", executor.stage, executor.layers, where, meta.step)
-    return f"{where}, step {meta.step}"
+        meta, tensors = await store.get(part_name(stage), restore.store_id)
+        return meta, tensors, f"checkpoint store {restore.store_id[-8:]}"
+    meta, tensors = local.load(restore.step)
+    return meta, tensors, f"local checkpoint {local.root}"
 
 
 async def _from_replicas(executor: StageExecutor, identity: StateIdentity, replicas: list[str],
@@ -135,16 +149,33 @@ async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: 
     return meta.step
 
 
-async def _pick_checkpoint(stage: int, identity: StateIdentity, store: StoreClient | None,
-                           local: CheckpointDir | None) -> Restore | None:
+async def _pick_checkpoints(stage: int, identity: StateIdentity, store: StoreClient | None,
+                            local: CheckpointDir | None) -> list[Restore]:
+    """Every checkpoint to try, newest first (``restore_order``)."""
     in_store = None
     if store is not None:
         try:
             in_store = await store.latest(part_name(stage))
-        except SwarmError as e:  # no reachable store: the local checkpoint (if any) still counts
+        except SwarmError as e:  # no reachable store: the local checkpoints (if any) still count
             logger.warning("cannot ask the checkpoint stores about stage %d: %s", stage, e)
-    in_local = local.latest() if local is not None else None
-    return choose_restore(in_local, in_store, identity, stage)
+    metas = []
+    for step in (local.steps() if local is not None else []):
+        try:
+            metas.append(local.meta(step))
+        except StateMismatch as e:
+            logger.warning("skipping local checkpoint step %d: %s", step, e)
+    return restore_order(metas, in_store, identity, stage)
+
+
+def restore_order(local: list[StateMeta], store: tuple[str, int] | None, identity: StateIdentity,
+                  stage: int) -> list[Restore]:
+    """The checkpoints a restore tries, newest first: the store's and each local one of this run,
+    model and stage (the local one first on a tie). A restore takes the first that passes the
+    checks, never merely the highest step number (a forged or corrupt one is skipped)."""
+    found = [Restore("local", meta.step) for meta in local if meta.identity == identity and meta.stage == stage]
+    if store is not None:
+        found.append(Restore("store", store[1], store[0]))
+    return sorted(found, key=lambda r: (-r.step, r.source != "local"))
 
 
 def _apply(executor: StageExecutor, identity: StateIdentity, meta: StateMeta, tensors: dict[str, torch.Tensor]) -> None:

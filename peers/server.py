@@ -66,8 +66,8 @@ from peers.protocol import BACKWARD, FORWARD
 from peers.push import PushService
 from peers.reachability import explain_placement
 from peers.claims import joiners_in, loads_without, replica_cost
-from peers.routing import record_loads, record_replicas
-from peers.auth import PRESENT, AuthedTransport, GatedTransport, RunAuth
+from peers.admission import PUBLIC_REQUEST_BYTES
+from peers.auth import PRESENT, AuthedTransport, RunAuth
 from peers.inference import InferenceSessions
 from peers.inference_service import InferenceService
 from peers.recovery import adopt_state
@@ -180,7 +180,6 @@ class Peer(Lifecycle):
         self._in_flight_by_stage: Counter[int | None] = Counter()  # requests being served, per stage (draining)
         self._last_request_by_stage: dict[int | None, float] = {}
         self._transport: P2PTransport | None = None
-        self._gated: Any = None  # the transport behind the auth gate (keyed runs), for control handlers
         self.push: PushService | None = None  # activations peer to peer (``peers.push``)
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
@@ -244,7 +243,13 @@ class Peer(Lifecycle):
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
         await check_clock(self.dht)  # a clock minutes behind would make this peer silently invisible
         self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
-        self._transport = P2PTransport(await self.dht.dht.replicate_p2p())
+        # on a keyed run every handler but ``present`` refuses a caller without a token before its body
+        self._transport = P2PTransport(await self.dht.dht.replicate_p2p(),
+                                       gate=self._auth.gate if self._auth is not None else None)
+        if self._auth is not None:
+            await self._transport.serve(PRESENT, self._auth.gate.rpc_present, public=True,
+                                        max_request_bytes=PUBLIC_REQUEST_BYTES)
+            self._auth.start()
         await serve_echo(self._transport)  # joining peers time their links against this one
         self.measurement = await self._measure(self.manifest)
         span = await self._choose_span(self.manifest)
@@ -254,7 +259,7 @@ class Peer(Lifecycle):
             span = await self._settle_claim(span)
         await self._serve_span(span)
         await self._register_handlers()
-        self.telemetry.start_serving(self.stages, self._step_of, self._transport,
+        self.telemetry.start_serving(self.stages, self._step_of, self._replica_transport(),
                                      counts=lambda stage: stage not in self.hosted)
         await self._announce_online()
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="peer-record-refresh")
@@ -323,7 +328,7 @@ class Peer(Lifecycle):
         others = sorted({r.peer_id for rs in records.values() for r in rs
                          if r.state == PeerState.ONLINE and r.peer_id != self.peer_id})
         random.shuffle(others)
-        latency, bandwidth = await measure_links(self._transport, others[:3], progress=self._progress)
+        latency, bandwidth = await measure_links(self._replica_transport(), others[:3], progress=self._progress)
         self._report("network", 1.0)
         network = network_tokens_per_second(bandwidth, config.hidden_size, dtype)
         measurement = Measurement(throughput=round(min(compute, network), 1), latency_ms=latency,
@@ -523,7 +528,7 @@ class Peer(Lifecycle):
     async def serve_control(self, method: str, handler: Callable) -> None:
         """Register a handler beside the stage RPCs, behind the run's auth gate on keyed runs (the
         delegation RPCs); it is not counted as served work."""
-        await self._gated.serve(method, handler)
+        await self._transport.serve(method, handler)
 
     def _serve_inference(self, slot: StageSlot) -> InferenceService:
         """Generation sessions (KV caches) on a served stage's module, on its compute thread; they end
@@ -537,22 +542,16 @@ class Peer(Lifecycle):
 
     async def _register_handlers(self) -> None:
         """Once: the handlers dispatch to whichever stage this peer serves now. A keyed run lets only
-        callers that presented a token through. Telemetry counts what passes the gate (a refused call is
-        no work): the observed transport wraps the gated one."""
-        transport = self._transport
-        if self._auth is not None:
-            await self._transport.serve(PRESENT, self._auth.gate.rpc_present)
-            transport = GatedTransport(self._transport, self._auth.gate)
-            self._auth.start()
-        self._gated = transport
-        transport = self.telemetry.observe(transport)
+        callers that presented a token through (the transport's gate, before a request is read), so
+        telemetry counts only what passed it (a refused call is no work)."""
+        transport = self.telemetry.observe(self._transport)
         for method in self.service.handlers():  # the same methods for every stage
             await transport.serve(method, self._dispatch(method, self._service_for))
         # activations peer to peer: a pushed hop goes through the same (counted) forward or backward
         hop = {method: transport.wrap(method, self._dispatch(method, self._service_for)) for method in (FORWARD, BACKWARD)}
         self.push = PushService(self.peer_id, lambda method, message, tensors: hop[method](message, tensors),
                                 self._replica_transport())
-        await self.push.register(self._gated)  # not counted itself: its hop is
+        await self.push.register(self._transport)  # not counted itself: its hop is
         for method in self.slots[self.stages[0]].inference.handlers():
             await transport.serve(method, self._dispatch(method, self._inference_for))
 
@@ -820,7 +819,7 @@ class Peer(Lifecycle):
         return CheckpointDir(root, keep=self.settings.peer.checkpoint_keep)
 
     def _store_client(self) -> StoreClient:
-        return StoreClient(self._transport, self.dht.stores)
+        return StoreClient(self._replica_transport(), self.dht.stores)
 
     async def _online_replicas(self, stage: int, reads: int = 4) -> list[str]:
         """The other online replicas of ``stage``, those at the newest step first. A DHT read under load can miss a key's entries (seen:

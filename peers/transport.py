@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import Counter
 from contextvars import ContextVar
@@ -22,10 +23,11 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 
+from peers.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate
 from peers.framing import IDLE_SECONDS, read_frames, write_frames
 from peers.protocol import error_reply
 from swarm._loop import bounded
-from swarm.errors import BadRequest, PeerUnavailable, StageTimeout, SwarmError
+from swarm.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
 
 __all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
 
@@ -52,7 +54,8 @@ class Transport(Protocol):
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]: ...
 
-    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None: ...
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
+                    public: bool = False) -> None: ...
 
 
 class P2PTransport:
@@ -62,31 +65,57 @@ class P2PTransport:
     chunk of a serialized tensor, so activations of any size travel without a message-size limit.
     Frames are hivemind's protobuf stream frames, read by ``peers.framing`` so that a frame or a
     request announcing more than its limit is refused before its bytes are read.
+
+    Every served stream passes ``peers.admission`` first: the caller's open streams and bytes in
+    flight are capped (``limits``), and with a ``gate`` (a keyed run) a caller without a valid token
+    is answered ``AuthRejected`` before its request is read, on every method not served ``public``.
     """
 
-    def __init__(self, p2p: P2P):
+    def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None):
         self.p2p = p2p
+        self.gate = gate
+        self.limits = limits or CallerLimits()
         self._served: list[str] = []
+        self.public: set[str] = set()
 
-    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None:
-        """``max_request_bytes=None`` lifts the size ceiling (a stage state or checkpoint of any size)."""
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
+                    public: bool = False) -> None:
+        """``max_request_bytes=None`` lifts the size ceiling (a checkpoint of any size). ``public``
+        methods are open to callers without a token (at most ``PUBLIC_REQUEST_BYTES`` each)."""
+        limit = min(max_request_bytes or PUBLIC_REQUEST_BYTES, PUBLIC_REQUEST_BYTES) if public else max_request_bytes
 
         async def _stream_handler(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            caller = info.peer_id.to_base58()
             with contextlib.closing(writer):
-                CALLER.set(info.peer_id.to_base58())
-                answer = await _answer(method, handler, reader, max_request_bytes)
-                if answer is None:  # the caller left before the reply
-                    return
-                reply, out, unread = answer
+                CALLER.set(caller)
                 try:
-                    await write_frames(writer, _frames(reply, out, runtime_pb2.ExpertResponse), end=False)
-                    if unread:  # a refused request may still be arriving: closing now would
-                        await _discard(reader)  # reset the stream and lose the refusal
-                except Exception as e:  # the caller closed its end: nobody is left to tell
-                    logger.debug("%s: the reply could not be sent: %s", method, e)
+                    ticket = self.limits.open(caller, limit)
+                except CapacityExceeded as e:  # too many streams: not a byte more is read
+                    await _send(writer, reader, method, (error_reply(e), [], False))
+                    return
+                with ticket:
+                    try:
+                        self._check_gate(caller, public)
+                    except AuthRejected as e:
+                        await _send(writer, reader, method, (error_reply(e), [], True), discard=REFUSED_DISCARD_BYTES)
+                        return
+                    answer = await _answer(method, handler, reader, limit, ticket.reserve)
+                    if answer is not None:  # None: the caller left before the reply
+                        await _send(writer, reader, method, answer)
 
         await self.p2p.add_binary_stream_handler(method, _stream_handler)
         self._served.append(method)
+        if public:
+            self.public.add(method)
+
+    def _check_gate(self, caller: str, public: bool) -> None:
+        if self.gate is not None and not public:
+            self.gate.check(caller)
+
+    @property
+    def served(self) -> list[str]:
+        """The methods this transport serves (the census test checks each)."""
+        return list(self._served)
 
     async def call(
         self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
@@ -153,16 +182,20 @@ class InMemoryTransport:
 
     async def call(
         self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
-        max_reply_bytes: int | None = MAX_REQUEST_BYTES,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES, caller: str | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
+        """``caller``: the handler's ``CALLER`` (a bound peer's calls name it; the hub's own: None)."""
         if peer_id in self.fail:
             raise self.fail[peer_id]
         handler = self._handlers.get((peer_id, method))
         if handler is None:
             raise PeerUnavailable(f"no peer {peer_id} serving {method}")
         decoded = msgpack.unpackb(msgpack.packb(message))
+        context = contextvars.copy_context()  # the handler sees the caller, the calling task does not
+        context.run(CALLER.set, caller)
+        work = asyncio.create_task(handler(decoded, [t.detach().clone() for t in tensors]), context=context)
         try:
-            reply, out = await asyncio.wait_for(handler(decoded, [t.detach().clone() for t in tensors]), timeout)
+            reply, out = await asyncio.wait_for(work, timeout)
         except asyncio.TimeoutError:
             raise StageTimeout(f"{method} on {peer_id} took longer than {timeout} s") from None
         except SwarmError as e:
@@ -180,11 +213,12 @@ class _BoundInMemory:
     def __init__(self, hub: InMemoryTransport, peer_id: str):
         self._hub, self.peer_id = hub, peer_id
 
-    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES) -> None:
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
+                    public: bool = False) -> None:
         self._hub._handlers[(self.peer_id, method)] = handler
 
     async def call(self, *args, **kwargs):
-        return await self._hub.call(*args, **kwargs)
+        return await self._hub.call(*args, caller=self.peer_id, **kwargs)
 
 
 def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> list:
@@ -215,15 +249,16 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
     return frames
 
 
-async def _answer(method: str, handler: Handler, reader: asyncio.StreamReader,
-                  limit: int | None) -> tuple[dict, list[torch.Tensor], bool] | None:
+async def _answer(method: str, handler: Handler, reader: asyncio.StreamReader, limit: int | None,
+                  reserve: Callable[[int], None] | None = None) -> tuple[dict, list[torch.Tensor], bool] | None:
     """Read one request (refused before it is read if it is too large), run the handler, and return
     its reply and whether part of the request was left unread; every failure is a named error reply.
     None: the caller left, its work was cancelled."""
     ended: list[bool] = []
     try:
         requests = read_frames(reader, runtime_pb2.ExpertRequest, max_total=limit, refused=BadRequest,
-                               broken=BadRequest, idle=IDLE_SECONDS, on_end=lambda: ended.append(True))
+                               broken=BadRequest, idle=IDLE_SECONDS, on_end=lambda: ended.append(True),
+                               reserve=reserve)
         message, tensors = await _receive(requests, BadRequest, limit)
         result = await _unless_caller_leaves(handler(message, tensors), reader)
         return None if result is None else (*result, False)
@@ -239,6 +274,19 @@ async def _answer(method: str, handler: Handler, reader: asyncio.StreamReader,
     except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
         logger.exception("%s failed", method)
         return error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), [], not ended
+
+
+async def _send(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, method: str,
+                answer: tuple[dict, list[torch.Tensor], bool], *, discard: int = 64 << 20) -> None:
+    """Write the reply; if part of the request was left unread, read and drop at most ``discard``
+    bytes of it first-come (closing with unread input resets the stream and loses the reply)."""
+    reply, out, unread = answer
+    try:
+        await write_frames(writer, _frames(reply, out, runtime_pb2.ExpertResponse), end=False)
+        if unread:
+            await _discard(reader, limit=discard)
+    except Exception as e:  # the caller closed its end: nobody is left to tell
+        logger.debug("%s: the reply could not be sent: %s", method, e)
 
 
 async def _unless_caller_leaves(work: Awaitable[T], reader: asyncio.StreamReader) -> T | None:

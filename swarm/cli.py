@@ -43,6 +43,7 @@ HostOpt = typer.Option(None, "--host", help="address to listen on (e.g. 127.0.0.
 PortOpt = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)")
 StateOpt = typer.Option(None, "--state-dir", help="where identity, manifest and logs are kept")
 LogOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
+KeyOpt = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)")
 MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on this port (0: any free)")
 
 
@@ -256,6 +257,8 @@ def status(
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="seconds between refreshes of the live view"),
     delegate: Optional[str] = typer.Option(None, "--delegate", help="multiaddr of a delegate: show its delegation "
                                            "sessions (total/active/max, per session) and exit"),
+    key: Optional[str] = typer.Option(None, "--key", help="with --delegate on a keyed run: its API key (or "
+                                      "SWARM_KEY); the records the view shows are readable without one"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -263,7 +266,8 @@ def status(
     """Show the run live, like top: stages x peers, bottleneck, contributions, warnings (Ctrl+C to quit)."""
     _interrupt_on_sigterm()
     # settings (and their errors) before the imports of hivemind and torch (seconds)
-    settings = _client_settings("status", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
+    settings = _client_settings("status", config, bootstrap_addr, run_id=run, key=key,
+                                log_level=log_level or "WARNING")
     from dht.records import SwarmDHT
     from swarm.status import collect_status, render_status
 
@@ -345,19 +349,21 @@ def train_command(
 def export_command(
     bootstrap_addr: Optional[list[str]] = typer.Option(None, "--bootstrap", help="multiaddr of the bootstrap"),
     out: Path = typer.Option(..., "--out", help="directory to write config.json + model.safetensors to"),
+    key: Optional[str] = KeyOpt,
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Gather the swarm's current weights into a Hugging Face checkpoint (AutoModelForCausalLM loads it)."""
     _interrupt_on_sigterm()
-    settings = _client_settings("export", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
+    settings = _client_settings("export", config, bootstrap_addr, run_id=run, key=key,
+                                log_level=log_level or "WARNING")
     from swarm.export import export_swarm
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SwarmError(f"--out {out} exists and is not an empty directory")
     export_swarm(settings.network.initial_peers, out, run_id=settings.run_id, timeout=settings.trainer.timeout,
-                 console=Console())
+                 console=Console(), key=settings.key)
 
 
 ledger_app = typer.Typer(help="The signed contribution ledger.", no_args_is_help=True)
@@ -367,6 +373,8 @@ app.add_typer(ledger_app, name="ledger")
 @ledger_app.command("verify")
 def ledger_verify(
     source: str = typer.Argument(..., help="a ledger file (JSON lines) or the bootstrap's multiaddr"),
+    key: Optional[str] = typer.Option(None, "--key", help="with a bootstrap's multiaddr on a keyed run: its API "
+                                      "key (or SWARM_KEY)"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -374,7 +382,7 @@ def ledger_verify(
     """Check every entry's chain link and signature, offline; name the first bad entry (exit 1)."""
     from swarm.ledger_cli import load_ledger, report_check
 
-    settings = _settings(config, run_id=run, log_level=log_level or "WARNING")
+    settings = _settings(config, run_id=run, key=key, log_level=log_level or "WARNING")
     entries, where = load_ledger(source, settings)
     raise typer.Exit(report_check(entries, where, Console()))
 
@@ -388,19 +396,22 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", min=0, help="sample among the k likeliest tokens (0: all)"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="nucleus sampling threshold"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed, for repeatable samples"),
+    key: Optional[str] = KeyOpt,
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Generate text through the swarm, printing tokens as they come."""
     _interrupt_on_sigterm()
-    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, log_level=log_level or "WARNING")
+    settings = _client_settings("generate", config, bootstrap_addr, run_id=run, key=key,
+                                log_level=log_level or "WARNING")
     from swarm.model import SwarmModelForCausalLM
     from swarm.serving import codec_of, stream_text
 
     with console.status("joining the swarm..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
-                                                     run_id=settings.run_id, timeout=settings.trainer.timeout)
+                                                     run_id=settings.run_id, timeout=settings.trainer.timeout,
+                                                     key=settings.key)
     with model:
         codec = codec_of(model)
         sys.stdout.write(prompt)
@@ -421,13 +432,15 @@ def serve_api_command(
     run_keys: bool = typer.Option(False, "--run-keys", help="also accept the run's API keys (swarm keys "
                                   "create), checked in the bootstrap's state on this machine (--state-dir)"),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="the bootstrap's state dir, with --run-keys"),
+    key: Optional[str] = typer.Option(None, "--key", help="this server's own API key of a keyed run, to join it "
+                                      "(or SWARM_KEY); clients' keys are --api-key / --run-keys"),
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
 ) -> None:
     """Serve an OpenAI-compatible API (completions, chat, embeddings) backed by the swarm."""
     db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
-    settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, log_level=log_level,
+    settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, key=key, log_level=log_level,
                                 api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name})
     from swarm.serving import serve_api
 

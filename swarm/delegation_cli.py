@@ -76,14 +76,14 @@ def print_delegate_status(settings: SwarmSettings, address: str, console: Consol
     from delegation.client import DelegationClient
     from delegation.delegator import delegate_peer_id
     from dht.records import SwarmDHT
-    from peers.transport import P2PTransport
+    from peers.auth import ClientCalls
 
     async def ask(dht: SwarmDHT) -> dict[str, Any]:
-        transport = P2PTransport(await dht.dht.replicate_p2p())
+        client = await ClientCalls.open(dht, settings.key)  # a keyed run's delegate answers key holders only
         try:
-            return (await DelegationClient(transport, delegate_peer_id(address)).status()).model_dump(mode="json")
+            return (await DelegationClient(client.calls, delegate_peer_id(address)).status()).model_dump(mode="json")
         finally:
-            await transport.p2p.shutdown()
+            await client.close()
 
     dht = SwarmDHT.create_client(settings.run_id, [*settings.network.initial_peers, address])
     try:

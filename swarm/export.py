@@ -23,10 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dht.records import SwarmDHT
 from dht.schemas import Manifest, PeerRecord, PeerState
+from peers.auth import ClientCalls
 from peers.client import StageClient
 from peers.state import LOCAL_PART, StateMeta, part_name
 from peers.store_client import StoreClient
-from peers.transport import P2PTransport
+from peers.transport import Transport
 from shards.export import local_checkpoint_names, save_hf_checkpoint, stage_checkpoint_names
 from shards.families import family_of
 from shards.local import load_local_parts
@@ -118,8 +119,9 @@ def write_checkpoint(manifest: Manifest, source: ModelSource, stages: Sequence[M
 
 
 def export_swarm(initial_peers: list[str], out: Path, *, run_id: str = "swarm", timeout: float = 600.0,
-                 console: Console | None = None) -> ExportReport:
-    """Join the run as a client, gather every part with a progress bar, write the checkpoint."""
+                 console: Console | None = None, key: str | None = None) -> ExportReport:
+    """Join the run as a client, gather every part with a progress bar, write the checkpoint. ``key``:
+    the API key a keyed run needs (its token is presented to every replica and store asked)."""
     console = console or Console()
     runner = LoopThread("swarm-export")
     dht = SwarmDHT.create_client(run_id, initial_peers)
@@ -129,17 +131,17 @@ def export_swarm(initial_peers: list[str], out: Path, *, run_id: str = "swarm", 
         if source.config_hash != manifest.config_hash:
             raise ConfigError(f"{manifest.model} here has config {source.config_hash[:12]}, the run trains "
                               f"{manifest.config_hash[:12]}")
-        transport = runner.run(_transport(dht))
+        calls = runner.run(ClientCalls.open(dht, key))
         try:
-            return _export(runner, dht, transport, manifest, source, Path(out), timeout, console)
+            return _export(runner, dht, calls.calls, manifest, source, Path(out), timeout, console)
         finally:
-            runner.run(transport.p2p.shutdown(), timeout=10)
+            runner.run(calls.close(), timeout=15)
     finally:
         dht.shutdown()
         runner.stop()
 
 
-def _export(runner: LoopThread, dht: SwarmDHT, transport: P2PTransport, manifest: Manifest, source: ModelSource,
+def _export(runner: LoopThread, dht: SwarmDHT, transport: Transport, manifest: Manifest, source: ModelSource,
             out: Path, timeout: float, console: Console) -> ExportReport:
     client = StageClient(transport, timeout=timeout)
     store = StoreClient(transport, dht.stores, timeout=timeout)
@@ -179,6 +181,3 @@ def _local_weights(runner: LoopThread, store: StoreClient, manifest: Manifest, s
     _check_part(meta, manifest, None)
     return weights_of(meta, tensors), f"trainer upload (step {meta.step})"
 
-
-async def _transport(dht: SwarmDHT) -> P2PTransport:
-    return P2PTransport(await dht.dht.replicate_p2p())

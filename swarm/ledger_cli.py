@@ -22,7 +22,8 @@ MAX_PAGES = 10_000
 
 
 def load_ledger(source: str, settings: SwarmSettings) -> tuple[list[LedgerEntry], str]:
-    """Entries from a file, or fetched from the bootstrap at multiaddr ``source``."""
+    """Entries from a file, or fetched from the bootstrap at multiaddr ``source`` (on a keyed run with
+    ``settings.key``: the bootstrap serves its ledger to key holders only)."""
     path = Path(source)
     if path.exists():
         return read_entries(path), str(path)
@@ -31,29 +32,29 @@ def load_ledger(source: str, settings: SwarmSettings) -> tuple[list[LedgerEntry]
 
         dht = SwarmDHT.create_client(settings.run_id, [source])
         try:
-            return asyncio.run(fetch_ledger(dht, source.rsplit("/p2p/", 1)[1])), source
+            return asyncio.run(fetch_ledger(dht, source.rsplit("/p2p/", 1)[1], key=settings.key)), source
         finally:
             dht.shutdown()
     raise ConfigError(f"{source!r} is neither a ledger file nor a multiaddr /ip4/HOST/tcp/PORT/p2p/PEER_ID")
 
 
-async def fetch_ledger(dht, bootstrap_id: str) -> list[LedgerEntry]:
+async def fetch_ledger(dht, bootstrap_id: str, *, key: str | None = None) -> list[LedgerEntry]:
     """Every entry the bootstrap holds (``dht``: a ``SwarmDHT`` client), page by page (bounded)."""
+    from peers.auth import ClientCalls
     from peers.protocol import parse_reply
-    from peers.transport import P2PTransport
 
-    transport = P2PTransport(await dht.dht.replicate_p2p())
+    client = await ClientCalls.open(dht, key)
     entries: list[LedgerEntry] = []
     try:
         for _ in range(MAX_PAGES):
             message = FetchRequest(offset=len(entries)).model_dump(mode="json")
-            reply, _ = await transport.call(bootstrap_id, LEDGER_FETCH, message, [], timeout=FETCH_TIMEOUT)
+            reply, _ = await client.calls.call(bootstrap_id, LEDGER_FETCH, message, [], timeout=FETCH_TIMEOUT)
             page = parse_reply(FetchResponse, reply)
             entries.extend(page.entries)
             if not page.entries or len(entries) >= page.total:
                 break
     finally:
-        await transport.p2p.shutdown()
+        await client.close()
     return entries
 
 

@@ -542,7 +542,8 @@ class SwarmModelForCausalLM(nn.Module):
         return write_checkpoint(self.manifest, source, stages, weights_of(*self.local_state(0)), Path(directory))
 
     def _store(self) -> StoreClient:
-        return StoreClient(self._resource(P2PTransport), self._resource(SwarmDHT).stores)
+        # the pipeline's transport: on a keyed run it presents this trainer's token (the store is gated)
+        return StoreClient(self.pipeline.client.transport, self._resource(SwarmDHT).stores)
 
     def _resource(self, kind: type):
         for resource in self._resources:

@@ -19,7 +19,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from bootstrap.mirror import sync_with
 from bootstrap.node import BootstrapNode
 from bootstrap.state import StateDB
-from dht.auth import verify_token
+from dht.auth import issue_token, verify_token
+from peers.auth import AuthedTransport
 from dht.records import SwarmDHT
 from peers.transport import P2PTransport
 from dht.control import BootstrapRecord, RunState, get_bootstraps, get_control, publish_bootstrap
@@ -73,15 +74,23 @@ def test_bad_mirror_input_is_named(model_factory, swarm_factory, tmp_path: Path)
     try:
         own.create_key("intruder", actor="test")
 
-        async def try_sync(authority: RSAPrivateKey, own_peer_id: str) -> None:
+        async def try_sync(authority: RSAPrivateKey, own_peer_id: str, *, present: bool = True) -> None:
+            """Sync as the stranger; ``present``: first present a token it signs with ``authority``
+            (only a holder of the run's authority key can sign one the bootstrap's gate accepts)."""
             transport = P2PTransport(await stranger.dht.replicate_p2p())
+            public_key = stranger._signer.local_public_key[len(b"[owner:"):-1]
+            token = issue_token(authority, "bootstrap", stranger.peer_id, public_key, get_dht_time() + 600)
+            calls = AuthedTransport(transport, lambda: token) if present else transport
             try:
-                await sync_with(transport, own, authority, run_id="test", own_peer_id=own_peer_id,
+                await sync_with(calls, own, authority, run_id="test", own_peer_id=own_peer_id,
                                 peer_id=swarm.bootstrap.dht.peer_id)
             finally:
                 await transport.p2p.shutdown()
 
-        with pytest.raises(AuthRejected, match="not signed by this run's authority key"):
+        # the gate refuses before the sync's own signature is even read
+        with pytest.raises(AuthRejected, match="present an access token first"):
+            swarm.loop.run(try_sync(swarm.bootstrap.authority, stranger.peer_id, present=False))
+        with pytest.raises(AuthRejected, match="not signed by this run's bootstrap"):
             swarm.loop.run(try_sync(RSAPrivateKey(), stranger.peer_id))
         with pytest.raises(AuthRejected, match="but sent by"):  # the right key, but posing as another sender
             swarm.loop.run(try_sync(swarm.bootstrap.authority, swarm.bootstrap.dht.peer_id))

@@ -9,13 +9,14 @@ import asyncio
 import pytest
 import torch
 
-from bootstrap.checkpoints import CheckpointStore
-from dht.schemas import Manifest, OptimizerSettings, StoreRecord
+from bootstrap.checkpoints import CheckpointStore, RunView
+from dht.schemas import Manifest, OptimizerSettings, PeerRecord, StoreRecord, TrainerRecord
+from peers.checkpoint_check import step_refusal
 from peers.checkpoint_files import CheckpointDir
 from peers.checkpoints import Checkpointer, checkpoint_due
 from peers.client import StageClient
 from peers.executor import StageExecutor
-from peers.recovery import Restore, choose_restore
+from peers.recovery import Restore, adopt_state, choose_restore, restore_order
 from peers.service import StageService
 from peers.protocol import parse_reply
 from peers.store_protocol import CHECKPOINT_PUT, PutRequest, PutResponse
@@ -24,7 +25,7 @@ from peers.store_client import StoreClient
 from peers.transport import InMemoryTransport
 from shards.stage import load_stage
 from shards.types import LayerRange
-from swarm.errors import BadRequest, CheckpointMissing, StateMismatch, WrongStage
+from swarm.errors import AuthRejected, BadRequest, CheckpointMissing, StateMismatch, WrongStage
 
 ID = StateIdentity(run_id="run", config_hash="c0ffee")
 LAYERS = LayerRange(start=0, end=2)
@@ -191,9 +192,9 @@ def test_checkpoint_store_keeps_one_copy_per_step_and_refuses_foreign_checkpoint
 
     async def scenario():
         hub, executor = InMemoryTransport(), make_executor()
-        store = CheckpointStore(tmp_path / "store", manifest)
+        store = CheckpointStore(tmp_path / "store", manifest, config=executor.module.config, run=_run_at(1))
         await store.register(hub.bind("store"))
-        client = StoreClient(hub, _stores(["store"]), attempts=1)
+        client = StoreClient(hub.bind("uploader"), _stores(["store"]), attempts=1)
         assert await client.latest("stage-0") is None
         with pytest.raises(CheckpointMissing):
             await client.get("stage-0")
@@ -209,11 +210,76 @@ def test_checkpoint_store_keeps_one_copy_per_step_and_refuses_foreign_checkpoint
             with pytest.raises(BadRequest, match=words):
                 await _raw_put(client, bad, tensors)
         renamed = {"weird": next(iter(tensors.values()))}
-        with pytest.raises(BadRequest, match="is not"):
-            await _raw_put(client, meta.model_copy(update={"step": 5}), renamed)
+        with pytest.raises(BadRequest, match="lacks 24 parameter"):
+            await _raw_put(client, meta.model_copy(update={"step": 2}), renamed)
         assert store.latest_step("stage-0") == 1  # nothing refused was stored
 
     asyncio.run(scenario())
+
+
+def _run_at(step: int, peers: tuple[str, ...] = ("uploader",), trainers: tuple[str, ...] = ("trainer",)):
+    """The run as the store sees it: ``peers`` announce stage 0 at ``step``, ``trainers`` train."""
+    view = RunView({0: [PeerRecord(peer_id=p, stage=0, layers=LAYERS, step=step) for p in peers]},
+                   [TrainerRecord(trainer_id=t, step=step) for t in trainers])
+
+    async def run():
+        return view
+
+    return run
+
+
+def _poisoned(tensors: dict, value: float) -> dict:
+    return {k: (torch.full_like(t, value) if k.startswith("param/") else t) for k, t in tensors.items()}
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("honest", None, ""),
+    ("step 10^9", BadRequest, "claims step 1000000000, but the run's records show step 1"),
+    ("parameters 1e4", BadRequest, "values up to 1e\+04"),
+    ("NaN moments", BadRequest, "exp_avg/.*NaN"),
+    ("a misshapen tensor", BadRequest, "got torch.float32 \[3\]"),
+    ("not serving the stage", AuthRejected, "does not serve stage 0"),
+    ("the hub itself (unknown caller)", AuthRejected, "the uploader is not known"),
+])
+def test_the_store_keeps_only_checkpoints_from_the_stage_s_own_peers_that_pass_the_checks(
+        make_executor, tmp_path, case, error, words):
+    """Issue 22: ``checkpoint.put`` stored step 10^9 with parameters at 1e4 from anyone; honest
+    uploads were skipped from then on."""
+    manifest = Manifest(run_id="run", model="m", config_hash="c0ffee", num_layers=2, stages=[LAYERS])
+
+    async def scenario():
+        hub, executor = InMemoryTransport(), make_executor()
+        store = CheckpointStore(tmp_path / "store", manifest, config=executor.module.config, run=_run_at(1))
+        await store.register(hub.bind("store"))
+        _step(executor, 0)
+        meta, tensors = _capture(executor)
+        uploader = {"not serving the stage": hub.bind("stranger"), "the hub itself (unknown caller)": hub}
+        client = StoreClient(uploader.get(case, hub.bind("uploader")), _stores(["store"]), attempts=1)
+        first = next(k for k in tensors if k.startswith("exp_avg/"))
+        shapes = next(k for k in tensors if k.startswith("param/"))
+        meta, tensors = {
+            "step 10^9": (meta.model_copy(update={"step": 10**9}), tensors),
+            "parameters 1e4": (meta, _poisoned(tensors, 1e4)),
+            "NaN moments": (meta, {**tensors, first: torch.full_like(tensors[first], float("nan"))}),
+            "a misshapen tensor": (meta, {**tensors, shapes: torch.zeros(3)}),
+        }.get(case, (meta, tensors))
+        if error is None:
+            assert (await _raw_put(client, meta, tensors)).stored
+            assert store.latest_step("stage-0") == 1
+            return
+        with pytest.raises(error, match=words):
+            await _raw_put(client, meta, tensors)
+        assert store.latest_step("stage-0") is None  # nothing refused was stored
+        # and an honest upload from the stage's peer is still kept afterwards
+        honest = StoreClient(hub.bind("uploader"), _stores(["store"]), attempts=1)
+        assert await honest.put(*_capture(executor)) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("step, run_step, refused", [(0, 0, False), (3, 1, False), (4, 1, True), (10**9, 50, True)])
+def test_step_refusal_table(step, run_step, refused):
+    assert (step_refusal(step, run_step) is not None) == refused
 
 
 async def _raw_put(client: StoreClient, meta: StateMeta, tensors: dict) -> PutResponse:
@@ -263,3 +329,32 @@ def test_a_checkpoint_cancelled_mid_upload_is_taken_again_when_the_peer_leaves(m
         return store.stored
 
     assert asyncio.run(scenario()) == [2]
+
+
+@pytest.mark.parametrize("local_steps, store, expected", [
+    ([], None, []),
+    ([3, 5], None, [Restore("local", 5), Restore("local", 3)]),
+    ([3, 5], ("s", 5), [Restore("local", 5), Restore("store", 5, "s"), Restore("local", 3)]),
+    ([3], ("s", 10**9), [Restore("store", 10**9, "s"), Restore("local", 3)]),  # tried first, checked, skipped
+])
+def test_restore_order(local_steps, store, expected):
+    assert restore_order([_meta(step) for step in local_steps], store, ID, stage=0) == expected
+
+
+def test_a_restore_skips_a_newer_checkpoint_that_fails_the_checks(make_executor, tmp_path):
+    """Issue 22: a restore took the highest step number; a poisoned one (parameters at 1e4) must be
+    passed over for the newest one that passes the checks."""
+    source, target = make_executor(), make_executor()
+    local = CheckpointDir(tmp_path / "ckpt", keep=3)
+    _step(source, 0)
+    honest_meta, honest = _capture(source)
+    local.save(honest_meta, honest)
+    local.save(honest_meta.model_copy(update={"step": 2}), _poisoned(honest, 1e4))
+
+    async def compute(fn, *args):
+        return fn(*args)
+
+    where = asyncio.run(adopt_state(target, ID, replicas=[], client=None, store=None, local=local,
+                                    compute=compute))
+    assert where.endswith("step 1") and target.optimizer_step == 1
+    assert all(torch.equal(p, honest[f"param/{n}"]) for n, p in target.module.named_parameters())

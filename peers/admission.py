@@ -1,0 +1,126 @@
+"""Who may send how much to this node, decided before a request's body is read.
+
+Every stream a ``P2PTransport`` serves opens with the caller's libp2p identity (authenticated by the
+secure channel), so the decision needs no byte of the request:
+
+1. **Streams per caller.** A caller may hold at most ``CallerLimits.max_streams`` streams open on this
+   node at once; the next one is answered ``CapacityExceeded`` and closed unread.
+2. **The gate.** On a keyed run every method but the few public ones (presenting a token, asking a
+   bootstrap for one) answers ``AuthRejected`` to a caller that has not presented a valid token,
+   before anything beyond the stream's opening is read (at most ``REFUSED_DISCARD_BYTES`` of what it
+   already sent is read and dropped, so that the refusal reaches it instead of a reset stream).
+3. **Bytes per caller.** What a caller's requests on this node announce in their frame headers is
+   reserved as each header arrives, before its body is read, and released when the request has been
+   answered: at most ``CallerLimits.max_bytes`` at once (one request alone may reserve up to its own
+   method's limit, e.g. a checkpoint upload). Over the limit the request is ``CapacityExceeded``.
+
+Public methods take at most ``PUBLIC_REQUEST_BYTES``: a token or a key, never tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from swarm.errors import CapacityExceeded
+
+__all__ = [
+    "Gate",
+    "CallerLimits",
+    "Ticket",
+    "PUBLIC_REQUEST_BYTES",
+    "REFUSED_DISCARD_BYTES",
+    "MAX_STREAMS_PER_CALLER",
+    "MAX_BYTES_PER_CALLER",
+    "stream_refusal",
+    "bytes_refusal",
+]
+
+PUBLIC_REQUEST_BYTES = 64 << 10
+REFUSED_DISCARD_BYTES = 1 << 20
+MAX_STREAMS_PER_CALLER = 64
+MAX_BYTES_PER_CALLER = 1 << 30
+
+
+class Gate(Protocol):
+    """Raises ``AuthRejected`` for a caller that may not use this node's gated methods
+    (``peers.auth.AuthGate``)."""
+
+    def check(self, caller: str | None) -> None: ...
+
+
+def stream_refusal(open_streams: int, max_streams: int) -> str | None:
+    """Why a caller with ``open_streams`` streams open may not open another (None: it may)."""
+    if open_streams >= max_streams:
+        return f"this caller already has {open_streams} streams open here (at most {max_streams})"
+    return None
+
+
+def bytes_refusal(in_flight: int, more: int, method_limit: int | None, max_bytes: int) -> str | None:
+    """Why a caller with ``in_flight`` bytes reserved may not reserve ``more`` (None: it may). A
+    request alone may take its method's own limit (``method_limit``, None = unbounded) when that is
+    larger than ``max_bytes``: a checkpoint upload is one request, not a flood."""
+    wanted = in_flight + more
+    if wanted <= max_bytes:
+        return None
+    if in_flight == 0 and (method_limit is None or more <= method_limit):
+        return None
+    return f"this caller's requests in flight here would reach {wanted >> 20} MiB (at most {max_bytes >> 20} MiB)"
+
+
+@dataclass
+class CallerLimits:
+    """Open streams and reserved bytes per caller on one node (one event loop: no locks needed)."""
+
+    max_streams: int = MAX_STREAMS_PER_CALLER
+    max_bytes: int = MAX_BYTES_PER_CALLER
+    streams: Counter = field(default_factory=Counter)
+    in_flight: Counter = field(default_factory=Counter)
+
+    def open(self, caller: str, method_limit: int | None) -> "Ticket":
+        """A ticket for one stream of ``caller`` (``CapacityExceeded`` if it has too many open)."""
+        why = stream_refusal(self.streams[caller], self.max_streams)
+        if why is not None:
+            raise CapacityExceeded(why)
+        self.streams[caller] += 1
+        return Ticket(self, caller, method_limit)
+
+
+class Ticket:
+    """One open stream's share of its caller's limits; ``close()`` (or leaving ``with``) gives it back."""
+
+    def __init__(self, limits: CallerLimits, caller: str, method_limit: int | None):
+        self.limits, self.caller, self.method_limit = limits, caller, method_limit
+        self.reserved = 0
+        self._closed = False
+
+    def reserve(self, more: int) -> None:
+        """Reserve ``more`` bytes of a frame announced by its header (``CapacityExceeded`` if over)."""
+        limits = self.limits
+        in_flight = limits.in_flight[self.caller]
+        alone = in_flight == self.reserved  # only this stream of the caller holds bytes
+        why = bytes_refusal(0 if alone else in_flight, (self.reserved if alone else 0) + more, self.method_limit,
+                            limits.max_bytes)
+        if why is not None:
+            raise CapacityExceeded(why)
+        limits.in_flight[self.caller] += more
+        self.reserved += more
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        limits, caller = self.limits, self.caller
+        limits.in_flight[caller] -= self.reserved
+        limits.streams[caller] -= 1
+        if limits.in_flight[caller] <= 0:
+            del limits.in_flight[caller]
+        if limits.streams[caller] <= 0:
+            del limits.streams[caller]
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
