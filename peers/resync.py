@@ -26,7 +26,7 @@ import asyncio
 import logging
 from typing import Awaitable, Callable, Sequence
 
-from dht.schemas import RECORD_REFRESH, PeerRecord, PeerState
+from dht.schemas import PeerRecord, PeerState
 from peers.client import StageClient
 from peers.executor import StageExecutor
 from peers.recovery import Compute, take_state

@@ -66,6 +66,7 @@ from peers.protocol import BACKWARD, FORWARD
 from peers.push import PushService
 from peers.reachability import explain_placement
 from peers.claims import joiners_in, loads_without, replica_cost
+from peers.routing import record_loads
 from peers.admission import PUBLIC_REQUEST_BYTES
 from peers.auth import PRESENT, AuthedTransport, RunAuth
 from peers.inference import InferenceSessions

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import closing
-from pathlib import Path
 
 import hivemind
 import psutil
