@@ -1,12 +1,17 @@
-"""The bootstrap's side of the run's ban reports (``dht.bans``): a reported peer earns nothing more
-and, on a keyed run, loses the API key it joined with.
+"""The bootstrap's side of the run's ban reports (``dht.bans``): a peer banned run-wide earns nothing
+more and, on a keyed run, loses the API key it joined with.
 
-Every metrics round the bootstrap reads ``{run}_bans``. For each newly reported peer it withholds
-credit (the ledger book accepts no more entries of its chains and leaves it out of the tally) and
-audits the report (``peer.banned``, actor ``ban:<reporter>``). On a keyed run it finds the key the peer
-joined with from the access token in the peer's own signed stage records and revokes that key, so the
-gates drop the peer and the DHT refuses its records, as for any revoked key. Any holder of a run key can
-report; every report and revocation is audited, so the owner sees who banned whom.
+Every metrics round the bootstrap reads ``{run}_bans`` and judges the reports (``dht.bans.judge``): a
+peer is banned once ``BAN_QUORUM`` distinct reporters (distinct API keys, checked against the run's
+authority, on a keyed run) report it; reports are rate-limited per reporter by the time this
+bootstrap first saw them. A refused report (rate limit, a self-report, a token that does not check
+out) is audited once under its reporter (``ban.refused``): a false or flooding reporter is named, its
+target is not. For each newly banned peer the bootstrap withholds credit (the ledger book accepts no
+more entries of its chains and leaves it out of the tally) and audits the ban (``peer.banned``, actor
+``ban:<reporters>``); on a keyed run it finds the key the peer joined with from the access token in
+the peer's own signed stage records and revokes it, so the gates drop the peer and the DHT refuses its
+records, as for any revoked key. The evidence (the inputs' digest) is not checked here: the bootstrap
+holds no stage and cannot recompute an output, so the quorum stands in for it.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import asyncio
 import logging
 from typing import Callable
 
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
 from bootstrap.ledger import LedgerBook
 from bootstrap.state import StateDB
 from dht.auth import verify_token
-from dht.bans import BanReport, banned_peers
+from dht.bans import BanReport, all_reports, judge
 from dht.records import SwarmDHT
 from swarm.errors import SwarmError
 
@@ -38,21 +44,47 @@ class BanEnforcer:
         self.dht, self.db, self.book, self.num_stages = dht, db, book, num_stages
         self._authority = authority
         self.handled: dict[str, BanReport] = {}
+        self._seen: dict[tuple[str, str], float] = {}  # (peer, reporter) -> when first read here
+        self._refused: set[tuple[str, str]] = set()  # audited once each
 
-    async def check_once(self) -> list[str]:
-        """Apply the reports not applied yet; returns the peers newly banned."""
-        reports = await banned_peers(self.dht)
-        fresh = {peer: r for peer, r in reports.items() if peer not in self.handled}
-        for peer, report in sorted(fresh.items()):
+    async def check_once(self, now: float | None = None) -> list[str]:
+        """Judge the live reports and apply the bans not applied yet; returns the peers newly banned."""
+        now = get_dht_time() if now is None else now
+        reports = await all_reports(self.dht)
+        authority = self._authority()
+        seen = [self._seen.setdefault((r.peer_id, r.reporter), now) for r in reports]
+        judged = judge([(r, self._identity(r, authority, at), at) for r, at in zip(reports, seen)])
+        for report, why in judged.refused:
+            if (report.peer_id, report.reporter) not in self._refused:
+                self._refused.add((report.peer_id, report.reporter))
+                logger.warning("ban report of %s by %s refused: %s", report.peer_id[-8:], report.reporter[-8:], why)
+                await asyncio.to_thread(self.db.audit, report.reporter, "ban.refused", f"{report.peer_id}: {why}")
+        fresh = sorted(peer for peer in judged.banned if peer not in self.handled)
+        for peer in fresh:
+            report = next(r for r in reports if r.peer_id == peer)
+            reporters = sorted({r.reporter for r in reports if r.peer_id == peer})
             self.book.banned.add(peer)
-            detail = f"stage {report.stage}: {report.reason}"
-            await asyncio.to_thread(self.db.audit, f"ban:{report.reporter}", "peer.banned", f"{peer} ({detail})")
-            logger.warning("peer %s is banned from the run by %s: %s", peer[-8:], report.reporter[-8:], detail)
-            await self._revoke_key_of(peer, report)
+            detail = f"stage {report.stage}: {report.reason}; reported by {len(judged.banned[peer])} keys"
+            actor = f"ban:{','.join(reporters)}"
+            await asyncio.to_thread(self.db.audit, actor, "peer.banned", f"{peer} ({detail})")
+            logger.warning("peer %s is banned from the run by %s: %s", peer[-8:], actor, detail)
+            await self._revoke_key_of(peer, actor)
             self.handled[peer] = report
-        return sorted(fresh)
+        return fresh
 
-    async def _revoke_key_of(self, peer: str, report: BanReport) -> None:
+    @staticmethod
+    def _identity(report: BanReport, authority: RSAPublicKey | None, seen: float) -> str | None:
+        """The reporter's API key id (keyed run: its token must check out, when the report was first
+        seen here, and be its own), else its peer id."""
+        if authority is None:
+            return report.reporter
+        try:
+            claims = verify_token(report.access_token or "", authority, now=seen)
+        except SwarmError:
+            return None
+        return claims.key_id if claims.peer_id == report.reporter else None
+
+    async def _revoke_key_of(self, peer: str, actor: str) -> None:
         authority = self._authority()
         if authority is None:
             return
@@ -61,7 +93,7 @@ class BanEnforcer:
             logger.warning("banned peer %s: no token of it found in the DHT, its key stays", peer[-8:])
             return
         try:
-            await asyncio.to_thread(self.db.revoke_key, key_id, actor=f"ban:{report.reporter}")
+            await asyncio.to_thread(self.db.revoke_key, key_id, actor=actor)
         except SwarmError as e:  # already revoked, or deleted: nothing more to take away
             logger.info("revoking key %s of banned peer %s: %s", key_id, peer[-8:], e)
 

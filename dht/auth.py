@@ -38,6 +38,7 @@ __all__ = [
     "issue_token",
     "verify_token",
     "owner_of",
+    "token_key_id",
     "holds",
     "TokenRecordValidator",
     "load_or_create_private_key",
@@ -85,6 +86,15 @@ def verify_token(text: str, authority: RSAPublicKey, *, now: float | None = None
     if key_id in revoked:
         raise AuthRejected(f"API key {key_id} has been revoked")
     return TokenClaims(key_id, peer_id, bytes(token.public_key), expires)
+
+
+def token_key_id(text: str | None) -> str | None:
+    """The key id a token names, without checking its signature (for a node whose DHT validator
+    already checked the record carrying it); None if it is malformed."""
+    try:
+        return AccessToken.FromString(base64.b64decode(text or "", validate=True)).username.split(":", 1)[0] or None
+    except Exception:  # bad base64, a protobuf decode error, no username: all the same to us
+        return None
 
 
 def owner_of(subkey: bytes | None) -> bytes | None:

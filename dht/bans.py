@@ -8,23 +8,42 @@ them, and the bootstrap revokes the API key a reported peer joined with (keyed r
 nothing more. On keyed runs the key is token-gated like the stage records (``dht.auth``), so only a
 holder of a run key can report. Reports live ``BAN_TTL`` (a day): a banned machine may rejoin with a
 new key after that, and the run owner can lift nothing earlier than by restarting with a new run id.
+
+**A ban needs a quorum** (issue 22): a peer counts as banned run-wide only when at least
+``BAN_QUORUM`` (2) distinct reporters have a live report against it (``judge``). Distinct means distinct
+API keys on a keyed run (the key id in each report's access token: one key holder running several
+peer ids counts once), distinct reporter peer ids on an open run (which has no identities to count, so
+there the quorum only raises the cost of a framing). Each reporter may have ``REPORTS_PER_HOUR`` (10)
+reports counted per hour; the ones beyond, a report of the reporter itself, and one whose reporter's
+identity cannot be established are refused (the bootstrap audits them under the reporter,
+``bootstrap.bans``). The window is the reports' lifetime in the DHT. The bootstrap cannot check a
+report's evidence (the inputs' digest): it holds no stage, so it cannot recompute the outputs; the
+quorum stands in for that. A trainer that catches a liar stops routing to it at once (its own ban,
+``swarm.pipeline``); the run-wide ban waits for a second reporter.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from hivemind.utils import get_dht_time
 from pydantic import Field, ValidationError
 
+from dht.auth import token_key_id
 from dht.records import SwarmDHT, _entries
 from dht.schemas import PROTOCOL_VERSION, FrozenModel
 
-__all__ = ["BAN_TTL", "BanReport", "bans_key", "report_ban", "banned_peers"]
+__all__ = ["BAN_TTL", "BAN_QUORUM", "REPORTS_PER_HOUR", "BanReport", "Judgement", "judge", "bans_key", "report_ban",
+           "all_reports", "banned_peers"]
 
 logger = logging.getLogger(__name__)
 
 BAN_TTL = 24 * 3600.0
+BAN_QUORUM = 2
+REPORTS_PER_HOUR = 10
+_HOUR = 3600.0
 
 
 class BanReport(FrozenModel):
@@ -52,14 +71,54 @@ async def report_ban(dht: SwarmDHT, report: BanReport, ttl: float = BAN_TTL) -> 
                                expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)
 
 
-async def banned_peers(dht: SwarmDHT) -> dict[str, BanReport]:
-    """The run's reported peers and the first valid report of each."""
+async def all_reports(dht: SwarmDHT) -> list[BanReport]:
+    """Every valid live report of the run (one per reported peer and reporter key)."""
     found = await dht.dht.get(bans_key(dht.run_id), latest=True, return_future=True)
-    reports: dict[str, BanReport] = {}
+    reports: list[BanReport] = []
     for entry in _entries(found):
         try:
-            report = BanReport.model_validate(entry.value)
+            reports.append(BanReport.model_validate(entry.value))
         except ValidationError:
             continue  # the schema validator refuses these on store; a stale node may still hold one
-        reports.setdefault(report.peer_id, report)
     return reports
+
+
+async def banned_peers(dht: SwarmDHT, quorum: int = BAN_QUORUM) -> dict[str, BanReport]:
+    """The peers banned run-wide (``judge``) and the first report of each. Reporters are told apart
+    by the key id in their token (the DHT's validator checked the token on keyed runs), else by peer
+    id; the rate limit counts the reports' own ``at``."""
+    reports = await all_reports(dht)
+    judged = judge([(r, token_key_id(r.access_token) if r.access_token else r.reporter, r.at) for r in reports],
+                   quorum=quorum)
+    return {peer: next(r for r in reports if r.peer_id == peer) for peer in judged.banned}
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """``banned``: peer -> the distinct reporter identities that agree; ``refused``: (report, why)."""
+
+    banned: dict[str, list[str]] = field(default_factory=dict)
+    refused: list[tuple[BanReport, str]] = field(default_factory=list)
+
+
+def judge(reports: Sequence[tuple[BanReport, str | None, float]], *, quorum: int = BAN_QUORUM,
+          limit: int = REPORTS_PER_HOUR, per: float = _HOUR) -> Judgement:
+    """Which peers the reports ban. Each report comes with its reporter's identity (key id; None: it
+    could not be established) and when it was seen. A report is refused if it has no identity, if
+    it reports its own reporter, or if its reporter already had ``limit`` reports counted within
+    ``per`` s before it; a peer is banned when ``quorum`` distinct identities report it."""
+    refused: list[tuple[BanReport, str]] = []
+    counted: dict[str, list[float]] = {}
+    agree: dict[str, set[str]] = {}
+    for report, identity, seen in sorted(reports, key=lambda r: (r[2], r[0].reporter, r[0].peer_id)):
+        if identity is None:
+            refused.append((report, "the reporter's access token does not check out"))
+        elif report.peer_id == report.reporter:
+            refused.append((report, "a reporter cannot report itself"))
+        elif len([t for t in counted.get(identity, []) if seen - t < per]) >= limit:
+            refused.append((report, f"more than {limit} reports in {per / _HOUR:g} h from key {identity}"))
+        else:
+            counted.setdefault(identity, []).append(seen)
+            agree.setdefault(report.peer_id, set()).add(identity)
+    banned = {peer: sorted(ids) for peer, ids in agree.items() if len(ids) >= quorum}
+    return Judgement(banned=banned, refused=refused)

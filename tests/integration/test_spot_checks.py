@@ -1,8 +1,11 @@
 """A peer that corrupts its outputs (the test-only ``peer.corrupt`` setting) in a real swarm: three
 replicas of one stage over hivemind on loopback, a trainer spot-checking every forward. The liar is
-caught within two spot checks, its ban is a signed report in the DHT that the bootstrap applies (its
-ledger credit withheld, audited), and the loss curve follows local training step for step. On a keyed
-run only a key holder can report, and the bootstrap revokes the reported peer's key."""
+caught within two spot checks and the catching trainer stops routing to it at once; its report is
+signed in the DHT, and once a second reporter agrees (the quorum, ``dht.bans``) the peer is banned
+run-wide and the bootstrap applies it (its ledger credit withheld, audited). The loss curve follows
+local training step for step. On a keyed run only a key holder can report, one key holder alone
+cannot get a peer banned (the framing attack), and two distinct key holders agreeing make the
+bootstrap revoke the reported peer's key."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dht.bans import BanReport, banned_peers, report_ban
+from dht.bans import BanReport, all_reports, banned_peers, report_ban
 from dht.records import SwarmDHT
 from swarm.pipeline import FaultPolicy
 
@@ -56,14 +59,24 @@ def test_a_corrupting_peer_is_caught_banned_for_everyone_and_the_loss_is_unaffec
                 optimizers[name].zero_grad()
                 losses[name].append(loss.item())
         checker = remote.pipeline.spot_check
-    reports = _poll(lambda: swarm.loop.run(banned_peers(swarm.bootstrap.dht), timeout=30))
+    reports = _poll(lambda: swarm.loop.run(all_reports(swarm.bootstrap.dht), timeout=30))
     for step, (a, b) in enumerate(zip(losses["local"], losses["swarm"])):
         assert abs(a - b) / abs(a) <= 1e-3, f"step {step}: local {a} vs swarm {b}"
     assert [peer for peer, _ in checker.caught] == [liar.peer_id]
     assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks of its work"
     print(f"caught after {checker.caught[0][1]} spot check(s) of its work, {checker.checks} made in all")
-    assert set(reports) == {liar.peer_id} and "differs from two other replicas" in reports[liar.peer_id].reason
+    assert [r.peer_id for r in reports] == [liar.peer_id] and "differs from two other replicas" in reports[0].reason
     book = swarm.bootstrap.telemetry.book
+    # one reporter is no quorum: the trainer routed around the liar itself, the run has not banned it
+    assert swarm.loop.run(banned_peers(swarm.bootstrap.dht), timeout=30) == {}
+    assert swarm.loop.run(swarm.bootstrap.bans.check_once(), timeout=30) == [] and not book.banned
+
+    second = SwarmDHT.create("test", initial_peers=swarm.initial_peers, host="127.0.0.1")  # another trainer
+    try:
+        agreed = reports[0].model_copy(update={"reporter": second.peer_id})
+        assert swarm.loop.run(report_ban(second, agreed), timeout=30)
+    finally:
+        second.shutdown()
 
     def applied() -> set[str]:  # the bootstrap applies reports every metrics round; or now
         swarm.loop.run(swarm.bootstrap.bans.check_once(), timeout=30)
@@ -71,8 +84,9 @@ def test_a_corrupting_peer_is_caught_banned_for_everyone_and_the_loss_is_unaffec
 
     assert _poll(applied) == {liar.peer_id}
     assert liar.peer_id not in book.tally()
+    assert set(swarm.loop.run(banned_peers(swarm.bootstrap.dht), timeout=30)) == {liar.peer_id}
     audit = swarm.bootstrap.db.audit_log()
-    assert any(e.action == "peer.banned" and liar.peer_id in e.detail for e in audit)
+    assert any(e.action == "peer.banned" and liar.peer_id in e.detail and "2 keys" in e.detail for e in audit)
 
 
 def test_on_a_keyed_run_a_ban_needs_a_key_and_revokes_the_liars_key(model_factory, swarm_factory):
@@ -93,6 +107,7 @@ def test_on_a_keyed_run_a_ban_needs_a_key_and_revokes_the_liars_key(model_factor
     finally:
         stranger.shutdown()
     model = swarm.client(key=trainer_key)
+    other = swarm.client(key=db.create_key("trainer 2", actor="test").secret)
     try:
         reporter = model.pipeline.spot_check._reporter_id
         # naming another reporter than itself is refused (issue 22: the audit blamed the named peer)
@@ -100,8 +115,17 @@ def test_on_a_keyed_run_a_ban_needs_a_key_and_revokes_the_liars_key(model_factor
         assert liar.peer_id not in swarm.loop.run(banned_peers(swarm.bootstrap.dht), timeout=30)
         own = report.model_copy(update={"reporter": reporter})
         model.loop.run(model.pipeline.spot_check._report(own), timeout=30)  # as a spot check reports it
+        # the framing attack: one key holder reporting a peer (here an honest one) does not ban it
+        assert _poll(lambda: swarm.loop.run(all_reports(swarm.bootstrap.dht), timeout=30))
+        for _ in range(3):
+            assert swarm.loop.run(swarm.bootstrap.bans.check_once(), timeout=30) == []
+        assert all(k.revoked is None for k in db.list_keys())
+        # a second, distinct key holder agrees: the run bans it
+        second = report.model_copy(update={"reporter": other.pipeline.spot_check._reporter_id})
+        other.loop.run(other.pipeline.spot_check._report(second), timeout=30)
     finally:
         model.close()
+        other.close()
 
     def applied() -> bool:
         swarm.loop.run(swarm.bootstrap.bans.check_once(), timeout=30)
@@ -110,4 +134,4 @@ def test_on_a_keyed_run_a_ban_needs_a_key_and_revokes_the_liars_key(model_factor
     assert _poll(applied)
     keys = {k.id: k for k in db.list_keys()}
     assert keys[liar_key.key.id].revoked is not None and keys[honest_key.key.id].revoked is None
-    assert any(e.action == "key.revoke" and e.actor == f"ban:{reporter}" for e in db.audit_log())
+    assert any(e.action == "key.revoke" and e.actor.startswith("ban:") and reporter in e.actor for e in db.audit_log())
