@@ -267,6 +267,8 @@ class Peer(Lifecycle):
         self.resync = ResyncWatch(self.dht.stage_records, self._served_executors, StageClient(self._replica_transport()),
                                   self._identity, self.peer_id)
         self.resync.start()
+        for stage in self.slots:  # the trainers count a newcomer in a step only once they have read its record
+            self.resync.nudge(stage)
         self._watcher = RunWatcher(self.dht, self._metrics_report, on_change=self._on_run_state,
                                    on_control=self._auth.follow if self._auth is not None else None)
         self._watcher.start()
@@ -782,6 +784,9 @@ class Peer(Lifecycle):
         finally:
             self._moving = False
         self.telemetry.follow_stages(self.stages)
+        if self.resync is not None:
+            for stage in added:
+                self.resync.nudge(stage)
         self.claim_reason = (f"moved from {old}: bottleneck {move.bottleneck_before:.0f} -> "
                              f"{move.bottleneck_after:.0f} tokens/s")
         await self._announce_online()

@@ -174,6 +174,7 @@ def _peers(records: Mapping[int, Sequence[PeerRecord]], metrics: Mapping[str, Me
                 "peer_id": r.peer_id, "stages": [], "state": r.state.value, "throughput": r.throughput,
                 "load": r.load, "maddrs": r.maddrs, "hardware": r.hardware.model_dump(mode="json"),
                 "age": round(now - r.updated, 1) if r.updated else 0.0, "delegate_of": r.delegate_of,
+                "step": max(r.step, m.step if m else 0),  # its optimizer step, from the fresher of the two
                 "requests_per_s": m.requests_per_s if m else 0.0, "tokens_per_s": m.tokens_per_s if m else 0.0,
                 "tokens": m.tokens if m else 0, "microbatches": m.microbatches if m else 0,
                 "ledger_entries": m.ledger_entries if m else 0,

@@ -122,12 +122,17 @@ def _kill_a_replica(procs: ProcessGroup, status: "_LiveStatus", rng: random.Rand
 
 def _victims(status: dict, alive: set[str]) -> list[str]:
     """The peers (among ``alive``: a killed peer's record outlives it) that serve one stage, online,
-    whose stage has another such peer. A peer with records on two stages is moving: it counts on
+    whose stage has another such peer at the stage's newest step (a newcomer counts once it has
+    caught up: killing the last current replica would lose steps however many replicas are behind). A peer with records on two stages is moving: it counts on
     neither, and is no victim."""
     settled = [p for p in status["peers"] if p["peer_id"] in alive and p["state"] == "online" and not p["stale"]
                and len(p["stages"]) == 1]
-    replicas = [p["stages"][0] for p in settled]
-    return sorted(p["peer_id"] for p in settled if replicas.count(p["stages"][0]) > 1)
+    newest = {}
+    for p in settled:
+        newest[p["stages"][0]] = max(newest.get(p["stages"][0], 0), p["step"])
+    current = [p for p in settled if p["step"] >= newest[p["stages"][0]]]  # a newcomer may still be behind
+    return sorted(p["peer_id"] for p in settled
+                  if any(q["stages"][0] == p["stages"][0] and q["peer_id"] != p["peer_id"] for q in current))
 
 
 def _serves(status: "_LiveStatus", peer_id: str | None) -> bool:
