@@ -3,19 +3,19 @@ more and, on a keyed run, loses the API key it joined with.
 
 Every metrics round the bootstrap reads ``{run}_bans`` and judges the reports (``dht.bans.judge``): a
 peer is banned once ``BAN_QUORUM`` distinct reporters (distinct API keys, checked against the run's
-authority, on a keyed run) report it; reports are rate-limited per reporter by the time this
-bootstrap first saw them. A refused report (rate limit, a self-report, a token that does not check
-out, evidence missing or inconsistent, or naming a stage the accused never served as far as the
-stage records this bootstrap has read show) is audited once under its reporter (``ban.refused``): a false or flooding reporter is named, its
-target is not. For each newly banned peer the bootstrap withholds credit (the ledger book accepts no
-more entries of its chains and leaves it out of the tally) and audits the ban (``peer.banned``, actor
-``ban:<reporters>``); on a keyed run it finds the key the peer joined with from the access token in
-the peer's own signed stage records and revokes it, so the gates drop the peer and the DHT refuses its
-records, as for any revoked key. The evidence (``dht.bans.BanEvidence``) is checked for consistency
-only: the bootstrap holds no stage and cannot recompute an output, so two distinct keys whose
-consistent evidence names the same accused and stage are what bans. The stages a peer served are the
-ones this bootstrap has seen in its records since it started (read every round with live reports): a
-peer it never saw is not checked on that point, and a report of a stage the accused left before the
+authority, on a keyed run) report it; reports are rate-limited per reporter by the time this bootstrap
+first saw them. A refused report (rate limit, a self-report, a token that does not check out, evidence
+missing or inconsistent, or naming a stage the accused never served as far as the stage records this
+bootstrap has read show) is audited once under its reporter (``ban.refused``): a false or flooding
+reporter is named, its target is not. For each newly banned peer the bootstrap withholds credit (the
+ledger book accepts no more entries of its chains and leaves it out of the tally) and audits the ban
+(``peer.banned``, actor ``ban:<reporters>``); on a keyed run it finds the key the peer joined with from
+the access token in the peer's own signed stage records and revokes it, so the gates drop the peer and
+the DHT refuses its records, as for any revoked key. The evidence (``dht.bans.BanEvidence``) is checked
+for consistency only: the bootstrap holds no stage and cannot recompute an output, so two distinct keys
+whose consistent evidence names the same accused and stage are what bans. The stages a peer served are
+the ones this bootstrap has seen in its records since it started (read every round with live reports):
+a peer it never saw is not checked on that point, and a report of a stage the accused left before the
 bootstrap first read its records is refused.
 """
 

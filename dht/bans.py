@@ -25,15 +25,16 @@ report holds the stage (the bootstrap holds none), so nobody can recompute an ou
 that the evidence is there and consistent (``evidence_problem``) and refuses the report otherwise, and
 the quorum's reports must name the same accused and stage. A consistent fake is as easy to sign as the
 truth, so the quorum of distinct keys is what stands against framing; the evidence makes each report
-say exactly what it claims, and a careless or inconsistent one is refused and named. A trainer that catches a liar stops routing to it at once (its own ban,
-``swarm.pipeline``); the run-wide ban waits for a second reporter.
+say exactly what it claims, and a careless or inconsistent one is refused and named. A trainer that
+catches a liar stops routing to it at once (its own ban, ``swarm.pipeline``); the run-wide ban waits
+for a second reporter.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from hivemind.utils import get_dht_time
 from pydantic import Field, ValidationError
