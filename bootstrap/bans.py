@@ -3,15 +3,20 @@ more and, on a keyed run, loses the API key it joined with.
 
 Every metrics round the bootstrap reads ``{run}_bans`` and judges the reports (``dht.bans.judge``): a
 peer is banned once ``BAN_QUORUM`` distinct reporters (distinct API keys, checked against the run's
-authority, on a keyed run) report it; reports are rate-limited per reporter by the time this
-bootstrap first saw them. A refused report (rate limit, a self-report, a token that does not check
-out) is audited once under its reporter (``ban.refused``): a false or flooding reporter is named, its
-target is not. For each newly banned peer the bootstrap withholds credit (the ledger book accepts no
-more entries of its chains and leaves it out of the tally) and audits the ban (``peer.banned``, actor
-``ban:<reporters>``); on a keyed run it finds the key the peer joined with from the access token in
-the peer's own signed stage records and revokes it, so the gates drop the peer and the DHT refuses its
-records, as for any revoked key. The evidence (the inputs' digest) is not checked here: the bootstrap
-holds no stage and cannot recompute an output, so the quorum stands in for it.
+authority, on a keyed run) report it; reports are rate-limited per reporter by the time this bootstrap
+first saw them. A refused report (rate limit, a self-report, a token that does not check out, evidence
+missing or inconsistent, or naming a stage the accused never served as far as the stage records this
+bootstrap has read show) is audited once under its reporter (``ban.refused``): a false or flooding
+reporter is named, its target is not. For each newly banned peer the bootstrap withholds credit (the
+ledger book accepts no more entries of its chains and leaves it out of the tally) and audits the ban
+(``peer.banned``, actor ``ban:<reporters>``); on a keyed run it finds the key the peer joined with from
+the access token in the peer's own signed stage records and revokes it, so the gates drop the peer and
+the DHT refuses its records, as for any revoked key. The evidence (``dht.bans.BanEvidence``) is checked
+for consistency only: the bootstrap holds no stage and cannot recompute an output, so two distinct keys
+whose consistent evidence names the same accused and stage are what bans. The stages a peer served are
+the ones this bootstrap has seen in its records since it started (read every round with live reports):
+a peer it never saw is not checked on that point, and a report of a stage the accused left before the
+bootstrap first read its records is refused.
 """
 
 from __future__ import annotations
@@ -46,14 +51,18 @@ class BanEnforcer:
         self.handled: dict[str, BanReport] = {}
         self._seen: dict[tuple[str, str], float] = {}  # (peer, reporter) -> when first read here
         self._refused: set[tuple[str, str]] = set()  # audited once each
+        self.served: dict[str, set[int]] = {}  # peer -> the stages its records showed here
 
     async def check_once(self, now: float | None = None) -> list[str]:
         """Judge the live reports and apply the bans not applied yet; returns the peers newly banned."""
         now = get_dht_time() if now is None else now
         reports = await all_reports(self.dht)
+        if reports:
+            await self._note_served()
         authority = self._authority()
         seen = [self._seen.setdefault((r.peer_id, r.reporter), now) for r in reports]
-        judged = judge([(r, self._identity(r, authority, at), at) for r, at in zip(reports, seen)])
+        judged = judge([(r, self._identity(r, authority, at), at) for r, at in zip(reports, seen)],
+                       served=self.served)
         for report, why in judged.refused:
             if (report.peer_id, report.reporter) not in self._refused:
                 self._refused.add((report.peer_id, report.reporter))
@@ -71,6 +80,14 @@ class BanEnforcer:
             await self._revoke_key_of(peer, actor)
             self.handled[peer] = report
         return fresh
+
+    async def _note_served(self) -> None:
+        """Adds the stages the live stage records show to ``served`` (it only grows: a liar that moves
+        to another stage after being caught is still known to have served the first)."""
+        records = await self.dht.all_records(self.num_stages)
+        for stage, found in records.items():
+            for record in found:
+                self.served.setdefault(record.peer_id, set()).add(stage)
 
     @staticmethod
     def _identity(report: BanReport, authority: RSAPublicKey | None, seen: float) -> str | None:

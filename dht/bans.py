@@ -16,17 +16,25 @@ peer ids counts once), distinct reporter peer ids on an open run (which has no i
 there the quorum only raises the cost of a framing). Each reporter may have ``REPORTS_PER_HOUR`` (10)
 reports counted per hour; the ones beyond, a report of the reporter itself, and one whose reporter's
 identity cannot be established are refused (the bootstrap audits them under the reporter,
-``bootstrap.bans``). The window is the reports' lifetime in the DHT. The bootstrap cannot check a
-report's evidence (the inputs' digest): it holds no stage, so it cannot recompute the outputs; the
-quorum stands in for that. A trainer that catches a liar stops routing to it at once (its own ban,
-``swarm.pipeline``); the run-wide ban waits for a second reporter.
+``bootstrap.bans``). The window is the reports' lifetime in the DHT.
+
+**A report carries the spot check's evidence** (``BanEvidence``, issue 22): the inputs' digest, the
+accused's, the honest replica's and the third replica's output digests, the two witnesses and the gap
+measured, inside the report's value and so signed by the reporter's own DHT key. Nobody who judges a
+report holds the stage (the bootstrap holds none), so nobody can recompute an output: ``judge`` checks
+that the evidence is there and consistent (``evidence_problem``) and refuses the report otherwise, and
+the quorum's reports must name the same accused and stage. A consistent fake is as easy to sign as the
+truth, so the quorum of distinct keys is what stands against framing; the evidence makes each report
+say exactly what it claims, and a careless or inconsistent one is refused and named. A trainer that
+catches a liar stops routing to it at once (its own ban, ``swarm.pipeline``); the run-wide ban waits
+for a second reporter.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Collection, Mapping, Sequence
 
 from hivemind.utils import get_dht_time
 from pydantic import Field, ValidationError
@@ -34,8 +42,10 @@ from pydantic import Field, ValidationError
 from dht.auth import token_key_id
 from dht.records import SwarmDHT, _entries
 from dht.schemas import PROTOCOL_VERSION, FrozenModel
+from shards.types import LayerRange
 
-__all__ = ["BAN_TTL", "BAN_QUORUM", "REPORTS_PER_HOUR", "BanReport", "Judgement", "judge", "bans_key", "report_ban",
+__all__ = ["BAN_TTL", "BAN_QUORUM", "REPORTS_PER_HOUR", "BanEvidence", "BanReport", "Judgement",
+           "evidence_problem", "judge", "bans_key", "report_ban",
            "all_reports", "banned_peers"]
 
 logger = logging.getLogger(__name__)
@@ -46,16 +56,45 @@ REPORTS_PER_HOUR = 10
 _HOUR = 3600.0
 
 
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class BanEvidence(FrozenModel):
+    """What a spot check saw (``swarm.spotcheck``): the same inputs and dropout seed sent to three
+    replicas of ``stage`` (``layers``) at optimizer ``step``; the accused's output differed from the
+    honest replica's by up to ``max_abs_diff``, and the third replica sided with the honest one (the
+    same digest, or, on other hardware, closer to it: ``third_gap`` < ``max_abs_diff``). Digests are
+    sha256 of each tensor's dtype, shape and bytes as received (``swarm.spotcheck.digest``).
+
+    It travels inside the ``BanReport`` value, which ``report_ban`` stores under a subkey ending in the
+    reporter's public key, so hivemind's ``RSASignatureValidator`` has it signed by the reporter's own
+    DHT key and every node checks that signature: the reporter vouches for the evidence and cannot
+    disown it, and nobody else can alter it. It proves consistency, not truth (see the module)."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    step: int = Field(ge=0)
+    inputs: str = Field(pattern=_SHA256, description="sha256 of the stage inputs (hidden states, mask, positions)")
+    accused_output: str = Field(pattern=_SHA256)
+    honest_output: str = Field(pattern=_SHA256)
+    third_output: str = Field(pattern=_SHA256)
+    honest_peer: str = Field(min_length=1, max_length=128)
+    third_peer: str = Field(min_length=1, max_length=128)
+    max_abs_diff: float = Field(ge=0, description="max |accused - honest|")
+    third_gap: float = Field(0.0, ge=0, description="max |third - honest|")
+
+
 class BanReport(FrozenModel):
     """``peer_id`` returned outputs of ``stage`` that other replicas contradict (``reason`` says how
-    much; ``evidence`` is the sha256 of the inputs the replicas disagreed on)."""
+    much, ``evidence`` what the spot check saw; a report without evidence is refused by ``judge``).
+    ``reporter`` must be the signer (the validator, ``dht.auth``)."""
 
     version: int = PROTOCOL_VERSION
     peer_id: str = Field(min_length=1, max_length=128)
     stage: int = Field(ge=0)
     reason: str = Field(max_length=300)
     reporter: str = Field(min_length=1, max_length=128)
-    evidence: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    evidence: BanEvidence | None = None
     at: float = 0.0
     access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
 
@@ -101,24 +140,53 @@ class Judgement:
     refused: list[tuple[BanReport, str]] = field(default_factory=list)
 
 
+def evidence_problem(report: BanReport, served: Collection[int] | None = None) -> str | None:
+    """Why ``report``'s evidence is missing or contradicts itself (None: consistent). ``served``: the
+    stages the accused is known to have served (None: unknown, not checked)."""
+    e, accused = report.evidence, report.peer_id
+    if e is None:
+        return "the report carries no evidence"
+    if e.stage != report.stage:
+        return f"the evidence is of stage {e.stage}, the report of stage {report.stage}"
+    if accused in (e.honest_peer, e.third_peer):
+        return "the accused is named as a witness"
+    if e.honest_peer == e.third_peer:
+        return "the honest and the third replica are the same peer"
+    if e.accused_output == e.honest_output or e.max_abs_diff == 0:
+        return "the accused's output is the honest one's"
+    if e.third_output != e.honest_output and e.third_gap >= e.max_abs_diff:
+        return "the third replica does not side with the honest one"
+    if served is not None and report.stage not in served:
+        return f"the accused served no stage {report.stage} as far as its records show"
+    return None
+
+
 def judge(reports: Sequence[tuple[BanReport, str | None, float]], *, quorum: int = BAN_QUORUM,
-          limit: int = REPORTS_PER_HOUR, per: float = _HOUR) -> Judgement:
+          limit: int = REPORTS_PER_HOUR, per: float = _HOUR,
+          served: Mapping[str, Collection[int]] | None = None) -> Judgement:
     """Which peers the reports ban. Each report comes with its reporter's identity (key id; None: it
     could not be established) and when it was seen. A report is refused if it has no identity, if
-    it reports its own reporter, or if its reporter already had ``limit`` reports counted within
-    ``per`` s before it; a peer is banned when ``quorum`` distinct identities report it."""
+    it reports its own reporter, if its evidence is missing or inconsistent (``evidence_problem``;
+    ``served``: peer -> the stages its records showed, where the caller knows them), or if its
+    reporter already had ``limit`` reports counted within ``per`` s before it; a peer is banned when
+    ``quorum`` distinct identities report it for the same stage."""
     refused: list[tuple[BanReport, str]] = []
     counted: dict[str, list[float]] = {}
-    agree: dict[str, set[str]] = {}
+    agree: dict[tuple[str, int], set[str]] = {}
     for report, identity, seen in sorted(reports, key=lambda r: (r[2], r[0].reporter, r[0].peer_id)):
         if identity is None:
             refused.append((report, "the reporter's access token does not check out"))
         elif report.peer_id == report.reporter:
             refused.append((report, "a reporter cannot report itself"))
+        elif (problem := evidence_problem(report, None if served is None else served.get(report.peer_id))):
+            refused.append((report, problem))
         elif len([t for t in counted.get(identity, []) if seen - t < per]) >= limit:
             refused.append((report, f"more than {limit} reports in {per / _HOUR:g} h from key {identity}"))
         else:
             counted.setdefault(identity, []).append(seen)
-            agree.setdefault(report.peer_id, set()).add(identity)
-    banned = {peer: sorted(ids) for peer, ids in agree.items() if len(ids) >= quorum}
-    return Judgement(banned=banned, refused=refused)
+            agree.setdefault((report.peer_id, report.stage), set()).add(identity)
+    banned: dict[str, set[str]] = {}
+    for (peer, _), ids in agree.items():
+        if len(ids) >= quorum:
+            banned.setdefault(peer, set()).update(ids)
+    return Judgement(banned={peer: sorted(ids) for peer, ids in banned.items()}, refused=refused)

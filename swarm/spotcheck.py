@@ -7,7 +7,9 @@ the outputs within a tolerance suited to the dtype on the wire. When they disagr
 decides: the replica that disagrees with the other two is caught. It is banned by this trainer at once
 (its accumulated backwards of the open step are replayed on honest replicas, so it is no member of the
 step and nothing it computed is applied), the microbatch goes on with the honest output, and a signed
-``BanReport`` in the DHT (``dht.bans``) makes every trainer, peer and bootstrap leave it out. Two
+``BanReport`` in the DHT (``dht.bans``), carrying what the check saw (``BanEvidence``: the digests of
+the inputs and of the three outputs, the witnesses, the gap), makes every trainer, peer and bootstrap
+leave it out once a second key holder agrees. Two
 replicas that disagree with no third to decide are a *dispute*: logged and counted, nobody is banned
 (which one lies cannot be told, and banning both would stop the stage).
 """
@@ -25,13 +27,13 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 import torch
 
-from dht.bans import BanReport
+from dht.bans import BanEvidence, BanReport
 from dht.schemas import PeerRecord
 from peers.client import StageClient, StageInputs
 from shards.types import LayerRange
 from swarm.errors import SwarmError
 
-__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "BanList", "without_banned"]
+__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "digest", "BanList", "without_banned"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,26 @@ def agree(a: torch.Tensor, b: torch.Tensor, tolerance: float | None = None, wire
     if wire == "int8":
         return float((a.float() - b.float()).norm()) <= tol * max(float(a.float().norm()), float(b.float().norm()))
     return bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
+
+
+def digest(*tensors: torch.Tensor | None) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (None counts as such): what ``BanEvidence``
+    names. Any dtype (bfloat16 has no numpy form, so the bytes are read as uint8)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, finite (a NaN or an overflow counts as the largest gap the evidence can carry)."""
+    gap = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
+    return gap if gap == gap and gap < 1e30 else 1e30
 
 
 @dataclass
@@ -116,9 +138,13 @@ class SpotChecker:
             same = [agree(second, third, self.tolerance, self.wire), agree(output, third, self.tolerance, self.wire)]
             liar = peer if same[0] else checker if same[1] else None
             if liar is not None:
-                honest = (second, checker) if liar == peer else (output, peer)
+                honest, accused = ((second, checker), output) if liar == peer else ((output, peer), second)
                 reason = f"stage {stage} output differs from two other replicas' by up to {gap:.3g}"
-                await self._caught(liar, stage, reason, inputs)
+                evidence = BanEvidence(stage=stage, layers=layers, step=step, inputs=digest(*inputs),
+                                       accused_output=digest(accused), honest_output=digest(honest[0]),
+                                       third_output=digest(third), honest_peer=honest[1], third_peer=arbiter,
+                                       max_abs_diff=_gap(accused, honest[0]), third_gap=_gap(third, honest[0]))
+                await self._caught(liar, reason, evidence)
                 return Verdict(honest[0], honest[1], [liar], reason)
         self.disputes += 1
         logger.warning("spot check of stage %d: no third replica to decide between %s and %s", stage, peer[-8:],
@@ -137,7 +163,7 @@ class SpotChecker:
             return None
         return output if reply.optimizer_step == step else None
 
-    async def _caught(self, peer: str, stage: int, reason: str, inputs: StageInputs) -> None:
+    async def _caught(self, peer: str, reason: str, evidence: BanEvidence) -> None:
         if any(caught == peer for caught, _ in self.caught):  # pipelined microbatches checked it at once
             return
         at = self._first_disagreement[peer]  # a peer is caught only after a check of its work disagreed
@@ -146,8 +172,7 @@ class SpotChecker:
                        peer[-8:], at, self.checks, reason)
         if self._report is None:
             return
-        evidence = hashlib.sha256(inputs[0].detach().contiguous().numpy().tobytes()).hexdigest()
-        report = BanReport(peer_id=peer, stage=stage, reason=reason[:300], reporter=self._reporter_id,
+        report = BanReport(peer_id=peer, stage=evidence.stage, reason=reason[:300], reporter=self._reporter_id,
                            evidence=evidence, at=time.time())
         try:
             await self._report(report)

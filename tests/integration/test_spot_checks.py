@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dht.bans import BanReport, all_reports, banned_peers, report_ban
+from dht.bans import BanEvidence, BanReport, all_reports, banned_peers, evidence_problem, report_ban
 from dht.records import SwarmDHT
+from shards.types import LayerRange
 from swarm.pipeline import FaultPolicy
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,10 @@ def test_a_corrupting_peer_is_caught_banned_for_everyone_and_the_loss_is_unaffec
     assert checker.caught[0][1] <= 2, f"caught after {checker.caught[0][1]} spot checks of its work"
     print(f"caught after {checker.caught[0][1]} spot check(s) of its work, {checker.checks} made in all")
     assert [r.peer_id for r in reports] == [liar.peer_id] and "differs from two other replicas" in reports[0].reason
+    evidence = reports[0].evidence  # what the check saw, signed by the trainer's own DHT key
+    assert evidence is not None and evidence_problem(reports[0]) is None, reports[0]
+    assert liar.peer_id not in (evidence.honest_peer, evidence.third_peer) and evidence.max_abs_diff > 0
+    assert {evidence.honest_peer, evidence.third_peer} <= {p.peer_id for p in swarm.peers}
     book = swarm.bootstrap.telemetry.book
     # one reporter is no quorum: the trainer routed around the liar itself, the run has not banned it
     assert swarm.loop.run(banned_peers(swarm.bootstrap.dht), timeout=30) == {}
@@ -98,10 +103,13 @@ def test_on_a_keyed_run_a_ban_needs_a_key_and_revokes_the_liars_key(model_factor
     db = swarm.bootstrap.db
     honest_key, liar_key = db.create_key("honest", actor="test"), db.create_key("liar", actor="test")
     trainer_key = db.create_key("trainer", actor="test").secret
-    swarm.add_peer(stage=0, key=honest_key.secret)
+    honest = swarm.add_peer(stage=0, key=honest_key.secret)
     liar = swarm.add_peer(stage=0, key=liar_key.secret)
-    report = BanReport(peer_id=liar.peer_id, stage=0, reason="test: wrong outputs", reporter="t")
     stranger = SwarmDHT.create("test", initial_peers=swarm.initial_peers, host="127.0.0.1")
+    evidence = BanEvidence(stage=0, layers=LayerRange(start=0, end=2), step=0, inputs="1" * 64,
+                           accused_output="2" * 64, honest_output="3" * 64, third_output="3" * 64,
+                           honest_peer=honest.peer_id, third_peer=stranger.peer_id, max_abs_diff=1.0)
+    report = BanReport(peer_id=liar.peer_id, stage=0, reason="test: wrong outputs", reporter="t", evidence=evidence)
     try:
         assert swarm.loop.run(report_ban(stranger, report), timeout=30) is False  # no token: refused
     finally:
