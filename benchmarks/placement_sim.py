@@ -293,8 +293,9 @@ class Simulation:
         if move is None:
             return
         new = move.new if hasattr(move, "new") else move
+        kept = peer.span.start <= new.start and new.end <= peer.span.end  # a shrink: nothing to load
         self._release(peer)
-        self._claim(peer, new)
+        self._claim(peer, new, load=not kept)
         self.moves += 1
 
     # the rules
@@ -336,10 +337,10 @@ class Simulation:
         return self._gate[active]
 
     # bookkeeping
-    def _claim(self, peer: SimPeer, span: Span) -> None:
+    def _claim(self, peer: SimPeer, span: Span, *, load: bool = True) -> None:
         self._gate.clear()
         peer.span = span
-        peer.online_at = self.now + self.args.load_time
+        peer.online_at = self.now + (self.args.load_time if load else 0.0)
         self.loads[span.start:span.start + span.count] += peer.share()
         self.claimers[span.start:span.start + span.count] += 1
         for stage in span.stages:
