@@ -128,6 +128,16 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children so far (children that exited are
+    not counted: read it while they run)."""
+    try:
+        root = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
 def _steps(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -192,6 +202,8 @@ def main() -> None:
     steps_file, stop = root / "steps.jsonl", root / "stop"
     samples: list[tuple[float, int]] = []
     marks: dict[str, float] = {}
+    peer_cpu: dict[str, float] = {}
+    flood_cpu: list[float] = []
     flood_result = ""
     try:
         address, key = _start_keyed_swarm(procs, root, model_dir, args)
@@ -210,6 +222,7 @@ def main() -> None:
 
         _wait(done(args.warmup), deadline, [], pid)
         marks["before"] = time.monotonic()
+        peer_cpu["before"] = _tree_cpu(pid)
         _wait(done(len(_steps(steps_file)) + args.steps, args.min_seconds), deadline, samples, pid)
         marks["during"] = time.monotonic()
         flood = subprocess.Popen(
@@ -218,6 +231,12 @@ def main() -> None:
             stdout=subprocess.PIPE, stderr=open(root / "flooder.log", "w"), text=True, start_new_session=True)
         children.append(flood)
         flood_deadline = min(deadline, time.monotonic() + args.flood_seconds + 180)
+        flood_cpu = [_tree_cpu(flood.pid)]
+        peer_cpu["during"] = _tree_cpu(pid)
+        _wait(lambda: flood.poll() is not None or time.monotonic() >= marks["during"] + args.flood_seconds,
+              flood_deadline, samples, pid)
+        flood_cpu.append(_tree_cpu(flood.pid))  # just before the flooder ends: its children still count
+        peer_cpu["flooded"], marks["flooded"] = _tree_cpu(pid), time.monotonic()
         _wait(lambda: flood.poll() is not None, flood_deadline, samples, pid)
         flood_result = flood.stdout.read().strip() if flood.poll() is not None else "(killed: past its bound)"
         marks["after"] = time.monotonic()
@@ -233,6 +252,12 @@ def main() -> None:
                 child.wait()
         procs.stop_all()
     _report(_steps(steps_file), samples, marks, flood_result)
+    if len(flood_cpu) == 2 and "flooded" in marks:
+        cores = lambda cpu, a, b: cpu / max(marks[b] - marks[a], 1e-9)  # noqa: E731
+        print(f"CPU (cores busy): peer1 and its children {cores(peer_cpu['during'] - peer_cpu['before'], 'before', 'during'):.2f} "
+              f"before, {cores(peer_cpu['flooded'] - peer_cpu['during'], 'during', 'flooded'):.2f} during the flood; "
+              f"the flooder and its DHT/p2pd {cores(flood_cpu[1] - flood_cpu[0], 'during', 'flooded'):.2f} "
+              f"(of {psutil.cpu_count()} cores: what the flood itself takes from the trainer and peers)")
 
 
 def _report(steps: list[dict], samples: list[tuple[float, int]], marks: dict[str, float], flood: str) -> None:

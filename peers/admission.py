@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 PUBLIC_REQUEST_BYTES = 64 << 10
-REFUSED_DISCARD_BYTES = 1 << 20
+REFUSED_DISCARD_BYTES = 64 << 10  # enough for a small refused call to get its AuthRejected; a flood is reset
 MAX_STREAMS_PER_CALLER = 64
 MAX_BYTES_PER_CALLER = 1 << 30
 

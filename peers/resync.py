@@ -79,7 +79,16 @@ class ResyncWatch:
         per stage at a time)."""
         task = self._nudged.get(stage)
         if task is None or task.done():
-            self._nudged[stage] = asyncio.create_task(self._catch_up(stage), name=f"resync-stage{stage}")
+            self._nudged[stage] = asyncio.create_task(self._catch_up_safely(stage), name=f"resync-stage{stage}")
+
+    async def _catch_up_safely(self, stage: int) -> bool:
+        try:
+            return await self._catch_up(stage)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a DHT hiccup (or the node stopping) must not fail stop(); the watch retries
+            logger.warning("stage %d: checking its replicas' steps failed: %s: %s", stage, type(e).__name__, e)
+            return False
 
     async def _catch_up(self, stage: int, looks: int = 5) -> bool:
         """Up to ``looks`` times, 0.5 s more apart each time: is another replica ahead of this one? If so,
