@@ -22,6 +22,7 @@ stopped on the way out.
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import statistics
@@ -181,6 +182,9 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=25, help="size of each call")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--isolate", action="store_true",
+                        help="the flooder (and its DHT process and p2pd) on the last core, the swarm on the others: "
+                             "on one small machine the attacker's own CPU would otherwise slow the swarm")
     for hidden in ("--trainer", "--flooder"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--address", "--key", "--target", "--out", "--stop"):
@@ -190,7 +194,11 @@ def main() -> None:
     if args.trainer:
         return trainer(args)
     if args.flooder:
+        if args.isolate:  # the attacker's machine: its own core, and its DHT process and p2pd with it
+            os.sched_setaffinity(0, {os.cpu_count() - 1})
         return flooder(args)
+    if args.isolate:  # the swarm keeps the other cores, so the flood's own CPU is not the swarm's
+        os.sched_setaffinity(0, set(range(os.cpu_count() - 1)))
 
     root = Path(tempfile.mkdtemp(prefix="swarm-flood-"))
     model_dir = make_tiny_model(root / "model", "gpt2", num_layers=2, hidden_size=64, num_heads=2)
@@ -227,7 +235,8 @@ def main() -> None:
         marks["during"] = time.monotonic()
         flood = subprocess.Popen(
             [sys.executable, __file__, "--flooder", "--address", address, "--target", target, "--seconds",
-             str(args.flood_seconds), "--calls", str(args.calls), "--mib", str(args.mib)],
+             str(args.flood_seconds), "--calls", str(args.calls), "--mib", str(args.mib)]
+            + (["--isolate"] if args.isolate else []),
             stdout=subprocess.PIPE, stderr=open(root / "flooder.log", "w"), text=True, start_new_session=True)
         children.append(flood)
         flood_deadline = min(deadline, time.monotonic() + args.flood_seconds + 180)
