@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _EARLY_PROBE = 5.0  # seconds between probes of a banned replica whose stage nobody else serves
+_STALE_RECHECK = 2.0  # seconds before a replica left out for being behind is asked its step again
 
 RecordSource = Callable[[], Awaitable[Mapping[int, Sequence[PeerRecord]]]]
 """Returns the current peer records per stage (the DHT in real use, a dict in unit tests)."""
@@ -239,9 +240,15 @@ class RemotePipeline:
         return {r.peer_id for rs in self._records.values() for r in rs}
 
     def _ban(self, peer_id: str, why: BaseException) -> None:
-        logger.warning("leaving peer %s out for %.0f s, and until it answers: %s: %s", peer_id[-8:],
-                       self.policy.ban_time, type(why).__name__, why)
-        self._banned[peer_id] = time.monotonic() + self.policy.ban_time
+        """Leave ``peer_id`` out of routes and steps for ``ban_time``, then until it answers a probe. A
+        replica left out only for being behind (``StaleReplica``) is probed again after ``_STALE_RECHECK``
+        s instead, and is back as soon as it answers at the run's step: it takes the current state by
+        itself within seconds (``peers.resync``), and left out for a minute it fell behind again at every
+        step it missed (a churn run lost 6 steps when the other replica of its stage died meanwhile)."""
+        ban = _STALE_RECHECK if isinstance(why, StaleReplica) else self.policy.ban_time
+        logger.warning("leaving peer %s out for %.0f s, and until it answers: %s: %s", peer_id[-8:], ban,
+                       type(why).__name__, why)
+        self._banned[peer_id] = time.monotonic() + ban
         self._dropped[peer_id] = why
 
     async def _readmit(self, unserved: Collection[int] = ()) -> None:
@@ -281,6 +288,9 @@ class RemotePipeline:
                 self._banned[peer] = time.monotonic() + self.policy.ban_time
                 logger.warning("peer %s still does not answer (%s); its record is still in the DHT: left out "
                                "another %.0f s", peer[-8:], type(answer).__name__, self.policy.ban_time)
+            elif isinstance(self._dropped.get(peer), StaleReplica) and self.step is not None \
+                    and answer.optimizer_step < self.step:
+                self._banned[peer] = time.monotonic() + _STALE_RECHECK  # still catching up
             else:
                 self._banned.pop(peer, None)
                 self._dropped.pop(peer, None)
