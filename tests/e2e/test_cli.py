@@ -81,8 +81,11 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
                            "--state-dir", str(tmp_path / f"state-peer{i}")], tmp_path / f"peer{i}.log")
             procs.append(peer)
             peers.append(peer)
-            # room for both stages: alone, the first serves them both; the second adds to both
-            _wait_for(tmp_path / f"peer{i}.log", peer, "serving stages 0-1 (layers [0, 4))", timeout=120)
+            # room for both stages: alone, the first serves them both; placement decides where the second goes
+            # (tests/unit/test_placement.py and tests/e2e/test_free_placement.py check where)
+            _wait_for(tmp_path / f"peer{i}.log", peer, "Ctrl+C to leave", timeout=120)
+            if i == 0:
+                assert "serving stages 0-1 (layers [0, 4))" in (tmp_path / "peer0.log").read_text()
             # the measurement is shown; the second peer times its link to the first
             joined = (tmp_path / f"peer{i}.log").read_text()
             assert "tokens/s[/] for one stage" not in joined and " tokens/s for one stage" in joined
@@ -93,9 +96,9 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
         report = json.loads(status.stdout)
         assert [s["index"] for s in report["stages"]] == [0, 1]
         assert [s["layers"] for s in report["stages"]] == [[0, 2], [2, 4]]
-        assert all(len(s["peers"]) == 2 for s in report["stages"])
-        assert [tuple(p["stages"]) for p in report["peers"]] == [(0, 1), (0, 1)]
-        assert all(p["throughput"] > 0 and p["state"] == "online" for p in report["peers"])
+        assert all(s["peers"] for s in report["stages"]), report["stages"]  # every stage served
+        assert len(report["peers"]) == 2 and all(p["stages"] for p in report["peers"]), report["peers"]
+        assert all(p["throughput"] > 0 and p["state"] in ("online", "draining") for p in report["peers"])
 
         table = subprocess.run(SWARM + ["status", "--bootstrap", address], capture_output=True, text=True,
                                timeout=120, env=ENV)
