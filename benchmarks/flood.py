@@ -106,19 +106,41 @@ def flooder(args: argparse.Namespace) -> None:
         deadline = time.monotonic() + args.seconds
         rounds, outcomes = 0, {}
         try:
-            while time.monotonic() < deadline:
+            if args.continuous:  # no rounds: a new call starts the moment one ends
+                rounds = await _continuous(lambda: one(p2p), args.calls, deadline, outcomes)
+            while not args.continuous and time.monotonic() < deadline:
                 for outcome in await asyncio.wait_for(asyncio.gather(*(one(p2p) for _ in range(args.calls))),
                                                       timeout=max(5.0, deadline - time.monotonic() + 30)):
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 rounds += 1
         finally:
             await p2p.shutdown()
-        print(json.dumps({"rounds": rounds, "outcomes": outcomes}), flush=True)
+        print(json.dumps({"rounds" if not args.continuous else "calls ended": rounds, "outcomes": outcomes}), flush=True)
 
     try:
         asyncio.run(flood())
     finally:
         dht.shutdown()
+
+
+async def _continuous(call, width: int, deadline: float, outcomes: dict[str, int]) -> int:
+    """``width`` calls in flight until the deadline, each replaced as it ends; returns how many ended."""
+    running: set[asyncio.Task] = set()
+    ended = 0
+    try:
+        while time.monotonic() < deadline:
+            while len(running) < width:
+                running.add(asyncio.ensure_future(call()))
+            done, running = await asyncio.wait(running, timeout=max(0.1, deadline - time.monotonic()),
+                                                return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                outcomes[task.result()] = outcomes.get(task.result(), 0) + 1
+            ended += len(done)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    return ended
 
 
 def _tree_rss(pid: int) -> int:
@@ -180,6 +202,9 @@ def main() -> None:
     parser.add_argument("--flood-seconds", type=float, default=60.0)
     parser.add_argument("--calls", type=int, default=40, help="concurrent unauthenticated calls a round")
     parser.add_argument("--mib", type=int, default=25, help="size of each call")
+    parser.add_argument("--continuous", action="store_true",
+                        help="no rounds: --calls calls always in flight, each replaced the moment it ends "
+                             "(an attacker that does not wait for its slowest call)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--isolate", action="store_true",
@@ -236,7 +261,7 @@ def main() -> None:
         flood = subprocess.Popen(
             [sys.executable, __file__, "--flooder", "--address", address, "--target", target, "--seconds",
              str(args.flood_seconds), "--calls", str(args.calls), "--mib", str(args.mib)]
-            + (["--isolate"] if args.isolate else []),
+            + (["--isolate"] if args.isolate else []) + (["--continuous"] if args.continuous else []),
             stdout=subprocess.PIPE, stderr=open(root / "flooder.log", "w"), text=True, start_new_session=True)
         children.append(flood)
         flood_deadline = min(deadline, time.monotonic() + args.flood_seconds + 180)

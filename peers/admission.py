@@ -13,13 +13,18 @@ secure channel), so the decision needs no byte of the request:
    reserved as each header arrives, before its body is read, and released when the request has been
    answered: at most ``CallerLimits.max_bytes`` at once (one request alone may reserve up to its own
    method's limit, e.g. a checkpoint upload). Over the limit the request is ``CapacityExceeded``.
+4. **Refused again and again.** A caller the gate has refused more than ``FREE_REFUSALS`` times in the
+   last ``REFUSAL_WINDOW`` seconds has each further refusal held for ``REFUSAL_HOLD`` seconds, its
+   stream open and unread, before the answer (``refusal_hold``). A caller whose token lapsed is told at
+   once; a flood is slowed to what its open streams allow (``max_streams`` a ``REFUSAL_HOLD``), and
+   what it sends meanwhile waits in flow control instead of costing this node reading and decrypting.
 
 Public methods take at most ``PUBLIC_REQUEST_BYTES``: a token or a key, never tensors.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,12 +40,20 @@ __all__ = [
     "MAX_BYTES_PER_CALLER",
     "stream_refusal",
     "bytes_refusal",
+    "refusal_hold",
+    "Refusals",
+    "FREE_REFUSALS",
+    "REFUSAL_WINDOW",
+    "REFUSAL_HOLD",
 ]
 
 PUBLIC_REQUEST_BYTES = 64 << 10
 REFUSED_DISCARD_BYTES = 64 << 10  # enough for a small refused call to get its AuthRejected; a flood is reset
 MAX_STREAMS_PER_CALLER = 64
 MAX_BYTES_PER_CALLER = 1 << 30
+FREE_REFUSALS = 3  # answered at once: a lapsed token, a race with its presentation
+REFUSAL_WINDOW = 10.0
+REFUSAL_HOLD = 2.0
 
 
 class Gate(Protocol):
@@ -67,6 +80,38 @@ def bytes_refusal(in_flight: int, more: int, method_limit: int | None, max_bytes
     if in_flight == 0 and (method_limit is None or more <= method_limit):
         return None
     return f"this caller's requests in flight here would reach {wanted >> 20} MiB (at most {max_bytes >> 20} MiB)"
+
+
+def refusal_hold(recent: int, free: int = FREE_REFUSALS, hold: float = REFUSAL_HOLD) -> float:
+    """How long to hold a gate refusal, unread, before answering it, for a caller already refused
+    ``recent`` times in the window: not at all for the first ``free``, ``hold`` seconds after."""
+    return 0.0 if recent < free else hold
+
+
+@dataclass
+class Refusals:
+    """The gate's recent refusals per caller (one event loop: no locks needed); ``hold(caller, now)``
+    counts one more and says how long to hold it (``refusal_hold``)."""
+
+    window: float = REFUSAL_WINDOW
+    free: int = FREE_REFUSALS
+    seconds: float = REFUSAL_HOLD
+    recent: dict[str, deque] = field(default_factory=dict)
+
+    def hold(self, caller: str, now: float) -> float:
+        times = self.recent.setdefault(caller, deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        delay = refusal_hold(len(times), self.free, self.seconds)
+        times.append(now)
+        self._forget(now)
+        return delay
+
+    def _forget(self, now: float) -> None:
+        """Drop callers with no refusal in the window, so that many one-off strangers cost nothing."""
+        if len(self.recent) > 1024:
+            for caller in [c for c, times in self.recent.items() if not times or times[-1] <= now - self.window]:
+                del self.recent[caller]
 
 
 @dataclass

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections import Counter
 from contextvars import ContextVar
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
@@ -23,7 +24,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 
-from peers.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate
+from peers.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate, Refusals
 from peers.framing import IDLE_SECONDS, read_frames, write_frames
 from peers.protocol import error_reply
 from swarm._loop import bounded
@@ -68,13 +69,16 @@ class P2PTransport:
 
     Every served stream passes ``peers.admission`` first: the caller's open streams and bytes in
     flight are capped (``limits``), and with a ``gate`` (a keyed run) a caller without a valid token
-    is answered ``AuthRejected`` before its request is read, on every method not served ``public``.
+    is answered ``AuthRejected`` before its request is read, on every method not served ``public``
+    (held a while first for a caller refused again and again: ``refusals``).
     """
 
-    def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None):
+    def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None,
+                 refusals: Refusals | None = None):
         self.p2p = p2p
         self.gate = gate
         self.limits = limits or CallerLimits()
+        self.refusals = refusals or Refusals()
         self._served: list[str] = []
         self.public: set[str] = set()
 
@@ -97,6 +101,8 @@ class P2PTransport:
                     try:
                         self._check_gate(caller, public)
                     except AuthRejected as e:
+                        if hold := self.refusals.hold(caller, time.monotonic()):
+                            await asyncio.sleep(hold)  # unread: what it sends meanwhile waits in flow control
                         await _send(writer, reader, method, (error_reply(e), [], True), discard=REFUSED_DISCARD_BYTES)
                         return
                     answer = await _answer(method, handler, reader, limit, ticket.reserve)

@@ -73,3 +73,51 @@ def test_a_handler_that_fails_or_is_cancelled_under_it_still_replies_with_a_name
     assert cancelled == {"error": {"code": "SwarmError", "message": "t.cancelled: the work was cancelled on this peer"}}
     assert bug == {"error": {"code": "SwarmError", "message": "internal error in t.bug: RuntimeError: the disk is full"}}
     assert echoed == {"ok": {"n": 1}}  # and the peer goes on serving
+
+
+def test_a_caller_refused_again_and_again_is_held_while_others_are_served_at_once():
+    """The gate answers a caller without a token at once the first ``FREE_REFUSALS`` times, then holds
+    each refusal ``REFUSAL_HOLD`` s, unread (issue 22's flood); a member's calls are not held meanwhile."""
+    from peers.admission import FREE_REFUSALS, REFUSAL_HOLD
+    from swarm.errors import AuthRejected
+
+    async def echo(message, tensors):
+        return {"ok": message}, tensors
+
+    async def timed(transport: P2PTransport, peer: str) -> tuple[dict, float]:
+        started = asyncio.get_running_loop().time()
+        reply, _ = await transport.call(peer, "t.echo", {"n": 1}, [], timeout=30)
+        return reply, asyncio.get_running_loop().time() - started
+
+    async def main():
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        maddrs = [str(a) for a in await server.get_visible_maddrs()]
+        stranger_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        member_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        member_id = member_p2p.peer_id.to_base58()
+
+        class OnlyTheMember:
+            def check(self, caller: str | None) -> None:
+                if caller != member_id:
+                    raise AuthRejected("no valid token")
+
+        try:
+            serving = P2PTransport(server, gate=OnlyTheMember())
+            await serving.serve("t.echo", echo)
+            peer, stranger, member = server.peer_id.to_base58(), P2PTransport(stranger_p2p), P2PTransport(member_p2p)
+            refused = [await timed(stranger, peer) for _ in range(FREE_REFUSALS)]
+            held = asyncio.ensure_future(timed(stranger, peer))
+            await asyncio.sleep(0.2)
+            served = await timed(member, peer)
+            await serving.shutdown()
+            return refused, await held, served
+        finally:
+            for p2p in (member_p2p, stranger_p2p, server):
+                await p2p.shutdown()
+
+    refused, held, served = asyncio.run(asyncio.wait_for(main(), 60))
+    for reply, took in [*refused, held]:
+        assert reply["error"]["code"] == "AuthRejected", reply
+    assert all(took < REFUSAL_HOLD / 2 for _, took in refused), refused
+    assert held[1] >= REFUSAL_HOLD, held
+    assert served[0] == {"ok": {"n": 1}} and served[1] < REFUSAL_HOLD / 2, served

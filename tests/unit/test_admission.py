@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peers.admission import CallerLimits, bytes_refusal, stream_refusal
+from peers.admission import CallerLimits, Refusals, bytes_refusal, refusal_hold, stream_refusal
 from swarm.errors import CapacityExceeded
 
 MiB = 1 << 20
@@ -57,3 +57,30 @@ def test_tickets_reserve_and_give_back():
     with second:
         pass
     assert not limits.in_flight and not limits.streams
+
+
+@pytest.mark.parametrize("recent, free, hold, expected", [
+    (0, 3, 2.0, 0.0),   # a lapsed token: told at once
+    (2, 3, 2.0, 0.0),   # ... and a race or two with its presentation
+    (3, 3, 2.0, 2.0),   # refused again and again: held
+    (400, 3, 2.0, 2.0),  # a flood: held, never longer (its streams stay capped)
+    (0, 0, 1.5, 1.5),
+])
+def test_refusal_hold_table(recent, free, hold, expected):
+    assert refusal_hold(recent, free, hold) == expected
+
+
+def test_refusals_count_per_caller_within_the_window():
+    refusals = Refusals(window=10.0, free=2, seconds=2.0)
+    assert [refusals.hold("a", t) for t in (0.0, 1.0, 2.0, 3.0)] == [0.0, 0.0, 2.0, 2.0]
+    assert refusals.hold("b", 3.0) == 0.0  # another caller starts afresh
+    assert refusals.hold("a", 12.5) == 0.0  # only 3.0 is left in a's window: under the free two
+    assert refusals.hold("a", 12.6) == 2.0
+
+
+def test_refusals_forget_callers_gone_quiet():
+    refusals = Refusals(window=10.0)
+    for i in range(1100):
+        refusals.hold(f"stranger-{i}", 0.0)
+    refusals.hold("late", 20.0)
+    assert list(refusals.recent) == ["late"]
