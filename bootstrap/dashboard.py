@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -112,132 +112,175 @@ StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 def create_app(db: StateDB, auth: AdminAuth, *, run_id: str, join_command: Callable[[], str],
                maddrs: Callable[[], list[str]], keys_required: bool, status: StatusSource,
                stream_period: float = 1.0) -> FastAPI:
+    """The app: public routes (joining, status), the admin's session, keys, run control and metrics."""
     app = FastAPI(title=f"swarm bootstrap: run {run_id}", version="1",
                   description="Admin API of a swarm run's bootstrap; the dashboard's pages use it.")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_exception_handler(SwarmError, _swarm_error)
+    guard = _Guard(auth)
+    app.include_router(_public_routes(auth, run_id, join_command, maddrs, keys_required, status))
+    app.include_router(_session_routes(auth, guard))
+    app.include_router(_key_routes(db, guard))
+    app.include_router(_run_routes(db, guard, stream_period))
+    return app
 
-    def session(request: Request) -> Session:
-        found = auth.session(request.cookies.get(COOKIE))
+
+async def _swarm_error(request: Request, error: SwarmError) -> Response:
+    code = 401 if isinstance(error, AuthRejected) else 400
+    if isinstance(error, AuthRejected) and "too many" in str(error):
+        code = 429
+    return Response(json.dumps({"detail": str(error)}), status_code=code, media_type="application/json")
+
+
+class _Guard:
+    """The admin's dependencies: ``session`` (a logged-in admin) and ``csrf`` (one whose request also
+    carries the session's CSRF token: every route that changes something)."""
+
+    def __init__(self, auth: AdminAuth):
+        self.auth = auth
+
+    def session(self, request: Request) -> Session:
+        found = self.auth.session(request.cookies.get(COOKIE))
         if found is None:
             raise HTTPException(401, "log in first (POST /api/login)")
         return found
 
-    def csrf(request: Request, current: Session = Depends(session)) -> Session:
+    def csrf(self, request: Request) -> Session:
+        current = self.session(request)
         if request.headers.get("x-csrf-token") != current.csrf:
             raise HTTPException(403, "missing or wrong X-CSRF-Token header")
         return current
 
-    @app.exception_handler(SwarmError)
-    async def _swarm_error(request: Request, error: SwarmError) -> Response:
-        code = 401 if isinstance(error, AuthRejected) else 400
-        if isinstance(error, AuthRejected) and "too many" in str(error):
-            code = 429
-        return Response(json.dumps({"detail": str(error)}), status_code=code, media_type="application/json")
 
-    # -- public --------------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
+def _public_routes(auth: AdminAuth, run_id: str, join_command: Callable[[], str], maddrs: Callable[[], list[str]],
+                   keys_required: bool, status: StatusSource) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
         if auth.session(request.cookies.get(COOKIE)) is None:
             return RedirectResponse("/login", status_code=303)
         return FileResponse(STATIC / "dashboard.html")
 
-    @app.get("/login", include_in_schema=False)
+    @router.get("/login", include_in_schema=False)
     async def login_page() -> Response:
         return FileResponse(STATIC / "login.html")
 
-    @app.get("/join", response_class=HTMLResponse, include_in_schema=False)
+    @router.get("/join", response_class=HTMLResponse, include_in_schema=False)
     async def join_page() -> str:
-        command = html.escape(join_command())
-        key = ("This run needs an API key: ask the run owner for one, then add <code>--key YOUR_KEY</code> "
-               "(or set <code>SWARM_KEY</code>)." if keys_required else "This run is open: no key is needed.")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>join run {html.escape(run_id)}</title>"
-                "<link rel='stylesheet' href='/static/style.css'></head><body><main>"
-                f"<h1>Join run <code>{html.escape(run_id)}</code></h1>"
-                f"<p>Install swarm, then run:</p><pre id='join-command'>{command}</pre>"
-                f"<p id='join-key'>{key}</p></main></body></html>")
+        return _join_html(run_id, join_command(), keys_required)
 
-    @app.get("/api/join", response_model=JoinOut, tags=["public"])
+    @router.get("/api/join", response_model=JoinOut, tags=["public"])
     async def api_join() -> JoinOut:
         return JoinOut(run_id=run_id, command=join_command(), keys_required=keys_required, maddrs=maddrs())
 
-    @app.get("/api/status", tags=["public"], summary="the data of `swarm status --json`")
+    @router.get("/api/status", tags=["public"], summary="the data of `swarm status --json`")
     async def api_status() -> dict[str, Any]:
         try:
             return await status()
         except SwarmError as e:  # the DHT has no manifest yet, or is briefly unreachable
             raise HTTPException(503, str(e)) from None
 
-    @app.post("/api/login", response_model=SessionOut, tags=["session"],
-              responses={401: {"description": "wrong credentials"}, 429: {"description": "too many failures"}})
+    return router
+
+
+def _join_html(run_id: str, command: str, keys_required: bool) -> str:
+    key = ("This run needs an API key: ask the run owner for one, then add <code>--key YOUR_KEY</code> "
+           "(or set <code>SWARM_KEY</code>)." if keys_required else "This run is open: no key is needed.")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>join run {html.escape(run_id)}</title>"
+            "<link rel='stylesheet' href='/static/style.css'></head><body><main>"
+            f"<h1>Join run <code>{html.escape(run_id)}</code></h1>"
+            f"<p>Install swarm, then run:</p><pre id='join-command'>{html.escape(command)}</pre>"
+            f"<p id='join-key'>{key}</p></main></body></html>")
+
+
+def _session_routes(auth: AdminAuth, guard: _Guard) -> APIRouter:
+    router = APIRouter(tags=["session"])
+
+    @router.post("/api/login", response_model=SessionOut,
+                 responses={401: {"description": "wrong credentials"}, 429: {"description": "too many failures"}})
     async def api_login(body: LoginIn, request: Request, response: Response) -> SessionOut:
         client = request.client.host if request.client else "?"
         opened = await asyncio.to_thread(auth.login, body.username, body.password, client)
         response.set_cookie(COOKIE, opened.token, httponly=True, samesite="strict", max_age=int(auth.session_ttl))
         return SessionOut(username=opened.username, csrf=opened.csrf)
 
-    # -- admin ---------------------------------------------------------------------------------
-    @app.get("/api/session", response_model=SessionOut, tags=["session"])
-    async def api_session(current: Session = Depends(session)) -> SessionOut:
+    @router.get("/api/session", response_model=SessionOut)
+    async def api_session(current: Session = Depends(guard.session)) -> SessionOut:
         return SessionOut(username=current.username, csrf=current.csrf)
 
-    @app.post("/api/logout", tags=["session"])
-    async def api_logout(request: Request, response: Response, current: Session = Depends(csrf)) -> dict:
+    @router.post("/api/logout")
+    async def api_logout(request: Request, response: Response, current: Session = Depends(guard.csrf)) -> dict:
         auth.logout(current.token)
         response.delete_cookie(COOKIE)
         return {"ok": True}
 
-    @app.get("/api/keys", response_model=list[KeyOut], tags=["keys"])
-    async def api_keys(current: Session = Depends(session)) -> list[KeyOut]:
-        now = time.time()
-        return [KeyOut(state=k.state(now), id=k.id, name=k.name, created=k.created, expires=k.expires,
-                       revoked=k.revoked) for k in await asyncio.to_thread(db.list_keys)]
+    return router
 
-    @app.post("/api/keys", response_model=NewKeyOut, tags=["keys"])
-    async def api_create_key(body: KeyIn, current: Session = Depends(csrf)) -> NewKeyOut:
+
+def _key_out(k: Any, revoked: float | None) -> KeyOut:
+    return KeyOut(id=k.id, name=k.name, created=k.created, expires=k.expires, revoked=revoked,
+                  state=k.state(time.time()))
+
+
+def _key_routes(db: StateDB, guard: _Guard) -> APIRouter:
+    router = APIRouter(tags=["keys"])
+
+    @router.get("/api/keys", response_model=list[KeyOut])
+    async def api_keys(current: Session = Depends(guard.session)) -> list[KeyOut]:
+        return [_key_out(k, k.revoked) for k in await asyncio.to_thread(db.list_keys)]
+
+    @router.post("/api/keys", response_model=NewKeyOut)
+    async def api_create_key(body: KeyIn, current: Session = Depends(guard.csrf)) -> NewKeyOut:
         expires_in = parse_duration(body.expires) if body.expires else None
         made = await asyncio.to_thread(db.create_key, body.name, actor=f"web:{current.username}",
                                        expires_in=expires_in)
-        k = made.key
-        return NewKeyOut(key=KeyOut(id=k.id, name=k.name, created=k.created, expires=k.expires, revoked=None,
-                                    state=k.state(time.time())), secret=made.secret)
+        return NewKeyOut(key=_key_out(made.key, None), secret=made.secret)
 
-    @app.post("/api/keys/{key_id}/revoke", response_model=KeyOut, tags=["keys"])
-    async def api_revoke_key(key_id: str, current: Session = Depends(csrf)) -> KeyOut:
+    @router.post("/api/keys/{key_id}/revoke", response_model=KeyOut)
+    async def api_revoke_key(key_id: str, current: Session = Depends(guard.csrf)) -> KeyOut:
         if not key_id.strip() or len(key_id) > 200:
             raise ConfigError("name the key by its id")
         k = await asyncio.to_thread(db.revoke_key, key_id, actor=f"web:{current.username}")
-        return KeyOut(id=k.id, name=k.name, created=k.created, expires=k.expires, revoked=k.revoked,
-                      state=k.state(time.time()))
+        return _key_out(k, k.revoked)
 
-    @app.get("/api/run", response_model=RunOut, tags=["run"])
-    async def api_run(current: Session = Depends(session)) -> RunOut:
+    return router
+
+
+def _run_routes(db: StateDB, guard: _Guard, stream_period: float) -> APIRouter:
+    """Run control, the audit log and the metrics history (with its live stream)."""
+    router = APIRouter()
+
+    @router.get("/api/run", response_model=RunOut, tags=["run"])
+    async def api_run(current: Session = Depends(guard.session)) -> RunOut:
         return RunOut(state=db.run_state(), step=db.step())
 
-    @app.post("/api/run", response_model=RunOut, tags=["run"])
-    async def api_set_run(body: RunIn, current: Session = Depends(csrf)) -> RunOut:
+    @router.post("/api/run", response_model=RunOut, tags=["run"])
+    async def api_set_run(body: RunIn, current: Session = Depends(guard.csrf)) -> RunOut:
         await asyncio.to_thread(db.set_run_state, body.state, f"web:{current.username}")
         return RunOut(state=db.run_state(), step=db.step())
 
-    @app.get("/api/audit", response_model=list[AuditOut], tags=["audit"])
-    async def api_audit(limit: int = Query(200, ge=1, le=1000), current: Session = Depends(session)) -> list[AuditOut]:
+    @router.get("/api/audit", response_model=list[AuditOut], tags=["audit"])
+    async def api_audit(limit: int = Query(200, ge=1, le=1000),
+                        current: Session = Depends(guard.session)) -> list[AuditOut]:
         return [AuditOut(**vars(e)) for e in await asyncio.to_thread(db.audit_log, limit)]
 
-    @app.get("/api/metrics", response_model=list[MetricOut], tags=["metrics"])
+    @router.get("/api/metrics", response_model=list[MetricOut], tags=["metrics"])
     async def api_metrics(since: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10000),
-                          current: Session = Depends(session)) -> list[MetricOut]:
+                          current: Session = Depends(guard.session)) -> list[MetricOut]:
         return [MetricOut(**vars(p)) for p in await asyncio.to_thread(db.metrics_history, since, limit)]
 
-    @app.get("/api/contributions", tags=["metrics"])
-    async def api_contributions(current: Session = Depends(session)) -> dict[str, dict[str, float]]:
+    @router.get("/api/contributions", tags=["metrics"])
+    async def api_contributions(current: Session = Depends(guard.session)) -> dict[str, dict[str, float]]:
         return {c.peer_id: {"samples": c.samples, "last_seen": c.last_seen}
                 for c in await asyncio.to_thread(db.contributions)}
 
-    @app.get("/api/metrics/stream", tags=["metrics"], summary="server-sent events: one per new metrics point")
+    @router.get("/api/metrics/stream", tags=["metrics"], summary="server-sent events: one per new metrics point")
     async def api_metrics_stream(request: Request, since: int = Query(0, ge=0, le=2**62),
-                                 current: Session = Depends(session)) -> StreamingResponse:
+                                 current: Session = Depends(guard.session)) -> StreamingResponse:
         return StreamingResponse(_points(request, db, since, stream_period), media_type="text/event-stream")
 
-    return app
+    return router
 
 
 async def _points(request: Request, db: StateDB, since: int, period: float) -> AsyncIterator[str]:

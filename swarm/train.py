@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -86,51 +87,15 @@ def train(
             logger.info("batch %d != the run's target batch %d: a step closes every %d sequences, "
                         "from this trainer and any others", batch_size, manifest.target_batch_size,
                         manifest.target_batch_size)
-        optimizer = model.create_optimizer()
-        batches = random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed)
-        result = TrainResult(steps=steps)
         console.print(f"training {escape(manifest.model)} ({manifest.num_layers} layers in {manifest.num_stages} "
                       f"stages) for {steps} steps of {batch_size}x{seq_len} tokens")
-        started = time.perf_counter()
-        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("step {task.fields[step]}"),
-                      TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                      TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("train", total=steps, loss="-", tps="-", step=0)
-            for step in range(steps):
-                try:
-                    model.wait_while_paused(on_pause=lambda: progress.update(task, tps="paused by the run owner"))
-                except RunStopped:
-                    console.print("[yellow]the run owner stopped the run[/]: training ends here")
-                    result.steps = step
-                    break
-                input_ids = next(batches)
-                loss = model.train_step(input_ids)  # = model(...).loss.backward(), backwards overlapping forwards
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.losses.append(loss.item())
-                result.run_step = model.step
-                if not math.isfinite(result.losses[-1]):
-                    raise FloatingPointError(f"loss became {result.losses[-1]} at step {step}")
-                if result_path is not None:
-                    _write_result(result_path, result)
-                tps = (step + 1) * batch_size * seq_len / (time.perf_counter() - started)
-                reporter.report(model.step, result.losses[-1], input_ids.numel())
-                progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
-                model.report_progress(model.step, result.losses[-1], round(tps, 1))
-                if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                    _upload_local_parts(model, model.step)
+        loop = _Loop(model, reporter, random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed),
+                     TrainResult(steps=steps), result_path, checkpoint_every)
+        result = loop.run(steps, console)
         if not result.losses:
             console.print("no step was trained")
             return result
-        result.tokens_per_second = round(result.steps * batch_size * seq_len / (time.perf_counter() - started), 1)
-        prompt = torch.tensor([list(b"def ")])
-        room = min(sample_tokens, max_positions(model.local.config) - prompt.shape[1])
-        try:
-            generated = model.generate(prompt, max_new_tokens=room, do_sample=True, temperature=0.8,
-                                       top_k=0, generator=torch.Generator().manual_seed(seed))
-            result.sample = decode_bytes(generated[0])
-        except SwarmError as e:  # the training is done and saved; a sample is a courtesy
-            logger.warning("could not generate a sample after training: %s", e)
+        result.sample = _sample(model, sample_tokens, seed)
     console.print(f"first loss [bold]{result.first_loss:.3f}[/], last loss [bold]{result.last_loss:.3f}[/] "
                   f"(mean of the last 10 steps), {result.tokens_per_second:,.0f} tokens/s")
     console.rule("sample")
@@ -139,6 +104,71 @@ def train(
     if result_path is not None:
         _write_result(result_path, result)
     return result
+
+
+class _Loop:
+    """The README's loop (a step, the optimizer, the bar), with what a run needs around it: pauses
+    and stops by the run owner, the result file, reports for ``swarm status``, uploads of local parts."""
+
+    def __init__(self, model: SwarmModelForCausalLM, reporter: TrainerReporter, batches: Iterator[torch.Tensor],
+                 result: TrainResult, result_path: Path | None, checkpoint_every: int):
+        self.model, self.reporter, self.batches, self.result = model, reporter, batches, result
+        self.result_path, self.checkpoint_every = result_path, checkpoint_every
+        self.optimizer = model.create_optimizer()
+
+    def run(self, steps: int, console: Console) -> TrainResult:
+        started, per_batch = time.perf_counter(), 0
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("step {task.fields[step]}"),
+                      TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("train", total=steps, loss="-", tps="-", step=0)
+            for step in range(steps):
+                try:
+                    self.model.wait_while_paused(
+                        on_pause=lambda: progress.update(task, tps="paused by the run owner"))
+                except RunStopped:
+                    console.print("[yellow]the run owner stopped the run[/]: training ends here")
+                    self.result.steps = step
+                    break
+                per_batch = self._step(step, steps)
+                tps = (step + 1) * per_batch / (time.perf_counter() - started)
+                progress.update(task, advance=1, loss=f"{self.result.losses[-1]:.3f}", tps=f"{tps:,.0f}",
+                                step=self.model.step)
+                self.model.report_progress(self.model.step, self.result.losses[-1], round(tps, 1))
+        if self.result.losses:
+            self.result.tokens_per_second = round(self.result.steps * per_batch / (time.perf_counter() - started), 1)
+        return self.result
+
+    def _step(self, step: int, steps: int) -> int:
+        """Train one batch; the tokens it held."""
+        model, result = self.model, self.result
+        input_ids = next(self.batches)
+        loss = model.train_step(input_ids)  # = model(...).loss.backward(), backwards overlapping forwards
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss.item())
+        result.run_step = model.step
+        if not math.isfinite(result.losses[-1]):
+            raise FloatingPointError(f"loss became {result.losses[-1]} at step {step}")
+        if self.result_path is not None:
+            _write_result(self.result_path, result)
+        self.reporter.report(model.step, result.losses[-1], input_ids.numel())
+        if (step + 1) % self.checkpoint_every == 0 or step + 1 == steps:
+            _upload_local_parts(model, model.step)
+        return input_ids.numel()
+
+
+def _sample(model: SwarmModelForCausalLM, sample_tokens: int, seed: int) -> str:
+    """A sample of what the model writes after ``def ``; empty if the swarm cannot generate now."""
+    prompt = torch.tensor([list(b"def ")])
+    room = min(sample_tokens, max_positions(model.local.config) - prompt.shape[1])
+    try:
+        generated = model.generate(prompt, max_new_tokens=room, do_sample=True, temperature=0.8,
+                                   top_k=0, generator=torch.Generator().manual_seed(seed))
+        return decode_bytes(generated[0])
+    except SwarmError as e:  # the training is done and saved; a sample is a courtesy
+        logger.warning("could not generate a sample after training: %s", e)
+        return ""
 
 
 def _write_result(path: Path, result: TrainResult) -> None:
