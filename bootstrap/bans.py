@@ -31,9 +31,10 @@ from hivemind.utils.crypto import RSAPublicKey
 from bootstrap.ledger import LedgerBook
 from bootstrap.state import StateDB
 from dht.auth import verify_token
-from dht.bans import BanReport, all_reports, judge
+from dht.schemas import BanReport
+from dht.bans import all_reports, judge
 from dht.records import SwarmDHT
-from swarm.errors import SwarmError
+from core.errors import SwarmError
 
 __all__ = ["BanEnforcer"]
 

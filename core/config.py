@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "NetworkSettings",

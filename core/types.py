@@ -1,20 +1,22 @@
-"""Value objects shared by every layer: which layers a stage holds."""
+"""Ids and value objects shared by every layer: which stage, which layers, which peer."""
 
 from __future__ import annotations
 
 from typing import NewType
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 
-__all__ = ["LayerRange", "StageIndex"]
+from core.messages import FrozenModel
+
+__all__ = ["LayerRange", "PeerId", "StageIndex"]
 
 StageIndex = NewType("StageIndex", int)
+PeerId = NewType("PeerId", str)
+"""A peer's libp2p id in its base58 text form (what the DHT records and the transport name)."""
 
 
-class LayerRange(BaseModel):
+class LayerRange(FrozenModel):
     """A half-open range ``[start, end)`` of transformer layer indices."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     start: int
     end: int

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from swarm.errors import CapacityExceeded
+from core.errors import CapacityExceeded
 
 __all__ = [
     "Gate",
@@ -45,7 +45,7 @@ MAX_BYTES_PER_CALLER = 1 << 30
 
 class Gate(Protocol):
     """Raises ``AuthRejected`` for a caller that may not use this node's gated methods
-    (``peers.auth.AuthGate``)."""
+    (``net.auth.AuthGate``)."""
 
     def check(self, caller: str | None) -> None: ...
 

@@ -28,13 +28,14 @@ from hivemind.utils.crypto import RSAPublicKey
 from pydantic import Field
 
 from dht.auth import TokenRecordValidator, verify_token
-from dht.control import RunControl, find_bootstraps, get_control
+from dht.schemas import RunControl
+from dht.control import find_bootstraps, get_control
 from dht.records import SwarmDHT
-from dht.schemas import PROTOCOL_VERSION, FrozenModel
-from peers.protocol import error_reply, ok_reply, parse_reply, parse_request
-from peers.transport import CALLER, Handler, P2PTransport, Transport
-from swarm._loop import cancel_and_wait
-from swarm.errors import AuthRejected, PeerUnavailable, SwarmError
+from core.messages import PROTOCOL_VERSION, FrozenModel
+from net.rpc import error_reply, ok_reply, parse_reply, parse_request
+from net.transport import CALLER, Handler, P2PTransport, Transport
+from core.loop import cancel_and_wait
+from core.errors import AuthRejected, PeerUnavailable, SwarmError
 
 __all__ = [
     "TOKEN",
@@ -85,7 +86,7 @@ class PresentReply(FrozenModel):
 class AuthGate:
     """A node's list of callers that presented a valid token (and until when). A ``P2PTransport``
     built with it as its ``gate`` checks every stream's caller against it before reading the
-    request (``peers.admission``); ``rpc_present`` is served ``public`` beside."""
+    request (``net.admission``); ``rpc_present`` is served ``public`` beside."""
 
     def __init__(self, authority: bytes, revoked: frozenset[str] = frozenset()):
         self.update(authority, revoked)

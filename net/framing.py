@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from swarm.errors import BadRequest, SwarmError
+from core.errors import BadRequest, SwarmError
 
 __all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "write_frames"]
 
@@ -46,7 +46,7 @@ async def read_frames(
     does not hold the stream for ever). ``on_end()`` is called when the frames end normally (the
     end-of-stream mark or a close), so a reader that stopped early can tell. ``reserve(length)`` is
     called with each frame's announced length before its body is read, and may raise to refuse it
-    (the caller's byte budget, ``peers.admission``)."""
+    (the caller's byte budget, ``net.admission``)."""
     total = 0
     while True:
         try:

@@ -23,11 +23,11 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 
-from peers.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate
-from peers.framing import IDLE_SECONDS, read_frames, write_frames
-from peers.protocol import error_reply
-from swarm._loop import bounded
-from swarm.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
+from net.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate
+from net.framing import IDLE_SECONDS, read_frames, write_frames
+from net.rpc import error_reply
+from core.loop import bounded
+from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
 
 __all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
 
@@ -63,10 +63,10 @@ class P2PTransport:
 
     One call is one stream: the first frame carries the msgpack message, every frame may carry a
     chunk of a serialized tensor, so activations of any size travel without a message-size limit.
-    Frames are hivemind's protobuf stream frames, read by ``peers.framing`` so that a frame or a
+    Frames are hivemind's protobuf stream frames, read by ``net.framing`` so that a frame or a
     request announcing more than its limit is refused before its bytes are read.
 
-    Every served stream passes ``peers.admission`` first: the caller's open streams and bytes in
+    Every served stream passes ``net.admission`` first: the caller's open streams and bytes in
     flight are capped (``limits``), and with a ``gate`` (a keyed run) a caller without a valid token
     is answered ``AuthRejected`` before its request is read, on every method not served ``public``.
     """

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from swarm.errors import BadRequest
+from core.errors import BadRequest
 
 __all__ = ["WIRE_FORMATS", "WIRE_PATTERN", "BLOCK", "encode", "decode", "width", "encoded_bytes"]
 

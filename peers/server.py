@@ -8,7 +8,7 @@ them, serve, move when that raises the swarm's bottleneck, leave.
 the DHT process and its p2pd down, so nothing is left running.
 
 Placement (``shards.placement``): on join the peer measures its throughput for one stage of the model,
-its links to up to three peers and its free memory (``peers.measure``), and claims the span of one or
+its links to up to three peers and its free memory (``peers.joining.measure``), and claims the span of one or
 more consecutive stages (at most ``peer.max_stages``, as many as its memory holds) that raises the
 bottleneck most. Every ``rebalance_period`` (randomised) it asks ``should_move``; a peer with a move
 waits a delay that shrinks with its gain and asks again (so the one that gains most goes first and
@@ -41,16 +41,16 @@ from hivemind.utils import get_dht_time
 
 from dht.bans import banned_peers
 from dht.clock import check_clock
-from dht.control import MetricsReport, RunState
+from dht.schemas import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
-from peers.averaging import HivemindGradientSync
-from peers.checkpoint_files import CheckpointDir
-from peers.checkpoints import Checkpointer
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.hardware import compute_threads, probe_hardware, release_free_memory
-from peers.measure import (
+from peers.training.averaging import HivemindGradientSync
+from peers.state.checkpoint_files import CheckpointDir
+from peers.state.checkpoints import Checkpointer
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.telemetry.hardware import compute_threads, probe_hardware, release_free_memory
+from peers.joining.measure import (
     Measurement,
     Progress,
     available_memory,
@@ -62,24 +62,24 @@ from peers.measure import (
     serve_echo,
     stage_bytes,
 )
-from peers.protocol import BACKWARD, FORWARD
-from peers.push import PushService
-from peers.reachability import explain_placement
-from peers.claims import joiners_in, loads_without, replica_cost
-from peers.routing import record_loads
-from peers.admission import PUBLIC_REQUEST_BYTES
-from peers.auth import PRESENT, AuthedTransport, RunAuth
-from peers.inference import InferenceSessions
-from peers.inference_service import InferenceService
-from peers.recovery import adopt_state
-from peers.resync import ResyncWatch
-from peers.runcontrol import RunWatcher
-from peers.service import StageService
-from peers.state import StateIdentity, part_name
-from peers.store_client import StoreClient
-from peers.telemetry import PeerTelemetry
-from peers.transport import P2PTransport
-from peers.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
+from peers.training.protocol import BACKWARD, FORWARD
+from peers.training.push import PushService
+from peers.joining.reachability import explain_placement
+from peers.joining.claims import joiners_in, loads_without, replica_cost
+from peers.training.routing import record_loads
+from net.admission import PUBLIC_REQUEST_BYTES
+from net.auth import PRESENT, AuthedTransport, RunAuth
+from peers.inference.sessions import InferenceSessions
+from peers.inference.service import InferenceService
+from peers.state.recovery import adopt_state
+from peers.state.resync import ResyncWatch
+from peers.telemetry.runcontrol import RunWatcher
+from peers.training.service import StageService
+from peers.state.snapshot import StateIdentity, part_name
+from peers.state.store_client import StoreClient
+from peers.telemetry.publisher import PeerTelemetry
+from net.transport import P2PTransport
+from peers.training.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
 from shards.placement import (
     Joiner,
     Move,
@@ -94,10 +94,10 @@ from shards.placement import (
 )
 from shards.source import resolve_model
 from shards.stage import load_stage
-from shards.types import LayerRange
-from swarm._loop import Lifecycle, bounded, cancel_and_wait
-from swarm.config import SwarmSettings
-from swarm.errors import (
+from core.types import LayerRange
+from core.loop import Lifecycle, bounded, cancel_and_wait
+from core.config import SwarmSettings
+from core.errors import (
     CapacityExceeded,
     ConfigError,
     DelegationRefused,
@@ -181,7 +181,7 @@ class Peer(Lifecycle):
         self._in_flight_by_stage: Counter[int | None] = Counter()  # requests being served, per stage (draining)
         self._last_request_by_stage: dict[int | None, float] = {}
         self._transport: P2PTransport | None = None
-        self.push: PushService | None = None  # activations peer to peer (``peers.push``)
+        self.push: PushService | None = None  # activations peer to peer (``peers.training.push``)
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
         self.telemetry: PeerTelemetry | None = None
@@ -419,7 +419,7 @@ class Peer(Lifecycle):
         """Load every stage of ``span`` (or only ``stages`` of it: a move keeps the others as they are;
         each slot exists, announced ``loading``) with its averager, then adopt each stage's current
         state. Every averager forks a process: all of them start before any state download opens a
-        stream (the child closes its copies of open streams, see ``peers.averaging``, but a span's
+        stream (the child closes its copies of open streams, see ``peers.training.averaging``, but a span's
         own downloads need not test that). Free heap goes back to the system before the forks and at
         the end (see ``release_free_memory``)."""
         stages = list(span.stages) if stages is None else sorted(stages)
@@ -846,7 +846,7 @@ class Peer(Lifecycle):
         raise AssertionError("unreachable: the last read returns")
 
     async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
-        """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
+        """Before serving: the current state from a live replica, else the newest checkpoint (see peers.state.recovery)."""
         executor = slot.service.executor
         banned = await banned_peers(self.dht)  # a replica caught returning wrong results is no source
         gone = {peer for peer, missed in self._unanswered.items() if missed >= 2}  # killed: records outlive them

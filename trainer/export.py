@@ -23,17 +23,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dht.records import SwarmDHT
 from dht.schemas import Manifest, PeerRecord, PeerState
-from peers.auth import ClientCalls
-from peers.client import StageClient
-from peers.state import LOCAL_PART, StateMeta, part_name
-from peers.store_client import StoreClient
-from peers.transport import Transport
+from net.auth import ClientCalls
+from peers.training.client import StageClient
+from peers.state.snapshot import LOCAL_PART, StateMeta, part_name
+from peers.state.store_client import StoreClient
+from net.transport import Transport
 from shards.export import local_checkpoint_names, save_hf_checkpoint, stage_checkpoint_names
 from shards.families import family_of
 from shards.local import load_local_parts
 from shards.source import ModelSource, resolve_model
-from swarm._loop import LoopThread
-from swarm.errors import CheckpointMissing, ConfigError, NoRoute, StateMismatch, SwarmError
+from core.loop import LoopThread
+from core.errors import CheckpointMissing, ConfigError, NoRoute, StateMismatch, SwarmError
 
 __all__ = ["ExportReport", "export_swarm", "gather_stage", "write_checkpoint", "weights_of"]
 

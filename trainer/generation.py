@@ -34,11 +34,11 @@ from transformers.generation.logits_process import (
 )
 
 from dht.schemas import Manifest
-from peers.inference_client import InferenceClient
-from peers.routing import Hop, plan_route
+from peers.inference.client import InferenceClient
+from peers.training.routing import Hop, plan_route
 from shards.local import LocalParts, default_position_ids
-from swarm.errors import CacheMiss, CapacityExceeded, ConfigError, NoRoute, PeerUnavailable, SwarmError
-from swarm.pipeline import RecordSource
+from core.errors import CacheMiss, CapacityExceeded, ConfigError, NoRoute, PeerUnavailable, SwarmError
+from trainer.pipeline import RecordSource
 
 __all__ = ["GenerationParams", "RemoteSession", "generate_tokens", "max_positions", "resolve_params"]
 

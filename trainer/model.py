@@ -28,29 +28,30 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from hivemind.utils import get_dht_time
 
-from dht.bans import BanReport, banned_peers, report_ban
+from dht.schemas import BanReport
+from dht.bans import banned_peers, report_ban
 from dht.clock import check_clock
-from dht.control import MetricsReport, RunState
+from dht.schemas import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import Manifest, PeerRecord
-from peers.auth import AuthedTransport, RunAuth
-from peers.averaging import HivemindGradientSync
-from peers.client import StageClient
-from peers.state import StateIdentity, StateMeta, apply_state, capture_state, check_state, parameters_of
-from peers.store_client import StoreClient
-from peers.inference_client import InferenceClient
-from peers.runcontrol import RunWatcher
-from peers.transport import P2PTransport
+from net.auth import AuthedTransport, RunAuth
+from peers.training.averaging import HivemindGradientSync
+from peers.training.client import StageClient
+from peers.state.snapshot import StateIdentity, StateMeta, apply_state, capture_state, check_state, parameters_of
+from peers.state.store_client import StoreClient
+from peers.inference.client import InferenceClient
+from peers.telemetry.runcontrol import RunWatcher
+from net.transport import P2PTransport
 from shards.local import (LocalParts, causal_lm_loss, causal_lm_loss_part, default_position_ids, labelled_tokens,
                           load_local_parts)
 from shards.schedule import microbatch_rows
 from shards.source import ModelSource, resolve_model
-from swarm._loop import LoopThread
-from swarm.errors import ConfigError, RunStopped, StateMismatch, SwarmError
-from swarm.pipeline import FaultPolicy, RemotePipeline, Trace
-from swarm.spotcheck import BanList, SpotChecker, without_banned
-from swarm.steps import DHTCoordinator
-from swarm.generation import RemoteSession, generate_tokens, max_positions, resolve_params
+from core.loop import LoopThread
+from core.errors import ConfigError, RunStopped, StateMismatch, SwarmError
+from trainer.pipeline import FaultPolicy, RemotePipeline, Trace
+from trainer.spotcheck import BanList, SpotChecker, without_banned
+from trainer.steps import DHTCoordinator
+from trainer.generation import RemoteSession, generate_tokens, max_positions, resolve_params
 
 __all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "SwarmOptimizer"]
 
@@ -509,7 +510,7 @@ class SwarmModelForCausalLM(nn.Module):
             raise SwarmError("this trainer has no averager (it was not made by from_pretrained)")
         # trainers learn that a step closed at different moments (each polls the step counter), so
         # they get a wider window to meet in than the replicas a trainer calls together; the round
-        # starts as soon as all of them are in (peers.averaging), so the window costs nothing then
+        # starts as soon as all of them are in (peers.training.averaging), so the window costs nothing then
         window = max(self.pipeline.policy.averaging_window, _TRAINERS_WINDOW)
         return self._trainer_sync.sum(grads, step=step, members=trainers, me=self.trainer_id,
                                       scheduled_time=get_dht_time() + window, timeout=window + 30.0)
@@ -529,7 +530,7 @@ class SwarmModelForCausalLM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the whole model as a standard HF checkpoint (config.json + model.safetensors):
         every stage's current weights from an online replica, the local parts from this trainer."""
-        from swarm.export import gather_stage, weights_of, write_checkpoint
+        from trainer.export import gather_stage, weights_of, write_checkpoint
 
         dht, store = self._resource(SwarmDHT), self._store()
         stages = []

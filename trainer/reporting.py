@@ -21,10 +21,10 @@ from hivemind.utils import get_dht_time
 
 from dht.records import SwarmDHT
 from dht.schemas import LOSS_TREND_LEN, MetricsRecord, MetricsRole
-from peers.activity import Activity, ObservedTransport
-from peers.metrics import MetricsServer, NodeMetrics
-from peers.monitor import HardwareMonitor
-from swarm.config import MonitorSettings
+from peers.telemetry.activity import Activity, ObservedTransport
+from peers.telemetry.metrics import MetricsServer, NodeMetrics
+from peers.telemetry.monitor import HardwareMonitor
+from core.config import MonitorSettings
 
 __all__ = ["TrainerReporter"]
 

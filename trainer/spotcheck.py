@@ -27,11 +27,11 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 import torch
 
-from dht.bans import BanEvidence, BanReport
+from dht.schemas import BanEvidence, BanReport
 from dht.schemas import PeerRecord
-from peers.client import StageClient, StageInputs
-from shards.types import LayerRange
-from swarm.errors import SwarmError
+from peers.training.client import StageClient, StageInputs
+from core.types import LayerRange
+from core.errors import SwarmError
 
 __all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "digest", "BanList", "without_banned"]
 

@@ -14,12 +14,12 @@ import logging
 import time
 from typing import Callable, Sequence
 
-from peers.activity import RequestDone
-from peers.ledger import LEDGER_SUBMIT, LedgerEntry, LedgerWriter, SubmitRequest, SubmitResponse, Work
-from peers.protocol import parse_reply
-from peers.transport import Transport
-from swarm._loop import cancel_and_wait
-from swarm.errors import CapacityExceeded, SwarmError
+from peers.telemetry.activity import RequestDone
+from peers.accounting.ledger import LEDGER_SUBMIT, LedgerEntry, LedgerWriter, SubmitRequest, SubmitResponse, Work
+from net.rpc import parse_reply
+from net.transport import Transport
+from core.loop import cancel_and_wait
+from core.errors import CapacityExceeded, SwarmError
 
 __all__ = ["ContributionRecorder", "bootstrap_peer_ids"]
 

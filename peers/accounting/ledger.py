@@ -25,9 +25,9 @@ from typing import Iterable, Sequence
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field, ValidationError
 
-from dht.schemas import FrozenModel
-from peers.protocol import parse_request
-from swarm.errors import CapacityExceeded, ConfigError
+from core.messages import FrozenModel
+from net.rpc import parse_request
+from core.errors import CapacityExceeded, ConfigError
 
 __all__ = [
     "append_lines",

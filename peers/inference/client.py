@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from peers.inference_protocol import (
+from peers.inference.protocol import (
     CLOSE,
     OPEN,
     STEP,
@@ -22,10 +22,10 @@ from peers.inference_protocol import (
     StepRequest,
     StepResponse,
 )
-from peers.protocol import parse_reply
-from peers.transport import Transport
-from shards.types import LayerRange
-from swarm.errors import PeerUnavailable, ProtocolMismatch
+from net.rpc import parse_reply
+from net.transport import Transport
+from core.types import LayerRange
+from core.errors import PeerUnavailable, ProtocolMismatch
 
 __all__ = ["InferenceClient"]
 

@@ -13,15 +13,15 @@ sequences, so each new token crosses the pipeline as one position instead of the
   Reply: hidden_states[b, s, h].
 * CloseRequest: no tensors; frees the session. Closing an unknown session is not an error.
 
-Replies are ``{"ok": ...}`` / ``{"error": ...}`` as for the stage RPCs (``peers.protocol``).
+Replies are ``{"ok": ...}`` / ``{"error": ...}`` as for the stage RPCs (``peers.training.protocol``).
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from dht.schemas import PROTOCOL_VERSION, FrozenModel
-from shards.types import LayerRange
+from net.rpc import Message as _Message
+from core.types import LayerRange
 
 __all__ = [
     "OPEN",
@@ -40,10 +40,6 @@ OPEN = "swarm.inference.open"
 STEP = "swarm.inference.step"
 CLOSE = "swarm.inference.close"
 MAX_SESSION_ID = 64
-
-
-class _Message(FrozenModel):
-    version: int = PROTOCOL_VERSION
 
 
 class OpenRequest(_Message):

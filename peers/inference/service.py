@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import torch
 
-from peers.inference import InferenceSessions
-from peers.inference_protocol import CLOSE, OPEN, STEP, CloseRequest, CloseResponse, OpenRequest, StepRequest
-from peers.protocol import guarded, ok_reply, parse_request
-from peers.transport import Handler, Transport
-from swarm.errors import BadRequest
+from peers.inference.sessions import InferenceSessions
+from peers.inference.protocol import CLOSE, OPEN, STEP, CloseRequest, CloseResponse, OpenRequest, StepRequest
+from net.rpc import guarded, ok_reply, parse_request
+from net.transport import Handler, Transport
+from core.errors import BadRequest
 
 __all__ = ["InferenceService"]
 

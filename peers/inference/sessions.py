@@ -1,6 +1,6 @@
 """Inference sessions of one stage: a KV cache per session, a memory budget, an idle timeout.
 
-Every method runs on the peer's one compute thread (``peers.inference_service`` hands them over),
+Every method runs on the peer's one compute thread (``peers.inference.service`` hands them over),
 so the session table and the caches need no locks.
 
 Memory is reserved when a session opens (``batch_size * max_length`` tokens of this stage's keys and
@@ -19,11 +19,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from peers.inference_protocol import OpenRequest, OpenResponse, StepRequest, StepResponse
+from peers.inference.protocol import OpenRequest, OpenResponse, StepRequest, StepResponse
 from shards.families import kv_bytes_per_token
 from shards.stage import StageModule
-from shards.types import LayerRange
-from swarm.errors import BadRequest, CacheMiss, CapacityExceeded, WrongStage
+from core.types import LayerRange
+from core.errors import BadRequest, CacheMiss, CapacityExceeded, WrongStage
 
 __all__ = ["InferenceSessions", "admit", "idle_sessions"]
 

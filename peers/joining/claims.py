@@ -8,9 +8,9 @@ import math
 from typing import Collection, Mapping, Sequence
 
 from dht.schemas import Manifest, PeerRecord, PeerState
-from peers.routing import record_loads, record_replicas
+from peers.training.routing import record_loads, record_replicas
 from shards.placement import Joiner, ReplicaCost
-from swarm.config import PeerSettings
+from core.config import PeerSettings
 
 __all__ = ["TOKENS_PER_SAMPLE", "replica_cost", "joiners_in", "loads_without"]
 

@@ -4,7 +4,7 @@ peers, and the memory it can give to stages. Placement (``shards.placement``) de
 * Compute: forward + backward tokens/s through one stage built from the model's config (random
   weights: speed does not depend on their values) on the real device (CUDA when present, else CPU).
   Cached per model (config hash), stage size, dtype, device and thread count in the peer's state dir.
-* Network: round trips of ``swarm.probe.echo`` (``peers.protocol``) to at most three peers: a small
+* Network: round trips of ``swarm.probe.echo`` (``peers.training.protocol``) to at most three peers: a small
   call for latency, a 1 MiB call each way for bandwidth. Bounded: 2 s per call.
 * Memory: free CUDA memory, else available RAM, times ``MEMORY_HEADROOM``; a setting may cap it.
 """
@@ -24,13 +24,14 @@ from typing import Any, Callable, Sequence
 import psutil
 import torch
 
-from peers.protocol import ECHO, EchoRequest, EchoResponse, ok_reply, parse_reply, parse_request
-from peers.transport import Transport
+from peers.training.protocol import ECHO, EchoRequest, EchoResponse
+from net.rpc import ok_reply, parse_reply, parse_request
+from net.transport import Transport
 from shards.families import family_of
 from shards.placement import contribution
 from shards.stage import StageModule
-from shards.types import LayerRange
-from swarm.errors import BadRequest, SwarmError
+from core.types import LayerRange
+from core.errors import BadRequest, SwarmError
 
 __all__ = [
     "MEMORY_HEADROOM",

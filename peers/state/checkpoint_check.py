@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from peers.sanity import insanity
-from peers.state import StateIdentity, StateMeta, check_state
+from peers.training.sanity import insanity
+from peers.state.snapshot import StateIdentity, StateMeta, check_state
 from shards.families import family_of
 from shards.local import LocalParts
 from shards.stage import StageModule
-from shards.types import LayerRange
-from swarm.errors import BadRequest, StateMismatch
+from core.types import LayerRange
+from core.errors import BadRequest, StateMismatch
 
 __all__ = [
     "CHECKPOINT_MAX_ABS",

@@ -1,6 +1,6 @@
 """Checkpoints of one part (a stage, or a trainer's local parts) in one directory.
 
-A checkpoint is ``step-<n>.safetensors`` (the tensors of a state, see ``peers.state``) and
+A checkpoint is ``step-<n>.safetensors`` (the tensors of a state, see ``peers.state.snapshot``) and
 ``step-<n>.json`` (its ``StateMeta``). Both are written to a temporary file, flushed and renamed into
 place, the JSON last: a checkpoint exists once its JSON does, so a crash mid-write leaves at most a
 stray temporary file, never a half checkpoint. Only the newest ``keep`` checkpoints are kept.
@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from peers.state import StateMeta
-from swarm.errors import CapacityExceeded, StateMismatch
+from peers.state.snapshot import StateMeta
+from core.errors import CapacityExceeded, StateMismatch
 
 __all__ = ["CheckpointDir"]
 

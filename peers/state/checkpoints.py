@@ -13,10 +13,10 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from peers.checkpoint_files import CheckpointDir
-from peers.executor import StageExecutor
-from peers.state import StateIdentity, StateMeta, capture_state
-from peers.store_client import StoreClient
+from peers.state.checkpoint_files import CheckpointDir
+from peers.training.executor import StageExecutor
+from peers.state.snapshot import StateIdentity, StateMeta, capture_state
+from peers.state.store_client import StoreClient
 
 __all__ = ["Checkpointer", "checkpoint_due"]
 

@@ -4,7 +4,7 @@
    (``swarm.stage.state``), trying the next replica on failure (bounded), and check with ``info``
    that the replica has not stepped meanwhile (re-download, bounded, if it has).
 2. No replica is online: restore the newest checkpoint of the stage that passes the checks (the
-   stage's names, shapes and dtypes, sane values: ``peers.checkpoint_check``), from a checkpoint
+   stage's names, shapes and dtypes, sane values: ``peers.state.checkpoint_check``), from a checkpoint
    store (the bootstrap) or from this machine's own state dir; one that fails is skipped for the
    next newest.
 3. No checkpoint at all: the weights read from the model files are the state (a new run).
@@ -21,13 +21,13 @@ from typing import Awaitable, Callable, Literal
 
 import torch
 
-from peers.checkpoint_check import value_problem
-from peers.checkpoint_files import CheckpointDir
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.state import StateIdentity, StateMeta, apply_state, part_name
-from peers.store_client import StoreClient
-from swarm.errors import PeerUnavailable, StateMismatch, SwarmError
+from peers.state.checkpoint_check import value_problem
+from peers.state.checkpoint_files import CheckpointDir
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.state.snapshot import StateIdentity, StateMeta, apply_state, part_name
+from peers.state.store_client import StoreClient
+from core.errors import PeerUnavailable, StateMismatch, SwarmError
 
 __all__ = ["Compute", "Restore", "choose_restore", "restore_order", "adopt_state", "take_state"]
 

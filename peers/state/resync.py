@@ -9,7 +9,7 @@ then on (``StaleReplica``): without help it would stay useless until restarted.
 peer serves with the steps its stage's other online replicas answer (``info``; their records' steps
 are up to ``RECORD_REFRESH`` s old). Behind on two checks in a row without having stepped
 in between (a replica merely mid-step catches up by itself), it downloads the state of the replica
-furthest ahead (``peers.recovery.take_state``, on the compute thread, re-fetched if that replica steps
+furthest ahead (``peers.state.recovery.take_state``, on the compute thread, re-fetched if that replica steps
 meanwhile), and serves on from the run's step.
 
 A replica whose averaging round of a step failed (``AveragingFailed``: a lost part, a timeout) does
@@ -27,12 +27,12 @@ import logging
 from typing import Awaitable, Callable, Sequence
 
 from dht.schemas import PeerRecord, PeerState
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.recovery import Compute, take_state
-from peers.state import StateIdentity
-from swarm._loop import cancel_and_wait
-from swarm.errors import SwarmError
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.state.recovery import Compute, take_state
+from peers.state.snapshot import StateIdentity
+from core.loop import cancel_and_wait
+from core.errors import SwarmError
 
 __all__ = ["falls_behind", "ResyncWatch", "RESYNC_PERIOD"]
 

@@ -18,9 +18,9 @@ from typing import Mapping
 import torch
 from pydantic import Field, model_validator
 
-from dht.schemas import FrozenModel
-from shards.types import LayerRange
-from swarm.errors import StateMismatch
+from core.messages import FrozenModel
+from core.types import LayerRange
+from core.errors import StateMismatch
 
 __all__ = [
     "STATE_VERSION",

@@ -9,9 +9,9 @@ from typing import Awaitable, Callable
 import torch
 
 from dht.schemas import StoreRecord
-from peers.protocol import parse_reply
-from peers.state import StateMeta
-from peers.store_protocol import (
+from net.rpc import parse_reply
+from peers.state.snapshot import StateMeta
+from peers.state.store_protocol import (
     CHECKPOINT_GET,
     CHECKPOINT_HAS,
     CHECKPOINT_PUT,
@@ -22,8 +22,8 @@ from peers.store_protocol import (
     PutRequest,
     PutResponse,
 )
-from peers.transport import Transport
-from swarm.errors import CheckpointMissing, PeerUnavailable, ProtocolMismatch, SwarmError
+from net.transport import Transport
+from core.errors import CheckpointMissing, PeerUnavailable, ProtocolMismatch, SwarmError
 
 __all__ = ["StoreClient", "StoreSource"]
 

@@ -2,22 +2,22 @@
 
 A store (the bootstrap) keeps the latest checkpoint of each *part*: ``stage-<i>`` for a stage's
 parameters and AdamW state, ``local`` for a trainer's embeddings, final norm and head (see
-``peers.state``). Replicas of a stage ask ``has`` first and upload with ``put`` only when the store
+``peers.state.snapshot``). Replicas of a stage ask ``has`` first and upload with ``put`` only when the store
 lacks that step, so a step is sent once, not once per replica.
 
 * HasRequest: no tensors.   Reply: HasResponse.
 * PutRequest: one tensor per name of ``names``, in order.   Reply: PutResponse.
 * GetRequest: no tensors.   Reply: GetResponse, then one tensor per name of ``names``.
 
-Replies follow ``peers.protocol`` (``{"ok": ...}`` or ``{"error": ...}``).
+Replies follow ``peers.training.protocol`` (``{"ok": ...}`` or ``{"error": ...}``).
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from dht.schemas import PROTOCOL_VERSION, FrozenModel
-from peers.state import StateMeta
+from net.rpc import Message as _Message
+from peers.state.snapshot import StateMeta
 
 __all__ = [
     "CHECKPOINT_HAS",
@@ -36,10 +36,6 @@ CHECKPOINT_HAS = "swarm.checkpoint.has"
 CHECKPOINT_PUT = "swarm.checkpoint.put"
 CHECKPOINT_GET = "swarm.checkpoint.get"
 PART_PATTERN = r"^(stage-\d{1,4}|local)$"
-
-
-class _Message(FrozenModel):
-    version: int = PROTOCOL_VERSION
 
 
 class HasRequest(_Message):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from peers.transport import Handler, Transport
+from net.transport import Handler, Transport
 
 __all__ = ["RequestDone", "Activity", "ObservedTransport", "work_of"]
 

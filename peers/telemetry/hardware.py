@@ -11,7 +11,7 @@ import psutil
 import torch
 
 from dht.schemas import HardwareSummary
-from peers.measure import measure_throughput  # moved to peers.measure; re-exported
+from peers.joining.measure import measure_throughput  # moved to peers.joining.measure; re-exported
 
 __all__ = ["probe_hardware", "measure_throughput", "compute_threads", "release_free_memory"]
 

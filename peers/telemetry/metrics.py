@@ -14,9 +14,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from peers.activity import Activity, RequestDone
-from peers.monitor import HardwareMonitor, HardwareSample
-from swarm.errors import ConfigError
+from peers.telemetry.activity import Activity, RequestDone
+from peers.telemetry.monitor import HardwareMonitor, HardwareSample
+from core.errors import ConfigError
 
 __all__ = ["NodeMetrics", "MetricsServer"]
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import psutil
 
 from dht.schemas import HardwareSummary
-from swarm._loop import cancel_and_wait
+from core.loop import cancel_and_wait
 
 __all__ = ["GpuSample", "HardwareSample", "NvmlReader", "HardwareMonitor", "summarize"]
 

@@ -17,15 +17,15 @@ from hivemind.utils import get_dht_time
 
 from dht.records import SwarmDHT
 from dht.schemas import HardwareSummary, MetricsRecord, MetricsRole, PeerRecord
-from peers.activity import Activity, ObservedTransport
-from peers.contribution import ContributionRecorder, bootstrap_peer_ids
-from peers.hardware import probe_hardware
-from peers.ledger import LedgerWriter
-from peers.metrics import MetricsServer, NodeMetrics
-from peers.monitor import HardwareMonitor
-from peers.transport import Transport
-from swarm._loop import cancel_and_wait
-from swarm.config import SwarmSettings
+from peers.telemetry.activity import Activity, ObservedTransport
+from peers.accounting.contribution import ContributionRecorder, bootstrap_peer_ids
+from peers.telemetry.hardware import probe_hardware
+from peers.accounting.ledger import LedgerWriter
+from peers.telemetry.metrics import MetricsServer, NodeMetrics
+from peers.telemetry.monitor import HardwareMonitor
+from net.transport import Transport
+from core.loop import cancel_and_wait
+from core.config import SwarmSettings
 
 __all__ = ["PeerTelemetry"]
 

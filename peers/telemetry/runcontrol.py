@@ -12,9 +12,10 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from dht.control import MetricsReport, RunControl, RunState, get_control, publish_metrics
+from dht.schemas import MetricsReport, RunControl, RunState
+from dht.control import get_control, publish_metrics
 from dht.records import SwarmDHT
-from swarm._loop import cancel_and_wait
+from core.loop import cancel_and_wait
 
 __all__ = ["RunWatcher", "CONTROL_POLL"]
 

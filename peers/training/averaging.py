@@ -8,7 +8,7 @@ is the in-process fake for unit tests.
 The result is the SUM of the members' gradients, identical on every member (each part of the
 all-reduce is reduced by one peer and sent to all), so replicas that held the same parameters and
 optimizer state before the step hold the same ones after it. The sum is robust to one poisoning
-member: each part is reduced with ``peers.sanity.robust_mean`` (a non-finite contribution counts as
+member: each part is reduced with ``peers.training.sanity.robust_mean`` (a non-finite contribution counts as
 zero, each one is clipped to ``clip`` x the lower median norm) instead of hivemind's plain mean. The members are named by the caller:
 a round whose group is not exactly those peers at exactly that step is refused (``AveragingFailed``)
 and nothing is applied, because a replica that averaged with a different group would drift.
@@ -41,8 +41,8 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import attach_event_on_finished, enter_asynchronously
 
-from peers.sanity import AVERAGING_CLIP, robust_mean
-from swarm.errors import AveragingFailed
+from peers.training.sanity import AVERAGING_CLIP, robust_mean
+from core.errors import AveragingFailed
 
 __all__ = ["GradientSync", "HivemindGradientSync", "LocalGradientSync"]
 

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from peers.protocol import (
+from peers.training.protocol import (
     ABORT,
     BACKWARD,
     COLLECT,
@@ -37,14 +37,14 @@ from peers.protocol import (
     AbortResponse,
     StateRequest,
     StateResponse,
-    parse_reply,
 )
-from peers.sanity import MAX_ABS, insanity
-from peers.state import StateMeta
-from peers.transport import Transport
-from peers.wire import decode, encode, width
-from shards.types import LayerRange
-from swarm.errors import BadRequest, CacheMiss, InvalidOutput, PeerUnavailable, ProtocolMismatch
+from net.rpc import parse_reply
+from peers.training.sanity import MAX_ABS, insanity
+from peers.state.snapshot import StateMeta
+from net.transport import Transport
+from net.wire import decode, encode, width
+from core.types import LayerRange
+from core.errors import BadRequest, CacheMiss, InvalidOutput, PeerUnavailable, ProtocolMismatch
 
 __all__ = ["StageClient", "StageInputs", "retried_call"]
 
@@ -130,7 +130,7 @@ class StageClient:
                    positions: torch.Tensor | None = None, num_samples: int = 1,
                    backward: bool = False) -> PushResponse:
         """Send ``tensor`` (hidden states, or with ``backward`` the gradient of the last hop's output)
-        along ``hops`` peer to peer (``peers.push``); the last hop's result waits under ``mailbox``
+        along ``hops`` peer to peer (``peers.training.push``); the last hop's result waits under ``mailbox``
         on its peer (``collect``). Returns which hops were done and which one failed, if any."""
         request = PushRequest(backward=backward, hops=hops, mailbox=mailbox, num_samples=num_samples,
                               has_attention_mask=mask is not None, has_position_ids=positions is not None,

@@ -1,6 +1,6 @@
 """The compute of one stage: forward, backward, gradient accumulation and the optimizer step.
 
-Runs in one worker thread per peer (see ``peers.service``), so the forward cache and the optimizer
+Runs in one worker thread per peer (see ``peers.training.service``), so the forward cache and the optimizer
 are only ever touched by that thread and need no locks; the event loop stays free for the network.
 
 Backward reuses the graph kept from the forward of the same ``request_id`` when it is still cached;
@@ -8,7 +8,7 @@ otherwise it recomputes the forward from the inputs the trainer resends (the sta
 lets any replica take a backward), with the same dropout seed so the result is identical.
 
 A backward with ``accumulate`` false only returns the input gradient (a trainer rebuilding a
-pushed microbatch through stages that already counted it, see ``swarm.pipeline``).
+pushed microbatch through stages that already counted it, see ``trainer.pipeline``).
 
 Gradients accumulate (summed, as ``.grad`` does locally) until a ``StepRequest`` closes the
 collaborative step: then the replicas named in it sum their gradients through a ``GradientSync`` and
@@ -27,9 +27,9 @@ from typing import Iterator, Sequence
 import torch
 
 from dht.schemas import OptimizerSettings
-from peers.averaging import GradientSync
-from peers.sanity import MAX_ABS, insanity
-from peers.protocol import (
+from peers.training.averaging import GradientSync
+from peers.training.sanity import MAX_ABS, insanity
+from peers.training.protocol import (
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
@@ -37,8 +37,8 @@ from peers.protocol import (
     StepRequest,
     StepResponse,
 )
-from shards.types import LayerRange
-from swarm.errors import AveragingFailed, BadRequest, CacheMiss, StaleReplica, WrongStage
+from core.types import LayerRange
+from core.errors import AveragingFailed, BadRequest, CacheMiss, StaleReplica, WrongStage
 
 __all__ = ["StageExecutor", "ForwardInputs"]
 

@@ -10,7 +10,7 @@ says what the tensors are. Tensor order, fixed per message:
   for a peer that no longer holds that forward's graph.  Reply: grad_input[b, s, h].
 
 In both, every ``[b, s, h]`` tensor (request and reply) is encoded in the request's ``wire`` format
-(``peers.wire``): one tensor, or two (int8 codes, then block scales) for ``int8``.
+(``net.wire``): one tensor, or two (int8 codes, then block scales) for ``int8``.
 * PushRequest: as ForwardRequest (``backward`` false) or as BackwardRequest without inputs (``backward``
   true), for the first of its ``hops``; each hop's peer sends its output on to the next hop's peer
   (the mask and positions travel along), the last leaves it for ``CollectRequest``.  Reply: no tensors.
@@ -22,26 +22,22 @@ In both, every ``[b, s, h]`` tensor (request and reply) is encoded in the reques
 * AbortRequest: no tensors. Gives up a step's averaging round that waits here for a dead member
   (answered on the event loop, while the step's call still holds the compute thread).
 * StateRequest: no tensors.  Reply: one tensor per name of ``StateResponse.names``, in that order
-  (the stage's parameters and optimizer state, see ``peers.state``).
+  (the stage's parameters and optimizer state, see ``peers.state.snapshot``).
 
 A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError class>, "message": ...}}``.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Awaitable, Callable
+from pydantic import Field
 
-from pydantic import Field, ValidationError
-
-from dht.schemas import PROTOCOL_VERSION, FrozenModel
-from peers.state import StateMeta
-from peers.wire import WIRE_PATTERN
-from shards.types import LayerRange
-from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
+from core.messages import FrozenModel
+from net.rpc import Message as _Message
+from peers.state.snapshot import StateMeta
+from net.wire import WIRE_PATTERN
+from core.types import LayerRange
 
 __all__ = [
-    "guarded",
     "FORWARD",
     "BACKWARD",
     "INFO",
@@ -60,10 +56,6 @@ __all__ = [
     "STATE",
     "StateRequest",
     "StateResponse",
-    "parse_request",
-    "ok_reply",
-    "error_reply",
-    "parse_reply",
     "ECHO",
     "EchoRequest",
     "EchoResponse",
@@ -90,10 +82,6 @@ ABORT = "swarm.stage.abort"
 PUSH = "swarm.stage.push"
 KEPT = "swarm.stage.kept"
 COLLECT = "swarm.stage.collect"
-
-
-class _Message(FrozenModel):
-    version: int = PROTOCOL_VERSION
 
 
 class ForwardRequest(_Message):
@@ -205,7 +193,7 @@ class CollectResponse(_Message):
 class KeptRequest(_Message):
     """The output of the training forward ``request_id`` (``grad``: the input gradient of its backward)
     if this stage still keeps it: what a trainer that had the microbatch pushed replays another
-    stage's lost backward from (``swarm.pipeline``)."""
+    stage's lost backward from (``trainer.pipeline``)."""
 
     stage: int = Field(ge=0)
     layers: LayerRange
@@ -284,61 +272,6 @@ class StateRequest(_Message):
 class StateResponse(_Message):
     meta: StateMeta
     names: list[str] = Field(description="the name of each tensor of the reply, in order")
-
-
-def parse_request(model: type[_Message], payload: Any, *, version: int = PROTOCOL_VERSION,
-                  protocol: str = "protocol") -> _Message:
-    """Validate a decoded request; anything malformed becomes a ``BadRequest`` naming the field, a
-    request of another ``version`` of ``protocol`` a ``ProtocolMismatch``."""
-    if not isinstance(payload, dict):
-        raise BadRequest(f"{model.__name__}: expected a map, got {type(payload).__name__}")
-    got = payload.get("version", version)
-    if got != version:
-        raise ProtocolMismatch(f"{protocol} version {got!r}; this node speaks {version}")
-    try:
-        return model.model_validate(payload)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "message"
-        raise BadRequest(f"{model.__name__}: {where}: {first['msg']}") from None
-
-
-def ok_reply(message: _Message) -> dict:
-    return {"ok": message.model_dump(mode="json")}
-
-
-def error_reply(error: SwarmError) -> dict:
-    return {"error": {"code": type(error).__name__, "message": str(error)}}
-
-
-def guarded(rpc: Callable[[Any, list], Awaitable[tuple[dict, list]]], log: logging.Logger) -> Callable:
-    """``rpc`` as a handler whose failure costs one request, never the node: a ``SwarmError`` becomes
-    its error reply, anything else (a bug, a full disk) an internal-error reply, logged with its trace."""
-
-    async def handler(message: Any, tensors: list) -> tuple[dict, list]:
-        try:
-            return await rpc(message, tensors)
-        except SwarmError as e:
-            log.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
-            return error_reply(e), []
-        except Exception as e:
-            log.exception("%s failed", rpc.__name__)
-            return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
-
-    return handler
-
-
-def parse_reply(model: type[_Message], payload: Any) -> _Message:
-    """Turn a reply into its message, or raise the error the peer reported."""
-    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        error = payload["error"]
-        raise error_from_wire(str(error.get("code")), str(error.get("message")))
-    if not isinstance(payload, dict) or "ok" not in payload:
-        raise ProtocolMismatch(f"unreadable reply to {model.__name__}: {str(payload)[:200]}")
-    try:
-        return model.model_validate(payload["ok"])
-    except ValidationError as e:
-        raise ProtocolMismatch(f"malformed {model.__name__}: {e.errors()[0]['msg']}") from None
 
 
 # -- link probe (placement measures latency and bandwidth with it) ------------------------------------

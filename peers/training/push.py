@@ -13,7 +13,7 @@ last one leaves that list in the mailbox beside its result: a collected result s
 peers computed it, so the trainer goes on as soon as it has it. The reply travels back along the
 chain (three one-way trips on a WAN that the trainer no longer waits for) and says, if the chain
 broke, which hop could not be reached and why: the trainer rebuilds what is missing through its own
-fault-tolerant path (``swarm.pipeline``). A hop's own failure is its caller's to report, so every
+fault-tolerant path (``trainer.pipeline``). A hop's own failure is its caller's to report, so every
 failure is named by the peer that saw it.
 """
 
@@ -27,8 +27,8 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from peers.client import retried_call
-from peers.protocol import (
+from peers.training.client import retried_call
+from peers.training.protocol import (
     BACKWARD,
     COLLECT,
     FORWARD,
@@ -41,14 +41,11 @@ from peers.protocol import (
     HopFailed,
     PushRequest,
     PushResponse,
-    guarded,
-    ok_reply,
-    parse_reply,
-    parse_request,
 )
-from peers.transport import Handler, Transport
-from peers.wire import width
-from swarm.errors import BadRequest, CapacityExceeded, StageTimeout, SwarmError, WrongStage, error_from_wire
+from net.rpc import guarded, ok_reply, parse_reply, parse_request
+from net.transport import Handler, Transport
+from net.wire import width
+from core.errors import BadRequest, CapacityExceeded, StageTimeout, SwarmError, WrongStage, error_from_wire
 
 __all__ = ["Mailbox", "PushService", "LocalCall"]
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
 from dht.schemas import PeerRecord, PeerState
-from shards.types import LayerRange
-from swarm.errors import NoRoute
+from core.types import LayerRange
+from core.errors import NoRoute
 
 __all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage", "record_loads", "record_replicas"]
 

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from peers.executor import ForwardInputs, StageExecutor
-from peers.protocol import (
+from peers.training.executor import ForwardInputs, StageExecutor
+from peers.training.protocol import (
     ABORT,
     BACKWARD,
     FORWARD,
@@ -34,15 +34,13 @@ from peers.protocol import (
     AbortResponse,
     StateRequest,
     StateResponse,
-    error_reply,
-    ok_reply,
-    parse_request,
 )
-from peers.state import StateIdentity, capture_state
-from peers.transport import CALLER, Handler, Transport
-from peers.wire import decode, encode, width
-from peers.worker import ComputeWorker
-from swarm.errors import AveragingFailed, BadRequest, StaleReplica, SwarmError, WrongStage
+from net.rpc import guarded, ok_reply, parse_request
+from peers.state.snapshot import StateIdentity, capture_state
+from net.transport import CALLER, Handler, Transport
+from net.wire import decode, encode, width
+from peers.training.worker import ComputeWorker
+from core.errors import AveragingFailed, BadRequest, StaleReplica, WrongStage
 
 __all__ = ["StageService"]
 
@@ -179,23 +177,15 @@ class StageService:
                              layers=executor.layers)
 
     def _guarded(self, rpc: Callable) -> Handler:
-        async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            try:
-                result = await rpc(message, tensors)
-                self.requests_served += 1
-                return result
-            except SwarmError as e:
-                self.errors_replied += 1
-                if isinstance(e, BadRequest):  # counted against the sender: it sent something malformed
-                    self.refused_by[CALLER.get() or "?"] += 1
-                logger.info("%s refused: %s: %s", rpc.__name__, type(e).__name__, e)
-                return error_reply(e), []
-            except Exception as e:  # a bug must cost one request, not the peer: report it and go on
-                self.errors_replied += 1
-                logger.exception("%s failed", rpc.__name__)
-                return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}: {e}")), []
+        return guarded(rpc, logger, outcome=self._count)
 
-        return handler
+    def _count(self, error: Exception | None) -> None:
+        if error is None:
+            self.requests_served += 1
+            return
+        self.errors_replied += 1
+        if isinstance(error, BadRequest):  # counted against the sender: it sent something malformed
+            self.refused_by[CALLER.get() or "?"] += 1
 
     def _inputs(self, tensors: list[torch.Tensor], wire: str, has_mask: bool, has_positions: bool) -> ForwardInputs:
         """A forward's tensors: the hidden states decoded from ``wire`` into this stage's dtype, then checked."""
@@ -207,7 +197,7 @@ class StageService:
 
     def _refuse_if_behind(self) -> None:
         """A replica that knows it missed a step the others applied computes nothing and hands out no
-        state until it has taken theirs (``peers.resync``): callers go to another replica."""
+        state until it has taken theirs (``peers.state.resync``): callers go to another replica."""
         if self.executor.behind:
             raise StaleReplica(f"stage {self.executor.stage} here is at step {self.executor.optimizer_step}, behind "
                                "its replicas; it is taking their state")

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from swarm.errors import CapacityExceeded
+from core.errors import CapacityExceeded
 
 __all__ = ["ComputeWorker", "DEFAULT_QUEUE_SIZE"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 
-from peers.client import StageClient
-from peers.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
+from peers.training.client import StageClient
+from net.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
 
 pytestmark = pytest.mark.slow
 
