@@ -33,7 +33,7 @@ every session of a token the delegate no longer accepts. A call about a session 
 hold answers ``UnknownSession`` naming why (never issued, stopped, expired, revoked).
 
 Versioned on its own (``DELEGATION_VERSION``), apart from the stage protocol; requests are checked with
-``peers.training.protocol.parse_request`` and replies travel in the project's ``{"ok": ...}`` /
+``net.rpc.parse_request`` and replies travel in the project's ``{"ok": ...}`` /
 ``{"error": ...}`` envelope.
 """
 

@@ -2,7 +2,7 @@
 
 Registered by a delegate (``swarm join --accept-delegations``) beside its stage RPCs, behind the run's
 auth gate on keyed runs; each handler answers a ``SwarmError`` as its error reply and never lets a bad
-request cost more than that request (``peers.training.protocol.guarded``).
+request cost more than that request (``net.rpc.guarded``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ them, serve, move when that raises the swarm's bottleneck, leave.
 the DHT process and its p2pd down, so nothing is left running.
 
 Placement (``shards.placement``): on join the peer measures its throughput for one stage of the model,
-its links to up to three peers and its free memory (``peers.joining.measure``), and claims the span of one or
+its links to up to three peers and its free memory (``peers.measure``), and claims the span of one or
 more consecutive stages (at most ``peer.max_stages``, as many as its memory holds) that raises the
 bottleneck most. Every ``rebalance_period`` (randomised) it asks ``should_move``; a peer with a move
 waits a delay that shrinks with its gain and asks again (so the one that gains most goes first and
@@ -181,7 +181,7 @@ class Peer(Lifecycle):
         self._in_flight_by_stage: Counter[int | None] = Counter()  # requests being served, per stage (draining)
         self._last_request_by_stage: dict[int | None, float] = {}
         self._transport: P2PTransport | None = None
-        self.push: PushService | None = None  # activations peer to peer (``peers.training.push``)
+        self.push: PushService | None = None  # activations peer to peer (``peers.push``)
         self._refresh_task: asyncio.Task | None = None
         self._rebalance_task: asyncio.Task | None = None
         self.telemetry: PeerTelemetry | None = None
@@ -419,7 +419,7 @@ class Peer(Lifecycle):
         """Load every stage of ``span`` (or only ``stages`` of it: a move keeps the others as they are;
         each slot exists, announced ``loading``) with its averager, then adopt each stage's current
         state. Every averager forks a process: all of them start before any state download opens a
-        stream (the child closes its copies of open streams, see ``peers.training.averaging``, but a span's
+        stream (the child closes its copies of open streams, see ``peers.averaging``, but a span's
         own downloads need not test that). Free heap goes back to the system before the forks and at
         the end (see ``release_free_memory``)."""
         stages = list(span.stages) if stages is None else sorted(stages)
@@ -846,7 +846,7 @@ class Peer(Lifecycle):
         raise AssertionError("unreachable: the last read returns")
 
     async def _adopt_state(self, slot: StageSlot, identity: StateIdentity) -> None:
-        """Before serving: the current state from a live replica, else the newest checkpoint (see peers.state.recovery)."""
+        """Before serving: the current state from a live replica, else the newest checkpoint (see peers.recovery)."""
         executor = slot.service.executor
         banned = await banned_peers(self.dht)  # a replica caught returning wrong results is no source
         gone = {peer for peer, missed in self._unanswered.items() if missed >= 2}  # killed: records outlive them

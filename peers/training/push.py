@@ -13,7 +13,7 @@ last one leaves that list in the mailbox beside its result: a collected result s
 peers computed it, so the trainer goes on as soon as it has it. The reply travels back along the
 chain (three one-way trips on a WAN that the trainer no longer waits for) and says, if the chain
 broke, which hop could not be reached and why: the trainer rebuilds what is missing through its own
-fault-tolerant path (``trainer.pipeline``). A hop's own failure is its caller's to report, so every
+fault-tolerant path (``swarm.pipeline``). A hop's own failure is its caller's to report, so every
 failure is named by the peer that saw it.
 """
 
