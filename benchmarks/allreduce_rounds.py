@@ -46,8 +46,8 @@ def _member(index: int) -> None:
     import hivemind
     from hivemind.utils import get_dht_time
 
-    from peers.averaging import HivemindGradientSync
-    from swarm.errors import AveragingFailed
+    from peers.training.averaging import HivemindGradientSync
+    from core.errors import AveragingFailed
 
     setup = json.loads(sys.stdin.readline())
     dht = hivemind.DHT(initial_peers=setup["initial_peers"], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)

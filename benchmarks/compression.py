@@ -6,7 +6,7 @@
 The real stage code (``StageService`` + ``StageExecutor`` per stage, ``RemotePipeline`` + ``StageClient``
 on the trainer side, microbatches pipelined) runs in one process over the in-memory transport, which
 carries exactly the tensors the P2P transport would: each format encodes the hidden states of
-forwards and the gradients of backwards (``peers.wire``), so the bytes counted are the bytes of
+forwards and the gradients of backwards (``net.wire``), so the bytes counted are the bytes of
 tensor data a step puts on the wire. Every format sees the same batches from the same weights.
 Prints the loss curve (mean of every ``--every`` steps) per format, the final loss (mean of the last
 20 steps) relative to float32 (target: within 2%) and bytes per step.
@@ -33,17 +33,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState  # noqa: E402
-from peers.client import StageClient  # noqa: E402
-from peers.executor import StageExecutor  # noqa: E402
-from peers.protocol import BACKWARD, FORWARD  # noqa: E402
-from peers.service import StageService  # noqa: E402
-from peers.transport import InMemoryTransport  # noqa: E402
-from peers.wire import WIRE_FORMATS  # noqa: E402
+from peers.training.client import StageClient  # noqa: E402
+from peers.training.executor import StageExecutor  # noqa: E402
+from peers.training.protocol import BACKWARD, FORWARD  # noqa: E402
+from peers.training.service import StageService  # noqa: E402
+from net.transport import InMemoryTransport  # noqa: E402
+from net.wire import WIRE_FORMATS  # noqa: E402
 from shards import load_local_parts, load_stage, make_tiny_model, resolve_model, stage_boundaries  # noqa: E402
 from shards.local import causal_lm_loss  # noqa: E402
 from swarm.data import random_batches, stdlib_corpus  # noqa: E402
 from swarm.demo import DEMO_MODEL  # noqa: E402
-from swarm.pipeline import RemotePipeline  # noqa: E402
+from trainer.pipeline import RemotePipeline  # noqa: E402
 
 
 def _swarm(model_dir: Path, wire: str, num_stages: int, batch: int, lr: float):

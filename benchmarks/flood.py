@@ -48,7 +48,7 @@ _POLL = 0.5
 def trainer(args: argparse.Namespace) -> None:
     """Trains until ``args.stop`` exists or the deadline passes; one JSON line per step (when it ended,
     how long it took), flushed at once so the main process can split the steps by phase."""
-    from swarm.model import SwarmModelForCausalLM
+    from trainer.model import SwarmModelForCausalLM
 
     torch.set_num_threads(1)
     deadline = time.monotonic() + args.seconds
@@ -77,8 +77,8 @@ def flooder(args: argparse.Namespace) -> None:
     from hivemind.p2p import P2P, PeerID
     from hivemind.proto import runtime_pb2
 
-    from peers.protocol import FORWARD
-    from peers.transport import _frames
+    from peers.training.protocol import FORWARD
+    from net.transport import _frames
 
     frames = _frames({"stage": 0}, [torch.zeros((args.mib << 20) // 4)], runtime_pb2.ExpertRequest)
     request = b"".join(P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data

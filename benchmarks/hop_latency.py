@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hivemind.p2p import P2P, PeerID  # noqa: E402
 
-from peers.client import StageClient  # noqa: E402
-from peers.measure import serve_echo  # noqa: E402
-from peers.protocol import ECHO, EchoRequest  # noqa: E402
-from peers.transport import P2PTransport  # noqa: E402
-from peers.wire import WIRE_FORMATS  # noqa: E402
-from swarm.errors import PeerUnavailable  # noqa: E402
+from peers.training.client import StageClient  # noqa: E402
+from peers.joining.measure import serve_echo  # noqa: E402
+from peers.training.protocol import ECHO, EchoRequest  # noqa: E402
+from net.transport import P2PTransport  # noqa: E402
+from net.wire import WIRE_FORMATS  # noqa: E402
+from core.errors import PeerUnavailable  # noqa: E402
 
 BATCH, SEQ, HIDDEN = 4, 128, 1024  # 2 MiB of float32
 T = TypeVar("T")
@@ -88,8 +88,8 @@ async def _serve_raw_echo(info, reader: asyncio.StreamReader, writer: asyncio.St
 
 async def _server(model_dir: str) -> None:
     from dht.schemas import OptimizerSettings
-    from peers.executor import StageExecutor
-    from peers.service import StageService
+    from peers.training.executor import StageExecutor
+    from peers.training.service import StageService
     from shards import LayerRange, load_stage, resolve_model
 
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ from swarm.procs import ProcessGroup  # noqa: E402
 
 def worker(args: argparse.Namespace) -> None:
     """One trainer: steps until the deadline, every step timed, every failure counted (and survived)."""
-    from swarm.model import SwarmModelForCausalLM
+    from trainer.model import SwarmModelForCausalLM
 
     torch.set_num_threads(1)
     deadline = time.monotonic() + args.seconds

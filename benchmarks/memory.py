@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.tiny import make_tiny_model  # noqa: E402
 from swarm.data import random_batches, stdlib_corpus  # noqa: E402
-from swarm.model import SwarmModelForCausalLM  # noqa: E402
+from trainer.model import SwarmModelForCausalLM  # noqa: E402
 from swarm.procs import ProcessGroup  # noqa: E402
 
 MiB = 2**20

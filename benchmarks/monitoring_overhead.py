@@ -22,19 +22,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht.schemas import OptimizerSettings  # noqa: E402
-from peers.activity import Activity, ObservedTransport  # noqa: E402
-from peers.client import StageClient  # noqa: E402
-from peers.contribution import ContributionRecorder  # noqa: E402
-from peers.executor import StageExecutor  # noqa: E402
-from peers.ledger import LedgerWriter  # noqa: E402
-from peers.metrics import NodeMetrics  # noqa: E402
-from peers.monitor import HardwareMonitor  # noqa: E402
-from peers.service import StageService  # noqa: E402
-from peers.transport import InMemoryTransport  # noqa: E402
+from peers.telemetry.activity import Activity, ObservedTransport  # noqa: E402
+from peers.training.client import StageClient  # noqa: E402
+from peers.accounting.contribution import ContributionRecorder  # noqa: E402
+from peers.training.executor import StageExecutor  # noqa: E402
+from peers.accounting.ledger import LedgerWriter  # noqa: E402
+from peers.telemetry.metrics import NodeMetrics  # noqa: E402
+from peers.telemetry.monitor import HardwareMonitor  # noqa: E402
+from peers.training.service import StageService  # noqa: E402
+from net.transport import InMemoryTransport  # noqa: E402
 from shards.source import resolve_model  # noqa: E402
 from shards.stage import load_stage  # noqa: E402
 from shards.tiny import make_tiny_model  # noqa: E402
-from shards.types import LayerRange  # noqa: E402
+from core.types import LayerRange  # noqa: E402
 
 
 async def _serve(hub: InMemoryTransport, name: str, module: torch.nn.Module, observed: bool, tmp: Path):

@@ -1,6 +1,6 @@
 """Placement at scale: 10 000 simulated peers on an 80-stage model, driven by the real decision
-functions (``shards.placement.choose_stages`` / ``should_move``, ``peers.routing.plan_routes``,
-``peers.measure.stage_bytes`` / ``network_tokens_per_second``), against Petals' rule and an offline bound.
+functions (``shards.placement.choose_stages`` / ``should_move``, ``peers.training.routing.plan_routes``,
+``peers.joining.measure.stage_bytes`` / ``network_tokens_per_second``), against Petals' rule and an offline bound.
 
     .venv/bin/python benchmarks/placement_sim.py                 # 10 000 peers, 80 stages, ~40 s
     .venv/bin/python benchmarks/placement_sim.py --peers 200 --stages 16 --periods 20
@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.errors import InsufficientMemory  # noqa: E402
+from core.errors import InsufficientMemory  # noqa: E402
 from shards.placement import (  # noqa: E402
     PlacedPeer,
     ReplicaCost,
@@ -127,12 +127,12 @@ class Result:
 @functools.lru_cache(maxsize=None)
 def model_stage_bytes(num_stages: int) -> list[int]:
     """Stage sizes of a Llama-style model of ``num_stages`` layers (hidden 4096, MLP 11008), one layer a
-    stage, counted by the real ``peers.measure.stage_bytes`` (fp32 parameters, gradients, AdamW)."""
+    stage, counted by the real ``peers.joining.measure.stage_bytes`` (fp32 parameters, gradients, AdamW)."""
     import torch
     from transformers import LlamaConfig
 
-    from peers.measure import stage_bytes
-    from shards.types import LayerRange
+    from peers.joining.measure import stage_bytes
+    from core.types import LayerRange
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                          num_hidden_layers=num_stages, vocab_size=32000)
@@ -144,7 +144,7 @@ def draw_machine(seed: int, peer_id: str) -> SimPeer:
     """The machine of ``peer_id``: the same under every rule (its own RNG, seeded by run and name)."""
     import torch
 
-    from peers.measure import network_tokens_per_second
+    from peers.joining.measure import network_tokens_per_second
 
     rng = random.Random(f"{seed}:{peer_id}")
     name, _, compute, memory, link = rng.choices(MACHINES, weights=[m[1] for m in MACHINES])[0]
@@ -387,8 +387,8 @@ class Simulation:
         per replica, and return the makespan over the ideal (every replica busy in parallel, each by its
         throughput): 1.0 is perfect."""
         from dht.schemas import PeerRecord, PeerState
-        from peers.routing import plan_routes
-        from shards.types import LayerRange
+        from peers.training.routing import plan_routes
+        from core.types import LayerRange
 
         stage = int(np.argmin(self._recount()))
         layers = LayerRange(start=stage, end=stage + 1)

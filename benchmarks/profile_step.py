@@ -52,7 +52,7 @@ def main() -> None:
 
     from shards.tiny import make_tiny_model
     from swarm.data import random_batches, stdlib_corpus
-    from swarm.model import SwarmModelForCausalLM
+    from trainer.model import SwarmModelForCausalLM
     from swarm.procs import ProcessGroup
 
     torch.set_num_threads(args.threads)

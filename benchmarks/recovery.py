@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht.schemas import OptimizerSettings  # noqa: E402
-from peers.executor import StageExecutor  # noqa: E402
-from peers.protocol import StepRequest  # noqa: E402
+from peers.training.executor import StageExecutor  # noqa: E402
+from peers.training.protocol import StepRequest  # noqa: E402
 from shards import load_stage, resolve_model, stage_boundaries  # noqa: E402
 from shards.tiny import make_tiny_model  # noqa: E402
 from swarm.demo import DEMO_MODEL  # noqa: E402
-from swarm.model import SwarmModelForCausalLM  # noqa: E402
-from swarm.pipeline import FaultPolicy  # noqa: E402
+from trainer.model import SwarmModelForCausalLM  # noqa: E402
+from trainer.pipeline import FaultPolicy  # noqa: E402
 from swarm.procs import ProcessGroup  # noqa: E402
 
 BATCH, SEQ = 8, 128

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht.records import SwarmDHT  # noqa: E402
-from peers.checkpoint_files import CheckpointDir  # noqa: E402
-from peers.client import StageClient  # noqa: E402
-from peers.transport import P2PTransport  # noqa: E402
+from peers.state.checkpoint_files import CheckpointDir  # noqa: E402
+from peers.training.client import StageClient  # noqa: E402
+from net.transport import P2PTransport  # noqa: E402
 from shards.tiny import make_tiny_model  # noqa: E402
 from tests.helpers import LocalSwarm  # noqa: E402
 

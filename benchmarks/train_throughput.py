@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.tiny import make_tiny_model  # noqa: E402
 from swarm.data import random_batches, stdlib_corpus  # noqa: E402
-from swarm.model import SwarmModelForCausalLM  # noqa: E402
-from peers.hardware import compute_threads  # noqa: E402
-from peers.wire import WIRE_FORMATS  # noqa: E402
+from trainer.model import SwarmModelForCausalLM  # noqa: E402
+from peers.telemetry.hardware import compute_threads  # noqa: E402
+from net.wire import WIRE_FORMATS  # noqa: E402
 from swarm.procs import ProcessGroup  # noqa: E402
 
 

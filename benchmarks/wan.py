@@ -170,7 +170,7 @@ def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int |
     import torch
 
     from swarm.data import random_batches, stdlib_corpus
-    from swarm.model import SwarmModelForCausalLM
+    from trainer.model import SwarmModelForCausalLM
 
     torch.set_num_threads(1)
     with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], host=host,

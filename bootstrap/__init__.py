@@ -3,6 +3,8 @@ run's keys, audit log and metrics (``state.db``).
 
 ``BootstrapNode`` is loaded lazily, so ``swarm keys`` / ``swarm run`` (which need only
 ``bootstrap.state``) start without importing hivemind and torch.
+
+May import: core, shards, dht, net, peers. Not trainer or delegation (its siblings); imported by swarm.
 """
 
 from __future__ import annotations

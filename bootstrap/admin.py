@@ -17,7 +17,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from bootstrap.state import StateDB
-from swarm.errors import AuthRejected, ConfigError
+from core.errors import AuthRejected, ConfigError
 
 __all__ = ["AdminAuth", "LoginLimiter", "Session", "set_admin_password", "MIN_PASSWORD"]
 

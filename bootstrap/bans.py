@@ -11,7 +11,7 @@ reporter is named, its target is not. For each newly banned peer the bootstrap w
 ledger book accepts no more entries of its chains and leaves it out of the tally) and audits the ban
 (``peer.banned``, actor ``ban:<reporters>``); on a keyed run it finds the key the peer joined with from
 the access token in the peer's own signed stage records and revokes it, so the gates drop the peer and
-the DHT refuses its records, as for any revoked key. The evidence (``dht.bans.BanEvidence``) is checked
+the DHT refuses its records, as for any revoked key. The evidence (``dht.schemas.BanEvidence``) is checked
 for consistency only: the bootstrap holds no stage and cannot recompute an output, so two distinct keys
 whose consistent evidence names the same accused and stage are what bans. The stages a peer served are
 the ones this bootstrap has seen in its records since it started (read every round with live reports):
@@ -31,9 +31,10 @@ from hivemind.utils.crypto import RSAPublicKey
 from bootstrap.ledger import LedgerBook
 from bootstrap.state import StateDB
 from dht.auth import verify_token
-from dht.bans import BanReport, all_reports, judge
+from dht.schemas import BanReport
+from dht.bans import all_reports, judge
 from dht.records import SwarmDHT
-from swarm.errors import SwarmError
+from core.errors import SwarmError
 
 __all__ = ["BanEnforcer"]
 

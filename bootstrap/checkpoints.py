@@ -6,9 +6,9 @@ after a ``has`` shows the store lacks that step); a peer that claims a stage no 
 from here (``get``). On a keyed run every RPC needs a token (the transport's gate). A put is kept
 only from a peer that announces the stage itself (a trainer, for the ``local`` part), only if it is
 not ahead of the run's step, and only if its tensors are exactly the part's and sane
-(``peers.checkpoint_check``); the transport refuses an upload larger than the largest part from
+(``peers.state.checkpoint_check``); the transport refuses an upload larger than the largest part from
 its frame headers. Checkpoints live under ``<state dir>/<run>/checkpoint-store/<part>/`` as
-``peers.checkpoint_files`` writes them (atomic, the newest ``keep`` kept), so they survive a
+``peers.state.checkpoint_files`` writes them (atomic, the newest ``keep`` kept), so they survive a
 restart of the bootstrap. The store announces itself under ``{run}_checkpoint_stores`` in the DHT.
 """
 
@@ -25,12 +25,12 @@ from transformers import PretrainedConfig
 
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, StoreRecord, TrainerRecord
-from peers.admission import CallerLimits, Gate
-from peers.checkpoint_check import check_checkpoint, part_bytes, part_module
-from peers.checkpoint_files import CheckpointDir
-from peers.protocol import guarded, ok_reply, parse_request
-from peers.state import LOCAL_PART, StateIdentity, StateMeta, part_name
-from peers.store_protocol import (
+from net.admission import CallerLimits, Gate
+from peers.state.checkpoint_check import check_checkpoint, part_bytes, part_module
+from peers.state.checkpoint_files import CheckpointDir
+from net.rpc import guarded, ok_reply, parse_request
+from peers.state.snapshot import LOCAL_PART, StateIdentity, StateMeta, part_name
+from peers.state.store_protocol import (
     CHECKPOINT_GET,
     CHECKPOINT_HAS,
     CHECKPOINT_PUT,
@@ -41,10 +41,10 @@ from peers.store_protocol import (
     PutRequest,
     PutResponse,
 )
-from peers.transport import CALLER, Handler, P2PTransport, Transport
+from net.transport import CALLER, Handler, P2PTransport, Transport
 from shards.source import resolve_model
-from swarm._loop import cancel_and_wait
-from swarm.errors import AuthRejected, BadRequest, CheckpointMissing, ModelLoadError, SwarmError
+from core.loop import cancel_and_wait
+from core.errors import AuthRejected, BadRequest, CheckpointMissing, ModelLoadError, SwarmError
 
 __all__ = ["CheckpointStore", "RunView", "RunSource"]
 
@@ -133,7 +133,7 @@ class CheckpointStore:
             return None
 
     def _module(self, part: str) -> torch.nn.Module:
-        """The part on the meta device (``peers.checkpoint_check.part_module``), built once."""
+        """The part on the meta device (``peers.state.checkpoint_check.part_module``), built once."""
         if part not in self._modules:
             if self._config is None:
                 try:
@@ -210,7 +210,7 @@ class CheckpointStore:
 
     async def _check_put(self, request: PutRequest, tensors: list[torch.Tensor], caller: str | None) -> None:
         """Refuse (``AuthRejected``, ``BadRequest``) an upload from anyone but the part's own peer,
-        ahead of the run, or not exactly the part's sane tensors (``peers.checkpoint_check``)."""
+        ahead of the run, or not exactly the part's sane tensors (``peers.state.checkpoint_check``)."""
         meta, manifest = request.meta, self.manifest
         _check_identity(meta, manifest)
         if len(request.names) != len(tensors) or len(set(request.names)) != len(tensors):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bootstrap.admin import AdminAuth, Session
 from bootstrap.keys import parse_duration
 from bootstrap.state import StateDB
-from swarm.errors import AuthRejected, ConfigError, SwarmError
+from core.errors import AuthRejected, ConfigError, SwarmError
 
 __all__ = ["DashboardServer", "create_app", "COOKIE"]
 

@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from swarm.errors import AuthRejected, ConfigError
+from core.errors import AuthRejected, ConfigError
 
 __all__ = [
     "KEY_PREFIX",

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from peers.ledger import (
+from peers.accounting.ledger import (
     append_lines,
     LEDGER_FETCH,
     LEDGER_SUBMIT,
@@ -33,9 +33,9 @@ from peers.ledger import (
     verify_entries,
 )
 from bootstrap.credit import admit
-from peers.protocol import error_reply, ok_reply
-from peers.transport import CALLER, Handler, Transport
-from swarm.errors import AuthRejected, BadRequest, ConfigError, SwarmError
+from net.rpc import guarded, ok_reply
+from net.transport import CALLER, Handler, Transport
+from core.errors import AuthRejected, BadRequest, ConfigError
 
 __all__ = ["LedgerBook", "LedgerService"]
 
@@ -133,35 +133,22 @@ class LedgerService:
             await transport.serve(method, handler)
 
     def handlers(self) -> dict[str, Handler]:
-        return {LEDGER_SUBMIT: self._guarded(self.rpc_submit), LEDGER_FETCH: self._guarded(self.rpc_fetch),
-                LEDGER_TALLY: self._guarded(self.rpc_tally)}
+        return {LEDGER_SUBMIT: guarded(self.rpc_submit, logger), LEDGER_FETCH: guarded(self.rpc_fetch, logger),
+                LEDGER_TALLY: guarded(self.rpc_tally, logger)}
 
-    async def rpc_submit(self, message: Any) -> dict:
+    async def rpc_submit(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         entries = list(parse_ledger_request(SubmitRequest, message).entries)
         response = self.book.submit(entries, caller=CALLER.get())
         logger.info("ledger: %d of %d entries accepted from %s", response.accepted, len(entries),
                     entries[0].peer_id[-12:])
-        return ok_reply(response)
+        return ok_reply(response), []
 
-    async def rpc_fetch(self, message: Any) -> dict:
+    async def rpc_fetch(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_ledger_request(FetchRequest, message)
         entries = self.book.entries[request.offset : request.offset + request.limit]
-        return ok_reply(FetchResponse(entries=entries, total=len(self.book.entries)))
+        return ok_reply(FetchResponse(entries=entries, total=len(self.book.entries))), []
 
-    async def rpc_tally(self, message: Any) -> dict:
+    async def rpc_tally(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         parse_ledger_request(TallyRequest, message)
-        return ok_reply(TallyResponse(peers=self.book.tally(), delegates=self.book.delegates()))
-
-    def _guarded(self, rpc) -> Handler:
-        async def handler(message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-            try:
-                return await rpc(message), []
-            except SwarmError as e:
-                logger.info("%s refused: %s", rpc.__name__, e)
-                return error_reply(e), []
-            except Exception as e:  # a bug costs one request, never the bootstrap
-                logger.exception("%s failed", rpc.__name__)
-                return error_reply(SwarmError(f"internal error in {rpc.__name__}: {type(e).__name__}")), []
-
-        return handler
+        return ok_reply(TallyResponse(peers=self.book.tally(), delegates=self.book.delegates())), []
 

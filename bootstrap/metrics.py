@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dht.control import MetricsReport
+from dht.schemas import MetricsReport
 
 __all__ = ["RoundSummary", "summarize"]
 

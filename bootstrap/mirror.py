@@ -26,11 +26,12 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.state import StateDB
 from bootstrap.sync import SYNC, NonceWindow, RunStateRow, SyncMessage, sign_sync, verify_sync
-from dht.control import BOOTSTRAPS_TTL, BootstrapRecord, get_bootstraps, publish_bootstrap
+from dht.control import BOOTSTRAPS_TTL, get_bootstraps, publish_bootstrap
+from dht.schemas import BootstrapRecord
 from dht.records import SwarmDHT
-from peers.protocol import error_reply, ok_reply, parse_reply, parse_request
-from peers.transport import CALLER, Transport
-from swarm.errors import AuthRejected, ConfigError, PeerUnavailable, SwarmError
+from net.rpc import error_reply, ok_reply, parse_reply, parse_request
+from net.transport import CALLER, Transport
+from core.errors import AuthRejected, ConfigError, PeerUnavailable, SwarmError
 
 __all__ = ["BootstrapPeering", "SyncService", "SyncResult", "sync_with", "load_authority", "check_signer"]
 

@@ -38,26 +38,26 @@ from bootstrap.tokens import TokenService
 from hivemind.utils import get_dht_time
 
 from dht.auth import TokenRecordValidator, issue_token
-from peers.admission import PUBLIC_REQUEST_BYTES, CallerLimits
-from peers.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
-from peers.transport import P2PTransport
+from net.admission import PUBLIC_REQUEST_BYTES, CallerLimits
+from net.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
+from net.transport import P2PTransport
+from peers.telemetry.status import collect_status
 from dht.control import (
     CONTROL_REFRESH,
-    RunControl,
-    RunState,
     find_bootstraps,
     get_bootstraps,
     get_control,
     get_metrics,
     publish_control,
 )
+from dht.schemas import RunControl, RunState
 from dht.records import MANIFEST_REFRESH, SwarmDHT
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
-from swarm.config import SwarmSettings
-from swarm.errors import ConfigError, PeerUnavailable
+from core.config import SwarmSettings
+from core.errors import ConfigError, PeerUnavailable
 
 __all__ = ["BootstrapNode", "build_manifest"]
 
@@ -336,8 +336,6 @@ class BootstrapNode:
 
     async def status_report(self, max_age: float = 2.0) -> dict:
         """``swarm status --json``'s data, from this node's DHT (cached for ``max_age`` seconds)."""
-        from swarm.status import collect_status  # swarm.status is a view over dht; imported when used
-
         now = asyncio.get_running_loop().time()
         if self._status_cache is None or now - self._status_cache[0] > max_age:
             self._status_cache = (now, await collect_status(self.dht, manifest_timeout=5.0))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of
-from swarm.errors import ConfigError, StateError
+from core.errors import ConfigError, StateError
 
 if TYPE_CHECKING:  # bootstrap.sync imports pydantic and hivemind; `swarm keys` opens the DB without them
     from bootstrap.sync import KeyRow, RunStateRow

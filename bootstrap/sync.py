@@ -29,8 +29,8 @@ import msgpack
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field
 
-from dht.schemas import PROTOCOL_VERSION, FrozenModel
-from swarm.errors import AuthRejected, StateError
+from core.messages import PROTOCOL_VERSION, FrozenModel
+from core.errors import AuthRejected, StateError
 
 __all__ = [
     "SYNC",

@@ -15,12 +15,12 @@ from prometheus_client import Gauge
 
 from bootstrap.ledger import LedgerBook, LedgerService
 from dht.records import SwarmDHT
-from peers.admission import CallerLimits, Gate
-from peers.activity import Activity, ObservedTransport, RequestDone
-from peers.metrics import MetricsServer, NodeMetrics
-from peers.monitor import HardwareMonitor
-from peers.transport import P2PTransport
-from swarm.config import SwarmSettings
+from net.admission import CallerLimits, Gate
+from peers.telemetry.activity import Activity, ObservedTransport, RequestDone
+from peers.telemetry.metrics import MetricsServer, NodeMetrics
+from peers.telemetry.monitor import HardwareMonitor
+from net.transport import P2PTransport
+from core.config import SwarmSettings
 
 __all__ = ["BootstrapTelemetry"]
 

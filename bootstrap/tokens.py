@@ -1,5 +1,5 @@
 """``TokenService``: the bootstrap's ``swarm.auth.token`` handler, exchanging an API key for a
-signed access token (see ``peers.auth`` for the protocol and ``dht.auth`` for the token)."""
+signed access token (see ``net.auth`` for the protocol and ``dht.auth`` for the token)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.state import StateDB
 from dht.auth import issue_token
-from peers.auth import TokenReply, TokenRequest
-from peers.protocol import error_reply, ok_reply, parse_request
-from peers.transport import CALLER
-from swarm.errors import AuthRejected, BadRequest, SwarmError
+from net.auth import TokenReply, TokenRequest
+from net.rpc import error_reply, ok_reply, parse_request
+from net.transport import CALLER
+from core.errors import AuthRejected, BadRequest, SwarmError
 
 __all__ = ["TokenService"]
 

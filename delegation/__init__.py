@@ -4,6 +4,8 @@ The delegator (``Delegator``) keeps its identity and key; the delegate (a ``peer
 ``serve_delegations``) serves the delegator's stage as an extra slot and records a receipt per
 microbatch; the delegator signs them into its own ledger. Messages and the sequence diagram:
 ``delegation.protocol``; the delegate's rules: ``delegation.sessions``.
+
+May import: core, shards, dht, net, peers. Not trainer or bootstrap (its siblings); imported by swarm.
 """
 
 from delegation.client import DelegationClient

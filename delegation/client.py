@@ -1,7 +1,7 @@
 """Stubs of the delegation RPCs, as a delegator (or ``swarm status``) calls them.
 
 Every call is retried a bounded number of times with backoff while the delegate is unreachable
-(``peers.client.retried_call`` logs each attempt). That is safe for each: a repeated ``start`` of a
+(``peers.training.client.retried_call`` logs each attempt). That is safe for each: a repeated ``start`` of a
 delegator that already holds a session there returns that session, ``poll`` and ``status`` change
 nothing but the session's last-seen time, and a repeated ``stop`` of a stopped session answers
 ``UnknownSession``, which the caller treats as stopped.
@@ -23,9 +23,9 @@ from delegation.protocol import (
     StopRequest,
     StopResponse,
 )
-from peers.client import retried_call
-from peers.protocol import parse_reply
-from peers.transport import Transport
+from peers.training.client import retried_call
+from net.rpc import parse_reply
+from net.transport import Transport
 
 __all__ = ["DelegationClient"]
 

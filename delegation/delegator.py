@@ -34,14 +34,15 @@ from pydantic import Field
 from delegation.client import DelegationClient
 from delegation.protocol import PollResponse, Receipt, SessionState, StartResponse
 from dht.records import SwarmDHT
-from dht.schemas import FrozenModel, PeerRecord, PeerState
-from peers.auth import AuthedTransport, RunAuth
-from peers.contribution import ContributionRecorder, bootstrap_peer_ids
-from peers.ledger import LedgerWriter, Work
-from peers.transport import P2PTransport
-from swarm._loop import Lifecycle, bounded, cancel_and_wait
-from swarm.config import SwarmSettings
-from swarm.errors import (
+from core.messages import FrozenModel
+from dht.schemas import PeerRecord, PeerState
+from net.auth import AuthedTransport, RunAuth
+from peers.accounting.contribution import ContributionRecorder, bootstrap_peer_ids
+from peers.accounting.ledger import LedgerWriter, Work
+from net.transport import P2PTransport
+from core.loop import Lifecycle, bounded, cancel_and_wait
+from core.config import SwarmSettings
+from core.errors import (
     AuthRejected,
     ConfigError,
     DelegationRefused,

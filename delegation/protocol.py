@@ -33,7 +33,7 @@ every session of a token the delegate no longer accepts. A call about a session 
 hold answers ``UnknownSession`` naming why (never issued, stopped, expired, revoked).
 
 Versioned on its own (``DELEGATION_VERSION``), apart from the stage protocol; requests are checked with
-``peers.protocol.parse_request`` and replies travel in the project's ``{"ok": ...}`` /
+``net.rpc.parse_request`` and replies travel in the project's ``{"ok": ...}`` /
 ``{"error": ...}`` envelope.
 """
 
@@ -44,9 +44,10 @@ from typing import Any
 
 from pydantic import Field
 
-from dht.schemas import FrozenModel, PeerRecord
-from peers.protocol import parse_request
-from shards.types import LayerRange
+from core.messages import FrozenModel
+from dht.schemas import PeerRecord
+from net.rpc import Message, parse_request
+from core.types import LayerRange
 
 __all__ = [
     "DELEGATION_VERSION",
@@ -91,7 +92,7 @@ class SessionState(str, Enum):
 LIVE_STATES = (SessionState.LOADING, SessionState.ACTIVE)
 
 
-class _Message(FrozenModel):
+class _Message(Message):
     version: int = DELEGATION_VERSION
 
 

@@ -2,7 +2,7 @@
 
 Registered by a delegate (``swarm join --accept-delegations``) beside its stage RPCs, behind the run's
 auth gate on keyed runs; each handler answers a ``SwarmError`` as its error reply and never lets a bad
-request cost more than that request (``peers.protocol.guarded``).
+request cost more than that request (``net.rpc.guarded``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from delegation.protocol import (
     parse_delegation_request,
 )
 from delegation.sessions import DelegateSessions, TokenSet
-from peers.protocol import guarded, ok_reply
-from peers.transport import CALLER, Handler
-from swarm.config import DelegationSettings
+from net.rpc import guarded, ok_reply
+from net.transport import CALLER, Handler
+from core.config import DelegationSettings
 
 __all__ = ["DelegationService", "serve_delegations"]
 

@@ -49,10 +49,10 @@ from delegation.protocol import (
     StopRequest,
     StopResponse,
 )
-from peers.activity import work_of
-from shards.types import LayerRange
-from swarm._loop import cancel_and_wait
-from swarm.errors import AuthRejected, CapacityExceeded, UnknownSession
+from peers.telemetry.activity import work_of
+from core.types import LayerRange
+from core.loop import cancel_and_wait
+from core.errors import AuthRejected, CapacityExceeded, UnknownSession
 
 __all__ = ["StageHost", "TokenSet", "DelegateSessions", "tensor_digest", "MAX_PENDING"]
 

@@ -1,9 +1,11 @@
-"""swarm's records in the DHT: schemas, keys, validators, and ``SwarmDHT`` on top of hivemind."""
+"""swarm's records in the DHT: schemas, keys, validators, and ``SwarmDHT`` on top of hivemind.
+
+May import: core, shards. Imported by: net and everything above.
+"""
 
 from dht.records import MANIFEST_REFRESH, MANIFEST_TTL, SwarmDHT
 from dht.schemas import (
     MAX_STAGES,
-    PROTOCOL_VERSION,
     RECORD_REFRESH,
     RECORD_TTL,
     HardwareSummary,
@@ -22,6 +24,7 @@ from dht.schemas import (
     store_key,
     trainers_key,
 )
+from core.messages import PROTOCOL_VERSION
 from dht.validators import RunSchemaValidator
 
 __all__ = [

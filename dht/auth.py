@@ -30,8 +30,19 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from dht.schemas import MAX_STAGES, manifest_key, stage_key, store_key, telemetry_key, trainers_key
-from swarm.errors import AuthRejected
+from dht.schemas import (
+    MAX_STAGES,
+    bans_key,
+    bootstraps_key,
+    control_key,
+    manifest_key,
+    metrics_key,
+    stage_key,
+    store_key,
+    telemetry_key,
+    trainers_key,
+)
+from core.errors import AuthRejected
 
 __all__ = [
     "TokenClaims",
@@ -127,12 +138,8 @@ class TokenRecordValidator(RecordValidatorBase):
         return {"run_id": self.run_id, "authority": self.authority, "revoked": self.revoked}
 
     def __setstate__(self, state: dict) -> None:
-        from dht.control import bootstraps_key, control_key, metrics_key  # dht.control imports dht.records
-
         self.run_id, self.authority, self.revoked = state["run_id"], state["authority"], state["revoked"]
         self._authority_key = RSAPublicKey.from_bytes(self.authority)
-        from dht.bans import bans_key  # dht.bans imports dht.records
-
         run = self.run_id
         self._owner_only = {_hashed(manifest_key(run)), _hashed(control_key(run)), _hashed(bootstraps_key(run)),
                             _hashed(store_key(run))}

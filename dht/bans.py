@@ -1,6 +1,6 @@
 """Signed reports of peers caught returning wrong results, under ``{run}_bans``.
 
-A trainer whose spot check caught a peer (``swarm.spotcheck``) publishes a ``BanReport``: the subkey is
+A trainer whose spot check caught a peer (``trainer.spotcheck``) publishes a ``BanReport``: the subkey is
 ``<banned peer id> + the reporter's owner marker`` (hivemind's ``RSASignatureValidator``), so a report
 is signed by its reporter, nobody else can overwrite or withdraw it, and one reporter may ban several
 peers. Trainers leave the reported peers out of their routes, peers do not take a stage's state from
@@ -26,7 +26,7 @@ that the evidence is there and consistent (``evidence_problem``) and refuses the
 the quorum's reports must name the same accused and stage. A consistent fake is as easy to sign as the
 truth, so the quorum of distinct keys is what stands against framing; the evidence makes each report
 say exactly what it claims, and a careless or inconsistent one is refused and named. A trainer that
-catches a liar stops routing to it at once (its own ban, ``swarm.pipeline``); the run-wide ban waits
+catches a liar stops routing to it at once (its own ban, ``trainer.pipeline``); the run-wide ban waits
 for a second reporter.
 """
 
@@ -37,15 +37,13 @@ from dataclasses import dataclass, field
 from typing import Collection, Mapping, Sequence
 
 from hivemind.utils import get_dht_time
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from dht.auth import token_key_id
 from dht.records import SwarmDHT, _entries
-from dht.schemas import PROTOCOL_VERSION, FrozenModel
-from shards.types import LayerRange
+from dht.schemas import BanReport, bans_key
 
-__all__ = ["BAN_TTL", "BAN_QUORUM", "REPORTS_PER_HOUR", "BanEvidence", "BanReport", "Judgement",
-           "evidence_problem", "judge", "bans_key", "report_ban",
+__all__ = ["BAN_TTL", "BAN_QUORUM", "REPORTS_PER_HOUR", "Judgement", "evidence_problem", "judge", "report_ban",
            "all_reports", "banned_peers"]
 
 logger = logging.getLogger(__name__)
@@ -54,53 +52,6 @@ BAN_TTL = 24 * 3600.0
 BAN_QUORUM = 2
 REPORTS_PER_HOUR = 10
 _HOUR = 3600.0
-
-
-_SHA256 = r"^[0-9a-f]{64}$"
-
-
-class BanEvidence(FrozenModel):
-    """What a spot check saw (``swarm.spotcheck``): the same inputs and dropout seed sent to three
-    replicas of ``stage`` (``layers``) at optimizer ``step``; the accused's output differed from the
-    honest replica's by up to ``max_abs_diff``, and the third replica sided with the honest one (the
-    same digest, or, on other hardware, closer to it: ``third_gap`` < ``max_abs_diff``). Digests are
-    sha256 of each tensor's dtype, shape and bytes as received (``swarm.spotcheck.digest``).
-
-    It travels inside the ``BanReport`` value, which ``report_ban`` stores under a subkey ending in the
-    reporter's public key, so hivemind's ``RSASignatureValidator`` has it signed by the reporter's own
-    DHT key and every node checks that signature: the reporter vouches for the evidence and cannot
-    disown it, and nobody else can alter it. It proves consistency, not truth (see the module)."""
-
-    stage: int = Field(ge=0)
-    layers: LayerRange
-    step: int = Field(ge=0)
-    inputs: str = Field(pattern=_SHA256, description="sha256 of the stage inputs (hidden states, mask, positions)")
-    accused_output: str = Field(pattern=_SHA256)
-    honest_output: str = Field(pattern=_SHA256)
-    third_output: str = Field(pattern=_SHA256)
-    honest_peer: str = Field(min_length=1, max_length=128)
-    third_peer: str = Field(min_length=1, max_length=128)
-    max_abs_diff: float = Field(ge=0, description="max |accused - honest|")
-    third_gap: float = Field(0.0, ge=0, description="max |third - honest|")
-
-
-class BanReport(FrozenModel):
-    """``peer_id`` returned outputs of ``stage`` that other replicas contradict (``reason`` says how
-    much, ``evidence`` what the spot check saw; a report without evidence is refused by ``judge``).
-    ``reporter`` must be the signer (the validator, ``dht.auth``)."""
-
-    version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
-    stage: int = Field(ge=0)
-    reason: str = Field(max_length=300)
-    reporter: str = Field(min_length=1, max_length=128)
-    evidence: BanEvidence | None = None
-    at: float = 0.0
-    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
-
-
-def bans_key(run_id: str) -> str:
-    return f"{run_id}_bans"
 
 
 async def report_ban(dht: SwarmDHT, report: BanReport, ttl: float = BAN_TTL) -> bool:

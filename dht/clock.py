@@ -16,7 +16,7 @@ from hivemind.utils import get_dht_time
 
 from dht.records import MANIFEST_TTL, SwarmDHT
 from dht.schemas import manifest_key
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["CLOCK_TOLERANCE", "clock_lag", "check_clock"]
 

@@ -16,31 +16,30 @@ from __future__ import annotations
 
 import logging
 import re
-from enum import Enum
-from typing import Literal
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from dht.records import SwarmDHT
-from dht.schemas import PROTOCOL_VERSION, FrozenModel, manifest_key
+from dht.schemas import (
+    BootstrapRecord,
+    MetricsReport,
+    RunControl,
+    bootstraps_key,
+    control_key,
+    manifest_key,
+    metrics_key,
+)
 
 __all__ = [
     "CONTROL_TTL",
     "CONTROL_REFRESH",
     "METRICS_TTL",
-    "RunState",
-    "RunControl",
-    "MetricsReport",
-    "control_key",
-    "metrics_key",
     "publish_control",
     "get_control",
     "find_bootstraps",
     "BOOTSTRAPS_TTL",
-    "BootstrapRecord",
-    "bootstraps_key",
     "publish_bootstrap",
     "get_bootstraps",
     "publish_metrics",
@@ -54,64 +53,6 @@ CONTROL_REFRESH = 150.0
 METRICS_TTL = 60.0
 BOOTSTRAPS_TTL = 60.0
 _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
-
-
-class RunState(str, Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-class RunControl(FrozenModel):
-    """What the run owner wants now. ``changed_at`` is when the owner last changed the run state or
-    the keys (so bootstraps that have synced publish equal records): the newest record's state
-    holds; revocations of every trusted record hold (see ``get_control``)."""
-
-    version: int = PROTOCOL_VERSION
-    state: RunState = RunState.RUNNING
-    changed_at: float = 0.0
-    reason: str = Field("", max_length=200)
-    keys_required: bool = False
-    revoked: list[str] = Field(default_factory=list, max_length=512)
-
-
-class MetricsReport(FrozenModel):
-    """One trainer's or peer's latest figures. ``samples`` is a running total since it started."""
-
-    version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
-    role: Literal["trainer", "peer"]
-    step: int = Field(0, ge=0)
-    loss: float | None = None
-    tokens_per_second: float = Field(0.0, ge=0)
-    samples: int = Field(0, ge=0)
-    stage: int | None = Field(None, ge=0)
-    access_token: str | None = Field(None, max_length=4096)
-
-
-class BootstrapRecord(FrozenModel):
-    """A live bootstrap (primary or ``--mirror``) of the run, where a key can be exchanged for a
-    token. Signed by the run's authority (only a holder of that key can publish one)."""
-
-    version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
-    maddrs: list[str] = Field(default_factory=list, max_length=8)
-    role: Literal["primary", "mirror"] = "primary"
-    dashboard: str | None = Field(None, max_length=200)
-    updated: float = 0.0
-    serving: bool = True
-
-
-def bootstraps_key(run_id: str) -> str:
-    return f"{run_id}_bootstraps"
-
-
-def control_key(run_id: str) -> str:
-    return f"{run_id}_control"
-
-
-def metrics_key(run_id: str) -> str:
-    return f"{run_id}_metrics"
 
 
 async def publish_control(dht: SwarmDHT, control: RunControl, ttl: float = CONTROL_TTL) -> bool:

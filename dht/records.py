@@ -36,8 +36,8 @@ from dht.schemas import (
     trainers_key,
 )
 from dht.validators import RunSchemaValidator
-from swarm.config import check_multiaddr
-from swarm.errors import NoRoute, PeerUnavailable
+from core.config import check_multiaddr
+from core.errors import NoRoute, PeerUnavailable
 
 __all__ = ["SwarmDHT", "MANIFEST_TTL", "MANIFEST_REFRESH"]
 
@@ -94,7 +94,7 @@ class SwarmDHT:
         self.run_id = run_id
         self._signer = signer
         self._last_expiration: dict[int, float] = {}
-        # a keyed run's member (``peers.auth.RunAuth``): this node's access token, put into the trainer
+        # a keyed run's member (``net.auth.RunAuth``): this node's access token, put into the trainer
         # and telemetry records it writes, which the run's validator refuses without one
         self.access_token: Callable[[], str] | None = None
 

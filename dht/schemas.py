@@ -13,22 +13,28 @@ see docs/design.md):
   bootstrap), so peers and trainers find where to upload and restore from.
 * ``{run}_telemetry``: one ``MetricsRecord`` per trainer and per peer (subkey = its owner key): what
   `swarm status` and the dashboard show about the run (step, loss trend, tokens/s, contribution).
+* ``{run}_control``, ``{run}_bootstraps``, ``{run}_metrics``: the run's state, its live bootstraps, and
+  what trainers and peers report to the bootstrap (read and written by ``dht.control``).
+* ``{run}_bans``: signed ``BanReport``s of peers caught returning wrong results (``dht.bans``).
+
+Every record's model lives here, so the validators (``dht.validators``, ``dht.auth``) know them all
+without importing the modules that read and write them.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from shards.types import LayerRange
+from core.messages import PROTOCOL_VERSION, FrozenModel
+from core.types import LayerRange
 
 __all__ = [
-    "PROTOCOL_VERSION",
     "RECORD_TTL",
     "RECORD_REFRESH",
     "MAX_STAGES",
-    "FrozenModel",
     "OptimizerSettings",
     "Manifest",
     "PeerState",
@@ -44,18 +50,21 @@ __all__ = [
     "MetricsRole",
     "LOSS_TREND_LEN",
     "telemetry_key",
+    "RunState",
+    "RunControl",
+    "MetricsReport",
+    "BootstrapRecord",
+    "control_key",
+    "metrics_key",
+    "bootstraps_key",
+    "BanEvidence",
+    "BanReport",
+    "bans_key",
 ]
 
-PROTOCOL_VERSION = 2
 RECORD_TTL = 60.0
 RECORD_REFRESH = 20.0
 MAX_STAGES = 1024
-
-
-class FrozenModel(BaseModel):
-    """Everything that crosses a process boundary: immutable, no unknown fields."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class OptimizerSettings(FrozenModel):
@@ -84,7 +93,7 @@ class Manifest(FrozenModel):
     optimizer: OptimizerSettings = OptimizerSettings()
     dtype: str = "float32"
     wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
-                      description="how activations and gradients travel between trainer and peers (peers.wire)")
+                      description="how activations and gradients travel between trainer and peers (net.wire)")
 
     @field_validator("stages")
     @classmethod
@@ -117,7 +126,7 @@ class HardwareSummary(FrozenModel):
     gpu_name: str | None = None
     gpu_memory_gib: float | None = None
     torch_threads: int = 1
-    # live figures from peers.monitor (means over the last minute; GPU ones over all GPUs, None without)
+    # live figures from peers.telemetry.monitor (means over the last minute; GPU ones over all GPUs, None without)
     cpu_percent: float = 0.0
     ram_used_gib: float = 0.0
     gpu_count: int = 0
@@ -236,3 +245,112 @@ def store_key(run_id: str) -> str:
 
 def telemetry_key(run_id: str) -> str:
     return f"{run_id}_telemetry"
+
+
+# -- run control, bootstraps and metrics (read and written by ``dht.control``) ---------------------
+
+class RunState(str, Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class RunControl(FrozenModel):
+    """What the run owner wants now. ``changed_at`` is when the owner last changed the run state or
+    the keys (so bootstraps that have synced publish equal records): the newest record's state
+    holds; revocations of every trusted record hold (see ``get_control``)."""
+
+    version: int = PROTOCOL_VERSION
+    state: RunState = RunState.RUNNING
+    changed_at: float = 0.0
+    reason: str = Field("", max_length=200)
+    keys_required: bool = False
+    revoked: list[str] = Field(default_factory=list, max_length=512)
+
+
+class MetricsReport(FrozenModel):
+    """One trainer's or peer's latest figures. ``samples`` is a running total since it started."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    role: Literal["trainer", "peer"]
+    step: int = Field(0, ge=0)
+    loss: float | None = None
+    tokens_per_second: float = Field(0.0, ge=0)
+    samples: int = Field(0, ge=0)
+    stage: int | None = Field(None, ge=0)
+    access_token: str | None = Field(None, max_length=4096)
+
+
+class BootstrapRecord(FrozenModel):
+    """A live bootstrap (primary or ``--mirror``) of the run, where a key can be exchanged for a
+    token. Signed by the run's authority (only a holder of that key can publish one)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    maddrs: list[str] = Field(default_factory=list, max_length=8)
+    role: Literal["primary", "mirror"] = "primary"
+    dashboard: str | None = Field(None, max_length=200)
+    updated: float = 0.0
+    serving: bool = True
+
+
+def bootstraps_key(run_id: str) -> str:
+    return f"{run_id}_bootstraps"
+
+
+def control_key(run_id: str) -> str:
+    return f"{run_id}_control"
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+# -- ban reports (read, written and judged by ``dht.bans``) ----------------------------------------
+
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class BanEvidence(FrozenModel):
+    """What a spot check saw (``trainer.spotcheck``): the same inputs and dropout seed sent to three
+    replicas of ``stage`` (``layers``) at optimizer ``step``; the accused's output differed from the
+    honest replica's by up to ``max_abs_diff``, and the third replica sided with the honest one (the
+    same digest, or, on other hardware, closer to it: ``third_gap`` < ``max_abs_diff``). Digests are
+    sha256 of each tensor's dtype, shape and bytes as received (``trainer.spotcheck.digest``).
+
+    It travels inside the ``BanReport`` value, which ``report_ban`` stores under a subkey ending in the
+    reporter's public key, so hivemind's ``RSASignatureValidator`` has it signed by the reporter's own
+    DHT key and every node checks that signature: the reporter vouches for the evidence and cannot
+    disown it, and nobody else can alter it. It proves consistency, not truth (see the module)."""
+
+    stage: int = Field(ge=0)
+    layers: LayerRange
+    step: int = Field(ge=0)
+    inputs: str = Field(pattern=_SHA256, description="sha256 of the stage inputs (hidden states, mask, positions)")
+    accused_output: str = Field(pattern=_SHA256)
+    honest_output: str = Field(pattern=_SHA256)
+    third_output: str = Field(pattern=_SHA256)
+    honest_peer: str = Field(min_length=1, max_length=128)
+    third_peer: str = Field(min_length=1, max_length=128)
+    max_abs_diff: float = Field(ge=0, description="max |accused - honest|")
+    third_gap: float = Field(0.0, ge=0, description="max |third - honest|")
+
+
+class BanReport(FrozenModel):
+    """``peer_id`` returned outputs of ``stage`` that other replicas contradict (``reason`` says how
+    much, ``evidence`` what the spot check saw; a report without evidence is refused by ``judge``).
+    ``reporter`` must be the signer (the validator, ``dht.auth``)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    stage: int = Field(ge=0)
+    reason: str = Field(max_length=300)
+    reporter: str = Field(min_length=1, max_length=128)
+    evidence: BanEvidence | None = None
+    at: float = 0.0
+    access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
+
+
+def bans_key(run_id: str) -> str:
+    return f"{run_id}_bans"

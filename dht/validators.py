@@ -15,12 +15,20 @@ from pydantic import BaseModel
 
 from dht.schemas import (
     MAX_STAGES,
+    BanReport,
+    BootstrapRecord,
     Manifest,
     MetricsRecord,
+    MetricsReport,
     PeerRecord,
+    RunControl,
     StoreRecord,
     TrainerRecord,
+    bans_key,
+    bootstraps_key,
+    control_key,
     manifest_key,
+    metrics_key,
     telemetry_key,
     stage_key,
     store_key,
@@ -43,14 +51,9 @@ class RunSchemaValidator(RecordValidatorBase):
             self._models[_hashed(stage_key(run_id, stage))] = PeerRecord
         self._models[_hashed(store_key(run_id))] = StoreRecord
         self._models[_hashed(telemetry_key(run_id))] = MetricsRecord
-        from dht.control import MetricsReport, RunControl, control_key, metrics_key  # dht.control imports records
-        from dht.control import BootstrapRecord, bootstraps_key
-
         self._models[_hashed(control_key(run_id))] = RunControl
         self._models[_hashed(metrics_key(run_id))] = MetricsReport
         self._models[_hashed(bootstraps_key(run_id))] = BootstrapRecord
-        from dht.bans import BanReport, bans_key  # dht.bans imports dht.records
-
         self._models[_hashed(bans_key(run_id))] = BanReport
 
     def validate(self, record: DHTRecord) -> bool:

@@ -1,11 +1,18 @@
-"""A serving peer: stage RPC protocol, transport, compute, client stubs, routing and lifecycle."""
+"""A serving peer, grouped by role: ``training`` (stage RPCs, compute, push, averaging, client stubs,
+routing), ``inference`` (KV-cache sessions), ``state`` (snapshots, checkpoints, recovery, resync),
+``accounting`` (the contribution ledger), ``telemetry`` (monitoring, metrics, run control, status data)
+and ``joining`` (measurements, placement claims, reachability); ``peers.server.Peer`` ties them into
+one lifecycle.
 
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.routing import Hop, Route, coverage, expected_time, plan_route, plan_routes, record_loads
+May import: core, shards, dht, net. Imported by: trainer, delegation, bootstrap, swarm.
+"""
+
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.training.routing import Hop, Route, coverage, expected_time, plan_route, plan_routes, record_loads
 from peers.server import Peer
-from peers.service import StageService
-from peers.transport import InMemoryTransport, P2PTransport, Transport
+from peers.training.service import StageService
+from net.transport import InMemoryTransport, P2PTransport, Transport
 
 __all__ = [
     "Hop",

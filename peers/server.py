@@ -41,16 +41,16 @@ from hivemind.utils import get_dht_time
 
 from dht.bans import banned_peers
 from dht.clock import check_clock
-from dht.control import MetricsReport, RunState
+from dht.schemas import MetricsReport, RunState
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, Manifest, PeerRecord, PeerState
-from peers.averaging import HivemindGradientSync
-from peers.checkpoint_files import CheckpointDir
-from peers.checkpoints import Checkpointer
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.hardware import compute_threads, probe_hardware, release_free_memory
-from peers.measure import (
+from peers.training.averaging import HivemindGradientSync
+from peers.state.checkpoint_files import CheckpointDir
+from peers.state.checkpoints import Checkpointer
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.telemetry.hardware import compute_threads, probe_hardware, release_free_memory
+from peers.joining.measure import (
     Measurement,
     Progress,
     available_memory,
@@ -62,24 +62,24 @@ from peers.measure import (
     serve_echo,
     stage_bytes,
 )
-from peers.protocol import BACKWARD, FORWARD
-from peers.push import PushService
-from peers.reachability import explain_placement
-from peers.claims import joiners_in, loads_without, replica_cost
-from peers.routing import record_loads
-from peers.admission import PUBLIC_REQUEST_BYTES
-from peers.auth import PRESENT, AuthedTransport, RunAuth
-from peers.inference import InferenceSessions
-from peers.inference_service import InferenceService
-from peers.recovery import adopt_state
-from peers.resync import ResyncWatch
-from peers.runcontrol import RunWatcher
-from peers.service import StageService
-from peers.state import StateIdentity, part_name
-from peers.store_client import StoreClient
-from peers.telemetry import PeerTelemetry
-from peers.transport import P2PTransport
-from peers.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
+from peers.training.protocol import BACKWARD, FORWARD
+from peers.training.push import PushService
+from peers.joining.reachability import explain_placement
+from peers.joining.claims import joiners_in, loads_without, replica_cost
+from peers.training.routing import record_loads
+from net.admission import PUBLIC_REQUEST_BYTES
+from net.auth import PRESENT, AuthedTransport, RunAuth
+from peers.inference.sessions import InferenceSessions
+from peers.inference.service import InferenceService
+from peers.state.recovery import adopt_state
+from peers.state.resync import ResyncWatch
+from peers.telemetry.runcontrol import RunWatcher
+from peers.training.service import StageService
+from peers.state.snapshot import StateIdentity, part_name
+from peers.state.store_client import StoreClient
+from peers.telemetry.publisher import PeerTelemetry
+from net.transport import P2PTransport
+from peers.training.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
 from shards.placement import (
     Joiner,
     Move,
@@ -94,10 +94,10 @@ from shards.placement import (
 )
 from shards.source import resolve_model
 from shards.stage import load_stage
-from shards.types import LayerRange
-from swarm._loop import Lifecycle, bounded, cancel_and_wait
-from swarm.config import SwarmSettings
-from swarm.errors import (
+from core.types import LayerRange
+from core.loop import Lifecycle, bounded, cancel_and_wait
+from core.config import SwarmSettings
+from core.errors import (
     CapacityExceeded,
     ConfigError,
     DelegationRefused,

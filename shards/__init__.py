@@ -1,5 +1,8 @@
 """Pure model code: resolve a HF model, load a stage's layers or the trainer's parts from only their
-tensors, and decide layer assignment. No networking and no asyncio here."""
+tensors, and decide layer assignment. No networking and no asyncio here.
+
+May import: core. Imported by: dht and everything above.
+"""
 
 from shards.assignment import choose_stage, stage_boundaries
 from shards.families import FAMILIES, SUPPORTED_FAMILIES, Family, family_of, num_layers
@@ -8,7 +11,7 @@ from shards.placement import Move, PlacedPeer, Span, choose_stages, should_move
 from shards.source import ModelSource, resolve_model
 from shards.stage import StageModule, load_stage
 from shards.tiny import make_tiny_model, tiny_config
-from shards.types import LayerRange, StageIndex
+from core.types import LayerRange, StageIndex
 
 __all__ = [
     "FAMILIES",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from shards.types import LayerRange
+from core.types import LayerRange
 
 __all__ = ["stage_boundaries", "choose_stage"]
 

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from shards.families import Family, family_of, num_layers
-from shards.types import LayerRange
-from swarm.errors import StateMismatch
+from core.types import LayerRange
+from core.errors import StateMismatch
 
 __all__ = ["stage_checkpoint_names", "local_checkpoint_names", "build_hf_model", "save_hf_checkpoint"]
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
-from swarm.errors import UnsupportedArchitecture
+from core.errors import UnsupportedArchitecture
 
 __all__ = [
     "Family",

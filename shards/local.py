@@ -9,7 +9,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from shards.families import Family, family_of
 from shards.source import ModelSource, resolve_model
-from swarm.errors import ModelLoadError
+from core.errors import ModelLoadError
 
 __all__ = ["LocalParts", "load_local_parts", "causal_lm_loss", "default_position_ids"]
 

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from swarm.errors import InsufficientMemory
+from core.errors import InsufficientMemory
 
 __all__ = [
     "Span",

@@ -6,7 +6,7 @@ so the schedule is GPipe: all forwards, then all backwards. Action ``F(m, s)`` c
 ``F(m, s-1)`` has, ``B(m, s)`` once ``B(m, s+1)`` has; ordered by clock tick (``m + s`` forward,
 ``m + (S-1-s)`` backward), at tick ``t`` stage ``s`` works on microbatch ``t - s``, so with ``M``
 microbatches and ``S`` stages a phase takes ``M + S - 1`` ticks instead of ``M x S``. Stages run the
-actions given to them in list order; the executor (``swarm.pipeline``) keeps several in flight.
+actions given to them in list order; the executor (``trainer.pipeline``) keeps several in flight.
 """
 
 from __future__ import annotations

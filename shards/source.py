@@ -21,7 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from shards.families import SUPPORTED_FAMILIES, unsupported_architecture
-from swarm.errors import ModelLoadError
+from core.errors import ModelLoadError
 
 __all__ = ["ModelSource", "resolve_model"]
 

@@ -11,8 +11,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from shards.families import Family, family_of, num_layers
 from shards.source import ModelSource, resolve_model
-from shards.types import LayerRange
-from swarm.errors import ModelLoadError
+from core.types import LayerRange
+from core.errors import ModelLoadError
 
 __all__ = ["StageModule", "load_stage"]
 

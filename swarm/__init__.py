@@ -1,7 +1,13 @@
 """swarm: train and serve transformer language models on volunteer machines.
 
-The public surface is loaded lazily, so ``import swarm.errors`` (used by every layer) stays cheap and
-free of import cycles.
+The public face, the top layer (see the layering at the top of docs/design.md): ``swarm.connect``,
+``SwarmModelForCausalLM`` (from ``trainer.model``), ``swarm.errors``, the CLI (``swarm.cli``), the
+OpenAI-compatible API (``swarm.api``, ``swarm.serving``), the terminal views, ``swarm.data`` and
+``swarm.train``. Nothing imports it.
+
+May import: core, shards, dht, net, peers, trainer, delegation, bootstrap.
+
+The public surface is loaded lazily, so ``import swarm`` stays cheap (no torch, no hivemind).
 """
 
 from __future__ import annotations
@@ -13,19 +19,19 @@ __all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "connect", "errors", "__ve
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from swarm.model import CausalLMOutput, SwarmModelForCausalLM
+    from trainer.model import CausalLMOutput, SwarmModelForCausalLM
 
 
 def connect(bootstrap: str, model: str | None = None, **kwargs: Any) -> "SwarmModelForCausalLM":
     """Shortcut: ``SwarmModelForCausalLM.from_pretrained(model, initial_peers=[bootstrap], ...)``."""
-    from swarm.model import SwarmModelForCausalLM
+    from trainer.model import SwarmModelForCausalLM
 
     return SwarmModelForCausalLM.from_pretrained(model, initial_peers=[bootstrap], **kwargs)
 
 
 def __getattr__(name: str) -> Any:
     if name in ("SwarmModelForCausalLM", "CausalLMOutput"):
-        from swarm import model
+        from trainer import model
 
         return getattr(model, name)
     raise AttributeError(f"module 'swarm' has no attribute {name!r}")

@@ -28,15 +28,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from swarm.errors import AuthRejected, BadRequest, ConfigError, NoRoute, NoTokenizer, PeerUnavailable, SwarmError
+from core.errors import AuthRejected, BadRequest, ConfigError, NoRoute, NoTokenizer, PeerUnavailable, SwarmError
 from bootstrap.keys import key_id_of
-from swarm.generation import max_positions
+from trainer.generation import max_positions
 from swarm.text import StopScanner, StreamDecoder, TextCodec
 
 if TYPE_CHECKING:
     from bootstrap.state import StateDB
-    from peers.auth import RunAuth
-    from swarm._loop import LoopThread
+    from net.auth import RunAuth
+    from core.loop import LoopThread
 
 __all__ = ["KeyCheck", "StaticKeys", "RunKeys", "SwarmKeys", "AnyOf", "ApiError", "create_app", "Backend"]
 

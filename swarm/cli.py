@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from swarm.config import SwarmSettings, load_settings
-from swarm.errors import SwarmError
+from core.config import SwarmSettings, load_settings
+from core.errors import SwarmError
 from swarm.logs import set_log_identity, setup_logging
 
 __all__ = ["app", "main"]
@@ -204,7 +204,7 @@ def join(
         _run_until_signal(lambda stop: run_delegator(settings, console, stop))
         return
     from peers.server import Peer
-    from swarm._loop import start_unless_stopped
+    from core.loop import start_unless_stopped
     from swarm.join_view import describe_span, introduce, live_lines
 
     async def serve(stop: asyncio.Event) -> None:
@@ -269,7 +269,8 @@ def status(
     settings = _client_settings("status", config, bootstrap_addr, run_id=run, key=key,
                                 log_level=log_level or "WARNING")
     from dht.records import SwarmDHT
-    from swarm.status import collect_status, render_status
+    from peers.telemetry.status import collect_status
+    from swarm.status_view import render_status
 
     out = Console()
     if delegate is not None:
@@ -297,7 +298,8 @@ async def _status_live(dht: Any, out: Console, interval: float) -> None:
     """Redraw the status every ``interval`` s until Ctrl+C; a failed read keeps the last frame."""
     from rich.live import Live
 
-    from swarm.status import collect_status, render_status
+    from peers.telemetry.status import collect_status
+    from swarm.status_view import render_status
 
     report = await collect_status(dht)
     with Live(render_status(report), console=out, auto_refresh=False) as live:
@@ -331,7 +333,7 @@ def train_command(
     settings = _client_settings("train", config, bootstrap_addr, log_file="train", run_id=run, key=key,
                                 log_level=log_level or "WARNING", state_dir=state_dir,
                                 monitor={"metrics_port": metrics_port})
-    from swarm.pipeline import FaultPolicy
+    from trainer.pipeline import FaultPolicy
     from swarm.train import train
 
     trainer = settings.trainer
@@ -358,7 +360,7 @@ def export_command(
     _interrupt_on_sigterm()
     settings = _client_settings("export", config, bootstrap_addr, run_id=run, key=key,
                                 log_level=log_level or "WARNING")
-    from swarm.export import export_swarm
+    from trainer.export import export_swarm
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SwarmError(f"--out {out} exists and is not an empty directory")
@@ -405,7 +407,7 @@ def generate(
     _interrupt_on_sigterm()
     settings = _client_settings("generate", config, bootstrap_addr, run_id=run, key=key,
                                 log_level=log_level or "WARNING")
-    from swarm.model import SwarmModelForCausalLM
+    from trainer.model import SwarmModelForCausalLM
     from swarm.serving import codec_of, stream_text
 
     with console.status("joining the swarm..."):

@@ -11,8 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from swarm._loop import start_unless_stopped
-from swarm.config import SwarmSettings, check_multiaddr
+from core.loop import start_unless_stopped
+from core.config import SwarmSettings, check_multiaddr
 from swarm.logs import set_log_identity
 
 __all__ = ["run_delegator", "announce_delegate", "delegator_line", "delegate_line", "print_delegate_status"]
@@ -76,7 +76,7 @@ def print_delegate_status(settings: SwarmSettings, address: str, console: Consol
     from delegation.client import DelegationClient
     from delegation.delegator import delegate_peer_id
     from dht.records import SwarmDHT
-    from peers.auth import ClientCalls
+    from net.auth import ClientCalls
 
     async def ask(dht: SwarmDHT) -> dict[str, Any]:
         client = await ClientCalls.open(dht, settings.key)  # a keyed run's delegate answers key holders only

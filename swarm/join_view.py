@@ -13,9 +13,9 @@ from rich.markup import escape
 from rich.live import Live
 from rich.text import Text
 
-from peers.reachability import probe_reachability
+from peers.joining.reachability import probe_reachability
 from peers.server import Peer
-from swarm.config import SwarmSettings
+from core.config import SwarmSettings
 
 __all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label"]
 

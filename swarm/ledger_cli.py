@@ -11,9 +11,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from peers.ledger import LEDGER_FETCH, FetchRequest, FetchResponse, LedgerEntry, read_entries, tally, verify_entries
-from swarm.config import SwarmSettings
-from swarm.errors import ConfigError
+from peers.accounting.ledger import (
+    LEDGER_FETCH,
+    FetchRequest,
+    FetchResponse,
+    LedgerEntry,
+    read_entries,
+    tally,
+    verify_entries,
+)
+from core.config import SwarmSettings
+from core.errors import ConfigError
 
 __all__ = ["load_ledger", "fetch_ledger", "report_check"]
 
@@ -40,8 +48,8 @@ def load_ledger(source: str, settings: SwarmSettings) -> tuple[list[LedgerEntry]
 
 async def fetch_ledger(dht, bootstrap_id: str, *, key: str | None = None) -> list[LedgerEntry]:
     """Every entry the bootstrap holds (``dht``: a ``SwarmDHT`` client), page by page (bounded)."""
-    from peers.auth import ClientCalls
-    from peers.protocol import parse_reply
+    from net.auth import ClientCalls
+    from net.rpc import parse_reply
 
     client = await ClientCalls.open(dht, key)
     entries: list[LedgerEntry] = []

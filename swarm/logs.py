@@ -24,7 +24,7 @@ from rich.logging import RichHandler
 
 __all__ = ["setup_logging", "set_log_identity", "JsonFormatter", "PROJECT_LOGGERS"]
 
-PROJECT_LOGGERS = ("swarm", "peers", "dht", "shards", "bootstrap", "delegation")
+PROJECT_LOGGERS = ("swarm", "trainer", "delegation", "bootstrap", "peers", "net", "dht", "shards", "core")
 
 _identity = ""
 _lock_files: list[IO] = []

@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from swarm.config import SwarmSettings
-from swarm.errors import ConfigError
-from swarm.model import SwarmModelForCausalLM
+from core.config import SwarmSettings
+from core.errors import ConfigError
+from trainer.model import SwarmModelForCausalLM
 from swarm.text import StopScanner, StreamDecoder, TextCodec, load_codec
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
     import uvicorn
 
     from swarm.api import AnyOf, RunKeys, StaticKeys, SwarmKeys, create_app
-    from swarm.errors import NoTokenizer
+    from core.errors import NoTokenizer
 
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,

@@ -20,7 +20,7 @@ from typing import Mapping, Protocol, Sequence
 
 from transformers import AutoTokenizer, PretrainedConfig
 
-from swarm.errors import NoTokenizer
+from core.errors import NoTokenizer
 
 __all__ = ["TextCodec", "ByteCodec", "TokenizerCodec", "load_codec", "plain_chat_prompt", "StreamDecoder",
            "StopScanner", "PLAIN_CHAT_STOP"]

@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from swarm.config import MonitorSettings
+from core.config import MonitorSettings
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
-from swarm.errors import RunStopped, SwarmError
-from swarm.generation import max_positions
-from swarm.model import SwarmModelForCausalLM
-from swarm.pipeline import FaultPolicy
-from swarm.reporting import TrainerReporter
+from core.errors import RunStopped, SwarmError
+from trainer.generation import max_positions
+from trainer.model import SwarmModelForCausalLM
+from trainer.pipeline import FaultPolicy
+from trainer.reporting import TrainerReporter
 
 __all__ = ["TrainResult", "train"]
 

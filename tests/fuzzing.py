@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from dht.schemas import PROTOCOL_VERSION
-from peers.framing import read_frames
-from swarm.errors import BadRequest, error_from_wire
+from core.messages import PROTOCOL_VERSION
+from net.framing import read_frames
+from core.errors import BadRequest, error_from_wire
 
 __all__ = ["FUZZ_SETTINGS", "RAW_FUZZ_SETTINGS", "messages", "tensor_lists", "raw_requests", "check_reply", "template_for", "read_reply"]
 

@@ -12,9 +12,9 @@ from delegation.delegator import Delegator
 from delegation.service import serve_delegations
 from delegation.sessions import DelegateSessions
 from peers.server import Peer
-from swarm._loop import LoopThread
-from swarm.config import load_settings
-from swarm.model import SwarmModelForCausalLM
+from core.loop import LoopThread
+from core.config import load_settings
+from trainer.model import SwarmModelForCausalLM
 
 __all__ = ["LocalSwarm", "train_steps", "reference_losses"]
 

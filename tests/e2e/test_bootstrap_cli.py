@@ -15,12 +15,12 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.state import StateDB
-from dht.control import RunState
+from dht.schemas import RunState
 from peers.server import Peer
-from swarm._loop import LoopThread
-from swarm.config import load_settings
-from swarm.errors import PeerUnavailable, RunStopped
-from swarm.model import SwarmModelForCausalLM
+from core.loop import LoopThread
+from core.config import load_settings
+from core.errors import PeerUnavailable, RunStopped
+from trainer.model import SwarmModelForCausalLM
 from tests.e2e.test_cli import ENV, SWARM, _address, _descendants, _start, _terminate, _wait_for
 
 pytestmark = pytest.mark.slow

@@ -8,10 +8,11 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from peers.client import StageClient
-from peers.protocol import FORWARD, ForwardRequest, ForwardResponse, parse_reply
-from peers.transport import P2PTransport
-from swarm.errors import BadRequest, ProtocolMismatch, SwarmError, WrongStage
+from peers.training.client import StageClient
+from peers.training.protocol import FORWARD, ForwardRequest, ForwardResponse
+from net.rpc import parse_reply
+from net.transport import P2PTransport
+from core.errors import BadRequest, ProtocolMismatch, SwarmError, WrongStage
 
 pytestmark = pytest.mark.slow
 

@@ -21,16 +21,17 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from bootstrap.node import BootstrapNode
-from dht.bans import BanReport, report_ban
+from dht.schemas import BanReport
+from dht.bans import report_ban
 from dht.records import SwarmDHT
 from dht.schemas import MetricsRecord, StoreRecord, TrainerRecord
-from peers.ledger import LEDGER_SUBMIT
-from peers.measure import ECHO
-from peers.protocol import FORWARD, INFO, InfoRequest
-from peers.store_client import StoreClient
-from peers.store_protocol import CHECKPOINT_GET, CHECKPOINT_PUT, PutRequest
-from peers.transport import P2PTransport, _frames
-from swarm.config import load_settings
+from peers.accounting.ledger import LEDGER_SUBMIT
+from peers.joining.measure import ECHO
+from peers.training.protocol import FORWARD, INFO, InfoRequest
+from peers.state.store_client import StoreClient
+from peers.state.store_protocol import CHECKPOINT_GET, CHECKPOINT_PUT, PutRequest
+from net.transport import P2PTransport, _frames
+from core.config import load_settings
 from tests.fuzzing import read_reply
 from tests.helpers import LocalSwarm
 
@@ -236,7 +237,7 @@ def test_a_key_holder_may_not_put_a_checkpoint_of_a_stage_it_does_not_serve_nor_
 
 
 def _capture(executor, identity):
-    from peers.state import capture_state
+    from peers.state.snapshot import capture_state
 
     return capture_state(executor.module, executor.optimizer, identity=identity, step=executor.optimizer_step,
                          stage=executor.stage, layers=executor.layers)

@@ -14,7 +14,7 @@ import pytest
 from bootstrap.admin import AdminAuth, LoginLimiter, set_admin_password
 from bootstrap.dashboard import COOKIE, DashboardServer, create_app
 from bootstrap.state import StateDB
-from swarm._loop import LoopThread
+from core.loop import LoopThread
 
 PASSWORD = "correct horse battery"
 STATUS = {"version": 1, "run_id": "web", "model": "m", "num_layers": 2, "target_batch_size": 2,

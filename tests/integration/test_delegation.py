@@ -15,12 +15,12 @@ import torch
 from delegation.client import DelegationClient
 from delegation.protocol import SessionState
 from dht.records import SwarmDHT
-from peers.ledger import LEDGER_SUBMIT, LedgerWriter, SubmitRequest, SubmitResponse, Work
-from peers.protocol import parse_reply
-from peers.transport import P2PTransport
-from swarm.errors import AuthRejected, CapacityExceeded, UnknownSession
-from swarm.pipeline import FaultPolicy
-from swarm.status import collect_status
+from peers.accounting.ledger import LEDGER_SUBMIT, LedgerWriter, SubmitRequest, SubmitResponse, Work
+from net.rpc import parse_reply
+from net.transport import P2PTransport
+from core.errors import AuthRejected, CapacityExceeded, UnknownSession
+from trainer.pipeline import FaultPolicy
+from peers.telemetry.status import collect_status
 from tests.helpers import reference_losses
 
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ async def _close_node(node: tuple[SwarmDHT, P2PTransport]) -> None:
 
 
 async def _cancel_polls(delegator) -> None:
-    from swarm._loop import cancel_and_wait
+    from core.loop import cancel_and_wait
 
     await cancel_and_wait(delegator._task)
 

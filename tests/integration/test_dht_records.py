@@ -10,7 +10,7 @@ from hivemind.utils import get_dht_time
 
 from dht.records import SwarmDHT
 from dht.schemas import Manifest, PeerRecord, PeerState, stage_key
-from shards.types import LayerRange
+from core.types import LayerRange
 
 pytestmark = pytest.mark.slow
 

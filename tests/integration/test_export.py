@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
-from swarm.export import export_swarm
+from trainer.export import export_swarm
 from tests.helpers import train_steps
 
 pytestmark = pytest.mark.slow

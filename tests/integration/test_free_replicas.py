@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shards.placement import Move, Span
-from swarm.pipeline import FaultPolicy
+from trainer.pipeline import FaultPolicy
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,9 @@ import torch
 from hivemind.p2p import PeerID
 from hypothesis import given
 
-from peers.client import StageClient
-from peers.transport import P2PTransport
-from swarm.errors import PeerUnavailable, StageTimeout
+from peers.training.client import StageClient
+from net.transport import P2PTransport
+from core.errors import PeerUnavailable, StageTimeout
 from tests.fuzzing import FUZZ_SETTINGS, RAW_FUZZ_SETTINGS, check_reply, messages, raw_requests, read_reply, tensor_lists
 from tests.helpers import LocalSwarm
 

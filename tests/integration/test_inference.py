@@ -85,7 +85,7 @@ def test_sampling_and_stop_tokens_equal_transformers(served):
 
 @pytest.mark.parametrize("case", ["not-a-map", "no-session", "wrong-width", "wrong-stage", "tensors-on-open"])
 def test_bad_inference_requests_are_named_and_the_peer_goes_on(served, case):
-    from peers.inference_protocol import OPEN, STEP
+    from peers.inference.protocol import OPEN, STEP
 
     _, swarm, remote = served
     peer = swarm.peers[1]

@@ -14,10 +14,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 from dht.auth import issue_token
 from dht.records import SwarmDHT
 from dht.schemas import PeerRecord, PeerState, stage_key
-from peers.protocol import INFO, InfoRequest
-from peers.transport import P2PTransport
+from peers.training.protocol import INFO, InfoRequest
+from net.transport import P2PTransport
 from swarm.api import SwarmKeys
-from swarm.errors import AuthRejected
+from core.errors import AuthRejected
 
 pytestmark = pytest.mark.slow
 

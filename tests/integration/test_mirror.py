@@ -20,12 +20,13 @@ from bootstrap.mirror import sync_with
 from bootstrap.node import BootstrapNode
 from bootstrap.state import StateDB
 from dht.auth import issue_token, verify_token
-from peers.auth import AuthedTransport
+from net.auth import AuthedTransport
 from dht.records import SwarmDHT
-from peers.transport import P2PTransport
-from dht.control import BootstrapRecord, RunState, get_bootstraps, get_control, publish_bootstrap
-from swarm.config import load_settings
-from swarm.errors import AuthRejected, ConfigError, PeerUnavailable
+from net.transport import P2PTransport
+from dht.schemas import BootstrapRecord, RunState
+from dht.control import get_bootstraps, get_control, publish_bootstrap
+from core.config import load_settings
+from core.errors import AuthRejected, ConfigError, PeerUnavailable
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,14 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from dht.records import SwarmDHT
-from peers.ledger import verify_entries
-from peers.reachability import probe_reachability
-from swarm.config import MonitorSettings
+from peers.accounting.ledger import verify_entries
+from peers.joining.reachability import probe_reachability
+from core.config import MonitorSettings
 from swarm.ledger_cli import fetch_ledger
-from swarm.pipeline import FaultPolicy
-from swarm.reporting import TrainerReporter
-from swarm.status import collect_status, render_status
+from trainer.pipeline import FaultPolicy
+from trainer.reporting import TrainerReporter
+from peers.telemetry.status import collect_status
+from swarm.status_view import render_status
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from dht.records import SwarmDHT
 from dht.schemas import PeerState
-from peers.client import StageClient
-from peers.transport import P2PTransport
+from peers.training.client import StageClient
+from net.transport import P2PTransport
 from shards.placement import Span
-from swarm.errors import WrongStage
-from swarm.status import build_status
+from core.errors import WrongStage
+from peers.telemetry.status import build_status
 
 pytestmark = pytest.mark.slow
 

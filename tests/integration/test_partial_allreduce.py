@@ -15,8 +15,8 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from peers.averaging import HivemindGradientSync
-from swarm.errors import AveragingFailed
+from peers.training.averaging import HivemindGradientSync
+from core.errors import AveragingFailed
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """Three replicas average through hivemind's real all-reduce (averager processes, libp2p on loopback)
-while one of them poisons its contribution: the robust reducer (``peers.averaging``) keeps the sum
+while one of them poisons its contribution: the robust reducer (``peers.training.averaging``) keeps the sum
 each honest member applies finite, equal on both, and within the clipping bound of the honest sum.
 (The poisoner here still reduces its share of the vector honestly: a replica that also lies as a
 reducer is beyond this defence, see docs/design.md.)"""
@@ -13,7 +13,7 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from peers.averaging import HivemindGradientSync
+from peers.training.averaging import HivemindGradientSync
 
 pytestmark = pytest.mark.slow
 

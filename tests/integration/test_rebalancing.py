@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dht.schemas import PeerState
-from peers.routing import record_loads
+from peers.training.routing import record_loads
 from shards.placement import Span
 
 pytestmark = pytest.mark.slow

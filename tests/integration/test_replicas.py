@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dht.schemas import PeerState
-from swarm.pipeline import FaultPolicy
+from trainer.pipeline import FaultPolicy
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from hivemind.utils import get_dht_time
 
 from dht.clock import CLOCK_TOLERANCE, check_clock, clock_lag
 from dht.records import SwarmDHT
-from swarm.errors import ConfigError, PeerUnavailable
+from core.errors import ConfigError, PeerUnavailable
 
 pytestmark = pytest.mark.slow
 

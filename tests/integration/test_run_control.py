@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from dht.control import RunControl, RunState, control_key, get_control
+from dht.schemas import RunControl, RunState, control_key
+from dht.control import get_control
 from hivemind.utils import get_dht_time
-from swarm.errors import RunStopped
+from core.errors import RunStopped
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dht.bans import BanEvidence, BanReport, all_reports, banned_peers, evidence_problem, report_ban
+from dht.schemas import BanEvidence, BanReport
+from dht.bans import all_reports, banned_peers, evidence_problem, report_ban
 from dht.records import SwarmDHT
-from shards.types import LayerRange
-from swarm.pipeline import FaultPolicy
+from core.types import LayerRange
+from trainer.pipeline import FaultPolicy
 
 pytestmark = pytest.mark.slow
 

@@ -11,13 +11,13 @@ import torch
 
 from dht.records import SwarmDHT
 from dht.schemas import PeerState
-from peers.client import StageClient
+from peers.training.client import StageClient
 from peers.server import Peer
-from peers.state import part_name
-from peers.transport import P2PTransport
+from peers.state.snapshot import part_name
+from net.transport import P2PTransport
 from shards.stage import load_stage
-from shards.types import LayerRange
-from swarm.errors import WrongStage
+from core.types import LayerRange
+from core.errors import WrongStage
 from tests.helpers import train_steps
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_fa
     gone = swarm.peers[1]
     assert gone.service.executor.optimizer_step == 5
     swarm.loop.run(gone.stop(final_checkpoint=False), timeout=60)  # as a crash: no goodbye checkpoint
-    with caplog.at_level(logging.WARNING, logger="peers.recovery"):
+    with caplog.at_level(logging.WARNING, logger="peers.state.recovery"):
         restored = swarm.add_peer(stage=1)
 
     assert restored.service.executor.optimizer_step == 4 and restored.record.step == 4
@@ -108,7 +108,7 @@ def test_a_stage_whose_replicas_all_left_restores_the_latest_checkpoint(model_fa
     assert any(not torch.equal(p, _params(gone)[n]) for n, p in _params(restored).items())  # step 5 was lost
 
     # the run goes on at its own step (5 -> 6): stage 1 takes that step number and says what it lost
-    with caplog.at_level(logging.WARNING, logger="peers.executor"), swarm.client() as remote:
+    with caplog.at_level(logging.WARNING, logger="peers.training.executor"), swarm.client() as remote:
         train_steps(remote, 1)
     assert restored.service.executor.optimizer_step == 6
     assert any("1 step(s) of layers [1, 2) were lost" in r.getMessage() for r in caplog.records)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 
-from peers.client import StageClient
-from peers.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
+from peers.training.client import StageClient
+from net.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,8 @@ def test_a_handler_that_fails_or_is_cancelled_under_it_still_replies_with_a_name
 def test_a_caller_refused_again_and_again_is_held_while_others_are_served_at_once():
     """The gate answers a caller without a token at once the first ``FREE_REFUSALS`` times, then holds
     each refusal ``REFUSAL_HOLD`` s, unread (issue 22's flood); a member's calls are not held meanwhile."""
-    from peers.admission import FREE_REFUSALS, REFUSAL_HOLD
-    from swarm.errors import AuthRejected
+    from net.admission import FREE_REFUSALS, REFUSAL_HOLD
+    from core.errors import AuthRejected
 
     async def echo(message, tensors):
         return {"ok": message}, tensors

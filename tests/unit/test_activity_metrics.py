@@ -9,11 +9,11 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers.activity import Activity, ObservedTransport, RequestDone, work_of
-from peers.metrics import MetricsServer, NodeMetrics
-from peers.monitor import GpuSample, HardwareSample
-from peers.transport import InMemoryTransport
-from swarm.errors import BadRequest, ConfigError
+from peers.telemetry.activity import Activity, ObservedTransport, RequestDone, work_of
+from peers.telemetry.metrics import MetricsServer, NodeMetrics
+from peers.telemetry.monitor import GpuSample, HardwareSample
+from net.transport import InMemoryTransport
+from core.errors import BadRequest, ConfigError
 
 
 @pytest.mark.parametrize("method, message, shapes, expected", [

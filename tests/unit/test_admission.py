@@ -1,11 +1,11 @@
-"""Per-caller limits decided from a stream's opening and its frame headers (``peers.admission``)."""
+"""Per-caller limits decided from a stream's opening and its frame headers (``net.admission``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from peers.admission import CallerLimits, Refusals, bytes_refusal, refusal_hold, stream_refusal
-from swarm.errors import CapacityExceeded
+from net.admission import CallerLimits, Refusals, bytes_refusal, refusal_hold, stream_refusal
+from core.errors import CapacityExceeded
 
 MiB = 1 << 20
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from dht.bans import BAN_QUORUM, REPORTS_PER_HOUR, BanEvidence, BanReport, judge
-from shards.types import LayerRange
+from dht.bans import BAN_QUORUM, REPORTS_PER_HOUR, judge
+from dht.schemas import BanEvidence, BanReport
+from core.types import LayerRange
 
 H, A, T, I = "a" * 64, "b" * 64, "c" * 64, "d" * 64  # honest, accused and third outputs' digests, inputs'
 

@@ -11,10 +11,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.admin import LoginLimiter
 from dht.auth import TokenRecordValidator, issue_token, verify_token
-from dht.bans import bans_key
-from dht.control import bootstraps_key, control_key, metrics_key
+from dht.schemas import bans_key
+from dht.schemas import bootstraps_key, control_key, metrics_key
 from dht.schemas import manifest_key, stage_key, store_key, telemetry_key, trainers_key
-from swarm.errors import AuthRejected
+from core.errors import AuthRejected
 
 AUTHORITY = RSAPrivateKey()
 HOLDER = RSAPrivateKey()

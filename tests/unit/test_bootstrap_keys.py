@@ -9,7 +9,7 @@ import pytest
 
 from bootstrap.keys import ApiKey, check_key, generate_key, hash_key, key_id_of, parse_duration
 from bootstrap.state import SCHEMA_VERSION, StateDB, contribution_delta
-from swarm.errors import AuthRejected, ConfigError, StateError
+from core.errors import AuthRejected, ConfigError, StateError
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -175,7 +175,7 @@ def test_a_failed_write_leaves_no_half(tmp_path: Path) -> None:
 
 
 def _report(peer: str, role: str, step: int, loss=None, tps: float = 0.0, samples: int = 0):
-    from dht.control import MetricsReport
+    from dht.schemas import MetricsReport
 
     return MetricsReport(peer_id=peer, role=role, step=step, loss=loss, tokens_per_second=tps, samples=samples)
 

@@ -20,7 +20,7 @@ from bootstrap.sync import (
     sign_sync,
     verify_sync,
 )
-from swarm.errors import AuthRejected, StateError
+from core.errors import AuthRejected, StateError
 
 H = "a" * 64
 

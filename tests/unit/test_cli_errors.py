@@ -13,7 +13,7 @@ from rich.console import Console
 
 from swarm import cli
 from swarm.logs import setup_logging
-from swarm.status import render_status
+from swarm.status_view import render_status
 
 ADDRESS = "[/ip4/127.0.0.1/tcp/1]"
 
@@ -46,7 +46,7 @@ def test_log_messages_in_a_terminal_are_not_markup():
     handlers, level = root.handlers[:], root.level
     try:
         setup_logging("INFO", console=Console(file=out, width=300, force_terminal=True, color_system=None))
-        logging.getLogger("swarm.pipeline").warning("dialing %s failed: connection refused", ADDRESS)
+        logging.getLogger("trainer.pipeline").warning("dialing %s failed: connection refused", ADDRESS)
     finally:
         root.handlers[:], root.level = handlers, level
     assert f"dialing {ADDRESS} failed: connection refused" in out.getvalue()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.config import load_settings
-from swarm.errors import ConfigError
+from core.config import load_settings
+from core.errors import ConfigError
 
 
 def test_precedence(tmp_path, monkeypatch):

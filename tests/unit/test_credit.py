@@ -13,7 +13,7 @@ from bootstrap.credit import (DEFAULT_MAX_POSITIONS, GRACE_STEPS, PASSES, admit,
                               round_step, step_advance, tokens_per_step)
 from bootstrap.ledger import LedgerBook
 from bootstrap.state import StateDB
-from peers.ledger import LedgerWriter, Work
+from peers.accounting.ledger import LedgerWriter, Work
 
 KEY = RSAPrivateKey()
 PEER = "12D3KooWHonest"
@@ -113,10 +113,10 @@ def test_the_bootstrap_counts_the_steps_each_peer_was_online(tmp_path):
     import asyncio
 
     from bootstrap.node import BootstrapNode, _online_in
-    from dht.control import MetricsReport
+    from dht.schemas import MetricsReport
     from dht.schemas import PeerRecord, PeerState
-    from shards.types import LayerRange
-    from swarm.config import load_settings
+    from core.types import LayerRange
+    from core.config import load_settings
 
     node = BootstrapNode(load_settings(state_dir=tmp_path))
     node.db = StateDB(tmp_path / "state.db")

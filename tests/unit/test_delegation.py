@@ -17,11 +17,11 @@ from delegation.protocol import Receipt, SessionState
 from delegation.service import DelegationService
 from delegation.sessions import DelegateSessions, TokenSet, tensor_digest
 from dht.schemas import PeerRecord, PeerState
-from peers.ledger import LedgerEntry, LedgerWriter, Work, delegated_tally, tally, verify_chain
-from peers.protocol import BACKWARD, FORWARD
-from peers.transport import InMemoryTransport
-from shards.types import LayerRange
-from swarm.errors import AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession
+from peers.accounting.ledger import LedgerEntry, LedgerWriter, Work, delegated_tally, tally, verify_chain
+from peers.training.protocol import BACKWARD, FORWARD
+from net.transport import InMemoryTransport
+from core.types import LayerRange
+from core.errors import AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession
 
 DELEGATE = "QmDelegate"
 TOKEN = "tok-" + "x" * 40
@@ -236,8 +236,8 @@ def test_receipts_digest_covers_every_field():
 
 
 def test_delegation_settings_come_from_toml_env_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from swarm.config import load_settings
-    from swarm.errors import ConfigError
+    from core.config import load_settings
+    from core.errors import ConfigError
 
     defaults = load_settings().delegation
     assert (defaults.accept, defaults.max_sessions, defaults.session_ttl, defaults.poll_interval) == (False, 10, 330.0, 5.0)

@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
-from peers.averaging import LocalGradientSync
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.protocol import INFO, STEP
-from peers.push import PushService
-from peers.service import StageService
-from peers.transport import InMemoryTransport
+from peers.training.averaging import LocalGradientSync
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.training.protocol import INFO, STEP
+from peers.training.push import PushService
+from peers.training.service import StageService
+from net.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss, causal_lm_loss_part, labelled_tokens
-from swarm.errors import AveragingFailed, InvalidOutput, NoRoute, PeerUnavailable, StageTimeout
-from swarm.pipeline import FaultPolicy, RemotePipeline
+from core.errors import AveragingFailed, InvalidOutput, NoRoute, PeerUnavailable, StageTimeout
+from trainer.pipeline import FaultPolicy, RemotePipeline
 from tests.helpers import reference_losses
 
 LR = 1e-2

@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dht.auth import holds
-from peers.admission import CallerLimits
-from peers.checkpoint_check import check_checkpoint, part_module
-from peers.state import StateIdentity, capture_state
+from net.admission import CallerLimits
+from peers.state.checkpoint_check import check_checkpoint, part_module
+from peers.state.snapshot import StateIdentity, capture_state
 from shards.stage import load_stage
-from shards.types import LayerRange
-from swarm.errors import BadRequest, CapacityExceeded
+from core.types import LayerRange
+from core.errors import BadRequest, CapacityExceeded
 from tests.fuzzing import FUZZ_SETTINGS
 
 ID = StateIdentity(run_id="run", config_hash="c0ffee")

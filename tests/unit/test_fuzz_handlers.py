@@ -22,15 +22,15 @@ from bootstrap.state import StateDB
 from bootstrap.tokens import TokenService
 from dht.auth import issue_token
 from dht.schemas import OptimizerSettings
-from peers.auth import PRESENT, TOKEN, AuthGate
-from peers.executor import StageExecutor
-from peers.framing import read_frames
-from peers.inference import InferenceSessions
-from peers.inference_service import InferenceService
-from peers.service import StageService
-from peers.transport import CALLER, _answer
+from net.auth import PRESENT, TOKEN, AuthGate
+from peers.training.executor import StageExecutor
+from net.framing import read_frames
+from peers.inference.sessions import InferenceSessions
+from peers.inference.service import InferenceService
+from peers.training.service import StageService
+from net.transport import CALLER, _answer
 from shards import LayerRange, load_stage
-from swarm.errors import BadRequest
+from core.errors import BadRequest
 from tests.fuzzing import FUZZ_SETTINGS, check_reply, messages, raw_requests, tensor_lists
 
 HIDDEN = 32

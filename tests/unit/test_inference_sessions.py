@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from dht.schemas import Manifest, PeerRecord, PeerState
-from peers.inference import InferenceSessions, admit, idle_sessions
-from peers.inference_client import InferenceClient
-from peers.inference_protocol import OpenRequest, StepRequest
-from peers.inference_service import InferenceService
-from peers.transport import InMemoryTransport
+from peers.inference.sessions import InferenceSessions, admit, idle_sessions
+from peers.inference.client import InferenceClient
+from peers.inference.protocol import OpenRequest, StepRequest
+from peers.inference.service import InferenceService
+from net.transport import InMemoryTransport
 from shards import LayerRange, load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.families import kv_bytes_per_token
-from swarm.errors import BadRequest, CacheMiss, CapacityExceeded, PeerUnavailable, WrongStage
-from swarm.generation import GenerationParams, RemoteSession, generate_tokens
+from core.errors import BadRequest, CacheMiss, CapacityExceeded, PeerUnavailable, WrongStage
+from trainer.generation import GenerationParams, RemoteSession, generate_tokens
 
 MIB = 1 << 20
 

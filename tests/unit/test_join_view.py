@@ -8,7 +8,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from peers.reachability import (
+from peers.joining.reachability import (
     AddressKind,
     address_kind,
     best_address,

@@ -11,11 +11,20 @@ import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.ledger import LedgerBook, LedgerService
-from peers.activity import RequestDone
-from peers.contribution import ContributionRecorder, bootstrap_peer_ids
-from peers.ledger import GENESIS, LedgerEntry, LedgerWriter, Work, read_entries, sign_entry, verify_chain, verify_entries
-from peers.transport import InMemoryTransport
-from swarm.errors import BadRequest, ConfigError
+from peers.telemetry.activity import RequestDone
+from peers.accounting.contribution import ContributionRecorder, bootstrap_peer_ids
+from peers.accounting.ledger import (
+    GENESIS,
+    LedgerEntry,
+    LedgerWriter,
+    Work,
+    read_entries,
+    sign_entry,
+    verify_chain,
+    verify_entries,
+)
+from net.transport import InMemoryTransport
+from core.errors import BadRequest, ConfigError
 
 KEY = RSAPrivateKey()
 OTHER_KEY = RSAPrivateKey()

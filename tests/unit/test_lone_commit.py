@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from swarm.steps import LocalCoordinator, StepStatus
+from trainer.steps import LocalCoordinator, StepStatus
 from tests.helpers import reference_losses
 from tests.unit.test_fault_tolerance import LR, ReplicatedSwarm, _assert_close_losses, _batches, _train_step
 

@@ -10,9 +10,9 @@ import pynvml
 import pytest
 
 from dht.schemas import HardwareSummary, PeerRecord
-from peers.hardware import probe_hardware
-from peers.monitor import GpuSample, HardwareMonitor, HardwareSample, NvmlReader, summarize
-from shards.types import LayerRange
+from peers.telemetry.hardware import probe_hardware
+from peers.telemetry.monitor import GpuSample, HardwareMonitor, HardwareSample, NvmlReader, summarize
+from core.types import LayerRange
 
 
 class FakeNvml:

@@ -9,15 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.protocol import BACKWARD, FORWARD
-from peers.service import StageService
-from peers.transport import InMemoryTransport
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.training.protocol import BACKWARD, FORWARD
+from peers.training.service import StageService
+from net.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss
-from swarm.errors import NoRoute, PeerUnavailable
-from swarm.pipeline import RemotePipeline
+from core.errors import NoRoute, PeerUnavailable
+from trainer.pipeline import RemotePipeline
 
 
 def _build(model_dir, num_stages: int, *, cache_size: int = 64, target_batch_size: int = 2):

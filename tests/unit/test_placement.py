@@ -18,7 +18,7 @@ from shards.placement import (
     spans_that_fit,
     stage_loads,
 )
-from swarm.errors import InsufficientMemory
+from core.errors import InsufficientMemory
 
 GIB = 2**30
 

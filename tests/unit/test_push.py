@@ -1,4 +1,4 @@
-"""Activations peer to peer (``peers.push``, the pipeline's ``push`` mode) over the in-memory transport:
+"""Activations peer to peer (``peers.training.push``, the pipeline's ``push`` mode) over the in-memory transport:
 the same training as relaying every hop through the trainer, a fraction of the trainer's traffic, and
 no microbatch lost or counted twice when a peer fails in the middle of a push or at the step."""
 
@@ -10,12 +10,13 @@ import logging
 import pytest
 import torch
 
-from peers.client import StageClient
-from peers.executor import ForwardInputs
-from peers.protocol import PUSH, BackwardRequest, ForwardRequest, PushHop, PushRequest, PushResponse, parse_reply
-from peers.push import Mailbox
-from shards.types import LayerRange
-from swarm.errors import BadRequest, CacheMiss, CapacityExceeded, StageTimeout, WrongStage
+from peers.training.client import StageClient
+from peers.training.executor import ForwardInputs
+from peers.training.protocol import PUSH, BackwardRequest, ForwardRequest, PushHop, PushRequest, PushResponse
+from net.rpc import parse_reply
+from peers.training.push import Mailbox
+from core.types import LayerRange
+from core.errors import BadRequest, CacheMiss, CapacityExceeded, StageTimeout, WrongStage
 from tests.helpers import reference_losses
 from tests.unit.test_fault_tolerance import LR, Fault, ReplicatedSwarm, _assert_close_losses, _batches, _params, _train_step
 
@@ -113,7 +114,7 @@ def test_a_middle_stage_failing_under_pushes_costs_no_microbatch(model_factory, 
     and the trainer's replays. Every backward it had counted is replayed on ``s1b`` from what the
     neighbouring hops keep (never recomputed through stages that already stepped)."""
     model_dir = model_factory("llama", num_layers=6, hidden_size=32, num_kv_heads=2)
-    with caplog.at_level(logging.INFO, logger="swarm.pipeline"):
+    with caplog.at_level(logging.INFO, logger="trainer.pipeline"):
         swarm, losses, batches, _ = _train(model_dir, [2, 2, 2], push=True, steps=4, victim="s1a", fault=fault,
                                            after=3)
     try:
@@ -250,8 +251,8 @@ def test_train_step_gives_the_gradients_and_losses_of_loss_backward(model_factor
     """``SwarmModelForCausalLM.train_step`` (each microbatch's backward under way while others still go
     forward) against ``model(ids, labels=ids).loss.backward()`` on a twin swarm: the same losses, local
     gradients and stage parameters after three steps, padding labels (-100) included."""
-    from swarm._loop import LoopThread
-    from swarm.model import SwarmModelForCausalLM
+    from core.loop import LoopThread
+    from trainer.model import SwarmModelForCausalLM
 
     model_dir = model_factory("llama", num_layers=6, hidden_size=32, num_kv_heads=2)
     twins = [ReplicatedSwarm(model_dir, [1, 1, 1], push=True) for _ in range(2)]

@@ -10,7 +10,7 @@ import pytest
 
 from dht.schemas import PeerRecord, PeerState, TrainerRecord
 from peers.server import Peer
-from shards.types import LayerRange
+from core.types import LayerRange
 
 ME, OTHER = "QmMe", "QmOther"
 

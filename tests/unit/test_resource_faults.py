@@ -21,15 +21,15 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.ledger import LedgerBook
 from dht.auth import issue_token
-from peers.activity import RequestDone
-from peers.auth import AuthGate
-from peers.checkpoint_files import CheckpointDir
-from peers.contribution import ContributionRecorder
-from peers.ledger import LedgerWriter, Work, read_entries
-from peers.state import StateMeta
+from peers.telemetry.activity import RequestDone
+from net.auth import AuthGate
+from peers.state.checkpoint_files import CheckpointDir
+from peers.accounting.contribution import ContributionRecorder
+from peers.accounting.ledger import LedgerWriter, Work, read_entries
+from peers.state.snapshot import StateMeta
 from shards import LayerRange
-from peers.transport import CALLER
-from swarm.errors import AuthRejected, CapacityExceeded
+from net.transport import CALLER
+from core.errors import AuthRejected, CapacityExceeded
 
 PEER = "12D3KooWPeerA"
 

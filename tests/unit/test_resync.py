@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from dht.schemas import OptimizerSettings, PeerRecord, PeerState
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.resync import ResyncWatch, falls_behind
-from peers.service import StageService
-from peers.state import StateIdentity
-from peers.transport import InMemoryTransport
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.state.resync import ResyncWatch, falls_behind
+from peers.training.service import StageService
+from peers.state.snapshot import StateIdentity
+from net.transport import InMemoryTransport
 from shards.stage import load_stage
-from shards.types import LayerRange
+from core.types import LayerRange
 
 ID = StateIdentity(run_id="run", config_hash="c0ffee")
 LAYERS = LayerRange(start=0, end=2)

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 from dht.schemas import PeerRecord, PeerState
-from peers.routing import coverage, expected_time, plan_route, plan_routes, record_loads
-from shards.types import LayerRange
-from swarm.errors import NoRoute
+from peers.training.routing import coverage, expected_time, plan_route, plan_routes, record_loads
+from core.types import LayerRange
+from core.errors import NoRoute
 
 
 STAGES = [LayerRange(start=0, end=2), LayerRange(start=2, end=4)]

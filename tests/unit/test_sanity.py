@@ -10,11 +10,11 @@ import threading
 import pytest
 import torch
 
-from peers.averaging import LocalGradientSync
-from peers.executor import StageExecutor
-from peers.sanity import insanity, robust_mean
-from swarm.errors import BadRequest, InvalidOutput, Recovery, recovery_for
-from swarm.spotcheck import agree
+from peers.training.averaging import LocalGradientSync
+from peers.training.executor import StageExecutor
+from peers.training.sanity import insanity, robust_mean
+from core.errors import BadRequest, InvalidOutput, Recovery, recovery_for
+from trainer.spotcheck import agree
 from tests.unit.test_fault_tolerance import (
     LR,
     ReplicatedSwarm,
@@ -179,8 +179,8 @@ def test_a_liar_caught_while_backwards_overlap_forwards_has_nothing_counted(mode
 
 def test_refused_inputs_are_counted_against_their_sender(model_factory):
     from dht.schemas import OptimizerSettings
-    from peers.service import StageService
-    from peers.transport import CALLER
+    from peers.training.service import StageService
+    from net.transport import CALLER
     from shards import LayerRange, load_stage
 
     layers = LayerRange(start=0, end=1)
@@ -208,7 +208,7 @@ def test_replicas_that_differ_in_the_last_bits_agree_after_any_wire_format(wire)
     """Two honest replicas differ in the last float32 bits, which rounding to the wire format can
     widen to a whole float16 step or int8 step; a corrupted output (noise of a tenth of the values'
     scale, above every format's precision) never agrees."""
-    from peers.wire import decode, encode
+    from net.wire import decode, encode
 
     torch.manual_seed(0)
     honest = torch.randn(4, 16, 64) * 3

@@ -13,8 +13,8 @@ from shards.families import family_of
 from shards.local import load_local_parts
 from shards.source import resolve_model
 from shards.stage import load_stage
-from shards.types import LayerRange
-from swarm.errors import StateMismatch
+from core.types import LayerRange
+from core.errors import StateMismatch
 
 FAMILIES = {
     "gpt2-tied": dict(family="gpt2", num_layers=3, hidden_size=32, num_heads=4),

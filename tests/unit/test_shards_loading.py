@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import shards.source
 from shards import Family, LayerRange, family_of, load_local_parts, load_stage, num_layers, resolve_model
 from shards.families import SUPPORTED_FAMILIES
-from swarm.errors import ModelLoadError, UnsupportedArchitecture
+from core.errors import ModelLoadError, UnsupportedArchitecture
 
 
 @pytest.fixture

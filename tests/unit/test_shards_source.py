@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import shards.source
 from shards import LayerRange, ModelSource, load_local_parts, load_stage, resolve_model
-from swarm.errors import ModelLoadError
+from core.errors import ModelLoadError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

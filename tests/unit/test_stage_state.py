@@ -11,21 +11,21 @@ import torch
 
 from bootstrap.checkpoints import CheckpointStore, RunView
 from dht.schemas import Manifest, OptimizerSettings, PeerRecord, StoreRecord, TrainerRecord
-from peers.checkpoint_check import step_refusal
-from peers.checkpoint_files import CheckpointDir
-from peers.checkpoints import Checkpointer, checkpoint_due
-from peers.client import StageClient
-from peers.executor import StageExecutor
-from peers.recovery import Restore, adopt_state, choose_restore, restore_order
-from peers.service import StageService
-from peers.protocol import parse_reply
-from peers.store_protocol import CHECKPOINT_PUT, PutRequest, PutResponse
-from peers.state import StateIdentity, StateMeta, apply_state, capture_state, check_state
-from peers.store_client import StoreClient
-from peers.transport import InMemoryTransport
+from peers.state.checkpoint_check import step_refusal
+from peers.state.checkpoint_files import CheckpointDir
+from peers.state.checkpoints import Checkpointer, checkpoint_due
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.state.recovery import Restore, adopt_state, choose_restore, restore_order
+from peers.training.service import StageService
+from net.rpc import parse_reply
+from peers.state.store_protocol import CHECKPOINT_PUT, PutRequest, PutResponse
+from peers.state.snapshot import StateIdentity, StateMeta, apply_state, capture_state, check_state
+from peers.state.store_client import StoreClient
+from net.transport import InMemoryTransport
 from shards.stage import load_stage
-from shards.types import LayerRange
-from swarm.errors import AuthRejected, BadRequest, CheckpointMissing, StateMismatch, WrongStage
+from core.types import LayerRange
+from core.errors import AuthRejected, BadRequest, CheckpointMissing, StateMismatch, WrongStage
 
 ID = StateIdentity(run_id="run", config_hash="c0ffee")
 LAYERS = LayerRange(start=0, end=2)

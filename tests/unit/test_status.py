@@ -6,17 +6,16 @@ import pytest
 from rich.console import Console
 
 from dht.schemas import HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState
-from shards.types import LayerRange
-from swarm.status import (
+from core.types import LayerRange
+from peers.telemetry.status import (
     STALE_AFTER,
     STATUS_VERSION,
     build_status,
     marginal_contributions,
-    render_status,
     run_state,
-    sparkline,
     status_warnings,
 )
+from swarm.status_view import render_status, sparkline
 
 
 @pytest.mark.parametrize("capacities, expected", [

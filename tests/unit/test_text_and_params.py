@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from transformers import GenerationConfig, GPT2Config
 
-from swarm.errors import ConfigError, NoTokenizer
-from swarm.generation import GenerationParams, resolve_params
+from core.errors import ConfigError, NoTokenizer
+from trainer.generation import GenerationParams, resolve_params
 from swarm.text import PLAIN_CHAT_STOP, ByteCodec, StopScanner, StreamDecoder, load_codec, plain_chat_prompt
 
 

@@ -11,8 +11,8 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-from peers.transport import CHUNK_BYTES, _frames, _receive
-from swarm.errors import BadRequest
+from net.transport import CHUNK_BYTES, _frames, _receive
+from core.errors import BadRequest
 
 
 async def _aiter(items: list):

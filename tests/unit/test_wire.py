@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peers.wire import BLOCK, decode, encode, encoded_bytes, width
-from swarm.errors import BadRequest
+from net.wire import BLOCK, decode, encode, encoded_bytes, width
+from core.errors import BadRequest
 
 
 def _activations(shape=(2, 5, 100), seed=0) -> torch.Tensor:

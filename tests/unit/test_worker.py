@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from peers.worker import ComputeWorker
-from swarm.errors import CapacityExceeded
+from peers.training.worker import ComputeWorker
+from core.errors import CapacityExceeded
 
 
 def test_a_full_queue_refuses_new_work_with_a_message_and_reopens_when_it_drains():

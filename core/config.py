@@ -1,0 +1,308 @@
+"""One config tree for every command: defaults < ``swarm.toml`` < ``SWARM_*`` env vars < CLI flags.
+
+Env vars name nested fields with ``__``: ``SWARM_NETWORK__PORT=31337``, ``SWARM_PEER__THREADS=2``.
+The TOML file is ``--config PATH``, else ``$SWARM_CONFIG``, else ``./swarm.toml`` when it exists::
+
+    run_id = "my-run"
+    [network]
+    host = "0.0.0.0"
+    port = 31337
+    [bootstrap]
+    model = "Qwen/Qwen2-0.5B"
+    num_stages = 4
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from core.errors import ConfigError
+
+__all__ = [
+    "NetworkSettings",
+    "BootstrapSettings",
+    "PeerSettings",
+    "TrainerSettings",
+    "MonitorSettings",
+    "LogSettings",
+    "ApiSettings",
+    "DelegationSettings",
+    "SwarmSettings",
+    "load_settings",
+    "check_multiaddr",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkSettings(_Section):
+    host: str = Field("0.0.0.0", description="address to listen on (127.0.0.1 for a local swarm)")
+    port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    announce_host: str | None = Field(None, description="public address to announce, if not the listen one")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _multiaddrs(cls, peers: list[str]) -> list[str]:
+        for address in peers:
+            try:
+                check_multiaddr(address)
+            except ConfigError as e:  # pydantic reports ValueErrors with the field's name
+                raise ValueError(str(e)) from None
+        return peers
+
+
+class BootstrapSettings(_Section):
+    model: str | None = Field(None, description="HF hub id or local directory of the model to train")
+    num_stages: int = Field(2, ge=1)
+    target_batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
+                      description="how activations and gradients travel: float32 (exact), float16, bfloat16 or "
+                      "int8 (blockwise, 3.8x smaller)")
+    metrics_interval: float = Field(5.0, gt=0, description="seconds between metrics collection rounds")
+    open: bool = Field(False, description="a public run: no API key needed to join (keys are required by default)")
+    token_ttl: float = Field(1800.0, ge=30, description="seconds an access token lives (renewed at half-life)")
+    dashboard_port: int = Field(8002, ge=0, le=65535, description="admin dashboard port (0: a free one)")
+    dashboard_host: str | None = Field(None, description="dashboard listen address (default: network.host)")
+    dashboard: bool = Field(True, description="serve the admin dashboard and HTTP API")
+    mirror: str | None = Field(None, description="multiaddr of a running bootstrap of this run: start as its mirror")
+    authority_key: Path | None = Field(None, description="the run's authority key (authority.key of the first "
+                                       "bootstrap's state dir); a mirror needs it to issue tokens")
+    sync_interval: float = Field(5.0, gt=0, description="seconds between state syncs with the run's other bootstraps")
+
+
+class PeerSettings(_Section):
+    threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
+    stage: str | None = Field(None, description="serve this stage, or range of stages like 2-3, instead of what "
+                              "placement picks")
+    max_stages: int | None = Field(None, ge=1, description="serve at most this many consecutive stages (default: "
+                                   "as many as memory holds and raise the bottleneck)")
+    throughput: float | None = Field(None, gt=0, description="tokens/s for one stage to announce instead of "
+                                     "measuring it (a known machine; tests that need equal peers)")
+    cache_size: int = Field(64, ge=1, description="forward graphs kept for backward")
+    queue_size: int = Field(64, ge=1, description="forwards and backwards that may wait for a stage's compute "
+                            "thread; more are refused (CapacityExceeded) and the trainer goes elsewhere")
+    memory: ByteSize | None = Field(None, description="memory to give to stages, e.g. 24GiB (default: what is free)")
+    rebalance: bool | None = Field(None, description="move to another stage when that raises the bottleneck "
+                                   "(default: yes, unless --stage pins this peer)")
+    rebalance_period: float = Field(60.0, gt=0, description="seconds between re-evaluations (randomised +-50%)")
+    rebalance_margin: float = Field(0.15, ge=0, description="move only when the swarm is this much out of balance")
+    watch_period: float = Field(3.0, gt=0, description="seconds between quick looks for an empty stage to fill "
+                                "or a stage of this peer's own span to drop (nothing to load: done at once)")
+    claim_settle: float = Field(2.0, ge=0, description="seconds a joining peer waits after its claim to see the "
+                                "claims of peers joining with it, before they split the stages between them")
+    averaging_cost: float = Field(0.5, ge=0, description="seconds placement counts for one averaging round of "
+                                  "a stage with several replicas, beyond its traffic (measured on loopback: "
+                                  "benchmarks/recovery.py)")
+    step_tokens: int | None = Field(None, gt=0, description="tokens a training step holds, for placement's "
+                                    "averaging cost (default: the run's target batch size x 128)")
+    drain_seconds: float = Field(12.0, ge=0, description="a moving peer keeps serving its old stage this long "
+                                 "(trainers refresh routes every 10 s), then until idle")
+    slowdown: float = Field(0.0, ge=0, description="artificial seconds added to every forward and backward "
+                            "(tests and demos of a slow peer)")
+    corrupt: float = Field(0.0, ge=0, description="TESTS ONLY: add noise of this scale to every output and input "
+                           "gradient this peer returns (a peer returning wrong results, for spot checks)")
+    averaging_timeout: float = Field(15.0, gt=0, description="seconds an averaging round of a step may take "
+                                     "(finding the other replicas, then the all-reduce)")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints of the stage")
+    checkpoint_keep: int = Field(2, ge=1, description="checkpoints of a stage kept in the state dir")
+    inference_memory: ByteSize = Field(ByteSize(1 << 30), description="attention cache for inference sessions "
+                                       "(e.g. 512MiB); a full peer refuses new sessions")
+    session_timeout: float = Field(300.0, gt=0, description="seconds an idle inference session is kept")
+    max_abs_value: float = Field(1e6, gt=0, description="inputs and gradients with a larger value (or NaN/inf) "
+                                 "are refused as corrupt")
+    averaging_clip: float = Field(8.0, gt=1, description="a replica's gradient counts at most this many times the "
+                                  "median replica's norm when replicas average (a poisoning replica is clipped)")
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage_or_range(cls, value: object) -> object:
+        """``2`` or ``"2"`` (one stage) or ``"2-3"`` (consecutive stages), kept as text."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected a stage or a range like 2-3, got {value!r}")
+        text = str(value).replace(" ", "")
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+        if match is None:
+            raise ValueError(f"{value!r} is not a stage or a range of stages like 2 or 2-3")
+        if match.group(2) is not None and int(match.group(2)) < int(match.group(1)):
+            raise ValueError(f"{value!r}: the range ends before it starts")
+        return text
+
+
+class ApiSettings(_Section):
+    """``swarm serve-api``: where the OpenAI-compatible server listens and who may call it."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP server listens on (0.0.0.0 for everyone)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+    api_keys: list[str] = Field(default_factory=list, description="accepted 'Authorization: Bearer' keys; "
+                                "empty: no key needed")
+    model_name: str | None = Field(None, description="the model id clients send (default: the model's name)")
+
+
+class TrainerSettings(_Section):
+    """How a trainer calls the stages and how long it waits when they fail.
+
+    The wait budget must outlast the swarm's repair of an empty stage: when a stage's last replica
+    dies, a peer notices the hole (placement checks every few seconds), claims it (up to 2 s), drains
+    the stage it leaves (``peer.drain_seconds``, 12 s, and up to 30 s more while requests are in
+    flight) and loads the stage's state: tens of seconds. ``route_wait`` (120 s) bounds the trainer's
+    wait for that, re-reading the DHT every 2 s at most; training fails (``NoRoute``) only past it.
+    ``ban_time`` (60 s) is how long a failed peer is left out before it is probed; it comes back only
+    if it answers, so a dead peer whose record lingers in the DHT (up to 60 s after its last refresh)
+    is never dialed for work again, whatever ``ban_time`` is."""
+
+    microbatch_size: int | None = Field(None, ge=1)
+    push: bool = Field(True, description="training activations go peer to peer along the route (false: the "
+                       "trainer relays every hop)")
+    timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
+    ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes (then it must "
+                            "answer a probe to come back)")
+    route_wait: float = Field(120.0, gt=0, description="seconds to wait for a peer to take over a stage nobody "
+                              "serves before training fails; more than the swarm takes to refill a stage")
+    averaging_window: float = Field(0.5, gt=0, description="seconds from a step's request to the replicas' averaging")
+    step_wait: float = Field(60.0, ge=0, description="seconds to wait for other trainers to finish a step")
+    checkpoint_every: int = Field(50, ge=1, description="steps between uploads of the local parts' weights")
+    max_abs_value: float = Field(1e6, gt=0, description="a stage output or gradient with a larger value (or "
+                                 "NaN/inf) is invalid: that peer is banned and the work replayed elsewhere")
+    spot_check_rate: float = Field(0.02, ge=0, le=1, description="fraction of training forwards recomputed on "
+                                   "another replica of the stage to catch peers that return wrong outputs")
+    spot_check_tolerance: float | None = Field(None, gt=0, description="relative and absolute tolerance of a spot "
+                                               "check (default: 1e-3 for float32, 1e-2 float16, 5e-2 bfloat16)")
+
+
+class MonitorSettings(_Section):
+    """Hardware sampling, the Prometheus endpoint and the contribution ledger (peers, trainers, bootstrap)."""
+
+    interval: float = Field(5.0, gt=0, description="seconds between hardware samples and live-line updates")
+    history: int = Field(720, ge=1, description="hardware samples kept (720 x 5 s = one hour)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any free port)")
+    metrics_host: str = Field("127.0.0.1", description="address of the /metrics endpoint (0.0.0.0 for a remote scraper)")
+    ledger_window: float = Field(30.0, gt=0, description="seconds of work summed into one signed ledger entry")
+
+
+class LogSettings(_Section):
+    """Where logs go besides the terminal: a rotating file under ``state_dir/<run>/logs``."""
+
+    file: bool = Field(True, description="also write JSON-lines logs to a rotating file in the state dir")
+    max_bytes: int = Field(10 << 20, ge=1024, description="rotate the log file at this size")
+    backups: int = Field(3, ge=0, description="rotated log files kept")
+
+
+class DelegationSettings(_Section):
+    """Both sides of delegation (``delegation/``): a strong peer that accepts sessions, and a weak
+    machine that hands its stage to one (env: ``SWARM_DELEGATION__MAX_SESSIONS`` and so on)."""
+
+    accept: bool = Field(False, description="serve other machines' stages on their behalf (--accept-delegations)")
+    tokens: list[str] = Field(default_factory=list, description="delegation tokens this delegate accepts "
+                              "(compared in constant time); empty with accept: no session can start")
+    tokens_file: Path | None = Field(None, description="more accepted tokens, one a line; re-read every few "
+                                     "seconds, so removing a line revokes that token and ends its sessions")
+    max_sessions: int = Field(10, ge=1, description="sessions this delegate holds at once")
+    session_ttl: float = Field(330.0, gt=0, description="seconds a session lives without being polled")
+    delegate_to: list[str] = Field(default_factory=list, description="multiaddrs of delegates to hand this "
+                                   "machine's stage to, tried in order (--delegate-to)")
+    token: str | None = Field(None, description="delegation token to present to the delegate (--delegation-token)")
+    stage: int | None = Field(None, ge=0, description="stage to have served (default: the delegate picks)")
+    poll_interval: float = Field(5.0, gt=0, description="seconds between the delegator's polls for receipts")
+
+    @field_validator("delegate_to")
+    @classmethod
+    def _multiaddrs(cls, delegates: list[str]) -> list[str]:
+        return NetworkSettings._multiaddrs(delegates)
+
+
+class SwarmSettings(BaseSettings):
+    """Every setting of swarm; each field is settable from TOML, env or the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="SWARM_", env_nested_delimiter="__", extra="forbid")
+
+    run_id: str = Field("swarm", pattern=r"^[A-Za-z0-9_.-]+$")
+    state_dir: Path = Field(Path("~/.swarm"), description="identity keys, manifest, logs")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    key: str | None = Field(None, description="API key to join a keyed run (SWARM_KEY)")
+    network: NetworkSettings = NetworkSettings()
+    bootstrap: BootstrapSettings = BootstrapSettings()
+    peer: PeerSettings = PeerSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    logs: LogSettings = LogSettings()
+    api: ApiSettings = ApiSettings()
+    delegation: DelegationSettings = DelegationSettings()
+
+    toml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        return tuple(sources)
+
+
+def check_multiaddr(address: str) -> None:
+    """A peer's address must be a full multiaddr with its peer id (what ``swarm bootstrap`` prints):
+    without the id, hivemind cannot tell whom it reached."""
+    from multiaddr import Multiaddr  # 12 ms; only where addresses are given
+
+    try:
+        parsed = Multiaddr(address)
+    except Exception as e:  # multiaddr raises several types for several kinds of garbage
+        raise ConfigError(f"{address!r} is not a multiaddr ({e}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+    if "/p2p/" not in str(parsed):
+        raise ConfigError(f"{address!r} lacks the peer id: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSettings:
+    """Build the settings; a broken file or value raises ``ConfigError`` naming the field."""
+    path = config_file or (Path(os.environ["SWARM_CONFIG"]) if os.environ.get("SWARM_CONFIG") else None)
+    if path is None and Path("swarm.toml").is_file():
+        path = Path("swarm.toml")
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class _Settings(SwarmSettings):
+        toml_file = path
+
+    try:
+        settings = _Settings(**_drop_none(overrides))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"setting {where}: {message} (got {first.get('input')!r})") from None
+    except Exception as e:  # tomllib.TOMLDecodeError and friends: the file itself is broken
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    return SwarmSettings.model_validate(settings.model_dump())
+
+
+def _drop_none(overrides: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags that were not given arrive as None and must not hide TOML/env values."""
+    cleaned: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            cleaned[key] = value
+    return cleaned

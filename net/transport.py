@@ -1,0 +1,438 @@
+"""How a call reaches a peer: a small interface, the real hivemind P2P transport, and a fake.
+
+Logic that sends work to peers (the trainer's pipeline, tests of it) takes a ``Transport``; the
+in-memory fake lets a whole pipeline run inside one event loop in a unit test, and the P2P transport
+carries the same (message, tensors) pairs over libp2p streams between processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections import Counter
+from contextvars import ContextVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming
+
+from net.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate, Refusals
+from net.framing import IDLE_SECONDS, read_frames, write_frames
+from net.rpc import error_reply
+from core.loop import bounded
+from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
+
+__all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Handler = Callable[[Any, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.Tensor]]]]
+
+CHUNK_BYTES = 1 << 20
+FRAME_BYTES = 4 << 20
+MAX_REQUEST_BYTES = 1 << 30
+
+# the libp2p peer id of the caller of the request being handled (authenticated by libp2p's secure
+# channel); None in the in-memory transport. Keyed runs check it against the caller's access token.
+CALLER: ContextVar[str | None] = ContextVar("swarm_caller", default=None)
+
+
+class Transport(Protocol):
+    """Send ``(message, tensors)`` to a peer's ``method`` and get ``(reply, tensors)`` back."""
+
+    async def call(
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES,
+    ) -> tuple[Any, list[torch.Tensor]]: ...
+
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
+                    public: bool = False) -> None: ...
+
+
+class P2PTransport:
+    """Calls and handlers over hivemind's P2P (libp2p streams through the p2pd daemon).
+
+    One call is one stream: the first frame carries the msgpack message, every frame may carry a
+    chunk of a serialized tensor, so activations of any size travel without a message-size limit.
+    Frames are hivemind's protobuf stream frames, read by ``net.framing`` so that a frame or a
+    request announcing more than its limit is refused before its bytes are read.
+
+    Every served stream passes ``net.admission`` first: the caller's open streams and bytes in
+    flight are capped (``limits``), and with a ``gate`` (a keyed run) a caller without a valid token
+    is answered ``AuthRejected`` before its request is read, on every method not served ``public``
+    (held a while first for a caller refused again and again: ``refusals``).
+    """
+
+    def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None,
+                 refusals: Refusals | None = None):
+        self.p2p = p2p
+        self.gate = gate
+        self.limits = limits or CallerLimits()
+        self.refusals = refusals or Refusals()
+        self._served: list[str] = []
+        self.public: set[str] = set()
+
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
+                    public: bool = False) -> None:
+        """``max_request_bytes=None`` lifts the size ceiling (a checkpoint of any size). ``public``
+        methods are open to callers without a token (at most ``PUBLIC_REQUEST_BYTES`` each)."""
+        limit = min(max_request_bytes or PUBLIC_REQUEST_BYTES, PUBLIC_REQUEST_BYTES) if public else max_request_bytes
+
+        async def _stream_handler(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            caller = info.peer_id.to_base58()
+            with contextlib.closing(writer):
+                CALLER.set(caller)
+                try:
+                    ticket = self.limits.open(caller, limit)
+                except CapacityExceeded as e:  # too many streams: not a byte more is read
+                    await _send(writer, reader, method, (error_reply(e), [], False))
+                    return
+                with ticket:
+                    try:
+                        self._check_gate(caller, public)
+                    except AuthRejected as e:
+                        if hold := self.refusals.hold(caller, time.monotonic()):
+                            await asyncio.sleep(hold)  # unread: what it sends meanwhile waits in flow control
+                        await _send(writer, reader, method, (error_reply(e), [], True), discard=REFUSED_DISCARD_BYTES)
+                        return
+                    answer = await _answer(method, handler, reader, limit, ticket.reserve)
+                    if answer is not None:  # None: the caller left before the reply
+                        await _send(writer, reader, method, answer)
+
+        await self.p2p.add_binary_stream_handler(method, _stream_handler)
+        self._served.append(method)
+        if public:
+            self.public.add(method)
+
+    def _check_gate(self, caller: str, public: bool) -> None:
+        if self.gate is not None and not public:
+            self.gate.check(caller)
+
+    @property
+    def served(self) -> list[str]:
+        """The methods this transport serves (the census test checks each)."""
+        return list(self._served)
+
+    async def call(
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES,
+    ) -> tuple[Any, list[torch.Tensor]]:
+        async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), method)
+            def broken(why: str) -> SwarmError:  # a reply cut short or refused: the peer, not the request
+                return PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}")
+
+            with contextlib.closing(writer):
+                sending = asyncio.create_task(
+                    write_frames(writer, _frames(message, tensors, runtime_pb2.ExpertRequest), end=True))
+                sending.add_done_callback(_retrieve)
+                try:
+                    replies = read_frames(reader, runtime_pb2.ExpertResponse, max_total=max_reply_bytes,
+                                          refused=broken, broken=broken)
+                    return await _receive(replies, broken, max_reply_bytes, until_whole=True)
+                finally:
+                    sending.cancel()
+
+        try:
+            return await asyncio.wait_for(_roundtrip(), timeout)
+        except asyncio.TimeoutError:
+            raise StageTimeout(f"{method} on {peer_id[-8:]} took longer than {timeout:.0f} s") from None
+        except SwarmError:
+            raise
+        except Exception as e:  # P2PDaemonError, P2PHandlerError, ConnectionError, ...: the peer is gone
+            raise PeerUnavailable(f"{method} on {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+
+    async def close(self) -> None:
+        """Stop serving and close this transport's P2P connection, each bounded (``bounded``): a
+        daemon already gone, or one that hangs, never holds up the stop of whatever owns this."""
+        await bounded(self.shutdown(), 3, "removing the RPC handlers")
+        await bounded(self.p2p.shutdown(), 3, "the P2P connection")
+
+    async def shutdown(self) -> None:
+        for method in self._served:
+            try:
+                await self.p2p.remove_protobuf_handler(method, stream_input=True, stream_output=True)
+            except Exception as e:  # the daemon may already be gone at shutdown; nothing to undo then
+                logger.debug("removing handler %s: %s", method, e)
+        self._served.clear()
+
+
+class InMemoryTransport:
+    """A fake transport for unit tests: handlers of several 'peers' called directly in one loop.
+
+    Messages go through msgpack and tensors are copied, as on the wire, so a handler cannot touch the
+    caller's autograd graph. Faults: ``fail[peer_id] = exception`` makes that peer's calls raise it
+    before they reach the handler; ``lose_replies[(peer_id, method)] = n`` runs the next ``n`` such
+    calls and then loses their replies (the caller sees ``PeerUnavailable``), as a broken connection would.
+    ``tensor_bytes[method]`` counts the bytes of tensor data that calls of ``method`` sent and got back.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[tuple[str, str], Handler] = {}
+        self.fail: dict[str, Exception] = {}
+        self.lose_replies: dict[tuple[str, str], int] = {}
+        self.tensor_bytes: Counter[str] = Counter()
+
+    def bind(self, peer_id: str) -> "_BoundInMemory":
+        return _BoundInMemory(self, peer_id)
+
+    async def call(
+        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES, caller: str | None = None,
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """``caller``: the handler's ``CALLER`` (a bound peer's calls name it; the hub's own: None)."""
+        if peer_id in self.fail:
+            raise self.fail[peer_id]
+        handler = self._handlers.get((peer_id, method))
+        if handler is None:
+            raise PeerUnavailable(f"no peer {peer_id} serving {method}")
+        decoded = msgpack.unpackb(msgpack.packb(message))
+        context = contextvars.copy_context()  # the handler sees the caller, the calling task does not
+        context.run(CALLER.set, caller)
+        work = asyncio.create_task(handler(decoded, [t.detach().clone() for t in tensors]), context=context)
+        try:
+            reply, out = await asyncio.wait_for(work, timeout)
+        except asyncio.TimeoutError:
+            raise StageTimeout(f"{method} on {peer_id} took longer than {timeout} s") from None
+        except SwarmError as e:
+            reply, out = error_reply(e), []
+        if self.lose_replies.get((peer_id, method), 0) > 0:
+            self.lose_replies[(peer_id, method)] -= 1
+            raise PeerUnavailable(f"{method} on {peer_id}: the stream closed without a reply")
+        self.tensor_bytes[method] += sum(t.numel() * t.element_size() for t in (*tensors, *out))
+        return msgpack.unpackb(msgpack.packb(reply)), [t.detach().clone() for t in out]
+
+
+class _BoundInMemory:
+    """The serving side of one fake peer."""
+
+    def __init__(self, hub: InMemoryTransport, peer_id: str):
+        self._hub, self.peer_id = hub, peer_id
+
+    async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
+                    public: bool = False) -> None:
+        self._hub._handlers[(self.peer_id, method)] = handler
+
+    async def call(self, *args, **kwargs):
+        return await self._hub.call(*args, caller=self.peer_id, **kwargs)
+
+
+def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> list:
+    """The envelope ``[message, number of tensors]`` in the first frame, then the tensors as
+    serialized chunks (the first chunk of each says how many it has), packed into as few frames of
+    at most ``FRAME_BYTES`` as they fit in: a typical activation travels with its envelope in one
+    frame, which leaves a stream no moment at which it holds half a reply.
+
+    The chunks are hivemind's uncompressed tensor format (``runtime_pb2.Tensor``, as
+    ``serialize_torch_tensor`` + ``split_for_streaming`` make it), built straight from the tensor's
+    memory: each byte is copied once into its frame (hivemind's path copies it four times)."""
+    frames = [frame_type(metadata=msgpack.packb([message, len(tensors)]))]
+    size = 0
+    for tensor in tensors:
+        data, dtype = _raw_bytes(tensor)
+        count = max(1, -(-len(data) // CHUNK_BYTES))
+        for index in range(count):
+            piece = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
+            if size + len(piece) > FRAME_BYTES and size > 0:
+                frames.append(frame_type())
+                size = 0
+            if index == 0:
+                frames[-1].tensors.add(buffer=piece.tobytes(), size=tensor.shape, dtype=dtype, chunks=count,
+                                       compression=runtime_pb2.CompressionType.NONE)
+            else:
+                frames[-1].tensors.add(buffer=piece.tobytes())
+            size += len(piece)
+    return frames
+
+
+async def _answer(method: str, handler: Handler, reader: asyncio.StreamReader, limit: int | None,
+                  reserve: Callable[[int], None] | None = None) -> tuple[dict, list[torch.Tensor], bool] | None:
+    """Read one request (refused before it is read if it is too large), run the handler, and return
+    its reply and whether part of the request was left unread; every failure is a named error reply.
+    None: the caller left, its work was cancelled."""
+    ended: list[bool] = []
+    try:
+        requests = read_frames(reader, runtime_pb2.ExpertRequest, max_total=limit, refused=BadRequest,
+                               broken=BadRequest, idle=IDLE_SECONDS, on_end=lambda: ended.append(True),
+                               reserve=reserve)
+        message, tensors = await _receive(requests, BadRequest, limit)
+        result = await _unless_caller_leaves(handler(message, tensors), reader)
+        return None if result is None else (*result, False)
+    except SwarmError as e:
+        return error_reply(e), [], not ended
+    except asyncio.CancelledError:
+        if _cancelling():  # the stream itself is going away (the node stops)
+            raise
+        # something the handler waited on was cancelled under it (e.g. a future in another
+        # process): without a reply the caller would see a stream closed for no reason
+        logger.warning("%s: the work was cancelled on this peer", method, exc_info=True)
+        return error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), [], False
+    except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
+        logger.exception("%s failed", method)
+        return error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), [], not ended
+
+
+async def _send(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, method: str,
+                answer: tuple[dict, list[torch.Tensor], bool], *, discard: int = 64 << 20) -> None:
+    """Write the reply; if part of the request was left unread, read and drop at most ``discard``
+    bytes of it first-come (closing with unread input resets the stream and loses the reply)."""
+    reply, out, unread = answer
+    try:
+        await write_frames(writer, _frames(reply, out, runtime_pb2.ExpertResponse), end=False)
+        if unread:
+            await _discard(reader, limit=discard)
+    except Exception as e:  # the caller closed its end: nobody is left to tell
+        logger.debug("%s: the reply could not be sent: %s", method, e)
+
+
+async def _unless_caller_leaves(work: Awaitable[T], reader: asyncio.StreamReader) -> T | None:
+    """``work``'s result, or None once the caller closes its end first (the work is cancelled then):
+    after its end-of-stream mark a caller sends nothing more until it has read the reply."""
+    task = asyncio.ensure_future(work)
+    closed = asyncio.ensure_future(reader.read(1))
+    try:
+        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        closed.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
+
+
+async def _discard(reader: asyncio.StreamReader, seconds: float = 2.0, limit: int = 64 << 20) -> None:
+    """Read and drop what the caller still sends (at most ``limit`` bytes for ``seconds``) until it
+    closes its end, which it does once it has the reply."""
+    dropped = 0
+    with contextlib.suppress(asyncio.TimeoutError):
+        async with asyncio.timeout(seconds):
+            while dropped < limit and (chunk := await reader.read(1 << 16)):
+                dropped += len(chunk)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a background send's failure as seen: the reply (or its absence) tells the caller."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _raw_bytes(tensor: torch.Tensor) -> tuple[memoryview, str]:
+    """The bytes of ``tensor`` without copying them (a contiguous CPU tensor), and its dtype name."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    name = str(tensor.dtype).replace("torch.", "")
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+    if raw.numel() == 0:
+        return memoryview(b""), name
+    return memoryview(raw.numpy()).cast("B"), name
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (as opposed to a CancelledError raised by
+    something it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _receive(
+    frames: AsyncIterator, broken: Callable[[str], SwarmError], limit: int | None = MAX_REQUEST_BYTES, *,
+    until_whole: bool = False,
+) -> tuple[Any, list[torch.Tensor]]:
+    """Reassemble (message, tensors) from a stream of frames. Undecodable input is a ``BadRequest``;
+    a stream that ends before everything the envelope announced has arrived raises ``broken(why)``
+    (the connection closed early: a ``PeerUnavailable`` for a caller, who may retry). More than
+    ``limit`` bytes of tensors (None: no limit) is a ``BadRequest``. ``until_whole`` stops reading as
+    soon as everything announced has arrived (a reply: the handler may still be draining a request it
+    refused, and only closes its end after that)."""
+    metadata: bytes | None = None
+    groups: list[list[runtime_pb2.Tensor]] = []
+    received = 0
+    announced: int | None = None  # tensors the envelope announces (read once, for ``until_whole``)
+    async for frame in frames:
+        if metadata is None:
+            metadata = frame.metadata
+            announced = _announced(metadata) if until_whole else None
+        for part in frame.tensors:
+            received += len(part.buffer)
+            if limit is not None and received > limit:
+                raise BadRequest(f"request larger than {limit >> 20} MiB")
+            if part.dtype or not groups:  # the first chunk of a tensor names its dtype
+                groups.append([])
+            groups[-1].append(part)
+        if announced is not None and len(groups) == announced and all(map(_arrived, groups)):
+            break
+    if metadata is None:
+        raise broken("the stream closed before its first frame")
+    message, expected = _envelope(metadata)
+    complete = [group for group in groups if _arrived(group)]
+    if len(groups) != expected or len(complete) != expected:
+        raise broken(f"the stream closed early: {len(complete)} of {expected} tensor(s) arrived whole")
+    return message, [_deserialize(group, i) for i, group in enumerate(groups)]
+
+
+def _envelope(metadata: bytes) -> tuple[Any, int]:
+    try:
+        envelope = msgpack.unpackb(metadata)
+    except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...
+        raise BadRequest(f"the message is not valid msgpack ({type(e).__name__})") from None
+    if not (isinstance(envelope, list) and len(envelope) == 2 and isinstance(envelope[1], int)):
+        raise BadRequest("the first frame must be [message, number of tensors]")
+    return envelope[0], envelope[1]
+
+
+def _arrived(chunks: list[runtime_pb2.Tensor]) -> bool:
+    """Whether a tensor's chunks are all there (its first chunk says how many it has)."""
+    return len(chunks) >= max(1, chunks[0].chunks)
+
+
+def _announced(metadata: bytes) -> int | None:
+    """How many tensors the envelope announces (None if it is unreadable: reading on to the end then
+    reports it)."""
+    try:
+        return _envelope(metadata)[1]
+    except BadRequest:
+        return None
+
+
+def _deserialize(parts: list[runtime_pb2.Tensor], index: int) -> torch.Tensor:
+    try:
+        if parts[0].compression != runtime_pb2.CompressionType.NONE:  # not what _frames sends: hivemind's codecs
+            return deserialize_torch_tensor(combine_from_streaming(parts))
+        return _from_chunks(parts)
+    except Exception as e:  # a buffer that does not match its declared size or dtype
+        raise BadRequest(f"tensor #{index} cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def _from_chunks(parts: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    """An uncompressed tensor from its chunks, each byte copied once: into the tensor's own memory."""
+    first = parts[0]
+    dtype = getattr(torch, first.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {first.dtype!r}")
+    shape = torch.Size(first.size)
+    size = sum(len(part.buffer) for part in parts)
+    expected = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    if size != expected:
+        raise ValueError(f"{size} bytes for a {first.dtype} tensor of shape {list(shape)} ({expected} bytes)")
+    out = torch.empty(size, dtype=torch.uint8)
+    view, offset = memoryview(out.numpy()), 0
+    for part in parts:
+        view[offset:offset + len(part.buffer)] = part.buffer
+        offset += len(part.buffer)
+    return out.view(dtype).reshape(shape)
+

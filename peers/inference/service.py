@@ -1,0 +1,91 @@
+"""Thin handlers of the inference RPCs: parse, run on the peer's compute thread, reply.
+
+Like ``StageService``, a failure of one request becomes an error reply and the peer goes on serving.
+A sweeper drops idle sessions every few seconds, also on the compute thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from peers.inference.sessions import InferenceSessions
+from peers.inference.protocol import CLOSE, OPEN, STEP, CloseRequest, CloseResponse, OpenRequest, StepRequest
+from net.rpc import guarded, ok_reply, parse_request
+from net.transport import Handler, Transport
+from core.errors import BadRequest
+
+__all__ = ["InferenceService"]
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceService:
+    """Serves ``swarm.inference.open|step|close`` for one stage's ``InferenceSessions``."""
+
+    def __init__(self, sessions: InferenceSessions, worker: ThreadPoolExecutor, *, sweep_every: float = 5.0):
+        """``worker`` is the peer's one compute thread: every torch call and every touch of the
+        session table happens there."""
+        self.sessions = sessions
+        self._worker = worker
+        self._sweep_every = sweep_every
+        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def steps_served(self) -> int:
+        """Steps computed for clients (a reply replayed to a client that repeated its step is not one)."""
+        return self.sessions.steps_computed
+
+    async def register(self, transport: Transport) -> None:
+        """Serve the handlers on ``transport`` directly and start sweeping (a peer that swaps stages
+        registers dispatchers once instead and calls ``start``)."""
+        for method, handler in self.handlers().items():
+            await transport.serve(method, handler)
+        self.start()
+
+    def start(self) -> None:
+        """Start dropping idle sessions (every ``sweep_every`` s). Idempotent; needs a running loop."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="inference-session-sweeper")
+
+    def handlers(self) -> dict[str, Handler]:
+        return {OPEN: guarded(self.rpc_open, logger), STEP: guarded(self.rpc_step, logger),
+                CLOSE: guarded(self.rpc_close, logger)}
+
+    async def rpc_open(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(OpenRequest, message)
+        if tensors:
+            raise BadRequest(f"open takes no tensors, got {len(tensors)}")
+        return ok_reply(await self._in_worker(self.sessions.open, request)), []
+
+    async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(StepRequest, message)
+        reply, out = await self._in_worker(self.sessions.step, request, tensors)
+        return ok_reply(reply), [out]
+
+    async def rpc_close(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        request = parse_request(CloseRequest, message)
+        closed = await self._in_worker(self.sessions.close, request.session_id)
+        return ok_reply(CloseResponse(session_id=request.session_id, closed=closed)), []
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_every)
+            try:
+                await self._in_worker(self.sessions.expire)
+            except RuntimeError:  # the compute thread is shutting down with the peer
+                return
+
+    async def _in_worker(self, fn: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)

@@ -1,0 +1,171 @@
+"""The data of ``swarm status``: the run, its stages and peers, the bottleneck, contributions and warnings.
+
+``collect_status`` reads the DHT records (``{run}_manifest``, ``{run}_stage_{i}``, ``{run}_telemetry``)
+and ``build_status`` turns them into one versioned JSON-able dict (``STATUS_VERSION``); the terminal
+view (``swarm.status_view.render_status``, refreshed by ``rich.live`` in the CLI), ``--json`` and the
+bootstrap's dashboard are views of that dict, so it lives below both of them. The decisions in it are pure functions with table tests:
+``stage_capacities``, ``marginal_contributions``, ``run_state``, ``status_warnings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from hivemind.utils import get_dht_time
+
+from dht.records import SwarmDHT
+from dht.schemas import RECORD_REFRESH, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState, TrainerRecord
+
+__all__ = [
+    "STATUS_VERSION",
+    "STALE_AFTER",
+    "collect_status",
+    "build_status",
+    "stage_capacities",
+    "marginal_contributions",
+    "run_state",
+    "status_warnings",
+]
+
+STATUS_VERSION = 2
+STALE_AFTER = 2 * RECORD_REFRESH + 5.0
+"""A record not rewritten for this long (its peer refreshes every RECORD_REFRESH s) is stale."""
+TRAINER_ACTIVE = 60.0
+"""A trainer that reported within this many seconds is training."""
+
+
+async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> dict[str, Any]:
+    """Read the run's records from the DHT and build the status dict."""
+    manifest = await dht.wait_manifest(manifest_timeout)
+    records = await dht.all_records(manifest.num_stages)
+    metrics = await dht.telemetry_records()
+    trainers = await dht.trainer_records()
+    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers)
+
+
+def stage_capacities(records: Mapping[int, Sequence[PeerRecord]], num_stages: int) -> list[dict[str, float]]:
+    """Per stage, the throughput (tokens/s) of each online peer serving it."""
+    return [{r.peer_id: r.throughput for r in records.get(i, ()) if r.state == PeerState.ONLINE}
+            for i in range(num_stages)]
+
+
+def _bottleneck(capacities: Sequence[Mapping[str, float]], without: str | None = None) -> float:
+    return min((sum(t for p, t in stage.items() if p != without) for stage in capacities), default=0.0)
+
+
+def marginal_contributions(capacities: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """How much the swarm's throughput (its slowest stage's total) would drop without each peer.
+
+    A peer that is the only one on a stage takes everything with it; a peer among replicas of a
+    stage that is not the bottleneck takes only what the bottleneck would lose, often nothing.
+    """
+    base = _bottleneck(capacities)
+    peers = {peer for stage in capacities for peer in stage}
+    return {peer: round(base - _bottleneck(capacities, without=peer), 3) for peer in sorted(peers)}
+
+
+def run_state(stage_online: Sequence[int], trainer_ages: Sequence[float]) -> str:
+    """``blocked`` (a stage has no online peer), ``training`` (a trainer reported recently) or ``idle``."""
+    if not stage_online or min(stage_online) == 0:
+        return "blocked"
+    return "training" if any(age < TRAINER_ACTIVE for age in trainer_ages) else "idle"
+
+
+def status_warnings(stage_peers: Sequence[Sequence[str]], ages: Mapping[str, float]) -> list[str]:
+    """A stage with no or one online peer, and every peer whose record is stale."""
+    warnings = []
+    for index, peers in enumerate(stage_peers):
+        if not peers:
+            warnings.append(f"stage {index} has no online peer: training is blocked")
+        elif len(peers) == 1:
+            warnings.append(f"stage {index} has one replica ({peers[0][-8:]}): if it leaves, training stops")
+    for peer, age in sorted(ages.items()):
+        if age > STALE_AFTER:
+            warnings.append(f"peer {peer[-8:]} is stale: its record was last refreshed {age:.0f} s ago")
+    return warnings
+
+
+def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]],
+                 metrics: Sequence[MetricsRecord], *, now: float,
+                 trainers: Sequence[TrainerRecord] = ()) -> dict[str, Any]:
+    """The status dict (version ``STATUS_VERSION``) from the records; pure. ``step`` and
+    ``trainers`` at the top are the collaborative step and the online trainers (``TrainerRecord``);
+    ``run`` adds what trainers report in their metrics records (loss trend, tokens/s)."""
+    online = [t for t in trainers if t.online]
+    collaborative_step = max((t.step for t in trainers), default=0)  # a trainer that left still tells the step it reached
+    capacities = stage_capacities(records, manifest.num_stages)
+    marginal = marginal_contributions(capacities)
+    swarm_rate = _bottleneck(capacities)
+    by_peer = {m.peer_id: m for m in metrics if m.role == MetricsRole.PEER}
+    peers, stages = _peers(records, by_peer, marginal, swarm_rate, now), []
+    for index, layers in enumerate(manifest.stages):
+        live = [r.peer_id for r in records.get(index, ()) if r.state != PeerState.OFFLINE]
+        stages.append({"index": index, "layers": layers.as_list(), "peers": live,
+                       "online": len(capacities[index]), "online_peers": sorted(capacities[index]),
+                       "throughput": round(sum(capacities[index].values()), 1)})
+    bottleneck = min(stages, key=lambda s: s["throughput"])["index"] if stages else None
+    return {
+        "version": STATUS_VERSION,
+        "time": now,
+        "run_id": manifest.run_id,
+        "step": collaborative_step,
+        "trainers": len(online),
+        "model": manifest.model,
+        "num_layers": manifest.num_layers,
+        "target_batch_size": manifest.target_batch_size,
+        "run": _run(capacities, [m for m in metrics if m.role == MetricsRole.TRAINER], collaborative_step, now),
+        "stages": stages,
+        "peers": peers,
+        "bottleneck_stage": bottleneck,
+        "swarm_throughput": round(swarm_rate, 1),
+        "delegations": _delegations(records),
+        "warnings": status_warnings([list(c) for c in capacities], {p["peer_id"]: p["age"] for p in peers}),
+    }
+
+
+def _delegations(records: Mapping[int, Sequence[PeerRecord]]) -> list[dict[str, Any]]:
+    """One link per stage a delegate serves for a delegator (the delegator's signed record says so):
+    a delegate may serve stages of its own beside it, so links come from records, not peers."""
+    return [{"delegate": r.peer_id, "delegator": r.delegate_of, "stage": index, "gpu_count": r.hardware.gpu_count}
+            for index in sorted(records) for r in records[index] if r.delegate_of and r.state != PeerState.OFFLINE]
+
+
+def _run(capacities: list[dict[str, float]], trainers: list[MetricsRecord], collaborative_step: int,
+         now: float) -> dict[str, Any]:
+    latest = max(trainers, key=lambda m: (m.step, m.updated), default=None)
+    active = [m for m in trainers if now - m.updated < TRAINER_ACTIVE]
+    return {
+        "state": run_state([len(c) for c in capacities], [now - m.updated for m in trainers]),
+        "step": max(collaborative_step, latest.step if latest else 0),
+        "loss": latest.loss if latest else None,
+        "loss_trend": list(latest.loss_trend) if latest else [],
+        "tokens_per_s": round(sum(m.tokens_per_s for m in active), 1),
+        "trainers": len(active),
+    }
+
+
+def _peers(records: Mapping[int, Sequence[PeerRecord]], metrics: Mapping[str, MetricsRecord],
+           marginal: Mapping[str, float], swarm_rate: float, now: float) -> list[dict[str, Any]]:
+    peers: dict[str, dict[str, Any]] = {}
+    for index in sorted(records):
+        for r in records[index]:
+            if r.state == PeerState.OFFLINE:
+                continue
+            m = metrics.get(r.peer_id)
+            peer = peers.setdefault(r.peer_id, {
+                "peer_id": r.peer_id, "stages": [], "state": r.state.value, "throughput": r.throughput,
+                "load": r.load, "maddrs": r.maddrs, "hardware": r.hardware.model_dump(mode="json"),
+                "age": round(now - r.updated, 1) if r.updated else 0.0, "delegate_of": r.delegate_of,
+                "step": max(r.step, m.step if m else 0),  # its optimizer step, from the fresher of the two
+                "requests_per_s": m.requests_per_s if m else 0.0, "tokens_per_s": m.tokens_per_s if m else 0.0,
+                "tokens": m.tokens if m else 0, "microbatches": m.microbatches if m else 0,
+                "ledger_entries": m.ledger_entries if m else 0,
+                "marginal": marginal.get(r.peer_id, 0.0),
+                "marginal_share": round(marginal.get(r.peer_id, 0.0) / swarm_rate, 3) if swarm_rate else 0.0,
+            })
+            peer["stages"].append(index)
+    total = sum(p["tokens"] for p in peers.values())
+    for peer in peers.values():
+        peer["stale"] = peer["age"] > STALE_AFTER
+        peer["contribution_share"] = round(peer["tokens"] / total, 3) if total else 0.0
+    return list(peers.values())
