@@ -31,6 +31,7 @@ from bootstrap.admin import AdminAuth, Session
 from bootstrap.keys import parse_duration
 from bootstrap.state import StateDB
 from core.errors import AuthRejected, ConfigError, SwarmError
+from peers.telemetry.status import Status
 
 __all__ = ["DashboardServer", "create_app", "COOKIE"]
 
@@ -106,7 +107,7 @@ class JoinOut(BaseModel):
     maddrs: list[str]
 
 
-StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+StatusSource = Callable[[], Awaitable[Status]]
 
 
 def create_app(db: StateDB, auth: AdminAuth, *, run_id: str, join_command: Callable[[], str],
@@ -174,8 +175,8 @@ def _public_routes(auth: AdminAuth, run_id: str, join_command: Callable[[], str]
     async def api_join() -> JoinOut:
         return JoinOut(run_id=run_id, command=join_command(), keys_required=keys_required, maddrs=maddrs())
 
-    @router.get("/api/status", tags=["public"], summary="the data of `swarm status --json`")
-    async def api_status() -> dict[str, Any]:
+    @router.get("/api/status", response_model=Status, tags=["public"], summary="the data of `swarm status --json`")
+    async def api_status() -> Status:
         try:
             return await status()
         except SwarmError as e:  # the DHT has no manifest yet, or is briefly unreachable

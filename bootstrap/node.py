@@ -41,7 +41,7 @@ from dht.auth import TokenRecordValidator, issue_token
 from net.admission import PUBLIC_REQUEST_BYTES, CallerLimits
 from net.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
 from net.transport import P2PTransport
-from peers.telemetry.status import collect_status
+from peers.telemetry.status import Status, collect_status
 from dht.control import (
     CONTROL_REFRESH,
     find_bootstraps,
@@ -117,7 +117,7 @@ class BootstrapNode:
         self.authority = None
         self.dashboard = None  # a bootstrap.dashboard.DashboardServer once started
         self.admin = None
-        self._status_cache: tuple[float, dict] | None = None
+        self._status_cache: tuple[float, Status] | None = None
         self._transport: P2PTransport | None = None
         self._keys_required = not settings.bootstrap.open
         self.peering: BootstrapPeering | None = None
@@ -334,7 +334,7 @@ class BootstrapNode:
             logger.warning("no admin password yet: set SWARM_ADMIN_PASSWORD or run `swarm admin password` "
                            "to log in to the dashboard")
 
-    async def status_report(self, max_age: float = 2.0) -> dict:
+    async def status_report(self, max_age: float = 2.0) -> Status:
         """``swarm status --json``'s data, from this node's DHT (cached for ``max_age`` seconds)."""
         now = asyncio.get_running_loop().time()
         if self._status_cache is None or now - self._status_cache[0] > max_age:

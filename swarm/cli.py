@@ -283,7 +283,7 @@ def status(
         if as_json or once or not out.is_terminal:
             report = asyncio.run(collect_status(dht))
             if as_json:
-                print(json.dumps(report))
+                print(report.model_dump_json())
             else:
                 out.print(render_status(report))
             return

@@ -1,9 +1,10 @@
-"""The terminal view of ``swarm status``: one ``rich`` frame drawn from the status dict that
-``peers.telemetry.status.build_status`` makes (the dashboard and ``--json`` show the same dict)."""
+"""The terminal view of ``swarm status``: one ``rich`` frame drawn from the ``Status`` that
+``peers.telemetry.status.build_status`` makes (the dashboard and ``--json`` show the same model).
+Rendering only: every figure here is computed there."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from rich import box
 from rich.console import Group
@@ -11,6 +12,9 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from dht.schemas import HardwareSummary
+from peers.telemetry.status import PeerStatus, Status
 
 __all__ = ["render_status", "sparkline"]
 
@@ -29,89 +33,87 @@ def _short(peer_id: str) -> str:
     return peer_id[-8:]
 
 
-def _hardware(hw: Mapping[str, Any]) -> str:
-    if hw.get("gpu_count"):
-        parts = [f"{hw['gpu_count']}xGPU"]
-        if hw.get("gpu_util_percent") is not None:
-            parts.append(f"{hw['gpu_util_percent']:.0f}%")
-        if hw.get("gpu_memory_used_gib") is not None:
-            parts.append(f"{hw['gpu_memory_used_gib']:.0f}/{(hw.get('gpu_memory_gib') or 0) * hw['gpu_count']:.0f}G")
-        if hw.get("gpu_temperature_c") is not None:
-            parts.append(f"{hw['gpu_temperature_c']:.0f}C")
+def _hardware(hw: HardwareSummary) -> str:
+    if hw.gpu_count:
+        parts = [f"{hw.gpu_count}xGPU"]
+        if hw.gpu_util_percent is not None:
+            parts.append(f"{hw.gpu_util_percent:.0f}%")
+        if hw.gpu_memory_used_gib is not None:
+            parts.append(f"{hw.gpu_memory_used_gib:.0f}/{(hw.gpu_memory_gib or 0) * hw.gpu_count:.0f}G")
+        if hw.gpu_temperature_c is not None:
+            parts.append(f"{hw.gpu_temperature_c:.0f}C")
         return " ".join(parts)
-    return f"{hw.get('cpu_count', 0)}cpu {hw.get('cpu_percent', 0):.0f}% {hw.get('ram_used_gib', 0):.0f}/{hw.get('ram_gib', 0):.0f}G"
+    return f"{hw.cpu_count}cpu {hw.cpu_percent:.0f}% {hw.ram_used_gib:.0f}/{hw.ram_gib:.0f}G"
 
 
 def _rate(value: float) -> str:
     return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:,.0f}"
 
 
-def _run_line(status: Mapping[str, Any]) -> Text:
-    run = status["run"]
+def _run_line(status: Status) -> Text:
+    run = status.run
     colors = {"training": "green", "idle": "yellow", "blocked": "red"}
-    line = Text.assemble((f"{run['state']}", f"bold {colors.get(run['state'], 'white')}"),
-                         f"  step {run['step']}  {run['trainers']} trainer(s)  {_rate(run['tokens_per_s'])} tok/s "
-                         f"trained  swarm {_rate(status['swarm_throughput'])} tok/s")
-    if run["loss"] is not None:
-        line.append(f"\nloss {run['loss']:.3f} ")
-        line.append(sparkline(run["loss_trend"]), style="cyan")
+    line = Text.assemble((f"{run.state}", f"bold {colors.get(run.state, 'white')}"),
+                         f"  step {run.step}  {run.trainers} trainer(s)  {_rate(run.tokens_per_s)} tok/s "
+                         f"trained  swarm {_rate(status.swarm_throughput)} tok/s")
+    if run.loss is not None:
+        line.append(f"\nloss {run.loss:.3f} ")
+        line.append(sparkline(run.loss_trend), style="cyan")
     return line
 
 
-def _grid(status: Mapping[str, Any]) -> Table:
+def _grid(status: Status) -> Table:
     grid = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, title="stages x peers", title_justify="left")
     for name, justify in (("stg", "right"), ("layers", "left"), ("peer", "left"), ("state", "left"),
                           ("tok/s", "right"), ("load", "right"), ("hardware", "left")):
         grid.add_column(name, justify=justify, no_wrap=True)
-    peers = {p["peer_id"]: p for p in status["peers"]}
-    for stage in status["stages"]:
-        hot = stage["index"] == status["bottleneck_stage"]
+    peers = {p.peer_id: p for p in status.peers}
+    for stage in status.stages:
+        hot = stage.index == status.bottleneck_stage
         style = "bold red" if hot else None
-        start, end = stage["layers"]
-        label = f"{stage['index']}" + ("◀" if hot else "")
-        if not stage["peers"]:
+        start, end = stage.layers
+        label = f"{stage.index}" + ("◀" if hot else "")
+        if not stage.peers:
             grid.add_row(label, f"[{start}, {end})", "-", "none", "0", "", "", style="bold red")
-        for n, peer_id in enumerate(stage["peers"]):
+        for n, peer_id in enumerate(stage.peers):
             p = peers[peer_id]
-            state = "stale" if p["stale"] else p["state"]
+            state = "stale" if p.stale else p.state
             grid.add_row(label if n == 0 else "", f"[{start}, {end})" if n == 0 else "", Text(_short(peer_id)), Text(state),
-                         _rate(p["throughput"]), f"{p['load']:.0f}", _hardware(p["hardware"]), style=style)
+                         _rate(p.throughput), f"{p.load:.0f}", _hardware(p.hardware), style=style)
     return grid
 
 
-def _marginal(peer: Mapping[str, Any]) -> str:
+def _marginal(peer: PeerStatus) -> str:
     """What the swarm's throughput would lose without this peer: ``-400 (100%)``, or ``0``."""
-    if not peer["marginal"]:
+    if not peer.marginal:
         return "0"
-    return f"-{_rate(peer['marginal'])} ({peer['marginal_share']:.0%})"
+    return f"-{_rate(peer.marginal)} ({peer.marginal_share:.0%})"
 
 
-def _contributions(status: Mapping[str, Any]) -> Table:
+def _contributions(status: Status) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="contribution", title_justify="left")
     for name in ("peer", "tokens", "share", "marginal", "served", "req/s", "ledger"):
         table.add_column(name, justify="left" if name == "peer" else "right", no_wrap=True)
-    for p in sorted(status["peers"], key=lambda p: -p["tokens"]):
-        table.add_row(Text(_short(p["peer_id"])), f"{p['tokens']:,}", f"{p['contribution_share']:.0%}",
-                      _marginal(p), f"{_rate(p['tokens_per_s'])}/s",
-                      f"{p['requests_per_s']:.1f}", str(p["ledger_entries"]))
+    for p in sorted(status.peers, key=lambda p: -p.tokens):
+        table.add_row(Text(_short(p.peer_id)), f"{p.tokens:,}", f"{p.contribution_share:.0%}",
+                      _marginal(p), f"{_rate(p.tokens_per_s)}/s", f"{p.requests_per_s:.1f}", str(p.ledger_entries))
     return table
 
 
-def render_status(status: Mapping[str, Any]) -> Panel:
+def render_status(status: Status) -> Panel:
     """One frame of the terminal view; fits 80 columns."""
     parts: list[Any] = [_run_line(status), _grid(status), _contributions(status)]
-    if status["delegations"]:
+    if status.delegations:
         links = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="delegation", title_justify="left")
         links.add_column("delegator")
         links.add_column("computed by")
         links.add_column("stage")
         links.add_column("GPUs")
-        for link in status["delegations"]:
-            links.add_row(Text(_short(link["delegator"])), Text(_short(link["delegate"])), str(link.get("stage", "")),
-                          str(link.get("gpu_count", "")))
+        for link in status.delegations:
+            links.add_row(Text(_short(link.delegator)), Text(_short(link.delegate)), str(link.stage), str(link.gpu_count))
         parts.append(links)
-    for warning in status["warnings"]:
+    for warning in status.warnings:
         parts.append(Text(f"! {warning}", style="yellow"))
-    model = status["model"] if len(status["model"]) <= 40 else "…" + status["model"][-39:]
-    title = f"[bold]{escape(status['run_id'])}[/]: {escape(model)} ({status['num_layers']} layers)"
+    model = status.model if len(status.model) <= 40 else "…" + status.model[-39:]
+    title = f"[bold]{escape(status.run_id)}[/]: {escape(model)} ({status.num_layers} layers)"
     return Panel(Group(*parts), title=title, title_align="left", width=80)

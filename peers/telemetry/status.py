@@ -1,22 +1,29 @@
 """The data of ``swarm status``: the run, its stages and peers, the bottleneck, contributions and warnings.
 
 ``collect_status`` reads the DHT records (``{run}_manifest``, ``{run}_stage_{i}``, ``{run}_telemetry``)
-and ``build_status`` turns them into one versioned JSON-able dict (``STATUS_VERSION``); the terminal
-view (``swarm.status_view.render_status``, refreshed by ``rich.live`` in the CLI), ``--json`` and the
-bootstrap's dashboard are views of that dict, so it lives below both of them. The decisions in it are pure functions with table tests:
+and ``build_status`` turns them into one frozen, versioned model (``Status``, version ``STATUS_VERSION``);
+the terminal view (``swarm.status_view.render_status``, refreshed by ``rich.live`` in the CLI), ``--json``
+and the bootstrap's ``/api/status`` and dashboard all read that model (the JSON is its ``model_dump``),
+so it lives below every one of them. The decisions in it are pure functions with table tests:
 ``stage_capacities``, ``marginal_contributions``, ``run_state``, ``status_warnings``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from hivemind.utils import get_dht_time
 
+from core.messages import FrozenModel
 from dht.records import SwarmDHT
-from dht.schemas import RECORD_REFRESH, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState, TrainerRecord
+from dht.schemas import RECORD_REFRESH, HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState, TrainerRecord
 
 __all__ = [
+    "Status",
+    "RunSummary",
+    "StageStatus",
+    "PeerStatus",
+    "DelegationLink",
     "STATUS_VERSION",
     "STALE_AFTER",
     "collect_status",
@@ -34,8 +41,83 @@ TRAINER_ACTIVE = 60.0
 """A trainer that reported within this many seconds is training."""
 
 
-async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> dict[str, Any]:
-    """Read the run's records from the DHT and build the status dict."""
+class RunSummary(FrozenModel):
+    """What the trainers report: ``state`` is ``training``, ``idle`` or ``blocked`` (``run_state``)."""
+
+    state: str
+    step: int
+    loss: float | None
+    loss_trend: list[float]
+    tokens_per_s: float
+    trainers: int
+
+
+class StageStatus(FrozenModel):
+    """One stage: its layers ``[start, end)``, the peers serving it (not offline) and those online."""
+
+    index: int
+    layers: list[int]
+    peers: list[str]
+    online: int
+    online_peers: list[str]
+    throughput: float
+
+
+class PeerStatus(FrozenModel):
+    """One peer, over all the stages it serves: its record, its metrics and what it contributes."""
+
+    peer_id: str
+    stages: list[int]
+    state: str
+    throughput: float
+    load: float
+    maddrs: list[str]
+    hardware: HardwareSummary
+    age: float
+    delegate_of: str | None
+    step: int
+    requests_per_s: float
+    tokens_per_s: float
+    tokens: int
+    microbatches: int
+    ledger_entries: int
+    marginal: float
+    marginal_share: float
+    stale: bool
+    contribution_share: float
+
+
+class DelegationLink(FrozenModel):
+    """A stage a delegate serves for a delegator (the delegator's signed record says so)."""
+
+    delegate: str
+    delegator: str
+    stage: int
+    gpu_count: int
+
+
+class Status(FrozenModel):
+    """The status of a run: what ``swarm status`` draws, ``--json`` prints and ``/api/status`` serves."""
+
+    version: int = STATUS_VERSION
+    time: float
+    run_id: str
+    step: int
+    trainers: int
+    model: str
+    num_layers: int
+    target_batch_size: int
+    run: RunSummary
+    stages: list[StageStatus]
+    peers: list[PeerStatus]
+    bottleneck_stage: int | None
+    swarm_throughput: float
+    delegations: list[DelegationLink]
+    warnings: list[str]
+
+
+async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> Status:
+    """Read the run's records from the DHT and build the status."""
     manifest = await dht.wait_manifest(manifest_timeout)
     records = await dht.all_records(manifest.num_stages)
     metrics = await dht.telemetry_records()
@@ -87,10 +169,10 @@ def status_warnings(stage_peers: Sequence[Sequence[str]], ages: Mapping[str, flo
 
 def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]],
                  metrics: Sequence[MetricsRecord], *, now: float,
-                 trainers: Sequence[TrainerRecord] = ()) -> dict[str, Any]:
-    """The status dict (version ``STATUS_VERSION``) from the records; pure. ``step`` and
-    ``trainers`` at the top are the collaborative step and the online trainers (``TrainerRecord``);
-    ``run`` adds what trainers report in their metrics records (loss trend, tokens/s)."""
+                 trainers: Sequence[TrainerRecord] = ()) -> Status:
+    """The status from the records; pure. ``step`` and ``trainers`` at the top are the collaborative
+    step and the online trainers (``TrainerRecord``); ``run`` adds what trainers report in their
+    metrics records (loss trend, tokens/s)."""
     online = [t for t in trainers if t.online]
     collaborative_step = max((t.step for t in trainers), default=0)  # a trainer that left still tells the step it reached
     capacities = stage_capacities(records, manifest.num_stages)
@@ -100,72 +182,66 @@ def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]]
     peers, stages = _peers(records, by_peer, marginal, swarm_rate, now), []
     for index, layers in enumerate(manifest.stages):
         live = [r.peer_id for r in records.get(index, ()) if r.state != PeerState.OFFLINE]
-        stages.append({"index": index, "layers": layers.as_list(), "peers": live,
-                       "online": len(capacities[index]), "online_peers": sorted(capacities[index]),
-                       "throughput": round(sum(capacities[index].values()), 1)})
-    bottleneck = min(stages, key=lambda s: s["throughput"])["index"] if stages else None
-    return {
-        "version": STATUS_VERSION,
-        "time": now,
-        "run_id": manifest.run_id,
-        "step": collaborative_step,
-        "trainers": len(online),
-        "model": manifest.model,
-        "num_layers": manifest.num_layers,
-        "target_batch_size": manifest.target_batch_size,
-        "run": _run(capacities, [m for m in metrics if m.role == MetricsRole.TRAINER], collaborative_step, now),
-        "stages": stages,
-        "peers": peers,
-        "bottleneck_stage": bottleneck,
-        "swarm_throughput": round(swarm_rate, 1),
-        "delegations": _delegations(records),
-        "warnings": status_warnings([list(c) for c in capacities], {p["peer_id"]: p["age"] for p in peers}),
-    }
+        stages.append(StageStatus(index=index, layers=layers.as_list(), peers=live, online=len(capacities[index]),
+                                  online_peers=sorted(capacities[index]),
+                                  throughput=round(sum(capacities[index].values()), 1)))
+    bottleneck = min(stages, key=lambda s: s.throughput).index if stages else None
+    return Status(
+        time=now, run_id=manifest.run_id, step=collaborative_step, trainers=len(online), model=manifest.model,
+        num_layers=manifest.num_layers, target_batch_size=manifest.target_batch_size,
+        run=_run(capacities, [m for m in metrics if m.role == MetricsRole.TRAINER], collaborative_step, now),
+        stages=stages, peers=peers, bottleneck_stage=bottleneck, swarm_throughput=round(swarm_rate, 1),
+        delegations=_delegations(records),
+        warnings=status_warnings([list(c) for c in capacities], {p.peer_id: p.age for p in peers}),
+    )
 
 
-def _delegations(records: Mapping[int, Sequence[PeerRecord]]) -> list[dict[str, Any]]:
+def _delegations(records: Mapping[int, Sequence[PeerRecord]]) -> list[DelegationLink]:
     """One link per stage a delegate serves for a delegator (the delegator's signed record says so):
     a delegate may serve stages of its own beside it, so links come from records, not peers."""
-    return [{"delegate": r.peer_id, "delegator": r.delegate_of, "stage": index, "gpu_count": r.hardware.gpu_count}
+    return [DelegationLink(delegate=r.peer_id, delegator=r.delegate_of, stage=index, gpu_count=r.hardware.gpu_count)
             for index in sorted(records) for r in records[index] if r.delegate_of and r.state != PeerState.OFFLINE]
 
 
 def _run(capacities: list[dict[str, float]], trainers: list[MetricsRecord], collaborative_step: int,
-         now: float) -> dict[str, Any]:
+         now: float) -> RunSummary:
     latest = max(trainers, key=lambda m: (m.step, m.updated), default=None)
     active = [m for m in trainers if now - m.updated < TRAINER_ACTIVE]
-    return {
-        "state": run_state([len(c) for c in capacities], [now - m.updated for m in trainers]),
-        "step": max(collaborative_step, latest.step if latest else 0),
-        "loss": latest.loss if latest else None,
-        "loss_trend": list(latest.loss_trend) if latest else [],
-        "tokens_per_s": round(sum(m.tokens_per_s for m in active), 1),
-        "trainers": len(active),
-    }
+    return RunSummary(
+        state=run_state([len(c) for c in capacities], [now - m.updated for m in trainers]),
+        step=max(collaborative_step, latest.step if latest else 0),
+        loss=latest.loss if latest else None,
+        loss_trend=list(latest.loss_trend) if latest else [],
+        tokens_per_s=round(sum(m.tokens_per_s for m in active), 1),
+        trainers=len(active),
+    )
 
 
 def _peers(records: Mapping[int, Sequence[PeerRecord]], metrics: Mapping[str, MetricsRecord],
-           marginal: Mapping[str, float], swarm_rate: float, now: float) -> list[dict[str, Any]]:
-    peers: dict[str, dict[str, Any]] = {}
+           marginal: Mapping[str, float], swarm_rate: float, now: float) -> list[PeerStatus]:
+    first: dict[str, PeerRecord] = {}
+    stages: dict[str, list[int]] = {}
     for index in sorted(records):
         for r in records[index]:
-            if r.state == PeerState.OFFLINE:
-                continue
-            m = metrics.get(r.peer_id)
-            peer = peers.setdefault(r.peer_id, {
-                "peer_id": r.peer_id, "stages": [], "state": r.state.value, "throughput": r.throughput,
-                "load": r.load, "maddrs": r.maddrs, "hardware": r.hardware.model_dump(mode="json"),
-                "age": round(now - r.updated, 1) if r.updated else 0.0, "delegate_of": r.delegate_of,
-                "step": max(r.step, m.step if m else 0),  # its optimizer step, from the fresher of the two
-                "requests_per_s": m.requests_per_s if m else 0.0, "tokens_per_s": m.tokens_per_s if m else 0.0,
-                "tokens": m.tokens if m else 0, "microbatches": m.microbatches if m else 0,
-                "ledger_entries": m.ledger_entries if m else 0,
-                "marginal": marginal.get(r.peer_id, 0.0),
-                "marginal_share": round(marginal.get(r.peer_id, 0.0) / swarm_rate, 3) if swarm_rate else 0.0,
-            })
-            peer["stages"].append(index)
-    total = sum(p["tokens"] for p in peers.values())
-    for peer in peers.values():
-        peer["stale"] = peer["age"] > STALE_AFTER
-        peer["contribution_share"] = round(peer["tokens"] / total, 3) if total else 0.0
-    return list(peers.values())
+            if r.state != PeerState.OFFLINE:
+                first.setdefault(r.peer_id, r)
+                stages.setdefault(r.peer_id, []).append(index)
+    total = sum(metrics[p].tokens for p in first if p in metrics)
+    return [_peer(r, stages[peer_id], metrics.get(peer_id), marginal.get(peer_id, 0.0), swarm_rate, total, now)
+            for peer_id, r in first.items()]
+
+
+def _peer(r: PeerRecord, stages: list[int], m: MetricsRecord | None, marginal: float, swarm_rate: float,
+          total_tokens: int, now: float) -> PeerStatus:
+    """One peer from its first record (in stage order) and its metrics record, if any."""
+    age = round(now - r.updated, 1) if r.updated else 0.0
+    tokens = m.tokens if m else 0
+    return PeerStatus(
+        peer_id=r.peer_id, stages=stages, state=r.state.value, throughput=r.throughput, load=r.load,
+        maddrs=r.maddrs, hardware=r.hardware, age=age, delegate_of=r.delegate_of,
+        step=max(r.step, m.step if m else 0),  # its optimizer step, from the fresher of the two
+        requests_per_s=m.requests_per_s if m else 0.0, tokens_per_s=m.tokens_per_s if m else 0.0,
+        tokens=tokens, microbatches=m.microbatches if m else 0, ledger_entries=m.ledger_entries if m else 0,
+        marginal=marginal, marginal_share=round(marginal / swarm_rate, 3) if swarm_rate else 0.0,
+        stale=age > STALE_AFTER, contribution_share=round(tokens / total_tokens, 3) if total_tokens else 0.0,
+    )

@@ -15,11 +15,15 @@ from bootstrap.admin import AdminAuth, LoginLimiter, set_admin_password
 from bootstrap.dashboard import COOKIE, DashboardServer, create_app
 from bootstrap.state import StateDB
 from core.loop import LoopThread
+from peers.telemetry.status import Status
 
 PASSWORD = "correct horse battery"
-STATUS = {"version": 1, "run_id": "web", "model": "m", "num_layers": 2, "target_batch_size": 2,
-          "stages": [{"index": 0, "layers": [0, 2], "peers": [], "throughput": 0.0}], "peers": [],
-          "bottleneck_stage": 0}
+STATUS = {"version": 2, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
+          "target_batch_size": 2,
+          "run": {"state": "blocked", "step": 0, "loss": None, "loss_trend": [], "tokens_per_s": 0.0, "trainers": 0},
+          "stages": [{"index": 0, "layers": [0, 2], "peers": [], "online": 0, "online_peers": [], "throughput": 0.0}],
+          "peers": [], "bottleneck_stage": 0, "swarm_throughput": 0.0, "delegations": [],
+          "warnings": ["stage 0 has no online peer: training is blocked"]}
 
 
 class Dashboard:
@@ -29,8 +33,8 @@ class Dashboard:
             set_admin_password(self.db, "admin", PASSWORD, actor="test")
         self.auth = AdminAuth(self.db, limiter=LoginLimiter(attempts=3, window=60))
 
-        async def status() -> dict:
-            return STATUS
+        async def status() -> Status:
+            return Status.model_validate(STATUS)
 
         app = create_app(self.db, self.auth, run_id="web", join_command=lambda: "swarm join --bootstrap /ip4/x --key <k>",
                          maddrs=lambda: ["/ip4/x"], keys_required=True, status=status, stream_period=0.1)

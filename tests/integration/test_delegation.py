@@ -94,7 +94,7 @@ def test_a_delegated_stage_trains_like_the_same_run_without_delegation(model_fac
     mine = weak.status()
     assert mine.delegation_mode and mine.delegate_reachable and mine.delegate == delegate.peer_id
     assert mine.gpu_count == 0 and mine.receipts == 2 * steps
-    report = swarm.loop.run(collect_status(swarm.bootstrap.dht))
+    report = swarm.loop.run(collect_status(swarm.bootstrap.dht)).model_dump(mode="json")
     assert report["delegations"] == [{"delegate": delegate.peer_id, "delegator": weak.peer_id, "stage": 1,
                                       "gpu_count": 0}]
 

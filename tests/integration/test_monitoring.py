@@ -69,10 +69,11 @@ def test_status_metrics_and_ledger_of_a_training_swarm(model_factory, swarm_fact
 
         def fresh_status():
             status = swarm.loop.run(collect_status(remote.dht))
-            served = sum(p["tokens"] for p in status["peers"])
-            return status if status["run"]["step"] == 4 and served >= 2 * 4 * 16 * 2 else None
+            served = sum(p.tokens for p in status.peers)
+            return status if status.run.step == 4 and served >= 2 * 4 * 16 * 2 else None
 
-        status = _wait(fresh_status, what="trainer and peer metrics records in the DHT")
+        model = _wait(fresh_status, what="trainer and peer metrics records in the DHT")
+        status = model.model_dump()
 
     assert status["run"]["state"] == "training" and status["run"]["trainers"] == 1
     assert status["run"]["loss_trend"] == pytest.approx(list(reporter.losses), abs=1e-4)
@@ -87,7 +88,7 @@ def test_status_metrics_and_ledger_of_a_training_swarm(model_factory, swarm_fact
     assert sum(peers[p.peer_id]["tokens"] for p in by_stage[0]) == 4 * 16 * 2
     assert peers[only]["hardware"]["ram_used_gib"] > 0 and peers[only]["hardware"]["gpu_count"] == 0
     assert any("stage 1 has one replica" in w for w in status["warnings"])
-    assert "stages x peers" in str(render_status(status).renderable.renderables[1].title)
+    assert "stages x peers" in str(render_status(model).renderable.renderables[1].title)
 
     # a peer's /metrics: its RPCs, tokens, step and hardware
     peer = by_stage[1][0]

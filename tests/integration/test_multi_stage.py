@@ -62,7 +62,7 @@ def test_two_peers_serve_four_stages_in_spans_and_train_like_local(model_factory
     online = {stage: sorted(r.peer_id for r in rs if r.state == PeerState.ONLINE) for stage, rs in records.items()}
     assert online == {0: [first.peer_id], 1: [first.peer_id], 2: [second.peer_id], 3: [second.peer_id]}
     assert [records[s][0].layers.as_list() for s in range(4)] == [[0, 1], [1, 2], [2, 3], [3, 4]]
-    status = build_status(swarm.loop.run(first.dht.get_manifest(), timeout=30), records, [], now=0.0)
+    status = build_status(swarm.loop.run(first.dht.get_manifest(), timeout=30), records, [], now=0.0).model_dump()
     assert sorted((p["peer_id"], p["stages"]) for p in status["peers"]) == sorted(
         [(first.peer_id, [0, 1]), (second.peer_id, [2, 3])])
     assert [s["peers"] for s in status["stages"]] == [[first.peer_id]] * 2 + [[second.peer_id]] * 2

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from swarm import cli
 from swarm.logs import setup_logging
+from peers.telemetry.status import Status
 from swarm.status_view import render_status
 
 ADDRESS = "[/ip4/127.0.0.1/tcp/1]"
@@ -55,7 +56,9 @@ def test_log_messages_in_a_terminal_are_not_markup():
 def test_the_status_view_shows_a_run_and_model_name_with_brackets_as_they_are():
     status = {"run": {"state": "idle", "step": 0, "trainers": 0, "tokens_per_s": 0.0, "loss": None, "loss_trend": []},
               "swarm_throughput": 0.0, "stages": [], "peers": [], "bottleneck_stage": None, "delegations": [],
-              "warnings": [], "run_id": "[/run]", "model": "[/org/model]", "num_layers": 2}
+              "warnings": [], "run_id": "[/run]", "model": "[/org/model]", "num_layers": 2, "time": 0.0, "step": 0,
+              "trainers": 0, "target_batch_size": 8}
+    status = Status.model_validate(status)
     out = io.StringIO()
     Console(file=out, width=80, color_system=None).print(render_status(status))
     assert "[/run]: [/org/model] (2 layers)" in out.getvalue()

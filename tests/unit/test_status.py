@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from pydantic import ValidationError
 from rich.console import Console
 
 from dht.schemas import HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState
@@ -10,6 +13,7 @@ from core.types import LayerRange
 from peers.telemetry.status import (
     STALE_AFTER,
     STATUS_VERSION,
+    Status,
     build_status,
     marginal_contributions,
     run_state,
@@ -95,7 +99,7 @@ def _scenario():
 
 
 def test_build_status_from_records():
-    status = build_status(*_scenario(), now=NOW)
+    status = build_status(*_scenario(), now=NOW).model_dump(mode="json")  # what --json and /api/status show
     assert status["version"] == STATUS_VERSION
     assert status["run"] == {"state": "training", "step": 42, "loss": 2.5, "loss_trend": [4.0, 3.2, 2.9, 2.5],
                              "tokens_per_s": 512.0, "trainers": 1}
@@ -157,12 +161,28 @@ def test_a_peer_serving_several_stages_is_one_peer_on_each_of_its_rows():
     records = {0: [_record(span, 0, 300.0)], 1: [_record(span, 1, 300.0), _record(solo, 1, 200.0)],
                2: [_record(solo, 2, 500.0)]}
     status = build_status(manifest, records, metrics, now=NOW)
-    peers = {p["peer_id"][-1]: p for p in status["peers"]}
-    assert peers["7"]["stages"] == [0, 1] and peers["8"]["stages"] == [1, 2]
-    assert [s["peers"] for s in status["stages"]] == [[span], [span, solo], [solo]]
-    assert [s["throughput"] for s in status["stages"]] == [300.0, 500.0, 500.0]
-    assert status["bottleneck_stage"] == 0 and peers["7"]["marginal"] == 300.0 and peers["8"]["marginal"] == 300.0
+    peers = {p.peer_id[-1]: p for p in status.peers}
+    assert peers["7"].stages == [0, 1] and peers["8"].stages == [1, 2]
+    assert [s.peers for s in status.stages] == [[span], [span, solo], [solo]]
+    assert [s.throughput for s in status.stages] == [300.0, 500.0, 500.0]
+    assert status.bottleneck_stage == 0 and peers["7"].marginal == 300.0 and peers["8"].marginal == 300.0
     lines = _screen(status)
     rows = [line for line in lines if "AAAAAAA7" in line and "online" in line]
     assert len(rows) == 2 and all("300" in row for row in rows)  # one row per stage it serves
     assert "[0, 2)" in rows[0] and "0◀" in rows[0]
+
+
+def test_the_status_json_keeps_its_version_2_fields_and_round_trips():
+    """``swarm status --json`` and ``/api/status`` are a protocol: the model's JSON has exactly the
+    fields of version 2, and reads back into an equal model (what a client of the API does)."""
+    status = build_status(*_scenario(), now=NOW)
+    data = json.loads(status.model_dump_json())
+    assert list(data) == ["version", "time", "run_id", "step", "trainers", "model", "num_layers", "target_batch_size",
+                          "run", "stages", "peers", "bottleneck_stage", "swarm_throughput", "delegations", "warnings"]
+    assert list(data["peers"][0]) == [
+        "peer_id", "stages", "state", "throughput", "load", "maddrs", "hardware", "age", "delegate_of", "step",
+        "requests_per_s", "tokens_per_s", "tokens", "microbatches", "ledger_entries", "marginal", "marginal_share",
+        "stale", "contribution_share"]
+    assert Status.model_validate(data) == status
+    with pytest.raises(ValidationError, match="extra"):
+        Status.model_validate(data | {"surprise": 1})
