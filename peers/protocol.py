@@ -29,6 +29,7 @@ A reply is ``{"ok": <response message>}`` or ``{"error": {"code": <SwarmError cl
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -60,7 +61,9 @@ __all__ = [
     "STATE",
     "StateRequest",
     "StateResponse",
+    "STAGE_REQUESTS",
     "parse_request",
+    "parsing",
     "ok_reply",
     "error_reply",
     "parse_reply",
@@ -286,6 +289,18 @@ class StateResponse(_Message):
     names: list[str] = Field(description="the name of each tensor of the reply, in order")
 
 
+STAGE_REQUESTS: dict[str, type[_Message]] = {
+    FORWARD: ForwardRequest,
+    BACKWARD: BackwardRequest,
+    STEP: StepRequest,
+    ABORT: AbortRequest,
+    INFO: InfoRequest,
+    STATE: StateRequest,
+    KEPT: KeptRequest,
+}
+"""The request message of each stage RPC: what a peer parses a call into before it picks the stage."""
+
+
 def parse_request(model: type[_Message], payload: Any, *, version: int = PROTOCOL_VERSION,
                   protocol: str = "protocol") -> _Message:
     """Validate a decoded request; anything malformed becomes a ``BadRequest`` naming the field, a
@@ -301,6 +316,17 @@ def parse_request(model: type[_Message], payload: Any, *, version: int = PROTOCO
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "message"
         raise BadRequest(f"{model.__name__}: {where}: {first['msg']}") from None
+
+
+def parsing(model: type[_Message], rpc: Callable[[Any, list], Awaitable[tuple[dict, list]]]) -> Callable:
+    """``rpc``, which takes its request parsed, as a handler of the decoded message: the message is
+    parsed into ``model`` first (``parse_request``). It keeps ``rpc``'s name, which guards log."""
+
+    @functools.wraps(rpc)
+    async def handler(message: Any, tensors: list) -> tuple[dict, list]:
+        return await rpc(parse_request(model, message), tensors)
+
+    return handler
 
 
 def ok_reply(message: _Message) -> dict:
