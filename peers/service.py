@@ -21,6 +21,7 @@ from peers.protocol import (
     FORWARD,
     INFO,
     KEPT,
+    STAGE_REQUESTS,
     STEP,
     BackwardRequest,
     ForwardRequest,
@@ -36,7 +37,6 @@ from peers.protocol import (
     StateResponse,
     error_reply,
     ok_reply,
-    STAGE_REQUESTS,
     parsing,
 )
 from peers.state import StateIdentity, capture_state
