@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Coroutine, TypeVar
 
 import uvloop
 
-__all__ = ["LoopThread", "cancel_and_wait", "bounded", "Lifecycle", "start_unless_stopped"]
+__all__ = ["LoopThread", "cancel_and_wait", "bounded", "Lifecycle", "TaskSet", "start_unless_stopped"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,41 @@ async def bounded(step: Awaitable[Any], seconds: float, what: str) -> None:
         logger.debug("stopping: %s: %s: %s", what, type(e).__name__, e)
 
 
+class TaskSet:
+    """The background tasks of one owner: ``spawn`` starts one, ``close`` cancels those still running
+    and waits until they have ended, so none outlives its owner. A task that ends leaves the set; one
+    that failed is logged (its loop was meant to catch and log its own errors)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task:
+        if self._closed:
+            coro.close()
+            raise RuntimeError(f"cannot start {name}: its owner is stopping")
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    async def close(self) -> None:
+        """Cancel every task and wait for them; no task can be added afterwards. Idempotent."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s failed", task.get_name(), exc_info=task.exception())
+
+
 class Lifecycle:
     """``start`` once (a failed start stops what it started), ``wait_closed``, ``async with``. A
     subclass writes ``_start`` and a ``stop`` that is idempotent and calls ``_mark_closed`` last."""
@@ -55,11 +90,10 @@ class Lifecycle:
         if self._started:
             return
         self._started = True
-        try:
+        async with contextlib.AsyncExitStack() as undo:  # a start that fails or is cancelled is stopped
+            undo.push_async_callback(self.stop)
             await self._start()
-        except BaseException:
-            await self.stop()
-            raise
+            undo.pop_all()
 
     @property
     def _closed(self) -> asyncio.Event:

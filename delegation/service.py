@@ -45,7 +45,7 @@ class DelegationService:
                 STOP: guarded(self.rpc_stop, logger), STATUS: guarded(self.rpc_status, logger)}
 
     async def register(self, serve: Callable) -> None:
-        """``serve(method, handler)`` for each RPC (``Peer.serve_control`` or a transport's ``serve``)."""
+        """``serve(method, handler)`` for each RPC (``DelegateHost.serve_control`` or a transport's ``serve``)."""
         for method, handler in self.handlers().items():
             await serve(method, handler)
 
@@ -67,7 +67,7 @@ class DelegationService:
 
 
 async def serve_delegations(host, settings: DelegationSettings) -> DelegateSessions:
-    """Make ``host`` (a started ``peers.server.Peer``) a delegate: register the delegation RPCs on it
+    """Make ``host`` (a started ``Peer``'s ``delegate``, ``peers.delegate_host.DelegateHost``) a delegate: register the delegation RPCs on it
     and start expiring sessions. The caller stops the returned sessions before the peer."""
     tokens = TokenSet(settings.tokens, settings.tokens_file)
     if not tokens:

@@ -3,7 +3,7 @@ receipts of the work done in each.
 
 ``DelegateSessions`` holds the sessions of one delegate and decides everything about them; the RPC
 handlers (``delegation.service``) only parse and call it. The stage itself is loaded and served by a
-``StageHost`` (``peers.server.Peer`` is one): a session is one stage hosted on the delegator's behalf.
+``StageHost`` (a ``Peer``'s ``peers.delegate_host.DelegateHost`` is one): a session is one stage hosted on the delegator's behalf.
 
 Rules:
 
@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Protocol, Sequence
+from typing import Callable, Collection, Protocol, Sequence
 
 import torch
 
@@ -50,6 +50,7 @@ from delegation.protocol import (
     StopResponse,
 )
 from peers.telemetry.activity import work_of
+from peers.training.protocol import BackwardRequest, ForwardRequest
 from core.types import LayerRange
 from core.loop import cancel_and_wait
 from core.errors import AuthRejected, CapacityExceeded, UnknownSession
@@ -65,7 +66,7 @@ ENDED_KEPT = 64
 
 
 class StageHost(Protocol):
-    """What a delegate needs from the peer it runs in (``peers.server.Peer``)."""
+    """What a delegate needs from the peer it runs in (``peers.delegate_host.DelegateHost``, a ``Peer``'s ``delegate``)."""
 
     @property
     def peer_id(self) -> str: ...
@@ -257,13 +258,13 @@ class DelegateSessions:
         while session.receipts and session.receipts[0].seq < ack:
             session.receipts.popleft()
 
-    async def _record(self, session: _Session, method: str, message: Any, tensors: list[torch.Tensor],
-                      reply: dict, out: list[torch.Tensor]) -> None:
+    async def _record(self, session: _Session, method: str, request: ForwardRequest | BackwardRequest,
+                      tensors: list[torch.Tensor], reply: dict, out: list[torch.Tensor]) -> None:
         """A receipt for one forward/backward the hosted stage answered."""
         kind = method.rsplit(".", 1)[-1]
-        _, _, tokens = work_of(kind, message, tensors)
+        _, _, tokens = work_of(kind, request, tensors)
         digest = await asyncio.to_thread(tensor_digest, out[0]) if out else hashlib.sha256(b"").hexdigest()
-        request_id = str(message.get("request_id", "?"))[:64] or "?"
+        request_id = request.request_id
         session.receipts.append(Receipt(seq=session.next_seq, request_id=request_id, kind=kind, tokens=tokens,
                                         digest=digest, at=self._wall()))
         session.next_seq += 1

@@ -11,6 +11,7 @@ never the node.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from core.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
 from core.messages import PROTOCOL_VERSION, FrozenModel
 
-__all__ = ["Message", "parse_request", "ok_reply", "error_reply", "guarded", "parse_reply"]
+__all__ = ["Message", "parse_request", "parsing", "ok_reply", "error_reply", "guarded", "parse_reply"]
 
 Rpc = Callable[[Any, list], Awaitable[tuple[dict, list]]]
 
@@ -46,6 +47,17 @@ def parse_request(model: type[Message], payload: Any, *, version: int = PROTOCOL
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "message"
         raise BadRequest(f"{model.__name__}: {where}: {first['msg']}") from None
+
+
+def parsing(model: type[Message], rpc: Callable[[Any, list], Awaitable[tuple[dict, list]]]) -> Rpc:
+    """``rpc``, which takes its request parsed, as a handler of the decoded message: the message is
+    parsed into ``model`` first (``parse_request``). It keeps ``rpc``'s name, which guards log."""
+
+    @functools.wraps(rpc)
+    async def handler(message: Any, tensors: list) -> tuple[dict, list]:
+        return await rpc(parse_request(model, message), tensors)
+
+    return handler
 
 
 def ok_reply(message: Message) -> dict:

@@ -52,7 +52,7 @@ async def announce_delegate(peer: Any, settings: SwarmSettings, console: Console
     """``--accept-delegations``: serve the delegation RPCs on ``peer``; returns its sessions."""
     from delegation.service import serve_delegations
 
-    sessions = await serve_delegations(peer, settings.delegation)
+    sessions = await serve_delegations(peer.delegate, settings.delegation)
     if peer.maddrs:
         console.print(f"[bold]delegate[/]  accepting up to {settings.delegation.max_sessions} delegation sessions; "
                       "weak machines join with:")

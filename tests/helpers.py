@@ -85,7 +85,7 @@ class LocalSwarm:
         """Make ``peer`` a delegate with its ``delegation`` settings (``delegation`` overrides them); its
         sessions end when the swarm stops."""
         settings = peer.settings.delegation.model_copy(update=delegation)
-        sessions = self.loop.run(serve_delegations(peer, settings), timeout=30)
+        sessions = self.loop.run(serve_delegations(peer.delegate, settings), timeout=30)
         self.delegate_sessions.append(sessions)
         return sessions
 

@@ -510,7 +510,7 @@ class SwarmModelForCausalLM(nn.Module):
             raise SwarmError("this trainer has no averager (it was not made by from_pretrained)")
         # trainers learn that a step closed at different moments (each polls the step counter), so
         # they get a wider window to meet in than the replicas a trainer calls together; the round
-        # starts as soon as all of them are in (peers.averaging), so the window costs nothing then
+        # starts as soon as all of them are in (peers.training.averaging), so the window costs nothing then
         window = max(self.pipeline.policy.averaging_window, _TRAINERS_WINDOW)
         return self._trainer_sync.sum(grads, step=step, members=trainers, me=self.trainer_id,
                                       scheduled_time=get_dht_time() + window, timeout=window + 30.0)

@@ -8,7 +8,7 @@ Two ways through the stages:
   backward can go to the same peer (which still holds the graph) or, after a ``CacheMiss`` or a
   failover, to another replica with the inputs resent.
 * pushed (``push=True``, training only): the trainer sends a microbatch to stage 0's peer with its
-  route, each peer sends its output straight to the next (``peers.push``) and the trainer collects
+  route, each peer sends its output straight to the next (``peers.training.push``) and the trainer collects
   the last one's; gradients go the same way in reverse. The trainer then holds only the ends of each
   microbatch (its input, the gradient of its output, and every hop's request id and dropout seed),
   which is enough to rebuild any hop exactly: a push that breaks, and every backward a dropped peer
@@ -87,8 +87,8 @@ class FaultPolicy:
     step_attempts: int = 4  # rounds of applying one collaborative step
     averaging_window: float = 0.5  # seconds from a step's request to the replicas' averaging round
     step_wait: float = 60.0  # seconds to wait for other trainers to finish a step
-    spot_check_rate: float = 0.02  # training forwards recomputed on another replica (swarm.spotcheck)
-    spot_check_tolerance: float | None = None  # None: by dtype (swarm.spotcheck.TOLERANCE)
+    spot_check_rate: float = 0.02  # training forwards recomputed on another replica (trainer.spotcheck)
+    spot_check_tolerance: float | None = None  # None: by dtype (trainer.spotcheck.TOLERANCE)
     max_abs: float = MAX_ABS  # a stage output or gradient beyond this (or NaN/inf) is InvalidOutput
 
 
@@ -243,7 +243,7 @@ class RemotePipeline:
         """Leave ``peer_id`` out of routes and steps for ``ban_time``, then until it answers a probe. A
         replica left out only for being behind (``StaleReplica``) is probed again after ``_STALE_RECHECK``
         s instead, and is back as soon as it answers at the run's step: it takes the current state by
-        itself within seconds (``peers.resync``), and left out for a minute it fell behind again at every
+        itself within seconds (``peers.state.resync``), and left out for a minute it fell behind again at every
         step it missed (a churn run lost 6 steps when the other replica of its stage died meanwhile)."""
         ban = _STALE_RECHECK if isinstance(why, StaleReplica) else self.policy.ban_time
         logger.warning("leaving peer %s out for %.0f s, and until it answers: %s: %s", peer_id[-8:], ban,
@@ -788,7 +788,7 @@ class RemotePipeline:
     async def _replay_pushed(self, stage: int, contribution: _Contribution) -> None:
         """A pushed backward that a dropped peer had counted, redone on another replica of ``stage``.
         Its input and output gradient come from the peers of the hops before and after it, which keep
-        them (``peers.executor``: computed before any step applied since, which a recompute at step
+        them (``peers.training.executor``: computed before any step applied since, which a recompute at step
         time would not be); only a neighbour that lost them makes it a rebuild by recomputing."""
         trace, hop = contribution.trace, contribution.hop
         first = trace.hops[0].inputs

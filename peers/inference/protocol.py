@@ -34,6 +34,7 @@ __all__ = [
     "StepResponse",
     "CloseRequest",
     "CloseResponse",
+    "INFERENCE_REQUESTS",
 ]
 
 OPEN = "swarm.inference.open"
@@ -80,3 +81,7 @@ class CloseRequest(_Message):
 class CloseResponse(_Message):
     session_id: str
     closed: bool = Field(description="False when the peer had no such session (already closed or expired)")
+
+
+INFERENCE_REQUESTS: dict[str, type[_Message]] = {OPEN: OpenRequest, STEP: StepRequest, CLOSE: CloseRequest}
+"""The request message of each inference RPC: what a peer parses a call into before it picks the stage."""

@@ -15,8 +15,17 @@ from typing import Any, Callable
 import torch
 
 from peers.inference.sessions import InferenceSessions
-from peers.inference.protocol import CLOSE, OPEN, STEP, CloseRequest, CloseResponse, OpenRequest, StepRequest
-from net.rpc import guarded, ok_reply, parse_request
+from peers.inference.protocol import (
+    CLOSE,
+    INFERENCE_REQUESTS,
+    OPEN,
+    STEP,
+    CloseRequest,
+    CloseResponse,
+    OpenRequest,
+    StepRequest,
+)
+from net.rpc import guarded, ok_reply, parsing
 from net.transport import Handler, Transport
 from core.errors import BadRequest
 
@@ -54,22 +63,26 @@ class InferenceService:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="inference-session-sweeper")
 
     def handlers(self) -> dict[str, Handler]:
-        return {OPEN: guarded(self.rpc_open, logger), STEP: guarded(self.rpc_step, logger),
-                CLOSE: guarded(self.rpc_close, logger)}
+        """Each RPC as a transport handler: it parses its message, then serves it."""
+        return {method: guarded(parsing(INFERENCE_REQUESTS[method], rpc), logger) for method, rpc in self._rpcs().items()}
 
-    async def rpc_open(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(OpenRequest, message)
+    def parsed_handlers(self) -> dict[str, Handler]:
+        """Each RPC taking its request parsed already (a peer's router parsed it to pick the stage)."""
+        return {method: guarded(rpc, logger) for method, rpc in self._rpcs().items()}
+
+    def _rpcs(self) -> dict[str, Callable]:
+        return {OPEN: self.rpc_open, STEP: self.rpc_step, CLOSE: self.rpc_close}
+
+    async def rpc_open(self, request: OpenRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         if tensors:
             raise BadRequest(f"open takes no tensors, got {len(tensors)}")
         return ok_reply(await self._in_worker(self.sessions.open, request)), []
 
-    async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(StepRequest, message)
+    async def rpc_step(self, request: StepRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         reply, out = await self._in_worker(self.sessions.step, request, tensors)
         return ok_reply(reply), [out]
 
-    async def rpc_close(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(CloseRequest, message)
+    async def rpc_close(self, request: CloseRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         closed = await self._in_worker(self.sessions.close, request.session_id)
         return ok_reply(CloseResponse(session_id=request.session_id, closed=closed)), []
 

@@ -37,10 +37,11 @@ class RequestDone:
 
 
 def work_of(method: str, message: Any, tensors: Sequence[torch.Tensor]) -> tuple[int | None, int, int]:
-    """(stage, samples, tokens) of a forward/backward request: its first tensor is [batch, seq, hidden]."""
+    """(stage, samples, tokens) of a forward/backward request (its decoded message, or the parsed
+    request a push hands its own handler): its first tensor is [batch, seq, hidden]."""
     if method not in ("forward", "backward") or not tensors or tensors[0].ndim < 2:
         return None, 0, 0
-    stage = message.get("stage") if isinstance(message, dict) else None
+    stage = message.get("stage") if isinstance(message, dict) else getattr(message, "stage", None)
     batch, seq = tensors[0].shape[0], tensors[0].shape[1]
     return (stage if isinstance(stage, int) else None), int(batch), int(batch * seq)
 

@@ -56,6 +56,7 @@ __all__ = [
     "STATE",
     "StateRequest",
     "StateResponse",
+    "STAGE_REQUESTS",
     "ECHO",
     "EchoRequest",
     "EchoResponse",
@@ -272,6 +273,18 @@ class StateRequest(_Message):
 class StateResponse(_Message):
     meta: StateMeta
     names: list[str] = Field(description="the name of each tensor of the reply, in order")
+
+
+STAGE_REQUESTS: dict[str, type[_Message]] = {
+    FORWARD: ForwardRequest,
+    BACKWARD: BackwardRequest,
+    STEP: StepRequest,
+    ABORT: AbortRequest,
+    INFO: InfoRequest,
+    STATE: StateRequest,
+    KEPT: KeptRequest,
+}
+"""The request message of each stage RPC: what a peer parses a call into before it picks the stage."""
 
 
 # -- link probe (placement measures latency and bandwidth with it) ------------------------------------

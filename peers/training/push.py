@@ -13,7 +13,7 @@ last one leaves that list in the mailbox beside its result: a collected result s
 peers computed it, so the trainer goes on as soon as it has it. The reply travels back along the
 chain (three one-way trips on a WAN that the trainer no longer waits for) and says, if the chain
 broke, which hop could not be reached and why: the trainer rebuilds what is missing through its own
-fault-tolerant path (``swarm.pipeline``). A hop's own failure is its caller's to report, so every
+fault-tolerant path (``trainer.pipeline``). A hop's own failure is its caller's to report, so every
 failure is named by the peer that saw it.
 """
 
@@ -42,7 +42,7 @@ from peers.training.protocol import (
     PushRequest,
     PushResponse,
 )
-from net.rpc import guarded, ok_reply, parse_reply, parse_request
+from net.rpc import guarded, ok_reply, parse_reply, parsing
 from net.transport import Handler, Transport
 from net.wire import width
 from core.errors import BadRequest, CapacityExceeded, StageTimeout, SwarmError, WrongStage, error_from_wire
@@ -51,8 +51,10 @@ __all__ = ["Mailbox", "PushService", "LocalCall"]
 
 logger = logging.getLogger(__name__)
 
-LocalCall = Callable[[str, dict, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.Tensor]]]]
-"""``local(method, message, tensors)``: this peer's own ``forward`` / ``backward`` handler."""
+LocalCall = Callable[[str, ForwardRequest | BackwardRequest, list[torch.Tensor]],
+                    Awaitable[tuple[dict, list[torch.Tensor]]]]
+"""``local(method, request, tensors)``: this peer's own ``forward`` / ``backward`` handler, given the
+request parsed (a push holds the hop's request as a model: nothing to dump and parse again)."""
 
 
 class Mailbox:
@@ -126,16 +128,16 @@ class PushService:
             await transport.serve(method, handler)
 
     def handlers(self) -> dict[str, Handler]:
-        return {PUSH: guarded(self.rpc_push, logger), COLLECT: guarded(self.rpc_collect, logger)}
+        return {PUSH: guarded(parsing(PushRequest, self.rpc_push), logger),
+                COLLECT: guarded(parsing(CollectRequest, self.rpc_collect), logger)}
 
-    async def rpc_push(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(PushRequest, message)
+    async def rpc_push(self, request: PushRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         hop, rest = request.hops[0], request.hops[1:]
         if hop.peer_id != self.peer_id:
             raise WrongStage(f"the push's hop for stage {hop.stage} is for peer {hop.peer_id[-8:]}, "
                              f"this is {self.peer_id[-8:]}")
-        method, local_message = self._hop_call(request)
-        reply, out = await self.local(method, local_message, tensors)
+        method, hop_request = self._hop_call(request)
+        reply, out = await self.local(method, hop_request, tensors)
         if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
             raise error_from_wire(str(reply["error"].get("code")), str(reply["error"].get("message")))
         answer = reply.get("ok", {}) if isinstance(reply, dict) else {}
@@ -147,12 +149,12 @@ class PushService:
             self.mailbox.put(request.mailbox, (so_far, out))
             return ok_reply(PushResponse(done=[done])), []
         extra = [] if request.backward else tensors[width(request.wire):]  # the mask and positions go along
-        onward = request.model_copy(update={"hops": rest, "done": so_far}).model_dump(mode="json")
+        onward = request.model_copy(update={"hops": rest, "done": so_far})
         tensors = [*out, *extra]
         if rest[0].peer_id == self.peer_id:  # the next stage is served here too (a span): no call to itself
             call = self.rpc_push(onward, tensors)
         else:
-            call = retried_call(self.transport, rest[0].peer_id, PUSH, onward, tensors,
+            call = retried_call(self.transport, rest[0].peer_id, PUSH, onward.model_dump(mode="json"), tensors,
                                 timeout=self.timeout * len(rest), attempts=self.attempts, backoff=self.backoff)
         try:
             downstream, _ = await call
@@ -164,20 +166,19 @@ class PushService:
             return ok_reply(PushResponse(done=[done], failed=failed)), []
         return ok_reply(PushResponse(done=[done, *after.done], failed=after.failed)), []
 
-    async def rpc_collect(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(CollectRequest, message)
+    async def rpc_collect(self, request: CollectRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         if tensors:
             raise BadRequest(f"collect carries no tensors, got {len(tensors)}")
         done, out = await self.mailbox.take(request.mailbox, request.timeout)
         return ok_reply(CollectResponse(mailbox=request.mailbox, done=done)), out
 
     @staticmethod
-    def _hop_call(request: PushRequest) -> tuple[str, dict]:
+    def _hop_call(request: PushRequest) -> tuple[str, ForwardRequest | BackwardRequest]:
         """The forward or backward request that computes the push's first hop here."""
         hop = request.hops[0]
         common = dict(stage=hop.stage, layers=hop.layers, request_id=hop.request_id, seed=hop.seed,
                       wire=request.wire)
         if request.backward:
-            return BACKWARD, BackwardRequest(**common, num_samples=request.num_samples).model_dump(mode="json")
+            return BACKWARD, BackwardRequest(**common, num_samples=request.num_samples)
         return FORWARD, ForwardRequest(**common, train=True, has_attention_mask=request.has_attention_mask,
-                                       has_position_ids=request.has_position_ids).model_dump(mode="json")
+                                       has_position_ids=request.has_position_ids)

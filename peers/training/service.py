@@ -21,6 +21,7 @@ from peers.training.protocol import (
     FORWARD,
     INFO,
     KEPT,
+    STAGE_REQUESTS,
     STEP,
     BackwardRequest,
     ForwardRequest,
@@ -35,7 +36,7 @@ from peers.training.protocol import (
     StateRequest,
     StateResponse,
 )
-from net.rpc import guarded, ok_reply, parse_request
+from net.rpc import guarded, ok_reply, parsing
 from peers.state.snapshot import StateIdentity, capture_state
 from net.transport import CALLER, Handler, Transport
 from net.wire import decode, encode, width
@@ -71,18 +72,18 @@ class StageService:
             await transport.serve(method, handler)
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            FORWARD: self._guarded(self.rpc_forward),
-            BACKWARD: self._guarded(self.rpc_backward),
-            STEP: self._guarded(self.rpc_step),
-            ABORT: self._guarded(self.rpc_abort),
-            INFO: self._guarded(self.rpc_info),
-            STATE: self._guarded(self.rpc_state),
-            KEPT: self._guarded(self.rpc_kept),
-        }
+        """Each RPC as a transport handler: it parses its message, then serves it."""
+        return {method: self._guarded(parsing(STAGE_REQUESTS[method], rpc)) for method, rpc in self._rpcs().items()}
 
-    async def rpc_forward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(ForwardRequest, message)
+    def parsed_handlers(self) -> dict[str, Handler]:
+        """Each RPC taking its request parsed already (a peer's router parsed it to pick the stage)."""
+        return {method: self._guarded(rpc) for method, rpc in self._rpcs().items()}
+
+    def _rpcs(self) -> dict[str, Callable]:
+        return {FORWARD: self.rpc_forward, BACKWARD: self.rpc_backward, STEP: self.rpc_step, ABORT: self.rpc_abort,
+                INFO: self.rpc_info, STATE: self.rpc_state, KEPT: self.rpc_kept}
+
+    async def rpc_forward(self, request: ForwardRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         self.executor.check_target(request.stage, request.layers)
         self._refuse_if_behind()
         self._admit("forward")
@@ -90,8 +91,7 @@ class StageService:
         reply, outputs = await self._in_worker(self.executor.forward, request, inputs)
         return ok_reply(reply), encode(outputs, request.wire)
 
-    async def rpc_backward(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(BackwardRequest, message)
+    async def rpc_backward(self, request: BackwardRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         self.executor.check_target(request.stage, request.layers)
         self._refuse_if_behind()
         self._admit("backward")
@@ -109,16 +109,14 @@ class StageService:
         reply, grad_input = await self._in_worker(self.executor.backward, request, grad_output, inputs)
         return ok_reply(reply), encode(grad_input, request.wire)
 
-    async def rpc_kept(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(KeptRequest, message)
+    async def rpc_kept(self, request: KeptRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         self.executor.check_target(request.stage, request.layers)
         if tensors:
             raise BadRequest(f"kept takes no tensors, got {len(tensors)}")
         tensor = await self._in_worker(self.executor.kept, request.request_id, request.grad)
         return ok_reply(KeptResponse(request_id=request.request_id)), encode(tensor, request.wire)
 
-    async def rpc_step(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(StepRequest, message)
+    async def rpc_step(self, request: StepRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         self.executor.check_target(request.stage, request.layers)
         if tensors:
             raise BadRequest(f"step takes no tensors, got {len(tensors)}")
@@ -130,9 +128,8 @@ class StageService:
             raise
         return ok_reply(reply), []
 
-    async def rpc_abort(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+    async def rpc_abort(self, request: AbortRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         """On the event loop, not the compute thread: that one is held by the round being given up."""
-        request = parse_request(AbortRequest, message)
         self.executor.check_target(request.stage, request.layers)
         if tensors:
             raise BadRequest(f"abort takes no tensors, got {len(tensors)}")
@@ -142,8 +139,7 @@ class StageService:
                         request.step)
         return ok_reply(AbortResponse(step=request.step, aborted=aborted)), []
 
-    async def rpc_info(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(InfoRequest, message)
+    async def rpc_info(self, request: InfoRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         executor = self.executor
         if request.stage is not None and request.stage != executor.stage:
             raise WrongStage(f"this service serves stage {executor.stage}, not stage {request.stage}")
@@ -158,8 +154,7 @@ class StageService:
         )
         return ok_reply(reply), []
 
-    async def rpc_state(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(StateRequest, message)
+    async def rpc_state(self, request: StateRequest, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         self.executor.check_target(request.stage, request.layers)
         self._refuse_if_behind()
         if tensors:

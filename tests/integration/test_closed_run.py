@@ -217,7 +217,7 @@ def test_a_key_holder_may_not_put_a_checkpoint_of_a_stage_it_does_not_serve_nor_
     nor parameters at 1e4 (the store then skipped honest uploads for good)."""
     store = StoreClient(run.swarm.peers[1]._replica_transport(), run.swarm.peers[1].dht.stores, attempts=1)
     owner = run.swarm.peers[0]
-    meta, tensors = run.swarm.loop.run(owner._in_compute(_capture, owner.slots[0].service.executor, owner._identity),
+    meta, tensors = run.swarm.loop.run(owner._in_compute(_capture, owner.slots[0].service.executor, owner.host.identity),
                                        timeout=60)
 
     def put(client: StoreClient, meta, tensors) -> dict:

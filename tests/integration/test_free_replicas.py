@@ -82,7 +82,7 @@ def test_replicas_stay_equal_across_joins_and_moves_under_free_placement(model_f
         spreads.append(_replica_spread(swarm.peers))
         old = newcomer.span
         other = Span(1 - old.start, 1) if old.count == 1 else Span(0, 1)
-        swarm.loop.run(newcomer.move_to(Move(old=old, new=other, bottleneck_before=1.0, bottleneck_after=1.0)),
+        swarm.loop.run(newcomer.rebalancer.move_to(Move(old=old, new=other, bottleneck_before=1.0, bottleneck_after=1.0)),
                        timeout=120)
         assert newcomer.span == other
         train(range(8, 12))
@@ -113,9 +113,7 @@ def test_a_stage_whose_last_replica_dies_is_refilled_from_an_over_replicated_one
         assert all(p.span == Span(0, 1) for p in movers), "a quiet swarm does not move"
 
         async def crash() -> None:  # no withdrawal, no goodbye: the peer's p2p and DHT just vanish
-            for task in (victim._refresh_task, victim._rebalance_task):
-                if task is not None:
-                    task.cancel()
+            await victim._tasks.close()  # its record refresh and rebalancing
             await victim._transport.close()
             await asyncio.to_thread(victim.dht.shutdown)
 

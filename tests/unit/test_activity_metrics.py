@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from peers.telemetry.activity import Activity, ObservedTransport, RequestDone, work_of
 from peers.telemetry.metrics import MetricsServer, NodeMetrics
 from peers.telemetry.monitor import GpuSample, HardwareSample
+from peers.training.protocol import BackwardRequest
 from net.transport import InMemoryTransport
+from core.types import LayerRange
 from core.errors import BadRequest, ConfigError
 
 
@@ -22,6 +24,8 @@ from core.errors import BadRequest, ConfigError
     ("info", {}, [], (None, 0, 0)),
     ("forward", "garbage", [(1, 3, 8)], (None, 1, 3)),
     ("forward", {"stage": 1}, [(7,)], (None, 0, 0)),
+    ("backward", BackwardRequest(stage=3, layers=LayerRange(start=0, end=1), request_id="r", num_samples=2),
+     [(2, 5, 8)], (3, 2, 10)),  # a push hands its own handler the parsed request
 ])
 def test_work_of(method, message, shapes, expected):
     assert work_of(method, message, [torch.zeros(s) for s in shapes]) == expected

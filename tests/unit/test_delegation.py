@@ -18,7 +18,7 @@ from delegation.service import DelegationService
 from delegation.sessions import DelegateSessions, TokenSet, tensor_digest
 from dht.schemas import PeerRecord, PeerState
 from peers.accounting.ledger import LedgerEntry, LedgerWriter, Work, delegated_tally, tally, verify_chain
-from peers.training.protocol import BACKWARD, FORWARD
+from peers.training.protocol import BACKWARD, FORWARD, BackwardRequest, ForwardRequest
 from net.transport import InMemoryTransport
 from core.types import LayerRange
 from core.errors import AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession
@@ -97,8 +97,11 @@ def test_a_session_serves_a_free_stage_and_hands_back_receipts_until_acknowledge
         assert first.state == SessionState.ACTIVE and first.record.delegate_of == "QmWeak"
         _, on_work = host.hosted[1]
         hidden = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
-        for kind, request in ((FORWARD, "r1"), (BACKWARD, "r1"), (FORWARD, "r2")):
-            await on_work(kind, {"stage": 1, "request_id": request}, [hidden], {"ok": {}}, [hidden * 2])
+        layers = LayerRange(start=2, end=4)
+        for kind, request in ((FORWARD, ForwardRequest(stage=1, layers=layers, request_id="r1")),
+                              (BACKWARD, BackwardRequest(stage=1, layers=layers, request_id="r1", num_samples=2)),
+                              (FORWARD, ForwardRequest(stage=1, layers=layers, request_id="r2"))):
+            await on_work(kind, request, [hidden], {"ok": {}}, [hidden * 2])
         polled = await client.poll(started.session_id, 0)
         assert [(r.seq, r.kind, r.request_id, r.tokens) for r in polled.receipts] == [
             (0, "forward", "r1", 6), (1, "backward", "r1", 6), (2, "forward", "r2", 6)]

@@ -97,8 +97,8 @@ class ReplicatedSwarm:
                                  sync=self.syncs[stage], averaging_timeout=1.0)
         service = StageService(executor, peer_id)
         await service.register(self.hub.bind(peer_id))
-        handlers = service.handlers()
-        push = PushService(peer_id, lambda method, message, tensors: handlers[method](message, tensors), self.hub,
+        handlers = service.parsed_handlers()
+        push = PushService(peer_id, lambda method, request, tensors: handlers[method](request, tensors), self.hub,
                            timeout=3.0, attempts=1)
         await push.register(self.hub.bind(peer_id))
         self.services[peer_id] = service

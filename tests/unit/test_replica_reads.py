@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from dht.schemas import PeerRecord, PeerState, TrainerRecord
-from peers.server import Peer
+from peers.hosting import StageHost
 from core.types import LayerRange
 
 ME, OTHER = "QmMe", "QmOther"
@@ -48,6 +48,6 @@ def test_an_empty_read_is_repeated_while_the_run_has_trained(misses, trainer_ste
 
     monkeypatch.setattr(asyncio, "sleep", no_wait)
     dht = _PartialDHT(misses, trainer_step)
-    peer = SimpleNamespace(dht=dht, peer_id=ME)
-    assert asyncio.run(Peer._online_replicas(peer, 0)) == found
+    host = SimpleNamespace(dht=dht, peer_id=ME)
+    assert asyncio.run(StageHost.online_replicas(host, 0)) == found
     assert dht.reads == reads
