@@ -8,10 +8,11 @@ median ratio, and the time of one hardware sample.
 
 from __future__ import annotations
 
+import harness  # noqa: F401  (before any project module: this checkout first on sys.path)
+
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -19,22 +20,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dht.schemas import OptimizerSettings  # noqa: E402
-from peers.activity import Activity, ObservedTransport  # noqa: E402
-from peers.client import StageClient  # noqa: E402
-from peers.contribution import ContributionRecorder  # noqa: E402
-from peers.executor import StageExecutor  # noqa: E402
-from peers.ledger import LedgerWriter  # noqa: E402
-from peers.metrics import NodeMetrics  # noqa: E402
-from peers.monitor import HardwareMonitor  # noqa: E402
-from peers.service import StageService  # noqa: E402
-from peers.transport import InMemoryTransport  # noqa: E402
-from shards.source import resolve_model  # noqa: E402
-from shards.stage import load_stage  # noqa: E402
-from shards.tiny import make_tiny_model  # noqa: E402
-from shards.types import LayerRange  # noqa: E402
+from dht.schemas import OptimizerSettings
+from peers.activity import Activity, ObservedTransport
+from peers.client import StageClient
+from peers.contribution import ContributionRecorder
+from peers.executor import StageExecutor
+from peers.ledger import LedgerWriter
+from peers.metrics import NodeMetrics
+from peers.monitor import HardwareMonitor
+from peers.service import StageService
+from peers.transport import InMemoryTransport
+from shards.source import resolve_model
+from shards.stage import load_stage
+from shards.tiny import make_tiny_model
+from shards.types import LayerRange
 
 
 async def _serve(hub: InMemoryTransport, name: str, module: torch.nn.Module, observed: bool, tmp: Path):
