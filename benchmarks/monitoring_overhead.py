@@ -38,7 +38,7 @@ from shards.types import LayerRange
 
 async def _serve(hub: InMemoryTransport, name: str, module: torch.nn.Module, observed: bool, tmp: Path):
     layers = LayerRange(start=0, end=2)
-    executor = StageExecutor(module, 0, layers, OptimizerSettings(), target_batch_size=1 << 30)
+    executor = StageExecutor(module, 0, layers, OptimizerSettings())  # steps only when asked: never here
     service = StageService(executor, name)
     transport = hub.bind(name)
     if observed:
@@ -60,7 +60,7 @@ async def _round(client: StageClient, peer: str, requests: int, batch: int, seq:
         x = torch.randn(batch, seq, hidden)
         inputs = (x, None, None)
         request_id = uuid.uuid4().hex  # fresh: a stage replays the reply of a backward id it has seen
-        out = await client.forward(peer, 0, layers, request_id, inputs, train=True, seed=i)
+        out, _ = await client.forward(peer, 0, layers, request_id, inputs, train=True, seed=i)
         await client.backward(peer, 0, layers, request_id, torch.ones_like(out), inputs, num_samples=batch, seed=i)
     return requests * 2 / (time.perf_counter() - started)
 
