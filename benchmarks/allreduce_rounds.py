@@ -13,6 +13,8 @@ the member's node is busy with streams (``--fork-while-serving``, as a peer that
 
 from __future__ import annotations
 
+import harness  # before any project module: this checkout first on sys.path
+
 import argparse
 import json
 import multiprocessing
@@ -25,8 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = [(256, 512), (512, 256), (52_000,), (21_216,), (131_072,)]  # 466,432 values
 
@@ -145,7 +145,7 @@ def main() -> None:
         return _member(args.member)
     busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
     [p.start() for p in busy]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(harness.ROOT))
     logdir = Path(args.logdir or tempfile.mkdtemp(prefix="allreduce_rounds"))
     logdir.mkdir(parents=True, exist_ok=True)
     logs = [open(logdir / f"member{i}.log", "w") for i in range(args.members)]

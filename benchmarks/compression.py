@@ -20,30 +20,27 @@ not the codec. ``--lr 1e-3`` shows it.
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path
+
 import asyncio
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState  # noqa: E402
-from peers.training.client import StageClient  # noqa: E402
-from peers.training.executor import StageExecutor  # noqa: E402
-from peers.training.protocol import BACKWARD, FORWARD  # noqa: E402
-from peers.training.service import StageService  # noqa: E402
-from net.transport import InMemoryTransport  # noqa: E402
-from net.wire import WIRE_FORMATS  # noqa: E402
-from shards import load_local_parts, load_stage, make_tiny_model, resolve_model, stage_boundaries  # noqa: E402
-from shards.local import causal_lm_loss  # noqa: E402
-from swarm.data import random_batches, stdlib_corpus  # noqa: E402
-from swarm.demo import DEMO_MODEL  # noqa: E402
-from trainer.pipeline import RemotePipeline  # noqa: E402
+from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
+from peers.training.client import StageClient
+from peers.training.executor import StageExecutor
+from peers.training.protocol import BACKWARD, FORWARD
+from peers.training.service import StageService
+from net.transport import InMemoryTransport
+from net.wire import WIRE_FORMATS
+from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
+from shards.local import causal_lm_loss
+from swarm.data import random_batches, stdlib_corpus
+from swarm.demo import DEMO_MODEL
+from trainer.pipeline import RemotePipeline
 
 
 def _swarm(model_dir: Path, wire: str, num_stages: int, batch: int, lr: float):
@@ -103,17 +100,16 @@ def _train(model_dir: Path, wire: str, args) -> tuple[list[float], float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    harness.add_batch_flags(parser, batch=8, seq=128)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--every", type=int, default=25, help="steps per point of the printed loss curve")
     parser.add_argument("--formats", nargs="+", default=list(WIRE_FORMATS), choices=WIRE_FORMATS)
     args = parser.parse_args()
     formats = ["float32"] + [f for f in args.formats if f != "float32"]
-    model_dir = make_tiny_model(Path(tempfile.mkdtemp(prefix="swarm-bench-")) / "model", **DEMO_MODEL)
+    _, model_dir = harness.workspace("swarm-bench-", **DEMO_MODEL)
     print(f"demo model: GPT-2 {DEMO_MODEL['num_layers']} layers x {DEMO_MODEL['hidden_size']}, {args.stages} stages, "
           f"batch {args.batch}x{args.seq}, {args.steps} steps, lr {args.lr}; torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -21,6 +21,8 @@ stopped on the way out.
 
 from __future__ import annotations
 
+import harness  # before any project module: this checkout first on sys.path
+
 import argparse
 import os
 import asyncio
@@ -28,7 +30,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
@@ -36,10 +37,7 @@ from pathlib import Path
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from swarm.procs import ProcessGroup
 
 RUN = "flood"
 _POLL = 0.5
@@ -52,21 +50,13 @@ def trainer(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     deadline = time.monotonic() + args.seconds
-    generator = torch.Generator().manual_seed(0)
     with open(args.out, "w") as out, SwarmModelForCausalLM.from_pretrained(
             initial_peers=[args.address], run_id=RUN, timeout=60.0, key=args.key) as model:
         optimizer = model.create_optimizer()
-        while time.monotonic() < deadline and not Path(args.stop).exists():
-            ids = torch.randint(0, 64, (args.batch, args.seq), generator=generator)
-            started = time.perf_counter()
-            try:
-                model(ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            except Exception as e:  # counted, survived: a failed step is a figure too
-                out.write(json.dumps({"end": time.monotonic(), "error": f"{type(e).__name__}: {e}"[:300]}) + "\n")
-            else:
-                out.write(json.dumps({"end": time.monotonic(), "took": time.perf_counter() - started}) + "\n")
+        batches = harness.random_ids(64, args.batch, args.seq)
+        for step in harness.timed_steps(model, optimizer, batches,
+                                        lambda: time.monotonic() < deadline and not Path(args.stop).exists()):
+            out.write(json.dumps(step) + "\n")
             out.flush()
 
 
@@ -143,24 +133,6 @@ async def _continuous(call, width: int, deadline: float, outcomes: dict[str, int
     return ended
 
 
-def _tree_rss(pid: int) -> int:
-    try:
-        root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-    except psutil.Error:
-        return 0
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process and its children so far (children that exited are
-    not counted: read it while they run)."""
-    try:
-        root = psutil.Process(pid)
-        return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
-    except psutil.Error:
-        return 0.0
-
-
 def _steps(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -172,10 +144,9 @@ def _start_keyed_swarm(procs: ProcessGroup, root: Path, model_dir: Path, args: a
     from bootstrap.state import StateDB
 
     state = root / "state"
-    boot = procs.start("bootstrap", ["bootstrap", "--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
+    address = procs.start_bootstrap(["--model", str(model_dir), "--num-stages", "2", "--host", "127.0.0.1",
                                      "--port", "0", "--state-dir", str(state), "--run", RUN, "--dashboard-port", "0",
                                      "--target-batch-size", str(args.batch), "--lr", "1e-4"])
-    address = procs.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
     db = StateDB(state / RUN / "state.db")
     try:
         key = db.create_key("flood benchmark", actor="benchmark").secret
@@ -190,12 +161,12 @@ def _start_keyed_swarm(procs: ProcessGroup, root: Path, model_dir: Path, args: a
 def _wait(until, deadline: float, samples: list[tuple[float, int]], pid: int) -> None:
     """Sample ``pid``'s RSS every ``_POLL`` s until ``until()`` or the deadline."""
     while not until() and time.monotonic() < deadline:
-        samples.append((time.monotonic(), _tree_rss(pid)))
+        samples.append((time.monotonic(), harness.tree_rss(pid)))
         time.sleep(_POLL)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--steps", type=int, default=30, help="trainer steps before and after the flood")
     parser.add_argument("--min-seconds", type=float, default=20.0, help="and at least this long before and after")
     parser.add_argument("--warmup", type=int, default=3, help="trainer steps left out before the first phase")
@@ -205,8 +176,7 @@ def main() -> None:
     parser.add_argument("--continuous", action="store_true",
                         help="no rounds: --calls calls always in flight, each replaced the moment it ends "
                              "(an attacker that does not wait for its slowest call)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=32)
+    harness.add_batch_flags(parser, batch=4, seq=32)
     parser.add_argument("--isolate", action="store_true",
                         help="the flooder (and its DHT process and p2pd) on the last core, the swarm on the others: "
                              "on one small machine the attacker's own CPU would otherwise slow the swarm")
@@ -225,12 +195,10 @@ def main() -> None:
     if args.isolate:  # the swarm keeps the other cores, so the flood's own CPU is not the swarm's
         os.sched_setaffinity(0, set(range(os.cpu_count() - 1)))
 
-    root = Path(tempfile.mkdtemp(prefix="swarm-flood-"))
-    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=2, hidden_size=64, num_heads=2)
+    root, model_dir = harness.workspace("swarm-flood-", "gpt2", num_layers=2, hidden_size=64, num_heads=2)
     print(f"keyed run, 2 peers x 1 stage (GPT-2 2 layers x 64), batch {args.batch}x{args.seq}; flood: rounds of "
           f"{args.calls} x {args.mib} MiB unauthenticated calls to peer1 for {args.flood_seconds:g} s; logs in {root}",
           flush=True)
-    procs = ProcessGroup(root)
     children: list[subprocess.Popen] = []
     steps_file, stop = root / "steps.jsonl", root / "stop"
     samples: list[tuple[float, int]] = []
@@ -238,53 +206,49 @@ def main() -> None:
     peer_cpu: dict[str, float] = {}
     flood_cpu: list[float] = []
     flood_result = ""
-    try:
-        address, key = _start_keyed_swarm(procs, root, model_dir, args)
-        target, pid = procs.peer_id("peer1"), dict(procs.procs)["peer1"].pid
-        budget = 600 + 60 * args.steps + args.flood_seconds  # the trainer's own bound
-        children.append(subprocess.Popen(
-            [sys.executable, __file__, "--trainer", "--address", address, "--key", key, "--seconds", str(budget),
-             "--out", str(steps_file), "--stop", str(stop), "--batch", str(args.batch), "--seq", str(args.seq)],
-            stdout=open(root / "trainer.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + budget
+    with harness.processes(root) as procs:
+        try:
+            address, key = _start_keyed_swarm(procs, root, model_dir, args)
+            target, pid = procs.peer_id("peer1"), dict(procs.procs)["peer1"].pid
+            budget = 600 + 60 * args.steps + args.flood_seconds  # the trainer's own bound
+            children.append(subprocess.Popen(
+                [sys.executable, __file__, "--trainer", "--address", address, "--key", key, "--seconds", str(budget),
+                 "--out", str(steps_file), "--stop", str(stop), "--batch", str(args.batch), "--seq", str(args.seq)],
+                stdout=open(root / "trainer.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.monotonic() + budget
 
-        def done(count: int, seconds: float = 0.0):
-            until = time.monotonic() + seconds
-            return lambda: (len(_steps(steps_file)) >= count and time.monotonic() >= until
-                            or children[0].poll() is not None)
+            def done(count: int, seconds: float = 0.0):
+                until = time.monotonic() + seconds
+                return lambda: (len(_steps(steps_file)) >= count and time.monotonic() >= until
+                                or children[0].poll() is not None)
 
-        _wait(done(args.warmup), deadline, [], pid)
-        marks["before"] = time.monotonic()
-        peer_cpu["before"] = _tree_cpu(pid)
-        _wait(done(len(_steps(steps_file)) + args.steps, args.min_seconds), deadline, samples, pid)
-        marks["during"] = time.monotonic()
-        flood = subprocess.Popen(
-            [sys.executable, __file__, "--flooder", "--address", address, "--target", target, "--seconds",
-             str(args.flood_seconds), "--calls", str(args.calls), "--mib", str(args.mib)]
-            + (["--isolate"] if args.isolate else []) + (["--continuous"] if args.continuous else []),
-            stdout=subprocess.PIPE, stderr=open(root / "flooder.log", "w"), text=True, start_new_session=True)
-        children.append(flood)
-        flood_deadline = min(deadline, time.monotonic() + args.flood_seconds + 180)
-        flood_cpu = [_tree_cpu(flood.pid)]
-        peer_cpu["during"] = _tree_cpu(pid)
-        _wait(lambda: flood.poll() is not None or time.monotonic() >= marks["during"] + args.flood_seconds,
-              flood_deadline, samples, pid)
-        flood_cpu.append(_tree_cpu(flood.pid))  # just before the flooder ends: its children still count
-        peer_cpu["flooded"], marks["flooded"] = _tree_cpu(pid), time.monotonic()
-        _wait(lambda: flood.poll() is not None, flood_deadline, samples, pid)
-        flood_result = flood.stdout.read().strip() if flood.poll() is not None else "(killed: past its bound)"
-        marks["after"] = time.monotonic()
-        _wait(done(len(_steps(steps_file)) + args.steps, args.min_seconds), deadline, samples, pid)
-        marks["end"] = time.monotonic()
-    finally:
-        stop.touch()
-        for child in children:
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        procs.stop_all()
+            _wait(done(args.warmup), deadline, [], pid)
+            marks["before"] = time.monotonic()
+            peer_cpu["before"] = harness.tree_cpu(pid)
+            _wait(done(len(_steps(steps_file)) + args.steps, args.min_seconds), deadline, samples, pid)
+            marks["during"] = time.monotonic()
+            flood = subprocess.Popen(
+                [sys.executable, __file__, "--flooder", "--address", address, "--target", target, "--seconds",
+                 str(args.flood_seconds), "--calls", str(args.calls), "--mib", str(args.mib)]
+                + (["--isolate"] if args.isolate else []) + (["--continuous"] if args.continuous else []),
+                stdout=subprocess.PIPE, stderr=open(root / "flooder.log", "w"), text=True, start_new_session=True)
+            children.append(flood)
+            flood_deadline = min(deadline, time.monotonic() + args.flood_seconds + 180)
+            flood_cpu = [harness.tree_cpu(flood.pid)]
+            peer_cpu["during"] = harness.tree_cpu(pid)
+            _wait(lambda: flood.poll() is not None or time.monotonic() >= marks["during"] + args.flood_seconds,
+                  flood_deadline, samples, pid)
+            flood_cpu.append(harness.tree_cpu(flood.pid))  # just before the flooder ends: its children still count
+            peer_cpu["flooded"], marks["flooded"] = harness.tree_cpu(pid), time.monotonic()
+            _wait(lambda: flood.poll() is not None, flood_deadline, samples, pid)
+            flood_result = flood.stdout.read().strip() if flood.poll() is not None else "(killed: past its bound)"
+            marks["after"] = time.monotonic()
+            _wait(done(len(_steps(steps_file)) + args.steps, args.min_seconds), deadline, samples, pid)
+            marks["end"] = time.monotonic()
+        finally:
+            stop.touch()
+            for child in children:
+                harness.wait_or_kill(child, 60)
     _report(_steps(steps_file), samples, marks, flood_result)
     if len(flood_cpu) == 2 and "flooded" in marks:
         cores = lambda cpu, a, b: cpu / max(marks[b] - marks[a], 1e-9)  # noqa: E731

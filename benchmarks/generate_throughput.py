@@ -14,22 +14,16 @@ are reported. Every process (local, client, each peer) uses ``--threads`` torch 
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path
+
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from trainer.model import SwarmModelForCausalLM  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from trainer.model import SwarmModelForCausalLM
 
 
 class _Clock:
@@ -56,7 +50,7 @@ def _measure(generate: Callable[[_Clock], torch.Tensor], batch: int, new_tokens:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -67,9 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    root = Path(tempfile.mkdtemp(prefix="swarm-bench-generate-"))
-    model_dir = make_tiny_model(root / "model", "llama", num_layers=args.layers, hidden_size=args.hidden,
-                                num_heads=args.hidden // 64, max_positions=args.prompt + args.new_tokens + 8)
+    root, model_dir = harness.workspace("swarm-bench-generate-", "llama", num_layers=args.layers,
+                                        hidden_size=args.hidden, num_heads=args.hidden // 64,
+                                        max_positions=args.prompt + args.new_tokens + 8)
     prompts = torch.randint(0, 256, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     print(f"model: Llama-style, {args.layers} layers, width {args.hidden}; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens (greedy); {args.rounds} interleaved rounds after a warm-up; "
@@ -81,12 +75,8 @@ def main() -> None:
         return local_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
                                     min_new_tokens=args.new_tokens, do_sample=False, streamer=clock)
 
-    procs = ProcessGroup(root)
     results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
-    try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
-                                    threads=args.threads)
-        procs.wait_serving(2)
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, threads=args.threads) as (_, address):
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as remote:
 
             def swarm(clock: _Clock) -> torch.Tensor:
@@ -101,8 +91,6 @@ def main() -> None:
                 (lt, ld), (st, sd) = results["local"][-1], results["swarm"][-1]
                 print(f"round {round_ + 1}: local TTFT {lt * 1000:6.0f} ms, {ld:7.1f} tok/s | swarm TTFT "
                       f"{st * 1000:6.0f} ms, {sd:7.1f} tok/s | decode ratio {sd / ld:.2f}")
-    finally:
-        procs.stop_all()
 
     ttft = {name: statistics.median(r[0] for r in rows) for name, rows in results.items()}
     decode = {name: statistics.median(r[1] for r in rows) for name, rows in results.items()}

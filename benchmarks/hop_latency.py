@@ -22,6 +22,8 @@ Target: stage forward (minus compute) <= 1.3x the TCP echo.
 
 from __future__ import annotations
 
+import harness  # before any project module: this checkout first on sys.path
+
 import argparse
 import asyncio
 import json
@@ -29,25 +31,20 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
 import torch
 import uvloop
+from hivemind.p2p import P2P, PeerID
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hivemind.p2p import P2P, PeerID  # noqa: E402
-
-from peers.training.client import StageClient  # noqa: E402
-from peers.joining.measure import serve_echo  # noqa: E402
-from peers.training.protocol import ECHO, EchoRequest  # noqa: E402
-from net.transport import P2PTransport  # noqa: E402
-from net.wire import WIRE_FORMATS  # noqa: E402
-from core.errors import PeerUnavailable  # noqa: E402
+from peers.training.client import StageClient
+from peers.joining.measure import serve_echo
+from peers.training.protocol import ECHO, EchoRequest
+from net.transport import P2PTransport
+from net.wire import WIRE_FORMATS
+from core.errors import PeerUnavailable
 
 BATCH, SEQ, HIDDEN = 4, 128, 1024  # 2 MiB of float32
 T = TypeVar("T")
@@ -178,7 +175,7 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process: its model dir
@@ -186,11 +183,9 @@ def main() -> None:
     if args.serve:
         uvloop.run(_server(args.serve))
         return
-    from shards.tiny import make_tiny_model
-
     torch.set_num_threads(1)
-    model_dir = make_tiny_model(Path(tempfile.mkdtemp(prefix="swarm-bench-")) / "model", "gpt2", num_layers=1,
-                                hidden_size=HIDDEN, num_heads=HIDDEN // 64, max_positions=SEQ)
+    _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=HIDDEN, num_heads=HIDDEN // 64,
+                                     max_positions=SEQ)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -198,11 +193,7 @@ def main() -> None:
         times = uvloop.run(_client(info, args))
     finally:
         server.stdin.close()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        harness.wait_or_kill(server, 20)
     tcp = statistics.median(times["tcp echo"])
     print(f"activation [{BATCH}, {SEQ}, {HIDDEN}] float32 = {BATCH * SEQ * HIDDEN * 4 / 2**20:.1f} MiB each way, "
           f"stage wire {args.wire}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")

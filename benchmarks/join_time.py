@@ -17,20 +17,17 @@ Target: <= 3 s on loopback (Petals 2.2 here: 4.5-8.1 s).
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path
+
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from swarm.procs import ProcessGroup
 
 
 def _join(procs: ProcessGroup, address: str, state_dir: Path, index: int) -> float:
@@ -61,24 +58,20 @@ def _bare_imports(statement: str = "import torch, transformers, hivemind") -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--joins", type=int, default=3)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
-    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=4, hidden_size=128, num_heads=4, vocab_size=256)
-    procs = ProcessGroup(root)
+    root, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=4, hidden_size=128, num_heads=4,
+                                        vocab_size=256)
     joins, imports, floors = [], [], []
-    try:
-        boot = procs.start("bootstrap", ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "1",
-                                         "--host", "127.0.0.1", "--port", "0", "--state-dir", str(root / "boot")])
-        address = procs.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
+    with harness.processes(root) as procs:
+        address = procs.start_bootstrap(["--open", "--model", str(model_dir), "--num-stages", "1", "--host",
+                                         "127.0.0.1", "--port", "0", "--state-dir", str(root / "boot")])
         first = _join(procs, address, root / "peer", 0)
         for i in range(args.joins):
             imports.append(_bare_imports())
             floors.append(_bare_imports(FLOOR_IMPORTS))
             joins.append(_join(procs, address, root / "peer", i + 1))
-    finally:
-        procs.stop_all()
     print(f"first join (measures throughput): {first:.2f} s; load average {os.getloadavg()[0]:.1f}")
     print(f"joins with the cached measurement: {', '.join(f'{s:.2f}' for s in joins)} s -> "
           f"median {statistics.median(joins):.2f} s (target <= 3 s)")

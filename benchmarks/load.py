@@ -15,22 +15,17 @@ parts with each other (a logged warning; each then steps its own).
 
 from __future__ import annotations
 
+import harness  # before any project module: this checkout first on sys.path
+
 import argparse
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -40,31 +35,16 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     deadline = time.monotonic() + args.seconds
     result: dict = {"steps": [], "errors": [], "losses": []}
-    generator = torch.Generator().manual_seed(args.seed)
     with SwarmModelForCausalLM.from_pretrained(initial_peers=[args.address], timeout=60.0) as model:
         optimizer = model.create_optimizer()  # sums the local parts with the other trainers
-        while time.monotonic() < deadline:
-            ids = torch.randint(0, 64, (args.batch, args.seq), generator=generator)
-            started = time.perf_counter()
-            try:
-                loss = model(ids, labels=ids).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            except Exception as e:  # counted: the benchmark's error figure
-                result["errors"].append(f"{type(e).__name__}: {e}"[:300])
+        batches = harness.random_ids(64, args.batch, args.seq, seed=args.seed)
+        for step in harness.timed_steps(model, optimizer, batches, lambda: time.monotonic() < deadline):
+            if "error" in step:  # counted: the benchmark's error figure
+                result["errors"].append(step["error"])
                 continue
-            result["steps"].append([time.monotonic(), time.perf_counter() - started])
-            result["losses"].append(loss.item())
+            result["steps"].append([step["end"], step["took"]])
+            result["losses"].append(step["loss"])
     Path(args.out).write_text(json.dumps(result))
-
-
-def _tree_rss(pid: int) -> int:
-    try:
-        root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-    except psutil.Error:
-        return 0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -73,11 +53,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--trainers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=32)
+    harness.add_batch_flags(parser, batch=2, seq=32)
     parser.add_argument("--warmup", type=float, default=0.25, help="fraction of the run before RSS is measured")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -88,37 +67,33 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    root = Path(tempfile.mkdtemp(prefix="swarm-load-"))
-    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=3, hidden_size=64, num_heads=2)
+    root, model_dir = harness.workspace("swarm-load-", "gpt2", num_layers=3, hidden_size=64, num_heads=2)
     seconds = args.minutes * 60
     print(f"3 peers x 1 stage (GPT-2 3 layers x 64), {args.trainers} trainers, batch {args.batch}x{args.seq}, "
           f"{args.minutes:g} min, logs in {root}", flush=True)
-    procs = ProcessGroup(root)
     trainers: list[subprocess.Popen] = []
     samples: dict[str, list[tuple[float, int]]] = {}
-    try:
-        address = procs.start_swarm(model_dir, num_stages=3, num_peers=3, state_dir=root / "state",
-                                    target_batch_size=args.batch * args.trainers, lr=1e-4)
-        procs.wait_serving(3)
+    with harness.local_swarm(root, model_dir, num_stages=3, num_peers=3, target_batch_size=args.batch * args.trainers,
+                             lr=1e-4) as (procs, address):
         peers = {name: proc.pid for name, proc in procs.procs if name.startswith("peer")}
         started = time.monotonic()
-        for i in range(args.trainers):
-            trainers.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", "--address", address, "--seconds", str(seconds),
-                 "--seed", str(i), "--out", str(root / f"trainer{i}.json"), "--batch", str(args.batch),
-                 "--seq", str(args.seq)],
-                stdout=open(root / f"trainer{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = started + seconds + 240  # start-up of every trainer and its last step: bounded
-        while any(t.poll() is None for t in trainers) and time.monotonic() < deadline:
-            for name, pid in peers.items():
-                samples.setdefault(name, []).append((time.monotonic() - started, _tree_rss(pid)))
-            time.sleep(10)
-    finally:
-        for t in trainers:
-            if t.poll() is None:
-                t.kill()
-                t.wait()
-        procs.stop_all()
+        try:
+            for i in range(args.trainers):
+                trainers.append(subprocess.Popen(
+                    [sys.executable, __file__, "--worker", "--address", address, "--seconds", str(seconds),
+                     "--seed", str(i), "--out", str(root / f"trainer{i}.json"), "--batch", str(args.batch),
+                     "--seq", str(args.seq)],
+                    stdout=open(root / f"trainer{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = started + seconds + 240  # start-up of every trainer and its last step: bounded
+            while any(t.poll() is None for t in trainers) and time.monotonic() < deadline:
+                for name, pid in peers.items():
+                    samples.setdefault(name, []).append((time.monotonic() - started, harness.tree_rss(pid)))
+                time.sleep(10)
+        finally:
+            for t in trainers:
+                if t.poll() is None:
+                    t.kill()
+                    t.wait()
     _report(root, args, samples)
 
 

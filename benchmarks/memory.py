@@ -16,11 +16,11 @@ for the same 4 layers).
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path
+
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,30 +28,10 @@ from pathlib import Path
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from swarm.data import random_batches, stdlib_corpus  # noqa: E402
-from trainer.model import SwarmModelForCausalLM  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from swarm.data import random_batches, stdlib_corpus
+from trainer.model import SwarmModelForCausalLM
 
 MiB = 2**20
-
-
-def tree_memory(pid: int, parts: list[str] | None = None) -> tuple[int, int, int]:
-    """(PSS, RSS, number of processes) summed over ``pid`` and all its descendants; ``parts`` gets a
-    line per process."""
-    root = psutil.Process(pid)
-    pss = rss = count = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            info, name = proc.memory_full_info(), " ".join(proc.cmdline()[:3])[-60:]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        pss, rss, count = pss + info.pss, rss + info.rss, count + 1
-        if parts is not None:
-            parts.append(f"    pid {proc.pid:>7}  PSS {info.pss / MiB:7.1f} MiB  RSS {info.rss / MiB:7.1f} MiB  {name}")
-    return pss, rss, count
 
 
 class _Sampler(threading.Thread):
@@ -64,7 +44,7 @@ class _Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, tree_memory(self.pid))
+            self.peak = max(self.peak, harness.tree_memory(self.pid))
             self._stop_event.wait(self.period)
 
     def stop(self) -> None:
@@ -99,27 +79,22 @@ def _stage_bytes(model_dir: Path, layers: range) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    harness.add_batch_flags(parser, batch=8, seq=128)
     parser.add_argument("--idle-wait", type=float, default=5.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    root = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
-    model_dir = make_tiny_model(root / "model", "llama", num_layers=8, hidden_size=512, num_heads=8,
-                                vocab_size=32000, max_positions=max(args.seq, 128))
+    root, model_dir = harness.workspace("swarm-bench-", "llama", num_layers=8, hidden_size=512, num_heads=8,
+                                        vocab_size=32000, max_positions=max(args.seq, 128))
     weights = _stage_bytes(model_dir, range(0, 4))
-    procs = ProcessGroup(root)
-    try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
-                                    target_batch_size=args.batch)
-        procs.wait_serving(2)
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2,
+                             target_batch_size=args.batch) as (procs, address):
         stage0 = next(proc for name, proc in procs.procs
                       if name.startswith("peer") and "stage 0" in (root / f"{name}.log").read_text())
         time.sleep(args.idle_wait)
         parts: list[str] = []
-        idle = tree_memory(stage0.pid, parts)
+        idle = harness.tree_memory(stage0.pid, parts)
         p2pd = sum(proc.memory_full_info().pss for proc in psutil.Process(stage0.pid).children(recursive=True)
                    if proc.name() == "p2pd")
         floor = interpreter_floor()
@@ -129,14 +104,9 @@ def main() -> None:
             optimizer = model.create_optimizer()
             batches = random_batches(stdlib_corpus(), args.batch, args.seq, seed=0)
             for _ in range(args.steps):
-                ids = next(batches) % 256
-                model(ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
+                harness.train_step(model, optimizer, next(batches) % 256)
         sampler.stop()
         peak = sampler.peak
-    finally:
-        procs.stop_all()
     print(f"peer serving stage 0 = layers 0-3 of Llama-style 8 x 512 (vocab 32000); load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"stage state: weights {weights / MiB:.1f} MiB -> weights + gradients + AdamW moments "

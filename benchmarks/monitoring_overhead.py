@@ -8,10 +8,11 @@ median ratio, and the time of one hardware sample.
 
 from __future__ import annotations
 
+import harness  # noqa: F401  (before any project module: this checkout first on sys.path)
+
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -19,27 +20,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dht.schemas import OptimizerSettings  # noqa: E402
-from peers.telemetry.activity import Activity, ObservedTransport  # noqa: E402
-from peers.training.client import StageClient  # noqa: E402
-from peers.accounting.contribution import ContributionRecorder  # noqa: E402
-from peers.training.executor import StageExecutor  # noqa: E402
-from peers.accounting.ledger import LedgerWriter  # noqa: E402
-from peers.telemetry.metrics import NodeMetrics  # noqa: E402
-from peers.telemetry.monitor import HardwareMonitor  # noqa: E402
-from peers.training.service import StageService  # noqa: E402
-from net.transport import InMemoryTransport  # noqa: E402
-from shards.source import resolve_model  # noqa: E402
-from shards.stage import load_stage  # noqa: E402
-from shards.tiny import make_tiny_model  # noqa: E402
-from core.types import LayerRange  # noqa: E402
+from dht.schemas import OptimizerSettings
+from peers.telemetry.activity import Activity, ObservedTransport
+from peers.training.client import StageClient
+from peers.accounting.contribution import ContributionRecorder
+from peers.training.executor import StageExecutor
+from peers.accounting.ledger import LedgerWriter
+from peers.telemetry.metrics import NodeMetrics
+from peers.telemetry.monitor import HardwareMonitor
+from peers.training.service import StageService
+from net.transport import InMemoryTransport
+from shards.source import resolve_model
+from shards.stage import load_stage
+from shards.tiny import make_tiny_model
+from core.types import LayerRange
 
 
 async def _serve(hub: InMemoryTransport, name: str, module: torch.nn.Module, observed: bool, tmp: Path):
     layers = LayerRange(start=0, end=2)
-    executor = StageExecutor(module, 0, layers, OptimizerSettings(), target_batch_size=1 << 30)
+    executor = StageExecutor(module, 0, layers, OptimizerSettings())  # steps only when asked: never here
     service = StageService(executor, name)
     transport = hub.bind(name)
     if observed:
@@ -61,7 +60,7 @@ async def _round(client: StageClient, peer: str, requests: int, batch: int, seq:
         x = torch.randn(batch, seq, hidden)
         inputs = (x, None, None)
         request_id = uuid.uuid4().hex  # fresh: a stage replays the reply of a backward id it has seen
-        out = await client.forward(peer, 0, layers, request_id, inputs, train=True, seed=i)
+        out, _ = await client.forward(peer, 0, layers, request_id, inputs, train=True, seed=i)
         await client.backward(peer, 0, layers, request_id, torch.ones_like(out), inputs, num_samples=batch, seed=i)
     return requests * 2 / (time.perf_counter() - started)
 

@@ -37,6 +37,8 @@ a stage trains once its averaging is paid), the figure training sees.
 
 from __future__ import annotations
 
+import harness  # noqa: F401  (before any project module: this checkout first on sys.path)
+
 import argparse
 import functools
 import heapq
@@ -45,14 +47,11 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.errors import InsufficientMemory  # noqa: E402
-from shards.placement import (  # noqa: E402
+from core.errors import InsufficientMemory
+from shards.placement import (
     PlacedPeer,
     ReplicaCost,
     Span,

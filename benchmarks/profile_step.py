@@ -12,14 +12,14 @@ profile an older checkout: ``--root /path/to/checkout``.
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path (``--root`` goes before it)
+
 import collections
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,44 +37,34 @@ def _own_time(raw: Path, top: int) -> list[tuple[float, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
+    parser = harness.parser(__doc__)
+    harness.add_batch_flags(parser, batch=32, seq=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
+    parser.add_argument("--root", type=Path, default=harness.ROOT,
                         help="the checkout to profile (default: this one)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.root))
     import torch
     from pyinstrument import Profiler
 
-    from shards.tiny import make_tiny_model
     from swarm.data import random_batches, stdlib_corpus
     from trainer.model import SwarmModelForCausalLM
-    from swarm.procs import ProcessGroup
 
     torch.set_num_threads(args.threads)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    root = Path(tempfile.mkdtemp(prefix="swarm-profile-"))
-    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=8, hidden_size=256, num_heads=4,
-                                max_positions=max(args.seq, 128))
-    procs = ProcessGroup(root)
-    try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=2, state_dir=root / "state",
-                                    target_batch_size=args.batch, threads=max(1, args.threads // 2))
-        procs.wait_serving(2)
+    root, model_dir = harness.workspace("swarm-profile-", "gpt2", num_layers=8, hidden_size=256, num_heads=4,
+                                        max_positions=max(args.seq, 128))
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, target_batch_size=args.batch,
+                             threads=max(1, args.threads // 2)) as (procs, address):
         peer = dict(procs.procs)["peer1"]
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as model:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             batches = random_batches(stdlib_corpus(), args.batch, args.seq, seed=0)
 
             def step() -> None:
-                ids = next(batches)
-                model(ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
+                harness.train_step(model, optimizer, next(batches))
 
             step()
             sampler = subprocess.Popen([pyspy, "record", "--pid", str(peer.pid), "--format", "raw", "--rate", "200",
@@ -89,8 +79,6 @@ def main() -> None:
             seconds = (time.perf_counter() - started) / args.steps
             sampler.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl+C
             sampler.wait(timeout=30)
-    finally:
-        procs.stop_all()
     print(f"checkout {args.root}; batch {args.batch}x{args.seq}; {seconds * 1000:.0f} ms/step over {args.steps} steps; "
           f"load average {os.getloadavg()[0]:.1f}")
     print("peer (stage 0), own time by function, share of py-spy samples of busy threads:")

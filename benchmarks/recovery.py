@@ -12,37 +12,32 @@
 
 from __future__ import annotations
 
+import harness  # before any project module: this checkout first on sys.path
+
 import argparse
 import signal
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dht.schemas import OptimizerSettings  # noqa: E402
-from peers.training.executor import StageExecutor  # noqa: E402
-from peers.training.protocol import StepRequest  # noqa: E402
-from shards import load_stage, resolve_model, stage_boundaries  # noqa: E402
-from shards.tiny import make_tiny_model  # noqa: E402
-from swarm.demo import DEMO_MODEL  # noqa: E402
-from trainer.model import SwarmModelForCausalLM  # noqa: E402
-from trainer.pipeline import FaultPolicy  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from dht.schemas import OptimizerSettings
+from peers.training.executor import StageExecutor
+from peers.training.protocol import StepRequest
+from shards import load_stage, resolve_model, stage_boundaries
+from swarm.demo import DEMO_MODEL
+from trainer.model import SwarmModelForCausalLM
+from trainer.pipeline import FaultPolicy
+from swarm.procs import ProcessGroup
 
 BATCH, SEQ = 8, 128
 
 
 def _step(model, optimizer, ids) -> float:
     started = time.perf_counter()
-    model(ids, labels=ids).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    harness.train_step(model, optimizer, ids)
     return time.perf_counter() - started
 
 
@@ -90,17 +85,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="normal steps per median")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    root = Path(tempfile.mkdtemp(prefix="swarm-recovery-"))
-    model_dir = make_tiny_model(root / "model", **DEMO_MODEL)
-    procs = ProcessGroup(root)
-    try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=4, state_dir=root / "state")
-        procs.wait_serving(4)
+    root, model_dir = harness.workspace("swarm-recovery-", **DEMO_MODEL)
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=4) as (procs, address):
         policy = FaultPolicy(averaging_window=0.3)
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], policy=policy) as model:
             optimizer = model.create_optimizer()
-            generator = torch.Generator().manual_seed(0)
-            batches = iter(lambda: torch.randint(0, 256, (BATCH, SEQ), generator=generator), None)
+            batches = harness.random_ids(256, BATCH, SEQ)
             _median_step(model, optimizer, batches, 3)  # warm up
             normal = _median_step(model, optimizer, batches, args.steps)
 
@@ -117,8 +107,6 @@ def main() -> None:
             timer.join()
             lone = _median_step(model, optimizer, batches, args.steps)  # one replica per stage left
             failovers = model.pipeline.failovers
-    finally:
-        procs.stop_all()
     ours, adamw = _lone_replica_vs_adamw(model_dir)
     print(f"model: GPT-2 {DEMO_MODEL['num_layers']} layers x {DEMO_MODEL['hidden_size']}, batch {BATCH}x{SEQ}, "
           f"2 stages; averaging window {policy.averaging_window} s")

@@ -9,23 +9,19 @@ lost steps (target 0), the run's step on the stages, and the loss at the start a
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path
+
 import random
 import signal
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from trainer.model import SwarmModelForCausalLM  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from trainer.model import SwarmModelForCausalLM
+from swarm.procs import ProcessGroup
 
 
 class _Churn(threading.Thread):
@@ -61,49 +57,41 @@ class _Churn(threading.Thread):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--churn-every", type=float, default=120.0)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=32)
+    harness.add_batch_flags(parser, batch=4, seq=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    root = Path(tempfile.mkdtemp(prefix="swarm-soak-"))
-    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=4, hidden_size=64, num_heads=2)
+    root, model_dir = harness.workspace("swarm-soak-", "gpt2", num_layers=4, hidden_size=64, num_heads=2)
     print(f"2 stages x 2 replicas (GPT-2 4 layers x 64), batch {args.batch}x{args.seq}, {args.minutes:g} min, "
           f"a peer killed and replaced every {args.churn_every:g} s; logs in {root}", flush=True)
-    procs = ProcessGroup(root)
     completed, lost, losses, errors = 0, 0, [], []
     churn = None
-    try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=4, state_dir=root / "state",
-                                    target_batch_size=args.batch, lr=1e-3)
-        procs.wait_serving(4)
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=4, target_batch_size=args.batch,
+                             lr=1e-3) as (procs, address):
         deadline = time.monotonic() + args.minutes * 60
-        generator = torch.Generator().manual_seed(0)
-        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], timeout=60.0) as model:
-            optimizer = model.create_optimizer()
-            churn = _Churn(procs, address, root / "state", args.churn_every, deadline)
-            churn.start()
-            while time.monotonic() < deadline:
-                ids = torch.randint(0, 8, (args.batch, args.seq), generator=generator)
-                try:
-                    loss = model.train_step(ids)  # as swarm train does
-                    optimizer.step()
-                    optimizer.zero_grad()
-                except Exception as e:  # a lost step: the figure this benchmark exists for
-                    lost += 1
-                    errors.append(f"{type(e).__name__}: {e}"[:200])
-                    optimizer.zero_grad()
-                    continue
-                completed += 1
-                losses.append(loss.item())
-            run_step = model.pipeline.step
-    finally:
-        if churn is not None:
-            churn.stop()
-        procs.stop_all()
+        batches = harness.random_ids(8, args.batch, args.seq)
+        try:
+            with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], timeout=60.0) as model:
+                optimizer = model.create_optimizer()
+                churn = _Churn(procs, address, root / "state", args.churn_every, deadline)
+                churn.start()
+                while time.monotonic() < deadline:
+                    try:
+                        loss = harness.train_step(model, optimizer, next(batches), overlapped=True)  # as swarm train
+                    except Exception as e:  # a lost step: the figure this benchmark exists for
+                        lost += 1
+                        errors.append(f"{type(e).__name__}: {e}"[:200])
+                        optimizer.zero_grad()
+                        continue
+                    completed += 1
+                    losses.append(loss.item())
+                run_step = model.pipeline.step
+        finally:
+            if churn is not None:
+                churn.stop()
     print(f"completed steps: {completed}, lost steps: {lost}, run step on the stages: {run_step}")
     print(f"churn events: {len(churn.events) if churn else 0}")
     for error in errors[:5]:

@@ -8,23 +8,22 @@ real hivemind P2P (what a joining replica waits for). Prints each figure and the
 
 from __future__ import annotations
 
+import harness  # noqa: F401  (before any project module: this checkout first on sys.path)
+
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dht.records import SwarmDHT  # noqa: E402
-from peers.state.checkpoint_files import CheckpointDir  # noqa: E402
-from peers.training.client import StageClient  # noqa: E402
-from net.transport import P2PTransport  # noqa: E402
-from shards.tiny import make_tiny_model  # noqa: E402
-from tests.helpers import LocalSwarm  # noqa: E402
+from dht.records import SwarmDHT
+from peers.state.checkpoint_files import CheckpointDir
+from peers.training.client import StageClient
+from net.transport import P2PTransport
+from shards.tiny import make_tiny_model
+from tests.helpers import LocalSwarm
 
 
 def _median_s(fn, rounds: int) -> float:

@@ -25,25 +25,20 @@ model's, twice as many microbatches as stages; 0: the whole batch at once).
 
 from __future__ import annotations
 
-import argparse
+import harness  # before any project module: this checkout first on sys.path
+
 from collections import Counter
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.tiny import make_tiny_model  # noqa: E402
-from swarm.data import random_batches, stdlib_corpus  # noqa: E402
-from trainer.model import SwarmModelForCausalLM  # noqa: E402
-from peers.telemetry.hardware import compute_threads  # noqa: E402
-from net.wire import WIRE_FORMATS  # noqa: E402
-from swarm.procs import ProcessGroup  # noqa: E402
+from swarm.data import random_batches, stdlib_corpus
+from trainer.model import SwarmModelForCausalLM
+from peers.telemetry.hardware import compute_threads
+from net.wire import WIRE_FORMATS
 
 
 class _Trainer:
@@ -51,28 +46,20 @@ class _Trainer:
 
     def __init__(self, model: torch.nn.Module, batches, *, plain: bool = False):
         self.model, self.batches = model, batches
-        self.train_step = getattr(model, "train_step", None)  # the swarm's: what swarm train calls
-        if plain:
-            self.train_step = None  # the README's loop
+        # the swarm's train_step is what swarm train calls; plain: the README's loop
+        self.overlapped = hasattr(model, "train_step") and not plain
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def steps(self, count: int) -> float:
         started = time.perf_counter()
         for _ in range(count):
-            ids = next(self.batches)
-            if self.train_step is not None:
-                self.train_step(ids)
-            else:
-                self.model(ids, labels=ids).loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            harness.train_step(self.model, self.optimizer, next(self.batches), overlapped=self.overlapped)
         return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
+    parser = harness.parser(__doc__)
+    harness.add_batch_flags(parser, batch=32, seq=128)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
@@ -86,22 +73,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    root = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
-    model_dir = make_tiny_model(root / "model", "gpt2", num_layers=args.layers, hidden_size=args.hidden,
-                                num_heads=max(1, args.hidden // 64), max_positions=max(args.seq, 128))
+    root, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=args.layers, hidden_size=args.hidden,
+                                        num_heads=max(1, args.hidden // 64), max_positions=max(args.seq, 128))
     corpus = stdlib_corpus()
     print(f"model: GPT-2, {args.layers} layers, width {args.hidden}; batch {args.batch}x{args.seq}; "
           f"{args.rounds} rounds of {args.steps} steps each side, after {args.warmup} warm-up; "
           f"torch threads: local {args.threads}, each peer {max(1, args.threads // 2)}, trainer {args.threads}; "
           f"wire {args.wire}; load average {os.getloadavg()[0]:.1f}")
 
-    procs = ProcessGroup(root)
     local_times, swarm_times, relay_times = [], [], []
-    try:
-        address = procs.start_swarm(model_dir, num_stages=2, num_peers=args.peers, state_dir=root / "state",
-                                    target_batch_size=args.batch, threads=max(1, args.threads // args.peers),
-                                    wire=args.wire, free=args.free)
-        procs.wait_serving(args.peers)
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=args.peers, target_batch_size=args.batch,
+                             threads=max(1, args.threads // args.peers), wire=args.wire,
+                             free=args.free) as (_, address):
         placed = _placement(address)
         print(f"placement: {placed}")
         microbatch = args.batch if args.microbatch == 0 else args.microbatch
@@ -121,8 +104,6 @@ def main() -> None:
                 remote.pipeline.push = False
                 relay_times.append(swarm.steps(args.steps))
             fallbacks = remote.pipeline.push_fallbacks
-    finally:
-        procs.stop_all()
 
     tokens = args.steps * args.batch * args.seq
     ratios = sorted(lt / st for lt, st in zip(local_times, swarm_times))

@@ -32,6 +32,8 @@ processes are removed at the end, also on Ctrl+C or an error.
 
 from __future__ import annotations
 
+import harness  # before any project module: this checkout first on sys.path
+
 import argparse
 import asyncio
 import fcntl
@@ -42,11 +44,8 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PREFIX = "swb-"
 ROUTER = f"{PREFIX}router"
@@ -188,16 +187,9 @@ def run_trainer(address: str, host: str, batch: int, seq: int, microbatch: int |
             phases.update(dict.fromkeys(phases, 0.0))
             started = time.perf_counter()
             losses = []
+            overlapped = not (phased or mode == ["phased"])  # model.train_step: what swarm train does
             for _ in range(int(count)):
-                ids = next(batches)
-                if phased or mode == ["phased"]:
-                    loss = model(ids, labels=ids).loss
-                    loss.backward()
-                else:
-                    loss = model.train_step(ids)  # what swarm train does
-                optimizer.step()
-                optimizer.zero_grad()
-                losses.append(loss.item())
+                losses.append(harness.train_step(model, optimizer, next(batches), overlapped=overlapped).item())
             print(json.dumps({"seconds": time.perf_counter() - started, "loss": losses[-1], **phases}), flush=True)
 
 
@@ -278,12 +270,6 @@ class Swarm:
                 proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -> dict[str, list[float]]:
     """Interleaved rounds; a WAN round also prints the CPU time the delay process took per step: on
     this 2-core machine it is taken from the peers, which a real WAN (or a kernel netem) would not."""
@@ -308,9 +294,9 @@ def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -
         for condition in (("lan", "wan") if r % 2 == 0 else ("wan", "lan")):
             shape(condition == "wan", delay_ready)
             timed(1)  # one untimed step after each switch: TCP windows and DHT timeouts settle
-            relay_cpu = cpu_seconds(delay_pid)
+            relay_cpu = harness.tree_cpu(delay_pid)  # the delay process has no children: its own CPU
             seconds = timed(args.steps, condition)
-            relay_cpu = cpu_seconds(delay_pid) - relay_cpu
+            relay_cpu = harness.tree_cpu(delay_pid) - relay_cpu
             results[condition].append(tokens / seconds)
             split = ", ".join(f"{name} {values[-1]:.0f}" for name, values in phases[condition].items())
             relay = f"; delay process CPU {relay_cpu / args.steps * 1000:.0f} ms/step" if condition == "wan" else ""
@@ -325,12 +311,11 @@ def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--seq", type=int, default=128)
+    harness.add_batch_flags(parser, batch=12, seq=128)
     parser.add_argument("--microbatch", type=int, default=2, help="rows per microbatch (0: the whole batch)")
     parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--delay-ms", type=float, default=25.0)
@@ -353,11 +338,9 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("wan.py needs root: it makes network namespaces and links")
 
-    from shards.tiny import make_tiny_model
     from swarm.demo import DEMO_MODEL
 
-    root = Path(tempfile.mkdtemp(prefix="swarm-wan-"))
-    model_dir = make_tiny_model(root / "model", **DEMO_MODEL)
+    root, model_dir = harness.workspace("swarm-wan-", **DEMO_MODEL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally: below cleans up on a kill too
     cleanup()  # leftovers of an earlier run that was killed hard
     swarm, delay = Swarm(root, args), None

@@ -67,14 +67,13 @@ class ProcessGroup:
         ``--max-stages``, each serving when this returns). Returns the bootstrap's
         multiaddr; ``on_peer(i, claim_line)`` is told of each claim; ``peer_env``: the peers' extra
         environment (``SWARM_*`` settings)."""
-        args = ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
+        args = ["--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
                 "--port", "0", "--state-dir", str(state_dir)] + (["--lr", str(lr)] if lr else [])
         if target_batch_size:
             args += ["--target-batch-size", str(target_batch_size)]
         if wire:
             args += ["--wire", wire]
-        boot = self.start("bootstrap", args)
-        address = self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
+        address = self.start_bootstrap(args)
         if free:  # as volunteers do: all at once, no pins, placement decides
             self.start_peers_at_once([f"peer{i + 1}" for i in range(num_peers)], address, state_dir, threads=threads,
                                      env=peer_env)
@@ -84,6 +83,12 @@ class ProcessGroup:
             if on_peer is not None:
                 on_peer(i, claim.split("claiming", 1)[1].strip())
         return address
+
+    def start_bootstrap(self, args: list[str]) -> str:
+        """Start ``swarm bootstrap`` with ``args`` as the process ``bootstrap`` and return the multiaddr
+        it prints in the join line, once it has printed it."""
+        boot = self.start("bootstrap", ["bootstrap", *args])
+        return self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
 
     def start_peer(self, name: str, address: str, state_dir: Path, *, threads: int = 1,
                    env: dict[str, str] | None = None) -> str:

@@ -15,12 +15,18 @@ _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "placement_sim.py"
 
 @pytest.fixture(scope="module")
 def sim():
+    # the simulator imports its sibling ``harness`` as a script does, from its own folder
+    sys.path.insert(0, str(_PATH.parent))
     spec = importlib.util.spec_from_file_location("placement_sim", _PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["placement_sim"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("placement_sim", None)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("placement_sim", None)
+        sys.modules.pop("harness", None)
+        sys.path.remove(str(_PATH.parent))
 
 
 def _args(sim, **overrides) -> list[str]:
