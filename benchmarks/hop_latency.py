@@ -133,7 +133,7 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
 
     async def echo_round() -> float:
         started = time.perf_counter()
-        await transport.call(info["peer_id"], ECHO, EchoRequest().model_dump(mode="json"), [hidden], timeout=60)
+        await transport.call(info["peer_id"], ECHO, EchoRequest(), [hidden], timeout=60)
         return time.perf_counter() - started
 
     async def raw_round() -> float:

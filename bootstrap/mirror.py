@@ -97,7 +97,7 @@ async def sync_with(transport: Transport, db: StateDB, authority: RSAPrivateKey,
     not prove the authority key (the other side is not a bootstrap of this run); ``PeerUnavailable``
     / ``StageTimeout`` if it does not answer."""
     request = await asyncio.to_thread(_snapshot, db, authority, run_id=run_id, sender=own_peer_id, target=peer_id)
-    reply, _ = await transport.call(peer_id, SYNC, request.model_dump(mode="json"), [], timeout=timeout)
+    reply, _ = await transport.call(peer_id, SYNC, request, [], timeout=timeout)
     answer = parse_reply(SyncMessage, reply)
     try:
         verify_sync(answer, authority.get_public_key(), run_id=run_id, sender=peer_id, target=own_peer_id,

@@ -51,6 +51,6 @@ class DelegationClient:
         return await self._call(STATUS, StatusRequest(), DelegateStatus)
 
     async def _call(self, method: str, request, reply_model):
-        reply, _ = await retried_call(self.transport, self.delegate, method, request.model_dump(mode="json"), [],
+        reply, _ = await retried_call(self.transport, self.delegate, method, request, [],
                                       timeout=self.timeout, attempts=self.attempts, backoff=self.backoff)
         return parse_reply(reply_model, reply)

@@ -32,7 +32,7 @@ from dht.schemas import RunControl
 from dht.control import find_bootstraps, get_control
 from dht.records import SwarmDHT
 from core.messages import PROTOCOL_VERSION, FrozenModel
-from net.rpc import error_reply, ok_reply, parse_reply, parse_request
+from net.rpc import Outgoing, error_reply, ok_reply, parse_reply, parse_request
 from net.transport import CALLER, Handler, P2PTransport, Transport
 from core.loop import cancel_and_wait
 from core.errors import AuthRejected, PeerUnavailable, SwarmError
@@ -134,7 +134,7 @@ class AuthedTransport:
     async def serve(self, method: str, handler: Handler, **options: Any) -> None:
         await self.inner.serve(method, handler, **options)
 
-    async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
+    async def call(self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *,
                    timeout: float, **options: Any) -> tuple[Any, list[torch.Tensor]]:
         """``options`` (``max_reply_bytes``) go to the inner transport's call."""
         if self._presented.get(peer_id) != self.token():
@@ -147,7 +147,7 @@ class AuthedTransport:
 
     async def _present(self, peer_id: str, timeout: float) -> None:
         token = self.token()
-        reply, _ = await self.inner.call(peer_id, PRESENT, PresentRequest(token=token).model_dump(), [],
+        reply, _ = await self.inner.call(peer_id, PRESENT, PresentRequest(token=token), [],
                                          timeout=timeout)
         parse_reply(PresentReply, reply)
         self._presented[peer_id] = token
@@ -214,7 +214,7 @@ class RunAuth:
         expired or unknown everywhere, ``PeerUnavailable`` if none answers. (The API server also uses
         it to check its clients' keys against the run's.)"""
         public_key = base64.b64encode(self.dht._signer.local_public_key[len(b"[owner:"):-1]).decode()
-        request = TokenRequest(key=key, peer_id=self.dht.peer_id, public_key=public_key).model_dump()
+        request = TokenRequest(key=key, peer_id=self.dht.peer_id, public_key=public_key)
         with contextlib.suppress(Exception):  # a DHT hiccup: ask the ones we know
             live = _entry_first(self.dht, [peer for peer, owner in await find_bootstraps(self.dht)
                                            if owner == self.authority])

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from core.errors import BadRequest, ProtocolMismatch, SwarmError, error_from_wire
 from core.messages import PROTOCOL_VERSION, FrozenModel
 
-__all__ = ["Message", "parse_request", "parsing", "ok_reply", "error_reply", "guarded", "parse_reply"]
+__all__ = ["Message", "Raw", "Outgoing", "wire_form", "parse_request", "parsing", "ok_reply", "error_reply", "guarded",
+           "parse_reply"]
 
 Rpc = Callable[[Any, list], Awaitable[tuple[dict, list]]]
 
@@ -30,6 +31,33 @@ class Message(FrozenModel):
     A protocol with its own version (delegation) overrides the ``version`` default."""
 
     version: int = PROTOCOL_VERSION
+
+
+class Raw:
+    """A payload a call sends as it is, not a message: what no model allows (fuzzing, probes of
+    malformed input, a test's bare echo). Everything else a node sends is a ``Message``."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: Any):
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"Raw({self.payload!r})"
+
+
+Outgoing = FrozenModel | Raw
+"""What ``Transport.call`` sends: a message (a ``Message``, or a protocol's own frozen model such as the
+ledger's and the token exchange's), dumped to its JSON form on the way out, or a ``Raw`` payload."""
+
+
+def wire_form(message: Outgoing) -> Any:
+    """What goes on the wire for ``message`` (msgpack of it): a message's JSON form, a raw payload as is."""
+    if isinstance(message, FrozenModel):
+        return message.model_dump(mode="json")
+    if isinstance(message, Raw):
+        return message.payload
+    raise TypeError(f"a call sends a Message (or Raw for a payload no message allows), got {type(message).__name__}")
 
 
 def parse_request(model: type[Message], payload: Any, *, version: int = PROTOCOL_VERSION,

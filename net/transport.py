@@ -26,7 +26,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from net.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate, Refusals
 from net.framing import IDLE_SECONDS, read_frames, write_frames
-from net.rpc import error_reply
+from net.rpc import Outgoing, error_reply, wire_form
 from core.loop import bounded
 from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
 
@@ -48,10 +48,12 @@ CALLER: ContextVar[str | None] = ContextVar("swarm_caller", default=None)
 
 
 class Transport(Protocol):
-    """Send ``(message, tensors)`` to a peer's ``method`` and get ``(reply, tensors)`` back."""
+    """Send ``(message, tensors)`` to a peer's ``method`` and get ``(reply, tensors)`` back. A call
+    sends a ``Message`` (``net.rpc``; a ``Raw`` payload only where no message allows it); a handler
+    gets the decoded payload and parses it (``net.rpc.parsing``)."""
 
     async def call(
-        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]: ...
 
@@ -124,7 +126,7 @@ class P2PTransport:
         return list(self._served)
 
     async def call(
-        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
@@ -134,7 +136,7 @@ class P2PTransport:
 
             with contextlib.closing(writer):
                 sending = asyncio.create_task(
-                    write_frames(writer, _frames(message, tensors, runtime_pb2.ExpertRequest), end=True))
+                    write_frames(writer, _frames(wire_form(message), tensors, runtime_pb2.ExpertRequest), end=True))
                 sending.add_done_callback(_retrieve)
                 try:
                     replies = read_frames(reader, runtime_pb2.ExpertResponse, max_total=max_reply_bytes,
@@ -187,7 +189,7 @@ class InMemoryTransport:
         return _BoundInMemory(self, peer_id)
 
     async def call(
-        self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *, timeout: float,
+        self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
         max_reply_bytes: int | None = MAX_REQUEST_BYTES, caller: str | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
         """``caller``: the handler's ``CALLER`` (a bound peer's calls name it; the hub's own: None)."""
@@ -196,7 +198,7 @@ class InMemoryTransport:
         handler = self._handlers.get((peer_id, method))
         if handler is None:
             raise PeerUnavailable(f"no peer {peer_id} serving {method}")
-        decoded = msgpack.unpackb(msgpack.packb(message))
+        decoded = msgpack.unpackb(msgpack.packb(wire_form(message)))
         context = contextvars.copy_context()  # the handler sees the caller, the calling task does not
         context.run(CALLER.set, caller)
         work = asyncio.create_task(handler(decoded, [t.detach().clone() for t in tensors]), context=context)

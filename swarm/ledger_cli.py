@@ -55,7 +55,7 @@ async def fetch_ledger(dht, bootstrap_id: str, *, key: str | None = None) -> lis
     entries: list[LedgerEntry] = []
     try:
         for _ in range(MAX_PAGES):
-            message = FetchRequest(offset=len(entries)).model_dump(mode="json")
+            message = FetchRequest(offset=len(entries))
             reply, _ = await client.calls.call(bootstrap_id, LEDGER_FETCH, message, [], timeout=FETCH_TIMEOUT)
             page = parse_reply(FetchResponse, reply)
             entries.extend(page.entries)

@@ -80,7 +80,7 @@ class ContributionRecorder:
         pending = self.writer.since(self.acked_next)
         if not pending or self._transport is None or not self._bootstrap_ids:
             return 0
-        message = SubmitRequest(entries=pending).model_dump(mode="json")
+        message = SubmitRequest(entries=pending)
         for attempt, peer in enumerate(self._bootstrap_ids, 1):
             try:
                 reply, _ = await self._transport.call(peer, LEDGER_SUBMIT, message, [], timeout=self._timeout)

@@ -22,7 +22,7 @@ from peers.inference.protocol import (
     StepRequest,
     StepResponse,
 )
-from net.rpc import parse_reply
+from net.rpc import Message, parse_reply
 from net.transport import Transport
 from core.types import LayerRange
 from core.errors import PeerUnavailable, ProtocolMismatch
@@ -70,13 +70,12 @@ class InferenceClient:
                                     timeout=min(self.timeout, 5.0))
         return parse_reply(CloseResponse, reply)
 
-    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], *,
+    async def _call(self, peer_id: str, method: str, request: Message, tensors: list[torch.Tensor], *,
                     attempts: int | None = None, timeout: float | None = None):
-        message = request.model_dump(mode="json")
         attempts = attempts or self.attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await self.transport.call(peer_id, method, message, tensors, timeout=timeout or self.timeout)
+                return await self.transport.call(peer_id, method, request, tensors, timeout=timeout or self.timeout)
             except PeerUnavailable as e:
                 if attempt == attempts:
                     raise

@@ -189,7 +189,7 @@ async def measure_links(transport: Transport, peer_ids: Sequence[str], *, timeou
 async def _timed_echo(transport: Transport, peer_id: str, tensors: list[torch.Tensor], timeout: float) -> float:
     started = time.perf_counter()
     reply, echoed = await asyncio.wait_for(
-        transport.call(peer_id, ECHO, EchoRequest().model_dump(mode="json"), tensors, timeout=timeout), timeout)
+        transport.call(peer_id, ECHO, EchoRequest(), tensors, timeout=timeout), timeout)
     parse_reply(EchoResponse, reply)
     if len(echoed) != len(tensors):
         raise BadRequest(f"echo returned {len(echoed)} tensors instead of {len(tensors)}")

@@ -9,7 +9,7 @@ from typing import Awaitable, Callable
 import torch
 
 from dht.schemas import StoreRecord
-from net.rpc import parse_reply
+from net.rpc import Message, parse_reply
 from peers.state.snapshot import StateMeta
 from peers.state.store_protocol import (
     CHECKPOINT_GET,
@@ -94,11 +94,10 @@ class StoreClient:
             raise ProtocolMismatch(f"checkpoint reply names {len(response.names)} tensors but carried {len(tensors)}")
         return response.meta, dict(zip(response.names, tensors))
 
-    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], **options):
-        message = request.model_dump(mode="json")
+    async def _call(self, peer_id: str, method: str, request: Message, tensors: list[torch.Tensor], **options):
         for attempt in range(1, self.attempts + 1):
             try:
-                return await self.transport.call(peer_id, method, message, tensors, timeout=self.timeout, **options)
+                return await self.transport.call(peer_id, method, request, tensors, timeout=self.timeout, **options)
             except PeerUnavailable as e:
                 if attempt == self.attempts:
                     raise

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from net.rpc import Outgoing
 from net.transport import Handler, Transport
 
 __all__ = ["RequestDone", "Activity", "ObservedTransport", "work_of"]
@@ -107,7 +108,7 @@ class ObservedTransport:
         push computes its hop through its own forward or backward handler)."""
         return self._observed(method.rsplit(".", 1)[-1], handler)
 
-    async def call(self, peer_id: str, method: str, message: dict, tensors: Sequence[torch.Tensor], *,
+    async def call(self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *,
                    timeout: float) -> tuple[Any, list[torch.Tensor]]:
         if self.calls is None:
             return await self.inner.call(peer_id, method, message, tensors, timeout=timeout)

@@ -38,7 +38,7 @@ from peers.training.protocol import (
     StateRequest,
     StateResponse,
 )
-from net.rpc import parse_reply
+from net.rpc import Outgoing, parse_reply
 from peers.training.sanity import MAX_ABS, insanity
 from peers.state.snapshot import StateMeta
 from net.transport import Transport
@@ -213,12 +213,12 @@ class StageClient:
 
     async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], *,
                     timeout: float | None = None, **options):
-        return await retried_call(self.transport, peer_id, method, request.model_dump(mode="json"), tensors,
+        return await retried_call(self.transport, peer_id, method, request, tensors,
                                   timeout=timeout or self.timeout, attempts=self.attempts, backoff=self.backoff,
                                   **options)
 
 
-async def retried_call(transport: Transport, peer_id: str, method: str, message: dict, tensors: list[torch.Tensor],
+async def retried_call(transport: Transport, peer_id: str, method: str, message: Outgoing, tensors: list[torch.Tensor],
                        *, timeout: float, attempts: int, backoff: float, **options):
     """``transport.call``, tried up to ``attempts`` times while the peer is unreachable
     (``PeerUnavailable``), backing off ``backoff x 2^(attempt-1)`` s and logging each attempt; any

@@ -154,7 +154,7 @@ class PushService:
         if rest[0].peer_id == self.peer_id:  # the next stage is served here too (a span): no call to itself
             call = self.rpc_push(onward, tensors)
         else:
-            call = retried_call(self.transport, rest[0].peer_id, PUSH, onward.model_dump(mode="json"), tensors,
+            call = retried_call(self.transport, rest[0].peer_id, PUSH, onward, tensors,
                                 timeout=self.timeout * len(rest), attempts=self.attempts, backoff=self.backoff)
         try:
             downstream, _ = await call

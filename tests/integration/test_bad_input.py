@@ -13,6 +13,7 @@ from peers.training.protocol import FORWARD, ForwardRequest, ForwardResponse
 from net.rpc import parse_reply
 from net.transport import P2PTransport
 from core.errors import BadRequest, ProtocolMismatch, SwarmError, WrongStage
+from net.rpc import Raw
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def test_bad_requests_get_clear_errors_and_the_peer_keeps_serving(model_factory,
         outcomes = []
         try:
             for name, message, make, _, _ in BAD_REQUESTS:
-                reply, _ = await transport.call(peer.peer_id, FORWARD, message, make(hidden), timeout=30)
+                reply, _ = await transport.call(peer.peer_id, FORWARD, Raw(message), make(hidden), timeout=30)
                 try:
                     parse_reply(ForwardResponse, reply)
                     outcomes.append((name, None))

@@ -34,6 +34,7 @@ from net.transport import P2PTransport, _frames
 from core.config import load_settings
 from tests.fuzzing import read_reply
 from tests.helpers import LocalSwarm
+from net.rpc import Raw
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ class _Stranger:
         return P2PTransport(await self.dht.replicate_p2p())
 
     def call(self, peer_id: str, method: str, message, tensors=()) -> dict:
-        reply, _ = self.swarm.loop.run(self.transport.call(peer_id, method, message, list(tensors), timeout=30),
+        reply, _ = self.swarm.loop.run(self.transport.call(peer_id, method, Raw(message), list(tensors), timeout=30),
                                        timeout=40)
         return reply
 
@@ -208,7 +209,7 @@ def test_a_flood_of_large_requests_without_a_key_does_not_grow_the_peer(run):
     # and it still serves the run's members
     member = run.swarm.peers[0]
     reply, _ = run.swarm.loop.run(member._replica_transport().call(
-        peer.peer_id, INFO, InfoRequest(stage=1).model_dump(), [], timeout=30), timeout=40)
+        peer.peer_id, INFO, InfoRequest(stage=1), [], timeout=30), timeout=40)
     assert "ok" in reply, reply
 
 
@@ -221,7 +222,7 @@ def test_a_key_holder_may_not_put_a_checkpoint_of_a_stage_it_does_not_serve_nor_
                                        timeout=60)
 
     def put(client: StoreClient, meta, tensors) -> dict:
-        request = PutRequest(meta=meta, names=list(tensors)).model_dump(mode="json")
+        request = PutRequest(meta=meta, names=list(tensors))
         stores = run.swarm.loop.run(client.store_ids(), timeout=30)
         reply, _ = run.swarm.loop.run(client.transport.call(stores[0], CHECKPOINT_PUT, request, list(tensors.values()),
                                                             timeout=60), timeout=70)

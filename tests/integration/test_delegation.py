@@ -130,7 +130,7 @@ def test_capacity_expiry_tokens_and_forged_receipts(model_factory, swarm_factory
         forger = LedgerWriter(tmp_path / "forged.jsonl", key=delegate.dht.signing_key, run_id=swarm.run_id,
                               peer_id=weak.peer_id)
         entry = forger.append(1, Work(microbatches=5, tokens=500), 0, 0.0, 1.0, delegate=delegate.peer_id)
-        message = SubmitRequest(entries=[entry]).model_dump(mode="json")
+        message = SubmitRequest(entries=[entry])
         reply, _ = swarm.loop.run(delegate._transport.call(swarm.bootstrap.dht.peer_id, LEDGER_SUBMIT, message, [],
                                                            timeout=10))
         with pytest.raises(AuthRejected, match="submits only its own ledger"):

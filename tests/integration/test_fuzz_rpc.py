@@ -24,6 +24,7 @@ from net.transport import P2PTransport
 from core.errors import PeerUnavailable, StageTimeout
 from tests.fuzzing import FUZZ_SETTINGS, RAW_FUZZ_SETTINGS, check_reply, messages, raw_requests, read_reply, tensor_lists
 from tests.helpers import LocalSwarm
+from net.rpc import Raw
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ class _Fuzzed:
         never replies fails the second time too."""
         for attempt in (1, 2):
             try:
-                reply, _ = self.swarm.loop.run(self.caller.call(self.targets[method], method, message, tensors,
+                reply, _ = self.swarm.loop.run(self.caller.call(self.targets[method], method, Raw(message), tensors,
                                                                 timeout=CALL_TIMEOUT), timeout=CALL_TIMEOUT + 5)
                 return reply
             except PeerUnavailable as e:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from shards.tiny import make_tiny_model
 from tests.helpers import LocalSwarm
+from net.rpc import Raw
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +93,7 @@ def test_bad_inference_requests_are_named_and_the_peer_goes_on(served, case):
     transport, width = remote.pipeline.client.transport, remote.local.config.hidden_size
     stage = {"stage": 1, "layers": peer.record.layers.model_dump(), "batch_size": 1, "max_length": 8}
     opened = {"session_id": f"bad-{case}", **stage}
-    assert "ok" in remote._runner.run(transport.call(peer.peer_id, OPEN, opened, [], timeout=30))[0]
+    assert "ok" in remote._runner.run(transport.call(peer.peer_id, OPEN, Raw(opened), [], timeout=30))[0]
     step = {"session_id": f"bad-{case}", "start": 0}
     hidden, positions = torch.zeros(1, 2, width), torch.arange(2).unsqueeze(0)
     message, tensors, code, words = {
@@ -103,9 +104,9 @@ def test_bad_inference_requests_are_named_and_the_peer_goes_on(served, case):
         "tensors-on-open": (opened, [hidden], "BadRequest", "open takes no tensors"),
     }[case]
     method = OPEN if "stage" in message else STEP
-    reply, _ = remote._runner.run(transport.call(peer.peer_id, method, message, tensors, timeout=30))
+    reply, _ = remote._runner.run(transport.call(peer.peer_id, method, Raw(message), tensors, timeout=30))
     assert reply["error"]["code"] == code and words in reply["error"]["message"]
-    reply, out = remote._runner.run(transport.call(peer.peer_id, STEP, step, [hidden, positions], timeout=30))
+    reply, out = remote._runner.run(transport.call(peer.peer_id, STEP, Raw(step), [hidden, positions], timeout=30))
     assert reply["ok"]["length"] == 2 and out[0].shape == (1, 2, width)  # the session still works
     assert remote._runner.run(remote.inference_client.close(peer.peer_id, f"bad-{case}")).closed
 

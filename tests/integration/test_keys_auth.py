@@ -49,7 +49,7 @@ def test_keys_tokens_forgery_and_revocation(model_factory, swarm_factory):
             async def stranger_calls_and_forges():
                 transport = P2PTransport(await stranger.dht.replicate_p2p())
                 try:
-                    reply, _ = await transport.call(peers[0].peer_id, INFO, InfoRequest().model_dump(), [], timeout=30)
+                    reply, _ = await transport.call(peers[0].peer_id, INFO, InfoRequest(), [], timeout=30)
                 finally:
                     await transport.p2p.shutdown()
                 layers = swarm.bootstrap.manifest.stages[0]

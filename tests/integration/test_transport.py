@@ -10,6 +10,7 @@ from hivemind.p2p import P2P
 
 from peers.training.client import StageClient
 from net.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
+from net.rpc import Raw
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,7 @@ def test_a_handler_that_fails_or_is_cancelled_under_it_still_replies_with_a_name
             for method, handler in [("t.cancelled", cancelled_under_it), ("t.bug", buggy), ("t.echo", echo)]:
                 await serving.serve(method, handler)
             caller, peer = P2PTransport(client), server.peer_id.to_base58()
-            replies = [await caller.call(peer, method, {"n": 1}, [], timeout=30)
+            replies = [await caller.call(peer, method, Raw({"n": 1}), [], timeout=30)
                        for method in ("t.cancelled", "t.bug", "t.echo")]
             await serving.shutdown()
             return replies
@@ -86,7 +87,7 @@ def test_a_caller_refused_again_and_again_is_held_while_others_are_served_at_onc
 
     async def timed(transport: P2PTransport, peer: str) -> tuple[dict, float]:
         started = asyncio.get_running_loop().time()
-        reply, _ = await transport.call(peer, "t.echo", {"n": 1}, [], timeout=30)
+        reply, _ = await transport.call(peer, "t.echo", Raw({"n": 1}), [], timeout=30)
         return reply, asyncio.get_running_loop().time() - started
 
     async def main():

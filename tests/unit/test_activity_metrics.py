@@ -16,6 +16,7 @@ from peers.training.protocol import BackwardRequest
 from net.transport import InMemoryTransport
 from core.types import LayerRange
 from core.errors import BadRequest, ConfigError
+from net.rpc import Raw
 
 
 @pytest.mark.parametrize("method, message, shapes, expected", [
@@ -69,13 +70,13 @@ def test_observed_handlers_show_up_in_metrics_scraped_over_http():
 
     async def scenario():
         await transport.serve("swarm.stage.forward", forward)
-        calls = [asyncio.create_task(hub.call("peer", "swarm.stage.forward", {"stage": 1}, [torch.ones(2, 3, 4)],
+        calls = [asyncio.create_task(hub.call("peer", "swarm.stage.forward", Raw({"stage": 1}), [torch.ones(2, 3, 4)],
                                               timeout=5)) for _ in range(2)]
         await asyncio.sleep(0.05)
         queued = activity.in_flight
         gate.set()
         await asyncio.gather(*calls)
-        reply, _ = await hub.call("peer", "swarm.stage.forward", {"stage": 1, "fail": True}, [torch.ones(1, 1, 4)],
+        reply, _ = await hub.call("peer", "swarm.stage.forward", Raw({"stage": 1, "fail": True}), [torch.ones(1, 1, 4)],
                                   timeout=5)
         assert "error" in reply
         return queued

@@ -17,6 +17,7 @@ from peers.accounting.ledger import (
     GENESIS,
     LedgerEntry,
     LedgerWriter,
+    SubmitRequest,
     Work,
     read_entries,
     sign_entry,
@@ -25,6 +26,7 @@ from peers.accounting.ledger import (
 )
 from net.transport import InMemoryTransport
 from core.errors import BadRequest, ConfigError
+from net.rpc import Raw
 
 KEY = RSAPrivateKey()
 OTHER_KEY = RSAPrivateKey()
@@ -177,9 +179,9 @@ def test_bad_submits_get_a_named_error_and_the_book_keeps_serving(tmp_path, mess
         hub = InMemoryTransport()
         book = LedgerBook(tmp_path / "book.jsonl")
         await LedgerService(book).register(hub.bind("boot"))
-        reply, _ = await hub.call("boot", "swarm.ledger.submit", message, [], timeout=5)
+        reply, _ = await hub.call("boot", "swarm.ledger.submit", Raw(message), [], timeout=5)
         good, _ = await hub.call("boot", "swarm.ledger.submit",
-                                 {"entries": [e.model_dump(mode="json") for e in _chain(tmp_path, 1)]}, [], timeout=5)
+                                 SubmitRequest(entries=_chain(tmp_path, 1)), [], timeout=5)
         return reply, good
 
     reply, good = asyncio.run(scenario())

@@ -19,6 +19,7 @@ from core.types import LayerRange
 from core.errors import BadRequest, CacheMiss, CapacityExceeded, StageTimeout, WrongStage
 from tests.helpers import reference_losses
 from tests.unit.test_fault_tolerance import LR, Fault, ReplicatedSwarm, _assert_close_losses, _batches, _params, _train_step
+from net.rpc import Raw
 
 
 class _CountingTransport:
@@ -194,7 +195,7 @@ def test_a_push_naming_another_peer_or_malformed_is_refused_and_the_peer_serves_
 
 
 async def _raise_reply(hub, peer: str, message: dict, tensors: list[torch.Tensor] = ()):
-    reply, _ = await hub.call(peer, PUSH, message, list(tensors), timeout=3.0)
+    reply, _ = await hub.call(peer, PUSH, Raw(message), list(tensors), timeout=3.0)
     return parse_reply(PushResponse, reply)
 
 

@@ -26,6 +26,7 @@ from net.transport import InMemoryTransport
 from shards.stage import load_stage
 from core.types import LayerRange
 from core.errors import AuthRejected, BadRequest, CheckpointMissing, StateMismatch, WrongStage
+from net.rpc import Raw
 
 ID = StateIdentity(run_id="run", config_hash="c0ffee")
 LAYERS = LayerRange(start=0, end=2)
@@ -171,9 +172,9 @@ def test_state_rpc_sends_the_state_and_refuses_bad_requests(make_executor):
         assert all(name.startswith("param/") for name in weights)
         with pytest.raises(WrongStage):
             await client.fetch_state("peer", 1, LayerRange(start=2, end=4))
-        reply, _ = await hub.call("peer", "swarm.stage.state", {"stage": "zero"}, [], timeout=5)
+        reply, _ = await hub.call("peer", "swarm.stage.state", Raw({"stage": "zero"}), [], timeout=5)
         assert reply["error"]["code"] == "BadRequest" and "stage" in reply["error"]["message"]
-        reply, _ = await hub.call("peer", "swarm.stage.state", {"stage": 0, "layers": {"start": 0, "end": 2}},
+        reply, _ = await hub.call("peer", "swarm.stage.state", Raw({"stage": 0, "layers": {"start": 0, "end": 2}}),
                                   [torch.zeros(1)], timeout=5)
         assert "carries no tensors" in reply["error"]["message"]
         assert (await client.fetch_state("peer", 0, LAYERS))[0].step == 1  # still serving
