@@ -35,6 +35,7 @@ from dht.schemas import BanReport
 from dht.bans import all_reports, judge
 from dht.records import SwarmDHT
 from core.errors import SwarmError
+from core.types import PeerId
 
 __all__ = ["BanEnforcer"]
 
@@ -102,7 +103,7 @@ class BanEnforcer:
             return None
         return claims.key_id if claims.peer_id == report.reporter else None
 
-    async def _revoke_key_of(self, peer: str, actor: str) -> None:
+    async def _revoke_key_of(self, peer: PeerId, actor: str) -> None:
         authority = self._authority()
         if authority is None:
             return
@@ -115,7 +116,7 @@ class BanEnforcer:
         except SwarmError as e:  # already revoked, or deleted: nothing more to take away
             logger.info("revoking key %s of banned peer %s: %s", key_id, peer[-8:], e)
 
-    async def _key_of(self, peer: str, authority: RSAPublicKey) -> str | None:
+    async def _key_of(self, peer: PeerId, authority: RSAPublicKey) -> str | None:
         """The key id in the access token of one of ``peer``'s own stage records."""
         records = await self.dht.all_records(self.num_stages)
         for record in (r for found in records.values() for r in found if r.peer_id == peer and r.access_token):

@@ -45,6 +45,7 @@ from net.transport import CALLER, Handler, P2PTransport, Transport
 from shards.source import resolve_model
 from core.loop import cancel_and_wait
 from core.errors import AuthRejected, BadRequest, CheckpointMissing, ModelLoadError, SwarmError
+from core.types import PeerId, StageIndex
 
 __all__ = ["CheckpointStore", "RunView", "RunSource"]
 
@@ -60,7 +61,7 @@ class RunView:
     records: dict[int, list[PeerRecord]]
     trainers: list[TrainerRecord]
 
-    def uploader_refusal(self, caller: str | None, stage: int | None) -> str | None:
+    def uploader_refusal(self, caller: PeerId | None, stage: StageIndex | None) -> str | None:
         """Why ``caller`` may not upload a checkpoint of ``stage`` (None: it may). A stage's
         checkpoint comes from a peer announcing that stage, the local parts from a trainer."""
         if caller is None:
@@ -73,7 +74,7 @@ class RunView:
             return None
         return f"{caller[-8:]} does not serve stage {stage}"
 
-    def step(self, stage: int | None) -> int:
+    def step(self, stage: StageIndex | None) -> int:
         """The newest step the run's records show for ``stage`` (the local parts: the trainers')."""
         trainers = max((t.step for t in self.trainers), default=0)
         if stage is None:
@@ -208,7 +209,7 @@ class CheckpointStore:
         names = list(state)
         return ok_reply(GetResponse(meta=meta, names=names)), [state[name] for name in names]
 
-    async def _check_put(self, request: PutRequest, tensors: list[torch.Tensor], caller: str | None) -> None:
+    async def _check_put(self, request: PutRequest, tensors: list[torch.Tensor], caller: PeerId | None) -> None:
         """Refuse (``AuthRejected``, ``BadRequest``) an upload from anyone but the part's own peer,
         ahead of the run, or not exactly the part's sane tensors (``peers.state.checkpoint_check``)."""
         meta, manifest = request.meta, self.manifest

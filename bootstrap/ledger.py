@@ -36,6 +36,7 @@ from bootstrap.credit import admit
 from net.rpc import guarded, ok_reply
 from net.transport import CALLER, Handler, Transport
 from core.errors import AuthRejected, BadRequest, ConfigError
+from core.types import PeerId
 
 __all__ = ["LedgerBook", "LedgerService"]
 
@@ -68,7 +69,7 @@ class LedgerBook:
         last = self._last.get((entry.peer_id, entry.public_key))
         return last.seq + 1 if last else 0
 
-    def submit(self, entries: list[LedgerEntry], *, caller: str | None = None) -> SubmitResponse:
+    def submit(self, entries: list[LedgerEntry], *, caller: PeerId | None = None) -> SubmitResponse:
         """Accept the entries that continue their chain; skip ones already held; refuse the rest.
         ``caller`` (the libp2p-authenticated submitter, when known) must be the chain's peer: only a
         peer itself can add work to its name, so a delegate (or anyone) cannot submit receipts

@@ -32,6 +32,7 @@ from dht.records import SwarmDHT
 from net.rpc import error_reply, ok_reply, parse_reply, parse_request
 from net.transport import CALLER, Transport
 from core.errors import AuthRejected, ConfigError, PeerUnavailable, SwarmError
+from core.types import PeerId
 
 __all__ = ["BootstrapPeering", "SyncService", "SyncResult", "sync_with", "load_authority", "check_signer"]
 
@@ -43,13 +44,13 @@ SYNC_TIMEOUT = 20.0
 
 @dataclass(frozen=True)
 class SyncResult:
-    peer_id: str
+    peer_id: PeerId
     sent: int
     received: int
     changes: list[str]
 
 
-def _snapshot(db: StateDB, authority: RSAPrivateKey, *, run_id: str, sender: str, target: str,
+def _snapshot(db: StateDB, authority: RSAPrivateKey, *, run_id: str, sender: str, target: PeerId,
               in_reply_to: str = "") -> SyncMessage:
     state, at = db.run_state_row()
     return sign_sync(authority, run_id=run_id, sender=sender, target=target, at=get_dht_time(),
@@ -60,7 +61,7 @@ class SyncService:
     """``rpc_sync``: refuse anyone who cannot sign with the authority key (audited at most once a
     minute per caller), fold a good snapshot in, answer with ours."""
 
-    def __init__(self, db: StateDB, authority: RSAPrivateKey, *, run_id: str, peer_id: str):
+    def __init__(self, db: StateDB, authority: RSAPrivateKey, *, run_id: str, peer_id: PeerId):
         self.db, self.authority, self.run_id, self.peer_id = db, authority, run_id, peer_id
         self._public = authority.get_public_key()
         self._nonces = NonceWindow()
@@ -83,7 +84,7 @@ class SyncService:
                                         target=request.sender, in_reply_to=request.nonce)
         return ok_reply(reply), []
 
-    async def _audit_refusal(self, caller: str, error: SwarmError) -> None:
+    async def _audit_refusal(self, caller: PeerId, error: SwarmError) -> None:
         logger.warning("refused a sync from %s: %s", caller[-8:], error)
         now = time.monotonic()
         if now - self._last_refusal.get(caller, -math.inf) >= _AUDIT_EVERY:
@@ -92,7 +93,7 @@ class SyncService:
 
 
 async def sync_with(transport: Transport, db: StateDB, authority: RSAPrivateKey, *, run_id: str, own_peer_id: str,
-                    peer_id: str, timeout: float = SYNC_TIMEOUT) -> SyncResult:
+                    peer_id: PeerId, timeout: float = SYNC_TIMEOUT) -> SyncResult:
     """One exchange with the bootstrap ``peer_id``. ``AuthRejected`` if either side's message does
     not prove the authority key (the other side is not a bootstrap of this run); ``PeerUnavailable``
     / ``StageTimeout`` if it does not answer."""
@@ -138,7 +139,7 @@ class BootstrapPeering:
         results = await asyncio.gather(*(self._sync_one(t) for t in await self.targets()))
         return [r for r in results if r is not None]
 
-    async def _sync_one(self, peer_id: str) -> SyncResult | None:
+    async def _sync_one(self, peer_id: PeerId) -> SyncResult | None:
         try:
             result = await sync_with(self.transport, self.db, self.authority, run_id=self.dht.run_id,
                                      own_peer_id=self.dht.peer_id, peer_id=peer_id,

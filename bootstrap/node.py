@@ -58,6 +58,7 @@ from shards.families import family_of, num_layers
 from shards.source import resolve_model
 from core.config import SwarmSettings
 from core.errors import ConfigError, PeerUnavailable
+from core.types import PeerId
 
 __all__ = ["BootstrapNode", "build_manifest"]
 
@@ -204,7 +205,7 @@ class BootstrapNode:
         if advance and online:
             await asyncio.to_thread(self.db.add_online_steps, sorted(online), advance)
 
-    def credit_cap(self, peer_id: str) -> int:
+    def credit_cap(self, peer_id: PeerId) -> int:
         """The most ledger tokens ``peer_id`` can hold (``bootstrap.credit``)."""
         per_step = tokens_per_step(self.manifest.target_batch_size, self._max_positions)
         return credit_cap(per_step, self.db.online_steps().get(peer_id, 0))

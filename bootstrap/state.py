@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of
 from core.errors import ConfigError, StateError
+from core.types import PeerId
 
 if TYPE_CHECKING:  # bootstrap.sync imports pydantic and hivemind; `swarm keys` opens the DB without them
     from bootstrap.sync import KeyRow, RunStateRow
@@ -82,7 +83,7 @@ class MetricPoint:
 
 @dataclass(frozen=True)
 class Contribution:
-    peer_id: str
+    peer_id: PeerId
     samples: int
     first_seen: float
     last_seen: float
@@ -331,7 +332,7 @@ class StateDB:
             for peer_id, reported in reports.items():
                 _fold_contribution(c, peer_id, reported, now)
 
-    def add_online_steps(self, peers: list[str], steps: int) -> None:
+    def add_online_steps(self, peers: list[PeerId], steps: int) -> None:
         """``steps`` more steps of the run during which each of ``peers`` was seen online (the
         ledger's credit cap, ``bootstrap.credit``). Kept as one JSON object in ``meta`` (a few
         hundred peers), so no schema change is needed."""
@@ -386,7 +387,7 @@ def _set_run_state(c: sqlite3.Connection, state: str, at: float) -> None:
                   (key, value))
 
 
-def _fold_contribution(c: sqlite3.Connection, peer_id: str, reported: int, now: float) -> None:
+def _fold_contribution(c: sqlite3.Connection, peer_id: PeerId, reported: int, now: float) -> None:
     row = c.execute("SELECT last_reported FROM contributions WHERE peer_id = ?", (peer_id,)).fetchone()
     if row is None:
         c.execute("INSERT INTO contributions(peer_id, samples, last_reported, first_seen, last_seen) "

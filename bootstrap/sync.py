@@ -31,6 +31,7 @@ from pydantic import Field
 
 from core.messages import PROTOCOL_VERSION, FrozenModel
 from core.errors import AuthRejected, StateError
+from core.types import PeerId
 
 __all__ = [
     "SYNC",
@@ -74,7 +75,7 @@ class SyncMessage(FrozenModel):
     version: int = PROTOCOL_VERSION
     run_id: str = Field(min_length=1, max_length=128)
     sender: str = Field(min_length=1, max_length=128)
-    target: str = Field(min_length=1, max_length=128)
+    target: PeerId = Field(min_length=1, max_length=128)
     at: float
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
     in_reply_to: str = Field("", max_length=32)
@@ -117,7 +118,7 @@ def _payload(message: SyncMessage) -> bytes:
     return msgpack.packb(message.model_dump(mode="python", exclude={"signature"}), use_bin_type=True)
 
 
-def sign_sync(authority: RSAPrivateKey, *, run_id: str, sender: str, target: str, at: float,
+def sign_sync(authority: RSAPrivateKey, *, run_id: str, sender: str, target: PeerId, at: float,
               keys: list[KeyRow], run_state: RunStateRow, in_reply_to: str = "") -> SyncMessage:
     unsigned = SyncMessage(run_id=run_id, sender=sender, target=target, at=at, nonce=secrets.token_hex(16),
                            in_reply_to=in_reply_to, keys=keys, run_state=run_state)
@@ -138,7 +139,7 @@ class NonceWindow:
 
 
 def verify_sync(message: SyncMessage, authority: RSAPublicKey, *, run_id: str, sender: str | None,
-                target: str, now: float, nonces: NonceWindow | None = None, in_reply_to: str = "") -> None:
+                target: PeerId, now: float, nonces: NonceWindow | None = None, in_reply_to: str = "") -> None:
     """``AuthRejected`` naming the problem unless ``message`` is a fresh sync of this run, from
     ``sender`` (None: not checked) to ``target``, signed by the run's authority."""
     if message.run_id != run_id:

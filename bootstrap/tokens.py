@@ -21,6 +21,7 @@ from net.auth import TokenReply, TokenRequest
 from net.rpc import error_reply, ok_reply, parse_request
 from net.transport import CALLER
 from core.errors import AuthRejected, BadRequest, SwarmError
+from core.types import PeerId
 
 __all__ = ["TokenService"]
 
@@ -60,7 +61,7 @@ class TokenService:
             await asyncio.to_thread(self.db.audit, request.peer_id, "peer.auth", f"key {key.id} ({key.name})")
         return ok_reply(TokenReply(token=token, key_id=key.id, expires=expires)), []
 
-    async def _audit_refusal(self, caller: str, error: SwarmError) -> None:
+    async def _audit_refusal(self, caller: PeerId, error: SwarmError) -> None:
         logger.info("refused a token to %s: %s", caller[-8:], error)
         now = time.monotonic()
         if now - self._last_refusal.get(caller, -math.inf) >= _AUDIT_EVERY:

@@ -26,6 +26,7 @@ from delegation.protocol import (
 from peers.training.client import retried_call
 from net.rpc import parse_reply
 from net.transport import Transport
+from core.types import PeerId, StageIndex
 
 __all__ = ["DelegationClient"]
 
@@ -33,12 +34,12 @@ __all__ = ["DelegationClient"]
 class DelegationClient:
     """Calls one delegate's ``swarm.delegation.*`` handlers over a ``Transport``."""
 
-    def __init__(self, transport: Transport, delegate: str, *, timeout: float = 30.0, attempts: int = 3,
+    def __init__(self, transport: Transport, delegate: PeerId, *, timeout: float = 30.0, attempts: int = 3,
                  backoff: float = 0.5):
         self.transport, self.delegate = transport, delegate
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
 
-    async def start(self, token: str, delegator: str, stage: int | None = None) -> StartResponse:
+    async def start(self, token: str, delegator: PeerId, stage: StageIndex | None = None) -> StartResponse:
         return await self._call(START, StartRequest(token=token, delegator=delegator, stage=stage), StartResponse)
 
     async def poll(self, session_id: str, ack: int) -> PollResponse:

@@ -50,6 +50,7 @@ from core.errors import (
     SwarmError,
     UnknownSession,
 )
+from core.types import PeerId, StageIndex
 
 __all__ = ["Delegator", "DelegatorStatus", "receipts_digest", "delegate_peer_id"]
 
@@ -63,11 +64,11 @@ class DelegatorStatus(FrozenModel):
     """What a delegator reports about itself (``swarm join --delegate-to`` shows it)."""
 
     delegation_mode: bool = Field(description="this machine has its stage computed by a delegate")
-    delegate: str | None = Field(None, description="peer id of the delegate of the current (or last) session")
+    delegate: PeerId | None = Field(None, description="peer id of the delegate of the current (or last) session")
     delegate_reachable: bool = False
     gpu_count: int | None = Field(None, description="GPUs of the delegate, as it reported them")
     session_id: str | None = None
-    stage: int | None = None
+    stage: StageIndex | None = None
     state: SessionState | None = None
     receipts: int = Field(0, description="receipts signed into the ledger so far")
     tokens: int = 0
@@ -82,7 +83,7 @@ def receipts_digest(receipts: Sequence[Receipt]) -> str:
 
 
 class _Session:
-    def __init__(self, delegate: str, started: StartResponse):
+    def __init__(self, delegate: PeerId, started: StartResponse):
         self.delegate, self.started = delegate, started
         self.ack = 0
         self.record: PeerRecord | None = None
@@ -152,7 +153,7 @@ class Delegator(Lifecycle):
         """The transport for calls to the run's gated handlers: a keyed run presents the token first."""
         return self._transport if self._auth is None else AuthedTransport(self._transport, self._auth.token_text)
 
-    def _client(self, delegate: str) -> DelegationClient:
+    def _client(self, delegate: PeerId) -> DelegationClient:
         return DelegationClient(self._calls(), delegate)
 
     # -- sessions ---------------------------------------------------------------------------------

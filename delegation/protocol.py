@@ -47,7 +47,7 @@ from pydantic import Field
 from core.messages import FrozenModel
 from dht.schemas import PeerRecord
 from net.rpc import Message, parse_request
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 
 __all__ = [
     "DELEGATION_VERSION",
@@ -114,13 +114,13 @@ class StartRequest(_Message):
     caller, who must be ``delegator`` (libp2p authenticates the caller's peer id)."""
 
     token: str = Field(min_length=1, max_length=512)
-    delegator: str = Field(min_length=1, max_length=128)
-    stage: int | None = Field(None, ge=0)
+    delegator: PeerId = Field(min_length=1, max_length=128)
+    stage: StageIndex | None = Field(None, ge=0)
 
 
 class StartResponse(_Message):
     session_id: str
-    stage: int
+    stage: StageIndex
     layers: LayerRange
     ttl: float = Field(description="seconds the session lives without a poll")
     gpu_count: int = Field(0, ge=0, description="GPUs of the delegate")
@@ -165,8 +165,8 @@ class StatusRequest(_Message):
 class SessionInfo(FrozenModel):
     session_id: str
     status: SessionState
-    delegator: str
-    stage: int
+    delegator: PeerId
+    stage: StageIndex
     gpu_count: int
     microbatches: int = Field(description="distinct microbatches computed (request ids)")
     tokens: int = Field(description="tokens processed, forward and backward each counted")
@@ -175,7 +175,7 @@ class SessionInfo(FrozenModel):
 
 
 class DelegateStatus(_Message):
-    peer_id: str
+    peer_id: PeerId
     total_sessions: int = Field(description="sessions started since the delegate started")
     active_sessions: int = Field(description="sessions loading or serving now")
     max_sessions: int

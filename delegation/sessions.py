@@ -51,7 +51,7 @@ from delegation.protocol import (
 )
 from peers.telemetry.activity import work_of
 from peers.training.protocol import BackwardRequest, ForwardRequest
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 from core.loop import cancel_and_wait
 from core.errors import AuthRejected, CapacityExceeded, UnknownSession
 
@@ -73,13 +73,13 @@ class StageHost(Protocol):
 
     async def stage_to_host(self, wanted: int | None, *, taken: Collection[int] = ()) -> int: ...
 
-    async def host_stage(self, stage: int, *, on_behalf_of: str, on_work: Callable) -> None: ...
+    async def host_stage(self, stage: StageIndex, *, on_behalf_of: str, on_work: Callable) -> None: ...
 
-    async def release_stage(self, stage: int) -> None: ...
+    async def release_stage(self, stage: StageIndex) -> None: ...
 
-    def hosted_record(self, stage: int) -> PeerRecord | None: ...
+    def hosted_record(self, stage: StageIndex) -> PeerRecord | None: ...
 
-    def stage_layers(self, stage: int) -> LayerRange: ...
+    def stage_layers(self, stage: StageIndex) -> LayerRange: ...
 
     def gpu_count(self) -> int: ...
 
@@ -126,8 +126,8 @@ class TokenSet:
 @dataclass
 class _Session:
     session_id: str
-    delegator: str
-    stage: int
+    delegator: PeerId
+    stage: StageIndex
     token: str
     created: float
     last_poll: float
@@ -163,7 +163,7 @@ class DelegateSessions:
 
     # -- the RPCs' logic --------------------------------------------------------------------------
 
-    async def open(self, request: StartRequest, caller: str | None) -> StartResponse:
+    async def open(self, request: StartRequest, caller: PeerId | None) -> StartResponse:
         if not self.tokens.accepts(request.token):
             raise AuthRejected("this delegate does not accept that delegation token")
         if caller is not None and caller != request.delegator:
@@ -180,7 +180,7 @@ class DelegateSessions:
         return StartResponse(session_id=session.session_id, stage=session.stage,
                              layers=self.host.stage_layers(session.stage), ttl=self.ttl, gpu_count=self.host.gpu_count())
 
-    def poll(self, request: PollRequest, caller: str | None) -> PollResponse:
+    def poll(self, request: PollRequest, caller: PeerId | None) -> PollResponse:
         session = self._session(request.session_id, caller)
         session.last_poll = self._clock()
         self._acknowledge(session, request.ack)
@@ -191,7 +191,7 @@ class DelegateSessions:
             expires_in=self.ttl, gpu_count=self.host.gpu_count(), reason=session.reason,
         )
 
-    async def close(self, request: StopRequest, caller: str | None) -> StopResponse:
+    async def close(self, request: StopRequest, caller: PeerId | None) -> StopResponse:
         session = self._session(request.session_id, caller)
         self._acknowledge(session, request.ack)
         receipts = list(session.receipts)[:MAX_RECEIPTS]
@@ -211,12 +211,12 @@ class DelegateSessions:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def _held_by(self, delegator: str, stage: int | None) -> _Session | None:
+    def _held_by(self, delegator: PeerId, stage: StageIndex | None) -> _Session | None:
         """The live session ``delegator`` already holds here (for ``stage``, if it names one)."""
         return next((s for s in self._live.values()
                      if s.delegator == delegator and (stage is None or s.stage == stage)), None)
 
-    def _new(self, request: StartRequest, stage: int) -> _Session:
+    def _new(self, request: StartRequest, stage: StageIndex) -> _Session:
         now = self._clock()
         session = _Session(secrets.token_hex(16), request.delegator, stage, request.token, now, now)
         self._live[session.session_id] = session
@@ -244,7 +244,7 @@ class DelegateSessions:
         else:  # ended while it loaded
             await self.host.release_stage(session.stage)
 
-    def _session(self, session_id: str, caller: str | None) -> _Session:
+    def _session(self, session_id: str, caller: PeerId | None) -> _Session:
         session = self._live.get(session_id)
         if session is None:
             ended = self._ended.get(session_id)

@@ -43,6 +43,7 @@ from dht.schemas import (
     trainers_key,
 )
 from core.errors import AuthRejected
+from core.types import PeerId
 
 __all__ = [
     "TokenClaims",
@@ -61,7 +62,7 @@ _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 @dataclass(frozen=True)
 class TokenClaims:
     key_id: str
-    peer_id: str
+    peer_id: PeerId
     public_key: bytes
     expires: float
 
@@ -73,7 +74,7 @@ def _payload(token: AccessToken) -> bytes:
     return unsigned.SerializeToString(deterministic=True)
 
 
-def issue_token(authority: RSAPrivateKey, key_id: str, peer_id: str, public_key: bytes, expires: float) -> str:
+def issue_token(authority: RSAPrivateKey, key_id: str, peer_id: PeerId, public_key: bytes, expires: float) -> str:
     """A signed token, base64 text (it travels in JSON records and msgpack messages)."""
     token = AccessToken(username=f"{key_id}:{peer_id}", public_key=public_key,
                         expiration_time=datetime.fromtimestamp(expires, timezone.utc).isoformat())
@@ -179,7 +180,7 @@ class TokenRecordValidator(RecordValidatorBase):
 _STAGE_HOLDER = ("peer_id", "delegate_of")
 
 
-def holds(value: dict, peer_id: str, fields: tuple[str, ...]) -> bool:
+def holds(value: dict, peer_id: PeerId, fields: tuple[str, ...]) -> bool:
     """Whether a record names the token's holder ``peer_id`` where it names who it is about: its
     first field in ``fields`` must be ``peer_id``, or (a stage record a delegator announces for its
     delegate) a later one may be, when set. A record naming another peer than its signer is refused."""

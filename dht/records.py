@@ -38,6 +38,7 @@ from dht.schemas import (
 from dht.validators import RunSchemaValidator
 from core.config import check_multiaddr
 from core.errors import NoRoute, PeerUnavailable
+from core.types import StageIndex
 
 __all__ = ["SwarmDHT", "MANIFEST_TTL", "MANIFEST_REFRESH"]
 
@@ -213,7 +214,7 @@ class SwarmDHT:
         offline = record.model_copy(update={"state": PeerState.OFFLINE})
         return await self.announce(offline, ttl=5.0)
 
-    async def stage_records(self, stage: int) -> list[PeerRecord]:
+    async def stage_records(self, stage: StageIndex) -> list[PeerRecord]:
         """Valid, unexpired records of peers announced for ``stage`` (any state)."""
         found = await self.dht.get(stage_key(self.run_id, stage), latest=True, return_future=True)
         records = []

@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from core.messages import PROTOCOL_VERSION, FrozenModel
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 
 __all__ = [
     "RECORD_TTL",
@@ -140,9 +140,9 @@ class PeerRecord(FrozenModel):
     """A peer's announcement for one stage: where to reach it and how fast it is."""
 
     version: int = PROTOCOL_VERSION
-    peer_id: str
+    peer_id: PeerId
     maddrs: list[str] = Field(default_factory=list, max_length=16)
-    stage: int = Field(ge=0, lt=MAX_STAGES)
+    stage: StageIndex = Field(ge=0, lt=MAX_STAGES)
     layers: LayerRange
     state: PeerState = PeerState.LOADING
     throughput: float = Field(0.0, ge=0, description="tokens/s for forward+backward of this stage")
@@ -151,7 +151,7 @@ class PeerRecord(FrozenModel):
     # written by the peer itself (DHT time): readers call a record stale when this is old
     updated: float = 0.0
     load: float = Field(0.0, ge=0, description="requests in flight or queued when the record was written")
-    delegate_of: str | None = Field(None, description="peer id this peer computes for (delegation)")
+    delegate_of: PeerId | None = Field(None, description="peer id this peer computes for (delegation)")
     access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
     latency_ms: float | None = Field(None, ge=0, description="median round trip to a few peers")
     bandwidth_mbps: float | None = Field(None, ge=0, description="measured link speed, megabits/s")
@@ -167,7 +167,7 @@ class StoreRecord(FrozenModel):
     """A node that keeps the latest checkpoint of every stage (``swarm.checkpoint.*`` RPCs)."""
 
     version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     maddrs: list[str] = Field(default_factory=list, max_length=16)
 
 
@@ -190,7 +190,7 @@ class MetricsRecord(FrozenModel):
 
     version: int = PROTOCOL_VERSION
     role: MetricsRole
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     updated: float = 0.0
     step: int = Field(0, ge=0)
     loss: float | None = None
@@ -200,7 +200,7 @@ class MetricsRecord(FrozenModel):
     tokens: int = Field(0, ge=0)
     microbatches: int = Field(0, ge=0)
     ledger_entries: int = Field(0, ge=0)
-    stages: list[int] = Field(default_factory=list, max_length=MAX_STAGES)
+    stages: list[StageIndex] = Field(default_factory=list, max_length=MAX_STAGES)
     access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")
 
 
@@ -231,7 +231,7 @@ def manifest_key(run_id: str) -> str:
     return f"{run_id}_manifest"
 
 
-def stage_key(run_id: str, stage: int) -> str:
+def stage_key(run_id: str, stage: StageIndex) -> str:
     return f"{run_id}_stage_{stage}"
 
 
@@ -272,13 +272,13 @@ class MetricsReport(FrozenModel):
     """One trainer's or peer's latest figures. ``samples`` is a running total since it started."""
 
     version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     role: Literal["trainer", "peer"]
     step: int = Field(0, ge=0)
     loss: float | None = None
     tokens_per_second: float = Field(0.0, ge=0)
     samples: int = Field(0, ge=0)
-    stage: int | None = Field(None, ge=0)
+    stage: StageIndex | None = Field(None, ge=0)
     access_token: str | None = Field(None, max_length=4096)
 
 
@@ -287,7 +287,7 @@ class BootstrapRecord(FrozenModel):
     token. Signed by the run's authority (only a holder of that key can publish one)."""
 
     version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     maddrs: list[str] = Field(default_factory=list, max_length=8)
     role: Literal["primary", "mirror"] = "primary"
     dashboard: str | None = Field(None, max_length=200)
@@ -324,7 +324,7 @@ class BanEvidence(FrozenModel):
     DHT key and every node checks that signature: the reporter vouches for the evidence and cannot
     disown it, and nobody else can alter it. It proves consistency, not truth (see the module)."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     step: int = Field(ge=0)
     inputs: str = Field(pattern=_SHA256, description="sha256 of the stage inputs (hidden states, mask, positions)")
@@ -343,10 +343,10 @@ class BanReport(FrozenModel):
     ``reporter`` must be the signer (the validator, ``dht.auth``)."""
 
     version: int = PROTOCOL_VERSION
-    peer_id: str = Field(min_length=1, max_length=128)
-    stage: int = Field(ge=0)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
+    stage: StageIndex = Field(ge=0)
     reason: str = Field(max_length=300)
-    reporter: str = Field(min_length=1, max_length=128)
+    reporter: PeerId = Field(min_length=1, max_length=128)
     evidence: BanEvidence | None = None
     at: float = 0.0
     access_token: str | None = Field(None, max_length=4096, description="run key token (keyed runs only)")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from core.errors import CapacityExceeded
+from core.types import PeerId
 
 __all__ = [
     "Gate",
@@ -60,7 +61,7 @@ class Gate(Protocol):
     """Raises ``AuthRejected`` for a caller that may not use this node's gated methods
     (``net.auth.AuthGate``)."""
 
-    def check(self, caller: str | None) -> None: ...
+    def check(self, caller: PeerId | None) -> None: ...
 
 
 def stream_refusal(open_streams: int, max_streams: int) -> str | None:
@@ -98,7 +99,7 @@ class Refusals:
     seconds: float = REFUSAL_HOLD
     recent: dict[str, deque] = field(default_factory=dict)
 
-    def hold(self, caller: str, now: float) -> float:
+    def hold(self, caller: PeerId, now: float) -> float:
         times = self.recent.setdefault(caller, deque())
         while times and times[0] <= now - self.window:
             times.popleft()
@@ -123,7 +124,7 @@ class CallerLimits:
     streams: Counter = field(default_factory=Counter)
     in_flight: Counter = field(default_factory=Counter)
 
-    def open(self, caller: str, method_limit: int | None) -> "Ticket":
+    def open(self, caller: PeerId, method_limit: int | None) -> "Ticket":
         """A ticket for one stream of ``caller`` (``CapacityExceeded`` if it has too many open)."""
         why = stream_refusal(self.streams[caller], self.max_streams)
         if why is not None:
@@ -135,7 +136,7 @@ class CallerLimits:
 class Ticket:
     """One open stream's share of its caller's limits; ``close()`` (or leaving ``with``) gives it back."""
 
-    def __init__(self, limits: CallerLimits, caller: str, method_limit: int | None):
+    def __init__(self, limits: CallerLimits, caller: PeerId, method_limit: int | None):
         self.limits, self.caller, self.method_limit = limits, caller, method_limit
         self.reserved = 0
         self._closed = False

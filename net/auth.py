@@ -36,6 +36,7 @@ from net.rpc import Outgoing, error_reply, ok_reply, parse_reply, parse_request
 from net.transport import CALLER, Handler, P2PTransport, Transport
 from core.loop import cancel_and_wait
 from core.errors import AuthRejected, PeerUnavailable, SwarmError
+from core.types import PeerId
 
 __all__ = [
     "TOKEN",
@@ -62,7 +63,7 @@ class TokenRequest(FrozenModel):
 
     version: int = PROTOCOL_VERSION
     key: str = Field(min_length=1, max_length=200)
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     public_key: str = Field(min_length=1, max_length=2048, description="base64 of the DHT record key")
 
 
@@ -112,7 +113,7 @@ class AuthGate:
         except SwarmError as e:
             return error_reply(e), []
 
-    def check(self, caller: str | None) -> None:
+    def check(self, caller: PeerId | None) -> None:
         allowed = self._allowed.get(caller or "")
         if allowed is None:
             raise AuthRejected(f"this run needs a key: {_NOT_PRESENTED} ({PRESENT})")
@@ -134,7 +135,7 @@ class AuthedTransport:
     async def serve(self, method: str, handler: Handler, **options: Any) -> None:
         await self.inner.serve(method, handler, **options)
 
-    async def call(self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *,
+    async def call(self, peer_id: PeerId, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *,
                    timeout: float, **options: Any) -> tuple[Any, list[torch.Tensor]]:
         """``options`` (``max_reply_bytes``) go to the inner transport's call."""
         if self._presented.get(peer_id) != self.token():
@@ -145,7 +146,7 @@ class AuthedTransport:
             reply, out = await self.inner.call(peer_id, method, message, tensors, timeout=timeout, **options)
         return reply, out
 
-    async def _present(self, peer_id: str, timeout: float) -> None:
+    async def _present(self, peer_id: PeerId, timeout: float) -> None:
         token = self.token()
         reply, _ = await self.inner.call(peer_id, PRESENT, PresentRequest(token=token), [],
                                          timeout=timeout)

@@ -29,6 +29,7 @@ from net.framing import IDLE_SECONDS, read_frames, write_frames
 from net.rpc import Outgoing, error_reply, wire_form
 from core.loop import bounded
 from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
+from core.types import PeerId
 
 __all__ = ["Handler", "Transport", "P2PTransport", "InMemoryTransport", "MAX_REQUEST_BYTES", "CALLER"]
 
@@ -53,7 +54,7 @@ class Transport(Protocol):
     gets the decoded payload and parses it (``net.rpc.parsing``)."""
 
     async def call(
-        self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
+        self, peer_id: PeerId, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]: ...
 
@@ -116,7 +117,7 @@ class P2PTransport:
         if public:
             self.public.add(method)
 
-    def _check_gate(self, caller: str, public: bool) -> None:
+    def _check_gate(self, caller: PeerId, public: bool) -> None:
         if self.gate is not None and not public:
             self.gate.check(caller)
 
@@ -126,7 +127,7 @@ class P2PTransport:
         return list(self._served)
 
     async def call(
-        self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
+        self, peer_id: PeerId, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
@@ -185,12 +186,12 @@ class InMemoryTransport:
         self.lose_replies: dict[tuple[str, str], int] = {}
         self.tensor_bytes: Counter[str] = Counter()
 
-    def bind(self, peer_id: str) -> "_BoundInMemory":
+    def bind(self, peer_id: PeerId) -> "_BoundInMemory":
         return _BoundInMemory(self, peer_id)
 
     async def call(
-        self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
-        max_reply_bytes: int | None = MAX_REQUEST_BYTES, caller: str | None = None,
+        self, peer_id: PeerId, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *, timeout: float,
+        max_reply_bytes: int | None = MAX_REQUEST_BYTES, caller: PeerId | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
         """``caller``: the handler's ``CALLER`` (a bound peer's calls name it; the hub's own: None)."""
         if peer_id in self.fail:
@@ -218,7 +219,7 @@ class InMemoryTransport:
 class _BoundInMemory:
     """The serving side of one fake peer."""
 
-    def __init__(self, hub: InMemoryTransport, peer_id: str):
+    def __init__(self, hub: InMemoryTransport, peer_id: PeerId):
         self._hub, self.peer_id = hub, peer_id
 
     async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,

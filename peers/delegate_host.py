@@ -17,7 +17,7 @@ from peers.telemetry.hardware import probe_hardware
 from peers.hosting import StageHost
 from peers.training.routing import record_loads
 from peers.slot import StageSlot, WorkHook
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 from core.errors import CapacityExceeded, DelegationRefused
 
 __all__ = ["DelegateHost"]
@@ -61,7 +61,7 @@ class DelegateHost:
                                    f"{host.peer_id[-8:]} has {(host.memory - used) / 2**30:.2f} GiB left")
         return wanted
 
-    async def host_stage(self, stage: int, *, on_behalf_of: str, on_work: WorkHook) -> None:
+    async def host_stage(self, stage: StageIndex, *, on_behalf_of: str, on_work: WorkHook) -> None:
         """Load ``stage`` (its state from a live replica, else a checkpoint) and serve it for the peer
         ``on_behalf_of``: trainers reach it through that peer's record (``hosted_record``), which this
         peer does not announce itself, and its work goes to ``on_work``, not to this peer's ledger.
@@ -81,14 +81,14 @@ class DelegateHost:
         slot.record = slot.record.model_copy(update={"state": PeerState.ONLINE})
         logger.info("hosting stage %d for %s", stage, on_behalf_of[-8:])
 
-    async def release_stage(self, stage: int) -> None:
+    async def release_stage(self, stage: StageIndex) -> None:
         """Stop serving a hosted stage (its session ended). Idempotent."""
         slot = self.host.hosted.pop(stage, None)
         if slot is not None:
             await slot.close()
             logger.info("released stage %d hosted for %s", stage, (slot.record.delegate_of or "?")[-8:])
 
-    def hosted_record(self, stage: int) -> PeerRecord | None:
+    def hosted_record(self, stage: StageIndex) -> PeerRecord | None:
         """The record a hosted stage's delegator announces: this peer's address, current step, load and
         hardware (without a token: the delegator adds its own, as the signer)."""
         slot = self.host.hosted.get(stage)
@@ -96,7 +96,7 @@ class DelegateHost:
             return None
         return self.host.telemetry.refresh(self.host.current_record(slot))
 
-    def _hosted_record(self, stage: int, delegator: str, state: PeerState) -> PeerRecord:
+    def _hosted_record(self, stage: StageIndex, delegator: PeerId, state: PeerState) -> PeerRecord:
         host, m = self.host, self.host.measurement
         return PeerRecord(
             peer_id=host.peer_id, maddrs=host.dht.visible_maddrs(), stage=stage, layers=host.manifest.stages[stage],
@@ -104,7 +104,7 @@ class DelegateHost:
             latency_ms=m.latency_ms, bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib, delegate_of=delegator,
         )
 
-    def stage_layers(self, stage: int) -> LayerRange:
+    def stage_layers(self, stage: StageIndex) -> LayerRange:
         return self.host.manifest.stages[stage]
 
     def gpu_count(self) -> int:

@@ -45,6 +45,7 @@ from shards.source import resolve_model
 from shards.stage import load_stage
 from core.config import SwarmSettings
 from core.errors import ModelLoadError
+from core.types import StageIndex
 
 __all__ = ["StageHost", "span_layers"]
 
@@ -203,7 +204,7 @@ class StageHost:
         finally:
             self.moving = False
 
-    async def online_replicas(self, stage: int, reads: int = 4) -> list[str]:
+    async def online_replicas(self, stage: StageIndex, reads: int = 4) -> list[str]:
         """The other online replicas of ``stage``, those at the newest step first. A DHT read under load can miss a key's entries (seen:
         a newcomer found no replica of a stage that had one and started from the model files), so
         once the run has trained (a trainer past step 0) an empty read is repeated, bounded, before
@@ -239,7 +240,7 @@ class StageHost:
         slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self.identity)
         slot.service.on_step_failed = self._on_step_failed
 
-    def _load(self, stage: int) -> torch.nn.Module:
+    def _load(self, stage: StageIndex) -> torch.nn.Module:
         manifest = self.manifest
         torch.set_num_threads(compute_threads(self.settings.peer.threads))
         source = resolve_model(manifest.model)
@@ -263,7 +264,7 @@ class StageHost:
         logger.info("stage %d starts at optimizer step %d (state from %s)", executor.stage,
                     executor.optimizer_step, source)
 
-    def _checkpoint_dir(self, stage: int) -> CheckpointDir:
+    def _checkpoint_dir(self, stage: StageIndex) -> CheckpointDir:
         root = self.settings.state_dir.expanduser() / self.settings.run_id / "checkpoints" / part_name(stage)
         return CheckpointDir(root, keep=self.settings.peer.checkpoint_keep)
 
@@ -300,7 +301,7 @@ class StageHost:
         slots = [*self.slots.values(), *self.hosted.values()]
         return [(slot.service.executor, slot.run) for slot in slots if slot.service is not None]
 
-    def step_of(self, stage: int) -> int:
+    def step_of(self, stage: StageIndex) -> int:
         """The optimizer step of ``stage``: a served stage's now, a stage left by a move its last one."""
         slot = self.slots.get(stage)
         if slot is not None and slot.service is not None:

@@ -67,6 +67,7 @@ from shards.source import resolve_model
 from core.loop import Lifecycle, TaskSet, bounded
 from core.config import SwarmSettings
 from core.errors import ConfigError
+from core.types import StageIndex
 
 __all__ = ["Peer"]
 
@@ -359,7 +360,7 @@ class Peer(Lifecycle):
                              samples=samples, stage=self.record.stage,
                              access_token=self._auth.token if self._auth is not None else None)
 
-    def _on_step_failed(self, stage: int) -> None:
+    def _on_step_failed(self, stage: StageIndex) -> None:
         if self.resync is not None:
             self.resync.nudge(stage)
 

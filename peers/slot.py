@@ -18,6 +18,7 @@ from peers.training.protocol import BackwardRequest, ForwardRequest
 from peers.training.service import StageService
 from peers.training.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
 from core.loop import cancel_and_wait
+from core.types import StageIndex
 
 __all__ = ["StageSlot", "WorkHook"]
 
@@ -37,7 +38,7 @@ class StageSlot:
     stage. On one shared thread, two peers serving stages 2..3 that took the two step calls in
     opposite orders would each wait for the other's averaging until the timeout."""
 
-    stage: int
+    stage: StageIndex
     record: PeerRecord
     service: StageService | None = None
     inference: InferenceService | None = None  # generation sessions (KV caches) on this stage's layers

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from core.errors import InsufficientMemory
+from core.types import PeerId
 
 __all__ = [
     "Span",
@@ -101,7 +102,7 @@ class Span:
 class PlacedPeer:
     """A peer as placement sees it: its speeds and the span it holds."""
 
-    peer_id: str
+    peer_id: PeerId
     compute: float
     span: Span
     network: float = math.inf
@@ -150,7 +151,7 @@ class Joiner:
     """A peer placed by ``plan_joiners``: its speeds (tokens/s for one stage; what its link carries)
     and the memory it can give to stages."""
 
-    peer_id: str
+    peer_id: PeerId
     compute: float
     memory_bytes: int
     network: float = math.inf

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from core.types import StageIndex
 
 __all__ = ["Phase", "Action", "gpipe_schedule", "dependency", "actions_of_stage", "microbatch_rows", "MIN_AUTO_ROWS"]
 
@@ -31,7 +32,7 @@ class Action:
     tick: int
     phase: Phase
     microbatch: int
-    stage: int
+    stage: StageIndex
 
     def __str__(self) -> str:
         return f"{self.phase.value}{self.microbatch}.{self.stage}"
@@ -65,7 +66,7 @@ def dependency(action: Action, num_stages: int) -> Action | None:
     return Action(action.tick - 1, Phase.BACKWARD, action.microbatch, action.stage + 1)
 
 
-def actions_of_stage(schedule: list[Action], stage: int) -> list[Action]:
+def actions_of_stage(schedule: list[Action], stage: StageIndex) -> list[Action]:
     """The order in which ``stage`` receives its work."""
     return [action for action in schedule if action.stage == stage]
 

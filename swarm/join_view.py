@@ -16,6 +16,7 @@ from rich.text import Text
 from peers.joining.reachability import probe_reachability
 from peers.server import Peer
 from core.config import SwarmSettings
+from core.types import StageIndex
 
 __all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label"]
 
@@ -27,7 +28,7 @@ def key_fingerprint(public_key: bytes) -> str:
     return "sha256:" + hashlib.sha256(public_key).hexdigest()[:16]
 
 
-def span_label(stages: list[int]) -> str:
+def span_label(stages: list[StageIndex]) -> str:
     """``stage 2`` or ``stages 2-3`` (what the peer serves, in the words of ``--stage``)."""
     if len(stages) == 1:
         return f"stage {stages[0]}"
@@ -40,7 +41,7 @@ def describe_span(peer: Peer) -> str:
     return f"{span_label(peer.stages)} (layers [{records[0].layers.start}, {records[-1].layers.end}))"
 
 
-def format_live_line(stage: int | str, requests_per_s: float, tokens_per_s: float, tokens: int, microbatches: int,
+def format_live_line(stage: StageIndex | str, requests_per_s: float, tokens_per_s: float, tokens: int, microbatches: int,
                      ledger_entries: int, queue: int) -> str:
     """The compact live line: rates now, contribution so far (``stage`` may be a span like ``"0-1"``)."""
     label = f"stage {stage}" if isinstance(stage, int) else f"stages {stage}"

@@ -21,6 +21,7 @@ from typing import IO
 
 from rich.console import Console
 from rich.logging import RichHandler
+from core.types import PeerId
 
 __all__ = ["setup_logging", "set_log_identity", "JsonFormatter", "PROJECT_LOGGERS"]
 
@@ -30,7 +31,7 @@ _identity = ""
 _lock_files: list[IO] = []
 
 
-def set_log_identity(peer_id: str) -> None:
+def set_log_identity(peer_id: PeerId) -> None:
     """Every log line of this process names ``peer_id`` from now on."""
     global _identity
     _identity = peer_id

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from dht.schemas import HardwareSummary
 from peers.telemetry.status import PeerStatus, Status
+from core.types import PeerId
 
 __all__ = ["render_status", "sparkline"]
 
@@ -29,7 +30,7 @@ def sparkline(values: Sequence[float]) -> str:
     return "".join(bars[min(len(bars) - 1, int((v - low) / span * (len(bars) - 1) + 0.5))] for v in values)
 
 
-def _short(peer_id: str) -> str:
+def _short(peer_id: PeerId) -> str:
     return peer_id[-8:]
 
 

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError
 from core.messages import FrozenModel
 from net.rpc import parse_request
 from core.errors import CapacityExceeded, ConfigError
+from core.types import PeerId, StageIndex
 
 __all__ = [
     "append_lines",
@@ -73,17 +74,17 @@ class LedgerEntry(FrozenModel):
     seq: int = Field(ge=0)
     prev: str = Field(pattern=r"^[0-9a-f]{64}$")
     run_id: str = Field(min_length=1, max_length=64)
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     public_key: str = Field(min_length=1, max_length=2048, description="OpenSSH form of the signing key")
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     step_from: int = Field(ge=0, description="the stage's optimizer step when the window opened")
     step_to: int = Field(ge=0)
     started: float
     ended: float
     microbatches: int = Field(ge=0)
     tokens: int = Field(ge=0)
-    delegate_of: str | None = None
-    delegate: str | None = Field(None, max_length=128, description="peer id of the delegate that computed this "
+    delegate_of: PeerId | None = None
+    delegate: PeerId | None = Field(None, max_length=128, description="peer id of the delegate that computed this "
                                  "work for the signer (delegation); the signer is credited")
     receipts: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the delegate's receipts "
                                  "this entry signs (``receipts_digest``)")
@@ -223,8 +224,8 @@ class Work:
 class LedgerWriter:
     """Appends a peer's signed entries to its chain file; continues the chain found there."""
 
-    def __init__(self, path: Path, *, key: RSAPrivateKey, run_id: str, peer_id: str,
-                 delegate_of: str | None = None):
+    def __init__(self, path: Path, *, key: RSAPrivateKey, run_id: str, peer_id: PeerId,
+                 delegate_of: PeerId | None = None):
         self.path, self.key, self.run_id, self.peer_id = path, key, run_id, peer_id
         self.delegate_of = delegate_of
         self.public_key = key.get_public_key().to_bytes().decode()
@@ -233,8 +234,8 @@ class LedgerWriter:
         if path.is_file():
             self.entries = [e for e in read_entries(path) if e.public_key == self.public_key]
 
-    def append(self, stage: int, work: Work, step_to: int, started: float, ended: float, *,
-               delegate: str | None = None, receipts: str | None = None) -> LedgerEntry:
+    def append(self, stage: StageIndex, work: Work, step_to: int, started: float, ended: float, *,
+               delegate: PeerId | None = None, receipts: str | None = None) -> LedgerEntry:
         """Sign and keep one entry; ``delegate`` / ``receipts`` for work a delegate did for this peer."""
         last = self.entries[-1] if self.entries else None
         entry = sign_entry(LedgerEntry(

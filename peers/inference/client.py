@@ -24,7 +24,7 @@ from peers.inference.protocol import (
 )
 from net.rpc import Message, parse_reply
 from net.transport import Transport
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 from core.errors import PeerUnavailable, ProtocolMismatch
 
 __all__ = ["InferenceClient"]
@@ -40,7 +40,7 @@ class InferenceClient:
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
 
     async def open(
-        self, peer_id: str, stage: int, layers: LayerRange, session_id: str, *, batch_size: int, max_length: int
+        self, peer_id: PeerId, stage: StageIndex, layers: LayerRange, session_id: str, *, batch_size: int, max_length: int
     ) -> OpenResponse:
         request = OpenRequest(stage=stage, layers=layers, session_id=session_id, batch_size=batch_size,
                               max_length=max_length)
@@ -49,7 +49,7 @@ class InferenceClient:
 
     async def step(
         self,
-        peer_id: str,
+        peer_id: PeerId,
         session_id: str,
         start: int,
         hidden: torch.Tensor,
@@ -64,13 +64,13 @@ class InferenceClient:
             raise ProtocolMismatch(f"step reply carried {len(out)} tensors instead of 1")
         return out[0]
 
-    async def close(self, peer_id: str, session_id: str) -> CloseResponse:
+    async def close(self, peer_id: PeerId, session_id: str) -> CloseResponse:
         # one short try: a peer that is gone drops the session anyway when it idles out
         reply, _ = await self._call(peer_id, CLOSE, CloseRequest(session_id=session_id), [], attempts=1,
                                     timeout=min(self.timeout, 5.0))
         return parse_reply(CloseResponse, reply)
 
-    async def _call(self, peer_id: str, method: str, request: Message, tensors: list[torch.Tensor], *,
+    async def _call(self, peer_id: PeerId, method: str, request: Message, tensors: list[torch.Tensor], *,
                     attempts: int | None = None, timeout: float | None = None):
         attempts = attempts or self.attempts
         for attempt in range(1, attempts + 1):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from net.rpc import Message as _Message
-from core.types import LayerRange
+from core.types import LayerRange, StageIndex
 
 __all__ = [
     "OPEN",
@@ -47,7 +47,7 @@ class OpenRequest(_Message):
     """Open session ``session_id`` on ``layers`` of ``stage`` for ``batch_size`` sequences of at most
     ``max_length`` positions (prompt, padding and generated tokens together)."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID)
     batch_size: int = Field(gt=0, le=4096)

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 from peers.inference.protocol import OpenRequest, OpenResponse, StepRequest, StepResponse
 from shards.families import kv_bytes_per_token
 from shards.stage import StageModule
-from core.types import LayerRange
+from core.types import LayerRange, StageIndex
 from core.errors import BadRequest, CacheMiss, CapacityExceeded, WrongStage
 
 __all__ = ["InferenceSessions", "admit", "idle_sessions"]
@@ -67,7 +67,7 @@ class InferenceSessions:
     def __init__(
         self,
         module: StageModule,
-        stage: int,
+        stage: StageIndex,
         layers: LayerRange,
         *,
         memory_budget: int,
@@ -149,7 +149,7 @@ class InferenceSessions:
                             f"or idle for more than {self.idle_timeout:.0f} s); re-open it and replay")
         return session
 
-    def _check_target(self, stage: int, layers: LayerRange) -> None:
+    def _check_target(self, stage: StageIndex, layers: LayerRange) -> None:
         if stage != self.stage or layers != self.layers:
             raise WrongStage(f"this peer serves stage {self.stage} (layers {self.layers}), not stage {stage} "
                              f"(layers {layers})")

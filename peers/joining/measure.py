@@ -30,7 +30,7 @@ from net.transport import Transport
 from shards.families import family_of
 from shards.placement import contribution
 from shards.stage import StageModule
-from core.types import LayerRange
+from core.types import LayerRange, PeerId
 from core.errors import BadRequest, SwarmError
 
 __all__ = [
@@ -162,7 +162,7 @@ def serve_echo(transport: Transport) -> Any:
     return transport.serve(ECHO, echo, max_request_bytes=2 * _ECHO_LIMIT)
 
 
-async def measure_links(transport: Transport, peer_ids: Sequence[str], *, timeout: float = 2.0,
+async def measure_links(transport: Transport, peer_ids: Sequence[PeerId], *, timeout: float = 2.0,
                         progress: Progress | None = None) -> tuple[float | None, float | None]:
     """Median latency (ms) and bandwidth (megabits/s) to ``peer_ids`` (at most 3 are asked); ``None``
     when no peer answered (the first peer of a run has nobody to ask)."""
@@ -186,7 +186,7 @@ async def measure_links(transport: Transport, peer_ids: Sequence[str], *, timeou
     return round(statistics.median(latencies), 2), round(statistics.median(bandwidths), 1)
 
 
-async def _timed_echo(transport: Transport, peer_id: str, tensors: list[torch.Tensor], timeout: float) -> float:
+async def _timed_echo(transport: Transport, peer_id: PeerId, tensors: list[torch.Tensor], timeout: float) -> float:
     started = time.perf_counter()
     reply, echoed = await asyncio.wait_for(
         transport.call(peer_id, ECHO, EchoRequest(), tensors, timeout=timeout), timeout)

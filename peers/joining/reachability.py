@@ -16,6 +16,7 @@ from typing import Sequence
 
 from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
+from core.types import StageIndex
 
 __all__ = ["AddressKind", "Verdict", "address_kind", "explain_claim", "explain_placement", "reachability_verdict",
            "probe_reachability"]
@@ -106,7 +107,7 @@ async def probe_reachability(maddrs: Sequence[str], *, timeout: float = 10.0) ->
             await probe.shutdown()
 
 
-def explain_claim(coverage: Sequence[int], stage: int) -> str:
+def explain_claim(coverage: Sequence[int], stage: StageIndex) -> str:
     """Why a joining peer took ``stage`` given the live peers per stage it saw."""
     least = min(coverage)
     ties = sum(count == least for count in coverage)
@@ -118,7 +119,7 @@ def explain_claim(coverage: Sequence[int], stage: int) -> str:
     return f"{why}; peers per stage {{{seen}}}"
 
 
-def explain_placement(loads: Sequence[float], stage: int, throughput: float, count: int = 1) -> str:
+def explain_placement(loads: Sequence[float], stage: StageIndex, throughput: float, count: int = 1) -> str:
     """Why a joining peer took the ``count`` stages from ``stage`` given the tokens/s each stage had
     (``loads``) and what it gives each of them (``throughput``)."""
     span = range(stage, stage + count)

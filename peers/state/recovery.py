@@ -28,6 +28,7 @@ from peers.training.executor import StageExecutor
 from peers.state.snapshot import StateIdentity, StateMeta, apply_state, part_name
 from peers.state.store_client import StoreClient
 from core.errors import PeerUnavailable, StateMismatch, SwarmError
+from core.types import PeerId, StageIndex
 
 __all__ = ["Compute", "Restore", "choose_restore", "restore_order", "adopt_state", "take_state"]
 
@@ -47,7 +48,7 @@ class Restore:
 
 
 def choose_restore(local: StateMeta | None, store: tuple[str, int] | None, identity: StateIdentity,
-                   stage: int) -> Restore | None:
+                   stage: StageIndex) -> Restore | None:
     """The newer of the local checkpoint (only if it is of this run, model and stage) and the
     store's; the local one on a tie, as it needs no download. None when there is neither."""
     usable = local is not None and local.identity == identity and local.stage == stage
@@ -92,7 +93,7 @@ async def adopt_state(
     return "model files"
 
 
-async def _load(restore: Restore, stage: int, store: StoreClient | None,
+async def _load(restore: Restore, stage: StageIndex, store: StoreClient | None,
                 local: CheckpointDir | None) -> tuple[StateMeta, dict[str, torch.Tensor], str]:
     if restore.source == "store":
         meta, tensors = await store.get(part_name(stage), restore.store_id)
@@ -133,7 +134,7 @@ def _unreachable(error: SwarmError) -> bool:
                                                    or "connect failed" in text)
 
 
-async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: str, client: StageClient,
+async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: PeerId, client: StageClient,
                      compute: Compute, *, rounds: int = 3) -> int:
     """Fetch and load a replica's state until its step still matches afterwards (bounded); returns the
     step taken. Gradients accumulated here before are dropped: they belong to a step already gone."""
@@ -149,7 +150,7 @@ async def take_state(executor: StageExecutor, identity: StateIdentity, peer_id: 
     return meta.step
 
 
-async def _pick_checkpoints(stage: int, identity: StateIdentity, store: StoreClient | None,
+async def _pick_checkpoints(stage: StageIndex, identity: StateIdentity, store: StoreClient | None,
                             local: CheckpointDir | None) -> list[Restore]:
     """Every checkpoint to try, newest first (``restore_order``)."""
     in_store = None
@@ -168,7 +169,7 @@ async def _pick_checkpoints(stage: int, identity: StateIdentity, store: StoreCli
 
 
 def restore_order(local: list[StateMeta], store: tuple[str, int] | None, identity: StateIdentity,
-                  stage: int) -> list[Restore]:
+                  stage: StageIndex) -> list[Restore]:
     """The checkpoints a restore tries, newest first: the store's and each local one of this run,
     model and stage (the local one first on a tie). A restore takes the first that passes the
     checks, never merely the highest step number (a forged or corrupt one is skipped)."""

@@ -33,6 +33,7 @@ from peers.state.recovery import Compute, take_state
 from peers.state.snapshot import StateIdentity
 from core.loop import cancel_and_wait
 from core.errors import SwarmError
+from core.types import StageIndex
 
 __all__ = ["falls_behind", "ResyncWatch", "RESYNC_PERIOD"]
 
@@ -74,14 +75,14 @@ class ResyncWatch:
             await cancel_and_wait(task)
         self._nudged.clear()
 
-    def nudge(self, stage: int) -> None:
+    def nudge(self, stage: StageIndex) -> None:
         """``stage``'s step round failed here: check now whether the other replicas applied it (one check
         per stage at a time)."""
         task = self._nudged.get(stage)
         if task is None or task.done():
             self._nudged[stage] = asyncio.create_task(self._catch_up_safely(stage), name=f"resync-stage{stage}")
 
-    async def _catch_up_safely(self, stage: int) -> bool:
+    async def _catch_up_safely(self, stage: StageIndex) -> bool:
         try:
             return await self._catch_up(stage)
         except asyncio.CancelledError:
@@ -90,7 +91,7 @@ class ResyncWatch:
             logger.warning("stage %d: checking its replicas' steps failed: %s: %s", stage, type(e).__name__, e)
             return False
 
-    async def _catch_up(self, stage: int, looks: int = 5) -> bool:
+    async def _catch_up(self, stage: StageIndex, looks: int = 5) -> bool:
         """Up to ``looks`` times, 0.5 s more apart each time: is another replica ahead of this one? If so,
         take its state (marked ``behind`` meanwhile). False when none got ahead (the round failed for
         every member, and the trainer runs it again)."""

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 
 from core.messages import FrozenModel
-from core.types import LayerRange
+from core.types import LayerRange, StageIndex
 from core.errors import StateMismatch
 
 __all__ = [
@@ -54,7 +54,7 @@ class StateMeta(FrozenModel):
     version: int = STATE_VERSION
     run_id: str = Field(min_length=1, max_length=64)
     config_hash: str = Field(min_length=1, max_length=128)
-    stage: int | None = Field(None, ge=0)
+    stage: StageIndex | None = Field(None, ge=0)
     layers: LayerRange | None = None
     step: int = Field(ge=0, description="optimizer steps applied to these parameters")
     dtype: str = Field(pattern="^(float32|float16|bfloat16)$")
@@ -75,7 +75,7 @@ class StateMeta(FrozenModel):
         return StateIdentity(run_id=self.run_id, config_hash=self.config_hash)
 
 
-def part_name(stage: int | None) -> str:
+def part_name(stage: StageIndex | None) -> str:
     """The name a checkpoint store files a state under: ``stage-<i>``, or ``local`` for a trainer's."""
     return LOCAL_PART if stage is None else f"stage-{stage}"
 
@@ -91,7 +91,7 @@ def capture_state(
     *,
     identity: StateIdentity,
     step: int,
-    stage: int | None = None,
+    stage: StageIndex | None = None,
     layers: LayerRange | None = None,
 ) -> tuple[StateMeta, TensorDict]:
     """Copy the parameters (and, given an optimizer, its state) into new tensors."""
@@ -115,7 +115,7 @@ def check_state(
     module: torch.nn.Module,
     *,
     identity: StateIdentity,
-    stage: int | None,
+    stage: StageIndex | None,
     layers: LayerRange | None,
     need_optimizer: bool = True,
 ) -> None:
@@ -132,7 +132,7 @@ def check_state(
                                 f"{want_dtype} {list(want_shape)}")
 
 
-def _check_meta(meta: StateMeta, identity: StateIdentity, stage: int | None, layers: LayerRange | None,
+def _check_meta(meta: StateMeta, identity: StateIdentity, stage: StageIndex | None, layers: LayerRange | None,
                 need_optimizer: bool) -> None:
     if meta.version != STATE_VERSION:
         raise StateMismatch(f"state format version {meta.version}; this peer reads {STATE_VERSION}")
@@ -170,7 +170,7 @@ def apply_state(
     tensors: Mapping[str, torch.Tensor],
     *,
     identity: StateIdentity,
-    stage: int | None = None,
+    stage: StageIndex | None = None,
     layers: LayerRange | None = None,
 ) -> None:
     """Check ``tensors`` against the module, then copy them into its parameters and the optimizer.

@@ -24,6 +24,7 @@ from peers.state.store_protocol import (
 )
 from net.transport import Transport
 from core.errors import CheckpointMissing, PeerUnavailable, ProtocolMismatch, SwarmError
+from core.types import PeerId
 
 __all__ = ["StoreClient", "StoreSource"]
 
@@ -48,7 +49,7 @@ class StoreClient:
     async def store_ids(self) -> list[str]:
         return [record.peer_id for record in await self._stores()]
 
-    async def has(self, peer_id: str, part: str) -> int | None:
+    async def has(self, peer_id: PeerId, part: str) -> int | None:
         reply, _ = await self._call(peer_id, CHECKPOINT_HAS, HasRequest(part=part), [])
         return parse_reply(HasResponse, reply).step
 
@@ -81,7 +82,7 @@ class StoreClient:
                 logger.warning("uploading %s step %d to store %s failed: %s", meta.part, meta.step, peer_id[-8:], e)
         return stored
 
-    async def get(self, part: str, peer_id: str | None = None) -> tuple[StateMeta, dict[str, torch.Tensor]]:
+    async def get(self, part: str, peer_id: PeerId | None = None) -> tuple[StateMeta, dict[str, torch.Tensor]]:
         """The newest checkpoint of ``part`` (from ``peer_id``, else from the store holding the newest)."""
         if peer_id is None:
             found = await self.latest(part)
@@ -94,7 +95,7 @@ class StoreClient:
             raise ProtocolMismatch(f"checkpoint reply names {len(response.names)} tensors but carried {len(tensors)}")
         return response.meta, dict(zip(response.names, tensors))
 
-    async def _call(self, peer_id: str, method: str, request: Message, tensors: list[torch.Tensor], **options):
+    async def _call(self, peer_id: PeerId, method: str, request: Message, tensors: list[torch.Tensor], **options):
         for attempt in range(1, self.attempts + 1):
             try:
                 return await self.transport.call(peer_id, method, request, tensors, timeout=self.timeout, **options)

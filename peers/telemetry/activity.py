@@ -17,6 +17,7 @@ import torch
 
 from net.rpc import Outgoing
 from net.transport import Handler, Transport
+from core.types import PeerId, StageIndex
 
 __all__ = ["RequestDone", "Activity", "ObservedTransport", "work_of"]
 
@@ -32,7 +33,7 @@ class RequestDone:
     method: str
     seconds: float
     ok: bool
-    stage: int | None
+    stage: StageIndex | None
     samples: int
     tokens: int
 
@@ -108,7 +109,7 @@ class ObservedTransport:
         push computes its hop through its own forward or backward handler)."""
         return self._observed(method.rsplit(".", 1)[-1], handler)
 
-    async def call(self, peer_id: str, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *,
+    async def call(self, peer_id: PeerId, method: str, message: Outgoing, tensors: Sequence[torch.Tensor], *,
                    timeout: float) -> tuple[Any, list[torch.Tensor]]:
         if self.calls is None:
             return await self.inner.call(peer_id, method, message, tensors, timeout=timeout)

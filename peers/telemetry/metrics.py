@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from peers.telemetry.activity import Activity, RequestDone
 from peers.telemetry.monitor import HardwareMonitor, HardwareSample
 from core.errors import ConfigError
+from core.types import PeerId
 
 __all__ = ["NodeMetrics", "MetricsServer"]
 
@@ -28,7 +29,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class NodeMetrics:
     """The metrics of one node, in a registry of its own."""
 
-    def __init__(self, role: str, peer_id: str, run_id: str):
+    def __init__(self, role: str, peer_id: PeerId, run_id: str):
         self.registry = r = CollectorRegistry()
         Info("swarm_node", "what this node is", registry=r).info({"role": role, "peer_id": peer_id, "run": run_id})
         self.requests = Counter("swarm_rpc_requests", "RPC requests served (a trainer: made), by method and outcome",

@@ -26,6 +26,7 @@ from peers.telemetry.monitor import HardwareMonitor
 from net.transport import Transport
 from core.loop import cancel_and_wait
 from core.config import SwarmSettings
+from core.types import StageIndex
 
 __all__ = ["PeerTelemetry"]
 
@@ -62,7 +63,7 @@ class PeerTelemetry:
         """The transport to register handlers on, so every request is counted."""
         return ObservedTransport(transport, self.activity)
 
-    def start_serving(self, stages: list[int], step_of: Callable[[int], int], transport: Transport, *,
+    def start_serving(self, stages: list[StageIndex], step_of: Callable[[int], int], transport: Transport, *,
                       counts: Callable[[int], bool] = lambda stage: True) -> None:
         """The stage is served: start the ledger (of the stages ``counts`` says are this peer's own
         work) and the metrics record."""
@@ -78,12 +79,12 @@ class PeerTelemetry:
         self.recorder.start()
         self._task = asyncio.create_task(self._publish_forever(), name="peer-metrics-record")
 
-    def follow_stage(self, stage: int) -> None:
+    def follow_stage(self, stage: StageIndex) -> None:
         """The peer moved to ``stage``: the step gauge and the metrics record follow it (in place: the
         step gauge reads this list)."""
         self.follow_stages([stage])
 
-    def follow_stages(self, stages: list[int]) -> None:
+    def follow_stages(self, stages: list[StageIndex]) -> None:
         """The peer moved to the span ``stages`` (see ``follow_stage``)."""
         self._stages[:] = list(stages)
 

@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 from core.messages import FrozenModel
 from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState, TrainerRecord
+from core.types import PeerId, StageIndex
 
 __all__ = [
     "Status",
@@ -57,7 +58,7 @@ class StageStatus(FrozenModel):
 
     index: int
     layers: list[int]
-    peers: list[str]
+    peers: list[PeerId]
     online: int
     online_peers: list[str]
     throughput: float
@@ -66,15 +67,15 @@ class StageStatus(FrozenModel):
 class PeerStatus(FrozenModel):
     """One peer, over all the stages it serves: its record, its metrics and what it contributes."""
 
-    peer_id: str
-    stages: list[int]
+    peer_id: PeerId
+    stages: list[StageIndex]
     state: str
     throughput: float
     load: float
     maddrs: list[str]
     hardware: HardwareSummary
     age: float
-    delegate_of: str | None
+    delegate_of: PeerId | None
     step: int
     requests_per_s: float
     tokens_per_s: float
@@ -90,9 +91,9 @@ class PeerStatus(FrozenModel):
 class DelegationLink(FrozenModel):
     """A stage a delegate serves for a delegator (the delegator's signed record says so)."""
 
-    delegate: str
-    delegator: str
-    stage: int
+    delegate: PeerId
+    delegator: PeerId
+    stage: StageIndex
     gpu_count: int
 
 
@@ -231,7 +232,7 @@ def _peers(records: Mapping[int, Sequence[PeerRecord]], metrics: Mapping[str, Me
             for peer_id, r in first.items()]
 
 
-def _peer(r: PeerRecord, stages: list[int], m: MetricsRecord | None, marginal: float, swarm_rate: float,
+def _peer(r: PeerRecord, stages: list[StageIndex], m: MetricsRecord | None, marginal: float, swarm_rate: float,
           total_tokens: int, now: float) -> PeerStatus:
     """One peer from its first record (in stage order) and its metrics record, if any."""
     age = round(now - r.updated, 1) if r.updated else 0.0

@@ -43,7 +43,7 @@ from peers.training.sanity import MAX_ABS, insanity
 from peers.state.snapshot import StateMeta
 from net.transport import Transport
 from net.wire import decode, encode, width
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 from core.errors import BadRequest, CacheMiss, InvalidOutput, PeerUnavailable, ProtocolMismatch
 
 __all__ = ["StageClient", "StageInputs", "retried_call"]
@@ -74,8 +74,8 @@ class StageClient:
 
     async def forward(
         self,
-        peer_id: str,
-        stage: int,
+        peer_id: PeerId,
+        stage: StageIndex,
         layers: LayerRange,
         request_id: str,
         inputs: StageInputs,
@@ -95,8 +95,8 @@ class StageClient:
 
     async def backward(
         self,
-        peer_id: str,
-        stage: int,
+        peer_id: PeerId,
+        stage: StageIndex,
         layers: LayerRange,
         request_id: str,
         grad_output: torch.Tensor,
@@ -119,7 +119,7 @@ class StageClient:
         return await self._backward(peer_id, BackwardRequest(**base, with_inputs=True), tensors, hidden)
 
     async def _backward(
-        self, peer_id: str, request: BackwardRequest, tensors: list[torch.Tensor], hidden: torch.Tensor,
+        self, peer_id: PeerId, request: BackwardRequest, tensors: list[torch.Tensor], hidden: torch.Tensor,
     ) -> tuple[torch.Tensor, BackwardResponse]:
         reply, out = await self._call(peer_id, BACKWARD, request, tensors)
         response = parse_reply(BackwardResponse, reply)
@@ -139,7 +139,7 @@ class StageClient:
         reply, _ = await self._call(hops[0].peer_id, PUSH, request, tensors, timeout=self.timeout * len(hops))
         return parse_reply(PushResponse, reply)
 
-    async def collect(self, peer_id: str, mailbox: str, like: torch.Tensor, *,
+    async def collect(self, peer_id: PeerId, mailbox: str, like: torch.Tensor, *,
                       timeout: float) -> tuple[torch.Tensor, list[HopDone]]:
         """What a push left under ``mailbox`` on ``peer_id`` (waiting for it up to ``timeout`` s),
         checked like a stage's reply (the shape of ``like``, sane values), and the hops that the
@@ -150,7 +150,7 @@ class StageClient:
         return self._sane(self._decoded(out, like.dtype, "collect"), like,
                           f"the pushed result from {peer_id[-8:]}"), done
 
-    async def kept(self, peer_id: str, stage: int, layers: LayerRange, request_id: str, like: torch.Tensor, *,
+    async def kept(self, peer_id: PeerId, stage: StageIndex, layers: LayerRange, request_id: str, like: torch.Tensor, *,
                    grad: bool = False) -> torch.Tensor:
         """The output of a training forward (``grad``: its backward's input gradient) that ``peer_id``
         still keeps (``CacheMiss`` if it does not), checked like a stage's reply."""
@@ -181,24 +181,24 @@ class StageClient:
         except BadRequest as e:
             raise ProtocolMismatch(str(e)) from None
 
-    async def step(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str],
+    async def step(self, peer_id: PeerId, stage: StageIndex, layers: LayerRange, step: int, members: list[str],
                    scheduled_time: float) -> StepResponse:
         request = StepRequest(stage=stage, layers=layers, step=step, members=members, scheduled_time=scheduled_time)
         reply, _ = await self._call(peer_id, STEP, request, [])
         return parse_reply(StepResponse, reply)
 
-    async def abort(self, peer_id: str, stage: int, layers: LayerRange, step: int, members: list[str]) -> AbortResponse:
+    async def abort(self, peer_id: PeerId, stage: StageIndex, layers: LayerRange, step: int, members: list[str]) -> AbortResponse:
         request = AbortRequest(stage=stage, layers=layers, step=step, members=members)
         reply, _ = await self._call(peer_id, ABORT, request, [])
         return parse_reply(AbortResponse, reply)
 
-    async def info(self, peer_id: str, stage: int | None = None) -> InfoResponse:
+    async def info(self, peer_id: PeerId, stage: StageIndex | None = None) -> InfoResponse:
         """How ``stage`` stands on that peer (its first stage when ``None``)."""
         reply, _ = await self._call(peer_id, INFO, InfoRequest(stage=stage), [])
         return parse_reply(InfoResponse, reply)
 
     async def fetch_state(
-        self, peer_id: str, stage: int, layers: LayerRange, *, with_optimizer: bool = True,
+        self, peer_id: PeerId, stage: StageIndex, layers: LayerRange, *, with_optimizer: bool = True,
         timeout: float | None = None,
     ) -> tuple[StateMeta, dict[str, torch.Tensor]]:
         """Download a stage's current parameters (and optimizer state) from a peer serving it.
@@ -211,14 +211,14 @@ class StageClient:
             raise ProtocolMismatch(f"state reply names {len(response.names)} tensors but carried {len(tensors)}")
         return response.meta, dict(zip(response.names, tensors))
 
-    async def _call(self, peer_id: str, method: str, request, tensors: list[torch.Tensor], *,
+    async def _call(self, peer_id: PeerId, method: str, request, tensors: list[torch.Tensor], *,
                     timeout: float | None = None, **options):
         return await retried_call(self.transport, peer_id, method, request, tensors,
                                   timeout=timeout or self.timeout, attempts=self.attempts, backoff=self.backoff,
                                   **options)
 
 
-async def retried_call(transport: Transport, peer_id: str, method: str, message: Outgoing, tensors: list[torch.Tensor],
+async def retried_call(transport: Transport, peer_id: PeerId, method: str, message: Outgoing, tensors: list[torch.Tensor],
                        *, timeout: float, attempts: int, backoff: float, **options):
     """``transport.call``, tried up to ``attempts`` times while the peer is unreachable
     (``PeerUnavailable``), backing off ``backoff x 2^(attempt-1)`` s and logging each attempt; any

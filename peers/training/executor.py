@@ -37,7 +37,7 @@ from peers.training.protocol import (
     StepRequest,
     StepResponse,
 )
-from core.types import LayerRange
+from core.types import LayerRange, StageIndex
 from core.errors import AveragingFailed, BadRequest, CacheMiss, StaleReplica, WrongStage
 
 __all__ = ["StageExecutor", "ForwardInputs"]
@@ -70,7 +70,7 @@ class StageExecutor:
     def __init__(
         self,
         module: torch.nn.Module,
-        stage: int,
+        stage: StageIndex,
         layers: LayerRange,
         optimizer: OptimizerSettings,
         *,
@@ -111,7 +111,7 @@ class StageExecutor:
 
     # -- validation -------------------------------------------------------------------------------
 
-    def check_target(self, stage: int, layers: LayerRange) -> None:
+    def check_target(self, stage: StageIndex, layers: LayerRange) -> None:
         if stage != self.stage:
             raise WrongStage(f"this peer serves stage {self.stage} (layers {self.layers}), not stage {stage}")
         if layers != self.layers:

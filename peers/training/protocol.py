@@ -35,7 +35,7 @@ from core.messages import FrozenModel
 from net.rpc import Message as _Message
 from peers.state.snapshot import StateMeta
 from net.wire import WIRE_PATTERN
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 
 __all__ = [
     "FORWARD",
@@ -88,7 +88,7 @@ COLLECT = "swarm.stage.collect"
 class ForwardRequest(_Message):
     """Run ``layers`` of ``stage`` on the hidden states. ``train`` keeps the graph for a backward."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     request_id: str = Field(min_length=1, max_length=64)
     train: bool = False
@@ -110,7 +110,7 @@ class BackwardRequest(_Message):
     ``num_samples`` (rows of this microbatch) is counted; the optimizer steps only on a ``StepRequest``.
     """
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     request_id: str = Field(min_length=1, max_length=64)
     num_samples: int = Field(gt=0)
@@ -132,16 +132,16 @@ class BackwardResponse(_Message):
 class PushHop(FrozenModel):
     """One stage of a pushed microbatch: who computes it, under which request id and dropout seed."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
-    peer_id: str = Field(min_length=1, max_length=128)
+    peer_id: PeerId = Field(min_length=1, max_length=128)
     request_id: str = Field(min_length=1, max_length=64)
     seed: int | None = Field(None, ge=0)
 
 
 class HopDone(FrozenModel):
-    stage: int
-    peer_id: str = Field(max_length=128)
+    stage: StageIndex
+    peer_id: PeerId = Field(max_length=128)
     compute_ms: float
     optimizer_step: int
 
@@ -167,8 +167,8 @@ class PushRequest(_Message):
 class HopFailed(FrozenModel):
     """The hop a push could not hand its result to, and why (the error its caller got)."""
 
-    stage: int
-    peer_id: str
+    stage: StageIndex
+    peer_id: PeerId
     code: str
     message: str
 
@@ -196,7 +196,7 @@ class KeptRequest(_Message):
     if this stage still keeps it: what a trainer that had the microbatch pushed replays another
     stage's lost backward from (``trainer.pipeline``)."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     request_id: str = Field(min_length=1, max_length=64)
     grad: bool = False
@@ -215,7 +215,7 @@ class StepRequest(_Message):
     ``scheduled_time`` (DHT time) is when the members meet to average, the same for all of them.
     """
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     step: int = Field(ge=0)
     members: list[str] = Field(min_length=1, max_length=256)
@@ -234,7 +234,7 @@ class AbortRequest(_Message):
     (it would wait for ``peer.averaging_timeout``). Nothing is applied; the trainer runs the round
     again without the dead member."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     step: int = Field(ge=0)
     members: list[str] = Field(min_length=1, max_length=256, description="the round's members, as in its StepRequest")
@@ -249,12 +249,12 @@ class AbortResponse(_Message):
 class InfoRequest(_Message):
     """How a replica stands; ``stage`` picks one of a peer serving several (default: its first)."""
 
-    stage: int | None = Field(None, ge=0)
+    stage: StageIndex | None = Field(None, ge=0)
 
 
 class InfoResponse(_Message):
-    peer_id: str
-    stage: int
+    peer_id: PeerId
+    stage: StageIndex
     layers: LayerRange
     optimizer_step: int
     accumulated_samples: int
@@ -265,7 +265,7 @@ class InfoResponse(_Message):
 class StateRequest(_Message):
     """Send this stage's current state: parameters and, with ``with_optimizer``, the AdamW state."""
 
-    stage: int = Field(ge=0)
+    stage: StageIndex = Field(ge=0)
     layers: LayerRange
     with_optimizer: bool = True
 

@@ -46,6 +46,7 @@ from net.rpc import guarded, ok_reply, parse_reply, parsing
 from net.transport import Handler, Transport
 from net.wire import width
 from core.errors import BadRequest, CapacityExceeded, StageTimeout, SwarmError, WrongStage, error_from_wire
+from core.types import PeerId
 
 __all__ = ["Mailbox", "PushService", "LocalCall"]
 
@@ -114,7 +115,7 @@ class PushService:
     """Serves ``push`` and ``collect`` for one peer: computes a hop with ``local`` and calls the next
     hop's peer over ``transport`` (retried like any call to a peer; every hop is idempotent)."""
 
-    def __init__(self, peer_id: str, local: LocalCall, transport: Transport, *, timeout: float = 120.0,
+    def __init__(self, peer_id: PeerId, local: LocalCall, transport: Transport, *, timeout: float = 120.0,
                  attempts: int = 3, backoff: float = 0.25, mailbox: Mailbox | None = None):
         self.peer_id = peer_id
         self.local = local

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
 from dht.schemas import PeerRecord, PeerState
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 from core.errors import NoRoute
 
 __all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "coverage", "record_loads", "record_replicas"]
@@ -20,9 +20,9 @@ __all__ = ["Hop", "Route", "expected_time", "plan_route", "plan_routes", "covera
 class Hop:
     """One stage of a route and the peer chosen to compute it."""
 
-    stage: int
+    stage: StageIndex
     layers: LayerRange
-    peer_id: str
+    peer_id: PeerId
 
 
 Route = tuple[Hop, ...]

@@ -42,6 +42,7 @@ from net.transport import CALLER, Handler, Transport
 from net.wire import decode, encode, width
 from peers.training.worker import ComputeWorker
 from core.errors import AveragingFailed, BadRequest, StaleReplica, WrongStage
+from core.types import PeerId
 
 __all__ = ["StageService"]
 
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 class StageService:
     """Serves one stage's ``forward``/``backward``/``step``/``info`` over a transport."""
 
-    def __init__(self, executor: StageExecutor, peer_id: str, *, worker: ThreadPoolExecutor | None = None,
+    def __init__(self, executor: StageExecutor, peer_id: PeerId, *, worker: ThreadPoolExecutor | None = None,
                  identity: StateIdentity | None = None):
         """``worker`` is the peer's one compute thread (the one that loaded the stage: torch keeps an
         OpenMP thread team per calling thread, and a second team costs speed); a service made
