@@ -35,6 +35,7 @@ __all__ = [
     "DelegationSettings",
     "SwarmSettings",
     "load_settings",
+    "trainer_settings",
     "check_multiaddr",
 ]
 
@@ -286,13 +287,28 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSet
     try:
         settings = _Settings(**_drop_none(overrides))
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"setting {where}: {message} (got {first.get('input')!r})") from None
+        raise ConfigError(_first_problem(e)) from None
     except Exception as e:  # tomllib.TOMLDecodeError and friends: the file itself is broken
         raise ConfigError(f"cannot read config {path}: {e}") from None
     return SwarmSettings.model_validate(settings.model_dump())
+
+
+def trainer_settings(**overrides: Any) -> TrainerSettings:
+    """The ``[trainer]`` settings with keyword ``overrides`` from Python code (``from_pretrained``):
+    the same fields, bounds and defaults as ``swarm.toml``; a bad or unknown key raises
+    ``ConfigError`` naming it."""
+    try:
+        return TrainerSettings(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_first_problem(e, within="trainer")) from None
+
+
+def _first_problem(error: ValidationError, within: str | None = None) -> str:
+    """The first thing pydantic found wrong, for a person: the setting's dotted name, why, and the value."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in ((within,) if within else ()) + tuple(first["loc"]))
+    message = first["msg"].removeprefix("Value error, ")
+    return f"setting {where}: {message} (got {first.get('input')!r})"
 
 
 def _drop_none(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 from typing import Any, Collection, Mapping
 
 from swarm.config import TrainerSettings
@@ -16,6 +17,7 @@ from swarm.errors import AveragingFailed, InvalidOutput, PeerUnavailable, Recove
 
 __all__ = [
     "FaultPolicy",
+    "POLICY_SETTINGS",
     "EARLY_PROBE",
     "STALE_RECHECK",
     "ban_seconds",
@@ -60,9 +62,14 @@ class FaultPolicy:
     @classmethod
     def from_settings(cls, settings: TrainerSettings, **bounds: Any) -> "FaultPolicy":
         """The policy of a trainer configured by ``settings``; ``bounds``: the fields no config sets."""
-        return cls(ban_time=settings.ban_time, averaging_window=settings.averaging_window,
-                   step_wait=settings.step_wait, spot_check_rate=settings.spot_check_rate,
-                   spot_check_tolerance=settings.spot_check_tolerance, max_abs=settings.max_abs_value, **bounds)
+        return cls(**{field: getattr(settings, name) for field, name in POLICY_SETTINGS.items()}, **bounds)
+
+
+POLICY_SETTINGS: Mapping[str, str] = MappingProxyType({
+    "ban_time": "ban_time", "averaging_window": "averaging_window", "step_wait": "step_wait",
+    "spot_check_rate": "spot_check_rate", "spot_check_tolerance": "spot_check_tolerance", "max_abs": "max_abs_value",
+})
+"""``FaultPolicy`` field -> the ``TrainerSettings`` field it is configured by."""
 
 
 def ban_seconds(why: BaseException, policy: FaultPolicy) -> float:

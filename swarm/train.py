@@ -18,12 +18,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from swarm.config import MonitorSettings
+from swarm.config import MonitorSettings, TrainerSettings
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
 from swarm.errors import RunStopped, SwarmError
 from swarm.generation import max_positions
 from swarm.model import SwarmModelForCausalLM
-from swarm.pipeline import FaultPolicy
 from swarm.reporting import TrainerReporter
 
 __all__ = ["TrainResult", "train"]
@@ -59,26 +58,20 @@ def train(
     batch_size: int | None = None,
     seed: int = 0,
     sample_tokens: int = 120,
-    timeout: float = 120.0,
-    policy: FaultPolicy = FaultPolicy(),
-    microbatch_size: int | None = None,
+    trainer: TrainerSettings = TrainerSettings(),
     result_path: Path | None = None,
     console: Console | None = None,
-    checkpoint_every: int = 50,
     monitor: MonitorSettings | None = None,
     key: str | None = None,
-    push: bool = True,
-    route_wait: float = 120.0,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
-    watches the run (the demo, the churn test) sees how far it got. ``route_wait``: seconds to wait
-    for a stage nobody serves to be taken over (``TrainerSettings``)."""
+    watches the run (the demo, the churn test) sees how far it got. ``trainer``: how the model calls
+    the stages and waits for them, and how often the local parts are uploaded (``checkpoint_every``)."""
     console = console or Console()
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
-        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
-                                                      policy=policy, microbatch_size=microbatch_size, key=key,
-                                                      push=push, route_wait=route_wait)
+        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, key=key,
+                                                      **trainer.model_dump(exclude={"checkpoint_every"}))
     with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
@@ -117,7 +110,7 @@ def train(
                 reporter.report(model.step, result.losses[-1], input_ids.numel())
                 progress.update(task, advance=1, loss=f"{result.losses[-1]:.3f}", tps=f"{tps:,.0f}", step=model.step)
                 model.report_progress(model.step, result.losses[-1], round(tps, 1))
-                if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                if (step + 1) % trainer.checkpoint_every == 0 or step + 1 == steps:
                     _upload_local_parts(model, model.step)
         if not result.losses:
             console.print("no step was trained")
