@@ -198,7 +198,7 @@ class SwarmModelForCausalLM(nn.Module):
             started.callback(trainer_sync.shutdown)
             model = cls(local, pipeline, runner, microbatch_size=trainer.microbatch_size,
                         resources=[transport, dht], trainer_sync=trainer_sync)
-            started.pop_all()  # from here the model owns all of it: its close() stops it in reverse order
+            started.pop_all()  # from here the model owns all of it: its close() stops it
             started.callback(model.close)
             model._auth = auth
             model.source = source
