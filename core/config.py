@@ -23,6 +23,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, fi
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from core.errors import ConfigError
+from core.types import PeerId, StageIndex
 
 __all__ = [
     "NetworkSettings",
@@ -35,6 +36,7 @@ __all__ = [
     "DelegationSettings",
     "SwarmSettings",
     "load_settings",
+    "trainer_settings",
     "check_multiaddr",
 ]
 
@@ -51,7 +53,7 @@ class NetworkSettings(_Section):
 
     @field_validator("initial_peers")
     @classmethod
-    def _multiaddrs(cls, peers: list[str]) -> list[str]:
+    def _multiaddrs(cls, peers: list[PeerId]) -> list[str]:
         for address in peers:
             try:
                 check_multiaddr(address)
@@ -215,7 +217,7 @@ class DelegationSettings(_Section):
     delegate_to: list[str] = Field(default_factory=list, description="multiaddrs of delegates to hand this "
                                    "machine's stage to, tried in order (--delegate-to)")
     token: str | None = Field(None, description="delegation token to present to the delegate (--delegation-token)")
-    stage: int | None = Field(None, ge=0, description="stage to have served (default: the delegate picks)")
+    stage: StageIndex | None = Field(None, ge=0, description="stage to have served (default: the delegate picks)")
     poll_interval: float = Field(5.0, gt=0, description="seconds between the delegator's polls for receipts")
 
     @field_validator("delegate_to")
@@ -286,13 +288,28 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> SwarmSet
     try:
         settings = _Settings(**_drop_none(overrides))
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"setting {where}: {message} (got {first.get('input')!r})") from None
+        raise ConfigError(_first_problem(e)) from None
     except Exception as e:  # tomllib.TOMLDecodeError and friends: the file itself is broken
         raise ConfigError(f"cannot read config {path}: {e}") from None
     return SwarmSettings.model_validate(settings.model_dump())
+
+
+def trainer_settings(**overrides: Any) -> TrainerSettings:
+    """The ``[trainer]`` settings with keyword ``overrides`` from Python code (``from_pretrained``):
+    the same fields, bounds and defaults as ``swarm.toml``; a bad or unknown key raises
+    ``ConfigError`` naming it."""
+    try:
+        return TrainerSettings(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_first_problem(e, within="trainer")) from None
+
+
+def _first_problem(error: ValidationError, within: str | None = None) -> str:
+    """The first thing pydantic found wrong, for a person: the setting's dotted name, why, and the value."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in ((within,) if within else ()) + tuple(first["loc"]))
+    message = first["msg"].removeprefix("Value error, ")
+    return f"setting {where}: {message} (got {first.get('input')!r})"
 
 
 def _drop_none(overrides: dict[str, Any]) -> dict[str, Any]:

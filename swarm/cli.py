@@ -333,18 +333,11 @@ def train_command(
     settings = _client_settings("train", config, bootstrap_addr, log_file="train", run_id=run, key=key,
                                 log_level=log_level or "WARNING", state_dir=state_dir,
                                 monitor={"metrics_port": metrics_port})
-    from trainer.pipeline import FaultPolicy
     from swarm.train import train
 
-    trainer = settings.trainer
-    policy = FaultPolicy(ban_time=trainer.ban_time, averaging_window=trainer.averaging_window,
-                         step_wait=trainer.step_wait, spot_check_rate=trainer.spot_check_rate,
-                         spot_check_tolerance=trainer.spot_check_tolerance, max_abs=trainer.max_abs_value)
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
-          batch_size=batch_size, seed=seed, timeout=trainer.timeout, policy=policy,
-          microbatch_size=trainer.microbatch_size, result_path=result_json, console=Console(),
-          checkpoint_every=trainer.checkpoint_every, monitor=settings.monitor, key=settings.key, push=trainer.push,
-          route_wait=trainer.route_wait)
+          batch_size=batch_size, seed=seed, trainer=settings.trainer, result_path=result_json, console=Console(),
+          monitor=settings.monitor, key=settings.key)
 
 
 @app.command("export")

@@ -19,12 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from core.config import MonitorSettings
+from core.config import MonitorSettings, TrainerSettings
 from swarm.data import decode_bytes, random_batches, stdlib_corpus
 from core.errors import RunStopped, SwarmError
 from trainer.generation import max_positions
 from trainer.model import SwarmModelForCausalLM
-from trainer.pipeline import FaultPolicy
 from trainer.reporting import TrainerReporter
 
 __all__ = ["TrainResult", "train"]
@@ -60,26 +59,20 @@ def train(
     batch_size: int | None = None,
     seed: int = 0,
     sample_tokens: int = 120,
-    timeout: float = 120.0,
-    policy: FaultPolicy = FaultPolicy(),
-    microbatch_size: int | None = None,
+    trainer: TrainerSettings = TrainerSettings(),
     result_path: Path | None = None,
     console: Console | None = None,
-    checkpoint_every: int = 50,
     monitor: MonitorSettings | None = None,
     key: str | None = None,
-    push: bool = True,
-    route_wait: float = 120.0,
 ) -> TrainResult:
     """Train ``steps`` batches; ``result_path`` (JSON) is rewritten after every step, so whoever
-    watches the run (the demo, the churn test) sees how far it got. ``route_wait``: seconds to wait
-    for a stage nobody serves to be taken over (``TrainerSettings``)."""
+    watches the run (the demo, the churn test) sees how far it got. ``trainer``: how the model calls
+    the stages and waits for them, and how often the local parts are uploaded (``checkpoint_every``)."""
     console = console or Console()
     torch.manual_seed(seed)
     with console.status("joining the swarm and loading the local layers..."):
-        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, timeout=timeout,
-                                                      policy=policy, microbatch_size=microbatch_size, key=key,
-                                                      push=push, route_wait=route_wait)
+        model = SwarmModelForCausalLM.from_pretrained(initial_peers=initial_peers, run_id=run_id, key=key,
+                                                      **trainer.model_dump(exclude={"checkpoint_every"}))
     with model, TrainerReporter.for_model(model, monitor) as reporter:
         manifest = model.manifest
         batch_size = batch_size or manifest.target_batch_size
@@ -90,7 +83,7 @@ def train(
         console.print(f"training {escape(manifest.model)} ({manifest.num_layers} layers in {manifest.num_stages} "
                       f"stages) for {steps} steps of {batch_size}x{seq_len} tokens")
         loop = _Loop(model, reporter, random_batches(stdlib_corpus(), batch_size, seq_len, seed=seed),
-                     TrainResult(steps=steps), result_path, checkpoint_every)
+                     TrainResult(steps=steps), result_path, trainer.checkpoint_every)
         result = loop.run(steps, console)
         if not result.losses:
             console.print("no step was trained")

@@ -34,6 +34,7 @@ from shards.local import load_local_parts
 from shards.source import ModelSource, resolve_model
 from core.loop import LoopThread
 from core.errors import CheckpointMissing, ConfigError, NoRoute, StateMismatch, SwarmError
+from core.types import PeerId, StageIndex
 
 __all__ = ["ExportReport", "export_swarm", "gather_stage", "write_checkpoint", "weights_of"]
 
@@ -54,7 +55,7 @@ def weights_of(meta: StateMeta, tensors: Mapping[str, torch.Tensor]) -> dict[str
 
 
 async def gather_stage(
-    manifest: Manifest, stage: int, records: Sequence[PeerRecord], client: StageClient, store: StoreClient,
+    manifest: Manifest, stage: StageIndex, records: Sequence[PeerRecord], client: StageClient, store: StoreClient,
     *, attempts: int = 3,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """A stage's current weights: from an online replica (the next one on failure, bounded), else
@@ -87,7 +88,7 @@ async def gather_stage(
     return weights_of(meta, tensors), f"checkpoint (step {meta.step}), no replica online"
 
 
-async def _replica_steps(client: StageClient, peers: Sequence[str], stage: int) -> dict[str, int]:
+async def _replica_steps(client: StageClient, peers: Sequence[PeerId], stage: StageIndex) -> dict[str, int]:
     """The optimizer step each of ``peers`` reports for ``stage`` now (a replica that does not answer
     is left out): export reads only replicas at the newest step, never one that fell behind."""
     steps = {}
@@ -99,7 +100,7 @@ async def _replica_steps(client: StageClient, peers: Sequence[str], stage: int) 
     return steps
 
 
-def _check_part(meta: StateMeta, manifest: Manifest, stage: int | None) -> None:
+def _check_part(meta: StateMeta, manifest: Manifest, stage: StageIndex | None) -> None:
     layers = None if stage is None else manifest.stages[stage]
     if (meta.run_id, meta.config_hash, meta.stage, meta.layers) != (manifest.run_id, manifest.config_hash, stage,
                                                                       layers):

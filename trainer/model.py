@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -47,7 +48,9 @@ from shards.local import (LocalParts, causal_lm_loss, causal_lm_loss_part, defau
 from shards.schedule import microbatch_rows
 from shards.source import ModelSource, resolve_model
 from core.loop import LoopThread
+from core.config import TrainerSettings, trainer_settings
 from core.errors import ConfigError, RunStopped, StateMismatch, SwarmError
+from trainer.faults import POLICY_SETTINGS
 from trainer.pipeline import FaultPolicy, RemotePipeline, Trace
 from trainer.spotcheck import BanList, SpotChecker, without_banned
 from trainer.steps import DHTCoordinator
@@ -126,32 +129,40 @@ class SwarmModelForCausalLM(nn.Module):
         *,
         initial_peers: Sequence[str],
         run_id: str = "swarm",
-        microbatch_size: int | None = None,
-        timeout: float = 120.0,
-        route_wait: float = 120.0,
         host: str | None = None,
-        policy: FaultPolicy = FaultPolicy(),
+        policy: FaultPolicy | None = None,
         key: str | None = None,
-        push: bool = True,
+        **settings: Any,
     ) -> "SwarmModelForCausalLM":
         """Join the run's DHT, check ``model`` against the run's manifest, and load only the local
         parts. ``model`` defaults to the manifest's model (a hub id or a shared path). ``host`` is
         where this trainer's p2p daemon listens: by default loopback when every initial peer is on
-        loopback (a local swarm, tests), else all interfaces. ``timeout`` bounds one stage call (a peer
-        that hangs longer is routed around); ``route_wait`` bounds the wait for a peer to take over a
-        stage nobody serves (see ``TrainerSettings``); ``policy`` sets the other fault-tolerance bounds. ``key``
-        (default: the ``SWARM_KEY`` environment variable) is the API key a keyed run needs. ``push``:
-        training activations go peer to peer along the route (false: this trainer relays every hop)."""
+        loopback (a local swarm, tests), else all interfaces. ``key`` (default: the ``SWARM_KEY``
+        environment variable) is the API key a keyed run needs.
+
+        ``settings`` are fields of ``TrainerSettings`` (``[trainer]`` in swarm.toml), validated and
+        defaulted there: ``timeout`` bounds one stage call (a peer that hangs longer is routed around),
+        ``route_wait`` the wait for a peer to take over a stage nobody serves, ``microbatch_size`` the
+        rows of a microbatch, ``push`` sends training activations peer to peer (false: this trainer
+        relays every hop), and ``ban_time``, ``averaging_window``, ``step_wait``, ``max_abs_value``,
+        ``spot_check_rate`` and ``spot_check_tolerance`` are the fault-tolerance bounds. ``policy``
+        sets every bound of ``FaultPolicy`` at once instead (then not also as a keyword). A bad or
+        unknown setting raises ``ConfigError`` naming it.
+
+        Whatever fails on the way stops everything started before it, in reverse order."""
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
-        runner = LoopThread("swarm-trainer")
-        dht = trainer_sync = None
-        auth = None
-        try:
+        trainer, policy = _trainer_config(settings, policy)
+        with contextlib.ExitStack() as started:
+            runner = LoopThread("swarm-trainer")
+            started.callback(runner.stop)
             dht = SwarmDHT.create_client(run_id, initial_peers, host=host, client_mode=False)
-            manifest = runner.run(dht.wait_manifest(timeout))
+            started.callback(dht.shutdown)
+            manifest = runner.run(dht.wait_manifest(trainer.timeout))
             runner.run(check_clock(dht))
             auth = runner.run(RunAuth.join(dht, key or os.environ.get("SWARM_KEY")))
+            if auth is not None:
+                started.callback(_stop_quietly, runner, auth.stop, 10, "auth stop")
             source = resolve_model(model or manifest.model)
             if source.config_hash != manifest.config_hash:
                 raise ConfigError(
@@ -160,11 +171,14 @@ class SwarmModelForCausalLM(nn.Module):
                 )
             local = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
             transport = runner.run(_p2p_transport(dht))
+            started.callback(_stop_quietly, runner, transport.p2p.shutdown, 10, "p2p shutdown")
             calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
             coordinator = DHTCoordinator(dht, manifest.target_batch_size, me=dht.peer_id)
             runner.run(coordinator.start(0))
+            started.callback(_stop_quietly, runner, coordinator.leave, 5, "trainer record withdrawal")
             # the pipeline retries and fails over
-            client = StageClient(calls, timeout=timeout, attempts=1, max_abs=policy.max_abs, wire=manifest.wire)
+            client = StageClient(calls, timeout=trainer.timeout, attempts=1, max_abs=policy.max_abs,
+                                 wire=manifest.wire)
             bans = BanList(lambda: banned_peers(dht))
             pipeline = RemotePipeline(
                 manifest,
@@ -172,8 +186,8 @@ class SwarmModelForCausalLM(nn.Module):
                 lambda: _unbanned_records(dht, manifest.num_stages, bans),
                 coordinator=coordinator,
                 policy=policy,
-                route_wait=route_wait,
-                push=push,
+                route_wait=trainer.route_wait,
+                push=trainer.push,
                 spot_check=SpotChecker(client, rate=policy.spot_check_rate, tolerance=policy.spot_check_tolerance,
                                        report=lambda report: report_ban(dht, _with_token(report, auth)),
                                        reporter_id=dht.peer_id),
@@ -182,26 +196,17 @@ class SwarmModelForCausalLM(nn.Module):
             trainer_sync = HivemindGradientSync(dht.dht, f"{manifest.run_id}_trainers".replace(".", "_"),
                                                 [p for p in local.parameters() if p.requires_grad],
                                                 window=policy.averaging_window)
-        except BaseException:
-            if trainer_sync is not None:
-                trainer_sync.shutdown()
-            if auth is not None:
-                runner.run(auth.stop(), timeout=10)
-            if dht is not None:
-                dht.shutdown()
-            runner.stop()
-            raise
-        model = cls(local, pipeline, runner, microbatch_size=microbatch_size, resources=[transport, dht],
-                    trainer_sync=trainer_sync)
-        model._auth = auth
-        model.source = source
-        model.generation_config = generation_defaults(source.root, local.config)
-        runner.run(model._watch(dht))
-        try:
+            started.callback(trainer_sync.shutdown)
+            model = cls(local, pipeline, runner, microbatch_size=trainer.microbatch_size,
+                        resources=[transport, dht], trainer_sync=trainer_sync)
+            started.pop_all()  # from here the model owns all of it: its close() stops it
+            started.callback(model.close)
+            model._auth = auth
+            model.source = source
+            model.generation_config = generation_defaults(source.root, local.config)
+            runner.run(model._watch(dht))
             model._catch_up(dht)
-        except BaseException:
-            model.close()
-            raise
+            started.pop_all()
         return model
 
     def _catch_up(self, dht: SwarmDHT, attempts: int = 3) -> None:
@@ -676,3 +681,32 @@ async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> di
 def _with_token(report: BanReport, auth: RunAuth | None) -> BanReport:
     """Keyed runs accept a ban report only with its reporter's access token (``dht.auth``)."""
     return report if auth is None else report.model_copy(update={"access_token": auth.token_text()})
+
+
+_NOT_THE_MODELS = {"checkpoint_every": "the training loop's (swarm.train)"}
+"""``TrainerSettings`` fields that a model does not use, and whose they are."""
+
+
+def _trainer_config(overrides: dict[str, Any], policy: FaultPolicy | None) -> tuple[TrainerSettings, FaultPolicy]:
+    """``from_pretrained``'s keyword settings validated by ``TrainerSettings``, and the fault policy:
+    ``policy`` as given, else the one those settings configure."""
+    for name, whose in _NOT_THE_MODELS.items():
+        if name in overrides:
+            raise ConfigError(f"setting trainer.{name} is {whose}, not the model's: from_pretrained does not take it")
+    trainer = trainer_settings(**overrides)
+    if policy is None:
+        return trainer, FaultPolicy.from_settings(trainer)
+    both = sorted(set(POLICY_SETTINGS.values()) & set(overrides))
+    if both:
+        raise ConfigError(f"setting trainer.{both[0]} is given both as a keyword and by policy=; give it once")
+    return trainer, policy
+
+
+def _stop_quietly(runner: LoopThread, stop: Callable[[], Coroutine[Any, Any, Any]], timeout: float,
+                  what: str) -> None:
+    """Run ``stop()`` on ``runner`` while unwinding a failed ``from_pretrained``: a part that cannot
+    be stopped (the loop or the daemon is gone already) must not hide why the start failed."""
+    try:
+        runner.run(stop(), timeout=timeout)
+    except Exception as e:  # nothing left to release there
+        logger.debug("%s: %s", what, e)

@@ -30,7 +30,7 @@ import torch
 from dht.schemas import BanEvidence, BanReport
 from dht.schemas import PeerRecord
 from peers.training.client import StageClient, StageInputs
-from core.types import LayerRange
+from core.types import LayerRange, PeerId, StageIndex
 from core.errors import SwarmError
 
 __all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "digest", "BanList", "without_banned"]
@@ -85,7 +85,7 @@ class Verdict:
     replicas caught lying (empty when they agreed or the check could not be made)."""
 
     output: torch.Tensor
-    peer: str
+    peer: PeerId
     caught: list[str] = field(default_factory=list)
     reason: str = ""
 
@@ -111,7 +111,7 @@ class SpotChecker:
     def wants(self) -> bool:
         return self.rate > 0 and self._rng.random() < self.rate
 
-    async def check(self, stage: int, layers: LayerRange, peer: str, others: Sequence[str], inputs: StageInputs,
+    async def check(self, stage: StageIndex, layers: LayerRange, peer: PeerId, others: Sequence[str], inputs: StageInputs,
                     seed: int, output: torch.Tensor, step: int) -> Verdict:
         """Recompute ``peer``'s ``output`` on one of ``others`` (and a third to decide a disagreement)."""
         candidates = [p for p in others if p != peer]
@@ -151,7 +151,7 @@ class SpotChecker:
                        checker[-8:])
         return Verdict(output, peer)
 
-    async def _recompute(self, stage: int, layers: LayerRange, peer: str, inputs: StageInputs, seed: int,
+    async def _recompute(self, stage: StageIndex, layers: LayerRange, peer: PeerId, inputs: StageInputs, seed: int,
                          step: int) -> torch.Tensor | None:
         """``peer``'s output for the same inputs and seed, or None when it cannot be compared (it
         failed, or stands at another optimizer step: other weights)."""
@@ -163,7 +163,7 @@ class SpotChecker:
             return None
         return output if reply.optimizer_step == step else None
 
-    async def _caught(self, peer: str, reason: str, evidence: BanEvidence) -> None:
+    async def _caught(self, peer: PeerId, reason: str, evidence: BanEvidence) -> None:
         if any(caught == peer for caught, _ in self.caught):  # pipelined microbatches checked it at once
             return
         at = self._first_disagreement[peer]  # a peer is caught only after a check of its work disagreed

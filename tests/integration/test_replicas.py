@@ -24,13 +24,13 @@ def _batch(seed: int, rows: int = 4) -> torch.Tensor:
 def _spread_over_replicas(model) -> None:
     """Announce every replica with the same throughput, so routes pick among them at random and the
     microbatches of one step land on different replicas of a stage."""
-    source = model.pipeline._records_source
+    source = model.pipeline.replicas.source
 
     async def equalised():
         records = await source()
         return {stage: [r.model_copy(update={"throughput": 1.0}) for r in rs] for stage, rs in records.items()}
 
-    model.pipeline._records_source = equalised
+    model.pipeline.replicas.source = equalised
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:

@@ -237,7 +237,7 @@ def test_a_dead_peer_whose_record_stays_is_not_dialed_while_the_trainer_waits_fo
 
     async def counted(peer_id, method, message, tensors, *, timeout):
         if peer_id == "s1a" and swarm.hub.fault is Fault.KILL:
-            was_banned = dialed["banned"] > 0 or "s1a" in swarm.pipeline._banned
+            was_banned = dialed["banned"] > 0 or "s1a" in swarm.pipeline.replicas._banned
             dialed["banned"] += was_banned
             dialed[method if method == INFO else "after ban" if was_banned else "before ban"] += 1
         return await call(peer_id, method, message, tensors, timeout=timeout)
@@ -282,11 +282,11 @@ def test_a_banned_replica_that_answers_is_taken_back_when_its_stage_has_no_other
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
     swarm = ReplicatedSwarm(model_dir, [1, 1])
     pipeline = swarm.pipeline
-    pipeline._route_wait = 1.5
+    pipeline.replicas.route_wait = 1.5
 
     async def route_after_ban():
         await pipeline.route()  # the records in view
-        pipeline._ban("s1a", why)
+        pipeline.replicas.ban("s1a", why)
         return await pipeline.route()
 
     try:

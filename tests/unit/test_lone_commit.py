@@ -66,6 +66,6 @@ def test_a_lone_trainer_applies_its_step_before_publishing_it_and_trains_the_sam
         # so step 4 commits before it applies
         assert seconds[0] >= 0.3 and seconds[4] >= 0.3
         assert min(seconds[1:4]) < seconds[0]
-        assert not swarm.pipeline._alone
+        assert not swarm.pipeline.steps._alone
     finally:
         swarm.close()

@@ -109,7 +109,7 @@ def test_a_dead_lone_peer_is_retried_then_the_trainer_waits_for_a_takeover(model
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
     pipeline, _, local, hub = _build(model_dir, 2)
     pipeline.client.backoff = 0.0
-    pipeline._route_wait = 1.0
+    pipeline.replicas.route_wait = 1.0
     hub.fail["peer1"] = PeerUnavailable("peer1 is gone")
     with pytest.raises(NoRoute, match=r"no online peer serves stage\(s\) 1 .*waited 1 s"):
         _step(pipeline, local, torch.randint(0, 256, (2, 6)))
@@ -152,7 +152,7 @@ def test_microbatches_are_spread_over_replicas_by_expected_time(model_factory):
     async def source_records():
         return records
 
-    pipeline._records_source = source_records
+    pipeline.replicas.source = source_records
     pipeline.spot_check.rate = 0.0  # this counts requests: no spot checks
     ids = torch.randint(0, 8, (2, 8), generator=torch.Generator().manual_seed(0))
     for _ in range(5):
@@ -178,15 +178,15 @@ def test_a_span_peer_missing_from_one_read_keeps_every_stage_it_serves():
     pipeline = RemotePipeline(manifest, StageClient(InMemoryTransport(), timeout=1), source)
 
     async def views():
-        first = await pipeline._current_records(fresh=True)
-        second = await pipeline._current_records(fresh=True)
+        first = await pipeline.replicas.current(fresh=True)
+        second = await pipeline.replicas.current(fresh=True)
         return first, second
 
     first, second = asyncio.run(views())
     for view in (first, second):
         peers = {stage: sorted(r.peer_id for r in rs) for stage, rs in view.items()}
         assert peers == {0: ["span"], 1: ["other", "span"]}
-    assert sorted(pipeline._replicas(1)) == ["other", "span"]
+    assert sorted(pipeline.replicas.live(1)) == ["other", "span"]
 
 
 def _pipelined_grads(model_dir, ids, rows_per_microbatch: int):

@@ -95,7 +95,7 @@ def test_a_collected_result_goes_on_without_waiting_for_the_pushs_reply(model_fa
             swarm.pipeline.client = StageClient(held, timeout=3.0, attempts=1)
             losses = [await asyncio.wait_for(_train_step(swarm.pipeline, swarm.local, optimizer, ids, pipelined=True),
                                              20.0) for ids in batches]
-            waiting = len(swarm.pipeline._replies)
+            waiting = len(swarm.pipeline.pushing._replies)
             held.release.set()
             await asyncio.sleep(0.1)
             return losses, held.held, waiting
@@ -104,7 +104,7 @@ def test_a_collected_result_goes_on_without_waiting_for_the_pushs_reply(model_fa
         _assert_close_losses(losses, reference_losses(model_dir, batches, lr=LR))
         assert held >= 2 * 2 and waiting == held, "every push's reply was still held when the steps ended"
         assert swarm.pipeline.push_fallbacks == 0
-        assert not swarm.pipeline._replies, "a reply that came is let go"
+        assert not swarm.pipeline.pushing._replies, "a reply that came is let go"
     finally:
         swarm.close()
 
