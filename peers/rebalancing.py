@@ -66,6 +66,7 @@ class Rebalancer:
         self.unanswered: Counter[str] = Counter()  # lone replicas of other stages that did not answer a probe
         self._rebalancing = False
         self._started = False
+        self._moving = asyncio.Lock()  # one move at a time: each reads the span the last one left
 
     def gone(self) -> set[str]:
         """Peers whose stage's probe they missed twice in a row: killed, their records outliving them."""
@@ -239,7 +240,14 @@ class Rebalancer:
         optimizer state and step are kept in memory and serve on. Stages only in the new span are
         claimed (``loading``) and loaded, each from a live replica. Stages only in the old span are
         announced ``draining``, served until trainers have moved on, then withdrawn; a stage no other
-        online replica serves is never dropped (the move is called off instead)."""
+        online replica serves is never dropped (the move is called off instead). Moves run one at a
+        time (the rebalancing loop's and one asked for from outside may overlap)."""
+        async with self._moving:
+            if self.host.span == move.new:
+                return
+            await self._move(move)
+
+    async def _move(self, move: Move) -> None:
         host, old = self.host, self.host.span
         added = [s for s in move.new.stages if s not in host.slots]
         dropped = [s for s in host.slots if s not in move.new.stages]
