@@ -16,6 +16,7 @@ from __future__ import annotations
 import harness  # before any project module: this checkout first on sys.path
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -78,9 +79,18 @@ def _member(index: int) -> None:
         error = max((a - b).abs().max().item() for a, b in zip(summed, expected))
         digest = float(sum(float(t.double().sum()) for t in summed))
         _say(step=step, member=index, error=error, digest=digest, seconds=time.perf_counter() - began,
-             bits=sum(hash(t.numpy().tobytes()) for t in summed) % (1 << 61))
+             bits=_digest(summed))
     sync.shutdown()
     dht.shutdown()
+
+
+def _digest(tensors) -> str:
+    """The sums' bytes, hashed the same in every member's process (Python's ``hash`` of bytes is
+    salted per process, so members' equal sums never compared equal before)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _keep_streams_open(dht, peers: list[str], index: int):
