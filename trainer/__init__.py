@@ -1,6 +1,7 @@
 """The trainer side: drive microbatches through the swarm's stages and train the model's local parts.
 
-``trainer.model`` (``SwarmModelForCausalLM``, re-exported as ``swarm.SwarmModelForCausalLM``),
+``trainer.model`` (``SwarmModelForCausalLM``, re-exported as ``swarm.SwarmModelForCausalLM``, a
+facade over ``trainer.remote_layers``, ``trainer.local_parts`` and ``trainer.run_link``),
 ``trainer.pipeline`` (the fault-tolerant pipeline over remote stages), ``trainer.steps``
 (collaborative steps), ``trainer.spotcheck``, ``trainer.generation``, ``trainer.export`` and
 ``trainer.reporting``.

@@ -22,6 +22,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,7 +41,8 @@ from shards.local import LocalParts, default_position_ids
 from core.errors import CacheMiss, CapacityExceeded, ConfigError, NoRoute, PeerUnavailable, SwarmError
 from trainer.pipeline import RecordSource
 
-__all__ = ["GenerationParams", "RemoteSession", "generate_tokens", "max_positions", "resolve_params"]
+__all__ = ["GenerationParams", "RemoteSession", "generate_tokens", "generation_defaults", "generation_length",
+           "max_positions", "resolve_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,29 @@ def _check(params: GenerationParams) -> None:
 def max_positions(config: PretrainedConfig) -> int:
     """The longest sequence the model takes (GPT-2's ``n_positions``, else ``max_position_embeddings``)."""
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1 << 20)
+
+
+def generation_defaults(root: Path | None, config: PretrainedConfig) -> GenerationConfig:
+    """The model's ``generation_config.json`` when it has one, else what transformers derives from its
+    config: where ``generate`` takes the end-of-sequence and padding tokens from, as transformers does."""
+    if root is not None and (root / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(root)
+    return GenerationConfig.from_model_config(config)
+
+
+def generation_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, params: GenerationParams,
+                      config: PretrainedConfig) -> int:
+    """The positions a generation from ``input_ids`` takes (prompt + new tokens), after checking the
+    prompt's shapes and that those positions fit the model (``ConfigError`` naming what is wrong)."""
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ConfigError(f"input_ids must have shape [batch, seq] with seq >= 1, got {list(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+    length = input_ids.shape[1] + params.max_new_tokens
+    if length > max_positions(config):
+        raise ConfigError(f"{input_ids.shape[1]} prompt tokens + {params.max_new_tokens} new tokens exceed the "
+                          f"model's {max_positions(config)} positions")
+    return length
 
 
 @dataclass

@@ -122,7 +122,7 @@ def test_kill9_bootstrap_mid_training_and_restart(model_factory, tmp_path):
         assert [(k["name"], k["state"]) for k in listed] == [("alice", "active")]
 
         # the tallies go on from where they were: 6 batches of 2 for the trainer and each stage
-        expected = {model._watcher.dht.peer_id: 12, peers[0].peer_id: 12, peers[1].peer_id: 12}
+        expected = {model.dht.peer_id: 12, peers[0].peer_id: 12, peers[1].peer_id: 12}
 
         def shown() -> dict:
             return json.loads(_swarm("run", "show", state=state).stdout)

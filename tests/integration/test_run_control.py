@@ -41,7 +41,7 @@ def test_pause_resume_stop_and_metrics(model_factory, swarm_factory):
             optimizer.zero_grad()
             model.report_progress(step + 1, loss.item(), 10.0)
         # the trainer fed 3 batches of 2, and each stage did the backward of each
-        expected = {model._watcher.dht.peer_id: 6} | {p.peer_id: 6 for p in swarm.peers}
+        expected = {model.dht.peer_id: 6} | {p.peer_id: 6 for p in swarm.peers}
         tallies = lambda: {c.peer_id: c.samples for c in db.contributions()}  # noqa: E731
         assert _wait(lambda: tallies() == expected and db.metrics_history()[-1].loss is not None), tallies()
         assert db.step() == 3

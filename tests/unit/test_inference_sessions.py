@@ -1,14 +1,17 @@
 """Inference sessions of a stage (KV cache, budget, idle timeout, replay, bad input) and the client's
-session over the in-memory transport (failover to another replica, errors crossing the wire)."""
+session over the in-memory transport (failover to another replica, errors crossing the wire), and
+the checks of a prompt before generation."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from transformers import GPT2Config
 
 from dht.schemas import Manifest, PeerRecord, PeerState
 from peers.inference.sessions import InferenceSessions, admit, idle_sessions
@@ -18,10 +21,33 @@ from peers.inference.service import InferenceService
 from net.transport import InMemoryTransport
 from shards import LayerRange, load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.families import kv_bytes_per_token
-from core.errors import BadRequest, CacheMiss, CapacityExceeded, PeerUnavailable, WrongStage
-from trainer.generation import GenerationParams, RemoteSession, generate_tokens
+from core.errors import BadRequest, CacheMiss, CapacityExceeded, ConfigError, PeerUnavailable, WrongStage
+from trainer.generation import GenerationParams, RemoteSession, generate_tokens, generation_length
 
 MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "ids_shape, mask_shape, new_tokens, refused",
+    [
+        ((2, 5), None, 3, None),
+        ((2, 5), (2, 5), 11, None),
+        ((2, 5), (2, 5), 12, "5 prompt tokens + 12 new tokens exceed the model's 16 positions"),
+        ((5,), None, 3, "input_ids must have shape [batch, seq] with seq >= 1, got [5]"),
+        ((2, 0), None, 3, "input_ids must have shape [batch, seq] with seq >= 1, got [2, 0]"),
+        ((2, 5), (2, 4), 3, "attention_mask has shape [2, 4], input_ids [2, 5]"),
+    ],
+)
+def test_generation_length(ids_shape, mask_shape, new_tokens, refused):
+    config = GPT2Config(n_positions=16)
+    ids = torch.zeros(ids_shape, dtype=torch.long)
+    mask = torch.ones(mask_shape, dtype=torch.long) if mask_shape is not None else None
+    params = GenerationParams(max_new_tokens=new_tokens)
+    if refused is None:
+        assert generation_length(ids, mask, params, config) == ids_shape[1] + new_tokens
+    else:
+        with pytest.raises(ConfigError, match=re.escape(refused)):
+            generation_length(ids, mask, params, config)
 
 
 @pytest.mark.parametrize(

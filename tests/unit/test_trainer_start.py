@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import trainer.model as model_module
+import trainer.run_link as run_link_module
 from dht.schemas import Manifest
 from shards.assignment import stage_boundaries
 from shards.source import resolve_model
@@ -163,5 +164,5 @@ def _fake_network(monkeypatch, manifest: Manifest, failing: str | None) -> list[
     monkeypatch.setattr(model_module, "P2PTransport", Transport)  # close() stops its resources by type
     monkeypatch.setattr(model_module, "DHTCoordinator", Coordinator)
     monkeypatch.setattr(model_module, "HivemindGradientSync", Averager)
-    monkeypatch.setattr(model_module, "RunWatcher", Watcher)
+    monkeypatch.setattr(run_link_module, "RunWatcher", Watcher)
     return events
