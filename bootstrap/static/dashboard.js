@@ -3,12 +3,16 @@ let csrf = "";
 const $ = (id) => document.getElementById(id);
 const when = (t) => t ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) : "–";
 const ago = (t) => t ? `${Math.max(0, Math.round(Date.now() / 1000 - t))} s ago` : "–";
+const ABSENT = "—";
 
-function cell(row, text) { const td = document.createElement("td"); td.textContent = text; row.appendChild(td); return td; }
+function cell(row, text, cls) { const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; row.appendChild(td); return td; }
 function fill(tableId, rows, columns) {
   const body = $(tableId).querySelector("tbody");
   body.replaceChildren();
   for (const item of rows) { const tr = document.createElement("tr"); columns(tr, item); body.appendChild(tr); }
+}
+function list(id, items) {
+  $(id).replaceChildren(...items.map((text) => { const li = document.createElement("li"); li.textContent = text; return li; }));
 }
 async function api(path, options = {}) {
   options.headers = Object.assign({"Content-Type": "application/json", "X-CSRF-Token": csrf}, options.headers || {});
@@ -19,17 +23,63 @@ async function api(path, options = {}) {
   $("error").textContent = "";
   return data;
 }
+const chartWidth = (id) => Math.max(320, Math.min(1100, $(id).parentElement.clientWidth || 900));
 
-const series = [[], []];
-const chart = new uPlot({title: "loss by step", width: 900, height: 260, scales: {x: {time: false}},
-  series: [{label: "step"}, {label: "loss", stroke: "#2266cc", width: 2}]}, series, $("chart"));
+// One point per step (a later report of a step replaces the earlier one), in step order: uPlot needs
+// ascending x, and several rounds at one step used to leave a zero-width x range and no line at all.
+const lossByStep = new Map();
+let lastMetricId = 0;
+const chart = new uPlot({title: "loss by step", width: chartWidth("chart"), height: 260,
+  scales: {x: {time: false, range: (u, min, max) => min === max ? [min - 1, max + 1] : [min, max]}},
+  series: [{label: "step"}, {label: "loss", stroke: "#2266cc", width: 2, points: {show: true, size: 5}}]}, [[], []], $("chart"));
+window.lossChart = chart;
 function addPoint(point) {
+  lastMetricId = Math.max(lastMetricId, point.id || 0);
+  if (point.tokens_per_second !== null && point.tokens_per_second !== undefined) $("tps").textContent = Math.round(point.tokens_per_second);
   if (point.loss === null || point.loss === undefined) return;
-  series[0].push(point.step); series[1].push(point.loss);
-  chart.setData(series);
-  $("points").textContent = series[0].length;
+  lossByStep.set(point.step, point.loss);
+  const steps = [...lossByStep.keys()].sort((a, b) => a - b);
+  chart.setData([steps, steps.map((s) => lossByStep.get(s))]);
+  $("points").textContent = steps.length;
   $("loss").textContent = point.loss.toFixed(4);
-  if (point.tokens_per_second !== null) $("tps").textContent = Math.round(point.tokens_per_second);
+}
+
+const fixed = (v, digits, unit) => v === null || v === undefined ? ABSENT : `${v.toFixed(digits)}${unit}`;
+function gpuCells(tr, hw) {
+  // a CPU peer says so in every GPU column; a GPU peer whose record lacks a figure shows a dash
+  const cpu = !hw.gpu_count && !hw.gpu_name;
+  const put = (text) => cell(tr, cpu ? "CPU" : text, cpu || text === ABSENT ? "absent" : "num");
+  put(fixed(hw.gpu_util_percent, 0, " %"));
+  const total = hw.gpu_memory_gib;
+  put(hw.gpu_memory_used_gib === null || hw.gpu_memory_used_gib === undefined ? (total ? `? / ${total.toFixed(1)} GiB` : ABSENT)
+      : `${hw.gpu_memory_used_gib.toFixed(1)} / ${total ? total.toFixed(1) : "?"} GiB`);
+  put(fixed(hw.gpu_temperature_c, 0, " °C"));
+  put(fixed(hw.gpu_power_w, 0, " W"));
+}
+function actionButton(td, label, cls, onclick) {
+  const b = document.createElement("button"); b.textContent = label; b.className = cls; b.onclick = onclick; td.appendChild(b);
+}
+async function peerAction(peer, what) {
+  if (!confirm(`${what} peer ${peer}?`)) return;
+  await api(`/api/peers/${encodeURIComponent(peer)}/${what}`, {method: "POST"});
+  refreshStatus(); refreshAudit(); refreshKeys();
+}
+
+let historyChart = null, historyPeer = null;
+async function showHistory(peer) {
+  historyPeer = peer;
+  const samples = await api(`/api/peers/${encodeURIComponent(peer)}/history?limit=2000`);
+  $("peer-history").hidden = false;
+  $("history-peer").textContent = peer;
+  const column = (k) => samples.map((s) => s[k]);
+  const data = [column("at"), column("throughput"), column("latency_ms"), column("gpu_util_percent"), column("gpu_temperature_c"), column("gpu_power_w")];
+  if (historyChart === null) {
+    historyChart = new uPlot({title: "peer history", width: chartWidth("history-chart"), height: 240,
+      scales: {x: {time: true}},
+      series: [{}, {label: "tokens/s", stroke: "#2266cc"}, {label: "latency ms", stroke: "#aa6600"},
+               {label: "GPU %", stroke: "#22aa44"}, {label: "GPU °C", stroke: "#cc3333"}, {label: "GPU W", stroke: "#7744aa"}]},
+      data, $("history-chart"));
+  } else historyChart.setData(data);
 }
 
 async function refreshStatus() {
@@ -38,6 +88,7 @@ async function refreshStatus() {
   try { status = await api("/api/status"); } catch (e) { return; }
   $("run-id").textContent = status.run_id;
   $("peer-count").textContent = status.peers.length;
+  list("warnings", status.warnings);
   const pipeline = $("pipeline");
   pipeline.replaceChildren();
   for (const stage of status.stages) {
@@ -51,11 +102,20 @@ async function refreshStatus() {
   fill("peers", status.peers, (tr, p) => {
     const c = contributions[p.peer_id] || {};
     const hw = p.hardware || {};
-    cell(tr, p.peer_id); cell(tr, layersOf(p)); cell(tr, Math.round(p.throughput));
-    cell(tr, `${hw.gpu_name || (hw.cpu_count + " CPUs")}, ${hw.ram_gib} GiB RAM`);
-    cell(tr, ago(c.last_seen)); cell(tr, c.samples === undefined ? "0" : c.samples);
+    tr.dataset.peerId = p.peer_id;
+    cell(tr, p.peer_id); cell(tr, layersOf(p)); cell(tr, p.stale ? "stale" : p.state);
+    cell(tr, Math.round(p.throughput), "num"); cell(tr, fixed(p.latency_ms, 1, " ms"), p.latency_ms == null ? "absent" : "num");
+    gpuCells(tr, hw);
+    cell(tr, `${Math.round(hw.cpu_percent || 0)} % of ${hw.cpu_count}`, "num");
+    cell(tr, ago(c.last_seen)); cell(tr, c.samples === undefined ? "0" : c.samples, "num");
+    const td = cell(tr, "");
+    actionButton(td, "history", "history", () => showHistory(p.peer_id));
+    actionButton(td, "kick", "kick", () => peerAction(p.peer_id, "kick"));
+    actionButton(td, "ban", "ban", () => peerAction(p.peer_id, "ban"));
   });
+  if (historyPeer !== null) showHistory(historyPeer);
 }
+async function refreshAlerts() { list("alerts", (await api("/api/alerts")).map((a) => `alert: ${a.text}`)); }
 async function refreshRun() {
   const run = await api("/api/run");
   $("run-state").textContent = run.state; $("run-state").className = "state-" + run.state;
@@ -65,12 +125,10 @@ async function refreshKeys() {
   const keys = await api("/api/keys");
   fill("keys", keys, (tr, k) => {
     tr.dataset.keyId = k.id;
-    cell(tr, k.id); cell(tr, k.name); cell(tr, k.expires ? when(k.expires) : "never"); cell(tr, k.state);
+    cell(tr, k.id); cell(tr, k.name); cell(tr, k.expires ? when(k.expires) : "never"); cell(tr, k.state); cell(tr, k.scopes.join(", "));
     const td = cell(tr, "");
     if (k.state === "active") {
-      const b = document.createElement("button"); b.textContent = "revoke"; b.className = "revoke";
-      b.onclick = async () => { await api(`/api/keys/${k.id}/revoke`, {method: "POST"}); refreshKeys(); refreshAudit(); };
-      td.appendChild(b);
+      actionButton(td, "revoke", "revoke", async () => { await api(`/api/keys/${k.id}/revoke`, {method: "POST"}); refreshKeys(); refreshAudit(); });
     }
   });
 }
@@ -87,18 +145,19 @@ async function main() {
   $("logout").onclick = async () => { await api("/api/logout", {method: "POST"}); window.location = "/login"; };
   $("new-key").addEventListener("submit", async (event) => {
     event.preventDefault();
-    const body = {name: $("key-name").value};
+    const scopes = ["join", "api", "admin"].filter((s) => $(`scope-${s}`).checked);
+    const body = {name: $("key-name").value, scopes};
     if ($("key-expires").value) body.expires = $("key-expires").value;
     const made = await api("/api/keys", {method: "POST", body: JSON.stringify(body)});
     const shown = $("new-secret");
     shown.hidden = false;
-    shown.textContent = `key ${made.key.id} for ${made.key.name} (shown only now): ${made.secret}`;
+    shown.textContent = `key ${made.key.id} for ${made.key.name} (scope ${made.key.scopes.join(", ")}; shown only now): ${made.secret}`;
     $("key-name").value = ""; refreshKeys(); refreshAudit();
   });
   for (const point of await api("/api/metrics")) addPoint(point);
-  const stream = new EventSource(`/api/metrics/stream?since=${(await api("/api/metrics?limit=1")).map((p) => p.id)[0] || 0}`);
+  const stream = new EventSource(`/api/metrics/stream?since=${lastMetricId}`);
   stream.onmessage = (event) => addPoint(JSON.parse(event.data));
-  const tick = () => Promise.allSettled([refreshStatus(), refreshRun(), refreshKeys(), refreshAudit()]);
+  const tick = () => Promise.allSettled([refreshStatus(), refreshAlerts(), refreshRun(), refreshKeys(), refreshAudit()]);
   tick(); setInterval(tick, 3000);
 }
 main();
