@@ -372,7 +372,7 @@ def _fleet_routes(db: StateDB, guard: _Guard, fleet: Fleet | None) -> APIRouter:
 
     async def act(peer_id: str, current: Session, kick: bool) -> PeerActionOut:
         if fleet is None:
-            raise HTTPException(503, "this dashboard serves no run to act on")
+            raise HTTPException(404, "this dashboard serves no run whose peers it could act on")
         done = await fleet.ban_peer(_peer_id(peer_id), actor=f"web:{current.username}", kick=kick)
         return PeerActionOut(peer_id=peer_id, done=done)
 

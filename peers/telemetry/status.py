@@ -43,7 +43,8 @@ __all__ = [
     "without_cut_off",
 ]
 
-STATUS_VERSION = 2
+STATUS_VERSION = 3
+"""3: each peer's ``latency_ms`` (its record's median round trip), for the dashboard's fleet table."""
 STALE_AFTER = 2 * RECORD_REFRESH + 5.0
 """A record not rewritten for this long (its peer refreshes every RECORD_REFRESH s) is stale."""
 TRAINER_ACTIVE = 60.0
