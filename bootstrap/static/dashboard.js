@@ -74,10 +74,14 @@ async function showHistory(peer) {
   const column = (k) => samples.map((s) => s[k]);
   const data = [column("at"), column("throughput"), column("latency_ms"), column("gpu_util_percent"), column("gpu_temperature_c"), column("gpu_power_w")];
   if (historyChart === null) {
+    // tokens/s on the left axis; latency and the GPU figures (tens to hundreds) on the right one
     historyChart = new uPlot({title: "peer history", width: chartWidth("history-chart"), height: 240,
-      scales: {x: {time: true}},
-      series: [{}, {label: "tokens/s", stroke: "#2266cc"}, {label: "latency ms", stroke: "#aa6600"},
-               {label: "GPU %", stroke: "#22aa44"}, {label: "GPU °C", stroke: "#cc3333"}, {label: "GPU W", stroke: "#7744aa"}]},
+      scales: {x: {time: true}, rate: {}, gauge: {}},
+      axes: [{}, {scale: "rate", size: 80, label: "tokens/s"}, {scale: "gauge", side: 1, size: 60, grid: {show: false},
+             label: "ms, %, °C, W"}],
+      series: [{}, {label: "tokens/s", stroke: "#2266cc", scale: "rate"}, {label: "latency ms", stroke: "#aa6600", scale: "gauge"},
+               {label: "GPU %", stroke: "#22aa44", scale: "gauge"}, {label: "GPU °C", stroke: "#cc3333", scale: "gauge"},
+               {label: "GPU W", stroke: "#7744aa", scale: "gauge"}]},
       data, $("history-chart"));
   } else historyChart.setData(data);
 }
@@ -103,7 +107,7 @@ async function refreshStatus() {
     const c = contributions[p.peer_id] || {};
     const hw = p.hardware || {};
     tr.dataset.peerId = p.peer_id;
-    cell(tr, p.peer_id); cell(tr, layersOf(p)); cell(tr, p.stale ? "stale" : p.state);
+    cell(tr, p.peer_id, "id"); cell(tr, layersOf(p)); cell(tr, p.stale ? "stale" : p.state);
     cell(tr, Math.round(p.throughput), "num"); cell(tr, fixed(p.latency_ms, 1, " ms"), p.latency_ms == null ? "absent" : "num");
     gpuCells(tr, hw);
     cell(tr, `${Math.round(hw.cpu_percent || 0)} % of ${hw.cpu_count}`, "num");
@@ -133,7 +137,7 @@ async function refreshKeys() {
   });
 }
 async function refreshAudit() {
-  fill("audit", await api("/api/audit?limit=50"), (tr, e) => { cell(tr, when(e.at)); cell(tr, e.actor); cell(tr, e.action); cell(tr, e.detail); });
+  fill("audit", await api("/api/audit?limit=50"), (tr, e) => { cell(tr, when(e.at)); cell(tr, e.actor, "id"); cell(tr, e.action, "id"); cell(tr, e.detail, "id"); });
 }
 async function setRun(state) { await api("/api/run", {method: "POST", body: JSON.stringify({state})}); refreshRun(); refreshAudit(); }
 

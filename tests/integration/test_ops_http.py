@@ -9,42 +9,16 @@ import asyncio
 import csv
 import io
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+from tests.helpers import Webhook
+
 pytestmark = pytest.mark.slow
-
-
-class _Webhook:
-    """An HTTP server on 127.0.0.1 that keeps every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="webhook", daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
 
 
 def _get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, bytes]:
@@ -68,7 +42,7 @@ def _until(check, timeout: float, what: str, period: float = 0.3):
 
 @pytest.fixture
 def webhook():
-    hook = _Webhook()
+    hook = Webhook()
     yield hook
     hook.stop()
 
