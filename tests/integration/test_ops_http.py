@@ -137,6 +137,8 @@ def test_a_revoked_peer_leaves_the_status_in_seconds(model_factory, swarm_factor
     records = swarm.loop.run(peers[1].dht.stage_records(0), timeout=30)
     print(f"the revoked peer left the status after {gone_after:.1f} s")
     assert gone_after < 10, gone_after
+    _until(lambda: peers[0].failure, 60, "the revoked peer leaving on its own")  # `swarm join` then exits 2
+    assert "revoked by the run owner" in peers[0].failure
     print(f"its record still in the DHT then: {peers[0].peer_id in {r.peer_id for r in records}}")
 
     done = swarm.loop.run(node.ban_peer(peers[2].peer_id, actor="web:admin", kick=True), timeout=60)
