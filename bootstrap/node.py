@@ -39,7 +39,7 @@ from bootstrap.checkpoints import CheckpointStore
 from bootstrap.credit import DEFAULT_MAX_POSITIONS, credit_cap, max_positions, round_step, step_advance, tokens_per_step
 from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
-from bootstrap.metrics import summarize
+from bootstrap.metrics import RoundSummary, summarize
 from bootstrap.state import PeerSample, StateDB
 from bootstrap.tokens import TokenService
 from hivemind.utils import get_dht_time
@@ -505,27 +505,26 @@ class BootstrapNode:
         await self._count_online_steps(reports, peers | _online_in(records))
         await self._remember_peers(records)
         summary = summarize(reports)
+        if summary is not None:
+            await asyncio.to_thread(
+                self.db.record_metrics, step=summary.step, loss=summary.loss,
+                tokens_per_second=summary.tokens_per_second, peers=summary.peers, reports=summary.samples,
+            )
         await self._fleet_round(summary, trainers=sum(r.role == "trainer" for r in reports))
-        if summary is None:
-            return False
-        await asyncio.to_thread(
-            self.db.record_metrics, step=summary.step, loss=summary.loss,
-            tokens_per_second=summary.tokens_per_second, peers=summary.peers, reports=summary.samples,
-        )
-        return True
+        return summary is not None
 
-    async def _fleet_round(self, summary, *, trainers: int) -> None:
+    async def _fleet_round(self, summary: RoundSummary | None, *, trainers: int) -> None:
         """The fleet view's part of a metrics round: peer samples kept (once per new status) and
-        pruned, alerts raised. A status the DHT cannot give now skips the samples, not the alerts."""
+        pruned, alerts raised. A round whose status the DHT cannot give now is skipped whole."""
         now = time.time()
         if summary is not None and summary.step != self._step_seen[0]:
             self._step_seen = (summary.step, now)
         try:
             status = await self.status_report()
-        except SwarmError as e:
+        except Exception as e:  # a DHT hiccup or timeout: skip this round (its alerts would all look cleared)
             logger.info("no status this round (%s): the fleet view waits", e)
-            status = None
-        if status is not None and status.time != self._sampled_at:
+            return
+        if status.time != self._sampled_at:
             self._sampled_at = status.time
             await asyncio.to_thread(self.db.record_peer_samples, peer_samples(status, now),
                                     retention=self.settings.bootstrap.metrics_retention, now=now)
