@@ -148,3 +148,29 @@ def test_a_revoked_peer_leaves_the_status_in_seconds(model_factory, swarm_factor
     assert db.banned_peers() == []  # a kick is not a ban: a new key lets it back
     assert ("web:admin", "peer.kick", f"{peers[2].peer_id}: key {keys[2].key.id} revoked") in [
         (e.actor, e.action, e.detail) for e in db.audit_log()]
+
+
+def test_trainers_leave_a_peer_the_owner_banned_out_of_their_routes(model_factory, swarm_factory):
+    """An open run has no key to revoke: the ban itself (the run-control record's ``banned``) joins the
+    list trainers route around, beside the peers their spot checks got banned. (Their view still keeps
+    a replica missing from a read for a record's TTL, so routing follows within about a minute; which
+    replica gets a microbatch also depends on measured latency, so this test reads the lists.)"""
+    from trainer.model import _banned_peers, _unbanned_records
+    from trainer.spotcheck import BanList
+
+    swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4), num_stages=2,
+                          num_peers=0, target_batch_size=2)
+    peers = [swarm.add_peer(stage=s) for s in (0, 0, 1)]
+    banned, kept = peers[1], peers[0]
+    with swarm.client() as model:
+        assert model.submit(_banned_peers(model.dht)).result(30) == {}
+        done = swarm.loop.run(swarm.bootstrap.ban_peer(banned.peer_id, actor="web:admin"), timeout=60)
+        assert done == "banned" and swarm.bootstrap.db.banned_peers() == [banned.peer_id]
+        _until(lambda: model.submit(_banned_peers(model.dht)).result(30) == {banned.peer_id: None}, 15,
+               "the owner's ban reaching the trainer")
+        routed = model.submit(_unbanned_records(model.dht, 2, BanList(lambda: _banned_peers(model.dht)))).result(30)
+        assert sorted(r.peer_id for r in routed[0]) == [kept.peer_id]
+        batch = torch.randint(0, 64, (2, 8))
+        loss = model(batch, labels=batch).loss
+        loss.backward()  # training goes on over the replica left
+        assert torch.isfinite(loss)
