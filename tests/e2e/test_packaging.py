@@ -89,15 +89,27 @@ def test_the_dockerfiles_install_through_the_shared_script(dockerfile: str, base
 
 @pytest.mark.slow
 def test_the_image_install_runs_as_a_script(tmp_path: Path):
+    """What the CPU image's build does, outside Docker: only what its COPY lines bring, then its RUN
+    line's script (so a file missing from the image fails here too, and the checkout is not touched)."""
+    image = tmp_path / "image"
+    for line in re.findall(r"^COPY (.+)$", (ROOT / "Dockerfile").read_text(), re.M):
+        *sources, target = line.split()
+        for source in sources:
+            destination = image / (source if target.endswith("/") else target)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(ROOT / source, destination)
     venv = tmp_path / "venv"
     env = {**os.environ, "PYTHON": shutil.which("python3.11") or "python3"}  # the image's Python: 3.11
-    done = subprocess.run([str(ROOT / "deploy" / "install-image.sh"), str(venv), "cpu"], capture_output=True,
+    done = subprocess.run([str(image / "deploy" / "install-image.sh"), str(venv), "cpu"], capture_output=True,
                           text=True, timeout=280, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "swarm installed; torch" in done.stdout
     version = subprocess.run([str(venv / "bin" / "swarm"), "keys", "create", "--help"], capture_output=True,
                              text=True, timeout=60)
     assert version.returncode == 0 and "--scope" in version.stdout
-    wrong = subprocess.run([str(ROOT / "deploy" / "install-image.sh"), str(tmp_path / "v2"), "gpu"],
+    wrong = subprocess.run([str(image / "deploy" / "install-image.sh"), str(tmp_path / "v2"), "gpu"],
                            capture_output=True, text=True, timeout=60, env=env)
     assert wrong.returncode == 2 and "must be cpu or system" in wrong.stderr
