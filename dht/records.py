@@ -22,6 +22,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import ValidationError
 
 from dht.schemas import (
+    DataRecord,
+    data_key,
     RECORD_TTL,
     Manifest,
     MetricsRecord,
@@ -266,6 +268,22 @@ class SwarmDHT:
             except ValidationError:
                 continue  # refused by the schema validator on store; a stale node may still hold one
         return records
+
+    async def publish_data(self, record: DataRecord, ttl: float = RECORD_TTL) -> bool:
+        """Store (or refresh) this node's signed ``DataRecord`` (the bootstrap that leases data shards)."""
+        return await self.dht.store(data_key(self.run_id), record.model_dump(mode="json"),
+                                    expiration_time=get_dht_time() + ttl, subkey=self._subkey(), return_future=True)
+
+    async def data_records(self) -> list[DataRecord]:
+        """The run's live data records, newest first (usually the bootstrap's alone)."""
+        found = await self.dht.get(data_key(self.run_id), latest=True, return_future=True)
+        records = []
+        for entry in _entries(found):
+            try:
+                records.append(DataRecord.model_validate(entry.value))
+            except ValidationError:
+                continue  # refused on store by the schema validator; a stale node may still hold one
+        return sorted(records, key=lambda r: -r.updated)
 
     @property
     def signing_key(self) -> RSAPrivateKey:
