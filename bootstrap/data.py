@@ -2,8 +2,8 @@
 
 It serves ``swarm.data.lease``, ``.renew`` and ``.eval`` (``peers.data.protocol``) over the
 ``LeaseBook`` in ``state.db``, on the bootstrap's gated transport (a keyed run's trainers present
-their token; the caller's peer id holds the lease). Every ``interval`` seconds, and after each
-evaluation, it publishes a ``DataRecord`` (the run's data progress and last evaluation) under
+their token; the caller's peer id holds the lease). Every ``interval`` seconds, and when a lease
+begins or ends and after each evaluation, it publishes a ``DataRecord`` (the run's data progress and last evaluation) under
 ``{run}_data`` for ``swarm status`` and the dashboard, and sets the ``swarm_data_*`` and
 ``swarm_eval_*`` gauges of the bootstrap's Prometheus registry.
 
@@ -85,6 +85,7 @@ class DataService:
         logger.info("trainer %s leases shard %d of epoch %d of %s from document %d", holder[-8:], row.shard, row.epoch,
                     request.spec.source, row.doc)
         position = Position(doc=row.doc, offset=row.offset, tokens=row.tokens, step=row.step)
+        await self._publish_quietly()
         return ok_reply(Lease(dataset_id=request.spec.dataset_id, epoch=row.epoch, shard=row.shard,
                               position=position, ttl=self.book.ttl)), []
 
@@ -94,6 +95,8 @@ class DataService:
         ttl = await asyncio.to_thread(self.book.renew, request.dataset_id, request.epoch, request.shard, _caller(),
                                       doc=p.doc, offset=p.offset, tokens=p.tokens, step=p.step, done=request.done,
                                       release=request.release)
+        if request.done or request.release:
+            await self._publish_quietly()
         return ok_reply(RenewResponse(ttl=ttl)), []
 
     async def rpc_eval(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
@@ -125,10 +128,14 @@ class DataService:
     async def _publish_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                await self.publish()
-            except Exception as e:  # a DHT or database hiccup: the next round retries
-                logger.warning("publishing the data record failed: %s", e)
+            await self._publish_quietly()
+
+    async def _publish_quietly(self) -> None:
+        """``publish``, where a failure must not fail the caller (a lease that was granted)."""
+        try:
+            await self.publish()
+        except Exception as e:  # a DHT or database hiccup: the next round retries
+            logger.warning("publishing the data record failed: %s", e)
 
 
 def _caller() -> PeerId:
