@@ -130,3 +130,22 @@ def test_the_eval_loss_through_the_swarm_equals_a_local_evaluation_and_reaches_t
     assert registry.get_sample_value("swarm_eval_step") == 3
     assert registry.get_sample_value("swarm_data_shards_in_progress") == 0  # the trainer gave its shard back
     assert registry.get_sample_value("swarm_data_tokens") == 3 * BATCH * SEQ
+
+
+@pytest.mark.timeout(300)
+def test_the_example_fine_tunes_on_a_local_jsonl_file(model_factory, swarm_factory, tmp_path: Path):
+    import subprocess
+    import sys
+
+    data = _dataset(tmp_path / "data") / "train.jsonl"
+    swarm = swarm_factory(model_factory(**MODEL), num_stages=2, num_peers=2, target_batch_size=BATCH, lr=LR)
+    example = Path(__file__).resolve().parents[2] / "examples" / "finetune_jsonl.py"
+    result = subprocess.run([sys.executable, str(example), "--bootstrap", swarm.initial_peers[0], "--data", str(data),
+                             "--steps", "5", "--seq-len", str(SEQ), "--shards", "2", "--run", "test"],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [line.split() for line in result.stdout.splitlines() if line.startswith("step")]
+    assert [int(s[1]) for s in steps] == list(range(5)) and {s[5] for s in steps} == {"0"}
+    assert "perplexity" in result.stdout.splitlines()[-1]
+    [row] = swarm.bootstrap.data.book.rows(DatasetSpec(source=str(data), num_shards=2).dataset_id)
+    assert (row.shard, row.holder, row.tokens, row.step) == (0, None, 5 * BATCH * SEQ, 5)  # given back on exit
