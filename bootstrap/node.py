@@ -82,6 +82,7 @@ def build_manifest(settings: SwarmSettings) -> Manifest:
     boot = settings.bootstrap
     if not boot.model:
         raise ConfigError("the bootstrap needs --model (a hub id or a directory with config.json)")
+    dataset = spec_from_settings(settings.data)
     source = resolve_model(boot.model)
     family_of(source.config)  # refuse an unsupported architecture before anyone joins
     layers = num_layers(source.config)
@@ -98,7 +99,7 @@ def build_manifest(settings: SwarmSettings) -> Manifest:
         optimizer=OptimizerSettings(lr=boot.lr, weight_decay=boot.weight_decay),
         dtype=boot.dtype,
         wire=boot.wire,
-        dataset=spec_from_settings(settings.data),
+        dataset=dataset,
     )
 
 
