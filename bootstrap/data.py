@@ -26,18 +26,7 @@ from dht.records import SwarmDHT
 from dht.schemas import RECORD_REFRESH, DataRecord, DatasetSpec, EvalPoint
 from net.rpc import guarded, ok_reply, parse_request
 from net.transport import CALLER, Transport
-from peers.data.protocol import (
-    DATA_EVAL,
-    DATA_LEASE,
-    DATA_RENEW,
-    EvalRequest,
-    EvalResponse,
-    Lease,
-    LeaseRequest,
-    Position,
-    RenewRequest,
-    RenewResponse,
-)
+from peers.data import protocol
 from core.errors import AuthRejected
 from core.loop import cancel_and_wait
 from core.types import PeerId
@@ -75,38 +64,39 @@ class DataService:
         self._task = None
 
     def handlers(self) -> dict[str, Any]:
-        return {DATA_LEASE: guarded(self.rpc_lease, logger), DATA_RENEW: guarded(self.rpc_renew, logger),
-                DATA_EVAL: guarded(self.rpc_eval, logger)}
+        return {protocol.DATA_LEASE: guarded(self.rpc_lease, logger),
+                protocol.DATA_RENEW: guarded(self.rpc_renew, logger),
+                protocol.DATA_EVAL: guarded(self.rpc_eval, logger)}
 
     async def rpc_lease(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(LeaseRequest, message)
+        request = parse_request(protocol.LeaseRequest, message)
         holder = _caller()
         row = await asyncio.to_thread(self.book.lease, request.spec, holder)
         logger.info("trainer %s leases shard %d of epoch %d of %s from document %d", holder[-8:], row.shard, row.epoch,
                     request.spec.source, row.doc)
-        position = Position(doc=row.doc, offset=row.offset, tokens=row.tokens, step=row.step)
+        position = protocol.Position(doc=row.doc, offset=row.offset, tokens=row.tokens, step=row.step)
         await self._publish_quietly()
-        return ok_reply(Lease(dataset_id=request.spec.dataset_id, epoch=row.epoch, shard=row.shard,
+        return ok_reply(protocol.Lease(dataset_id=request.spec.dataset_id, epoch=row.epoch, shard=row.shard,
                               position=position, ttl=self.book.ttl)), []
 
     async def rpc_renew(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(RenewRequest, message)
+        request = parse_request(protocol.RenewRequest, message)
         p = request.position
         ttl = await asyncio.to_thread(self.book.renew, request.dataset_id, request.epoch, request.shard, _caller(),
                                       doc=p.doc, offset=p.offset, tokens=p.tokens, step=p.step, done=request.done,
                                       release=request.release)
         if request.done or request.release:
             await self._publish_quietly()
-        return ok_reply(RenewResponse(ttl=ttl)), []
+        return ok_reply(protocol.RenewResponse(ttl=ttl)), []
 
     async def rpc_eval(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
-        request = parse_request(EvalRequest, message)
+        request = parse_request(protocol.EvalRequest, message)
         point = await asyncio.to_thread(self.book.record_eval, request.dataset_id, request.step, request.loss,
                                         request.tokens, _caller())
         logger.info("evaluation at step %d: loss %.4f, perplexity %.2f over %d tokens", point.step, point.loss,
                     point.perplexity, point.tokens)
         await self.publish(point)
-        return ok_reply(EvalResponse(perplexity=point.perplexity)), []
+        return ok_reply(protocol.EvalResponse(perplexity=point.perplexity)), []
 
     async def publish(self, latest: EvalPoint | None = None) -> None:
         """The data record and the gauges, as the book stands now."""

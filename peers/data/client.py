@@ -11,18 +11,8 @@ from dht.records import SwarmDHT
 from dht.schemas import DatasetSpec
 from net.rpc import Message, parse_reply
 from net.transport import Transport
-from peers.data.protocol import (
-    DATA_EVAL,
-    DATA_LEASE,
-    DATA_RENEW,
-    EvalRequest,
-    EvalResponse,
-    Lease,
-    LeaseRequest,
-    Position,
-    RenewRequest,
-    RenewResponse,
-)
+from peers.data.protocol import DATA_EVAL, DATA_LEASE, DATA_RENEW, EvalRequest, EvalResponse, Lease, LeaseRequest
+from peers.data.protocol import Position, RenewRequest, RenewResponse
 from core.errors import PeerUnavailable
 from core.types import PeerId
 
