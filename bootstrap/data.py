@@ -3,9 +3,9 @@
 It serves ``swarm.data.lease``, ``.renew`` and ``.eval`` (``peers.data.protocol``) over the
 ``LeaseBook`` in ``state.db``, on the bootstrap's gated transport (a keyed run's trainers present
 their token; the caller's peer id holds the lease). Every ``interval`` seconds, and when a lease
-begins or ends and after each evaluation, it publishes a ``DataRecord`` (the run's data progress and last evaluation) under
-``{run}_data`` for ``swarm status`` and the dashboard, and sets the ``swarm_data_*`` and
-``swarm_eval_*`` gauges of the bootstrap's Prometheus registry.
+begins or ends and after each evaluation, it publishes a ``DataRecord`` (the run's data progress and
+last evaluation) under ``{run}_data`` for ``swarm status`` and the dashboard, and sets the
+``swarm_data_*`` and ``swarm_eval_*`` gauges of the bootstrap's Prometheus registry.
 
 A mirror does not serve leases: two books would hand out the same shard. Trainers ask the primary
 (``peers.data.client.find_data_service``).

@@ -51,7 +51,8 @@ def main() -> None:
                 data.commit(model.step)
                 print(f"step {step:3d}  loss {loss.item():.3f}  shard {data.lease.shard} of epoch {data.lease.epoch}")
         result = evaluate(model, held_out)
-        print(f"loss on the file's first {result.tokens} tokens: {result.loss:.3f} (perplexity {result.perplexity:.1f})")
+        print(f"loss on the file's first {result.tokens} tokens: {result.loss:.3f} "
+              f"(perplexity {result.perplexity:.1f})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from hivemind.utils import get_dht_time
 from core.messages import FrozenModel
 from dht.control import get_bootstraps
 from dht.records import SwarmDHT
-from dht.schemas import RECORD_REFRESH, DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState, TrainerRecord
+from dht.schemas import (RECORD_REFRESH, DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord,
+                         MetricsRole, PeerRecord, PeerState, TrainerRecord)
 from core.types import PeerId, StageIndex
 
 __all__ = [
