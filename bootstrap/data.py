@@ -71,7 +71,7 @@ class DataService:
     async def rpc_lease(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         request = parse_request(protocol.LeaseRequest, message)
         holder = _caller()
-        row = await asyncio.to_thread(self.book.lease, request.spec, holder)
+        row = await asyncio.to_thread(self.book.lease, request.spec, holder, set(request.ended))
         logger.info("trainer %s leases shard %d of epoch %d of %s from document %d", holder[-8:], row.shard, row.epoch,
                     request.spec.source, row.doc)
         position = protocol.Position(doc=row.doc, offset=row.offset, tokens=row.tokens, step=row.step)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from bootstrap.state import StateDB
 from dht.schemas import DataProgress, DatasetSpec, EvalPoint
@@ -62,18 +62,20 @@ def oldest_epoch(rows: Sequence[ShardRow], num_shards: int) -> int:
     return epoch
 
 
-def pick_shard(rows: Sequence[ShardRow], num_shards: int, holder: PeerId, now: float) -> tuple[int, int]:
+def pick_shard(rows: Sequence[ShardRow], num_shards: int, holder: PeerId, now: float,
+               ended: Collection[tuple[int, int]] = ()) -> tuple[int, int]:
     """``(epoch, shard)`` to lease to ``holder``: its own live lease, else the first free shard of the
-    oldest epoch that has one (there always is one: an epoch after every row's is all free)."""
+    oldest epoch that has one (there always is one: an epoch after every row's is all free). Never one
+    of ``ended``: shards ``holder`` has read to the end and is about to commit as done."""
     for row in rows:
-        if row.holder == holder and row.live(now):
+        if row.holder == holder and row.live(now) and (row.epoch, row.shard) not in ended:
             return row.epoch, row.shard
     by_key = {(row.epoch, row.shard): row for row in rows}
     last = max((row.epoch for row in rows), default=0)
     for epoch in range(oldest_epoch(rows, num_shards), last + 2):
         for shard in range(num_shards):
             row = by_key.get((epoch, shard))
-            if row is None or row.free(now):
+            if (row is None or row.free(now)) and (epoch, shard) not in ended:
                 return epoch, shard
     raise AssertionError("unreachable: the epoch after the last row's has no rows")
 
@@ -85,14 +87,15 @@ class LeaseBook:
     def __init__(self, db: StateDB, *, ttl: float = DEFAULT_LEASE_TTL, clock: Callable[[], float] = time.time):
         self.db, self.ttl, self._clock = db, ttl, clock
 
-    def lease(self, spec: DatasetSpec, holder: PeerId) -> ShardRow:
-        """Lease a shard of ``spec`` to ``holder`` (see the module doc); the row, position included."""
+    def lease(self, spec: DatasetSpec, holder: PeerId, ended: Collection[tuple[int, int]] = ()) -> ShardRow:
+        """Lease a shard of ``spec`` to ``holder`` (see the module doc; ``ended``: see ``pick_shard``);
+        the row, position included."""
         now, key = self._clock(), spec.dataset_id
         with self.db.transaction() as c:
             c.execute("INSERT INTO data_sets(dataset_id, spec, last_used) VALUES(?, ?, ?) ON CONFLICT(dataset_id) "
                       "DO UPDATE SET last_used = excluded.last_used", (key, spec.model_dump_json(), now))
             rows = _rows(c.execute(_SELECT + " WHERE dataset_id = ?", (key,)).fetchall())
-            epoch, shard = pick_shard(rows, spec.num_shards, holder, now)
+            epoch, shard = pick_shard(rows, spec.num_shards, holder, now, ended)
             c.execute("INSERT INTO data_shards(dataset_id, epoch, shard, holder, expires) VALUES(?, ?, ?, ?, ?) "
                       "ON CONFLICT(dataset_id, epoch, shard) DO UPDATE SET holder = excluded.holder, "
                       "expires = excluded.expires", (key, epoch, shard, holder, now + self.ttl))

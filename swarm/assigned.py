@@ -115,7 +115,7 @@ class AssignedBatches:
         self._packer = None
 
     def _open_shard(self) -> None:
-        self.lease = self._run(self.client.lease(self.spec))
+        self.lease = self._run(self.client.lease(self.spec, [(lease.epoch, lease.shard) for lease, _ in self._ended]))
         start = self.lease.position
         logger.info("reading shard %d/%d of epoch %d of %s from document %d", self.lease.shard, self.spec.num_shards,
                     self.lease.epoch, self.spec.source, start.doc)
@@ -129,23 +129,29 @@ class AssignedBatches:
     def commit(self, step: int) -> None:
         """The batches handed out so far are trained (``step``: the run's step now): commit their
         position, and end the shards they read to the end."""
-        for lease, end in self._ended:
-            self._commit(lease, end.model_copy(update={"step": step}), done=True)
-        self._ended.clear()
+        self._ended = [(lease, end) for lease, end in self._ended
+                       if not self._commit(lease, end.model_copy(update={"step": step}), done=True)]
         if self.lease is not None and self._packer is not None and self._read is not None:
             self._commit(self.lease, self._read.model_copy(update={"step": step}))
 
-    def _commit(self, lease: Lease, position: Position, **end: bool) -> None:
+    def _commit(self, lease: Lease, position: Position, **end: bool) -> bool:
+        """Commit ``position``; False when the bootstrap could not be reached (the next commit carries
+        a newer position; training goes on while the bootstrap is away, within the lease's TTL)."""
         try:
             self._run(self.client.renew(lease, position, **end))
         except LeaseLost as e:
             logger.warning("%s", e)
             self._lost = lease
-            return
+            return True
+        except SwarmError as e:
+            logger.warning("committing the position in shard %d failed (kept for the next commit): %s",
+                           lease.shard, e)
+            return False
         span = next(s for s in reversed(self.spans) if (s.epoch, s.shard) == (lease.epoch, lease.shard))
         span.end = position
         if lease is self.lease:
             self.committed = position
+        return True
 
     async def _renew_forever(self) -> None:
         """Keep the current lease alive between commits (a step can outlast the lease's TTL)."""

@@ -44,8 +44,9 @@ class DataClient:
         self.transport, self._service = transport, service
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
 
-    async def lease(self, spec: DatasetSpec) -> Lease:
-        return parse_reply(Lease, await self._call(DATA_LEASE, LeaseRequest(spec=spec)))
+    async def lease(self, spec: DatasetSpec, ended: list[tuple[int, int]] = ()) -> Lease:
+        """A shard of ``spec``; ``ended``: ``(epoch, shard)`` this trainer has read to the end, not those."""
+        return parse_reply(Lease, await self._call(DATA_LEASE, LeaseRequest(spec=spec, ended=list(ended))))
 
     async def renew(self, lease: Lease, position: Position, *, done: bool = False, release: bool = False) -> float:
         """Commit ``position``; the seconds the lease now lasts. ``LeaseLost`` if it is not ours anymore."""

@@ -47,7 +47,11 @@ class Position(_Message):
 
 
 class LeaseRequest(_Message):
+    """``ended``: ``[epoch, shard]`` of shards the caller has read to their end but not yet committed
+    as done (its next commit does): they are not given back to it as its own live lease."""
+
     spec: DatasetSpec
+    ended: list[tuple[int, int]] = Field(default_factory=list, max_length=64)
 
 
 class Lease(_Message):

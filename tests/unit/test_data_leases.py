@@ -37,6 +37,15 @@ def test_pick_shard(rows, holder, expected):
     assert pick_shard(rows, 2, holder, NOW) == expected
 
 
+@pytest.mark.parametrize("rows, ended, expected", [
+    ([_row(0, 0, "a", NOW + 10)], {(0, 0)}, (0, 1)),  # read to its end: not handed back as a's own lease
+    ([_row(0, 0, "a", NOW + 10), _row(0, 1, "a", NOW + 10)], {(0, 0)}, (0, 1)),  # a retry gets the new one
+    ([_row(0, 0, "a", NOW + 10), _row(0, 1, "b", NOW + 10)], {(0, 0)}, (1, 0)),
+])
+def test_a_shard_the_trainer_has_read_to_its_end_is_not_leased_to_it_again(rows, ended, expected):
+    assert pick_shard(rows, 2, "a", NOW, ended) == expected
+
+
 @pytest.mark.parametrize("rows, expected", [
     ([], 0),
     ([_row(0, 0, done=True)], 0),
