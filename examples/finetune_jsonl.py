@@ -20,8 +20,7 @@ import argparse
 import itertools
 
 import swarm
-from dht.schemas import DatasetSpec
-from swarm.assigned import AssignedBatches
+from swarm import AssignedBatches, DatasetSpec
 from swarm.evaluation import eval_batches, evaluate
 from swarm.serving import codec_of
 
