@@ -15,7 +15,8 @@ now; ``POST /api/peers/{id}/ban`` and ``/kick`` the owner's actions (``Bootstrap
 ``/api/contributions.csv`` and ``/api/audit.csv`` the exports.
 
 The pages are static HTML with a little JavaScript and uPlot (shipped in ``bootstrap/static``, no
-CDN); the loss chart follows ``/api/metrics/stream`` (server-sent events).
+CDN); the loss chart follows ``/api/metrics/stream`` (server-sent events) for the training loss and
+polls ``/api/evals`` for the held-out loss.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bootstrap.admin import AdminAuth, Session
 from bootstrap.alerts import AlertBook
 from bootstrap.keys import KEY_PREFIX, parse_duration, parse_scopes
+from bootstrap.leases import LeaseBook
 from bootstrap.state import StateDB
 from core.errors import AuthRejected, ConfigError, SwarmError
 from core.types import PeerId
@@ -144,6 +146,15 @@ class MetricOut(BaseModel):
     loss: float | None
     tokens_per_second: float | None
     peers: int
+
+
+class EvalOut(BaseModel):
+    id: int
+    at: float
+    step: int
+    loss: float
+    perplexity: float
+    tokens: int
 
 
 class JoinOut(BaseModel):
@@ -341,6 +352,13 @@ def _run_routes(db: StateDB, guard: _Guard, stream_period: float) -> APIRouter:
     async def api_metrics(since: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10000),
                           current: Session = Depends(guard.session)) -> list[MetricOut]:
         return [MetricOut(**vars(p)) for p in await asyncio.to_thread(db.metrics_history, since, limit)]
+
+    @router.get("/api/evals", response_model=list[EvalOut], tags=["metrics"])
+    async def api_evals(since: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10000),
+                        current: Session = Depends(guard.session)) -> list[EvalOut]:
+        """Held-out evaluations the trainers sent (``--eval-every``), oldest first."""
+        found = await asyncio.to_thread(LeaseBook(db).evals, since, limit)
+        return [EvalOut(id=i, **p.model_dump()) for i, p in found]
 
     @router.get("/api/contributions", tags=["metrics"])
     async def api_contributions(current: Session = Depends(guard.session)) -> dict[str, dict[str, float]]:

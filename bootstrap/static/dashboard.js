@@ -26,21 +26,34 @@ async function api(path, options = {}) {
 const chartWidth = (id) => Math.max(320, Math.min(1100, $(id).parentElement.clientWidth || 900));
 
 // One point per step (a later report of a step replaces the earlier one), in step order: uPlot needs
-// ascending x, and several rounds at one step used to leave a zero-width x range and no line at all.
-const lossByStep = new Map();
-let lastMetricId = 0;
+// ascending x; several rounds at one step drew a zero-length segment, so markers are on and a single
+// step gets an x range around it.
+const byStep = new Map();  // step -> [train loss, eval loss]
+let received = 0, lastMetricId = 0;
 const chart = new uPlot({title: "loss by step", width: chartWidth("chart"), height: 260,
   scales: {x: {time: false, range: (u, min, max) => min === max ? [min - 1, max + 1] : [min, max]}},
-  series: [{label: "step"}, {label: "loss", stroke: "#2266cc", width: 2, points: {show: true, size: 5}}]}, [[], []], $("chart"));
+  series: [{label: "step"}, {label: "train loss", stroke: "#2266cc", width: 2, points: {show: true, size: 5}},
+           {label: "eval loss", stroke: "#cc6622", width: 2, points: {show: true}, spanGaps: true}]}, [[], [], []], $("chart"));
 window.lossChart = chart;
+function plot(step, column, value) {
+  const row = byStep.get(step) || [null, null];
+  row[column] = value; byStep.set(step, row);
+  const steps = [...byStep.keys()].sort((a, b) => a - b);
+  chart.setData([steps, steps.map((x) => byStep.get(x)[0]), steps.map((x) => byStep.get(x)[1])]);
+  received += 1; $("points").textContent = received;
+}
+let lastEval = 0;
+async function refreshEvals() {
+  for (const e of await api(`/api/evals?since=${lastEval}`)) {
+    lastEval = e.id; plot(e.step, 1, e.loss);
+    $("eval-loss").textContent = e.loss.toFixed(4); $("perplexity").textContent = e.perplexity.toFixed(2);
+  }
+}
 function addPoint(point) {
   lastMetricId = Math.max(lastMetricId, point.id || 0);
   if (point.tokens_per_second !== null && point.tokens_per_second !== undefined) $("tps").textContent = Math.round(point.tokens_per_second);
   if (point.loss === null || point.loss === undefined) return;
-  lossByStep.set(point.step, point.loss);
-  const steps = [...lossByStep.keys()].sort((a, b) => a - b);
-  chart.setData([steps, steps.map((s) => lossByStep.get(s))]);
-  $("points").textContent = steps.length;
+  plot(point.step, 0, point.loss);
   $("loss").textContent = point.loss.toFixed(4);
 }
 
@@ -93,6 +106,13 @@ async function refreshStatus() {
   $("run-id").textContent = status.run_id;
   $("peer-count").textContent = status.peers.length;
   list("warnings", status.warnings);
+  if (status.data) {
+    $("data-cards").hidden = false;
+    $("data-epoch").textContent = status.data.epoch;
+    $("shards-done").textContent = `${status.data.shards_done}/${status.data.num_shards}`;
+    $("shards-in-progress").textContent = status.data.shards_in_progress;
+    $("data-tokens").textContent = status.data.tokens.toLocaleString("en");
+  }
   const pipeline = $("pipeline");
   pipeline.replaceChildren();
   for (const stage of status.stages) {
@@ -161,7 +181,8 @@ async function main() {
   for (const point of await api("/api/metrics")) addPoint(point);
   const stream = new EventSource(`/api/metrics/stream?since=${lastMetricId}`);
   stream.onmessage = (event) => addPoint(JSON.parse(event.data));
-  const tick = () => Promise.allSettled([refreshStatus(), refreshAlerts(), refreshRun(), refreshKeys(), refreshAudit()]);
+  const tick = () => Promise.allSettled([refreshStatus(), refreshAlerts(), refreshRun(), refreshKeys(), refreshAudit(),
+                                         refreshEvals()]);
   tick(); setInterval(tick, 3000);
 }
 main();

@@ -105,7 +105,7 @@ def test_admin_uses_the_dashboard(model_factory, swarm_factory, tmp_path: Path):
         assert float(browser.find_element(By.ID, "loss").text) > 0
         drawn = browser.execute_script("const u = window.lossChart; return [u.data[0].length, u.scales.x.min, "
                                        "u.scales.x.max, u.scales.y.min, u.scales.y.max, u.data[0]];")
-        assert drawn[0] == points(browser) and drawn[1] < drawn[2] and drawn[3] < drawn[4], drawn
+        assert 2 <= drawn[0] <= points(browser) and drawn[1] < drawn[2] and drawn[3] < drawn[4], drawn
         assert drawn[5] == sorted(set(drawn[5])), drawn  # one point per step, in step order: a line
         browser.find_element(By.CSS_SELECTOR, "#peers tbody tr button.history").click()
         wait.until(lambda b: not b.find_element(By.ID, "peer-history").get_attribute("hidden")
