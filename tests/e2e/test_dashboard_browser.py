@@ -97,6 +97,7 @@ def test_admin_uses_the_dashboard(model_factory, swarm_factory, tmp_path: Path):
         assert "stage 0 is down to one replica" in alerts and "stage 1 is down to one replica" in alerts
         assert "stage 0 has one replica" in browser.find_element(By.ID, "warnings").text  # swarm status's warnings
         assert {"stage.one:0", "stage.one:1"} <= {a["key"] for a in webhook.received}
+        assert not browser.find_element(By.ID, "data-cards").is_displayed()  # no dataset in this run
 
         points = lambda b: int(b.find_element(By.ID, "points").text)  # noqa: E731
         wait.until(lambda b: points(b) >= 2)
