@@ -105,7 +105,8 @@ class StageHost:
         m = self.measurement
         return [PeerRecord(
             peer_id=self.peer_id, maddrs=self.dht.visible_maddrs(), stage=stage, layers=self.manifest.stages[stage],
-            state=state, hardware=probe_hardware(), throughput=m.per_stage(span.count), latency_ms=m.latency_ms,
+            state=state, hardware=probe_hardware(self.device), throughput=m.per_stage(span.count),
+            latency_ms=m.latency_ms,
             bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib, compute=m.compute or m.throughput,
             network=m.network if m.network is not None and m.network != float("inf") else None,
             access_token=self._auth.token if self._auth is not None else None,  # keyed runs refuse records without

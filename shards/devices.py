@@ -25,6 +25,7 @@ __all__ = [
     "device_list",
     "compute_dtype",
     "compute_context",
+    "local_precision",
     "HopScaler",
     "to_device",
     "to_host",
@@ -83,6 +84,14 @@ def compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return getattr(torch, dtype)
+
+
+def local_precision(dtype: str | torch.dtype) -> torch.dtype:
+    """The precision a trainer's local parts compute in for the run's ``dtype``: the same, except
+    float16 (the head's backward runs in the caller's ``loss.backward()``, where no hop scales its
+    gradient), which keeps them in float32. The head is one matmul of the model's many."""
+    dtype = compute_dtype(dtype)
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def compute_context(device: torch.device, dtype: torch.dtype) -> ContextManager:

@@ -17,7 +17,7 @@ from dht.schemas import HardwareSummary
 from peers.telemetry.status import PeerStatus, Status
 from core.types import PeerId
 
-__all__ = ["render_status", "sparkline"]
+__all__ = ["render_status", "sparkline", "describe_gpus", "describe_device"]
 
 
 def sparkline(values: Sequence[float]) -> str:
@@ -34,7 +34,34 @@ def _short(peer_id: PeerId) -> str:
     return peer_id[-8:]
 
 
+def describe_gpus(hw: HardwareSummary) -> str | None:
+    """The GPU(s) a peer computes on, each as ``cuda:1 H100 87% 40/80G 65C 300W`` (figures a board
+    does not report are left out); None for a peer on the CPU or one that publishes no per-GPU figures."""
+    if not hw.gpus:
+        return None
+    parts = []
+    for gpu in hw.gpus:
+        figures = [f"{gpu.util_percent:.0f}%" if gpu.util_percent is not None else None,
+                   f"{gpu.memory_used_gib:.0f}/{gpu.memory_total_gib:.0f}G",
+                   f"{gpu.temperature_c:.0f}C" if gpu.temperature_c is not None else None,
+                   f"{gpu.power_w:.0f}W" if gpu.power_w is not None else None]
+        where = hw.device if len(hw.gpus) == 1 and hw.device.startswith("cuda") else f"gpu{gpu.index}"
+        parts.append(" ".join([where, gpu.name.removeprefix("NVIDIA "), *(f for f in figures if f)]))
+    return ", ".join(parts)
+
+
+def describe_device(hw: HardwareSummary) -> str:
+    """Where a peer computes, for its join line: its GPU(s) with live figures, else ``cpu (no GPU)``."""
+    gpus = describe_gpus(hw)
+    return gpus if gpus is not None else ("cpu (no GPU)" if hw.device == "cpu" else hw.device)
+
+
 def _hardware(hw: HardwareSummary) -> str:
+    gpus = describe_gpus(hw)
+    if gpus is not None:
+        return gpus
+    if hw.device == "cpu":
+        return f"cpu (no GPU) {hw.cpu_count} cores {hw.cpu_percent:.0f}% {hw.ram_used_gib:.0f}/{hw.ram_gib:.0f}G"
     if hw.gpu_count:
         parts = [f"{hw.gpu_count}xGPU"]
         if hw.gpu_util_percent is not None:
