@@ -17,7 +17,7 @@ from typing import ContextManager
 
 import torch
 
-from core.errors import ConfigError
+from core.errors import BadRequest, ConfigError
 
 __all__ = [
     "DTYPES",
@@ -107,8 +107,8 @@ class HopScaler:
 
     float16 gradients underflow below 6e-8; the hop multiplies the gradient it receives by ``scale``
     before its backward and divides what comes out (parameter and input gradients, in float32) by it.
-    A backward that overflows (inf or NaN) is redone with half the scale, at most ``retries`` times;
-    after ``growth_interval`` clean backwards the scale doubles. Every hop scales on its own, so no
+    A backward that overflows (inf or NaN) is redone with half the scale, at most ``retries`` times
+    (then ``BadRequest``: no scale fits the gradient sent); after ``growth_interval`` clean backwards the scale doubles. Every hop scales on its own, so no
     step needs the whole pipeline to agree on one scale (torch's ``GradScaler`` needs one loss).
     For bfloat16 and float32 ``enabled`` is false and the scale stays 1.
     """
@@ -130,11 +130,14 @@ class HopScaler:
             last = attempt == self.retries
             grads = torch.autograd.grad(outputs, inputs, grad_output * self.scale, allow_unused=True,
                                         retain_graph=not last)
-            if all(g is None or bool(torch.isfinite(g).all()) for g in grads) or last:
+            if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
                 break
             self.overflows += 1
-            self.scale /= 2.0
             self._clean = 0
+            if last:
+                raise BadRequest(f"the backward overflows float16 at every scale down to {self.scale:g}: the "
+                                 "gradient sent is out of float16's range")
+            self.scale /= 2.0
         unscaled = [None if g is None else g.float() / self.scale for g in grads]
         self._clean += 1
         if self._clean >= self.growth_interval:

@@ -34,9 +34,10 @@ def _short(peer_id: PeerId) -> str:
     return peer_id[-8:]
 
 
-def describe_gpus(hw: HardwareSummary) -> str | None:
-    """The GPU(s) a peer computes on, each as ``cuda:1 H100 87% 40/80G 65C 300W`` (figures a board
-    does not report are left out); None for a peer on the CPU or one that publishes no per-GPU figures."""
+def describe_gpus(hw: HardwareSummary, *, names: bool = True) -> str | None:
+    """The GPU(s) a peer computes on, each as ``cuda:1 H100 87% 61/80G 71C 312W`` (``names`` false:
+    ``gpu1 87% 61/80G 71C 312W``, for the status table's narrow column; figures a board does not
+    report are left out); None for a peer on the CPU or one that publishes no per-GPU figures."""
     if not hw.gpus:
         return None
     parts = []
@@ -45,8 +46,12 @@ def describe_gpus(hw: HardwareSummary) -> str | None:
                    f"{gpu.memory_used_gib:.0f}/{gpu.memory_total_gib:.0f}G",
                    f"{gpu.temperature_c:.0f}C" if gpu.temperature_c is not None else None,
                    f"{gpu.power_w:.0f}W" if gpu.power_w is not None else None]
-        where = hw.device if len(hw.gpus) == 1 and hw.device.startswith("cuda") else f"gpu{gpu.index}"
-        parts.append(" ".join([where, gpu.name.removeprefix("NVIDIA "), *(f for f in figures if f)]))
+        if names:
+            where = hw.device if len(hw.gpus) == 1 and hw.device.startswith("cuda") else f"gpu{gpu.index}"
+            label = [where, gpu.name.removeprefix("NVIDIA ")]
+        else:
+            label = [f"gpu{gpu.index}"]
+        parts.append(" ".join([*label, *(f for f in figures if f)]))
     return ", ".join(parts)
 
 
@@ -57,11 +62,9 @@ def describe_device(hw: HardwareSummary) -> str:
 
 
 def _hardware(hw: HardwareSummary) -> str:
-    gpus = describe_gpus(hw)
+    gpus = describe_gpus(hw, names=False)
     if gpus is not None:
         return gpus
-    if hw.device == "cpu":
-        return f"cpu (no GPU) {hw.cpu_count} cores {hw.cpu_percent:.0f}% {hw.ram_used_gib:.0f}/{hw.ram_gib:.0f}G"
     if hw.gpu_count:
         parts = [f"{hw.gpu_count}xGPU"]
         if hw.gpu_util_percent is not None:
