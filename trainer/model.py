@@ -445,7 +445,7 @@ class SwarmOptimizer:
                                status.step, len(others), e)
             else:
                 for param, grad in zip(params, summed):
-                    param.grad = grad
+                    param.grad = grad.to(param.device)
         with self.model._shared.lock:
             self.optimizer.step()
         return True
