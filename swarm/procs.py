@@ -61,10 +61,10 @@ class ProcessGroup:
     def start_swarm(self, model_dir: Path, *, num_stages: int, num_peers: int, state_dir: Path,
                     lr: float | None = None, target_batch_size: int | None = None, threads: int = 1,
                     on_peer=None, wire: str | None = None, peer_env: dict[str, str] | None = None,
-                    free: bool = False) -> str:
+                    free: bool = False, dtype: str | None = None) -> str:
         """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
         previous one has claimed its stage, so they spread over the stages; ``free``: all at once, no
-        ``--max-stages``, each serving when this returns). Returns the bootstrap's
+        ``--max-stages``, each serving when this returns; ``dtype``: the run's precision). Returns the bootstrap's
         multiaddr; ``on_peer(i, claim_line)`` is told of each claim; ``peer_env``: the peers' extra
         environment (``SWARM_*`` settings)."""
         args = ["--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
@@ -73,6 +73,8 @@ class ProcessGroup:
             args += ["--target-batch-size", str(target_batch_size)]
         if wire:
             args += ["--wire", wire]
+        if dtype:
+            args += ["--dtype", dtype]
         address = self.start_bootstrap(args)
         if free:  # as volunteers do: all at once, no pins, placement decides
             self.start_peers_at_once([f"peer{i + 1}" for i in range(num_peers)], address, state_dir, threads=threads,
