@@ -19,6 +19,7 @@ from core.types import LayerRange
 from shards.placement import Span
 from shards.source import resolve_model
 from shards.stage import load_stage
+from tests.helpers import local_adamw, max_difference, plain_loop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -29,36 +30,6 @@ LR = 3e-3
 def _batches(count: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     return [torch.randint(0, 128, (8, 16), generator=generator) for _ in range(count)]
-
-
-def _train(model, batches: list[torch.Tensor]) -> list[float]:
-    optimizer = model.create_optimizer()
-    losses = []
-    for ids in batches:
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def _local(model_dir, batches: list[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to("cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    for ids in batches:
-        ids = ids.to("cuda")
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return {name: t.cpu() for name, t in model.state_dict().items()}
-
-
-def _difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
 
 
 def _exported(model, path) -> dict[str, torch.Tensor]:
@@ -96,14 +67,14 @@ def test_peers_serve_on_the_gpu_and_a_cuda_trainer_trains_like_local(model_facto
         assert slot.record.hardware.device == "cuda:0"
     with swarm.client(device="cuda", microbatch_size=8) as model:
         assert model.device.type == "cuda"
-        _train(model, batches)
+        plain_loop(model, model.create_optimizer(), batches)
         optimizer_state = [s for p in peers for slot in p.slots.values()
                            for s in slot.service.executor.optimizer.state.values()]
         assert optimizer_state and all(s["exp_avg"].device.type == "cuda" for s in optimizer_state)
         out = model.generate(torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=4)
         assert out.device.type == "cuda" and out.shape == (1, 7)
         exported = _exported(model, tmp_path / "out")
-    assert _difference(exported, _local(model_dir, batches, torch.float32)) <= 1e-3
+    assert max_difference(exported, local_adamw(model_dir, batches, lr=LR, device="cuda")) <= 1e-3
 
 
 def test_a_trainer_moves_to_the_gpu_with_to(model_factory, swarm_factory):
@@ -128,10 +99,11 @@ def test_bfloat16_training_on_the_gpu_follows_local_bfloat16(model_factory, swar
                           dtype="bfloat16", peer_settings={"device": "cuda"})
     swarm.add_peers_at_once(2)
     with swarm.client(device="cuda", microbatch_size=8) as model:
-        _train(model, batches)
+        plain_loop(model, model.create_optimizer(), batches)
         exported = _exported(model, tmp_path / "out")
-    bf16, fp32 = _local(model_dir, batches, torch.bfloat16), _local(model_dir, batches, torch.float32)
-    to_bf16, to_fp32 = _difference(exported, bf16), _difference(exported, fp32)
+    bf16, fp32 = (local_adamw(model_dir, batches, lr=LR, dtype=dtype, device="cuda")
+                  for dtype in (torch.bfloat16, torch.float32))
+    to_bf16, to_fp32 = max_difference(exported, bf16), max_difference(exported, fp32)
     print(f"cuda: max |swarm - local bf16| {to_bf16:.2e}, |swarm - local fp32| {to_fp32:.2e}")
     assert to_bf16 <= 5e-3 and to_bf16 <= to_fp32 / 4
 
@@ -148,10 +120,10 @@ def test_float16_trains_with_scaled_gradients_and_offloaded_adamw(model_factory,
     executors = [slot.service.executor for p in peers for slot in p.slots.values()]
     assert all(e.scaler.enabled and e.precision == torch.float16 for e in executors)
     with swarm.client(device="cuda", microbatch_size=8) as model:
-        losses = _train(model, batches)
+        losses = plain_loop(model, model.create_optimizer(), batches)
         exported = _exported(model, tmp_path / "out")
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     for executor in executors:
         assert all(s["exp_avg"].device.type == "cpu" for s in executor.optimizer.state.values())
         assert {p.device.type for p in executor.module.parameters()} == {"cuda"}
-    assert _difference(exported, _local(model_dir, batches, torch.float32)) <= 2e-2
+    assert max_difference(exported, local_adamw(model_dir, batches, lr=LR, device="cuda")) <= 2e-2

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shards.placement import Span
+from tests.helpers import local_adamw, max_difference, plain_loop
 
 pytestmark = pytest.mark.slow
 
@@ -35,23 +36,6 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(0, 128, (8, 16), generator=generator) for _ in range(STEPS)]
 
 
-def _local(model_dir, batches: list[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    for ids in batches:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.state_dict()
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
-
-
 @pytest.mark.timeout(600)
 def test_two_peers_at_once_train_in_bfloat16_like_local_bfloat16_autocast(model_factory, swarm_factory, tmp_path):
     model_dir = model_factory(**MODEL)
@@ -64,20 +48,15 @@ def test_two_peers_at_once_train_in_bfloat16_like_local_bfloat16_autocast(model_
     assert {(e.precision, e.dtype, e.device.type) for e in executors} == {(torch.bfloat16, torch.float32, "cpu")}
     with swarm.client(microbatch_size=8) as model:  # one microbatch a batch, as the local run computes it
         assert model.manifest.dtype == "bfloat16"
-        optimizer = model.create_optimizer()
-        for ids in batches:
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        plain_loop(model, model.create_optimizer(), batches)
         assert model.step == STEPS
         exported = AutoModelForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "out")).state_dict()
     assert all(t.dtype == torch.float32 for t in exported.values())  # the float32 masters are exported
     start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
-    bf16, fp32 = _local(model_dir, batches, torch.bfloat16), _local(model_dir, batches, torch.float32)
-    to_bf16, to_fp32 = _max_difference(exported, bf16), _max_difference(exported, fp32)
+    bf16, fp32 = (local_adamw(model_dir, batches, lr=LR, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
+    to_bf16, to_fp32 = max_difference(exported, bf16), max_difference(exported, fp32)
     print(f"max |swarm - local bf16| {to_bf16:.2e}, |swarm - local fp32| {to_fp32:.2e}, "
-          f"|swarm - start| {_max_difference(exported, start):.2e}")
-    assert _max_difference(exported, start) > 1e-2
+          f"|swarm - start| {max_difference(exported, start):.2e}")
+    assert max_difference(exported, start) > 1e-2
     assert to_bf16 <= TOLERANCE
     assert to_fp32 >= 100 * TOLERANCE
