@@ -19,7 +19,8 @@ from core.config import SwarmSettings
 from core.types import StageIndex
 from swarm.status_view import describe_device
 
-__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label"]
+__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label",
+           "device_line"]
 
 REACH_TIMEOUT = 10.0
 
@@ -74,8 +75,20 @@ async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> No
     else:
         console.print(f"[bold]stages[/]    {escape(describe_span(peer)[len('stages '):])}: {escape(peer.claim_reason)}",
                       highlight=False)
+    console.print(f"[bold]device[/]    {escape(device_line(peer))}", highlight=False)
     if peer.telemetry is not None and peer.telemetry.server is not None:
         console.print(f"[bold]metrics[/]   {escape(peer.telemetry.server.url)}")
+
+
+def device_line(peer: Peer) -> str:
+    """Where the peer computes and in what precision: ``cuda:0 (NVIDIA H100), bfloat16 under autocast,
+    float32 weights and AdamW state (AdamW in host memory)``, or ``cpu (no GPU), float32``."""
+    hardware = peer.telemetry.hardware() if peer.telemetry is not None else None
+    name = hardware.gpu_name if hardware is not None and peer.device.type == "cuda" else None
+    where = f"{peer.device} ({name})" if name else ("cpu (no GPU)" if peer.device.type == "cpu" else str(peer.device))
+    dtype = peer.manifest.dtype if peer.manifest is not None else "float32"
+    precision = "float32" if dtype == "float32" else f"{dtype} under autocast, float32 weights and AdamW state"
+    return f"{where}, {precision}" + (" (AdamW in host memory)" if peer.offload_optimizer else "")
 
 
 def _line(peer: Peer) -> str:

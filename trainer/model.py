@@ -61,7 +61,7 @@ from trainer.local_parts import SharedLocalParts
 from trainer.pipeline import FaultPolicy, RemotePipeline
 from trainer.remote_layers import RemoteLayers
 from trainer.run_link import RunLink
-from trainer.spotcheck import BanList, SpotChecker, without_banned
+from trainer.spotcheck import BanList, SpotChecker, run_tolerance, without_banned
 from trainer.steps import DHTCoordinator
 
 __all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "SwarmOptimizer"]
@@ -559,7 +559,8 @@ def _pipeline(manifest: Manifest, calls: Transport, coordinator: DHTCoordinator,
         policy=policy,
         route_wait=trainer.route_wait,
         push=trainer.push,
-        spot_check=SpotChecker(client, rate=policy.spot_check_rate, tolerance=policy.spot_check_tolerance,
+        spot_check=SpotChecker(client, rate=policy.spot_check_rate,
+                               tolerance=run_tolerance(manifest.dtype, policy.spot_check_tolerance),
                                report=lambda report: report_ban(dht, _with_token(report, auth)),
                                reporter_id=dht.peer_id),
     )

@@ -44,6 +44,8 @@ def test_join_with_two_devices_serves_two_peers_and_stops_them_all(tmp_path):
         assert sorted(s for p in online.values() for s in p["stages"]) == [0, 1]  # split, as peers joining at once
         assert all(p["hardware"]["device"] == "cpu" and p["hardware"]["gpus"] == [] for p in online.values())
         assert (root / "machine" / "cpu-0").is_dir() and (root / "machine" / "cpu-1").is_dir()
+        for name in ("cpu-0", "cpu-1"):  # each peer's own output, in the log the launcher keeps for it
+            assert "device    cpu (no GPU), float32" in (root / "machine" / "device-logs" / f"{name}.log").read_text()
         procs.stop_all()
         assert join.returncode == 0, (root / "join.log").read_text()[-3000:]
         log = (root / "join.log").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from core.config import load_settings
 from core.errors import BadRequest, ConfigError
 from core.types import LayerRange
-from dht.schemas import OptimizerSettings
+from dht.schemas import HardwareSummary, OptimizerSettings
 from peers.joining.measure import activation_bytes, stage_bytes, stage_parameters
 from peers.training.executor import ForwardInputs, StageExecutor
 from peers.training.offload import HostAdamW, offload_wanted
@@ -22,6 +23,8 @@ from shards.source import resolve_model
 from shards.stage import load_stage
 from swarm import cli
 from swarm.device_peers import plan_device_peers
+from swarm.join_view import device_line
+from trainer.spotcheck import run_tolerance
 
 LAYERS = LayerRange(start=0, end=2)
 AUTO = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -262,3 +265,24 @@ def test_plan_device_peers_gives_each_device_its_own_join():
 def test_plan_device_peers_needs_the_join_arguments():
     with pytest.raises(ValueError, match="swarm join"):
         plan_device_peers(["cpu"], ["train"], Path("/s"))
+
+
+@pytest.mark.parametrize("dtype, setting, expected", [
+    ("float32", None, None), ("bfloat16", None, 5e-2), ("float16", None, 1e-2), ("bfloat16", 1e-3, 1e-3)])
+def test_spot_checks_allow_for_the_run_precision(dtype, setting, expected):
+    """Outputs travel as float32 in every precision; replicas on other GPUs round their bfloat16 matmuls
+    differently, so a bfloat16 run's spot checks must not hold them to float32's 1e-3."""
+    assert run_tolerance(dtype, setting) == expected
+
+
+@pytest.mark.parametrize("device, gpu, dtype, offload, expected", [
+    ("cpu", None, "float32", False, "cpu (no GPU), float32"),
+    ("cpu", None, "bfloat16", False, "cpu (no GPU), bfloat16 under autocast, float32 weights and AdamW state"),
+    ("cuda:1", "NVIDIA H100", "float16", True,
+     "cuda:1 (NVIDIA H100), float16 under autocast, float32 weights and AdamW state (AdamW in host memory)"),
+])
+def test_the_join_output_says_where_and_how_a_peer_computes(device, gpu, dtype, offload, expected):
+    hardware = HardwareSummary(device=device, gpu_name=gpu)
+    peer = SimpleNamespace(device=torch.device(device), telemetry=SimpleNamespace(hardware=lambda: hardware),
+                           manifest=SimpleNamespace(dtype=dtype), offload_optimizer=offload)
+    assert device_line(peer) == expected
