@@ -103,14 +103,15 @@ def compute_context(device: torch.device, dtype: torch.dtype) -> ContextManager:
 
 
 class HopScaler:
-    """Dynamic gradient scaling for one hop of a float16 pipeline (a stage, or a trainer's local head).
+    """Dynamic gradient scaling for one hop of a float16 pipeline (a stage).
 
     float16 gradients underflow below 6e-8; the hop multiplies the gradient it receives by ``scale``
     before its backward and divides what comes out (parameter and input gradients, in float32) by it.
     A backward that overflows (inf or NaN) is redone with half the scale, at most ``retries`` times
-    (then ``BadRequest``: no scale fits the gradient sent); after ``growth_interval`` clean backwards the scale doubles. Every hop scales on its own, so no
-    step needs the whole pipeline to agree on one scale (torch's ``GradScaler`` needs one loss).
-    For bfloat16 and float32 ``enabled`` is false and the scale stays 1.
+    (then ``BadRequest``: no scale fits the gradient sent); after ``growth_interval`` clean backwards
+    the scale doubles. Every hop scales on its own, so no step needs the whole pipeline to agree on
+    one scale (torch's ``GradScaler`` needs one loss). For bfloat16 and float32 ``enabled`` is false
+    and the scale stays 1.
     """
 
     def __init__(self, enabled: bool, *, scale: float = 2.0 ** 16, growth_interval: int = 200, retries: int = 24):

@@ -218,7 +218,7 @@ def join(
     from shards.devices import device_list
 
     served = device_list(settings.peer.devices, settings.peer.device)
-    if len(served) > 1:  # one peer process per device (docs/design.md, "Devices")
+    if len(served) > 1:  # one peer process per device (docs/design.md, issue 24)
         from swarm.device_peers import plan_device_peers, run_device_peers
 
         plan = plan_device_peers(served, sys.argv[1:], settings.state_dir.expanduser())

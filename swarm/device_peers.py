@@ -3,7 +3,7 @@
 Each device gets a ``swarm join`` of its own, with the same flags as the one typed, ``--device``
 set to its device and a state dir of its own (``<state-dir>/<device>``: its checkpoints, logs and
 measurements), so each is measured, claims a span, announces and averages as any other peer.
-Why processes and not workers of one peer: see docs/design.md, "Devices".
+Why processes and not workers of one peer: docs/design.md, "As built (issue 24)".
 
 This process supervises them: it prints each peer's serving line as it comes, and on Ctrl+C or
 SIGTERM (or when one of them exits) it stops them all, SIGINT first so each leaves the DHT cleanly.

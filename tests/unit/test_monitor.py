@@ -138,8 +138,11 @@ def test_peer_record_with_hardware_stays_small():
 def test_summarize_gives_each_served_gpu_its_own_means():
     """A peer on GPU 1 of a two-GPU machine publishes that GPU's figures on their own (``gpus``),
     beside the machine-wide means; a GPU it does not serve is left out."""
-    samples = [_sample(0, 5, 1, GpuSample(0, "NVIDIA A", 10, 1, 24.0, 40, 50), GpuSample(1, "NVIDIA B", 80, 20, 24.0, 70, 300)),
-               _sample(5, 5, 1, GpuSample(0, "NVIDIA A", 30, 1, 24.0, 40, 50), GpuSample(1, "NVIDIA B", 100, 22, 24.0, 72, None))]
+    def pair(util_a, util_b, used_b, temp_b, power_b):
+        return GpuSample(0, "NVIDIA A", util_a, 1, 24.0, 40, 50), GpuSample(1, "NVIDIA B", util_b, used_b, 24.0,
+                                                                              temp_b, power_b)
+
+    samples = [_sample(0, 5, 1, *pair(10, 80, 20, 70, 300)), _sample(5, 5, 1, *pair(30, 100, 22, 72, None))]
     summary = summarize(samples, served=[1])
     assert summary["gpu_util_percent"] == 55.0  # all GPUs
     assert summary["gpus"] == [GpuStats(index=1, name="NVIDIA B", util_percent=90.0, memory_used_gib=21.0,
