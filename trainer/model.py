@@ -147,12 +147,12 @@ class SwarmModelForCausalLM(nn.Module):
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         trainer, policy = _trainer_config(settings, policy)
+        device = resolve_device(trainer.device)  # a GPU this machine lacks fails before anything starts
         with contextlib.ExitStack() as started:
             runner = LoopThread("swarm-trainer")
             started.callback(runner.stop)
             dht, manifest, auth = _join_run(started, runner, run_id, initial_peers, host, key, trainer.timeout)
             source = _checked_source(model, manifest, run_id)
-            device = resolve_device(trainer.device)
             local = load_local_parts(source)
             transport, calls = _open_transport(started, runner, dht, auth)
             coordinator = _start_coordinator(started, runner, dht, manifest)

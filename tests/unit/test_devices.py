@@ -286,3 +286,12 @@ def test_the_join_output_says_where_and_how_a_peer_computes(device, gpu, dtype, 
     peer = SimpleNamespace(device=torch.device(device), telemetry=SimpleNamespace(hardware=lambda: hardware),
                            manifest=SimpleNamespace(dtype=dtype), offload_optimizer=offload)
     assert device_line(peer) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_trainer_asking_for_a_missing_gpu_fails_before_joining():
+    from trainer.model import SwarmModelForCausalLM
+
+    with pytest.raises(ConfigError, match="device 'cuda:1': this machine has no CUDA GPU"):
+        SwarmModelForCausalLM.from_pretrained(initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmUnreachable"],
+                                              device="cuda:1")
