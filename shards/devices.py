@@ -29,7 +29,6 @@ __all__ = [
     "HopScaler",
     "to_device",
     "to_host",
-    "free_device_memory",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -164,11 +163,3 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(tensor.device).synchronize()
     return host
-
-
-def free_device_memory(device: torch.device) -> int | None:
-    """Free bytes on a GPU (what CUDA reports), None for the CPU (host memory is counted elsewhere)."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
