@@ -86,7 +86,8 @@ def main() -> None:
                                         do_sample=False, streamer=clock)
 
     results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
-    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, threads=args.threads, dtype=args.dtype,
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, threads=args.threads,
+                             bootstrap_args=["--dtype", args.dtype],
                              peer_env=harness.peer_env(args.device)) as (_, address):
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], device=args.device) as remote:
 

@@ -103,7 +103,8 @@ def main() -> None:
     local_times, swarm_times, relay_times = [], [], []
     with harness.local_swarm(root, model_dir, num_stages=2, num_peers=args.peers, target_batch_size=args.batch,
                              threads=max(1, args.threads // args.peers), wire=args.wire,
-                             free=args.free, dtype=args.dtype, peer_env=harness.peer_env(args.device)) as (_, address):
+                             free=args.free, bootstrap_args=["--dtype", args.dtype],
+                             peer_env=harness.peer_env(args.device)) as (_, address):
         placed = _placement(address)
         print(f"placement: {placed}")
         microbatch = args.batch if args.microbatch == 0 else args.microbatch

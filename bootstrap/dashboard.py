@@ -7,7 +7,8 @@ another site can make the browser send the cookie, but cannot read the token). W
 API answers 401, with a session but a missing or wrong CSRF token 403.
 
 The pages are static HTML with a little JavaScript and uPlot (shipped in ``bootstrap/static``, no
-CDN); the loss chart follows ``/api/metrics/stream`` (server-sent events).
+CDN); the loss chart follows ``/api/metrics/stream`` (server-sent events) for the training loss and
+polls ``/api/evals`` for the held-out loss.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bootstrap.admin import AdminAuth, Session
 from bootstrap.keys import parse_duration
+from bootstrap.leases import LeaseBook
 from bootstrap.state import StateDB
 from core.errors import AuthRejected, ConfigError, SwarmError
 from peers.telemetry.status import Status
@@ -98,6 +100,15 @@ class MetricOut(BaseModel):
     loss: float | None
     tokens_per_second: float | None
     peers: int
+
+
+class EvalOut(BaseModel):
+    id: int
+    at: float
+    step: int
+    loss: float
+    perplexity: float
+    tokens: int
 
 
 class JoinOut(BaseModel):
@@ -270,6 +281,13 @@ def _run_routes(db: StateDB, guard: _Guard, stream_period: float) -> APIRouter:
     async def api_metrics(since: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10000),
                           current: Session = Depends(guard.session)) -> list[MetricOut]:
         return [MetricOut(**vars(p)) for p in await asyncio.to_thread(db.metrics_history, since, limit)]
+
+    @router.get("/api/evals", response_model=list[EvalOut], tags=["metrics"])
+    async def api_evals(since: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=10000),
+                        current: Session = Depends(guard.session)) -> list[EvalOut]:
+        """Held-out evaluations the trainers sent (``--eval-every``), oldest first."""
+        found = await asyncio.to_thread(LeaseBook(db).evals, since, limit)
+        return [EvalOut(id=i, **p.model_dump()) for i, p in found]
 
     @router.get("/api/contributions", tags=["metrics"])
     async def api_contributions(current: Session = Depends(guard.session)) -> dict[str, dict[str, float]]:

@@ -29,6 +29,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from bootstrap.bans import BanEnforcer
 from bootstrap.checkpoints import CheckpointStore
+from bootstrap.data import DataService
+from bootstrap.leases import LeaseBook
 from bootstrap.credit import DEFAULT_MAX_POSITIONS, credit_cap, max_positions, round_step, step_advance, tokens_per_step
 from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
@@ -41,6 +43,7 @@ from dht.auth import TokenRecordValidator, issue_token
 from net.admission import PUBLIC_REQUEST_BYTES, CallerLimits
 from net.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
 from net.transport import P2PTransport
+from peers.data.spec import spec_from_settings
 from peers.telemetry.status import Status, collect_status
 from dht.control import (
     CONTROL_REFRESH,
@@ -79,6 +82,7 @@ def build_manifest(settings: SwarmSettings) -> Manifest:
     boot = settings.bootstrap
     if not boot.model:
         raise ConfigError("the bootstrap needs --model (a hub id or a directory with config.json)")
+    dataset = spec_from_settings(settings.data)
     source = resolve_model(boot.model)
     family_of(source.config)  # refuse an unsupported architecture before anyone joins
     layers = num_layers(source.config)
@@ -95,6 +99,7 @@ def build_manifest(settings: SwarmSettings) -> Manifest:
         optimizer=OptimizerSettings(lr=boot.lr, weight_decay=boot.weight_decay),
         dtype=boot.dtype,
         wire=boot.wire,
+        dataset=dataset,
     )
 
 
@@ -117,6 +122,7 @@ class BootstrapNode:
         self._peers_seen: set[str] = set()
         self.authority = None
         self.dashboard = None  # a bootstrap.dashboard.DashboardServer once started
+        self.data: DataService | None = None  # the primary's data leases
         self.admin = None
         self._status_cache: tuple[float, Status] | None = None
         self._transport: P2PTransport | None = None
@@ -153,6 +159,10 @@ class BootstrapNode:
         self.bans = BanEnforcer(self.dht, self.db, self.telemetry.book, self.manifest.num_stages,
                                 lambda: self.authority.get_public_key() if self.keys_required else None)
         await self._publish_control(*self._wanted_control())
+        if self.mirror is None:
+            self.data = DataService(LeaseBook(self.db, ttl=self.settings.data.lease_ttl), self.dht,
+                                    self.manifest.dataset, self.telemetry.metrics.registry)
+            await self.data.start(self._transport)
         self._tasks = [
             asyncio.create_task(self._control_forever(), name="run-control"),
             asyncio.create_task(self._collect_forever(), name="metrics-collect"),
@@ -279,6 +289,11 @@ class BootstrapNode:
                     f"{self.state_dir} holds run {saved.run_id!r} of {saved.model}; use another "
                     "--state-dir or --run to start a run of a different model"
                 )
+            dataset = spec_from_settings(self.settings.data)
+            if dataset is not None and dataset != saved.dataset:
+                raise ConfigError(f"{self.state_dir} holds run {saved.run_id!r} of dataset "
+                                  f"{saved.dataset.source if saved.dataset else '(none)'}; a run keeps its dataset "
+                                  "(its shards' positions are kept with it): use another --state-dir or --run")
             logger.info("resuming run %r from %s", saved.run_id, path)
             return saved
         manifest = build_manifest(self.settings)
@@ -477,6 +492,8 @@ class BootstrapNode:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.data is not None:
+            await self.data.stop()
         if self.peering is not None:
             await self.peering.withdraw()
         if self._transport is not None:

@@ -37,9 +37,23 @@ __all__ = [
     "contribution_delta",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUN_STATES = ("running", "paused", "stopped")
 _MAX_TEXT = 500
+
+_DATA_SCHEMA = """
+CREATE TABLE data_sets (dataset_id TEXT PRIMARY KEY, spec TEXT NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE data_shards (
+    dataset_id TEXT NOT NULL, epoch INTEGER NOT NULL, shard INTEGER NOT NULL, holder TEXT,
+    expires REAL NOT NULL DEFAULT 0, doc INTEGER NOT NULL DEFAULT 0, doc_offset INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (dataset_id, epoch, shard)
+);
+CREATE TABLE evals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, dataset_id TEXT NOT NULL, step INTEGER NOT NULL,
+    loss REAL NOT NULL, tokens INTEGER NOT NULL, peer_id TEXT NOT NULL
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +73,7 @@ CREATE TABLE contributions (
     peer_id TEXT PRIMARY KEY, samples INTEGER NOT NULL, last_reported INTEGER NOT NULL,
     first_seen REAL NOT NULL, last_seen REAL NOT NULL
 );
-"""
+""" + _DATA_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -152,7 +166,8 @@ class StateDB:
     def _migrate(self) -> None:
         """Bring an older database up to ``SCHEMA_VERSION`` in one transaction (all or nothing), keeping
         every row. 1 -> 2: ``api_keys.updated_at`` (the merge rule of ``bootstrap.sync`` needs it),
-        set to the key's last change (its revocation, else its creation)."""
+        set to the key's last change (its revocation, else its creation). 2 -> 3: the data leases'
+        and evaluations' tables (``bootstrap.leases``), empty."""
         with self._tx() as c:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version >= SCHEMA_VERSION:
@@ -160,6 +175,9 @@ class StateDB:
             if version < 2:
                 c.execute("ALTER TABLE api_keys ADD COLUMN updated_at REAL NOT NULL DEFAULT 0")
                 c.execute("UPDATE api_keys SET updated_at = max(created, coalesce(revoked, 0))")
+            if version < 3:
+                for statement in filter(str.strip, _DATA_SCHEMA.split(";")):
+                    c.execute(statement)
             c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             _audit(c, "state", "state.migrate", f"schema {version} -> {SCHEMA_VERSION}")
 
@@ -170,6 +188,15 @@ class StateDB:
     def _tx(self):
         """A write transaction, begun IMMEDIATE so two writers queue instead of failing later."""
         return _Transaction(self._conn, self._lock)
+
+    def transaction(self):
+        """A write transaction (``with db.transaction() as c:``) for the tables other modules keep
+        here (``bootstrap.leases``): one lock and one file for all of the run's state."""
+        return self._tx()
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Rows of a read-only ``sql``; ``StateError`` if the file cannot be read."""
+        return self._read(sql, args)
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

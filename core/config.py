@@ -34,6 +34,7 @@ __all__ = [
     "LogSettings",
     "ApiSettings",
     "DelegationSettings",
+    "DataSettings",
     "SwarmSettings",
     "load_settings",
     "trainer_settings",
@@ -241,6 +242,28 @@ class DelegationSettings(_Section):
         return NetworkSettings._multiaddrs(delegates)
 
 
+class DataSettings(_Section):
+    """What ``swarm train`` trains and evaluates on (``swarm bootstrap``: the run's dataset, put in the
+    manifest so trainers need only ``--bootstrap``). ``source`` None: the run's dataset, else the
+    Python stdlib's source as bytes (the demo's corpus)."""
+
+    source: str | None = Field(None, description="hub id, local directory or file (jsonl, json, parquet, csv, "
+                               "txt) of the dataset (--dataset)")
+    split: str = Field("train", min_length=1, description="split to train on (--split)")
+    text_column: str = Field("text", min_length=1, description="the column holding the text (--text-column)")
+    config_name: str | None = Field(None, description="the dataset's configuration, if it has several (--config-name)")
+    num_shards: int = Field(16, ge=1, le=65536, description="shards the data is cut into and leased to trainers "
+                            "(each reads its own; more shards than trainers)")
+    streaming: bool | None = Field(None, description="read the data as a stream (default: hub datasets stream, "
+                                   "local files are read into the HF cache)")
+    lease_ttl: float = Field(60.0, ge=5, description="seconds a shard's lease lasts unrenewed (the bootstrap); a "
+                             "dead trainer's shard goes to another after this")
+    eval_split: str | None = Field(None, description="held-out split to evaluate on (--eval-split)")
+    eval_every: int = Field(0, ge=0, description="evaluate every this many steps (0: never; --eval-every)")
+    eval_batches: int = Field(4, ge=1, description="batches of the eval split one evaluation reads (the same each "
+                              "time)")
+
+
 class SwarmSettings(BaseSettings):
     """Every setting of swarm; each field is settable from TOML, env or the CLI."""
 
@@ -258,6 +281,7 @@ class SwarmSettings(BaseSettings):
     logs: LogSettings = LogSettings()
     api: ApiSettings = ApiSettings()
     delegation: DelegationSettings = DelegationSettings()
+    data: DataSettings = DataSettings()
 
     toml_file: ClassVar[Path | None] = None
 

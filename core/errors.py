@@ -21,6 +21,7 @@
     ├── AuthRejected                credentials missing or wrong
     ├── StateError                  the bootstrap's saved state is corrupt or from a newer swarm
     ├── RunStopped                  the run owner stopped the run
+    ├── LeaseLost                   a data shard this trainer leased was given to another (its lease expired)
     ├── CapacityExceeded            a peer is full
     ├── InsufficientMemory          not even one stage of the run fits in this peer's memory
     └── DelegationRefused           a strong peer declined a delegation session
@@ -60,6 +61,7 @@ __all__ = [
     "AuthRejected",
     "StateError",
     "RunStopped",
+    "LeaseLost",
     "CapacityExceeded",
     "InsufficientMemory",
     "DelegationRefused",
@@ -158,6 +160,12 @@ class RunStopped(SwarmError):
     """The run owner stopped the run (``swarm run stop``); trainers end and peers leave."""
 
 
+class LeaseLost(SwarmError):
+    """The bootstrap gave a data shard this trainer had leased to another trainer: the lease expired
+    unrenewed (a trainer stalled past its TTL). The trainer stops reading that shard and leases another,
+    so no sample is trained twice in an epoch."""
+
+
 class CapacityExceeded(SwarmError):
     """The peer has no room for more work or sessions right now."""
 
@@ -193,7 +201,7 @@ _BY_NAME: dict[str, type[SwarmError]] = {
         SwarmError, ConfigError, ModelLoadError, UnsupportedArchitecture, NoTokenizer, BadRequest, WrongStage,
         ProtocolMismatch, CacheMiss, InvalidOutput, StaleReplica, PeerUnavailable, StageTimeout, AveragingFailed,
         NoRoute, AuthRejected, CapacityExceeded, DelegationRefused, UnknownSession, StateMismatch,
-        CheckpointMissing, StateError, RunStopped, InsufficientMemory,
+        CheckpointMissing, StateError, RunStopped, InsufficientMemory, LeaseLost,
     )
 }
 

@@ -19,9 +19,11 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from dht.schemas import (
+    DataRecord,
+    data_key,
     RECORD_TTL,
     Manifest,
     MetricsRecord,
@@ -50,6 +52,7 @@ peer cannot extend it: its signature covers the expiration). Bootstraps rewrite 
 ``MANIFEST_REFRESH`` s, so the newest copy always expires last."""
 MANIFEST_REFRESH = 150.0
 T = TypeVar("T", TrainerRecord, MetricsRecord)
+R = TypeVar("R", bound=BaseModel)
 STORE_TTL = 600.0
 
 
@@ -237,14 +240,7 @@ class SwarmDHT:
 
     async def trainer_records(self) -> list[TrainerRecord]:
         """Valid, unexpired records of the run's trainers (online or not)."""
-        found = await self.dht.get(trainers_key(self.run_id), latest=True, return_future=True)
-        records = []
-        for entry in _entries(found):
-            try:
-                records.append(TrainerRecord.model_validate(entry.value))
-            except ValidationError:
-                continue
-        return records
+        return await self._valid(trainers_key(self.run_id), TrainerRecord)
 
     async def all_records(self, num_stages: int) -> dict[int, list[PeerRecord]]:
         return {stage: await self.stage_records(stage) for stage in range(num_stages)}
@@ -258,14 +254,16 @@ class SwarmDHT:
 
     async def stores(self) -> list[StoreRecord]:
         """The run's live checkpoint stores (usually the bootstrap alone)."""
-        found = await self.dht.get(store_key(self.run_id), latest=True, return_future=True)
-        records = []
-        for entry in _entries(found):
-            try:
-                records.append(StoreRecord.model_validate(entry.value))
-            except ValidationError:
-                continue  # refused by the schema validator on store; a stale node may still hold one
-        return records
+        return await self._valid(store_key(self.run_id), StoreRecord)
+
+    async def publish_data(self, record: DataRecord, ttl: float = RECORD_TTL) -> bool:
+        """Store (or refresh) this node's signed ``DataRecord`` (the bootstrap that leases data shards)."""
+        return await self.dht.store(data_key(self.run_id), record.model_dump(mode="json"),
+                                    expiration_time=get_dht_time() + ttl, subkey=self._subkey(), return_future=True)
+
+    async def data_records(self) -> list[DataRecord]:
+        """The run's live data records, newest first (usually the bootstrap's alone)."""
+        return sorted(await self._valid(data_key(self.run_id), DataRecord), key=lambda r: -r.updated)
 
     @property
     def signing_key(self) -> RSAPrivateKey:
@@ -292,13 +290,18 @@ class SwarmDHT:
 
     async def telemetry_records(self) -> list[MetricsRecord]:
         """Valid, unexpired metrics records of the run's trainers and peers."""
-        found = await self.dht.get(telemetry_key(self.run_id), latest=True, return_future=True)
+        return await self._valid(telemetry_key(self.run_id), MetricsRecord)
+
+    async def _valid(self, key: str, model: type[R]) -> list[R]:
+        """The unexpired entries under ``key`` that parse as ``model``; one that does not was refused on
+        store by the schema validator, but a stale node may still hold one."""
+        found = await self.dht.get(key, latest=True, return_future=True)
         records = []
         for entry in _entries(found):
             try:
-                records.append(MetricsRecord.model_validate(entry.value))
+                records.append(model.model_validate(entry.value))
             except ValidationError:
-                continue  # refused on store by the schema validator; a stale node may still hold one
+                continue
         return records
 
     def shutdown(self) -> None:

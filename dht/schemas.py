@@ -16,6 +16,8 @@ see docs/design.md):
 * ``{run}_control``, ``{run}_bootstraps``, ``{run}_metrics``: the run's state, its live bootstraps, and
   what trainers and peers report to the bootstrap (read and written by ``dht.control``).
 * ``{run}_bans``: signed ``BanReport``s of peers caught returning wrong results (``dht.bans``).
+* ``{run}_data``: the ``DataRecord`` of the bootstrap that leases the run's data shards: where to ask
+  for a lease, and how far the data is (epoch, shards done and in progress, tokens, the last evaluation).
 
 Every record's model lives here, so the validators (``dht.validators``, ``dht.auth``) know them all
 without importing the modules that read and write them.
@@ -23,6 +25,8 @@ without importing the modules that read and write them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from enum import Enum
 from typing import Literal
 
@@ -36,6 +40,7 @@ __all__ = [
     "RECORD_REFRESH",
     "MAX_STAGES",
     "OptimizerSettings",
+    "DatasetSpec",
     "Manifest",
     "PeerState",
     "HardwareSummary",
@@ -61,6 +66,10 @@ __all__ = [
     "BanEvidence",
     "BanReport",
     "bans_key",
+    "EvalPoint",
+    "DataProgress",
+    "DataRecord",
+    "data_key",
 ]
 
 RECORD_TTL = 60.0
@@ -75,6 +84,29 @@ class OptimizerSettings(FrozenModel):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+
+
+class DatasetSpec(FrozenModel):
+    """A text dataset, as ``datasets.load_dataset`` reads it, and how the run cuts it into shards.
+
+    ``source`` is a hub id, a local directory or a file (jsonl, json, parquet, csv, txt); shard ``k``
+    of ``num_shards`` holds the samples whose index in ``split`` is ``k`` modulo ``num_shards``, so
+    the shards are known without reading the data. ``streaming`` None: hub datasets stream, local
+    files are read into the HF cache. Trainers with the same spec share one set of leases
+    (``dataset_id``)."""
+
+    source: str = Field(min_length=1, max_length=500)
+    split: str = Field("train", min_length=1, max_length=100)
+    text_column: str = Field("text", min_length=1, max_length=100)
+    config_name: str | None = Field(None, max_length=100)
+    num_shards: int = Field(16, ge=1, le=65536)
+    streaming: bool | None = None
+
+    @property
+    def dataset_id(self) -> str:
+        """What leases are kept under: the data and its cut, not how it is read (``streaming``)."""
+        key = [self.source, self.split, self.text_column, self.config_name, self.num_shards]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
 class Manifest(FrozenModel):
@@ -95,6 +127,8 @@ class Manifest(FrozenModel):
     dtype: str = "float32"
     wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
                       description="how activations and gradients travel between trainer and peers (net.wire)")
+    dataset: DatasetSpec | None = Field(None, description="what trainers train on when they name no dataset "
+                                        "(``swarm bootstrap --dataset``)")
 
     @field_validator("stages")
     @classmethod
@@ -370,3 +404,42 @@ class BanReport(FrozenModel):
 
 def bans_key(run_id: str) -> str:
     return f"{run_id}_bans"
+
+
+# -- data shards and evaluation (written by ``bootstrap.data``) ------------------------------------
+
+class EvalPoint(FrozenModel):
+    """A held-out evaluation of the run's weights at ``step``: mean token loss over ``tokens`` tokens."""
+
+    step: int = Field(ge=0)
+    loss: float
+    perplexity: float
+    tokens: int = Field(ge=0)
+    at: float = 0.0
+
+
+class DataProgress(FrozenModel):
+    """How far the run is through one dataset: the oldest ``epoch`` not finished, and in it the shards
+    done and those leased now; ``tokens`` trained on it over all epochs."""
+
+    dataset_id: str = Field(max_length=32)
+    source: str = Field(max_length=500)
+    num_shards: int = Field(ge=1)
+    epoch: int = Field(ge=0)
+    shards_done: int = Field(ge=0)
+    shards_in_progress: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+
+
+class DataRecord(FrozenModel):
+    """Published by the bootstrap that leases data shards (``swarm.data.*`` RPCs at ``peer_id``)."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: PeerId = Field(min_length=1, max_length=128)
+    updated: float = 0.0
+    progress: DataProgress | None = None
+    eval: EvalPoint | None = None
+
+
+def data_key(run_id: str) -> str:
+    return f"{run_id}_data"

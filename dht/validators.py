@@ -25,6 +25,8 @@ from dht.schemas import (
     StoreRecord,
     TrainerRecord,
     bans_key,
+    data_key,
+    DataRecord,
     bootstraps_key,
     control_key,
     manifest_key,
@@ -55,6 +57,7 @@ class RunSchemaValidator(RecordValidatorBase):
         self._models[_hashed(metrics_key(run_id))] = MetricsReport
         self._models[_hashed(bootstraps_key(run_id))] = BootstrapRecord
         self._models[_hashed(bans_key(run_id))] = BanReport
+        self._models[_hashed(data_key(run_id))] = DataRecord
 
     def validate(self, record: DHTRecord) -> bool:
         model = self._models.get(record.key)

@@ -1,8 +1,8 @@
 """A serving peer, grouped by role: ``training`` (stage RPCs, compute, push, averaging, client stubs,
 routing), ``inference`` (KV-cache sessions), ``state`` (snapshots, checkpoints, recovery, resync),
-``accounting`` (the contribution ledger), ``telemetry`` (monitoring, metrics, run control, status data)
-and ``joining`` (measurements, placement claims, reachability); ``peers.server.Peer`` ties them into
-one lifecycle.
+``accounting`` (the contribution ledger), ``telemetry`` (monitoring, metrics, run control, status data),
+``joining`` (measurements, placement claims, reachability) and ``data`` (the data-lease messages and
+the trainer's stub); ``peers.server.Peer`` ties them into one lifecycle.
 
 May import: core, shards, dht, net. Imported by: trainer, delegation, bootstrap, swarm.
 """

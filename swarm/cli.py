@@ -47,6 +47,13 @@ KeyOpt = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)
 MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on this port (0: any free)")
 DeviceOpt = typer.Option(None, "--device", help="where the local parts (embeddings, head) compute: auto (the GPU "
                          "when CUDA is present), cpu, cuda or cuda:N (default cpu)")
+DatasetOpt = typer.Option(None, "--dataset", help="HF hub id, local directory or file (jsonl, json, parquet, csv, "
+                          "txt) to train on")
+SplitOpt = typer.Option(None, "--split", help="the dataset's split to train on (default train)")
+TextColumnOpt = typer.Option(None, "--text-column", help="the dataset's column holding the text (default text)")
+ConfigNameOpt = typer.Option(None, "--config-name", help="the dataset's configuration, if it has several")
+DataShardsOpt = typer.Option(None, "--data-shards", min=1, help="shards the dataset is cut into and leased to "
+                             "trainers (default 16)")
 
 
 def _settings(config: Optional[Path], *, log_file: str | None = None, **overrides: Any) -> SwarmSettings:
@@ -128,11 +135,18 @@ def bootstrap(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
     metrics_port: Optional[int] = MetricsPortOpt,
+    dataset: Optional[str] = DatasetOpt,
+    split: Optional[str] = SplitOpt,
+    text_column: Optional[str] = TextColumnOpt,
+    config_name: Optional[str] = ConfigNameOpt,
+    data_shards: Optional[int] = DataShardsOpt,
 ) -> None:
     """Start a run: publish its manifest and print the line volunteers paste to join."""
     settings = _settings(
         config, log_file="bootstrap", run_id=run, state_dir=state_dir, log_level=log_level,
         monitor={"metrics_port": metrics_port}, network={"host": host, "port": port},
+        data={"source": dataset, "split": split, "text_column": text_column, "config_name": config_name,
+              "num_shards": data_shards},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
                    "wire": wire, "dtype": dtype, "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
                    "authority_key": authority_key},
@@ -150,6 +164,9 @@ def bootstrap(
             console.print(f"[bold green]run {escape(repr(manifest.run_id))}[/]: {escape(manifest.model)}, "
                           f"{manifest.num_layers} layers in {manifest.num_stages} stages "
                           f"{escape(str([s.as_list() for s in manifest.stages]))}")
+            if manifest.dataset is not None:
+                console.print(f"dataset {escape(manifest.dataset.source)} (split {escape(manifest.dataset.split)}), "
+                              f"{manifest.dataset.num_shards} shards leased to trainers")
             if node.telemetry is not None and node.telemetry.server is not None:
                 console.print(f"Prometheus metrics at {node.telemetry.server.url}", markup=False)
             console.print("volunteers join with:")
@@ -350,17 +367,29 @@ def train_command(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
     metrics_port: Optional[int] = MetricsPortOpt,
+    dataset: Optional[str] = DatasetOpt,
+    split: Optional[str] = SplitOpt,
+    text_column: Optional[str] = TextColumnOpt,
+    config_name: Optional[str] = ConfigNameOpt,
+    data_shards: Optional[int] = DataShardsOpt,
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="held-out split to evaluate on"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0, help="evaluate every N steps (0: never)"),
 ) -> None:
-    """Train the run's model through the swarm on the Python stdlib's source (byte-level tokens)."""
+    """Train the run's model through the swarm on a dataset (--dataset, else the run's), read from the
+    shards the run leases to this trainer; a run with no dataset trains on the Python stdlib's source."""
     _interrupt_on_sigterm()
     settings = _client_settings("train", config, bootstrap_addr, log_file="train", run_id=run, key=key,
                                 log_level=log_level or "WARNING", state_dir=state_dir,
-                                monitor={"metrics_port": metrics_port}, trainer={"device": device})
+                                monitor={"metrics_port": metrics_port},
+                                data={"source": dataset, "split": split, "text_column": text_column,
+                                      "config_name": config_name, "num_shards": data_shards,
+                                      "eval_split": eval_split, "eval_every": eval_every},
+                                trainer={"device": device})
     from swarm.train import train
 
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
           batch_size=batch_size, seed=seed, trainer=settings.trainer, result_path=result_json, console=Console(),
-          monitor=settings.monitor, key=settings.key)
+          monitor=settings.monitor, key=settings.key, data=settings.data)
 
 
 @app.command("export")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 __all__ = ["ProcessGroup"]
 
@@ -61,21 +62,21 @@ class ProcessGroup:
     def start_swarm(self, model_dir: Path, *, num_stages: int, num_peers: int, state_dir: Path,
                     lr: float | None = None, target_batch_size: int | None = None, threads: int = 1,
                     on_peer=None, wire: str | None = None, peer_env: dict[str, str] | None = None,
-                    free: bool = False, dtype: str | None = None) -> str:
+                    free: bool = False, bootstrap_args: Sequence[str] = (),
+                    bootstrap_env: dict[str, str] | None = None) -> str:
         """Start a bootstrap on 127.0.0.1, then the peers one after another (each waits until the
         previous one has claimed its stage, so they spread over the stages; ``free``: all at once, no
-        ``--max-stages``, each serving when this returns; ``dtype``: the run's precision). Returns the bootstrap's
+        ``--max-stages``, each serving when this returns). Returns the bootstrap's
         multiaddr; ``on_peer(i, claim_line)`` is told of each claim; ``peer_env``: the peers' extra
-        environment (``SWARM_*`` settings)."""
+        environment (``SWARM_*`` settings); ``bootstrap_args`` and ``bootstrap_env``: the bootstrap's
+        extra flags and environment."""
         args = ["--open", "--model", str(model_dir), "--num-stages", str(num_stages), "--host", "127.0.0.1",
                 "--port", "0", "--state-dir", str(state_dir)] + (["--lr", str(lr)] if lr else [])
         if target_batch_size:
             args += ["--target-batch-size", str(target_batch_size)]
         if wire:
             args += ["--wire", wire]
-        if dtype:
-            args += ["--dtype", dtype]
-        address = self.start_bootstrap(args)
+        address = self.start_bootstrap([*args, *bootstrap_args], env=bootstrap_env)
         if free:  # as volunteers do: all at once, no pins, placement decides
             self.start_peers_at_once([f"peer{i + 1}" for i in range(num_peers)], address, state_dir, threads=threads,
                                      env=peer_env)
@@ -86,10 +87,10 @@ class ProcessGroup:
                 on_peer(i, claim.split("claiming", 1)[1].strip())
         return address
 
-    def start_bootstrap(self, args: list[str]) -> str:
+    def start_bootstrap(self, args: list[str], *, env: dict[str, str] | None = None) -> str:
         """Start ``swarm bootstrap`` with ``args`` as the process ``bootstrap`` and return the multiaddr
         it prints in the join line, once it has printed it."""
-        boot = self.start("bootstrap", ["bootstrap", *args])
+        boot = self.start("bootstrap", ["bootstrap", *args], env=env)
         return self.wait_for_line("bootstrap", boot, "swarm join --bootstrap").split("--bootstrap", 1)[1].split()[0]
 
     def start_peer(self, name: str, address: str, state_dir: Path, *, threads: int = 1,

@@ -93,6 +93,18 @@ def _run_line(status: Status) -> Text:
     return line
 
 
+def _data_line(status: Status) -> Text | None:
+    """Data progress and the last evaluation, when the run has them."""
+    parts = []
+    if status.data is not None:
+        d = status.data
+        parts.append(f"data epoch {d.epoch}  shards {d.shards_done}/{d.num_shards} done, {d.shards_in_progress} in "
+                     f"progress  {d.tokens:,} tokens seen")
+    if status.eval is not None:
+        parts.append(f"eval loss {status.eval.loss:.3f}  perplexity {status.eval.perplexity:,.2f} (step {status.eval.step})")
+    return Text("\n".join(parts)) if parts else None
+
+
 def _grid(status: Status) -> Table:
     grid = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, title="stages x peers", title_justify="left")
     for name, justify in (("stg", "right"), ("layers", "left"), ("peer", "left"), ("state", "left"),
@@ -133,7 +145,8 @@ def _contributions(status: Status) -> Table:
 
 def render_status(status: Status) -> Panel:
     """One frame of the terminal view; fits 80 columns."""
-    parts: list[Any] = [_run_line(status), _grid(status), _contributions(status)]
+    data = _data_line(status)
+    parts: list[Any] = [_run_line(status), *([data] if data is not None else []), _grid(status), _contributions(status)]
     if status.delegations:
         links = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="delegation", title_justify="left")
         links.add_column("delegator")

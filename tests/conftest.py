@@ -23,6 +23,8 @@ from tests.helpers import LocalSwarm
 _STATE_DIR = tempfile.mkdtemp(prefix="swarm-test-state-")
 os.environ["SWARM_STATE_DIR"] = _STATE_DIR
 atexit.register(shutil.rmtree, _STATE_DIR, True)
+# datasets the tests write are read into a HF cache of the test run's own (subprocesses inherit it)
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_STATE_DIR, "hf-datasets")
 
 # torch_shm_manager is torch's per-process shared-memory helper (hivemind shares tensors through it);
 # it lives as long as this process and exits with it.

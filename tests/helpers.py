@@ -25,12 +25,13 @@ class LocalSwarm:
 
     def __init__(self, model_dir: Path, *, state_dir: Path, num_stages: int = 3, num_peers: int = 3,
                  run_id: str = "test", pin_stages: bool = True, peer_settings: dict | None = None,
-                 **bootstrap: object):
+                 data: dict | None = None, **bootstrap: object):
         self.model_dir, self.state_dir = model_dir, state_dir
         self.num_stages, self.num_peers, self.run_id = num_stages, num_peers, run_id
         self.pin_stages = pin_stages
         self.peer_settings = peer_settings or {}
         self.bootstrap_overrides = bootstrap
+        self.data_settings = data or {}  # the bootstrap's [data] section (the run's dataset, lease TTL)
         self.loop = LoopThread("test-swarm")
         self.bootstrap: BootstrapNode | None = None
         self.peers: list[Peer] = []
@@ -43,6 +44,7 @@ class LocalSwarm:
             bootstrap={"model": str(self.model_dir), "num_stages": self.num_stages, "open": True,
                        "dashboard_port": 0,
                        **self.bootstrap_overrides},
+            data=self.data_settings,
         )
         self.bootstrap = BootstrapNode(settings)
         self.loop.run(self.bootstrap.start(), timeout=60)

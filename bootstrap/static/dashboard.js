@@ -20,14 +20,28 @@ async function api(path, options = {}) {
   return data;
 }
 
-const series = [[], []];
+const byStep = new Map();  // step -> [train loss, eval loss]; uPlot wants one sorted x axis
+let received = 0;
 const chart = new uPlot({title: "loss by step", width: 900, height: 260, scales: {x: {time: false}},
-  series: [{label: "step"}, {label: "loss", stroke: "#2266cc", width: 2}]}, series, $("chart"));
+  series: [{label: "step"}, {label: "train loss", stroke: "#2266cc", width: 2},
+           {label: "eval loss", stroke: "#cc6622", width: 2, points: {show: true}, spanGaps: true}]}, [[], [], []], $("chart"));
+function plot(step, column, value) {
+  const row = byStep.get(step) || [null, null];
+  row[column] = value; byStep.set(step, row);
+  const steps = [...byStep.keys()].sort((a, b) => a - b);
+  chart.setData([steps, steps.map((x) => byStep.get(x)[0]), steps.map((x) => byStep.get(x)[1])]);
+  received += 1; $("points").textContent = received;
+}
+let lastEval = 0;
+async function refreshEvals() {
+  for (const e of await api(`/api/evals?since=${lastEval}`)) {
+    lastEval = e.id; plot(e.step, 1, e.loss);
+    $("eval-loss").textContent = e.loss.toFixed(4); $("perplexity").textContent = e.perplexity.toFixed(2);
+  }
+}
 function addPoint(point) {
   if (point.loss === null || point.loss === undefined) return;
-  series[0].push(point.step); series[1].push(point.loss);
-  chart.setData(series);
-  $("points").textContent = series[0].length;
+  plot(point.step, 0, point.loss);
   $("loss").textContent = point.loss.toFixed(4);
   if (point.tokens_per_second !== null) $("tps").textContent = Math.round(point.tokens_per_second);
 }
@@ -38,6 +52,13 @@ async function refreshStatus() {
   try { status = await api("/api/status"); } catch (e) { return; }
   $("run-id").textContent = status.run_id;
   $("peer-count").textContent = status.peers.length;
+  if (status.data) {
+    $("data-cards").hidden = false;
+    $("data-epoch").textContent = status.data.epoch;
+    $("shards-done").textContent = `${status.data.shards_done}/${status.data.num_shards}`;
+    $("shards-in-progress").textContent = status.data.shards_in_progress;
+    $("data-tokens").textContent = status.data.tokens.toLocaleString("en");
+  }
   const pipeline = $("pipeline");
   pipeline.replaceChildren();
   for (const stage of status.stages) {
@@ -111,7 +132,7 @@ async function main() {
   for (const point of await api("/api/metrics")) addPoint(point);
   const stream = new EventSource(`/api/metrics/stream?since=${(await api("/api/metrics?limit=1")).map((p) => p.id)[0] || 0}`);
   stream.onmessage = (event) => addPoint(JSON.parse(event.data));
-  const tick = () => Promise.allSettled([refreshStatus(), refreshRun(), refreshKeys(), refreshAudit()]);
+  const tick = () => Promise.allSettled([refreshStatus(), refreshRun(), refreshKeys(), refreshAudit(), refreshEvals()]);
   tick(); setInterval(tick, 3000);
 }
 main();

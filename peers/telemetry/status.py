@@ -1,6 +1,7 @@
 """The data of ``swarm status``: the run, its stages and peers, the bottleneck, contributions and warnings.
 
-``collect_status`` reads the DHT records (``{run}_manifest``, ``{run}_stage_{i}``, ``{run}_telemetry``)
+``collect_status`` reads the DHT records (``{run}_manifest``, ``{run}_stage_{i}``, ``{run}_telemetry``,
+and ``{run}_data`` for the data progress and the last evaluation)
 and ``build_status`` turns them into one frozen, versioned model (``Status``, version ``STATUS_VERSION``);
 the terminal view (``swarm.status_view.render_status``, refreshed by ``rich.live`` in the CLI), ``--json``
 and the bootstrap's ``/api/status`` and dashboard all read that model (the JSON is its ``model_dump``),
@@ -15,8 +16,10 @@ from typing import Mapping, Sequence
 from hivemind.utils import get_dht_time
 
 from core.messages import FrozenModel
+from dht.control import get_bootstraps
 from dht.records import SwarmDHT
-from dht.schemas import RECORD_REFRESH, HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState, TrainerRecord
+from dht.schemas import (RECORD_REFRESH, DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord,
+                         MetricsRole, PeerRecord, PeerState, TrainerRecord)
 from core.types import PeerId, StageIndex
 
 __all__ = [
@@ -35,7 +38,7 @@ __all__ = [
     "status_warnings",
 ]
 
-STATUS_VERSION = 2
+STATUS_VERSION = 3  # 3: data progress and the last evaluation
 STALE_AFTER = 2 * RECORD_REFRESH + 5.0
 """A record not rewritten for this long (its peer refreshes every RECORD_REFRESH s) is stale."""
 TRAINER_ACTIVE = 60.0
@@ -115,6 +118,8 @@ class Status(FrozenModel):
     swarm_throughput: float
     delegations: list[DelegationLink]
     warnings: list[str]
+    data: DataProgress | None = None
+    eval: EvalPoint | None = None
 
 
 async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> Status:
@@ -123,7 +128,14 @@ async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> St
     records = await dht.all_records(manifest.num_stages)
     metrics = await dht.telemetry_records()
     trainers = await dht.trainer_records()
-    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers)
+    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers, data=await _data_record(dht))
+
+
+async def _data_record(dht: SwarmDHT) -> DataRecord | None:
+    """The data record of the run's primary bootstrap (the one that leases shards; anyone can store a
+    record under the key, only a bootstrap's is believed)."""
+    primaries = {record.peer_id for record, _ in await get_bootstraps(dht) if record.role == "primary"}
+    return next((r for r in await dht.data_records() if r.peer_id in primaries), None)
 
 
 def stage_capacities(records: Mapping[int, Sequence[PeerRecord]], num_stages: int) -> list[dict[str, float]]:
@@ -170,7 +182,7 @@ def status_warnings(stage_peers: Sequence[Sequence[str]], ages: Mapping[str, flo
 
 def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]],
                  metrics: Sequence[MetricsRecord], *, now: float,
-                 trainers: Sequence[TrainerRecord] = ()) -> Status:
+                 trainers: Sequence[TrainerRecord] = (), data: DataRecord | None = None) -> Status:
     """The status from the records; pure. ``step`` and ``trainers`` at the top are the collaborative
     step and the online trainers (``TrainerRecord``); ``run`` adds what trainers report in their
     metrics records (loss trend, tokens/s)."""
@@ -194,6 +206,7 @@ def build_status(manifest: Manifest, records: Mapping[int, Sequence[PeerRecord]]
         stages=stages, peers=peers, bottleneck_stage=bottleneck, swarm_throughput=round(swarm_rate, 1),
         delegations=_delegations(records),
         warnings=status_warnings([list(c) for c in capacities], {p.peer_id: p.age for p in peers}),
+        data=data.progress if data is not None else None, eval=data.eval if data is not None else None,
     )
 
 

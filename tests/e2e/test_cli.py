@@ -137,6 +137,12 @@ def test_bootstrap_join_status_and_clean_shutdown(model_factory, tmp_path):
         # rich read the bracketed address as a closing tag: a MarkupError traceback instead of this line
         (["train", "--bootstrap", "[/ip4/127.0.0.1/tcp/1]"], "'[/ip4/127.0.0.1/tcp/1]' is not a multiaddr"),
         (["join", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x", "--config", "/no/such.toml"], "does not exist"),
+        (["train", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/QmZz3MAFD5zNBuGo1kMoD83gihnmRCdbXN9Xxw47iv5nXu",
+          "--eval-every", "5"], "--eval-every needs --eval-split"),
+        (["train", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x", "--data-shards", "0"],
+         "Invalid value for '--data-shards'"),
+        (["bootstrap", "--model", "/no/such/model", "--dataset", "/no/such/texts.jsonl"],
+         "--dataset /no/such/texts.jsonl: no such file or directory"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(args, words, tmp_path):

@@ -21,11 +21,12 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from bootstrap.node import BootstrapNode
-from dht.schemas import BanReport
+from dht.schemas import BanReport, DatasetSpec
 from dht.bans import report_ban
 from dht.records import SwarmDHT
 from dht.schemas import MetricsRecord, StoreRecord, TrainerRecord
 from peers.accounting.ledger import LEDGER_SUBMIT
+from peers.data.client import DataClient, find_data_service
 from peers.joining.measure import ECHO
 from peers.training.protocol import FORWARD, INFO, InfoRequest
 from peers.state.store_client import StoreClient
@@ -34,6 +35,8 @@ from net.transport import P2PTransport, _frames
 from core.config import load_settings
 from tests.fuzzing import read_reply
 from tests.helpers import LocalSwarm
+from swarm.assigned import AssignedBatches
+from swarm.text import ByteCodec
 from net.rpc import Raw
 
 pytestmark = pytest.mark.slow
@@ -142,7 +145,8 @@ def test_every_handler_refuses_a_caller_without_a_token_before_reading_its_body(
     methods = {method for _, method in registered}
     # the census covers what the issue names: peers, delegation, and each bootstrap's services
     for wanted in ("swarm.stage.forward", "swarm.delegation.start", "swarm.checkpoint.put", "swarm.ledger.submit",
-                   "swarm.bootstrap.sync", "swarm.probe.echo", "swarm.stage.push"):
+                   "swarm.bootstrap.sync", "swarm.probe.echo", "swarm.stage.push", "swarm.data.lease",
+                   "swarm.data.renew", "swarm.data.eval"):
         assert wanted in methods, f"{wanted} is not served anywhere: the census would miss it"
     assert all(kind == "stream" for kind in registered.values()), "a unary handler bypasses the transport's gate"
     open_to_all = []
@@ -305,3 +309,25 @@ def test_a_trainer_of_the_run_uploads_its_local_parts_through_the_gate(run):
     finally:
         model.close()
     assert run.swarm.bootstrap.checkpoints.latest_step("local") == 1
+
+
+def test_a_trainer_of_the_run_leases_a_data_shard_through_the_gate_and_a_mirror_leases_none(run, tmp_path):
+    """The lease RPCs are gated like the rest (the census above); a trainer's token opens them, its
+    peer id holds the lease, and only the primary keeps leases (a mirror's book would be a second one)."""
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(f'{{"text": "text number {i}"}}\n' for i in range(8)))
+    spec = DatasetSpec(source=str(data), num_shards=2)
+    model = run.swarm.client(key=run.key)
+    try:
+        client = DataClient(model.pipeline.client.transport, lambda: find_data_service(model.dht))
+        with AssignedBatches(client, spec, ByteCodec(), batch_size=2, seq_len=8, run=model.loop.run,
+                             submit=model.submit) as batches:
+            assert next(batches).shape == (2, 8)
+            batches.commit(model.step)
+            holder = run.swarm.bootstrap.data.book.rows(spec.dataset_id)[0].holder
+        assert holder == model.dht.peer_id
+    finally:
+        model.close()
+    assert run.mirror.data is None
+    [row] = run.swarm.bootstrap.data.book.rows(spec.dataset_id)
+    assert (row.shard, row.holder, row.tokens) == (0, None, 16)

@@ -13,17 +13,18 @@ import pytest
 
 from bootstrap.admin import AdminAuth, LoginLimiter, set_admin_password
 from bootstrap.dashboard import COOKIE, DashboardServer, create_app
+from bootstrap.leases import LeaseBook
 from bootstrap.state import StateDB
 from core.loop import LoopThread
 from peers.telemetry.status import Status
 
 PASSWORD = "correct horse battery"
-STATUS = {"version": 2, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
+STATUS = {"version": 3, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
           "target_batch_size": 2,
           "run": {"state": "blocked", "step": 0, "loss": None, "loss_trend": [], "tokens_per_s": 0.0, "trainers": 0},
           "stages": [{"index": 0, "layers": [0, 2], "peers": [], "online": 0, "online_peers": [], "throughput": 0.0}],
           "peers": [], "bottleneck_stage": 0, "swarm_throughput": 0.0, "delegations": [],
-          "warnings": ["stage 0 has no online peer: training is blocked"]}
+          "warnings": ["stage 0 has no online peer: training is blocked"], "data": None, "eval": None}
 
 
 class Dashboard:
@@ -71,7 +72,7 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
 
 ADMIN_ONLY = [("GET", "/api/keys"), ("POST", "/api/keys"), ("POST", "/api/keys/abc/revoke"), ("GET", "/api/audit"),
               ("GET", "/api/run"), ("POST", "/api/run"), ("GET", "/api/metrics"), ("GET", "/api/metrics/stream"),
-              ("GET", "/api/contributions"), ("GET", "/api/session"), ("POST", "/api/logout")]
+              ("GET", "/api/contributions"), ("GET", "/api/session"), ("POST", "/api/logout"), ("GET", "/api/evals")]
 
 
 @pytest.mark.parametrize("method, path", ADMIN_ONLY)
@@ -149,6 +150,18 @@ def test_metrics_stream_sends_new_points(dashboard: Dashboard) -> None:
         dashboard.db.record_metrics(step=2, loss=3.0, tokens_per_second=10.0, peers=1, reports={})
         second = next(line for line in lines if line.startswith("data:"))
     assert '"step": 1' in first and '"loss": 3.5' in first and '"step": 2' in second
+
+
+def test_evaluations_are_served_oldest_first_from_an_id_on(dashboard: Dashboard) -> None:
+    book = LeaseBook(dashboard.db, clock=lambda: 50.0)
+    book.record_eval("d", 10, 2.0, 300, "trainer")
+    book.record_eval("d", 20, 1.0, 300, "trainer")
+    client, _ = dashboard.login()
+    evals = client.get("/api/evals").json()
+    assert [(e["id"], e["step"], e["loss"], e["tokens"], e["at"]) for e in evals] == [(1, 10, 2.0, 300, 50.0),
+                                                                                      (2, 20, 1.0, 300, 50.0)]
+    assert evals[1]["perplexity"] == pytest.approx(2.718281828)
+    assert [e["step"] for e in client.get("/api/evals?since=1").json()] == [20]
 
 
 def test_fuzz_the_api_from_its_openapi_spec(dashboard: Dashboard) -> None:

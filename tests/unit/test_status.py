@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 from rich.console import Console
 
-from dht.schemas import GpuStats, HardwareSummary, Manifest, MetricsRecord, MetricsRole, PeerRecord, PeerState
+from dht.schemas import (DataProgress, DataRecord, EvalPoint, GpuStats, HardwareSummary, Manifest, MetricsRecord,
+                         MetricsRole, PeerRecord, PeerState)
 from core.types import LayerRange
 from peers.telemetry.status import (
     STALE_AFTER,
@@ -138,6 +139,22 @@ def test_rendered_frame_fits_80_columns_and_shows_everything():
     assert "-400 (100%)" in text  # the marginal contribution of the bottleneck's only peer
 
 
+DATA = DataRecord(peer_id=PEER, progress=DataProgress(dataset_id="0123456789abcdef", source="/data/corpus",
+                                                     num_shards=16, epoch=1, shards_done=5, shards_in_progress=2,
+                                                     tokens=1_234_567),
+                  eval=EvalPoint(step=40, loss=2.25, perplexity=9.4877, tokens=4096, at=NOW - 3))
+
+
+def test_the_data_progress_and_the_last_evaluation_are_shown_when_the_run_has_them():
+    lines = _screen(build_status(*_scenario(), now=NOW, data=DATA))
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "data epoch 1  shards 5/16 done, 2 in progress  1,234,567 tokens seen" in text
+    assert "eval loss 2.250  perplexity 9.49 (step 40)" in text
+    plain = "\n".join(_screen(build_status(*_scenario(), now=NOW)))
+    assert "data epoch" not in plain and "eval loss" not in plain
+
+
 def test_delegation_section_only_when_there_are_links():
     manifest, records, metrics = _scenario()
     records[2] = records[2][:1]
@@ -172,13 +189,18 @@ def test_a_peer_serving_several_stages_is_one_peer_on_each_of_its_rows():
     assert "[0, 2)" in rows[0] and "0◀" in rows[0]
 
 
-def test_the_status_json_keeps_its_version_2_fields_and_round_trips():
+def test_the_status_json_keeps_its_version_3_fields_and_round_trips():
     """``swarm status --json`` and ``/api/status`` are a protocol: the model's JSON has exactly the
-    fields of version 2, and reads back into an equal model (what a client of the API does)."""
-    status = build_status(*_scenario(), now=NOW)
+    fields of version 3 (version 2's, then the data progress and the last evaluation), and reads back
+    into an equal model (what a client of the API does)."""
+    status = build_status(*_scenario(), now=NOW, data=DATA)
     data = json.loads(status.model_dump_json())
     assert list(data) == ["version", "time", "run_id", "step", "trainers", "model", "num_layers", "target_batch_size",
-                          "run", "stages", "peers", "bottleneck_stage", "swarm_throughput", "delegations", "warnings"]
+                          "run", "stages", "peers", "bottleneck_stage", "swarm_throughput", "delegations", "warnings",
+                          "data", "eval"]
+    assert list(data["data"]) == ["dataset_id", "source", "num_shards", "epoch", "shards_done", "shards_in_progress",
+                                  "tokens"]
+    assert list(data["eval"]) == ["step", "loss", "perplexity", "tokens", "at"]
     assert list(data["peers"][0]) == [
         "peer_id", "stages", "state", "throughput", "load", "maddrs", "hardware", "age", "delegate_of", "step",
         "requests_per_s", "tokens_per_s", "tokens", "microbatches", "ledger_entries", "marginal", "marginal_share",
