@@ -78,7 +78,13 @@ def test_device_settings_refuse_a_bad_value_naming_it():
         load_settings(peer={"device": "gpu0"})
     with pytest.raises(ConfigError, match=r"setting trainer\.device: .* \(got 'tpu'\)"):
         load_settings(trainer={"device": "tpu"})
+    with pytest.raises(ConfigError, match=r"setting peer\.offload_optimizer.* \(got 'maybe'\)"):
+        load_settings(peer={"offload_optimizer": "maybe"})
     assert load_settings().peer.device == "auto" and load_settings().trainer.device == "cpu"
+    assert [load_settings(peer={"offload_optimizer": v}).peer.offload_optimizer for v in ("true", "auto")] == [
+        True, "auto"]
+    with pytest.raises(ConfigError, match=r"setting peer\.devices: .* \(got '0,,1'\)"):
+        load_settings(peer={"devices": "0,,1"})
 
 
 @pytest.mark.parametrize("value, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
