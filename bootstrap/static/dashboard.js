@@ -73,9 +73,22 @@ async function refreshStatus() {
     const c = contributions[p.peer_id] || {};
     const hw = p.hardware || {};
     cell(tr, p.peer_id); cell(tr, layersOf(p)); cell(tr, Math.round(p.throughput));
-    cell(tr, `${hw.gpu_name || (hw.cpu_count + " CPUs")}, ${hw.ram_gib} GiB RAM`);
+    cell(tr, deviceText(hw));
     cell(tr, ago(c.last_seen)); cell(tr, c.samples === undefined ? "0" : c.samples);
   });
+}
+function deviceText(hw) {
+  // the GPU(s) a peer computes on, with live figures; a CPU peer says so
+  const gpus = hw.gpus || [];
+  if (!gpus.length) {
+    const where = hw.device === "cpu" || !hw.device ? "cpu (no GPU)" : (hw.gpu_name || hw.device);
+    return `${where}, ${hw.cpu_count} CPUs, ${hw.ram_gib} GiB RAM`;
+  }
+  return gpus.map((g) => [gpus.length === 1 && (hw.device || "").startsWith("cuda") ? hw.device : `gpu${g.index}`,
+    g.name.replace(/^NVIDIA /, ""), g.util_percent == null ? null : `${Math.round(g.util_percent)}%`,
+    `${Math.round(g.memory_used_gib)}/${Math.round(g.memory_total_gib)} GiB`,
+    g.temperature_c == null ? null : `${Math.round(g.temperature_c)}°C`,
+    g.power_w == null ? null : `${Math.round(g.power_w)} W`].filter((x) => x !== null).join(" ")).join(", ");
 }
 async function refreshRun() {
   const run = await api("/api/run");
