@@ -4,12 +4,16 @@ side by side in one run, with their ratios.
 
     .venv/bin/python benchmarks/generate_throughput.py          # Llama-style, width 512, 8 layers, batch 8
     .venv/bin/python benchmarks/generate_throughput.py --batch 1 --new-tokens 128
+    .venv/bin/python benchmarks/generate_throughput.py --device cuda --dtype bfloat16 --layers 16 --hidden 1024
 
 Both sides greedy-decode the same prompts for exactly ``--new-tokens`` tokens (the local side with
 ``min_new_tokens``, the swarm side without an end token). Time to first token is from the call to the
 first new token (prefill included); decode tokens/s is ``batch * (new - 1)`` over the time from the
 first to the last token. Rounds alternate local and swarm so a noisy minute hits both; the medians
 are reported. Every process (local, client, each peer) uses ``--threads`` torch threads.
+
+``--device`` puts the peers, the swarm's client (embeddings, head) and the local model on that device
+(default cpu); ``--dtype`` is the run's precision, the local model generating under the same autocast.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM
 
+from shards.devices import compute_context, resolve_device
 from trainer.model import SwarmModelForCausalLM
 
 
@@ -58,8 +63,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    harness.add_device_flags(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
 
     root, model_dir = harness.workspace("swarm-bench-generate-", "llama", num_layers=args.layers,
                                         hidden_size=args.hidden, num_heads=args.hidden // 64,
@@ -67,17 +74,22 @@ def main() -> None:
     prompts = torch.randint(0, 256, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     print(f"model: Llama-style, {args.layers} layers, width {args.hidden}; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens (greedy); {args.rounds} interleaved rounds after a warm-up; "
-          f"torch threads {args.threads}")
+          f"torch threads {args.threads}; device {args.device}, dtype {args.dtype}")
 
-    local_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    local_model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    on_device = prompts.to(device)
 
     def local(clock: _Clock) -> torch.Tensor:
-        return local_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
-                                    min_new_tokens=args.new_tokens, do_sample=False, streamer=clock)
+        with compute_context(device, getattr(torch, args.dtype)):
+            return local_model.generate(on_device, attention_mask=torch.ones_like(on_device),
+                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                        do_sample=False, streamer=clock)
 
     results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
-    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, threads=args.threads) as (_, address):
-        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address]) as remote:
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, threads=args.threads,
+                             bootstrap_args=["--dtype", args.dtype],
+                             peer_env=harness.peer_env(args.device)) as (_, address):
+        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], device=args.device) as remote:
 
             def swarm(clock: _Clock) -> torch.Tensor:
                 return remote.generate(prompts, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=clock)

@@ -45,6 +45,9 @@ __all__ = [
     "tree_rss",
     "wait_or_kill",
     "workspace",
+    "add_device_flags",
+    "peer_env",
+    "synchronize",
 ]
 
 
@@ -57,6 +60,28 @@ def add_batch_flags(parser: argparse.ArgumentParser, *, batch: int, seq: int) ->
     """``--batch`` (rows) and ``--seq`` (tokens a row) with this benchmark's defaults."""
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq", type=int, default=seq)
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (where the peers, the swarm's trainer and the local baseline compute; default
+    cpu, as before) and ``--dtype`` (the run's precision; the local baseline autocasts to it)."""
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto: the peers, the "
+                        "swarm's trainer and the local baseline")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the run's precision (--dtype of swarm bootstrap); the local baseline autocasts to it")
+
+
+def peer_env(device: str) -> dict[str, str]:
+    """The environment that puts ``swarm join`` peers on ``device``."""
+    return {"SWARM_PEER__DEVICE": device}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work (a timed local step on CUDA is asynchronous until then)."""
+    import torch
+
+    if torch.device(device).type == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.synchronize()
 
 
 def workspace(prefix: str, family: str, **config: Any) -> tuple[Path, Path]:

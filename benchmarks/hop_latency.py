@@ -3,6 +3,7 @@ bytes, side by side in one run (interleaved rounds, medians).
 
     .venv/bin/python benchmarks/hop_latency.py
     .venv/bin/python benchmarks/hop_latency.py --calls 50 --wire int8
+    python3 benchmarks/hop_latency.py --device cuda --dtype bfloat16   # the stage on a GPU (gpu_check.sh)
 
 A server process (like a peer on another machine) runs a hivemind P2P node (its own p2pd) serving a
 real ``StageService`` (a 1-layer GPT-2 stage of width 1024) plus the echo probe, and a raw asyncio TCP
@@ -16,6 +17,9 @@ echo server. This process calls them in turn over loopback:
 * ``p2pd stream``: the same bytes as the TCP echo through a bare libp2p stream of the same two p2pd
   daemons (hivemind's ``call_binary_stream_handler``, no framing, no protobuf, no tensors): what any
   call through p2pd costs before swarm's code runs.
+
+With ``--device cuda`` the stage lives on the GPU and computes in ``--dtype``: its activations cross
+host and device once each way inside the measured RPC, as a GPU peer's do.
 
 Target: stage forward (minus compute) <= 1.3x the TCP echo.
 """
@@ -83,17 +87,19 @@ async def _serve_raw_echo(info, reader: asyncio.StreamReader, writer: asyncio.St
         writer.close()
 
 
-async def _server(model_dir: str) -> None:
+async def _server(model_dir: str, device: str, dtype: str) -> None:
     from dht.schemas import OptimizerSettings
     from peers.training.executor import StageExecutor
     from peers.training.service import StageService
     from shards import LayerRange, load_stage, resolve_model
+    from shards.devices import compute_dtype, resolve_device
 
     torch.set_num_threads(1)
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     transport = P2PTransport(p2p)
     layers = LayerRange(start=0, end=1)
-    executor = StageExecutor(load_stage(resolve_model(model_dir), layers), 0, layers, OptimizerSettings())
+    stage = load_stage(resolve_model(model_dir), layers, device=resolve_device(device))
+    executor = StageExecutor(stage, 0, layers, OptimizerSettings(), precision=compute_dtype(dtype))
     service = StageService(executor, p2p.peer_id.to_base58())
     await service.register(transport)
     await serve_echo(transport)
@@ -179,14 +185,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process: its model dir
+    harness.add_device_flags(parser)
     args = parser.parse_args()
     if args.serve:
-        uvloop.run(_server(args.serve))
+        uvloop.run(_server(args.serve, args.device, args.dtype))
         return
     torch.set_num_threads(1)
     _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=HIDDEN, num_heads=HIDDEN // 64,
                                      max_positions=SEQ)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir)], stdin=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir), "--device", args.device,
+                               "--dtype", args.dtype], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(server.stdout.readline())
@@ -196,7 +204,7 @@ def main() -> None:
         harness.wait_or_kill(server, 20)
     tcp = statistics.median(times["tcp echo"])
     print(f"activation [{BATCH}, {SEQ}, {HIDDEN}] float32 = {BATCH * SEQ * HIDDEN * 4 / 2**20:.1f} MiB each way, "
-          f"stage wire {args.wire}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")
+          f"stage wire {args.wire}, on {args.device} in {args.dtype}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")
     for name, values in times.items():
         median = statistics.median(values)
         ratio = "" if name in ("tcp echo", "compute") else f"   {median / tcp:5.2f}x tcp echo"

@@ -7,6 +7,8 @@ relayed through the trainer (the same trainer with ``pipeline.push`` off), and p
     .venv/bin/python benchmarks/train_throughput.py --batch 8 --microbatch 0   # one microbatch: no pipelining
     .venv/bin/python benchmarks/train_throughput.py --free     # peers joined at once, no pins: placement decides
     .venv/bin/python benchmarks/train_throughput.py --free --layers 6 --hidden 96 --batch 8   # the tiny model
+    .venv/bin/python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --family llama --layers 16 \
+        --hidden 1024 --batch 8 --seq 512   # 2 peers sharing one GPU vs the model trained on it locally
 
 ``--free`` starts the peers as volunteers do (``swarm join`` at the same moment, no ``--max-stages``)
 and trains with the README's plain loop (``loss.backward(); optimizer.step()``) instead of
@@ -21,6 +23,11 @@ forwards, then the loss, then all backwards; pushed, the swarm trains with ``tra
 train`` does, each microbatch's loss between its forward and backward). ``--microbatch`` rows per
 microbatch (default: the
 model's, twice as many microbatches as stages; 0: the whole batch at once).
+
+``--device`` puts the peers, the swarm's trainer (its embeddings and head) and the local baseline on
+that device (default cpu); ``--dtype`` is the run's precision, and the local baseline computes under
+the same autocast (float32 masters and AdamW on both sides). On CUDA each timed round ends with a
+``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from shards.devices import compute_context, resolve_device
 from swarm.data import random_batches, stdlib_corpus
 from trainer.model import SwarmModelForCausalLM
 from peers.telemetry.hardware import compute_threads
@@ -44,16 +52,23 @@ from net.wire import WIRE_FORMATS
 class _Trainer:
     """One model with its AdamW and its data, timed a round of steps at a time."""
 
-    def __init__(self, model: torch.nn.Module, batches, *, plain: bool = False):
+    def __init__(self, model: torch.nn.Module, batches, *, plain: bool = False, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """``device`` and ``dtype``: where the batches go and the autocast a local model computes under
+        (the swarm's model moves its batches and autocasts by itself)."""
         self.model, self.batches = model, batches
         # the swarm's train_step is what swarm train calls; plain: the README's loop
         self.overlapped = hasattr(model, "train_step") and not plain
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.device, self.dtype = resolve_device(device), dtype
 
     def steps(self, count: int) -> float:
         started = time.perf_counter()
         for _ in range(count):
-            harness.train_step(self.model, self.optimizer, next(self.batches), overlapped=self.overlapped)
+            ids = next(self.batches).to(self.device)
+            with compute_context(self.device, self.dtype):
+                harness.train_step(self.model, self.optimizer, ids, overlapped=self.overlapped)
+        harness.synchronize(str(self.device))
         return time.perf_counter() - started
 
 
@@ -70,13 +85,17 @@ def main() -> None:
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--free", action="store_true", help="peers join at once with no pins; the plain loop")
+    parser.add_argument("--family", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture")
+    harness.add_device_flags(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
 
-    root, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=args.layers, hidden_size=args.hidden,
+    root, model_dir = harness.workspace("swarm-bench-", args.family, num_layers=args.layers, hidden_size=args.hidden,
                                         num_heads=max(1, args.hidden // 64), max_positions=max(args.seq, 128))
     corpus = stdlib_corpus()
-    print(f"model: GPT-2, {args.layers} layers, width {args.hidden}; batch {args.batch}x{args.seq}; "
+    print(f"model: {args.family}, {args.layers} layers, width {args.hidden}; batch {args.batch}x{args.seq}; "
+          f"device {args.device}, dtype {args.dtype}; "
           f"{args.rounds} rounds of {args.steps} steps each side, after {args.warmup} warm-up; "
           f"torch threads: local {args.threads}, each peer {max(1, args.threads // 2)}, trainer {args.threads}; "
           f"wire {args.wire}; load average {os.getloadavg()[0]:.1f}")
@@ -84,14 +103,17 @@ def main() -> None:
     local_times, swarm_times, relay_times = [], [], []
     with harness.local_swarm(root, model_dir, num_stages=2, num_peers=args.peers, target_batch_size=args.batch,
                              threads=max(1, args.threads // args.peers), wire=args.wire,
-                             free=args.free) as (_, address):
+                             free=args.free, bootstrap_args=["--dtype", args.dtype],
+                             peer_env=harness.peer_env(args.device)) as (_, address):
         placed = _placement(address)
         print(f"placement: {placed}")
         microbatch = args.batch if args.microbatch == 0 else args.microbatch
-        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], microbatch_size=microbatch) as remote:
-            local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir),
-                             random_batches(corpus, args.batch, args.seq, seed=1))
-            swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1), plain=args.free)
+        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], microbatch_size=microbatch,
+                                                   device=args.device) as remote:
+            local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir).to(resolve_device(args.device)),
+                             random_batches(corpus, args.batch, args.seq, seed=1), device=args.device, dtype=dtype)
+            swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1), plain=args.free,
+                             device=args.device)
             local.steps(args.warmup), swarm.steps(args.warmup)
             costs: Counter[str] = Counter()
             # interleaved rounds, so that a noisy minute on a shared machine hits both sides alike

@@ -144,7 +144,8 @@ class CheckpointStore:
                                          f"{type(e).__name__}: {e}") from None
             stage = None if part == LOCAL_PART else int(part.removeprefix("stage-"))
             layers = None if stage is None else self.manifest.stages[stage]
-            self._modules[part] = part_module(self._config, self.manifest.dtype, layers)
+            # the masters: float32 whatever the run computes in
+            self._modules[part] = part_module(self._config, "float32", layers)
         return self._modules[part]
 
     async def _view(self) -> RunView:

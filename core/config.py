@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -94,7 +94,9 @@ class BootstrapSettings(_TlsSection):
     target_batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$", description="precision of the compute: "
+                       "float32, or bfloat16 / float16 under autocast (weights and AdamW state stay float32; "
+                       "float16 scales gradients); the wire format is the separate --wire")
     wire: str = Field("float32", pattern="^(float32|float16|bfloat16|int8)$",
                       description="how activations and gradients travel: float32 (exact), float16, bfloat16 or "
                       "int8 (blockwise, 3.8x smaller)")
@@ -115,7 +117,18 @@ class BootstrapSettings(_TlsSection):
                                "seconds while the run is running and trainers report")
 
 
+_DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
 class PeerSettings(_Section):
+    device: str = Field("auto", pattern=_DEVICE, description="where this peer computes: auto (its GPU when CUDA is "
+                        "present, else the CPU), cpu, cuda or cuda:N")
+    devices: str | None = Field(None, pattern=r"^\s*(cpu|cuda(:\d+)?|\d+)(\s*,\s*(cpu|cuda(:\d+)?|\d+))*\s*$",
+                                description="swarm join serves one peer per device listed, e.g. 0,1,2,3 "
+                                "(default: every visible GPU, else the one --device)")
+    offload_optimizer: bool | Literal["auto"] = Field(
+        "auto", description="keep AdamW's state in host memory instead of the GPU: true, false, or auto (only "
+        "when the GPU's free memory holds the stage but not its AdamW state as well)")
     threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
     stage: str | None = Field(None, description="serve this stage, or range of stages like 2-3, instead of what "
                               "placement picks")
@@ -203,6 +216,8 @@ class TrainerSettings(_Section):
     if it answers, so a dead peer whose record lingers in the DHT (up to 60 s after its last refresh)
     is never dialed for work again, whatever ``ban_time`` is."""
 
+    device: str = Field("cpu", pattern=_DEVICE, description="where the local parts (embeddings, final norm, "
+                        "head) compute: cpu, cuda, cuda:N or auto (as nn.Module: cpu unless asked)")
     microbatch_size: int | None = Field(None, ge=1)
     push: bool = Field(True, description="training activations go peer to peer along the route (false: the "
                        "trainer relays every hop)")

@@ -44,6 +44,7 @@ __all__ = [
     "Manifest",
     "PeerState",
     "HardwareSummary",
+    "GpuStats",
     "PeerRecord",
     "TrainerRecord",
     "manifest_key",
@@ -151,6 +152,19 @@ class PeerState(str, Enum):
     OFFLINE = "offline"
 
 
+class GpuStats(FrozenModel):
+    """One GPU a peer computes on: NVML's index, its name, and means over the last minute (None:
+    the board does not report that figure)."""
+
+    index: int = Field(ge=0)
+    name: str = Field("", max_length=128)
+    util_percent: float | None = None
+    memory_used_gib: float = 0.0
+    memory_total_gib: float = 0.0
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
 class HardwareSummary(FrozenModel):
     """What a peer runs on, for people reading `swarm status` (GPU fields empty on CPU machines)."""
 
@@ -168,6 +182,8 @@ class HardwareSummary(FrozenModel):
     gpu_memory_used_gib: float | None = None
     gpu_temperature_c: float | None = None
     gpu_power_w: float | None = None
+    # the GPU(s) this peer computes on (``device`` names it, e.g. cuda:1), each on its own; empty on the CPU
+    gpus: list[GpuStats] = Field(default_factory=list, max_length=16)
 
 
 class PeerRecord(FrozenModel):

@@ -100,7 +100,8 @@ class DelegateHost:
         host, m = self.host, self.host.measurement
         return PeerRecord(
             peer_id=host.peer_id, maddrs=host.dht.visible_maddrs(), stage=stage, layers=host.manifest.stages[stage],
-            state=state, hardware=probe_hardware(), throughput=m.per_stage(len(host.slots) + len(host.hosted) + 1),
+            state=state, hardware=probe_hardware(host.device),
+            throughput=m.per_stage(len(host.slots) + len(host.hosted) + 1),
             latency_ms=m.latency_ms, bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib, delegate_of=delegator,
         )
 

@@ -40,6 +40,7 @@ from peers.state.snapshot import StateIdentity, part_name
 from peers.state.store_client import StoreClient
 from peers.telemetry.publisher import PeerTelemetry
 from net.transport import P2PTransport, Transport
+from shards.devices import compute_dtype
 from shards.placement import Span
 from shards.source import resolve_model
 from shards.stage import load_stage
@@ -66,10 +67,15 @@ class StageHost:
     def __init__(self, settings: SwarmSettings, dht: SwarmDHT, manifest: Manifest, measurement: Measurement, *,
                  stage_bytes: list[int], memory: int, transport: P2PTransport, auth: RunAuth | None,
                  replica_transport: Callable[[], Transport], telemetry: PeerTelemetry,
-                 gone: Callable[[], Collection[str]], on_step_failed: Callable[[int], None]):
+                 gone: Callable[[], Collection[str]], on_step_failed: Callable[[int], None],
+                 device: torch.device = torch.device("cpu"), offload_optimizer: bool = False):
         """``transport`` serves; ``replica_transport()`` calls other peers' gated handlers (a replica's
         state); ``gone()``: peers known dead (their records outlive them), never a source of state;
-        ``on_step_failed(stage)``: a step's averaging round failed on that stage."""
+        ``on_step_failed(stage)``: a step's averaging round failed on that stage. Stages load onto
+        ``device`` (float32 masters computing in the run's dtype); ``offload_optimizer`` keeps their
+        AdamW state in host memory."""
+        self.device, self.offload_optimizer = device, offload_optimizer
+        self.precision = compute_dtype(manifest.dtype)
         self.settings, self.dht, self.manifest, self.measurement = settings, dht, manifest, measurement
         self.stage_bytes, self.memory = stage_bytes, memory
         self.transport, self.replica_transport, self.telemetry = transport, replica_transport, telemetry
@@ -99,7 +105,8 @@ class StageHost:
         m = self.measurement
         return [PeerRecord(
             peer_id=self.peer_id, maddrs=self.dht.visible_maddrs(), stage=stage, layers=self.manifest.stages[stage],
-            state=state, hardware=probe_hardware(), throughput=m.per_stage(span.count), latency_ms=m.latency_ms,
+            state=state, hardware=probe_hardware(self.device), throughput=m.per_stage(span.count),
+            latency_ms=m.latency_ms,
             bandwidth_mbps=m.bandwidth_mbps, memory_gib=m.memory_gib, compute=m.compute or m.throughput,
             network=m.network if m.network is not None and m.network != float("inf") else None,
             access_token=self._auth.token if self._auth is not None else None,  # keyed runs refuse records without
@@ -235,6 +242,7 @@ class StageHost:
             module, stage, self.manifest.stages[stage], self.manifest.optimizer,
             cache_size=self.settings.peer.cache_size, sync=slot.sync,
             averaging_timeout=self.settings.peer.averaging_timeout, max_abs=self.settings.peer.max_abs_value,
+            precision=self.precision, offload_optimizer=self.offload_optimizer,
         )
         executor.corrupt = self.settings.peer.corrupt
         slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self.identity)
@@ -243,13 +251,15 @@ class StageHost:
     def _load(self, stage: StageIndex) -> torch.nn.Module:
         manifest = self.manifest
         torch.set_num_threads(compute_threads(self.settings.peer.threads))
+        if self.device.type == "cuda":  # the current GPU is per thread: this slot's compute thread uses this one
+            torch.cuda.set_device(self.device)
         source = resolve_model(manifest.model)
         if source.config_hash != manifest.config_hash:
             raise ModelLoadError(
                 f"{manifest.model} here has config hash {source.config_hash[:12]}, the run expects "
                 f"{manifest.config_hash[:12]}: a different model or revision"
             )
-        return load_stage(source, manifest.stages[stage], dtype=getattr(torch, manifest.dtype))
+        return load_stage(source, manifest.stages[stage], dtype=torch.float32, device=self.device)
 
     async def adopt_state(self, slot: StageSlot) -> None:
         """Before serving: the current state from a live replica, else the newest checkpoint (see peers.state.recovery)."""
@@ -285,7 +295,8 @@ class StageHost:
         with the stage."""
         peer, executor = self.settings.peer, slot.service.executor
         sessions = InferenceSessions(executor.module, executor.stage, executor.layers,
-                                     memory_budget=int(peer.inference_memory), idle_timeout=peer.session_timeout)
+                                     memory_budget=int(peer.inference_memory), idle_timeout=peer.session_timeout,
+                                     precision=self.precision)
         inference = InferenceService(sessions, slot.worker)
         inference.start()
         return inference

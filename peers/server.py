@@ -47,13 +47,16 @@ from peers.joining.measure import (
     Progress,
     available_memory,
     cached_stage_throughput,
-    compute_device,
     measure_links,
     measure_stage,
     network_tokens_per_second,
+    queue_tokens,
     serve_echo,
     stage_bytes,
 )
+from peers.joining.claims import TOKENS_PER_SAMPLE
+from peers.training.offload import offload_wanted
+from shards.devices import compute_dtype, resolve_device
 from peers.training.push import PushService
 from peers.rebalancing import Rebalancer
 from peers.state.resync import ResyncWatch
@@ -79,6 +82,8 @@ class Peer(Lifecycle):
 
     def __init__(self, settings: SwarmSettings, *, manifest_timeout: float = 60.0, progress: Progress | None = None):
         self.settings = settings
+        self.device = resolve_device(settings.peer.device)  # a bad name or a GPU not here fails before joining
+        self.offload_optimizer = False  # decided once measured (``_memory_plan``)
         self.manifest_timeout = manifest_timeout
         self.dht: SwarmDHT | None = None
         self.manifest: Manifest | None = None
@@ -160,6 +165,8 @@ class Peer(Lifecycle):
     async def _start(self) -> None:
         net = self.settings.network
         torch.set_num_threads(compute_threads(self.settings.peer.threads))
+        if self.device.type == "cuda":  # this thread's and the compute threads' default GPU: RNG forks, allocator
+            torch.cuda.set_device(self.device)
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
         self.dht = await asyncio.to_thread(
@@ -206,6 +213,7 @@ class Peer(Lifecycle):
             memory=self._memory, transport=self._transport, auth=self._auth,
             replica_transport=self._replica_transport, telemetry=self.telemetry,
             gone=lambda: self.rebalancer.gone(), on_step_failed=self._on_step_failed,
+            device=self.device, offload_optimizer=self.offload_optimizer,
         )
         self.delegate = DelegateHost(self.host)
         self.router = StageRouter(self.host, slowdown=self.settings.peer.slowdown)
@@ -266,12 +274,12 @@ class Peer(Lifecycle):
         """Compute (cached), links and memory, with progress for ``swarm join``."""
         peer = self.settings.peer
         source = await asyncio.to_thread(resolve_model, manifest.model)
-        config, dtype = source.config, getattr(torch, manifest.dtype)
-        device = compute_device()
-        self._stage_bytes = [stage_bytes(config, layers, dtype) for layers in manifest.stages]
+        config, dtype = source.config, compute_dtype(manifest.dtype)
+        device = self.device
         self._memory = available_memory(device, int(peer.memory) if peer.memory else None)
+        self._stage_bytes = self._memory_plan(config, manifest, dtype)
         largest = max(manifest.stages, key=len)
-        key = {"model": manifest.config_hash, "layers": len(largest), "dtype": manifest.dtype, "device": device,
+        key = {"model": manifest.config_hash, "layers": len(largest), "dtype": manifest.dtype, "device": str(device),
                "threads": peer.threads or torch.get_num_threads(), "slowdown": peer.slowdown}
         self._report("compute", 0.0)
         if peer.throughput is not None:  # the owner knows better (or a test needs equal peers)
@@ -295,6 +303,23 @@ class Peer(Lifecycle):
                     "Mbit/s, %.1f GiB for stages", measurement.throughput, device, compute, latency, bandwidth,
                     measurement.memory_gib)
         return measurement
+
+    def _memory_plan(self, config, manifest: Manifest, dtype: torch.dtype) -> list[int]:
+        """Each stage's bytes on this peer's device (weights, gradients, AdamW state, a full queue's
+        activations), and whether AdamW's state goes to host memory (``offload_optimizer``: on
+        ``auto``, when the largest stage fits the device only without it)."""
+        peer = self.settings.peer
+        step_tokens = peer.step_tokens or manifest.target_batch_size * TOKENS_PER_SAMPLE
+        tokens = queue_tokens(peer.queue_size, peer.cache_size, step_tokens, manifest.num_stages)
+        full = [stage_bytes(config, layers, dtype, queue_tokens=tokens) for layers in manifest.stages]
+        lean = [stage_bytes(config, layers, dtype, queue_tokens=tokens, offload_optimizer=True)
+                for layers in manifest.stages]
+        self.offload_optimizer = offload_wanted(
+            peer.offload_optimizer, free=self._memory if self.device.type == "cuda" else None,
+            resident=max(lean), optimizer=max(full) - max(lean))
+        if self.offload_optimizer:
+            logger.info("AdamW's state stays in host memory (offload_optimizer=%s)", peer.offload_optimizer)
+        return lean if self.offload_optimizer else full
 
     def _report(self, what: str, done: float) -> None:
         if self._progress is not None:

@@ -71,8 +71,10 @@ class ModelSource:
     def tensor_names(self) -> list[str]:
         return list(self._weight_map)
 
-    def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read exactly ``names``, opening (or downloading) only the files that hold them."""
+    def load(self, names: Iterable[str], *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Read exactly ``names``, opening (or downloading) only the files that hold them, each tensor
+        straight onto ``device`` (safetensors copies from the mapped file to a GPU tensor by tensor:
+        no host copy of the whole set is made on the way)."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self._weight_map:
@@ -80,7 +82,7 @@ class ModelSource:
             by_file.setdefault(self._weight_map[name], []).append(name)
         tensors: dict[str, torch.Tensor] = {}
         for filename, wanted in by_file.items():
-            tensors.update(self._read(filename, wanted))
+            tensors.update(self._read(filename, wanted, str(device)))
         return tensors
 
     @cached_property
@@ -99,11 +101,11 @@ class ModelSource:
         with safe_open(single, framework="pt") as f:
             return {name: _SINGLE for name in f.keys()}
 
-    def _read(self, filename: str, names: list[str]) -> dict[str, torch.Tensor]:
+    def _read(self, filename: str, names: list[str], device: str) -> dict[str, torch.Tensor]:
         path = self._fetch(filename, required=True)
         self.opened_files.add(filename)
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt", device=device) as f:
                 tensors = {name: f.get_tensor(name) for name in names}
         except Exception as e:  # safetensors raises its own untyped errors for corrupt or truncated files
             raise ModelLoadError(f"cannot read {filename} of {self.name}: {_first_line(e)}") from None

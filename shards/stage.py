@@ -93,8 +93,11 @@ class StageModule(nn.Module):
         }
 
 
-def load_stage(source: ModelSource | str, layers: LayerRange, *, dtype: torch.dtype = torch.float32) -> StageModule:
-    """Build the blocks of ``layers`` and fill them with their own tensors, read from the checkpoint alone."""
+def load_stage(source: ModelSource | str, layers: LayerRange, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> StageModule:
+    """Build the blocks of ``layers`` and fill them with their own tensors, read from the checkpoint
+    alone, straight onto ``device`` (the blocks are built on the meta device, so nothing else is
+    allocated); ``dtype`` is the weights' (a peer keeps float32 masters whatever the run computes in)."""
     source = resolve_model(source)
     config = source.config
     family = family_of(config)
@@ -104,12 +107,12 @@ def load_stage(source: ModelSource | str, layers: LayerRange, *, dtype: torch.dt
     with torch.device("meta"):
         blocks = [family.build_block(config, index) for index in layers]
     names = _checkpoint_names(source, family, layers, blocks)
-    tensors = source.load(name for per_block in names for name in per_block.values())
+    tensors = source.load((name for per_block in names for name in per_block.values()), device=device)
     for index, block, per_block in zip(layers, blocks, names):
-        state = {key: _cast(tensors[name], dtype) for key, name in per_block.items()}
+        state = {key: _cast(tensors.pop(name), dtype) for key, name in per_block.items()}
         block.load_state_dict(state, strict=True, assign=True)
-        _materialize_buffers(block, family, config, index)
-    return StageModule(config, family, layers, blocks)
+        _materialize_buffers(block, family, config, index, device)
+    return StageModule(config, family, layers, blocks).to(device)
 
 
 def _checkpoint_names(
@@ -131,7 +134,8 @@ def _checkpoint_names(
     return names
 
 
-def _materialize_buffers(block: nn.Module, family: Family, config: PretrainedConfig, index: int) -> None:
+def _materialize_buffers(block: nn.Module, family: Family, config: PretrainedConfig, index: int,
+                         device: torch.device | str) -> None:
     """Non-persistent buffers (not in checkpoints) are still on meta: take them from a real, uninitialised block."""
     pending = [name for name, buffer in block.named_buffers() if buffer.is_meta]
     if not pending:
@@ -141,7 +145,7 @@ def _materialize_buffers(block: nn.Module, family: Family, config: PretrainedCon
     real = dict(reference.named_buffers())
     for name in pending:
         owner, _, leaf = name.rpartition(".")
-        block.get_submodule(owner).register_buffer(leaf, real[name], persistent=False)
+        block.get_submodule(owner).register_buffer(leaf, real[name].to(device), persistent=False)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -591,7 +591,7 @@ def create_app(backend: Backend, codec: TextCodec | None, *, model_id: str, keys
 
 def _mean_pooled(backend: Backend, prompts: list[list[int]]) -> torch.Tensor:
     ids, mask = _left_pad(prompts, pad=0)
-    hidden = backend.final_hidden_states(ids, mask).float()
+    hidden = backend.final_hidden_states(ids, mask).float().cpu()  # a model on a GPU answers there
     weights = (mask if mask is not None else torch.ones_like(ids)).unsqueeze(-1).float()
     return (hidden * weights).sum(1) / weights.sum(1)
 

@@ -48,6 +48,8 @@ MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /me
                               "port (0: any free)")
 CertOpt = typer.Option(None, "--ssl-certfile", help="serve https with this certificate (PEM; with --ssl-keyfile)")
 CertKeyOpt = typer.Option(None, "--ssl-keyfile", help="the private key of --ssl-certfile (PEM)")
+DeviceOpt = typer.Option(None, "--device", help="where the local parts (embeddings, head) compute: auto (the GPU "
+                         "when CUDA is present), cpu, cuda or cuda:N (default cpu)")
 DatasetOpt = typer.Option(None, "--dataset", help="HF hub id, local directory or file (jsonl, json, parquet, csv, "
                           "txt) to train on")
 SplitOpt = typer.Option(None, "--split", help="the dataset's split to train on (default train)")
@@ -118,6 +120,9 @@ def bootstrap(
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)"),
     wire: Optional[str] = typer.Option(None, "--wire", help="how activations and gradients travel: float32 "
                                        "(default, exact), float16, bfloat16 or int8"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="precision the peers and trainers compute in: "
+                                        "float32 (default), bfloat16 or float16 (autocast; weights and AdamW "
+                                        "state stay float32)"),
     open_run: Optional[bool] = typer.Option(None, "--open", help="a public run: joining needs no API key"),
     dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="admin dashboard port (default 8002)"),
     mirror: Optional[str] = typer.Option(
@@ -148,7 +153,7 @@ def bootstrap(
         data={"source": dataset, "split": split, "text_column": text_column, "config_name": config_name,
               "num_shards": data_shards},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
-                   "wire": wire, "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
+                   "wire": wire, "dtype": dtype, "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
                    "authority_key": authority_key, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile},
     )
     from bootstrap.node import BootstrapNode
@@ -193,6 +198,12 @@ def join(
     max_stages: Optional[int] = typer.Option(
         None, "--max-stages", min=1, help="serve at most this many consecutive stages (default: as memory holds)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for compute"),
+    device: Optional[str] = typer.Option(None, "--device", help="where this peer computes: auto (default: a GPU when "
+                                         "CUDA is present, else the CPU), cpu, cuda or cuda:N"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="serve one peer per device listed, e.g. 0,1,2,3 "
+                                          "(default: every visible GPU)"),
+    offload_optimizer: Optional[str] = typer.Option(None, "--offload-optimizer", help="keep AdamW's state in host "
+                                                    "memory: true, false or auto (default: when the GPU is short)"),
     key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
     host: Optional[str] = HostOpt,
     port: Optional[int] = PortOpt,
@@ -217,7 +228,8 @@ def join(
     settings = _client_settings(
         "join", config, bootstrap_addr, log_file="join", run_id=run, log_level=log_level, state_dir=state_dir,
         key=key, network={"host": host, "port": port, "announce_host": announce_host},
-        peer={"stage": stage, "threads": threads, "max_stages": max_stages}, monitor={"metrics_port": metrics_port},
+        peer={"stage": stage, "threads": threads, "max_stages": max_stages, "device": device, "devices": devices,
+              "offload_optimizer": offload_optimizer}, monitor={"metrics_port": metrics_port},
     )
     settings = _with_delegation(settings, accept_delegations, delegate_to, delegation_token)
     from swarm.delegation_cli import announce_delegate, delegate_line, run_delegator
@@ -225,6 +237,16 @@ def join(
     if settings.delegation.delegate_to:
         _run_until_signal(lambda stop: run_delegator(settings, console, stop))
         return
+    from shards.devices import device_list
+
+    served = device_list(settings.peer.devices, settings.peer.device)
+    if len(served) > 1:  # one peer process per device (docs/design.md, issue 24)
+        from swarm.device_peers import plan_device_peers, run_device_peers
+
+        plan = plan_device_peers(served, sys.argv[1:], settings.state_dir.expanduser())
+        _run_until_signal(lambda stop: run_device_peers(plan, console, stop))
+        return
+    settings = settings.model_copy(update={"peer": settings.peer.model_copy(update={"device": served[0]})})
     from peers.server import Peer
     from core.loop import start_unless_stopped
     from swarm.join_view import describe_span, introduce, live_lines
@@ -346,6 +368,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed"),
     result_json: Optional[Path] = typer.Option(None, "--result-json", help="write losses and sample here"),
     key: Optional[str] = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)"),
+    device: Optional[str] = DeviceOpt,
     run: Optional[str] = RunOpt,
     state_dir: Optional[Path] = StateOpt,
     config: Optional[Path] = ConfigOpt,
@@ -367,7 +390,8 @@ def train_command(
                                 monitor={"metrics_port": metrics_port},
                                 data={"source": dataset, "split": split, "text_column": text_column,
                                       "config_name": config_name, "num_shards": data_shards,
-                                      "eval_split": eval_split, "eval_every": eval_every})
+                                      "eval_split": eval_split, "eval_every": eval_every},
+                                trainer={"device": device})
     from swarm.train import train
 
     train(settings.network.initial_peers, run_id=settings.run_id, steps=steps, seq_len=seq_len,
@@ -427,6 +451,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="nucleus sampling threshold"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed, for repeatable samples"),
     key: Optional[str] = KeyOpt,
+    device: Optional[str] = DeviceOpt,
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -434,14 +459,14 @@ def generate(
     """Generate text through the swarm, printing tokens as they come."""
     _interrupt_on_sigterm()
     settings = _client_settings("generate", config, bootstrap_addr, run_id=run, key=key,
-                                log_level=log_level or "WARNING")
+                                log_level=log_level or "WARNING", trainer={"device": device})
     from trainer.model import SwarmModelForCausalLM
     from swarm.serving import codec_of, stream_text
 
     with console.status("joining the swarm..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
                                                      run_id=settings.run_id, timeout=settings.trainer.timeout,
-                                                     key=settings.key)
+                                                     key=settings.key, device=settings.trainer.device)
     with model:
         codec = codec_of(model)
         sys.stdout.write(prompt)
@@ -464,6 +489,7 @@ def serve_api_command(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="the bootstrap's state dir, with --run-keys"),
     key: Optional[str] = typer.Option(None, "--key", help="this server's own API key of a keyed run, to join it "
                                       "(or SWARM_KEY); clients' keys are --api-key / --run-keys"),
+    device: Optional[str] = DeviceOpt,
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
@@ -475,7 +501,8 @@ def serve_api_command(
     db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
     settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, key=key, log_level=log_level,
                                 api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name,
-                                     "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile})
+                                     "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile},
+                                trainer={"device": device})
     from swarm.serving import serve_api
 
     serve_api(settings, console, run_keys=db)

@@ -17,8 +17,10 @@ from peers.joining.reachability import probe_reachability
 from peers.server import Peer
 from core.config import SwarmSettings
 from core.types import StageIndex
+from swarm.status_view import describe_device
 
-__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label"]
+__all__ = ["introduce", "live_lines", "format_live_line", "key_fingerprint", "describe_span", "span_label",
+           "device_line"]
 
 REACH_TIMEOUT = 10.0
 
@@ -42,11 +44,13 @@ def describe_span(peer: Peer) -> str:
 
 
 def format_live_line(stage: StageIndex | str, requests_per_s: float, tokens_per_s: float, tokens: int, microbatches: int,
-                     ledger_entries: int, queue: int) -> str:
-    """The compact live line: rates now, contribution so far (``stage`` may be a span like ``"0-1"``)."""
+                     ledger_entries: int, queue: int, device: str | None = None) -> str:
+    """The compact live line: rates now, contribution so far (``stage`` may be a span like ``"0-1"``),
+    and where it computes (``device``: its GPU's live figures, or ``cpu (no GPU)``)."""
     label = f"stage {stage}" if isinstance(stage, int) else f"stages {stage}"
-    return (f"{label} | {requests_per_s:.1f} req/s | {tokens_per_s:,.0f} tok/s | queue {queue} | "
+    line = (f"{label} | {requests_per_s:.1f} req/s | {tokens_per_s:,.0f} tok/s | queue {queue} | "
             f"contributed {tokens:,} tokens in {microbatches:,} microbatches | ledger {ledger_entries}")
+    return line if device is None else f"{line} | {device}"
 
 
 async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> None:
@@ -71,8 +75,20 @@ async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> No
     else:
         console.print(f"[bold]stages[/]    {escape(describe_span(peer)[len('stages '):])}: {escape(peer.claim_reason)}",
                       highlight=False)
+    console.print(f"[bold]device[/]    {escape(device_line(peer))}", highlight=False)
     if peer.telemetry is not None and peer.telemetry.server is not None:
         console.print(f"[bold]metrics[/]   {escape(peer.telemetry.server.url)}")
+
+
+def device_line(peer: Peer) -> str:
+    """Where the peer computes and in what precision: ``cuda:0 (NVIDIA H100), bfloat16 under autocast,
+    float32 weights and AdamW state (AdamW in host memory)``, or ``cpu (no GPU), float32``."""
+    hardware = peer.telemetry.hardware() if peer.telemetry is not None else None
+    name = hardware.gpu_name if hardware is not None and peer.device.type == "cuda" else None
+    where = f"{peer.device} ({name})" if name else ("cpu (no GPU)" if peer.device.type == "cpu" else str(peer.device))
+    dtype = peer.manifest.dtype if peer.manifest is not None else "float32"
+    precision = "float32" if dtype == "float32" else f"{dtype} under autocast, float32 weights and AdamW state"
+    return f"{where}, {precision}" + (" (AdamW in host memory)" if peer.offload_optimizer else "")
 
 
 def _line(peer: Peer) -> str:
@@ -82,7 +98,8 @@ def _line(peer: Peer) -> str:
     stages = peer.stages
     label = stages[0] if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
     return format_live_line(label, requests_per_s, tokens_per_s, telemetry.activity.tokens,
-                            telemetry.activity.microbatches, entries, telemetry.activity.in_flight)
+                            telemetry.activity.microbatches, entries, telemetry.activity.in_flight,
+                            device=describe_device(telemetry.hardware()))
 
 
 async def live_lines(peer: Peer, console: Console, stop: asyncio.Event, *, interval: float,

@@ -103,7 +103,7 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
     with console.status("joining the swarm and loading the local layers..."):
         model = SwarmModelForCausalLM.from_pretrained(initial_peers=settings.network.initial_peers,
                                                      run_id=settings.run_id, timeout=settings.trainer.timeout,
-                                                     key=settings.key)
+                                                     key=settings.key, device=settings.trainer.device)
     with model:
         try:
             codec: TextCodec | None = codec_of(model)

@@ -17,7 +17,7 @@ from dht.schemas import HardwareSummary
 from peers.telemetry.status import PeerStatus, Status
 from core.types import PeerId
 
-__all__ = ["render_status", "sparkline"]
+__all__ = ["render_status", "sparkline", "describe_gpus", "describe_device"]
 
 
 def sparkline(values: Sequence[float]) -> str:
@@ -34,7 +34,37 @@ def _short(peer_id: PeerId) -> str:
     return peer_id[-8:]
 
 
+def describe_gpus(hw: HardwareSummary, *, names: bool = True) -> str | None:
+    """The GPU(s) a peer computes on, each as ``cuda:1 H100 87% 61/80G 71C 312W`` (``names`` false:
+    ``gpu1 87% 61/80G 71C 312W``, for the status table's narrow column; figures a board does not
+    report are left out); None for a peer on the CPU or one that publishes no per-GPU figures."""
+    if not hw.gpus:
+        return None
+    parts = []
+    for gpu in hw.gpus:
+        figures = [f"{gpu.util_percent:.0f}%" if gpu.util_percent is not None else None,
+                   f"{gpu.memory_used_gib:.0f}/{gpu.memory_total_gib:.0f}G",
+                   f"{gpu.temperature_c:.0f}C" if gpu.temperature_c is not None else None,
+                   f"{gpu.power_w:.0f}W" if gpu.power_w is not None else None]
+        if names:
+            where = hw.device if len(hw.gpus) == 1 and hw.device.startswith("cuda") else f"gpu{gpu.index}"
+            label = [where, gpu.name.removeprefix("NVIDIA ")]
+        else:
+            label = [f"gpu{gpu.index}"]
+        parts.append(" ".join([*label, *(f for f in figures if f)]))
+    return ", ".join(parts)
+
+
+def describe_device(hw: HardwareSummary) -> str:
+    """Where a peer computes, for its join line: its GPU(s) with live figures, else ``cpu (no GPU)``."""
+    gpus = describe_gpus(hw)
+    return gpus if gpus is not None else ("cpu (no GPU)" if hw.device == "cpu" else hw.device)
+
+
 def _hardware(hw: HardwareSummary) -> str:
+    gpus = describe_gpus(hw, names=False)
+    if gpus is not None:
+        return gpus
     if hw.gpu_count:
         parts = [f"{hw.gpu_count}xGPU"]
         if hw.gpu_util_percent is not None:

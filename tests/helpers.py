@@ -19,7 +19,7 @@ from core.loop import LoopThread
 from core.config import load_settings
 from trainer.model import SwarmModelForCausalLM
 
-__all__ = ["LocalSwarm", "train_steps", "reference_losses", "Webhook"]
+__all__ = ["LocalSwarm", "train_steps", "reference_losses", "plain_loop", "local_adamw", "max_difference", "Webhook"]
 
 
 class LocalSwarm:
@@ -137,11 +137,43 @@ def train_steps(model, steps: int) -> None:
     """``steps`` AdamW steps of a swarm client with the run's settings, on small seeded batches."""
     settings = model.manifest.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    for step in range(steps):
-        ids = torch.randint(0, 8, (4, 12), generator=torch.Generator().manual_seed(step))
-        model(ids, labels=ids).loss.backward()
+    plain_loop(model, optimizer, (torch.randint(0, 8, (4, 12), generator=torch.Generator().manual_seed(step))
+                                  for step in range(steps)))
+
+
+def plain_loop(model, optimizer, batches, *, autocast: torch.dtype | None = None) -> list[float]:
+    """The README's loop (``loss.backward(); optimizer.step()``) over ``batches`` (labels = inputs, on
+    the model's device); ``autocast``: the forward under that dtype on the model's device. The losses."""
+    device = next(model.parameters()).device
+    losses = []
+    for ids in batches:
+        ids = ids.to(device)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def local_adamw(model_dir, batches, *, lr: float, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> dict[str, torch.Tensor]:
+    """transformers' model trained locally on ``batches`` by AdamW (``lr``, betas, eps and weight decay
+    as a run's defaults) on ``device``, under ``dtype`` autocast unless float32 (float32 masters either
+    way): the yardstick a swarm run's exported weights are held to. Its final weights, on the host."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    plain_loop(model, optimizer, batches, autocast=None if dtype == torch.float32 else dtype)
+    return {name: t.cpu() for name, t in model.state_dict().items()}
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest difference between two state dicts with the same names."""
+    assert a.keys() == b.keys()
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
 
 
 def reference_losses(model_dir, batches, *, lr: float) -> list[float]:

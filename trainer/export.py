@@ -110,13 +110,14 @@ def _check_part(meta: StateMeta, manifest: Manifest, stage: StageIndex | None) -
 
 def write_checkpoint(manifest: Manifest, source: ModelSource, stages: Sequence[Mapping[str, torch.Tensor]],
                      local: Mapping[str, torch.Tensor], out: Path) -> Path:
-    """Rename every part's weights to the architecture's names and save the HF checkpoint."""
+    """Rename every part's weights to the architecture's names and save the HF checkpoint, in float32:
+    the master weights every precision of the run trains (its ``dtype`` is only that of the compute)."""
     family = family_of(source.config)
     tensors: dict[str, torch.Tensor] = {}
     for stage, weights in enumerate(stages):
         tensors |= stage_checkpoint_names(family, manifest.stages[stage], weights)
     tensors |= local_checkpoint_names(family, local)
-    return save_hf_checkpoint(source.config, tensors, out, dtype=getattr(torch, manifest.dtype))
+    return save_hf_checkpoint(source.config, tensors, out, dtype=torch.float32)
 
 
 def export_swarm(initial_peers: list[str], out: Path, *, run_id: str = "swarm", timeout: float = 600.0,
@@ -177,7 +178,7 @@ def _local_weights(runner: LoopThread, store: StoreClient, manifest: Manifest, s
         meta, tensors = runner.run(store.get(LOCAL_PART))
     except CheckpointMissing:
         logger.warning("no trainer has uploaded its local parts: exporting the model files' embeddings and head")
-        parts = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
+        parts = load_local_parts(source)
         return {name: p.detach() for name, p in parts.named_parameters()}, "model files (no trainer upload)"
     _check_part(meta, manifest, None)
     return weights_of(meta, tensors), f"trainer upload (step {meta.step})"

@@ -17,13 +17,14 @@ does sampling under the same seed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from transformers import GenerationConfig, PretrainedConfig
@@ -37,6 +38,7 @@ from transformers.generation.logits_process import (
 from dht.schemas import Manifest
 from peers.inference.client import InferenceClient
 from peers.training.routing import Hop, plan_route
+from shards.devices import to_device, to_host
 from shards.local import LocalParts, default_position_ids
 from core.errors import CacheMiss, CapacityExceeded, ConfigError, NoRoute, PeerUnavailable, SwarmError
 from trainer.pipeline import RecordSource
@@ -307,12 +309,26 @@ def generate_tokens(
     params: GenerationParams,
     *,
     generator: torch.Generator | None = None,
+    compute: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (``[batch]``), step by step, as transformers' sampling loop.
+    """Yield the next token of every row (``[batch]``, in host memory), step by step, as transformers'
+    sampling loop.
 
     ``run`` runs a coroutine to completion (the model's event-loop thread). The session must be open;
-    the caller closes it.
+    the caller closes it. The local parts compute on their device in ``compute()`` (the run's
+    autocast); tokens, sampling and the hidden states sent to the peers stay in host memory.
     """
+    device = next(local.parameters()).device
+    input_ids = input_ids.cpu()
+    attention_mask = None if attention_mask is None else attention_mask.cpu()
+
+    def embed(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return to_host(local.embed(to_device(ids, device), to_device(positions, device)))
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        with compute():
+            return local.head(to_device(hidden, device))[:, -1].to("cpu", torch.float32, copy=True)
+
     mask = attention_mask if attention_mask is not None and not bool((attention_mask == 1).all()) else None
     if attention_mask is not None:
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -322,9 +338,9 @@ def generate_tokens(
     warpers = params.warpers()
     eos = torch.tensor(params.eos_token_id, dtype=torch.long)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long)
-    hidden = run(session.step(local.embed(input_ids, positions), mask, positions))
+    hidden = run(session.step(embed(input_ids, positions), mask, positions))
     for index in range(params.max_new_tokens):
-        logits = local.head(hidden[:, -1:, :])[:, -1].to(copy=True, dtype=torch.float32)
+        logits = head(hidden[:, -1:, :])
         scores = warpers(tokens, logits)
         if params.do_sample:
             nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
@@ -340,4 +356,4 @@ def generate_tokens(
         positions = positions[:, -1:] + 1
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        hidden = run(session.step(local.embed(nxt[:, None], positions), mask, positions))
+        hidden = run(session.step(embed(nxt[:, None], positions), mask, positions))

@@ -32,7 +32,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Coroutine, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ from peers.inference.client import InferenceClient
 from peers.state.snapshot import StateMeta
 from peers.training.averaging import HivemindGradientSync
 from peers.training.client import StageClient
+from shards.devices import compute_context, local_precision, resolve_device, to_device
 from shards.local import LocalParts, causal_lm_loss, default_position_ids, load_local_parts
 from shards.source import ModelSource, resolve_model
 from core.loop import LoopThread
@@ -61,7 +62,7 @@ from trainer.local_parts import SharedLocalParts
 from trainer.pipeline import FaultPolicy, RemotePipeline
 from trainer.remote_layers import RemoteLayers
 from trainer.run_link import RunLink
-from trainer.spotcheck import BanList, SpotChecker, without_banned
+from trainer.spotcheck import BanList, SpotChecker, run_tolerance, without_banned
 from trainer.steps import DHTCoordinator
 
 __all__ = ["SwarmModelForCausalLM", "CausalLMOutput", "SwarmOptimizer"]
@@ -108,7 +109,8 @@ class SwarmModelForCausalLM(nn.Module):
         self._trainer_sync = trainer_sync
         self._run = RunLink(auth)
         self._shared = SharedLocalParts(local, pipeline, runner)
-        self._layers = RemoteLayers(local, pipeline, runner, microbatch_size)
+        self._precision = local_precision(self.manifest.dtype)
+        self._layers = RemoteLayers(local, pipeline, runner, microbatch_size, compute=self._compute)
         self.inference_client = InferenceClient(pipeline.client.transport, timeout=pipeline.client.timeout)
         self.generation_config = generation_defaults(None, local.config)
         self.last_session: RemoteSession | None = None
@@ -132,7 +134,9 @@ class SwarmModelForCausalLM(nn.Module):
         environment variable) is the API key a keyed run needs.
 
         ``settings`` are fields of ``TrainerSettings`` (``[trainer]`` in swarm.toml), validated and
-        defaulted there: ``timeout`` bounds one stage call (a peer that hangs longer is routed around),
+        defaulted there: ``device`` is where the local parts compute (``cpu``, as any ``nn.Module``, until
+        ``device="cuda"`` or ``.to("cuda")``), ``timeout`` bounds one stage call (a peer that hangs longer
+        is routed around),
         ``route_wait`` the wait for a peer to take over a stage nobody serves, ``microbatch_size`` the
         rows of a microbatch, ``push`` sends training activations peer to peer (false: this trainer
         relays every hop), and ``ban_time``, ``averaging_window``, ``step_wait``, ``max_abs_value``,
@@ -144,18 +148,20 @@ class SwarmModelForCausalLM(nn.Module):
         if not initial_peers:
             raise ConfigError("initial_peers is empty: pass the bootstrap's multiaddr")
         trainer, policy = _trainer_config(settings, policy)
+        device = resolve_device(trainer.device)  # a GPU this machine lacks fails before anything starts
         with contextlib.ExitStack() as started:
             runner = LoopThread("swarm-trainer")
             started.callback(runner.stop)
             dht, manifest, auth = _join_run(started, runner, run_id, initial_peers, host, key, trainer.timeout)
             source = _checked_source(model, manifest, run_id)
-            local = load_local_parts(source, dtype=getattr(torch, manifest.dtype))
+            local = load_local_parts(source)
             transport, calls = _open_transport(started, runner, dht, auth)
             coordinator = _start_coordinator(started, runner, dht, manifest)
             pipeline = _pipeline(manifest, calls, coordinator, dht, auth, trainer, policy)
             trainer_sync = _trainer_averager(started, dht, manifest, local, policy)
             model = cls(local, pipeline, runner, microbatch_size=trainer.microbatch_size,
                         resources=[transport, dht], trainer_sync=trainer_sync, auth=auth)
+            model.to(device)
             started.pop_all()  # from here the model owns all of it: its close() stops it
             started.callback(model.close)
             model._join(dht, source)
@@ -233,6 +239,8 @@ class SwarmModelForCausalLM(nn.Module):
             raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
         if torch.is_grad_enabled():
             self._run.admit(input_ids.shape[0])
+        input_ids, attention_mask, labels, position_ids = self._on_device(input_ids, attention_mask, labels,
+                                                                          position_ids)
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         hidden = self.local.embed(input_ids, position_ids)
@@ -240,9 +248,25 @@ class SwarmModelForCausalLM(nn.Module):
             hidden = self._layers.apply(hidden, attention_mask, position_ids)
         else:
             hidden, _ = self._layers.forward(hidden, attention_mask, position_ids, train=False)
-        logits = self.local.head(hidden)
+        with self._compute():
+            logits = self.local.head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the local parts are (``.to(...)`` moves them, as any module)."""
+        return next(self.local.parameters()).device
+
+    def _compute(self) -> ContextManager:
+        """The context the local parts compute in: the run's autocast (float16 runs keep the local
+        head in float32: its backward is the caller's own, with no gradient scale of swarm's)."""
+        return compute_context(self.device, self._precision)
+
+    def _on_device(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Inputs on the local parts' device (a host batch for a GPU model is moved once, here)."""
+        device = self.device
+        return [None if t is None else to_device(t, device) for t in tensors]
 
     def train_step(
         self,
@@ -271,6 +295,8 @@ class SwarmModelForCausalLM(nn.Module):
             loss.backward()
             return loss.detach()
         self._run.admit(input_ids.shape[0])
+        input_ids, labels, attention_mask, position_ids = self._on_device(input_ids, labels, attention_mask,
+                                                                          position_ids)
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         hidden = self.local.embed(input_ids, position_ids)
@@ -300,7 +326,7 @@ class SwarmModelForCausalLM(nn.Module):
                 streamer.put(tokens.cpu())
         if streamer is not None:
             streamer.end()
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+        return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.device)], dim=1)
 
     def iter_generate(
         self,
@@ -321,7 +347,7 @@ class SwarmModelForCausalLM(nn.Module):
             self._runner.run(session.open())
             with torch.no_grad():
                 yield from generate_tokens(self.local, self._runner.run, session, input_ids, attention_mask, params,
-                                           generator=generator)
+                                           generator=generator, compute=self._compute)
         finally:
             self._runner.run(session.close(), timeout=30)
 
@@ -334,6 +360,7 @@ class SwarmModelForCausalLM(nn.Module):
             positions = default_position_ids(input_ids)
         else:  # a left-padded row gets the positions it would have alone, as in generation
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        input_ids, attention_mask, positions = self._on_device(input_ids, attention_mask, positions)
         hidden, _ = self._layers.forward(self.local.embed(input_ids, positions), attention_mask, positions,
                                          train=False)
         return self.local.norm(hidden)
@@ -419,7 +446,7 @@ class SwarmOptimizer:
                                status.step, len(others), e)
             else:
                 for param, grad in zip(params, summed):
-                    param.grad = grad
+                    param.grad = grad.to(param.device)
         with self.model._shared.lock:
             self.optimizer.step()
         return True
@@ -533,7 +560,8 @@ def _pipeline(manifest: Manifest, calls: Transport, coordinator: DHTCoordinator,
         policy=policy,
         route_wait=trainer.route_wait,
         push=trainer.push,
-        spot_check=SpotChecker(client, rate=policy.spot_check_rate, tolerance=policy.spot_check_tolerance,
+        spot_check=SpotChecker(client, rate=policy.spot_check_rate,
+                               tolerance=run_tolerance(manifest.dtype, policy.spot_check_tolerance),
                                report=lambda report: report_ban(dht, _with_token(report, auth)),
                                reporter_id=dht.peer_id),
     )

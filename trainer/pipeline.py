@@ -44,7 +44,7 @@ from core.errors import InvalidOutput, SwarmError
 from trainer.faults import FaultPolicy, OnFailure, after_call_failure
 from trainer.pushing import PushPath
 from trainer.replicas import RecordSource, Replicas
-from trainer.spotcheck import SpotChecker
+from trainer.spotcheck import SpotChecker, run_tolerance
 from trainer.steps import LocalCoordinator, StepCoordinator, StepStatus
 from trainer.tasks import first_error
 from trainer.traces import Contribution, HopTrace, Trace, Wiring
@@ -89,8 +89,9 @@ class RemotePipeline:
         self.steps = StepCommit(self._wiring, self.replicas, coordinator or LocalCoordinator(manifest.target_batch_size),
                                 self.drop)
         self.pushing = PushPath(self)
-        self.spot_check = spot_check or SpotChecker(client, rate=policy.spot_check_rate,
-                                                    tolerance=policy.spot_check_tolerance, rng=random.Random(seed))
+        self.spot_check = spot_check or SpotChecker(
+            client, rate=policy.spot_check_rate, tolerance=run_tolerance(manifest.dtype, policy.spot_check_tolerance),
+            rng=random.Random(seed))
 
     @property
     def manifest(self) -> Manifest:

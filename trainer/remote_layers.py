@@ -7,15 +7,23 @@ caught later; under autograd (``apply``) the backward sends the gradients back t
 peers and commits the batch's rows to the run's collaborative step. ``train`` is ``train_step``'s
 pipelined path: each microbatch's loss is computed on the local head as soon as its output arrives,
 and its backward starts while later microbatches are still going forward.
+
+The local parts may be on a GPU (``SwarmModelForCausalLM.to("cuda")``): a batch's activations then
+cross to the host once on the way out (``to_host``: a pinned buffer, one wait) and back once on the
+way in (a non-blocking copy from pinned memory), and so do their gradients; the microbatches are
+sliced from the host copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 
+from shards.devices import to_device, to_host
 from shards.local import LocalParts, causal_lm_loss_part, labelled_tokens
 from shards.schedule import microbatch_rows
 from core.loop import LoopThread
@@ -30,12 +38,12 @@ class _RemoteStages(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, layers, mask, positions):  # type: ignore[override]
         outputs, traces = layers.forward(hidden, mask, positions, train=True)
-        ctx.layers, ctx.traces = layers, traces
+        ctx.layers, ctx.traces, ctx.device = layers, traces, hidden.device
         return outputs
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        return ctx.layers.backward(ctx.traces, grad_output), None, None, None
+        return to_device(ctx.layers.backward(ctx.traces, grad_output), ctx.device), None, None, None
 
 
 class RemoteLayers:
@@ -44,8 +52,10 @@ class RemoteLayers:
     ``close()`` stops the thread that does so."""
 
     def __init__(self, local: LocalParts, pipeline: RemotePipeline, runner: LoopThread,
-                 microbatch_size: int | None = None):
+                 microbatch_size: int | None = None, compute: Callable[[], ContextManager] = contextlib.nullcontext):
+        """``compute()`` is the context the local head computes in (the run's autocast)."""
         self.local = local
+        self.compute = compute
         self.pipeline = pipeline
         self.microbatch_size = microbatch_size
         self._runner = runner
@@ -59,6 +69,8 @@ class RemoteLayers:
         """The last stage's output for ``hidden`` (not differentiable) and, when ``train``, the traces
         its backward needs."""
         batches = self._microbatches(hidden.shape[0])
+        device = hidden.device
+        hidden, mask, positions = (None if t is None else to_host(t.detach()) for t in (hidden, mask, positions))
 
         def forward(indices: list[int]) -> list[tuple[torch.Tensor, Trace]]:
             parts = [(hidden[batches[i]].detach(), mask[batches[i]] if mask is not None else None,
@@ -72,10 +84,12 @@ class RemoteLayers:
                 break
             for i, redone in zip(tainted, forward(tainted)):
                 done[i] = redone
-        return torch.cat([out for out, _ in done], dim=0), [trace for _, trace in done]
+        return to_device(torch.cat([out for out, _ in done], dim=0), device), [trace for _, trace in done]
 
     def backward(self, traces: list[Trace], grad_output: torch.Tensor) -> torch.Tensor:
-        """The gradient of ``forward``'s input; the batch's rows are then committed to the step."""
+        """The gradient of ``forward``'s input (in host memory); the batch's rows are then committed
+        to the step."""
+        grad_output = to_host(grad_output)
         grads = [grad_output[rows].contiguous() for rows in self._microbatches(grad_output.shape[0])]
         grad_inputs = self._runner.run(self.pipeline.backward_microbatches(traces, grads))
         self._runner.run(self.pipeline.commit(grad_output.shape[0]))
@@ -88,16 +102,20 @@ class RemoteLayers:
         then committed. Returns the loss, detached."""
         rows = self._microbatches(hidden.shape[0])
         count = labelled_tokens(labels)
-        parts = [(hidden[r].detach(), attention_mask[r] if attention_mask is not None else None, position_ids[r])
-                 for r in rows]
-        losses: list[torch.Tensor] = [torch.zeros(())] * len(rows)
+        device = hidden.device
+        host, mask, positions = (None if t is None else to_host(t.detach())
+                                 for t in (hidden, attention_mask, position_ids))
+        parts = [(host[r], mask[r] if mask is not None else None, positions[r]) for r in rows]
+        losses: list[torch.Tensor] = [torch.zeros((), device=device)] * len(rows)
 
         def head(m: int, output: torch.Tensor) -> torch.Tensor:
-            output = output.detach().requires_grad_()
-            part = causal_lm_loss_part(self.local.head(output), labels[rows[m]], count)
+            output = to_device(output, device).detach().requires_grad_()
+            with self.compute():
+                logits = self.local.head(output)
+            part = causal_lm_loss_part(logits, labels[rows[m]], count)
             part.backward()
             losses[m] = part.detach()
-            return output.grad
+            return to_host(output.grad)
 
         if self._head_thread is None:  # one thread: the head's gradients accumulate one part at a time
             self._head_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-head")
@@ -109,7 +127,7 @@ class RemoteLayers:
         grads = self._runner.run(self.pipeline.train_microbatches(parts, loss))
         grad_hidden = torch.empty_like(hidden)
         for r, grad in zip(rows, grads):
-            grad_hidden[r] = grad
+            grad_hidden[r] = to_device(grad, device)
         if hidden.requires_grad:
             hidden.backward(grad_hidden)
         self._runner.run(self.pipeline.commit(hidden.shape[0]))

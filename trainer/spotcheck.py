@@ -33,7 +33,8 @@ from peers.training.client import StageClient, StageInputs
 from core.types import LayerRange, PeerId, StageIndex
 from core.errors import SwarmError
 
-__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "digest", "BanList", "without_banned"]
+__all__ = ["SpotChecker", "Verdict", "TOLERANCE", "WIRE_TOLERANCE", "agree", "run_tolerance", "digest", "BanList",
+           "without_banned"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,16 @@ WIRE_TOLERANCE: dict[str, float] = {"float32": 0.0, "float16": 1e-2, "bfloat16":
 results differ in the last bits can round to neighbouring float16 values, and, in int8, to neighbouring
 steps of 1/127 of their block's largest value. For int8 the figure bounds the relative norm of the
 difference (one step apart here and there), not each value."""
+
+
+def run_tolerance(dtype: str, tolerance: float | None = None) -> float | None:
+    """The spot checks' tolerance in a run computing in ``dtype`` (the manifest's): ``tolerance`` when
+    set; else, under mixed precision, that of the compute dtype (outputs travel as float32, but
+    replicas on other GPUs or kernels round their bfloat16 / float16 matmuls differently); else None
+    (by the outputs' own dtype)."""
+    if tolerance is not None or dtype == "float32":
+        return tolerance
+    return TOLERANCE[getattr(torch, dtype)]
 
 
 def agree(a: torch.Tensor, b: torch.Tensor, tolerance: float | None = None, wire: str = "float32") -> bool:

@@ -58,16 +58,23 @@ function addPoint(point) {
 }
 
 const fixed = (v, digits, unit) => v === null || v === undefined ? ABSENT : `${v.toFixed(digits)}${unit}`;
+const memory = (used, total) => used === null || used === undefined ? (total ? `? / ${total.toFixed(1)} GiB` : ABSENT)
+  : `${used.toFixed(1)} / ${total ? total.toFixed(1) : "?"} GiB`;
 function gpuCells(tr, hw) {
-  // a CPU peer says so in every GPU column; a GPU peer whose record lacks a figure shows a dash
-  const cpu = !hw.gpu_count && !hw.gpu_name;
-  const put = (text) => cell(tr, cpu ? "CPU" : text, cpu || text === ABSENT ? "absent" : "num");
-  put(fixed(hw.gpu_util_percent, 0, " %"));
-  const total = hw.gpu_memory_gib;
-  put(hw.gpu_memory_used_gib === null || hw.gpu_memory_used_gib === undefined ? (total ? `? / ${total.toFixed(1)} GiB` : ABSENT)
-      : `${hw.gpu_memory_used_gib.toFixed(1)} / ${total ? total.toFixed(1) : "?"} GiB`);
-  put(fixed(hw.gpu_temperature_c, 0, " °C"));
-  put(fixed(hw.gpu_power_w, 0, " W"));
+  // a CPU peer says so in every GPU column; each GPU of the record (hw.gpus) gets a line of its own,
+  // else the record's means over its GPUs; a figure the board does not report shows a dash
+  const gpus = hw.gpus || [];
+  const cpu = !gpus.length && !hw.gpu_count && !hw.gpu_name;
+  const put = (texts) => {
+    const td = cell(tr, cpu ? "CPU" : texts.join("\n"), cpu || texts.every((t) => t === ABSENT) ? "absent" : "num");
+    td.style.whiteSpace = "pre";
+  };
+  const rows = gpus.length ? gpus : [{util_percent: hw.gpu_util_percent, memory_used_gib: hw.gpu_memory_used_gib,
+    memory_total_gib: hw.gpu_memory_gib, temperature_c: hw.gpu_temperature_c, power_w: hw.gpu_power_w}];
+  put(rows.map((g) => fixed(g.util_percent, 0, " %")));
+  put(rows.map((g) => memory(g.memory_used_gib, g.memory_total_gib)));
+  put(rows.map((g) => fixed(g.temperature_c, 0, " °C")));
+  put(rows.map((g) => fixed(g.power_w, 0, " W")));
 }
 function actionButton(td, label, cls, onclick) {
   const b = document.createElement("button"); b.textContent = label; b.className = cls; b.onclick = onclick; td.appendChild(b);
@@ -129,6 +136,7 @@ async function refreshStatus() {
     tr.dataset.peerId = p.peer_id;
     cell(tr, p.peer_id, "id"); cell(tr, layersOf(p)); cell(tr, p.stale ? "stale" : p.state);
     cell(tr, Math.round(p.throughput), "num"); cell(tr, fixed(p.latency_ms, 1, " ms"), p.latency_ms == null ? "absent" : "num");
+    cell(tr, deviceText(hw));
     gpuCells(tr, hw);
     cell(tr, `${Math.round(hw.cpu_percent || 0)} % of ${hw.cpu_count}`, "num");
     cell(tr, ago(c.last_seen)); cell(tr, c.samples === undefined ? "0" : c.samples, "num");
@@ -140,6 +148,13 @@ async function refreshStatus() {
   if (historyPeer !== null) showHistory(historyPeer);
 }
 async function refreshAlerts() { list("alerts", (await api("/api/alerts")).map((a) => `alert: ${a.text}`)); }
+function deviceText(hw) {
+  // where a peer computes: its device and GPU names (their live figures are in the GPU columns)
+  const gpus = hw.gpus || [];
+  if (!gpus.length && (hw.device === "cpu" || !hw.device)) return `cpu (no GPU), ${hw.cpu_count} CPUs, ${hw.ram_gib} GiB RAM`;
+  const names = gpus.length ? gpus.map((g) => g.name.replace(/^NVIDIA /, "")) : [hw.gpu_name || hw.device];
+  return `${hw.device || "gpu"}: ${names.join(", ")}, ${hw.ram_gib} GiB RAM`;
+}
 async function refreshRun() {
   const run = await api("/api/run");
   $("run-state").textContent = run.state; $("run-state").className = "state-" + run.state;

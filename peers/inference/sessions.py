@@ -7,6 +7,10 @@ Memory is reserved when a session opens (``batch_size * max_length`` tokens of t
 values), not when the cache grows: a peer that is full refuses *new* sessions with
 ``CapacityExceeded`` and never fails a session it has let in. Sessions idle for longer than the
 timeout are dropped (their client replays on a re-opened session if it comes back).
+
+The caches live on the stage's device and grow in the run's precision (the step runs under the
+same autocast as training, ``shards.devices.compute_context``); hidden states arrive and leave in
+host memory.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from peers.inference.protocol import OpenRequest, OpenResponse, StepRequest, StepResponse
+from shards.devices import compute_context, to_device, to_host
 from shards.families import kv_bytes_per_token
 from shards.stage import StageModule
 from core.types import LayerRange, StageIndex
@@ -74,12 +79,15 @@ class InferenceSessions:
         idle_timeout: float,
         max_tokens: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
+        precision: torch.dtype = torch.float32,
     ):
+        """``precision``: the run's compute dtype, that of the keys and values cached."""
         self.module, self.stage, self.layers = module, stage, layers
         self.memory_budget, self.idle_timeout, self.max_tokens = memory_budget, idle_timeout, max_tokens
-        self.dtype: torch.dtype = next(module.parameters()).dtype
+        first = next(module.parameters())
+        self.dtype, self.device, self.precision = first.dtype, first.device, precision
         self.hidden_size: int = module.hidden_size
-        self.bytes_per_token = kv_bytes_per_token(module.config, len(layers), self.dtype)
+        self.bytes_per_token = kv_bytes_per_token(module.config, len(layers), precision)
         self._sessions: dict[str, _Session] = {}
         self.steps_computed = 0  # a step repeated after a lost reply is replayed, not counted again
         self._clock = clock
@@ -122,8 +130,11 @@ class InferenceSessions:
         if request.start != session.length:
             raise CacheMiss(f"session {request.session_id} holds {session.length} positions on stage {self.stage}, "
                             f"the step starts at {request.start}; re-open it and replay")
-        with torch.no_grad():
-            out = self.module.step(hidden, session.cache, mask, positions)
+        device = self.device
+        with torch.no_grad(), compute_context(device, self.precision):
+            out = self.module.step(to_device(hidden, device), session.cache,
+                                   None if mask is None else to_device(mask, device), to_device(positions, device))
+        out = to_host(out.to(self.dtype))
         session.length += seq
         session.last = (request.start, out)
         self.steps_computed += 1

@@ -6,7 +6,9 @@ peers, and the memory it can give to stages. Placement (``shards.placement``) de
   Cached per model (config hash), stage size, dtype, device and thread count in the peer's state dir.
 * Network: round trips of ``swarm.probe.echo`` (``peers.training.protocol``) to at most three peers: a small
   call for latency, a 1 MiB call each way for bandwidth. Bounded: 2 s per call.
-* Memory: free CUDA memory, else available RAM, times ``MEMORY_HEADROOM``; a setting may cap it.
+* Memory: free memory of the peer's GPU, else available RAM, times ``MEMORY_HEADROOM``; a setting
+  may cap it. A stage needs its float32 weights, gradients and AdamW state (``stage_bytes``; AdamW's
+  state in host memory with ``peer.offload_optimizer``) and the activations of a full queue.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from peers.training.protocol import ECHO, EchoRequest, EchoResponse
 from net.rpc import ok_reply, parse_reply, parse_request
 from net.transport import Transport
+from shards.devices import compute_context
 from shards.families import family_of
 from shards.placement import contribution
 from shards.stage import StageModule
@@ -41,8 +44,11 @@ __all__ = [
     "measure_stage",
     "cached_stage_throughput",
     "stage_bytes",
+    "stage_parameters",
+    "activation_bytes",
+    "queue_tokens",
+    "ACTIVATION_WIDTH",
     "available_memory",
-    "compute_device",
     "serve_echo",
     "measure_links",
     "network_tokens_per_second",
@@ -50,7 +56,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MEMORY_HEADROOM = 0.85  # of free memory, for activations, caches and the rest of the process
+MEMORY_HEADROOM = 0.85  # of free memory, for caches, allocator slack and the rest of the process
+ACTIVATION_WIDTH = 17  # hidden-sized vectors kept per token and block for backward (see activation_bytes)
 _ECHO_LIMIT = 4 << 20  # bytes an echo may carry: enough to time a link, too little to abuse
 _PROBE_BYTES = 1 << 20
 
@@ -93,16 +100,19 @@ def measure_throughput(module: torch.nn.Module, hidden_size: int, *, batch: int 
     return round(batch * seq / (best + 2 * delay), 1)
 
 
-def measure_stage(config: Any, layers: LayerRange, *, dtype: torch.dtype, device: str,
+def measure_stage(config: Any, layers: LayerRange, *, dtype: torch.dtype, device: str | torch.device,
                   delay: float = 0.0) -> float:
-    """Throughput of a stage of ``len(layers)`` blocks built from ``config`` (random weights) on ``device``.
-    One warm-up pass, then the best of three."""
+    """Throughput of a stage of ``len(layers)`` blocks built from ``config`` (random weights) on
+    ``device``, as it serves: float32 weights computing in ``dtype`` (``compute_context``). One
+    warm-up pass, then the best of three."""
     family = family_of(config)
+    device = torch.device(device)
     with torch.device(device):
         blocks = [family.build_block(config, index) for index in layers]
-        module = StageModule(config, family, layers, blocks).to(dtype)
-    measure_throughput(module, config.hidden_size, repeats=1)  # warm-up: kernels, allocator
-    return measure_throughput(module, config.hidden_size, repeats=3, delay=delay)
+        module = StageModule(config, family, layers, blocks)
+    with compute_context(device, dtype):
+        measure_throughput(module, config.hidden_size, repeats=1)  # warm-up: kernels, allocator
+        return measure_throughput(module, config.hidden_size, repeats=3, delay=delay)
 
 
 def cached_stage_throughput(cache_dir: Path, key: dict[str, Any], measure: Callable[[], float]) -> float:
@@ -125,24 +135,42 @@ def cached_stage_throughput(cache_dir: Path, key: dict[str, Any], measure: Calla
     return value
 
 
-def stage_bytes(config: Any, layers: LayerRange, dtype: torch.dtype) -> int:
-    """Bytes a stage needs for training: parameters, their gradients and AdamW's two moments (all in
-    ``dtype``), counted from the config on the meta device (nothing is allocated or loaded)."""
+def stage_bytes(config: Any, layers: LayerRange, dtype: torch.dtype = torch.float32, *, queue_tokens: int = 0,
+                offload_optimizer: bool = False) -> int:
+    """Bytes a stage needs on its device for training: float32 master weights and gradients, AdamW's
+    two float32 moments (unless offloaded to host memory) and the activations a full queue keeps
+    for backward (``queue_tokens`` tokens computed in ``dtype``), counted from the config on the
+    meta device (nothing is allocated or loaded)."""
+    params = stage_parameters(config, layers)
+    optimizer = 0 if offload_optimizer else 2 * params * 4
+    return params * 4 * 2 + optimizer + activation_bytes(config, len(layers), queue_tokens, dtype)
+
+
+def stage_parameters(config: Any, layers: LayerRange) -> int:
+    """Parameters of the blocks of ``layers``, counted on the meta device."""
     family = family_of(config)
     with torch.device("meta"):
-        params = sum(p.numel() for index in layers for p in family.build_block(config, index).parameters())
-    return params * torch.finfo(dtype).bits // 8 * 4
+        return sum(p.numel() for index in layers for p in family.build_block(config, index).parameters())
 
 
-def compute_device() -> str:
-    """Where this peer computes: the first CUDA device when there is one, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def activation_bytes(config: Any, num_layers: int, tokens: int, dtype: torch.dtype) -> int:
+    """What ``tokens`` tokens through ``num_layers`` blocks keep for backward: about
+    ``ACTIVATION_WIDTH`` hidden-sized vectors per token and block in ``dtype`` (Korthikanti et al.,
+    2022, with the attention scores left to fused attention kernels, which keep none)."""
+    return tokens * num_layers * ACTIVATION_WIDTH * config.hidden_size * (torch.finfo(dtype).bits // 8)
 
 
-def available_memory(device: str, cap_bytes: int | None = None) -> int:
-    """Bytes this peer can give to stages: free CUDA memory or available RAM, with headroom."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info()
+def queue_tokens(queue_size: int, cache_size: int, step_tokens: int, num_stages: int) -> int:
+    """Tokens whose graphs a stage with a full queue keeps: as many requests as it caches graphs for
+    (at most the queue), each a trainer's microbatch (one step's tokens over the stages)."""
+    return min(queue_size, cache_size) * max(1, step_tokens // max(1, num_stages))
+
+
+def available_memory(device: str | torch.device, cap_bytes: int | None = None) -> int:
+    """Bytes this peer can give to stages: free memory of its GPU or available RAM, with headroom."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
     else:
         free = psutil.virtual_memory().available
     usable = int(free * MEMORY_HEADROOM)

@@ -94,15 +94,16 @@ def capture_state(
     stage: StageIndex | None = None,
     layers: LayerRange | None = None,
 ) -> tuple[StateMeta, TensorDict]:
-    """Copy the parameters (and, given an optimizer, its state) into new tensors."""
+    """Copy the parameters (and, given an optimizer, its state) into new tensors in host memory
+    (a stage on a GPU sends and files its state from there)."""
     params = parameters_of(module)
     dtype = next(iter(params.values())).dtype
-    tensors: TensorDict = {f"{_PARAM}/{name}": p.detach().clone() for name, p in params.items()}
+    tensors: TensorDict = {f"{_PARAM}/{name}": p.detach().to("cpu", copy=True) for name, p in params.items()}
     if optimizer is not None:
         for name, param in params.items():
             state = optimizer.state.get(param)
             if state:
-                tensors.update({f"{kind}/{name}": torch.as_tensor(state[kind]).detach().clone()
+                tensors.update({f"{kind}/{name}": torch.as_tensor(state[kind]).detach().to("cpu", copy=True)
                                 for kind in _OPTIMIZER_KINDS})
     meta = StateMeta(run_id=identity.run_id, config_hash=identity.config_hash, stage=stage, layers=layers,
                      step=step, dtype=str(dtype).removeprefix("torch."), with_optimizer=optimizer is not None)

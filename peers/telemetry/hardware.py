@@ -13,7 +13,7 @@ import torch
 from dht.schemas import HardwareSummary
 from peers.joining.measure import measure_throughput  # moved to peers.joining.measure; re-exported
 
-__all__ = ["probe_hardware", "measure_throughput", "compute_threads", "release_free_memory"]
+__all__ = ["probe_hardware", "nvml_index", "measure_throughput", "compute_threads", "release_free_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +43,30 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def probe_hardware() -> HardwareSummary:
-    """CPU and RAM from psutil; the first GPU's name and memory from NVML if a driver is present."""
+def nvml_index(device: torch.device) -> int | None:
+    """NVML's index of CUDA device ``device`` (None for the CPU): NVML counts every GPU of the machine,
+    CUDA only those ``CUDA_VISIBLE_DEVICES`` lists, in its order."""
+    if device.type != "cuda":
+        return None
+    index = device.index or 0
+    visible = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+    if visible and index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
+
+
+def probe_hardware(device: torch.device | None = None) -> HardwareSummary:
+    """CPU and RAM from psutil; the name and memory of the GPU ``device`` names (default: the first)
+    from NVML if a driver is present. ``device`` is the summary's device (where this peer computes)."""
+    gpu = nvml_index(device) if device is not None else 0
     gpu_name, gpu_memory = None, None
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            if pynvml.nvmlDeviceGetCount() > 0:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            if gpu is not None and pynvml.nvmlDeviceGetCount() > gpu:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
                 name = pynvml.nvmlDeviceGetName(handle)
                 gpu_name = name.decode() if isinstance(name, bytes) else name
                 gpu_memory = round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30, 2)
@@ -60,12 +74,12 @@ def probe_hardware() -> HardwareSummary:
             pynvml.nvmlShutdown()
     except Exception as e:  # no NVIDIA driver is the normal case on CPU machines
         logger.debug("no GPU found through NVML: %s", e)
+    default = "cuda" if torch.cuda.is_available() else "cpu"
     return HardwareSummary(
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=str(device) if device is not None else default,
         cpu_count=psutil.cpu_count(logical=True) or 1,
         ram_gib=round(psutil.virtual_memory().total / 2**30, 2),
         gpu_name=gpu_name,
         gpu_memory_gib=gpu_memory,
         torch_threads=torch.get_num_threads(),
     )
-

@@ -18,11 +18,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import psutil
 
-from dht.schemas import HardwareSummary
+from dht.schemas import GpuStats, HardwareSummary
 from core.loop import cancel_and_wait
 
 __all__ = ["GpuSample", "HardwareSample", "NvmlReader", "HardwareMonitor", "summarize"]
@@ -121,8 +121,9 @@ def _optional(read: Callable[[], float]) -> float | None:
         return None
 
 
-def summarize(samples: Sequence[HardwareSample]) -> dict[str, Any]:
-    """Mean figures over ``samples`` as ``HardwareSummary`` fields (GPU ones over all GPUs)."""
+def summarize(samples: Sequence[HardwareSample], served: Collection[int] = ()) -> dict[str, Any]:
+    """Mean figures over ``samples`` as ``HardwareSummary`` fields (GPU ones over all GPUs), with
+    ``gpus``: each GPU of ``served`` (NVML indices: those this peer computes on) on its own."""
     if not samples:
         return {}
     gpus = [gpu for sample in samples for gpu in sample.gpus]
@@ -139,7 +140,21 @@ def summarize(samples: Sequence[HardwareSample]) -> dict[str, Any]:
             "gpu_temperature_c": _rounded_mean(g.temperature_c for g in gpus),
             "gpu_power_w": _rounded_mean(g.power_w for g in gpus),
         }
+    if gpus and served:
+        summary["gpus"] = [_one_gpu([g for g in gpus if g.index == index]) for index in sorted(served)
+                           if any(g.index == index for g in gpus)]
     return summary
+
+
+def _one_gpu(samples: list[GpuSample]) -> GpuStats:
+    """The means of one GPU's ``samples`` (its newest name and total memory)."""
+    newest = samples[-1]
+    return GpuStats(index=newest.index, name=newest.name[:128],
+                    util_percent=_rounded_mean(g.util_percent for g in samples),
+                    memory_used_gib=round(_mean(g.memory_used_gib for g in samples), 2),
+                    memory_total_gib=round(newest.memory_total_gib, 2),
+                    temperature_c=_rounded_mean(g.temperature_c for g in samples),
+                    power_w=_rounded_mean(g.power_w for g in samples))
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -159,8 +174,10 @@ class HardwareMonitor:
     """
 
     def __init__(self, *, interval: float = 5.0, history: int = 720, nvml: Any | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, served: Collection[int] = ()):
+        """``served``: NVML indices of the GPUs this process computes on (its summary's ``gpus``)."""
         self.interval = interval
+        self.served = tuple(served)
         self.history: deque[HardwareSample] = deque(maxlen=history)
         self.listeners: list[Callable[[HardwareSample], None]] = []
         self._clock = clock
@@ -196,7 +213,7 @@ class HardwareMonitor:
 
     def summary(self, static: HardwareSummary, window: float = SUMMARY_WINDOW) -> HardwareSummary:
         """``static`` (what the machine is) with the live means of the last ``window`` seconds."""
-        return static.model_copy(update=summarize(self.recent(window)))
+        return static.model_copy(update=summarize(self.recent(window), self.served))
 
     def start(self) -> None:
         """Sample now and then every ``interval`` s on the running event loop. Idempotent."""

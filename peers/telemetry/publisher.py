@@ -19,7 +19,8 @@ from dht.records import SwarmDHT
 from dht.schemas import HardwareSummary, MetricsRecord, MetricsRole, PeerRecord
 from peers.telemetry.activity import Activity, ObservedTransport
 from peers.accounting.contribution import ContributionRecorder, bootstrap_peer_ids
-from peers.telemetry.hardware import probe_hardware
+from peers.telemetry.hardware import nvml_index, probe_hardware
+from shards.devices import resolve_device
 from peers.accounting.ledger import LedgerWriter
 from peers.telemetry.health import Checks
 from peers.telemetry.metrics import MetricsServer, NodeMetrics
@@ -40,14 +41,17 @@ class PeerTelemetry:
     def __init__(self, settings: SwarmSettings, dht: SwarmDHT, *, nvml: object | None = None):
         self.settings, self.dht = settings, dht
         mon = settings.monitor
-        self.monitor = HardwareMonitor(interval=mon.interval, history=mon.history, nvml=nvml)
+        device = resolve_device(settings.peer.device)
+        gpu = nvml_index(device)
+        self.monitor = HardwareMonitor(interval=mon.interval, history=mon.history, nvml=nvml,
+                                       served=() if gpu is None else (gpu,))
         self.activity = Activity()
         self.metrics = NodeMetrics("peer", dht.peer_id, settings.run_id)
         self.metrics.watch_activity(self.activity)
         self.metrics.watch_hardware(self.monitor)
         self.server: MetricsServer | None = None
         self.recorder: ContributionRecorder | None = None
-        self._static = probe_hardware()
+        self._static = probe_hardware(device)
         self._step_of: Callable[[int], int] = lambda stage: 0
         self._stages: list[int] = []
         self._task: asyncio.Task | None = None

@@ -1,5 +1,12 @@
 """The compute of one stage: forward, backward, gradient accumulation and the optimizer step.
 
+The module lives on the peer's device (``peer.device``) with float32 master weights; requests arrive
+and replies leave in host memory, so each hop crosses host and device once each way (pinned
+buffers, ``shards.devices``). The run's ``dtype`` is the precision of the compute: forward and
+backward under ``torch.autocast`` for bfloat16 and float16, float16's backward gradient-scaled by a
+``HopScaler`` of this stage. AdamW's state is on the device too, or in host memory with
+``offload_optimizer`` (``peers.training.offload``).
+
 Runs in one worker thread per peer (see ``peers.training.service``), so the forward cache and the optimizer
 are only ever touched by that thread and need no locks; the event loop stays free for the network.
 
@@ -28,6 +35,7 @@ import torch
 
 from dht.schemas import OptimizerSettings
 from peers.training.averaging import GradientSync
+from peers.training.offload import HostAdamW
 from peers.training.sanity import MAX_ABS, insanity
 from peers.training.protocol import (
     BackwardRequest,
@@ -37,6 +45,7 @@ from peers.training.protocol import (
     StepRequest,
     StepResponse,
 )
+from shards.devices import HopScaler, compute_context, to_device, to_host
 from core.types import LayerRange, StageIndex
 from core.errors import AveragingFailed, BadRequest, CacheMiss, StaleReplica, WrongStage
 
@@ -80,15 +89,21 @@ class StageExecutor:
         sync: GradientSync | None = None,
         averaging_timeout: float = 15.0,
         max_abs: float = MAX_ABS,
+        precision: torch.dtype = torch.float32,
+        offload_optimizer: bool = False,
     ):
         """``sync`` sums the stage's gradients with other replicas; a lone replica never uses it.
-        Inputs and gradients with a value over ``max_abs`` (or not finite) are refused."""
+        Inputs and gradients with a value over ``max_abs`` (or not finite) are refused. ``module``
+        is on its device already; ``precision`` is the run's compute dtype; ``offload_optimizer``
+        keeps AdamW's state in host memory."""
         self.module = module
         self.stage = stage
         self.layers = layers
         self.hidden_size: int = module.hidden_size
-        self.dtype = next(module.parameters()).dtype
-        self.optimizer = torch.optim.AdamW(
+        first = next(module.parameters())
+        self.dtype, self.device, self.precision = first.dtype, first.device, precision
+        self.scaler = HopScaler(precision == torch.float16)
+        self.optimizer = (HostAdamW if offload_optimizer else torch.optim.AdamW)(
             module.parameters(),
             lr=optimizer.lr,
             betas=optimizer.betas,
@@ -159,13 +174,13 @@ class StageExecutor:
     def forward(self, request: ForwardRequest, inputs: ForwardInputs) -> tuple[ForwardResponse, torch.Tensor]:
         started = time.perf_counter()
         if request.train:
-            hidden = inputs.hidden_states.detach().requires_grad_(True)
+            hidden = to_device(inputs.hidden_states, self.device).detach().requires_grad_(True)
             with torch.enable_grad(), _seeded(request.seed):
                 outputs = self._run(hidden, inputs)
             self._remember(request.request_id, hidden, outputs)
         else:
             with torch.no_grad(), _seeded(request.seed):
-                outputs = self._run(inputs.hidden_states, inputs)
+                outputs = self._run(to_device(inputs.hidden_states, self.device), inputs)
         reply = ForwardResponse(request_id=request.request_id, compute_ms=_ms_since(started),
                                 optimizer_step=self.optimizer_step)
         return reply, self._returned(outputs.detach())
@@ -181,25 +196,39 @@ class StageExecutor:
         if cached is None:
             if inputs is None:
                 raise CacheMiss(f"no forward graph for request {request.request_id}; resend with inputs")
-            hidden = inputs.hidden_states.detach().requires_grad_(True)
+            hidden = to_device(inputs.hidden_states, self.device).detach().requires_grad_(True)
             with torch.enable_grad(), _seeded(request.seed):
                 outputs = self._run(hidden, inputs)
             cached = _Cached(hidden, outputs, time.monotonic())
         self.check_hidden(grad_output, "grad_output", like=cached.outputs)
+        grad_output = to_device(grad_output, self.device)
         reply = BackwardResponse(request_id=request.request_id, compute_ms=0.0, optimizer_step=self.optimizer_step)
         if not request.accumulate:  # the input gradient only: nothing counted, nothing recorded as done
-            (grad_input,) = torch.autograd.grad(cached.outputs, cached.inputs, grad_output)
+            (grad_input,) = self.scaler.backward(cached.outputs, grad_output, [cached.inputs])
             reply = reply.model_copy(update={"compute_ms": _ms_since(started)})
             return reply, self._returned(grad_input.detach())
-        torch.autograd.backward(cached.outputs, grad_output)
-        grad_input = cached.inputs.grad
+        grad_input = self._accumulate(cached, grad_output)
         self.accumulated_samples += request.num_samples
         reply = reply.model_copy(update={"compute_ms": _ms_since(started)})
-        self._done[request.request_id] = (reply, grad_input.detach())
-        self._outputs[request.request_id] = cached.outputs.detach()
+        grad_input = to_host(grad_input.detach())
+        self._done[request.request_id] = (reply, grad_input)
+        self._outputs[request.request_id] = to_host(cached.outputs.detach())
         while len(self._done) > self._cache_size:
             self._outputs.pop(self._done.popitem(last=False)[0], None)
-        return reply, self._returned(grad_input.detach())
+        return reply, self._returned(grad_input)
+
+    def _accumulate(self, cached: _Cached, grad_output: torch.Tensor) -> torch.Tensor:
+        """Backward into the parameters' ``.grad`` (summed, as locally); the input gradient. float16
+        goes through the scaler, the other precisions straight through autograd."""
+        if not self.scaler.enabled:
+            torch.autograd.backward(cached.outputs, grad_output)
+            return cached.inputs.grad
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grad_input, *grads = self.scaler.backward(cached.outputs, grad_output, [cached.inputs, *params])
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
+        return grad_input
 
     def kept(self, request_id: str, grad: bool) -> torch.Tensor:
         """The output of the training forward ``request_id`` (``grad``: the input gradient its backward
@@ -215,11 +244,19 @@ class StageExecutor:
         raise CacheMiss(f"stage {self.stage} keeps no {'input gradient' if grad else 'output'} of request {request_id}")
 
     def _returned(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What goes back to the caller: the tensor, or (a test's faulty peer) the tensor plus noise."""
+        """What goes back to the caller, in host memory: the tensor, or (a test's faulty peer) the
+        tensor plus noise."""
+        tensor = to_host(tensor)
         return tensor + self.corrupt * torch.randn_like(tensor) if self.corrupt else tensor
 
     def _run(self, hidden: torch.Tensor, inputs: ForwardInputs) -> torch.Tensor:
-        return self.module(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)
+        """The stage on its device in the run's precision; the output in the masters' dtype (the
+        residual stream a float32 reference carries between layers)."""
+        mask, positions = inputs.attention_mask, inputs.position_ids
+        with compute_context(self.device, self.precision):
+            outputs = self.module(hidden, attention_mask=None if mask is None else to_device(mask, self.device),
+                                  position_ids=None if positions is None else to_device(positions, self.device))
+        return outputs.to(self.dtype)
 
     def apply_step(self, request: StepRequest, me: str) -> StepResponse:
         """Close collaborative step ``request.step``: sum the accumulated gradients with the other
@@ -248,7 +285,7 @@ class StageExecutor:
             summed = self.sync.sum(grads, step=request.step, members=request.members, me=me,
                                    scheduled_time=request.scheduled_time, timeout=self.averaging_timeout)
             for param, grad in zip(params, summed):
-                param.grad = grad.to(param.dtype)
+                param.grad = grad.to(param.device, param.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         reply = StepResponse(step=request.step, optimizer_step=request.step + 1,
@@ -284,7 +321,7 @@ def _seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         yield
 

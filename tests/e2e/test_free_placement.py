@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import swarm
 from shards.tiny import make_tiny_model
 from swarm.procs import ProcessGroup
+from tests.helpers import local_adamw, max_difference
 
 pytestmark = pytest.mark.slow
 
@@ -79,21 +80,6 @@ def _exported(address: str, out: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(out).state_dict()
 
 
-def _local(model_dir: Path, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    for input_ids in batches:
-        model(input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.state_dict()
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
-
-
 @pytest.mark.timeout(600)
 def test_two_peers_joining_at_once_split_the_pipeline_and_train_like_local(tmp_path):
     model_dir = make_tiny_model(tmp_path / "model", **MODEL)
@@ -108,9 +94,9 @@ def test_two_peers_joining_at_once_split_the_pipeline_and_train_like_local(tmp_p
         exported = _exported(address, tmp_path / "exported")
     finally:
         procs.stop_all()
-    local = _local(model_dir, batches)
-    assert _max_difference(exported, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()) > 1e-3
-    assert _max_difference(exported, local) <= TOLERANCE
+    local = local_adamw(model_dir, batches, lr=LR)
+    assert max_difference(exported, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()) > 1e-3
+    assert max_difference(exported, local) <= TOLERANCE
 
 
 @pytest.mark.timeout(900)
@@ -151,5 +137,5 @@ def test_four_peers_at_once_with_a_join_and_a_kill_train_like_local(tmp_path):
     assert "took the current state" in joined, joined[-2000:]
     for name, text in logs.items():
         assert "were lost" not in text, f"{name} lost steps:\n{text[-3000:]}"
-    local = _local(model_dir, batches)
-    assert _max_difference(exported, local) <= TOLERANCE
+    local = local_adamw(model_dir, batches, lr=LR)
+    assert max_difference(exported, local) <= TOLERANCE

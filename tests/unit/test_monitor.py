@@ -9,7 +9,7 @@ import psutil
 import pynvml
 import pytest
 
-from dht.schemas import HardwareSummary, PeerRecord
+from dht.schemas import GpuStats, HardwareSummary, PeerRecord
 from peers.telemetry.hardware import probe_hardware
 from peers.telemetry.monitor import GpuSample, HardwareMonitor, HardwareSample, NvmlReader, summarize
 from core.types import LayerRange
@@ -133,3 +133,18 @@ def test_peer_record_with_hardware_stays_small():
     record = PeerRecord(peer_id="Qm" + "x" * 44, maddrs=["/ip4/203.0.113.7/tcp/31337/p2p/Qm" + "x" * 44],
                         stage=3, layers=LayerRange(start=6, end=8), hardware=summary, updated=1.7e9, load=2)
     assert len(msgpack.packb(record.model_dump(mode="json"))) < 700
+
+
+def test_summarize_gives_each_served_gpu_its_own_means():
+    """A peer on GPU 1 of a two-GPU machine publishes that GPU's figures on their own (``gpus``),
+    beside the machine-wide means; a GPU it does not serve is left out."""
+    def pair(util_a, util_b, used_b, temp_b, power_b):
+        return GpuSample(0, "NVIDIA A", util_a, 1, 24.0, 40, 50), GpuSample(1, "NVIDIA B", util_b, used_b, 24.0,
+                                                                              temp_b, power_b)
+
+    samples = [_sample(0, 5, 1, *pair(10, 80, 20, 70, 300)), _sample(5, 5, 1, *pair(30, 100, 22, 72, None))]
+    summary = summarize(samples, served=[1])
+    assert summary["gpu_util_percent"] == 55.0  # all GPUs
+    assert summary["gpus"] == [GpuStats(index=1, name="NVIDIA B", util_percent=90.0, memory_used_gib=21.0,
+                                        memory_total_gib=24.0, temperature_c=71.0, power_w=300.0)]
+    assert "gpus" not in summarize(samples)  # a CPU peer (nothing served) publishes none

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 from rich.console import Console
 
-from dht.schemas import (DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord, MetricsRole,
-                         PeerRecord, PeerState)
+from dht.schemas import (DataProgress, DataRecord, EvalPoint, GpuStats, HardwareSummary, Manifest, MetricsRecord,
+                         MetricsRole, PeerRecord, PeerState)
 from core.types import LayerRange
 from peers.telemetry.status import (
     STALE_AFTER,
@@ -20,7 +20,7 @@ from peers.telemetry.status import (
     run_state,
     status_warnings,
 )
-from swarm.status_view import render_status, sparkline
+from swarm.status_view import describe_device, render_status, sparkline
 
 
 @pytest.mark.parametrize("capacities, expected", [
@@ -209,3 +209,19 @@ def test_the_status_json_keeps_its_version_4_fields_and_round_trips():
     assert Status.model_validate(data) == status
     with pytest.raises(ValidationError, match="extra"):
         Status.model_validate(data | {"surprise": 1})
+
+
+def test_the_gpu_a_peer_serves_on_is_shown_with_its_own_figures():
+    """A peer on cuda:1 shows that GPU (utilisation, memory, temperature, power) in its row, and its
+    join line says the same; a CPU peer's join line says it has no GPU."""
+    manifest, records, metrics = _scenario()
+    gpu = HardwareSummary(device="cuda:1", gpu_name="NVIDIA H100", gpu_memory_gib=80, gpu_count=2,
+                          gpus=[GpuStats(index=1, name="NVIDIA H100", util_percent=87, memory_used_gib=61,
+                                         memory_total_gib=80, temperature_c=71, power_w=312)])
+    records[1] = [records[1][0].model_copy(update={"hardware": gpu})]
+    status = build_status(manifest, records, metrics, now=NOW)
+    lines = _screen(status)
+    assert "gpu1 87% 61/80G 71C 312W" in next(line for line in lines if "AAAAAAA3" in line and "◀" in line)
+    assert describe_device(gpu) == "cuda:1 H100 87% 61/80G 71C 312W"
+    assert describe_device(HardwareSummary(device="cpu")) == "cpu (no GPU)"
+    assert json.loads(status.model_dump_json())["peers"][0]["hardware"]["gpus"] is not None
