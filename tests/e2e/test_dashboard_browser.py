@@ -86,15 +86,29 @@ def test_admin_uses_the_dashboard(model_factory, swarm_factory, tmp_path: Path):
         assert browser.find_element(By.ID, "peer-count").text == "2"
         assert len(browser.find_elements(By.CSS_SELECTOR, "#pipeline .stage")) == 2
         headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#peers thead th")]
-        assert headers[3:10] == ["tokens/s", "link latency", "GPU util", "GPU memory", "GPU temp", "GPU power", "CPU"]
-        row = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#peers tbody tr")[0]
-               .find_elements(By.TAG_NAME, "td")]
-        assert row[5:9] == ["CPU"] * 4 and row[2] == "online"  # CPU peers: no GPU figures to show
+        assert headers[3:11] == ["tokens/s", "link latency", "device", "GPU util", "GPU memory", "GPU temp",
+                                 "GPU power", "CPU"]
+        def online_row(b) -> list[str] | None:  # a peer's record says loading until its stage is served
+            row = [td.text for td in b.find_elements(By.CSS_SELECTOR, "#peers tbody tr")[0].find_elements(By.TAG_NAME, "td")]
+            return row if row[2] == "online" else None
+
+        row = wait.until(online_row)
+        assert row[6:10] == ["CPU"] * 4  # CPU peers: no GPU figures to show
         assert row[4] == "—" or row[4].endswith(" ms")
+        assert row[5].startswith("cpu (no GPU), ")
+        # a GPU peer's record (the per-GPU stats of HardwareSummary.gpus): one line per GPU in each column
+        gpu_row = browser.execute_script(
+            "const tr = document.createElement('tr'); gpuCells(tr, {device: 'cuda', gpu_count: 2, gpus: ["
+            "{index: 0, name: 'NVIDIA H100', util_percent: 81.4, memory_used_gib: 20.5, memory_total_gib: 79.6,"
+            " temperature_c: 66, power_w: 310.2},"
+            "{index: 1, name: 'NVIDIA H100', util_percent: 77, memory_used_gib: 19, memory_total_gib: 79.6,"
+            " temperature_c: null, power_w: null}]});"
+            "return [...tr.children].map((td) => td.textContent);")
+        assert gpu_row == ["81 %\n77 %", "20.5 / 79.6 GiB\n19.0 / 79.6 GiB", "66 °C\n—", "310 W\n—"], gpu_row
 
         # two stages of one replica each: the alerts are on the page and reached the webhook
-        alerts = wait.until(lambda b: b.find_element(By.ID, "alerts").text or None)
-        assert "stage 0 is down to one replica" in alerts and "stage 1 is down to one replica" in alerts
+        one_replica = ("stage 0 is down to one replica", "stage 1 is down to one replica")
+        wait.until(lambda b: all(t in b.find_element(By.ID, "alerts").text for t in one_replica))
         assert "stage 0 has one replica" in browser.find_element(By.ID, "warnings").text  # swarm status's warnings
         assert {"stage.one:0", "stage.one:1"} <= {a["key"] for a in webhook.received}
         assert not browser.find_element(By.ID, "data-cards").is_displayed()  # no dataset in this run
