@@ -244,7 +244,12 @@ def join(
         from swarm.device_peers import plan_device_peers, run_device_peers
 
         plan = plan_device_peers(served, sys.argv[1:], settings.state_dir.expanduser())
-        _run_until_signal(lambda stop: run_device_peers(plan, console, stop))
+        async def serve_devices(stop: asyncio.Event) -> None:
+            ended = await run_device_peers(plan, console, stop)
+            if ended is not None:  # exit non-zero: a supervisor restarts the whole set
+                raise SwarmError(f"a device's peer left: {ended}")
+
+        _run_until_signal(serve_devices)
         return
     settings = settings.model_copy(update={"peer": settings.peer.model_copy(update={"device": served[0]})})
     from peers.server import Peer
