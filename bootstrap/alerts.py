@@ -51,8 +51,11 @@ class Progress:
 
 
 def alerts_of(status: Status | None, progress: Progress, *, now: float, stall_after: float) -> list[Alert]:
-    """Every problem of the run now (see the module docstring); pure."""
+    """Every problem of the run now (see the module docstring); pure. A run its owner stopped has
+    none: its peers leave on purpose."""
     found: list[Alert] = []
+    if progress.run_state == "stopped":
+        return found
     for stage in status.stages if status is not None else ():
         if stage.online == 0:
             found.append(Alert("stage.none", f"stage.none:{stage.index}",

@@ -113,6 +113,7 @@ def _progress(**kw) -> Progress:
     ([2, 2], None, _progress(), 700.0, ["step.stalled"]),
     ([2, 2], None, _progress(run_state="paused"), 700.0, []),  # a paused run is not stalled
     ([2, 2], None, _progress(trainers=0), 700.0, []),          # nobody trains: nothing to stall
+    ([0, 1], {"peer1-0": STALE_AFTER + 5}, _progress(run_state="stopped", loss=math.nan), 700.0, []),  # the owner's stop
 ])
 def test_alerts_table(online, ages, progress, now, kinds):
     found = alerts_of(_status(online, ages), progress, now=now, stall_after=600.0)
