@@ -39,9 +39,8 @@ from torch import nn
 
 from hivemind.utils import get_dht_time
 
-from dht.bans import banned_peers, report_ban
+from dht.bans import excluded_peers, report_ban
 from dht.clock import check_clock
-from dht.control import get_control
 from dht.records import SwarmDHT
 from dht.schemas import BanReport, Manifest, PeerRecord, RunState
 from net.auth import AuthedTransport, RunAuth
@@ -551,7 +550,7 @@ def _pipeline(manifest: Manifest, calls: Transport, coordinator: DHTCoordinator,
     spot checks catch."""
     # the pipeline retries and fails over
     client = StageClient(calls, timeout=trainer.timeout, attempts=1, max_abs=policy.max_abs, wire=manifest.wire)
-    bans = BanList(lambda: _banned_peers(dht))
+    bans = BanList(lambda: excluded_peers(dht))
     return RemotePipeline(
         manifest,
         client,
@@ -583,18 +582,8 @@ async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
     return P2PTransport(await dht.dht.replicate_p2p())
 
 
-async def _banned_peers(dht: SwarmDHT) -> dict[str, BanReport | None]:
-    """The peers banned run-wide by their reporters (``dht.bans``) and those the run owner banned
-    (the run-control record's ``banned``; no report behind those)."""
-    found: dict[str, BanReport | None] = dict(await banned_peers(dht))
-    control = await get_control(dht)
-    for peer in control.banned if control is not None else ():
-        found.setdefault(peer, None)
-    return found
-
-
 async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> dict[int, list[PeerRecord]]:
-    """The stage records a trainer routes over: every peer but those banned (``_banned_peers``)."""
+    """The stage records a trainer routes over: every peer but those banned (``dht.bans.excluded_peers``)."""
     return await without_banned(await dht.all_records(num_stages), bans)
 
 

@@ -155,7 +155,8 @@ def test_trainers_leave_a_peer_the_owner_banned_out_of_their_routes(model_factor
     list trainers route around, beside the peers their spot checks got banned. (Their view still keeps
     a replica missing from a read for a record's TTL, so routing follows within about a minute; which
     replica gets a microbatch also depends on measured latency, so this test reads the lists.)"""
-    from trainer.model import _banned_peers, _unbanned_records
+    from dht.bans import excluded_peers
+    from trainer.model import _unbanned_records
     from trainer.spotcheck import BanList
 
     swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32, num_heads=4), num_stages=2,
@@ -163,12 +164,12 @@ def test_trainers_leave_a_peer_the_owner_banned_out_of_their_routes(model_factor
     peers = [swarm.add_peer(stage=s) for s in (0, 0, 1)]
     banned, kept = peers[1], peers[0]
     with swarm.client() as model:
-        assert model.submit(_banned_peers(model.dht)).result(30) == {}
+        assert model.submit(excluded_peers(model.dht)).result(30) == {}
         done = swarm.loop.run(swarm.bootstrap.ban_peer(banned.peer_id, actor="web:admin"), timeout=60)
         assert done == "banned" and swarm.bootstrap.db.banned_peers() == [banned.peer_id]
-        _until(lambda: model.submit(_banned_peers(model.dht)).result(30) == {banned.peer_id: None}, 15,
+        _until(lambda: model.submit(excluded_peers(model.dht)).result(30) == {banned.peer_id: None}, 15,
                "the owner's ban reaching the trainer")
-        routed = model.submit(_unbanned_records(model.dht, 2, BanList(lambda: _banned_peers(model.dht)))).result(30)
+        routed = model.submit(_unbanned_records(model.dht, 2, BanList(lambda: excluded_peers(model.dht)))).result(30)
         assert sorted(r.peer_id for r in routed[0]) == [kept.peer_id]
         batch = torch.randint(0, 64, (2, 8))
         loss = model(batch, labels=batch).loss
