@@ -32,6 +32,7 @@ for a second reporter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Collection, Mapping, Sequence
@@ -87,8 +88,8 @@ async def banned_peers(dht: SwarmDHT, quorum: int = BAN_QUORUM) -> dict[str, Ban
 async def excluded_peers(dht: SwarmDHT) -> dict[str, BanReport | None]:
     """The peers trainers route around: those banned run-wide by their reporters (``banned_peers``)
     and those the run owner banned (the run-control record's ``banned``; no report behind those)."""
-    found: dict[str, BanReport | None] = dict(await banned_peers(dht))
-    control = await get_control(dht)
+    reported, control = await asyncio.gather(banned_peers(dht), get_control(dht))
+    found: dict[str, BanReport | None] = dict(reported)
     for peer in control.banned if control is not None else ():
         found.setdefault(peer, None)
     return found

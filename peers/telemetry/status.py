@@ -16,6 +16,7 @@ for nearly a minute after it had left.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Mapping, Sequence
 
 from hivemind.utils import get_dht_time
@@ -133,15 +134,14 @@ class Status(FrozenModel):
 
 
 async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> Status:
-    """Read the run's records from the DHT and build the status."""
+    """Read the run's records from the DHT (the manifest first, then the rest at once) and build the status."""
     manifest = await dht.wait_manifest(manifest_timeout)
-    records = await dht.all_records(manifest.num_stages)
-    metrics = await dht.telemetry_records()
-    trainers = await dht.trainer_records()
-    control = await get_control(dht)
+    records, metrics, trainers, control, data = await asyncio.gather(
+        dht.all_records(manifest.num_stages), dht.telemetry_records(), dht.trainer_records(), get_control(dht),
+        _data_record(dht))
     if control is not None:
         records = without_cut_off(records, set(control.revoked), set(control.banned))
-    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers, data=await _data_record(dht))
+    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers, data=data)
 
 
 async def _data_record(dht: SwarmDHT) -> DataRecord | None:
