@@ -65,7 +65,8 @@ from net.framing import IDLE_SECONDS, envelope, raw_bytes, read_frames
 from net.rpc import Message, error_reply
 
 __all__ = ["OPEN", "ChannelOpen", "ChannelOffer", "Identity", "ChannelServer", "ChannelClient", "Served", "Host",
-           "Header", "header_frame", "read_header", "read_tensors", "self_signed", "channel_hosts"]
+           "Header", "header_frame", "read_header", "read_tensors", "self_signed", "channel_hosts",
+           "server_context", "client_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def self_signed() -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
-def _server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
+def server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     with tempfile.TemporaryDirectory() as folder:  # ssl loads a chain from files only
@@ -152,7 +153,7 @@ def _server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
     return context
 
 
-def _client_context() -> ssl.SSLContext:
+def client_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
@@ -293,7 +294,7 @@ class ChannelServer:
     async def start(self) -> None:
         if self.tls:
             cert, key = self_signed()
-            self._context, self._fingerprint = _server_context(cert, key), _fingerprint_of(cert)
+            self._context, self._fingerprint = server_context(cert, key), _fingerprint_of(cert)
         self._server = await asyncio.start_server(self._connection, self.host, self.port, ssl=self._context)
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("data channel listening on %s:%d (%s)", self.host, self.port, "TLS 1.3" if self.tls else "plain TCP")
@@ -477,7 +478,7 @@ class ChannelClient:
         for host in offer.hosts:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                    host, offer.port, ssl=_client_context() if offer.tls else None), DIAL_SECONDS)
+                    host, offer.port, ssl=client_context() if offer.tls else None), DIAL_SECONDS)
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
                 error = e
                 continue
