@@ -531,9 +531,7 @@ def _open_transport(started: contextlib.ExitStack, runner: LoopThread, dht: Swar
     """The p2p transport this trainer owns (``started`` shuts it down), and what it calls peers with:
     on a keyed run, the same transport presenting this trainer's token. With ``channel`` it calls
     peers over their data channels where it can dial them (``net.channel``)."""
-    transport = runner.run(_p2p_transport(dht))
-    if channel:
-        transport.use_channel(Identity(dht.peer_id, dht.signing_key))
+    transport = runner.run(_p2p_transport(dht, channel))
     started.callback(_stop_quietly, runner, transport.close, 10, "p2p shutdown")
     calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
     return transport, calls
@@ -582,8 +580,11 @@ def _trainer_averager(started: contextlib.ExitStack, dht: SwarmDHT, manifest: Ma
     return trainer_sync
 
 
-async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
-    return P2PTransport(await dht.dht.replicate_p2p())
+async def _p2p_transport(dht: SwarmDHT, channel: bool) -> P2PTransport:
+    transport = P2PTransport(await dht.dht.replicate_p2p())
+    if channel:
+        transport.use_channel(Identity(dht.peer_id, dht.signing_key))
+    return transport
 
 
 async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> dict[int, list[PeerRecord]]:
