@@ -58,9 +58,9 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field
 
-from core.errors import AuthRejected, BadRequest, PeerUnavailable, SwarmError
+from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, SwarmError
 from core.types import PeerId
-from net.admission import Ticket
+from net.admission import MAX_STREAMS_PER_CALLER, Ticket
 from net.framing import IDLE_SECONDS, envelope, raw_bytes, read_frames
 from net.rpc import Message, error_reply
 
@@ -75,6 +75,7 @@ TICKET_SECONDS = 3600.0
 DIAL_SECONDS = 3.0
 RETRY_SECONDS = 60.0  # after a refused dial or a callee without a channel, libp2p alone for this long
 MAX_TICKETS = 4096
+MAX_CONNECTIONS_PER_CALLER = MAX_STREAMS_PER_CALLER  # each carries one call at a time, as a stream does
 IDLE_PER_PEER = 4  # connections kept open per callee between calls
 _NONCE = 32
 _BUFFER = 4 << 20  # a reader's buffer: a 2 MiB activation arrives without pausing the socket every 128 KiB
@@ -291,6 +292,7 @@ class ChannelServer:
     _context: ssl.SSLContext | None = None
     _fingerprint: str = ""
     _connections: set = field(default_factory=set)
+    _per_caller: Counter = field(default_factory=Counter)
 
     async def start(self) -> None:
         if self.tls:
@@ -345,8 +347,20 @@ class ChannelServer:
                     with contextlib.suppress(Exception):
                         await _send(writer, runtime_pb2.ExpertResponse, "", error_reply(e), [])
                 return
-            while await self._one_call(caller, reader, writer):
-                pass
+            if self._per_caller[caller] >= MAX_CONNECTIONS_PER_CALLER:
+                logger.info("data channel: %s already has %d connections here", caller[-8:], self._per_caller[caller])
+                with contextlib.suppress(Exception):
+                    await _send(writer, runtime_pb2.ExpertResponse, "", error_reply(CapacityExceeded(
+                        f"this caller already has {MAX_CONNECTIONS_PER_CALLER} data channel connections here")), [])
+                return
+            self._per_caller[caller] += 1
+            try:
+                while await self._one_call(caller, reader, writer):
+                    pass
+            finally:
+                self._per_caller[caller] -= 1
+                if self._per_caller[caller] <= 0:
+                    del self._per_caller[caller]
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> PeerId:
         server_nonce = secrets.token_bytes(_NONCE)
@@ -455,27 +469,29 @@ class ChannelClient:
                 return reader, writer
         if time.monotonic() < route.retry_at:
             return None
-        for attempt in range(2):  # a stale offer (the callee restarted): ask once more
-            if route.offer is None:
+        for attempt in range(2):  # a stale offer (the callee restarted, its ticket expired): ask once more
+            fresh = route.offer is None
+            if fresh:
                 try:
                     route.offer = await self._ask(peer_id, ChannelOpen(public_key=self.identity.public_key))
                 except SwarmError as e:
                     logger.debug("no data channel to %s: %s", peer_id[-8:], e)
-                    route.retry_at = time.monotonic() + RETRY_SECONDS
-                    return None
+                    break
             try:
                 return await self._dial(peer_id, route.offer)
-            except AuthRejected as e:
-                logger.info("data channel to %s refused (attempt %d): %s", peer_id[-8:], attempt + 1, e)
-                route.offer = None
             except (OSError, asyncio.TimeoutError, SwarmError, asyncio.IncompleteReadError, ssl.SSLError) as e:
-                logger.info("cannot dial the data channel of %s (%s: %s): using libp2p", peer_id[-8:],
-                            type(e).__name__, e)
-                break
+                logger.info("cannot use the data channel of %s (attempt %d, %s: %s)%s", peer_id[-8:], attempt + 1,
+                            type(e).__name__, e, "" if fresh else ": asking for a new offer")
+                route.offer = None
+                if fresh:
+                    break
         route.retry_at = time.monotonic() + RETRY_SECONDS
         return None
 
     async def _dial(self, peer_id: PeerId, offer: ChannelOffer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the first of the offered hosts that answers and passes the handshake (another
+        machine at an address of the list, e.g. a loopback one, fails the pinned fingerprint or the
+        signature); the last failure if none does."""
         error: Exception = PeerUnavailable("no address offered")
         for host in offer.hosts:
             try:
@@ -486,6 +502,10 @@ class ChannelClient:
                 continue
             try:
                 await asyncio.wait_for(self._handshake(peer_id, offer, reader, writer), DIAL_SECONDS * 3)
+            except (OSError, asyncio.TimeoutError, SwarmError, asyncio.IncompleteReadError, ssl.SSLError) as e:
+                writer.close()
+                error = e
+                continue
             except BaseException:
                 writer.close()
                 raise
@@ -523,10 +543,12 @@ class ChannelClient:
 
 def channel_hosts(announce: str | None, listen: str, maddrs: Sequence[str]) -> list[str]:
     """Where callers dial a channel listening on ``listen``: the announced host; else the listen host
-    unless it is a wildcard; else the IPv4 hosts the p2p node is seen at (its visible multiaddrs)."""
+    unless it is a wildcard; else the IPv4 hosts the p2p node is seen at (its visible multiaddrs),
+    loopback last (a caller on another machine dials the others first)."""
     if announce:
         return [announce]
     if listen not in ("0.0.0.0", "::", ""):
         return [listen]
     seen = [address.split("/")[2] for address in maddrs if address.startswith("/ip4/")]
-    return list(dict.fromkeys(host for host in seen if host != "0.0.0.0"))[:8] or ["127.0.0.1"]
+    hosts = sorted(dict.fromkeys(host for host in seen if host != "0.0.0.0"), key=lambda host: host.startswith("127."))
+    return hosts[:8] or ["127.0.0.1"]

@@ -209,3 +209,25 @@ def test_the_header_describes_each_tensor_and_carries_its_memory_uncopied():
     assert views[0].obj.__array_interface__["data"][0] == tensor.data_ptr()  # the tensor's own memory
     frame = runtime_pb2.ExpertRequest.FromString(header[1 + P2P.HEADER_LEN:])
     assert frame.uid == "m" and list(frame.tensors[0].size) == [8, 16] and frame.tensors[0].dtype == "float32"
+
+
+def test_stop_closes_the_listener_and_its_connections():
+    async def main():
+        server, client, serving, calling = await _pair()
+        try:
+            await calling.call(server.peer_id.to_base58(), "t.echo", Raw({}), [], timeout=30)
+            port = serving.channel_server.port
+            (reader, _), = calling.channel._routes[server.peer_id.to_base58()].idle
+            await serving.close()
+            closed = await asyncio.wait_for(reader.read(1), 5)
+            try:
+                await asyncio.open_connection("127.0.0.1", port)
+                refused = False
+            except OSError:
+                refused = True
+            return closed, refused, serving.channel_server
+        finally:
+            await _close(calling, serving)
+
+    closed, refused, left = asyncio.run(asyncio.wait_for(main(), 60))
+    assert closed == b"" and refused and left is None
