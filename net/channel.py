@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import secrets
+import socket
 import ssl
 import tempfile
 import time
@@ -266,6 +267,64 @@ class Host(Protocol):
                   tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]: ...
 
 
+class _Inherited:
+    """This process's channel sockets, closed in every child it forks (hivemind forks its DHT and
+    averager processes from a running peer). A child's copy of a closed listener would go on
+    accepting connections that nobody answers, and its copy of a closed connection would keep it
+    open, so a caller would wait for a reply instead of seeing the peer go. Each socket is known by
+    its fd and its addresses, checked before closing, so an entry left behind never closes another fd."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[int, tuple] = {}
+        os.register_at_fork(after_in_child=self._close_all)
+
+    def add(self, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self._sockets[sock.fileno()] = _addresses(sock)
+
+    def discard(self, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self._sockets.pop(sock.fileno(), None)
+
+    def _close_all(self) -> None:
+        for fd, addresses in list(self._sockets.items()):
+            try:
+                probe = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError:
+                continue
+            with probe:
+                same = _addresses(probe) == addresses
+            if same:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._sockets.clear()
+
+
+def _addresses(sock: Any) -> tuple:
+    try:
+        peer = sock.getpeername()
+    except OSError:  # a listener
+        peer = None
+    return sock.getsockname(), peer
+
+
+_INHERITED = _Inherited()
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    _INHERITED.discard(writer.get_extra_info("socket"))
+    writer.close()
+
+
+@contextlib.contextmanager
+def _forgotten(writer: asyncio.StreamWriter):
+    """Forget the connection's socket (``_INHERITED``) when it closes."""
+    try:
+        yield
+    finally:
+        _INHERITED.discard(writer.get_extra_info("socket"))
+
+
 @dataclass
 class _Ticket:
     peer_id: PeerId
@@ -301,10 +360,14 @@ class ChannelServer:
         self._server = await asyncio.start_server(self._connection, self.host, self.port, ssl=self._context,
                                                   limit=_BUFFER)
         self.port = self._server.sockets[0].getsockname()[1]
+        for sock in self._server.sockets:
+            _INHERITED.add(sock)
         logger.info("data channel listening on %s:%d (%s)", self.host, self.port, "TLS 1.3" if self.tls else "plain TCP")
 
     async def close(self) -> None:
         if self._server is not None:
+            for sock in self._server.sockets:
+                _INHERITED.discard(sock)
             self._server.close()
             for task in list(self._connections):
                 task.cancel()
@@ -333,12 +396,13 @@ class ChannelServer:
                             public_key=self.identity.public_key, ticket=ticket)
 
     def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _INHERITED.add(writer.get_extra_info("socket"))
         task = asyncio.ensure_future(self._serve(reader, writer))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.closing(writer):
+        with contextlib.closing(writer), _forgotten(writer):
             try:
                 caller = await asyncio.wait_for(self._handshake(reader, writer), DIAL_SECONDS * 3)
             except (SwarmError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
@@ -448,7 +512,7 @@ class ChannelClient:
                 raise broken("the connection closed before the reply")
             out = await read_tensors(reader, header, limit=max_reply_bytes, broken=broken, idle=IDLE_SECONDS)
         except BaseException:
-            writer.close()
+            _close(writer)
             raise
         self.sent[method] += 1
         self._release(peer_id, reader, writer)
@@ -459,7 +523,7 @@ class ChannelClient:
         if route is not None and len(route.idle) < IDLE_PER_PEER and not writer.is_closing():
             route.idle.append((reader, writer))
         else:
-            writer.close()
+            _close(writer)
 
     async def _connection(self, peer_id: PeerId) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         route = self._routes.setdefault(peer_id, _Route())
@@ -500,14 +564,15 @@ class ChannelClient:
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
                 error = e
                 continue
+            _INHERITED.add(writer.get_extra_info("socket"))
             try:
                 await asyncio.wait_for(self._handshake(peer_id, offer, reader, writer), DIAL_SECONDS * 3)
             except (OSError, asyncio.TimeoutError, SwarmError, asyncio.IncompleteReadError, ssl.SSLError) as e:
-                writer.close()
+                _close(writer)
                 error = e
                 continue
             except BaseException:
-                writer.close()
+                _close(writer)
                 raise
             return reader, writer
         raise error
@@ -537,7 +602,7 @@ class ChannelClient:
     async def close(self) -> None:
         for route in self._routes.values():
             for _, writer in route.idle:
-                writer.close()
+                _close(writer)
             route.idle.clear()
 
 

@@ -5,6 +5,7 @@ its identity, and answer malformed frames with a named error while serving on.""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgpack
 import pytest
@@ -231,3 +232,33 @@ def test_stop_closes_the_listener_and_its_connections():
 
     closed, refused, left = asyncio.run(asyncio.wait_for(main(), 60))
     assert closed == b"" and refused and left is None
+
+
+def test_a_forked_child_does_not_keep_the_channel_open():
+    """hivemind forks its DHT and averager processes from a running peer: their copies of the channel's
+    sockets are closed in the child, so a stopped channel refuses new dials and its connections end."""
+    import multiprocessing
+
+    async def main():
+        server, client, serving, calling = await _pair()
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True)
+        try:
+            await calling.call(server.peer_id.to_base58(), "t.echo", Raw({}), [], timeout=30)
+            (reader, _), = calling.channel._routes[server.peer_id.to_base58()].idle
+            child.start()
+            port = serving.channel_server.port
+            await serving.close()
+            closed = await asyncio.wait_for(reader.read(1), 5)
+            try:
+                await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+                refused = False
+            except OSError:
+                refused = True
+            return child.is_alive(), closed, refused
+        finally:
+            child.kill()
+            child.join(10)
+            await _close(calling, serving)
+
+    alive, closed, refused = asyncio.run(asyncio.wait_for(main(), 60))
+    assert alive and closed == b"" and refused
