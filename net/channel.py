@@ -10,7 +10,9 @@ How a caller gets a channel (``ChannelClient``), per callee:
    answered with a ``ChannelOffer``: where the callee's channel listens, the SHA-256 fingerprint of its
    ephemeral TLS certificate, its own DHT record key, and a ticket bound to the caller's libp2p peer id
    (which libp2p's secure channel authenticated) and record key. A callee without a channel (an
-   older node, a bootstrap) answers with an error: the caller uses libp2p for that callee a while.
+   older node, a bootstrap) answers with an error: the caller uses libp2p for that callee a while. On a
+   keyed run the offer is gated like any call: a caller that has not presented its token is refused
+   and uses libp2p for that call (its token's presentation), then asks again.
 2. **Dial.** TCP to the offered address; with TLS, the callee's certificate must have the offered
    fingerprint (pinned: no CA involved). A refused or timed-out dial (NAT) falls back to libp2p.
 3. **Handshake, signed by the record keys, with fresh nonces** (``_statement``). The callee sends a
@@ -83,7 +85,8 @@ _BUFFER = 4 << 20  # a reader's buffer: a 2 MiB activation arrives without pausi
 
 
 class ChannelOpen(Message):
-    """Ask a peer for its channel (served ``public``: the ticket opens the channel, not the gate)."""
+    """Ask a peer for its channel. Gated like every method on a keyed run: a caller presents its token
+    (on libp2p) first, and the channel then checks the gate again on every call."""
 
     public_key: str = Field(min_length=1, max_length=2048, description="base64 of the caller's DHT record key")
 
@@ -538,6 +541,8 @@ class ChannelClient:
             if fresh:
                 try:
                     route.offer = await self._ask(peer_id, ChannelOpen(public_key=self.identity.public_key))
+                except AuthRejected:  # a keyed run's caller that has not presented its token yet: ask again later
+                    return None
                 except SwarmError as e:
                     logger.debug("no data channel to %s: %s", peer_id[-8:], e)
                     break

@@ -142,7 +142,7 @@ class P2PTransport:
         server.host_of = self
         await server.start()
         self.channel_server = server
-        await self.serve(OPEN, self._rpc_open, public=True, max_request_bytes=PUBLIC_REQUEST_BYTES)
+        await self.serve(OPEN, self._rpc_open, max_request_bytes=PUBLIC_REQUEST_BYTES)
 
     async def _rpc_open(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         try:
