@@ -17,7 +17,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from core.errors import AuthRejected
 from net.channel import OPEN, ChannelOpen, ChannelServer, Identity, header_frame, read_header
 from net.rpc import Raw
-from net.transport import P2PTransport
+from net.transport import CALLER, P2PTransport
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +28,12 @@ async def _echo(message, tensors):
     return {"ok": message}, [t * 2 if t.dtype.is_floating_point else t for t in tensors]
 
 
-async def _pair(*, tls: bool = True, announce: list[str] | None = None):
+async def _pair(*, tls: bool = True, announce: list[str] | None = None, gate=None):
     """A serving node with a channel and a calling node using channels, both real P2P nodes."""
     server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                               initial_peers=[str(a) for a in await server.get_visible_maddrs()])
-    serving, calling = P2PTransport(server), P2PTransport(client)
+    serving, calling = P2PTransport(server, gate=gate), P2PTransport(client)
     await serving.serve("t.echo", _echo, max_request_bytes=LIMIT)
     await serving.open_channel(ChannelServer(Identity(server.peer_id.to_base58(), RSAPrivateKey()), "127.0.0.1",
                                              tls=tls, announce=announce or []))
@@ -262,3 +262,39 @@ def test_a_forked_child_does_not_keep_the_channel_open():
 
     alive, closed, refused = asyncio.run(asyncio.wait_for(main(), 60))
     assert alive and closed == b"" and refused
+
+
+def test_on_a_keyed_run_the_channel_is_offered_once_the_caller_presented():
+    """The offer is gated like every method: the presentation itself goes on libp2p, the calls after it
+    on the channel, where the gate is checked again with the caller's peer id from the handshake."""
+
+    class Gate:
+        allowed: set = set()
+
+        def check(self, caller):
+            if caller not in self.allowed:
+                raise AuthRejected("present a token first")
+
+    gate = Gate()
+
+    async def present(message, tensors):
+        gate.allowed.add(CALLER.get())
+        return {"ok": {}}, []
+
+    async def main():
+        server, client, serving, calling = await _pair(gate=gate)
+        await serving.serve("t.present", present, public=True)
+        try:
+            peer = server.peer_id.to_base58()
+            before, _ = await calling.call(peer, "t.echo", Raw({"n": 0}), [], timeout=30)
+            await calling.call(peer, "t.present", Raw({}), [], timeout=30)
+            after, out = await calling.call(peer, "t.echo", Raw({"n": 1}), TENSORS[:1], timeout=30)
+            return (before, after, out, dict(calling.channel.sent), dict(calling.channel.fallbacks),
+                    dict(serving.channel_server.served))
+        finally:
+            await _close(calling, serving)
+
+    before, after, out, sent, fallbacks, served = asyncio.run(asyncio.wait_for(main(), 60))
+    assert before["error"]["code"] == "AuthRejected" and after == {"ok": {"n": 1}}
+    assert torch.equal(out[0], TENSORS[0] * 2)
+    assert fallbacks == {"t.echo": 1, "t.present": 1} and sent == {"t.echo": 1} and served == {"t.echo": 1}
