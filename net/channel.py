@@ -44,6 +44,7 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -231,8 +232,8 @@ async def read_header(reader: asyncio.StreamReader, frame_type: type, *, broken:
                              f"got dtype {part.dtype[:40]!r}")
         if len(part.size) > 16 or any(dim < 0 or dim >= 1 << 40 for dim in part.size):
             raise BadRequest(f"tensor #{index}: invalid shape {list(part.size)[:17]}")
-        shape = torch.Size(part.size)
-        layout.append((dtype, shape, shape.numel() * torch.empty((), dtype=dtype).element_size()))
+        shape = torch.Size(part.size)  # its size in Python ints: a product past int64 is refused by the limit
+        layout.append((dtype, shape, math.prod(part.size) * torch.empty((), dtype=dtype).element_size()))
     return Header(frame.uid if frame_type is runtime_pb2.ExpertRequest else "", message, layout)
 
 
@@ -243,7 +244,8 @@ async def read_tensors(reader: asyncio.StreamReader, header: Header, *, limit: i
     is ``broken(why)`` and ``reserve(bytes)`` (the caller's budget) may refuse, both before a byte is
     read; a connection that closes or stalls inside a tensor is ``broken(why)``."""
     if limit is not None and header.size > limit:
-        raise broken(f"request larger than {limit >> 20} MiB")
+        raise broken(f"request larger than {limit >> 20} MiB" if limit >= 1 << 20 else
+                     f"request of {header.size} bytes, over this method's {limit} bytes")
     if reserve is not None:
         reserve(header.size)
     tensors = []
@@ -473,6 +475,9 @@ class ChannelServer:
             logger.info("data channel call from %s refused: %s: %s", caller[-8:], type(e).__name__, e)
             with contextlib.suppress(Exception):
                 await _send(writer, runtime_pb2.ExpertResponse, "", error_reply(e), [])
+            return False
+        except Exception:  # a bug, or memory for a tensor this host cannot hold: this connection, not the server
+            logger.exception("data channel call from %s failed", caller[-8:])
             return False
 
 

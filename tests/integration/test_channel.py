@@ -141,6 +141,7 @@ MALFORMED = {
     "unknown dtype": _frame(_request([{}, 1], [("float99", [4])]).SerializeToString()),
     "over the method's limit": _frame(_request([{}, 1], [("float32", [LIMIT])]).SerializeToString()),
     "unknown method": _frame(_request([{}, 0], uid="t.nothing").SerializeToString()),
+    "a shape past int64": _frame(_request([{}, 1], [("float32", [(1 << 31) - 1] * 4)]).SerializeToString()),
     "a frame of 1 TiB": P2P.MESSAGE_MARKER + (1 << 40).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER),
     "truncated inside a tensor": _frame(_request([{}, 1], [("float32", [1024])]).SerializeToString()) + b"\0" * 100,
 }
@@ -152,6 +153,7 @@ EXPECTED = {
     "unknown dtype": "float99",
     "over the method's limit": "request larger than 1 MiB",
     "unknown method": "does not serve 't.nothing'",
+    "a shape past int64": "request larger than 1 MiB",
     "a frame of 1 TiB": "frames are at most 16 MiB",
     "truncated inside a tensor": None,  # the caller is gone: no reply to read, the server just serves on
 }
