@@ -187,7 +187,7 @@ class BootstrapNode:
         def create(initial: list[str]) -> SwarmDHT:
             return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
                                    announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-                                   signer_key=self.authority)
+                                   signer_key=self.authority, relay=net.relay)
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:

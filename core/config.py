@@ -51,6 +51,11 @@ class NetworkSettings(_Section):
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
     announce_host: str | None = Field(None, description="public address to announce, if not the listen one")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
+    relay: bool = Field(True, description="offer a relay slot to peers behind NAT when this node is reachable "
+                        "(a circuit relay: their callers reach them through it)")
+    reachability: str = Field("auto", pattern="^(auto|public|private)$", description="whether others can dial this "
+                              "node: auto (private if its address is private and the bootstrap's is outside its "
+                              "network), public (no relay slot) or private (serve through a relay)")
 
     @field_validator("initial_peers")
     @classmethod

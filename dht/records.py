@@ -98,6 +98,8 @@ class SwarmDHT:
         self.run_id = run_id
         self._signer = signer
         self._last_expiration: dict[int, float] = {}
+        self.circuit_maddrs: list[str] = []  # this node's addresses through its relay (``net.relay``)
+        self.relayed: dict[str, list[str]] = {}  # peer id -> its relayed addresses, as its records said
         # a keyed run's member (``net.auth.RunAuth``): this node's access token, put into the trainer
         # and telemetry records it writes, which the run's validator refuses without one
         self.access_token: Callable[[], str] | None = None
@@ -114,9 +116,12 @@ class SwarmDHT:
         identity_path: Path | None = None,
         client_mode: bool = False,
         signer_key: RSAPrivateKey | None = None,
+        relay: bool = False,
     ) -> "SwarmDHT":
         """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
-        ``signer_key`` signs its records (a bootstrap passes its persistent authority key)."""
+        ``signer_key`` signs its records (a bootstrap passes its persistent authority key). ``relay``:
+        serve relay slots to peers behind NAT (the daemon starts its relay service only once it
+        counts itself publicly reachable, which it is told here rather than left to guess)."""
         # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
         # process, as in tests, cannot sign each other's records either
         signer = RSASignatureValidator(signer_key or RSAPrivateKey())
@@ -127,6 +132,8 @@ class SwarmDHT:
             record_validators=[signer, RunSchemaValidator(run_id)],
             start=True,
         )
+        if relay:
+            kwargs["force_reachability"] = "public"
         if announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
         if identity_path is not None:
@@ -156,7 +163,19 @@ class SwarmDHT:
         return self.dht.peer_id.to_base58()
 
     def visible_maddrs(self) -> list[str]:
-        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+        """The direct addresses of this node, then those through the relay holding its slot, if any."""
+        return [str(addr) for addr in self.dht.get_visible_maddrs()] + self.circuit_maddrs
+
+    def note_addresses(self, records: Sequence[PeerRecord]) -> None:
+        """Remember the relayed addresses of peers read from the DHT: a caller's daemon cannot find
+        them on its own (the relay learns only the direct, undialable ones), so ``P2PTransport``
+        dials them first."""
+        for record in records:
+            relayed = [a for a in record.maddrs if "/p2p-circuit" in a]
+            if relayed:
+                self.relayed[record.peer_id] = relayed
+            else:
+                self.relayed.pop(record.peer_id, None)
 
     def _subkey(self) -> bytes:
         return self.peer_id.encode() + self._signer.local_public_key
@@ -228,6 +247,7 @@ class SwarmDHT:
                 continue  # the schema validator already refuses these; a stale node may still hold one
             if record.stage == stage:
                 records.append(record)
+        self.note_addresses(records)
         return records
 
     async def announce_trainer(self, record: TrainerRecord, ttl: float = RECORD_TTL) -> bool:

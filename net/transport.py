@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from contextvars import ContextVar
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import msgpack
 import torch
@@ -23,6 +23,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
+from multiaddr import Multiaddr
 
 from net.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate, Refusals
 from net.framing import IDLE_SECONDS, read_frames, write_frames
@@ -74,11 +75,17 @@ class P2PTransport:
     flight are capped (``limits``), and with a ``gate`` (a keyed run) a caller without a valid token
     is answered ``AuthRejected`` before its request is read, on every method not served ``public``
     (held a while first for a caller refused again and again: ``refusals``).
+
+    ``addresses`` (peer id -> relayed addresses, ``SwarmDHT.relayed``): a peer behind NAT is dialed
+    through its relay before the first call to it, and again after a call to it failed or its
+    addresses changed (its relay was replaced); the daemon cannot find those addresses itself.
     """
 
     def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None,
-                 refusals: Refusals | None = None):
+                 refusals: Refusals | None = None, addresses: Mapping[str, list[str]] | None = None):
         self.p2p = p2p
+        self.addresses = addresses
+        self._dialed: dict[str, tuple[str, ...]] = {}
         self.gate = gate
         self.limits = limits or CallerLimits()
         self.refusals = refusals or Refusals()
@@ -131,6 +138,7 @@ class P2PTransport:
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
+            await self._dial_relayed(peer_id)
             _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), method)
             def broken(why: str) -> SwarmError:  # a reply cut short or refused: the peer, not the request
                 return PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}")
@@ -150,10 +158,25 @@ class P2PTransport:
             return await asyncio.wait_for(_roundtrip(), timeout)
         except asyncio.TimeoutError:
             raise StageTimeout(f"{method} on {peer_id[-8:]} took longer than {timeout:.0f} s") from None
+        except PeerUnavailable:
+            self._dialed.pop(peer_id, None)
+            raise
         except SwarmError:
             raise
         except Exception as e:  # P2PDaemonError, P2PHandlerError, ConnectionError, ...: the peer is gone
+            self._dialed.pop(peer_id, None)
             raise PeerUnavailable(f"{method} on {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+
+    async def _dial_relayed(self, peer_id: PeerId) -> None:
+        relayed = tuple(self.addresses.get(peer_id, ())) if self.addresses is not None else ()
+        if not relayed or self._dialed.get(peer_id) == relayed:
+            return
+        try:
+            await self.p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(a) for a in relayed])
+        except Exception as e:  # ControlFailure: the relay is gone or holds no slot for it
+            raise PeerUnavailable(f"{peer_id[-8:]} is not reachable through its relay: {type(e).__name__}: "
+                                  f"{str(e)[:300]}") from None
+        self._dialed[peer_id] = relayed
 
     async def close(self) -> None:
         """Stop serving and close this transport's P2P connection, each bounded (``bounded``): a

@@ -579,7 +579,7 @@ def _trainer_averager(started: contextlib.ExitStack, dht: SwarmDHT, manifest: Ma
 
 
 async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
-    return P2PTransport(await dht.dht.replicate_p2p())
+    return P2PTransport(await dht.dht.replicate_p2p(), addresses=dht.relayed)
 
 
 async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> dict[int, list[PeerRecord]]:
