@@ -26,6 +26,7 @@ from core.errors import ConfigError
 from core.types import PeerId, StageIndex
 
 __all__ = [
+    "relay_limits",
     "NetworkSettings",
     "BootstrapSettings",
     "PeerSettings",
@@ -53,6 +54,10 @@ class NetworkSettings(_Section):
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
     relay: bool = Field(True, description="offer a relay slot to peers behind NAT when this node is reachable "
                         "(a circuit relay: their callers reach them through it)")
+    relay_slots: int = Field(128, ge=1, description="relay slots this node gives peers behind NAT, at most")
+    relay_circuits: int = Field(16, ge=1, description="relayed connections open at once per peer behind NAT")
+    relay_bytes: ByteSize = Field(ByteSize(4 << 30), description="bytes one relayed connection may carry each way "
+                                  "before the relay resets it (the caller then dials again), e.g. 4GiB")
     reachability: str = Field("auto", pattern="^(auto|public|private)$", description="whether others can dial this "
                               "node: auto (private if its address is private and the bootstrap's is outside its "
                               "network), public (no relay slot) or private (serve through a relay)")
@@ -66,6 +71,11 @@ class NetworkSettings(_Section):
             except ConfigError as e:  # pydantic reports ValueErrors with the field's name
                 raise ValueError(str(e)) from None
         return peers
+
+
+def relay_limits(network: NetworkSettings) -> tuple[int, int, int]:
+    """(slots, relayed connections per peer, bytes per relayed connection) of a node's relay service."""
+    return network.relay_slots, network.relay_circuits, int(network.relay_bytes)
 
 
 class BootstrapSettings(_Section):

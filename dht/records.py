@@ -71,13 +71,30 @@ class _DHTProcess(hivemind.DHT):
     the child exits, and swarm starts DHTs from worker threads.)
     """
 
+    def __init__(self, *args, relay_flags: dict | None = None, **kwargs):
+        self._relay_flags = relay_flags or {}
+        super().__init__(*args, **kwargs)
+
     def run(self) -> None:
+        if self._relay_flags:
+            _pass_daemon_flags(self._relay_flags)
         os.setpgid(0, 0)
         signal.signal(signal.SIGTERM, _kill_own_group)
         watchdog = threading.Thread(target=_watch_parent, args=(self._parent_pid,), name="parent-watchdog")
         watchdog.daemon = True
         watchdog.start()
         super().run()
+
+
+def _pass_daemon_flags(flags: dict) -> None:
+    """Add ``flags`` to the command line of the p2pd this process starts. ``P2P.create`` has no
+    parameter for the relay service's limits, and without them p2pd resets a relayed connection
+    after 128 KiB (measured: its ``-help`` claims 4 GiB, the default that applies is libp2p's), which
+    one stage's weights already exceed. Only this DHT child process is patched."""
+    from hivemind.p2p import P2P
+
+    make = P2P._make_process_args
+    P2P._make_process_args = staticmethod(lambda *args, **kwargs: make(*args, **kwargs, **flags))
 
 
 def _kill_own_group(*_: object) -> None:
@@ -117,11 +134,13 @@ class SwarmDHT:
         client_mode: bool = False,
         signer_key: RSAPrivateKey | None = None,
         relay: bool = False,
+        relay_limits: tuple[int, int, int] = (128, 16, 4 << 30),
     ) -> "SwarmDHT":
         """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
         ``signer_key`` signs its records (a bootstrap passes its persistent authority key). ``relay``:
         serve relay slots to peers behind NAT (the daemon starts its relay service only once it
-        counts itself publicly reachable, which it is told here rather than left to guess)."""
+        counts itself publicly reachable, which it is told here rather than left to guess);
+        ``relay_limits``: (slots, relayed connections per peer, bytes a relayed connection carries each way)."""
         # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
         # process, as in tests, cannot sign each other's records either
         signer = RSASignatureValidator(signer_key or RSAPrivateKey())
@@ -134,6 +153,9 @@ class SwarmDHT:
         )
         if relay:
             kwargs["force_reachability"] = "public"
+            slots, circuits, data = relay_limits
+            kwargs["relay_flags"] = dict(relayMaxReservations=slots, relayMaxCircuits=circuits, relayDataLimit=data,
+                                         relayTimeLimit="24h")
         if announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
         if identity_path is not None:

@@ -141,7 +141,7 @@ class RelaySlot:
     relay died) moves to the next candidate. ``on_change(reservation or None)`` is told each move."""
 
     def __init__(self, p2p: P2P, peer_id: str, candidates: Callable[[], Awaitable[list[str]]],
-                 on_change: Callable[[Reservation | None], None], *, renew_every: float = 20.0):
+                 on_change: Callable[[Reservation | None], None], *, renew_every: float = 5.0):
         self.p2p, self.peer_id = p2p, peer_id
         self.candidates, self.on_change, self.renew_every = candidates, on_change, renew_every
         self.current: Reservation | None = None

@@ -70,7 +70,7 @@ from peers.joining.reachability import behind_nat, best_address
 from shards.placement import Move, Span
 from shards.source import resolve_model
 from core.loop import Lifecycle, TaskSet, bounded
-from core.config import SwarmSettings
+from core.config import SwarmSettings, relay_limits
 from core.errors import ConfigError
 from core.types import StageIndex
 
@@ -174,7 +174,7 @@ class Peer(Lifecycle):
         self.dht = await asyncio.to_thread(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
-            relay=net.relay and net.reachability != "private",
+            relay=net.relay and net.reachability != "private", relay_limits=relay_limits(net),
         )
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor()
@@ -226,15 +226,16 @@ class Peer(Lifecycle):
         self._tasks.spawn(self.relay_slot.keep(), name="relay-slot")
 
     async def _relay_candidates(self) -> list[str]:
-        """The initial peers, then the direct address of every peer that is not relayed itself."""
-        found = list(self.settings.network.initial_peers)
+        """The direct address of every peer that is not relayed itself, then the initial peers: relayed
+        bytes are spread over the volunteers, the bootstrap's link is kept for the last."""
+        found: list[str] = []
         if self.manifest is not None:
             for records in (await self.dht.all_records(self.manifest.num_stages)).values():
                 for record in records:
                     direct = [a for a in record.maddrs if not is_relayed(a) and "/p2p/" in a]
                     if record.peer_id != self.peer_id and direct and len(direct) == len(record.maddrs):
                         found.append(best_address(direct))
-        return list(dict.fromkeys(found))
+        return list(dict.fromkeys(found + list(self.settings.network.initial_peers)))
 
     def _compose(self) -> None:
         """The host, router and rebalancer of this peer, once it has joined and measured itself."""

@@ -59,8 +59,9 @@ class Verdict:
     fix: str = ""
 
 
-def reachability_verdict(maddr: str, dialed: bool, error: str = "") -> Verdict:
-    """The verdict for the best announced address ``maddr``, dialed (or not) from a fresh node."""
+def reachability_verdict(maddr: str, dialed: bool, error: str = "", *, lan: bool = False) -> Verdict:
+    """The verdict for the best announced address ``maddr``, dialed (or not) from a fresh node;
+    ``lan``: the swarm's bootstrap is on this private network too, so its members can dial it."""
     kind, port = address_kind(maddr), _port(maddr)
     forward = (f"pass --announce-host <your public IP> and forward TCP port {port} on your router "
                f"to this machine (pin it with --port {port})")
@@ -71,6 +72,9 @@ def reachability_verdict(maddr: str, dialed: bool, error: str = "") -> Verdict:
     if kind is AddressKind.LOOPBACK:
         return Verdict(True, f"reachable on this machine only ({maddr}: loopback)",
                        "fine for a local swarm; to take peers from elsewhere, --host 0.0.0.0 and " + forward)
+    if kind is AddressKind.PRIVATE and lan:
+        return Verdict(True, f"reachable on your local network ({maddr}), where the bootstrap is; peers outside "
+                       "it cannot dial a private address", forward)
     if kind is AddressKind.PRIVATE:
         return Verdict(False, f"reachable only on your local network ({maddr}): peers outside it cannot dial "
                        "a private address, and no relay holds a slot for this peer",
@@ -125,14 +129,18 @@ def best_address(maddrs: Sequence[str]) -> str:
     return min(maddrs, key=lambda m: order[address_kind(m)])
 
 
-async def probe_reachability(maddrs: Sequence[str], *, timeout: float = 10.0) -> Verdict:
-    """Dial ``best_address(maddrs)`` from a new p2p daemon without relays, within ``timeout`` s."""
+async def probe_reachability(maddrs: Sequence[str], *, timeout: float = 10.0,
+                             initial_peers: Sequence[str] = ()) -> Verdict:
+    """Dial ``best_address(maddrs)`` from a new p2p daemon without relays, within ``timeout`` s; a
+    peer holding a relay slot (a circuit address among ``maddrs``) is reachable through its relay.
+    ``initial_peers``: where the swarm is, to tell a LAN swarm from a home behind NAT."""
     if not maddrs:
         return Verdict(False, "this peer announces no address", "pass --announce-host <your IP>")
     relayed = [m for m in maddrs if "/p2p-circuit" in m]
     if relayed:
         return relayed_verdict(relayed[0].split("/p2p-circuit", 1)[0].rsplit("/p2p/", 1)[1], relayed[0])
     maddr = best_address(maddrs)
+    lan = address_kind(maddr) is AddressKind.PRIVATE and bool(initial_peers) and not behind_nat(maddrs, initial_peers)
     host = "127.0.0.1" if address_kind(maddr) is AddressKind.LOOPBACK else "0.0.0.0"
     probe = None
     try:
@@ -140,7 +148,7 @@ async def probe_reachability(maddrs: Sequence[str], *, timeout: float = 10.0) ->
                                  auto_nat=False, nat_port_map=False)
         target, address = maddr.rsplit("/p2p/", 1)
         await asyncio.wait_for(probe._client.connect(PeerID.from_base58(address), [Multiaddr(target)]), timeout)
-        return reachability_verdict(maddr, True)
+        return reachability_verdict(maddr, True, lan=lan)
     except asyncio.TimeoutError:
         return reachability_verdict(maddr, False, f"no answer in {timeout:.0f} s")
     except Exception as e:  # ControlFailure (refused, unreachable), a daemon that would not start ...
