@@ -55,12 +55,17 @@ class Network:
         self.links = 0  # public links made so far
         self.homes = 0
         self._ips: dict[str, str] = {}
+        self._devs: dict[str, str] = {}
 
     def ns(self, host: str) -> str:
         return f"{self.prefix}{host}"
 
     def ip(self, host: str) -> str:
         return self._ips[host]
+
+    def router_dev(self, host: str) -> str:
+        """The router's end of a public host's link (where shaping and policy rules go)."""
+        return self._devs[host]
 
     def __enter__(self) -> "Network":
         self.close()  # leftovers of an earlier run that was killed hard
@@ -98,6 +103,7 @@ class Network:
         self._link(self.router, f"{self.net}.{i}.1/24", self.ns(host), f"{self.net}.{i}.2/24", f"{self.prefix[:3]}{i}")
         in_ns(self.ns(host), "ip", "route", "add", "default", "via", f"{self.net}.{i}.1")
         self._ips[host] = f"{self.net}.{i}.2"
+        self._devs[host] = f"swr{self.prefix[:3]}{i}"
         return self._ips[host]
 
     def add_home(self, home: str, hosts: list[str]) -> list[str]:

@@ -72,7 +72,7 @@ async function refreshStatus() {
   fill("peers", status.peers, (tr, p) => {
     const c = contributions[p.peer_id] || {};
     const hw = p.hardware || {};
-    cell(tr, p.peer_id); cell(tr, layersOf(p)); cell(tr, Math.round(p.throughput));
+    cell(tr, p.relay ? `${p.peer_id} (behind NAT, via relay …${p.relay.slice(-8)})` : p.peer_id); cell(tr, layersOf(p)); cell(tr, Math.round(p.throughput));
     cell(tr, deviceText(hw));
     cell(tr, ago(c.last_seen)); cell(tr, c.samples === undefined ? "0" : c.samples);
   });

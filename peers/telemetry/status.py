@@ -18,6 +18,7 @@ from hivemind.utils import get_dht_time
 from core.messages import FrozenModel
 from dht.control import get_bootstraps
 from dht.records import SwarmDHT
+from net.relay import is_relayed, relay_of
 from dht.schemas import (RECORD_REFRESH, DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord,
                          MetricsRole, PeerRecord, PeerState, TrainerRecord)
 from core.types import PeerId, StageIndex
@@ -80,6 +81,7 @@ class PeerStatus(FrozenModel):
     age: float
     delegate_of: PeerId | None
     step: int
+    relay: PeerId | None = None  # behind NAT: the relay its callers reach it through
     requests_per_s: float
     tokens_per_s: float
     tokens: int
@@ -253,6 +255,7 @@ def _peer(r: PeerRecord, stages: list[StageIndex], m: MetricsRecord | None, marg
     return PeerStatus(
         peer_id=r.peer_id, stages=stages, state=r.state.value, throughput=r.throughput, load=r.load,
         maddrs=r.maddrs, hardware=r.hardware, age=age, delegate_of=r.delegate_of,
+        relay=next((relay_of(a) for a in r.maddrs if is_relayed(a)), None),
         step=max(r.step, m.step if m else 0),  # its optimizer step, from the fresher of the two
         requests_per_s=m.requests_per_s if m else 0.0, tokens_per_s=m.tokens_per_s if m else 0.0,
         tokens=tokens, microbatches=m.microbatches if m else 0, ledger_entries=m.ledger_entries if m else 0,

@@ -61,21 +61,21 @@ def _batches(count: int) -> list[torch.Tensor]:
 class _Run:
     """A bootstrap, peers and a trainer in a ``Network``; CLI calls made from the trainer's host."""
 
-    def __init__(self, net: Network, root: Path, model_dir: Path):
+    def __init__(self, net: Network, root: Path, model_dir: Path, stages: int = 2):
         self.net, self.root, self.procs = net, root, Processes(net, root)
         boot = net.add_host("boot")
         self.trainer_ip = net.add_host("trainer")
         self.procs.start("boot", ["-m", "swarm.cli", "bootstrap", "--open", "--model", str(model_dir),
-                                  "--num-stages", "2", "--host", boot, "--port", str(BOOT_PORT),
+                                  "--num-stages", str(stages), "--host", boot, "--port", str(BOOT_PORT),
                                   "--state-dir", str(root / "boot"), "--lr", str(LR), "--target-batch-size", "8",
                                   "--dashboard-port", "0"])
         line = self.procs.wait_line("boot", "swarm join --bootstrap")
         self.address = line.split("--bootstrap", 1)[1].split()[0]
 
-    def join(self, host: str) -> None:
+    def join(self, host: str, *extra: str) -> None:
         """``swarm join`` as the README has it, on ``host``'s own address."""
         self.procs.start(host, ["-m", "swarm.cli", "join", "--bootstrap", self.address, "--host", self.net.ip(host),
-                                "--threads", "1", "--state-dir", str(self.root / host)])
+                                "--threads", "1", "--state-dir", str(self.root / host), *extra])
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         result = subprocess.run(["ip", "netns", "exec", self.net.ns("trainer"), sys.executable, "-m", "swarm.cli",
@@ -145,7 +145,53 @@ def test_a_peer_behind_nat_serves_the_trainer_through_a_relay_and_trains_like_lo
     assert relayed, f"the peer behind NAT announces no relayed address: {home['maddrs']}"
     relay = relayed[0].split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1]
     assert f"behind NAT: reachable through relay {relay}" in reach, reach[-3000:]
+    assert home["relay"] == relay and all(p["relay"] is None for p in peers if p is not home)  # what status marks
     assert not any(_relayed(peers, p["peer_id"]) for p in peers if p is not home)
     local = local_adamw(model_dir, batches, lr=LR)
     assert max_difference(exported, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()) > 1e-3
+    assert max_difference(exported, local) <= TOLERANCE
+
+
+@pytest.mark.timeout(900)
+def test_two_peers_behind_two_nats_pass_activations_and_outlive_their_relay(tmp_path):
+    """Stages 1 and 2 on peers in two different homes: the stage-1 peer pushes its activations to the
+    stage-2 peer through the latter's relay. Stage 0 has two public replicas, and the one that
+    relays for a home is SIGKILLed mid-run: the home peers move to another relay, no step is lost."""
+    model_dir = make_tiny_model(tmp_path / "model", **{**MODEL, "num_layers": 6})
+    batches = _batches(8)
+    with Network("swn-", net="10.83") as net:
+        run = _Run(net, tmp_path, model_dir, stages=3)
+        try:
+            for host in ("pub1", "pub2"):
+                net.add_host(host)
+                run.join(host, "--stage", "0")
+                run.procs.wait_line(host, "Ctrl+C to leave")
+            net.add_home("home1", ["peer"])
+            net.add_home("home2", ["peer"])
+            run.join("home1-peer", "--stage", "1")
+            run.join("home2-peer", "--stage", "2")
+            for host in ("home1-peer", "home2-peer"):
+                run.procs.wait_line(host, "Ctrl+C to leave")
+            before = run.peers()
+            ids = {p["peer_id"]: p for p in before}
+            homes = [p["peer_id"] for p in before if any("192.168." in a for a in p["maddrs"])]
+            relays = {home: _relayed(before, home)[0].split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1] for home in homes}
+            victim = next(iter(relays.values()))
+            (victim_host,) = [h for h in ("pub1", "pub2") if f"identity peer {victim}" in _log(tmp_path, h)]
+            trainer = run.trainer(batches)
+            _steps(trainer, 4)
+            run.procs.kill(victim_host)
+            _steps(trainer, 4)
+            _finish(trainer)
+            exported = run.exported(tmp_path / "exported")
+            after = run.peers()
+        finally:
+            run.procs.stop()
+    assert len(homes) == 2 and victim in ids, (homes, relays)
+    for home in homes:
+        now = _relayed(after, home)
+        assert now and victim not in now[0], f"{home[-8:]} still announces the dead relay: {now}"
+    pushes = _log(tmp_path, "home2-peer")
+    assert "were lost" not in pushes and "were lost" not in _log(tmp_path, "home1-peer")
+    local = local_adamw(model_dir, batches, lr=LR)
     assert max_difference(exported, local) <= TOLERANCE
