@@ -56,6 +56,7 @@ class Network:
         self.homes = 0
         self._ips: dict[str, str] = {}
         self._devs: dict[str, str] = {}
+        self.public: list[str] = []  # the hosts on the router (a home's router among them)
 
     def ns(self, host: str) -> str:
         return f"{self.prefix}{host}"
@@ -104,6 +105,7 @@ class Network:
         in_ns(self.ns(host), "ip", "route", "add", "default", "via", f"{self.net}.{i}.1")
         self._ips[host] = f"{self.net}.{i}.2"
         self._devs[host] = f"swr{self.prefix[:3]}{i}"
+        self.public.append(host)
         return self._ips[host]
 
     def add_home(self, home: str, hosts: list[str]) -> list[str]:

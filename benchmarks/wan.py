@@ -67,7 +67,7 @@ def make_topology() -> Network:
 def shape(net: Network, on: bool, delay_ready: bool) -> None:
     """Switch the WAN on (token buckets on every link end, packets from hosts through the delay TUN)
     or off (plain forwarding)."""
-    for host in HOSTS:
+    for host in net.public:
         for ns, dev in ((net.ns(host), "eth0"), (net.router, net.router_dev(host))):
             in_ns(ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
             if on:
@@ -177,7 +177,8 @@ class Swarm(Processes):
         super().__init__(net, root)
         self.args = args
 
-    def up(self, model_dir: Path) -> str:
+    def up(self, model_dir: Path, peers: tuple[str, ...] = ("peer1", "peer2", "peer3")) -> str:
+        """The bootstrap, then a peer on each host of ``peers`` (one stage each, in that order)."""
         cli = ["-m", "swarm.cli"]
         boot_ip = self.network.ip("boot")
         self.start("boot", cli + ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "3",
@@ -186,13 +187,12 @@ class Swarm(Processes):
                                   "--lr", "1e-3"])
         line = self.wait_line("boot", "swarm join --bootstrap")
         address = line.split("--bootstrap", 1)[1].split()[0]
-        for k in range(1, 4):
-            host = f"peer{k}"
+        for host in peers:
             self.start(host, cli + ["join", "--bootstrap", address, "--host", self.network.ip(host),
                                     "--threads", "1", "--max-stages", "1", "--state-dir", str(self.root / host)])
             self.wait_line(host, "claiming stage")
-        for k in range(1, 4):
-            self.wait_line(f"peer{k}", "serving stage")
+        for host in peers:
+            self.wait_line(host, "serving stage")
         return address
 
     def trainer(self, address: str) -> subprocess.Popen:
