@@ -80,24 +80,13 @@ def measure(config: str, root, model_dir, args) -> list[float]:
               flush=True)
         return results
     finally:
-        swarm.stop()
-        if delay is not None:
-            delay.stdin.close()
-            delay.wait(timeout=10)
-        net.close()
+        wan.teardown(swarm, delay, net)
 
 
 def main() -> None:
     parser = harness.parser(__doc__)
-    parser.add_argument("--steps", type=int, default=5, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    harness.add_batch_flags(parser, batch=12, seq=128)
-    parser.add_argument("--microbatch", type=int, default=2, help="rows per microbatch (0: the whole batch)")
-    parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
-    parser.add_argument("--depth", type=int, default=2)
+    wan.add_run_flags(parser)
     parser.add_argument("--wan", action="store_true", help="wan.py's WAN: 25 ms each way, 100 Mbit/s per link")
-    parser.add_argument("--delay-ms", type=float, default=25.0)
     args = parser.parse_args()
     args.relay = args.phased = False  # wan.Swarm's trainer: pushed peer to peer, backwards overlapping forwards
     if why := netns_unavailable(nat=True):

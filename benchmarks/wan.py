@@ -246,8 +246,17 @@ def rounds(net: Network, trainer: subprocess.Popen, args, delay_ready: bool, del
     return results
 
 
-def main() -> None:
-    parser = harness.parser(__doc__)
+def teardown(swarm: Swarm, delay: subprocess.Popen | None, net: Network) -> None:
+    """Stop the swarm's processes, the delay process, then remove the namespaces."""
+    swarm.stop()
+    if delay is not None:
+        delay.stdin.close()
+        delay.wait(timeout=10)
+    net.close()
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a swarm run in namespaces that ``nat.py`` shares: rounds, batch, pipelining, wire, delay."""
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -256,6 +265,11 @@ def main() -> None:
     parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--delay-ms", type=float, default=25.0)
     parser.add_argument("--depth", type=int, default=2, help="calls in flight per peer of a stage (RemotePipeline.depth)")
+
+
+def main() -> None:
+    parser = harness.parser(__doc__)
+    add_run_flags(parser)
     parser.add_argument("--relay", action="store_true", help="the trainer relays every hop (default: activations "
                         "go peer to peer)")
     parser.add_argument("--phased", action="store_true", help="loss.backward() after the whole batch's forward "
@@ -296,11 +310,7 @@ def main() -> None:
         rtt_wan = connect_rtt(net)
         shape(net, False, True)
     finally:
-        swarm.stop()
-        if delay is not None:
-            delay.stdin.close()
-            delay.wait(timeout=10)
-        net.close()
+        teardown(swarm, delay, net)
     lan, wan = statistics.median(results["lan"]), statistics.median(results["wan"])
     print(f"TCP connect round trip trainer -> bootstrap without / with the WAN: {rtt_lan:.1f} / {rtt_wan:.1f} ms")
     print(f"no WAN: {lan:8,.0f} tokens/s   WAN: {wan:8,.0f} tokens/s   ratio {wan / lan:.2f} "
