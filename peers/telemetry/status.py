@@ -39,7 +39,7 @@ __all__ = [
     "status_warnings",
 ]
 
-STATUS_VERSION = 3  # 3: data progress and the last evaluation
+STATUS_VERSION = 4  # 3: data progress and the last evaluation; 4: a peer's relay (behind NAT)
 STALE_AFTER = 2 * RECORD_REFRESH + 5.0
 """A record not rewritten for this long (its peer refreshes every RECORD_REFRESH s) is stale."""
 TRAINER_ACTIVE = 60.0
@@ -81,7 +81,6 @@ class PeerStatus(FrozenModel):
     age: float
     delegate_of: PeerId | None
     step: int
-    relay: PeerId | None = None  # behind NAT: the relay its callers reach it through
     requests_per_s: float
     tokens_per_s: float
     tokens: int
@@ -91,6 +90,7 @@ class PeerStatus(FrozenModel):
     marginal_share: float
     stale: bool
     contribution_share: float
+    relay: PeerId | None = None  # behind NAT: the relay its callers reach it through (version 4)
 
 
 class DelegationLink(FrozenModel):
