@@ -1,5 +1,6 @@
 """The bootstrap node: first contact of a run, publisher of its manifest and run state, keeper of the
-run's keys, audit log and metrics (``state.db``).
+run's keys, audit log and metrics (``state.db``), and the owner's fleet view (``dashboard``, with
+``alerts`` to a webhook).
 
 ``BootstrapNode`` is loaded lazily, so ``swarm keys`` / ``swarm run`` (which need only
 ``bootstrap.state``) start without importing hivemind and torch.

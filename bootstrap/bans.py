@@ -79,7 +79,7 @@ class BanEnforcer:
             actor = f"ban:{','.join(reporters)}"
             await asyncio.to_thread(self.db.audit, actor, "peer.banned", f"{peer} ({detail})")
             logger.warning("peer %s is banned from the run by %s: %s", peer[-8:], actor, detail)
-            await self._revoke_key_of(peer, actor)
+            await self.revoke_key_of(peer, actor)
             self.handled[peer] = report
         return fresh
 
@@ -103,18 +103,20 @@ class BanEnforcer:
             return None
         return claims.key_id if claims.peer_id == report.reporter else None
 
-    async def _revoke_key_of(self, peer: PeerId, actor: str) -> None:
+    async def revoke_key_of(self, peer: PeerId, actor: str) -> str | None:
+        """Revoke the key ``peer`` joined with (a keyed run); returns its id, None if none was found."""
         authority = self._authority()
         if authority is None:
-            return
+            return None
         key_id = await self._key_of(peer, authority)
         if key_id is None:
-            logger.warning("banned peer %s: no token of it found in the DHT, its key stays", peer[-8:])
-            return
+            logger.warning("peer %s: no token of it found in the DHT, its key stays", peer[-8:])
+            return None
         try:
             await asyncio.to_thread(self.db.revoke_key, key_id, actor=actor)
         except SwarmError as e:  # already revoked, or deleted: nothing more to take away
-            logger.info("revoking key %s of banned peer %s: %s", key_id, peer[-8:], e)
+            logger.info("revoking key %s of peer %s: %s", key_id, peer[-8:], e)
+        return key_id
 
     async def _key_of(self, peer: PeerId, authority: RSAPublicKey) -> str | None:
         """The key id in the access token of one of ``peer``'s own stage records."""

@@ -1,10 +1,18 @@
 """The bootstrap's admin dashboard and JSON API (FastAPI; OpenAPI at ``/openapi.json``).
 
 Public: ``/join`` (how to join, whether a key is needed), ``/api/join``, ``/api/status`` (the data of
-``swarm status --json``), ``/login``. Everything else needs the admin's session cookie; requests that
-change something also need the session's CSRF token in the ``X-CSRF-Token`` header (a page of
-another site can make the browser send the cookie, but cannot read the token). Without a session the
-API answers 401, with a session but a missing or wrong CSRF token 403.
+``swarm status --json``), ``/login``, ``/health`` and ``/ready``. Everything else needs the admin's
+session cookie (``Secure`` when the page is served over https, directly or behind a proxy that says
+so in ``X-Forwarded-Proto``) or an API key with scope ``admin`` as ``Authorization: Bearer`` (scripts;
+each use audited); requests that change something with a session also need the session's CSRF
+token in the ``X-CSRF-Token`` header (a page of another site can make the browser send the cookie,
+but cannot read the token). Without either the API answers 401, with a session but a missing or
+wrong CSRF token 403.
+
+The fleet view: ``/api/status`` feeds the peers table (live GPU figures and link latency per peer)
+and the warnings; ``/api/peers/{id}/history`` the per-peer charts; ``/api/alerts`` the alerts active
+now; ``POST /api/peers/{id}/ban`` and ``/kick`` the owner's actions (``BootstrapNode.ban_peer``);
+``/api/contributions.csv`` and ``/api/audit.csv`` the exports.
 
 The pages are static HTML with a little JavaScript and uPlot (shipped in ``bootstrap/static``, no
 CDN); the loss chart follows ``/api/metrics/stream`` (server-sent events) for the training loss and
@@ -15,27 +23,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import html
+import io
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from bootstrap.admin import AdminAuth, Session
-from bootstrap.keys import parse_duration
+from bootstrap.alerts import AlertBook
+from bootstrap.keys import KEY_PREFIX, parse_duration, parse_scopes
 from bootstrap.leases import LeaseBook
 from bootstrap.state import StateDB
 from core.errors import AuthRejected, ConfigError, SwarmError
+from core.types import PeerId
+from peers.telemetry.health import Checks, health_body, readiness
 from peers.telemetry.status import Status
 
-__all__ = ["DashboardServer", "create_app", "COOKIE"]
+__all__ = ["DashboardServer", "create_app", "COOKIE", "Fleet"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +73,7 @@ class SessionOut(BaseModel):
 class KeyIn(_In):
     name: str = Field(min_length=1, max_length=100)
     expires: str | None = Field(None, max_length=20, description="a lifetime like 30d, 12h; none: no expiry")
+    scopes: list[Literal["join", "api", "admin"]] = Field(["join"], min_length=1, max_length=3)
 
 
 class KeyOut(BaseModel):
@@ -69,6 +83,38 @@ class KeyOut(BaseModel):
     expires: float | None
     revoked: float | None
     state: str
+    scopes: list[str]
+
+
+class PeerSampleOut(BaseModel):
+    at: float
+    throughput: float | None
+    latency_ms: float | None
+    cpu_percent: float | None
+    gpu_util_percent: float | None
+    gpu_memory_used_gib: float | None
+    gpu_memory_gib: float | None
+    gpu_temperature_c: float | None
+    gpu_power_w: float | None
+
+
+class AlertOut(BaseModel):
+    kind: str
+    key: str
+    text: str
+
+
+class PeerActionOut(BaseModel):
+    peer_id: str
+    done: str
+
+
+class Fleet(Protocol):
+    """What the dashboard needs of the bootstrap for the owner's fleet view (``BootstrapNode``)."""
+
+    alerts: AlertBook
+
+    async def ban_peer(self, peer_id: PeerId, *, actor: str, kick: bool = False) -> str: ...
 
 
 class NewKeyOut(BaseModel):
@@ -123,17 +169,19 @@ StatusSource = Callable[[], Awaitable[Status]]
 
 def create_app(db: StateDB, auth: AdminAuth, *, run_id: str, join_command: Callable[[], str],
                maddrs: Callable[[], list[str]], keys_required: bool, status: StatusSource,
-               stream_period: float = 1.0) -> FastAPI:
-    """The app: public routes (joining, status), the admin's session, keys, run control and metrics."""
+               stream_period: float = 1.0, checks: Checks | None = None, fleet: Fleet | None = None) -> FastAPI:
+    """The app: public routes (joining, status, health), the admin's session, keys, run control,
+    metrics and, with ``fleet``, the owner's fleet view."""
     app = FastAPI(title=f"swarm bootstrap: run {run_id}", version="1",
                   description="Admin API of a swarm run's bootstrap; the dashboard's pages use it.")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(SwarmError, _swarm_error)
-    guard = _Guard(auth)
-    app.include_router(_public_routes(auth, run_id, join_command, maddrs, keys_required, status))
+    guard = _Guard(auth, db)
+    app.include_router(_public_routes(auth, run_id, join_command, maddrs, keys_required, status, checks))
     app.include_router(_session_routes(auth, guard))
     app.include_router(_key_routes(db, guard))
     app.include_router(_run_routes(db, guard, stream_period))
+    app.include_router(_fleet_routes(db, guard, fleet))
     return app
 
 
@@ -145,28 +193,50 @@ async def _swarm_error(request: Request, error: SwarmError) -> Response:
 
 
 class _Guard:
-    """The admin's dependencies: ``session`` (a logged-in admin) and ``csrf`` (one whose request also
-    carries the session's CSRF token: every route that changes something)."""
+    """The admin's dependencies: ``session`` (a logged-in admin, or a request with an admin-scoped
+    API key) and ``csrf`` (a session whose request also carries its CSRF token, or an admin key: a
+    key is not sent by the browser on its own, so it needs none; every route that changes something)."""
 
-    def __init__(self, auth: AdminAuth):
-        self.auth = auth
+    def __init__(self, auth: AdminAuth, db: StateDB):
+        self.auth, self.db = auth, db
 
     def session(self, request: Request) -> Session:
         found = self.auth.session(request.cookies.get(COOKIE))
-        if found is None:
-            raise HTTPException(401, "log in first (POST /api/login)")
-        return found
+        if found is not None:
+            return found
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and key.strip().startswith(KEY_PREFIX):
+            return self._admin_key(key.strip(), request)
+        raise HTTPException(401, "log in first (POST /api/login), or send a key with scope admin as a Bearer token")
+
+    def _admin_key(self, key: str, request: Request) -> Session:
+        try:
+            used = self.db.verify_key(key, scope="admin")
+        except AuthRejected as e:
+            self.db.audit(f"key@{request.client.host if request.client else '?'}", "admin.refused", str(e))
+            raise HTTPException(401, str(e)) from None
+        self.db.audit(f"key:{used.id}", "admin.use", f"{request.method} {request.url.path}")
+        return Session(token="", username=f"key:{used.id}", csrf="", expires=float("inf"))
 
     def csrf(self, request: Request) -> Session:
         current = self.session(request)
-        if request.headers.get("x-csrf-token") != current.csrf:
+        if current.token and request.headers.get("x-csrf-token") != current.csrf:
             raise HTTPException(403, "missing or wrong X-CSRF-Token header")
         return current
 
 
 def _public_routes(auth: AdminAuth, run_id: str, join_command: Callable[[], str], maddrs: Callable[[], list[str]],
-                   keys_required: bool, status: StatusSource) -> APIRouter:
+                   keys_required: bool, status: StatusSource, checks: Checks | None) -> APIRouter:
     router = APIRouter()
+
+    @router.get("/health", tags=["public"], summary="liveness: the dashboard answers")
+    async def health() -> dict:
+        return health_body()
+
+    @router.get("/ready", tags=["public"], summary="readiness: DHT up, manifest published, state database readable")
+    async def ready() -> JSONResponse:
+        code, body = await asyncio.to_thread(readiness, checks)
+        return JSONResponse(body, status_code=code)
 
     @router.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
@@ -214,7 +284,8 @@ def _session_routes(auth: AdminAuth, guard: _Guard) -> APIRouter:
     async def api_login(body: LoginIn, request: Request, response: Response) -> SessionOut:
         client = request.client.host if request.client else "?"
         opened = await asyncio.to_thread(auth.login, body.username, body.password, client)
-        response.set_cookie(COOKIE, opened.token, httponly=True, samesite="strict", max_age=int(auth.session_ttl))
+        response.set_cookie(COOKIE, opened.token, httponly=True, samesite="strict", max_age=int(auth.session_ttl),
+                            secure=request.url.scheme == "https")
         return SessionOut(username=opened.username, csrf=opened.csrf)
 
     @router.get("/api/session", response_model=SessionOut)
@@ -232,7 +303,7 @@ def _session_routes(auth: AdminAuth, guard: _Guard) -> APIRouter:
 
 def _key_out(k: Any, revoked: float | None) -> KeyOut:
     return KeyOut(id=k.id, name=k.name, created=k.created, expires=k.expires, revoked=revoked,
-                  state=k.state(time.time()))
+                  state=k.state(time.time()), scopes=list(k.scopes))
 
 
 def _key_routes(db: StateDB, guard: _Guard) -> APIRouter:
@@ -246,7 +317,7 @@ def _key_routes(db: StateDB, guard: _Guard) -> APIRouter:
     async def api_create_key(body: KeyIn, current: Session = Depends(guard.csrf)) -> NewKeyOut:
         expires_in = parse_duration(body.expires) if body.expires else None
         made = await asyncio.to_thread(db.create_key, body.name, actor=f"web:{current.username}",
-                                       expires_in=expires_in)
+                                       expires_in=expires_in, scopes=parse_scopes(body.scopes))
         return NewKeyOut(key=_key_out(made.key, None), secret=made.secret)
 
     @router.post("/api/keys/{key_id}/revoke", response_model=KeyOut)
@@ -302,6 +373,73 @@ def _run_routes(db: StateDB, guard: _Guard, stream_period: float) -> APIRouter:
     return router
 
 
+def _fleet_routes(db: StateDB, guard: _Guard, fleet: Fleet | None) -> APIRouter:
+    """Per-peer history, alerts, the owner's actions on a peer, and the CSV exports."""
+    router = APIRouter(tags=["fleet"])
+
+    @router.get("/api/peers/{peer_id}/history", response_model=list[PeerSampleOut])
+    async def api_peer_history(peer_id: str, since: float = Query(0.0, ge=0), limit: int = Query(2000, ge=1, le=20000),
+                               current: Session = Depends(guard.session)) -> list[PeerSampleOut]:
+        samples = await asyncio.to_thread(db.peer_history, _peer_id(peer_id), since, limit)
+        return [PeerSampleOut(**{k: v for k, v in vars(s).items() if k != "peer_id"}) for s in samples]
+
+    @router.get("/api/alerts", response_model=list[AlertOut])
+    async def api_alerts(current: Session = Depends(guard.session)) -> list[AlertOut]:
+        active = fleet.alerts.active.values() if fleet is not None else ()
+        return [AlertOut(kind=a.kind, key=a.key, text=a.text) for a in active]
+
+    async def act(peer_id: str, current: Session, kick: bool) -> PeerActionOut:
+        if fleet is None:
+            raise HTTPException(404, "this dashboard serves no run whose peers it could act on")
+        done = await fleet.ban_peer(_peer_id(peer_id), actor=f"web:{current.username}", kick=kick)
+        return PeerActionOut(peer_id=peer_id, done=done)
+
+    @router.post("/api/peers/{peer_id}/ban", response_model=PeerActionOut,
+                 summary="ban a peer: no more credit, out of every view, its key revoked on a keyed run")
+    async def api_ban(peer_id: str, current: Session = Depends(guard.csrf)) -> PeerActionOut:
+        return await act(peer_id, current, kick=False)
+
+    @router.post("/api/peers/{peer_id}/kick", response_model=PeerActionOut,
+                 summary="kick a peer: revoke the key it joined with (keyed runs)")
+    async def api_kick(peer_id: str, current: Session = Depends(guard.csrf)) -> PeerActionOut:
+        return await act(peer_id, current, kick=True)
+
+    @router.get("/api/contributions.csv", response_class=Response)
+    async def contributions_csv(current: Session = Depends(guard.session)) -> Response:
+        rows = [(c.peer_id, c.samples, _iso(c.first_seen), _iso(c.last_seen))
+                for c in await asyncio.to_thread(db.contributions)]
+        return _csv("contributions.csv", ("peer_id", "samples", "first_seen_utc", "last_seen_utc"), rows)
+
+    @router.get("/api/audit.csv", response_class=Response)
+    async def audit_csv(limit: int = Query(100000, ge=1, le=1000000),
+                        current: Session = Depends(guard.session)) -> Response:
+        rows = [(e.id, _iso(e.at), e.actor, e.action, e.detail) for e in await asyncio.to_thread(db.audit_log, limit)]
+        return _csv("audit.csv", ("id", "time_utc", "actor", "action", "detail"), rows)
+
+    return router
+
+
+def _peer_id(text: str) -> str:
+    if not text.strip() or len(text) > 128:
+        raise ConfigError("name the peer by its peer id (1 to 128 characters)")
+    return text.strip()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _csv(name: str, header: tuple[str, ...], rows: list[tuple]) -> Response:
+    """A CSV download; cells that a spreadsheet would run as a formula (=, +, -, @) are quoted with '."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["'" + c if isinstance(c, str) and c[:1] in ("=", "+", "-", "@") else c for c in row])
+    return Response(out.getvalue(), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
 async def _points(request: Request, db: StateDB, since: int, period: float) -> AsyncIterator[str]:
     last = since
     while not await request.is_disconnected():
@@ -324,16 +462,20 @@ class _QuietServer(uvicorn.Server):
 
 
 class DashboardServer:
-    """Serve an app on ``host:port`` (port 0: a free one) in the running event loop."""
+    """Serve an app on ``host:port`` (port 0: a free one) in the running event loop; ``tls``:
+    uvicorn's ``ssl_certfile``/``ssl_keyfile`` for https (``BootstrapSettings.tls()``). Behind a
+    reverse proxy on this machine, its ``X-Forwarded-Proto`` is trusted (uvicorn's default: from
+    127.0.0.1), so the session cookie is ``Secure`` when the proxy speaks https."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int, *, tls: dict[str, str] | None = None):
         self.app, self.host, self.port = app, host, port
+        self.tls = dict(tls or {})
         self._server: _QuietServer | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2)
+                                lifespan="off", timeout_graceful_shutdown=2, proxy_headers=True, **self.tls)
         self._server = _QuietServer(config)
         self._task = asyncio.create_task(self._serve(), name="dashboard")
         while not self._server.started:
@@ -352,7 +494,7 @@ class DashboardServer:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:

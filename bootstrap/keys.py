@@ -2,7 +2,9 @@
 
 A key is ``swk_<id>_<secret>``: the id (8 hex digits) is public and names the key in lists, the audit
 log and ``swarm keys revoke``; the secret is 32 random bytes. Only the SHA-256 of the whole key is
-stored. A slow password hash (bcrypt, argon2) protects low-entropy passwords from guessing; a key
+stored. A key has *scopes* (``SCOPES``): ``join`` (trade it for a token and serve or train in the
+run), ``api`` (call a ``swarm serve-api`` of the run), ``admin`` (the dashboard's admin API, sent as
+``Authorization: Bearer``); a key is refused for what its scopes do not name. A slow password hash (bcrypt, argon2) protects low-entropy passwords from guessing; a key
 with 256 random bits cannot be guessed, so a fast hash is the right one here (and it keeps checking
 a key on every token request cheap).
 """
@@ -19,6 +21,8 @@ from core.errors import AuthRejected, ConfigError
 
 __all__ = [
     "KEY_PREFIX",
+    "SCOPES",
+    "parse_scopes",
     "ApiKey",
     "NewKey",
     "generate_key",
@@ -32,6 +36,8 @@ KEY_PREFIX = "swk_"
 _KEY_RE = re.compile(r"^swk_([0-9a-f]{8})_([A-Za-z0-9_-]{20,64})$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+SCOPES = ("join", "api", "admin")
+_USES = {"join": "join the run", "api": "use the inference API", "admin": "use the admin API"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class ApiKey:
     created: float
     expires: float | None = None
     revoked: float | None = None
+    scopes: tuple[str, ...] = ("join",)
 
     def state(self, now: float) -> str:
         if self.revoked is not None:
@@ -78,14 +85,30 @@ def key_id_of(full_key: str) -> str:
     return match.group(1)
 
 
-def check_key(stored: ApiKey | None, stored_hash: str | None, full_key: str, now: float) -> ApiKey:
-    """Decide whether ``full_key`` is usable now; ``AuthRejected`` says why not."""
+def parse_scopes(scopes: "str | list[str] | tuple[str, ...]") -> tuple[str, ...]:
+    """``"join,api"`` or ``["join", "api"]`` -> ``("join", "api")`` in ``SCOPES`` order; ``ConfigError``
+    names an unknown or missing scope."""
+    names = [s.strip() for s in (scopes.split(",") if isinstance(scopes, str) else scopes) if s.strip()]
+    unknown = sorted(set(names) - set(SCOPES))
+    if unknown:
+        raise ConfigError(f"unknown key scope {', '.join(map(repr, unknown))}: use {', '.join(SCOPES)}")
+    if not names:
+        raise ConfigError(f"a key needs at least one scope: {', '.join(SCOPES)}")
+    return tuple(s for s in SCOPES if s in names)
+
+
+def check_key(stored: ApiKey | None, stored_hash: str | None, full_key: str, now: float,
+              scope: str | None = None) -> ApiKey:
+    """Decide whether ``full_key`` is usable now (for ``scope``, if given); ``AuthRejected`` says why not."""
     key_id = key_id_of(full_key)
     if stored is None or stored_hash is None or not hmac.compare_digest(stored_hash, hash_key(full_key.strip())):
         raise AuthRejected(f"unknown API key {key_id}")
     state = stored.state(now)
     if state != "active":
         raise AuthRejected(f"API key {key_id} ({stored.name}) is {state}")
+    if scope is not None and scope not in stored.scopes:
+        raise AuthRejected(f"API key {key_id} ({stored.name}) has scope {','.join(stored.scopes)}: it cannot "
+                           f"{_USES[scope]} (that needs a key with scope {scope}: swarm keys create --scope {scope})")
     return stored
 
 

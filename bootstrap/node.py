@@ -14,6 +14,11 @@ from the bootstrap at ``addr`` and signs tokens with the same *authority* key (`
 a copy of the first one's ``authority.key``). Each keeps its own ``state.db`` and they sync keys and
 run state over ``swarm.bootstrap.sync`` (``bootstrap.mirror``, rules in ``bootstrap.sync``); each
 publishes a ``{run}_bootstraps`` record, where joining peers find one to ask for a token.
+
+The owner's fleet view: every metrics round it also keeps each peer's live figures in ``state.db``
+(``peer_samples``, pruned after ``bootstrap.metrics_retention``), raises alerts (``bootstrap.alerts``:
+audited, and posted to ``bootstrap.alert_webhook``), and applies the owner's bans and kicks
+(``ban_peer``): the banned list travels in the run-control record, so every view leaves the peer out.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from hivemind.utils.crypto import RSAPrivateKey
 
+from bootstrap.alerts import AlertBook, Progress, alerts_of, post_alert
 from bootstrap.bans import BanEnforcer
 from bootstrap.checkpoints import CheckpointStore
 from bootstrap.data import DataService
@@ -34,8 +41,8 @@ from bootstrap.leases import LeaseBook
 from bootstrap.credit import DEFAULT_MAX_POSITIONS, credit_cap, max_positions, round_step, step_advance, tokens_per_step
 from bootstrap.mirror import BootstrapPeering, check_signer, load_authority
 from bootstrap.telemetry import BootstrapTelemetry
-from bootstrap.metrics import summarize
-from bootstrap.state import StateDB
+from bootstrap.metrics import RoundSummary, summarize
+from bootstrap.state import PeerSample, StateDB
 from bootstrap.tokens import TokenService
 from hivemind.utils import get_dht_time
 
@@ -60,10 +67,10 @@ from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
 from core.config import SwarmSettings, relay_limits
-from core.errors import ConfigError, PeerUnavailable
+from core.errors import ConfigError, PeerUnavailable, SwarmError
 from core.types import PeerId
 
-__all__ = ["BootstrapNode", "build_manifest"]
+__all__ = ["BootstrapNode", "build_manifest", "peer_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,15 @@ def build_manifest(settings: SwarmSettings) -> Manifest:
     )
 
 
+def peer_samples(status: Status, now: float) -> list[PeerSample]:
+    """One row of live figures per peer of ``status`` (``state.db``'s ``peer_samples``)."""
+    return [PeerSample(at=now, peer_id=p.peer_id, throughput=p.throughput, latency_ms=p.latency_ms,
+                       cpu_percent=p.hardware.cpu_percent, gpu_util_percent=p.hardware.gpu_util_percent,
+                       gpu_memory_used_gib=p.hardware.gpu_memory_used_gib,
+                       gpu_memory_gib=p.hardware.gpu_memory_gib, gpu_temperature_c=p.hardware.gpu_temperature_c,
+                       gpu_power_w=p.hardware.gpu_power_w) for p in status.peers]
+
+
 class BootstrapNode:
     """A DHT peer with a persistent identity that keeps the run's manifest published."""
 
@@ -133,6 +149,9 @@ class BootstrapNode:
         self._own_token: tuple[str, float] | None = None
         self._round_step: int | None = None  # the run's step at the last metrics round (bootstrap.credit)
         self._max_positions = DEFAULT_MAX_POSITIONS
+        self.alerts = AlertBook()
+        self._step_seen: tuple[int, float] = (0, time.time())  # the step, and since when it has not moved
+        self._sampled_at: float | None = None  # the status time of the last peer samples kept
 
     async def start(self) -> None:
         try:
@@ -158,6 +177,7 @@ class BootstrapNode:
         await self.telemetry.start(gate=self.gate, limits=self.limits)
         self.bans = BanEnforcer(self.dht, self.db, self.telemetry.book, self.manifest.num_stages,
                                 lambda: self.authority.get_public_key() if self.keys_required else None)
+        self.telemetry.book.banned.update(self.db.banned_peers())  # the owner's bans hold across restarts
         await self._publish_control(*self._wanted_control())
         if self.mirror is None:
             self.data = DataService(LeaseBook(self.db, ttl=self.settings.data.lease_ttl), self.dht,
@@ -336,8 +356,10 @@ class BootstrapNode:
         self.admin = AdminAuth(self.db)
         boot = self.settings.bootstrap
         app = create_app(self.db, self.admin, run_id=self.settings.run_id, join_command=self.join_command,
-                         maddrs=lambda: self.maddrs, keys_required=self.keys_required, status=self.status_report)
-        server = DashboardServer(app, boot.dashboard_host or self.settings.network.host, boot.dashboard_port)
+                         maddrs=lambda: self.maddrs, keys_required=self.keys_required, status=self.status_report,
+                         checks=self.readiness, fleet=self)
+        server = DashboardServer(app, boot.dashboard_host or self.settings.network.host, boot.dashboard_port,
+                                 tls=boot.tls())
         try:
             await server.start()
         except (OSError, SystemExit) as e:  # uvicorn exits on a bind error
@@ -349,6 +371,37 @@ class BootstrapNode:
         if not self.admin.configured:
             logger.warning("no admin password yet: set SWARM_ADMIN_PASSWORD or run `swarm admin password` "
                            "to log in to the dashboard")
+
+    def readiness(self) -> dict[str, bool]:
+        """``/ready`` of the dashboard: the DHT is up, the manifest is kept published, state.db reads."""
+        database = True
+        try:
+            self.db.run_state()
+        except SwarmError:
+            database = False
+        return {"dht": self.dht is not None and self.dht.dht.is_alive(),
+                "manifest": self.manifest is not None and self._task is not None and not self._task.done(),
+                "state_db": database}
+
+    async def ban_peer(self, peer_id: PeerId, *, actor: str, kick: bool = False) -> str:
+        """The owner's action on a peer. ``kick``: revoke the key it joined with, so it leaves and its
+        records are refused (a keyed run only: an open run has no key to take). A ban does that too
+        on a keyed run, and puts it on the banned list for good (kept in state.db, published in the
+        run-control record): no more credit, left out of every view. Returns what was done."""
+        if kick and not self.keys_required:
+            raise ConfigError("an open run has no keys to revoke, so a peer cannot be kicked: ban it instead")
+        done = []
+        if not kick:
+            await asyncio.to_thread(self.db.ban_peer, peer_id, actor=actor, action="peer.ban")
+            self.telemetry.book.banned.add(peer_id)
+            done.append("banned")
+        if self.keys_required:
+            key_id = await self.bans.revoke_key_of(peer_id, actor)
+            done.append(f"key {key_id} revoked" if key_id else "no key of it found in the DHT")
+        if kick:
+            await asyncio.to_thread(self.db.audit, actor, "peer.kick", f"{peer_id}: {done[-1]}")
+        self._status_cache = None
+        return "; ".join(done)
 
     async def status_report(self, max_age: float = 2.0) -> Status:
         """``swarm status --json``'s data, from this node's DHT (cached for ``max_age`` seconds)."""
@@ -403,12 +456,12 @@ class BootstrapNode:
         service = TokenService(self.db, self.authority, self.settings.bootstrap.token_ttl)
         await self._transport.serve(TOKEN, service.rpc_token, public=True, max_request_bytes=PUBLIC_REQUEST_BYTES)
 
-    def _wanted_control(self) -> tuple[str, tuple[str, ...]]:
-        """What state.db says now: the run state and the revoked key ids."""
+    def _wanted_control(self) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        """What state.db says now: the run state, the revoked key ids and the banned peers."""
         revoked = tuple(sorted(k.id for k in self.db.list_keys() if k.revoked is not None))
-        return self.db.run_state(), revoked
+        return self.db.run_state(), revoked, tuple(self.db.banned_peers())
 
-    async def _publish_control(self, state: str, revoked: tuple[str, ...]) -> None:
+    async def _publish_control(self, state: str, revoked: tuple[str, ...], banned: tuple[str, ...] = ()) -> None:
         if self.keys_required and (self.control is None or tuple(self.control.revoked) != revoked):
             self.dht.dht.add_validators([TokenRecordValidator(self.settings.run_id, self.authority_public_key,
                                                               frozenset(revoked))])
@@ -418,7 +471,8 @@ class BootstrapNode:
         # two bootstraps that have synced publish equal records and the newer change always wins
         changed_at = await asyncio.to_thread(lambda: max(self.db.run_state_row()[1], self.db.keys_changed_at()))
         self.control = RunControl(state=RunState(state), changed_at=changed_at,
-                                  keys_required=self.keys_required, revoked=list(revoked))
+                                  keys_required=self.keys_required, revoked=list(revoked), banned=list(banned))
+        self._status_cache = None  # the views leave revoked and banned peers out from now on
         if not await publish_control(self.dht, self.control):
             logger.warning("the run state was not stored in the DHT; retrying in a second")
             self.control = None
@@ -430,13 +484,15 @@ class BootstrapNode:
         while True:
             await asyncio.sleep(period)
             try:
-                state, revoked = await asyncio.to_thread(self._wanted_control)
+                wanted = await asyncio.to_thread(self._wanted_control)
                 stale = asyncio.get_running_loop().time() - last_publish > CONTROL_REFRESH
-                current = None if self.control is None else (self.control.state.value, tuple(self.control.revoked))
-                if current != (state, revoked) or stale:
-                    if current is not None and current != (state, revoked):
-                        logger.info("run state: %s; revoked keys: %s", state, ", ".join(revoked) or "none")
-                    await self._publish_control(state, revoked)
+                current = None if self.control is None else (
+                    self.control.state.value, tuple(self.control.revoked), tuple(self.control.banned))
+                if current != wanted or stale:
+                    if current is not None and current != wanted:
+                        logger.info("run state: %s; revoked keys: %s; banned peers: %d", wanted[0],
+                                    ", ".join(wanted[1]) or "none", len(wanted[2]))
+                    await self._publish_control(*wanted)
                     last_publish = asyncio.get_running_loop().time()
             except Exception as e:  # the DHT or the database is briefly busy: the next second retries
                 logger.warning("publishing the run state failed: %s", e)
@@ -464,13 +520,40 @@ class BootstrapNode:
         await self._count_online_steps(reports, peers | _online_in(records))
         await self._remember_peers(records)
         summary = summarize(reports)
-        if summary is None:
-            return False
-        await asyncio.to_thread(
-            self.db.record_metrics, step=summary.step, loss=summary.loss,
-            tokens_per_second=summary.tokens_per_second, peers=summary.peers, reports=summary.samples,
-        )
-        return True
+        if summary is not None:
+            await asyncio.to_thread(
+                self.db.record_metrics, step=summary.step, loss=summary.loss,
+                tokens_per_second=summary.tokens_per_second, peers=summary.peers, reports=summary.samples,
+            )
+        await self._fleet_round(summary, trainers=sum(r.role == "trainer" for r in reports))
+        return summary is not None
+
+    async def _fleet_round(self, summary: RoundSummary | None, *, trainers: int) -> None:
+        """The fleet view's part of a metrics round: peer samples kept (once per new status) and
+        pruned, alerts raised. A round whose status the DHT cannot give now is skipped whole."""
+        now = time.time()
+        if summary is not None and summary.step != self._step_seen[0]:
+            self._step_seen = (summary.step, now)
+        try:
+            status = await self.status_report()
+        except Exception as e:  # a DHT hiccup or timeout: skip this round (its alerts would all look cleared)
+            logger.info("no status this round (%s): the fleet view waits", e)
+            return
+        if status.time != self._sampled_at:
+            self._sampled_at = status.time
+            await asyncio.to_thread(self.db.record_peer_samples, peer_samples(status, now),
+                                    retention=self.settings.bootstrap.metrics_retention, now=now)
+        progress = Progress(step=self._step_seen[0], step_since=self._step_seen[1],
+                            loss=summary.loss if summary is not None else None,
+                            run_state=self.db.run_state(), trainers=trainers)
+        boot = self.settings.bootstrap
+        for alert in self.alerts.update(alerts_of(status, progress, now=now, stall_after=boot.alert_stall)):
+            logger.warning("alert: %s", alert.text)
+            await asyncio.to_thread(self.db.audit, "alerts", f"alert.{alert.kind}", alert.text)
+            if boot.alert_webhook:
+                self._tasks.append(asyncio.create_task(
+                    post_alert(boot.alert_webhook, self.settings.run_id, alert, now), name="alert-webhook"))
+        self._tasks = [t for t in self._tasks if not (t.get_name() == "alert-webhook" and t.done())]
 
     @property
     def maddrs(self) -> list[str]:

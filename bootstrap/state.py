@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of
+from bootstrap.keys import ApiKey, NewKey, check_key, generate_key, hash_key, key_id_of, parse_scopes
 from core.errors import ConfigError, StateError
 from core.types import PeerId
 
@@ -33,14 +33,23 @@ __all__ = [
     "AuditEntry",
     "MetricPoint",
     "Contribution",
+    "PeerSample",
     "StateDB",
     "contribution_delta",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RUN_STATES = ("running", "paused", "stopped")
 _MAX_TEXT = 500
 
+_PEER_SAMPLES = """
+CREATE TABLE peer_samples (
+    at REAL NOT NULL, peer_id TEXT NOT NULL, throughput REAL, latency_ms REAL, cpu_percent REAL,
+    gpu_util_percent REAL, gpu_memory_used_gib REAL, gpu_memory_gib REAL, gpu_temperature_c REAL, gpu_power_w REAL
+);
+CREATE INDEX peer_samples_peer_at ON peer_samples(peer_id, at);
+CREATE INDEX peer_samples_at ON peer_samples(at)
+"""
 _DATA_SCHEMA = """
 CREATE TABLE data_sets (dataset_id TEXT PRIMARY KEY, spec TEXT NOT NULL, last_used REAL NOT NULL);
 CREATE TABLE data_shards (
@@ -54,12 +63,12 @@ CREATE TABLE evals (
     loss REAL NOT NULL, tokens INTEGER NOT NULL, peer_id TEXT NOT NULL
 );
 """
-
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL, expires REAL, revoked REAL, updated_at REAL NOT NULL DEFAULT 0
+    created REAL NOT NULL, expires REAL, revoked REAL, updated_at REAL NOT NULL DEFAULT 0,
+    scopes TEXT NOT NULL DEFAULT 'join'
 );
 CREATE TABLE audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
@@ -101,6 +110,27 @@ class Contribution:
     samples: int
     first_seen: float
     last_seen: float
+
+
+@dataclass(frozen=True)
+class PeerSample:
+    """One peer's live figures at one collection round (``peer_samples``): what the dashboard's
+    per-peer history charts draw. GPU fields are None on a CPU peer (and for a peer whose record
+    does not carry them); memory is GiB, temperature Celsius, power watts, means over its GPUs."""
+
+    at: float
+    peer_id: PeerId
+    throughput: float | None = None
+    latency_ms: float | None = None
+    cpu_percent: float | None = None
+    gpu_util_percent: float | None = None
+    gpu_memory_used_gib: float | None = None
+    gpu_memory_gib: float | None = None
+    gpu_temperature_c: float | None = None
+    gpu_power_w: float | None = None
+
+
+_SAMPLE_FIELDS = tuple(PeerSample.__dataclass_fields__)
 
 
 def contribution_delta(last_reported: int, reported: int) -> int:
@@ -159,7 +189,7 @@ class StateDB:
                 return
             if c.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
                 raise StateError(f"{self.path} is an SQLite database of something else (no swarm schema version)")
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+            for statement in filter(str.strip, (_SCHEMA + ";" + _PEER_SAMPLES).split(";")):
                 c.execute(statement)
             c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -167,7 +197,8 @@ class StateDB:
         """Bring an older database up to ``SCHEMA_VERSION`` in one transaction (all or nothing), keeping
         every row. 1 -> 2: ``api_keys.updated_at`` (the merge rule of ``bootstrap.sync`` needs it),
         set to the key's last change (its revocation, else its creation). 2 -> 3: the data leases'
-        and evaluations' tables (``bootstrap.leases``), empty."""
+        and evaluations' tables (``bootstrap.leases``), empty. 3 -> 4: ``api_keys.scopes`` (keys made
+        before scopes keep what they could do: join and the API) and ``peer_samples``."""
         with self._tx() as c:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version >= SCHEMA_VERSION:
@@ -177,6 +208,11 @@ class StateDB:
                 c.execute("UPDATE api_keys SET updated_at = max(created, coalesce(revoked, 0))")
             if version < 3:
                 for statement in filter(str.strip, _DATA_SCHEMA.split(";")):
+                    c.execute(statement)
+            if version < 4:
+                c.execute("ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT 'join'")
+                c.execute("UPDATE api_keys SET scopes = 'join,api'")
+                for statement in filter(str.strip, _PEER_SAMPLES.split(";")):
                     c.execute(statement)
             c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             _audit(c, "state", "state.migrate", f"schema {version} -> {SCHEMA_VERSION}")
@@ -238,23 +274,25 @@ class StateDB:
         return int(self.get_meta("step", "0") or 0)
 
     # -- keys ------------------------------------------------------------------------------------
-    def create_key(self, name: str, *, actor: str, expires_in: float | None = None, now: float | None = None) -> NewKey:
+    def create_key(self, name: str, *, actor: str, expires_in: float | None = None, now: float | None = None,
+                   scopes: str | tuple[str, ...] | list[str] = ("join",)) -> NewKey:
         name = name.strip()
+        scopes = parse_scopes(scopes)
         if not name or len(name) > 100:
             raise ConfigError("a key needs a name of 1 to 100 characters (who it is for)")
         now = time.time() if now is None else now
         key_id, secret = generate_key()
         expires = now + expires_in if expires_in is not None else None
         with self._tx() as c:
-            c.execute("INSERT INTO api_keys(id, name, hash, created, expires, updated_at) VALUES(?, ?, ?, ?, ?, ?)",
-                      (key_id, name, hash_key(secret), now, expires, now))
+            c.execute("INSERT INTO api_keys(id, name, hash, created, expires, updated_at, scopes) "
+                      "VALUES(?, ?, ?, ?, ?, ?, ?)", (key_id, name, hash_key(secret), now, expires, now, ",".join(scopes)))
             until = f", expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))} UTC" if expires else ""
-            _audit(c, actor, "key.create", f"{key_id} for {name}{until}")
-        return NewKey(ApiKey(key_id, name, now, expires), secret)
+            _audit(c, actor, "key.create", f"{key_id} for {name}, scope {','.join(scopes)}{until}")
+        return NewKey(ApiKey(key_id, name, now, expires, scopes=scopes), secret)
 
     def list_keys(self) -> list[ApiKey]:
-        rows = self._read("SELECT id, name, created, expires, revoked FROM api_keys ORDER BY created")
-        return [ApiKey(*row) for row in rows]
+        rows = self._read(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created")
+        return [_api_key(row) for row in rows]
 
     def revoke_key(self, id_or_prefix: str, *, actor: str, now: float | None = None) -> ApiKey:
         prefix = id_or_prefix.strip()
@@ -264,29 +302,30 @@ class StateDB:
             raise ConfigError("name the key to revoke by its id (or a unique prefix of it)")
         now = time.time() if now is None else now
         with self._tx() as c:
-            rows = c.execute("SELECT id, name, created, expires, revoked FROM api_keys WHERE id LIKE ? ESCAPE '\\'",
+            rows = c.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id LIKE ? ESCAPE '\\'",
                              (_like_prefix(prefix),)).fetchall()
             if not rows:
                 raise ConfigError(f"no API key with id {prefix!r}; `swarm keys list` shows them")
             if len(rows) > 1:
                 raise ConfigError(f"{prefix!r} matches {len(rows)} keys ({', '.join(r[0] for r in rows)}); give more of the id")
-            key = ApiKey(*rows[0])
+            key = _api_key(rows[0])
             if key.revoked is None:
                 c.execute("UPDATE api_keys SET revoked = ?, updated_at = ? WHERE id = ?", (now, now, key.id))
                 _audit(c, actor, "key.revoke", f"{key.id} of {key.name}")
-                key = ApiKey(key.id, key.name, key.created, key.expires, now)
+                key = ApiKey(key.id, key.name, key.created, key.expires, now, key.scopes)
         return key
 
-    def verify_key(self, full_key: str, now: float | None = None) -> ApiKey:
-        """The key's record if ``full_key`` is a known, unrevoked, unexpired key; else ``AuthRejected``."""
+    def verify_key(self, full_key: str, now: float | None = None, *, scope: str | None = None) -> ApiKey:
+        """The key's record if ``full_key`` is a known, unrevoked, unexpired key (with ``scope``, if
+        given); else ``AuthRejected``."""
         key_id = key_id_of(full_key)
-        rows = self._read("SELECT id, name, created, expires, revoked, hash FROM api_keys WHERE id = ?", (key_id,))
-        stored, stored_hash = (ApiKey(*rows[0][:5]), rows[0][5]) if rows else (None, None)
-        return check_key(stored, stored_hash, full_key, time.time() if now is None else now)
+        rows = self._read(f"SELECT {_KEY_COLUMNS}, hash FROM api_keys WHERE id = ?", (key_id,))
+        stored, stored_hash = (_api_key(rows[0][:6]), rows[0][6]) if rows else (None, None)
+        return check_key(stored, stored_hash, full_key, time.time() if now is None else now, scope)
 
     def key_usable(self, key_id: str, now: float | None = None) -> bool:
-        rows = self._read("SELECT id, name, created, expires, revoked FROM api_keys WHERE id = ?", (key_id,))
-        return bool(rows) and ApiKey(*rows[0]).state(time.time() if now is None else now) == "active"
+        rows = self._read(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        return bool(rows) and _api_key(rows[0]).state(time.time() if now is None else now) == "active"
 
     def keys_changed_at(self) -> float:
         """When a key was last created, revoked or changed (0 with no keys)."""
@@ -296,9 +335,10 @@ class StateDB:
     def key_rows(self) -> list["KeyRow"]:
         from bootstrap.sync import KeyRow
 
-        rows = self._read("SELECT id, name, hash, created, expires, revoked, updated_at FROM api_keys ORDER BY created")
-        return [KeyRow(id=r[0], name=r[1], hash=r[2], created=r[3], expires=r[4], revoked=r[5], updated_at=r[6])
-                for r in rows]
+        rows = self._read("SELECT id, name, hash, created, expires, revoked, updated_at, scopes FROM api_keys "
+                          "ORDER BY created")
+        return [KeyRow(id=r[0], name=r[1], hash=r[2], created=r[3], expires=r[4], revoked=r[5], updated_at=r[6],
+                       scopes=r[7]) for r in rows]
 
     def merge_sync(self, keys: list["KeyRow"], run_state: "RunStateRow", *, source: str) -> list[str]:
         """Fold another bootstrap's snapshot in, in one transaction; every change is audited with
@@ -379,25 +419,71 @@ class StateDB:
                           "ORDER BY id DESC LIMIT ?", (since_id, limit))
         return [MetricPoint(*row) for row in reversed(rows)]
 
+    def record_peer_samples(self, samples: list[PeerSample], *, retention: float, now: float | None = None) -> int:
+        """Add one round of peer samples and drop those older than ``retention`` seconds, in one
+        transaction; returns how many were dropped."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.executemany(f"INSERT INTO peer_samples({', '.join(_SAMPLE_FIELDS)}) "
+                          f"VALUES({', '.join('?' * len(_SAMPLE_FIELDS))})",
+                          [tuple(getattr(s, f) for f in _SAMPLE_FIELDS) for s in samples])
+            return c.execute("DELETE FROM peer_samples WHERE at < ?", (now - retention,)).rowcount
+
+    def peer_history(self, peer_id: PeerId, since: float = 0.0, limit: int = 2000) -> list[PeerSample]:
+        """``peer_id``'s samples after ``since`` (a time), oldest first, at most the newest ``limit``."""
+        rows = self._read(f"SELECT {', '.join(_SAMPLE_FIELDS)} FROM peer_samples WHERE peer_id = ? AND at > ? "
+                          "ORDER BY at DESC LIMIT ?", (peer_id, since, limit))
+        return [PeerSample(*row) for row in reversed(rows)]
+
+    def banned_peers(self) -> list[PeerId]:
+        """Peers the owner banned or kicked (``ban_peer``), oldest first."""
+        return list(json.loads(self.get_meta("banned_peers") or "[]"))
+
+    def ban_peer(self, peer_id: PeerId, *, actor: str, action: str, detail: str = "") -> bool:
+        """Put ``peer_id`` on the banned list and audit ``action`` (``peer.ban`` or ``peer.kick``) in
+        one transaction; False if it already was on it (audited all the same: the owner acted)."""
+        peer_id = peer_id.strip()
+        if not peer_id or len(peer_id) > 128:
+            raise ConfigError("name the peer by its peer id (1 to 128 characters)")
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'banned_peers'").fetchone()
+            banned = json.loads(row[0]) if row else []
+            fresh = peer_id not in banned
+            if fresh:
+                banned.append(peer_id)
+                c.execute("INSERT INTO meta(key, value) VALUES('banned_peers', ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (json.dumps(banned[-512:]),))
+            _audit(c, actor, action, f"{peer_id}{': ' + detail if detail else ''}")
+        return fresh
+
     def contributions(self) -> list[Contribution]:
         rows = self._read("SELECT peer_id, samples, first_seen, last_seen FROM contributions ORDER BY samples DESC")
         return [Contribution(*row) for row in rows]
 
 
+_KEY_COLUMNS = "id, name, created, expires, revoked, scopes"
+
+
+def _api_key(row: tuple) -> ApiKey:
+    return ApiKey(*row[:5], scopes=tuple(row[5].split(",")))
+
+
 def _key_row(c: sqlite3.Connection, key_id: str) -> "KeyRow | None":
     from bootstrap.sync import KeyRow
 
-    r = c.execute("SELECT id, name, hash, created, expires, revoked, updated_at FROM api_keys WHERE id = ?",
+    r = c.execute("SELECT id, name, hash, created, expires, revoked, updated_at, scopes FROM api_keys WHERE id = ?",
                   (key_id,)).fetchone()
     return None if r is None else KeyRow(id=r[0], name=r[1], hash=r[2], created=r[3], expires=r[4], revoked=r[5],
-                                         updated_at=r[6])
+                                         updated_at=r[6], scopes=r[7])
 
 
 def _write_key_row(c: sqlite3.Connection, row: "KeyRow") -> None:
-    c.execute("INSERT INTO api_keys(id, name, hash, created, expires, revoked, updated_at) VALUES(?, ?, ?, ?, ?, ?, ?) "
+    c.execute("INSERT INTO api_keys(id, name, hash, created, expires, revoked, updated_at, scopes) "
+              "VALUES(?, ?, ?, ?, ?, ?, ?, ?) "
               "ON CONFLICT(id) DO UPDATE SET name = excluded.name, created = excluded.created, "
-              "expires = excluded.expires, revoked = excluded.revoked, updated_at = excluded.updated_at",
-              (row.id, row.name, row.hash, row.created, row.expires, row.revoked, row.updated_at))
+              "expires = excluded.expires, revoked = excluded.revoked, updated_at = excluded.updated_at, "
+              "scopes = excluded.scopes",
+              (row.id, row.name, row.hash, row.created, row.expires, row.revoked, row.updated_at, row.scopes))
 
 
 def _key_change(local: "KeyRow | None", merged: "KeyRow") -> str:

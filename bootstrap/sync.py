@@ -62,6 +62,7 @@ class KeyRow(FrozenModel):
     expires: float | None = None
     revoked: float | None = None
     updated_at: float = 0.0
+    scopes: str = Field("join", pattern=r"^(join|api|admin)(,(join|api|admin)){0,2}$")
 
 
 class RunStateRow(FrozenModel):

@@ -1,5 +1,6 @@
 """``TokenService``: the bootstrap's ``swarm.auth.token`` handler, exchanging an API key for a
-signed access token (see ``net.auth`` for the protocol and ``dht.auth`` for the token)."""
+signed access token (see ``net.auth`` for the protocol and ``dht.auth`` for the token), and checking
+an API server's client keys (scope ``api``: no token, see ``TokenRequest``)."""
 
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ _AUDIT_EVERY = 60.0
 
 
 class TokenService:
-    """Checks the key in ``state.db`` (so a revoked or expired key gets nothing) and signs a token
-    for the caller. The first token of each (key, peer) and refusals are audited, refusals at most
-    once a minute per caller so that a misconfigured peer cannot flood the log."""
+    """Checks the key in ``state.db`` (so a revoked or expired key, or one without the scope asked
+    for, gets nothing) and signs a token for the caller. The first token of each (key, peer), every
+    API key check and every refusal are audited, the same refusal (caller and reason) at most once a
+    minute so that a misconfigured peer retrying cannot flood the log."""
 
     def __init__(self, db: StateDB, authority: RSAPrivateKey, ttl: float):
         self.db, self.authority, self.ttl = db, authority, ttl
         self._granted: set[tuple[str, str]] = set()
-        self._last_refusal: dict[str, float] = {}
+        self._last_refusal: dict[tuple[str, str], float] = {}
 
     async def rpc_token(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         caller = CALLER.get()
@@ -50,12 +52,16 @@ class TokenService:
                 public_key = base64.b64decode(request.public_key, validate=True)
             except (binascii.Error, ValueError):
                 raise BadRequest("TokenRequest: public_key: not base64") from None
-            key = await asyncio.to_thread(self.db.verify_key, request.key)
+            key = await asyncio.to_thread(self.db.verify_key, request.key, scope=request.scope)
             expires = min(get_dht_time() + self.ttl, key.expires if key.expires is not None else math.inf)
-            token = issue_token(self.authority, key.id, request.peer_id, public_key, expires)
+            token = issue_token(self.authority, key.id, request.peer_id, public_key, expires) \
+                if request.scope == "join" else ""
         except SwarmError as e:
             await self._audit_refusal(caller or "?", e)
             return error_reply(e), []
+        if request.scope == "api":
+            await asyncio.to_thread(self.db.audit, request.peer_id, "api.check", f"key {key.id} ({key.name})")
+            return ok_reply(TokenReply(token=token, key_id=key.id, expires=expires)), []
         if (key.id, request.peer_id) not in self._granted:
             self._granted.add((key.id, request.peer_id))
             await asyncio.to_thread(self.db.audit, request.peer_id, "peer.auth", f"key {key.id} ({key.name})")
@@ -64,6 +70,6 @@ class TokenService:
     async def _audit_refusal(self, caller: PeerId, error: SwarmError) -> None:
         logger.info("refused a token to %s: %s", caller[-8:], error)
         now = time.monotonic()
-        if now - self._last_refusal.get(caller, -math.inf) >= _AUDIT_EVERY:
-            self._last_refusal[caller] = now
+        if now - self._last_refusal.get((caller, str(error)), -math.inf) >= _AUDIT_EVERY:
+            self._last_refusal[(caller, str(error))] = now
             await asyncio.to_thread(self.db.audit, caller, "auth.rejected", str(error))

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from core.errors import ConfigError
@@ -78,7 +78,32 @@ def relay_limits(network: NetworkSettings) -> tuple[int, int, int]:
     return network.relay_slots, network.relay_circuits, int(network.relay_bytes)
 
 
-class BootstrapSettings(_Section):
+class _TlsSection(_Section):
+    """An HTTP server that may face the internet itself (the dashboard, serve-api): https when both
+    files are given (uvicorn's ``ssl_certfile``/``ssl_keyfile``); or plain http behind a reverse proxy
+    (see the README)."""
+
+    ssl_certfile: Path | None = Field(None, description="serve over https with this certificate (PEM)")
+    ssl_keyfile: Path | None = Field(None, description="the private key of ssl_certfile (PEM)")
+
+    @model_validator(mode="after")
+    def _both_tls_files(self) -> "_TlsSection":
+        given = [f for f in (self.ssl_certfile, self.ssl_keyfile) if f is not None]
+        if len(given) == 1:
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both for https, or neither")
+        for path in given:
+            if not path.expanduser().is_file():
+                raise ValueError(f"TLS file {path} does not exist (or is not a file)")
+        return self
+
+    def tls(self) -> dict[str, str]:
+        """uvicorn.Config's keyword arguments for https, empty for http."""
+        if self.ssl_certfile is None or self.ssl_keyfile is None:
+            return {}
+        return {"ssl_certfile": str(self.ssl_certfile.expanduser()), "ssl_keyfile": str(self.ssl_keyfile.expanduser())}
+
+
+class BootstrapSettings(_TlsSection):
     model: str | None = Field(None, description="HF hub id or local directory of the model to train")
     num_stages: int = Field(2, ge=1)
     target_batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
@@ -100,6 +125,11 @@ class BootstrapSettings(_Section):
     authority_key: Path | None = Field(None, description="the run's authority key (authority.key of the first "
                                        "bootstrap's state dir); a mirror needs it to issue tokens")
     sync_interval: float = Field(5.0, gt=0, description="seconds between state syncs with the run's other bootstraps")
+    metrics_retention: float = Field(7 * 86400.0, gt=0, description="seconds of per-peer history kept in state.db")
+    alert_webhook: str | None = Field(None, pattern=r"^https?://", description="POST alerts (JSON with a 'text' "
+                                      "field, as Slack and most chat hooks take) to this URL")
+    alert_stall: float = Field(600.0, gt=0, description="alert when the training step has not moved for this many "
+                               "seconds while the run is running and trainers report")
 
 
 _DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
@@ -173,7 +203,7 @@ class PeerSettings(_Section):
         return text
 
 
-class ApiSettings(_Section):
+class ApiSettings(_TlsSection):
     """``swarm serve-api``: where the OpenAI-compatible server listens and who may call it."""
 
     host: str = Field("127.0.0.1", description="address the HTTP server listens on (0.0.0.0 for everyone)")
@@ -181,6 +211,12 @@ class ApiSettings(_Section):
     api_keys: list[str] = Field(default_factory=list, description="accepted 'Authorization: Bearer' keys; "
                                 "empty: no key needed")
     model_name: str | None = Field(None, description="the model id clients send (default: the model's name)")
+    requests_per_minute: int | None = Field(None, ge=1, description="per key (or per server when open): more "
+                                            "requests in a minute get 429 with Retry-After; none: no limit")
+    tokens_per_minute: int | None = Field(None, ge=1, description="per key: prompt and completion tokens in a "
+                                          "minute past which requests get 429; none: no limit")
+    max_concurrent: int | None = Field(32, ge=1, description="requests in flight on this server past which "
+                                       "requests get 429; none: no limit")
 
 
 class TrainerSettings(_Section):

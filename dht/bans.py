@@ -32,6 +32,7 @@ for a second reporter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Collection, Mapping, Sequence
@@ -40,11 +41,12 @@ from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
 from dht.auth import token_key_id
+from dht.control import get_control
 from dht.records import SwarmDHT, _entries
 from dht.schemas import BanReport, bans_key
 
 __all__ = ["BAN_TTL", "BAN_QUORUM", "REPORTS_PER_HOUR", "Judgement", "evidence_problem", "judge", "report_ban",
-           "all_reports", "banned_peers"]
+           "all_reports", "banned_peers", "excluded_peers"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,16 @@ async def banned_peers(dht: SwarmDHT, quorum: int = BAN_QUORUM) -> dict[str, Ban
     judged = judge([(r, token_key_id(r.access_token) if r.access_token else r.reporter, r.at) for r in reports],
                    quorum=quorum)
     return {peer: next(r for r in reports if r.peer_id == peer) for peer in judged.banned}
+
+
+async def excluded_peers(dht: SwarmDHT) -> dict[str, BanReport | None]:
+    """The peers trainers route around: those banned run-wide by their reporters (``banned_peers``)
+    and those the run owner banned (the run-control record's ``banned``; no report behind those)."""
+    reported, control = await asyncio.gather(banned_peers(dht), get_control(dht))
+    found: dict[str, BanReport | None] = dict(reported)
+    for peer in control.banned if control is not None else ():
+        found.setdefault(peer, None)
+    return found
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,8 @@ class RunControl(FrozenModel):
     reason: str = Field("", max_length=200)
     keys_required: bool = False
     revoked: list[str] = Field(default_factory=list, max_length=512)
+    banned: list[str] = Field(default_factory=list, max_length=512,
+                              description="peer ids the owner banned or kicked: left out of every view")
 
 
 class MetricsReport(FrozenModel):

@@ -20,7 +20,7 @@ import base64
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
@@ -59,12 +59,17 @@ _NOT_PRESENTED = "present an access token first"
 
 
 class TokenRequest(FrozenModel):
-    """Ask a bootstrap for an access token for ``key``, to be held by ``peer_id`` (the caller)."""
+    """Ask a bootstrap for an access token for ``key``, to be held by ``peer_id`` (the caller).
+
+    ``scope`` ``join`` (a peer or trainer joining) needs a key with scope join and gets a token;
+    ``api`` (an API server checking its client's key) needs scope api and gets no token (an empty
+    one): an inference key never becomes a token that would let its holder join."""
 
     version: int = PROTOCOL_VERSION
     key: str = Field(min_length=1, max_length=200)
     peer_id: PeerId = Field(min_length=1, max_length=128)
     public_key: str = Field(min_length=1, max_length=2048, description="base64 of the DHT record key")
+    scope: Literal["join", "api"] = "join"
 
 
 class TokenReply(FrozenModel):
@@ -208,14 +213,14 @@ class RunAuth:
         logger.info("access token for key %s from bootstrap %s, valid for %.0f s", got.key_id, bootstrap[-8:],
                     got.expires - get_dht_time())
 
-    async def exchange(self, key: str) -> tuple[TokenReply, str]:
+    async def exchange(self, key: str, scope: str = "join") -> tuple[TokenReply, str]:
         """Trade ``key`` for a token for this node, asking each bootstrap or mirror of the run in turn
         (those announced now in the DHT, signed by the run's authority, then the ones known before);
         returns the token and the bootstrap that gave it. ``AuthRejected`` if the key is revoked,
         expired or unknown everywhere, ``PeerUnavailable`` if none answers. (The API server also uses
         it to check its clients' keys against the run's.)"""
         public_key = base64.b64encode(self.dht._signer.local_public_key[len(b"[owner:"):-1]).decode()
-        request = TokenRequest(key=key, peer_id=self.dht.peer_id, public_key=public_key)
+        request = TokenRequest(key=key, peer_id=self.dht.peer_id, public_key=public_key, scope=scope)
         with contextlib.suppress(Exception):  # a DHT hiccup: ask the ones we know
             live = _entry_first(self.dht, [peer for peer, owner in await find_bootstraps(self.dht)
                                            if owner == self.authority])

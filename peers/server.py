@@ -106,6 +106,7 @@ class Peer(Lifecycle):
         self._watcher: RunWatcher | None = None
         self._tasks = TaskSet()  # the record refresh and the rebalancing loop
         self._stopping: asyncio.Future | None = None
+        self.failure: str | None = None  # why it left on its own, if it cannot come back by restarting as is
         # measuring runs here; each served stage computes on a thread of its own (see StageSlot)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
@@ -177,7 +178,7 @@ class Peer(Lifecycle):
             relay=net.relay and net.reachability != "private", relay_limits=relay_limits(net),
         )
         self.telemetry = PeerTelemetry(self.settings, self.dht)
-        self.telemetry.start_monitor()
+        self.telemetry.start_monitor(checks=self.readiness)
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
         await check_clock(self.dht)  # a clock minutes behind would make this peer silently invisible
         self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
@@ -361,6 +362,13 @@ class Peer(Lifecycle):
         this peer's token first, as a trainer does, else the replica refuses them."""
         return self._transport if self._auth is None else AuthedTransport(self._transport, self._auth.token_text)
 
+    def readiness(self) -> dict[str, bool]:
+        """``/ready`` of the metrics port: the DHT is up, a stage is loaded and announced online, and a
+        bootstrap of the run announced itself lately (``RunWatcher.bootstrap_reachable``)."""
+        return {"dht": self.dht is not None and self.dht.dht.is_alive(),
+                "stage": self.record is not None and self.record.state == PeerState.ONLINE,
+                "bootstrap": self._watcher is not None and self._watcher.bootstrap_reachable()}
+
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(RECORD_REFRESH)
@@ -424,6 +432,7 @@ class Peer(Lifecycle):
     def _on_key_revoked(self) -> None:
         if self._stopping is None:
             logger.error("this peer's API key was revoked: it leaves the swarm")
+            self.failure = "this peer's API key was revoked by the run owner: ask them for a new one"
             self._begin_stop(final_checkpoint=True)
 
     def _on_run_state(self, state: RunState) -> None:

@@ -5,7 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-TORCH_VERSION=${SWARM_TORCH_VERSION:-2.13.0}
 if ! command -v tmux >/dev/null 2>&1; then
   # the e2e test of `swarm status` runs it in a real terminal (tmux); best effort: root with apt only
   echo "==> installing tmux (for the terminal test of swarm status)"
@@ -47,15 +46,8 @@ echo "==> creating .venv with $($PYTHON --version)"
 "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip -q)
 "${pip[@]}" install --upgrade pip >/dev/null
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  echo "==> installing torch $TORCH_VERSION (CPU build)"
-  # A CPU wheel already on disk (pip's find-links) is taken as is; otherwise the official CPU index.
-  if "${pip[@]}" download --no-index --no-deps "torch==$TORCH_VERSION" -d "$(mktemp -d)" >/dev/null 2>&1; then
-    "${pip[@]}" install "torch==$TORCH_VERSION"
-  else
-    "${pip[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
-  fi
-fi
+# torch's CPU build first (a wheel on disk, else the official CPU index); the Docker images share this step
+scripts/install-torch.sh .venv/bin/python
 echo "==> installing swarm and its dependencies"
 "${pip[@]}" install -e ".[test]"
 touch "$stamp"

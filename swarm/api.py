@@ -8,18 +8,26 @@ for an unknown model, 503 when the swarm cannot serve.
 
 Generation runs through ``SwarmModelForCausalLM.iter_generate`` (KV-cache sessions on the peers) in
 a worker thread, so one slow request does not hold the others; several requests generate at once.
+
+Facing the internet: per key, at most ``requests_per_minute`` requests and ``tokens_per_minute``
+tokens (prompt and completion) in any minute, and at most ``max_concurrent`` requests in flight on
+the whole server; past either, 429 with ``Retry-After`` (``RateLimits``). ``/health`` and ``/ready``
+(``peers.telemetry.health``) need no key.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
+import hashlib
 import json
 import logging
+import math
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from fastapi import FastAPI, Request
@@ -30,6 +38,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from core.errors import AuthRejected, BadRequest, ConfigError, NoRoute, NoTokenizer, PeerUnavailable, SwarmError
 from bootstrap.keys import key_id_of
+from peers.telemetry.health import Checks, health_body, readiness
 from trainer.generation import max_positions
 from swarm.text import StopScanner, StreamDecoder, TextCodec
 
@@ -38,7 +47,8 @@ if TYPE_CHECKING:
     from net.auth import RunAuth
     from core.loop import LoopThread
 
-__all__ = ["KeyCheck", "StaticKeys", "RunKeys", "SwarmKeys", "AnyOf", "ApiError", "create_app", "Backend"]
+__all__ = ["KeyCheck", "StaticKeys", "RunKeys", "SwarmKeys", "AnyOf", "ApiError", "RateLimits", "create_app",
+           "Backend", "client_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +79,9 @@ class StaticKeys:
 
 
 class RunKeys:
-    """The run's API keys (``swarm keys create``), checked in the bootstrap's state database on this
-    machine at every request: a key revoked or expired there is refused from the next request on."""
+    """The run's API keys (``swarm keys create --scope api``), checked in the bootstrap's state
+    database on this machine at every request: a key revoked or expired there, or one without scope
+    ``api``, is refused from the next request on. Every use and every refusal is audited there."""
 
     def __init__(self, db: StateDB):
         self._db = db
@@ -80,16 +91,18 @@ class RunKeys:
 
     def allows(self, key: str) -> bool:
         try:
-            self._db.verify_key(key)
-        except AuthRejected:
+            used = self._db.verify_key(key, scope="api")
+        except AuthRejected as e:
+            self._db.audit(f"api:{client_id(key)}", "api.refused", str(e))
             return False
+        self._db.audit(f"api:{used.id}", "api.use", f"key {used.id} ({used.name})")
         return True
 
 
 class SwarmKeys:
     """The run's API keys, for an API server anywhere in a run that enforces keys (open run: not
-    enforced). A key is checked once with a bootstrap, traded for a token as a joining peer's would be
-    (``RunAuth.exchange``), then trusted for ``recheck`` s; a key the run owner revokes is refused as
+    enforced). A key is checked once with a bootstrap (``RunAuth.exchange`` with scope ``api``: the
+    bootstrap audits the check and gives no token), then trusted for ``recheck`` s; a key the run owner revokes is refused as
     soon as the run-control record says so (seconds). While no bootstrap answers, a key that passed
     before still passes and a new one gets 503."""
 
@@ -113,7 +126,7 @@ class SwarmKeys:
         if passed is not None and time.monotonic() - passed < self._recheck:
             return True
         try:
-            self._runner.run(self._auth.exchange(key), timeout=65)
+            self._runner.run(self._auth.exchange(key, "api"), timeout=65)
         except AuthRejected:
             with self._lock:
                 self._passed.pop(key, None)
@@ -141,6 +154,63 @@ class AnyOf:
         return any(check.enforced() and check.allows(key) for check in self._checks)
 
 
+def client_id(key: str) -> str:
+    """Who a key is in limits and logs: a run key's public id, else a short hash (never the key)."""
+    try:
+        return key_id_of(key)
+    except AuthRejected:
+        return "h" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+class RateLimits:
+    """Per client (a key's ``client_id``; ``"-"`` on an open server) requests and tokens in the last
+    ``WINDOW`` seconds, and requests in flight on the whole server. ``None``: no limit. ``admit``
+    answers the seconds to wait (0: go ahead); ``spent`` counts a finished request's tokens."""
+
+    WINDOW = 60.0
+
+    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+                 max_concurrent: int | None = None, *, clock=time.monotonic):
+        self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
+        self.max_concurrent, self.clock = max_concurrent, clock
+        self.in_flight = 0
+        self._requests: dict[str, collections.deque[float]] = {}
+        self._tokens: dict[str, collections.deque[tuple[float, int]]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, client: str) -> float:
+        """Take a slot for one request of ``client`` now, or say how many seconds until it may retry."""
+        with self._lock:
+            now = self.clock()
+            if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+                return 1.0
+            requests = _trim(self._requests.setdefault(client, collections.deque()), now - self.WINDOW, lambda t: t)
+            tokens = _trim(self._tokens.setdefault(client, collections.deque()), now - self.WINDOW, lambda e: e[0])
+            waits = []
+            if self.requests_per_minute is not None and len(requests) >= self.requests_per_minute:
+                waits.append(requests[0] + self.WINDOW - now)
+            if self.tokens_per_minute is not None and sum(n for _, n in tokens) >= self.tokens_per_minute:
+                waits.append(tokens[0][0] + self.WINDOW - now)
+            if waits:
+                return max(1.0, math.ceil(max(waits)))
+            requests.append(now)
+            self.in_flight += 1
+            return 0.0
+
+    def done(self, client: str, tokens: int) -> None:
+        """The request admitted for ``client`` ended, having used ``tokens``."""
+        with self._lock:
+            self.in_flight = max(0, self.in_flight - 1)
+            if tokens > 0:
+                self._tokens.setdefault(client, collections.deque()).append((self.clock(), tokens))
+
+
+def _trim(entries: collections.deque, before: float, at) -> collections.deque:
+    while entries and at(entries[0]) <= before:
+        entries.popleft()
+    return entries
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 
@@ -148,13 +218,15 @@ class ApiError(Exception):
     """An error reply in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        headers = {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def _from_swarm(error: SwarmError) -> ApiError:
@@ -324,25 +396,52 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 
 class _Api:
     def __init__(self, backend: Backend, codec: TextCodec | None, model_id: str, keys: KeyCheck,
-                 *, aliases: Sequence[str] = (), max_batch: int = 32):
+                 *, aliases: Sequence[str] = (), max_batch: int = 32, limits: RateLimits | None = None):
         self.backend, self.codec, self.model_id, self.keys = backend, codec, model_id, keys
+        self.limits = limits or RateLimits()
         self.names = {model_id, *aliases}
         self.context = max_positions(backend.local.config)
         self.max_batch = max_batch
         self.created = int(time.time())
 
-    async def check_key(self, request: Request) -> None:
-        """401 unless the request carries a key the key source allows (checked off the event loop: a
-        source may ask the run's bootstrap)."""
+    async def check_key(self, request: Request) -> str:
+        """The caller's ``client_id`` (``"-"`` on an open server), or 401 unless the request carries a
+        key the key source allows (checked off the event loop: a source may ask the run's bootstrap)."""
         if not self.keys.enforced():
-            return
+            return "-"
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
         if not await run_in_threadpool(self.keys.allows, key.strip()):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            raise ApiError(401, "Incorrect API key provided (or it lacks scope api).", code="invalid_api_key")
+        return client_id(key.strip())
+
+    async def serve(self, request: Request, work: Callable[[Callable[[int], None]], Awaitable[Any]]) -> Any:
+        """Check the key and the limits, then ``await work(finish)``; ``finish(tokens)`` ends the
+        request's slot (a stream calls it when the stream ends; otherwise it is called here)."""
+        client = await self.check_key(request)
+        wait = self.limits.admit(client)
+        if wait:
+            logger.info("rate limit: %s waits %.0f s", client, wait)
+            raise ApiError(429, f"Rate limit reached for {client}: retry in {wait:.0f} s.", type="rate_limit_error",
+                           code="rate_limit_exceeded", retry_after=wait)
+        ended = threading.Event()
+
+        def finish(tokens: int) -> None:
+            if not ended.is_set():
+                ended.set()
+                self.limits.done(client, tokens)
+
+        try:
+            result = await work(finish)
+        except BaseException:
+            finish(0)
+            raise
+        if not isinstance(result, StreamingResponse):
+            finish(0)
+        return result
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
@@ -405,9 +504,10 @@ class _Api:
 
 
 def create_app(backend: Backend, codec: TextCodec | None, *, model_id: str, keys: KeyCheck | None = None,
-               aliases: Sequence[str] = ()) -> FastAPI:
-    """The FastAPI app serving ``backend`` under the name ``model_id`` (and ``aliases``)."""
-    api = _Api(backend, codec, model_id, keys or StaticKeys(), aliases=aliases)
+               aliases: Sequence[str] = (), limits: RateLimits | None = None, checks: Checks | None = None) -> FastAPI:
+    """The FastAPI app serving ``backend`` under the name ``model_id`` (and ``aliases``); ``checks``:
+    what ``/ready`` asks (none: ready while it answers)."""
+    api = _Api(backend, codec, model_id, keys or StaticKeys(), aliases=aliases, limits=limits)
     app = FastAPI(title="swarm OpenAI-compatible API")
     app.state.api = api
 
@@ -427,50 +527,64 @@ def create_app(backend: Backend, codec: TextCodec | None, *, model_id: str, keys
         message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
         return ApiError(400, message, param=param).response()
 
+    @app.get("/health")
+    async def health() -> dict:
+        return health_body()
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        code, body = await run_in_threadpool(readiness, checks)
+        return JSONResponse(body, status_code=code)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        await api.check_key(request)
-        return {"object": "list", "data": [{"id": api.model_id, "object": "model", "created": api.created,
-                                            "owned_by": "swarm"}]}
+        async def work(finish: Callable[[int], None]) -> dict:
+            return {"object": "list", "data": [{"id": api.model_id, "object": "model", "created": api.created,
+                                                "owned_by": "swarm"}]}
+        return await api.serve(request, work)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        await api.check_key(request)
-        api.check_model(body.model)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
-        prompts = api.prompts(body.prompt, "prompt")
-        gen = api.generation(body, prompts, body.max_tokens or 16)
-        return await _respond(gen, body.stream, _CompletionShape(api.model_id))
+        async def work(finish: Callable[[int], None]) -> Any:
+            api.check_model(body.model)
+            if body.echo:
+                raise ApiError(400, "echo is not supported", param="echo")
+            prompts = api.prompts(body.prompt, "prompt")
+            gen = api.generation(body, prompts, body.max_tokens or 16)
+            return await _respond(gen, body.stream, _CompletionShape(api.model_id), finish)
+        return await api.serve(request, work)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        await api.check_key(request)
-        api.check_model(body.model)
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
-        codec = api.text_codec()
-        prompt = codec.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-        api.check_length([prompt], 1)
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(512, api.context - len(prompt))
-        gen = api.generation(body, [prompt], max_tokens, codec.chat_stop)
-        return await _respond(gen, body.stream, _ChatShape(api.model_id))
+        async def work(finish: Callable[[int], None]) -> Any:
+            api.check_model(body.model)
+            if body.logprobs:
+                raise ApiError(400, "logprobs are not supported", param="logprobs")
+            codec = api.text_codec()
+            prompt = codec.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+            api.check_length([prompt], 1)
+            max_tokens = body.max_completion_tokens or body.max_tokens or min(512, api.context - len(prompt))
+            gen = api.generation(body, [prompt], max_tokens, codec.chat_stop)
+            return await _respond(gen, body.stream, _ChatShape(api.model_id), finish)
+        return await api.serve(request, work)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
-        await api.check_key(request)
-        api.check_model(body.model)
-        if body.dimensions is not None:
-            raise ApiError(400, "dimensions is not supported: embeddings have the model's hidden size",
-                           param="dimensions")
-        prompts = api.prompts(body.input, "input")
-        api.check_length(prompts, 0)
-        pooled = await run_in_threadpool(_mean_pooled, backend, prompts)
-        data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
-                for i, v in enumerate(pooled)]
-        used = sum(len(p) for p in prompts)
-        return {"object": "list", "data": data, "model": api.model_id,
-                "usage": {"prompt_tokens": used, "total_tokens": used}}
+        async def work(finish: Callable[[int], None]) -> dict:
+            api.check_model(body.model)
+            if body.dimensions is not None:
+                raise ApiError(400, "dimensions is not supported: embeddings have the model's hidden size",
+                               param="dimensions")
+            prompts = api.prompts(body.input, "input")
+            api.check_length(prompts, 0)
+            pooled = await run_in_threadpool(_mean_pooled, backend, prompts)
+            data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                    for i, v in enumerate(pooled)]
+            used = sum(len(p) for p in prompts)
+            finish(used)
+            return {"object": "list", "data": data, "model": api.model_id,
+                    "usage": {"prompt_tokens": used, "total_tokens": used}}
+        return await api.serve(request, work)
 
     return app
 
@@ -539,12 +653,24 @@ def _usage(rows: list[_Row]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _respond(gen: _Generation, stream: bool, shape: _Shape) -> Any:
+async def _respond(gen: _Generation, stream: bool, shape: _Shape, finish: Callable[[int], None]) -> Any:
+    """The reply: one JSON body, or a stream; ``finish`` hears the tokens used once it is all done."""
     rid, created = f"{shape.prefix}-{secrets.token_hex(12)}", int(time.time())
     if not stream:
-        await run_in_threadpool(lambda: [None for _ in gen.events()])
+        try:
+            await run_in_threadpool(lambda: [None for _ in gen.events()])
+        finally:
+            finish(_usage(gen.rows)["total_tokens"])
         return shape.final(rid, created, gen.rows)
-    return StreamingResponse(_sse(gen, shape, rid, created), media_type="text/event-stream")
+    return StreamingResponse(_finished(_sse(gen, shape, rid, created), gen, finish), media_type="text/event-stream")
+
+
+async def _finished(events: AsyncIterator[str], gen: _Generation, finish: Callable[[int], None]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        finish(_usage(gen.rows)["total_tokens"])
 
 
 async def _sse(gen: _Generation, shape: _Shape, rid: str, created: int) -> AsyncIterator[str]:

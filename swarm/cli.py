@@ -44,7 +44,10 @@ PortOpt = typer.Option(None, "--port", help="TCP port to listen on (0: any free 
 StateOpt = typer.Option(None, "--state-dir", help="where identity, manifest and logs are kept")
 LogOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
 KeyOpt = typer.Option(None, "--key", help="API key of a keyed run (or SWARM_KEY)")
-MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on this port (0: any free)")
+MetricsPortOpt = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics, /health and /ready on this "
+                              "port (0: any free)")
+CertOpt = typer.Option(None, "--ssl-certfile", help="serve https with this certificate (PEM; with --ssl-keyfile)")
+CertKeyOpt = typer.Option(None, "--ssl-keyfile", help="the private key of --ssl-certfile (PEM)")
 DeviceOpt = typer.Option(None, "--device", help="where the local parts (embeddings, head) compute: auto (the GPU "
                          "when CUDA is present), cpu, cuda or cuda:N (default cpu)")
 DatasetOpt = typer.Option(None, "--dataset", help="HF hub id, local directory or file (jsonl, json, parquet, csv, "
@@ -135,6 +138,8 @@ def bootstrap(
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
     metrics_port: Optional[int] = MetricsPortOpt,
+    ssl_certfile: Optional[Path] = CertOpt,
+    ssl_keyfile: Optional[Path] = CertKeyOpt,
     dataset: Optional[str] = DatasetOpt,
     split: Optional[str] = SplitOpt,
     text_column: Optional[str] = TextColumnOpt,
@@ -149,7 +154,7 @@ def bootstrap(
               "num_shards": data_shards},
         bootstrap={"model": model, "num_stages": num_stages, "target_batch_size": target_batch_size, "lr": lr,
                    "wire": wire, "dtype": dtype, "open": open_run, "dashboard_port": dashboard_port, "mirror": mirror,
-                   "authority_key": authority_key},
+                   "authority_key": authority_key, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile},
     )
     from bootstrap.node import BootstrapNode
 
@@ -239,7 +244,12 @@ def join(
         from swarm.device_peers import plan_device_peers, run_device_peers
 
         plan = plan_device_peers(served, sys.argv[1:], settings.state_dir.expanduser())
-        _run_until_signal(lambda stop: run_device_peers(plan, console, stop))
+        async def serve_devices(stop: asyncio.Event) -> None:
+            ended = await run_device_peers(plan, console, stop)
+            if ended is not None:  # exit non-zero: a supervisor restarts the whole set
+                raise SwarmError(f"a device's peer left: {ended}")
+
+        _run_until_signal(serve_devices)
         return
     settings = settings.model_copy(update={"peer": settings.peer.model_copy(update={"device": served[0]})})
     from peers.server import Peer
@@ -269,6 +279,8 @@ def join(
         if sessions is not None:
             await sessions.stop()
         await peer.stop()
+        if peer.failure is not None:  # exit non-zero: a supervisor restarts it, and says why
+            raise SwarmError(peer.failure)
 
     _run_until_signal(serve)
 
@@ -486,11 +498,15 @@ def serve_api_command(
     run: Optional[str] = RunOpt,
     config: Optional[Path] = ConfigOpt,
     log_level: Optional[str] = LogOpt,
+    ssl_certfile: Optional[Path] = CertOpt,
+    ssl_keyfile: Optional[Path] = CertKeyOpt,
 ) -> None:
-    """Serve an OpenAI-compatible API (completions, chat, embeddings) backed by the swarm."""
+    """Serve an OpenAI-compatible API (completions, chat, embeddings) backed by the swarm. Per-key rate
+    limits: api.requests_per_minute, api.tokens_per_minute, api.max_concurrent (config or SWARM_API__*)."""
     db = _open_state(run, state_dir, config) if run_keys else None  # before joining: a wrong dir fails at once
     settings = _client_settings("serve-api", config, bootstrap_addr, run_id=run, key=key, log_level=log_level,
-                                api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name},
+                                api={"host": host, "port": port, "api_keys": api_key or None, "model_name": model_name,
+                                     "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile},
                                 trainer={"device": device})
     from swarm.serving import serve_api
 
@@ -593,20 +609,24 @@ def _actor() -> str:
 def keys_create(
     name: str = typer.Option(..., "--name", help="who the key is for"),
     expires: Optional[str] = typer.Option(None, "--expires", help="lifetime like 30d, 12h (default: no expiry)"),
+    scope: Optional[list[str]] = typer.Option(
+        None, "--scope", help="what the key may do: join (serve or train in the run; the default), api (call "
+        "serve-api), admin (the dashboard's API); repeatable or comma-separated"),
     run: Optional[str] = RunOpt,
     state_dir: Optional[Path] = StateOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Make a key; it is printed once (only its hash is kept)."""
-    from bootstrap.keys import parse_duration
+    from bootstrap.keys import parse_duration, parse_scopes
 
     expires_in = parse_duration(expires) if expires else None
+    scopes = parse_scopes(",".join(scope)) if scope else ("join",)
     db = _open_state(run, state_dir, config)
     try:
-        made = db.create_key(name, actor=_actor(), expires_in=expires_in)
+        made = db.create_key(name, actor=_actor(), expires_in=expires_in, scopes=scopes)
     finally:
         db.close()
-    console.print(f"key [bold]{escape(made.key.id)}[/] for {escape(made.key.name)}; "
+    console.print(f"key [bold]{escape(made.key.id)}[/] for {escape(made.key.name)} (scope {','.join(scopes)}); "
                   "it is shown only now, keep it:")
     print(made.secret, flush=True)
 
@@ -631,14 +651,14 @@ def keys_list(
     now = time.time()
     if as_json:
         print(json.dumps([{"id": k.id, "name": k.name, "created": k.created, "expires": k.expires,
-                           "revoked": k.revoked, "state": k.state(now)} for k in keys]))
+                           "revoked": k.revoked, "state": k.state(now), "scopes": list(k.scopes)} for k in keys]))
         return
     table = Table(title="API keys")
-    for column in ("id", "name", "created (UTC)", "expires (UTC)", "state"):
+    for column in ("id", "name", "created (UTC)", "expires (UTC)", "state", "scope"):
         table.add_column(column)
     stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"  # noqa: E731
     for k in keys:
-        table.add_row(Text(k.id), Text(k.name), stamp(k.created), stamp(k.expires), k.state(now))
+        table.add_row(Text(k.id), Text(k.name), stamp(k.created), stamp(k.expires), k.state(now), ",".join(k.scopes))
     Console().print(table)
 
 

@@ -65,9 +65,12 @@ def _without_options(args: list[str], names: tuple[str, ...]) -> list[str]:
     return kept
 
 
-async def run_device_peers(plan: list[DevicePeer], console: Console, stop: asyncio.Event) -> None:
+async def run_device_peers(plan: list[DevicePeer], console: Console, stop: asyncio.Event) -> str | None:
     """Start every device's peer, say when each serves, and stop them all on ``stop`` or when one
-    of them exits."""
+    of them exits. Returns why the set ended on its own (a peer exited: its name and exit code),
+    ``None`` when it was told to stop, so that ``swarm join`` exits non-zero and a supervisor
+    restarts it."""
+    ended: str | None = None
     logdir = plan[0].state_dir.parent / "device-logs"
     logdir.mkdir(parents=True, exist_ok=True)
     group = ProcessGroup(logdir)
@@ -88,9 +91,11 @@ async def run_device_peers(plan: list[DevicePeer], console: Console, stop: async
                 continue
         gone = [name for name, proc in procs.items() if proc.poll() is not None]
         if gone and not stop.is_set():
-            console.print(f"[yellow]{', '.join(gone)} exited (see its log): stopping the others[/]")
+            ended = ", ".join(f"{name} exited with code {procs[name].returncode}" for name in gone)
+            console.print(f"[yellow]{escape(ended)} (see its log): stopping the others[/]")
     finally:
         console.print("leaving the swarm...")
         await asyncio.to_thread(group.stop_all)
         for wait in waits.values():  # a wait for a peer that exited meanwhile ends (raises) on its own
             wait.cancel()
+    return ended

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from dht.schemas import DatasetSpec
+from shards.local import labelled_tokens
 from core.errors import ConfigError
 from swarm.text import TextCodec
 from swarm.text_data import Packer, open_split, shard_texts
@@ -53,7 +54,7 @@ def evaluate(model: Any, batches: Sequence[torch.Tensor]) -> EvalResult:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for ids in batches:
-            count = ids.shape[0] * (ids.shape[1] - 1)
+            count = labelled_tokens(ids)
             total += float(model(ids, labels=ids).loss) * count
             tokens += count
     return EvalResult(loss=total / tokens, tokens=tokens)

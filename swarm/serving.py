@@ -20,7 +20,7 @@ from swarm.text import StopScanner, StreamDecoder, TextCodec, load_codec
 if TYPE_CHECKING:
     from bootstrap.state import StateDB
 
-__all__ = ["codec_of", "model_id_of", "stream_text", "serve_api"]
+__all__ = ["codec_of", "model_id_of", "stream_text", "serve_api", "api_readiness"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +77,27 @@ def stream_text(model: SwarmModelForCausalLM, codec: TextCodec, prompt: str, *, 
     return text, count, time.perf_counter() - started
 
 
+def api_readiness(model: SwarmModelForCausalLM, timeout: float = 10.0) -> dict[str, bool]:
+    """``/ready`` of serve-api: the DHT is up, every stage has an online peer (a request could be
+    routed), and a bootstrap of the run announced itself within its record's lifetime."""
+    from dht.control import get_bootstraps
+    from dht.schemas import PeerState
+
+    dht = model.dht
+    if dht is None or not dht.dht.is_alive():
+        return {"dht": False, "stages": False, "bootstrap": False}
+    records = model.submit(dht.all_records(model.manifest.num_stages)).result(timeout)
+    bootstraps = model.submit(get_bootstraps(dht)).result(timeout)
+    return {"dht": True, "stages": all(any(r.state == PeerState.ONLINE for r in found) for found in records.values()),
+            "bootstrap": bool(bootstraps)}
+
+
 def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | None = None) -> None:
     """Connect to the swarm, then serve the OpenAI-compatible API until Ctrl+C / SIGTERM. With
     ``run_keys`` (the bootstrap's state database) the run's API keys are accepted too."""
     import uvicorn
 
-    from swarm.api import AnyOf, RunKeys, StaticKeys, SwarmKeys, create_app
+    from swarm.api import AnyOf, RateLimits, RunKeys, StaticKeys, SwarmKeys, create_app
     from core.errors import NoTokenizer
 
     with console.status("joining the swarm and loading the local layers..."):
@@ -99,10 +114,13 @@ def serve_api(settings: SwarmSettings, console: Console, *, run_keys: StateDB | 
         model_id = api.model_name or model_id_of(model)
         keys = AnyOf(StaticKeys(api.api_keys), SwarmKeys(model.run_auth, model.loop),
                      *([RunKeys(run_keys)] if run_keys is not None else []))
-        app = create_app(model, codec, model_id=model_id, keys=keys, aliases=[model.manifest.model])
+        limits = RateLimits(api.requests_per_minute, api.tokens_per_minute, api.max_concurrent)
+        app = create_app(model, codec, model_id=model_id, keys=keys, aliases=[model.manifest.model], limits=limits,
+                         checks=lambda: api_readiness(model))
         server = uvicorn.Server(uvicorn.Config(app, host=api.host, port=api.port, log_level="warning",
-                                               lifespan="off"))
-        console.print(f"[bold green]serving[/] model [cyan]{escape(model_id)}[/] at http://{api.host}:{api.port}/v1 "
+                                               lifespan="off", proxy_headers=True, **api.tls()))
+        scheme = "https" if api.tls() else "http"
+        console.print(f"[bold green]serving[/] model [cyan]{escape(model_id)}[/] at {scheme}://{api.host}:{api.port}/v1 "
                       f"({'API keys required' if keys.enforced() else 'no API key needed'}); Ctrl+C to stop")
         try:
             server.run()

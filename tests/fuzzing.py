@@ -69,6 +69,10 @@ _TEMPLATES: dict[str, dict] = {
     "delegation.poll": {"session_id": _SESSION, "ack": 0},
     "delegation.stop": {"session_id": _SESSION, "ack": 0},
     "delegation.status": {},
+    "data.lease": {"spec": {"source": "/data/train.jsonl", "num_shards": 4}, "ended": [[0, 1]]},
+    "data.renew": {"dataset_id": "0123456789abcdef", "epoch": 0, "shard": 0,
+                   "position": {"doc": 1, "offset": 2, "tokens": 3, "step": 1}, "done": False, "release": False},
+    "data.eval": {"dataset_id": "0123456789abcdef", "step": 1, "loss": 2.5, "tokens": 64},
     "bootstrap.sync": {"run_id": "test", "sender": "a", "target": "b", "at": 0.0, "nonce": "0" * 32,
                        "run_state": {"state": "running", "at": 0.0}},
 }

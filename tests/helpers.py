@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from core.loop import LoopThread
 from core.config import load_settings
 from trainer.model import SwarmModelForCausalLM
 
-__all__ = ["LocalSwarm", "train_steps", "reference_losses", "plain_loop", "local_adamw", "max_difference"]
+__all__ = ["LocalSwarm", "train_steps", "reference_losses", "plain_loop", "local_adamw", "max_difference", "Webhook"]
 
 
 class LocalSwarm:
@@ -188,3 +191,29 @@ def reference_losses(model_dir, batches, *, lr: float) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+class Webhook:
+    """An HTTP server on 127.0.0.1 that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="webhook", daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

@@ -39,7 +39,7 @@ from torch import nn
 
 from hivemind.utils import get_dht_time
 
-from dht.bans import banned_peers, report_ban
+from dht.bans import excluded_peers, report_ban
 from dht.clock import check_clock
 from dht.records import SwarmDHT
 from dht.schemas import BanReport, Manifest, PeerRecord, RunState
@@ -550,7 +550,7 @@ def _pipeline(manifest: Manifest, calls: Transport, coordinator: DHTCoordinator,
     spot checks catch."""
     # the pipeline retries and fails over
     client = StageClient(calls, timeout=trainer.timeout, attempts=1, max_abs=policy.max_abs, wire=manifest.wire)
-    bans = BanList(lambda: banned_peers(dht))
+    bans = BanList(lambda: excluded_peers(dht))
     return RemotePipeline(
         manifest,
         client,
@@ -583,7 +583,7 @@ async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
 
 
 async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> dict[int, list[PeerRecord]]:
-    """The stage records a trainer routes over: every peer but those reported (``dht.bans``)."""
+    """The stage records a trainer routes over: every peer but those banned (``dht.bans.excluded_peers``)."""
     return await without_banned(await dht.all_records(num_stages), bans)
 
 

@@ -192,9 +192,10 @@ class SpotChecker:
 
 
 class BanList:
-    """The run's reported peers, re-read at most every ``ttl`` s (a DHT read per route refresh)."""
+    """The run's banned peers (reported, or banned by the owner: no report), re-read at most every
+    ``ttl`` s (a DHT read per route refresh)."""
 
-    def __init__(self, read: Callable[[], Awaitable[Mapping[str, BanReport]]], ttl: float = 10.0):
+    def __init__(self, read: Callable[[], Awaitable[Mapping[str, BanReport | None]]], ttl: float = 10.0):
         self._read, self._ttl = read, ttl
         self._banned: frozenset[str] = frozenset()
         self._when = float("-inf")

@@ -57,6 +57,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MEMORY_HEADROOM = 0.85  # of free memory, for caches, allocator slack and the rest of the process
+MICROBATCH_TOKENS = 8 * 128
+"""A microbatch's tokens at most, for the memory plan: a trainer splits its batch into microbatches (the
+README's 8 x 128 batches into 2 per stage); a run with a huge target batch still sends small requests."""
 ACTIVATION_WIDTH = 17  # hidden-sized vectors kept per token and block for backward (see activation_bytes)
 _ECHO_LIMIT = 4 << 20  # bytes an echo may carry: enough to time a link, too little to abuse
 _PROBE_BYTES = 1 << 20
@@ -162,8 +165,11 @@ def activation_bytes(config: Any, num_layers: int, tokens: int, dtype: torch.dty
 
 def queue_tokens(queue_size: int, cache_size: int, step_tokens: int, num_stages: int) -> int:
     """Tokens whose graphs a stage with a full queue keeps: as many requests as it caches graphs for
-    (at most the queue), each a trainer's microbatch (one step's tokens over the stages)."""
-    return min(queue_size, cache_size) * max(1, step_tokens // max(1, num_stages))
+    (at most the queue), each a trainer's microbatch (one step's tokens over the stages, at most
+    ``MICROBATCH_TOKENS``), and never more than one step's tokens in all (a backward frees its
+    graph, and a step's backwards all come before the next step's forwards)."""
+    per_request = max(1, min(step_tokens // max(1, num_stages), MICROBATCH_TOKENS))
+    return min(step_tokens, min(queue_size, cache_size) * per_request)
 
 
 def available_memory(device: str | torch.device, cap_bytes: int | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one swarm node (peer, trainer or bootstrap) and the HTTP ``/metrics`` endpoint.
+"""Prometheus metrics of one swarm node (peer, trainer or bootstrap) and its HTTP endpoint: ``/metrics``,
+plus ``/health`` and ``/ready`` (``peers.telemetry.health``).
 
 Each node has a registry of its own (not prometheus-client's process-wide one), so several nodes in
 one process, as in tests, never share or clash on a metric. The figures come from the node's
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from peers.telemetry.activity import Activity, RequestDone
+from peers.telemetry.health import Checks, wsgi_health
 from peers.telemetry.monitor import HardwareMonitor, HardwareSample
 from core.errors import ConfigError
 from core.types import PeerId
@@ -100,20 +103,37 @@ class NodeMetrics:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP for one registry, on a daemon thread; ``stop()`` closes the socket."""
+    """``/metrics``, ``/health`` and ``/ready`` over HTTP for one registry, on a daemon thread;
+    ``stop()`` closes the socket. ``checks``: the node's readiness checks (settable later, as the
+    node's parts come up); none: ``/ready`` says ready once it answers."""
 
-    def __init__(self, metrics: NodeMetrics, host: str, port: int):
+    def __init__(self, metrics: NodeMetrics, host: str, port: int, *, checks: Checks | None = None):
         self.metrics, self.host, self.requested_port = metrics, host, port
+        self.checks = checks
         self.port: int | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
+    def _app(self):
+        metrics_app = make_wsgi_app(self.metrics.registry)
+
+        def app(environ, start_response):
+            answer = wsgi_health(environ.get("PATH_INFO", ""), self.checks)
+            if answer is None:
+                return metrics_app(environ, start_response)
+            start_response(answer[0], [("Content-Type", "application/json"), ("Content-Length", str(len(answer[1])))])
+            return [answer[1]]
+
+        return app
+
     def start(self) -> int:
         try:
-            self._server, self._thread = start_http_server(self.requested_port, addr=self.host,
-                                                           registry=self.metrics.registry)
+            self._server = make_server(self.host, self.requested_port, self._app(), ThreadingWSGIServer,
+                                       handler_class=_SilentHandler)
         except OSError as e:  # a port in use or an address this machine does not have
             raise ConfigError(f"cannot serve /metrics on {self.host}:{self.requested_port}: {e.strerror}") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.port = self._server.server_address[1]
         logger.info("Prometheus metrics at http://%s:%d/metrics", self.host, self.port)
         return self.port

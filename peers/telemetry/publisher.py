@@ -22,6 +22,7 @@ from peers.accounting.contribution import ContributionRecorder, bootstrap_peer_i
 from peers.telemetry.hardware import nvml_index, probe_hardware
 from shards.devices import resolve_device
 from peers.accounting.ledger import LedgerWriter
+from peers.telemetry.health import Checks
 from peers.telemetry.metrics import MetricsServer, NodeMetrics
 from peers.telemetry.monitor import HardwareMonitor
 from net.transport import Transport
@@ -55,12 +56,13 @@ class PeerTelemetry:
         self._stages: list[int] = []
         self._task: asyncio.Task | None = None
 
-    def start_monitor(self) -> None:
-        """Sample hardware from now on and serve /metrics (before the stage loads: a slow load shows)."""
+    def start_monitor(self, checks: Checks | None = None) -> None:
+        """Sample hardware from now on and serve /metrics, /health and /ready with ``checks`` (before the
+        stage loads: a slow load shows, and /ready says not ready until it is done)."""
         self.monitor.start()
         if self.settings.monitor.metrics_port is not None and self.server is None:
             self.server = MetricsServer(self.metrics, self.settings.monitor.metrics_host,
-                                        self.settings.monitor.metrics_port)
+                                        self.settings.monitor.metrics_port, checks=checks)
             self.server.start()
 
     def observe(self, transport: Transport) -> ObservedTransport:

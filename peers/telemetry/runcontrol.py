@@ -3,25 +3,29 @@
 Every ``poll`` seconds it reads the bootstrap's ``RunControl`` from the DHT (so a pause or stop
 reaches everyone within a few seconds) and publishes this node's ``MetricsReport``. When no control
 record can be found (the bootstrap is down and its record expired) the last known state stays: the
-swarm keeps training without its bootstrap.
+swarm keeps training without its bootstrap. Every ``BOOTSTRAP_CHECK`` seconds it also looks for a
+live ``{run}_bootstraps`` record (refreshed by every running bootstrap): ``bootstrap_seen`` is when it
+last found one, what the node's ``/ready`` calls "bootstrap reachable".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 from dht.schemas import MetricsReport, RunControl, RunState
-from dht.control import get_control, publish_metrics
+from dht.control import BOOTSTRAPS_TTL, get_bootstraps, get_control, publish_metrics
 from dht.records import SwarmDHT
 from core.loop import cancel_and_wait
 
-__all__ = ["RunWatcher", "CONTROL_POLL"]
+__all__ = ["RunWatcher", "CONTROL_POLL", "BOOTSTRAP_CHECK"]
 
 logger = logging.getLogger(__name__)
 
 CONTROL_POLL = 2.0
+BOOTSTRAP_CHECK = 10.0
 
 OnChange = Callable[[RunState], Awaitable[None] | None]
 
@@ -44,6 +48,8 @@ class RunWatcher:
         self.on_control = on_control
         self.poll = poll
         self.state = RunState.RUNNING
+        self.bootstrap_seen: float | None = None  # time.monotonic() when a live bootstrap record was last read
+        self._bootstrap_checked = -float("inf")
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -69,7 +75,15 @@ class RunWatcher:
         report = self.report()
         if report is not None:
             await publish_metrics(self.dht, report)
+        if time.monotonic() - self._bootstrap_checked >= BOOTSTRAP_CHECK:
+            self._bootstrap_checked = time.monotonic()
+            if await get_bootstraps(self.dht):
+                self.bootstrap_seen = time.monotonic()
         return self.state
+
+    def bootstrap_reachable(self) -> bool:
+        """A bootstrap of the run announced itself within a record's lifetime."""
+        return self.bootstrap_seen is not None and time.monotonic() - self.bootstrap_seen < BOOTSTRAPS_TTL + BOOTSTRAP_CHECK
 
     async def _loop(self) -> None:
         failures = 0

@@ -6,17 +6,24 @@ and ``build_status`` turns them into one frozen, versioned model (``Status``, ve
 the terminal view (``swarm.status_view.render_status``, refreshed by ``rich.live`` in the CLI), ``--json``
 and the bootstrap's ``/api/status`` and dashboard all read that model (the JSON is its ``model_dump``),
 so it lives below every one of them. The decisions in it are pure functions with table tests:
-``stage_capacities``, ``marginal_contributions``, ``run_state``, ``status_warnings``.
+``stage_capacities``, ``marginal_contributions``, ``run_state``, ``status_warnings``, ``without_cut_off``.
+
+Peers the run owner cut off (their key revoked, or banned or kicked from the dashboard) leave the
+views as soon as the run-control record says so, not when their last record expires: a record stays
+in the DHT up to its TTL (60 s) after its peer is gone, so a revoked peer used to be listed online
+for nearly a minute after it had left.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Mapping, Sequence
 
 from hivemind.utils import get_dht_time
 
 from core.messages import FrozenModel
-from dht.control import get_bootstraps
+from dht.auth import token_key_id
+from dht.control import get_bootstraps, get_control
 from dht.records import SwarmDHT
 from net.relay import is_relayed, relay_of
 from dht.schemas import (RECORD_REFRESH, DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord,
@@ -37,9 +44,13 @@ __all__ = [
     "marginal_contributions",
     "run_state",
     "status_warnings",
+    "without_cut_off",
 ]
 
-STATUS_VERSION = 4  # 3: data progress and the last evaluation; 4: a peer's relay (behind NAT)
+STATUS_VERSION = 5
+"""3: data progress and the last evaluation; 4: each peer's ``latency_ms`` (its record's median round
+trip), for the dashboard's fleet table; 5: each peer's ``relay`` (behind NAT: the relay its callers reach
+it through)."""
 STALE_AFTER = 2 * RECORD_REFRESH + 5.0
 """A record not rewritten for this long (its peer refreshes every RECORD_REFRESH s) is stale."""
 TRAINER_ACTIVE = 60.0
@@ -90,7 +101,8 @@ class PeerStatus(FrozenModel):
     marginal_share: float
     stale: bool
     contribution_share: float
-    relay: PeerId | None = None  # behind NAT: the relay its callers reach it through (version 4)
+    latency_ms: float | None = None
+    relay: PeerId | None = None  # behind NAT: the relay its callers reach it through (version 5)
 
 
 class DelegationLink(FrozenModel):
@@ -125,12 +137,14 @@ class Status(FrozenModel):
 
 
 async def collect_status(dht: SwarmDHT, *, manifest_timeout: float = 10.0) -> Status:
-    """Read the run's records from the DHT and build the status."""
+    """Read the run's records from the DHT (the manifest first, then the rest at once) and build the status."""
     manifest = await dht.wait_manifest(manifest_timeout)
-    records = await dht.all_records(manifest.num_stages)
-    metrics = await dht.telemetry_records()
-    trainers = await dht.trainer_records()
-    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers, data=await _data_record(dht))
+    records, metrics, trainers, control, data = await asyncio.gather(
+        dht.all_records(manifest.num_stages), dht.telemetry_records(), dht.trainer_records(), get_control(dht),
+        _data_record(dht))
+    if control is not None:
+        records = without_cut_off(records, set(control.revoked), set(control.banned))
+    return build_status(manifest, records, metrics, now=get_dht_time(), trainers=trainers, data=data)
 
 
 async def _data_record(dht: SwarmDHT) -> DataRecord | None:
@@ -138,6 +152,14 @@ async def _data_record(dht: SwarmDHT) -> DataRecord | None:
     record under the key, only a bootstrap's is believed)."""
     primaries = {record.peer_id for record, _ in await get_bootstraps(dht) if record.role == "primary"}
     return next((r for r in await dht.data_records() if r.peer_id in primaries), None)
+
+
+def without_cut_off(records: Mapping[int, Sequence[PeerRecord]], revoked: set[str],
+                    banned: set[str]) -> dict[int, list[PeerRecord]]:
+    """The records minus those of banned peers and those carrying a token of a revoked key."""
+    return {stage: [r for r in found if r.peer_id not in banned and r.delegate_of not in banned
+                    and not (r.access_token and token_key_id(r.access_token) in revoked)]
+            for stage, found in records.items()}
 
 
 def stage_capacities(records: Mapping[int, Sequence[PeerRecord]], num_stages: int) -> list[dict[str, float]]:
@@ -261,4 +283,5 @@ def _peer(r: PeerRecord, stages: list[StageIndex], m: MetricsRecord | None, marg
         tokens=tokens, microbatches=m.microbatches if m else 0, ledger_entries=m.ledger_entries if m else 0,
         marginal=marginal, marginal_share=round(marginal / swarm_rate, 3) if swarm_rate else 0.0,
         stale=age > STALE_AFTER, contribution_share=round(tokens / total_tokens, 3) if total_tokens else 0.0,
+        latency_ms=r.latency_ms,
     )

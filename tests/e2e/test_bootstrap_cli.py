@@ -159,6 +159,7 @@ def test_kill9_bootstrap_mid_training_and_restart(model_factory, tmp_path):
     (["keys", "list"], "no bootstrap state at"),
     (["keys", "create", "--name", "bob", "--expires", "3 fortnights"], "is not a duration"),
     (["keys", "revoke", "deadbeef"], "no API key with id"),
+    (["keys", "create", "--name", "bob", "--scope", "root"], "unknown key scope 'root'"),
     (["run", "pause", "--run", "other"], "no bootstrap state at"),
 ])
 def test_keys_and_run_errors_are_one_line(args, words, tmp_path):
@@ -167,6 +168,17 @@ def test_keys_and_run_errors_are_one_line(args, words, tmp_path):
         StateDB(tmp_path / "swarm" / "state.db").close()
     result = _swarm(*args, state=tmp_path)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_keys_have_scopes_from_the_cli(tmp_path):
+    (tmp_path / "swarm").mkdir()
+    StateDB(tmp_path / "swarm" / "state.db").close()
+    made = _swarm("keys", "create", "--name", "inference", "--scope", "api", "--scope", "admin", state=tmp_path)
+    assert made.returncode == 0 and "(scope api,admin)" in made.stderr, made.stderr
+    default = _swarm("keys", "create", "--name", "volunteer", state=tmp_path)
+    listed = json.loads(_swarm("keys", "list", "--json", state=tmp_path).stdout)
+    assert default.returncode == 0 and [(k["name"], k["scopes"]) for k in listed] == [
+        ("inference", ["api", "admin"]), ("volunteer", ["join"])]
 
 
 def test_bootstrap_help_documents_mirror():

@@ -181,3 +181,27 @@ def test_a_killed_swarm_process_takes_its_dht_process_and_p2pd_along(model_facto
         if boot.poll() is None:
             boot.kill()
             boot.wait()
+
+
+def test_a_revoked_join_exits_non_zero_for_its_supervisor(model_factory, swarm_factory, tmp_path):
+    """systemd's Restart=on-failure and compose's restart policy act on the exit code: a peer cut off
+    by the owner leaves cleanly, says why in one line, and exits 2 (a stopped run still exits 0)."""
+    swarm = swarm_factory(model_factory("gpt2", num_layers=2, hidden_size=32), num_stages=1, num_peers=0,
+                          open=False)
+    key = swarm.bootstrap.db.create_key("service", actor="test")
+    log = tmp_path / "peer.log"
+    peer = _start(["join", "--bootstrap", swarm.initial_peers[0], "--host", "127.0.0.1", "--threads", "1",
+                   "--key", key.secret, "--run", swarm.run_id, "--state-dir", str(tmp_path / "peer")], log)
+    try:
+        _wait_for(log, peer, "Ctrl+C to leave", timeout=120)
+        descendants = _descendants(peer)
+        swarm.bootstrap.db.revoke_key(key.key.id, actor="cli:test")  # what `swarm keys revoke` does
+        code = peer.wait(timeout=90)
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        text = log.read_text()
+        assert code == 2 and not alive, text[-2000:]
+        assert "error: this peer's API key was revoked by the run owner" in text and "Traceback" not in text
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()

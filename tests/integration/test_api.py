@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import openai
 import pytest
 import torch
@@ -17,8 +19,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from shards.tiny import make_tiny_model
 from bootstrap.state import StateDB
-from swarm.api import AnyOf, RunKeys, StaticKeys, create_app
-from swarm.serving import codec_of, model_id_of
+from swarm.api import AnyOf, RateLimits, RunKeys, StaticKeys, create_app
+from swarm.serving import api_readiness, codec_of, model_id_of
 from tests.helpers import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -66,7 +68,10 @@ class _Server:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory) -> Iterator[tuple[openai.OpenAI, PreTrainedTokenizerFast, AutoModelForCausalLM, str, StateDB]]:
+def api(tmp_path_factory) -> Iterator[tuple[openai.OpenAI, PreTrainedTokenizerFast, AutoModelForCausalLM, str, StateDB,
+                                            str]]:
+    """The client of an open-limits server, and the URL of a second one on the same swarm with tight
+    limits (3 requests a minute per key, 2 in flight) and readiness checks."""
     root = tmp_path_factory.mktemp("api")
     tokenizer_size = len(WORDS) + 7
     model_dir = make_tiny_model(root / "model", "gpt2", num_layers=2, hidden_size=32, num_heads=4,
@@ -83,8 +88,13 @@ def api(tmp_path_factory) -> Iterator[tuple[openai.OpenAI, PreTrainedTokenizerFa
             keys = AnyOf(StaticKeys([KEY]), RunKeys(run_keys))
             server = _Server(create_app(remote, codec_of(remote), model_id=model_id, keys=keys))
             port = server.start()
+            limited = _Server(create_app(remote, codec_of(remote), model_id=model_id, keys=keys,
+                                         limits=RateLimits(requests_per_minute=3, max_concurrent=2),
+                                         checks=lambda: api_readiness(remote)))
+            limited_url = f"http://127.0.0.1:{limited.start()}"
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
-            yield client, tokenizer, AutoModelForCausalLM.from_pretrained(model_dir), model_id, run_keys
+            yield client, tokenizer, AutoModelForCausalLM.from_pretrained(model_dir), model_id, run_keys, limited_url
+            limited.stop()
             server.stop()
     finally:
         swarm.stop()
@@ -104,7 +114,7 @@ def _expected(reference, tokenizer, prompts: list[list[int]], max_new: int) -> l
 
 
 def test_models_and_completions(api):
-    client, tokenizer, reference, model_id, _ = api
+    client, tokenizer, reference, model_id, _, _ = api
     assert [m.id for m in client.models.list().data] == [model_id]
     prompts = ["the cat sat on", "hello world how are you"]
     expected = _expected(reference, tokenizer, [tokenizer.encode(p) for p in prompts], 12)
@@ -126,7 +136,7 @@ def test_models_and_completions(api):
 
 
 def test_chat_uses_the_template_and_streams(api):
-    client, tokenizer, reference, model_id, _ = api
+    client, tokenizer, reference, model_id, _, _ = api
     messages = [{"role": "system", "content": "yes"}, {"role": "user", "content": "how are you"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     expected = _expected(reference, tokenizer, [list(prompt)], 10)[0]
@@ -146,7 +156,7 @@ def test_chat_uses_the_template_and_streams(api):
 
 
 def test_embeddings_are_mean_pooled_final_hidden_states(api):
-    client, tokenizer, reference, model_id, _ = api
+    client, tokenizer, reference, model_id, _, _ = api
     texts = ["the red hat", "a big blue dog ran"]
     got = client.embeddings.create(model=model_id, input=texts)
     for text, item in zip(texts, sorted(got.data, key=lambda d: d.index)):
@@ -159,7 +169,7 @@ def test_embeddings_are_mean_pooled_final_hidden_states(api):
 
 
 def test_errors_have_openai_shape(api):
-    client, _, _, model_id, _ = api
+    client, _, _, model_id, _, _ = api
     with pytest.raises(openai.AuthenticationError) as raised:
         openai.OpenAI(base_url=str(client.base_url), api_key="sk-wrong", max_retries=0).models.list()
     assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
@@ -178,11 +188,52 @@ def test_errors_have_openai_shape(api):
 
 
 def test_the_runs_api_keys_are_accepted_until_revoked(api):
-    client, _, _, model_id, run_keys = api
-    issued = run_keys.create_key("api-user", actor="test")
+    client, _, _, model_id, run_keys, _ = api
+    issued = run_keys.create_key("api-user", actor="test", scopes=("api",))
     holder = openai.OpenAI(base_url=str(client.base_url), api_key=issued.secret, max_retries=0, timeout=60)
     assert [m.id for m in holder.models.list().data] == [model_id]
     run_keys.revoke_key(issued.key.id, actor="test")
     with pytest.raises(openai.AuthenticationError):
         holder.models.list()
     assert [m.id for m in client.models.list().data] == [model_id]  # the static key still works
+
+
+def test_a_burst_gets_429_with_retry_after_and_health_needs_no_key(api):
+    *_, model_id, run_keys, url = api
+    user = run_keys.create_key("bursty", actor="test", scopes=("api",)).secret
+    third = run_keys.create_key("third", actor="test", scopes=("api",)).secret
+    headers = {"Authorization": f"Bearer {user}"}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        ready = http.get("/ready")
+        assert ready.status_code == 200 and ready.json()["checks"] == {"dht": True, "stages": True, "bootstrap": True}
+        codes = [http.get("/v1/models", headers=headers).status_code for _ in range(5)]
+        assert codes == [200, 200, 200, 429, 429]
+        limited = http.get("/v1/models", headers=headers)
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        other = {"Authorization": f"Bearer {KEY}"}  # the limit is per key: another key still passes
+        assert http.get("/v1/models", headers=other).status_code == 200
+        # two slow completions in flight fill the server's cap of 2: a third request is refused at once
+        body = {"model": model_id, "prompt": [1, 2, 3], "max_tokens": 24, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(http.post, "/v1/completions", json=body, headers=other) for _ in range(2)]
+            refused = None
+            while refused is None and not all(f.done() for f in slow):
+                reply = http.get("/v1/models", headers={"Authorization": f"Bearer {third}"})
+                refused = reply if reply.status_code == 429 else None
+            assert all(f.result().status_code == 200 for f in slow)
+    assert refused is not None and refused.headers["Retry-After"] == "1"
+
+
+def test_a_join_key_cannot_use_the_api_and_every_use_is_audited(api):
+    client, *_, run_keys, _ = api
+    joiner = run_keys.create_key("volunteer", actor="test")  # scope join only
+    user = run_keys.create_key("inference", actor="test", scopes=("api",))
+    with pytest.raises(openai.AuthenticationError, match="lacks scope api"):
+        openai.OpenAI(base_url=str(client.base_url), api_key=joiner.secret, max_retries=0).models.list()
+    openai.OpenAI(base_url=str(client.base_url), api_key=user.secret, max_retries=0).models.list()
+    audit = [(e.actor, e.action, e.detail) for e in run_keys.audit_log()]
+    assert (f"api:{user.key.id}", "api.use", f"key {user.key.id} (inference)") in audit
+    assert any(actor == f"api:{joiner.key.id}" and action == "api.refused" and "cannot use the inference API" in detail
+               for actor, action, detail in audit)

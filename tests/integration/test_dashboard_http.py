@@ -5,6 +5,9 @@ drives the same API against a live bootstrap with peers and a trainer."""
 
 from __future__ import annotations
 
+import csv
+import io
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +22,7 @@ from core.loop import LoopThread
 from peers.telemetry.status import Status
 
 PASSWORD = "correct horse battery"
-STATUS = {"version": 3, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
+STATUS = {"version": 5, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
           "target_batch_size": 2,
           "run": {"state": "blocked", "step": 0, "loss": None, "loss_trend": [], "tokens_per_s": 0.0, "trainers": 0},
           "stages": [{"index": 0, "layers": [0, 2], "peers": [], "online": 0, "online_peers": [], "throughput": 0.0}],
@@ -28,7 +31,7 @@ STATUS = {"version": 3, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, 
 
 
 class Dashboard:
-    def __init__(self, tmp_path: Path, *, password: bool = True):
+    def __init__(self, tmp_path: Path, *, password: bool = True, tls: dict[str, str] | None = None):
         self.db = StateDB(tmp_path / "state.db")
         if password:
             set_admin_password(self.db, "admin", PASSWORD, actor="test")
@@ -41,7 +44,7 @@ class Dashboard:
                          maddrs=lambda: ["/ip4/x"], keys_required=True, status=status, stream_period=0.1)
         self.clients: list[httpx.Client] = []
         self.loop = LoopThread("dashboard-test")
-        self.server = DashboardServer(app, "127.0.0.1", 0)
+        self.server = DashboardServer(app, "127.0.0.1", 0, tls=tls)
         self.loop.run(self.server.start(), timeout=30)
         self.url = self.server.url
 
@@ -72,7 +75,9 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
 
 ADMIN_ONLY = [("GET", "/api/keys"), ("POST", "/api/keys"), ("POST", "/api/keys/abc/revoke"), ("GET", "/api/audit"),
               ("GET", "/api/run"), ("POST", "/api/run"), ("GET", "/api/metrics"), ("GET", "/api/metrics/stream"),
-              ("GET", "/api/contributions"), ("GET", "/api/session"), ("POST", "/api/logout"), ("GET", "/api/evals")]
+              ("GET", "/api/contributions"), ("GET", "/api/session"), ("POST", "/api/logout"), ("GET", "/api/evals"),
+              ("GET", "/api/alerts"), ("GET", "/api/audit.csv"), ("GET", "/api/contributions.csv"),
+              ("POST", "/api/peers/p1/ban"), ("POST", "/api/peers/p1/kick"), ("GET", "/api/peers/p1/history")]
 
 
 @pytest.mark.parametrize("method, path", ADMIN_ONLY)
@@ -218,3 +223,59 @@ def test_a_taken_dashboard_port_is_an_error_not_the_end_of_the_process():
             return "still running"
 
         assert asyncio.run(start_then_go_on()) == "still running"
+
+
+def _self_signed(tmp_path: Path) -> dict[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+
+
+def test_https_serves_a_secure_cookie_and_health(tmp_path: Path) -> None:
+    tls = _self_signed(tmp_path)
+    board = Dashboard(tmp_path, tls=tls)
+    try:
+        assert board.url.startswith("https://127.0.0.1:")
+        with httpx.Client(base_url=board.url, verify=tls["ssl_certfile"], timeout=10) as client:
+            assert client.get("/health").json() == {"status": "ok"}
+            assert client.get("/ready").json() == {"ready": True, "checks": {}, "failing": []}
+            reply = client.post("/api/login", json={"username": "admin", "password": PASSWORD})
+            assert reply.status_code == 200 and "; secure" in reply.headers["set-cookie"].lower()
+        with httpx.Client(base_url=board.url.replace("https", "http"), timeout=10) as plain:
+            with pytest.raises(httpx.HTTPError):  # https only on that port
+                plain.get("/health")
+    finally:
+        board.stop()
+
+
+def test_the_cookie_is_secure_behind_an_https_proxy_only(dashboard: Dashboard) -> None:
+    with dashboard.client() as client:
+        direct = client.post("/api/login", json={"username": "admin", "password": PASSWORD})
+        proxied = client.post("/api/login", json={"username": "admin", "password": PASSWORD},
+                              headers={"X-Forwarded-Proto": "https"})  # a proxy on this machine (127.0.0.1)
+    assert "secure" not in direct.headers["set-cookie"].lower()
+    assert "; secure" in proxied.headers["set-cookie"].lower()
+
+
+def test_admin_key_csv_exports_and_scoped_keys(dashboard: Dashboard) -> None:
+    admin = dashboard.db.create_key("ops", actor="test", scopes=("admin",)).secret
+    joiner = dashboard.db.create_key("volunteer", actor="test").secret
+    dashboard.db.audit("=cmd|' /C calc'!A0", "peer.join", "-2+3")  # a spreadsheet formula in a peer's text
+    with dashboard.client() as client:
+        refused = client.get("/api/audit.csv", headers={"Authorization": f"Bearer {joiner}"})
+        assert refused.status_code == 401 and "cannot use the admin API" in refused.json()["detail"]
+        made = client.post("/api/keys", json={"name": "inference", "scopes": ["api"]},
+                           headers={"Authorization": f"Bearer {admin}"})  # a key needs no CSRF token
+        assert made.status_code == 200 and made.json()["key"]["scopes"] == ["api"]
+        bad = client.post("/api/keys", json={"name": "x", "scopes": ["root"]}, headers={"Authorization": f"Bearer {admin}"})
+        assert bad.status_code == 422
+        exported = client.get("/api/audit.csv", headers={"Authorization": f"Bearer {admin}"})
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(exported.text)))
+    assert rows[0] == ["id", "time_utc", "actor", "action", "detail"]
+    assert ["'=cmd|' /C calc'!A0", "peer.join", "'-2+3"] in [r[2:] for r in rows]
+    assert [r[2] for r in rows if r[3] == "key.create"][0] == f"web:key:{admin.split('_')[1]}"
+    assert any(r[3] == "admin.refused" for r in rows) and any(r[3] == "admin.use" for r in rows)
+    assert dashboard.db.verify_key(made.json()["secret"], scope="api").name == "inference"

@@ -101,7 +101,8 @@ METHODS = ["swarm.stage.forward", "swarm.stage.backward", "swarm.stage.step", "s
            "swarm.probe.echo", "swarm.inference.open",
            "swarm.inference.step", "swarm.inference.close", "swarm.ledger.submit", "swarm.ledger.fetch",
            "swarm.ledger.tally", "swarm.checkpoint.has", "swarm.checkpoint.put", "swarm.checkpoint.get",
-           "swarm.bootstrap.sync", "swarm.delegation.start", "swarm.delegation.poll", "swarm.delegation.stop",
+           "swarm.bootstrap.sync", "swarm.data.lease", "swarm.data.renew", "swarm.data.eval",
+           "swarm.delegation.start", "swarm.delegation.poll", "swarm.delegation.stop",
            "swarm.delegation.status"]
 
 

@@ -92,17 +92,26 @@ def test_keys_tokens_forgery_and_revocation(model_factory, swarm_factory):
         assert ("key.revoke", "test") in actions and sum(a == "peer.auth" for a, _ in actions) == 3
         assert any(a == "auth.rejected" for a, _ in actions)
 
-        # the OpenAI-compatible server of a keyed run checks its clients' keys against the run's
+        # the OpenAI-compatible server of a keyed run checks its clients' keys against the run's: keys
+        # of scope api only (a volunteer's join key is refused), each check audited by the bootstrap
         api_keys = SwarmKeys(model.run_auth, model.loop)
-        user = db.create_key("api-user", actor="test")
+        user = db.create_key("api-user", actor="test", scopes=("api",))
+        other = db.create_key("api-user 2", actor="test", scopes=("api",))
         assert api_keys.enforced() and api_keys.allows(user.secret)
         assert not api_keys.allows(user.secret[:-6] + "AAAAAA") and not api_keys.allows("sk-not-a-swarm-key")
         assert not api_keys.allows(peer_key.replace(peer_key.split("_")[1], "00000000"))
+        assert not api_keys.allows(peer_key)  # a join key cannot use the API
+        audit = [(e.action, e.detail) for e in db.audit_log()]
+        assert ("api.check", f"key {user.key.id} (api-user)") in audit
+        assert any(a == "auth.rejected" and "cannot use the inference API" in d for a, d in audit)
+        with pytest.raises(AuthRejected, match="cannot join the run"):  # an inference key cannot join
+            swarm.add_peer(stage=1, key=user.secret)
+        swarm.peers.pop()  # it failed and stopped itself
         revoked_at = time.monotonic()
         db.revoke_key(user.key.id, actor="test")
         while api_keys.allows(user.secret):
             assert time.monotonic() - revoked_at < 60, "a revoked key still passed the API's check after 60 s"
             time.sleep(0.5)
-        assert api_keys.allows(peer_key)  # another key of the run is not affected
+        assert api_keys.allows(other.secret)  # another key of the run is not affected
     finally:
         model.close()

@@ -154,11 +154,13 @@ def test_a_version_1_database_is_migrated_keeping_everything(tmp_path: Path) -> 
 
     db = StateDB(path)
     try:
-        assert db._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        assert db._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
         assert db.query("SELECT count(*) FROM data_shards") == [(0,)]  # 2 -> 3 made the data tables
         rows = {r.id: r for r in db.key_rows()}
         assert (rows["0000beef"].updated_at, rows["0000cafe"].updated_at, rows["0000cafe"].revoked) == (100.0, 130.0, 130.0)
         assert db.verify_key(secret).name == "alice"  # the old key still works
+        assert db.verify_key(secret, scope="api").scopes == ("join", "api")  # for what it did before scopes
+        assert db.peer_history("anyone") == []  # the fleet view's table exists
         assert db.run_state_row() == ("paused", 0.0)
         assert [(e.actor, e.action) for e in db.audit_log()][:2] == [("state", "state.migrate"), ("cli", "key.create")]
     finally:

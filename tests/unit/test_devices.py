@@ -14,7 +14,7 @@ from core.config import load_settings
 from core.errors import BadRequest, ConfigError
 from core.types import LayerRange
 from dht.schemas import HardwareSummary, OptimizerSettings
-from peers.joining.measure import activation_bytes, stage_bytes, stage_parameters
+from peers.joining.measure import activation_bytes, queue_tokens, stage_bytes, stage_parameters
 from peers.training.executor import ForwardInputs, StageExecutor
 from peers.training.offload import HostAdamW, offload_wanted
 from peers.training.protocol import BackwardRequest, ForwardRequest
@@ -251,6 +251,17 @@ def test_stage_bytes_counts_masters_gradients_adamw_and_a_full_queue(model_facto
     assert stage_bytes(config, LAYERS, offload_optimizer=True) == 8 * params
     queued = stage_bytes(config, LAYERS, torch.bfloat16, queue_tokens=1000)
     assert queued - 16 * params == activation_bytes(config, 2, 1000, torch.bfloat16) == 1000 * 2 * 17 * 32 * 2
+
+
+@pytest.mark.parametrize("queue, cache, step_tokens, stages, expected", [
+    (64, 64, 8 * 128, 2, 8 * 128),          # the README's batches: at most one step's tokens
+    (64, 4, 100_000, 2, 4 * 1024),          # only the cached graphs count, each a microbatch at most
+    (8, 64, 100_000, 2, 8 * 1024),          # ...and at most a queue of them
+    (64, 64, 10_000 * 128, 2, 64 * 1024),   # a huge target batch still comes in microbatches
+    (64, 64, 100, 1, 100),
+])
+def test_a_full_queue_holds_the_cached_microbatches_up_to_a_step(queue, cache, step_tokens, stages, expected):
+    assert queue_tokens(queue, cache, step_tokens, stages) == expected
 
 
 # -- swarm join --devices --------------------------------------------------------------------------

@@ -189,10 +189,11 @@ def test_a_peer_serving_several_stages_is_one_peer_on_each_of_its_rows():
     assert "[0, 2)" in rows[0] and "0◀" in rows[0]
 
 
-def test_the_status_json_keeps_its_version_4_fields_and_round_trips():
+def test_the_status_json_keeps_its_version_5_fields_and_round_trips():
     """``swarm status --json`` and ``/api/status`` are a protocol: the model's JSON has exactly the
-    fields of version 4 (version 2's, then the data progress and the last evaluation, then a peer's
-    relay), and reads back into an equal model (what a client of the API does)."""
+    fields of version 5 (version 2's, then the data progress and the last evaluation (3), then each
+    peer's ``latency_ms`` (4), then each peer's ``relay`` (5)), and reads back into an equal model (what a
+    client of the API does)."""
     status = build_status(*_scenario(), now=NOW, data=DATA)
     data = json.loads(status.model_dump_json())
     assert list(data) == ["version", "time", "run_id", "step", "trainers", "model", "num_layers", "target_batch_size",
@@ -204,7 +205,8 @@ def test_the_status_json_keeps_its_version_4_fields_and_round_trips():
     assert list(data["peers"][0]) == [
         "peer_id", "stages", "state", "throughput", "load", "maddrs", "hardware", "age", "delegate_of", "step",
         "requests_per_s", "tokens_per_s", "tokens", "microbatches", "ledger_entries", "marginal", "marginal_share",
-        "stale", "contribution_share", "relay"]
+        "stale", "contribution_share", "latency_ms", "relay"]
+    assert data["version"] == 5
     assert Status.model_validate(data) == status
     with pytest.raises(ValidationError, match="extra"):
         Status.model_validate(data | {"surprise": 1})
