@@ -77,15 +77,16 @@ class P2PTransport:
     (held a while first for a caller refused again and again: ``refusals``).
 
     ``addresses`` (peer id -> relayed addresses, ``SwarmDHT.relayed``): a peer behind NAT is dialed
-    through its relay before the first call to it, and again after a call to it failed or its
-    addresses changed (its relay was replaced); the daemon cannot find those addresses itself.
+    through its relay before every call to it (about 1 ms when a connection is up: the daemon
+    answers at once), since the daemon cannot find those addresses itself and a relayed connection
+    can be gone by the next call (a reset relay, a replaced one): the daemon would otherwise dial the
+    peer's private address and fail.
     """
 
     def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None,
                  refusals: Refusals | None = None, addresses: Mapping[str, list[str]] | None = None):
         self.p2p = p2p
         self.addresses = addresses
-        self._dialed: dict[str, tuple[str, ...]] = {}
         self.gate = gate
         self.limits = limits or CallerLimits()
         self.refusals = refusals or Refusals()
@@ -158,25 +159,32 @@ class P2PTransport:
             return await asyncio.wait_for(_roundtrip(), timeout)
         except asyncio.TimeoutError:
             raise StageTimeout(f"{method} on {peer_id[-8:]} took longer than {timeout:.0f} s") from None
-        except PeerUnavailable:
-            self._dialed.pop(peer_id, None)
-            raise
         except SwarmError:
             raise
         except Exception as e:  # P2PDaemonError, P2PHandlerError, ConnectionError, ...: the peer is gone
-            self._dialed.pop(peer_id, None)
             raise PeerUnavailable(f"{method} on {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
 
     async def _dial_relayed(self, peer_id: PeerId) -> None:
-        relayed = tuple(self.addresses.get(peer_id, ())) if self.addresses is not None else ()
-        if not relayed or self._dialed.get(peer_id) == relayed:
+        relayed = self.addresses.get(peer_id) if self.addresses is not None else None
+        if not relayed:
             return
         try:
             await self.p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(a) for a in relayed])
         except Exception as e:  # ControlFailure: the relay is gone or holds no slot for it
             raise PeerUnavailable(f"{peer_id[-8:]} is not reachable through its relay: {type(e).__name__}: "
                                   f"{str(e)[:300]}") from None
-        self._dialed[peer_id] = relayed
+
+    async def reach(self, peer_ids: Sequence[PeerId]) -> list[str]:
+        """Make sure this node's daemon holds a connection to each of ``peer_ids`` that sits behind
+        NAT, through its relay, for others that share the daemon and dial by peer id alone
+        (hivemind's averager); returns why each one that could not be reached was not."""
+        failed = []
+        for peer_id in peer_ids:
+            try:
+                await self._dial_relayed(peer_id)
+            except PeerUnavailable as e:
+                failed.append(str(e))
+        return failed
 
     async def close(self) -> None:
         """Stop serving and close this transport's P2P connection, each bounded (``bounded``): a

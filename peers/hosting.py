@@ -251,6 +251,7 @@ class StageHost:
         executor.corrupt = self.settings.peer.corrupt
         slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self.identity)
         slot.service.on_step_failed = self._on_step_failed
+        slot.service.reach_members = self.transport.reach
 
     def _load(self, stage: StageIndex) -> torch.nn.Module:
         manifest = self.manifest
