@@ -139,8 +139,7 @@ class SwarmDHT:
         """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
         ``signer_key`` signs its records (a bootstrap passes its persistent authority key). ``relay``:
         serve relay slots to peers behind NAT (the daemon starts its relay service only once it counts
-        itself publicly reachable, which it is told here rather than left to guess); a node behind NAT
-        passes False;
+        itself publicly reachable, which it is told here rather than left to guess);
         ``relay_limits``: (slots, relayed connections per peer, bytes a relayed connection carries each way)."""
         # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
         # process, as in tests, cannot sign each other's records either
@@ -151,10 +150,9 @@ class SwarmDHT:
             client_mode=client_mode,
             record_validators=[signer, RunSchemaValidator(run_id)],
             start=True,
-            # p2pd's -autonat also turns on hole punching (DCUtR). Measured in namespaces with public
-            # addresses: on a peer behind NAT it cut every relayed transfer into the peer after ~128 KiB
-            # and dropped the connection; on a relay without it the relay's limits fell back to
-            # libp2p's 128 KiB. So relays run it, every other node does not.
+            # p2pd's -autonat also turns on hole punching (DCUtR). A relay started without it cut
+            # relayed transfers at ~128 KiB (measured in namespaces); nodes that relay nothing
+            # (trainers, clients) go without (docs/design.md, issue 25)
             auto_nat=relay,
         )
         if relay:

@@ -66,7 +66,7 @@ from peers.slot import StageSlot
 from peers.telemetry.publisher import PeerTelemetry
 from net.relay import RelaySlot, Reservation, is_relayed
 from net.transport import P2PTransport
-from peers.joining.reachability import behind_nat, best_address, source_address
+from peers.joining.reachability import behind_nat, best_address
 from shards.placement import Move, Span
 from shards.source import resolve_model
 from core.loop import Lifecycle, TaskSet, bounded
@@ -172,14 +172,10 @@ class Peer(Lifecycle):
             torch.cuda.set_device(self.device)
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
-        # behind NAT (as far as can be told before the daemon starts): no relay service, and no AutoNAT,
-        # whose hole punching broke relayed transfers into this peer (``SwarmDHT.create``)
-        source = source_address(net.announce_host or net.host, net.initial_peers)
-        private = behind_nat([f"/ip4/{source}/tcp/{net.port}"] if source else [], net.initial_peers, net.reachability)
         self.dht = await asyncio.to_thread(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
-            relay=net.relay and not private, relay_limits=relay_limits(net),
+            relay=net.relay and net.reachability != "private", relay_limits=relay_limits(net),
         )
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)

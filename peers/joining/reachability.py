@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
@@ -19,7 +18,7 @@ from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
 from core.types import StageIndex
 
-__all__ = ["AddressKind", "Verdict", "address_kind", "behind_nat", "source_address", "explain_claim", "explain_placement",
+__all__ = ["AddressKind", "Verdict", "address_kind", "behind_nat", "explain_claim", "explain_placement",
            "reachability_verdict", "relayed_verdict", "probe_reachability"]
 
 logger = logging.getLogger(__name__)
@@ -122,25 +121,6 @@ def behind_nat(maddrs: Sequence[str], initial_peers: Sequence[str], setting: str
                 ipaddress.ip_network(f"{ip}/16", strict=False) == ipaddress.ip_network(f"{own}/16", strict=False):
             return False
     return True
-
-
-def source_address(host: str, initial_peers: Sequence[str]) -> str | None:
-    """The address this machine reaches the swarm from, known before its p2p daemon starts: ``host``
-    when it names one, else the source address the kernel picks toward the first initial peer (a
-    UDP socket's ``connect`` sends nothing); None when there is no way to tell."""
-    if host not in ("0.0.0.0", "::", ""):
-        return host
-    for peer in initial_peers:
-        ip = _ip(peer)
-        if ip is None or ip.version != 4:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.connect((str(ip), 9))
-                return probe.getsockname()[0]
-            except OSError:  # no route to it
-                continue
-    return None
 
 
 def best_address(maddrs: Sequence[str]) -> str:

@@ -17,7 +17,6 @@ from peers.joining.reachability import (
     behind_nat,
     reachability_verdict,
     relayed_verdict,
-    source_address,
 )
 from swarm.join_view import format_live_line, key_fingerprint, span_label
 from swarm.logs import set_log_identity, setup_logging
@@ -78,15 +77,6 @@ BOOT = "/ip4/10.79.1.2/tcp/31337/p2p/QmBoot"
 def test_behind_nat(maddrs, initial, setting, expected):
     assert behind_nat(maddrs, initial, setting) is expected
 
-
-def test_the_source_address_is_known_before_the_daemon_starts():
-    """A named host is the answer; on all interfaces, the address the kernel would send from toward
-    the bootstrap (on loopback here), which decides whether the peer starts as one behind NAT."""
-    assert source_address("192.168.1.2", [BOOT]) == "192.168.1.2"
-    assert source_address("0.0.0.0", ["/ip4/127.0.0.1/tcp/2/p2p/QmBoot"]) == "127.0.0.1"
-    assert source_address("0.0.0.0", []) is None
-    home = source_address("192.168.1.2", [BOOT])
-    assert behind_nat([f"/ip4/{home}/tcp/0"], [BOOT]) is True
 
 
 def test_best_address_prefers_public_then_private():
