@@ -17,7 +17,8 @@ and trains with the README's plain loop (``loss.backward(); optimizer.step()``) 
 averaging (the step calls: the replicas' all-reduce and AdamW), commit (the rest of closing a step)
 and hops (the remainder: transport and waiting along the pipeline). ``--uncached`` adds, to every
 round, the same swarm steps with the trainer waiting for each read of the DHT's records (as before
-issue 27: ``cached_routes=False``) and prints the two side by side.
+issue 27: ``cached_routes=False``) and prints the two side by side; ``--read-delay 100`` makes every
+read 100 ms longer, as a DHT over a WAN is.
 
 Thread budget: the local run uses ``--threads`` torch threads (default: the cores). In the swarm the
 two peers get half of them each, and compute at the same time (microbatch pipelining); the trainer
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--family", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture")
     parser.add_argument("--uncached", action="store_true",
                         help="also time rounds whose steps wait for every read of the DHT's records")
+    parser.add_argument("--read-delay", type=float, default=0.0,
+                        help="ms added to every read of the records, as a DHT over a WAN takes (emulated)")
     harness.add_device_flags(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,6 +118,8 @@ def main() -> None:
         microbatch = args.batch if args.microbatch == 0 else args.microbatch
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], microbatch_size=microbatch,
                                                    device=args.device) as remote:
+            if args.read_delay:
+                remote.pipeline.replicas.source = _delayed(remote.pipeline.replicas.source, args.read_delay / 1000)
             local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir).to(resolve_device(args.device)),
                              random_batches(corpus, args.batch, args.seq, seed=1), device=args.device, dtype=dtype)
             swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1), plain=args.free,
@@ -123,18 +128,16 @@ def main() -> None:
             costs: Counter[str] = Counter()
             uncached_costs: Counter[str] = Counter()
             # interleaved rounds, so that a noisy minute on a shared machine hits both sides alike
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 local_times.append(local.steps(args.steps))
                 remote.pipeline.push = True
-                before = Counter(remote.pipeline.timings)
-                swarm_times.append(swarm.steps(args.steps))
-                costs.update(Counter(remote.pipeline.timings) - before)
-                if args.uncached:
-                    remote.pipeline.replicas.cached = False
+                # uncached first in every other round, so that neither kind always runs after the other
+                for cached in ([True, False] if i % 2 == 0 else [False, True]) if args.uncached else [True]:
+                    remote.pipeline.replicas.cached = cached
                     before = Counter(remote.pipeline.timings)
-                    uncached_times.append(swarm.steps(args.steps))
-                    uncached_costs.update(Counter(remote.pipeline.timings) - before)
-                    remote.pipeline.replicas.cached = True
+                    (swarm_times if cached else uncached_times).append(swarm.steps(args.steps))
+                    (costs if cached else uncached_costs).update(Counter(remote.pipeline.timings) - before)
+                remote.pipeline.replicas.cached = True
                 remote.pipeline.push = False
                 relay_times.append(swarm.steps(args.steps))
             fallbacks = remote.pipeline.push_fallbacks
@@ -161,6 +164,16 @@ def main() -> None:
     target = "0.85 at the default model, 0.6 at 6 x 96" if args.free else "0.90"
     print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds; target >= {target}); "
           f"load average {os.getloadavg()[0]:.1f}")
+
+
+def _delayed(source, seconds: float):
+    """``source`` (the records' read) taking ``seconds`` longer."""
+    import asyncio
+
+    async def read():
+        await asyncio.sleep(seconds)
+        return await source()
+    return read
 
 
 def _print_beyond(what: str, swarm_times: list[float], local_times: list[float], costs: Counter[str],
