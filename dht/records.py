@@ -76,6 +76,19 @@ def _share_by_file_descriptor() -> None:
 
 _share_by_file_descriptor()
 
+
+def _freeze_heap() -> None:
+    """Move every live object to the collector's permanent generation, which no collection scans,
+    before the DHT child is forked (issue 27, point 6). A forked child's collections otherwise write
+    into the header of every object they scan, and each write copies the page under it: the DHT child,
+    and the averager children forked later, each kept a private copy of most of the peer's heap
+    (torch's, transformers' and the model code's objects). Garbage is collected first, so that none is
+    kept for good. Done here, before a peer loads any stage, so what is frozen is what lives as long
+    as the process (modules, classes, settings): a stage's weights, which a peer drops when it moves,
+    stay collectable. The Python documentation's recipe for ``fork()`` without ``exec()``."""
+    gc.collect()
+    gc.freeze()
+
 MANIFEST_TTL = 7 * 24 * 3600.0
 """A run's manifest lives a week in the DHT: peers go on finding the run while no bootstrap is up (a
 peer cannot extend it: its signature covers the expiration). Bootstraps rewrite it every
@@ -164,11 +177,7 @@ class SwarmDHT:
         for peer in initial_peers:
             check_multiaddr(peer)
         try:
-            # every object so far goes to the collector's permanent generation, which no collection
-            # scans: the child's collections would otherwise write into the header of every object it
-            # inherited and copy nearly the whole heap it shares with this process (issue 27: the DHT
-            # child 190 -> 131 MiB PSS, the averager child 182 -> 166, forked the same way)
-            gc.freeze()
+            _freeze_heap()
             dht = _DHTProcess(**kwargs)
         except Exception as e:  # a port in use, an unreachable initial peer, a daemon that won't start
             where = f"/ip4/{host}/tcp/{port}"

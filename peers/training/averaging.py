@@ -17,7 +17,6 @@ and nothing is applied, because a replica that averaged with a different group w
 from __future__ import annotations
 
 import asyncio
-import gc
 import concurrent.futures
 import contextlib
 import logging
@@ -451,7 +450,6 @@ class HivemindGradientSync:
         )
         self._averager.clip, self._averager.fault = clip, fault
         with _FORK_LOCK:
-            gc.freeze()  # the child's collections then leave the inherited objects' pages shared (dht.records)
             self._averager.run_in_background(await_ready=True, timeout=start_timeout)
 
     def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
