@@ -12,6 +12,9 @@ first new token (prefill included); decode tokens/s is ``batch * (new - 1)`` ove
 first to the last token. Rounds alternate local and swarm so a noisy minute hits both; the medians
 are reported. Every process (local, client, each peer) uses ``--threads`` torch threads.
 
+``--no-channel`` sends every call over libp2p streams (the peers' and the client's data channel off,
+``net.channel``), to compare with the default. The load average is printed before and after.
+
 ``--device`` puts the peers, the swarm's client (embeddings, head) and the local model on that device
 (default cpu); ``--dtype`` is the run's precision, the local model generating under the same autocast.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import harness  # before any project module: this checkout first on sys.path
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-channel", action="store_true", help="libp2p streams only (no direct data channel)")
     harness.add_device_flags(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +79,8 @@ def main() -> None:
     prompts = torch.randint(0, 256, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     print(f"model: Llama-style, {args.layers} layers, width {args.hidden}; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens (greedy); {args.rounds} interleaved rounds after a warm-up; "
-          f"torch threads {args.threads}; device {args.device}, dtype {args.dtype}")
+          f"torch threads {args.threads}; device {args.device}, dtype {args.dtype}; "
+          f"{'libp2p only' if args.no_channel else 'data channel'}; load average {os.getloadavg()[0]:.1f}")
 
     local_model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     on_device = prompts.to(device)
@@ -88,8 +94,10 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
     with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, threads=args.threads,
                              bootstrap_args=["--dtype", args.dtype],
-                             peer_env=harness.peer_env(args.device)) as (_, address):
-        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], device=args.device) as remote:
+                             peer_env={**harness.peer_env(args.device),
+                                       **({"SWARM_NETWORK__CHANNEL": "false"} if args.no_channel else {})}) as (_, address):
+        with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], device=args.device,
+                                                   channel=not args.no_channel) as remote:
 
             def swarm(clock: _Clock) -> torch.Tensor:
                 return remote.generate(prompts, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=clock)
@@ -110,7 +118,8 @@ def main() -> None:
         print(f"{name:6s} decode {decode[name]:8.1f} tokens/s, time to first token {ttft[name] * 1000:6.0f} ms "
               f"(medians)")
     print(f"ratio swarm/local decode tokens/s: {decode['swarm'] / decode['local']:.2f}")
-    print(f"ratio swarm/local time to first token: {ttft['swarm'] / ttft['local']:.2f}")
+    print(f"ratio swarm/local time to first token: {ttft['swarm'] / ttft['local']:.2f} (targets: decode >= 0.8, "
+          f"TTFT <= 1.2); load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

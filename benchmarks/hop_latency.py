@@ -16,12 +16,18 @@ echo server. This process calls them in turn over loopback:
 * ``echo rpc``: ``swarm.probe.echo`` of the same tensor (the same transport, no stage at all);
 * ``p2pd stream``: the same bytes as the TCP echo through a bare libp2p stream of the same two p2pd
   daemons (hivemind's ``call_binary_stream_handler``, no framing, no protobuf, no tensors): what any
-  call through p2pd costs before swarm's code runs.
+  call through p2pd costs before swarm's code runs;
+* ``tls echo``: the TCP echo inside TLS 1.3 (what encryption alone costs for these bytes);
+* ``channel forward`` / ``channel echo rpc``: the same stage forward and echo RPC over the direct data
+  channel (``net.channel``, TLS 1.3 unless ``--no-tls``) instead of a libp2p stream (``stage forward``);
+* ``1-token channel`` / ``1-token tcp echo``: a 1-token step's tensor ([1, 1, 1024] float32, 4 KiB)
+  through a stage forward on the channel minus compute, and its raw TCP echo.
 
 With ``--device cuda`` the stage lives on the GPU and computes in ``--dtype``: its activations cross
 host and device once each way inside the measured RPC, as a GPU peer's do.
 
-Target: stage forward (minus compute) <= 1.3x the TCP echo.
+Targets (issue 27): stage forward on the channel (minus compute) <= 1.5x the TCP echo; a 1-token
+step's overhead <= 1 ms.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ import time
 import uuid
 from typing import Awaitable, Callable, TypeVar
 
+import ssl
+
 import torch
 import uvloop
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 
 from peers.training.client import StageClient
 from peers.joining.measure import serve_echo
 from peers.training.protocol import ECHO, EchoRequest
+from net.channel import ChannelServer, Identity, client_context, self_signed, server_context
 from net.transport import P2PTransport
 from net.wire import WIRE_FORMATS
 from core.errors import PeerUnavailable
@@ -87,7 +97,12 @@ async def _serve_raw_echo(info, reader: asyncio.StreamReader, writer: asyncio.St
         writer.close()
 
 
-async def _server(model_dir: str, device: str, dtype: str) -> None:
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """TLS 1.3 for the raw echo, with the channel's own kind of certificate."""
+    return server_context(*self_signed()), client_context()
+
+
+async def _server(model_dir: str, device: str, dtype: str, tls: bool) -> None:
     from dht.schemas import OptimizerSettings
     from peers.training.executor import StageExecutor
     from peers.training.service import StageService
@@ -103,28 +118,38 @@ async def _server(model_dir: str, device: str, dtype: str) -> None:
     service = StageService(executor, p2p.peer_id.to_base58())
     await service.register(transport)
     await serve_echo(transport)
+    await transport.open_channel(ChannelServer(Identity(p2p.peer_id.to_base58(), RSAPrivateKey()), "127.0.0.1",
+                                               tls=tls))
     await p2p.add_binary_stream_handler(RAW_ECHO, _serve_raw_echo)
     tcp = await asyncio.start_server(_serve_tcp_echo, "127.0.0.1", 0)
+    tls_echo = await asyncio.start_server(_serve_tcp_echo, "127.0.0.1", 0, ssl=_tls_contexts()[0])
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
     print(json.dumps({"maddrs": maddrs, "peer_id": p2p.peer_id.to_base58(),
-                      "tcp_port": tcp.sockets[0].getsockname()[1]}), flush=True)
+                      "tcp_port": tcp.sockets[0].getsockname()[1],
+                      "tls_port": tls_echo.sockets[0].getsockname()[1]}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     tcp.close()
+    tls_echo.close()
     service.shutdown()
-    await p2p.shutdown()
+    await transport.close()
 
 
 async def _client(info: dict, args) -> dict[str, list[float]]:
     p2p = await P2P.create(initial_peers=info["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    transport = P2PTransport(p2p)
+    transport, direct = P2PTransport(p2p), P2PTransport(p2p)
+    direct.use_channel(Identity(p2p.peer_id.to_base58(), RSAPrivateKey()))
     client = StageClient(transport, timeout=60, attempts=1, wire=args.wire)
+    channel = StageClient(direct, timeout=60, attempts=1, wire=args.wire)
     reader, writer = await asyncio.open_connection("127.0.0.1", info["tcp_port"])
+    tls_reader, tls_writer = await asyncio.open_connection("127.0.0.1", info["tls_port"], ssl=_tls_contexts()[1])
     hidden = torch.randn(BATCH, SEQ, HIDDEN)
-    payload = hidden.numpy().tobytes()
+    token = torch.randn(1, 1, HIDDEN)
+    payload, token_payload = hidden.numpy().tobytes(), token.numpy().tobytes()
     from shards import LayerRange
     layers = LayerRange(start=0, end=1)
-    times: dict[str, list[float]] = {"tcp echo": [], "stage forward": [], "compute": [], "echo rpc": [],
-                                     "p2pd stream": []}
+    times: dict[str, list[float]] = {"tcp echo": [], "tls echo": [], "stage forward": [], "compute": [],
+                                     "channel forward": [], "echo rpc": [], "channel echo rpc": [], "p2pd stream": [],
+                                     "1-token tcp echo": [], "1-token channel": []}
     server_id = PeerID.from_base58(info["peer_id"])
 
     async def tcp_round() -> float:
@@ -132,14 +157,19 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
         await _roundtrip(reader, writer, payload)
         return time.perf_counter() - started
 
-    async def stage_round() -> tuple[float, float]:
+    async def tls_round(data: bytes = payload) -> float:
         started = time.perf_counter()
-        _, reply = await client.forward(info["peer_id"], 0, layers, uuid.uuid4().hex, (hidden, None, None), train=False)
+        await _roundtrip(tls_reader, tls_writer, data)
+        return time.perf_counter() - started
+
+    async def stage_round(stub: StageClient = client, tensor: torch.Tensor = hidden) -> tuple[float, float]:
+        started = time.perf_counter()
+        _, reply = await stub.forward(info["peer_id"], 0, layers, uuid.uuid4().hex, (tensor, None, None), train=False)
         return time.perf_counter() - started, reply.compute_ms / 1000
 
-    async def echo_round() -> float:
+    async def echo_round(over: P2PTransport = transport) -> float:
         started = time.perf_counter()
-        await transport.call(info["peer_id"], ECHO, EchoRequest(), [hidden], timeout=60)
+        await over.call(info["peer_id"], ECHO, EchoRequest(), [hidden], timeout=60)
         return time.perf_counter() - started
 
     async def raw_round() -> float:
@@ -163,20 +193,36 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
                 lost.append(f"{name}: {type(e).__name__}")
         return await round_()
 
+    async def token_tcp_round() -> float:
+        started = time.perf_counter()
+        await _roundtrip(reader, writer, token_payload)
+        return time.perf_counter() - started
+
+    def beyond_compute(timed_call: tuple[float, float]) -> float:
+        return timed_call[0] - timed_call[1]
+
     for _ in range(3):  # warm-up: connections, the stage's first forward
-        await tcp_round(), await timed(stage_round, "stage"), await timed(echo_round, "echo"), \
-            await timed(raw_round, "p2pd")
-    for _ in range(args.calls):  # interleaved, so a noisy moment hits all three
+        await tcp_round(), await tls_round(), await timed(stage_round, "stage"), await timed(echo_round, "echo"), \
+            await timed(raw_round, "p2pd"), await stage_round(channel), await echo_round(direct), \
+            await stage_round(channel, token)
+    for _ in range(args.calls):  # interleaved, so a noisy moment hits all of them
         times["tcp echo"].append(await tcp_round())
+        times["tls echo"].append(await tls_round())
         total, compute = await timed(stage_round, "stage")
         times["stage forward"].append(total - compute)
         times["compute"].append(compute)
+        times["channel forward"].append(beyond_compute(await stage_round(channel)))
         times["echo rpc"].append(await timed(echo_round, "echo"))
+        times["channel echo rpc"].append(await echo_round(direct))
         times["p2pd stream"].append(await timed(raw_round, "p2pd"))
+        times["1-token tcp echo"].append(await token_tcp_round())
+        times["1-token channel"].append(beyond_compute(await stage_round(channel, token)))
+    assert direct.channel.sent and not direct.channel.fallbacks, "the channel calls fell back to libp2p"
     if lost:
         print(f"streams lost and re-run: {len(lost)} ({', '.join(lost)})")
     writer.close()
-    await p2p.shutdown()
+    tls_writer.close()
+    await direct.close()
     return times
 
 
@@ -184,17 +230,18 @@ def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
+    parser.add_argument("--no-tls", action="store_true", help="the data channel in clear (network.channel_tls false)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process: its model dir
     harness.add_device_flags(parser)
     args = parser.parse_args()
     if args.serve:
-        uvloop.run(_server(args.serve, args.device, args.dtype))
+        uvloop.run(_server(args.serve, args.device, args.dtype, not args.no_tls))
         return
     torch.set_num_threads(1)
     _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=HIDDEN, num_heads=HIDDEN // 64,
                                      max_positions=SEQ)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir), "--device", args.device,
-                               "--dtype", args.dtype], stdin=subprocess.PIPE,
+                               "--dtype", args.dtype, *(["--no-tls"] if args.no_tls else [])], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(server.stdout.readline())
@@ -207,11 +254,18 @@ def main() -> None:
           f"stage wire {args.wire}, on {args.device} in {args.dtype}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")
     for name, values in times.items():
         median = statistics.median(values)
-        ratio = "" if name in ("tcp echo", "compute") else f"   {median / tcp:5.2f}x tcp echo"
+        base = statistics.median(times["1-token tcp echo"]) if name.startswith("1-token") else tcp
+        ratio = "" if name in ("tcp echo", "compute", "1-token tcp echo") else f"   {median / base:5.2f}x tcp echo"
         print(f"{name:>14}: median {median * 1000:7.2f} ms  (p10 {sorted(values)[len(values) // 10] * 1000:7.2f}, "
               f"p90 {sorted(values)[len(values) * 9 // 10] * 1000:7.2f}){ratio}")
-    print(f"stage RPC (forward minus compute) / raw TCP echo: {statistics.median(times['stage forward']) / tcp:.2f}x "
-          f"(target <= 1.3x); a bare p2pd stream alone: {statistics.median(times['p2pd stream']) / tcp:.2f}x, so "
+    channel, token = statistics.median(times["channel forward"]), statistics.median(times["1-token channel"])
+    print(f"data channel ({'plain TCP' if args.no_tls else 'TLS 1.3'}): stage forward minus compute / raw TCP echo: "
+          f"{channel / tcp:.2f}x (target <= 1.5x); libp2p / channel: "
+          f"{statistics.median(times['stage forward']) / channel:.2f}x; TLS echo / TCP echo: "
+          f"{statistics.median(times['tls echo']) / tcp:.2f}x; a 1-token step's overhead on the channel: "
+          f"{token * 1000:.2f} ms (target <= 1 ms)")
+    print(f"libp2p stage RPC (forward minus compute) / raw TCP echo: {statistics.median(times['stage forward']) / tcp:.2f}x "
+          f"; a bare p2pd stream alone: {statistics.median(times['p2pd stream']) / tcp:.2f}x, so "
           f"swarm's own code adds {(statistics.median(times['stage forward']) - statistics.median(times['p2pd stream'])) * 1000:.1f} ms "
           f"to what p2pd costs")
 

@@ -53,8 +53,10 @@ class SyncResult:
 def _snapshot(db: StateDB, authority: RSAPrivateKey, *, run_id: str, sender: str, target: PeerId,
               in_reply_to: str = "") -> SyncMessage:
     state, at = db.run_state_row()
+    banned, banned_at = db.banned_row()
     return sign_sync(authority, run_id=run_id, sender=sender, target=target, at=get_dht_time(),
-                     keys=db.key_rows(), run_state=RunStateRow(state=state, at=at), in_reply_to=in_reply_to)
+                     keys=db.key_rows(), run_state=RunStateRow(state=state, at=at), banned=banned,
+                     banned_at=banned_at, in_reply_to=in_reply_to)
 
 
 class SyncService:
@@ -77,7 +79,8 @@ class SyncService:
             await self._audit_refusal(caller or "?", e)
             return error_reply(e), []
         changes = await asyncio.to_thread(self.db.merge_sync, request.keys, request.run_state,
-                                          source=f"sync:{request.sender}")
+                                          source=f"sync:{request.sender}", banned=request.banned,
+                                          banned_at=request.banned_at)
         if changes:
             logger.info("sync from bootstrap %s: %s", request.sender[-8:], ", ".join(changes))
         reply = await asyncio.to_thread(_snapshot, self.db, self.authority, run_id=self.run_id, sender=self.peer_id,
@@ -105,7 +108,8 @@ async def sync_with(transport: Transport, db: StateDB, authority: RSAPrivateKey,
                     now=get_dht_time(), in_reply_to=request.nonce)
     except AuthRejected as e:
         raise AuthRejected(f"bootstrap {peer_id[-8:]} answered a sync without proving the run's authority key: {e}") from None
-    changes = await asyncio.to_thread(db.merge_sync, answer.keys, answer.run_state, source=f"sync:{peer_id}")
+    changes = await asyncio.to_thread(db.merge_sync, answer.keys, answer.run_state, source=f"sync:{peer_id}",
+                                      banned=answer.banned, banned_at=answer.banned_at)
     if changes:
         logger.info("sync from bootstrap %s: %s", peer_id[-8:], ", ".join(changes))
     return SyncResult(peer_id, len(request.keys), len(answer.keys), changes)

@@ -469,7 +469,9 @@ class BootstrapNode:
                 self.gate.update(self.authority_public_key, frozenset(revoked))
         # changed_at is when the owner last changed something (not when this copy was published), so
         # two bootstraps that have synced publish equal records and the newer change always wins
-        changed_at = await asyncio.to_thread(lambda: max(self.db.run_state_row()[1], self.db.keys_changed_at()))
+        changed_at = await asyncio.to_thread(lambda: max(self.db.run_state_row()[1], self.db.keys_changed_at(),
+                                                         self.db.banned_row()[1]))
+        self.telemetry.book.banned.update(banned)  # a ban synced from another bootstrap: no credit here either
         self.control = RunControl(state=RunState(state), changed_at=changed_at,
                                   keys_required=self.keys_required, revoked=list(revoked), banned=list(banned))
         self._status_cache = None  # the views leave revoked and banned peers out from now on

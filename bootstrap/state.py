@@ -340,11 +340,12 @@ class StateDB:
         return [KeyRow(id=r[0], name=r[1], hash=r[2], created=r[3], expires=r[4], revoked=r[5], updated_at=r[6],
                        scopes=r[7]) for r in rows]
 
-    def merge_sync(self, keys: list["KeyRow"], run_state: "RunStateRow", *, source: str) -> list[str]:
+    def merge_sync(self, keys: list["KeyRow"], run_state: "RunStateRow", *, source: str,
+                   banned: list[PeerId] = (), banned_at: float = 0.0) -> list[str]:
         """Fold another bootstrap's snapshot in, in one transaction; every change is audited with
         ``source`` as the actor. Returns what changed (for the log). A conflicting row (one id, two
         secrets) is kept as it is here and audited."""
-        from bootstrap.sync import RunStateRow, merge_key, merge_run_state
+        from bootstrap.sync import RunStateRow, merge_banned, merge_key, merge_run_state
 
         changes: list[str] = []
         with self._tx() as c:
@@ -370,6 +371,14 @@ class StateDB:
                 if newer.state != local_state.state:
                     _audit(c, source, f"sync.run.{newer.state}", "")
                     changes.append(f"run {newer.state}")
+            here, here_at = _banned(c)
+            merged = merge_banned(here, list(banned))
+            if merged != here or banned_at > here_at:
+                _set_banned(c, merged, max(here_at, banned_at))
+                for peer_id in merged:
+                    if peer_id not in here:
+                        _audit(c, source, "sync.peer.ban", peer_id)
+                        changes.append(f"ban {peer_id[-8:]}")
         return changes
 
     # -- audit -----------------------------------------------------------------------------------
@@ -439,22 +448,25 @@ class StateDB:
         """Peers the owner banned or kicked (``ban_peer``), oldest first."""
         return list(json.loads(self.get_meta("banned_peers") or "[]"))
 
-    def ban_peer(self, peer_id: PeerId, *, actor: str, action: str, detail: str = "") -> bool:
+    def ban_peer(self, peer_id: PeerId, *, actor: str, action: str, detail: str = "",
+                 now: float | None = None) -> bool:
         """Put ``peer_id`` on the banned list and audit ``action`` (``peer.ban`` or ``peer.kick``) in
         one transaction; False if it already was on it (audited all the same: the owner acted)."""
         peer_id = peer_id.strip()
         if not peer_id or len(peer_id) > 128:
             raise ConfigError("name the peer by its peer id (1 to 128 characters)")
         with self._tx() as c:
-            row = c.execute("SELECT value FROM meta WHERE key = 'banned_peers'").fetchone()
-            banned = json.loads(row[0]) if row else []
+            banned, at = _banned(c)
             fresh = peer_id not in banned
             if fresh:
-                banned.append(peer_id)
-                c.execute("INSERT INTO meta(key, value) VALUES('banned_peers', ?) "
-                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (json.dumps(banned[-512:]),))
+                _set_banned(c, banned + [peer_id], max(at, time.time() if now is None else now))
             _audit(c, actor, action, f"{peer_id}{': ' + detail if detail else ''}")
         return fresh
+
+    def banned_row(self) -> tuple[list[PeerId], float]:
+        """The banned list and when it last grew (0 if never): what a sync carries."""
+        with self._tx() as c:
+            return _banned(c)
 
     def contributions(self) -> list[Contribution]:
         rows = self._read("SELECT peer_id, samples, first_seen, last_seen FROM contributions ORDER BY samples DESC")
@@ -508,6 +520,17 @@ def _fold_contribution(c: sqlite3.Connection, peer_id: PeerId, reported: int, no
         return
     c.execute("UPDATE contributions SET samples = samples + ?, last_reported = ?, last_seen = ? WHERE peer_id = ?",
               (contribution_delta(row[0], reported), max(reported, 0), now, peer_id))
+
+
+def _banned(c: sqlite3.Connection) -> tuple[list[PeerId], float]:
+    rows = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('banned_peers', 'banned_at')").fetchall())
+    return list(json.loads(rows.get("banned_peers") or "[]")), float(rows.get("banned_at") or 0)
+
+
+def _set_banned(c: sqlite3.Connection, banned: list[PeerId], at: float) -> None:
+    for key, value in (("banned_peers", json.dumps(banned[-512:])), ("banned_at", repr(at))):
+        c.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                  (key, value))
 
 
 def _audit(c: sqlite3.Connection, actor: str, action: str, detail: str) -> None:

@@ -10,7 +10,10 @@ sides fold the other's snapshot in with ``merge_key`` / ``merge_run_state``:
 - name and expiry follow the row with the newer ``updated_at`` (last writer wins), ties keep the
   smaller tuple so that both sides settle on the same row;
 - the run state follows the newer ``run_state_at``; a tie goes to the more final state
-  (stopped > paused > running).
+  (stopped > paused > running);
+- the owner's banned peers are the union of both lists (monotonic, as revocations are: a peer
+  banned on either is banned on both), and ``banned_at`` the later of the two, so both sides
+  publish the same run-control record.
 
 Both merges are commutative and idempotent, so the order and repetition of syncs do not matter.
 
@@ -24,6 +27,7 @@ a nonce it has seen in that window. A reply is signed the same way and names the
 from __future__ import annotations
 
 import secrets
+from typing import Annotated
 
 import msgpack
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -41,6 +45,7 @@ __all__ = [
     "SyncMessage",
     "merge_key",
     "merge_run_state",
+    "merge_banned",
     "sign_sync",
     "verify_sync",
     "NonceWindow",
@@ -49,6 +54,7 @@ __all__ = [
 SYNC = "swarm.bootstrap.sync"
 MAX_SKEW = 60.0
 MAX_KEYS = 10_000
+MAX_BANNED = 512  # as many as state.db keeps
 _STATE_RANK = {"running": 0, "paused": 1, "stopped": 2}
 
 
@@ -82,6 +88,9 @@ class SyncMessage(FrozenModel):
     in_reply_to: str = Field("", max_length=32)
     keys: list[KeyRow] = Field(default_factory=list, max_length=MAX_KEYS)
     run_state: RunStateRow
+    banned: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(default_factory=list,
+                                                                             max_length=MAX_BANNED)
+    banned_at: float = 0.0
     signature: str = Field("", max_length=1024, description="the authority's signature (base64)")
 
 
@@ -110,6 +119,13 @@ def merge_run_state(local: RunStateRow, remote: RunStateRow) -> RunStateRow | No
     return None
 
 
+def merge_banned(local: list[str], remote: list[str]) -> list[str]:
+    """The banned list after seeing ``remote``: this side's, then the other's new ones, the newest
+    ``MAX_BANNED`` kept."""
+    known = set(local)
+    return (list(local) + [p for p in remote if p not in known and not known.add(p)])[-MAX_BANNED:]
+
+
 def _lww_order(row: KeyRow) -> tuple:
     return (row.updated_at, row.name, row.expires if row.expires is not None else float("inf"))
 
@@ -120,9 +136,11 @@ def _payload(message: SyncMessage) -> bytes:
 
 
 def sign_sync(authority: RSAPrivateKey, *, run_id: str, sender: str, target: PeerId, at: float,
-              keys: list[KeyRow], run_state: RunStateRow, in_reply_to: str = "") -> SyncMessage:
+              keys: list[KeyRow], run_state: RunStateRow, banned: list[str] = (), banned_at: float = 0.0,
+              in_reply_to: str = "") -> SyncMessage:
     unsigned = SyncMessage(run_id=run_id, sender=sender, target=target, at=at, nonce=secrets.token_hex(16),
-                           in_reply_to=in_reply_to, keys=keys, run_state=run_state)
+                           in_reply_to=in_reply_to, keys=keys, run_state=run_state, banned=list(banned),
+                           banned_at=banned_at)
     return unsigned.model_copy(update={"signature": authority.sign(_payload(unsigned)).decode()})
 
 

@@ -51,6 +51,12 @@ class NetworkSettings(_Section):
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
     announce_host: str | None = Field(None, description="public address to announce, if not the listen one")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to join through")
+    channel: bool = Field(True, description="serve stage and inference calls on a direct TCP data channel beside "
+                          "libp2p (callers that cannot dial it use libp2p)")
+    channel_host: str | None = Field(None, description="where the data channel listens (default: host)")
+    channel_port: int = Field(0, ge=0, le=65535, description="the data channel's TCP port; 0 picks a free one")
+    channel_tls: bool = Field(True, description="encrypt the data channel (TLS 1.3, certificates pinned through "
+                              "libp2p); false only on a network you trust: calls then travel in clear")
 
     @field_validator("initial_peers")
     @classmethod
@@ -221,6 +227,8 @@ class TrainerSettings(_Section):
     microbatch_size: int | None = Field(None, ge=1)
     push: bool = Field(True, description="training activations go peer to peer along the route (false: the "
                        "trainer relays every hop)")
+    channel: bool = Field(True, description="call peers over their direct data channels where they offer one "
+                          "(false: libp2p streams only)")
     timeout: float = Field(120.0, gt=0, description="seconds to wait for one stage call")
     ban_time: float = Field(60.0, gt=0, description="seconds a failed peer is left out of routes (then it must "
                             "answer a probe to come back)")

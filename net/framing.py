@@ -11,7 +11,10 @@ reading their bodies. ``write_frames`` writes the same format.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import msgpack
+import torch
 
 from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P
@@ -19,7 +22,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 from core.errors import BadRequest, SwarmError
 
-__all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "write_frames"]
+__all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "write_frames", "envelope", "raw_bytes"]
 
 # our frames carry at most FRAME_BYTES (4 MiB) of tensor chunks plus the envelope; 16 MiB leaves room
 # for a big envelope (a page of ledger entries) and refuses anything that is not one of ours
@@ -106,3 +109,27 @@ async def write_frames(writer: asyncio.StreamWriter, frames: Iterable, *, end: b
         await P2P.send_protobuf(frame, writer)
     if end:
         await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+
+
+def envelope(metadata: bytes) -> tuple[Any, int]:
+    """A first frame's ``[message, number of tensors]``; anything else is a ``BadRequest``."""
+    try:
+        decoded = msgpack.unpackb(metadata)
+    except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...
+        raise BadRequest(f"the message is not valid msgpack ({type(e).__name__})") from None
+    if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[1], int)):
+        raise BadRequest("the first frame must be [message, number of tensors]")
+    return decoded[0], decoded[1]
+
+
+def raw_bytes(tensor: torch.Tensor) -> tuple[memoryview, str]:
+    """The bytes of ``tensor`` without copying them (a contiguous CPU tensor), and its dtype name."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    name = str(tensor.dtype).replace("torch.", "")
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+    if raw.numel() == 0:
+        return memoryview(b""), name
+    return memoryview(raw.numpy()).cast("B"), name

@@ -24,9 +24,10 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 
-from net.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate, Refusals
-from net.framing import IDLE_SECONDS, read_frames, write_frames
-from net.rpc import Outgoing, error_reply, wire_form
+from net.admission import PUBLIC_REQUEST_BYTES, REFUSED_DISCARD_BYTES, CallerLimits, Gate, Refusals, Ticket
+from net.channel import OPEN, ChannelClient, ChannelOffer, ChannelOpen, ChannelServer, Identity, Served
+from net.framing import IDLE_SECONDS, envelope, raw_bytes, read_frames, write_frames
+from net.rpc import Outgoing, error_reply, ok_reply, parse_reply, parse_request, wire_form
 from core.loop import bounded
 from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, StageTimeout, SwarmError
 from core.types import PeerId
@@ -39,6 +40,7 @@ T = TypeVar("T")
 
 Handler = Callable[[Any, list[torch.Tensor]], Awaitable[tuple[dict, list[torch.Tensor]]]]
 
+_OFFER_SECONDS = 10.0
 CHUNK_BYTES = 1 << 20
 FRAME_BYTES = 4 << 20
 MAX_REQUEST_BYTES = 1 << 30
@@ -74,6 +76,11 @@ class P2PTransport:
     flight are capped (``limits``), and with a ``gate`` (a keyed run) a caller without a valid token
     is answered ``AuthRejected`` before its request is read, on every method not served ``public``
     (held a while first for a caller refused again and again: ``refusals``).
+
+    With a data channel (``net.channel``), calls go over a direct TCP connection to each callee that
+    offers one and can be dialled (``use_channel``), and this node serves its handlers on its own
+    (``open_channel``), behind the same admission; libp2p stays the control plane (the offers) and the
+    fallback.
     """
 
     def __init__(self, p2p: P2P, *, gate: Gate | None = None, limits: CallerLimits | None = None,
@@ -83,7 +90,10 @@ class P2PTransport:
         self.limits = limits or CallerLimits()
         self.refusals = refusals or Refusals()
         self._served: list[str] = []
+        self._methods: dict[str, Served] = {}
         self.public: set[str] = set()
+        self.channel: ChannelClient | None = None
+        self.channel_server: ChannelServer | None = None
 
     async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
                     public: bool = False) -> None:
@@ -114,12 +124,66 @@ class P2PTransport:
 
         await self.p2p.add_binary_stream_handler(method, _stream_handler)
         self._served.append(method)
+        self._methods[method] = Served(handler, limit, public)
         if public:
             self.public.add(method)
 
     def _check_gate(self, caller: PeerId, public: bool) -> None:
         if self.gate is not None and not public:
             self.gate.check(caller)
+
+    def use_channel(self, identity: Identity) -> None:
+        """Call peers over their data channels where they offer one and can be dialled (``identity``:
+        this node's peer id and DHT record key, which sign its side of each handshake)."""
+        self.channel = ChannelClient(identity, self._ask_offer)
+
+    async def open_channel(self, server: ChannelServer) -> None:
+        """Serve this transport's handlers on ``server`` too, and offer it to callers (``OPEN``)."""
+        server.host_of = self
+        await server.start()
+        self.channel_server = server
+        await self.serve(OPEN, self._rpc_open, max_request_bytes=PUBLIC_REQUEST_BYTES)
+
+    async def _rpc_open(self, message: Any, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        try:
+            request = parse_request(ChannelOpen, message)
+            return ok_reply(self.channel_server.offer(CALLER.get(), request.public_key)), []
+        except SwarmError as e:
+            return error_reply(e), []
+
+    async def _ask_offer(self, peer_id: PeerId, request: ChannelOpen) -> ChannelOffer:
+        reply, _ = await self.call(peer_id, OPEN, request, [], timeout=_OFFER_SECONDS)
+        return parse_reply(ChannelOffer, reply)
+
+    def admit(self, caller: PeerId, method: str) -> tuple[Served, Ticket]:
+        """A channel call's admission, as a stream's: the method, the caller's limits, the gate."""
+        served = self._methods.get(method)
+        if served is None:
+            raise BadRequest(f"this node does not serve {method[:100]!r}")
+        ticket = self.limits.open(caller, served.limit)
+        try:
+            self._check_gate(caller, served.public)
+        except AuthRejected:
+            ticket.close()
+            raise
+        return served, ticket
+
+    async def run(self, method: str, served: Served, caller: PeerId, message: Any,
+                  tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+        """A channel call's handler run as a stream's, every failure a named error reply."""
+        CALLER.set(caller)
+        try:
+            return await served.handler(message, tensors)
+        except SwarmError as e:
+            return error_reply(e), []
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            logger.warning("%s: the work was cancelled on this peer", method, exc_info=True)
+            return error_reply(SwarmError(f"{method}: the work was cancelled on this peer")), []
+        except Exception as e:  # a bug: one failed request, a named error for the caller, a trace here
+            logger.exception("%s failed", method)
+            return error_reply(SwarmError(f"internal error in {method}: {type(e).__name__}: {e}")), []
 
     @property
     def served(self) -> list[str]:
@@ -131,6 +195,11 @@ class P2PTransport:
         max_reply_bytes: int | None = MAX_REQUEST_BYTES,
     ) -> tuple[Any, list[torch.Tensor]]:
         async def _roundtrip() -> tuple[Any, list[torch.Tensor]]:
+            if self.channel is not None and method != OPEN:
+                got = await self.channel.call(peer_id, method, wire_form(message), tensors,
+                                              max_reply_bytes=max_reply_bytes)
+                if got is not None:
+                    return got
             _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), method)
             def broken(why: str) -> SwarmError:  # a reply cut short or refused: the peer, not the request
                 return PeerUnavailable(f"{method} on {peer_id[-8:]}: {why}")
@@ -162,12 +231,19 @@ class P2PTransport:
         await bounded(self.p2p.shutdown(), 3, "the P2P connection")
 
     async def shutdown(self) -> None:
+        """Stop serving: the data channel's listener and connections, the RPC handlers."""
+        if self.channel is not None:
+            await self.channel.close()
+        if self.channel_server is not None:
+            await self.channel_server.close()
+            self.channel_server = None
         for method in self._served:
             try:
                 await self.p2p.remove_protobuf_handler(method, stream_input=True, stream_output=True)
             except Exception as e:  # the daemon may already be gone at shutdown; nothing to undo then
                 logger.debug("removing handler %s: %s", method, e)
         self._served.clear()
+        self._methods.clear()
 
 
 class InMemoryTransport:
@@ -242,7 +318,7 @@ def _frames(message: Any, tensors: Sequence[torch.Tensor], frame_type: type) -> 
     frames = [frame_type(metadata=msgpack.packb([message, len(tensors)]))]
     size = 0
     for tensor in tensors:
-        data, dtype = _raw_bytes(tensor)
+        data, dtype = raw_bytes(tensor)
         count = max(1, -(-len(data) // CHUNK_BYTES))
         for index in range(count):
             piece = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
@@ -332,19 +408,6 @@ def _retrieve(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _raw_bytes(tensor: torch.Tensor) -> tuple[memoryview, str]:
-    """The bytes of ``tensor`` without copying them (a contiguous CPU tensor), and its dtype name."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.contiguous()
-    name = str(tensor.dtype).replace("torch.", "")
-    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
-    if raw.numel() == 0:
-        return memoryview(b""), name
-    return memoryview(raw.numpy()).cast("B"), name
-
-
 def _cancelling() -> bool:
     """Whether the running task has been asked to stop (as opposed to a CancelledError raised by
     something it awaited)."""
@@ -381,21 +444,11 @@ async def _receive(
             break
     if metadata is None:
         raise broken("the stream closed before its first frame")
-    message, expected = _envelope(metadata)
+    message, expected = envelope(metadata)
     complete = [group for group in groups if _arrived(group)]
     if len(groups) != expected or len(complete) != expected:
         raise broken(f"the stream closed early: {len(complete)} of {expected} tensor(s) arrived whole")
     return message, [_deserialize(group, i) for i, group in enumerate(groups)]
-
-
-def _envelope(metadata: bytes) -> tuple[Any, int]:
-    try:
-        envelope = msgpack.unpackb(metadata)
-    except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError ...
-        raise BadRequest(f"the message is not valid msgpack ({type(e).__name__})") from None
-    if not (isinstance(envelope, list) and len(envelope) == 2 and isinstance(envelope[1], int)):
-        raise BadRequest("the first frame must be [message, number of tensors]")
-    return envelope[0], envelope[1]
 
 
 def _arrived(chunks: list[runtime_pb2.Tensor]) -> bool:
@@ -407,7 +460,7 @@ def _announced(metadata: bytes) -> int | None:
     """How many tensors the envelope announces (None if it is unreadable: reading on to the end then
     reports it)."""
     try:
-        return _envelope(metadata)[1]
+        return envelope(metadata)[1]
     except BadRequest:
         return None
 

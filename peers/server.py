@@ -64,6 +64,7 @@ from peers.telemetry.runcontrol import RunWatcher
 from peers.training.service import StageService
 from peers.slot import StageSlot
 from peers.telemetry.publisher import PeerTelemetry
+from net.channel import ChannelServer, Identity, channel_hosts
 from net.transport import P2PTransport
 from shards.placement import Move, Span
 from shards.source import resolve_model
@@ -185,6 +186,8 @@ class Peer(Lifecycle):
             await self._transport.serve(PRESENT, self._auth.gate.rpc_present, public=True,
                                         max_request_bytes=PUBLIC_REQUEST_BYTES)
             self._auth.start()
+        if net.channel:
+            await self._open_channel()
         await serve_echo(self._transport)  # joining peers time their links against this one
         self.measurement = await self._measure(self.manifest)
         self._compose()
@@ -205,6 +208,16 @@ class Peer(Lifecycle):
             self.start_rebalancing()
         logger.info("serving %s (layers %s) at %.0f tokens/s per stage", span, span_layers(self.manifest, span),
                     self.record.throughput)
+
+    async def _open_channel(self) -> None:
+        """Call and serve over direct data channels (``net.channel``): a listener on ``channel_host``
+        (the p2p host by default), offered at the announced host, or the host the p2p node is seen at."""
+        net = self.settings.network
+        identity = Identity(self.dht.peer_id, self.dht.signing_key)
+        self._transport.use_channel(identity)
+        await self._transport.open_channel(ChannelServer(
+            identity, net.channel_host or net.host, net.channel_port, tls=net.channel_tls,
+            announce=channel_hosts(net.announce_host, net.channel_host or net.host, self.maddrs)))
 
     def _compose(self) -> None:
         """The host, router and rebalancer of this peer, once it has joined and measured itself."""

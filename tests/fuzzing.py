@@ -25,7 +25,8 @@ from core.messages import PROTOCOL_VERSION
 from net.framing import read_frames
 from core.errors import BadRequest, error_from_wire
 
-__all__ = ["FUZZ_SETTINGS", "RAW_FUZZ_SETTINGS", "messages", "tensor_lists", "raw_requests", "check_reply", "template_for", "read_reply"]
+__all__ = ["FUZZ_SETTINGS", "RAW_FUZZ_SETTINGS", "messages", "tensor_lists", "raw_requests", "raw_channel_requests",
+           "check_reply", "template_for", "read_reply"]
 
 FUZZ_EXAMPLES = int(os.environ.get("SWARM_FUZZ_EXAMPLES", "25"))
 _LONG = bool(os.environ.get("SWARM_FUZZ_EXAMPLES"))
@@ -51,6 +52,7 @@ _TEMPLATES: dict[str, dict] = {
     "stage.collect": {"mailbox": "m1", "timeout": 0.01},
     "stage.kept": {"stage": 0, "layers": _LAYERS, "request_id": "r1", "grad": True},
     "probe.echo": {},
+    "channel.open": {"public_key": "AAAA"},
     "inference.open": {"stage": 0, "layers": _LAYERS, "session_id": _SESSION, "batch_size": 1, "max_length": 8},
     "inference.step": {"session_id": _SESSION, "start": 0},
     "inference.close": {"session_id": _SESSION},
@@ -165,6 +167,34 @@ def raw_requests(draw: st.DrawFn, method: str) -> bytes:
     eos = P2P.END_OF_STREAM.SerializeToString()
     data += P2P.ERROR_MARKER + len(eos).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + eos
     return data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
+
+
+@st.composite
+def raw_channel_requests(draw: st.DrawFn, method: str) -> bytes:
+    """The bytes a caller writes on an authenticated data channel connection (``net.channel``): random
+    bytes, or a header frame naming ``method`` whose tensor parts declare random dtypes and shapes (some
+    with inline bytes, which the channel does not allow), then fewer, as many or more bytes than they
+    announce, or a header announcing far more than follows."""
+    kind = draw(st.sampled_from(["bytes", "frames", "frames", "oversized"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=256))
+    metadata = draw(st.one_of(st.binary(max_size=64),
+                              st.builds(lambda m, n: msgpack.packb([m, n], default=repr), messages(method),
+                                        st.integers(-2, 4))))
+    parts = draw(st.lists(_tensor_part(), max_size=3))
+    for part in parts:
+        if draw(st.booleans()):
+            part.ClearField("buffer")
+            part.compression = runtime_pb2.CompressionType.NONE
+            del part.size[:]
+            part.size.extend(draw(st.lists(st.integers(0, 64), max_size=3)))
+    frame = runtime_pb2.ExpertRequest(uid=draw(st.sampled_from([method, method, "", "nonsense"])), metadata=metadata,
+                                      tensors=parts)
+    body = frame.SerializeToString()
+    if kind == "oversized":
+        announced = draw(st.integers(len(body) + 1, 2**60))
+        return P2P.MESSAGE_MARKER + announced.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body[:64]
+    return P2P.MESSAGE_MARKER + len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body + draw(st.binary(max_size=512))
 
 
 def check_reply(method: str, reply: Any) -> None:

@@ -136,12 +136,15 @@ class Readmission(Enum):
     BACK = "back"  # it answers: back in routes and steps
 
 
-def after_probe(answer: BaseException | int, why: BaseException | None, run_step: int | None) -> Readmission:
+def after_probe(answer: BaseException | int, why: BaseException | None, run_step: int | None, *,
+                alone: bool = False) -> Readmission:
     """``answer``: the probe's error, or the optimizer step the peer answered at; ``why``: what it was
-    dropped for."""
+    dropped for; ``alone``: nobody else serves its stage. Behind and alone, it is back and adopts the
+    run's step as a lone replica does (``step_members``): nothing else would ever bring it to the run's
+    step once the replicas ahead of it are gone, and the run would wait for its stage forever."""
     if isinstance(answer, BaseException):
         return Readmission.BAN_AGAIN
-    if isinstance(why, StaleReplica) and run_step is not None and answer < run_step:
+    if isinstance(why, StaleReplica) and run_step is not None and answer < run_step and not alone:
         return Readmission.RECHECK
     return Readmission.BACK
 

@@ -44,6 +44,7 @@ from dht.clock import check_clock
 from dht.records import SwarmDHT
 from dht.schemas import BanReport, Manifest, PeerRecord, RunState
 from net.auth import AuthedTransport, RunAuth
+from net.channel import Identity
 from net.transport import P2PTransport, Transport
 from peers.inference.client import InferenceClient
 from peers.state.snapshot import StateMeta
@@ -154,7 +155,7 @@ class SwarmModelForCausalLM(nn.Module):
             dht, manifest, auth = _join_run(started, runner, run_id, initial_peers, host, key, trainer.timeout)
             source = _checked_source(model, manifest, run_id)
             local = load_local_parts(source)
-            transport, calls = _open_transport(started, runner, dht, auth)
+            transport, calls = _open_transport(started, runner, dht, auth, channel=trainer.channel)
             coordinator = _start_coordinator(started, runner, dht, manifest)
             pipeline = _pipeline(manifest, calls, coordinator, dht, auth, trainer, policy)
             trainer_sync = _trainer_averager(started, dht, manifest, local, policy)
@@ -493,7 +494,7 @@ def _stop_resources(runner: LoopThread, resources: Sequence[Any]) -> None:
     for resource in reversed(resources):
         if isinstance(resource, P2PTransport):
             try:
-                runner.run(resource.p2p.shutdown(), timeout=10)
+                runner.run(resource.close(), timeout=10)
             except Exception as e:  # already gone; nothing left to release
                 logger.debug("p2p shutdown: %s", e)
         elif isinstance(resource, SwarmDHT):
@@ -526,11 +527,12 @@ def _checked_source(model: str | None, manifest: Manifest, run_id: str) -> Model
 
 
 def _open_transport(started: contextlib.ExitStack, runner: LoopThread, dht: SwarmDHT,
-                    auth: RunAuth | None) -> tuple[P2PTransport, Transport]:
+                    auth: RunAuth | None, *, channel: bool) -> tuple[P2PTransport, Transport]:
     """The p2p transport this trainer owns (``started`` shuts it down), and what it calls peers with:
-    on a keyed run, the same transport presenting this trainer's token."""
-    transport = runner.run(_p2p_transport(dht))
-    started.callback(_stop_quietly, runner, transport.p2p.shutdown, 10, "p2p shutdown")
+    on a keyed run, the same transport presenting this trainer's token. With ``channel`` it calls
+    peers over their data channels where it can dial them (``net.channel``)."""
+    transport = runner.run(_p2p_transport(dht, channel))
+    started.callback(_stop_quietly, runner, transport.close, 10, "p2p shutdown")
     calls = AuthedTransport(transport, auth.token_text) if auth is not None else transport
     return transport, calls
 
@@ -578,8 +580,11 @@ def _trainer_averager(started: contextlib.ExitStack, dht: SwarmDHT, manifest: Ma
     return trainer_sync
 
 
-async def _p2p_transport(dht: SwarmDHT) -> P2PTransport:
-    return P2PTransport(await dht.dht.replicate_p2p())
+async def _p2p_transport(dht: SwarmDHT, channel: bool) -> P2PTransport:
+    transport = P2PTransport(await dht.dht.replicate_p2p())
+    if channel:
+        transport.use_channel(Identity(dht.peer_id, dht.signing_key))
+    return transport
 
 
 async def _unbanned_records(dht: SwarmDHT, num_stages: int, bans: BanList) -> dict[int, list[PeerRecord]]:

@@ -200,7 +200,7 @@ class Replicas:
                                        return_exceptions=True)
         for peer, answer in zip(due, answers):
             outcome = after_probe(answer if isinstance(answer, BaseException) else answer.optimizer_step,
-                                  self._dropped.get(peer), self.step)
+                                  self._dropped.get(peer), self.step, alone=peer in urgent)
             if outcome is Readmission.BAN_AGAIN:
                 self._banned[peer] = time.monotonic() + policy.ban_time
                 logger.warning("peer %s still does not answer (%s); its record is still in the DHT: left out "

@@ -2,7 +2,9 @@
 
 For each method the peer (a delegate too) or the bootstrap serves: hypothesis sends near-valid and random messages with
 random tensors through the real transport, and raw streams (random bytes, tensor parts whose declared
-size, dtype or chunk count lie, truncated frames, frame headers announcing up to an exabyte). Every
+size, dtype or chunk count lie, truncated frames, frame headers announcing up to an exabyte), and
+the same over the peer's direct data channel (``net.channel``: the caller's calls go over it, and raw
+frames are written on an authenticated connection). Every
 reply must be a named error (or a valid answer), never an internal error, and arrive within a bound;
 afterwards the peer still computes a forward exactly, and this process (which hosts both) grew by
 less than 200 MiB. ``SWARM_FUZZ_EXAMPLES=2000`` fuzzes longer.
@@ -10,6 +12,7 @@ less than 200 MiB. ``SWARM_FUZZ_EXAMPLES=2000`` fuzzes longer.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import closing
 
 import hivemind
@@ -17,12 +20,16 @@ import psutil
 import pytest
 import torch
 from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 from hypothesis import given
 
 from peers.training.client import StageClient
+from net.channel import Identity, read_header
 from net.transport import P2PTransport
-from core.errors import PeerUnavailable, StageTimeout
-from tests.fuzzing import FUZZ_SETTINGS, RAW_FUZZ_SETTINGS, check_reply, messages, raw_requests, read_reply, tensor_lists
+from core.errors import BadRequest, PeerUnavailable, StageTimeout
+from tests.fuzzing import (FUZZ_SETTINGS, RAW_FUZZ_SETTINGS, check_reply, messages, raw_channel_requests, raw_requests,
+                           read_reply, tensor_lists)
 from tests.helpers import LocalSwarm
 from net.rpc import Raw
 
@@ -47,7 +54,9 @@ class _Fuzzed:
         self.rss_at_start = psutil.Process().memory_info().rss
 
     async def _caller(self) -> P2PTransport:
-        return P2PTransport(await self.dht.replicate_p2p())
+        transport = P2PTransport(await self.dht.replicate_p2p())
+        transport.use_channel(Identity(self.dht.peer_id.to_base58(), RSAPrivateKey()))
+        return transport
 
     def call(self, method: str, message, tensors) -> dict:
         """The reply, with one retry of a stream that closed before it (as every client of the project
@@ -72,6 +81,25 @@ class _Fuzzed:
         reply = self.call(probe, {"version": 1} if probe == "swarm.ledger.tally" else {}, [])
         assert "ok" in reply, reply
 
+    def channel_raw(self, data: bytes, timeout: float = 0.3):
+        return self.swarm.loop.run(self._channel_raw(data, timeout), timeout=CALL_TIMEOUT + 5)
+
+    async def _channel_raw(self, data: bytes, timeout: float):
+        """``data`` on a fresh authenticated channel connection to the peer; the reply's message, or
+        None if none came (a request cut short waits for the rest until the connection closes)."""
+        connection = await self.caller.channel._connection(self.peer.peer_id)
+        assert connection is not None, "the peer's data channel could not be dialled"
+        reader, writer = connection
+        with closing(writer):
+            writer.write(data)
+            await writer.drain()
+            try:
+                header = await asyncio.wait_for(
+                    read_header(reader, runtime_pb2.ExpertResponse, broken=BadRequest, idle=None), timeout)
+            except asyncio.TimeoutError:
+                return None
+            return None if header is None else header.message
+
     async def _raw(self, method: str, data: bytes, timeout: float):
         _, reader, writer = await self.caller.p2p.call_binary_stream_handler(
             PeerID.from_base58(self.targets[method]), method)
@@ -91,7 +119,7 @@ def fuzzed(model_factory, tmp_path_factory):
     swarm.accept_delegations(swarm.add_peer(stage=0, delegation={"accept": True, "tokens": ["fuzz-token"]}))
     target = _Fuzzed(swarm)
     yield target
-    swarm.loop.run(target.caller.p2p.shutdown(), timeout=30)
+    swarm.loop.run(target.caller.close(), timeout=30)
     target.dht.shutdown()
     swarm.stop()
 
@@ -103,7 +131,9 @@ METHODS = ["swarm.stage.forward", "swarm.stage.backward", "swarm.stage.step", "s
            "swarm.ledger.tally", "swarm.checkpoint.has", "swarm.checkpoint.put", "swarm.checkpoint.get",
            "swarm.bootstrap.sync", "swarm.data.lease", "swarm.data.renew", "swarm.data.eval",
            "swarm.delegation.start", "swarm.delegation.poll", "swarm.delegation.stop",
-           "swarm.delegation.status"]
+           "swarm.delegation.status", "swarm.channel.open"]
+PEER_METHODS = ["swarm.stage.forward", "swarm.stage.backward", "swarm.stage.push", "swarm.inference.step",
+                "swarm.probe.echo", "swarm.channel.open"]
 
 
 def test_every_served_method_is_fuzzed(fuzzed):
@@ -135,6 +165,19 @@ def test_malformed_streams_are_refused(fuzzed, method):
     one()
 
 
+@pytest.mark.parametrize("method", PEER_METHODS)
+def test_malformed_channel_frames_are_refused(fuzzed, method):
+    @RAW_FUZZ_SETTINGS
+    @given(data=raw_channel_requests(method))
+    def one(data):
+        reply = fuzzed.channel_raw(data)  # None: no reply yet to a request cut short
+        if reply is not None:
+            check_reply(method, reply)
+        fuzzed.alive(method)
+
+    one()
+
+
 def test_a_huge_declared_frame_is_refused_before_it_is_read(fuzzed):
     """A header announcing 1 TiB gets its refusal at once, while the caller has sent only the header."""
     header = b"\x00" + (1 << 40).to_bytes(8, "big")
@@ -148,5 +191,7 @@ def test_the_peer_serves_correctly_after_the_fuzzing(fuzzed):
     out, _ = fuzzed.swarm.loop.run(StageClient(fuzzed.caller).forward(
         fuzzed.peer.peer_id, 0, fuzzed.peer.record.layers, "after-fuzz", (hidden, None, None), train=False), timeout=60)
     assert torch.allclose(out, fuzzed.peer.service.executor.module(hidden), atol=1e-6)
+    served = fuzzed.peer._transport.channel_server.served  # the peer's calls went over its data channel
+    assert fuzzed.caller.channel.sent["swarm.stage.forward"] > 0 and served["swarm.stage.forward"] > 0, served
     grown = psutil.Process().memory_info().rss - fuzzed.rss_at_start
     assert grown < 200 << 20, f"this process (peer and bootstrap) grew by {grown >> 20} MiB while fuzzed"

@@ -155,6 +155,16 @@ def test_primary_and_mirror_share_keys_and_joins(model_factory, swarm_factory, t
         assert _audited(primary.db, "sync.run.paused", f"sync:{mirror.dht.peer_id}")
         assert _audited(mirror.db, "sync.run.running", f"sync:{primary.dht.peer_id}")
 
+        # a peer the owner bans on the primary is banned on the mirror too, and the run-control
+        # record both publish keeps it (before, the mirror's own record, without it, could replace it)
+        outcast = "QmOutcastPeerBannedByTheOwner000000000000000"
+        assert "banned" in swarm.loop.run(primary.ban_peer(outcast, actor="test"))
+        _wait_for("the ban reaching the mirror", lambda: outcast in mirror.db.banned_peers()
+                  and mirror.control is not None and outcast in mirror.control.banned)
+        assert mirror.db.banned_row() == primary.db.banned_row() and mirror.control == primary.control
+        assert outcast in swarm.loop.run(get_control(p1.dht)).banned
+        assert _audited(mirror.db, "sync.peer.ban", f"sync:{primary.dht.peer_id}")
+
         # a key revoked on the mirror cuts its holder off, and the primary refuses it too
         model = swarm.client(key=researcher.secret)
         batch = torch.randint(0, 64, (2, 8))

@@ -15,6 +15,7 @@ from bootstrap.sync import (
     KeyRow,
     NonceWindow,
     RunStateRow,
+    merge_banned,
     merge_key,
     merge_run_state,
     sign_sync,
@@ -189,3 +190,35 @@ def test_merge_sync_writes_and_audits(tmp_path: Path) -> None:
     finally:
         here.close()
         there.close()
+
+
+def test_bans_are_merged_as_a_union_with_the_later_time(tmp_path: Path) -> None:
+    """A peer the owner banned on either bootstrap is banned on both, and both end with the same
+    ``banned_at``: their run-control records are equal, so a mirror's cannot undo the primary's ban."""
+    here, there = StateDB(tmp_path / "a.db"), StateDB(tmp_path / "b.db")
+    try:
+        assert here.ban_peer("peer-one", actor="cli", action="peer.ban", now=100.0)
+        assert there.ban_peer("peer-two", actor="cli", action="peer.ban", now=200.0)
+        assert there.ban_peer("peer-one", actor="cli", action="peer.ban", now=150.0)
+        state = RunStateRow(state="running", at=0.0)
+        assert here.merge_sync([], state, source="sync:B", banned=there.banned_row()[0],
+                               banned_at=there.banned_row()[1]) == ["ban peer-two"]
+        assert there.merge_sync([], state, source="sync:A", banned=here.banned_row()[0],
+                                banned_at=here.banned_row()[1]) == []
+        assert here.banned_row() == (["peer-one", "peer-two"], 200.0)
+        assert there.banned_row() == (["peer-two", "peer-one"], 200.0)  # same set, this side's order kept
+        assert ("sync:B", "sync.peer.ban") in [(e.actor, e.action) for e in here.audit_log()]
+        assert here.merge_sync([], state, source="sync:B", banned=["peer-two"], banned_at=200.0) == []
+    finally:
+        here.close()
+        there.close()
+
+
+@pytest.mark.parametrize("local, remote, expected", [
+    ([], [], []),
+    (["a"], ["b", "a"], ["a", "b"]),
+    (["a", "b"], ["b", "c", "c"], ["a", "b", "c"]),
+    ([f"p{i}" for i in range(512)], ["new"], [f"p{i}" for i in range(1, 512)] + ["new"]),  # the newest kept
+])
+def test_merge_banned(local, remote, expected) -> None:
+    assert merge_banned(local, remote) == expected

@@ -100,6 +100,15 @@ def test_after_probe(answer, why, run_step, outcome):
     assert after_probe(answer, why, run_step) is outcome
 
 
+@pytest.mark.parametrize("answer, why, outcome", [
+    (2, StaleReplica("behind"), Readmission.BACK),  # behind, but nobody else serves its stage: adopts the run's step
+    (PeerUnavailable("no reply"), StaleReplica("behind"), Readmission.BAN_AGAIN),
+    (3, StaleReplica("behind"), Readmission.BACK),
+])
+def test_after_probe_of_a_stages_last_replica(answer, why, outcome):
+    assert after_probe(answer, why, 3, alone=True) is outcome
+
+
 @pytest.mark.parametrize("error, gone", [
     (PeerUnavailable("stream closed"), True),
     (AveragingFailed("lost a round"), False),  # its round failed, not the call

@@ -24,7 +24,7 @@ from peers.training.service import StageService
 from net.transport import InMemoryTransport
 from shards import load_local_parts, load_stage, resolve_model, stage_boundaries
 from shards.local import causal_lm_loss, causal_lm_loss_part, labelled_tokens
-from core.errors import AveragingFailed, InvalidOutput, NoRoute, PeerUnavailable, StageTimeout
+from core.errors import AveragingFailed, InvalidOutput, NoRoute, PeerUnavailable, StageTimeout, StaleReplica
 from trainer.pipeline import FaultPolicy, RemotePipeline
 from tests.helpers import reference_losses
 
@@ -273,12 +273,15 @@ def test_a_dead_peer_whose_record_stays_is_not_dialed_while_the_trainer_waits_fo
 
 @pytest.mark.parametrize("why, back", [(AveragingFailed("a round lost part of its result"), True),
                                         (PeerUnavailable("the stream closed without a reply"), True),
+                                        (StaleReplica("at step 0, the run at 5"), True),
                                         (InvalidOutput("unlike another replica's output"), False)])
 def test_a_banned_replica_that_answers_is_taken_back_when_its_stage_has_no_other(model_factory, why, back):
     """The last live replica of a stage was banned (churn test: for a failed averaging round): with no
     other replica the ban protects nothing, so a trainer waiting for the stage asks it and takes it
     back if it answers, instead of waiting the ban out. One a check caught returning wrong outputs
-    stays out for its whole ban."""
+    stays out for its whole ban. One left out for being behind (step 0, the run at 5) is taken back
+    too, behind as it is: the replicas ahead of it are gone, nothing else would bring it to the run's
+    step, and a churn run waited for it until its route wait ran out (it answered "behind" forever)."""
     model_dir = model_factory("gpt2", num_layers=2, hidden_size=32)
     swarm = ReplicatedSwarm(model_dir, [1, 1])
     pipeline = swarm.pipeline
@@ -286,6 +289,7 @@ def test_a_banned_replica_that_answers_is_taken_back_when_its_stage_has_no_other
 
     async def route_after_ban():
         await pipeline.route()  # the records in view
+        pipeline.replicas.step = 5  # the run went on without s1a, on replicas since gone
         pipeline.replicas.ban("s1a", why)
         return await pipeline.route()
 

@@ -106,7 +106,8 @@ def _fake_network(monkeypatch, manifest: Manifest, failing: str | None) -> list[
             events.append("dht")
 
     class Transport:
-        p2p = SimpleNamespace(shutdown=lambda: note("p2p"))
+        def close(self):  # its data channel's connections and its p2p
+            return note("p2p")
 
     auth = SimpleNamespace(stop=lambda: note("auth"), start=lambda: None, follow=None, token=None,
                            token_text=lambda: "token")
@@ -152,7 +153,7 @@ def _fake_network(monkeypatch, manifest: Manifest, failing: str | None) -> list[
     async def joined(*_args, **_kwargs):
         return auth
 
-    async def p2p_of(_dht):
+    async def p2p_of(_dht, channel):
         return Transport()
 
     monkeypatch.setattr(model_module, "LoopThread", Runner)
