@@ -9,7 +9,7 @@ A bootstrap runs on 127.0.0.1 with a 1-stage run of a small GPT-2. One ``swarm j
 caches its throughput (in its state dir), serves, and leaves. Then the same peer (same state dir)
 joins ``--joins`` times: each time the clock runs from ``Popen`` until its log shows ``serving stage``
 (polled every 20 ms), and it leaves again (Ctrl+C) before the next. For scale, the time a fresh
-interpreter takes just to import torch, transformers and hivemind is measured in between, and the
+interpreter takes just to import torch, then torch, transformers and hivemind, is measured in between, and the
 same with the model family's code (what any peer on this stack must import before it can serve): the
 difference between a join and that floor is the swarm's own work.
 Target: <= 3 s on loopback (Petals 2.2 here: 4.5-8.1 s).
@@ -63,18 +63,21 @@ def main() -> None:
     args = parser.parse_args()
     root, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=4, hidden_size=128, num_heads=4,
                                         vocab_size=256)
-    joins, imports, floors = [], [], []
+    joins, imports, floors, torches = [], [], [], []
     with harness.processes(root) as procs:
         address = procs.start_bootstrap(["--open", "--model", str(model_dir), "--num-stages", "1", "--host",
                                          "127.0.0.1", "--port", "0", "--state-dir", str(root / "boot")])
         first = _join(procs, address, root / "peer", 0)
         for i in range(args.joins):
+            torches.append(_bare_imports("import torch"))
             imports.append(_bare_imports())
             floors.append(_bare_imports(FLOOR_IMPORTS))
             joins.append(_join(procs, address, root / "peer", i + 1))
     print(f"first join (measures throughput): {first:.2f} s; load average {os.getloadavg()[0]:.1f}")
     print(f"joins with the cached measurement: {', '.join(f'{s:.2f}' for s in joins)} s -> "
           f"median {statistics.median(joins):.2f} s (target <= 3 s)")
+    print(f"bare `import torch` in a new interpreter: median {statistics.median(torches):.2f} s "
+          f"({statistics.median(torches) / statistics.median(joins):.0%} of a join)")
     print(f"bare `import torch, transformers, hivemind` in a new interpreter: median {statistics.median(imports):.2f} s "
           f"({statistics.median(imports) / statistics.median(joins):.0%} of a join)")
     floor = statistics.median(floors)

@@ -10,7 +10,7 @@ serving stage 0 (layers 0-3) is measured. *Idle*: a few seconds after it serves,
 *Peak*: the largest sum sampled every 100 ms while a trainer in this process trains ``--steps``
 steps of batch ``--batch`` x ``--seq`` through it. PSS (proportional set size) counts each shared
 page once over all processes that map it, so libraries shared with the other peers on this machine
-are not counted twice; RSS is printed beside it. Target: idle <= 300 MiB (Petals 2.2 here: 624 MiB
+are not counted twice; RSS is printed beside it. Target: idle <= 450 MiB (issue 27; issue 10 asked 300, below the floor it prints; Petals 2.2 here: 624 MiB
 for the same 4 layers).
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
     print(f"stage state: weights {weights / MiB:.1f} MiB -> weights + gradients + AdamW moments "
           f"{4 * weights / MiB:.1f} MiB")
     print(f"idle: PSS {idle[0] / MiB:6.1f} MiB (RSS {idle[1] / MiB:6.1f} MiB) over {idle[2]} processes "
-          f"(target <= 300 MiB)")
+          f"(target <= 450 MiB)")
     print("\n".join(parts))
     print(f"peak while training {args.steps} steps of {args.batch}x{args.seq}: PSS {peak[0] / MiB:6.1f} MiB "
           f"(RSS {peak[1] / MiB:6.1f} MiB) over {peak[2]} processes")

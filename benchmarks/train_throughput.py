@@ -7,6 +7,7 @@ relayed through the trainer (the same trainer with ``pipeline.push`` off), and p
     .venv/bin/python benchmarks/train_throughput.py --batch 8 --microbatch 0   # one microbatch: no pipelining
     .venv/bin/python benchmarks/train_throughput.py --free     # peers joined at once, no pins: placement decides
     .venv/bin/python benchmarks/train_throughput.py --free --layers 6 --hidden 96 --batch 8   # the tiny model
+    .venv/bin/python benchmarks/train_throughput.py --free --uncached   # also rounds that wait for every DHT read
     .venv/bin/python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --family llama --layers 16 \
         --hidden 1024 --batch 8 --seq 512   # 2 peers sharing one GPU vs the model trained on it locally
 
@@ -14,7 +15,10 @@ relayed through the trainer (the same trainer with ``pipeline.push`` off), and p
 and trains with the README's plain loop (``loss.backward(); optimizer.step()``) instead of
 ``train_step``. Every run prints what a swarm step costs beyond the local one, split into DHT reads,
 averaging (the step calls: the replicas' all-reduce and AdamW), commit (the rest of closing a step)
-and hops (the remainder: transport and waiting along the pipeline).
+and hops (the remainder: transport and waiting along the pipeline). ``--uncached`` adds, to every
+round, the same swarm steps with the trainer waiting for each read of the DHT's records (as before
+issue 27: ``cached_routes=False``) and prints the two side by side; ``--read-delay 100`` makes every
+read 100 ms longer, as a DHT over a WAN is.
 
 Thread budget: the local run uses ``--threads`` torch threads (default: the cores). In the swarm the
 two peers get half of them each, and compute at the same time (microbatch pipelining); the trainer
@@ -86,6 +90,10 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--free", action="store_true", help="peers join at once with no pins; the plain loop")
     parser.add_argument("--family", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture")
+    parser.add_argument("--uncached", action="store_true",
+                        help="also time rounds whose steps wait for every read of the DHT's records")
+    parser.add_argument("--read-delay", type=float, default=0.0,
+                        help="ms added to every read of the records, as a DHT over a WAN takes (emulated)")
     harness.add_device_flags(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,7 +108,7 @@ def main() -> None:
           f"torch threads: local {args.threads}, each peer {max(1, args.threads // 2)}, trainer {args.threads}; "
           f"wire {args.wire}; load average {os.getloadavg()[0]:.1f}")
 
-    local_times, swarm_times, relay_times = [], [], []
+    local_times, swarm_times, relay_times, uncached_times = [], [], [], []
     with harness.local_swarm(root, model_dir, num_stages=2, num_peers=args.peers, target_batch_size=args.batch,
                              threads=max(1, args.threads // args.peers), wire=args.wire,
                              free=args.free, bootstrap_args=["--dtype", args.dtype],
@@ -110,19 +118,26 @@ def main() -> None:
         microbatch = args.batch if args.microbatch == 0 else args.microbatch
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], microbatch_size=microbatch,
                                                    device=args.device) as remote:
+            if args.read_delay:
+                remote.pipeline.replicas.source = _delayed(remote.pipeline.replicas.source, args.read_delay / 1000)
             local = _Trainer(AutoModelForCausalLM.from_pretrained(model_dir).to(resolve_device(args.device)),
                              random_batches(corpus, args.batch, args.seq, seed=1), device=args.device, dtype=dtype)
             swarm = _Trainer(remote, random_batches(corpus, args.batch, args.seq, seed=1), plain=args.free,
                              device=args.device)
             local.steps(args.warmup), swarm.steps(args.warmup)
             costs: Counter[str] = Counter()
+            uncached_costs: Counter[str] = Counter()
             # interleaved rounds, so that a noisy minute on a shared machine hits both sides alike
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 local_times.append(local.steps(args.steps))
                 remote.pipeline.push = True
-                before = Counter(remote.pipeline.timings)
-                swarm_times.append(swarm.steps(args.steps))
-                costs.update(Counter(remote.pipeline.timings) - before)
+                # uncached first in every other round, so that neither kind always runs after the other
+                for cached in ([True, False] if i % 2 == 0 else [False, True]) if args.uncached else [True]:
+                    remote.pipeline.replicas.cached = cached
+                    before = Counter(remote.pipeline.timings)
+                    (swarm_times if cached else uncached_times).append(swarm.steps(args.steps))
+                    (costs if cached else uncached_costs).update(Counter(remote.pipeline.timings) - before)
+                remote.pipeline.replicas.cached = True
                 remote.pipeline.push = False
                 relay_times.append(swarm.steps(args.steps))
             fallbacks = remote.pipeline.push_fallbacks
@@ -139,14 +154,37 @@ def main() -> None:
     print(f"relayed: {tokens / relay_s:9,.0f} tokens/s  (the same swarm, the trainer relaying every hop)")
     print(f"pushed/relayed: {relay_s / swarm_s:.2f}; pushes that broke and went through the trainer: {fallbacks}")
     steps = args.steps * args.rounds
-    beyond = (sum(swarm_times) - sum(local_times)) / steps * 1000
-    named = {name: costs[name] / steps * 1000 for name in ("dht", "averaging", "commit")}
-    print(f"a swarm step beyond a local one: {beyond:.0f} ms = DHT reads {named['dht']:.0f} + averaging "
-          f"{named['averaging']:.0f} + commit {named['commit']:.0f} + hops {beyond - sum(named.values()):.0f} "
-          "(ms per step, pushed rounds)")
+    _print_beyond("a swarm step beyond a local one", swarm_times, local_times, costs, steps)
+    if uncached_times:
+        _print_beyond("waiting for every DHT read", uncached_times, local_times, uncached_costs, steps)
+        ratios_uncached = sorted(ut / st for ut, st in zip(uncached_times, swarm_times))
+        print(f"cached routes / waiting for every read: {ratios_uncached[len(ratios_uncached) // 2]:.2f}x the "
+              f"tokens/s (median of {len(ratios_uncached)} rounds: "
+              f"{', '.join(f'{r:.2f}' for r in ratios_uncached)})")
     target = "0.85 at the default model, 0.6 at 6 x 96" if args.free else "0.90"
     print(f"ratio swarm/local: {ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} rounds; target >= {target}); "
           f"load average {os.getloadavg()[0]:.1f}")
+
+
+def _delayed(source, seconds: float):
+    """``source`` (the records' read) taking ``seconds`` longer."""
+    import asyncio
+
+    async def read():
+        await asyncio.sleep(seconds)
+        return await source()
+    return read
+
+
+def _print_beyond(what: str, swarm_times: list[float], local_times: list[float], costs: Counter[str],
+                  steps: int) -> None:
+    """What a swarm step costs beyond a local one, split by ``RemotePipeline.timings`` (DHT reads: only
+    the reads the trainer waited for)."""
+    beyond = (sum(swarm_times) - sum(local_times)) / steps * 1000
+    named = {name: costs[name] / steps * 1000 for name in ("dht", "averaging", "commit")}
+    print(f"{what}: {beyond:.0f} ms = DHT reads waited for {named['dht']:.0f} + averaging "
+          f"{named['averaging']:.0f} + commit {named['commit']:.0f} + hops {beyond - sum(named.values()):.0f} "
+          "(ms per step, pushed rounds)")
 
 
 def _placement(address: str) -> str:

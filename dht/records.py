@@ -7,8 +7,10 @@ pipe and is awaited as an ``MPFuture``, so the caller's event loop never blocks 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import hivemind
+import torch.multiprocessing
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -42,9 +45,49 @@ from core.config import check_multiaddr
 from core.errors import NoRoute, PeerUnavailable
 from core.types import StageIndex
 
-__all__ = ["SwarmDHT", "MANIFEST_TTL", "MANIFEST_REFRESH"]
+__all__ = ["SwarmDHT", "MANIFEST_TTL", "MANIFEST_REFRESH", "SHARING_STRATEGY"]
 
 logger = logging.getLogger(__name__)
+
+SHARING_STRATEGY = "file_descriptor"
+"""How this process shares tensors with its DHT and averager children (issue 27, point 6). hivemind sets
+torch's ``file_system`` strategy at import (its ``MPFuture`` state and the averager's tensors live in
+shared memory), which starts a ``torch_shm_manager`` process per peer and per trainer: 60 MiB of PSS
+idle. With ``file_descriptor`` no such process runs: a shared tensor is an fd, inherited by a forked
+child or handed over a pipe (``multiprocessing.reduction.DupFd``). ``HIVEMIND_MEMORY_SHARING_STRATEGY``
+set in the environment wins."""
+
+
+def _share_by_file_descriptor() -> None:
+    """Apply ``SHARING_STRATEGY`` before any tensor is shared (every DHT and averager starts after this
+    module is imported). Each shared tensor holds an fd while it lives (an averager's, one per
+    parameter), so the soft limit of open files is raised to the hard one (bounded)."""
+    if "HIVEMIND_MEMORY_SHARING_STRATEGY" in os.environ:
+        return
+    torch.multiprocessing.set_sharing_strategy(SHARING_STRATEGY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:  # a container's lower ceiling: the soft limit stays
+            logger.debug("raising the open files limit to %d: %s", wanted, e)
+
+
+_share_by_file_descriptor()
+
+
+def _freeze_heap() -> None:
+    """Move every live object to the collector's permanent generation, which no collection scans,
+    before the DHT child is forked (issue 27, point 6). A forked child's collections otherwise write
+    into the header of every object they scan, and each write copies the page under it: the DHT child,
+    and the averager children forked later, each kept a private copy of most of the peer's heap
+    (torch's, transformers' and the model code's objects). Garbage is collected first, so that none is
+    kept for good. Done here, before a peer loads any stage, so what is frozen is what lives as long
+    as the process (modules, classes, settings): a stage's weights, which a peer drops when it moves,
+    stay collectable. The Python documentation's recipe for ``fork()`` without ``exec()``."""
+    gc.collect()
+    gc.freeze()
 
 MANIFEST_TTL = 7 * 24 * 3600.0
 """A run's manifest lives a week in the DHT: peers go on finding the run while no bootstrap is up (a
@@ -167,6 +210,7 @@ class SwarmDHT:
         for peer in initial_peers:
             check_multiaddr(peer)
         try:
+            _freeze_heap()
             dht = _DHTProcess(**kwargs)
         except Exception as e:  # a port in use, an unreachable initial peer, a daemon that won't start
             where = f"/ip4/{host}/tcp/{port}"

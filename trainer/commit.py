@@ -71,10 +71,11 @@ class StepCommit:
             self._forget_open_step()
 
     def read_records_if_closing(self, samples: int) -> None:
-        """When ``samples`` more will close the step, start reading the replicas' records for it now,
-        while the closing backwards run (``commit`` uses them), unless that read is under way."""
+        """When ``samples`` more will close the step, start taking the view of the replicas' records
+        for it now (``Replicas.step_view``), while the closing backwards run (``commit`` uses it),
+        unless that is under way."""
         if self._step_samples + samples >= self.wiring.manifest.target_batch_size and self._step_records is None:
-            self._step_records = asyncio.ensure_future(self.replicas.current(fresh=True))
+            self._step_records = asyncio.ensure_future(self.replicas.step_view())
 
     async def commit(self, num_samples: int) -> StepStatus:
         """Count a finished backward pass of ``num_samples`` sequences. When the run's step is then
@@ -97,13 +98,13 @@ class StepCommit:
         step = self.replicas.step or 0
         self.last_closed = None
         self._step_samples += num_samples
-        # when our samples alone close the step, the replicas' records are read for it while the
-        # samples are committed (both DHT round trips, tens of ms each on a WAN), if the backward
-        # has not already read them
+        # when our samples alone close the step, its members come from the view in hand while the
+        # samples are committed, and the records are read behind it for the next step (uncached:
+        # read now; both DHT round trips, tens of ms each on a WAN), unless the backward did that
         closing = self._step_samples >= self.wiring.manifest.target_batch_size
         records, self._step_records = self._step_records, None
         if closing and records is None:
-            records = asyncio.ensure_future(self.replicas.current(fresh=True))
+            records = asyncio.ensure_future(self.replicas.step_view())
         try:
             if closing and self._alone and self.coordinator.defer_commits:
                 return await self._commit_alone(step, records)
@@ -157,7 +158,7 @@ class StepCommit:
         """Have every live replica of every stage apply ``step``: the replicas of a stage sum their
         gradients (hivemind averaging) and step alike. A member that fails is dropped (its backwards
         replayed on the others) and the stage tries again, up to ``policy.step_attempts`` rounds.
-        ``fresh=False``: the caller has just read the records."""
+        ``fresh=False``: the caller has just taken the step's view (``Replicas.step_view``)."""
         started = time.perf_counter()
         try:
             await self._apply(step, fresh=fresh)
@@ -167,7 +168,7 @@ class StepCommit:
     async def _apply(self, step: int, *, fresh: bool) -> None:
         policy = self.wiring.policy
         if fresh:
-            await self.replicas.current(fresh=True)
+            await self.replicas.step_view()
         await self.replicas.readmit()  # a replica whose ban just ended and that answers is a member, lest it fall behind
         pending = set(range(self.wiring.manifest.num_stages))
         for attempt in range(1, policy.step_attempts + 1):

@@ -74,18 +74,21 @@ class RemotePipeline:
         spot_check: SpotChecker | None = None,
         depth: int = 2,
         push: bool = False,
+        cached_routes: bool = True,
     ):
         """``spot_check`` (default: one at ``policy.spot_check_rate`` that reports to nobody) recomputes
         some forwards on another replica; a replica caught is banned like a failed one. ``depth``:
         calls in flight per peer of a stage while a batch's microbatches are pipelined (pushed:
         microbatches in flight per stage). ``push``: training microbatches go peer to peer
-        (``trainer.pushing``)."""
+        (``trainer.pushing``). ``cached_routes``: routes and steps use the records in view while they
+        are read again in the background (``Replicas.step_view``); False waits for every read."""
         self._wiring = Wiring(manifest, client, policy)
         self.push = push
         self.depth = depth
         self.failovers = 0  # calls routed around a failed peer (for logs and benchmarks)
         self.penalties: Counter[str] = Counter()  # invalid outputs per peer (each also banned it)
-        self.replicas = Replicas(self._wiring, records, route_ttl=route_ttl, route_wait=route_wait, seed=seed)
+        self.replicas = Replicas(self._wiring, records, route_ttl=route_ttl, route_wait=route_wait, seed=seed,
+                                 cached=cached_routes)
         self.steps = StepCommit(self._wiring, self.replicas, coordinator or LocalCoordinator(manifest.target_batch_size),
                                 self.drop)
         self.pushing = PushPath(self)
@@ -166,8 +169,10 @@ class RemotePipeline:
         return await self.steps.commit(num_samples)
 
     async def settle(self, timeout: float = 60.0) -> None:
-        """Wait (bounded) for a commit still being published (``StepCommit.settle``)."""
+        """Wait (bounded) for a commit still being published (``StepCommit.settle``), and end a
+        background read of the records (before the DHT is stopped)."""
         await self.steps.settle(timeout)
+        await self.replicas.close()
 
     async def apply(self, step: int, *, fresh: bool = True) -> None:
         """Have every live replica of every stage apply ``step`` (``StepCommit.apply``)."""

@@ -33,15 +33,20 @@ RecordSource = Callable[[], Awaitable[Mapping[int, Sequence[PeerRecord]]]]
 
 
 class Replicas:
-    """The replicas of a run's stages as one trainer sees them: read from ``source`` at most every
-    ``route_ttl`` s, minus the peers it left out; ``route_wait`` bounds its wait for a stage nobody
-    serves."""
+    """The replicas of a run's stages as one trainer sees them: read from ``source`` again in the
+    background once the view is ``route_ttl`` s old and at every step (``step_view``), and at once
+    after a peer in view failed, minus the peers it left out; ``route_wait`` bounds its wait for a
+    stage nobody serves. ``cached=False``: every read is waited for, as before issue 27."""
 
     def __init__(self, wiring: Wiring, source: RecordSource, *, route_ttl: float = 10.0,
-                 route_wait: float = 120.0, seed: int | None = None):
+                 route_wait: float = 120.0, seed: int | None = None, cached: bool = True):
         self.wiring = wiring
         self.source = source
         self.route_ttl, self.route_wait = route_ttl, route_wait
+        self.cached = cached  # False: every step and every expired view waits for its read (the old way)
+        self.background_reads = 0  # reads done while the trainer went on with the view it had
+        self._refreshing: asyncio.Task | None = None  # the background read under way, if any
+        self._stale = False  # a peer in view failed a call since the last read
         self.rng = random.Random(seed)  # routes and dropout seeds alike, so a seeded run repeats
         self.step: int | None = None  # the run's collaborative step, learned from the replicas
         self.peer_steps: dict[str, int] = {}  # the optimizer step each replica last answered at
@@ -55,13 +60,67 @@ class Replicas:
         self._seen: dict[tuple[str, int], tuple[float, PeerRecord]] = {}  # (peer id, stage) -> (when, its last record)
 
     async def current(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
-        """The records in view, read again when ``fresh`` or older than ``route_ttl``."""
-        if fresh or time.monotonic() - self._records_time >= self.route_ttl:
-            started = time.perf_counter()
-            self.records = self._with_recently_seen(await self.source())
+        """The records in view. The caller waits for a read when ``fresh``, when there is no view yet,
+        when a peer in view failed a call since the last read (``ban``: a cached route that failed
+        falls back to a fresh read), or, uncached, when the view is older than ``route_ttl``. Cached,
+        an older view is returned as it is and replaced by a read in the background."""
+        if fresh or self._stale or self._records_time == float("-inf"):
+            return await self._read_now()
+        if time.monotonic() - self._records_time >= self.route_ttl:
+            if not self.cached:
+                return await self._read_now()
+            self.renew()
+        return self.records
+
+    async def step_view(self) -> Mapping[int, Sequence[PeerRecord]]:
+        """The records a step's members are taken from. Uncached: read now, as the step waits. Cached:
+        the view as it is (read during the previous step at the latest), and a read in the background
+        for the next step, so no DHT round trip sits between a step's last backward and its
+        application. A replica that joined since that read misses this step and catches up by itself
+        (``peers.state.resync``); a dead one in view fails the pre-step probe or its step call."""
+        if not self.cached:
+            return await self._read_now()
+        view = await self.current()
+        self.renew()
+        return view
+
+    def renew(self) -> None:
+        """Start reading the records in the background, unless a read is under way."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._read_behind())
+
+    async def close(self) -> None:
+        """Cancel a background read still under way (before the DHT it reads is stopped)."""
+        task, self._refreshing = self._refreshing, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _read_now(self) -> Mapping[int, Sequence[PeerRecord]]:
+        started = time.perf_counter()
+        try:
+            return await self._read()
+        finally:
             self.wiring.timings["dht"] += time.perf_counter() - started
-            self._records_time = time.monotonic()
-            self._queue.clear()  # microbatches spread over replicas afresh with each new view
+
+    async def _read_behind(self) -> None:
+        try:
+            await self._read()
+            self.background_reads += 1
+        except Exception as e:  # the view in hand stays; the next step or expiry reads again
+            logger.warning("reading the peers' records in the background failed: %s: %s", type(e).__name__, e)
+
+    async def _read(self) -> Mapping[int, Sequence[PeerRecord]]:
+        stale = self._stale
+        self._stale = False  # a ban during the read marks the view stale again
+        try:
+            records = await self.source()
+        except BaseException:
+            self._stale = self._stale or stale
+            raise
+        self.records = self._with_recently_seen(records)
+        self._records_time = time.monotonic()
+        self._queue.clear()  # microbatches spread over replicas afresh with each new view
         return self.records
 
     def _with_recently_seen(self, records: Mapping[int, Sequence[PeerRecord]]) -> dict[int, list[PeerRecord]]:
@@ -104,6 +163,7 @@ class Replicas:
                        type(why).__name__, why)
         self._banned[peer_id] = time.monotonic() + ban
         self._dropped[peer_id] = why
+        self._stale = True
 
     async def readmit(self, unserved: Collection[int] = ()) -> None:
         """Probe (``info``, bounded by ``policy.probe_timeout``) the dropped peers whose ban has ended

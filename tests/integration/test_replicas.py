@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -140,7 +141,9 @@ def test_a_trainer_joining_mid_run_takes_the_local_parts_of_the_others(model_fac
 
 
 def test_a_new_replica_joins_a_running_stage_at_its_current_step(model_factory, swarm_factory):
-    """A replica that joins mid-run takes part in the next step with the state of the others."""
+    """A replica that joins mid-run takes the state of the others and is a member of the steps once
+    the trainer's view has it (read in the background: the first step after the join may come before
+    that read, and then the newcomer takes that step from the others, ``ResyncWatch``)."""
     model_dir = model_factory(**MODEL)
     swarm = swarm_factory(model_dir, num_stages=2, num_peers=2, target_batch_size=4, lr=1e-2)
     with swarm.client(policy=POLICY) as model:
@@ -158,5 +161,13 @@ def test_a_new_replica_joins_a_running_stage_at_its_current_step(model_factory, 
         ids = _batch(7)
         model(ids, labels=ids).loss.backward()
         optimizer.step()
+        deadline = time.monotonic() + 30
+        while newcomer.service.executor.optimizer_step != 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert newcomer.service.executor.optimizer_step == old.service.executor.optimizer_step == 3
+        assert _max_diff(newcomer.service.executor.module, old.service.executor.module) <= 1e-5
+        ids = _batch(8)  # the view has the newcomer by now: a member of this step
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        assert newcomer.service.executor.optimizer_step == old.service.executor.optimizer_step == 4
         assert _max_diff(newcomer.service.executor.module, old.service.executor.module) <= 1e-5
