@@ -94,6 +94,9 @@ class P2PTransport:
         self.public: set[str] = set()
         self.channel: ChannelClient | None = None
         self.channel_server: ChannelServer | None = None
+        # whether this node's p2p side (DHT, daemon) still lives: a channel call to a node whose daemon
+        # died is refused as a libp2p call to it would be (its process still serves the socket)
+        self.alive: Callable[[], bool] | None = None
 
     async def serve(self, method: str, handler: Handler, *, max_request_bytes: int | None = MAX_REQUEST_BYTES,
                     public: bool = False) -> None:
@@ -160,6 +163,8 @@ class P2PTransport:
         served = self._methods.get(method)
         if served is None:
             raise BadRequest(f"this node does not serve {method[:100]!r}")
+        if self.alive is not None and not self.alive():
+            raise PeerUnavailable("this peer's DHT and p2p daemon are gone: it cannot take part in the run")
         ticket = self.limits.open(caller, served.limit)
         try:
             self._check_gate(caller, served.public)

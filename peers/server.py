@@ -215,6 +215,7 @@ class Peer(Lifecycle):
         net = self.settings.network
         identity = Identity(self.dht.peer_id, self.dht.signing_key)
         self._transport.use_channel(identity)
+        self._transport.alive = self.dht.dht.is_alive
         await self._transport.open_channel(ChannelServer(
             identity, net.channel_host or net.host, net.channel_port, tls=net.channel_tls,
             announce=channel_hosts(net.announce_host, net.channel_host or net.host, self.maddrs)))
