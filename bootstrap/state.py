@@ -446,7 +446,7 @@ class StateDB:
 
     def banned_peers(self) -> list[PeerId]:
         """Peers the owner banned or kicked (``ban_peer``), oldest first."""
-        return list(json.loads(self.get_meta("banned_peers") or "[]"))
+        return self.banned_row()[0]
 
     def ban_peer(self, peer_id: PeerId, *, actor: str, action: str, detail: str = "",
                  now: float | None = None) -> bool:
@@ -465,8 +465,8 @@ class StateDB:
 
     def banned_row(self) -> tuple[list[PeerId], float]:
         """The banned list and when it last grew (0 if never): what a sync carries."""
-        with self._tx() as c:
-            return _banned(c)
+        rows = dict(self._read("SELECT key, value FROM meta WHERE key IN ('banned_peers', 'banned_at')"))
+        return _parse_banned(rows)
 
     def contributions(self) -> list[Contribution]:
         rows = self._read("SELECT peer_id, samples, first_seen, last_seen FROM contributions ORDER BY samples DESC")
@@ -523,7 +523,11 @@ def _fold_contribution(c: sqlite3.Connection, peer_id: PeerId, reported: int, no
 
 
 def _banned(c: sqlite3.Connection) -> tuple[list[PeerId], float]:
-    rows = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('banned_peers', 'banned_at')").fetchall())
+    return _parse_banned(dict(c.execute("SELECT key, value FROM meta WHERE key IN ('banned_peers', 'banned_at')")
+                              .fetchall()))
+
+
+def _parse_banned(rows: dict[str, str]) -> tuple[list[PeerId], float]:
     return list(json.loads(rows.get("banned_peers") or "[]")), float(rows.get("banned_at") or 0)
 
 
