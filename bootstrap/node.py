@@ -66,7 +66,7 @@ from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
-from core.config import SwarmSettings
+from core.config import SwarmSettings, relay_limits
 from core.errors import ConfigError, PeerUnavailable, SwarmError
 from core.types import PeerId
 
@@ -207,7 +207,7 @@ class BootstrapNode:
         def create(initial: list[str]) -> SwarmDHT:
             return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
                                    announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-                                   signer_key=self.authority)
+                                   signer_key=self.authority, relay=net.relay, relay_limits=relay_limits(net))
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:

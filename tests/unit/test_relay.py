@@ -1,0 +1,46 @@
+"""The relay-slot protocol's pure parts: the circuit address, and reading a relay's answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from net.relay import circuit_address, is_relayed, parse_reply, relay_of
+
+RELAY = "12D3KooWrelay"
+PEER = "12D3KooWpeer"
+
+
+def test_circuit_address_goes_through_the_relay():
+    address = circuit_address(f"/ip4/10.0.0.1/tcp/31337/p2p/{RELAY}", RELAY, PEER)
+    assert address == f"/ip4/10.0.0.1/tcp/31337/p2p/{RELAY}/p2p-circuit/p2p/{PEER}"
+    assert is_relayed(address) and relay_of(address) == RELAY
+    assert not is_relayed(f"/ip4/10.0.0.1/tcp/1/p2p/{PEER}") and relay_of(f"/ip4/10.0.0.1/tcp/1/p2p/{PEER}") is None
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def test_an_ok_answer_gives_the_expiry():
+    reservation = b"\x08" + _varint(1_796_665_712) + b"\x12\x03abc"
+    reply = b"\x08\x02" + b"\x1a" + _varint(len(reservation)) + reservation + b"\x28" + _varint(100)
+    assert parse_reply(reply) == (100, 1_796_665_712.0)
+
+
+def test_a_refusal_gives_its_status():
+    assert parse_reply(b"\x08\x02\x28" + _varint(200)) == (200, 0.0)
+
+
+@pytest.mark.parametrize("reply, words", [
+    (b"\x08\x02", "without a status"),
+    (b"\x08", "truncated"),
+    (b"\x0d\x00\x00\x00\x00", "wire type 5"),
+])
+def test_a_malformed_answer_is_refused_naming_why(reply, words):
+    with pytest.raises(ValueError, match=words):
+        parse_reply(reply)
