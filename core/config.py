@@ -26,6 +26,7 @@ from core.errors import ConfigError
 from core.types import PeerId, StageIndex
 
 __all__ = [
+    "offers_relay",
     "relay_limits",
     "NetworkSettings",
     "BootstrapSettings",
@@ -77,6 +78,12 @@ class NetworkSettings(_Section):
             except ConfigError as e:  # pydantic reports ValueErrors with the field's name
                 raise ValueError(str(e)) from None
         return peers
+
+
+def offers_relay(network: NetworkSettings) -> bool:
+    """Whether a node relays for peers behind NAT: asked to, not told it is private itself, and
+    listening beyond loopback (nobody outside this machine could reach a relay on 127.x)."""
+    return network.relay and network.reachability != "private" and not network.host.startswith("127.")
 
 
 def relay_limits(network: NetworkSettings) -> tuple[int, int, int]:

@@ -11,8 +11,20 @@ reservation is made here: one ``RESERVE`` message on the relay's hop protocol, o
 daemon opens, renewed before it expires; the relay holds it as long as the peer's connection lives.
 
 Wire format (libp2p specs, relay/circuit-v2.md): varint-length-prefixed protobuf ``HopMessage``
-``{type = 1 (RESERVE = 0, STATUS = 2), reservation = 3 {expire = 1, addrs = 2}, status = 5 (OK = 100)}``;
-two fields are all this needs, so they are read by hand rather than by a generated module.
+``{type = 1 (RESERVE = 0, STATUS = 2), reservation = 3 {expire = 1, addrs = 2}, limit = 4 {duration = 1,
+data = 2}, status = 5 (OK = 100)}``; three fields are all this needs, so they are read by hand rather
+than by a generated module.
+
+The limit a relay announces is the one it applies to every connection it relays, and hivemind's
+p2pd (v0.5.0.hivemind1) can run the wrong one: with ``-relay=1`` it starts a relay service with the
+limits of its ``-relay*`` flags when it counts itself public, *and* a second one with libp2p's
+defaults (``Daemon.EnableRelayV2``: 2 minutes and 128 KiB per relayed connection) right after it
+starts; both serve the same protocol, and whichever registers last answers. Which one that is
+depends on goroutine scheduling: about half of the starts in the namespace tests got the defaults,
+and every relayed transfer over 128 KiB (one stage's weights, one activation) was reset. So a relay
+checks the limit it announces once it has started (``start_relaying``: a throwaway client reserves
+on it) and restarts its node until it announces its own; and a peer behind NAT refuses a slot whose
+limit is below ``MIN_RELAYED_BYTES`` (another relay, or a relay of an older version).
 """
 
 from __future__ import annotations
@@ -21,21 +33,25 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 
 from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
 
 from core.errors import PeerUnavailable
+from dht.records import SwarmDHT
 
-__all__ = ["HOP_PROTOCOL", "RelaySlot", "Reservation", "reserve", "circuit_address", "is_relayed", "relay_of",
-           "parse_reply"]
+__all__ = ["HOP_PROTOCOL", "MIN_RELAYED_BYTES", "RelayAnswer", "RelaySlot", "Reservation", "reserve", "circuit_address",
+           "is_relayed", "relay_of", "parse_reply", "start_relaying"]
 
 logger = logging.getLogger(__name__)
 
 HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
 _RESERVE = b"\x08\x00"  # HopMessage{type: RESERVE}
 _STATUS_OK = 100
+MIN_RELAYED_BYTES = 64 << 20
+"""The least a relay must carry per relayed connection (each way) for a peer behind NAT to take its
+slot: libp2p's default of 128 KiB cuts a single stage's activations or weights."""
 _STATUS_NAMES = {100: "OK", 200: "RESERVATION_REFUSED", 201: "RESOURCE_LIMIT_EXCEEDED", 202: "PERMISSION_DENIED",
                  203: "CONNECTION_FAILED", 204: "NO_RESERVATION", 400: "MALFORMED_MESSAGE", 401: "UNEXPECTED_MESSAGE"}
 
@@ -47,6 +63,7 @@ class Reservation:
     relay: str
     relay_maddr: str
     expires: float
+    data_limit: int = 0  # bytes a relayed connection carries each way; 0: no limit
 
     def address(self, peer_id: str) -> str:
         return circuit_address(self.relay_maddr, self.relay, peer_id)
@@ -98,20 +115,45 @@ def _fields(data: bytes) -> dict[int, int | bytes]:
     return fields
 
 
-def parse_reply(reply: bytes) -> tuple[int, float]:
-    """(status, expiry unix time) of a relay's answer to RESERVE; ``ValueError`` if malformed."""
+class RelayAnswer(NamedTuple):
+    """A relay's answer to RESERVE: its status, the slot's expiry (unix time, 0 if none), and the
+    limit of each connection it relays (seconds, bytes each way; 0: none)."""
+
+    status: int
+    expires: float
+    seconds: int = 0
+    data: int = 0
+
+
+def parse_reply(reply: bytes) -> RelayAnswer:
+    """A relay's answer to RESERVE; ``ValueError`` if malformed."""
     fields = _fields(reply)
     status = fields.get(5)
     if not isinstance(status, int):
         raise ValueError("a relay's answer without a status")
-    reservation = fields.get(3)
+    reservation, limit = fields.get(3), fields.get(4)
     expires = _fields(reservation).get(1, 0) if isinstance(reservation, bytes) else 0
-    return status, float(expires)
+    limits = _fields(limit) if isinstance(limit, bytes) else {}
+    return RelayAnswer(status, float(expires), int(limits.get(1, 0)), int(limits.get(2, 0)))
 
 
-async def reserve(p2p: P2P, relay_maddr: str, *, timeout: float = 10.0) -> Reservation:
+async def reserve(p2p: P2P, relay_maddr: str, *, timeout: float = 10.0,
+                  min_data: int = MIN_RELAYED_BYTES) -> Reservation:
     """Connect to the relay at ``relay_maddr`` (``.../p2p/<id>``) and reserve a slot on it; raises
-    ``PeerUnavailable`` naming the relay and why when it cannot be reached or refuses."""
+    ``PeerUnavailable`` naming the relay and why when it cannot be reached, refuses, or would cut
+    each relayed connection after fewer than ``min_data`` bytes."""
+    relay = relay_maddr.rsplit("/p2p/", 1)[1]
+    answer = await _ask_slot(p2p, relay_maddr, timeout)
+    if answer.status != _STATUS_OK:
+        raise PeerUnavailable(f"relay {relay[-8:]} refused a slot: {_STATUS_NAMES.get(answer.status, answer.status)}")
+    if answer.data and answer.data < min_data:
+        raise PeerUnavailable(f"relay {relay[-8:]} would reset every relayed connection after {answer.data:,} bytes "
+                              f"(at least {min_data:,} needed): its relay service runs libp2p's default limits")
+    return Reservation(relay, relay_maddr, answer.expires or time.time() + 3600, answer.data)
+
+
+async def _ask_slot(p2p: P2P, relay_maddr: str, timeout: float) -> RelayAnswer:
+    """One RESERVE on the relay's hop protocol, over a stream ``p2p``'s daemon opens."""
     relay = relay_maddr.rsplit("/p2p/", 1)[1]
     peer = PeerID.from_base58(relay)
     writer = None
@@ -124,15 +166,60 @@ async def reserve(p2p: P2P, relay_maddr: str, *, timeout: float = 10.0) -> Reser
         size, at = _varint(head, 0)
         body = head[at:] + (await asyncio.wait_for(reader.readexactly(size - len(head) + at), timeout)
                             if size > len(head) - at else b"")
-        status, expires = parse_reply(body[:size])
+        return parse_reply(body[:size])
     except Exception as e:  # ControlFailure (unreachable, protocol not served), a timeout, a cut or malformed answer
         raise PeerUnavailable(f"no slot on relay {relay[-8:]}: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
         if writer is not None:
             writer.close()
-    if status != _STATUS_OK:
-        raise PeerUnavailable(f"relay {relay[-8:]} refused a slot: {_STATUS_NAMES.get(status, status)}")
-    return Reservation(relay, relay_maddr, expires or time.time() + 3600)
+
+
+async def start_relaying(create: Callable[[], SwarmDHT], limits: tuple[int, int, int], *,
+                         tries: int = 5) -> SwarmDHT:
+    """Start a node that relays (``create``, run in a thread) and make sure its relay applies
+    ``limits`` (slots, circuits, bytes): a throwaway client reserves a slot on it and reads the
+    limit it announces; a node whose p2pd answered with libp2p's defaults (the race in the module's
+    docstring) is stopped and started again, at most ``tries`` times in all."""
+    wanted = limits[2]
+    for attempt in range(1, tries + 1):
+        dht = await asyncio.to_thread(create)
+        try:
+            announced = await _announced_limit(dht)
+        except PeerUnavailable as e:  # the check itself failed: the node serves; say so and go on
+            logger.warning("could not check this node's relay limits: %s", e)
+            return dht
+        if announced == wanted:
+            return dht
+        if attempt == tries:
+            logger.warning("this node's relay still cuts relayed connections at %s bytes after %d starts; peers "
+                           "behind NAT will use other relays", f"{announced:,}", tries)
+            return dht
+        logger.info("this node's relay came up with libp2p's default limit (%s bytes per relayed connection, a "
+                    "race inside p2pd); restarting the node (start %d of %d)", f"{announced:,}", attempt + 1, tries)
+        await asyncio.to_thread(dht.shutdown)
+    raise AssertionError("unreachable")
+
+
+async def _announced_limit(dht: SwarmDHT, timeout: float = 10.0) -> int:
+    """The bytes each way a relayed connection through ``dht``'s node may carry, as its relay
+    announces them to a client that reserves a slot (0: no limit)."""
+    direct = [str(a) for a in dht.dht.get_visible_maddrs() if not is_relayed(str(a))]
+    if not direct:
+        raise PeerUnavailable("the node has no direct address to check its relay at")
+    host = direct[0].split("/")[2]
+    if host == "0.0.0.0":
+        host = "127.0.0.1"
+    address = "/".join(direct[0].split("/")[:2] + [host] + direct[0].split("/")[3:])
+    if "/p2p/" not in address:
+        address += f"/p2p/{dht.peer_id}"
+    probe = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"])
+    try:
+        answer = await _ask_slot(probe, address, timeout)
+    finally:
+        await probe.shutdown()
+    if answer.status != _STATUS_OK:
+        raise PeerUnavailable(f"the relay refused its own check: {_STATUS_NAMES.get(answer.status, answer.status)}")
+    return answer.data
 
 
 class RelaySlot:
@@ -161,7 +248,9 @@ class RelaySlot:
                 logger.info("%s", e)
                 continue
             if self.current is None or reservation.relay != self.current.relay:
-                logger.info("reachable through relay %s: %s", reservation.relay[-8:], reservation.address(self.peer_id))
+                logger.info("reachable through relay %s: %s (%s)", reservation.relay[-8:], reservation.address(self.peer_id),
+                            f"up to {reservation.data_limit:,} bytes per relayed connection" if reservation.data_limit
+                            else "no limit per relayed connection")
                 self.current = reservation
                 self.on_change(reservation)
             self.current = reservation

@@ -22,6 +22,7 @@ span that raises the bottleneck most.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -65,13 +66,13 @@ from peers.training.service import StageService
 from peers.slot import StageSlot
 from peers.telemetry.publisher import PeerTelemetry
 from net.channel import ChannelServer, Identity, channel_hosts
-from net.relay import RelaySlot, Reservation, is_relayed
+from net.relay import RelaySlot, Reservation, is_relayed, start_relaying
 from net.transport import P2PTransport
 from peers.joining.reachability import behind_nat, best_address
 from shards.placement import Move, Span
 from shards.source import resolve_model
 from core.loop import Lifecycle, TaskSet, bounded
-from core.config import SwarmSettings, relay_limits
+from core.config import SwarmSettings, offers_relay, relay_limits
 from core.errors import ConfigError
 from core.types import StageIndex
 
@@ -173,11 +174,13 @@ class Peer(Lifecycle):
             torch.cuda.set_device(self.device)
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
-        self.dht = await asyncio.to_thread(
+        relays = offers_relay(net)
+        create = functools.partial(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
-            relay=net.relay and net.reachability != "private", relay_limits=relay_limits(net),
+            relay=relays, relay_limits=relay_limits(net),
         )
+        self.dht = await (start_relaying(create, relay_limits(net)) if relays else asyncio.to_thread(create))
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)

@@ -29,11 +29,20 @@ def _varint(n: int) -> bytes:
 def test_an_ok_answer_gives_the_expiry():
     reservation = b"\x08" + _varint(1_796_665_712) + b"\x12\x03abc"
     reply = b"\x08\x02" + b"\x1a" + _varint(len(reservation)) + reservation + b"\x28" + _varint(100)
-    assert parse_reply(reply) == (100, 1_796_665_712.0)
+    assert parse_reply(reply) == (100, 1_796_665_712.0, 0, 0)  # no limit field: none announced
+
+
+def test_an_answer_gives_the_limit_of_each_relayed_connection():
+    reservation = b"\x08" + _varint(1_796_665_712)
+    limit = b"\x08" + _varint(120) + b"\x10" + _varint(131_072)  # libp2p's defaults: 2 minutes, 128 KiB
+    reply = (b"\x08\x02" + b"\x1a" + _varint(len(reservation)) + reservation + b"\x22" + _varint(len(limit)) + limit
+             + b"\x28" + _varint(100))
+    answer = parse_reply(reply)
+    assert (answer.status, answer.seconds, answer.data) == (100, 120, 131_072)
 
 
 def test_a_refusal_gives_its_status():
-    assert parse_reply(b"\x08\x02\x28" + _varint(200)) == (200, 0.0)
+    assert parse_reply(b"\x08\x02\x28" + _varint(200)) == (200, 0.0, 0, 0)
 
 
 @pytest.mark.parametrize("reply, words", [
