@@ -26,6 +26,7 @@ from core.errors import ConfigError
 from core.types import PeerId, StageIndex
 
 __all__ = [
+    "MIN_RELAY_BYTES",
     "offers_relay",
     "relay_limits",
     "NetworkSettings",
@@ -48,6 +49,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MIN_RELAY_BYTES = 64 << 20
+"""The least a relay must carry per relayed connection (each way) for a peer behind NAT to take its
+slot: libp2p's default of 128 KiB cuts a single stage's activations or weights."""
+
+
 class NetworkSettings(_Section):
     host: str = Field("0.0.0.0", description="address to listen on (127.0.0.1 for a local swarm)")
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
@@ -63,8 +69,9 @@ class NetworkSettings(_Section):
                         "(a circuit relay: their callers reach them through it)")
     relay_slots: int = Field(128, ge=1, description="relay slots this node gives peers behind NAT, at most")
     relay_circuits: int = Field(16, ge=1, description="relayed connections open at once per peer behind NAT")
-    relay_bytes: ByteSize = Field(ByteSize(4 << 30), description="bytes one relayed connection may carry each way "
-                                  "before the relay resets it (the caller then dials again), e.g. 4GiB")
+    relay_bytes: ByteSize = Field(ByteSize(4 << 30), ge=MIN_RELAY_BYTES, description="bytes one relayed connection may "
+                                  "carry each way before the relay resets it (the caller then dials again), e.g. "
+                                  "4GiB; at least 64MiB, the least peers behind NAT accept")
     reachability: str = Field("auto", pattern="^(auto|public|private)$", description="whether others can dial this "
                               "node: auto (private if its address is private and the bootstrap's is outside its "
                               "network), public (no relay slot) or private (serve through a relay)")

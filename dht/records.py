@@ -130,10 +130,10 @@ class _DHTProcess(hivemind.DHT):
 
 
 def _pass_daemon_flags(flags: dict) -> None:
-    """Add ``flags`` to the command line of the p2pd this process starts. ``P2P.create`` has no
-    parameter for the relay service's limits, and without them p2pd resets a relayed connection
-    after 128 KiB (measured: its ``-help`` claims 4 GiB, the default that applies is libp2p's), which
-    one stage's weights already exceed. Only this DHT child process is patched."""
+    """Add ``flags`` to the command line of the p2pd this process starts: ``P2P.create`` has no
+    parameter for the relay service's limits. (p2pd may still answer with a second relay service
+    that has libp2p's defaults: ``net.relay.start_relaying`` checks.) Only this DHT child process is
+    patched."""
     from hivemind.p2p import P2P
 
     make = P2P._make_process_args
@@ -193,8 +193,7 @@ class SwarmDHT:
             client_mode=client_mode,
             record_validators=[signer, RunSchemaValidator(run_id)],
             start=True,
-            # p2pd's -autonat also turns on hole punching (DCUtR). A relay started without it cut
-            # relayed transfers at ~128 KiB (measured in namespaces); nodes that relay nothing
+            # p2pd's -autonat also turns on hole punching (DCUtR); nodes that relay nothing
             # (trainers, clients) go without (docs/design.md, issue 25)
             auto_nat=relay,
         )

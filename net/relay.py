@@ -24,7 +24,7 @@ depends on goroutine scheduling: about half of the starts in the namespace tests
 and every relayed transfer over 128 KiB (one stage's weights, one activation) was reset. So a relay
 checks the limit it announces once it has started (``start_relaying``: a throwaway client reserves
 on it) and restarts its node until it announces its own; and a peer behind NAT refuses a slot whose
-limit is below ``MIN_RELAYED_BYTES`` (another relay, or a relay of an older version).
+limit is below ``core.config.MIN_RELAY_BYTES`` (another relay, or a relay of an older version).
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ from typing import Awaitable, Callable, NamedTuple
 from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
 
+from core.config import MIN_RELAY_BYTES
 from core.errors import PeerUnavailable
 from dht.records import SwarmDHT
 
-__all__ = ["HOP_PROTOCOL", "MIN_RELAYED_BYTES", "RelayAnswer", "RelaySlot", "Reservation", "reserve", "circuit_address",
+__all__ = ["HOP_PROTOCOL", "RelayAnswer", "RelaySlot", "Reservation", "reserve", "circuit_address",
            "is_relayed", "relay_of", "parse_reply", "start_relaying"]
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,6 @@ logger = logging.getLogger(__name__)
 HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
 _RESERVE = b"\x08\x00"  # HopMessage{type: RESERVE}
 _STATUS_OK = 100
-MIN_RELAYED_BYTES = 64 << 20
-"""The least a relay must carry per relayed connection (each way) for a peer behind NAT to take its
-slot: libp2p's default of 128 KiB cuts a single stage's activations or weights."""
 _STATUS_NAMES = {100: "OK", 200: "RESERVATION_REFUSED", 201: "RESOURCE_LIMIT_EXCEEDED", 202: "PERMISSION_DENIED",
                  203: "CONNECTION_FAILED", 204: "NO_RESERVATION", 400: "MALFORMED_MESSAGE", 401: "UNEXPECTED_MESSAGE"}
 
@@ -138,7 +136,7 @@ def parse_reply(reply: bytes) -> RelayAnswer:
 
 
 async def reserve(p2p: P2P, relay_maddr: str, *, timeout: float = 10.0,
-                  min_data: int = MIN_RELAYED_BYTES) -> Reservation:
+                  min_data: int = MIN_RELAY_BYTES) -> Reservation:
     """Connect to the relay at ``relay_maddr`` (``.../p2p/<id>``) and reserve a slot on it; raises
     ``PeerUnavailable`` naming the relay and why when it cannot be reached, refuses, or would cut
     each relayed connection after fewer than ``min_data`` bytes."""

@@ -32,7 +32,7 @@ TOLERANCE = 1e-4  # as test_free_placement: a replica's sums in another order, A
 BOOT_PORT = 31337
 # the "public" network on private addresses: with public-looking ones (11.83.x) relayed transfers
 # of more than ~128 KiB into a peer behind NAT were cut short (docs/design.md, issue 25: not solved)
-PUBLIC_NET = "10.83"
+PUBLIC_NET = "11.83"
 
 # the trainer, in its namespace: on each line "N" from stdin, N steps of the README's loop on the
 # next saved batches, then "done"; at the end of stdin it uploads its state

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from core.config import SwarmSettings
 from net.relay import circuit_address, is_relayed, parse_reply, relay_of
 
 RELAY = "12D3KooWrelay"
@@ -53,3 +55,9 @@ def test_a_refusal_gives_its_status():
 def test_a_malformed_answer_is_refused_naming_why(reply, words):
     with pytest.raises(ValueError, match=words):
         parse_reply(reply)
+
+
+def test_a_relay_limit_that_peers_behind_nat_would_refuse_is_a_config_error():
+    with pytest.raises(ValidationError, match=r"relay_bytes\n.*greater than or equal to 67108864"):
+        SwarmSettings(network={"relay_bytes": "1MiB"})
+    assert SwarmSettings(network={"relay_bytes": "1GiB"}).network.relay_bytes == 1 << 30
