@@ -33,6 +33,7 @@ processes are removed at the end, also on Ctrl+C or an error.
 from __future__ import annotations
 
 import harness  # before any project module: this checkout first on sys.path
+from netns import Network, Processes, in_ns
 
 import argparse
 import asyncio
@@ -48,7 +49,6 @@ import time
 from pathlib import Path
 
 PREFIX = "swb-"
-ROUTER = f"{PREFIX}router"
 HOSTS = ["boot", "trainer", "peer1", "peer2", "peer3"]
 TUN = "swbdelay"
 MTU = 16000
@@ -56,66 +56,30 @@ DELAY_TABLE = 100
 BOOT_PORT = 31337
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
+def make_topology() -> Network:
+    """The hosts on one router, ``10.77.<i>.2`` in the order of ``HOSTS``; entered (``close()`` it)."""
+    net = Network(PREFIX, net="10.77", mtu=MTU).__enter__()
+    for host in HOSTS:
+        net.add_host(host)
+    return net
 
 
-def in_ns(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return sh("ip", "netns", "exec", ns, *args, check=check)
-
-
-def host_ip(i: int) -> str:
-    return f"10.77.{i + 1}.2"
-
-
-def make_topology() -> None:
-    sh("ip", "netns", "add", ROUTER)
-    in_ns(ROUTER, "ip", "link", "set", "lo", "up")
-    in_ns(ROUTER, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    in_ns(ROUTER, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
-    in_ns(ROUTER, "sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0")
-    for i, host in enumerate(HOSTS):
-        ns, here, there = f"{PREFIX}{host}", f"swbr{i}", f"swbh{i}"
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", here, "mtu", str(MTU), "type", "veth", "peer", "name", there, "mtu", str(MTU))
-        sh("ip", "link", "set", here, "netns", ROUTER)
-        sh("ip", "link", "set", there, "netns", ns)
-        in_ns(ROUTER, "ip", "addr", "add", f"10.77.{i + 1}.1/24", "dev", here)
-        in_ns(ROUTER, "ip", "link", "set", here, "up")
-        in_ns(ns, "ip", "link", "set", "lo", "up")
-        in_ns(ns, "ip", "link", "set", there, "name", "eth0")
-        in_ns(ns, "ip", "addr", "add", f"{host_ip(i)}/24", "dev", "eth0")
-        in_ns(ns, "ip", "link", "set", "eth0", "up")
-        in_ns(ns, "ip", "route", "add", "default", "via", f"10.77.{i + 1}.1")
-
-
-def shape(on: bool, delay_ready: bool) -> None:
+def shape(net: Network, on: bool, delay_ready: bool) -> None:
     """Switch the WAN on (token buckets on every link end, packets from hosts through the delay TUN)
     or off (plain forwarding)."""
-    for i, host in enumerate(HOSTS):
-        for ns, dev in ((f"{PREFIX}{host}", "eth0"), (ROUTER, f"swbr{i}")):
+    for host in net.public:
+        for ns, dev in ((net.ns(host), "eth0"), (net.router, net.router_dev(host))):
             in_ns(ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
             if on:
                 in_ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "256kb",
                       "latency", "200ms")
         if delay_ready:  # every copy of the rule goes first: switching on twice in a row (rounds run wan, lan
             # then wan, lan alternately) added it twice, and one ``del`` left a "lan" round delayed
-            rule = ["ip", "rule", "del", "iif", f"swbr{i}", "lookup", str(DELAY_TABLE)]
-            while in_ns(ROUTER, *rule, check=False).returncode == 0:
+            rule = ["ip", "rule", "del", "iif", net.router_dev(host), "lookup", str(DELAY_TABLE)]
+            while in_ns(net.router, *rule, check=False).returncode == 0:
                 pass
             if on:
-                in_ns(ROUTER, "ip", "rule", "add", *rule[3:])
-
-
-def cleanup() -> None:
-    for ns in [ROUTER] + [f"{PREFIX}{host}" for host in HOSTS]:
-        pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        sh("ip", "netns", "del", ns, check=False)
+                in_ns(net.router, "ip", "rule", "add", *rule[3:])
 
 
 # -- the delay process (runs in the router namespace) -------------------------------------------------
@@ -148,14 +112,14 @@ def run_delay(delay_ms: float) -> None:
     uvloop.run(pump())
 
 
-def start_delay(delay_ms: float) -> subprocess.Popen:
-    proc = subprocess.Popen(["ip", "netns", "exec", ROUTER, sys.executable, __file__, "--delay", str(delay_ms)],
+def start_delay(net: Network, delay_ms: float) -> subprocess.Popen:
+    proc = subprocess.Popen(["ip", "netns", "exec", net.router, sys.executable, __file__, "--delay", str(delay_ms)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the delay process did not start")
-    in_ns(ROUTER, "ip", "link", "set", TUN, "mtu", str(MTU), "up")
-    in_ns(ROUTER, "sysctl", "-qw", f"net.ipv4.conf.{TUN}.rp_filter=0")
-    in_ns(ROUTER, "ip", "route", "add", "default", "dev", TUN, "table", str(DELAY_TABLE))
+    in_ns(net.router, "ip", "link", "set", TUN, "mtu", str(MTU), "up")
+    in_ns(net.router, "sysctl", "-qw", f"net.ipv4.conf.{TUN}.rp_filter=0")
+    in_ns(net.router, "ip", "route", "add", "default", "dev", TUN, "table", str(DELAY_TABLE))
     return proc
 
 
@@ -206,71 +170,43 @@ def _timed(method, phases: dict[str, float], name: str):
 
 # -- the run -------------------------------------------------------------------------------------------
 
-class Swarm:
+class Swarm(Processes):
     """The bootstrap, 3 peers and the trainer, each a process in its own namespace."""
 
-    def __init__(self, root: Path, args):
-        self.root, self.args = root, args
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+    def __init__(self, net: Network, root: Path, args):
+        super().__init__(net, root)
+        self.args = args
 
-    def start(self, host: str, argv: list[str], **popen) -> subprocess.Popen:
-        log = open(self.root / f"{host}.log", "w")
-        popen.setdefault("stdout", log)
-        proc = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}{host}", sys.executable, *argv], stderr=log,
-                                env=os.environ | {"PYTHONUNBUFFERED": "1"}, start_new_session=True, **popen)
-        self.procs.append((host, proc))
-        return proc
-
-    def wait_line(self, host: str, needle: str, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        path = self.root / f"{host}.log"
-        while time.monotonic() < deadline:
-            for line in path.read_text(errors="replace").splitlines():
-                if needle in line:
-                    return line
-            time.sleep(0.1)
-        raise TimeoutError(f"{host} did not print {needle!r}; see {path}")
-
-    def up(self, model_dir: Path) -> str:
+    def up(self, model_dir: Path, peers: tuple[str, ...] = ("peer1", "peer2", "peer3")) -> str:
+        """The bootstrap, then a peer on each host of ``peers`` (one stage each, in that order)."""
         cli = ["-m", "swarm.cli"]
-        boot_ip = host_ip(HOSTS.index("boot"))
+        boot_ip = self.network.ip("boot")
         self.start("boot", cli + ["bootstrap", "--open", "--model", str(model_dir), "--num-stages", "3",
                                   "--host", boot_ip, "--port", str(BOOT_PORT), "--state-dir", str(self.root / "boot"),
                                   "--target-batch-size", str(self.args.batch), "--wire", self.args.wire,
                                   "--lr", "1e-3"])
         line = self.wait_line("boot", "swarm join --bootstrap")
         address = line.split("--bootstrap", 1)[1].split()[0]
-        for k in range(1, 4):
-            host = f"peer{k}"
-            self.start(host, cli + ["join", "--bootstrap", address, "--host", host_ip(HOSTS.index(host)),
+        for host in peers:
+            self.start(host, cli + ["join", "--bootstrap", address, "--host", self.network.ip(host),
                                     "--threads", "1", "--max-stages", "1", "--state-dir", str(self.root / host)])
             self.wait_line(host, "claiming stage")
-        for k in range(1, 4):
-            self.wait_line(f"peer{k}", "serving stage")
+        for host in peers:
+            self.wait_line(host, "serving stage")
         return address
 
     def trainer(self, address: str) -> subprocess.Popen:
         microbatch = [] if self.args.microbatch is None else ["--microbatch", str(self.args.microbatch)]
-        proc = self.start("trainer", [__file__, "--train", address, "--batch", str(self.args.batch),
+        proc = self.start("trainer", [__file__, "--train", address, "--host", self.network.ip("trainer"),
+                                      "--batch", str(self.args.batch),
                                       "--seq", str(self.args.seq), "--depth", str(self.args.depth)] + microbatch
                           + ["--relay"] * self.args.relay + ["--phased"] * self.args.phased,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(proc.stdout.readline())  # ready
         return proc
 
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
-
-def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -> dict[str, list[float]]:
+def rounds(net: Network, trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -> dict[str, list[float]]:
     """Interleaved rounds; a WAN round also prints the CPU time the delay process took per step: on
     this 2-core machine it is taken from the peers, which a real WAN (or a kernel netem) would not."""
     tokens = args.steps * args.batch * args.seq
@@ -288,11 +224,11 @@ def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -
                     phases[condition].setdefault(name, []).append(reply[name] / steps * 1000)
         return reply["seconds"]
 
-    shape(False, delay_ready)
+    shape(net, False, delay_ready)
     timed(args.warmup)
     for r in range(args.rounds):
         for condition in (("lan", "wan") if r % 2 == 0 else ("wan", "lan")):
-            shape(condition == "wan", delay_ready)
+            shape(net, condition == "wan", delay_ready)
             timed(1)  # one untimed step after each switch: TCP windows and DHT timeouts settle
             relay_cpu = harness.tree_cpu(delay_pid)  # the delay process has no children: its own CPU
             seconds = timed(args.steps, condition)
@@ -306,12 +242,21 @@ def rounds(trainer: subprocess.Popen, args, delay_ready: bool, delay_pid: int) -
                 seconds = timed(args.steps, mode="phased")
                 results.setdefault(f"{condition} phased", []).append(tokens / seconds)
                 print(f"round {r + 1} {condition}, phased: {tokens / seconds:8,.0f} tokens/s", flush=True)
-    shape(False, delay_ready)
+    shape(net, False, delay_ready)
     return results
 
 
-def main() -> None:
-    parser = harness.parser(__doc__)
+def teardown(swarm: Swarm, delay: subprocess.Popen | None, net: Network) -> None:
+    """Stop the swarm's processes, the delay process, then remove the namespaces."""
+    swarm.stop()
+    if delay is not None:
+        delay.stdin.close()
+        delay.wait(timeout=10)
+    net.close()
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a swarm run in namespaces that ``nat.py`` shares: rounds, batch, pipelining, wire, delay."""
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -320,6 +265,11 @@ def main() -> None:
     parser.add_argument("--wire", default="int8", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--delay-ms", type=float, default=25.0)
     parser.add_argument("--depth", type=int, default=2, help="calls in flight per peer of a stage (RemotePipeline.depth)")
+
+
+def main() -> None:
+    parser = harness.parser(__doc__)
+    add_run_flags(parser)
     parser.add_argument("--relay", action="store_true", help="the trainer relays every hop (default: activations "
                         "go peer to peer)")
     parser.add_argument("--phased", action="store_true", help="loss.backward() after the whole batch's forward "
@@ -328,12 +278,13 @@ def main() -> None:
                         "overlapped against phased side by side")
     parser.add_argument("--delay", type=float, help=argparse.SUPPRESS)  # the delay process
     parser.add_argument("--train", help=argparse.SUPPRESS)  # the trainer process: the bootstrap address
+    parser.add_argument("--host", help=argparse.SUPPRESS)  # the trainer process: its own address
     args = parser.parse_args()
     if args.delay is not None:
         return run_delay(args.delay)
     if args.train:
         micro = None if args.microbatch is None else (args.batch if args.microbatch == 0 else args.microbatch)
-        return run_trainer(args.train, host_ip(HOSTS.index("trainer")), args.batch, args.seq, micro, args.depth,
+        return run_trainer(args.train, args.host, args.batch, args.seq, micro, args.depth,
                            push=not args.relay, phased=args.phased)
     if os.geteuid() != 0:
         sys.exit("wan.py needs root: it makes network namespaces and links")
@@ -342,11 +293,10 @@ def main() -> None:
 
     root, model_dir = harness.workspace("swarm-wan-", **DEMO_MODEL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally: below cleans up on a kill too
-    cleanup()  # leftovers of an earlier run that was killed hard
-    swarm, delay = Swarm(root, args), None
+    net = make_topology()
+    swarm, delay = Swarm(net, root, args), None
     try:
-        make_topology()
-        delay = start_delay(args.delay_ms)
+        delay = start_delay(net, args.delay_ms)
         address = swarm.up(model_dir)
         trainer = swarm.trainer(address)
         print(f"demo model GPT-2 {DEMO_MODEL['num_layers']} x {DEMO_MODEL['hidden_size']}, 3 stages on 3 peers, "
@@ -354,17 +304,13 @@ def main() -> None:
               f"wire {args.wire}, {'relayed by the trainer' if args.relay else 'pushed peer to peer'}, "
               f"{'phased' if args.phased or args.relay else 'backwards overlapping forwards'}; "
               f"WAN = {args.delay_ms:.0f} ms each way + 100 Mbit/s per link; logs in {root}", flush=True)
-        rtt_lan = connect_rtt()
-        results = rounds(trainer, args, delay_ready=True, delay_pid=delay.pid)
-        shape(True, True)
-        rtt_wan = connect_rtt()
-        shape(False, True)
+        rtt_lan = connect_rtt(net)
+        results = rounds(net, trainer, args, delay_ready=True, delay_pid=delay.pid)
+        shape(net, True, True)
+        rtt_wan = connect_rtt(net)
+        shape(net, False, True)
     finally:
-        swarm.stop()
-        if delay is not None:
-            delay.stdin.close()
-            delay.wait(timeout=10)
-        cleanup()
+        teardown(swarm, delay, net)
     lan, wan = statistics.median(results["lan"]), statistics.median(results["wan"])
     print(f"TCP connect round trip trainer -> bootstrap without / with the WAN: {rtt_lan:.1f} / {rtt_wan:.1f} ms")
     print(f"no WAN: {lan:8,.0f} tokens/s   WAN: {wan:8,.0f} tokens/s   ratio {wan / lan:.2f} "
@@ -376,13 +322,13 @@ def main() -> None:
                   f"phased {phased:8,.0f} tokens/s: {statistics.median(results[condition]) / phased:.2f}x")
 
 
-def connect_rtt(port: int = BOOT_PORT) -> float:
+def connect_rtt(net: Network, port: int = BOOT_PORT) -> float:
     """Median ms of 5 TCP connects from the trainer's host to the bootstrap's (one round trip each;
     this machine has no ping)."""
     code = ("import socket, statistics, time\nt = []\nfor _ in range(5):\n    s = time.perf_counter()\n"
-            f"    socket.create_connection(({host_ip(HOSTS.index('boot'))!r}, {port}), timeout=5).close()\n"
+            f"    socket.create_connection(({net.ip('boot')!r}, {port}), timeout=5).close()\n"
             "    t.append(time.perf_counter() - s)\nprint(statistics.median(t) * 1000)")
-    return float(in_ns(f"{PREFIX}trainer", sys.executable, "-c", code).stdout)
+    return float(in_ns(net.ns("trainer"), sys.executable, "-c", code).stdout)
 
 
 if __name__ == "__main__":

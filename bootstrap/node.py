@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Awaitable
 
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -49,6 +51,7 @@ from hivemind.utils import get_dht_time
 from dht.auth import TokenRecordValidator, issue_token
 from net.admission import PUBLIC_REQUEST_BYTES, CallerLimits
 from net.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
+from net.relay import start_relaying
 from net.transport import P2PTransport
 from peers.data.spec import spec_from_settings
 from peers.telemetry.status import Status, collect_status
@@ -66,7 +69,7 @@ from dht.schemas import Manifest, OptimizerSettings, PeerRecord, PeerState
 from shards.assignment import stage_boundaries
 from shards.families import family_of, num_layers
 from shards.source import resolve_model
-from core.config import SwarmSettings
+from core.config import SwarmSettings, offers_relay, relay_limits
 from core.errors import ConfigError, PeerUnavailable, SwarmError
 from core.types import PeerId
 
@@ -204,14 +207,16 @@ class BootstrapNode:
         first = [*([self.mirror] if self.mirror else []), *net.initial_peers]
         known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in first]
 
-        def create(initial: list[str]) -> SwarmDHT:
-            return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
-                                   announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-                                   signer_key=self.authority)
+        def create(initial: list[str]) -> Awaitable[SwarmDHT]:
+            start = functools.partial(
+                SwarmDHT.create, self.settings.run_id, initial_peers=initial, host=net.host, port=port,
+                announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
+                signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net))
+            return start_relaying(start, relay_limits(net)) if offers_relay(net) else asyncio.to_thread(start)
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:
-                return await asyncio.to_thread(create, first)
+                return await create(first)
             except PeerUnavailable as e:
                 raise PeerUnavailable(
                     f"cannot reach the bootstrap to mirror at {self.mirror}: {e}. Check the address (the "
@@ -219,11 +224,11 @@ class BootstrapNode:
                 ) from None
         if known or self.mirror is not None:
             try:
-                return await asyncio.to_thread(create, [*first, *known])
+                return await create([*first, *known])
             except PeerUnavailable as e:
                 logger.info("none of the %d peers seen before the restart answered (%s); starting afresh",
                             len(first) + len(known) - len(net.initial_peers), e)
-        return await asyncio.to_thread(create, list(net.initial_peers))
+        return await create(list(net.initial_peers))
 
     async def _count_online_steps(self, reports: list, online: set[str]) -> None:
         """Credit each peer online this round with the run's step advance since the last round (the

@@ -26,6 +26,9 @@ from core.errors import ConfigError
 from core.types import PeerId, StageIndex
 
 __all__ = [
+    "MIN_RELAY_BYTES",
+    "offers_relay",
+    "relay_limits",
     "NetworkSettings",
     "BootstrapSettings",
     "PeerSettings",
@@ -46,6 +49,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MIN_RELAY_BYTES = 64 << 20
+"""The least a relay must carry per relayed connection (each way) for a peer behind NAT to take its
+slot: libp2p's default of 128 KiB cuts a single stage's activations or weights."""
+
+
 class NetworkSettings(_Section):
     host: str = Field("0.0.0.0", description="address to listen on (127.0.0.1 for a local swarm)")
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one")
@@ -57,6 +65,16 @@ class NetworkSettings(_Section):
     channel_port: int = Field(0, ge=0, le=65535, description="the data channel's TCP port; 0 picks a free one")
     channel_tls: bool = Field(True, description="encrypt the data channel (TLS 1.3, certificates pinned through "
                               "libp2p); false only on a network you trust: calls then travel in clear")
+    relay: bool = Field(True, description="offer a relay slot to peers behind NAT when this node is reachable "
+                        "(a circuit relay: their callers reach them through it)")
+    relay_slots: int = Field(128, ge=1, description="relay slots this node gives peers behind NAT, at most")
+    relay_circuits: int = Field(16, ge=1, description="relayed connections open at once per peer behind NAT")
+    relay_bytes: ByteSize = Field(ByteSize(4 << 30), ge=MIN_RELAY_BYTES, description="bytes one relayed connection may "
+                                  "carry each way before the relay resets it (the caller then dials again), e.g. "
+                                  "4GiB; at least 64MiB, the least peers behind NAT accept")
+    reachability: str = Field("auto", pattern="^(auto|public|private)$", description="whether others can dial this "
+                              "node: auto (private if its address is private and the bootstrap's is outside its "
+                              "network), public (no relay slot) or private (serve through a relay)")
 
     @field_validator("initial_peers")
     @classmethod
@@ -67,6 +85,17 @@ class NetworkSettings(_Section):
             except ConfigError as e:  # pydantic reports ValueErrors with the field's name
                 raise ValueError(str(e)) from None
         return peers
+
+
+def offers_relay(network: NetworkSettings) -> bool:
+    """Whether a node relays for peers behind NAT: asked to, not told it is private itself, and
+    listening beyond loopback (nobody outside this machine could reach a relay on 127.x)."""
+    return network.relay and network.reachability != "private" and not network.host.startswith("127.")
+
+
+def relay_limits(network: NetworkSettings) -> tuple[int, int, int]:
+    """(slots, relayed connections per peer, bytes per relayed connection) of a node's relay service."""
+    return network.relay_slots, network.relay_circuits, int(network.relay_bytes)
 
 
 class _TlsSection(_Section):

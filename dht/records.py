@@ -114,13 +114,30 @@ class _DHTProcess(hivemind.DHT):
     the child exits, and swarm starts DHTs from worker threads.)
     """
 
+    def __init__(self, *args, relay_flags: dict | None = None, **kwargs):
+        self._relay_flags = relay_flags or {}
+        super().__init__(*args, **kwargs)
+
     def run(self) -> None:
+        if self._relay_flags:
+            _pass_daemon_flags(self._relay_flags)
         os.setpgid(0, 0)
         signal.signal(signal.SIGTERM, _kill_own_group)
         watchdog = threading.Thread(target=_watch_parent, args=(self._parent_pid,), name="parent-watchdog")
         watchdog.daemon = True
         watchdog.start()
         super().run()
+
+
+def _pass_daemon_flags(flags: dict) -> None:
+    """Add ``flags`` to the command line of the p2pd this process starts: ``P2P.create`` has no
+    parameter for the relay service's limits. (p2pd may still answer with a second relay service
+    that has libp2p's defaults: ``net.relay.start_relaying`` checks.) Only this DHT child process is
+    patched."""
+    from hivemind.p2p import P2P
+
+    make = P2P._make_process_args
+    P2P._make_process_args = staticmethod(lambda *args, **kwargs: make(*args, **kwargs, **flags))
 
 
 def _kill_own_group(*_: object) -> None:
@@ -141,6 +158,8 @@ class SwarmDHT:
         self.run_id = run_id
         self._signer = signer
         self._last_expiration: dict[int, float] = {}
+        self.circuit_maddrs: list[str] = []  # this node's addresses through its relay (``net.relay``)
+        self.relayed: dict[str, list[str]] = {}  # peer id -> its relayed addresses, as its records said
         # a keyed run's member (``net.auth.RunAuth``): this node's access token, put into the trainer
         # and telemetry records it writes, which the run's validator refuses without one
         self.access_token: Callable[[], str] | None = None
@@ -157,9 +176,14 @@ class SwarmDHT:
         identity_path: Path | None = None,
         client_mode: bool = False,
         signer_key: RSAPrivateKey | None = None,
+        relay: bool = False,
+        relay_limits: tuple[int, int, int] = (128, 16, 4 << 30),
     ) -> "SwarmDHT":
         """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
-        ``signer_key`` signs its records (a bootstrap passes its persistent authority key)."""
+        ``signer_key`` signs its records (a bootstrap passes its persistent authority key). ``relay``:
+        serve relay slots to peers behind NAT (the daemon starts its relay service only once it counts
+        itself publicly reachable, which it is told here rather than left to guess);
+        ``relay_limits``: (slots, relayed connections per peer, bytes a relayed connection carries each way)."""
         # a key of its own per node (not hivemind's process-wide one), so that several nodes in one
         # process, as in tests, cannot sign each other's records either
         signer = RSASignatureValidator(signer_key or RSAPrivateKey())
@@ -169,7 +193,15 @@ class SwarmDHT:
             client_mode=client_mode,
             record_validators=[signer, RunSchemaValidator(run_id)],
             start=True,
+            # p2pd's -autonat also turns on hole punching (DCUtR); nodes that relay nothing
+            # (trainers, clients) go without (docs/design.md, issue 25)
+            auto_nat=relay,
         )
+        if relay:
+            kwargs["force_reachability"] = "public"
+            slots, circuits, data = relay_limits
+            kwargs["relay_flags"] = dict(relayMaxReservations=slots, relayMaxCircuits=circuits, relayDataLimit=data,
+                                         relayTimeLimit="24h")
         if announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
         if identity_path is not None:
@@ -200,7 +232,19 @@ class SwarmDHT:
         return self.dht.peer_id.to_base58()
 
     def visible_maddrs(self) -> list[str]:
-        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+        """The direct addresses of this node, then those through the relay holding its slot, if any."""
+        return [str(addr) for addr in self.dht.get_visible_maddrs()] + self.circuit_maddrs
+
+    def note_addresses(self, records: Sequence[PeerRecord]) -> None:
+        """Remember the relayed addresses of peers read from the DHT: a caller's daemon cannot find
+        them on its own (the relay learns only the direct, undialable ones), so ``P2PTransport``
+        dials them first."""
+        for record in records:
+            relayed = [a for a in record.maddrs if "/p2p-circuit" in a]
+            if relayed:
+                self.relayed[record.peer_id] = relayed
+            else:
+                self.relayed.pop(record.peer_id, None)
 
     def _subkey(self) -> bytes:
         return self.peer_id.encode() + self._signer.local_public_key
@@ -272,6 +316,7 @@ class SwarmDHT:
                 continue  # the schema validator already refuses these; a stale node may still hold one
             if record.stage == stage:
                 records.append(record)
+        self.note_addresses(records)
         return records
 
     async def announce_trainer(self, record: TrainerRecord, ttl: float = RECORD_TTL) -> bool:

@@ -298,7 +298,7 @@ class ClientCalls:
         if auth is not None:
             auth.start()  # an export of a large model may outlive a token
         try:
-            return cls(P2PTransport(await dht.dht.replicate_p2p()), auth)
+            return cls(P2PTransport(await dht.dht.replicate_p2p(), addresses=dht.relayed), auth)
         except BaseException:
             if auth is not None:
                 await auth.stop()

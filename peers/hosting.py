@@ -113,9 +113,13 @@ class StageHost:
         ) for stage in span.stages]
 
     def current_record(self, slot: StageSlot) -> PeerRecord:
-        """The slot's record with the stage's current optimizer step, so trainers can tell which step it is at."""
+        """The slot's record with the stage's current optimizer step, so trainers can tell which step it is at,
+        and this peer's current addresses (a peer behind NAT changes relays)."""
         if slot.service is not None and slot.record.step != slot.service.executor.optimizer_step:
             slot.record = slot.record.model_copy(update={"step": slot.service.executor.optimizer_step})
+        maddrs = self.dht.visible_maddrs()
+        if slot.record.maddrs != maddrs:
+            slot.record = slot.record.model_copy(update={"maddrs": maddrs})
         return slot.record
 
     async def announce(self, record: PeerRecord) -> None:
@@ -247,6 +251,7 @@ class StageHost:
         executor.corrupt = self.settings.peer.corrupt
         slot.service = StageService(executor, self.peer_id, worker=slot.worker, identity=self.identity)
         slot.service.on_step_failed = self._on_step_failed
+        slot.service.reach_members = self.transport.reach
 
     def _load(self, stage: StageIndex) -> torch.nn.Module:
         manifest = self.manifest

@@ -22,6 +22,7 @@ span that raises the bottleneck most.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -65,11 +66,13 @@ from peers.training.service import StageService
 from peers.slot import StageSlot
 from peers.telemetry.publisher import PeerTelemetry
 from net.channel import ChannelServer, Identity, channel_hosts
+from net.relay import RelaySlot, Reservation, is_relayed, start_relaying
 from net.transport import P2PTransport
+from peers.joining.reachability import behind_nat, best_address
 from shards.placement import Move, Span
 from shards.source import resolve_model
 from core.loop import Lifecycle, TaskSet, bounded
-from core.config import SwarmSettings
+from core.config import SwarmSettings, offers_relay, relay_limits
 from core.errors import ConfigError
 from core.types import StageIndex
 
@@ -96,6 +99,7 @@ class Peer(Lifecycle):
         self.push: PushService | None = None  # activations peer to peer (``peers.training.push``)
         self.telemetry: PeerTelemetry | None = None
         self.resync: ResyncWatch | None = None
+        self.relay_slot: RelaySlot | None = None  # behind NAT: the relay that lets callers reach this peer
         self._progress = progress
         self._stage_bytes: list[int] = []
         self._memory = 0
@@ -170,10 +174,13 @@ class Peer(Lifecycle):
             torch.cuda.set_device(self.device)
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
-        self.dht = await asyncio.to_thread(
+        relays = offers_relay(net)
+        create = functools.partial(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
+            relay=relays, relay_limits=relay_limits(net),
         )
+        self.dht = await (start_relaying(create, relay_limits(net)) if relays else asyncio.to_thread(create))
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
@@ -181,7 +188,8 @@ class Peer(Lifecycle):
         self._auth = await RunAuth.join(self.dht, self.settings.key, on_revoked=self._on_key_revoked)
         # on a keyed run every handler but ``present`` refuses a caller without a token before its body
         self._transport = P2PTransport(await self.dht.dht.replicate_p2p(),
-                                       gate=self._auth.gate if self._auth is not None else None)
+                                       gate=self._auth.gate if self._auth is not None else None,
+                                       addresses=self.dht.relayed)
         if self._auth is not None:
             await self._transport.serve(PRESENT, self._auth.gate.rpc_present, public=True,
                                         max_request_bytes=PUBLIC_REQUEST_BYTES)
@@ -189,6 +197,8 @@ class Peer(Lifecycle):
         if net.channel:
             await self._open_channel()
         await serve_echo(self._transport)  # joining peers time their links against this one
+        if behind_nat(self.dht.visible_maddrs(), net.initial_peers, net.reachability):
+            await self._hold_relay_slot()
         self.measurement = await self._measure(self.manifest)
         self._compose()
         span = await self._claim()
@@ -219,6 +229,31 @@ class Peer(Lifecycle):
         await self._transport.open_channel(ChannelServer(
             identity, net.channel_host or net.host, net.channel_port, tls=net.channel_tls,
             announce=channel_hosts(net.announce_host, net.channel_host or net.host, self.maddrs)))
+
+    async def _hold_relay_slot(self) -> None:
+        """Behind NAT: a slot on a relay (a bootstrap first, then reachable peers), its circuit
+        address put in this peer's records; a relay that dies is replaced at the next renewal."""
+        def on_change(reservation: Reservation | None) -> None:
+            self.dht.circuit_maddrs = [] if reservation is None else [reservation.address(self.peer_id)]
+            if self.host is not None and self.host.slots:
+                self._tasks.spawn(self.host.refresh(), name="peer-record-after-relay-change")
+
+        self.relay_slot = RelaySlot(self._transport.p2p, self.peer_id, self._relay_candidates, on_change)
+        if await self.relay_slot.acquire() is None:
+            logger.warning("behind NAT and no relay gives a slot: %s", self.relay_slot.last_error)
+        self._tasks.spawn(self.relay_slot.keep(), name="relay-slot")
+
+    async def _relay_candidates(self) -> list[str]:
+        """The direct address of every peer that is not relayed itself, then the initial peers: relayed
+        bytes are spread over the volunteers, the bootstrap's link is kept for the last."""
+        found: list[str] = []
+        if self.manifest is not None:
+            for records in (await self.dht.all_records(self.manifest.num_stages)).values():
+                for record in records:
+                    direct = [a for a in record.maddrs if not is_relayed(a) and "/p2p/" in a]
+                    if record.peer_id != self.peer_id and direct and len(direct) == len(record.maddrs):
+                        found.append(best_address(direct))
+        return list(dict.fromkeys(found + list(self.settings.network.initial_peers)))
 
     def _compose(self) -> None:
         """The host, router and rebalancer of this peer, once it has joined and measured itself."""

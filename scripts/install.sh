@@ -15,6 +15,16 @@ if ! command -v tmux >/dev/null 2>&1; then
     echo "    not root or no apt-get: install tmux yourself to run tests/e2e/test_monitoring_cli.py" >&2
   fi
 fi
+# The NAT tests (tests/e2e/test_nat.py, benchmarks/nat.py) build home routers with nftables' `nft`
+if ! command -v nft >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "==> installing nftables (for the NAT tests in network namespaces)"
+    apt-get install -y -q nftables >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nftables >/dev/null 2>&1; } \
+      || echo "    could not install nftables; tests/e2e/test_nat.py will skip" >&2
+  else
+    echo "    not root or no apt-get: tests/e2e/test_nat.py skips (it needs root and nftables)" >&2
+  fi
+fi
 # The dashboard's browser test drives Debian's chromium through selenium with Debian's chromedriver
 # (no browser download at test time). Checked on every run: it is cheap, and apt is not pip's stamp.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then

@@ -63,7 +63,7 @@ async def introduce(peer: Peer, settings: SwarmSettings, console: Console) -> No
         console.print("[bold]share[/]     others can join through this peer too:")
         print(f"swarm join --bootstrap {maddrs[0]}{run}", flush=True)
     with console.status("checking whether other peers can reach this one..."):
-        verdict = await probe_reachability(maddrs, timeout=REACH_TIMEOUT)
+        verdict = await probe_reachability(maddrs, timeout=REACH_TIMEOUT, initial_peers=settings.network.initial_peers)
     mark = "[green]ok[/]" if verdict.reachable else "[red]!![/]"
     console.print(f"[bold]reach[/]     {mark} {escape(verdict.text)}", highlight=False)
     if verdict.fix:

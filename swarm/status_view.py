@@ -121,7 +121,8 @@ def _grid(status: Status) -> Table:
         for n, peer_id in enumerate(stage.peers):
             p = peers[peer_id]
             state = "stale" if p.stale else p.state
-            grid.add_row(label if n == 0 else "", f"[{start}, {end})" if n == 0 else "", Text(_short(peer_id)), Text(state),
+            name = _short(peer_id) + (" relayed" if p.relay else "")  # behind NAT; the relay's id: --json
+            grid.add_row(label if n == 0 else "", f"[{start}, {end})" if n == 0 else "", Text(name), Text(state),
                          _rate(p.throughput), f"{p.load:.0f}", _hardware(p.hardware), style=style)
     return grid
 

@@ -10,6 +10,7 @@ the model files' own local parts are used, again with a warning. ``shards.export
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ __all__ = ["ExportReport", "export_swarm", "gather_stage", "write_checkpoint", "
 
 logger = logging.getLogger(__name__)
 
+RETRY_PAUSE = 1.0
+"""Seconds between two tries at a replica: time for a relay that reset a connection to be dialed again."""
+
 
 @dataclass
 class ExportReport:
@@ -58,17 +62,22 @@ async def gather_stage(
     manifest: Manifest, stage: StageIndex, records: Sequence[PeerRecord], client: StageClient, store: StoreClient,
     *, attempts: int = 3,
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """A stage's current weights: from an online replica (the next one on failure, bounded), else
-    from the newest stored checkpoint; ``(weights, where they came from)``."""
+    """A stage's current weights: from an online replica (the next one on failure, and round again
+    when all failed, ``attempts`` tries in all: a sole replica behind NAT is asked again over a fresh
+    relayed connection when the last one broke), else from the newest stored checkpoint;
+    ``(weights, where they came from)``."""
     layers = manifest.stages[stage]
     online = [r.peer_id for r in records if r.state == PeerState.ONLINE and r.stage == stage and r.layers == layers]
-    steps = await _replica_steps(client, random.sample(online, len(online)), stage)
+    steps = await _replica_steps(client, random.sample(online, len(online)), stage, attempts=attempts)
     newest = max(steps.values(), default=0)
-    for peer_id in [p for p in steps if steps[p] == newest][:attempts]:  # never a replica behind the others
+    current = [p for p in steps if steps[p] == newest]  # never a replica behind the others
+    for attempt, peer_id in enumerate((current * attempts)[:attempts]):
         try:
             meta, tensors = await client.fetch_state(peer_id, stage, layers, with_optimizer=False)
         except SwarmError as e:
-            logger.warning("stage %d: replica %s did not send its weights: %s", stage, peer_id[-8:], e)
+            logger.warning("stage %d: replica %s did not send its weights (try %d of %d): %s", stage,
+                           peer_id[-8:], attempt + 1, attempts, e)
+            await asyncio.sleep(RETRY_PAUSE)
             continue
         _check_part(meta, manifest, stage)
         if meta.step < newest:
@@ -88,15 +97,21 @@ async def gather_stage(
     return weights_of(meta, tensors), f"checkpoint (step {meta.step}), no replica online"
 
 
-async def _replica_steps(client: StageClient, peers: Sequence[PeerId], stage: StageIndex) -> dict[str, int]:
+async def _replica_steps(client: StageClient, peers: Sequence[PeerId], stage: StageIndex,
+                         *, attempts: int) -> dict[str, int]:
     """The optimizer step each of ``peers`` reports for ``stage`` now (a replica that does not answer
-    is left out): export reads only replicas at the newest step, never one that fell behind."""
+    within ``attempts`` tries is left out): export reads only replicas at the newest step, never one
+    that fell behind."""
     steps = {}
     for peer_id in peers:
-        try:
-            steps[peer_id] = (await client.info(peer_id, stage)).optimizer_step
-        except SwarmError as e:
-            logger.warning("stage %d: replica %s did not answer: %s", stage, peer_id[-8:], e)
+        for attempt in range(attempts):
+            try:
+                steps[peer_id] = (await client.info(peer_id, stage)).optimizer_step
+                break
+            except SwarmError as e:
+                logger.warning("stage %d: replica %s did not answer (try %d of %d): %s", stage, peer_id[-8:],
+                               attempt + 1, attempts, e)
+                await asyncio.sleep(RETRY_PAUSE)
     return steps
 
 

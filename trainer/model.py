@@ -581,7 +581,7 @@ def _trainer_averager(started: contextlib.ExitStack, dht: SwarmDHT, manifest: Ma
 
 
 async def _p2p_transport(dht: SwarmDHT, channel: bool) -> P2PTransport:
-    transport = P2PTransport(await dht.dht.replicate_p2p())
+    transport = P2PTransport(await dht.dht.replicate_p2p(), addresses=dht.relayed)
     if channel:
         transport.use_channel(Identity(dht.peer_id, dht.signing_key))
     return transport

@@ -134,7 +134,8 @@ async function refreshStatus() {
     const c = contributions[p.peer_id] || {};
     const hw = p.hardware || {};
     tr.dataset.peerId = p.peer_id;
-    cell(tr, p.peer_id, "id"); cell(tr, layersOf(p)); cell(tr, p.stale ? "stale" : p.state);
+    const id = p.relay ? `${p.peer_id} (behind NAT, via relay …${p.relay.slice(-8)})` : p.peer_id;
+    cell(tr, id, "id"); cell(tr, layersOf(p)); cell(tr, p.stale ? "stale" : p.state);
     cell(tr, Math.round(p.throughput), "num"); cell(tr, fixed(p.latency_ms, 1, " ms"), p.latency_ms == null ? "absent" : "num");
     cell(tr, deviceText(hw));
     gpuCells(tr, hw);

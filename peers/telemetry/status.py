@@ -25,6 +25,7 @@ from core.messages import FrozenModel
 from dht.auth import token_key_id
 from dht.control import get_bootstraps, get_control
 from dht.records import SwarmDHT
+from net.relay import is_relayed, relay_of
 from dht.schemas import (RECORD_REFRESH, DataProgress, DataRecord, EvalPoint, HardwareSummary, Manifest, MetricsRecord,
                          MetricsRole, PeerRecord, PeerState, TrainerRecord)
 from core.types import PeerId, StageIndex
@@ -46,9 +47,10 @@ __all__ = [
     "without_cut_off",
 ]
 
-STATUS_VERSION = 4
+STATUS_VERSION = 5
 """3: data progress and the last evaluation; 4: each peer's ``latency_ms`` (its record's median round
-trip), for the dashboard's fleet table."""
+trip), for the dashboard's fleet table; 5: each peer's ``relay`` (behind NAT: the relay its callers reach
+it through)."""
 STALE_AFTER = 2 * RECORD_REFRESH + 5.0
 """A record not rewritten for this long (its peer refreshes every RECORD_REFRESH s) is stale."""
 TRAINER_ACTIVE = 60.0
@@ -100,6 +102,7 @@ class PeerStatus(FrozenModel):
     stale: bool
     contribution_share: float
     latency_ms: float | None = None
+    relay: PeerId | None = None  # behind NAT: the relay its callers reach it through (version 5)
 
 
 class DelegationLink(FrozenModel):
@@ -274,6 +277,7 @@ def _peer(r: PeerRecord, stages: list[StageIndex], m: MetricsRecord | None, marg
     return PeerStatus(
         peer_id=r.peer_id, stages=stages, state=r.state.value, throughput=r.throughput, load=r.load,
         maddrs=r.maddrs, hardware=r.hardware, age=age, delegate_of=r.delegate_of,
+        relay=next((relay_of(a) for a in r.maddrs if is_relayed(a)), None),
         step=max(r.step, m.step if m else 0),  # its optimizer step, from the fresher of the two
         requests_per_s=m.requests_per_s if m else 0.0, tokens_per_s=m.tokens_per_s if m else 0.0,
         tokens=tokens, microbatches=m.microbatches if m else 0, ledger_entries=m.ledger_entries if m else 0,

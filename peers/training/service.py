@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
@@ -65,6 +65,9 @@ class StageService:
         self.errors_replied = 0
         self.refused_by: Counter[str] = Counter()  # malformed or insane requests per caller (peer id)
         self.on_step_failed: Callable[[int], None] | None = None  # called with the stage when a step's round fails
+        # before a step's averaging round: connect to the other members (those behind NAT through their
+        # relay), whom hivemind's averager, sharing this node's daemon, dials by peer id alone
+        self.reach_members: Callable[[Sequence[str]], Awaitable[list[str]]] | None = None
         self._owns_worker = worker is None
         self._worker = worker or ComputeWorker(f"stage{executor.stage}")
 
@@ -121,6 +124,11 @@ class StageService:
         self.executor.check_target(request.stage, request.layers)
         if tensors:
             raise BadRequest(f"step takes no tensors, got {len(tensors)}")
+        others = [m for m in request.members if m != self.peer_id]
+        if others and self.reach_members is not None:
+            for why in await self.reach_members(others):
+                logger.warning("stage %d step %d: %s; the averaging round may not reach it", request.stage,
+                               request.step, why)
         try:
             reply = await self._in_worker(self.executor.apply_step, request, self.peer_id)
         except AveragingFailed:

@@ -22,7 +22,7 @@ from core.loop import LoopThread
 from peers.telemetry.status import Status
 
 PASSWORD = "correct horse battery"
-STATUS = {"version": 4, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
+STATUS = {"version": 5, "time": 1.0, "run_id": "web", "step": 0, "trainers": 0, "model": "m", "num_layers": 2,
           "target_batch_size": 2,
           "run": {"state": "blocked", "step": 0, "loss": None, "loss_trend": [], "tokens_per_s": 0.0, "trainers": 0},
           "stages": [{"index": 0, "layers": [0, 2], "peers": [], "online": 0, "online_peers": [], "throughput": 0.0}],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from hivemind.p2p import P2P
 from peers.training.client import StageClient
 from net.transport import CHUNK_BYTES, FRAME_BYTES, P2PTransport
 from net.rpc import Raw
+from net.relay import circuit_address, reserve
+from core.errors import PeerUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +125,44 @@ def test_a_caller_refused_again_and_again_is_held_while_others_are_served_at_onc
     assert all(took < REFUSAL_HOLD / 2 for _, took in refused), refused
     assert held[1] >= REFUSAL_HOLD, held
     assert served[0] == {"ok": {"n": 1}} and served[1] < REFUSAL_HOLD / 2, served
+
+
+def test_a_peer_is_reached_through_its_relay_slot_before_a_call_and_for_others_sharing_the_daemon():
+    """Real daemons on loopback: a peer reserves a slot on a relay (``net.relay.reserve``); a caller
+    that knows only its circuit address (``addresses``, as ``SwarmDHT.relayed`` holds it) reaches it
+    through the relay, with ``reach`` (what a replica does before an averaging round, for hivemind's
+    averager that dials by peer id) and with a call; a peer behind a relay that holds no slot for it is
+    named as unreachable, and a call to it fails as a peer that is gone."""
+
+    async def echo(message, tensors):
+        return {"ok": message}, tensors
+
+    async def main():
+        relay = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], force_reachability="public")
+        home = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        caller = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        try:
+            relay_maddr = f"{(await relay.get_visible_maddrs())[0]}"
+            slot = await reserve(home, relay_maddr, min_data=0)  # libp2p's default limits: these calls are small
+            peer = home.peer_id.to_base58()
+            serving = P2PTransport(home)
+            await serving.serve("t.echo", echo)
+            stranger = "12D3KooWJ72gWBLNwkEnEzNaSGewDWKbfyZrVm6uw2tvcgxNhXG9"  # no slot on the relay
+            addresses = {peer: [slot.address(peer)], stranger: [circuit_address(relay_maddr, slot.relay, stranger)]}
+            calls = P2PTransport(caller, addresses=addresses)
+            unreached = await calls.reach([peer, stranger])
+            connected = {p.peer_id.to_base58(): [str(a) for a in p.addrs] for p in await caller.list_peers()}
+            reply, _ = await calls.call(peer, "t.echo", Raw({"n": 2}), [], timeout=30)
+            with pytest.raises(PeerUnavailable, match="not reachable through its relay"):
+                await calls.call(stranger, "t.echo", Raw({"n": 3}), [], timeout=30)
+            await serving.shutdown()
+            return slot, unreached, connected, reply, peer, stranger
+        finally:
+            for p2p in (caller, home, relay):
+                await p2p.shutdown()
+
+    slot, unreached, connected, reply, peer, stranger = asyncio.run(asyncio.wait_for(main(), 90))
+    assert slot.expires > time.time() + 60
+    assert [why.split(" is not reachable")[0] for why in unreached] == [stranger[-8:]]
+    assert any("/p2p-circuit" in a for a in connected[peer]), connected  # through the relay, not directly
+    assert reply == {"ok": {"n": 2}}

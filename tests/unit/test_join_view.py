@@ -14,7 +14,9 @@ from peers.joining.reachability import (
     best_address,
     explain_claim,
     explain_placement,
+    behind_nat,
     reachability_verdict,
+    relayed_verdict,
 )
 from swarm.join_view import format_live_line, key_fingerprint, span_label
 from swarm.logs import set_log_identity, setup_logging
@@ -37,7 +39,7 @@ def test_address_kind(maddr, kind):
 
 @pytest.mark.parametrize("maddr, dialed, reachable, words, fix_words", [
     ("/ip4/8.8.4.4/tcp/31337" + ID, True, True, "reachable at /ip4/8.8.4.4/tcp/31337", ""),
-    ("/ip4/192.168.1.20/tcp/31337" + ID, True, True, "local network",
+    ("/ip4/192.168.1.20/tcp/31337" + ID, True, False, "only on your local network",
      "--announce-host <your public IP> and forward TCP port 31337"),
     ("/ip4/127.0.0.1/tcp/4000" + ID, True, True, "this machine only", "--host 0.0.0.0"),
     ("/ip4/8.8.4.4/tcp/31337" + ID, False, False, "NOT reachable", "firewall allows TCP port 31337"),
@@ -47,6 +49,34 @@ def test_reachability_verdict(maddr, dialed, reachable, words, fix_words):
     verdict = reachability_verdict(maddr, dialed, "refused")
     assert verdict.reachable is reachable and words in verdict.text
     assert fix_words in verdict.fix if fix_words else verdict.fix == ""
+
+
+def test_a_private_address_is_ok_only_where_the_bootstrap_shares_the_network():
+    verdict = reachability_verdict("/ip4/192.168.1.20/tcp/31337" + ID, True, lan=True)
+    assert verdict.reachable and "where the bootstrap is" in verdict.text
+
+
+def test_a_relayed_peer_names_its_relay():
+    verdict = relayed_verdict("12D3KooWrelay", "/ip4/8.8.4.4/tcp/1/p2p/12D3KooWrelay/p2p-circuit" + ID)
+    assert verdict.reachable and "behind NAT: reachable through relay 12D3KooWrelay" in verdict.text
+
+
+HOME = "/ip4/192.168.1.2/tcp/4000" + ID
+BOOT = "/ip4/10.79.1.2/tcp/31337/p2p/QmBoot"
+
+
+@pytest.mark.parametrize("maddrs, initial, setting, expected", [
+    ([HOME], [BOOT], "auto", True),  # a home network's address, the bootstrap elsewhere
+    ([HOME], ["/ip4/192.168.7.9/tcp/1/p2p/QmBoot"], "auto", False),  # a LAN swarm
+    (["/ip4/127.0.0.1/tcp/1" + ID], ["/ip4/127.0.0.1/tcp/2/p2p/QmBoot"], "auto", False),  # a local swarm
+    (["/ip4/8.8.4.4/tcp/1" + ID], [BOOT], "auto", False),  # a public address
+    ([HOME, "/ip4/8.8.4.4/tcp/1" + ID], [BOOT], "auto", False),  # announced public (port forwarded)
+    ([HOME], [BOOT], "public", False),
+    (["/ip4/8.8.4.4/tcp/1" + ID], [BOOT], "private", True),
+])
+def test_behind_nat(maddrs, initial, setting, expected):
+    assert behind_nat(maddrs, initial, setting) is expected
+
 
 
 def test_best_address_prefers_public_then_private():

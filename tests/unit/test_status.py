@@ -189,10 +189,11 @@ def test_a_peer_serving_several_stages_is_one_peer_on_each_of_its_rows():
     assert "[0, 2)" in rows[0] and "0◀" in rows[0]
 
 
-def test_the_status_json_keeps_its_version_4_fields_and_round_trips():
+def test_the_status_json_keeps_its_version_5_fields_and_round_trips():
     """``swarm status --json`` and ``/api/status`` are a protocol: the model's JSON has exactly the
-    fields of version 4 (version 2's, then the data progress and the last evaluation (3), then each
-    peer's ``latency_ms`` (4)), and reads back into an equal model (what a client of the API does)."""
+    fields of version 5 (version 2's, then the data progress and the last evaluation (3), then each
+    peer's ``latency_ms`` (4), then each peer's ``relay`` (5)), and reads back into an equal model (what a
+    client of the API does)."""
     status = build_status(*_scenario(), now=NOW, data=DATA)
     data = json.loads(status.model_dump_json())
     assert list(data) == ["version", "time", "run_id", "step", "trainers", "model", "num_layers", "target_batch_size",
@@ -204,8 +205,8 @@ def test_the_status_json_keeps_its_version_4_fields_and_round_trips():
     assert list(data["peers"][0]) == [
         "peer_id", "stages", "state", "throughput", "load", "maddrs", "hardware", "age", "delegate_of", "step",
         "requests_per_s", "tokens_per_s", "tokens", "microbatches", "ledger_entries", "marginal", "marginal_share",
-        "stale", "contribution_share", "latency_ms"]
-    assert data["version"] == 4
+        "stale", "contribution_share", "latency_ms", "relay"]
+    assert data["version"] == 5
     assert Status.model_validate(data) == status
     with pytest.raises(ValidationError, match="extra"):
         Status.model_validate(data | {"surprise": 1})
@@ -225,3 +226,19 @@ def test_the_gpu_a_peer_serves_on_is_shown_with_its_own_figures():
     assert describe_device(gpu) == "cuda:1 H100 87% 61/80G 71C 312W"
     assert describe_device(HardwareSummary(device="cpu")) == "cpu (no GPU)"
     assert json.loads(status.model_dump_json())["peers"][0]["hardware"]["gpus"] is not None
+
+
+def test_a_peer_behind_nat_is_marked_with_its_relay():
+    """A peer whose record announces a circuit address is marked "relayed" (the view) and carries the
+    relay's id (the JSON); peers dialed directly carry none."""
+    manifest, records, metrics = _scenario()
+    home = records[1][0]
+    relay = "12D3KooWRelayRelayRelay9"
+    circuit = f"/ip4/10.0.0.1/tcp/31337/p2p/{relay}/p2p-circuit/p2p/{home.peer_id}"
+    records[1] = [home.model_copy(update={"maddrs": ["/ip4/192.168.1.2/tcp/4000/p2p/" + home.peer_id, circuit]})]
+    status = build_status(manifest, records, metrics, now=NOW)
+    marked = {p.peer_id: p.relay for p in status.peers}
+    assert marked[home.peer_id] == relay and all(r is None for p, r in marked.items() if p != home.peer_id)
+    lines = _screen(status)
+    assert any(f"{home.peer_id[-8:]} relayed" in line for line in lines)
+    assert sum("relayed" in line for line in lines) == 1
