@@ -212,7 +212,7 @@ class BootstrapNode:
                 SwarmDHT.create, self.settings.run_id, initial_peers=initial, host=net.host, port=port,
                 announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
                 signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net))
-            return start_relaying(start, relay_limits(net)) if offers_relay(net) else asyncio.to_thread(start)
+            return start_relaying(start, relay_limits(net), host=net.host) if offers_relay(net) else asyncio.to_thread(start)
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:

@@ -172,47 +172,45 @@ async def _ask_slot(p2p: P2P, relay_maddr: str, timeout: float) -> RelayAnswer:
             writer.close()
 
 
-async def start_relaying(create: Callable[[], SwarmDHT], limits: tuple[int, int, int], *,
+async def start_relaying(create: Callable[[], SwarmDHT], limits: tuple[int, int, int], *, host: str,
                          tries: int = 5) -> SwarmDHT:
-    """Start a node that relays (``create``, run in a thread) and make sure its relay applies
-    ``limits`` (slots, circuits, bytes): a throwaway client reserves a slot on it and reads the
-    limit it announces; a node whose p2pd answered with libp2p's defaults (the race in the module's
-    docstring) is stopped and started again, at most ``tries`` times in all."""
+    """Start a node that relays (``create``, run in a thread, listening on ``host``) and make sure
+    its relay applies ``limits`` (slots, circuits, bytes): a throwaway client reserves a slot on it
+    and reads the limit it announces; a node whose p2pd answered with libp2p's defaults (the race in
+    the module's docstring) is stopped and started again, at most ``tries`` times in all."""
     wanted = limits[2]
     for attempt in range(1, tries + 1):
         dht = await asyncio.to_thread(create)
         try:
-            announced = await _announced_limit(dht)
+            announced = await _announced_limit(dht, host)
         except PeerUnavailable as e:  # the check itself failed: the node serves; say so and go on
             logger.warning("could not check this node's relay limits: %s", e)
             return dht
-        if announced == wanted:
-            return dht
-        if attempt == tries:
-            logger.warning("this node's relay still cuts relayed connections at %s bytes after %d starts; peers "
-                           "behind NAT will use other relays", f"{announced:,}", tries)
-            return dht
+        if announced == wanted or attempt == tries:
+            break
         logger.info("this node's relay came up with libp2p's default limit (%s bytes per relayed connection, a "
                     "race inside p2pd); restarting the node (start %d of %d)", f"{announced:,}", attempt + 1, tries)
         await asyncio.to_thread(dht.shutdown)
-    raise AssertionError("unreachable")
+    if announced != wanted:
+        logger.warning("this node's relay still cuts relayed connections at %s bytes after %d starts; peers "
+                       "behind NAT will use other relays", f"{announced:,}", tries)
+    return dht
 
 
-async def _announced_limit(dht: SwarmDHT, timeout: float = 10.0) -> int:
+async def _announced_limit(dht: SwarmDHT, host: str = "127.0.0.1", timeout: float = 10.0) -> int:
     """The bytes each way a relayed connection through ``dht``'s node may carry, as its relay
-    announces them to a client that reserves a slot (0: no limit)."""
-    direct = [str(a) for a in dht.dht.get_visible_maddrs() if not is_relayed(str(a))]
-    if not direct:
+    announces them to a client that reserves a slot (0: no limit). The client listens and dials on
+    the node's listen ``host`` (loopback for one on all interfaces), at the port of its addresses
+    on that host (else of its first: an announced address, which may be a forwarded port)."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    ports = [(a.split("/")[2], a.split("/")[4]) for a in map(str, dht.dht.get_visible_maddrs())
+             if a.startswith("/ip4/") and not is_relayed(a)]
+    if not ports:
         raise PeerUnavailable("the node has no direct address to check its relay at")
-    host = direct[0].split("/")[2]
-    if host == "0.0.0.0":
-        host = "127.0.0.1"
-    address = "/".join(direct[0].split("/")[:2] + [host] + direct[0].split("/")[3:])
-    if "/p2p/" not in address:
-        address += f"/p2p/{dht.peer_id}"
+    port = next((p for ip, p in ports if ip == host), ports[0][1])
     probe = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"])
     try:
-        answer = await _ask_slot(probe, address, timeout)
+        answer = await _ask_slot(probe, f"/ip4/{host}/tcp/{port}/p2p/{dht.peer_id}", timeout)
     finally:
         await probe.shutdown()
     if answer.status != _STATUS_OK:

@@ -180,7 +180,7 @@ class Peer(Lifecycle):
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
             relay=relays, relay_limits=relay_limits(net),
         )
-        self.dht = await (start_relaying(create, relay_limits(net)) if relays else asyncio.to_thread(create))
+        self.dht = await (start_relaying(create, relay_limits(net), host=net.host) if relays else asyncio.to_thread(create))
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)

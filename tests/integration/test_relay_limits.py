@@ -30,7 +30,7 @@ def test_a_relay_node_announces_its_own_limit_after_every_start(caplog):
         for _ in range(6):
             create = functools.partial(SwarmDHT.create, "relay-limits", host="127.0.0.1", relay=True,
                                        relay_limits=LIMITS)
-            dht = await start_relaying(create, LIMITS)
+            dht = await start_relaying(create, LIMITS, host="127.0.0.1")
             try:
                 announced.append(await _announced_limit(dht))
             finally:
