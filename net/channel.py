@@ -65,7 +65,7 @@ from pydantic import Field
 from core.errors import AuthRejected, BadRequest, CapacityExceeded, PeerUnavailable, SwarmError
 from core.types import PeerId
 from net.admission import MAX_STREAMS_PER_CALLER, Ticket
-from net.framing import IDLE_SECONDS, envelope, raw_bytes, read_frames
+from net.framing import IDLE_SECONDS, envelope, raw_bytes, read_exactly, read_frames
 from net.rpc import Message, error_reply
 
 __all__ = ["OPEN", "ChannelOpen", "ChannelOffer", "Identity", "ChannelServer", "ChannelClient", "Served", "Host",
@@ -251,11 +251,9 @@ async def read_tensors(reader: asyncio.StreamReader, header: Header, *, limit: i
     tensors = []
     for dtype, shape, size in header.layout:
         try:
-            data = await asyncio.wait_for(reader.readexactly(size), idle) if size else b""
+            data = await read_exactly(reader, size, idle, broken) if size else b""
         except asyncio.IncompleteReadError:
             raise broken(f"the connection closed inside a tensor of {size} bytes") from None
-        except asyncio.TimeoutError:
-            raise broken(f"the connection stalled: {size} byte(s) did not arrive within {idle:.0f} s") from None
         out = torch.empty(size, dtype=torch.uint8)
         if size:
             memoryview(out.numpy())[:] = data

@@ -22,7 +22,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 from core.errors import BadRequest, SwarmError
 
-__all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "write_frames", "envelope", "raw_bytes"]
+__all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "read_exactly", "write_frames", "envelope", "raw_bytes"]
 
 # our frames carry at most FRAME_BYTES (4 MiB) of tensor chunks plus the envelope; 16 MiB leaves room
 # for a big envelope (a page of ledger entries) and refuses anything that is not one of ours
@@ -53,7 +53,7 @@ async def read_frames(
     total = 0
     while True:
         try:
-            header = await _read(reader, 1 + _HEADER, idle, refused)
+            header = await read_exactly(reader, 1 + _HEADER, idle, refused)
         except asyncio.IncompleteReadError:
             _ended(on_end)
             return
@@ -66,7 +66,7 @@ async def read_frames(
         if reserve is not None:
             reserve(length)
         try:
-            body = await _read(reader, length, idle, refused)
+            body = await read_exactly(reader, length, idle, refused)
         except asyncio.IncompleteReadError:
             _ended(on_end)
             return
@@ -86,12 +86,18 @@ def _ended(on_end: Callable[[], object] | None) -> None:
         on_end()
 
 
-async def _read(reader: asyncio.StreamReader, size: int, idle: float | None,
-                refused: Callable[[str], SwarmError]) -> bytes:
+async def read_exactly(reader: asyncio.StreamReader, size: int, idle: float | None,
+                       stalled: Callable[[str], SwarmError]) -> bytes:
+    """``size`` bytes, or ``stalled(why)`` if they take longer than ``idle`` s (None: no limit); a
+    close before them is ``asyncio.IncompleteReadError``. ``asyncio.timeout``, not ``wait_for``:
+    ``wait_for`` makes a task per read, a fifth of a 1-token hop's own cost (``hop_latency.py``)."""
+    if idle is None:
+        return await reader.readexactly(size)
     try:
-        return await asyncio.wait_for(reader.readexactly(size), idle)
-    except asyncio.TimeoutError:
-        raise refused(f"the stream stalled: {size} byte(s) did not arrive within {idle:.0f} s") from None
+        async with asyncio.timeout(idle):
+            return await reader.readexactly(size)
+    except TimeoutError:
+        raise stalled(f"the stream stalled: {size} byte(s) did not arrive within {idle:.0f} s") from None
 
 
 def _parse(frame_type: type, body: bytes):
