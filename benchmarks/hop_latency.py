@@ -3,6 +3,7 @@ bytes, side by side in one run (interleaved rounds, medians).
 
     .venv/bin/python benchmarks/hop_latency.py
     .venv/bin/python benchmarks/hop_latency.py --calls 50 --wire int8
+    .venv/bin/python benchmarks/hop_latency.py --hidden 128   # a narrow stage: the hop's own 1-token cost
     python3 benchmarks/hop_latency.py --device cuda --dtype bfloat16   # the stage on a GPU (gpu_check.sh)
 
 A server process (like a peer on another machine) runs a hivemind P2P node (its own p2pd) serving a
@@ -24,7 +25,11 @@ echo server. This process calls them in turn over loopback:
   through a stage forward on the channel minus compute, and its raw TCP echo. Each round makes
   ``TOKEN_STEPS`` such steps back to back, as a generation's decode steps come; ``1-token cold`` is
   the first of the round, right after the 2 MiB calls, which leave both processes' caches cold
-  (about 0.5 ms more here: the figure for a step that follows other work, not a decode loop);
+  (about 0.5 ms more here: the figure for a step that follows other work, not a decode loop).
+  A stage's own compute cools them too: the 1-layer width-1024 stage streams 48 MB of weights through
+  the CPU's caches in each 1-token forward, and both processes' Python then runs cold, about 0.4 ms
+  more a step on this 2-core VM than beside a narrow stage (``--hidden 128``, 0.4 ms of compute),
+  whose figure is the hop's own cost (a GPU stage leaves the CPU's caches alone);
 * ``aes-gcm alone``: the cipher the TLS echo negotiated, run in this process on the same 2 MiB as TLS
   runs it for one echo (encrypted and decrypted each way, in 16 KiB records): the floor under TLS,
   printed as the ratio to the plain echo that TLS cannot beat on this CPU.
@@ -149,8 +154,8 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
     channel = StageClient(direct, timeout=60, attempts=1, wire=args.wire)
     reader, writer = await asyncio.open_connection("127.0.0.1", info["tcp_port"])
     tls_reader, tls_writer = await asyncio.open_connection("127.0.0.1", info["tls_port"], ssl=_tls_contexts()[1])
-    hidden = torch.randn(BATCH, SEQ, HIDDEN)
-    token = torch.randn(1, 1, HIDDEN)
+    hidden = torch.randn(_batch(args.hidden), SEQ, args.hidden)
+    token = torch.randn(1, 1, args.hidden)
     payload, token_payload = hidden.numpy().tobytes(), token.numpy().tobytes()
     from shards import LayerRange
     layers = LayerRange(start=0, end=1)
@@ -236,6 +241,11 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
     return times
 
 
+def _batch(hidden: int) -> int:
+    """The batch that keeps the activation at 2 MiB for a stage of width ``hidden``."""
+    return max(1, BATCH * HIDDEN // hidden)
+
+
 def _aes_gcm_round(payload: bytes, cipher: str, rounds: int) -> list[float]:
     """What the cipher alone costs for one TLS echo of ``payload``: each way one side encrypts it
     and the other decrypts it, in records of 16 KiB as TLS cuts them (``cryptography``'s AES-GCM,
@@ -260,6 +270,9 @@ def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
+    parser.add_argument("--hidden", type=int, default=HIDDEN,
+                        help="the stage's width (the batch grows to keep 2 MiB): a narrow stage's small compute "
+                             "leaves the caches warm, so its 1-token figure is the hop's own cost")
     parser.add_argument("--no-tls", action="store_true", help="the data channel in clear (network.channel_tls false)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process: its model dir
     harness.add_device_flags(parser)
@@ -268,7 +281,8 @@ def main() -> None:
         uvloop.run(_server(args.serve, args.device, args.dtype, not args.no_tls))
         return
     torch.set_num_threads(1)
-    _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=HIDDEN, num_heads=HIDDEN // 64,
+    _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=args.hidden,
+                                     num_heads=max(1, args.hidden // 64),
                                      max_positions=SEQ)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir), "--device", args.device,
                                "--dtype", args.dtype, *(["--no-tls"] if args.no_tls else [])], stdin=subprocess.PIPE,
@@ -280,7 +294,8 @@ def main() -> None:
         server.stdin.close()
         harness.wait_or_kill(server, 20)
     tcp = statistics.median(times["tcp echo"])
-    print(f"activation [{BATCH}, {SEQ}, {HIDDEN}] float32 = {BATCH * SEQ * HIDDEN * 4 / 2**20:.1f} MiB each way, "
+    batch = _batch(args.hidden)
+    print(f"activation [{batch}, {SEQ}, {args.hidden}] float32 = {batch * SEQ * args.hidden * 4 / 2**20:.1f} MiB each way, "
           f"stage wire {args.wire}, on {args.device} in {args.dtype}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")
     for name, values in times.items():
         median = statistics.median(values)
