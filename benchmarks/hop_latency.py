@@ -3,6 +3,7 @@ bytes, side by side in one run (interleaved rounds, medians).
 
     .venv/bin/python benchmarks/hop_latency.py
     .venv/bin/python benchmarks/hop_latency.py --calls 50 --wire int8
+    .venv/bin/python benchmarks/hop_latency.py --hidden 128   # a narrow stage: the hop's own 1-token cost
     python3 benchmarks/hop_latency.py --device cuda --dtype bfloat16   # the stage on a GPU (gpu_check.sh)
 
 A server process (like a peer on another machine) runs a hivemind P2P node (its own p2pd) serving a
@@ -21,7 +22,17 @@ echo server. This process calls them in turn over loopback:
 * ``channel forward`` / ``channel echo rpc``: the same stage forward and echo RPC over the direct data
   channel (``net.channel``, TLS 1.3 unless ``--no-tls``) instead of a libp2p stream (``stage forward``);
 * ``1-token channel`` / ``1-token tcp echo``: a 1-token step's tensor ([1, 1, 1024] float32, 4 KiB)
-  through a stage forward on the channel minus compute, and its raw TCP echo.
+  through a stage forward on the channel minus compute, and its raw TCP echo. Each round makes
+  ``TOKEN_STEPS`` such steps back to back, as a generation's decode steps come; ``1-token cold`` is
+  the first of the round, right after the 2 MiB calls, which leave both processes' caches cold
+  (about 0.5 ms more here: the figure for a step that follows other work, not a decode loop).
+  A stage's own compute cools them too: the 1-layer width-1024 stage streams 48 MB of weights through
+  the CPU's caches in each 1-token forward, and both processes' Python then runs cold, about 0.4 ms
+  more a step on this 2-core VM than beside a narrow stage (``--hidden 128``, 0.4 ms of compute),
+  whose figure is the hop's own cost (a GPU stage leaves the CPU's caches alone);
+* ``aes-gcm alone``: the cipher the TLS echo negotiated, run in this process on the same 2 MiB as TLS
+  runs it for one echo (encrypted and decrypted each way, in 16 KiB records): the floor under TLS,
+  printed as the ratio to the plain echo that TLS cannot beat on this CPU.
 
 With ``--device cuda`` the stage lives on the GPU and computes in ``--dtype``: its activations cross
 host and device once each way inside the measured RPC, as a GPU peer's do.
@@ -61,6 +72,7 @@ from net.wire import WIRE_FORMATS
 from core.errors import PeerUnavailable
 
 BATCH, SEQ, HIDDEN = 4, 128, 1024  # 2 MiB of float32
+TOKEN_STEPS = 4  # 1-token steps per round after the first
 T = TypeVar("T")
 
 
@@ -142,14 +154,14 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
     channel = StageClient(direct, timeout=60, attempts=1, wire=args.wire)
     reader, writer = await asyncio.open_connection("127.0.0.1", info["tcp_port"])
     tls_reader, tls_writer = await asyncio.open_connection("127.0.0.1", info["tls_port"], ssl=_tls_contexts()[1])
-    hidden = torch.randn(BATCH, SEQ, HIDDEN)
-    token = torch.randn(1, 1, HIDDEN)
+    hidden = torch.randn(_batch(args.hidden), SEQ, args.hidden)
+    token = torch.randn(1, 1, args.hidden)
     payload, token_payload = hidden.numpy().tobytes(), token.numpy().tobytes()
     from shards import LayerRange
     layers = LayerRange(start=0, end=1)
     times: dict[str, list[float]] = {"tcp echo": [], "tls echo": [], "stage forward": [], "compute": [],
                                      "channel forward": [], "echo rpc": [], "channel echo rpc": [], "p2pd stream": [],
-                                     "1-token tcp echo": [], "1-token channel": []}
+                                     "1-token tcp echo": [], "1-token cold": [], "1-token channel": []}
     server_id = PeerID.from_base58(info["peer_id"])
 
     async def tcp_round() -> float:
@@ -216,8 +228,11 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
         times["channel echo rpc"].append(await echo_round(direct))
         times["p2pd stream"].append(await timed(raw_round, "p2pd"))
         times["1-token tcp echo"].append(await token_tcp_round())
-        times["1-token channel"].append(beyond_compute(await stage_round(channel, token)))
+        times["1-token cold"].append(beyond_compute(await stage_round(channel, token)))
+        for _ in range(TOKEN_STEPS):  # a generation's next steps, back to back
+            times["1-token channel"].append(beyond_compute(await stage_round(channel, token)))
     assert direct.channel.sent and not direct.channel.fallbacks, "the channel calls fell back to libp2p"
+    times["aes-gcm alone"] = _aes_gcm_round(payload, tls_writer.get_extra_info("cipher")[0], args.calls)
     if lost:
         print(f"streams lost and re-run: {len(lost)} ({', '.join(lost)})")
     writer.close()
@@ -226,10 +241,38 @@ async def _client(info: dict, args) -> dict[str, list[float]]:
     return times
 
 
+def _batch(hidden: int) -> int:
+    """The batch that keeps the activation at 2 MiB for a stage of width ``hidden``."""
+    return max(1, BATCH * HIDDEN // hidden)
+
+
+def _aes_gcm_round(payload: bytes, cipher: str, rounds: int) -> list[float]:
+    """What the cipher alone costs for one TLS echo of ``payload``: each way one side encrypts it
+    and the other decrypts it, in records of 16 KiB as TLS cuts them (``cryptography``'s AES-GCM,
+    OpenSSL's code, with the key size of the ``cipher`` the TLS connection negotiated). The floor
+    under ``tls echo``: TLS can be no faster than the plain echo plus this."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(AESGCM.generate_key(bit_length=256 if "256" in cipher else 128))
+    nonce, record = os.urandom(12), 16 << 10
+    chunks = [payload[i:i + record] for i in range(0, len(payload), record)]
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(2):  # there and back
+            for chunk in chunks:
+                aead.decrypt(nonce, aead.encrypt(nonce, chunk, None), None)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--wire", default="float32", choices=WIRE_FORMATS)
+    parser.add_argument("--hidden", type=int, default=HIDDEN,
+                        help="the stage's width (the batch grows to keep 2 MiB): a narrow stage's small compute "
+                             "leaves the caches warm, so its 1-token figure is the hop's own cost")
     parser.add_argument("--no-tls", action="store_true", help="the data channel in clear (network.channel_tls false)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the server process: its model dir
     harness.add_device_flags(parser)
@@ -238,7 +281,8 @@ def main() -> None:
         uvloop.run(_server(args.serve, args.device, args.dtype, not args.no_tls))
         return
     torch.set_num_threads(1)
-    _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=HIDDEN, num_heads=HIDDEN // 64,
+    _, model_dir = harness.workspace("swarm-bench-", "gpt2", num_layers=1, hidden_size=args.hidden,
+                                     num_heads=max(1, args.hidden // 64),
                                      max_positions=SEQ)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir), "--device", args.device,
                                "--dtype", args.dtype, *(["--no-tls"] if args.no_tls else [])], stdin=subprocess.PIPE,
@@ -250,7 +294,8 @@ def main() -> None:
         server.stdin.close()
         harness.wait_or_kill(server, 20)
     tcp = statistics.median(times["tcp echo"])
-    print(f"activation [{BATCH}, {SEQ}, {HIDDEN}] float32 = {BATCH * SEQ * HIDDEN * 4 / 2**20:.1f} MiB each way, "
+    batch = _batch(args.hidden)
+    print(f"activation [{batch}, {SEQ}, {args.hidden}] float32 = {batch * SEQ * args.hidden * 4 / 2**20:.1f} MiB each way, "
           f"stage wire {args.wire}, on {args.device} in {args.dtype}; {args.calls} interleaved calls each; load average {os.getloadavg()[0]:.1f}")
     for name, values in times.items():
         median = statistics.median(values)
@@ -263,7 +308,12 @@ def main() -> None:
           f"{channel / tcp:.2f}x (target <= 1.5x); libp2p / channel: "
           f"{statistics.median(times['stage forward']) / channel:.2f}x; TLS echo / TCP echo: "
           f"{statistics.median(times['tls echo']) / tcp:.2f}x; a 1-token step's overhead on the channel: "
-          f"{token * 1000:.2f} ms (target <= 1 ms)")
+          f"{token * 1000:.2f} ms back to back (target <= 1 ms), {statistics.median(times['1-token cold']) * 1000:.2f} ms "
+          "right after a 2 MiB call")
+    aes = statistics.median(times["aes-gcm alone"])
+    print(f"TLS floor: AES-GCM alone for a round trip of 2 MiB is {aes * 1000:.2f} ms = {aes / tcp:.2f}x the TCP echo, "
+          f"so TLS can be no faster than {1 + aes / tcp:.2f}x the plain echo on this CPU (the target is 1.5x); "
+          f"the TLS echo is {statistics.median(times['tls echo']) / (tcp + aes):.2f}x that floor")
     print(f"libp2p stage RPC (forward minus compute) / raw TCP echo: {statistics.median(times['stage forward']) / tcp:.2f}x "
           f"; a bare p2pd stream alone: {statistics.median(times['p2pd stream']) / tcp:.2f}x, so "
           f"swarm's own code adds {(statistics.median(times['stage forward']) - statistics.median(times['p2pd stream'])) * 1000:.1f} ms "

@@ -22,7 +22,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 from core.errors import BadRequest, SwarmError
 
-__all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "write_frames", "envelope", "raw_bytes"]
+__all__ = ["MAX_FRAME_BYTES", "IDLE_SECONDS", "read_frames", "read_frame", "read_exactly", "write_frames", "envelope", "raw_bytes"]
 
 # our frames carry at most FRAME_BYTES (4 MiB) of tensor chunks plus the envelope; 16 MiB leaves room
 # for a big envelope (a page of ledger entries) and refuses anything that is not one of ours
@@ -51,34 +51,48 @@ async def read_frames(
     called with each frame's announced length before its body is read, and may raise to refuse it
     (the caller's byte budget, ``net.admission``)."""
     total = 0
-    while True:
-        try:
-            header = await _read(reader, 1 + _HEADER, idle, refused)
-        except asyncio.IncompleteReadError:
-            _ended(on_end)
-            return
-        marker, length = header[:1], int.from_bytes(header[1:], P2P.BYTEORDER)
-        if length > max_frame:
-            raise refused(f"a frame of {length} bytes was announced; frames are at most {max_frame >> 20} MiB")
+
+    def admit(length: int) -> None:
+        nonlocal total
         total += length
         if max_total is not None and total > max_total:
             raise refused(f"request larger than {max_total >> 20} MiB")
         if reserve is not None:
             reserve(length)
-        try:
-            body = await _read(reader, length, idle, refused)
-        except asyncio.IncompleteReadError:
-            _ended(on_end)
-            return
-        if marker == P2P.ERROR_MARKER:
-            error = _parse(RPCError, body)
-            if not error.message:  # hivemind's END_OF_STREAM: the other side sent everything
-                _ended(on_end)
-                return
-            raise broken(f"the other side failed: {error.message[:300]}")
-        if marker != P2P.MESSAGE_MARKER:
-            raise BadRequest(f"invalid frame marker {marker!r}")
-        yield _parse(frame_type, body)
+
+    while (frame := await read_frame(reader, frame_type, refused=refused, broken=broken, max_frame=max_frame,
+                                     idle=idle, admit=admit)) is not None:
+        yield frame
+    _ended(on_end)
+
+
+async def read_frame(reader: asyncio.StreamReader, frame_type: type, *, refused: Callable[[str], SwarmError],
+                     broken: Callable[[str], SwarmError], max_frame: int = MAX_FRAME_BYTES, idle: float | None = None,
+                     admit: Callable[[int], None] | None = None) -> Any | None:
+    """The next frame (``read_frames``' checks, ``admit(length)`` before its body is read), or None
+    at the end of the stream (its end-of-stream mark or a close, even mid-frame). One frame without
+    an async generator around it: a data channel call reads exactly one header."""
+    try:
+        header = await read_exactly(reader, 1 + _HEADER, idle, refused)
+    except asyncio.IncompleteReadError:
+        return None
+    marker, length = header[:1], int.from_bytes(header[1:], P2P.BYTEORDER)
+    if length > max_frame:
+        raise refused(f"a frame of {length} bytes was announced; frames are at most {max_frame >> 20} MiB")
+    if admit is not None:
+        admit(length)
+    try:
+        body = await read_exactly(reader, length, idle, refused)
+    except asyncio.IncompleteReadError:
+        return None
+    if marker == P2P.ERROR_MARKER:
+        error = _parse(RPCError, body)
+        if not error.message:  # hivemind's END_OF_STREAM: the other side sent everything
+            return None
+        raise broken(f"the other side failed: {error.message[:300]}")
+    if marker != P2P.MESSAGE_MARKER:
+        raise BadRequest(f"invalid frame marker {marker!r}")
+    return _parse(frame_type, body)
 
 
 def _ended(on_end: Callable[[], object] | None) -> None:
@@ -86,12 +100,18 @@ def _ended(on_end: Callable[[], object] | None) -> None:
         on_end()
 
 
-async def _read(reader: asyncio.StreamReader, size: int, idle: float | None,
-                refused: Callable[[str], SwarmError]) -> bytes:
+async def read_exactly(reader: asyncio.StreamReader, size: int, idle: float | None,
+                       stalled: Callable[[str], SwarmError]) -> bytes:
+    """``size`` bytes, or ``stalled(why)`` if they take longer than ``idle`` s (None: no limit); a
+    close before them is ``asyncio.IncompleteReadError``. ``asyncio.timeout``, not ``wait_for``:
+    ``wait_for`` makes a task per read, a fifth of a 1-token hop's own cost (``hop_latency.py``)."""
+    if idle is None:
+        return await reader.readexactly(size)
     try:
-        return await asyncio.wait_for(reader.readexactly(size), idle)
-    except asyncio.TimeoutError:
-        raise refused(f"the stream stalled: {size} byte(s) did not arrive within {idle:.0f} s") from None
+        async with asyncio.timeout(idle):
+            return await reader.readexactly(size)
+    except TimeoutError:
+        raise stalled(f"the stream stalled: {size} byte(s) did not arrive within {idle:.0f} s") from None
 
 
 def _parse(frame_type: type, body: bytes):

@@ -230,8 +230,9 @@ class P2PTransport:
                     sending.cancel()
 
         try:
-            return await asyncio.wait_for(_roundtrip(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # not wait_for: no task of its own per call
+                return await _roundtrip()
+        except TimeoutError:
             raise StageTimeout(f"{method} on {peer_id[-8:]} took longer than {timeout:.0f} s") from None
         except SwarmError:
             raise

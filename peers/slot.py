@@ -4,7 +4,7 @@ generation sessions and checkpoints (``peers.hosting`` keeps the slots)."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -16,7 +16,7 @@ from peers.state.checkpoints import Checkpointer
 from peers.inference.service import InferenceService
 from peers.training.protocol import BackwardRequest, ForwardRequest
 from peers.training.service import StageService
-from peers.training.worker import DEFAULT_QUEUE_SIZE, ComputeWorker
+from peers.training.worker import DEFAULT_QUEUE_SIZE, ComputeWorker, on_thread
 from core.loop import cancel_and_wait
 from core.types import StageIndex
 
@@ -45,7 +45,7 @@ class StageSlot:
     sync: HivemindGradientSync | None = None
     checkpointer: Checkpointer | None = None
     checkpoint_task: asyncio.Task | None = None
-    worker: ThreadPoolExecutor | None = None
+    worker: Executor | None = None
     on_work: WorkHook | None = None  # a stage hosted for a delegator: told of every forward/backward done
     queue_size: int = DEFAULT_QUEUE_SIZE
 
@@ -55,7 +55,7 @@ class StageSlot:
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` on this stage's compute thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        return await on_thread(self.worker, fn, *args)
 
     async def stop_checkpoints(self) -> None:
         await cancel_and_wait(self.checkpoint_task)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any, Callable
 
 import torch
@@ -26,6 +26,7 @@ from peers.inference.protocol import (
     StepRequest,
 )
 from net.rpc import guarded, ok_reply, parsing
+from peers.training.worker import on_thread
 from net.transport import Handler, Transport
 from core.errors import BadRequest
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 class InferenceService:
     """Serves ``swarm.inference.open|step|close`` for one stage's ``InferenceSessions``."""
 
-    def __init__(self, sessions: InferenceSessions, worker: ThreadPoolExecutor, *, sweep_every: float = 5.0):
+    def __init__(self, sessions: InferenceSessions, worker: Executor, *, sweep_every: float = 5.0):
         """``worker`` is the peer's one compute thread: every torch call and every touch of the
         session table happens there."""
         self.sessions = sessions
@@ -101,4 +102,4 @@ class InferenceService:
                 return
 
     async def _in_worker(self, fn: Callable, *args) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await on_thread(self._worker, fn, *args)

@@ -6,10 +6,9 @@ stop the peer from answering the next request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any, Awaitable, Callable, Sequence
 
 import torch
@@ -40,7 +39,7 @@ from net.rpc import guarded, ok_reply, parsing
 from peers.state.snapshot import StateIdentity, capture_state
 from net.transport import CALLER, Handler, Transport
 from net.wire import decode, encode, width
-from peers.training.worker import ComputeWorker
+from peers.training.worker import ComputeWorker, on_thread
 from core.errors import AveragingFailed, BadRequest, StaleReplica, WrongStage
 from core.types import PeerId
 
@@ -52,7 +51,7 @@ logger = logging.getLogger(__name__)
 class StageService:
     """Serves one stage's ``forward``/``backward``/``step``/``info`` over a transport."""
 
-    def __init__(self, executor: StageExecutor, peer_id: PeerId, *, worker: ThreadPoolExecutor | None = None,
+    def __init__(self, executor: StageExecutor, peer_id: PeerId, *, worker: Executor | None = None,
                  identity: StateIdentity | None = None):
         """``worker`` is the peer's one compute thread (the one that loaded the stage: torch keeps an
         OpenMP thread team per calling thread, and a second team costs speed); a service made
@@ -211,7 +210,7 @@ class StageService:
             self._worker.admit(what)
 
     async def _in_worker(self, fn: Callable, *args) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await on_thread(self._worker, fn, *args)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
