@@ -88,8 +88,19 @@ class _Averager(DecentralizedAverager):
     state_provider: Callable[[], tuple[Any, list[torch.Tensor]]] | None = None
     _running_step: Any = None  # the StepControl of the round running now (rounds never overlap)
 
-    def __init__(self, *args: Any, in_process: bool, clip: float, fault: str | None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, like: Sequence[torch.Tensor], *args: Any, in_process: bool, clip: float,
+                 fault: str | None, **kwargs: Any):
+        """``like``: tensors of the shapes and dtypes to average (their values are not used)."""
+        shapes = [(t.shape, t.dtype) for t in like]
+        if in_process:  # hivemind would copy its buffers into shared memory, every page touched: the
+            # stage's weights over again for an idle peer. It gets one-value stand-ins of the same
+            # schema, and the buffers below are touched only when the first gradients are put in
+            averaged_tensors = [torch.zeros(1, dtype=dtype).expand(shape) for shape, dtype in shapes]
+        else:
+            averaged_tensors = [torch.zeros(shape, dtype=dtype) for shape, dtype in shapes]
+        super().__init__(averaged_tensors, *args, **kwargs)
+        if in_process:
+            self._averaged_tensors = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in shapes)
         self.clip = clip
         self.fault = fault  # test-only, see _RobustRunner.__init__; the first round's runner takes it
         # the round whose whole result the averaged tensors hold now (``_key``), 0 for none; shared
@@ -316,6 +327,7 @@ class _Averager(DecentralizedAverager):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_default_executor()  # hivemind's load balancing runs there
         p2p = getattr(self, "_p2p", None)
         if p2p is not None:
             await p2p.shutdown()  # a replica: closes this client only, the DHT's p2pd stays
@@ -623,8 +635,7 @@ class HivemindGradientSync:
         self._given_up = _GivenUp()
         self._lock = threading.Lock()
         self._averager = _Averager(
-            [torch.zeros_like(t, device="cpu") for t in like], dht, prefix=prefix, start=False,
-            min_group_size=2, target_group_size=None, min_matchmaking_time=window,
+            like, dht, prefix=prefix, start=False, min_group_size=2, target_group_size=None, min_matchmaking_time=window,
             request_timeout=max(window / 2, 0.1), allow_state_sharing=False, allreduce_timeout=round_timeout,
             in_process=in_process, clip=clip, fault=fault,
         )
