@@ -237,7 +237,8 @@ class StageHost:
         prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
         slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
                                             round_timeout=self.settings.peer.averaging_timeout,
-                                            clip=self.settings.peer.averaging_clip)
+                                            clip=self.settings.peer.averaging_clip,
+                                            in_process=not self.settings.peer.averager_process)
         executor = StageExecutor(
             module, stage, self.manifest.stages[stage], self.manifest.optimizer,
             cache_size=self.settings.peer.cache_size, sync=slot.sync,

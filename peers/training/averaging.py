@@ -141,6 +141,8 @@ class _Averager(DecentralizedAverager):
         if self._calls is None:
             return self.step(gather=gather, scheduled_time=scheduled_time, weight=1.0, timeout=timeout,
                              allow_retries=True, wait=False)
+        if self._calls.closed:  # before a control exists: hivemind complains of one deleted untriggered
+            raise AveragingFailed(f"{self.prefix}: the averager is shut down; no round started")
         data = self.serializer.dumps([self.bandwidth, self.mode.value, self.serializer.dumps(gather)])
         control = StepControl(scheduled_time=scheduled_time, deadline=get_dht_time() + timeout, allow_retries=True,
                               weight=1.0, data_for_gather=data)
@@ -378,6 +380,10 @@ class _Calls:
                 self._early.append(call)
                 return
             self._loop.call_soon_threadsafe(self._dispatch, call)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def keep(self, task: asyncio.Task) -> None:
         """Hold a task the loop runs (asyncio keeps only a weak reference) until it ends."""
