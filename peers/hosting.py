@@ -173,10 +173,10 @@ class StageHost:
     async def serve_span(self, span: Span, stages: Collection[int] | None = None) -> None:
         """Load every stage of ``span`` (or only ``stages`` of it: a move keeps the others as they are;
         each slot exists, announced ``loading``) with its averager, then adopt each stage's current
-        state. Every averager forks a process: all of them start before any state download opens a
-        stream (the child closes its copies of open streams, see ``peers.training.averaging``, but a span's
-        own downloads need not test that). Free heap goes back to the system before the forks and at
-        the end (see ``release_free_memory``)."""
+        state. All averagers start before any state download opens a stream (an averager that forks a
+        process, ``peer.averager_process``, closes its copies of open streams, see
+        ``peers.training.averaging``, but a span's own downloads need not test that). Free heap goes back
+        to the system before the averagers start and at the end (see ``release_free_memory``)."""
         stages = list(span.stages) if stages is None else sorted(stages)
         release_free_memory()
         for stage in stages:
