@@ -93,9 +93,11 @@ class _Averager(DecentralizedAverager):
         """``like``: tensors of the shapes and dtypes to average (their values are not used)."""
         shapes = [(t.shape, t.dtype) for t in like]
         if in_process:  # hivemind would copy its buffers into shared memory, every page touched: the
-            # stage's weights over again for an idle peer. It gets one-value stand-ins of the same
-            # schema, and the buffers below are touched only when the first gradients are put in
-            averaged_tensors = [torch.zeros(1, dtype=dtype).expand(shape) for shape, dtype in shapes]
+            # stage's weights over again for an idle peer. It gets stand-ins of the same schema, views
+            # of one shared value (one fd, not one per tensor), and the buffers below are touched only
+            # when the first gradients are put in
+            one = {dtype: torch.zeros((), dtype=dtype).share_memory_() for _, dtype in shapes}
+            averaged_tensors = [one[dtype].expand(shape) for shape, dtype in shapes]
         else:
             averaged_tensors = [torch.zeros(shape, dtype=dtype) for shape, dtype in shapes]
         super().__init__(averaged_tensors, *args, **kwargs)
