@@ -10,6 +10,7 @@ a member SIGKILLed mid-round (the later rounds run among the survivors), and ave
 the member's node is busy with streams (``--fork-while-serving``, as a peer that moves does).
 
     .venv/bin/python benchmarks/allreduce_rounds.py --members 2 --rounds 40 [--load 2] [--kill 5] [--averager-process]
+    .venv/bin/python benchmarks/allreduce_rounds.py --members 3 --rounds 30 --compare   # thread vs child process
 """
 
 from __future__ import annotations
@@ -150,11 +151,27 @@ def main() -> None:
     parser.add_argument("--kill-delay", type=float, default=0.45, help="seconds after that round's start")
     parser.add_argument("--fork-while-serving", action="store_true")
     parser.add_argument("--averager-process", action="store_true", help="each averager in a child process")
+    parser.add_argument("--compare", action="store_true", help="run the rounds with averagers on a thread, then "
+                        "in a child process, and print the ratio of their median round times")
     parser.add_argument("--logdir", default=None, help="write each member's stderr there")
     parser.add_argument("--member", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.member is not None:
         return _member(args.member)
+    if not args.compare:
+        return _report(args, *_run(args))
+    medians = {}
+    for in_process in (True, False):
+        args.averager_process = not in_process
+        events, stderr = _run(args)
+        medians[in_process] = _report(args, events, stderr)
+    if None not in medians.values():
+        print(f"median round: thread {medians[True]:.3f} s, child process {medians[False]:.3f} s; "
+              f"child / thread = {medians[False] / medians[True]:.2f}x")
+
+
+def _run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The members' processes through ``args.rounds`` rounds; their events and stderr."""
     busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
     [p.start() for p in busy]
     env = dict(os.environ, PYTHONPATH=str(harness.ROOT))
@@ -202,11 +219,11 @@ def main() -> None:
             p.kill()
             p.join()
     [log.close() for log in logs]
-    stderr = [(logdir / f"member{i}.log").read_text() for i in range(args.members)]
-    _report(args, events, stderr)
+    return events, [(logdir / f"member{i}.log").read_text() for i in range(args.members)]
 
 
-def _report(args, events: list[dict], stderr: list[str]) -> None:
+def _report(args, events: list[dict], stderr: list[str]) -> float | None:
+    """Print what the rounds came to; the median seconds of a member's round, None if none ran."""
     rounds = [e for e in events if "step" in e]
     refused = [e for e in rounds if "refused" in e]
     partial = [e for e in refused if "lost part" in e["refused"]]
@@ -230,6 +247,7 @@ def _report(args, events: list[dict], stderr: list[str]) -> None:
         print(f"  step {e['step']} member {e['member']}: {e['refused'][:200]}")
     if not rounds:
         print("no round ran; the members' stderr ends:", *(text[-3000:] for text in stderr), sep="\n")
+    return seconds[len(seconds) // 2] if seconds else None
 
 
 if __name__ == "__main__":
