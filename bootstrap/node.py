@@ -51,7 +51,6 @@ from hivemind.utils import get_dht_time
 from dht.auth import TokenRecordValidator, issue_token
 from net.admission import PUBLIC_REQUEST_BYTES, CallerLimits
 from net.auth import PRESENT, TOKEN, AuthedTransport, AuthGate
-from net.relay import start_relaying
 from net.transport import P2PTransport
 from peers.data.spec import spec_from_settings
 from peers.telemetry.status import Status, collect_status
@@ -208,11 +207,10 @@ class BootstrapNode:
         known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in first]
 
         def create(initial: list[str]) -> Awaitable[SwarmDHT]:
-            start = functools.partial(
+            return asyncio.to_thread(functools.partial(
                 SwarmDHT.create, self.settings.run_id, initial_peers=initial, host=net.host, port=port,
                 announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-                signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net))
-            return start_relaying(start, relay_limits(net), host=net.host) if offers_relay(net) else asyncio.to_thread(start)
+                signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net)))
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:

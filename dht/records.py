@@ -131,8 +131,8 @@ class _DHTProcess(hivemind.DHT):
 
 def _pass_daemon_flags(flags: dict) -> None:
     """Add ``flags`` to the command line of the p2pd this process starts: ``P2P.create`` has no
-    parameter for the relay service's limits. (p2pd may still answer with a second relay service
-    that has libp2p's defaults: ``net.relay.start_relaying`` checks.) Only this DHT child process is
+    parameter for the relay service's limits. (p2pd also starts a second relay service with
+    libp2p's defaults: see ``net.relay`` for which one answers.) Only this DHT child process is
     patched."""
     from hivemind.p2p import P2P
 
@@ -197,8 +197,7 @@ class SwarmDHT:
             # (trainers, clients) go without (docs/design.md, issue 25)
             auto_nat=relay,
         )
-        if relay:
-            kwargs["force_reachability"] = "public"
+        if relay:  # not forced public: see net.relay (the relay with these limits must start last)
             slots, circuits, data = relay_limits
             kwargs["relay_flags"] = dict(relayMaxReservations=slots, relayMaxCircuits=circuits, relayDataLimit=data,
                                          relayTimeLimit="24h")

@@ -3,8 +3,8 @@
 A peer that nobody can dial reserves a slot on a reachable peer (libp2p circuit relay v2): the relay
 keeps the peer's outgoing connection, and a caller that dials ``<relay address>/p2p-circuit/p2p/<peer>``
 gets a connection relayed through it. hivemind's p2pd has the relay service (``-relayService``, on
-by default, started only once the daemon counts itself publicly reachable: hence
-``force_reachability="public"`` on relays) and the client side that accepts relayed connections
+by default, started only once the daemon counts itself publicly reachable: see below) and the
+client side that accepts relayed connections
 (``-relay``), but its own reservation logic (``-autoRelay``) waits for four relay candidates or three
 minutes before reserving anything, and the daemon's control API has no "reserve" call. So the
 reservation is made here: one ``RESERVE`` message on the relay's hop protocol, over a stream the
@@ -19,12 +19,16 @@ The limit a relay announces is the one it applies to every connection it relays,
 p2pd (v0.5.0.hivemind1) can run the wrong one: with ``-relay=1`` it starts a relay service with the
 limits of its ``-relay*`` flags when it counts itself public, *and* a second one with libp2p's
 defaults (``Daemon.EnableRelayV2``: 2 minutes and 128 KiB per relayed connection) right after it
-starts; both serve the same protocol, and whichever registers last answers. Which one that is
-depends on goroutine scheduling: about half of the starts in the namespace tests got the defaults,
-and every relayed transfer over 128 KiB (one stage's weights, one activation) was reset. So a relay
-checks the limit it announces once it has started (``start_relaying``: a throwaway client reserves
-on it) and restarts its node until it announces its own; and a peer behind NAT refuses a slot whose
-limit is below ``core.config.MIN_RELAY_BYTES`` (another relay, or a relay of an older version).
+starts; both serve the same protocol, and whichever registers last answers. Forced public
+(``force_reachability``), a node's configured service started at once on a goroutine and lost that
+race about one start in three (2 of 6 in a row on loopback; in the namespace runs, every relayed
+transfer over 128 KiB, one stage's activations or weights, was reset); restarting until it won did
+not help under load (5 of 5 starts lost in a row). So a relay is not forced public: its AutoNAT
+finds it public (a dial-back from a peer running the AutoNAT service, which every relaying node
+does, at least 15 s after it started), and only then does its configured service start, after
+the default one, and answer. Until then, and on a node AutoNAT never finds public (a private
+address), the relay answers with the defaults, and a peer behind NAT refuses a slot whose limit is
+below ``core.config.MIN_RELAY_BYTES`` (naming the relay and the figure) and asks again.
 """
 
 from __future__ import annotations
@@ -40,10 +44,9 @@ from multiaddr import Multiaddr
 
 from core.config import MIN_RELAY_BYTES
 from core.errors import PeerUnavailable
-from dht.records import SwarmDHT
 
 __all__ = ["HOP_PROTOCOL", "RelayAnswer", "RelaySlot", "Reservation", "reserve", "circuit_address",
-           "is_relayed", "relay_of", "parse_reply", "start_relaying"]
+           "is_relayed", "relay_of", "parse_reply"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,52 +173,6 @@ async def _ask_slot(p2p: P2P, relay_maddr: str, timeout: float) -> RelayAnswer:
     finally:
         if writer is not None:
             writer.close()
-
-
-async def start_relaying(create: Callable[[], SwarmDHT], limits: tuple[int, int, int], *, host: str,
-                         tries: int = 5) -> SwarmDHT:
-    """Start a node that relays (``create``, run in a thread, listening on ``host``) and make sure
-    its relay applies ``limits`` (slots, circuits, bytes): a throwaway client reserves a slot on it
-    and reads the limit it announces; a node whose p2pd answered with libp2p's defaults (the race in
-    the module's docstring) is stopped and started again, at most ``tries`` times in all."""
-    wanted = limits[2]
-    for attempt in range(1, tries + 1):
-        dht = await asyncio.to_thread(create)
-        try:
-            announced = await _announced_limit(dht, host)
-        except PeerUnavailable as e:  # the check itself failed: the node serves; say so and go on
-            logger.warning("could not check this node's relay limits: %s", e)
-            return dht
-        if announced == wanted or attempt == tries:
-            break
-        logger.info("this node's relay came up with libp2p's default limit (%s bytes per relayed connection, a "
-                    "race inside p2pd); restarting the node (start %d of %d)", f"{announced:,}", attempt + 1, tries)
-        await asyncio.to_thread(dht.shutdown)
-    if announced != wanted:
-        logger.warning("this node's relay still cuts relayed connections at %s bytes after %d starts; peers "
-                       "behind NAT will use other relays", f"{announced:,}", tries)
-    return dht
-
-
-async def _announced_limit(dht: SwarmDHT, host: str = "127.0.0.1", timeout: float = 10.0) -> int:
-    """The bytes each way a relayed connection through ``dht``'s node may carry, as its relay
-    announces them to a client that reserves a slot (0: no limit). The client listens and dials on
-    the node's listen ``host`` (loopback for one on all interfaces), at the port of its addresses
-    on that host (else of its first: an announced address, which may be a forwarded port)."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    ports = [(a.split("/")[2], a.split("/")[4]) for a in map(str, dht.dht.get_visible_maddrs())
-             if a.startswith("/ip4/") and not is_relayed(a)]
-    if not ports:
-        raise PeerUnavailable("the node has no direct address to check its relay at")
-    port = next((p for ip, p in ports if ip == host), ports[0][1])
-    probe = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"])
-    try:
-        answer = await _ask_slot(probe, f"/ip4/{host}/tcp/{port}/p2p/{dht.peer_id}", timeout)
-    finally:
-        await probe.shutdown()
-    if answer.status != _STATUS_OK:
-        raise PeerUnavailable(f"the relay refused its own check: {_STATUS_NAMES.get(answer.status, answer.status)}")
-    return answer.data
 
 
 class RelaySlot:

@@ -66,7 +66,7 @@ from peers.training.service import StageService
 from peers.slot import StageSlot
 from peers.telemetry.publisher import PeerTelemetry
 from net.channel import ChannelServer, Identity, channel_hosts
-from net.relay import RelaySlot, Reservation, is_relayed, start_relaying
+from net.relay import RelaySlot, Reservation, is_relayed
 from net.transport import P2PTransport
 from peers.joining.reachability import behind_nat, best_address
 from shards.placement import Move, Span
@@ -79,6 +79,11 @@ from core.types import StageIndex
 __all__ = ["Peer"]
 
 logger = logging.getLogger(__name__)
+
+RELAY_WAIT = 60.0
+"""How long a peer behind NAT waits at join for a relay slot before it serves without one (and goes
+on asking): a relay serves with its own limits only once AutoNAT has found it public, ~15-20 s
+after it started (``net.relay``)."""
 
 
 class Peer(Lifecycle):
@@ -174,13 +179,12 @@ class Peer(Lifecycle):
             torch.cuda.set_device(self.device)
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
-        relays = offers_relay(net)
         create = functools.partial(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
-            relay=relays, relay_limits=relay_limits(net),
+            relay=offers_relay(net), relay_limits=relay_limits(net),
         )
-        self.dht = await (start_relaying(create, relay_limits(net), host=net.host) if relays else asyncio.to_thread(create))
+        self.dht = await asyncio.to_thread(create)
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
@@ -239,7 +243,11 @@ class Peer(Lifecycle):
                 self._tasks.spawn(self.host.refresh(), name="peer-record-after-relay-change")
 
         self.relay_slot = RelaySlot(self._transport.p2p, self.peer_id, self._relay_candidates, on_change)
-        if await self.relay_slot.acquire() is None:
+        deadline = asyncio.get_running_loop().time() + RELAY_WAIT
+        while await self.relay_slot.acquire() is None and asyncio.get_running_loop().time() < deadline:
+            logger.info("behind NAT, no relay gives a slot yet (%s); asking again", self.relay_slot.last_error)
+            await asyncio.sleep(2.0)
+        if self.relay_slot.current is None:
             logger.warning("behind NAT and no relay gives a slot: %s", self.relay_slot.last_error)
         self._tasks.spawn(self.relay_slot.keep(), name="relay-slot")
 

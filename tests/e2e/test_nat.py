@@ -30,8 +30,8 @@ LR = 3e-3
 MODEL = dict(family="gpt2", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, max_positions=64)
 TOLERANCE = 1e-4  # as test_free_placement: a replica's sums in another order, AdamW's first steps
 BOOT_PORT = 31337
-# the "public" network on private addresses: with public-looking ones (11.83.x) relayed transfers
-# of more than ~128 KiB into a peer behind NAT were cut short (docs/design.md, issue 25: not solved)
+# the "public" network on public-looking addresses, as on the internet: a relay serves with its own
+# limits only once AutoNAT finds it public, which it never does on a private address (net.relay)
 PUBLIC_NET = "11.83"
 
 # the trainer, in its namespace: on each line "N" from stdin, N steps of the README's loop on the
@@ -219,7 +219,7 @@ def test_replicas_behind_nat_average_their_gradients_and_train_like_local(tmp_pa
     one: the other averages zeros in), and the weights equal local AdamW."""
     model_dir = make_tiny_model(tmp_path / "model", **MODEL)
     batches = _batches(6)
-    with Network("swa-", net="10.84") as net:
+    with Network("swa-", net="11.84") as net:
         run = _Run(net, tmp_path, model_dir)
         try:
             net.add_host("pub")
@@ -234,13 +234,15 @@ def test_replicas_behind_nat_average_their_gradients_and_train_like_local(tmp_pa
         finally:
             run.procs.stop()
     homes = {p["peer_id"] for p in peers if any("192.168." in a for a in p["maddrs"])}
-    (pair,) = [replicas for replicas in _replicas(peers, 2).values() if len(replicas) == 2]
-    assert homes & {p["peer_id"] for p in pair}, f"no replica behind NAT: {pair}"
+    # unpinned, placement decides: a home and another peer share a stage (a peer may serve both)
+    pairs = [replicas for replicas in _replicas(peers, 2).values() if len(replicas) == 2]
+    pairs = [pair for pair in pairs if homes & {p["peer_id"] for p in pair}]
+    assert pairs, f"no stage with two replicas, one behind NAT: {peers}"
     if pinned:
-        assert {p["peer_id"] for p in pair} == homes
-    # each step's members are the stage's live replicas: both applied every step, so each round averaged
-    assert [p["step"] for p in pair] == [len(batches)] * 2, [(p["peer_id"][-8:], p["step"]) for p in pair]
-    assert sum(p["microbatches"] for p in pair) > 0
+        assert [{p["peer_id"] for p in pair} for pair in pairs] == [homes]
+    for pair in pairs:  # each step's members are the stage's live replicas: both applied every step
+        assert [p["step"] for p in pair] == [len(batches)] * 2, [(p["peer_id"][-8:], p["step"]) for p in pair]
+        assert sum(p["microbatches"] for p in pair) > 0
     for host in hosts:
         assert "AveragingFailed" not in _log(tmp_path, host), _log(tmp_path, host)[-3000:]
     local = local_adamw(model_dir, batches, lr=LR)
