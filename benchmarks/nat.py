@@ -36,7 +36,7 @@ RELAYED_HOPS = {"public": 0, "one home": 2, "two homes": 4}
 
 def build(config: str, mtu: int) -> tuple[Network, tuple[str, ...]]:
     """The network of ``config``: its peers' host names (homes' hosts are ``homeN-peer``)."""
-    net = Network("swt-", net="10.85", mtu=mtu).__enter__()  # private: see PUBLIC_NET in tests/e2e/test_nat.py
+    net = Network("swt-", net="11.85", mtu=mtu).__enter__()  # public-looking: a relay needs a public address (net.relay)
     for host in ("boot", "trainer", "peer1"):
         net.add_host(host)
     peers = ["peer1"]
