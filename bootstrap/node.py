@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Awaitable
 
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -206,15 +204,14 @@ class BootstrapNode:
         first = [*([self.mirror] if self.mirror else []), *net.initial_peers]
         known = [a for a in json.loads(self.db.get_meta("known_peers", "[]") or "[]") if a not in first]
 
-        def create(initial: list[str]) -> Awaitable[SwarmDHT]:
-            return asyncio.to_thread(functools.partial(
-                SwarmDHT.create, self.settings.run_id, initial_peers=initial, host=net.host, port=port,
-                announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-                signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net)))
+        def create(initial: list[str]) -> SwarmDHT:
+            return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
+                                   announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
+                                   signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net))
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:
-                return await create(first)
+                return await asyncio.to_thread(create, first)
             except PeerUnavailable as e:
                 raise PeerUnavailable(
                     f"cannot reach the bootstrap to mirror at {self.mirror}: {e}. Check the address (the "
@@ -222,11 +219,11 @@ class BootstrapNode:
                 ) from None
         if known or self.mirror is not None:
             try:
-                return await create([*first, *known])
+                return await asyncio.to_thread(create, [*first, *known])
             except PeerUnavailable as e:
                 logger.info("none of the %d peers seen before the restart answered (%s); starting afresh",
                             len(first) + len(known) - len(net.initial_peers), e)
-        return await create(list(net.initial_peers))
+        return await asyncio.to_thread(create, list(net.initial_peers))
 
     async def _count_online_steps(self, reports: list, online: set[str]) -> None:
         """Credit each peer online this round with the run's step advance since the last round (the

@@ -25,7 +25,7 @@ race about one start in three (2 of 6 in a row on loopback; in the namespace run
 transfer over 128 KiB, one stage's activations or weights, was reset); restarting until it won did
 not help under load (5 of 5 starts lost in a row). So a relay is not forced public: its AutoNAT
 finds it public (a dial-back from a peer running the AutoNAT service, which every relaying node
-does, at least 15 s after it started), and only then does its configured service start, after
+does; seconds after it started in the namespace tests), and only then does its configured service start, after
 the default one, and answer. Until then, and on a node AutoNAT never finds public (a private
 address), the relay answers with the defaults, and a peer behind NAT refuses a slot whose limit is
 below ``core.config.MIN_RELAY_BYTES`` (naming the relay and the figure) and asks again.
@@ -144,18 +144,6 @@ async def reserve(p2p: P2P, relay_maddr: str, *, timeout: float = 10.0,
     ``PeerUnavailable`` naming the relay and why when it cannot be reached, refuses, or would cut
     each relayed connection after fewer than ``min_data`` bytes."""
     relay = relay_maddr.rsplit("/p2p/", 1)[1]
-    answer = await _ask_slot(p2p, relay_maddr, timeout)
-    if answer.status != _STATUS_OK:
-        raise PeerUnavailable(f"relay {relay[-8:]} refused a slot: {_STATUS_NAMES.get(answer.status, answer.status)}")
-    if answer.data and answer.data < min_data:
-        raise PeerUnavailable(f"relay {relay[-8:]} would reset every relayed connection after {answer.data:,} bytes "
-                              f"(at least {min_data:,} needed): its relay service runs libp2p's default limits")
-    return Reservation(relay, relay_maddr, answer.expires or time.time() + 3600, answer.data)
-
-
-async def _ask_slot(p2p: P2P, relay_maddr: str, timeout: float) -> RelayAnswer:
-    """One RESERVE on the relay's hop protocol, over a stream ``p2p``'s daemon opens."""
-    relay = relay_maddr.rsplit("/p2p/", 1)[1]
     peer = PeerID.from_base58(relay)
     writer = None
     try:
@@ -167,12 +155,18 @@ async def _ask_slot(p2p: P2P, relay_maddr: str, timeout: float) -> RelayAnswer:
         size, at = _varint(head, 0)
         body = head[at:] + (await asyncio.wait_for(reader.readexactly(size - len(head) + at), timeout)
                             if size > len(head) - at else b"")
-        return parse_reply(body[:size])
+        answer = parse_reply(body[:size])
     except Exception as e:  # ControlFailure (unreachable, protocol not served), a timeout, a cut or malformed answer
         raise PeerUnavailable(f"no slot on relay {relay[-8:]}: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
         if writer is not None:
             writer.close()
+    if answer.status != _STATUS_OK:
+        raise PeerUnavailable(f"relay {relay[-8:]} refused a slot: {_STATUS_NAMES.get(answer.status, answer.status)}")
+    if answer.data and answer.data < min_data:
+        raise PeerUnavailable(f"relay {relay[-8:]} would reset every relayed connection after {answer.data:,} bytes "
+                              f"(at least {min_data:,} needed): its relay service runs libp2p's default limits")
+    return Reservation(relay, relay_maddr, answer.expires or time.time() + 3600, answer.data)
 
 
 class RelaySlot:

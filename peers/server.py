@@ -22,7 +22,6 @@ span that raises the bottleneck most.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 RELAY_WAIT = 60.0
 """How long a peer behind NAT waits at join for a relay slot before it serves without one (and goes
-on asking): a relay serves with its own limits only once AutoNAT has found it public, ~15-20 s
+on asking): a relay serves with its own limits only once AutoNAT has found it public, seconds
 after it started (``net.relay``)."""
 
 
@@ -179,12 +178,11 @@ class Peer(Lifecycle):
             torch.cuda.set_device(self.device)
         if not net.initial_peers:
             raise ConfigError("a peer needs --bootstrap (or network.initial_peers) to find the swarm")
-        create = functools.partial(
+        self.dht = await asyncio.to_thread(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
             relay=offers_relay(net), relay_limits=relay_limits(net),
         )
-        self.dht = await asyncio.to_thread(create)
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)
         self.manifest = await self.dht.wait_manifest(self.manifest_timeout)
