@@ -1,14 +1,16 @@
 """How often a real hivemind all-reduce round of ``HivemindGradientSync`` comes back partial on loopback,
 and whether every member ends each round with the same, whole sum (issue 21).
 
-Each member is its own process (its own DHT node and p2pd, its averager a child of it), as peers are.
+Each member is its own process (its own DHT node and p2pd, its averager on a thread of it, or a child
+of it with ``--averager-process``), as peers are.
 Every member knows every member's gradients (seeded by member and round), so each one checks its own
 result against the exact sum. Per round it reports: whole (== the exact sum within float rounding),
 refused (``AveragingFailed``: nothing applied), and the message. Optional CPU load (busy processes),
-a member SIGKILLed mid-round (the later rounds run among the survivors), and averagers forked while
+a member SIGKILLed mid-round (the later rounds run among the survivors), and averagers started while
 the member's node is busy with streams (``--fork-while-serving``, as a peer that moves does).
 
-    .venv/bin/python benchmarks/allreduce_rounds.py --members 2 --rounds 40 [--load 2] [--kill 5]
+    .venv/bin/python benchmarks/allreduce_rounds.py --members 2 --rounds 40 [--load 2] [--kill 5] [--averager-process]
+    .venv/bin/python benchmarks/allreduce_rounds.py --members 3 --rounds 30 --compare   # thread vs child process
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _member(index: int) -> None:
     if plan["fork_while_serving"]:
         busy = _keep_streams_open(dht, plan["peers"], index)
     sync = HivemindGradientSync(dht, "allreduce_rounds", [torch.zeros(s) for s in SHAPES], window=0.5,
-                                round_timeout=plan["timeout"])
+                                round_timeout=plan["timeout"], in_process=not plan["averager_process"])
     if plan["fork_while_serving"]:
         busy()
     _say(ready=index)
@@ -148,11 +150,28 @@ def main() -> None:
     parser.add_argument("--kill", type=int, default=None, help="SIGKILL the last member mid-way through this round")
     parser.add_argument("--kill-delay", type=float, default=0.45, help="seconds after that round's start")
     parser.add_argument("--fork-while-serving", action="store_true")
+    parser.add_argument("--averager-process", action="store_true", help="each averager in a child process")
+    parser.add_argument("--compare", action="store_true", help="run the rounds with averagers on a thread, then "
+                        "in a child process, and print the ratio of their median round times")
     parser.add_argument("--logdir", default=None, help="write each member's stderr there")
     parser.add_argument("--member", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.member is not None:
         return _member(args.member)
+    if not args.compare:
+        return _report(args, *_run(args))
+    medians = {}
+    for in_process in (True, False):
+        args.averager_process = not in_process
+        events, stderr = _run(args)
+        medians[in_process] = _report(args, events, stderr)
+    if None not in medians.values():
+        print(f"median round: thread {medians[True]:.3f} s, child process {medians[False]:.3f} s; "
+              f"child / thread = {medians[False] / medians[True]:.2f}x")
+
+
+def _run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The members' processes through ``args.rounds`` rounds; their events and stderr."""
     busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
     [p.start() for p in busy]
     env = dict(os.environ, PYTHONPATH=str(harness.ROOT))
@@ -173,7 +192,7 @@ def main() -> None:
             peers.append(hello["peer"])
             initial = initial or hello["maddrs"]
         plan = dict(n=args.members, rounds=args.rounds, period=args.period, timeout=args.timeout, kill=args.kill,
-                    peers=peers, fork_while_serving=args.fork_while_serving)
+                    peers=peers, fork_while_serving=args.fork_while_serving, averager_process=args.averager_process)
         for proc in procs:
             proc.stdin.write(json.dumps(plan) + "\n")
             proc.stdin.flush()
@@ -200,11 +219,11 @@ def main() -> None:
             p.kill()
             p.join()
     [log.close() for log in logs]
-    stderr = [(logdir / f"member{i}.log").read_text() for i in range(args.members)]
-    _report(args, events, stderr)
+    return events, [(logdir / f"member{i}.log").read_text() for i in range(args.members)]
 
 
-def _report(args, events: list[dict], stderr: list[str]) -> None:
+def _report(args, events: list[dict], stderr: list[str]) -> float | None:
+    """Print what the rounds came to; the median seconds of a member's round, None if none ran."""
     rounds = [e for e in events if "step" in e]
     refused = [e for e in rounds if "refused" in e]
     partial = [e for e in refused if "lost part" in e["refused"]]
@@ -216,7 +235,7 @@ def _report(args, events: list[dict], stderr: list[str]) -> None:
     unequal = [s for s, es in by_step.items() if len({e["bits"] for e in es if "bits" in e}) > 1]
     warnings = sum(text.count("Averaging: received") for text in stderr)
     print(f"members {args.members}, rounds {args.rounds}, load {args.load}, kill {args.kill}, "
-          f"fork-while-serving {args.fork_while_serving}")
+          f"fork-while-serving {args.fork_while_serving}, averager process {args.averager_process}")
     print(f"member-rounds: {len(rounds)}; refused {len(refused)} (partial result {len(partial)}); "
           f"applied but not the exact sum {len(wrong)}; 'received N% results' warnings {warnings}")
     print(f"rounds where some members applied and others refused (one left behind): {len(split)} {sorted(split)}")
@@ -228,6 +247,7 @@ def _report(args, events: list[dict], stderr: list[str]) -> None:
         print(f"  step {e['step']} member {e['member']}: {e['refused'][:200]}")
     if not rounds:
         print("no round ran; the members' stderr ends:", *(text[-3000:] for text in stderr), sep="\n")
+    return seconds[len(seconds) // 2] if seconds else None
 
 
 if __name__ == "__main__":

@@ -205,6 +205,9 @@ class PeerSettings(_Section):
                                  "are refused as corrupt")
     averaging_clip: float = Field(8.0, gt=1, description="a replica's gradient counts at most this many times the "
                                   "median replica's norm when replicas average (a poisoning replica is clipped)")
+    averager_process: bool = Field(False, description="run each stage's averager in a child process of its own "
+                                   "(hivemind's way: ~100 MiB PSS more for a peer of one stage) instead of on a "
+                                   "thread of the peer")
 
     @field_validator("stage", mode="before")
     @classmethod

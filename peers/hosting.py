@@ -177,10 +177,10 @@ class StageHost:
     async def serve_span(self, span: Span, stages: Collection[int] | None = None) -> None:
         """Load every stage of ``span`` (or only ``stages`` of it: a move keeps the others as they are;
         each slot exists, announced ``loading``) with its averager, then adopt each stage's current
-        state. Every averager forks a process: all of them start before any state download opens a
-        stream (the child closes its copies of open streams, see ``peers.training.averaging``, but a span's
-        own downloads need not test that). Free heap goes back to the system before the forks and at
-        the end (see ``release_free_memory``)."""
+        state. All averagers start before any state download opens a stream (an averager that forks a
+        process, ``peer.averager_process``, closes its copies of open streams, see
+        ``peers.training.averaging``, but a span's own downloads need not test that). Free heap goes back
+        to the system before the averagers start and at the end (see ``release_free_memory``)."""
         stages = list(span.stages) if stages is None else sorted(stages)
         release_free_memory()
         for stage in stages:
@@ -241,7 +241,8 @@ class StageHost:
         prefix = f"{self.manifest.run_id}_stage{stage}".replace(".", "_")  # hivemind: no dots in a prefix
         slot.sync = await asyncio.to_thread(HivemindGradientSync, self.dht.dht, prefix, list(module.parameters()),
                                             round_timeout=self.settings.peer.averaging_timeout,
-                                            clip=self.settings.peer.averaging_clip)
+                                            clip=self.settings.peer.averaging_clip,
+                                            in_process=not self.settings.peer.averager_process)
         executor = StageExecutor(
             module, stage, self.manifest.stages[stage], self.manifest.optimizer,
             cache_size=self.settings.peer.cache_size, sync=slot.sync,

@@ -31,15 +31,18 @@ from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import hivemind
 import torch
-import hivemind.averaging.averager
+import uvloop
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AllreduceException
+from hivemind.averaging.control import StepControl
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2PContext
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import averaging_pb2
-from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import attach_event_on_finished, enter_asynchronously
+from hivemind.utils import MPFuture, get_dht_time
+from hivemind.utils.asyncio import as_aiter, attach_event_on_finished, azip, enter_asynchronously
 
 from peers.training.sanity import AVERAGING_CLIP, robust_mean
 from core.errors import AveragingFailed
@@ -70,24 +73,50 @@ _FORK_LOCK = threading.Lock()
 
 
 class _Averager(DecentralizedAverager):
-    """hivemind's averager child process, which also dies when its parent does (hivemind has no
-    parent-death handling: a SIGKILLed peer would otherwise leave it running).
+    """hivemind's averager, served either on a thread of the caller's process (``in_process``, the
+    default: one process fewer per peer) or in hivemind's child process, which also dies when its
+    parent does (hivemind has no parent-death handling: a SIGKILLed peer would otherwise leave it running).
+
+    In the caller's process, hivemind's control pipe is replaced by ``_Calls``, which hands each call's
+    arguments to the averager's event loop by reference: a pipe pickles them, and an ``MPFuture``
+    unpickled in its own origin process is a copy whose result never reaches the caller's future.
 
     hivemind's ``run_in_background`` sets SIGINT to "ignore" in the *parent* (and for good: Ctrl+C would
     no longer stop a peer) and only works from the main thread; a replica starts its averager from its
-    compute thread, lazily, mid-training. Here only the child ignores SIGINT: its parent stops it."""
+    compute thread, lazily, mid-training. Here only a child ignores SIGINT: its parent stops it."""
 
     state_provider: Callable[[], tuple[Any, list[torch.Tensor]]] | None = None
-    clip: float = AVERAGING_CLIP
-    fault: str | None = None  # test-only, see _RobustRunner.fault
     _running_step: Any = None  # the StepControl of the round running now (rounds never overlap)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, like: Sequence[torch.Tensor], *args: Any, in_process: bool, clip: float,
+                 fault: str | None, **kwargs: Any):
+        """``like``: tensors of the shapes and dtypes to average (their values are not used)."""
+        shapes = [(t.shape, t.dtype) for t in like]
+        if in_process:  # hivemind would copy its buffers into shared memory, every page touched: the
+            # stage's weights over again for an idle peer. It gets stand-ins of the same schema, views
+            # of one shared value (one fd, not one per tensor), and the buffers below are touched only
+            # when the first gradients are put in
+            one = {dtype: torch.zeros((), dtype=dtype).share_memory_() for _, dtype in shapes}
+            averaged_tensors = [one[dtype].expand(shape) for shape, dtype in shapes]
+        else:
+            averaged_tensors = [torch.zeros(shape, dtype=dtype) for shape, dtype in shapes]
+        super().__init__(averaged_tensors, *args, **kwargs)
+        if in_process:
+            self._averaged_tensors = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in shapes)
+        self.clip = clip
+        self.fault = fault  # test-only, see _RobustRunner.__init__; the first round's runner takes it
         # the round whose whole result the averaged tensors hold now (``_key``), 0 for none; shared
         # with the parent, which clears it when it puts the next gradients in
         self.held = multiprocessing.RawValue("q", 0)
-        self._partial: list[int] = []  # the last rounds that came back partial here (child only)
+        self._partial: list[int] = []  # the last rounds that came back partial here (in the averager only)
+        self._calls: _Calls | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        if in_process:
+            self._inner_pipe.send(("_SHUTDOWN", None))  # ends hivemind's state fetcher thread on the pipe
+            self._calls = _Calls()
+            self._inner_pipe = self._outer_pipe = self._calls
+            _unbind(self._ready)
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         """What another member downloads with ``load_state_from_peers`` (called by hivemind in this,
@@ -98,8 +127,38 @@ class _Averager(DecentralizedAverager):
         metadata, tensors = provider()
         return metadata, tensors, None
 
+    async def _get_current_state_from_host_process(self) -> tuple[bytes, tuple[torch.Tensor, ...], None]:
+        """What ``rpc_download_state`` sends: in the caller's process, ``get_current_state`` off the
+        event loop (a provider may wait for the compute thread), in the form hivemind's fetcher
+        thread gives it over the pipe."""
+        if self._calls is None:
+            return await super()._get_current_state_from_host_process()
+        metadata, tensors, infos = await asyncio.get_running_loop().run_in_executor(None, self.get_current_state)
+        return self.serializer.dumps(metadata), tuple(t.cpu().detach() for t in tensors), infos
+
+    def start_round(self, gather: Any, *, scheduled_time: float, timeout: float) -> StepControl:
+        """Start one round (hivemind's ``step(wait=False)``); its control. In the caller's process the
+        averager attaches its trigger and cancel futures to this very control (hivemind's ``step``
+        attaches them again, to a copy in a child, and would fail the assertion that they are new)."""
+        if self._calls is None:
+            return self.step(gather=gather, scheduled_time=scheduled_time, weight=1.0, timeout=timeout,
+                             allow_retries=True, wait=False)
+        if self._calls.closed:  # before a control exists: hivemind complains of one deleted untriggered
+            raise AveragingFailed(f"{self.prefix}: the averager is shut down; no round started")
+        data = self.serializer.dumps([self.bandwidth, self.mode.value, self.serializer.dumps(gather)])
+        control = StepControl(scheduled_time=scheduled_time, deadline=get_dht_time() + timeout, allow_retries=True,
+                              weight=1.0, data_for_gather=data)
+        attached = MPFuture()
+        try:
+            self._calls.send(("_step", [], dict(step=control, future_for_init=attached)))
+            attached.result(timeout=timeout)
+        except (RuntimeError, concurrent.futures.TimeoutError) as e:  # shut down, or stopping: never started
+            raise AveragingFailed(f"{self.prefix}: the averager did not start the round: {e or 'timed out'}") from None
+        control.allow_allreduce()
+        return control
+
     async def _step(self, *, step: Any, future_for_init: Any) -> None:
-        """In the averager's process, per round: a round whose members are known (``members`` in its
+        """In the averager, per round: a round whose members are known (``members`` in its
         gather data) is complete, and starts, as soon as all of them have joined, instead of when the
         matchmaking window ends. So the window costs nothing when everyone is on time, and members
         who learn of the round at different moments (trainers polling the step) still meet in one
@@ -113,7 +172,8 @@ class _Averager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: Any,
                                       group_id: bytes | None = None, **kwargs: Any) -> None:
-        """hivemind's all-reduce, refused when it ended with part of the result missing.
+        """hivemind's all-reduce (its ``_run_allreduce_inplace_``, for a member that is not auxiliary)
+        with ``_RobustRunner``, refused when it ended with part of the result missing.
 
         hivemind finishes a round in which a stream to or from another member broke (libp2p on
         loopback loses about one stream in a thousand here) with what it has: the parts that did not
@@ -124,8 +184,15 @@ class _Averager(DecentralizedAverager):
         tensors were partly overwritten): the caller applies nothing, and the trainer sorts out who
         applied the step (``RemotePipeline.apply``)."""
         group_id = group_info.group_id if group_id is None else group_id
-        await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-        runner: _RobustRunner = self._running_groups[group_id].result()  # hivemind registered it there
+        runner = _RobustRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                               group_id=group_id, ordered_peer_ids=group_info.peer_ids, clip=self.clip,
+                               fault=self.fault, **kwargs)
+        self.fault = None
+        self._running_groups[group_id].set_result(runner)
+        async for tensor, update in azip(as_aiter(*tensors), runner):
+            tensor.add_(update, alpha=self._averaging_alpha)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
         missing = runner.missing()
         if missing is not None:
             self._partial = [*self._partial, _key(group_id)][-8:]
@@ -188,22 +255,153 @@ class _Averager(DecentralizedAverager):
         await _linger()  # the caller closes first (see _RobustRunner.rpc_aggregate_part)
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
-        self.start()
+        if self._calls is None:
+            self.start()
+        else:
+            self._thread = threading.Thread(target=self._serve_on_thread, name=f"averager-{self.prefix}", daemon=True)
+            self._thread.start()
         if await_ready:
             self.wait_until_ready(timeout)
 
+    def is_alive(self) -> bool:
+        if self._calls is None:
+            return super().is_alive()
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop serving: hivemind's shutdown for a child; in the caller's process, ``_shutdown`` on the
+        averager's loop (its handlers removed, running rounds cancelled, bounded by ``shutdown_timeout``),
+        then its tasks cancelled and its libp2p client closed before the thread ends."""
+        if self._calls is None:
+            return super().shutdown()
+        if self.is_alive():
+            self._calls.send(("_shutdown", [self.shutdown_timeout], {}))
+            self._thread.join(self.shutdown_timeout + _CLOSE_WAIT)
+            if self._thread.is_alive():
+                logger.warning("the averager %s did not stop within %.0f s", self.prefix,
+                               self.shutdown_timeout + _CLOSE_WAIT)
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        try:
+            await super()._shutdown(timeout)
+        finally:
+            if self._stopped is not None:
+                self._stopped.set()
+
+    def _serve_on_thread(self) -> None:
+        loop = uvloop.new_event_loop()  # hivemind runs its averagers on uvloop; the process's policy is left alone
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            try:
+                loop.run_until_complete(self._close())
+            finally:
+                self._calls.close()
+                loop.close()
+
+    async def _serve(self) -> None:
+        """hivemind's ``_run_internal`` on this thread's loop, on a libp2p client of its own (the DHT's
+        replica belongs to the loop that first asked for it: the peer's), until ``_shutdown``."""
+        try:
+            self._state_updated = asyncio.Event()
+            self._pending_groups_registered = asyncio.Event()
+            self._pending_groups_registered.set()
+            self._stopped = asyncio.Event()
+            self._p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
+            if not self.client_mode:
+                await self.add_p2p_handlers(self._p2p, namespace=self.prefix)
+            self._matchmaking = Matchmaking(self._p2p, self.schema_hash, self.dht, client_mode=self.client_mode,
+                                            **self.matchmaking_kwargs)
+            if not self.client_mode:
+                self._calls.keep(asyncio.create_task(self._declare_for_download_periodically()))
+        except Exception as e:  # the caller's wait_until_ready raises it
+            self._ready.set_exception(e)
+            return
+        self._calls.open(asyncio.get_running_loop(), self._dispatch)
+        self._ready.set_result(None)
+        await self._stopped.wait()
+
+    def _dispatch(self, call: tuple[str, list[Any], dict[str, Any]]) -> None:
+        method, args, kwargs = call
+        self._calls.keep(asyncio.create_task(getattr(self, method)(*args, **kwargs)))
+
+    async def _close(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_default_executor()  # hivemind's load balancing runs there
+        p2p = getattr(self, "_p2p", None)
+        if p2p is not None:
+            await p2p.shutdown()  # a replica: closes this client only, the DHT's p2pd stays
+
     def run(self) -> None:
+        """The child process (``in_process=False``)."""
         # forked from a process whose OpenMP pool has run (training): a child that enters an OpenMP
         # parallel region then waits for threads that were not forked with it. One thread never does.
         torch.set_num_threads(1)
         _close_inherited_streams()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # this process runs only this averager: its all-reduce rounds reduce robustly
-        _RobustRunner.clip, _RobustRunner.fault = self.clip, self.fault
-        hivemind.averaging.averager.AllReduceRunner = _RobustRunner
         parent = os.getppid()
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
         super().run()
+
+
+_CLOSE_WAIT = 5.0  # s beyond hivemind's shutdown_timeout for an averager's thread to close its tasks and client
+
+
+class _Calls:
+    """hivemind's control pipe for an averager served on a thread of the caller's process: each call
+    ``(method, args, kwargs)`` becomes a task on the averager's loop, its arguments passed by reference.
+    Calls sent before the loop serves wait for it; one sent after it stopped is refused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatch: Callable[[Any], None] | None = None
+        self._early: list[Any] = []
+        self._closed = False
+        self._tasks: set[asyncio.Task] = set()
+
+    def open(self, loop: asyncio.AbstractEventLoop, dispatch: Callable[[Any], None]) -> None:
+        with self._lock:
+            self._loop, self._dispatch = loop, dispatch
+            early, self._early = self._early, []
+        for call in early:
+            dispatch(call)
+
+    def send(self, call: tuple[str, list[Any], dict[str, Any]]) -> None:
+        for arg in [*call[1], *call[2].values()]:
+            if isinstance(arg, MPFuture):
+                _unbind(arg)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"the averager is shut down: {call[0]} not sent")
+            if self._loop is None:
+                self._early.append(call)
+                return
+            self._loop.call_soon_threadsafe(self._dispatch, call)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def keep(self, task: asyncio.Task) -> None:
+        """Hold a task the loop runs (asyncio keeps only a weak reference) until it ends."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
+def _unbind(future: MPFuture) -> None:
+    """Detach a caller's future from the event loop of the thread that made it (the caller waits with
+    ``result()``): the averager's thread sets it, and hivemind would run that idle loop there to wake
+    its awaiters, which fails on a thread whose own loop is running."""
+    future._loop = future._aio_event = None
 
 
 _FETCH_WAIT = 5.0  # s a member waits for its own round to end before it answers a fetch of its result
@@ -334,15 +532,14 @@ async def _linger() -> None:
 
 
 class _RobustRunner(AllReduceRunner):
-    """hivemind's all-reduce with ``_RobustReducer``: installed in the averager's own process only.
+    """hivemind's all-reduce with ``_RobustReducer`` (``_Averager`` runs its rounds with it).
     It also tells whether the round's result is whole (``missing``), and its streams end so that no
     reply is lost on the way (``rpc_aggregate_part``, ``_communicate_with_peer``)."""
 
-    clip: float = AVERAGING_CLIP
-    fault: str | None = None  # test-only: "lose-results" drops what the first other reducer sends back
-
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, clip: float, fault: str | None, **kwargs: Any):
+        """``fault`` (tests only): ``"lose-results"`` drops what the first other reducer sends back."""
         super().__init__(*args, **kwargs)
+        self.clip, self.fault = clip, fault
         plain = self.tensor_part_reducer
         self.tensor_part_reducer = _RobustReducer(plain.part_shapes, plain.num_senders, self.clip)
         plain.num_senders = 0  # it never reduces: without this its finalize warns, every round, that it
@@ -394,8 +591,8 @@ class _RobustRunner(AllReduceRunner):
         index = self.ordered_peer_ids.index(peer_id)
         container = self.tensor_part_container
         expected = container.num_parts_by_peer[index]
-        lose = _RobustRunner.fault == "lose-results"  # test fault, once: this reducer's results are lost
-        _RobustRunner.fault = None if lose else _RobustRunner.fault
+        lose = self.fault == "lose-results"  # test fault, once: this reducer's results are lost
+        self.fault = None if lose else self.fault
         received = 0
         try:
             done_sending = asyncio.Event()
@@ -429,27 +626,28 @@ def _exit_with_parent(parent_pid: int, period: float = 1.0) -> None:
 
 
 class HivemindGradientSync:
-    """One ``DecentralizedAverager`` (a child process sharing the node's p2pd) for one set of tensors."""
+    """One ``DecentralizedAverager`` (sharing the node's p2pd) for one set of tensors: on a thread of
+    this process, or in a child process of its own with ``in_process=False``."""
 
     def __init__(self, dht: hivemind.DHT, prefix: str, like: Sequence[torch.Tensor], *, window: float = 0.5,
                  round_timeout: float = 15.0, start_timeout: float = 60.0, clip: float = AVERAGING_CLIP,
-                 fault: str | None = None):
+                 fault: str | None = None, in_process: bool = True):
         """``round_timeout`` bounds the all-reduce once a group has formed: hivemind's default is no
         bound, so a member that dies mid-round (its p2p daemon may outlive it for a while) would keep
         the others waiting forever, their compute thread with them. ``clip``: see ``robust_mean``.
         ``fault`` (tests only): ``"lose-results"`` loses the results of the first round's first other
-        reducer, as a broken stream does."""
+        reducer, as a broken stream does. ``in_process=False``: hivemind's child process (~160 MiB
+        PSS more per averager, see docs/design.md), the fallback."""
         self.prefix = prefix
         self._round: tuple[_Round, Any] | None = None  # the round running now, and its StepControl
         self._given_up = _GivenUp()
         self._lock = threading.Lock()
         self._averager = _Averager(
-            [torch.zeros_like(t, device="cpu") for t in like], dht, prefix=prefix, start=False,
-            min_group_size=2, target_group_size=None, min_matchmaking_time=window,
+            like, dht, prefix=prefix, start=False, min_group_size=2, target_group_size=None, min_matchmaking_time=window,
             request_timeout=max(window / 2, 0.1), allow_state_sharing=False, allreduce_timeout=round_timeout,
+            in_process=in_process, clip=clip, fault=fault,
         )
-        self._averager.clip, self._averager.fault = clip, fault
-        with _FORK_LOCK:
+        with _FORK_LOCK if not in_process else contextlib.nullcontext():
             self._averager.run_in_background(await_ready=True, timeout=start_timeout)
 
     def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
@@ -463,14 +661,13 @@ class HivemindGradientSync:
         with self._lock:  # an abort either finds this round running or is found here
             if key in self._given_up:
                 raise AveragingFailed(f"{self.prefix} step {step}: the round was given up before it began; nothing applied")
-            control = self._averager.step(gather={"peer": me, "step": step, "members": len(members)},
-                                          scheduled_time=scheduled_time,
-                                          weight=1.0, timeout=timeout, allow_retries=True, wait=False)
+            control = self._averager.start_round({"peer": me, "step": step, "members": len(members)},
+                                                 scheduled_time=scheduled_time, timeout=timeout)
             self._round = (key, control)
         try:  # the whole round (matchmaking and all-reduce) within ``timeout`` of the scheduled start
             gathered = control.result(timeout=max(scheduled_time - get_dht_time(), 0.0) + timeout)
         except (concurrent.futures.CancelledError, asyncio.CancelledError):
-            # hivemind may also hand back the asyncio kind, set on the step by its averager process: it
+            # hivemind may also hand back the asyncio kind, set on the step by its averager: it
             # must not escape as a cancellation of the caller's task (a BaseException)
             raise AveragingFailed(f"{self.prefix} step {step}: the round was given up or cancelled; "
                                   "nothing applied") from None
