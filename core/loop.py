@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
-from typing import Any, Awaitable, Coroutine, TypeVar
+import traceback
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import uvloop
 
-__all__ = ["LoopThread", "cancel_and_wait", "bounded", "Lifecycle", "TaskSet", "start_unless_stopped"]
+__all__ = ["LoopThread", "cancel_and_wait", "bounded", "off_loop", "stacks_if_slow", "Lifecycle", "TaskSet",
+           "start_unless_stopped"]
 
 T = TypeVar("T")
 
@@ -36,6 +39,52 @@ async def bounded(step: Awaitable[Any], seconds: float, what: str) -> None:
         logger.warning("stopping: %s did not finish within %.0f s; going on without it", what, seconds)
     except Exception as e:  # a daemon already gone, a closed pipe: nothing left to undo
         logger.debug("stopping: %s: %s: %s", what, type(e).__name__, e)
+
+
+def off_loop(fn: Callable[..., T], /, *args: Any) -> asyncio.Future[T]:
+    """``fn(*args)`` on a daemon thread of its own, as a future of the running loop. Unlike
+    ``asyncio.to_thread`` (the loop's default executor), a call that never returns holds up neither
+    ``bounded`` nor the process's exit: ``asyncio.run`` joins the default executor's threads at its
+    end, unbounded, and the interpreter joins non-daemon threads."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def call() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            outcome = (False, e)
+        else:
+            outcome = (True, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=call, name=f"off-loop-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
+
+
+@contextlib.contextmanager
+def stacks_if_slow(seconds: float, what: str):
+    """Within the block, log every thread's stack (a warning) if the block has not ended after
+    ``seconds``: a stop that hangs says where, in the field and in a test's log alike."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            frames = sys._current_frames()
+            text = "\n".join(f"--- thread {t.name} ---\n" + "".join(traceback.format_stack(frames[t.ident]))
+                              for t in threading.enumerate() if t.ident in frames)
+            logger.warning("%s has taken over %.0f s; the threads are at:\n%s", what, seconds, text)
+
+    threading.Thread(target=watch, name="slow-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 class TaskSet:

@@ -62,7 +62,7 @@ from peers.rebalancing import Rebalancer
 from peers.state.resync import ResyncWatch
 from peers.telemetry.runcontrol import RunWatcher
 from peers.training.service import StageService
-from peers.slot import StageSlot
+from peers.slot import SLOT_STOP, StageSlot
 from peers.telemetry.publisher import PeerTelemetry
 from net.channel import ChannelServer, Identity, channel_hosts
 from net.relay import RelaySlot, Reservation, is_relayed
@@ -70,7 +70,7 @@ from net.transport import P2PTransport
 from peers.joining.reachability import behind_nat, best_address
 from shards.placement import Move, Span
 from shards.source import resolve_model
-from core.loop import Lifecycle, TaskSet, bounded
+from core.loop import Lifecycle, TaskSet, bounded, off_loop, stacks_if_slow
 from core.config import SwarmSettings, offers_relay, relay_limits
 from core.errors import ConfigError
 from core.types import StageIndex
@@ -83,6 +83,7 @@ RELAY_WAIT = 60.0
 """How long a peer behind NAT waits at join for a relay slot before it serves without one (and goes
 on asking): a relay serves with its own limits only once AutoNAT has found it public, seconds
 after it started (``net.relay``)."""
+STOP_REPORT = 30.0  # s after which a stop still running logs where every thread is
 
 
 class Peer(Lifecycle):
@@ -415,6 +416,12 @@ class Peer(Lifecycle):
         return self._stopping
 
     async def _shutdown(self, final_checkpoint: bool) -> None:
+        with stacks_if_slow(STOP_REPORT, "stopping this peer"):
+            await self._shut_down_parts(final_checkpoint)
+        self._mark_closed()
+        logger.info("peer stopped")
+
+    async def _shut_down_parts(self, final_checkpoint: bool) -> None:
         for part in (self._watcher, self._auth, self.resync):
             if part is not None:
                 await part.stop()
@@ -431,11 +438,9 @@ class Peer(Lifecycle):
             await self._transport.close()
         if self.host is not None:
             await self.host.close()
-        await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
+        await bounded(off_loop(lambda: self._compute.shutdown(wait=True, cancel_futures=True)), SLOT_STOP, "the compute thread")
         if self.dht is not None:
             await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT process")
-        self._mark_closed()
-        logger.info("peer stopped")
 
     def _metrics_report(self) -> MetricsReport | None:
         """This peer's running total of samples (backwards) for the bootstrap's contribution tally: the

@@ -17,7 +17,7 @@ from peers.inference.service import InferenceService
 from peers.training.protocol import BackwardRequest, ForwardRequest
 from peers.training.service import StageService
 from peers.training.worker import DEFAULT_QUEUE_SIZE, ComputeWorker, on_thread
-from core.loop import cancel_and_wait
+from core.loop import bounded, cancel_and_wait, off_loop
 from core.types import StageIndex
 
 __all__ = ["StageSlot", "WorkHook"]
@@ -25,6 +25,8 @@ __all__ = ["StageSlot", "WorkHook"]
 WorkHook = Callable[[str, ForwardRequest | BackwardRequest, list[torch.Tensor], dict, list[torch.Tensor]],
                     Awaitable[None]]
 """``hook(method, request, tensors, reply, out)`` after a hosted stage answered a forward or backward."""
+
+SLOT_STOP = 30.0  # s each part of a slot's stop (its averager, its compute thread) may take before it is left behind
 
 
 
@@ -66,8 +68,11 @@ class StageSlot:
         await self.stop_checkpoints()
         if self.inference is not None:  # open sessions end with the stage; their clients re-open elsewhere
             await self.inference.stop()
-        if self.service is not None:
-            self.service.shutdown()
-        elif self.sync is not None:
-            self.sync.shutdown()
-        await asyncio.to_thread(self.worker.shutdown, wait=True, cancel_futures=True)
+        # off the event loop and bounded: the averager's own stop waits up to AVERAGER_STOP, and a
+        # job running on the compute thread (a step waiting for its round) ends with it
+        shutdown = self.service.shutdown if self.service is not None else self.sync.shutdown if self.sync else None
+        if shutdown is not None:
+            await bounded(off_loop(shutdown), SLOT_STOP, f"stage {self.stage}'s averager")
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self.worker, ComputeWorker):
+            await bounded(off_loop(self.worker.join), SLOT_STOP, f"stage {self.stage}'s compute thread")

@@ -124,8 +124,14 @@ class ComputeWorker(Executor):
                 if cancel_futures:
                     self._drop_queued()
                 self._jobs.put(None)
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+        if wait:
+            self.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` s) for the thread to end after ``shutdown``; whether it has."""
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _put(self, job: _Job) -> None:
         with self._lock:
