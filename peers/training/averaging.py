@@ -42,7 +42,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
-from hivemind.utils.asyncio import as_aiter, attach_event_on_finished, azip, enter_asynchronously
+from hivemind.utils.asyncio import _AsyncContextWrapper, as_aiter, attach_event_on_finished, azip, enter_asynchronously
 
 from peers.training.sanity import AVERAGING_CLIP, robust_mean
 from core.errors import AveragingFailed
@@ -242,15 +242,14 @@ class _Averager(DecentralizedAverager):
         deadline = time.monotonic() + _FETCH_WAIT
         while self.held.value != key and key not in self._partial and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        sent = False
+        parts = None
         if self.held.value == key:  # (never wait for the tensors otherwise: a partial member holds them
             async with enter_asynchronously(self.get_tensors()) as tensors:  # while it fetches elsewhere)
-                if self.held.value == key:
-                    for part in _parts(tensors):
-                        yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
-                                                          tensor_part=serialize_torch_tensor(part))
-                    sent = True
-        if not sent:
+                if self.held.value == key:  # a copy: the lock is not held while the caller reads
+                    parts = [part.clone() for part in _parts(tensors)]
+        for part in parts or []:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialize_torch_tensor(part))
+        if parts is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
         await _linger()  # the caller closes first (see _RobustRunner.rpc_aggregate_part)
 
@@ -326,11 +325,27 @@ class _Averager(DecentralizedAverager):
         method, args, kwargs = call
         self._calls.keep(asyncio.create_task(getattr(self, method)(*args, **kwargs)))
 
+    @contextlib.contextmanager
+    def tensors_within(self, timeout: float):
+        """``get_tensors`` waiting at most ``timeout`` s for the lock (a round or a fetch of a result
+        holds it): a compute thread never waits on it forever, nor a stop with it."""
+        if not self.lock_averaged_tensors.acquire(timeout=max(timeout, 0.0)):
+            raise AveragingFailed(f"{self.prefix}: the averaged tensors stayed locked for {timeout:.0f} s "
+                                  "(a round still running?); nothing applied")
+        try:
+            yield self._averaged_tensors
+        finally:
+            self.lock_averaged_tensors.release()
+
     async def _close(self) -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Refuse new calls first; then cancel every task, again until none is left (a call handed
+        over just before the refusal starts its task while the first ones end)."""
+        self._calls.close()
+        await asyncio.sleep(0)
+        while tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.get_running_loop().shutdown_default_executor()  # hivemind's load balancing runs there
         p2p = getattr(self, "_p2p", None)
         if p2p is not None:
@@ -347,6 +362,25 @@ class _Averager(DecentralizedAverager):
         threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
         super().run()
 
+
+async def _enter_or_undo(self: Any) -> Any:
+    """hivemind's ``_AsyncContextWrapper.__aenter__`` (``enter_asynchronously``), safe to cancel.
+
+    hivemind enters the context (here: the averaged tensors' lock) on a thread of its executor and
+    awaits it; a task cancelled during that wait (a round given up, an averager stopping) leaves the
+    thread to take the lock a moment later with nobody to release it, and every later step of the
+    stage then waits for it. Here the entry is shielded, and when the awaiting task was cancelled the
+    context is exited as soon as it was entered."""
+    entering = asyncio.get_running_loop().run_in_executor(self.get_process_wide_executor(), self._context.__enter__)
+    try:
+        return await asyncio.shield(entering)
+    except asyncio.CancelledError:
+        entering.add_done_callback(
+            lambda f: f.cancelled() or f.exception() is not None or self._context.__exit__(None, None, None))
+        raise
+
+
+_AsyncContextWrapper.__aenter__ = _enter_or_undo
 
 _CLOSE_WAIT = 5.0  # s beyond hivemind's shutdown_timeout for an averager's thread to close its tasks and client
 
@@ -652,7 +686,7 @@ class HivemindGradientSync:
 
     def sum(self, grads: Sequence[torch.Tensor], *, step: int, members: Sequence[str], me: str,
             scheduled_time: float, timeout: float) -> list[torch.Tensor]:
-        with self._averager.get_tensors() as tensors:
+        with self._averager.tensors_within(timeout) as tensors:
             for slot, grad in zip(tensors, grads):
                 slot.copy_(grad)
             self._averager.held.value = 0  # another member may no longer fetch the last round's result here
@@ -683,7 +717,7 @@ class HivemindGradientSync:
             raise AveragingFailed(f"{self.prefix} step {step}: no group with {len(members) - 1} other "
                                   f"member(s) formed within {timeout:.0f} s")
         _check_group(gathered.values(), step, members, self.prefix)
-        with self._averager.get_tensors() as tensors:
+        with self._averager.tensors_within(timeout) as tensors:
             summed = [t.clone().mul_(len(members)) for t in tensors]
         logger.debug("%s step %d: averaged with %d members in %.3f s", self.prefix, step, len(members),
                      time.perf_counter() - started)
