@@ -173,8 +173,13 @@ class RemoteSession:
         max_failovers: int = 3,
         route_wait: float = 30.0,
         rng: random.Random | None = None,
+        fresh_records: RecordSource | None = None,
     ):
+        """``records``: the view the first route is planned from (a trainer's cached view: no DHT read
+        before the first token); ``fresh_records``: a read now, for a replacement after a failure and
+        for a stage missing from the view (default ``records``)."""
         self.manifest, self.client, self._records = manifest, client, records
+        self._fresh_records = fresh_records or records
         self.batch_size, self.max_length = batch_size, max_length
         self.max_failovers, self.route_wait = max_failovers, route_wait
         self.banned: set[str] = set()
@@ -273,9 +278,9 @@ class RemoteSession:
         """A route without the banned peers. A dead peer may come back or be replaced, so that waits
         (bounded); a full one is answered at once, since waiting would only hold the caller."""
         if not isinstance(error, CapacityExceeded):
-            return await self._plan()
+            return await self._plan(fresh=True)
         try:
-            return await self._plan(wait=0.0)
+            return await self._plan(wait=0.0, fresh=True)
         except NoRoute:
             raise CapacityExceeded(f"{error} (and no other replica of that stage is free)") from None
 
@@ -284,14 +289,17 @@ class RemoteSession:
         await self.client.open(hop.peer_id, hop.stage, hop.layers, stage.session_id,
                                batch_size=self.batch_size, max_length=self.max_length)
 
-    async def _plan(self, wait: float | None = None) -> tuple[Hop, ...]:
+    async def _plan(self, wait: float | None = None, *, fresh: bool = False) -> tuple[Hop, ...]:
+        """A route over the records in view (``fresh``: read now), waiting up to ``wait`` s for a stage
+        nobody serves; every attempt after the first reads afresh (a view does not change by waiting)."""
         wait = self.route_wait if wait is None else wait
         deadline = time.monotonic() + wait
         attempt = 0
         while True:
             attempt += 1
+            source = self._fresh_records if fresh or attempt > 1 else self._records
             try:
-                return plan_route(self.manifest.stages, await self._records(), banned=self.banned, rng=self._rng)
+                return plan_route(self.manifest.stages, await source(), banned=self.banned, rng=self._rng)
             except NoRoute as e:
                 if time.monotonic() >= deadline:
                     raise NoRoute(f"{e} (waited {wait:.0f} s)") from None
