@@ -153,7 +153,7 @@ class RemotePipeline:
 
     @property
     def records(self) -> RecordSource:
-        """Where routes come from (the DHT); inference sessions plan their own routes from it."""
+        """Where routes come from: a read of the DHT each call (``view`` is the cached view of it)."""
         return self.replicas.source
 
     async def view(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
