@@ -185,6 +185,7 @@ class RemoteSession:
         self.banned: set[str] = set()
         self.failovers = 0
         self.stages: list[_Stage] = []
+        self.open_seconds: float | None = None  # how long ``open`` took (planning the route included)
         self._positions: list[torch.Tensor] = []
         self._rng = rng or random.Random()
 
@@ -197,6 +198,7 @@ class RemoteSession:
         return tuple(stage.hop for stage in self.stages)
 
     async def open(self) -> None:
+        started = time.perf_counter()
         route = await self._plan()
         self.stages = [_Stage(hop, uuid.uuid4().hex) for hop in route]
         opened = await asyncio.gather(*(self._open(s) for s in self.stages), return_exceptions=True)
@@ -205,6 +207,7 @@ class RemoteSession:
                 await self._move(index, result)
             elif isinstance(result, BaseException):
                 raise result
+        self.open_seconds = time.perf_counter() - started
 
     async def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                    position_ids: torch.Tensor) -> torch.Tensor:
