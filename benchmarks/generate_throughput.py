@@ -15,6 +15,12 @@ are reported. Every process (local, client, each peer) uses ``--threads`` torch 
 ``--no-channel`` sends every call over libp2p streams (the peers' and the client's data channel off,
 ``net.channel``), to compare with the default. The load average is printed before and after.
 
+``--breakdown`` adds, for each swarm round, where a decode step's time went: the sessions' open
+(route planning included), and per step (medians) each hop's round trip as the client saw it, the
+peer's compute in it (``StepResponse.compute_ms``), the rest of that round trip (the transport, both
+processes' Python, the hand-overs to the compute thread), and what the client spent outside the hops
+(head, sampling, embedding, its thread hand-overs).
+
 ``--device`` puts the peers, the swarm's client (embeddings, head) and the local model on that device
 (default cpu); ``--dtype`` is the run's precision, the local model generating under the same autocast.
 """
@@ -58,6 +64,18 @@ def _measure(generate: Callable[[_Clock], torch.Tensor], batch: int, new_tokens:
     return new[0] - started, batch * (new_tokens - 1) / (new[-1] - new[0])
 
 
+def _breakdown(session, hops: list[tuple[float, float]], times: list[float]) -> str:
+    """One line: the sessions' open, and the medians of a decode step's parts (``--breakdown``)."""
+    per_step = len(session.stages)
+    decode = hops[per_step:]  # the first step of each hop is the prefill
+    step_ms = statistics.median((b - a) * 1000 for a, b in zip(times[1:], times[2:]))
+    trip = statistics.median(t for t, _ in decode)
+    compute = statistics.median(c for _, c in decode)
+    return (f"  breakdown: open {session.open_seconds * 1000:.1f} ms; decode step {step_ms:.2f} ms = {per_step} hops x "
+            f"(round trip {trip:.2f} ms: peer compute {compute:.2f} + rest {trip - compute:.2f}) + client outside "
+            f"the hops {step_ms - per_step * trip:.2f} ms (medians)")
+
+
 def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
@@ -68,6 +86,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-channel", action="store_true", help="libp2p streams only (no direct data channel)")
+    parser.add_argument("--breakdown", action="store_true", help="per swarm round: open, and per step each hop's "
+                        "round trip, the peer's compute in it and the client's time outside the hops")
     harness.add_device_flags(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,8 +119,16 @@ def main() -> None:
         with SwarmModelForCausalLM.from_pretrained(initial_peers=[address], device=args.device,
                                                    channel=not args.no_channel) as remote:
 
+            hops: list[tuple[float, float]] = []  # (round trip, peer compute) in ms of each step, every hop
+            remote.inference_client.on_step = lambda peer, seconds, reply: hops.append(
+                (seconds * 1000, reply.compute_ms))
+
             def swarm(clock: _Clock) -> torch.Tensor:
-                return remote.generate(prompts, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=clock)
+                hops.clear()
+                out = remote.generate(prompts, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=clock)
+                if args.breakdown:
+                    print(_breakdown(remote.last_session, hops, clock.times))
+                return out
 
             sides = {"local": local, "swarm": swarm}
             for name, run in sides.items():  # warm-up: first calls allocate, connect and fill caches

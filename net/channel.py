@@ -249,6 +249,8 @@ async def read_tensors(reader: asyncio.StreamReader, header: Header, *, limit: i
                      f"request of {header.size} bytes, over this method's {limit} bytes")
     if reserve is not None:
         reserve(header.size)
+    if header.size <= _JOINED:
+        return await _read_joined(reader, header, broken=broken, idle=idle)
     tensors = []
     for dtype, shape, size in header.layout:
         try:
@@ -259,6 +261,26 @@ async def read_tensors(reader: asyncio.StreamReader, header: Header, *, limit: i
         if size:
             memoryview(out.numpy())[:] = data
         tensors.append(out.view(dtype).reshape(shape))
+    return tensors
+
+
+async def _read_joined(reader: asyncio.StreamReader, header: Header, *, broken: Callable[[str], SwarmError],
+                       idle: float | None) -> list[torch.Tensor]:
+    """A small call's tensors (sent joined, ``_JOINED``) in one read and one copy into a buffer they
+    share: one await and one idle timer for all of them instead of one each, a few tens of
+    microseconds of a 1-token hop. A tensor whose offset in it does not suit its dtype is copied out."""
+    try:
+        data = bytearray(await read_exactly(reader, header.size, idle, broken)) if header.size else bytearray()
+    except asyncio.IncompleteReadError:
+        raise broken(f"the connection closed inside {header.size} bytes of tensors") from None
+    tensors, offset = [], 0
+    for dtype, shape, size in header.layout:
+        if not size:
+            tensors.append(torch.empty(shape, dtype=dtype))
+            continue
+        tensor = torch.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=offset).view(shape)
+        tensors.append(tensor if offset % dtype.itemsize == 0 else tensor.clone())
+        offset += size
     return tensors
 
 

@@ -173,13 +173,19 @@ class RemoteSession:
         max_failovers: int = 3,
         route_wait: float = 30.0,
         rng: random.Random | None = None,
+        fresh_records: RecordSource | None = None,
     ):
+        """``records``: the view the first route is planned from (a trainer's cached view: no DHT read
+        before the first token); ``fresh_records``: a read now, for a replacement after a failure and
+        for a stage missing from the view (default ``records``)."""
         self.manifest, self.client, self._records = manifest, client, records
+        self._fresh_records = fresh_records or records
         self.batch_size, self.max_length = batch_size, max_length
         self.max_failovers, self.route_wait = max_failovers, route_wait
         self.banned: set[str] = set()
         self.failovers = 0
         self.stages: list[_Stage] = []
+        self.open_seconds: float | None = None  # how long ``open`` took (planning the route included)
         self._positions: list[torch.Tensor] = []
         self._rng = rng or random.Random()
 
@@ -192,6 +198,7 @@ class RemoteSession:
         return tuple(stage.hop for stage in self.stages)
 
     async def open(self) -> None:
+        started = time.perf_counter()
         route = await self._plan()
         self.stages = [_Stage(hop, uuid.uuid4().hex) for hop in route]
         opened = await asyncio.gather(*(self._open(s) for s in self.stages), return_exceptions=True)
@@ -200,6 +207,7 @@ class RemoteSession:
                 await self._move(index, result)
             elif isinstance(result, BaseException):
                 raise result
+        self.open_seconds = time.perf_counter() - started
 
     async def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                    position_ids: torch.Tensor) -> torch.Tensor:
@@ -273,9 +281,9 @@ class RemoteSession:
         """A route without the banned peers. A dead peer may come back or be replaced, so that waits
         (bounded); a full one is answered at once, since waiting would only hold the caller."""
         if not isinstance(error, CapacityExceeded):
-            return await self._plan()
+            return await self._plan(fresh=True)
         try:
-            return await self._plan(wait=0.0)
+            return await self._plan(wait=0.0, fresh=True)
         except NoRoute:
             raise CapacityExceeded(f"{error} (and no other replica of that stage is free)") from None
 
@@ -284,14 +292,17 @@ class RemoteSession:
         await self.client.open(hop.peer_id, hop.stage, hop.layers, stage.session_id,
                                batch_size=self.batch_size, max_length=self.max_length)
 
-    async def _plan(self, wait: float | None = None) -> tuple[Hop, ...]:
+    async def _plan(self, wait: float | None = None, *, fresh: bool = False) -> tuple[Hop, ...]:
+        """A route over the records in view (``fresh``: read now), waiting up to ``wait`` s for a stage
+        nobody serves; every attempt after the first reads afresh (a view does not change by waiting)."""
         wait = self.route_wait if wait is None else wait
         deadline = time.monotonic() + wait
         attempt = 0
         while True:
             attempt += 1
+            source = self._fresh_records if fresh or attempt > 1 else self._records
             try:
-                return plan_route(self.manifest.stages, await self._records(), banned=self.banned, rng=self._rng)
+                return plan_route(self.manifest.stages, await source(), banned=self.banned, rng=self._rng)
             except NoRoute as e:
                 if time.monotonic() >= deadline:
                     raise NoRoute(f"{e} (waited {wait:.0f} s)") from None

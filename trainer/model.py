@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -340,8 +341,9 @@ class SwarmModelForCausalLM(nn.Module):
         ``generate``. The peers' sessions are closed when the iterator ends or is closed."""
         params = resolve_params(self.generation_config, **kwargs)
         length = generation_length(input_ids, attention_mask, params, self.local.config)
-        session = RemoteSession(self.manifest, self.inference_client, self.pipeline.records,
-                                batch_size=input_ids.shape[0], max_length=length)
+        session = RemoteSession(self.manifest, self.inference_client, self.pipeline.view,
+                                batch_size=input_ids.shape[0], max_length=length,
+                                fresh_records=functools.partial(self.pipeline.view, fresh=True))
         self.last_session = session
         try:
             self._runner.run(session.open())

@@ -31,11 +31,11 @@ import random
 import time
 import uuid
 from collections import Counter
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
-from dht.schemas import Manifest
+from dht.schemas import Manifest, PeerRecord
 from peers.training.client import StageClient, StageInputs
 from peers.training.routing import Hop
 from shards.schedule import Action, Phase, actions_of_stage, dependency, gpipe_schedule
@@ -153,8 +153,14 @@ class RemotePipeline:
 
     @property
     def records(self) -> RecordSource:
-        """Where routes come from (the DHT); inference sessions plan their own routes from it."""
+        """Where routes come from: a read of the DHT each call (``view`` is the cached view of it)."""
         return self.replicas.source
+
+    async def view(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
+        """The records this trainer routes over (``Replicas.current``): the view in hand, renewed in the
+        background once it is old, or read now when ``fresh`` (or when a peer in it failed a call).
+        Generation plans from it, so no DHT read sits between ``generate`` and its first token."""
+        return await self.replicas.current(fresh=fresh)
 
     def banned(self) -> set[str]:
         """Peers left out of routes and steps (``Replicas.banned``)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Callable
 
 import torch
 
@@ -35,9 +37,13 @@ logger = logging.getLogger(__name__)
 class InferenceClient:
     """Calls ``open`` / ``step`` / ``close`` of inference sessions on peers over a ``Transport``."""
 
-    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 2, backoff: float = 0.25):
+    def __init__(self, transport: Transport, *, timeout: float = 120.0, attempts: int = 2, backoff: float = 0.25,
+                 on_step: Callable[[PeerId, float, StepResponse], None] | None = None):
+        """``on_step(peer, seconds, reply)``: told of every step answered, with its round trip in seconds
+        (``reply.compute_ms`` is the peer's share of it); a benchmark's per-step breakdown."""
         self.transport = transport
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
+        self.on_step = on_step
 
     async def open(
         self, peer_id: PeerId, stage: StageIndex, layers: LayerRange, session_id: str, *, batch_size: int, max_length: int
@@ -58,10 +64,13 @@ class InferenceClient:
     ) -> torch.Tensor:
         request = StepRequest(session_id=session_id, start=start, has_attention_mask=attention_mask is not None)
         tensors = [t for t in (hidden, attention_mask, position_ids) if t is not None]
+        started = time.perf_counter()
         reply, out = await self._call(peer_id, STEP, request, tensors)
-        parse_reply(StepResponse, reply)
+        response = parse_reply(StepResponse, reply)
         if len(out) != 1:
             raise ProtocolMismatch(f"step reply carried {len(out)} tensors instead of 1")
+        if self.on_step is not None:
+            self.on_step(peer_id, time.perf_counter() - started, response)
         return out[0]
 
     async def close(self, peer_id: PeerId, session_id: str) -> CloseResponse:

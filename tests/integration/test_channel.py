@@ -14,8 +14,8 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-from core.errors import AuthRejected
-from net.channel import OPEN, ChannelOpen, ChannelServer, Identity, header_frame, read_header
+from core.errors import AuthRejected, BadRequest
+from net.channel import OPEN, ChannelOpen, ChannelServer, Identity, header_frame, read_header, read_tensors
 from net.rpc import Raw
 from net.transport import CALLER, P2PTransport
 
@@ -212,6 +212,41 @@ def test_the_header_describes_each_tensor_and_carries_its_memory_uncopied():
     assert views[0].obj.__array_interface__["data"][0] == tensor.data_ptr()  # the tensor's own memory
     frame = runtime_pb2.ExpertRequest.FromString(header[1 + P2P.HEADER_LEN:])
     assert frame.uid == "m" and list(frame.tensors[0].size) == [8, 16] and frame.tensors[0].dtype == "float32"
+
+
+def test_a_small_call_is_read_in_one_piece_each_tensor_intact_and_aligned():
+    # under 64 KiB: one read into one buffer; the odd-sized bool tensor puts the next ones off their alignment
+    sent = [torch.tensor([True, False, True]), torch.randn(5, 3), torch.randn(3).to(torch.bfloat16),
+            torch.arange(2), torch.empty(0, 4), torch.randn(2, 2)]
+    header, views = header_frame(runtime_pb2.ExpertRequest, "m", {"a": 1}, sent)
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join([header, *views]))
+        reader.feed_eof()
+        got = await read_header(reader, runtime_pb2.ExpertRequest, broken=BadRequest, idle=None)
+        return await read_tensors(reader, got, limit=1 << 20, broken=BadRequest, idle=5.0), reader.at_eof()
+
+    out, drained = asyncio.run(read())
+    assert drained and [t.dtype for t in out] == [t.dtype for t in sent] and out[4].shape == (0, 4)
+    assert all(torch.equal(a, b) for a, b in zip(out, sent))
+    assert all(t.data_ptr() % t.element_size() == 0 for t in out)
+    out[1].add_(1)  # a handler may write into what it was sent
+    assert torch.equal(out[1], sent[1] + 1)
+
+
+def test_a_small_call_cut_short_is_a_named_error():
+    header, views = header_frame(runtime_pb2.ExpertRequest, "m", {"a": 1}, [torch.randn(4, 4)])
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(header + bytes(views[0])[:10])
+        reader.feed_eof()
+        got = await read_header(reader, runtime_pb2.ExpertRequest, broken=BadRequest, idle=None)
+        return await read_tensors(reader, got, limit=1 << 20, broken=BadRequest, idle=5.0)
+
+    with pytest.raises(BadRequest, match="closed inside 64 bytes of tensors"):
+        asyncio.run(read())
 
 
 def test_stop_closes_the_listener_and_its_connections():

@@ -239,10 +239,12 @@ async def _register(service, bound):
         await bound.serve(method, handler)
 
 
-def _generate(model_dir, manifest, hub, records, local, ids, *, on_token=None, seed=0):
+def _generate(model_dir, manifest, hub, records, local, ids, *, on_token=None, seed=0, fresh_records=None,
+              on_step=None):
     loop = asyncio.new_event_loop()
-    session = RemoteSession(manifest, InferenceClient(hub, timeout=30, backoff=0.0), records, batch_size=ids.shape[0],
-                            max_length=ids.shape[1] + 12, rng=random.Random(seed))
+    client = InferenceClient(hub, timeout=30, backoff=0.0, on_step=on_step)
+    session = RemoteSession(manifest, client, records, batch_size=ids.shape[0],
+                            max_length=ids.shape[1] + 12, rng=random.Random(seed), fresh_records=fresh_records)
     try:
         loop.run_until_complete(session.open())
         tokens = []
@@ -271,6 +273,39 @@ def test_a_dead_replica_is_replaced_and_the_tokens_do_not_change(llama_dir):
     assert session.failovers == 1 and session.banned == set(hub.fail)
     survivor = services[session.route[0].peer_id]
     assert len(survivor.sessions) == 0  # the replacement session was closed at the end
+
+
+def test_the_first_route_comes_from_the_view_and_a_replacement_from_a_fresh_read(llama_dir):
+    manifest, hub, records, _, local = _swarm(llama_dir, [2, 1])
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    reads = {"view": 0, "fresh": 0}
+
+    def counted(kind):
+        async def source():
+            reads[kind] += 1
+            return await records()
+        return source
+
+    def kill(i, session):
+        if i == 4:
+            hub.fail[session.route[0].peer_id] = PeerUnavailable("the peer is gone")
+
+    _, session = _generate(llama_dir, manifest, hub, counted("view"), local, ids, on_token=kill,
+                           fresh_records=counted("fresh"))
+    assert reads == {"view": 1, "fresh": 1} and session.failovers == 1
+
+
+def test_each_answered_step_is_told_with_its_round_trip_and_the_peers_compute(llama_dir):
+    manifest, hub, records, _, local = _swarm(llama_dir, [1, 1])
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    told = []
+    _, session = _generate(llama_dir, manifest, hub, records, local, ids,
+                           on_step=lambda peer, seconds, reply: told.append((peer, seconds, reply)))
+    # 12 tokens: the prefill and 11 one-token steps, through both stages
+    assert [peer for peer, _, _ in told] == [hop.peer_id for hop in session.route] * 12
+    assert all(0 < reply.compute_ms <= seconds * 1000 for _, seconds, reply in told)
+    assert [reply.length for _, _, reply in told[::2]] == [5 + i for i in range(12)]
+    assert session.open_seconds is not None and session.open_seconds > 0
 
 
 def test_a_full_replica_sends_the_session_to_another(llama_dir):
