@@ -72,6 +72,8 @@ class NetworkSettings(_Section):
     relay_bytes: ByteSize = Field(ByteSize(4 << 30), ge=MIN_RELAY_BYTES, description="bytes one relayed connection may "
                                   "carry each way before the relay resets it (the caller then dials again), e.g. "
                                   "4GiB; at least 64MiB, the least peers behind NAT accept")
+    dht_process: bool = Field(False, description="serve the DHT node in a child process of its own (hivemind's "
+                              "way: ~180 MiB PSS more for a peer) instead of on a thread of this process")
     reachability: str = Field("auto", pattern="^(auto|public|private)$", description="whether others can dial this "
                               "node: auto (private if its address is private and the bootstrap's is outside its "
                               "network), public (no relay slot) or private (serve through a relay)")
