@@ -143,7 +143,7 @@ class _DHTThread(hivemind.DHT):
 
     hivemind's control pipe is replaced by ``dht.calls.Calls`` (calls by reference). The node's p2pd is
     started here (``_daemon``), not by hivemind's ``DHTNode.create``, so that its command line takes this
-    node's relay flags alone (several nodes run in one process in tests) and goes through ``_LAUNCHER``:
+    node's relay flags alone (several nodes run in one process in tests) and goes through ``_launcher``:
     p2pd in a process group of its own (Ctrl+C in a terminal reaches the caller alone, which stops the
     node in order: p2pd exits on SIGINT, and a node whose p2pd died first stalled its shutdown) that
     is killed when this thread ends, the caller's process killed with SIGKILL included."""
