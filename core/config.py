@@ -209,7 +209,7 @@ class PeerSettings(_Section):
                                   "median replica's norm when replicas average (a poisoning replica is clipped)")
     averager_process: bool = Field(False, description="run each stage's averager in a child process of its own "
                                    "(hivemind's way: ~100 MiB PSS more for a peer of one stage) instead of on a "
-                                   "thread of the peer")
+                                   "thread of the peer; needs network.dht_process")
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -362,6 +362,15 @@ class SwarmSettings(BaseSettings):
     data: DataSettings = DataSettings()
 
     toml_file: ClassVar[Path | None] = None
+
+    @model_validator(mode="after")
+    def _averager_process_needs_dht_process(self) -> "SwarmSettings":
+        """A forked averager reaches the DHT over hivemind's pipe to the DHT's own process; a DHT on a
+        thread of the peer has none (``dht.calls``)."""
+        if self.peer.averager_process and not self.network.dht_process:
+            raise ValueError("peer.averager_process needs network.dht_process = true: an averager in a child "
+                             "process reaches the DHT only when the DHT runs in a process of its own too")
+        return self
 
     @classmethod
     def settings_customise_sources(

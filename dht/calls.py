@@ -11,6 +11,7 @@ never reaches the caller's future. ``serve_on_thread`` is the body of such a thr
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any, Awaitable, Callable
 
@@ -26,10 +27,12 @@ class Calls:
     """Stands in for hivemind's control pipe (``_inner_pipe`` and ``_outer_pipe`` both): each call
     ``(method, args, kwargs)`` becomes a task running ``getattr(target, method)(*args, **kwargs)`` on the
     serving thread's loop. Calls sent before the loop serves wait for it; one sent after it stopped is
-    refused with a ``RuntimeError`` naming ``what`` is shut down."""
+    refused with a ``RuntimeError`` naming ``what`` is shut down, and so is one from a forked child (no
+    thread serves there: hivemind's pipe reached a child process from another, this does not)."""
 
     def __init__(self, what: str) -> None:
         self.what = what
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._target: Any = None
@@ -46,6 +49,9 @@ class Calls:
             self._dispatch(call)
 
     def send(self, call: Call) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"{self.what} is served on a thread of process {self._pid}: {call[0]} cannot be "
+                               "sent from a process forked from it")
         for arg in [*call[1], *call[2].values()]:
             if isinstance(arg, MPFuture):
                 unbind_idle(arg)

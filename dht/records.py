@@ -193,6 +193,8 @@ class _DHTThread(hivemind.DHT):
             return
         with contextlib.suppress(RuntimeError):  # stopping already: the join below waits for it
             self._calls.send(("_shutdown", [self.shutdown_timeout], {}))
+        if thread is threading.current_thread():  # (hivemind's __del__, run on the DHT's own thread)
+            return
         thread.join(self.shutdown_timeout + _CLOSE_WAIT)
         if thread.is_alive():
             logger.warning("the DHT did not stop within %.0f s; its p2p daemon is killed and the thread left "

@@ -119,6 +119,28 @@ def test_a_killed_caller_leaves_no_daemon(tmp_path):
     assert _gone(daemon, 5), "p2pd outlived its caller killed with SIGKILL"
 
 
+def test_a_forked_child_is_refused_by_name():
+    """No thread serves a forked child (an averager in a child process needs ``network.dht_process``)."""
+    node = SwarmDHT.create("thr")
+    try:
+        ctx = multiprocessing.get_context("fork")
+        answer = ctx.SimpleQueue()
+
+        def call() -> None:
+            try:
+                node.dht.get("k")
+                answer.put("answered")
+            except RuntimeError as e:
+                answer.put(str(e))
+
+        child = ctx.Process(target=call)
+        child.start()
+        child.join(30)
+        assert "cannot be sent from a process forked from it" in answer.get()
+    finally:
+        node.shutdown()
+
+
 def test_only_futures_of_idle_loops_are_unbound():
     idle = MPFuture()  # no loop runs on this thread: its caller will wait with result()
     unbind_idle(idle)
