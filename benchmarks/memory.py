@@ -1,9 +1,10 @@
-"""Memory of a peer: idle and peak PSS over its whole process tree (the swarm process, its DHT and
-averager children, and p2pd), serving half of a Llama-style model of width 512 and 8 layers
+"""Memory of a peer: idle and peak PSS over its whole process tree (the swarm process, p2pd, and its DHT
+and averager children when ``network.dht_process`` / ``peer.averager_process`` ask for them), serving half of a Llama-style model of width 512 and 8 layers
 (vocabulary 32000), against what its stage must hold: parameters + gradients + AdamW's two moments.
 
     .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --steps 10 --batch 8
+    .venv/bin/python benchmarks/memory.py --compare    # the DHT on a thread, then in a child process
 
 A bootstrap and two peers (``swarm join --max-stages 1``, one thread each) run on 127.0.0.1; the one
 serving stage 0 (layers 0-3) is measured. *Idle*: a few seconds after it serves, before any request.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import harness  # before any project module: this checkout first on sys.path
 
+import argparse
 import os
 import subprocess
 import sys
@@ -83,13 +85,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     harness.add_batch_flags(parser, batch=8, seq=128)
     parser.add_argument("--idle-wait", type=float, default=5.0)
+    parser.add_argument("--dht-process", action="store_true",
+                        help="the peers serve their DHT in a child process (network.dht_process)")
+    parser.add_argument("--compare", action="store_true",
+                        help="measure the DHT on a thread, then in a child process, back to back")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root, model_dir = harness.workspace("swarm-bench-", "llama", num_layers=8, hidden_size=512, num_heads=8,
                                         vocab_size=32000, max_positions=max(args.seq, 128))
     weights = _stage_bytes(model_dir, range(0, 4))
-    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2,
-                             target_batch_size=args.batch) as (procs, address):
+    print(f"peer serving stage 0 = layers 0-3 of Llama-style 8 x 512 (vocab 32000); load average "
+          f"{os.getloadavg()[0]:.1f} before")
+    print(f"stage state: weights {weights / MiB:.1f} MiB -> weights + gradients + AdamW moments "
+          f"{4 * weights / MiB:.1f} MiB")
+    modes = [False, True] if args.compare else [args.dht_process]
+    idles = [_measure(args, root / f"dht-process-{mode}", model_dir, weights, dht_process=mode) for mode in modes]
+    if args.compare:
+        print(f"idle PSS, DHT on a thread / in a child process: {idles[0] / MiB:.1f} / {idles[1] / MiB:.1f} MiB "
+              f"= {idles[0] / idles[1]:.2f}x; load average {os.getloadavg()[0]:.1f} after")
+
+
+def _measure(args: argparse.Namespace, root: Path, model_dir: Path, weights: int, *, dht_process: bool) -> int:
+    """Start the swarm (its peers' DHT in a child process or not), print the figures; the idle PSS."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = {"SWARM_NETWORK__DHT_PROCESS": "true" if dht_process else "false"}
+    with harness.local_swarm(root, model_dir, num_stages=2, num_peers=2, target_batch_size=args.batch,
+                             peer_env=env) as (procs, address):
         stage0 = next(proc for name, proc in procs.procs
                       if name.startswith("peer") and "stage 0" in (root / f"{name}.log").read_text())
         time.sleep(args.idle_wait)
@@ -107,10 +128,8 @@ def main() -> None:
                 harness.train_step(model, optimizer, next(batches) % 256)
         sampler.stop()
         peak = sampler.peak
-    print(f"peer serving stage 0 = layers 0-3 of Llama-style 8 x 512 (vocab 32000); load average "
+    print(f"-- the DHT {'in a child process' if dht_process else 'on a thread of the peer'}; load average "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"stage state: weights {weights / MiB:.1f} MiB -> weights + gradients + AdamW moments "
-          f"{4 * weights / MiB:.1f} MiB")
     print(f"idle: PSS {idle[0] / MiB:6.1f} MiB (RSS {idle[1] / MiB:6.1f} MiB) over {idle[2]} processes "
           f"(target <= 450 MiB)")
     print("\n".join(parts))
@@ -121,6 +140,7 @@ def main() -> None:
     print(f"floor of any peer on this stack: an idle interpreter after `{FLOOR_IMPORTS}` {floor / MiB:.1f} MiB "
           f"+ p2pd {p2pd / MiB:.1f} MiB + the stage's weights {weights / MiB:.1f} MiB = "
           f"{(floor + p2pd + weights) / MiB:.1f} MiB; this peer idles at {idle[0] / (floor + p2pd + weights):.2f}x it")
+    return idle[0]
 
 
 if __name__ == "__main__":

@@ -207,7 +207,8 @@ class BootstrapNode:
         def create(initial: list[str]) -> SwarmDHT:
             return SwarmDHT.create(self.settings.run_id, initial_peers=initial, host=net.host, port=port,
                                    announce_host=net.announce_host, identity_path=self.state_dir / "identity.key",
-                                   signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net))
+                                   signer_key=self.authority, relay=offers_relay(net), relay_limits=relay_limits(net),
+                                   in_process=not net.dht_process)
 
         if self.mirror is not None and self.manifest is None:  # a new mirror: the run is where it points
             try:

@@ -72,6 +72,8 @@ class NetworkSettings(_Section):
     relay_bytes: ByteSize = Field(ByteSize(4 << 30), ge=MIN_RELAY_BYTES, description="bytes one relayed connection may "
                                   "carry each way before the relay resets it (the caller then dials again), e.g. "
                                   "4GiB; at least 64MiB, the least peers behind NAT accept")
+    dht_process: bool = Field(False, description="serve the DHT node in a child process of its own (hivemind's "
+                              "way: ~180 MiB PSS more for a peer) instead of on a thread of this process")
     reachability: str = Field("auto", pattern="^(auto|public|private)$", description="whether others can dial this "
                               "node: auto (private if its address is private and the bootstrap's is outside its "
                               "network), public (no relay slot) or private (serve through a relay)")
@@ -207,7 +209,7 @@ class PeerSettings(_Section):
                                   "median replica's norm when replicas average (a poisoning replica is clipped)")
     averager_process: bool = Field(False, description="run each stage's averager in a child process of its own "
                                    "(hivemind's way: ~100 MiB PSS more for a peer of one stage) instead of on a "
-                                   "thread of the peer")
+                                   "thread of the peer; needs network.dht_process")
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -360,6 +362,15 @@ class SwarmSettings(BaseSettings):
     data: DataSettings = DataSettings()
 
     toml_file: ClassVar[Path | None] = None
+
+    @model_validator(mode="after")
+    def _averager_process_needs_dht_process(self) -> "SwarmSettings":
+        """A forked averager reaches the DHT over hivemind's pipe to the DHT's own process; a DHT on a
+        thread of the peer has none (``dht.calls``)."""
+        if self.peer.averager_process and not self.network.dht_process:
+            raise ValueError("peer.averager_process needs network.dht_process = true: an averager in a child "
+                             "process reaches the DHT only when the DHT runs in a process of its own too")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1,29 +1,35 @@
 """``SwarmDHT``: swarm's records on top of a running ``hivemind.DHT``.
 
-hivemind runs the DHT in a child process (with its p2pd); every call here goes through that process's
-pipe and is awaited as an ``MPFuture``, so the caller's event loop never blocks on the DHT.
+hivemind's DHT is served on a thread of this process (``_DHTThread``, the default) or in hivemind's child
+process (``_DHTProcess``, ``network.dht_process``), with its p2pd either way; every call here is handed
+to it and awaited as an ``MPFuture``, so the caller's event loop never blocks on the DHT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import hivemind
 import torch.multiprocessing
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import BaseModel, ValidationError
 
+from dht.calls import Calls, unbind_idle
 from dht.schemas import (
     DataRecord,
     data_key,
@@ -100,7 +106,8 @@ STORE_TTL = 600.0
 
 
 class _DHTProcess(hivemind.DHT):
-    """hivemind's DHT child process, in a process group of its own that dies with its parent.
+    """hivemind's DHT child process (``network.dht_process``), in a process group of its own that dies
+    with its parent.
 
     Ctrl+C in a terminal signals the whole foreground process group. p2pd (started by this child)
     exits on SIGINT whatever it inherits, and a DHT child whose p2pd died first never finishes its
@@ -129,13 +136,152 @@ class _DHTProcess(hivemind.DHT):
         super().run()
 
 
+class _DHTThread(hivemind.DHT):
+    """hivemind's DHT served on a thread of the calling process (the default; issue 27, point 6): the
+    same node, calls and futures as hivemind's child process, without a forked copy of the caller's
+    heap (~180 MiB PSS for a peer, see docs/design.md).
+
+    hivemind's control pipe is replaced by ``dht.calls.Calls`` (calls by reference). The node's p2pd is
+    started here (``_daemon``), not by hivemind's ``DHTNode.create``, so that its command line takes this
+    node's relay flags alone (several nodes run in one process in tests) and goes through ``_launcher``:
+    p2pd in a process group of its own (Ctrl+C in a terminal reaches the caller alone, which stops the
+    node in order: p2pd exits on SIGINT, and a node whose p2pd died first stalled its shutdown) that
+    is killed when this thread ends, the caller's process killed with SIGKILL included."""
+
+    _node: Any
+
+    def __init__(self, *args: Any, relay_flags: dict | None = None, start: bool, await_ready: bool = True,
+                 **kwargs: Any):
+        super().__init__(*args, start=False, **kwargs)
+        self._relay_flags = relay_flags or {}
+        self._inner_pipe.close()
+        self._outer_pipe.close()
+        self._calls = Calls("the DHT")
+        self._inner_pipe = self._outer_pipe = self._calls
+        unbind_idle(self._ready)
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._p2p: Any = None
+        if start:
+            self.run_in_background(await_ready=await_ready)
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        self._thread = threading.Thread(target=self._calls.serve_on_thread, args=(self._serve, self._close),
+                                        name="dht", daemon=True)
+        self._thread.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def is_alive(self) -> bool:
+        """Whether the node serves: its thread runs and its p2pd has not exited (a node whose daemon
+        died can no longer take part in the run, see ``net.transport.P2PTransport.alive``)."""
+        daemon = getattr(self._p2p, "_child", None)
+        return (self._thread is not None and self._thread.is_alive()
+                and (daemon is None or daemon.returncode is None))
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """The process id of this node's p2pd (None before it started)."""
+        daemon = getattr(self._p2p, "_child", None)
+        return None if daemon is None else daemon.pid
+
+    def shutdown(self) -> None:
+        """Stop the node and its p2pd, bounded: ``shutdown_timeout`` for the node, ``_CLOSE_WAIT`` more
+        for the thread to close; a thread that did not stop is named in a warning and its p2pd killed."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):  # stopping already: the join below waits for it
+            self._calls.send(("_shutdown", [self.shutdown_timeout], {}))
+        if thread is threading.current_thread():  # (hivemind's __del__, run on the DHT's own thread)
+            return
+        thread.join(self.shutdown_timeout + _CLOSE_WAIT)
+        if thread.is_alive():
+            logger.warning("the DHT did not stop within %.0f s; its p2p daemon is killed and the thread left "
+                           "behind", self.shutdown_timeout + _CLOSE_WAIT)
+            pid = self.daemon_pid
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    async def _shutdown(self, timeout: float | None = None) -> None:
+        """The node's shutdown (its handlers removed from p2pd), bounded by ``timeout``; skipped when p2pd
+        is gone, where it would only wait on the dead daemon's socket (the thread's wind-down cancels the
+        node's tasks either way)."""
+        try:
+            if self._p2p._child.returncode is None:
+                await asyncio.wait_for(self._node.shutdown(), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("the DHT node did not shut down within %g s; stopping its p2p daemon", timeout)
+        finally:
+            if self._stopped is not None:
+                self._stopped.set()
+
+    async def _serve(self) -> None:
+        """hivemind's ``DHT.run`` on this thread's loop: start p2pd and the node, then serve calls until
+        ``_shutdown``."""
+        self._stopped = asyncio.Event()
+        kwargs = dict(self.kwargs)
+        client_mode = kwargs.pop("client_mode", False)
+        try:
+            self._p2p = await _daemon(self._relay_flags).create(
+                initial_peers=self.initial_peers, dht_mode="client" if client_mode else "server", **kwargs)
+            self._node = await DHTNode.create(initial_peers=self.initial_peers, num_workers=self.num_workers,
+                                              record_validator=self._record_validator, p2p=self._p2p,
+                                              client_mode=client_mode)
+        except Exception as e:  # the caller's wait_until_ready raises it
+            self._ready.set_exception(e)
+            return
+        self._calls.open(asyncio.get_running_loop(), self)
+        self._ready.set_result(None)
+        await self._stopped.wait()
+
+    async def _close(self) -> None:
+        if self._p2p is not None:
+            await self._p2p.shutdown()  # the node does not own a daemon it was given
+
+
+_CLOSE_WAIT = 5.0  # s beyond shutdown_timeout for the DHT's thread to stop its daemon and close
+
+_LAUNCHER_CODE = """\
+import ctypes, os, signal, sys
+os.setpgid(0, 0)
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("p2pd: its parent is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _launcher() -> list[str]:
+    """What p2pd's command line starts with (on Linux): a Python that puts itself in a process group of
+    its own, asks the kernel to kill it when the thread that started it (the DHT's) ends, and becomes
+    p2pd (``exec``: no process stays behind it). The signal survives ``exec``; the check of the parent
+    covers a parent gone before it was asked for."""
+    if sys.platform != "linux":
+        return []
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER_CODE, str(os.getpid())]
+
+
+def _daemon(flags: dict) -> type[P2P]:
+    """hivemind's ``P2P`` whose p2pd command line goes through ``_launcher`` and ends with ``flags``
+    (``P2P.create`` has no parameter for the relay service's limits): a class per node, so that no other
+    node in this process is touched."""
+    launcher = _launcher()
+
+    class _Daemon(P2P):
+        @staticmethod
+        def _make_process_args(*args: Any, **kwargs: Any) -> list[str]:
+            return [*launcher, *P2P._make_process_args(*args, **kwargs, **flags)]
+
+    return _Daemon
+
+
 def _pass_daemon_flags(flags: dict) -> None:
     """Add ``flags`` to the command line of the p2pd this process starts: ``P2P.create`` has no
     parameter for the relay service's limits. (p2pd also starts a second relay service with
-    libp2p's defaults: see ``net.relay`` for which one answers.) Only this DHT child process is
-    patched."""
-    from hivemind.p2p import P2P
-
+    libp2p's defaults: see ``net.relay`` for which one answers.) Process-wide: only for the DHT child
+    process, which starts one node."""
     make = P2P._make_process_args
     P2P._make_process_args = staticmethod(lambda *args, **kwargs: make(*args, **kwargs, **flags))
 
@@ -178,8 +324,10 @@ class SwarmDHT:
         signer_key: RSAPrivateKey | None = None,
         relay: bool = False,
         relay_limits: tuple[int, int, int] = (128, 16, 4 << 30),
+        in_process: bool = True,
     ) -> "SwarmDHT":
-        """Start a DHT node (child process + p2pd) for ``run_id``; blocks until it is up.
+        """Start a DHT node (its p2pd, served on a thread of this process) for ``run_id``; blocks until it
+        is up. ``in_process=False``: in hivemind's child process instead (``network.dht_process``).
         ``signer_key`` signs its records (a bootstrap passes its persistent authority key). ``relay``:
         serve relay slots to peers behind NAT (the daemon starts its relay service only once it counts
         itself publicly reachable, which it is told here rather than left to guess);
@@ -208,8 +356,11 @@ class SwarmDHT:
         for peer in initial_peers:
             check_multiaddr(peer)
         try:
-            _freeze_heap()
-            dht = _DHTProcess(**kwargs)
+            if in_process:
+                dht = _DHTThread(**kwargs)
+            else:
+                _freeze_heap()
+                dht = _DHTProcess(**kwargs)
         except Exception as e:  # a port in use, an unreachable initial peer, a daemon that won't start
             where = f"/ip4/{host}/tcp/{port}"
             raise PeerUnavailable(f"cannot start the DHT on {where}: {type(e).__name__}: {e}") from None
@@ -393,9 +544,9 @@ class SwarmDHT:
         return records
 
     def shutdown(self) -> None:
-        """Stop the DHT child process and its p2pd. Idempotent."""
-        if self.dht.is_alive():
-            self.dht.shutdown()
+        """Stop the DHT node (its thread or child process) and its p2pd. Idempotent (a node whose p2pd
+        died is no longer alive, but its thread is still stopped)."""
+        self.dht.shutdown()
 
 
 def _entries(found) -> list:

@@ -182,7 +182,7 @@ class Peer(Lifecycle):
         self.dht = await asyncio.to_thread(
             SwarmDHT.create, self.settings.run_id, initial_peers=net.initial_peers, host=net.host,
             port=net.port, announce_host=net.announce_host, identity_path=self._identity_path(),
-            relay=offers_relay(net), relay_limits=relay_limits(net),
+            relay=offers_relay(net), relay_limits=relay_limits(net), in_process=not net.dht_process,
         )
         self.telemetry = PeerTelemetry(self.settings, self.dht)
         self.telemetry.start_monitor(checks=self.readiness)

@@ -31,7 +31,6 @@ from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import hivemind
 import torch
-import uvloop
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AllreduceException
 from hivemind.averaging.control import StepControl
@@ -44,6 +43,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import _AsyncContextWrapper, as_aiter, attach_event_on_finished, azip, enter_asynchronously
 
+from dht.calls import Calls, unbind_idle
 from peers.training.sanity import AVERAGING_CLIP, robust_mean
 from core.errors import AveragingFailed
 
@@ -77,7 +77,7 @@ class _Averager(DecentralizedAverager):
     default: one process fewer per peer) or in hivemind's child process, which also dies when its
     parent does (hivemind has no parent-death handling: a SIGKILLed peer would otherwise leave it running).
 
-    In the caller's process, hivemind's control pipe is replaced by ``_Calls``, which hands each call's
+    In the caller's process, hivemind's control pipe is replaced by ``dht.calls.Calls``, which hands each call's
     arguments to the averager's event loop by reference: a pipe pickles them, and an ``MPFuture``
     unpickled in its own origin process is a copy whose result never reaches the caller's future.
 
@@ -109,14 +109,14 @@ class _Averager(DecentralizedAverager):
         # with the parent, which clears it when it puts the next gradients in
         self.held = multiprocessing.RawValue("q", 0)
         self._partial: list[int] = []  # the last rounds that came back partial here (in the averager only)
-        self._calls: _Calls | None = None
+        self._calls: Calls | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
         if in_process:
             self._inner_pipe.send(("_SHUTDOWN", None))  # ends hivemind's state fetcher thread on the pipe
-            self._calls = _Calls()
+            self._calls = Calls(f"the averager {self.prefix}")
             self._inner_pipe = self._outer_pipe = self._calls
-            _unbind(self._ready)
+            unbind_idle(self._ready)
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         """What another member downloads with ``load_state_from_peers`` (called by hivemind in this,
@@ -257,7 +257,8 @@ class _Averager(DecentralizedAverager):
         if self._calls is None:
             self.start()
         else:
-            self._thread = threading.Thread(target=self._serve_on_thread, name=f"averager-{self.prefix}", daemon=True)
+            self._thread = threading.Thread(target=self._calls.serve_on_thread, args=(self._serve, self._close),
+                                            name=f"averager-{self.prefix}", daemon=True)
             self._thread.start()
         if await_ready:
             self.wait_until_ready(timeout)
@@ -287,18 +288,6 @@ class _Averager(DecentralizedAverager):
             if self._stopped is not None:
                 self._stopped.set()
 
-    def _serve_on_thread(self) -> None:
-        loop = uvloop.new_event_loop()  # hivemind runs its averagers on uvloop; the process's policy is left alone
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._serve())
-        finally:
-            try:
-                loop.run_until_complete(self._close())
-            finally:
-                self._calls.close()
-                loop.close()
-
     async def _serve(self) -> None:
         """hivemind's ``_run_internal`` on this thread's loop, on a libp2p client of its own (the DHT's
         replica belongs to the loop that first asked for it: the peer's), until ``_shutdown``."""
@@ -317,13 +306,9 @@ class _Averager(DecentralizedAverager):
         except Exception as e:  # the caller's wait_until_ready raises it
             self._ready.set_exception(e)
             return
-        self._calls.open(asyncio.get_running_loop(), self._dispatch)
+        self._calls.open(asyncio.get_running_loop(), self)
         self._ready.set_result(None)
         await self._stopped.wait()
-
-    def _dispatch(self, call: tuple[str, list[Any], dict[str, Any]]) -> None:
-        method, args, kwargs = call
-        self._calls.keep(asyncio.create_task(getattr(self, method)(*args, **kwargs)))
 
     @contextlib.contextmanager
     def tensors_within(self, timeout: float):
@@ -338,15 +323,7 @@ class _Averager(DecentralizedAverager):
             self.lock_averaged_tensors.release()
 
     async def _close(self) -> None:
-        """Refuse new calls first; then cancel every task, again until none is left (a call handed
-        over just before the refusal starts its task while the first ones end)."""
-        self._calls.close()
-        await asyncio.sleep(0)
-        while tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.get_running_loop().shutdown_default_executor()  # hivemind's load balancing runs there
+        """After ``Calls`` refused new calls and cancelled every task (``serve_on_thread``)."""
         p2p = getattr(self, "_p2p", None)
         if p2p is not None:
             await p2p.shutdown()  # a replica: closes this client only, the DHT's p2pd stays
@@ -383,59 +360,6 @@ async def _enter_or_undo(self: Any) -> Any:
 _AsyncContextWrapper.__aenter__ = _enter_or_undo
 
 _CLOSE_WAIT = 5.0  # s beyond hivemind's shutdown_timeout for an averager's thread to close its tasks and client
-
-
-class _Calls:
-    """hivemind's control pipe for an averager served on a thread of the caller's process: each call
-    ``(method, args, kwargs)`` becomes a task on the averager's loop, its arguments passed by reference.
-    Calls sent before the loop serves wait for it; one sent after it stopped is refused."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._dispatch: Callable[[Any], None] | None = None
-        self._early: list[Any] = []
-        self._closed = False
-        self._tasks: set[asyncio.Task] = set()
-
-    def open(self, loop: asyncio.AbstractEventLoop, dispatch: Callable[[Any], None]) -> None:
-        with self._lock:
-            self._loop, self._dispatch = loop, dispatch
-            early, self._early = self._early, []
-        for call in early:
-            dispatch(call)
-
-    def send(self, call: tuple[str, list[Any], dict[str, Any]]) -> None:
-        for arg in [*call[1], *call[2].values()]:
-            if isinstance(arg, MPFuture):
-                _unbind(arg)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"the averager is shut down: {call[0]} not sent")
-            if self._loop is None:
-                self._early.append(call)
-                return
-            self._loop.call_soon_threadsafe(self._dispatch, call)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def keep(self, task: asyncio.Task) -> None:
-        """Hold a task the loop runs (asyncio keeps only a weak reference) until it ends."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-
-
-def _unbind(future: MPFuture) -> None:
-    """Detach a caller's future from the event loop of the thread that made it (the caller waits with
-    ``result()``): the averager's thread sets it, and hivemind would run that idle loop there to wake
-    its awaiters, which fails on a thread whose own loop is running."""
-    future._loop = future._aio_event = None
 
 
 _FETCH_WAIT = 5.0  # s a member waits for its own round to end before it answers a fetch of its result

@@ -137,10 +137,10 @@ def test_capacity_expiry_tokens_and_forged_receipts(model_factory, swarm_factory
             parse_reply(SubmitResponse, reply)
         assert weak.peer_id not in swarm.bootstrap.telemetry.book.tally()
 
-        # the delegator dies (its DHT and p2pd killed, nothing stopped): the session expires, the stage is freed
+        # the delegator dies (its p2pd killed, nothing stopped): the session expires, the stage is freed
         first = sessions.status().sessions[0].session_id
         swarm.loop.run(_cancel_polls(weak))
-        os.killpg(weak.dht.dht.pid, signal.SIGKILL)
+        os.kill(weak.dht.dht.daemon_pid, signal.SIGKILL)
         _wait(lambda: not delegate.hosted, timeout=20, what="the session to expire")
         assert sessions.status().sessions[0].status == SessionState.EXPIRED
 
@@ -197,7 +197,7 @@ def test_a_delegate_killed_mid_training_costs_no_step_and_the_delegator_moves_on
 
     def kill_after(step: int) -> None:
         if step == 1:
-            os.killpg(doomed.dht.dht.pid, signal.SIGKILL)
+            os.kill(doomed.dht.dht.daemon_pid, signal.SIGKILL)  # its p2p side dies, nothing stopped
             _wait(lambda: not weak.status().delegate_reachable, timeout=30, what="the delegator to notice")
             seen["status"] = weak.status()
         if step == 2:  # A's owner now accepts delegations: A loads stage 1 while it serves the trainer

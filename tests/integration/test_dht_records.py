@@ -17,10 +17,12 @@ pytestmark = pytest.mark.slow
 LAYERS = LayerRange(start=0, end=2)
 
 
-@pytest.fixture
-def two_nodes():
-    first = SwarmDHT.create("rec", host="127.0.0.1")
-    second = SwarmDHT.create("rec", initial_peers=first.visible_maddrs(), host="127.0.0.1")
+@pytest.fixture(params=[True, False], ids=["thread", "child-process"])
+def two_nodes(request):
+    """Two nodes, served on a thread of this process (the default) or in hivemind's child processes
+    (``network.dht_process``): the records behave the same."""
+    first = SwarmDHT.create("rec", host="127.0.0.1", in_process=request.param)
+    second = SwarmDHT.create("rec", initial_peers=first.visible_maddrs(), host="127.0.0.1", in_process=request.param)
     yield first, second
     second.shutdown()
     first.shutdown()

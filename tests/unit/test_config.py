@@ -38,6 +38,7 @@ def test_swarm_toml_in_the_working_directory_is_found(tmp_path, monkeypatch):
         ("[nonsense]\nx = 1\n", "nonsense"),
         ("run_id = 'has spaces'\n", "run_id"),
         ("this is [not toml", "cannot read config"),
+        ("[peer]\naverager_process = true\n", "peer.averager_process needs network.dht_process = true"),
     ],
 )
 def test_broken_config_is_a_config_error_naming_the_field(tmp_path, toml, words):
@@ -82,3 +83,11 @@ def test_bad_span_settings_name_the_field(tmp_path, toml, words):
     with pytest.raises(ConfigError, match="peer") as caught:
         load_settings(config)
     assert words in str(caught.value)
+
+
+def test_the_dht_process_is_a_setting_an_averager_process_needs(tmp_path):
+    config = tmp_path / "swarm.toml"
+    config.write_text("[network]\ndht_process = true\n[peer]\naverager_process = true\n")
+    settings = load_settings(config)
+    assert settings.network.dht_process and settings.peer.averager_process
+    assert not load_settings(tmp_path / "swarm.toml", network={"dht_process": False}, peer={"averager_process": False}).network.dht_process
