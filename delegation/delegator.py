@@ -296,7 +296,7 @@ class Delegator(Lifecycle):
         if self._transport is not None:
             await self._transport.close()
         if self.dht is not None:
-            await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT process")
+            await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT")
         self._mark_closed()
         logger.info("delegator stopped")
 

@@ -80,6 +80,19 @@ class Calls:
         with self._lock:
             self._closed = True
 
+    async def serve(self, start: Callable[[], Awaitable[None]], target: Any, ready: MPFuture,
+                    stopped: asyncio.Event) -> None:
+        """``await start()`` (an error goes to ``ready``, which the caller's ``wait_until_ready`` raises),
+        then serve calls to ``target`` on the running loop until ``stopped`` is set."""
+        try:
+            await start()
+        except Exception as e:
+            ready.set_exception(e)
+            return
+        self.open(asyncio.get_running_loop(), target)
+        ready.set_result(None)
+        await stopped.wait()
+
     def close_pipe(self) -> None:
         """hivemind's ``shutdown`` closes its end of the pipe; nothing to close here."""
 

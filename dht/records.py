@@ -221,20 +221,16 @@ class _DHTThread(hivemind.DHT):
         """hivemind's ``DHT.run`` on this thread's loop: start p2pd and the node, then serve calls until
         ``_shutdown``."""
         self._stopped = asyncio.Event()
+        await self._calls.serve(self._start, self, self._ready, self._stopped)
+
+    async def _start(self) -> None:
         kwargs = dict(self.kwargs)
         client_mode = kwargs.pop("client_mode", False)
-        try:
-            self._p2p = await _daemon(self._relay_flags).create(
-                initial_peers=self.initial_peers, dht_mode="client" if client_mode else "server", **kwargs)
-            self._node = await DHTNode.create(initial_peers=self.initial_peers, num_workers=self.num_workers,
-                                              record_validator=self._record_validator, p2p=self._p2p,
-                                              client_mode=client_mode)
-        except Exception as e:  # the caller's wait_until_ready raises it
-            self._ready.set_exception(e)
-            return
-        self._calls.open(asyncio.get_running_loop(), self)
-        self._ready.set_result(None)
-        await self._stopped.wait()
+        self._p2p = await _daemon(self._relay_flags).create(
+            initial_peers=self.initial_peers, dht_mode="client" if client_mode else "server", **kwargs)
+        self._node = await DHTNode.create(initial_peers=self.initial_peers, num_workers=self.num_workers,
+                                          record_validator=self._record_validator, p2p=self._p2p,
+                                          client_mode=client_mode)
 
     async def _close(self) -> None:
         if self._p2p is not None:

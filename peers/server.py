@@ -440,7 +440,7 @@ class Peer(Lifecycle):
             await self.host.close()
         await bounded(off_loop(lambda: self._compute.shutdown(wait=True, cancel_futures=True)), SLOT_STOP, "the compute thread")
         if self.dht is not None:
-            await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT process")
+            await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT")
 
     def _metrics_report(self) -> MetricsReport | None:
         """This peer's running total of samples (backwards) for the bootstrap's contribution tally: the

@@ -291,24 +291,20 @@ class _Averager(DecentralizedAverager):
     async def _serve(self) -> None:
         """hivemind's ``_run_internal`` on this thread's loop, on a libp2p client of its own (the DHT's
         replica belongs to the loop that first asked for it: the peer's), until ``_shutdown``."""
-        try:
-            self._state_updated = asyncio.Event()
-            self._pending_groups_registered = asyncio.Event()
-            self._pending_groups_registered.set()
-            self._stopped = asyncio.Event()
-            self._p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
-            if not self.client_mode:
-                await self.add_p2p_handlers(self._p2p, namespace=self.prefix)
-            self._matchmaking = Matchmaking(self._p2p, self.schema_hash, self.dht, client_mode=self.client_mode,
-                                            **self.matchmaking_kwargs)
-            if not self.client_mode:
-                self._calls.keep(asyncio.create_task(self._declare_for_download_periodically()))
-        except Exception as e:  # the caller's wait_until_ready raises it
-            self._ready.set_exception(e)
-            return
-        self._calls.open(asyncio.get_running_loop(), self)
-        self._ready.set_result(None)
-        await self._stopped.wait()
+        self._stopped = asyncio.Event()
+        await self._calls.serve(self._start, self, self._ready, self._stopped)
+
+    async def _start(self) -> None:
+        self._state_updated = asyncio.Event()
+        self._pending_groups_registered = asyncio.Event()
+        self._pending_groups_registered.set()
+        self._p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
+        if not self.client_mode:
+            await self.add_p2p_handlers(self._p2p, namespace=self.prefix)
+        self._matchmaking = Matchmaking(self._p2p, self.schema_hash, self.dht, client_mode=self.client_mode,
+                                        **self.matchmaking_kwargs)
+        if not self.client_mode:
+            self._calls.keep(asyncio.create_task(self._declare_for_download_periodically()))
 
     @contextlib.contextmanager
     def tensors_within(self, timeout: float):

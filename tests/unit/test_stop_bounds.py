@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
-from hivemind.utils.asyncio import enter_asynchronously
+from hivemind.utils.asyncio import _AsyncContextWrapper, enter_asynchronously
 
-import peers.training.averaging  # noqa: F401  (makes hivemind's entry safe to cancel)
+from peers.training.averaging import _enter_or_undo
 from core.loop import bounded, off_loop, stacks_if_slow
 
 
@@ -48,6 +48,7 @@ def test_a_slow_block_logs_every_threads_stack_and_a_quick_one_nothing(caplog):
 
 
 def test_a_cancelled_asynchronous_entry_releases_the_lock_it_took_after_all():
+    assert _AsyncContextWrapper.__aenter__ is _enter_or_undo  # put in place by importing the averager
     lock = threading.Lock()
     lock.acquire()  # held elsewhere (the compute thread putting gradients in)
 
