@@ -15,6 +15,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from core.errors import AuthRejected, BadRequest
+from core.loop import LoopThread
 from net.channel import OPEN, ChannelOpen, ChannelServer, Identity, header_frame, read_header, read_tensors
 from net.rpc import Raw
 from net.transport import CALLER, P2PTransport
@@ -44,6 +45,17 @@ async def _pair(*, tls: bool = True, announce: list[str] | None = None, gate=Non
 async def _close(*nodes) -> None:
     for transport in nodes:
         await transport.close()
+
+
+class _Gate:
+    """A keyed run's gate: callers in ``allowed`` pass, others are refused with ``why``."""
+
+    def __init__(self, why: str):
+        self.why, self.allowed = why, set()
+
+    def check(self, caller):
+        if caller not in self.allowed:
+            raise AuthRejected(self.why)
 
 
 TENSORS = [torch.randn(4, 128, 64), torch.randn(3, 5).to(torch.bfloat16), torch.arange(7),
@@ -305,14 +317,7 @@ def test_on_a_keyed_run_the_channel_is_offered_once_the_caller_presented():
     """The offer is gated like every method: the presentation itself goes on libp2p, the calls after it
     on the channel, where the gate is checked again with the caller's peer id from the handshake."""
 
-    class Gate:
-        allowed: set = set()
-
-        def check(self, caller):
-            if caller not in self.allowed:
-                raise AuthRejected("present a token first")
-
-    gate = Gate()
+    gate = _Gate("present a token first")
 
     async def present(message, tensors):
         gate.allowed.add(CALLER.get())
@@ -335,3 +340,58 @@ def test_on_a_keyed_run_the_channel_is_offered_once_the_caller_presented():
     assert before["error"]["code"] == "AuthRejected" and after == {"ok": {"n": 1}}
     assert torch.equal(out[0], TENSORS[0] * 2)
     assert fallbacks == {"t.echo": 1, "t.present": 1} and sent == {"t.echo": 1} and served == {"t.echo": 1}
+
+
+
+@pytest.mark.parametrize("size", [64, LIMIT // 4 - 1024], ids=["small", "big"])
+def test_after_a_refused_call_the_next_call_is_answered_not_cut(size):
+    """A revoked caller: the gate refuses its call before the tensors are read, and the callee closes
+    that connection. The caller's very next call (presenting its token again, a public method) must
+    be answered, not sent down the closed connection from the pool ("the connection closed before
+    the reply", which made a revoked trainer take the peer for broken); and a refused call's answer
+    arrives whole, not overtaken by a reset for the bytes the callee never read. The callee runs on
+    an event loop of its own, as a peer does beside a trainer."""
+
+    gate = _Gate("this caller's key was revoked")
+
+    async def present(message, tensors):
+        return {"ok": {}}, []
+
+    async def serve():
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        serving = P2PTransport(server, gate=gate)
+        await serving.serve("t.echo", _echo, max_request_bytes=LIMIT)
+        await serving.serve("t.present", present, public=True)
+        await serving.open_channel(ChannelServer(Identity(server.peer_id.to_base58(), RSAPrivateKey()), "127.0.0.1"))
+        return server.peer_id.to_base58(), serving, [str(a) for a in await server.get_visible_maddrs()]
+
+    async def main(peer, maddrs):
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        calling = P2PTransport(client)
+        calling.use_channel(Identity(client.peer_id.to_base58(), RSAPrivateKey()))
+        tensors = [torch.randn(size)]
+        try:
+            gate.allowed.add(client.peer_id.to_base58())
+            ok, _ = await calling.call(peer, "t.echo", Raw({"n": 0}), tensors, timeout=30)
+            gate.allowed.clear()
+            answers = []
+            for n in range(30):
+                refused, _ = await calling.call(peer, "t.echo", Raw({"n": n}), tensors, timeout=30)
+                presented, _ = await calling.call(peer, "t.present", Raw({}), [], timeout=30)
+                answers.append((refused["error"]["code"], presented))
+            return ok, answers, dict(calling.channel.sent)
+        finally:
+            await calling.close()
+
+    callee = LoopThread("callee")
+    try:
+        peer, serving, maddrs = callee.run(serve(), 60)
+        try:
+            ok, answers, sent = asyncio.run(asyncio.wait_for(main(peer, maddrs), 120))
+        finally:
+            callee.run(serving.close(), 30)
+    finally:
+        callee.stop()
+    assert ok == {"ok": {"n": 0}}
+    assert answers == [("AuthRejected", {"ok": {}})] * 30
+    assert sent == {"t.echo": 31, "t.present": 30}, "every call went over the channel"
