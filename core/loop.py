@@ -41,8 +41,8 @@ async def bounded(step: Awaitable[Any], seconds: float, what: str) -> None:
         logger.debug("stopping: %s: %s: %s", what, type(e).__name__, e)
 
 
-def off_loop(fn: Callable[..., T], /, *args: Any) -> asyncio.Future[T]:
-    """``fn(*args)`` on a daemon thread of its own, as a future of the running loop. Unlike
+def off_loop(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """``fn(*args, **kwargs)`` on a daemon thread of its own, as a future of the running loop. Unlike
     ``asyncio.to_thread`` (the loop's default executor), a call that never returns holds up neither
     ``bounded`` nor the process's exit: ``asyncio.run`` joins the default executor's threads at its
     end, unbounded, and the interpreter joins non-daemon threads."""
@@ -55,7 +55,7 @@ def off_loop(fn: Callable[..., T], /, *args: Any) -> asyncio.Future[T]:
 
     def call() -> None:
         try:
-            result = fn(*args)
+            result = fn(*args, **kwargs)
         except BaseException as e:  # handed to the awaiting task
             outcome = (False, e)
         else:

@@ -11,6 +11,8 @@ never reaches the caller's future. ``serve_on_thread`` is the body of such a thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import threading
 from typing import Any, Awaitable, Callable
@@ -18,9 +20,12 @@ from typing import Any, Awaitable, Callable
 import uvloop
 from hivemind.utils import MPFuture
 
-__all__ = ["Calls", "unbind_idle"]
+__all__ = ["Calls", "CLOSE_WAIT", "unbind_idle"]
+
+logger = logging.getLogger(__name__)
 
 Call = tuple[str, list[Any], dict[str, Any]]
+CLOSE_WAIT = 5.0  # s beyond the target's shutdown timeout for its thread to close its tasks and clients
 
 
 class Calls:
@@ -92,6 +97,20 @@ class Calls:
         self.open(asyncio.get_running_loop(), target)
         ready.set_result(None)
         await stopped.wait()
+
+    def stop(self, thread: threading.Thread, timeout: float) -> bool:
+        """Send ``_shutdown(timeout)`` to the target and wait for ``thread`` (the serving thread) to end,
+        at most ``timeout`` + ``CLOSE_WAIT`` s; whether it has. A thread that did not is named in a
+        warning and left behind. Called on the serving thread itself (hivemind's ``__del__`` there), it
+        only asks."""
+        with contextlib.suppress(RuntimeError):  # stopping already: the join below waits for it
+            self.send(("_shutdown", [timeout], {}))
+        if thread is threading.current_thread():
+            return False
+        thread.join(timeout + CLOSE_WAIT)
+        if thread.is_alive():
+            logger.warning("%s did not stop within %.0f s; its thread is left behind", self.what, timeout + CLOSE_WAIT)
+        return not thread.is_alive()
 
     def close_pipe(self) -> None:
         """hivemind's ``shutdown`` closes its end of the pipe; nothing to close here."""

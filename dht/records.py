@@ -186,19 +186,13 @@ class _DHTThread(hivemind.DHT):
         return None if daemon is None else daemon.pid
 
     def shutdown(self) -> None:
-        """Stop the node and its p2pd, bounded: ``shutdown_timeout`` for the node, ``_CLOSE_WAIT`` more
+        """Stop the node and its p2pd, bounded: ``shutdown_timeout`` for the node, ``dht.calls.CLOSE_WAIT`` more
         for the thread to close; a thread that did not stop is named in a warning and its p2pd killed."""
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
-        with contextlib.suppress(RuntimeError):  # stopping already: the join below waits for it
-            self._calls.send(("_shutdown", [self.shutdown_timeout], {}))
-        if thread is threading.current_thread():  # (hivemind's __del__, run on the DHT's own thread)
-            return
-        thread.join(self.shutdown_timeout + _CLOSE_WAIT)
-        if thread.is_alive():
-            logger.warning("the DHT did not stop within %.0f s; its p2p daemon is killed and the thread left "
-                           "behind", self.shutdown_timeout + _CLOSE_WAIT)
+        if not self._calls.stop(thread, self.shutdown_timeout) and thread is not threading.current_thread():
+            logger.warning("the DHT's p2p daemon is killed")
             pid = self.daemon_pid
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -236,8 +230,6 @@ class _DHTThread(hivemind.DHT):
         if self._p2p is not None:
             await self._p2p.shutdown()  # the node does not own a daemon it was given
 
-
-_CLOSE_WAIT = 5.0  # s beyond shutdown_timeout for the DHT's thread to stop its daemon and close
 
 _LAUNCHER_CODE = """\
 import ctypes, os, signal, sys

@@ -438,7 +438,7 @@ class Peer(Lifecycle):
             await self._transport.close()
         if self.host is not None:
             await self.host.close()
-        await bounded(off_loop(lambda: self._compute.shutdown(wait=True, cancel_futures=True)), SLOT_STOP, "the compute thread")
+        await bounded(off_loop(self._compute.shutdown, wait=True, cancel_futures=True), SLOT_STOP, "the compute thread")
         if self.dht is not None:
             await bounded(asyncio.to_thread(self.dht.shutdown), 10, "the DHT")
 

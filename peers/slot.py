@@ -68,11 +68,10 @@ class StageSlot:
         await self.stop_checkpoints()
         if self.inference is not None:  # open sessions end with the stage; their clients re-open elsewhere
             await self.inference.stop()
-        # off the event loop and bounded: the averager's own stop waits up to AVERAGER_STOP, and a
-        # job running on the compute thread (a step waiting for its round) ends with it
+        # off the event loop and bounded: the averager's own stop is bounded by its shutdown timeout,
+        # and a job running on the compute thread (a step waiting for its round) ends with it
         shutdown = self.service.shutdown if self.service is not None else self.sync.shutdown if self.sync else None
         if shutdown is not None:
             await bounded(off_loop(shutdown), SLOT_STOP, f"stage {self.stage}'s averager")
-        self.worker.shutdown(wait=False, cancel_futures=True)
-        if isinstance(self.worker, ComputeWorker):
-            await bounded(off_loop(self.worker.join), SLOT_STOP, f"stage {self.stage}'s compute thread")
+        await bounded(off_loop(self.worker.shutdown, wait=True, cancel_futures=True), SLOT_STOP,
+                      f"stage {self.stage}'s compute thread")

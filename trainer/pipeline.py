@@ -151,11 +151,6 @@ class RemotePipeline:
         """Pushes that broke and were rebuilt through the trainer."""
         return self.pushing.fallbacks
 
-    @property
-    def records(self) -> RecordSource:
-        """Where routes come from: a read of the DHT each call (``view`` is the cached view of it)."""
-        return self.replicas.source
-
     async def view(self, *, fresh: bool = False) -> Mapping[int, Sequence[PeerRecord]]:
         """The records this trainer routes over (``Replicas.current``): the view in hand, renewed in the
         background once it is old, or read now when ``fresh`` (or when a peer in it failed a call).

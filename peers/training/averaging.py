@@ -275,11 +275,7 @@ class _Averager(DecentralizedAverager):
         if self._calls is None:
             return super().shutdown()
         if self.is_alive():
-            self._calls.send(("_shutdown", [self.shutdown_timeout], {}))
-            self._thread.join(self.shutdown_timeout + _CLOSE_WAIT)
-            if self._thread.is_alive():
-                logger.warning("the averager %s did not stop within %.0f s", self.prefix,
-                               self.shutdown_timeout + _CLOSE_WAIT)
+            self._calls.stop(self._thread, self.shutdown_timeout)
 
     async def _shutdown(self, timeout: float | None) -> None:
         try:
@@ -355,7 +351,6 @@ async def _enter_or_undo(self: Any) -> Any:
 
 _AsyncContextWrapper.__aenter__ = _enter_or_undo
 
-_CLOSE_WAIT = 5.0  # s beyond hivemind's shutdown_timeout for an averager's thread to close its tasks and client
 
 
 _FETCH_WAIT = 5.0  # s a member waits for its own round to end before it answers a fetch of its result

@@ -124,14 +124,8 @@ class ComputeWorker(Executor):
                 if cancel_futures:
                     self._drop_queued()
                 self._jobs.put(None)
-        if wait:
-            self.join()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait (at most ``timeout`` s) for the thread to end after ``shutdown``; whether it has."""
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
 
     def _put(self, job: _Job) -> None:
         with self._lock:
